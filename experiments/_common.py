@@ -1,0 +1,146 @@
+"""What every experiment and benchmark script shares: flags from dataclasses, one-line errors, atomic output.
+
+Scripts are thin: parse flags into a frozen, validated config dataclass, call the library, write JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: error: ...``) and exit with status 2."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's name)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parser_for(config_class: type, description: str, prog: str | None = None) -> OneLineArgumentParser:
+    """Builds a parser with one flag per field of ``config_class`` (a dataclass), defaults from the dataclass.
+
+    Each field's ``metadata["help"]`` is its help text. Booleans become ``--flag``; tuples take comma-separated
+    values (parsed and validated by the dataclass itself, so one place owns the rules).
+    """
+    parser = OneLineArgumentParser(description=description, prog=prog,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        help_text = field.metadata.get("help", "")
+        default = field.default
+        if hints[field.name] is bool:
+            parser.add_argument(_flag(field.name), action="store_true", default=default, help=help_text)
+            continue
+        kind = hints[field.name]
+        if kind in (int, float):
+            parse = _number_parser(kind, field.name)
+        else:
+            parse = str
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(_flag(field.name), type=parse, default=shown, help=help_text, metavar=field.name.upper())
+    return parser
+
+
+def _number_parser(kind: type, name: str) -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'an integer' if kind is int else 'a number'} is required, "
+                                             f"got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_config(config_class: type, parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """Parses ``argv`` into ``config_class``; a ``ValueError`` from its validation becomes a one-line error."""
+    namespace = parser.parse_args(argv)
+    try:
+        return config_class(**vars(namespace))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def parse_floats(name: str, value: Any) -> tuple[float, ...]:
+    """A comma-separated string (or a sequence) of numbers as a tuple of floats, with a clear error."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be comma-separated numbers, e.g. 1.0,2.0; got {value!r}") from None
+    if not numbers:
+        raise ValueError(f"{name} must hold at least one number")
+    return numbers
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
+    """Runs ``main``; library ``ValueError`` s (bad input met late) become one line and exit status 2."""
+    prog = Path(sys.argv[0]).name
+    try:
+        status = main(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status or 0)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls ``write(tmp)`` on a temporary file next to ``path``, then renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Writes ``payload`` as indented JSON, atomically."""
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n"))
+
+
+def save_figure(figure, path: Path, dpi: int = 130) -> None:
+    """Saves a matplotlib figure as PNG, atomically."""
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
+
+
+def environment() -> dict[str, str]:
+    """Versions and machine facts recorded with every result."""
+    import jax
+    import numpy
+    import optax
+    import scipy
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
+        "devices": ", ".join(d.device_kind for d in jax.devices()),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cpus",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,141 @@
+r"""The contract shared by every gradient-balancing method (Definition 2.1, Eq (4) of ``reference/theory.md``).
+
+A method of the class combines the per-task gradients of the shared parameters into one update direction,
+
+.. math:: d^{(k)} = \sum_{t=1}^K \alpha_t^{(k)}\, \tilde g_t^{(k)}, \qquad
+          \tilde g_t^{(k)} = \Pi_t^{(k)}(g_1^{(k)}, \dots, g_K^{(k)}),
+
+where the weights and projections may depend only on the task losses and gradients. Every method here is
+written as a pair of pure functions, as optax writes its transformations::
+
+    state = balancer.init(num_tasks)
+    direction, weights, state = balancer.step(jacobian, losses, state, key)
+
+with ``jacobian`` ``[K, P]`` (row t is :math:`g_t`), ``losses`` ``[K]``, ``direction`` ``[P]`` and ``weights``
+``[K]``. For every method registered so far the direction lies in the row space of the Jacobian and the returned
+weights are its *exact* coordinates, ``direction == weights @ jacobian`` (projections such as PCGrad's are tracked
+as linear combinations of the rows), so ``weights`` is what the method did, not a decoration. ``step`` is
+jittable and vmappable; ``key`` is used only by randomised methods.
+
+Methods are registered under a name with :func:`register`; :func:`make` builds one with validated options.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Balancer(NamedTuple):
+    """A gradient-balancing method: a pair of pure functions and its name.
+
+    Attributes:
+        name: the registered name.
+        init: ``num_tasks -> state`` (a pytree of arrays).
+        step: ``(jacobian [K, P], losses [K], state, key) -> (direction [P], weights [K], state)``.
+    """
+
+    name: str
+    init: Callable[[int], Any]
+    step: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless method."""
+
+
+_REGISTRY: dict[str, Callable[..., Balancer]] = {}
+
+
+def register(name: str):
+    """Registers ``factory(**options) -> Balancer`` under ``name``."""
+
+    def decorator(factory: Callable[..., Balancer]) -> Callable[..., Balancer]:
+        if name in _REGISTRY:
+            raise ValueError(f"balancing method {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def registered_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def options_of(name: str) -> dict[str, Any]:
+    """The options of method ``name`` with their defaults."""
+    signature = inspect.signature(_factory(name))
+    return {p.name: p.default for p in signature.parameters.values()}
+
+
+def _factory(name: str) -> Callable[..., Balancer]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown balancing method {name!r}; valid methods: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def make(name: str, **options: Any) -> Balancer:
+    """Builds the balancing method ``name`` with ``options``.
+
+    Raises:
+        ValueError: for an unknown method or option (the message lists the valid ones), or an option value
+            outside its allowed range.
+    """
+    factory = _factory(name)
+    valid = options_of(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        allowed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name!r}; valid options: {allowed}")
+    return factory(**options)
+
+
+def check_inputs(jacobian: jax.Array, losses: jax.Array) -> int:
+    """Checks the static shapes of a step's inputs and returns the number of tasks ``K``."""
+    if jacobian.ndim != 2:
+        raise ValueError(f"jacobian must have shape [K, P] (one row of shared-parameter gradients per task); "
+                         f"got shape {jacobian.shape}")
+    if losses.shape != (jacobian.shape[0],):
+        raise ValueError(f"losses must have shape [K]=[{jacobian.shape[0]}] to match the jacobian; "
+                         f"got shape {losses.shape}")
+    return jacobian.shape[0]
+
+
+def check_num_tasks(num_tasks: int) -> int:
+    if int(num_tasks) != num_tasks or num_tasks < 1:
+        raise ValueError(f"num_tasks must be an integer >= 1; got {num_tasks!r}")
+    return int(num_tasks)
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    value = float(value)
+    if not (value > 0 or (allow_zero and value == 0)) or value != value or value == float("inf"):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def gram(jacobian: jax.Array) -> jax.Array:
+    """The Gram matrix :math:`G = J J^\\top` of the task gradients, ``[K, K]``."""
+    return jacobian @ jacobian.T
+
+
+def combine(weights: jax.Array, jacobian: jax.Array) -> jax.Array:
+    """The direction :math:`d = J^\\top w = \\sum_t w_t g_t`, ``[P]``."""
+    return weights @ jacobian
+
+
+def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator`` where the denominator is non-zero, else 0 (finite for degenerate inputs)."""
+    nonzero = denominator != 0
+    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)

@@ -1,0 +1,55 @@
+r"""MGDA (Sener & Koltun, NeurIPS 2018): the minimum-norm element of the convex hull of the task gradients."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from theory.balancing.base import (Balancer, check_choice, check_inputs, check_num_tasks, check_positive, combine,
+                                   gram, register, safe_divide)
+from theory.balancing.simplex import (MAX_EXACT_TASKS, SolverState, min_norm_exact, min_norm_frank_wolfe)
+
+NORMALISATIONS = ("none", "l2", "loss", "loss+")
+SOLVERS = ("auto", "exact", "frank_wolfe")
+AUTO_EXACT_MAX_TASKS = 6
+
+
+@register("mgda")
+def mgda(normalization: str = "none", solver: str = "auto", max_iterations: int = 250,
+         tolerance: float = 1e-5) -> Balancer:
+    r"""MGDA: the common descent direction of least norm.
+
+    .. math:: \alpha^* = \arg\min_{\alpha \in \Delta^{K-1}} \Big\|\sum_t \alpha_t \hat g_t\Big\|^2, \qquad
+              d = \sum_t \alpha^*_t \hat g_t,
+
+    where :math:`\hat g_t = g_t / n_t` with :math:`n_t` from ``normalization`` (LibMTL's ``mgda_gn``): ``"none"``
+    (1), ``"l2"`` (:math:`\|g_t\|`), ``"loss"`` (:math:`L_t`) or ``"loss+"`` (:math:`L_t\|g_t\|`). The returned
+    weights are :math:`\alpha^*_t / n_t`, the coefficients of the raw gradients.
+
+    ``solver``: ``"exact"`` enumerates supports (exact, :math:`K \le 12`), ``"frank_wolfe"`` runs Frank–Wolfe with
+    exact line search (the paper's Algorithm 2) for at most ``max_iterations`` until the duality gap is below
+    ``tolerance``; ``"auto"`` picks ``exact`` for :math:`K \le 6`. The state reports the certificate.
+    """
+    check_choice("normalization", normalization, NORMALISATIONS)
+    check_choice("solver", solver, SOLVERS)
+    if int(max_iterations) != max_iterations or max_iterations < 1:
+        raise ValueError(f"max_iterations must be an integer >= 1; got {max_iterations!r}")
+    tolerance = check_positive("tolerance", tolerance)
+
+    def init(num_tasks: int) -> SolverState:
+        num_tasks = check_num_tasks(num_tasks)
+        if solver == "exact" and num_tasks > MAX_EXACT_TASKS:
+            raise ValueError(f"solver='exact' allows K <= {MAX_EXACT_TASKS} tasks; got {num_tasks}")
+        return SolverState.initial()
+
+    def step(jacobian, losses, state, key):
+        num_tasks = check_inputs(jacobian, losses)
+        norms = jnp.linalg.norm(jacobian, axis=1)
+        scale = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+        inverse_scale = safe_divide(jnp.ones_like(scale), scale)
+        g = gram(jacobian) * jnp.outer(inverse_scale, inverse_scale)
+        use_exact = solver == "exact" or (solver == "auto" and num_tasks <= AUTO_EXACT_MAX_TASKS)
+        solution = min_norm_exact(g) if use_exact else min_norm_frank_wolfe(g, int(max_iterations), tolerance)
+        weights = solution.weights * inverse_scale
+        return combine(weights, jacobian), weights, SolverState.of(solution, tolerance)
+
+    return Balancer("mgda", init, step)

@@ -1,0 +1,214 @@
+r"""Small convex problems over the probability simplex :math:`\Delta^{K-1}`, solved in pure JAX so they jit.
+
+Two problems appear in the balancing methods, both written on the Gram matrix :math:`G = J J^\top` so their cost
+does not depend on the number of shared parameters:
+
+* the **min-norm** problem of MGDA, :math:`\min_{\alpha \in \Delta} \alpha^\top G \alpha`;
+* the **conflict-averse** problem of CAGrad, :math:`\min_{w \in \Delta} w^\top a + c\sqrt{w^\top G w}`.
+
+Solvers run a fixed maximum number of iterations (``lax.while_loop``) and return the Frank–Wolfe duality gap
+:math:`\max_{v \in \Delta} \nabla F(x)^\top (x - v) \ge F(x) - F^*`, a certificate of how far from optimal the
+returned point is, so a caller can tell when the budget was not enough. Gram matrices are rescaled by their
+largest diagonal entry first; every minimiser here is invariant to that scale, and the tolerances become relative.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class SimplexSolution(NamedTuple):
+    """A point of the simplex and its certificate.
+
+    Attributes:
+        weights: ``[K]`` the solution.
+        duality_gap: Frank–Wolfe gap of the scale-normalised problem (an upper bound on its suboptimality).
+        iterations: iterations used (0 for closed-form or enumerative solvers).
+    """
+
+    weights: jax.Array
+    duality_gap: jax.Array
+    iterations: jax.Array
+
+
+MAX_EXACT_TASKS = 12
+
+
+def _normalise(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    scale = jnp.max(jnp.diag(gram))
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return gram / safe, scale
+
+
+def _supports(num_tasks: int) -> np.ndarray:
+    """All non-empty subsets of the tasks as a boolean array ``[2^K - 1, K]``."""
+    rows = [mask for mask in itertools.product([False, True], repeat=num_tasks) if any(mask)]
+    return np.array(rows, dtype=bool)
+
+
+def min_norm_gap(gram: jax.Array, alpha: jax.Array) -> jax.Array:
+    """Frank–Wolfe gap of the min-norm problem at ``alpha`` (on a normalised Gram matrix)."""
+    grad = 2.0 * gram @ alpha
+    return grad @ alpha - jnp.min(grad)
+
+
+def min_norm_exact(gram: jax.Array) -> SimplexSolution:
+    r"""Exact minimiser of :math:`\alpha^\top G \alpha` over the simplex by enumerating supports.
+
+    For each non-empty support :math:`S` the equality-constrained problem has the KKT system
+    :math:`\begin{pmatrix} G_{SS} & 1 \\ 1^\top & 0\end{pmatrix}\binom{\alpha_S}{\mu} = \binom{0}{1}`; the optimum
+    is the feasible (:math:`\alpha_S \ge 0`) candidate of least value. All :math:`2^K - 1` systems are solved in one
+    batched call, so this suits :math:`K \le 12` (it is exact, not iterative). A tiny ridge keeps the systems
+    solvable when gradients are linearly dependent (identical tasks, zero gradients).
+    """
+    num_tasks = gram.shape[0]
+    if num_tasks > MAX_EXACT_TASKS:
+        raise ValueError(f"the exact min-norm solver enumerates 2^K supports and allows K <= {MAX_EXACT_TASKS}; "
+                         f"got K={num_tasks} (use solver='frank_wolfe')")
+    g, _ = _normalise(gram)
+    ridge = 10 * jnp.finfo(g.dtype).eps * num_tasks
+    g_reg = g + ridge * jnp.eye(num_tasks, dtype=g.dtype)
+    masks = jnp.asarray(_supports(num_tasks))
+    eye = jnp.eye(num_tasks, dtype=g.dtype)
+
+    def solve_on(mask):
+        inside = mask[:, None] & mask[None, :]
+        top_left = jnp.where(inside, g_reg, eye)
+        border = mask.astype(g.dtype)
+        kkt = jnp.zeros((num_tasks + 1, num_tasks + 1), g.dtype)
+        kkt = kkt.at[:num_tasks, :num_tasks].set(top_left)
+        kkt = kkt.at[:num_tasks, num_tasks].set(border).at[num_tasks, :num_tasks].set(border)
+        rhs = jnp.zeros(num_tasks + 1, g.dtype).at[num_tasks].set(1.0)
+        alpha = jnp.linalg.solve(kkt, rhs)[:num_tasks] * border
+        feasible = jnp.all(jnp.isfinite(alpha)) & jnp.all(alpha >= -1e-6)
+        alpha = jnp.clip(jnp.where(jnp.isfinite(alpha), alpha, 0.0), 0.0)
+        alpha = alpha / jnp.maximum(alpha.sum(), 1e-30)
+        value = jnp.where(feasible & (alpha.sum() > 0), alpha @ g @ alpha, jnp.inf)
+        return alpha, value
+
+    candidates, values = jax.vmap(solve_on)(masks)
+    best = candidates[jnp.argmin(values)]
+    return SimplexSolution(best, min_norm_gap(g, best), jnp.zeros((), jnp.int32))
+
+
+def min_norm_frank_wolfe(gram: jax.Array, max_iterations: int = 250, tolerance: float = 1e-5) -> SimplexSolution:
+    r"""Frank–Wolfe for :math:`\min_{\alpha\in\Delta}\alpha^\top G\alpha` (Sener & Koltun, 2018, Algorithm 2).
+
+    Each iteration moves towards the vertex :math:`e_t`, :math:`t = \arg\min_i (G\alpha)_i`, with the exact line
+    search :math:`\gamma = \mathrm{clip}\big(-\alpha^\top G (e_t - \alpha) / \|e_t - \alpha\|_G^2, 0, 1\big)`,
+    until the duality gap falls below ``tolerance`` (relative to the largest squared gradient norm).
+    """
+    g, _ = _normalise(gram)
+    num_tasks = g.shape[0]
+    alpha0 = jnp.full((num_tasks,), 1.0 / num_tasks, g.dtype)
+
+    def cond(carry):
+        _, gap, it = carry
+        return (it < max_iterations) & (gap > tolerance)
+
+    def body(carry):
+        alpha, _, it = carry
+        grad = g @ alpha
+        vertex = jax.nn.one_hot(jnp.argmin(grad), num_tasks, dtype=g.dtype)
+        direction = vertex - alpha
+        curvature = direction @ g @ direction
+        gamma = jnp.where(curvature > 0, jnp.clip(-(alpha @ g @ direction) / jnp.where(curvature > 0, curvature, 1.0),
+                                                  0.0, 1.0), 1.0)
+        alpha = alpha + gamma * direction
+        return alpha, min_norm_gap(g, alpha), it + 1
+
+    alpha, gap, it = jax.lax.while_loop(cond, body, (alpha0, min_norm_gap(g, alpha0), jnp.zeros((), jnp.int32)))
+    return SimplexSolution(alpha, gap, it)
+
+
+def conflict_averse_objective(gram: jax.Array, linear: jax.Array, radius: jax.Array, w: jax.Array) -> jax.Array:
+    r""":math:`F(w) = w^\top a + c\sqrt{w^\top G w}`, CAGrad's dual objective."""
+    return w @ linear + radius * jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0))
+
+
+def _conflict_averse_grad(g, a, c, w):
+    q = w @ g @ w
+    return a + jnp.where(q > 0, c * (g @ w) / jnp.sqrt(jnp.where(q > 0, q, 1.0)), 0.0)
+
+
+def _conflict_averse_line_search(g, a, c, w, direction):
+    r"""Exact minimiser over :math:`\gamma\in[0,1]` of :math:`\varphi(\gamma) = F(w + \gamma d)`.
+
+    With :math:`A = a^\top d` and :math:`q(\gamma) = q_0 + 2\gamma q_1 + \gamma^2 q_2` (the squared norm along the
+    segment), :math:`\varphi'(\gamma) = A + c(q_1 + \gamma q_2)/\sqrt{q(\gamma)}`. Writing :math:`u = q_1+\gamma q_2`
+    and :math:`D = q_0 - q_1^2/q_2 \ge 0`, the root is :math:`u^* = -\mathrm{sign}(A)\sqrt{A^2 D/(c^2 - A^2/q_2)}`
+    when :math:`c\sqrt{q_2} > |A|`; otherwise :math:`\varphi` is monotone and the minimiser is an end point.
+    """
+    slope = a @ direction
+    q0, q1, q2 = w @ g @ w, w @ g @ direction, direction @ g @ direction
+    flat = q2 <= 1e-12
+    safe_q2 = jnp.where(flat, 1.0, q2)
+    interior = (c**2 * safe_q2 > slope**2) & ~flat
+    discriminant = jnp.maximum(q0 - q1**2 / safe_q2, 0.0)
+    denom = jnp.where(interior, c**2 - slope**2 / safe_q2, 1.0)
+    u_star = -jnp.sign(slope) * jnp.sqrt(slope**2 * discriminant / denom)
+    gamma_interior = jnp.clip((u_star - q1) / safe_q2, 0.0, 1.0)
+    # Monotone cases: the derivative at 0 has the sign of the whole function's slope.
+    derivative_at_0 = slope + jnp.where(q0 > 0, c * q1 / jnp.sqrt(jnp.where(q0 > 0, q0, 1.0)), 0.0)
+    gamma_end = jnp.where(derivative_at_0 < 0, 1.0, 0.0)
+    return jnp.where(interior, gamma_interior, gamma_end)
+
+
+def conflict_averse_frank_wolfe(gram: jax.Array, linear: jax.Array, radius: jax.Array,
+                                max_iterations: int = 250, tolerance: float = 1e-6) -> SimplexSolution:
+    r"""Frank–Wolfe with exact line search for :math:`\min_{w\in\Delta} w^\top a + c\sqrt{w^\top G w}`.
+
+    ``linear`` (:math:`a`) and ``radius`` (:math:`c`) must be given for the *unnormalised* ``gram``; the problem is
+    rescaled internally (:math:`G\to G/s`, :math:`a\to a/s`, :math:`c\to c/\sqrt s` leave the minimiser unchanged).
+    """
+    g, scale = _normalise(gram)
+    safe_scale = jnp.where(scale > 0, scale, 1.0)
+    a, c = linear / safe_scale, radius / jnp.sqrt(safe_scale)
+    num_tasks = g.shape[0]
+    w0 = jnp.full((num_tasks,), 1.0 / num_tasks, g.dtype)
+
+    def gap_at(w):
+        grad = _conflict_averse_grad(g, a, c, w)
+        return grad @ w - jnp.min(grad)
+
+    def cond(carry):
+        _, gap, it = carry
+        return (it < max_iterations) & (gap > tolerance)
+
+    def body(carry):
+        w, _, it = carry
+        grad = _conflict_averse_grad(g, a, c, w)
+        direction = jax.nn.one_hot(jnp.argmin(grad), num_tasks, dtype=g.dtype) - w
+        w = w + _conflict_averse_line_search(g, a, c, w, direction) * direction
+        return w, gap_at(w), it + 1
+
+    w, gap, it = jax.lax.while_loop(cond, body, (w0, gap_at(w0), jnp.zeros((), jnp.int32)))
+    return SimplexSolution(w, gap, it)
+
+
+class SolverState(NamedTuple):
+    """What a solver-based method reports about its last step.
+
+    Attributes:
+        duality_gap: Frank–Wolfe gap of the last solve (scale-normalised; an upper bound on suboptimality).
+        iterations: iterations the last solve used.
+        converged: whether the last solve met its tolerance within its iteration budget.
+    """
+
+    duality_gap: jax.Array
+    iterations: jax.Array
+    converged: jax.Array
+
+    @classmethod
+    def initial(cls) -> "SolverState":
+        return cls(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.ones((), bool))
+
+    @classmethod
+    def of(cls, solution: SimplexSolution, tolerance: float) -> "SolverState":
+        gap = solution.duality_gap.astype(jnp.float32)
+        return cls(gap, solution.iterations.astype(jnp.int32), gap <= tolerance)

@@ -1,0 +1,233 @@
+r"""The learner Theorem 2.3 talks about, trained on source samples of the linear-Gaussian SCM.
+
+The tasks share a trainable linear layer :math:`W \in \mathbb R^{h\times d}` on the entangled semantic slot
+:math:`\hat z_s` (so a balancer has shared parameters to balance), followed by per-task linear heads
+:math:`v_t \in \mathbb R^h`:
+
+.. math:: \hat y_t = v_t^\top W \hat z_s, \qquad \hat{\mathcal L}_t = \frac1n\sum_i (\hat y_{t,i} - y_{t,i})^2 .
+
+One training step (Definition 2.1): per-task gradients of :math:`W` from one forward pass (``jax.vjp``, ``vmap``
+over one-hot cotangents) go through the balancer, whose direction updates :math:`W`; each head is updated by its
+own task's gradient. An optax optimiser (Adam with a cosine-decayed step, so the iterates settle) applies both.
+
+The trained predictor is linear in :math:`\hat z_s` with effective heads :math:`w_t = W^\top v_t`, so its source
+and target risks are the exact quadratic forms of :mod:`theory.closed_forms`; :func:`monte_carlo_risk` estimates
+them from fresh samples with a standard error as an independent check.
+
+:func:`sweep` trains one method over a whole grid (θ × seeds) under a single ``jit`` of nested ``vmap`` s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scm.linear_gaussian import Domain, LinearGaussianSCM, check_theta, rotation_encoder, sample
+from theory import closed_forms
+from theory.balancing import Balancer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How the simulated learner is trained.
+
+    Attributes:
+        num_samples: source samples per seed (``n >= 2``), drawn once and used full-batch.
+        steps: optimisation steps (``>= 1``).
+        learning_rate: peak Adam step size, decayed by a cosine schedule to 0 (``> 0``).
+        hidden_dim: width ``h`` of the shared layer; ``None`` means ``d`` (every task optimum is reachable at once).
+        init_scale: standard deviation of the initial weights, times :math:`1/\\sqrt{\\text{fan-in}}` (``> 0``).
+    """
+
+    num_samples: int = 2048
+    steps: int = 400
+    learning_rate: float = 0.05
+    hidden_dim: int | None = None
+    init_scale: float = 1.0
+
+    def __post_init__(self):
+        if int(self.num_samples) != self.num_samples or self.num_samples < 2:
+            raise ValueError(f"num_samples must be an integer >= 2; got {self.num_samples!r}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
+        if not (self.learning_rate > 0 and np.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a finite number > 0; got {self.learning_rate!r}")
+        if self.hidden_dim is not None and (int(self.hidden_dim) != self.hidden_dim or self.hidden_dim < 1):
+            raise ValueError(f"hidden_dim must be None or an integer >= 1; got {self.hidden_dim!r}")
+        if not (self.init_scale > 0 and np.isfinite(self.init_scale)):
+            raise ValueError(f"init_scale must be a finite number > 0; got {self.init_scale!r}")
+
+
+class Params(NamedTuple):
+    """Parameters of the simulated learner.
+
+    Attributes:
+        shared: the shared layer :math:`W`, ``[h, d]``.
+        heads: the task heads :math:`v_t` as rows, ``[K, h]``.
+    """
+
+    shared: jax.Array
+    heads: jax.Array
+
+
+def effective_heads(params: Params) -> jax.Array:
+    """The heads :math:`w_t = W^\\top v_t` of the predictor on :math:`\\hat z_s`, ``[K, d]``."""
+    return params.heads @ params.shared
+
+
+def task_losses(params: Params, z_s: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-task mean squared errors on a batch: ``z_s`` ``[n, d]``, ``y`` ``[n, K]`` -> ``[K]``."""
+    predictions = (z_s @ params.shared.T) @ params.heads.T
+    return jnp.mean((predictions - y) ** 2, axis=0)
+
+
+def init_params(scm: LinearGaussianSCM, config: TrainConfig, key: jax.Array) -> Params:
+    hidden = config.hidden_dim or scm.dim
+    key_shared, key_heads = jax.random.split(key)
+    shared = config.init_scale * jax.random.normal(key_shared, (hidden, scm.dim)) / np.sqrt(scm.dim)
+    heads = config.init_scale * jax.random.normal(key_heads, (scm.num_tasks, hidden)) / np.sqrt(hidden)
+    return Params(shared, heads)
+
+
+class TrainResult(NamedTuple):
+    """What training one configuration produced.
+
+    Attributes:
+        params: the trained parameters.
+        final_losses: ``[K]`` empirical source losses at the last step.
+        final_weights: ``[K]`` the balancer's weights at the last step.
+        mean_weights: ``[K]`` the balancer's weights averaged over all steps.
+    """
+
+    params: Params
+    final_losses: jax.Array
+    final_weights: jax.Array
+    mean_weights: jax.Array
+
+
+def _source_batch(scm: LinearGaussianSCM, theta, key: jax.Array, num_samples: int):
+    data = sample(scm, key, num_samples, "source")
+    z_s, _ = rotation_encoder(theta, data.s, data.r)
+    return z_s, data.y
+
+
+def train(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array, config: TrainConfig) -> TrainResult:
+    r"""Trains the shared layer and heads on ``config.num_samples`` source samples with ``balancer``.
+
+    Pure in ``(theta, key)``: vmap over both for grids. The key fixes the data, the initialisation and the
+    balancer's randomness; the data depend on the key only, so one seed sees the same latent draws at every θ.
+    """
+    check_theta(theta)
+    data_key, init_key, balance_key = jax.random.split(key, 3)
+    z_s, y = _source_batch(scm, theta, data_key, config.num_samples)
+    params = init_params(scm, config, init_key)
+    optimiser = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps))
+    opt_state = optimiser.init(params)
+    balancer_state = balancer.init(scm.num_tasks)
+    one_hots = jnp.eye(scm.num_tasks, dtype=z_s.dtype)
+
+    def step(carry, step_key):
+        params, opt_state, balancer_state = carry
+        losses, pullback = jax.vjp(lambda p: task_losses(p, z_s, y), params)
+        (per_task,) = jax.vmap(pullback)(one_hots)  # Params with a leading task axis
+        jacobian = per_task.shared.reshape(scm.num_tasks, -1)
+        direction, weights, balancer_state = balancer.step(jacobian, losses, balancer_state, step_key)
+        # Head t only enters loss t, so summing the per-task head gradients gives each head its own task's gradient.
+        grads = Params(direction.reshape(params.shared.shape), per_task.heads.sum(axis=0))
+        updates, opt_state = optimiser.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, balancer_state), (losses, weights)
+
+    keys = jax.random.split(balance_key, config.steps)
+    (params, _, _), (losses, weights) = jax.lax.scan(step, (params, opt_state, balancer_state), keys)
+    final_losses = task_losses(params, z_s, y)
+    return TrainResult(params, final_losses, weights[-1], jnp.mean(weights, axis=0))
+
+
+def least_squares_heads(scm: LinearGaussianSCM, theta, key: jax.Array, config: TrainConfig) -> jax.Array:
+    """The empirical risk minimisers on the same source sample as :func:`train` (ordinary least squares), ``[K, d]``.
+
+    A converged learner reaches these; comparing with them separates optimisation error from sampling error.
+    """
+    data_key, _, _ = jax.random.split(key, 3)
+    z_s, y = _source_batch(scm, theta, data_key, config.num_samples)
+    return jnp.linalg.solve(z_s.T @ z_s, z_s.T @ y).T
+
+
+class Evaluation(NamedTuple):
+    """Exact population quantities of a trained predictor, each ``[K]``.
+
+    Attributes:
+        source_risk: :math:`\\mathcal R_S(w_t)`.
+        target_risk: :math:`\\mathcal R_T(w_t)`.
+        gap: :math:`\\mathcal R_T - \\mathcal R_S` (Eq (3)).
+        least_squares_gap: the gap of the empirical risk minimiser on the same sample.
+        final_losses: empirical source losses at the end of training.
+        mean_weights: the balancer's weights averaged over training.
+    """
+
+    source_risk: jax.Array
+    target_risk: jax.Array
+    gap: jax.Array
+    least_squares_gap: jax.Array
+    final_losses: jax.Array
+    mean_weights: jax.Array
+
+
+def train_and_evaluate(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array,
+                       config: TrainConfig) -> Evaluation:
+    """Trains one configuration and evaluates its exact source and target risks."""
+    result = train(scm, balancer, theta, key, config)
+    heads = effective_heads(result.params)
+    source = closed_forms.risk(scm, theta, heads, "source")
+    target = closed_forms.risk(scm, theta, heads, "target")
+    ols_gap = closed_forms.ood_gap(scm, theta, least_squares_heads(scm, theta, key, config))
+    return Evaluation(source, target, target - source, ols_gap, result.final_losses, result.mean_weights)
+
+
+def seed_keys(seeds) -> jax.Array:
+    """One ``jax.random`` key per integer seed, ``[S]``."""
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, dtype=jnp.uint32))
+
+
+def sweep(scm: LinearGaussianSCM, balancer: Balancer, thetas, seeds, config: TrainConfig) -> Evaluation:
+    """Trains and evaluates ``balancer`` on every (θ, seed) of the grid in one jitted, vmapped call.
+
+    Args:
+        scm: the model.
+        balancer: a method of :mod:`theory.balancing`.
+        thetas: ``[T]`` angles in :math:`[0, \\pi/2]`.
+        seeds: ``[S]`` integer seeds.
+        config: the training configuration.
+
+    Returns:
+        An :class:`Evaluation` whose fields have shape ``[T, S, K]``.
+    """
+    check_theta(thetas)
+    thetas = jnp.asarray(thetas, dtype=jnp.result_type(float))
+    if thetas.ndim != 1:
+        raise ValueError(f"thetas must be a 1-D array of angles; got shape {thetas.shape}")
+    keys = seed_keys(seeds)
+
+    def one(theta, key):
+        return train_and_evaluate(scm, balancer, theta, key, config)
+
+    grid = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))
+    return jax.jit(grid)(thetas, keys)
+
+
+def monte_carlo_risk(scm: LinearGaussianSCM, theta, heads: jax.Array, key: jax.Array, num_samples: int,
+                     domain: Domain) -> tuple[jax.Array, jax.Array]:
+    r"""Monte Carlo estimate of :math:`\mathcal R_e(w_t)` from ``num_samples`` fresh samples, with its standard error.
+
+    Returns:
+        ``(mean [K], standard_error [K])``, the standard error being :math:`\hat\sigma/\sqrt n` of the squared errors.
+    """
+    data = sample(scm, key, num_samples, domain)
+    z_s, _ = rotation_encoder(theta, data.s, data.r)
+    squared_errors = (z_s @ heads.T - data.y) ** 2
+    return jnp.mean(squared_errors, axis=0), jnp.std(squared_errors, axis=0, ddof=1) / np.sqrt(num_samples)
