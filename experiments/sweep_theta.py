@@ -44,7 +44,7 @@ class SweepConfig:
         "help": "comma-separated balancing methods, or 'all'"})
     seeds: int = dataclasses.field(default=8, metadata={"help": "seeds per angle (>= 2, for standard errors)"})
     samples: int = dataclasses.field(default=2048, metadata={"help": "source training samples per seed (>= 2)"})
-    steps: int = dataclasses.field(default=400, metadata={"help": "training steps (>= 1)"})
+    steps: int = dataclasses.field(default=800, metadata={"help": "training steps (>= 1)"})
     learning_rate: float = dataclasses.field(default=0.05, metadata={"help": "peak Adam step size (> 0)"})
     num_se: float = dataclasses.field(default=3.0, metadata={"help": "statistical slack of verdicts, in SEMs"})
     out: str = dataclasses.field(default="results/sweep_theta", metadata={"help": "output folder"})

@@ -96,12 +96,25 @@ def min_norm_exact(gram: jax.Array) -> SimplexSolution:
     return SimplexSolution(best, min_norm_gap(g, best), jnp.zeros((), jnp.int32))
 
 
-def min_norm_frank_wolfe(gram: jax.Array, max_iterations: int = 250, tolerance: float = 1e-5) -> SimplexSolution:
-    r"""Frank–Wolfe for :math:`\min_{\alpha\in\Delta}\alpha^\top G\alpha` (Sener & Koltun, 2018, Algorithm 2).
+def _pairwise_direction(grad: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pairwise Frank–Wolfe direction :math:`e_s - e_v` (towards the best vertex, away from the worst vertex in
+    the support) and its largest step :math:`x_v`. Plain Frank–Wolfe zigzags when the optimum lies on a face and
+    converges as :math:`O(1/k)`; pairwise steps converge linearly on the simplex (Lacoste-Julien & Jaggi, 2015).
+    """
+    num_tasks = x.shape[0]
+    towards = jnp.argmin(grad)
+    away = jnp.argmax(jnp.where(x > 0, grad, -jnp.inf))
+    direction = jax.nn.one_hot(towards, num_tasks, dtype=x.dtype) - jax.nn.one_hot(away, num_tasks, dtype=x.dtype)
+    return direction, x[away]
 
-    Each iteration moves towards the vertex :math:`e_t`, :math:`t = \arg\min_i (G\alpha)_i`, with the exact line
-    search :math:`\gamma = \mathrm{clip}\big(-\alpha^\top G (e_t - \alpha) / \|e_t - \alpha\|_G^2, 0, 1\big)`,
-    until the duality gap falls below ``tolerance`` (relative to the largest squared gradient norm).
+
+def min_norm_frank_wolfe(gram: jax.Array, max_iterations: int = 250, tolerance: float = 1e-5) -> SimplexSolution:
+    r"""Frank–Wolfe for :math:`\min_{\alpha\in\Delta}\alpha^\top G\alpha` (the solver of Sener & Koltun, 2018),
+    with pairwise steps so that it also converges when the optimum lies on a face of the simplex.
+
+    Each iteration moves along :math:`d = e_s - e_v` (see :func:`_pairwise_direction`) with the exact line search
+    :math:`\gamma = \mathrm{clip}(-\alpha^\top G d / d^\top G d,\ 0,\ \alpha_v)`, until the duality gap falls
+    below ``tolerance`` (relative to the largest squared gradient norm) or ``max_iterations`` is reached.
     """
     g, _ = _normalise(gram)
     num_tasks = g.shape[0]
@@ -113,13 +126,12 @@ def min_norm_frank_wolfe(gram: jax.Array, max_iterations: int = 250, tolerance: 
 
     def body(carry):
         alpha, _, it = carry
-        grad = g @ alpha
-        vertex = jax.nn.one_hot(jnp.argmin(grad), num_tasks, dtype=g.dtype)
-        direction = vertex - alpha
-        curvature = direction @ g @ direction
-        gamma = jnp.where(curvature > 0, jnp.clip(-(alpha @ g @ direction) / jnp.where(curvature > 0, curvature, 1.0),
-                                                  0.0, 1.0), 1.0)
-        alpha = alpha + gamma * direction
+        direction, gamma_max = _pairwise_direction(g @ alpha, alpha)
+        curvature, slope = direction @ g @ direction, alpha @ g @ direction
+        safe = jnp.where(curvature > 0, curvature, 1.0)
+        flat_step = jnp.where(slope < 0, gamma_max, 0.0)  # no curvature: the objective is linear along d
+        gamma = jnp.where(curvature > 0, jnp.clip(-slope / safe, 0.0, gamma_max), flat_step)
+        alpha = jnp.clip(alpha + gamma * direction, 0.0)
         return alpha, min_norm_gap(g, alpha), it + 1
 
     alpha, gap, it = jax.lax.while_loop(cond, body, (alpha0, min_norm_gap(g, alpha0), jnp.zeros((), jnp.int32)))
@@ -136,8 +148,8 @@ def _conflict_averse_grad(g, a, c, w):
     return a + jnp.where(q > 0, c * (g @ w) / jnp.sqrt(jnp.where(q > 0, q, 1.0)), 0.0)
 
 
-def _conflict_averse_line_search(g, a, c, w, direction):
-    r"""Exact minimiser over :math:`\gamma\in[0,1]` of :math:`\varphi(\gamma) = F(w + \gamma d)`.
+def _conflict_averse_line_search(g, a, c, w, direction, gamma_max):
+    r"""Exact minimiser over :math:`\gamma\in[0,\gamma_{\max}]` of :math:`\varphi(\gamma) = F(w + \gamma d)`.
 
     With :math:`A = a^\top d` and :math:`q(\gamma) = q_0 + 2\gamma q_1 + \gamma^2 q_2` (the squared norm along the
     segment), :math:`\varphi'(\gamma) = A + c(q_1 + \gamma q_2)/\sqrt{q(\gamma)}`. Writing :math:`u = q_1+\gamma q_2`
@@ -152,16 +164,16 @@ def _conflict_averse_line_search(g, a, c, w, direction):
     discriminant = jnp.maximum(q0 - q1**2 / safe_q2, 0.0)
     denom = jnp.where(interior, c**2 - slope**2 / safe_q2, 1.0)
     u_star = -jnp.sign(slope) * jnp.sqrt(slope**2 * discriminant / denom)
-    gamma_interior = jnp.clip((u_star - q1) / safe_q2, 0.0, 1.0)
+    gamma_interior = jnp.clip((u_star - q1) / safe_q2, 0.0, gamma_max)
     # Monotone cases: the derivative at 0 has the sign of the whole function's slope.
     derivative_at_0 = slope + jnp.where(q0 > 0, c * q1 / jnp.sqrt(jnp.where(q0 > 0, q0, 1.0)), 0.0)
-    gamma_end = jnp.where(derivative_at_0 < 0, 1.0, 0.0)
+    gamma_end = jnp.where(derivative_at_0 < 0, gamma_max, 0.0)
     return jnp.where(interior, gamma_interior, gamma_end)
 
 
 def conflict_averse_frank_wolfe(gram: jax.Array, linear: jax.Array, radius: jax.Array,
                                 max_iterations: int = 250, tolerance: float = 1e-6) -> SimplexSolution:
-    r"""Frank–Wolfe with exact line search for :math:`\min_{w\in\Delta} w^\top a + c\sqrt{w^\top G w}`.
+    r"""Pairwise Frank–Wolfe with exact line search for :math:`\min_{w\in\Delta} w^\top a + c\sqrt{w^\top G w}`.
 
     ``linear`` (:math:`a`) and ``radius`` (:math:`c`) must be given for the *unnormalised* ``gram``; the problem is
     rescaled internally (:math:`G\to G/s`, :math:`a\to a/s`, :math:`c\to c/\sqrt s` leave the minimiser unchanged).
@@ -182,9 +194,8 @@ def conflict_averse_frank_wolfe(gram: jax.Array, linear: jax.Array, radius: jax.
 
     def body(carry):
         w, _, it = carry
-        grad = _conflict_averse_grad(g, a, c, w)
-        direction = jax.nn.one_hot(jnp.argmin(grad), num_tasks, dtype=g.dtype) - w
-        w = w + _conflict_averse_line_search(g, a, c, w, direction) * direction
+        direction, gamma_max = _pairwise_direction(_conflict_averse_grad(g, a, c, w), w)
+        w = jnp.clip(w + _conflict_averse_line_search(g, a, c, w, direction, gamma_max) * direction, 0.0)
         return w, gap_at(w), it + 1
 
     w, gap, it = jax.lax.while_loop(cond, body, (w0, gap_at(w0), jnp.zeros((), jnp.int32)))

@@ -1,0 +1,256 @@
+"""The gradient-balancing contract and each method's defining property."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from theory.balancing import METHODS, make
+from theory.balancing.simplex import (conflict_averse_frank_wolfe, conflict_averse_objective, min_norm_exact,
+                                      min_norm_frank_wolfe)
+
+KEY = jax.random.key(0)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_step(name, **options):
+    """One compiled step per method (and option set), shared by all tests."""
+    balancer = make(name, **options)
+    return balancer, jax.jit(balancer.step)
+
+
+def run(name, jacobian, losses=None, key=KEY, **options):
+    jacobian = jnp.asarray(jacobian, dtype=jnp.float64)
+    losses = jnp.ones(jacobian.shape[0]) if losses is None else jnp.asarray(losses, dtype=jnp.float64)
+    balancer, step = jitted_step(name, **options)
+    return step(jacobian, losses, balancer.init(jacobian.shape[0]), key)
+
+
+def jacobians(min_tasks=2, max_tasks=5, max_params=8):
+    shapes = st.tuples(st.integers(min_tasks, max_tasks), st.integers(2, max_params))
+    return shapes.flatmap(lambda shape: hnp.arrays(np.float64, shape, elements=st.floats(-5, 5, width=64)))
+
+
+def scipy_min_norm(gram):
+    """Independent reference: SLSQP on the simplex, from several starts."""
+    k = gram.shape[0]
+    best = None
+    for start in [np.full(k, 1 / k)] + [np.eye(k)[i] for i in range(k)]:
+        result = scipy.optimize.minimize(lambda a: a @ gram @ a, start, jac=lambda a: 2 * gram @ a,
+                                         bounds=[(0, 1)] * k, constraints={"type": "eq", "fun": lambda a: a.sum() - 1},
+                                         method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+        if best is None or result.fun < best.fun:
+            best = result
+    return best.fun
+
+
+# ---------------------------------------------------------------- the contract, for every method
+
+@pytest.mark.parametrize("name", METHODS)
+def test_contract_shapes_finiteness_and_exact_weights(name):
+    jacobian = jax.random.normal(jax.random.key(1), (3, 7), dtype=jnp.float64)
+    losses = jnp.asarray([0.5, 1.0, 2.0])
+    balancer = make(name)
+    state = balancer.init(3)
+    direction, weights, new_state = jax.jit(balancer.step)(jacobian, losses, state, KEY)
+    assert direction.shape == (7,) and weights.shape == (3,)
+    assert jnp.all(jnp.isfinite(direction)) and jnp.all(jnp.isfinite(weights))
+    # The direction is exactly the weighted sum of the task gradients.
+    np.testing.assert_allclose(direction, weights @ jacobian, rtol=1e-10, atol=1e-12)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    # Deterministic given the key.
+    again = jax.jit(balancer.step)(jacobian, losses, state, KEY)
+    np.testing.assert_array_equal(direction, again[0])
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("case", ["zero gradients", "identical gradients", "one task", "zero loss", "one zero row"])
+def test_degenerate_inputs_give_finite_outputs(name, case):
+    g = jnp.asarray([1.0, -2.0, 0.5])
+    jacobian, losses = {
+        "zero gradients": (jnp.zeros((3, 3)), jnp.ones(3)),
+        "identical gradients": (jnp.stack([g, g, g]), jnp.ones(3)),
+        "one task": (g[None, :], jnp.ones(1)),
+        "zero loss": (jnp.stack([g, -g]), jnp.asarray([0.0, 1.0])),
+        "one zero row": (jnp.stack([g, jnp.zeros(3)]), jnp.ones(2)),
+    }[case]
+    balancer = make(name)
+    state = balancer.init(jacobian.shape[0])
+    for _ in range(2):  # second step exercises stateful methods after their first update
+        direction, weights, state = jax.jit(balancer.step)(jacobian, losses, state, KEY)
+        assert jnp.all(jnp.isfinite(direction)) and jnp.all(jnp.isfinite(weights)), (name, case)
+        assert all(jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(state) if leaf.dtype != bool)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_step_vmaps_over_a_batch_of_problems(name):
+    balancer = make(name)
+    jacobians = jax.random.normal(jax.random.key(2), (4, 2, 5), dtype=jnp.float64)
+    states = jax.vmap(lambda _: balancer.init(2))(jnp.arange(4))
+    keys = jax.random.split(KEY, 4)
+    directions, weights, _ = jax.vmap(balancer.step)(jacobians, jnp.ones((4, 2)), states, keys)
+    assert directions.shape == (4, 5) and weights.shape == (4, 2)
+
+
+def test_make_rejects_unknown_methods_and_options_listing_valid_ones():
+    with pytest.raises(ValueError, match="unknown balancing method 'pcgard'; valid methods: ew, rlw"):
+        make("pcgard")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) alpha for 'cagrad'; valid options: calpha=0.5"):
+        make("cagrad", alpha=1.0)
+    with pytest.raises(ValueError, match="calpha must be a finite number >= 0"):
+        make("cagrad", calpha=-1.0)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        make("mgda", normalization="max")
+    with pytest.raises(ValueError, match="num_tasks"):
+        make("ew").init(0)
+    with pytest.raises(ValueError, match=r"jacobian must have shape \[K, P\]"):
+        make("ew").step(jnp.ones(3), jnp.ones(3), (), KEY)
+
+
+@pytest.mark.parametrize("name", ["ew", "mgda", "cagrad", "gradnorm"])
+def test_permuting_tasks_permutes_weights(name):
+    jacobian = jax.random.normal(jax.random.key(3), (4, 6), dtype=jnp.float64)
+    losses = jnp.asarray([0.3, 1.0, 2.0, 0.7])
+    permutation = jnp.asarray([2, 0, 3, 1])
+    _, weights, _ = run(name, jacobian, losses)
+    _, permuted, _ = run(name, jacobian[permutation], losses[permutation])
+    np.testing.assert_allclose(permuted, weights[permutation], rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------- defining properties
+
+@given(jacobians())
+def test_ew_is_the_plain_sum(jacobian):
+    direction, weights, _ = run("ew", jacobian)
+    np.testing.assert_allclose(direction, jacobian.sum(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(weights, 1.0)
+
+
+def test_rlw_weights_are_a_random_point_of_the_simplex():
+    jacobian = jnp.eye(3)
+    draws = np.stack([run("rlw", jacobian, key=jax.random.key(i))[1] for i in range(50)])
+    assert np.all(draws > 0)
+    np.testing.assert_allclose(draws.sum(axis=1), 1.0, rtol=1e-12)
+    assert draws.std(axis=0).min() > 0.05          # they move
+    np.testing.assert_allclose(draws.mean(axis=0), 1 / 3, atol=0.06)  # exchangeable: mean 1/K (50 draws)
+
+
+@given(jacobians(max_tasks=6))
+def test_mgda_returns_the_minimum_norm_point_of_the_convex_hull(jacobian):
+    direction, weights, state = run("mgda", jacobian)
+    gram = jacobian @ jacobian.T
+    reference = scipy_min_norm(gram)
+    scale = np.max(np.diag(gram))
+    assert np.all(weights >= -1e-12) and abs(float(weights.sum()) - 1) < 1e-9
+    assert float(direction @ direction) <= reference + 1e-7 * scale
+    assert float(direction @ direction) >= reference - 1e-7 * scale - 1e-12  # not below the true minimum
+    assert bool(state.converged)
+
+
+@given(jacobians(max_tasks=6))
+def test_mgda_frank_wolfe_agrees_with_the_exact_solver(jacobian):
+    gram = jnp.asarray(jacobian @ jacobian.T)
+    exact, iterative = min_norm_exact(gram), min_norm_frank_wolfe(gram, 2000, 1e-9)
+    value = lambda a: float(a @ gram @ a)
+    assert value(iterative.weights) <= value(exact.weights) + 1e-5 * float(jnp.max(jnp.diag(gram))) + 1e-12
+    assert float(exact.duality_gap) < 1e-6
+
+
+@given(jacobians())
+def test_mgda_min_norm_direction_does_not_conflict(jacobian):
+    """The min-norm point d* satisfies g_t·d* >= |d*|² for every t (Sener & Koltun, Thm 1)."""
+    direction, _, _ = run("mgda", jacobian)
+    norm_sq = float(direction @ direction)
+    scale = float(np.max(np.sum(jacobian**2, axis=1)))
+    assert np.all(jacobian @ direction >= norm_sq - 1e-6 * scale)
+
+
+@pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
+def test_mgda_normalisations_combine_normalised_gradients(normalization):
+    jacobian = jnp.asarray([[3.0, 0.0], [0.0, 1.0]])
+    losses = jnp.asarray([2.0, 0.5])
+    _, weights, _ = run("mgda", jacobian, losses, normalization=normalization)
+    norms = jnp.linalg.norm(jacobian, axis=1)
+    scale = {"l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+    alpha = weights * scale                 # the simplex point over the normalised gradients
+    np.testing.assert_allclose(alpha.sum(), 1.0, rtol=1e-9)
+    normalised = jacobian / scale[:, None]
+    assert float(jnp.sum((alpha @ normalised) ** 2)) <= scipy_min_norm(np.asarray(normalised @ normalised.T)) + 1e-9
+
+
+@given(jacobians(min_tasks=2, max_tasks=2))
+def test_pcgrad_output_does_not_conflict_with_either_task_when_k_is_2(jacobian):
+    direction, _, _ = run("pcgrad", jacobian)
+    scale = float(np.max(np.sum(jacobian**2, axis=1)))
+    assert np.all(jacobian @ direction >= -1e-9 * scale)
+
+
+def test_pcgrad_projects_only_conflicting_pairs():
+    agreeing = jnp.asarray([[1.0, 0.0], [1.0, 1.0]])
+    np.testing.assert_allclose(run("pcgrad", agreeing)[0], agreeing.sum(axis=0))
+    conflicting = jnp.asarray([[1.0, 0.0], [-1.0, 1.0]])
+    # g1 loses its component along g2 and vice versa: g1' = (0.5, 0.5), g2' = (0, 1).
+    np.testing.assert_allclose(run("pcgrad", conflicting)[0], [0.5, 1.5], rtol=1e-12)
+
+
+@given(jacobians())
+def test_cagrad_with_zero_radius_is_the_mean_gradient(jacobian):
+    direction, weights, _ = run("cagrad", jacobian, calpha=0.0)
+    np.testing.assert_allclose(direction, jacobian.mean(axis=0), rtol=1e-10, atol=1e-10)
+
+
+@given(jacobians(max_tasks=4), st.floats(0.1, 2.0))
+def test_cagrad_solves_its_dual_as_well_as_scipy(jacobian, calpha):
+    gram = jacobian @ jacobian.T
+    k = gram.shape[0]
+    mean = np.full(k, 1 / k)
+    linear, radius = gram @ mean, calpha * np.sqrt(mean @ gram @ mean)
+    objective = lambda w: float(conflict_averse_objective(jnp.asarray(gram), jnp.asarray(linear), radius,
+                                                          jnp.asarray(w)))
+    ours = conflict_averse_frank_wolfe(jnp.asarray(gram), jnp.asarray(linear), jnp.asarray(radius), 2000, 1e-10)
+    reference = min(
+        scipy.optimize.minimize(objective, start, bounds=[(0, 1)] * k, method="SLSQP",
+                                constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+                                options={"ftol": 1e-14, "maxiter": 1000}).fun
+        for start in [mean] + list(np.eye(k)))
+    scale = float(np.max(np.diag(gram)))
+    assert objective(ours.weights) <= reference + 1e-6 * scale + 1e-12
+
+
+def test_cagrad_improves_the_worst_task_over_the_mean():
+    """CAGrad maximises the worst local improvement min_t g_t·d within the ball; the mean gradient does not."""
+    jacobian = jnp.asarray([[1.0, 0.0], [-0.8, 0.3]])
+    direction, _, _ = run("cagrad", jacobian, calpha=0.5, rescale=0)
+    mean = jacobian.mean(axis=0)
+    assert float(jnp.min(jacobian @ direction)) > float(jnp.min(jacobian @ mean))
+    radius = 0.5 * float(jnp.linalg.norm(mean))
+    assert float(jnp.linalg.norm(direction - mean)) <= radius * (1 + 1e-9)
+
+
+def test_gradnorm_moves_weight_towards_the_task_with_the_smaller_gradient():
+    """Equal training rates: GradNorm equalises w_t‖g_t‖, so the large-gradient task loses weight."""
+    jacobian = jnp.asarray([[10.0, 0.0], [0.0, 1.0]])
+    balancer = make("gradnorm", weight_learning_rate=0.01)
+    state = balancer.init(2)
+    for _ in range(30):
+        _, weights, state = balancer.step(jacobian, jnp.ones(2), state, KEY)
+    assert state.weights[0] < 1.0 < state.weights[1]
+    np.testing.assert_allclose(state.weights.sum(), 2.0, rtol=1e-9)
+    assert jnp.all(state.weights > 0)
+
+
+def test_gradnorm_gives_weight_to_the_task_that_trains_slower():
+    """Equal gradients: the task whose loss fell least (higher relative rate) gets the larger weight (alpha > 0)."""
+    jacobian = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
+    balancer = make("gradnorm", alpha=1.5)
+    state = balancer.init(2)
+    _, _, state = balancer.step(jacobian, jnp.asarray([1.0, 1.0]), state, KEY)   # records L(0)
+    for _ in range(10):
+        _, _, state = balancer.step(jacobian, jnp.asarray([0.2, 0.9]), state, KEY)
+    assert state.weights[1] > state.weights[0]

@@ -1,0 +1,197 @@
+"""Properties of the closed forms of Theorem 2.3 (``reference/theory.md`` §4 and §9.1).
+
+A deliberately wrong floor (sin θ for sin²θ, or a constant without cos²θ) fails ``test_gap_is_at_least_the_floor``
+and ``test_floor_is_attained_when_sigma_s_equals_sigma_r_source``; this was checked by hand.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from scm import LinearGaussianSCM
+from theory import closed_forms as cf
+from theory.simulate import monte_carlo_risk
+
+scales = st.floats(0.2, 3.0)
+angles = st.floats(1e-3, math.pi / 2 - 1e-3)
+
+
+@st.composite
+def isotropic_models(draw, min_tasks=1, max_tasks=4):
+    dim = draw(st.integers(1, 5))
+    num_tasks = draw(st.integers(min_tasks, max_tasks))
+    betas = draw(st.lists(st.lists(st.floats(-3, 3), min_size=dim, max_size=dim), min_size=num_tasks,
+                          max_size=num_tasks))
+    betas = np.asarray(betas)
+    betas[np.linalg.norm(betas, axis=1) < 1e-2] += 0.5  # keep every task informative
+    return LinearGaussianSCM(betas=betas, sigma_s=draw(scales), sigma_r_source=draw(scales),
+                             sigma_r_target=draw(scales), noise_std=draw(st.floats(0, 1)))
+
+
+def random_spd(rng, dim):
+    a = rng.normal(size=(dim, dim))
+    return a @ a.T + 0.2 * np.eye(dim)
+
+
+def scalar_gap(theta, sigma_s, sigma_rs, sigma_rt, beta_sq):
+    """Eq (25), written out independently of the matrix code."""
+    c, s = math.cos(theta), math.sin(theta)
+    return beta_sq * c**2 * s**2 * sigma_s**4 / (c**2 * sigma_s**2 + s**2 * sigma_rs**2) ** 2 * (
+        sigma_rt**2 - sigma_rs**2)
+
+
+@pytest.mark.parametrize("theta, sigma_s, sigma_rs, sigma_rt, beta, noise, w, r_s, r_t, gap", [
+    # theory.md §9.1, closed-form columns.
+    (0.3, 1, 1, 2, 1.5, 0.5, 1.4330, 0.4465, 0.9845, 0.5380),
+    (0.7, 1, 0.5, 1.5, 1, 0.1, 1.1105, 0.1606, 1.1842, 1.0236),
+    (1.0, 2, 1, 3, 0.7, 0.3, 0.8065, 0.8299, 4.5145, 3.6846),
+    (0.5, 1, 2, 0.5, 2, 0.2, 1.0388, 2.2167, 1.2865, -0.9302),
+    (0.0, 1, 1, 3, 1, 0.5, 1.0, 0.25, 0.25, 0.0),
+    (math.pi / 4, 1, 1, 2, 1, 0, 0.7071, 0.5, 1.25, 0.75),
+])
+def test_reference_values(theta, sigma_s, sigma_rs, sigma_rt, beta, noise, w, r_s, r_t, gap):
+    scm = LinearGaussianSCM(betas=[[beta]], sigma_s=sigma_s, sigma_r_source=sigma_rs, sigma_r_target=sigma_rt,
+                            noise_std=noise)
+    np.testing.assert_allclose(cf.source_optimal_heads(scm, theta)[0, 0], w, atol=6e-5)
+    np.testing.assert_allclose(cf.source_optimal_risk(scm, theta, "source")[0], r_s, atol=6e-5)
+    np.testing.assert_allclose(cf.source_optimal_risk(scm, theta, "target")[0], r_t, atol=6e-5)
+    np.testing.assert_allclose(cf.source_optimal_gap(scm, theta)[0], gap, atol=6e-5)
+
+
+@given(isotropic_models(), angles)
+def test_matrix_forms_reduce_to_the_scalar_closed_form(scm, theta):
+    expected = [scalar_gap(theta, scm.sigma_s, scm.sigma_r_source, scm.sigma_r_target, float(b @ b))
+                for b in scm.betas]
+    np.testing.assert_allclose(cf.source_optimal_gap(scm, theta), expected, rtol=1e-9, atol=1e-12)
+    # Gap = R_T - R_S of the same heads, and only the residual term differs (Eq (24)).
+    heads = cf.source_optimal_heads(scm, theta)
+    np.testing.assert_allclose(cf.risk(scm, theta, heads, "target") - cf.risk(scm, theta, heads, "source"),
+                               expected, rtol=1e-9, atol=1e-12)
+
+
+@given(isotropic_models(), angles)
+def test_gap_is_at_least_the_floor(scm, theta):
+    gap, floor = np.asarray(cf.source_optimal_gap(scm, theta)), np.asarray(cf.gap_floor(scm, theta))
+    assert np.all(floor >= 0)
+    assert np.all(np.abs(gap) >= floor * (1 - 1e-9) - 1e-14)
+
+
+@given(isotropic_models(), st.floats(0.05, 1.5), st.floats(0.0, 1.0))
+def test_uniform_constant_floor_holds_below_theta_max(scm, theta_max, fraction):
+    theta = fraction * theta_max
+    gap, floor = cf.source_optimal_gap(scm, theta), cf.gap_floor(scm, theta, theta_max=theta_max)
+    assert np.all(np.abs(gap) >= floor * (1 - 1e-9) - 1e-14)
+
+
+@given(isotropic_models(), angles, st.floats(0.2, 3.0))
+def test_floor_is_attained_when_sigma_s_equals_sigma_r_source(scm, theta, sigma):
+    scm = LinearGaussianSCM(betas=scm.betas, sigma_s=sigma, sigma_r_source=sigma,
+                            sigma_r_target=scm.sigma_r_target, noise_std=scm.noise_std)
+    np.testing.assert_allclose(np.abs(cf.source_optimal_gap(scm, theta)), cf.gap_floor(scm, theta),
+                               rtol=1e-9, atol=1e-14)
+
+
+@given(isotropic_models())
+def test_no_gap_when_disentangled_or_when_the_residual_does_not_shift(scm):
+    np.testing.assert_allclose(cf.source_optimal_gap(scm, 0.0), 0.0, atol=1e-15)
+    unshifted = LinearGaussianSCM(betas=scm.betas, sigma_s=scm.sigma_s, sigma_r_source=scm.sigma_r_source,
+                                  sigma_r_target=scm.sigma_r_source)
+    for theta in (0.3, 1.0, 1.5):
+        np.testing.assert_allclose(cf.source_optimal_gap(unshifted, theta), 0.0, atol=1e-14)
+        np.testing.assert_allclose(cf.gap_floor(unshifted, theta), 0.0, atol=1e-15)
+
+
+@given(isotropic_models(), angles)
+def test_gap_has_the_sign_of_the_variance_change(scm, theta):
+    change = scm.sigma_r_target**2 - scm.sigma_r_source**2
+    gap = np.asarray(cf.source_optimal_gap(scm, theta))
+    assert cf.residual_shift_sign(scm) == int(np.sign(change))
+    if abs(change) > 1e-9:
+        assert np.all(np.sign(gap) == np.sign(change))
+
+
+@given(isotropic_models())
+def test_floor_is_tight_in_order_as_theta_goes_to_zero(scm):
+    """gap / (sin²θ·|Δσ²|) tends to ‖β_t‖² > 0, and gap / floor stays bounded: the floor has the right order."""
+    shift = abs(scm.sigma_r_target**2 - scm.sigma_r_source**2)
+    if shift < 1e-3:
+        return
+    limit = np.sum(scm.betas**2, axis=1)
+    for theta in (1e-3, 1e-4):
+        ratio = np.abs(np.asarray(cf.source_optimal_gap(scm, theta))) / (math.sin(theta) ** 2 * shift)
+        np.testing.assert_allclose(ratio, limit, rtol=1e-4 + 50 * theta * (scm.sigma_r_source / scm.sigma_s) ** 2)
+        gap_over_floor = np.abs(np.asarray(cf.source_optimal_gap(scm, theta))) / np.asarray(cf.gap_floor(scm, theta))
+        np.testing.assert_allclose(gap_over_floor, max(scm.sigma_s**2, scm.sigma_r_source**2) ** 2 / scm.sigma_s**4,
+                                   rtol=1e-4 + 50 * theta * (scm.sigma_r_source / scm.sigma_s) ** 2)
+
+
+@given(isotropic_models(min_tasks=2), angles, st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4))
+def test_alpha_weighted_bound_holds_for_any_simplex_weights(scm, theta, raw):
+    raw = np.asarray(raw[: scm.num_tasks]) + 1e-3
+    alpha = raw / raw.sum()
+    gap, floor = cf.source_optimal_gap(scm, theta), cf.gap_floor(scm, theta)
+    weighted_gap = abs(float(cf.weighted(gap, alpha)))
+    assert weighted_gap >= float(cf.weighted(floor, alpha)) * (1 - 1e-9) - 1e-14
+    assert weighted_gap >= float(jnp.min(floor)) * (1 - 1e-9) - 1e-14   # no alpha removes the gap
+
+
+def test_weighted_rejects_points_off_the_simplex():
+    with pytest.raises(ValueError, match="simplex"):
+        cf.weighted(jnp.ones(3), [0.5, 0.6, -0.1])
+    np.testing.assert_allclose(cf.weighted(jnp.asarray([1.0, 3.0])), 2.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_spd_covariances_gap_at_least_generalised_floor(seed):
+    rng = np.random.default_rng(seed)
+    dim = 3
+    cov_s, cov_rs = random_spd(rng, dim), random_spd(rng, dim)
+    # A definite shift (either sign) so the floor is non-trivial.
+    direction = 1 if seed % 2 == 0 else -1
+    cov_rt = cov_rs + direction * (random_spd(rng, dim) if direction > 0 else 0.5 * np.linalg.eigvalsh(cov_rs).min()
+                                   * np.eye(dim))
+    scm = LinearGaussianSCM(betas=rng.normal(size=(2, dim)), sigma_s=cov_s, sigma_r_source=cov_rs,
+                            sigma_r_target=cov_rt)
+    assert cf.residual_shift_sign(scm) == direction
+    for theta in np.linspace(0.05, 1.5, 12):
+        gap, floor = np.asarray(cf.source_optimal_gap(scm, theta)), np.asarray(cf.gap_floor(scm, theta))
+        assert np.all(floor > 0)
+        assert np.all(direction * gap >= floor * (1 - 1e-9))
+
+
+def test_indefinite_shift_has_no_floor():
+    scm = LinearGaussianSCM(betas=[[1.0, 1.0]], sigma_s=1.0, sigma_r_source=np.diag([1.0, 2.0]),
+                            sigma_r_target=np.diag([2.0, 1.0]))
+    assert cf.residual_shift(scm) == 0.0 and cf.residual_shift_sign(scm) == 0
+    np.testing.assert_allclose(cf.gap_floor(scm, 0.7), 0.0)
+
+
+@pytest.mark.parametrize("case", ["isotropic", "spd"])
+def test_closed_forms_agree_with_monte_carlo(case):
+    """Risks of the source-optimal heads from 400k fresh samples per domain agree within 4 standard errors."""
+    rng = np.random.default_rng(11)
+    if case == "isotropic":
+        scm = LinearGaussianSCM(betas=[[1.5, -0.5], [0.3, 1.0]], sigma_s=1.0, sigma_r_source=0.8,
+                                sigma_r_target=1.7, noise_std=0.4)
+    else:
+        cov_rs = random_spd(rng, 3)
+        scm = LinearGaussianSCM(betas=rng.normal(size=(2, 3)), sigma_s=random_spd(rng, 3), sigma_r_source=cov_rs,
+                                sigma_r_target=cov_rs + random_spd(rng, 3), noise_std=0.3)
+    theta = 0.6
+    heads = cf.source_optimal_heads(scm, theta)
+    key_s, key_t = jax.random.split(jax.random.key(7))
+    mc_s, se_s = monte_carlo_risk(scm, theta, heads, key_s, 400_000, "source")
+    mc_t, se_t = monte_carlo_risk(scm, theta, heads, key_t, 400_000, "target")
+    exact_s, exact_t = cf.risk(scm, theta, heads, "source"), cf.risk(scm, theta, heads, "target")
+    assert np.all(np.abs(mc_s - exact_s) < 4 * se_s)
+    assert np.all(np.abs(mc_t - exact_t) < 4 * se_t)
+    gap_se = np.sqrt(se_s**2 + se_t**2)
+    assert np.all(np.abs((mc_t - mc_s) - cf.source_optimal_gap(scm, theta)) < 4 * gap_se)
+    # and the source-optimal heads are optimal: perturbing them raises the exact source risk.
+    perturbed = heads + 0.05 * jnp.asarray(rng.normal(size=heads.shape))
+    assert np.all(cf.risk(scm, theta, perturbed, "source") > exact_s)

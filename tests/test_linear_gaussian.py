@@ -1,0 +1,92 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scm import LinearGaussianSCM, check_theta, rotation_encoder, sample
+
+
+def make_scm(**overrides):
+    fields = dict(betas=[[1.0, 0.5, -0.2], [0.3, 2.0, 1.0]], sigma_s=1.2, sigma_r_source=0.7, sigma_r_target=1.9,
+                  noise_std=0.3)
+    fields.update(overrides)
+    return LinearGaussianSCM(**fields)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(sigma_s=0.0), "sigma_s"),
+    (dict(sigma_s=-1.0), "sigma_s"),
+    (dict(sigma_r_source=float("nan")), "sigma_r_source"),
+    (dict(sigma_r_target=np.eye(2)), "sigma_r_target"),                 # shape does not match d=3
+    (dict(sigma_r_target=np.array([[1, 0.5, 0], [0, 1, 0], [0, 0, 1.0]])), "symmetric"),
+    (dict(sigma_s=np.diag([1.0, -1.0, 1.0])), "positive definite"),
+    (dict(noise_std=-0.1), "noise_std"),
+    (dict(betas=np.ones((2, 3, 1))), "betas"),
+    (dict(betas=[[1.0, float("inf"), 0.0]]), "betas"),
+])
+def test_bad_configurations_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        make_scm(**overrides)
+
+
+@pytest.mark.parametrize("theta", [-0.1, math.pi / 2 + 1e-3, float("nan"), [0.1, 2.0]])
+def test_theta_outside_the_quarter_turn_is_rejected(theta):
+    with pytest.raises(ValueError, match=r"theta must lie in \[0, pi/2\]"):
+        check_theta(theta)
+
+
+def test_bad_domain_and_sample_count():
+    scm = make_scm()
+    with pytest.raises(ValueError, match="domain"):
+        sample(scm, jax.random.key(0), 10, "validation")
+    with pytest.raises(ValueError, match="num_samples"):
+        sample(scm, jax.random.key(0), 0)
+
+
+def test_scalars_mean_standard_deviations_and_matrices_mean_covariances():
+    cov = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.1], [0.0, 0.1, 0.5]])
+    scm = make_scm(sigma_s=cov, sigma_r_source=0.5)
+    np.testing.assert_allclose(scm.cov_s, cov)
+    np.testing.assert_allclose(scm.cov_r("source"), 0.25 * np.eye(3))
+    assert not scm.is_isotropic and make_scm().is_isotropic
+    assert (scm.dim, scm.num_tasks) == (3, 2)
+
+
+def test_sample_moments_match_the_model():
+    """Sample covariances within 5 standard errors (SE of a covariance entry ~ sqrt((s_ii s_jj + s_ij^2)/n))."""
+    cov_r = np.array([[1.5, -0.4, 0.2], [-0.4, 0.8, 0.0], [0.2, 0.0, 2.0]])
+    scm = make_scm(sigma_r_target=cov_r)
+    n = 200_000
+    data = sample(scm, jax.random.key(3), n, "target")
+    for x, cov in ((data.s, scm.cov_s_np), (data.r, cov_r)):
+        empirical = np.cov(np.asarray(x).T)
+        se = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
+        assert np.all(np.abs(empirical - cov) < 5 * se)
+    residual = np.asarray(data.y - data.s @ jnp.asarray(scm.betas).T)
+    assert abs(residual.var() - scm.noise_std**2) < 5 * scm.noise_std**2 * math.sqrt(2 / residual.size)
+    assert abs(np.corrcoef(np.asarray(data.s[:, 0]), np.asarray(data.r[:, 0]))[0, 1]) < 5 / math.sqrt(n)
+
+
+def test_domains_share_the_standardised_draws():
+    scm = make_scm()
+    source, target = sample(scm, jax.random.key(1), 50, "source"), sample(scm, jax.random.key(1), 50, "target")
+    np.testing.assert_allclose(source.s, target.s)
+    np.testing.assert_allclose(target.r, source.r * (1.9 / 0.7), rtol=1e-10)
+
+
+def test_rotation_encoder_is_the_block_rotation_and_vmaps_over_theta_and_seeds():
+    scm = make_scm()
+    thetas = jnp.linspace(0.0, math.pi / 2, 5)
+    keys = jax.vmap(jax.random.key)(jnp.arange(3))
+
+    def encode(theta, key):
+        data = sample(scm, key, 16)
+        return rotation_encoder(theta, data.s, data.r), data
+
+    (z_s, z_r), data = jax.vmap(jax.vmap(encode, in_axes=(None, 0)), in_axes=(0, None))(thetas, keys)
+    assert z_s.shape == (5, 3, 16, 3)
+    np.testing.assert_allclose(z_s[0], data.s[0], atol=1e-12)          # theta = 0: disentangled
+    np.testing.assert_allclose(z_s[-1], -data.r[0], atol=1e-12)        # theta = pi/2: pure residual
+    np.testing.assert_allclose(z_s**2 + z_r**2, data.s**2 + data.r**2, rtol=1e-10)  # orthogonal

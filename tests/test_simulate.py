@@ -1,0 +1,77 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scm import LinearGaussianSCM
+from theory import checks, closed_forms
+from theory.balancing import make
+from theory.simulate import (TrainConfig, effective_heads, least_squares_heads, monte_carlo_risk, sweep, train,
+                             train_and_evaluate)
+
+SCM = LinearGaussianSCM(betas=[[1.0, 0.0], [0.5, 1.5]], sigma_s=1.0, sigma_r_source=0.5, sigma_r_target=1.5,
+                        noise_std=0.1)
+CONFIG = TrainConfig(num_samples=256, steps=300, learning_rate=0.05)
+
+
+@pytest.mark.parametrize("name", ["ew", "pcgrad", "mgda"])
+def test_training_reaches_the_empirical_risk_minimiser(name):
+    key = jax.random.key(4)
+    result = train(SCM, make(name), 0.6, key, CONFIG)
+    np.testing.assert_allclose(effective_heads(result.params), least_squares_heads(SCM, 0.6, key, CONFIG),
+                               atol=2e-3)
+
+
+def test_vmapped_grid_equals_configuration_by_configuration():
+    thetas, seeds = np.array([0.2, 0.9]), np.array([0, 5])
+    config = TrainConfig(num_samples=64, steps=50)
+    grid = sweep(SCM, make("cagrad"), thetas, seeds, config)
+    assert grid.gap.shape == (2, 2, 2)
+    for i, theta in enumerate(thetas):
+        for j, seed in enumerate(seeds):
+            single = train_and_evaluate(SCM, make("cagrad"), theta, jax.random.key(seed), config)
+            np.testing.assert_allclose(grid.gap[i, j], single.gap, rtol=1e-8, atol=1e-10)
+
+
+def test_exact_risks_of_a_trained_predictor_match_monte_carlo():
+    key = jax.random.key(9)
+    heads = effective_heads(train(SCM, make("ew"), 0.8, key, CONFIG).params)
+    for domain, sample_key in (("source", jax.random.key(1)), ("target", jax.random.key(2))):
+        estimate, standard_error = monte_carlo_risk(SCM, 0.8, heads, sample_key, 200_000, domain)
+        assert np.all(np.abs(estimate - closed_forms.risk(SCM, 0.8, heads, domain)) < 4 * standard_error)
+
+
+def test_trained_gap_matches_the_closed_form_within_its_standard_error():
+    """Over seeds, the gap of trained predictors is centred on the source-optimal closed form (Theorem 2.3 'given θ')."""
+    thetas = np.array([0.3, 0.7, 1.1])
+    grid = sweep(SCM, make("ew"), thetas, np.arange(12), CONFIG)
+    gap = np.asarray(grid.gap).mean(axis=-1)
+    closed = np.asarray(jax.vmap(lambda t: closed_forms.source_optimal_gap(SCM, t).mean())(thetas))
+    assert checks.agreement_check(gap, closed, num_se=4.0)["holds"]
+    assert checks.convergence_check(gap, np.asarray(grid.least_squares_gap).mean(axis=-1))["converged"]
+    floor = np.asarray(jax.vmap(lambda t: closed_forms.gap_floor(SCM, t).mean())(thetas))
+    assert checks.floor_check(gap, floor, +1)["holds"]
+
+
+@pytest.mark.parametrize("field, value", [("num_samples", 1), ("steps", 0), ("learning_rate", -1.0),
+                                          ("hidden_dim", 0), ("init_scale", float("nan"))])
+def test_train_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_sweep_rejects_angles_outside_the_quarter_turn():
+    with pytest.raises(ValueError, match="theta"):
+        sweep(SCM, make("ew"), [0.1, 1.7], [0], CONFIG)
+
+
+def test_checks_fail_when_they_should():
+    gap = np.array([[1.0, 1.1, 0.9], [2.0, 2.1, 1.9]])
+    assert checks.floor_check(gap, np.array([0.5, 1.5]), +1)["holds"]
+    verdict = checks.floor_check(gap, np.array([0.5, 3.0]), +1)
+    assert not verdict["holds"] and verdict["violations"] == [1]
+    assert not checks.floor_check(-gap, np.array([0.5, 1.5]), +1)["holds"]   # wrong sign
+    assert checks.floor_check(-gap, np.array([0.5, 1.5]), -1)["holds"]
+    assert checks.agreement_check(gap, np.array([1.0, 2.0]))["holds"]
+    assert not checks.agreement_check(gap, np.array([1.0, 2.5]))["holds"]
+    assert not checks.convergence_check(gap, gap + 0.05)["converged"]

@@ -1,0 +1,71 @@
+"""The θ sweep end to end on a tiny grid, its JSON schema, and one-line errors for bad flags."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "sweep_theta.py"
+TINY = ["--num-thetas", "3", "--seeds", "2", "--samples", "64", "--steps", "30", "--dim", "2"]
+
+
+def run_script(*args, cwd=ROOT):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def test_tiny_sweep_writes_json_and_png(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_script(*TINY, "--methods", "ew,mgda", "--betas", "1,-2", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # --quiet
+    payload = json.loads((out / "sweep_theta.json").read_text())
+    assert (out / "sweep_theta.png").stat().st_size > 10_000
+    assert set(payload) >= {"config", "theta", "closed_form_gap", "floor", "methods", "verdict"}
+    assert payload["config"]["betas"] == [1.0, -2.0] and payload["config"]["methods"] == "ew,mgda"
+    assert len(payload["theta"]) == 3 and payload["theta"][0] == 0.0
+    assert set(payload["methods"]) == {"ew", "mgda"}
+    for name, result in payload["methods"].items():
+        assert len(result["gap_mean"]) == len(result["gap_sem"]) == 3
+        assert result["gap_mean"][0] == 0.0  # theta = 0: no gap, exactly
+        assert set(payload["verdict"][name]) >= {"above_floor", "matches_closed_form", "converged"}
+    # The floor is below the closed-form gap, and both are zero at theta = 0.
+    assert all(f <= g + 1e-12 for f, g in zip(payload["floor"], payload["closed_form_gap"]))
+    assert payload["floor"][0] == payload["closed_form_gap"][0] == 0.0
+    assert payload["small_theta_limit_of_ratio"] == pytest.approx((1 + 4) / 2)
+
+
+def test_progress_and_summary_are_shown_without_quiet(tmp_path):
+    result = run_script(*TINY, "--methods", "pcgrad", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "pcgrad" in result.stdout and "above floor" in result.stdout
+    assert "sweep_theta" in result.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-thetas", "1"], "--num-thetas must be an integer >= 2"),
+    (["--num-thetas", "two"], "an integer is required"),
+    (["--theta-max", "2"], "--theta-max must lie in (0, pi/2]"),
+    (["--sigma-s", "-1"], "--sigma-s must be a finite number > 0"),
+    (["--sigma-r-target", "nan"], "--sigma-r-target must be a finite number > 0"),
+    (["--betas", "1,x"], "--betas must be comma-separated numbers"),
+    (["--methods", "ew,adam"], "--methods must be 'all' or comma-separated names"),
+    (["--seeds", "1"], "--seeds must be an integer >= 2"),
+    (["--noise-std", "-0.1"], "--noise-std must be a finite number >= 0"),
+    (["--dim", "0"], "--dim must be an integer >= 1"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_flags_give_one_line_and_a_nonzero_exit(flags, message, tmp_path):
+    result = run_script(*flags, "--out", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep_theta.json").exists()
