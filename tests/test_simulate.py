@@ -75,3 +75,18 @@ def test_checks_fail_when_they_should():
     assert checks.agreement_check(gap, np.array([1.0, 2.0]))["holds"]
     assert not checks.agreement_check(gap, np.array([1.0, 2.5]))["holds"]
     assert not checks.convergence_check(gap, gap + 0.05)["converged"]
+
+
+def test_losses_from_moments_equal_the_per_sample_mean_squared_error():
+    from theory.simulate import init_params, moment_losses, moments_of, task_losses
+    from scm import rotation_encoder, sample
+
+    data = sample(SCM, jax.random.key(0), 500)
+    z_s, _ = rotation_encoder(0.4, data.s, data.r)
+    params = init_params(SCM, CONFIG, jax.random.key(1))
+    np.testing.assert_allclose(moment_losses(params, moments_of(z_s, data.y)), task_losses(params, z_s, data.y),
+                               rtol=1e-10)
+    grad_moments = jax.grad(lambda p: moment_losses(p, moments_of(z_s, data.y)).sum())(params)
+    grad_samples = jax.grad(lambda p: task_losses(p, z_s, data.y).sum())(params)
+    for a, b in zip(grad_moments, grad_samples):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

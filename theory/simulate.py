@@ -6,6 +6,15 @@ The tasks share a trainable linear layer :math:`W \in \mathbb R^{h\times d}` on 
 
 .. math:: \hat y_t = v_t^\top W \hat z_s, \qquad \hat{\mathcal L}_t = \frac1n\sum_i (\hat y_{t,i} - y_{t,i})^2 .
 
+Training is full-batch, so the losses depend on the data only through their empirical second moments
+:math:`\hat\Sigma_{zz} = \frac1n\sum_i \hat z_i\hat z_i^\top`, :math:`\hat\Sigma_{zy}` and :math:`\hat\Sigma_{yy}`:
+
+.. math:: \hat{\mathcal L}_t = v_t^\top W \hat\Sigma_{zz} W^\top v_t - 2\, v_t^\top W \hat\Sigma_{zy,t}
+          + \hat\Sigma_{yy,t},
+
+computed once per configuration; a step then costs :math:`O(d^2 h)` whatever the sample size (the gradients are
+exactly those of the per-sample mean squared error).
+
 One training step (Definition 2.1): per-task gradients of :math:`W` from one forward pass (``jax.vjp``, ``vmap``
 over one-hot cotangents) go through the balancer, whose direction updates :math:`W`; each head is updated by its
 own task's gradient. An optax optimiser (Adam with a cosine-decayed step, so the iterates settle) applies both.
@@ -20,6 +29,7 @@ them from fresh samples with a standard error as an independent check.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -86,6 +96,26 @@ def task_losses(params: Params, z_s: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean((predictions - y) ** 2, axis=0)
 
 
+class Moments(NamedTuple):
+    """Empirical second moments of a sample: ``zz`` ``[d, d]``, ``zy`` ``[d, K]``, ``yy`` ``[K]``."""
+
+    zz: jax.Array
+    zy: jax.Array
+    yy: jax.Array
+
+
+def moments_of(z_s: jax.Array, y: jax.Array) -> Moments:
+    n = z_s.shape[0]
+    return Moments(z_s.T @ z_s / n, z_s.T @ y / n, jnp.mean(y**2, axis=0))
+
+
+def moment_losses(params: Params, moments: Moments) -> jax.Array:
+    """:func:`task_losses` from the sample's second moments (identical values, cost independent of ``n``), ``[K]``."""
+    heads = effective_heads(params)  # [K, d]
+    quadratic = jnp.einsum("ki,ij,kj->k", heads, moments.zz, heads)
+    return quadratic - 2.0 * jnp.einsum("ki,ik->k", heads, moments.zy) + moments.yy
+
+
 def init_params(scm: LinearGaussianSCM, config: TrainConfig, key: jax.Array) -> Params:
     hidden = config.hidden_dim or scm.dim
     key_shared, key_heads = jax.random.split(key)
@@ -116,36 +146,61 @@ def _source_batch(scm: LinearGaussianSCM, theta, key: jax.Array, num_samples: in
     return z_s, data.y
 
 
-def train(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array, config: TrainConfig) -> TrainResult:
-    r"""Trains the shared layer and heads on ``config.num_samples`` source samples with ``balancer``.
+class TrainState(NamedTuple):
+    """Everything one training step reads and writes (a pytree, so it can be scanned, vmapped or checkpointed)."""
 
-    Pure in ``(theta, key)``: vmap over both for grids. The key fixes the data, the initialisation and the
-    balancer's randomness; the data depend on the key only, so one seed sees the same latent draws at every θ.
+    params: Params
+    opt_state: optax.OptState
+    balancer_state: object
+    moments: Moments
+
+
+def _optimiser(config: TrainConfig) -> optax.GradientTransformation:
+    return optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps))
+
+
+def init_train_state(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array,
+                     config: TrainConfig) -> tuple[TrainState, jax.Array]:
+    """Draws the source sample and the initial parameters; returns the state and the key for the balancer's steps.
+
+    The key fixes the data, the initialisation and the balancer's randomness; the data depend on the key only, so
+    one seed sees the same latent draws at every θ.
     """
     check_theta(theta)
     data_key, init_key, balance_key = jax.random.split(key, 3)
-    z_s, y = _source_batch(scm, theta, data_key, config.num_samples)
+    moments = moments_of(*_source_batch(scm, theta, data_key, config.num_samples))
     params = init_params(scm, config, init_key)
-    optimiser = optax.adam(optax.cosine_decay_schedule(config.learning_rate, config.steps))
-    opt_state = optimiser.init(params)
-    balancer_state = balancer.init(scm.num_tasks)
-    one_hots = jnp.eye(scm.num_tasks, dtype=z_s.dtype)
+    return TrainState(params, _optimiser(config).init(params), balancer.init(scm.num_tasks), moments), balance_key
 
-    def step(carry, step_key):
-        params, opt_state, balancer_state = carry
-        losses, pullback = jax.vjp(lambda p: task_losses(p, z_s, y), params)
-        (per_task,) = jax.vmap(pullback)(one_hots)  # Params with a leading task axis
-        jacobian = per_task.shared.reshape(scm.num_tasks, -1)
-        direction, weights, balancer_state = balancer.step(jacobian, losses, balancer_state, step_key)
-        # Head t only enters loss t, so summing the per-task head gradients gives each head its own task's gradient.
-        grads = Params(direction.reshape(params.shared.shape), per_task.heads.sum(axis=0))
-        updates, opt_state = optimiser.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state, balancer_state), (losses, weights)
 
+def train_step(scm: LinearGaussianSCM, balancer: Balancer, config: TrainConfig, state: TrainState,
+               key: jax.Array) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+    """One step of Definition 2.1: per-task Jacobian of the shared layer -> balancer -> optax update.
+
+    Returns the new state and ``(losses [K], weights [K])`` of this step.
+    """
+    one_hots = jnp.eye(scm.num_tasks, dtype=state.moments.zz.dtype)
+    losses, pullback = jax.vjp(lambda p: moment_losses(p, state.moments), state.params)
+    (per_task,) = jax.vmap(pullback)(one_hots)  # Params with a leading task axis
+    jacobian = per_task.shared.reshape(scm.num_tasks, -1)
+    direction, weights, balancer_state = balancer.step(jacobian, losses, state.balancer_state, key)
+    # Head t only enters loss t, so summing the per-task head gradients gives each head its own task's gradient.
+    grads = Params(direction.reshape(state.params.shared.shape), per_task.heads.sum(axis=0))
+    updates, opt_state = _optimiser(config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, balancer_state, state.moments), (losses, weights)
+
+
+def train(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array, config: TrainConfig) -> TrainResult:
+    r"""Trains the shared layer and heads on ``config.num_samples`` source samples with ``balancer``.
+
+    Pure in ``(theta, key)``: vmap over both for grids. The steps run under ``lax.scan``.
+    """
+    state, balance_key = init_train_state(scm, balancer, theta, key, config)
     keys = jax.random.split(balance_key, config.steps)
-    (params, _, _), (losses, weights) = jax.lax.scan(step, (params, opt_state, balancer_state), keys)
-    final_losses = task_losses(params, z_s, y)
-    return TrainResult(params, final_losses, weights[-1], jnp.mean(weights, axis=0))
+    state, (_, weights) = jax.lax.scan(lambda s, k: train_step(scm, balancer, config, s, k), state, keys)
+    final_losses = moment_losses(state.params, state.moments)
+    return TrainResult(state.params, final_losses, weights[-1], jnp.mean(weights, axis=0))
 
 
 def least_squares_heads(scm: LinearGaussianSCM, theta, key: jax.Array, config: TrainConfig) -> jax.Array:
@@ -178,15 +233,19 @@ class Evaluation(NamedTuple):
     mean_weights: jax.Array
 
 
-def train_and_evaluate(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array,
-                       config: TrainConfig) -> Evaluation:
-    """Trains one configuration and evaluates its exact source and target risks."""
-    result = train(scm, balancer, theta, key, config)
+def evaluate(scm: LinearGaussianSCM, theta, key: jax.Array, config: TrainConfig, result: TrainResult) -> Evaluation:
+    """Exact source and target risks of a trained predictor, and the gap of least squares on the same sample."""
     heads = effective_heads(result.params)
     source = closed_forms.risk(scm, theta, heads, "source")
     target = closed_forms.risk(scm, theta, heads, "target")
     ols_gap = closed_forms.ood_gap(scm, theta, least_squares_heads(scm, theta, key, config))
     return Evaluation(source, target, target - source, ols_gap, result.final_losses, result.mean_weights)
+
+
+def train_and_evaluate(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array,
+                       config: TrainConfig) -> Evaluation:
+    """Trains one configuration (seeded by ``key``) and evaluates its exact source and target risks."""
+    return evaluate(scm, theta, key, config, train(scm, balancer, theta, key, config))
 
 
 def seed_keys(seeds) -> jax.Array:
@@ -211,13 +270,17 @@ def sweep(scm: LinearGaussianSCM, balancer: Balancer, thetas, seeds, config: Tra
     thetas = jnp.asarray(thetas, dtype=jnp.result_type(float))
     if thetas.ndim != 1:
         raise ValueError(f"thetas must be a 1-D array of angles; got shape {thetas.shape}")
-    keys = seed_keys(seeds)
+    return _compiled_grid(scm, balancer, config)(thetas, seed_keys(seeds))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_grid(scm: LinearGaussianSCM, balancer: Balancer, config: TrainConfig):
+    """One jitted grid function per (model, method, configuration), so repeated sweeps reuse the executable."""
 
     def one(theta, key):
         return train_and_evaluate(scm, balancer, theta, key, config)
 
-    grid = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))
-    return jax.jit(grid)(thetas, keys)
+    return jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None)))
 
 
 def monte_carlo_risk(scm: LinearGaussianSCM, theta, heads: jax.Array, key: jax.Array, num_samples: int,
