@@ -70,6 +70,23 @@ def test_contract_shapes_finiteness_and_exact_weights(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_gram_path_gives_the_same_weights_as_the_jacobian_path(name):
+    balancer = make(name)
+    assert balancer.requires in ("losses", "gram", "jacobian")
+    assert balancer.gradient_of in ("parameters", "representation")
+    if balancer.weigh is None:
+        assert balancer.requires == "jacobian"
+        return
+    jacobian = jax.random.normal(jax.random.key(5), (3, 9), dtype=jnp.float64)
+    losses = jnp.asarray([0.4, 1.0, 2.5])
+    state = balancer.init(3)
+    _, weights, _ = balancer.step(jacobian, losses, state, KEY)
+    gram = None if balancer.requires == "losses" else jacobian @ jacobian.T
+    weights_from_gram, _ = jax.jit(balancer.weigh)(gram, losses, state, KEY)
+    np.testing.assert_allclose(weights_from_gram, weights, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("case", ["zero gradients", "identical gradients", "one task", "zero loss", "one zero row"])
 def test_degenerate_inputs_give_finite_outputs(name, case):
     g = jnp.asarray([1.0, -2.0, 0.5])

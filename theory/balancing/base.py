@@ -29,18 +29,63 @@ import jax
 import jax.numpy as jnp
 
 
+REQUIRES = ("losses", "gram", "jacobian")
+GRADIENTS_OF = ("parameters", "representation")
+
+
 class Balancer(NamedTuple):
-    """A gradient-balancing method: a pair of pure functions and its name.
+    r"""A gradient-balancing method: pure functions, its name, and what it needs to see.
 
     Attributes:
         name: the registered name.
         init: ``num_tasks -> state`` (a pytree of arrays).
         step: ``(jacobian [K, P], losses [K], state, key) -> (direction [P], weights [K], state)``.
+        weigh: the **Gram-matrix path**, ``(gram [K, K] or None, losses [K], state, key) -> (weights [K], state)``,
+            for methods whose direction is exactly ``weights @ jacobian`` and whose weights depend on the gradients
+            only through :math:`G = JJ^\top`; a caller may then compute G without holding J (for example through
+            the batch) and form the direction by one backward pass of :math:`\sum_t w_t \mathcal L_t`. ``None``
+            for methods that need the Jacobian itself. ``step`` always equals ``weigh`` followed by
+            ``weights @ jacobian`` when ``weigh`` exists.
+        requires: ``"losses"`` (weights from the losses alone; ``weigh`` accepts ``gram=None``), ``"gram"`` or
+            ``"jacobian"``.
+        gradient_of: ``"parameters"`` when the Jacobian is taken with respect to the shared parameters (Definition
+            2.1), ``"representation"`` when the method acts on gradients with respect to the shared representation
+            (GradDrop): the direction is then a representation gradient, to be pulled back through the encoder.
     """
 
     name: str
     init: Callable[[int], Any]
     step: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+    weigh: Callable[[jax.Array | None, jax.Array, Any, jax.Array], tuple[jax.Array, Any]] | None = None
+    requires: str = "jacobian"
+    gradient_of: str = "parameters"
+
+
+def weighting_balancer(name: str, init: Callable[[int], Any],
+                       weigh: Callable[[jax.Array | None, jax.Array, Any, jax.Array], tuple[jax.Array, Any]],
+                       requires: str = "gram") -> Balancer:
+    """Builds a :class:`Balancer` from a weighting (Gram matrix and losses -> weights), torchjd's split.
+
+    The Jacobian path computes :math:`G = JJ^\top` (skipped when ``requires == "losses"``), weighs, and returns
+    ``weights @ jacobian``.
+    """
+    check_choice("requires", requires, ("losses", "gram"))
+
+    def checked_weigh(gram_matrix, losses, state, key):
+        num_tasks = losses.shape[0]
+        if losses.ndim != 1:
+            raise ValueError(f"losses must have shape [K]; got shape {losses.shape}")
+        if requires == "gram" and (gram_matrix is None or gram_matrix.shape != (num_tasks, num_tasks)):
+            shape = None if gram_matrix is None else gram_matrix.shape
+            raise ValueError(f"{name} needs the Gram matrix of shape [K, K]=[{num_tasks}, {num_tasks}]; got {shape}")
+        return weigh(gram_matrix, losses, state, key)
+
+    def step(jacobian, losses, state, key):
+        check_inputs(jacobian, losses)
+        weights, state = checked_weigh(gram(jacobian) if requires == "gram" else None, losses, state, key)
+        return combine(weights, jacobian), weights, state
+
+    return Balancer(name, init, step, checked_weigh, requires, "parameters")
 
 
 class EmptyState(NamedTuple):

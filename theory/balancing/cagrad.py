@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from theory.balancing.base import (Balancer, check_choice, check_inputs, check_num_tasks, check_positive, combine,
-                                   gram, register, safe_divide)
+from theory.balancing.base import (Balancer, check_choice, check_num_tasks, check_positive, register, safe_divide,
+                                   weighting_balancer)
 from theory.balancing.simplex import SolverState, conflict_averse_frank_wolfe
 
 RESCALES = (0, 1, 2)
@@ -34,14 +34,13 @@ def cagrad(calpha: float = 0.5, rescale: int = 1, max_iterations: int = 250, tol
         check_num_tasks(num_tasks)
         return SolverState.initial()
 
-    def step(jacobian, losses, state, key):
-        num_tasks = check_inputs(jacobian, losses)
-        g = gram(jacobian)
-        mean_weights = jnp.full((num_tasks,), 1.0 / num_tasks, jacobian.dtype)
+    def weigh(g, losses, state, key):
+        num_tasks = losses.shape[0]
+        mean_weights = jnp.full((num_tasks,), 1.0 / num_tasks, g.dtype)
         radius = calpha * jnp.sqrt(jnp.maximum(mean_weights @ g @ mean_weights, 0.0))  # sqrt(phi) = c ||g_0||
         solution = conflict_averse_frank_wolfe(g, g @ mean_weights, radius, int(max_iterations), tolerance)
         norm_gw = jnp.sqrt(jnp.maximum(solution.weights @ g @ solution.weights, 0.0))
         weights = (mean_weights + safe_divide(radius, norm_gw) * solution.weights) / divisor
-        return combine(weights, jacobian), weights, SolverState.of(solution, tolerance)
+        return weights, SolverState.of(solution, tolerance)
 
-    return Balancer("cagrad", init, step)
+    return weighting_balancer("cagrad", init, weigh)

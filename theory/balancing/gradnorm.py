@@ -7,8 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import (Balancer, check_inputs, check_num_tasks, check_positive, combine, register,
-                                   safe_divide)
+from theory.balancing.base import (Balancer, check_num_tasks, check_positive, register, safe_divide,
+                                   weighting_balancer)
 
 
 class GradNormState(NamedTuple):
@@ -46,13 +46,11 @@ def gradnorm(alpha: float = 1.5, weight_learning_rate: float = 0.025) -> Balance
         num_tasks = check_num_tasks(num_tasks)
         return GradNormState(jnp.ones((num_tasks,)), jnp.ones((num_tasks,)), jnp.zeros((), jnp.int32))
 
-    def step(jacobian, losses, state, key):
-        num_tasks = check_inputs(jacobian, losses)
-        weights = state.weights.astype(jacobian.dtype)
+    def weigh(gram, losses, state, key):
+        num_tasks = losses.shape[0]
+        weights = state.weights.astype(gram.dtype)
         initial = jnp.where(state.count == 0, losses, state.initial_losses.astype(losses.dtype))
-        direction = combine(weights, jacobian)
-
-        grad_norms = jnp.linalg.norm(jacobian, axis=1)
+        grad_norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
         rates = safe_divide(losses, initial)
         relative = safe_divide(rates, jnp.mean(rates))
         target = jax.lax.stop_gradient(jnp.mean(weights * grad_norms) * relative**alpha)
@@ -62,6 +60,6 @@ def gradnorm(alpha: float = 1.5, weight_learning_rate: float = 0.025) -> Balance
         new_weights = num_tasks * new_weights / jnp.sum(new_weights)
         new_state = GradNormState(new_weights.astype(state.weights.dtype), initial.astype(state.initial_losses.dtype),
                                   state.count + 1)
-        return direction, weights, new_state
+        return weights, new_state
 
-    return Balancer("gradnorm", init, step)
+    return weighting_balancer("gradnorm", init, weigh)

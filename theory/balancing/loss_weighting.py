@@ -5,7 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import Balancer, EmptyState, check_inputs, check_num_tasks, combine, register
+from theory.balancing.base import Balancer, EmptyState, check_num_tasks, register, weighting_balancer
+
+
+def _stateless_init(num_tasks: int) -> EmptyState:
+    check_num_tasks(num_tasks)
+    return EmptyState()
 
 
 @register("ew")
@@ -15,16 +20,10 @@ def equal_weighting() -> Balancer:
     .. math:: d = \sum_{t=1}^K g_t, \qquad w_t = 1 .
     """
 
-    def init(num_tasks: int) -> EmptyState:
-        check_num_tasks(num_tasks)
-        return EmptyState()
+    def weigh(gram, losses, state, key):
+        return jnp.ones_like(losses), state
 
-    def step(jacobian, losses, state, key):
-        num_tasks = check_inputs(jacobian, losses)
-        weights = jnp.ones((num_tasks,), jacobian.dtype)
-        return combine(weights, jacobian), weights, state
-
-    return Balancer("ew", init, step)
+    return weighting_balancer("ew", _stateless_init, weigh, requires="losses")
 
 
 @register("rlw")
@@ -34,13 +33,7 @@ def random_loss_weighting() -> Balancer:
     .. math:: w = \mathrm{softmax}(\xi), \quad \xi \sim \mathcal N(0, I_K), \qquad d = \sum_t w_t g_t .
     """
 
-    def init(num_tasks: int) -> EmptyState:
-        check_num_tasks(num_tasks)
-        return EmptyState()
+    def weigh(gram, losses, state, key):
+        return jax.nn.softmax(jax.random.normal(key, losses.shape, losses.dtype)), state
 
-    def step(jacobian, losses, state, key):
-        num_tasks = check_inputs(jacobian, losses)
-        weights = jax.nn.softmax(jax.random.normal(key, (num_tasks,), jacobian.dtype))
-        return combine(weights, jacobian), weights, state
-
-    return Balancer("rlw", init, step)
+    return weighting_balancer("rlw", _stateless_init, weigh, requires="losses")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from theory.balancing.base import (Balancer, check_choice, check_inputs, check_num_tasks, check_positive, combine,
-                                   gram, register, safe_divide)
+from theory.balancing.base import (Balancer, check_choice, check_num_tasks, check_positive, register, safe_divide,
+                                   weighting_balancer)
 from theory.balancing.simplex import (MAX_EXACT_TASKS, SolverState, min_norm_exact, min_norm_frank_wolfe)
 
 NORMALISATIONS = ("none", "l2", "loss", "loss+")
@@ -41,15 +41,15 @@ def mgda(normalization: str = "none", solver: str = "auto", max_iterations: int 
             raise ValueError(f"solver='exact' allows K <= {MAX_EXACT_TASKS} tasks; got {num_tasks}")
         return SolverState.initial()
 
-    def step(jacobian, losses, state, key):
-        num_tasks = check_inputs(jacobian, losses)
-        norms = jnp.linalg.norm(jacobian, axis=1)
+    def weigh(gram, losses, state, key):
+        num_tasks = losses.shape[0]
+        norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
         scale = {"none": jnp.ones_like(losses), "l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
         inverse_scale = safe_divide(jnp.ones_like(scale), scale)
-        g = gram(jacobian) * jnp.outer(inverse_scale, inverse_scale)
+        g = gram * jnp.outer(inverse_scale, inverse_scale)
         use_exact = solver == "exact" or (solver == "auto" and num_tasks <= AUTO_EXACT_MAX_TASKS)
         solution = min_norm_exact(g) if use_exact else min_norm_frank_wolfe(g, int(max_iterations), tolerance)
         weights = solution.weights * inverse_scale
-        return combine(weights, jacobian), weights, SolverState.of(solution, tolerance)
+        return weights, SolverState.of(solution, tolerance)
 
-    return Balancer("mgda", init, step)
+    return weighting_balancer("mgda", init, weigh)

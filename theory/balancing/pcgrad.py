@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import Balancer, EmptyState, check_inputs, check_num_tasks, gram, register
+from theory.balancing.base import Balancer, EmptyState, check_num_tasks, register, weighting_balancer
 
 
 @register("pcgrad")
@@ -26,9 +26,8 @@ def pcgrad() -> Balancer:
         check_num_tasks(num_tasks)
         return EmptyState()
 
-    def step(jacobian, losses, state, key):
-        num_tasks = check_inputs(jacobian, losses)
-        g = gram(jacobian)
+    def weigh(g, losses, state, key):
+        num_tasks = losses.shape[0]
         orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(jax.random.split(key, num_tasks))
 
         def surgery(i, order):
@@ -39,11 +38,11 @@ def pcgrad() -> Balancer:
                 shrink = jnp.where(conflict, inner / jnp.where(conflict, g[j, j], 1.0), 0.0)
                 return coefficients.at[j].add(-shrink)
 
-            start = jax.nn.one_hot(i, num_tasks, dtype=jacobian.dtype)
+            start = jax.nn.one_hot(i, num_tasks, dtype=g.dtype)
             return jax.lax.fori_loop(0, num_tasks, project, start)
 
         coefficients = jax.vmap(surgery)(jnp.arange(num_tasks), orders)  # row i: tilde g_i = C_i J
         weights = coefficients.sum(axis=0)
-        return weights @ jacobian, weights, state
+        return weights, state
 
-    return Balancer("pcgrad", init, step)
+    return weighting_balancer("pcgrad", init, weigh)
