@@ -80,7 +80,7 @@ def test_gram_path_gives_the_same_weights_as_the_jacobian_path(name):
     jacobian = jax.random.normal(jax.random.key(5), (3, 9), dtype=jnp.float64)
     losses = jnp.asarray([0.4, 1.0, 2.5])
     state = balancer.init(3)
-    _, weights, _ = balancer.step(jacobian, losses, state, KEY)
+    _, weights, _ = jax.jit(balancer.step)(jacobian, losses, state, KEY)
     gram = None if balancer.requires == "losses" else jacobian @ jacobian.T
     weights_from_gram, _ = jax.jit(balancer.weigh)(gram, losses, state, KEY)
     np.testing.assert_allclose(weights_from_gram, weights, rtol=1e-9, atol=1e-12)
