@@ -90,3 +90,15 @@ def test_losses_from_moments_equal_the_per_sample_mean_squared_error():
     grad_samples = jax.grad(lambda p: task_losses(p, z_s, data.y).sum())(params)
     for a, b in zip(grad_moments, grad_samples):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_representation_path_gives_the_parameter_path_for_a_linear_method():
+    """EW through representation gradients pulled back through the layer equals EW on parameter gradients."""
+    from theory.balancing.base import Balancer
+
+    ew = make("ew")
+    ew_on_representation = Balancer("ew_rep", ew.init, ew.step, None, "jacobian", "representation")
+    key, config = jax.random.key(2), TrainConfig(num_samples=128, steps=40)
+    a = train(SCM, ew, 0.5, key, config)
+    b = train(SCM, ew_on_representation, 0.5, key, config)
+    np.testing.assert_allclose(effective_heads(a.params), effective_heads(b.params), rtol=1e-8, atol=1e-10)

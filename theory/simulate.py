@@ -147,12 +147,17 @@ def _source_batch(scm: LinearGaussianSCM, theta, key: jax.Array, num_samples: in
 
 
 class TrainState(NamedTuple):
-    """Everything one training step reads and writes (a pytree, so it can be scanned, vmapped or checkpointed)."""
+    """Everything one training step reads and writes (a pytree, so it can be scanned, vmapped or checkpointed).
+
+    ``samples`` holds the source sample ``(z_s [n, d], y [n, K])`` only for methods that act on representation
+    gradients (they need per-sample gradients); it is ``None`` otherwise, and steps read the moments alone.
+    """
 
     params: Params
     opt_state: optax.OptState
     balancer_state: object
     moments: Moments
+    samples: tuple[jax.Array, jax.Array] | None = None
 
 
 def _optimiser(config: TrainConfig) -> optax.GradientTransformation:
@@ -168,27 +173,51 @@ def init_train_state(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax
     """
     check_theta(theta)
     data_key, init_key, balance_key = jax.random.split(key, 3)
-    moments = moments_of(*_source_batch(scm, theta, data_key, config.num_samples))
+    z_s, y = _source_batch(scm, theta, data_key, config.num_samples)
     params = init_params(scm, config, init_key)
-    return TrainState(params, _optimiser(config).init(params), balancer.init(scm.num_tasks), moments), balance_key
+    samples = (z_s, y) if balancer.gradient_of == "representation" else None
+    state = TrainState(params, _optimiser(config).init(params), balancer.init(scm.num_tasks), moments_of(z_s, y),
+                       samples)
+    return state, balance_key
+
+
+def _shared_direction(scm: LinearGaussianSCM, balancer: Balancer, state: TrainState, key: jax.Array):
+    """Per-task gradients -> balancer -> the update direction of the shared layer ``[h, d]``.
+
+    Returns ``(direction, per-task head gradients [K, K, h], losses [K], weights [K], balancer_state)``.
+    """
+    one_hots = jnp.eye(scm.num_tasks, dtype=state.moments.zz.dtype)
+    if balancer.gradient_of == "parameters":
+        losses, pullback = jax.vjp(lambda p: moment_losses(p, state.moments), state.params)
+        (per_task,) = jax.vmap(pullback)(one_hots)  # Params with a leading task axis
+        jacobian = per_task.shared.reshape(scm.num_tasks, -1)
+        direction, weights, balancer_state = balancer.step(jacobian, losses, state.balancer_state, key)
+        return direction.reshape(state.params.shared.shape), per_task.heads, losses, weights, balancer_state
+    # Representation gradients: the shared representation is rep = z_s W^T, [n, h].
+    z_s, y = state.samples
+    representation = z_s @ state.params.shared.T
+    losses, pullback = jax.vjp(lambda r, heads: jnp.mean((r @ heads.T - y) ** 2, axis=0), representation,
+                               state.params.heads)
+    per_task_rep, per_task_heads = jax.vmap(pullback)(one_hots)  # [K, n, h], [K, K, h]
+    direction, weights, balancer_state = balancer.step(per_task_rep.reshape(scm.num_tasks, -1), losses,
+                                                       state.balancer_state, key)
+    # Pull the representation-space direction back through rep = z_s W^T.
+    shared_direction = direction.reshape(representation.shape).T @ z_s
+    return shared_direction, per_task_heads, losses, weights, balancer_state
 
 
 def train_step(scm: LinearGaussianSCM, balancer: Balancer, config: TrainConfig, state: TrainState,
                key: jax.Array) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
-    """One step of Definition 2.1: per-task Jacobian of the shared layer -> balancer -> optax update.
+    """One step of Definition 2.1: per-task Jacobian of the shared layer (or representation) -> balancer -> optax.
 
     Returns the new state and ``(losses [K], weights [K])`` of this step.
     """
-    one_hots = jnp.eye(scm.num_tasks, dtype=state.moments.zz.dtype)
-    losses, pullback = jax.vjp(lambda p: moment_losses(p, state.moments), state.params)
-    (per_task,) = jax.vmap(pullback)(one_hots)  # Params with a leading task axis
-    jacobian = per_task.shared.reshape(scm.num_tasks, -1)
-    direction, weights, balancer_state = balancer.step(jacobian, losses, state.balancer_state, key)
+    direction, per_task_heads, losses, weights, balancer_state = _shared_direction(scm, balancer, state, key)
     # Head t only enters loss t, so summing the per-task head gradients gives each head its own task's gradient.
-    grads = Params(direction.reshape(state.params.shared.shape), per_task.heads.sum(axis=0))
+    grads = Params(direction, per_task_heads.sum(axis=0))
     updates, opt_state = _optimiser(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state, balancer_state, state.moments), (losses, weights)
+    return state._replace(params=params, opt_state=opt_state, balancer_state=balancer_state), (losses, weights)
 
 
 def train(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array, config: TrainConfig) -> TrainResult:
