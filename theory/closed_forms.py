@@ -18,9 +18,14 @@ Every function takes ``theta`` as a scalar (vmap for grids) and returns per-task
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
+import scipy.special
+import scipy.stats
 
 from scm.linear_gaussian import Domain, LinearGaussianSCM, check_theta
 
@@ -153,3 +158,126 @@ def weighted(values: jax.Array, alpha=None) -> jax.Array:
             raise ValueError(f"alpha must be {k} non-negative weights summing to 1 (a point of the simplex); "
                              f"got {alpha_np.tolist()}")
     return values @ jnp.asarray(alpha)
+
+
+def rotation_cka(theta, sigma_s: float, sigma_r: float) -> jax.Array:
+    r"""Population linear CKA between the rotated streams :math:`\hat Z_s = cZ_s - sZ_r`, :math:`\hat Z_r = sZ_s + cZ_r`
+    (isotropic, any d; ``reference/theory.md`` §9.4):
+
+    .. math:: \mathrm{CKA}(\theta) = \frac{c^2 s^2 (\sigma_s^2 - \sigma_r^2)^2}
+              {(c^2\sigma_s^2 + s^2\sigma_r^2)(s^2\sigma_s^2 + c^2\sigma_r^2)} .
+
+    It is 0 for every θ when :math:`\sigma_s = \sigma_r`: the streams are then independent although the semantic
+    stream leaks (CKA's blind spot; see :func:`oracle_leakage`).
+    """
+    c, s = _cos_sin(theta)
+    var_s, var_r = sigma_s**2, sigma_r**2
+    return c**2 * s**2 * (var_s - var_r) ** 2 / ((c**2 * var_s + s**2 * var_r) * (s**2 * var_s + c**2 * var_r))
+
+
+def oracle_leakage(theta, sigma_s: float, sigma_r: float) -> jax.Array:
+    r"""The share of the semantic stream's variance that comes from the residual,
+    :math:`\mathrm{corr}^2(\hat Z_s, Z_r) = s^2\sigma_r^2 / (c^2\sigma_s^2 + s^2\sigma_r^2)` (per coordinate). Unlike
+    CKA it sees entanglement when :math:`\sigma_s = \sigma_r`."""
+    c, s = _cos_sin(theta)
+    return s**2 * sigma_r**2 / (c**2 * sigma_s**2 + s**2 * sigma_r**2)
+
+
+def rotation_leakage(theta) -> jax.Array:
+    r"""κ of Eq (8) for the rotation encoder: :math:`|\sin\theta|`."""
+    _, s = _cos_sin(theta)
+    return jnp.abs(s)
+
+
+# ------------------------------------------------------------------ Wasserstein distances between Gaussians (§9.2)
+
+
+def w1_gaussian_1d(mean_1: float, std_1: float, mean_2: float, std_2: float) -> float:
+    r"""Exact :math:`W_1(\mathcal N(m_1,\sigma_1^2), \mathcal N(m_2,\sigma_2^2))`.
+
+    The monotone coupling gives :math:`W_1 = \mathbb E|a + bZ|`, the folded-normal mean with :math:`a = m_1 - m_2`,
+    :math:`b = |\sigma_1 - \sigma_2|`:
+
+    .. math:: W_1 = a\,(2\Phi(a/b) - 1) + 2b\,\varphi(a/b) \qquad (W_1 = |a| \text{ if } b = 0).
+    """
+    _check_std(std_1, "std_1")
+    _check_std(std_2, "std_2")
+    a, b = float(mean_1) - float(mean_2), abs(float(std_1) - float(std_2))
+    if b == 0:
+        return abs(a)
+    return a * (2 * scipy.stats.norm.cdf(a / b) - 1) + 2 * b * scipy.stats.norm.pdf(a / b)
+
+
+def w1_isotropic_gaussians(mean_1, std_1: float, mean_2, std_2: float) -> float:
+    r"""Exact :math:`W_1(\mathcal N(m_1,\sigma_1^2 I_d), \mathcal N(m_2,\sigma_2^2 I_d))` in any dimension.
+
+    The map :math:`T(x) = m_2 + s(x - m_1)`, :math:`s = \sigma_2/\sigma_1`, pushes one onto the other and moves
+    every point along a ray from its fixed point :math:`c`, so the 1-Lipschitz potential :math:`\pm\|x - c\|` certifies
+    it optimal for the cost :math:`\|x-y\|` (a dual lower bound equal to the primal cost). Hence
+
+    .. math:: W_1 = |\sigma_1 - \sigma_2|\;\mathbb E\|Z + \lambda e_1\|, \quad Z\sim\mathcal N(0,I_d),\quad
+              \lambda = \frac{\|m_1 - m_2\|}{|\sigma_1 - \sigma_2|},
+
+    the mean of a non-central chi distribution,
+    :math:`\sqrt{\pi/2}\,L^{(d/2-1)}_{1/2}(-\lambda^2/2)
+    = \sqrt2\,\frac{\Gamma((d+1)/2)}{\Gamma(d/2)}\,{}_1F_1(-\tfrac12; \tfrac d2; -\tfrac{\lambda^2}{2})`.
+    With equal scales :math:`W_1 = \|m_1 - m_2\|`; with zero means it is
+    :math:`|\sigma_2-\sigma_1|\sqrt2\,\Gamma(\frac{d+1}2)/\Gamma(\frac d2)` (``reference/theory.md`` §9.2).
+    """
+    _check_std(std_1, "std_1")
+    _check_std(std_2, "std_2")
+    mean_1, mean_2 = np.atleast_1d(np.asarray(mean_1, float)), np.atleast_1d(np.asarray(mean_2, float))
+    if mean_1.shape != mean_2.shape or mean_1.ndim != 1:
+        raise ValueError(f"mean_1 and mean_2 must be vectors of the same length d; got shapes {mean_1.shape} and "
+                         f"{mean_2.shape}")
+    dim = mean_1.shape[0]
+    shift, scale_gap = float(np.linalg.norm(mean_1 - mean_2)), abs(float(std_1) - float(std_2))
+    if scale_gap == 0:
+        return shift
+    noncentrality = shift / scale_gap
+    log_ratio = scipy.special.gammaln((dim + 1) / 2) - scipy.special.gammaln(dim / 2)
+    return scale_gap * math.sqrt(2) * math.exp(log_ratio) * float(
+        scipy.special.hyp1f1(-0.5, dim / 2, -(noncentrality**2) / 2))
+
+
+def w2_gaussians(mean_1, cov_1, mean_2, cov_2) -> float:
+    r"""Exact :math:`W_2` between Gaussians (Bures): :math:`\|m_1-m_2\|^2 + \mathrm{tr}(\Sigma_1+\Sigma_2 -
+    2(\Sigma_1^{1/2}\Sigma_2\Sigma_1^{1/2})^{1/2})`, square-rooted. An upper bound on :math:`W_1` in any dimension:
+    substituting it for W₁ keeps an upper-bound check sound (and looser)."""
+    mean_1, mean_2 = np.atleast_1d(np.asarray(mean_1, float)), np.atleast_1d(np.asarray(mean_2, float))
+    cov_1, cov_2 = np.atleast_2d(np.asarray(cov_1, float)), np.atleast_2d(np.asarray(cov_2, float))
+    root_1 = scipy.linalg.sqrtm(cov_1).real
+    cross = scipy.linalg.sqrtm(root_1 @ cov_2 @ root_1).real
+    squared = float(np.sum((mean_1 - mean_2) ** 2) + np.trace(cov_1 + cov_2 - 2 * cross))
+    return math.sqrt(max(squared, 0.0))
+
+
+def _check_std(value: float, name: str) -> None:
+    if not (float(value) >= 0 and math.isfinite(float(value))):
+        raise ValueError(f"{name} must be a finite standard deviation >= 0; got {value!r}")
+
+
+
+
+# ----------------------------------------------------------------------------- Theorem 2.4 in the rotation model
+
+
+def absolute_loss_risk(scm: LinearGaussianSCM, theta, heads: jax.Array, domain: Domain) -> jax.Array:
+    r"""Exact absolute-loss risk of linear heads on the semantic slot, ``[K]``.
+
+    The error :math:`Y_t - w_t^\top\hat Z_s` is a centred Gaussian whose variance is the squared-loss risk
+    :math:`v_e` of :func:`risk`, so :math:`\mathbb E|Y_t - w_t^\top\hat Z_s| = \sqrt{2/\pi}\,\sqrt{v_e}`.
+    """
+    return jnp.sqrt(2.0 / jnp.pi) * jnp.sqrt(risk(scm, theta, heads, domain))
+
+
+def leakage_bound(scm: LinearGaussianSCM, theta, heads: jax.Array) -> jax.Array:
+    r"""Theorem 2.4's bound :math:`L_\ell L_h \kappa\, W_1(P_S(Z_r), P_T(Z_r))` for the absolute loss
+    (:math:`L_\ell = 1`), linear heads (:math:`L_h = \|w_t\|`) and the rotation encoder (:math:`\kappa=|\sin\theta|`),
+    with the exact W₁ between the isotropic residual Gaussians, ``[K]``. Needs isotropic residual covariances."""
+    if not scm.is_isotropic:
+        raise ValueError("leakage_bound needs isotropic residual covariances (scalar sigma_r_source/target)")
+    std_source = math.sqrt(scm.cov_r_np("source")[0, 0])
+    std_target = math.sqrt(scm.cov_r_np("target")[0, 0])
+    w1 = w1_isotropic_gaussians(np.zeros(scm.dim), std_source, np.zeros(scm.dim), std_target)
+    return jnp.linalg.norm(heads, axis=1) * rotation_leakage(theta) * w1
