@@ -1,0 +1,242 @@
+"""A learned dual-stream encoder: do balancing methods or the CORE-MTL objective drive the learned θ̂ to 0?
+
+    python experiments/learned_encoder.py                     # defaults below, about 2 minutes on a 2-core CPU
+    python experiments/learned_encoder.py --methods ew --mixing nonlinear --seeds 2 --out /tmp/encoder
+
+Observations x = g(s, r) + noise (linear or nonlinear mixing); in the source domain the residual is correlated with
+the semantic factor (ρ_S = 0.8), in the target it is not (ρ_T = 0) and its variance grows. Encoders are trained on
+the source by (a) each requested balancing method, heads on the semantic code or on the full code, and (b) the
+CORE-MTL objective with hard grounding (decoding through the known map g, the analogue of the shading model) and
+with soft grounding (a learned decoder). Tracked over training, mean ± SE over seeds: the learned angle θ̂, the
+leakage κ, CKA, source risk and OOD gap. A sweep of λ_ind shows the trade-off between source risk and OOD gap.
+Writes ``<out>/learned_encoder.json`` and ``<out>/learned_encoder.png``.
+
+What it should show (defaults): every balancing method lands on the same entangled encoder (θ̂ ≈ 0.33,
+κ ≈ 0.36, gap ≈ 0.24), whatever the weighting; CORE-MTL with hard grounding cuts κ about five-fold and the gap about
+four-fold at a higher source risk; with soft grounding it does not (a generic decoder cannot tell r from s when
+they are correlated); larger λ_ind trades source risk for a smaller gap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import environment, parse_config, parse_floats, parser_for, run_main, save_figure, write_json  # noqa
+
+METRICS = ("theta_stream", "theta_predictor", "kappa", "cka_linear", "cka_debiased", "source_risk", "target_risk",
+           "gap")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    methods: str = dataclasses.field(default="ew,mgda,pcgrad", metadata={
+        "help": "comma-separated balancing methods for the baselines ('all' for every parameter-space method)"})
+    mixing: str = dataclasses.field(default="linear", metadata={"help": "linear or nonlinear"})
+    dim: int = dataclasses.field(default=2, metadata={"help": "dimension d of each latent factor (>= 1)"})
+    num_tasks: int = dataclasses.field(default=2, metadata={"help": "number of tasks K (>= 1)"})
+    rho_source: float = dataclasses.field(default=0.8, metadata={"help": "source correlation of r with s, (-1, 1)"})
+    rho_target: float = dataclasses.field(default=0.0, metadata={"help": "target correlation of r with s, (-1, 1)"})
+    sigma_r_target: float = dataclasses.field(default=2.0, metadata={"help": "target residual std (> 0)"})
+    observation_noise: float = dataclasses.field(default=0.5, metadata={"help": "observation noise std (>= 0)"})
+    lambda_ind: tuple = dataclasses.field(default=(0.0, 0.3, 1.0, 3.0, 10.0), metadata={
+        "help": "comma-separated independence weights for the CORE sweep (>= 0)"})
+    seeds: int = dataclasses.field(default=4, metadata={"help": "seeds per run (>= 2)"})
+    samples: int = dataclasses.field(default=2048, metadata={"help": "source training samples (>= 8)"})
+    steps: int = dataclasses.field(default=1200, metadata={"help": "training steps (a multiple of --eval-every)"})
+    eval_every: int = dataclasses.field(default=100, metadata={"help": "steps between evaluations"})
+    learning_rate: float = dataclasses.field(default=0.02, metadata={"help": "peak Adam step size (> 0)"})
+    out: str = dataclasses.field(default="results/learned_encoder", metadata={"help": "output folder"})
+    quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bar or summary"})
+
+    def __post_init__(self):
+        from theory.balancing import METHODS, make
+        from theory.learned_encoder import MIXINGS
+
+        allowed = tuple(m for m in METHODS if make(m).gradient_of == "parameters")
+        names = allowed if self.methods.strip() == "all" else tuple(m.strip() for m in self.methods.split(",")
+                                                                      if m.strip())
+        if not names or any(m not in allowed for m in names):
+            raise ValueError(f"--methods must be 'all' or comma-separated names from {', '.join(allowed)}; "
+                             f"got {self.methods!r}")
+        object.__setattr__(self, "methods", ",".join(names))
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"--mixing must be one of {', '.join(MIXINGS)}; got {self.mixing!r}")
+        lambdas = parse_floats("--lambda-ind", self.lambda_ind)
+        if any(not (v >= 0 and math.isfinite(v)) for v in lambdas):
+            raise ValueError(f"--lambda-ind must be finite numbers >= 0; got {self.lambda_ind!r}")
+        object.__setattr__(self, "lambda_ind", lambdas)
+        if self.seeds < 2:
+            raise ValueError(f"--seeds must be an integer >= 2 (standard errors need two); got {self.seeds}")
+        if self.eval_every < 1 or self.steps < 1 or self.steps % self.eval_every:
+            raise ValueError(f"--steps ({self.steps}) must be a positive multiple of --eval-every "
+                             f"({self.eval_every})")
+        self.world(), self.training()  # their own validation, before any work starts
+
+    def world(self):
+        from theory.learned_encoder import EncoderWorld
+
+        return EncoderWorld(dim=self.dim, num_tasks=self.num_tasks, rho_source=self.rho_source,
+                            rho_target=self.rho_target, sigma_r_target=self.sigma_r_target,
+                            observation_noise=self.observation_noise, mixing=self.mixing)
+
+    def training(self):
+        from theory.learned_encoder import EncoderTraining
+
+        return EncoderTraining(num_samples=self.samples, steps=self.steps, learning_rate=self.learning_rate,
+                               eval_every=self.eval_every)
+
+
+def run(config: EncoderConfig) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm import tqdm
+
+    from scm import LinearGaussianSCM
+    from theory import checks, closed_forms
+    from theory.balancing import make
+    from theory.learned_encoder import CoreWeights, train_encoder
+
+    world, training = config.world(), config.training()  # validates the world and training fields too
+    keys = jax.vmap(jax.random.key)(jnp.arange(config.seeds))
+    runs = [(f"{m} (heads on {h} code)", dict(balancer=make(m), head_input=h))
+            for m in config.methods.split(",") for h in ("semantic", "full")]
+    runs += [("CORE-MTL, hard grounding", dict(core=CoreWeights())),
+             ("CORE-MTL, soft grounding", dict(core=CoreWeights(grounding="soft")))]
+    sweep = [(f"CORE-MTL, hard, lambda_ind={v:g}", dict(core=CoreWeights(independence=v))) for v in config.lambda_ind]
+    results = {}
+    bar = tqdm(runs + sweep, disable=config.quiet, desc="learned_encoder", unit="run", file=sys.stderr)
+    for name, options in bar:
+        bar.set_postfix_str(name[:40])
+        metrics = jax.jit(jax.vmap(lambda key: train_encoder(world, training, key, **options)))(keys)
+        summary = {}
+        for field in METRICS:
+            mean, sem = checks.mean_and_sem(np.asarray(getattr(metrics, field)).T)  # [evaluations, seeds]
+            summary[field] = {"mean": mean.tolist(), "sem": sem.tolist()}
+        results[name] = summary
+
+    betas, _, _ = world.constants()
+    scm = LinearGaussianSCM(betas=betas, sigma_s=world.sigma_s, sigma_r_source=world.sigma_r_source,
+                            sigma_r_target=world.sigma_r_target, noise_std=world.noise_std)
+    final = {name: {field: summary[field]["mean"][-1] for field in METRICS} | {
+        "gap_sem": summary["gap"]["sem"][-1], "source_risk_sem": summary["source_risk"]["sem"][-1]}
+        for name, summary in results.items()}
+    for name, values in final.items():
+        theta_hat = min(values["theta_predictor"], math.pi / 2)
+        values["theorem_2_3_floor_at_theta_hat"] = float(closed_forms.weighted(closed_forms.gap_floor(scm, theta_hat)))
+    theta_max = min(max(v["theta_predictor"] for v in final.values()) * 1.1 + 0.01, math.pi / 2)
+    floor_theta = np.linspace(0.0, theta_max, 50)
+    floor_curve = [float(closed_forms.weighted(closed_forms.gap_floor(scm, t))) for t in floor_theta]
+    baseline_names = [name for name, _ in runs if "CORE" not in name]
+    hard, soft = final["CORE-MTL, hard grounding"], final["CORE-MTL, soft grounding"]
+    return {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        "steps": list(range(config.eval_every, config.steps + 1, config.eval_every)),
+        "runs": results,
+        "final": final,
+        "floor_theta": floor_theta.tolist(),
+        "floor_curve": floor_curve,
+        "verdict": {
+            "baseline_gap_range": [min(final[n]["gap"] for n in baseline_names),
+                                   max(final[n]["gap"] for n in baseline_names)],
+            "baseline_kappa_range": [min(final[n]["kappa"] for n in baseline_names),
+                                     max(final[n]["kappa"] for n in baseline_names)],
+            "core_hard_reduces_gap": bool(hard["gap"] + 3 * hard["gap_sem"] < min(
+                final[n]["gap"] - 3 * final[n]["gap_sem"] for n in baseline_names)),
+            "core_soft_reduces_gap": bool(soft["gap"] + 3 * soft["gap_sem"] < min(
+                final[n]["gap"] - 3 * final[n]["gap_sem"] for n in baseline_names)),
+            "core_hard_costs_source_risk": bool(hard["source_risk"] > max(final[n]["source_risk"]
+                                                                         for n in baseline_names)),
+            "note": ("Theorem 2.3's floor is evaluated at the learned angle in the isotropic SCM with these scales; "
+                     "its assumptions do not hold exactly here (source correlation rho_S, observation noise), so it "
+                     "is a reference line, not a bound."),
+        },
+        "environment": environment(),
+    }
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = np.asarray(payload["steps"])
+    figure, axes = plt.subplots(2, 2, figsize=(13, 9))
+    (theta_axis, gap_axis), (floor_axis, sweep_axis) = axes
+    main_runs = [name for name in payload["runs"] if "lambda_ind" not in name]
+    cmap = plt.get_cmap("tab20")
+    for i, name in enumerate(main_runs):
+        run = payload["runs"][name]
+        style = dict(color=cmap(i % 20), lw=2.2 if "CORE" in name else 1.2, ls="-" if "CORE" in name else "--")
+        for axis, field in ((theta_axis, "kappa"), (gap_axis, "gap")):
+            mean, sem = np.asarray(run[field]["mean"]), np.asarray(run[field]["sem"])
+            axis.plot(steps, mean, label=name, **style)
+            axis.fill_between(steps, mean - sem, mean + sem, color=style["color"], alpha=0.2)
+    theta_axis.set_ylabel("leakage κ of the semantic stream")
+    theta_axis.set_title("Leakage over training (mean ± SE over seeds)")
+    gap_axis.set_ylabel("OOD gap R_T − R_S")
+    gap_axis.set_title("OOD gap over training")
+    for axis in (theta_axis, gap_axis):
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    theta_axis.legend(fontsize=7)
+    final = payload["final"]
+    for i, name in enumerate(main_runs):
+        values = final[name]
+        floor_axis.errorbar(values["theta_predictor"], values["gap"], yerr=values["gap_sem"], fmt="o",
+                            color=cmap(i % 20), label=name)
+    floor_axis.plot(payload["floor_theta"], payload["floor_curve"], "k--",
+                    label="Theorem 2.3 floor at θ̂ in the isotropic SCM (not a bound here: ρ_S ≠ 0, noisy x)")
+    floor_axis.set_xlabel("learned angle θ̂ of the task predictors (largest principal angle to the semantic subspace)")
+    floor_axis.set_ylabel("final OOD gap")
+    floor_axis.set_title("Final gap against the learned angle")
+    floor_axis.grid(alpha=0.3)
+    floor_axis.legend(fontsize=7)
+    sweep_names = [name for name in payload["runs"] if "lambda_ind" in name]
+    lambdas = [float(name.split("=")[-1]) for name in sweep_names]
+    positions = np.arange(len(lambdas))
+    gaps = [final[n]["gap"] for n in sweep_names]
+    risks = [final[n]["source_risk"] for n in sweep_names]
+    sweep_axis.errorbar(positions, gaps, yerr=[final[n]["gap_sem"] for n in sweep_names], fmt="o-", label="OOD gap")
+    sweep_axis.errorbar(positions, risks, yerr=[final[n]["source_risk_sem"] for n in sweep_names], fmt="s-",
+                        label="source risk")
+    sweep_axis.plot(positions, [final[n]["kappa"] for n in sweep_names], "^-", label="κ")
+    sweep_axis.set_xticks(positions, [f"{v:g}" for v in lambdas])
+    sweep_axis.set_xlabel("λ_ind (CORE-MTL, hard grounding)")
+    sweep_axis.set_title("The independence weight trades source risk for OOD gap")
+    sweep_axis.grid(alpha=0.3)
+    sweep_axis.legend(fontsize=8)
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = parser_for(EncoderConfig, __doc__.splitlines()[0], prog="learned_encoder.py")
+    config = parse_config(EncoderConfig, parser, argv)
+    start = time.perf_counter()
+    payload = run(config)
+    payload["seconds_total"] = time.perf_counter() - start
+    out = Path(config.out)
+    write_json(out / "learned_encoder.json", payload)
+    plot(payload, out / "learned_encoder.png")
+    if not config.quiet:
+        print(f"{'run':<42} {'theta':>6} {'kappa':>6} {'CKA':>6} {'source':>7} {'gap':>15}")
+        for name, values in payload["final"].items():
+            print(f"{name:<42} {values['theta_stream']:>6.3f} {values['kappa']:>6.3f} {values['cka_linear']:>6.3f} "
+                  f"{values['source_risk']:>7.3f} {values['gap']:>8.3f}±{values['gap_sem']:.3f}")
+        print(f"wrote {out / 'learned_encoder.json'} and {out / 'learned_encoder.png'} "
+              f"({payload['seconds_total']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
