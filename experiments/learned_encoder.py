@@ -109,6 +109,7 @@ def run(config: EncoderConfig) -> dict:
     runs = [(f"{m} (heads on {h} code)", dict(balancer=make(m), head_input=h))
             for m in config.methods.split(",") for h in ("semantic", "full")]
     runs += [("CORE-MTL, hard grounding", dict(core=CoreWeights())),
+             ("CORE-MTL, hard grounding, no counterfactual", dict(core=CoreWeights(counterfactual=0.0))),
              ("CORE-MTL, soft grounding", dict(core=CoreWeights(grounding="soft")))]
     sweep = [(f"CORE-MTL, hard, lambda_ind={v:g}", dict(core=CoreWeights(independence=v))) for v in config.lambda_ind]
     results = {}
@@ -229,9 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(out / "learned_encoder.json", payload)
     plot(payload, out / "learned_encoder.png")
     if not config.quiet:
-        print(f"{'run':<42} {'theta':>6} {'kappa':>6} {'CKA':>6} {'source':>7} {'gap':>15}")
+        print(f"{'run':<44} {'theta^':>6} {'kappa':>6} {'CKA':>6} {'source':>7} {'gap':>15}")
         for name, values in payload["final"].items():
-            print(f"{name:<42} {values['theta_stream']:>6.3f} {values['kappa']:>6.3f} {values['cka_linear']:>6.3f} "
+            print(f"{name:<44} {values['theta_predictor']:>6.3f} {values['kappa']:>6.3f} {values['cka_linear']:>6.3f} "
                   f"{values['source_risk']:>7.3f} {values['gap']:>8.3f}±{values['gap_sem']:.3f}")
         print(f"wrote {out / 'learned_encoder.json'} and {out / 'learned_encoder.png'} "
               f"({payload['seconds_total']:.1f} s)")

@@ -82,7 +82,7 @@ def test_script_end_to_end(tmp_path):
     payload = json.loads((tmp_path / "learned_encoder.json").read_text())
     assert (tmp_path / "learned_encoder.png").stat().st_size > 10_000
     assert payload["steps"] == [10, 20]
-    assert len(payload["runs"]) == 2 + 2 + 2  # ew x 2 head inputs, CORE hard/soft, the lambda sweep
+    assert len(payload["runs"]) == 2 + 3 + 2  # ew x 2 head inputs, CORE hard/no-CFA/soft, the lambda sweep
     assert set(payload["final"]["CORE-MTL, hard grounding"]) >= {"theta_stream", "kappa", "gap", "gap_sem"}
 
 
