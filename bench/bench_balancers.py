@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              **result, "ratio_to_ew": result["ms"] / ew_ms})
             for name in config.methods.split(","):
                 balancer = make(name)
-                state = balancer.init(num_tasks)
+                num_shared = BATCH * OUT_FEATURES if balancer.gradient_of == "representation" else num_params
+                state = balancer.init(num_tasks, num_params=num_shared)
                 args = (*problem, state, jax.random.key(1))
                 for path, fn in _step_functions(balancer, num_tasks).items():
                     result = _measure(fn, args, config.repeats)

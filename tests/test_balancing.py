@@ -58,7 +58,7 @@ def test_contract_shapes_finiteness_and_exact_weights(name):
     jacobian = jax.random.normal(jax.random.key(1), (3, 7), dtype=jnp.float64)
     losses = jnp.asarray([0.5, 1.0, 2.0])
     balancer = make(name)
-    state = balancer.init(3)
+    state = balancer.init(3, num_params=7)  # the uniform signature; parameter-space states are allocated now
     direction, weights, new_state = jax.jit(balancer.step)(jacobian, losses, state, KEY)
     assert direction.shape == (7,) and weights.shape == (3,)
     assert jnp.all(jnp.isfinite(direction)) and jnp.all(jnp.isfinite(weights))

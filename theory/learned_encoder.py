@@ -321,7 +321,8 @@ def train_encoder(world: EncoderWorld, training: EncoderTraining, key: jax.Array
     params = init_model(world, init_key, head_input)
     optimiser = optax.adam(optax.cosine_decay_schedule(training.learning_rate, training.steps))
     opt_state = optimiser.init(params)
-    balancer_state = balancer.init(world.num_tasks) if balancer is not None else None
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(params["encoder"]))
+    balancer_state = balancer.init(world.num_tasks, num_params=num_params) if balancer is not None else None
 
     def step(carry, key):
         params, opt_state, balancer_state = carry

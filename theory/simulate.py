@@ -175,9 +175,11 @@ def init_train_state(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax
     data_key, init_key, balance_key = jax.random.split(key, 3)
     z_s, y = _source_batch(scm, theta, data_key, config.num_samples)
     params = init_params(scm, config, init_key)
-    samples = (z_s, y) if balancer.gradient_of == "representation" else None
-    state = TrainState(params, _optimiser(config).init(params), balancer.init(scm.num_tasks), moments_of(z_s, y),
-                       samples)
+    representation = balancer.gradient_of == "representation"
+    samples = (z_s, y) if representation else None
+    num_params = config.num_samples * params.shared.shape[0] if representation else params.shared.size
+    state = TrainState(params, _optimiser(config).init(params), balancer.init(scm.num_tasks, num_params=num_params),
+                       moments_of(z_s, y), samples)
     return state, balance_key
 
 

@@ -38,7 +38,10 @@ class Balancer(NamedTuple):
 
     Attributes:
         name: the registered name.
-        init: ``num_tasks -> state`` (a pytree of arrays).
+        init: ``(num_tasks, num_params=None) -> state`` (a pytree of arrays). Methods whose state lives in
+            parameter space (DB-MTL, MoCo, ExcessMTL) allocate it when ``num_params`` (P) is given, and otherwise
+            on their first step, which cannot happen inside ``lax.scan``: callers that know P should pass it.
+            Every other method ignores it.
         step: ``(jacobian [K, P], losses [K], state, key) -> (direction [P], weights [K], state)``.
         weigh: the **Gram-matrix path**, ``(gram [K, K] or None, losses [K], state, key) -> (weights [K], state)``,
             for methods whose direction is exactly ``weights @ jacobian`` and whose weights depend on the gradients
@@ -136,7 +139,19 @@ def make(name: str, **options: Any) -> Balancer:
     if unknown:
         allowed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name!r}; valid options: {allowed}")
-    return factory(**options)
+    balancer = factory(**options)
+    return balancer._replace(init=_accepting_num_params(balancer.init))
+
+
+def _accepting_num_params(init: Callable[..., Any]) -> Callable[..., Any]:
+    """Gives every ``init`` the uniform signature ``(num_tasks, num_params=None)``."""
+    if "num_params" in inspect.signature(init).parameters:
+        return init
+
+    def uniform_init(num_tasks: int, num_params: int | None = None) -> Any:
+        return init(num_tasks)
+
+    return uniform_init
 
 
 def check_inputs(jacobian: jax.Array, losses: jax.Array) -> int:
