@@ -1,0 +1,201 @@
+r"""Losses of the dual-stream model (Eqs (11)-(16), ``reference/official_implementation.md`` §3).
+
+Layouts are ``[batch, height, width, channels]``. Task losses follow LibMTL's masks: segmentation cross-entropy
+ignores label −1; depth L1 and the normal cosine loss average over pixels whose ground truth is not all zero.
+The independence loss is the linear CKA of :mod:`theory.measures` (one implementation for theory and model) on
+the spatially pooled streams. The loss weights of the paper's Table 7 are named presets (:data:`PRESETS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from deep.shading import srgb_to_linear
+from theory.measures import debiased_cka, linear_cka
+
+__all__ = ["segmentation_loss", "depth_loss", "normal_loss", "independence_loss", "l1", "ssim_loss",
+           "physical_image_loss", "albedo_tv", "grayscale_shading", "albedo_normal_covariance", "edge_loss",
+           "LossWeights", "PRESETS", "total_loss", "linear_cka", "debiased_cka"]
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    count = jnp.sum(mask)
+    return jnp.where(count > 0, jnp.sum(values * mask) / jnp.where(count > 0, count, 1.0), 0.0)
+
+
+def segmentation_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Cross-entropy over pixels whose label is not −1: ``logits`` ``[B, H, W, C]``, ``labels`` ``[B, H, W]`` int."""
+    valid = labels >= 0
+    safe = jnp.where(valid, labels, 0)
+    log_probabilities = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probabilities, safe[..., None], axis=-1)[..., 0]
+    return _masked_mean(-picked, valid.astype(logits.dtype))
+
+
+def depth_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """L1 over pixels with non-zero ground-truth depth (LibMTL's mask): ``[B, H, W, 1]`` each."""
+    valid = (jnp.sum(target, axis=-1, keepdims=True) != 0).astype(prediction.dtype)
+    return _masked_mean(jnp.abs(prediction - target), valid)
+
+
+def normal_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """:math:`1 - \\frac{1}{N}\\sum_{valid} \\langle \\hat n/\\|\\hat n\\|, n\\rangle` over pixels whose ground truth is
+    not all zero (LibMTL's ``NormalLoss``): ``[B, H, W, 3]`` each."""
+    unit = prediction / jnp.maximum(jnp.linalg.norm(prediction, axis=-1, keepdims=True), 1e-12)
+    valid = (jnp.sum(target, axis=-1) != 0).astype(prediction.dtype)
+    return 1.0 - _masked_mean(jnp.sum(unit * target, axis=-1), valid)
+
+
+def independence_loss(semantic_map: jax.Array, residual_code: jax.Array, debiased: bool = False) -> jax.Array:
+    """Eq (11): CKA between the spatially pooled semantic map ``[B, H, W, C_s]`` and the residual code ``[B, C_r]``
+    (already pooled). ``debiased=True`` uses the unbiased-HSIC CKA, which has no finite-batch floor."""
+    pooled = jnp.mean(semantic_map, axis=(1, 2))
+    return (debiased_cka if debiased else linear_cka)(pooled, residual_code)
+
+
+def l1(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean absolute error (unmasked, as the authors' reconstruction terms)."""
+    return jnp.mean(jnp.abs(prediction - target))
+
+
+def ssim_loss(prediction: jax.Array, target: jax.Array, window: int = 7, data_range: float = 1.0) -> jax.Array:
+    """:math:`1 - \\mathrm{SSIM}` with a uniform ``window`` × ``window`` filter (valid positions), per channel, averaged.
+
+    The authors' code uses no SSIM; it is offered for reconstruction experiments.
+    """
+    if window > min(prediction.shape[1], prediction.shape[2]):
+        raise ValueError(f"ssim window ({window}) must not exceed the image's height and width "
+                         f"{prediction.shape[1:3]}")
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def local_mean(x):
+        return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, window, window, 1), (1, 1, 1, 1), "VALID") / window**2
+
+    mu_x, mu_y = local_mean(prediction), local_mean(target)
+    var_x = local_mean(prediction**2) - mu_x**2
+    var_y = local_mean(target**2) - mu_y**2
+    cov = local_mean(prediction * target) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return 1.0 - jnp.mean(ssim)
+
+
+def physical_image_loss(rendered: jax.Array, image: jax.Array) -> jax.Array:
+    """L1 between the rendered and the input image after sRGB decoding (the authors' ``λ_img`` term)."""
+    return l1(srgb_to_linear(rendered), srgb_to_linear(image))
+
+
+def albedo_tv(albedo: jax.Array) -> jax.Array:
+    """Anisotropic total variation: mean |Δ_y A| + mean |Δ_x A|."""
+    return jnp.mean(jnp.abs(jnp.diff(albedo, axis=1))) + jnp.mean(jnp.abs(jnp.diff(albedo, axis=2)))
+
+
+def grayscale_shading(shading: jax.Array) -> jax.Array:
+    """Grey-light prior: mean of :math:`(S_R-S_G)^2 + (S_G-S_B)^2`."""
+    return jnp.mean((shading[..., 0] - shading[..., 1]) ** 2 + (shading[..., 1] - shading[..., 2]) ** 2)
+
+
+def albedo_normal_covariance(albedo: jax.Array, normals: jax.Array) -> jax.Array:
+    """Mean absolute entry of the per-image 3×3 spatial cross-covariance of albedo and normals (denominator HW−1)."""
+    a = albedo - jnp.mean(albedo, axis=(1, 2), keepdims=True)
+    n = normals - jnp.mean(normals, axis=(1, 2), keepdims=True)
+    pixels = albedo.shape[1] * albedo.shape[2]
+    return jnp.mean(jnp.abs(jnp.einsum("bhwi,bhwj->bij", a, n) / (pixels - 1)))
+
+
+_SOBEL_X = jnp.asarray([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def _sobel(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    kernel_x = _SOBEL_X[:, :, None, None].astype(x.dtype)
+    kernel_y = _SOBEL_X.T[:, :, None, None].astype(x.dtype)
+    conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv(kernel_x), conv(kernel_y)
+
+
+def edge_loss(predicted_depth: jax.Array, target_depth: jax.Array, scales: int = 3, epsilon: float = 1e-3):
+    """Edge consistency: Charbonnier distance between Sobel gradients of :math:`\\log(1+d)` of prediction and target,
+    summed over ``scales`` (2×2 average pooling between scales); unmasked, as the authors' code."""
+    prediction = jnp.log1p(jnp.maximum(predicted_depth, 0.0))
+    target = jnp.log1p(jnp.maximum(target_depth, 0.0))
+    total = 0.0
+    for scale in range(scales):
+        if scale:
+            pool = lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
+            prediction, target = pool(prediction), pool(target)
+        (px, py), (tx, ty) = _sobel(prediction), _sobel(target)
+        charbonnier = lambda d: jnp.mean(jnp.sqrt(d**2 + epsilon**2))
+        total = total + charbonnier(px - tx) + charbonnier(py - ty)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """The loss weights of Eq (16) (the paper's Table 7; the authors' config keys in comments)."""
+
+    segmentation: float = 20.0      # lambda_seg
+    depth: float = 10.0             # lambda_depth
+    normal: float = 10.0            # lambda_normal
+    edge: float = 0.1               # lambda_edge
+    independence: float = 1.0       # lambda_ind (CKA)
+    geometry: float = 2.0           # alpha_geom
+    appearance: float = 15.0        # beta_app
+    appearance_l1: float = 2.0      # lambda_l1 inside beta_app
+    image: float = 2.0              # lambda_img (physical rendering)
+    albedo_tv: float = 0.1          # lambda_tv
+    gray: float = 0.001             # lambda_gray
+    covariance: float = 0.5         # lambda_xcov
+    counterfactual: float = 1.0     # lambda_cfa
+    counterfactual_probability: float = 0.5
+    counterfactual_start_epoch: int = 20
+    stage0_epochs: int = 5
+    stage1_epochs: int = 0
+    independence_warmup_epochs: int = 10
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"loss weight {field.name} must be a finite number >= 0; got {value!r}")
+        if self.counterfactual_probability > 1:
+            raise ValueError(f"counterfactual_probability must lie in [0, 1]; got {self.counterfactual_probability}")
+
+    def independence_at(self, epoch: int) -> float:
+        """λ_ind ramped linearly over ``independence_warmup_epochs`` after stage 0 (0 in stages 0 and 1)."""
+        if epoch < self.stage0_epochs + self.stage1_epochs:
+            return 0.0
+        ramp = (epoch - self.stage0_epochs) / max(self.independence_warmup_epochs, 1)
+        return self.independence * min(max(ramp, 0.0), 1.0)
+
+
+PRESETS: dict[str, LossWeights] = {
+    "nyuv2": LossWeights(),
+    "cityscapes": LossWeights(segmentation=10, depth=20, normal=0, image=5.0, stage0_epochs=10, stage1_epochs=5,
+                              independence_warmup_epochs=20),
+    "gta5_to_cityscapes": LossWeights(segmentation=30, depth=25, normal=0, edge=0, independence=0.1, geometry=5,
+                                      appearance=2, image=5.0, gray=0.1, counterfactual=0.5,
+                                      counterfactual_start_epoch=35, stage0_epochs=10, stage1_epochs=5,
+                                      independence_warmup_epochs=30),
+    "cityscapes_c": LossWeights(segmentation=10, depth=20, normal=0, appearance=5, image=5.0, gray=0.1,
+                                counterfactual_start_epoch=1, stage0_epochs=10, stage1_epochs=5,
+                                independence_warmup_epochs=20),
+}
+
+
+def total_loss(terms: dict[str, jax.Array], weights: LossWeights, independence_weight: float | None = None):
+    """Eq (16) from named terms (missing terms count 0): the weighted task losses, λ_ind·CKA, and the grounding terms.
+
+    ``terms`` keys: segmentation, depth, normal, edge, independence, geometry, appearance_l1, appearance_perceptual,
+    image, albedo_tv, gray, covariance, geometry_aux, appearance_aux. ``independence_weight`` overrides λ_ind (ramps).
+    """
+    get = lambda name: terms.get(name, 0.0)
+    lam_ind = weights.independence if independence_weight is None else independence_weight
+    return (weights.segmentation * get("segmentation") + weights.depth * get("depth")
+            + weights.normal * get("normal") + weights.edge * get("edge") + lam_ind * get("independence")
+            + weights.geometry * get("geometry")
+            + weights.appearance * (get("appearance_perceptual") + weights.appearance_l1 * get("appearance_l1"))
+            + weights.image * get("image") + weights.albedo_tv * get("albedo_tv") + weights.gray * get("gray")
+            + weights.covariance * get("covariance") + 0.5 * get("geometry_aux") + 0.5 * get("appearance_aux"))

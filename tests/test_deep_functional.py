@@ -1,0 +1,130 @@
+"""The pure-function parts of the deep model: resizing, the SH shading model, and the losses."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deep import losses
+from deep.resize import resize_bilinear
+from deep.shading import lambertian_shading, render, sh_basis, srgb_to_linear
+from theory import measures
+
+
+# ---------------------------------------------------------------------------------------------------- resize
+
+@pytest.mark.parametrize("size", [(9, 13), (3, 2), (4, 6)])
+def test_half_pixel_resize_matches_jax_without_antialiasing(size):
+    x = jax.random.normal(jax.random.key(0), (2, 6, 4, 3))
+    expected = jax.image.resize(x, (2, *size, 3), method="linear", antialias=False)
+    np.testing.assert_allclose(resize_bilinear(x, size), expected, atol=1e-5)
+
+
+def test_align_corners_keeps_corners_and_is_exact_on_linear_ramps():
+    ramp = jnp.arange(4.0)[None, :, None, None] * jnp.ones((1, 4, 5, 1))  # value = row index
+    out = resize_bilinear(ramp, (7, 5), align_corners=True)
+    np.testing.assert_allclose(out[0, :, 0, 0], np.linspace(0, 3, 7), atol=1e-6)
+    x = jax.random.normal(jax.random.key(1), (1, 5, 6, 2))
+    up = resize_bilinear(x, (17, 11), align_corners=True)
+    for i, j in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+        np.testing.assert_allclose(up[0, i, j], x[0, i, j], atol=1e-6)
+
+
+def test_two_fold_half_pixel_downsampling_is_average_pooling():
+    x = jax.random.normal(jax.random.key(2), (1, 8, 6, 2))
+    pooled = x.reshape(1, 4, 2, 3, 2, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(resize_bilinear(x, (4, 3)), pooled, atol=1e-6)
+
+
+def test_resize_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
+        resize_bilinear(jnp.ones((4, 4)), (2, 2))
+
+
+# --------------------------------------------------------------------------------------------------- shading
+
+def unit_sphere(n, seed=0):
+    v = jax.random.normal(jax.random.key(seed), (n, 3))
+    return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_sh_basis_is_orthonormal_on_the_sphere():
+    """Monte Carlo Gram matrix over 400k uniform directions: 4π·mean(Y_i Y_j) = δ_ij within 0.02."""
+    y = sh_basis(unit_sphere(400_000))
+    gram = 4 * math.pi * (y.T @ y) / y.shape[0]
+    np.testing.assert_allclose(gram, np.eye(9), atol=0.02)
+
+
+def test_known_lighting_gives_known_shading():
+    normals = unit_sphere(64, seed=1).reshape(1, 8, 8, 3)
+    ambient = jnp.zeros((1, 3, 9)).at[:, :, 0].set(2.0)
+    np.testing.assert_allclose(lambertian_shading(normals, ambient), 2.0 * 0.282095, rtol=1e-5)
+    overhead = jnp.zeros((1, 27)).at[:, 2].set(1.0).at[:, 11].set(1.0).at[:, 20].set(1.0)  # Y_3 = c1 n_z, each RGB
+    expected = np.maximum(0.0, 0.488603 * np.asarray(normals[..., 2:3]))
+    np.testing.assert_allclose(lambertian_shading(normals, overhead), np.repeat(expected, 3, axis=-1), atol=1e-6)
+    np.testing.assert_allclose(render(jnp.full((1, 8, 8, 3), 0.9), jnp.full((1, 8, 8, 3), 2.0)), 1.0)
+
+
+def test_srgb_decoding_curve():
+    np.testing.assert_allclose(srgb_to_linear(jnp.asarray([0.0, 0.04, 0.5, 1.0, 1.5])),
+                               [0.0, 0.04 / 12.92, ((0.5 + 0.055) / 1.055) ** 2.4, 1.0, 1.0], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+def test_segmentation_loss_ignores_minus_one_and_matches_a_hand_computation():
+    logits = jnp.log(jnp.asarray([[[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]]))  # [1, 1, 2, 3]
+    labels = jnp.asarray([[[0, -1]]])
+    assert float(losses.segmentation_loss(logits, labels)) == pytest.approx(-math.log(0.7), rel=1e-6)
+    labels = jnp.asarray([[[0, 2]]])
+    assert float(losses.segmentation_loss(logits, labels)) == pytest.approx(-(math.log(0.7) + math.log(0.8)) / 2)
+    assert float(losses.segmentation_loss(logits, jnp.full((1, 1, 2), -1))) == 0.0  # nothing valid: 0, not NaN
+
+
+def test_depth_and_normal_losses_use_libmtl_masks():
+    target = jnp.asarray([0.0, 2.0, 4.0]).reshape(1, 1, 3, 1)
+    prediction = jnp.asarray([9.0, 1.0, 5.0]).reshape(1, 1, 3, 1)
+    assert float(losses.depth_loss(prediction, target)) == pytest.approx(1.0)  # the zero-depth pixel is ignored
+    normals_gt = jnp.asarray([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).reshape(1, 1, 3, 3)
+    normals_pred = jnp.asarray([[0.0, 0.0, 5.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).reshape(1, 1, 3, 3)
+    # valid pixels 0 and 2: cosines 1 and 0 -> loss 1 - 0.5
+    assert float(losses.normal_loss(normals_pred, normals_gt)) == pytest.approx(0.5)
+
+
+def test_independence_loss_is_theory_measures_cka_on_pooled_codes():
+    keys = jax.random.split(jax.random.key(3), 2)
+    semantic_map = jax.random.normal(keys[0], (6, 4, 5, 8))
+    residual = jax.random.normal(keys[1], (6, 3))
+    pooled = semantic_map.mean(axis=(1, 2))
+    np.testing.assert_allclose(losses.independence_loss(semantic_map, residual), measures.linear_cka(pooled, residual),
+                               rtol=1e-6)
+    np.testing.assert_allclose(losses.independence_loss(semantic_map, residual, debiased=True),
+                               measures.debiased_cka(pooled, residual), rtol=1e-6)
+
+
+def test_regularisers_on_hand_made_maps():
+    flat = jnp.full((1, 4, 4, 3), 0.3)
+    assert float(losses.albedo_tv(flat)) == 0.0
+    stripes = jnp.tile(jnp.asarray([0.0, 1.0]), 2)[None, None, :, None] * jnp.ones((1, 4, 4, 3))
+    assert float(losses.albedo_tv(stripes)) == pytest.approx(1.0)
+    assert float(losses.grayscale_shading(flat)) == 0.0
+    coloured = jnp.concatenate([jnp.ones((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 2))], axis=-1)
+    assert float(losses.grayscale_shading(coloured)) == pytest.approx(1.0)
+    assert float(losses.albedo_normal_covariance(flat, jax.random.normal(jax.random.key(0), (1, 4, 4, 3)))) < 1e-7
+    assert float(losses.ssim_loss(flat, flat, window=3)) == pytest.approx(0.0, abs=1e-6)
+    noisy = jax.random.uniform(jax.random.key(1), (1, 8, 8, 3))
+    assert float(losses.ssim_loss(noisy, 1.0 - noisy, window=3)) > 1.0  # anti-correlated: SSIM < 0
+    assert float(losses.edge_loss(jnp.ones((1, 16, 16, 1)), jnp.ones((1, 16, 16, 1)))) == pytest.approx(6e-3)
+
+
+def test_presets_hold_table_7_and_the_ramp():
+    nyu = losses.PRESETS["nyuv2"]
+    assert (nyu.segmentation, nyu.depth, nyu.normal, nyu.independence, nyu.appearance) == (20, 10, 10, 1.0, 15)
+    assert losses.PRESETS["gta5_to_cityscapes"].counterfactual_start_epoch == 35
+    assert [nyu.independence_at(e) for e in (0, 4, 5, 10, 15, 40)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="counterfactual_probability"):
+        losses.LossWeights(counterfactual_probability=2.0)
+    total = losses.total_loss({"segmentation": 1.0, "independence": 0.5, "appearance_l1": 1.0}, nyu)
+    assert float(total) == pytest.approx(20 + 0.5 + 15 * 2)
