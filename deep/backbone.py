@@ -1,0 +1,162 @@
+"""Dilated ResNet (torchvision layout) in Flax NNX: the shared backbone of every model here.
+
+torchvision's ResNet v1.5 (stride on the 3×3 convolution of each bottleneck), with
+``replace_stride_with_dilation=(False, True, True)`` by default: layer3 and layer4 keep output stride 8 and dilate
+instead — layer3's first block at dilation 1 and the rest at 2, layer4's first block at 2 and the rest at 4, exactly as
+torchvision and LibMTL's ``resnet_dilated`` build it. Padding is symmetric and explicit (3 for the 7×7 stem, the
+dilation for 3×3 convolutions, 1 for the max-pool), as in PyTorch, so converted torchvision weights give the same
+features. Attribute names follow torchvision's state dict (``conv1``, ``bn1``, ``layer1[0].conv2``, ``downsample``)
+so a weight import can map keys one to one. BatchNorm uses PyTorch's momentum (Flax 0.9) and epsilon (1e-5).
+
+Layout: ``[batch, height, width, channels]``. Width and depth are configurable so tests run tiny models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+EXPANSION = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Shape of the ResNet.
+
+    Attributes:
+        depths: bottleneck blocks per stage (ResNet-50: ``(3, 4, 6, 3)``).
+        width: channels of the first stage's bottleneck (64 in ResNet-50; outputs have ``4 × width × 2^stage``).
+        replace_stride_with_dilation: for stages 2-4, dilate instead of striding (default: output stride 8).
+        input_channels: 3 for RGB.
+    """
+
+    depths: tuple[int, int, int, int] = (3, 4, 6, 3)
+    width: int = 64
+    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, True, True)
+    input_channels: int = 3
+
+    def __post_init__(self):
+        if len(self.depths) != 4 or any(int(d) < 1 for d in self.depths):
+            raise ValueError(f"depths must be four integers >= 1; got {self.depths}")
+        if self.width < 1 or self.input_channels < 1:
+            raise ValueError(f"width and input_channels must be >= 1; got {self.width}, {self.input_channels}")
+        if len(self.replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation must hold three booleans (stages 2, 3, 4)")
+
+    @property
+    def output_channels(self) -> tuple[int, int, int, int]:
+        return tuple(self.width * 2**i * EXPANSION for i in range(4))
+
+    @property
+    def output_stride(self) -> int:
+        stride = 4
+        for dilate in self.replace_stride_with_dilation:
+            stride *= 1 if dilate else 2
+        return stride
+
+
+def _conv(in_channels, out_channels, kernel, rngs, stride=1, dilation=1):
+    padding = dilation * (kernel - 1) // 2
+    return nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
+                    kernel_dilation=(dilation, dilation), padding=((padding, padding), (padding, padding)),
+                    use_bias=False, rngs=rngs)
+
+
+def _batch_norm(channels, rngs):
+    return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, rngs=rngs)
+
+
+class Downsample(nnx.Module):
+    """The projection shortcut (torchvision's ``downsample.0`` conv and ``downsample.1`` BN)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, rngs: nnx.Rngs):
+        self.conv = _conv(in_channels, out_channels, 1, rngs, stride=stride)
+        self.bn = _batch_norm(out_channels, rngs)
+
+    def __call__(self, x):
+        return self.bn(self.conv(x))
+
+
+class Bottleneck(nnx.Module):
+    """1×1 → 3×3 (stride, dilation) → 1×1 with a residual connection; output ``4 × planes`` channels."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int, dilation: int, rngs: nnx.Rngs):
+        out_channels = planes * EXPANSION
+        self.conv1, self.bn1 = _conv(in_channels, planes, 1, rngs), _batch_norm(planes, rngs)
+        self.conv2 = _conv(planes, planes, 3, rngs, stride=stride, dilation=dilation)
+        self.bn2 = _batch_norm(planes, rngs)
+        self.conv3, self.bn3 = _conv(planes, out_channels, 1, rngs), _batch_norm(out_channels, rngs)
+        needs_projection = stride != 1 or in_channels != out_channels
+        self.downsample = Downsample(in_channels, out_channels, stride, rngs) if needs_projection else None
+
+    def __call__(self, x):
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = jax.nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return jax.nn.relu(out + shortcut)
+
+
+def _max_pool(x):
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class ResNet(nnx.Module):
+    """The backbone; ``__call__`` returns the four stage outputs ``(c1, c2, c3, c4)``.
+
+    With the default configuration and a 288×384 input: c1 ``[B, 72, 96, 256]`` (stride 4), c2..c4 at stride 8 with
+    512, 1024 and 2048 channels.
+    """
+
+    def __init__(self, config: BackboneConfig, rngs: nnx.Rngs):
+        self.config = config
+        width = config.width
+        self.conv1 = nnx.Conv(config.input_channels, width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                              use_bias=False, rngs=rngs)
+        self.bn1 = _batch_norm(width, rngs)
+        in_channels, dilation = width, 1
+        stages = []
+        for index, depth in enumerate(config.depths):
+            planes = width * 2**index
+            stride = 1 if index == 0 else 2
+            previous_dilation = dilation
+            if index > 0 and config.replace_stride_with_dilation[index - 1]:
+                dilation *= stride
+                stride = 1
+            blocks = [Bottleneck(in_channels, planes, stride, previous_dilation, rngs)]
+            in_channels = planes * EXPANSION
+            blocks += [Bottleneck(in_channels, planes, 1, dilation, rngs) for _ in range(depth - 1)]
+            stages.append(nnx.List(blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        x = _max_pool(jax.nn.relu(self.bn1(self.conv1(images))))
+        features = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x)
+            features.append(x)
+        return tuple(features)
+
+
+def resnet50(rngs: nnx.Rngs, **overrides) -> ResNet:
+    """ResNet-50 at output stride 8 (override any :class:`BackboneConfig` field)."""
+    return ResNet(BackboneConfig(**overrides), rngs)
+
+
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def torchvision_key(path: tuple) -> str:
+    """The torchvision state-dict key of a backbone variable's NNX path, e.g.
+    ``('layer1', 0, 'downsample', 'conv', 'kernel')`` -> ``'layer1.0.downsample.0.weight'`` (convolution kernels
+    are HWIO here and OIHW there: transpose ``(2, 3, 1, 0)`` when converting)."""
+    parts = []
+    for part in path[:-1]:
+        parts.append({"conv": "0", "bn": "1"}.get(part, str(part)) if parts and parts[-1] == "downsample" else str(part))
+    if path[-1] not in _TORCH_LEAF:
+        raise ValueError(f"no torchvision counterpart for the variable {path}")
+    return ".".join(parts + [_TORCH_LEAF[path[-1]]])
