@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.integrate
+import scipy.optimize
 import scipy.stats
 
 FAMILIES = ("gaussian", "laplace", "uniform", "mixture")
@@ -77,17 +78,31 @@ class Residual1D:
                       + scipy.stats.norm.cdf((z + self.separation) / self.std))
 
     def support_bounds(self) -> tuple[float, float]:
-        """An interval holding all but ~1e-12 of the mass."""
-        reach = 30.0 * self.std + self.separation
+        """An interval outside which the CDF is 0 or 1 to double precision (the uniform's exact support)."""
+        reach = {"uniform": math.sqrt(3.0) * self.std, "laplace": 40.0 * self.std / math.sqrt(2.0)}.get(
+            self.family, 12.0 * self.std + self.separation)
         return self.loc - reach, self.loc + reach
 
 
 def w1_exact(p: Residual1D, q: Residual1D) -> float:
-    r"""Exact :math:`W_1(P, Q) = \int |F_P - F_Q|\,dx` by adaptive quadrature (absolute error below 1e-9)."""
+    r"""Exact :math:`W_1(P, Q) = \int |F_P - F_Q|\,dx` by adaptive quadrature.
+
+    The integrand has a kink wherever the CDFs cross, which slows quadrature to ~1e-5 relative accuracy; the
+    crossings are located first (sign changes on a fine grid, refined by Brent's method) and each smooth piece is
+    integrated separately, to about 1e-10.
+    """
     low = min(p.support_bounds()[0], q.support_bounds()[0])
     high = max(p.support_bounds()[1], q.support_bounds()[1])
-    breakpoints = sorted({p.loc, q.loc, p.loc - p.separation, p.loc + p.separation, q.loc - q.separation,
-                          q.loc + q.separation})
-    value, _ = scipy.integrate.quad(lambda x: abs(float(p.cdf(x)) - float(q.cdf(x))), low, high,
-                                    points=breakpoints, limit=500, epsabs=1e-11, epsrel=1e-10)
-    return float(value)
+    difference = lambda x: float(p.cdf(x)) - float(q.cdf(x))
+    grid = np.linspace(low, high, 4001)
+    values = p.cdf(grid) - q.cdf(grid)
+    crossings = [scipy.optimize.brentq(difference, grid[i], grid[i + 1], xtol=1e-14)
+                 for i in np.flatnonzero(np.sign(values[:-1]) * np.sign(values[1:]) < 0)]
+    landmarks = [x for r in (p, q) for x in (r.loc - r.separation, r.loc, r.loc + r.separation, *r.support_bounds())]
+    edges = sorted({low, high, *crossings, *(x for x in landmarks if low < x < high)})
+    total = 0.0
+    for start, stop in zip(edges[:-1], edges[1:]):
+        piece, _ = scipy.integrate.quad(lambda x: abs(difference(x)), start, stop, limit=500, epsabs=1e-12,
+                                        epsrel=1e-11)
+        total += piece
+    return float(total)
