@@ -196,12 +196,16 @@ def plot(payload: dict, path: Path) -> None:
     shift = payload["residual_shift"] * sign
     scale = np.sin(theta) ** 2 * shift
     positive = theta > 0
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
-    cmap = plt.get_cmap("tab10")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^vP*Xh<>p"
+    count = len(payload["methods"])
+    spacing = theta[1] - theta[0] if len(theta) > 1 else 0.1
     for i, (name, result) in enumerate(payload["methods"].items()):
         mean, sem = np.asarray(result["gap_mean"]), np.asarray(result["gap_sem"])
-        offset = (i - len(payload["methods"]) / 2) * 0.004  # keep overlapping error bars readable
-        style = dict(fmt="o", ms=3.5, capsize=2, color=cmap(i % 10), label=name, alpha=0.85)
+        offset = (i - (count - 1) / 2) * 0.5 * spacing / max(count, 1)  # spread overlapping points within a cell
+        style = dict(fmt=markers[i % len(markers)], ms=3.5, capsize=1.5, color=cmap(i % 20), label=name, alpha=0.9,
+                     elinewidth=0.8)
         left.errorbar(theta + offset, mean, yerr=sem, **style)
         right.errorbar(theta[positive] + offset, mean[positive] / scale[positive], yerr=sem[positive] / np.abs(
             scale[positive]), **style)
@@ -217,8 +221,11 @@ def plot(payload: dict, path: Path) -> None:
     right.set_ylabel(r"gap / ($\sin^2\theta\,|\Delta\sigma_r^2|$)")
     left.set_title("Every balancing method sits on the closed-form gap, above the floor")
     right.set_title(r"The gap scales as $\sin^2\theta$")
-    left.legend(fontsize=8, ncol=2, loc="upper left")
-    right.legend(fontsize=8)
+    handles, labels = left.get_legend_handles_labels()
+    limit_handles, limit_labels = right.get_legend_handles_labels()
+    handles.append(limit_handles[limit_labels.index(r"$\theta\to0$ limit")])
+    labels.append(r"$\theta\to0$ limit (right)")
+    figure.legend(handles, labels, fontsize=8, ncol=8, loc="lower center", bbox_to_anchor=(0.5, -0.16))
     c = payload["config"]
     figure.suptitle(f"d={c['dim']}, sigma_s={c['sigma_s']}, sigma_r: {c['sigma_r_source']} -> {c['sigma_r_target']}, "
                     f"b={c['betas']}, {c['seeds']} seeds x {c['samples']} samples, {c['steps']} steps", fontsize=9)
