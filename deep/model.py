@@ -8,8 +8,9 @@ image with bilinear ``align_corners=True`` (LibMTL's convention); surface normal
 The model returns ``(predictions, aux)``: ``aux`` holds the intermediates that losses and probes read (the
 semantic map, the residual code, the backbone features).
 
-Not built yet (see the README's roadmap): the grounding decoders (shading path, AdaIN appearance decoder, soft
-decoder), the counterfactual pass, the baselines' training step and sharding.
+With ``grounding="hard"`` the model also renders the image through the physical decoder (:mod:`deep.decoders`)
+and returns the rendering and its parts in ``aux``. Not built yet (see the README's roadmap): the AdaIN appearance
+decoder and the soft-grounding decoder, MTAN.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deep.backbone import BackboneConfig, ResNet
+from deep.decoders import PhysicalDecoder
 from deep.heads import ASPPHead
 from deep.resize import resize_bilinear
 from deep.streams import DualStream
 
 HEAD_INPUTS = ("semantic", "semantic+backbone")
+GROUNDINGS = ("hard", "none")
 NYUV2_TASKS = (("segmentation", 13), ("depth", 1), ("normal", 3))
 
 
@@ -40,8 +43,14 @@ class ModelConfig:
     head_channels: int = 256
     aspp_rates: tuple[int, ...] = (12, 24, 36)
     heads_read: str = "semantic"
+    grounding: str = "hard"
+    decoder_widths: tuple[int, ...] = (128, 128, 64, 32)
+    albedo_seed: int = 16
+    light_hidden: int = 128
 
     def __post_init__(self):
+        if self.grounding not in GROUNDINGS:
+            raise ValueError(f"grounding must be one of {', '.join(GROUNDINGS)}; got {self.grounding!r}")
         if self.heads_read not in HEAD_INPUTS:
             raise ValueError(f"heads_read must be one of {', '.join(HEAD_INPUTS)}; got {self.heads_read!r}")
         if not self.tasks or any(channels < 1 for _, channels in self.tasks):
@@ -59,6 +68,16 @@ class DualStreamModel(nnx.Module):
         head_input = config.semantic_channels + (features if config.heads_read == "semantic+backbone" else 0)
         self.heads = nnx.Dict({name: ASPPHead(head_input, channels, rngs, channels=config.head_channels,
                                               rates=config.aspp_rates) for name, channels in config.tasks})
+        self.decoder = PhysicalDecoder(config.semantic_channels, config.residual_channels, features, rngs,
+                                       config.decoder_widths, config.albedo_seed,
+                                       config.light_hidden) if config.grounding == "hard" else None
+
+    def render(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
+               image_size: tuple[int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Hard grounding: the image rendered from the streams (albedo from ``residual_code``)."""
+        if self.decoder is None:
+            raise ValueError("this model has no grounding decoder (grounding='none')")
+        return self.decoder(semantic_map, residual_code, jnp.mean(features, axis=(1, 2)), image_size)
 
     def predict_from_streams(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
                              image_size: tuple[int, int]) -> dict[str, jax.Array]:
@@ -79,5 +98,8 @@ class DualStreamModel(nnx.Module):
         c1, c2, c3, c4 = self.backbone(images)
         semantic_map, residual_code = self.streams(c4)
         predictions = self.predict_from_streams(semantic_map, residual_code, c4, images.shape[1:3])
-        return predictions, {"semantic_map": semantic_map, "residual_code": residual_code, "features": c4,
-                             "low_level": c1}
+        aux = {"semantic_map": semantic_map, "residual_code": residual_code, "features": c4, "low_level": c1}
+        if self.decoder is not None:
+            rendered, parts = self.render(semantic_map, residual_code, c4, images.shape[1:3])
+            aux.update(rendered=rendered, **parts)
+        return predictions, aux

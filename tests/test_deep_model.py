@@ -10,7 +10,7 @@ from deep.backbone import BackboneConfig
 from deep.model import DualStreamModel, ModelConfig
 
 TINY = ModelConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), semantic_channels=6, residual_channels=3,
-                   head_channels=4, aspp_rates=(1, 2, 3))
+                   head_channels=4, aspp_rates=(1, 2, 3), decoder_widths=(4, 4), albedo_seed=4, light_hidden=8)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,8 @@ def test_output_shapes_and_unit_normals(model):
     assert np.all(np.isclose(norms, 1.0, rtol=1e-5) | (norms == 0)) and np.mean(norms > 0) > 0.5
     assert aux["semantic_map"].shape == (2, 4, 5, 6) and aux["residual_code"].shape == (2, 3)
     assert all(p.dtype == jnp.float32 for p in predictions.values())
+    assert aux["rendered"].shape == (2, 32, 40, 3) and aux["lighting"].shape == (2, 3, 9)
+    assert float(aux["rendered"].min()) >= 0 and float(aux["rendered"].max()) <= 1
 
 
 @pytest.mark.parametrize("heads_read, depends_on_features", [("semantic", False), ("semantic+backbone", True)])
@@ -48,3 +50,5 @@ def test_heads_read_only_the_semantic_stream_in_the_paper_mode(heads_read, depen
 def test_bad_head_input_is_rejected():
     with pytest.raises(ValueError, match="heads_read"):
         ModelConfig(heads_read="residual")
+    with pytest.raises(ValueError, match="grounding"):
+        ModelConfig(grounding="soft-ish")
