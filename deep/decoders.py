@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deep.resize import resize_bilinear
-from deep.shading import NUM_SH, lambertian_shading, render
+from deep.shading import NUM_SH, lambertian_shading, render, unit_vectors
 
 
 class _UpBlock(nnx.Module):
@@ -63,7 +63,7 @@ class NormalHead(nnx.Module):
         for block in self.blocks:
             x = block(x)
         normals = self.out(x)
-        return normals / jnp.maximum(jnp.linalg.norm(normals, axis=-1, keepdims=True), 1e-6)
+        return unit_vectors(normals, 1e-6)
 
 
 class LightHead(nnx.Module):

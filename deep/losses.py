@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from deep.shading import srgb_to_linear
+from deep.shading import srgb_to_linear, unit_vectors
 from theory.measures import debiased_cka, linear_cka
 
 __all__ = ["segmentation_loss", "depth_loss", "normal_loss", "independence_loss", "l1", "ssim_loss",
@@ -45,7 +45,7 @@ def depth_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
 def normal_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """:math:`1 - \\frac{1}{N}\\sum_{valid} \\langle \\hat n/\\|\\hat n\\|, n\\rangle` over pixels whose ground truth is
     not all zero (LibMTL's ``NormalLoss``): ``[B, H, W, 3]`` each."""
-    unit = prediction / jnp.maximum(jnp.linalg.norm(prediction, axis=-1, keepdims=True), 1e-12)
+    unit = unit_vectors(prediction, 1e-12)
     valid = (jnp.sum(target, axis=-1) != 0).astype(prediction.dtype)
     return 1.0 - _masked_mean(jnp.sum(unit * target, axis=-1), valid)
 

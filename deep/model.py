@@ -25,6 +25,7 @@ from deep.backbone import BackboneConfig, ResNet
 from deep.decoders import PhysicalDecoder
 from deep.heads import ASPPHead
 from deep.resize import resize_bilinear
+from deep.shading import unit_vectors
 from deep.streams import DualStream
 
 HEAD_INPUTS = ("semantic", "semantic+backbone")
@@ -90,7 +91,7 @@ class DualStreamModel(nnx.Module):
         for name, _ in self.config.tasks:
             out = resize_bilinear(self.heads[name](head_input), image_size, align_corners=True)
             if name == "normal":
-                out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+                out = unit_vectors(out, 1e-12)
             predictions[name] = out
         return predictions
 

@@ -63,3 +63,8 @@ def srgb_to_linear(image: jax.Array) -> jax.Array:
     """The standard sRGB decoding curve, applied to values clamped to [0, 1]."""
     image = jnp.clip(image, 0.0, 1.0)
     return jnp.where(image <= 0.04045, image / 12.92, ((image + 0.055) / 1.055) ** 2.4)
+
+
+def unit_vectors(x: jax.Array, epsilon: float) -> jax.Array:
+    """``x / max(‖x‖, ε)`` along the last axis, with a finite gradient at ``x = 0`` (``jnp.linalg.norm``'s is NaN)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), epsilon**2))

@@ -1,0 +1,257 @@
+r"""Training steps for the dual-stream model (CORE-MTL) and for its gradient-balanced baselines.
+
+Every step is a pure function of split NNX state (``nnx.split`` once; ``nnx.merge`` inside the traced function), so it
+jits, differentiates per task and shards:
+
+* :func:`core_step` — Eq (16): weighted task losses + λ_ind·CKA + the hard-grounding terms (physical rendering loss,
+  albedo TV, grey shading, albedo–normal covariance) + the counterfactual loss of Eq (12), gated per step by a
+  Bernoulli draw under ``lax.cond``. The counterfactual pass re-encodes images rendered with residual codes
+  shuffled within the batch (``stop_gradient`` on the images, as the authors detach them) with the model in eval
+  mode — BatchNorm reads its running statistics and leaves them unchanged, dropout is off — while gradients still
+  flow into every parameter, and scores the predictions against the **original** labels.
+* :func:`task_jacobian_step` + ``balancer.step`` + :func:`apply_gradients` — a baseline of Definition 2.1 on the
+  same backbone: per-task gradients of the shared parameters from one forward pass (``jax.vjp``, ``vmap`` over
+  one-hot cotangents), combined by any method of :mod:`theory.balancing`; each head gets its own task's gradient.
+
+The optimiser is the authors': global-norm clipping at 10, Adam with *coupled* L2 (``decoupled_weight_decay=False``)
+or AdamW as the paper says (``True``), warm-up then cosine decay per epoch. A non-finite loss or gradient leaves
+the state unchanged and is reported (``finite``), so a driver can stop with the last good state.
+
+Data parallelism: :func:`data_mesh` builds a one-axis ``Mesh`` over the visible devices; :func:`shard` places a
+batch split along it and the state replicated; ``jax.jit`` then runs the step as SPMD (BatchNorm statistics are
+over the global batch). :func:`initialize_distributed` calls ``jax.distributed.initialize()`` when the standard
+coordinator variables are set, for multi-host runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deep import losses
+from deep.model import DualStreamModel
+
+TASK_LOSSES = {"segmentation": losses.segmentation_loss, "depth": losses.depth_loss, "normal": losses.normal_loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule (defaults: the authors' NYUv2 run)."""
+
+    learning_rate: float = 2e-4
+    weight_decay: float = 1e-4
+    decoupled_weight_decay: bool = False
+    clip_norm: float = 10.0
+    epochs: int = 100
+    warmup_epochs: int = 5
+    steps_per_epoch: int = 1
+    min_lr_ratio: float = 0.01
+
+    def __post_init__(self):
+        for name in ("learning_rate", "clip_norm"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number > 0; got {getattr(self, name)}")
+        if not (self.weight_decay >= 0 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError("weight_decay must be >= 0 and min_lr_ratio in [0, 1]")
+        if self.epochs < 1 or self.steps_per_epoch < 1 or not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"need epochs >= 1, steps_per_epoch >= 1 and 0 <= warmup_epochs < epochs; got "
+                             f"{self.epochs}, {self.steps_per_epoch}, {self.warmup_epochs}")
+
+
+def learning_rate_at(config: OptimConfig, step) -> jax.Array:
+    """Per-epoch schedule: warm-up :math:`\\eta(0.1 + 0.9(e+1)/W)` for :math:`e < W`, then cosine from η to
+    ``min_lr_ratio``·η over the remaining epochs."""
+    epoch = jnp.asarray(step) // config.steps_per_epoch
+    base, floor = config.learning_rate, config.learning_rate * config.min_lr_ratio
+    warmup = base * (0.1 + 0.9 * (epoch + 1) / max(config.warmup_epochs, 1))
+    progress = (epoch - config.warmup_epochs) / max(config.epochs - config.warmup_epochs, 1)
+    cosine = floor + (base - floor) * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(progress, 0.0, 1.0)))
+    return jnp.where(epoch < config.warmup_epochs, warmup, cosine)
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """Clip → (coupled L2 →) Adam (→ decoupled decay) → −η(step)."""
+    decay = optax.add_decayed_weights(config.weight_decay)
+    parts = [optax.clip_by_global_norm(config.clip_norm)]
+    parts += [optax.scale_by_adam(), decay] if config.decoupled_weight_decay else [decay, optax.scale_by_adam()]
+    parts.append(optax.scale_by_learning_rate(lambda step: learning_rate_at(config, step)))
+    return optax.chain(*parts)
+
+
+class TrainState(NamedTuple):
+    """The arrays of a training run (the graph definition is kept apart, static)."""
+
+    params: Any
+    batch_stats: Any
+    rest: Any
+    opt_state: Any
+    step: jax.Array
+
+
+def split_model(model: DualStreamModel, optimizer: optax.GradientTransformation):
+    """``(graphdef, TrainState)`` from a model."""
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    return graphdef, TrainState(params, batch_stats, rest, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def _merge(graphdef, params, batch_stats, rest) -> DualStreamModel:
+    """``nnx.merge`` with the non-differentiated states rebuilt at the current trace level, so that BatchNorm may
+    update its statistics inside ``jax.grad``/``jax.vjp`` (NNX refuses to mutate a variable from an outer trace)."""
+    batch_stats, rest = jax.tree.map(lambda value: value, (batch_stats, rest))
+    return nnx.merge(graphdef, params, batch_stats, rest)
+
+
+def task_losses(model_tasks, predictions: dict, batch: dict) -> dict[str, jax.Array]:
+    return {name: TASK_LOSSES[name](predictions[name], batch[name]) for name, _ in model_tasks}
+
+
+def _weighted_task_loss(task_terms: dict, weights: losses.LossWeights) -> jax.Array:
+    return sum(getattr(weights, name) * value for name, value in task_terms.items())
+
+
+def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: dict, key: jax.Array,
+                        weights: losses.LossWeights) -> jax.Array:
+    """Eq (12): residual codes shuffled within the batch, images rendered and re-encoded in eval mode, scored
+    against the original labels: :math:`\lambda_{cfa}[\sum_t\lambda_t\ell_t + 0.1\,\mathrm{CKA}]`.
+
+    Runs on its own merge of the states, so it can sit inside ``lax.cond``; the whole pass (rendering included)
+    reads BatchNorm's running statistics and updates none, and gradients reach every parameter.
+    """
+    model = _merge(graphdef, params, batch_stats, rest)
+    model.eval()
+    images = batch["images"]
+    permutation = jax.random.permutation(key, images.shape[0])  # not a derangement, as the authors' randperm
+    sg = jax.lax.stop_gradient
+    counterfactual, _ = model.render(sg(aux["semantic_map"]), sg(aux["residual_code"])[permutation],
+                                     sg(aux["features"]), images.shape[1:3])
+    predictions, cf_aux = model(sg(counterfactual))
+    task = _weighted_task_loss(task_losses(model.config.tasks, predictions, batch), weights)
+    independence = losses.independence_loss(cf_aux["semantic_map"], cf_aux["residual_code"])
+    return weights.counterfactual * (task + 0.1 * independence)
+
+
+def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Array, weights: losses.LossWeights,
+                   independence_weight, counterfactual_gate) -> tuple[jax.Array, tuple]:
+    """Eq (16) plus the gated counterfactual term; returns ``(loss, (batch_stats, rest, terms))``."""
+    model = _merge(graphdef, params, batch_stats, rest)
+    model.train()
+    predictions, aux = model(batch["images"])
+    terms = task_losses(model.config.tasks, predictions, batch)
+    terms["independence"] = losses.independence_loss(aux["semantic_map"], aux["residual_code"])
+    if model.decoder is not None:
+        terms["image"] = losses.physical_image_loss(aux["rendered"], batch["images"])
+        terms["albedo_tv"] = losses.albedo_tv(aux["albedo"])
+        terms["gray"] = losses.grayscale_shading(aux["shading"])
+        terms["covariance"] = losses.albedo_normal_covariance(aux["albedo"], aux["normals"])
+    total = losses.total_loss(terms, weights, independence_weight)
+    _, _, new_batch_stats, new_rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    if model.decoder is not None and weights.counterfactual > 0:
+        probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
+        terms["counterfactual"] = jax.lax.cond(
+            counterfactual_gate,
+            lambda p, s, r, a: counterfactual_loss(graphdef, p, s, r, a, batch, key, weights),
+            lambda p, s, r, a: jnp.zeros((), total.dtype),
+            params, new_batch_stats, new_rest, probes)
+        total = total + terms["counterfactual"]
+    return total, (new_batch_stats, new_rest, terms)
+
+
+def _guarded(state: TrainState, new_state: TrainState, loss, grads) -> tuple[TrainState, jax.Array]:
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    chosen = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return chosen, finite
+
+
+def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainState, batch: dict, key: jax.Array,
+              weights: losses.LossWeights, independence_weight, counterfactual_on) -> tuple[TrainState, dict]:
+    """One CORE-MTL step. ``counterfactual_on``: whether CFA may run this epoch (stage 2 and past its start epoch);
+    it then runs with probability ``weights.counterfactual_probability``. Jit with ``graphdef``, ``optimizer`` and
+    ``weights`` static (``functools.partial``)."""
+    gate_key, cf_key = jax.random.split(key)
+    gate = counterfactual_on & jax.random.bernoulli(gate_key, weights.counterfactual_probability) & (
+        batch["images"].shape[0] > 1)
+    (loss, (batch_stats, rest, terms)), grads = jax.value_and_grad(core_objective, argnums=1, has_aux=True)(
+        graphdef, state.params, state.batch_stats, state.rest, batch, cf_key, weights, independence_weight, gate)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
+    new_state, finite = _guarded(state, new_state, loss, grads)
+    return new_state, {"loss": loss, "finite": finite, **terms}
+
+
+# ------------------------------------------------------------------------------------------- balanced baselines
+
+
+def _is_head(path) -> bool:
+    return len(path) > 0 and str(getattr(path[0], "key", path[0])) == "heads"
+
+
+def task_jacobian_step(graphdef, state: TrainState, batch: dict):
+    """Per-task losses, the Jacobian ``[K, P]`` of the shared (non-head) parameters, each head's own gradient, and the
+    new BatchNorm statistics, from one forward pass."""
+    heads = nnx.State({"heads": state.params["heads"]})
+    shared = nnx.State({k: v for k, v in state.params.items() if k != "heads"})
+    flat_shared, unravel = ravel_pytree(shared)
+
+    def per_task(flat, heads):
+        params = nnx.State({**unravel(flat), **heads})
+        model = _merge(graphdef, params, state.batch_stats, state.rest)
+        model.train()
+        predictions, _ = model(batch["images"])
+        values = task_losses(model.config.tasks, predictions, batch)
+        _, _, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        return jnp.stack(list(values.values())), (batch_stats, rest)
+
+    losses_k, pullback, (batch_stats, rest) = jax.vjp(per_task, flat_shared, heads, has_aux=True)
+    jacobian, head_grads = jax.vmap(pullback)(jnp.eye(losses_k.shape[0], dtype=losses_k.dtype))
+    # Head t only enters loss t: summing over tasks gives each head exactly its own task's gradient.
+    head_grads = jax.tree.map(lambda g: g.sum(axis=0), head_grads)
+    return losses_k, jacobian, head_grads, batch_stats, rest
+
+
+def apply_gradients(graphdef, optimizer: optax.GradientTransformation, state: TrainState, shared_direction,
+                    head_grads, batch_stats, rest, loss) -> tuple[TrainState, jax.Array]:
+    """The optax update from a balanced shared direction ``[P]`` and the heads' gradients (guarded)."""
+    shared = nnx.State({k: v for k, v in state.params.items() if k != "heads"})
+    _, unravel = ravel_pytree(shared)
+    grads = nnx.State({**unravel(shared_direction), **head_grads})
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
+    return _guarded(state, new_state, loss, grads)
+
+
+# ------------------------------------------------------------------------------------------------------ devices
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A one-axis mesh named ``"data"`` over ``devices`` (default: all visible devices)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def shard(mesh: Mesh, batch: dict, state: TrainState) -> tuple[dict, TrainState]:
+    """The batch split along the data axis (its size must divide by the device count), the state replicated."""
+    count = mesh.devices.size
+    for name, value in batch.items():
+        if value.shape[0] % count:
+            raise ValueError(f"batch field {name!r} has {value.shape[0]} examples, not divisible by the {count} "
+                             f"devices of the mesh")
+    batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    return batch, jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+
+def initialize_distributed() -> bool:
+    """Multi-host set-up: ``jax.distributed.initialize()`` when ``JAX_COORDINATOR_ADDRESS`` is set; returns whether
+    it ran."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+        return True
+    return False
