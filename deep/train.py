@@ -89,7 +89,11 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
 
 
 class TrainState(NamedTuple):
-    """The arrays of a training run (the graph definition is kept apart, static)."""
+    """The arrays of a training run (the graph definition is kept apart, static).
+
+    ``params`` is the pair ``(shared, heads)``: the parameters every task shares (backbone, streams, decoders) and
+    the task heads', so that baselines can take per-task Jacobians of the shared part alone.
+    """
 
     params: Any
     batch_stats: Any
@@ -98,17 +102,28 @@ class TrainState(NamedTuple):
     step: jax.Array
 
 
+HEADS = nnx.All(nnx.Param, nnx.PathContains("heads"))
+SHARED = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("heads")))
+
+
 def split_model(model: DualStreamModel, optimizer: optax.GradientTransformation):
     """``(graphdef, TrainState)`` from a model."""
-    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    graphdef, shared, heads, batch_stats, rest = nnx.split(model, SHARED, HEADS, nnx.BatchStat, ...)
+    params = (shared, heads)
     return graphdef, TrainState(params, batch_stats, rest, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def _split_states(model: DualStreamModel):
+    """The non-parameter states of a model after a forward pass: ``(batch_stats, rest)``."""
+    _, _, _, batch_stats, rest = nnx.split(model, SHARED, HEADS, nnx.BatchStat, ...)
+    return batch_stats, rest
 
 
 def _merge(graphdef, params, batch_stats, rest) -> DualStreamModel:
     """``nnx.merge`` with the non-differentiated states rebuilt at the current trace level, so that BatchNorm may
     update its statistics inside ``jax.grad``/``jax.vjp`` (NNX refuses to mutate a variable from an outer trace)."""
     batch_stats, rest = jax.tree.map(lambda value: value, (batch_stats, rest))
-    return nnx.merge(graphdef, params, batch_stats, rest)
+    return nnx.merge(graphdef, *params, batch_stats, rest)
 
 
 def task_losses(model_tasks, predictions: dict, batch: dict) -> dict[str, jax.Array]:
@@ -121,7 +136,7 @@ def _weighted_task_loss(task_terms: dict, weights: losses.LossWeights) -> jax.Ar
 
 def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: dict, key: jax.Array,
                         weights: losses.LossWeights) -> jax.Array:
-    """Eq (12): residual codes shuffled within the batch, images rendered and re-encoded in eval mode, scored
+    r"""Eq (12): residual codes shuffled within the batch, images rendered and re-encoded in eval mode, scored
     against the original labels: :math:`\lambda_{cfa}[\sum_t\lambda_t\ell_t + 0.1\,\mathrm{CKA}]`.
 
     Runs on its own merge of the states, so it can sit inside ``lax.cond``; the whole pass (rendering included)
@@ -154,7 +169,7 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
         terms["gray"] = losses.grayscale_shading(aux["shading"])
         terms["covariance"] = losses.albedo_normal_covariance(aux["albedo"], aux["normals"])
     total = losses.total_loss(terms, weights, independence_weight)
-    _, _, new_batch_stats, new_rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    new_batch_stats, new_rest = _split_states(model)
     if model.decoder is not None and weights.counterfactual > 0:
         probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
         terms["counterfactual"] = jax.lax.cond(
@@ -191,25 +206,18 @@ def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainSta
 # ------------------------------------------------------------------------------------------- balanced baselines
 
 
-def _is_head(path) -> bool:
-    return len(path) > 0 and str(getattr(path[0], "key", path[0])) == "heads"
-
-
 def task_jacobian_step(graphdef, state: TrainState, batch: dict):
-    """Per-task losses, the Jacobian ``[K, P]`` of the shared (non-head) parameters, each head's own gradient, and the
-    new BatchNorm statistics, from one forward pass."""
-    heads = nnx.State({"heads": state.params["heads"]})
-    shared = nnx.State({k: v for k, v in state.params.items() if k != "heads"})
+    """Per-task losses, the Jacobian ``[K, P]`` of the shared parameters, each head's own gradient, and the new
+    BatchNorm statistics, from one forward pass."""
+    shared, heads = state.params
     flat_shared, unravel = ravel_pytree(shared)
 
     def per_task(flat, heads):
-        params = nnx.State({**unravel(flat), **heads})
-        model = _merge(graphdef, params, state.batch_stats, state.rest)
+        model = _merge(graphdef, (unravel(flat), heads), state.batch_stats, state.rest)
         model.train()
         predictions, _ = model(batch["images"])
         values = task_losses(model.config.tasks, predictions, batch)
-        _, _, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        return jnp.stack(list(values.values())), (batch_stats, rest)
+        return jnp.stack(list(values.values())), _split_states(model)
 
     losses_k, pullback, (batch_stats, rest) = jax.vjp(per_task, flat_shared, heads, has_aux=True)
     jacobian, head_grads = jax.vmap(pullback)(jnp.eye(losses_k.shape[0], dtype=losses_k.dtype))
@@ -221,9 +229,8 @@ def task_jacobian_step(graphdef, state: TrainState, batch: dict):
 def apply_gradients(graphdef, optimizer: optax.GradientTransformation, state: TrainState, shared_direction,
                     head_grads, batch_stats, rest, loss) -> tuple[TrainState, jax.Array]:
     """The optax update from a balanced shared direction ``[P]`` and the heads' gradients (guarded)."""
-    shared = nnx.State({k: v for k, v in state.params.items() if k != "heads"})
-    _, unravel = ravel_pytree(shared)
-    grads = nnx.State({**unravel(shared_direction), **head_grads})
+    _, unravel = ravel_pytree(state.params[0])
+    grads = (unravel(shared_direction), head_grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
     return _guarded(state, new_state, loss, grads)

@@ -1,0 +1,183 @@
+"""The jitted training steps of the deep model on a tiny configuration (CPU)."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deep import losses, train
+from deep.backbone import BackboneConfig
+from deep.model import DualStreamModel, ModelConfig
+from theory.balancing import METHODS, make
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), semantic_channels=6, residual_channels=3,
+                   head_channels=4, aspp_rates=(1, 2, 3), decoder_widths=(4, 4), albedo_seed=2, light_hidden=8)
+
+
+def make_batch(seed=1, size=4, pixels=16):
+    """Images with per-image labels (a class, a depth, a normal), so that a tiny model at output stride 8 can fit
+    them; one pixel per image is unlabelled (-1 / zero depth / zero normal) to exercise the masks."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    # float32 explicitly: the test session enables x64 for the theory tests, the model runs in float32.
+    images = jax.random.uniform(keys[0], (size, pixels, pixels, 3), jnp.float32)
+    classes = jax.random.randint(keys[1], (size, 1, 1), 0, 13, jnp.int32)
+    depth = jax.random.uniform(keys[2], (size, 1, 1, 1), jnp.float32, minval=0.5, maxval=3.0)
+    normal = jax.random.normal(keys[3], (size, 1, 1, 3), jnp.float32)
+    normal = normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)
+    ones = jnp.ones((size, pixels, pixels), jnp.int32)
+    return {"images": images,
+            "segmentation": (classes * ones).at[:, 0, 0].set(-1),
+            "depth": (depth * ones[..., None]).at[:, 0, 0].set(0.0),
+            "normal": (normal * ones[..., None]).at[:, 0, 0].set(0.0)}
+
+
+def comparable_leaves(tree):
+    """Leaves as numpy arrays (PRNG keys as their key data)."""
+    return [np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf)
+            for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    optimizer = train.make_optimizer(train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000))
+    graphdef, state = train.split_model(DualStreamModel(TINY, nnx.Rngs(0)), optimizer)
+    step = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))
+    return graphdef, optimizer, state, step
+
+
+def test_schedule_warms_up_then_decays_by_cosine():
+    config = train.OptimConfig(learning_rate=1.0, warmup_epochs=5, epochs=105, steps_per_epoch=10)
+    lr = lambda step: float(train.learning_rate_at(config, step))
+    assert lr(0) == pytest.approx(0.1 + 0.9 / 5) and lr(49) == pytest.approx(1.0)
+    assert lr(50) == pytest.approx(1.0) and lr(50 + 500) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr(10_000) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        train.OptimConfig(warmup_epochs=200)
+
+
+def test_coupled_and_decoupled_weight_decay_differ():
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.asarray([1.0, 0.0, -1.0])}
+    updates = {}
+    for decoupled in (False, True):
+        optimizer = train.make_optimizer(train.OptimConfig(weight_decay=0.1, decoupled_weight_decay=decoupled,
+                                                           warmup_epochs=0))
+        updates[decoupled], _ = optimizer.update(grads, optimizer.init(params), params)
+    assert not np.allclose(updates[False]["w"], updates[True]["w"])
+
+
+def test_a_tiny_model_overfits_one_batch(setup):
+    _, _, state, step = setup
+    batch = make_batch()
+    first = None
+    for i in range(60):
+        state, metrics = step(state, batch, jax.random.key(i), independence_weight=0.0, counterfactual_on=False)
+        first = first or {k: float(metrics[k]) for k in ("segmentation", "depth", "normal")}
+        assert bool(metrics["finite"])
+    last = {k: float(metrics[k]) for k in ("segmentation", "depth", "normal")}
+    for task in first:
+        assert last[task] < 0.7 * first[task], (task, first[task], last[task])
+
+
+def test_counterfactual_step_runs_and_a_non_finite_batch_leaves_the_state_unchanged(setup):
+    _, _, state, step = setup
+    new_state, metrics = step(state, make_batch(), jax.random.key(3), independence_weight=1.0,
+                              counterfactual_on=True)
+    assert bool(metrics["finite"]) and int(new_state.step) == 1
+    bad = make_batch()
+    bad["images"] = bad["images"].at[0, 0, 0, 0].set(jnp.nan)
+    guarded, metrics = step(state, bad, jax.random.key(3), independence_weight=1.0, counterfactual_on=True)
+    assert not bool(metrics["finite"])
+    for a, b in zip(comparable_leaves(guarded), comparable_leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_counterfactual_pass_reads_but_never_updates_batch_norm_statistics():
+    model = DualStreamModel(TINY, nnx.Rngs(2))
+    statistics = lambda: comparable_leaves(nnx.state(model, nnx.BatchStat))  # a snapshot, not live variables
+    initial = statistics()
+    batch = make_batch(seed=4)
+    model.train()
+    _, aux = model(batch["images"])
+    after_train_pass = statistics()
+    graphdef, shared, heads, batch_stats, rest = nnx.split(model, train.SHARED, train.HEADS, nnx.BatchStat, ...)
+    probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
+    loss, grads = jax.value_and_grad(train.counterfactual_loss, argnums=1)(
+        graphdef, (shared, heads), batch_stats, rest, probes, batch, jax.random.key(0), losses.PRESETS["nyuv2"])
+    # The same eval-mode pass on the model object itself: the statistics stay as they were.
+    model.eval()
+    model(batch["images"])
+    model.render(aux["semantic_map"], aux["residual_code"], aux["features"], (16, 16))
+    for a, b in zip(statistics(), after_train_pass):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(after_train_pass, initial))  # train mode does update
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # gradients still flow
+
+
+def test_every_parameter_space_baseline_runs_one_step():
+    optimizer = train.make_optimizer(train.OptimConfig(warmup_epochs=0))
+    model = DualStreamModel(ModelConfig(**{**TINY.__dict__, "grounding": "none"}), nnx.Rngs(0))
+    graphdef, state = train.split_model(model, optimizer)
+    losses_k, jacobian, head_grads, batch_stats, rest = jax.jit(
+        functools.partial(train.task_jacobian_step, graphdef))(state, make_batch())
+    apply = jax.jit(functools.partial(train.apply_gradients, graphdef, optimizer))
+    assert jacobian.shape[0] == 3 and jnp.all(jnp.isfinite(jacobian))
+    names = [m for m in METHODS if make(m).gradient_of == "parameters"]
+    assert len(names) == len(METHODS) - 1  # GradDrop acts on representation gradients
+    for name in names:
+        balancer = make(name)
+        balancer_state = balancer.init(3, num_params=jacobian.shape[1])
+        direction, weights, _ = jax.jit(balancer.step)(jacobian, losses_k, balancer_state, jax.random.key(0))
+        new_state, finite = apply(state, direction, head_grads, batch_stats, rest, losses_k.sum())
+        assert bool(finite), name
+        assert int(new_state.step) == 1
+
+
+def test_the_sharded_step_equals_the_single_device_step():
+    script = textwrap.dedent(f"""
+        import functools, jax, jax.numpy as jnp, numpy as np, optax
+        from flax import nnx
+        from deep import losses, train
+        from deep.backbone import BackboneConfig
+        from deep.model import DualStreamModel, ModelConfig
+        assert len(jax.devices()) == 4, jax.devices()
+        config = ModelConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), semantic_channels=6,
+                             residual_channels=3, head_channels=4, aspp_rates=(1, 2, 3), grounding="none")
+        # Plain SGD: Adam's first step is lr * sign(g), which turns rounding noise in tiny gradients into whole steps.
+        optimizer = optax.sgd(1e-2)
+        graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(0)), optimizer)
+        keys = jax.random.split(jax.random.key(1), 4)
+        normal = jax.random.normal(keys[3], (4, 16, 16, 3))
+        batch = {{"images": jax.random.uniform(keys[0], (4, 16, 16, 3)),
+                  "segmentation": jax.random.randint(keys[1], (4, 16, 16), 0, 13),
+                  "depth": jax.random.uniform(keys[2], (4, 16, 16, 1), minval=0.5),
+                  "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}}
+        step = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))
+        single, _ = step(state, batch, jax.random.key(0), independence_weight=1.0, counterfactual_on=False)
+        mesh = train.data_mesh()
+        sharded_batch, sharded_state = train.shard(mesh, batch, state)
+        assert len(sharded_batch["images"].sharding.device_set) == 4
+        sharded, _ = step(sharded_state, sharded_batch, jax.random.key(0), independence_weight=1.0,
+                          counterfactual_on=False)
+        pairs = list(zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params),
+                         jax.tree.leaves(state.params)))
+        worst = max(float(jnp.max(jnp.abs(a - b))) for a, b, _ in pairs)
+        largest_update = max(float(jnp.max(jnp.abs(a - p))) for a, _, p in pairs)
+        print("max difference", worst, "largest update", largest_update)
+        assert largest_update > 0 and worst < 1e-4 * largest_update, (worst, largest_update)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max difference" in result.stdout
