@@ -32,7 +32,7 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import environment, parse_config, parser_for, run_main, write_json  # noqa: E402
+from _common import environment, parse_choices, parse_config, parser_for, run_main, write_json  # noqa: E402
 
 BATCH = 32
 OUT_FEATURES = 100
@@ -65,10 +65,7 @@ class BenchConfig:
         if any(p % OUT_FEATURES for p in self.param_counts):
             raise ValueError(f"--params must be multiples of {OUT_FEATURES} (the layer has {OUT_FEATURES} outputs); "
                              f"got {self.params!r}")
-        names = tuple(METHODS) if self.methods == "all" else tuple(m for m in self.methods.split(",") if m)
-        if not names or any(m not in METHODS for m in names):
-            raise ValueError(f"--methods must be 'all' or names from {', '.join(METHODS)}; got {self.methods!r}")
-        object.__setattr__(self, "methods", ",".join(names))
+        object.__setattr__(self, "methods", ",".join(parse_choices("--methods", self.methods, METHODS)))
         if self.repeats < 1:
             raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
 

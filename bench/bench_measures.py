@@ -13,16 +13,14 @@ of log time on log n over the measured sizes. Writes ``bench/results/bench_measu
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import environment, parse_config, parser_for, run_main, write_json  # noqa: E402
+from _common import environment, median_seconds, parse_config, parser_for, run_main, write_json  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +48,6 @@ def _sizes(start: int, stop: int) -> list[int]:
     return sizes
 
 
-def _median_seconds(function, repeats: int = 3) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _slope(sizes, seconds) -> float:
     import numpy as np
 
@@ -85,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = []
         for n in sizes:
             call = make_call(n)
-            seconds.append(_median_seconds(call))
+            seconds.append(median_seconds(call, 3, warmup=True))
             if not config.quiet:
                 print(f"{name}: n={n} {seconds[-1] * 1e3:.2f} ms", file=sys.stderr)
         rows.append({"estimator": name, "sizes": sizes, "seconds": seconds, "growth_order": _slope(sizes, seconds)})

@@ -19,7 +19,6 @@ Target (issue 2): the vmapped path at least 20x faster.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import environment, parse_config, parser_for, run_main, write_json  # noqa: E402
+from _common import (environment, median_seconds, parse_choices, parse_config, parser_for,  # noqa: E402
+                     run_main, write_json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,21 +43,9 @@ class BenchConfig:
     def __post_init__(self):
         from theory.balancing import METHODS
 
-        names = tuple(METHODS) if self.methods == "all" else tuple(m for m in self.methods.split(",") if m)
-        if not names or any(m not in METHODS for m in names):
-            raise ValueError(f"--methods must be 'all' or names from {', '.join(METHODS)}; got {self.methods!r}")
-        object.__setattr__(self, "methods", ",".join(names))
+        object.__setattr__(self, "methods", ",".join(parse_choices("--methods", self.methods, METHODS)))
         if self.repeats < 1:
             raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
-
-
-def _median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,11 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         jax.block_until_ready(single(thetas[0], keys[0]))
         loop_compile = time.perf_counter() - start
-        vmapped_s = _median_seconds(vmapped, config.repeats)
-        loop_s = _median_seconds(loop, config.repeats)
+        vmapped_s = median_seconds(vmapped, config.repeats)
+        loop_s = median_seconds(loop, config.repeats)
         state, _ = init(thetas[0], keys[0])
         jax.block_until_ready(step(state, keys[0]))  # compile the stepwise pieces before timing
-        stepwise_s = _median_seconds(stepwise, 1)
+        stepwise_s = median_seconds(stepwise, 1)
         rows.append({"method": name, "vmapped_s": vmapped_s, "loop_s": loop_s, "stepwise_s": stepwise_s,
                      "loop_over_vmapped": loop_s / vmapped_s, "stepwise_over_vmapped": stepwise_s / vmapped_s,
                      "vmapped_first_call_s": vmapped_first, "loop_compile_s": loop_compile})

@@ -14,7 +14,6 @@ Bilinear ×2 upsampling uses ``align_corners=False`` (:func:`deep.resize.resize_
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from deep.resize import resize_bilinear

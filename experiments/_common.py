@@ -87,6 +87,30 @@ def parse_floats(name: str, value: Any) -> tuple[float, ...]:
     return numbers
 
 
+def parse_choices(flag: str, value: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """``'all'`` or comma-separated names from ``allowed`` as a tuple without duplicates, with a one-line error."""
+    names = tuple(allowed) if value.strip() == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"{flag} must be 'all' or comma-separated names from {', '.join(allowed)}; got {value!r}")
+    return tuple(dict.fromkeys(names))
+
+
+def median_seconds(function: Callable[[], Any], repeats: int, warmup: bool = False) -> float:
+    """Median wall time of ``repeats`` calls of ``function`` (after one untimed call when ``warmup``)."""
+    import statistics
+    import time
+
+    if warmup:
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
     """Runs ``main``; library ``ValueError`` s (bad input met late) become one line and exit status 2."""
     prog = Path(sys.argv[0]).name

@@ -25,7 +25,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, parse_config, parser_for, run_main, save_figure, write_json  # noqa: E402
+from _common import (environment, parse_choices, parse_config, parser_for, run_main, save_figure,  # noqa: E402
+                     write_json)
 
 # name -> (source, target) residual parameters: (family, loc, std, separation)
 CASES = {
@@ -68,9 +69,9 @@ class LeakageConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must lie in [0, pi/2]; got {getattr(self, name)}")
         if self.theta_min > self.theta_max:
             raise ValueError(f"--theta-min ({self.theta_min}) must not exceed --theta-max ({self.theta_max})")
-        object.__setattr__(self, "cases", _choose("--cases", self.cases, tuple(CASES)))
-        object.__setattr__(self, "heads", _choose("--heads", self.heads, HEADS))
-        object.__setattr__(self, "losses", _choose("--losses", self.losses, LOSSES))
+        object.__setattr__(self, "cases", ",".join(parse_choices("--cases", self.cases, tuple(CASES))))
+        object.__setattr__(self, "heads", ",".join(parse_choices("--heads", self.heads, HEADS)))
+        object.__setattr__(self, "losses", ",".join(parse_choices("--losses", self.losses, LOSSES)))
         if not math.isfinite(self.beta):
             raise ValueError(f"--beta must be a finite number; got {self.beta}")
         if not (self.sigma_s > 0 and math.isfinite(self.sigma_s)):
@@ -81,14 +82,6 @@ class LeakageConfig:
             raise ValueError(f"--samples must be an integer >= 100; got {self.samples}")
         if not (self.num_se > 0 and math.isfinite(self.num_se)):
             raise ValueError(f"--num-se must be a finite number > 0; got {self.num_se}")
-
-
-def _choose(flag: str, value: str, allowed: tuple[str, ...]) -> str:
-    names = allowed if value.strip() == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
-    bad = [n for n in names if n not in allowed]
-    if bad or not names:
-        raise ValueError(f"{flag} must be 'all' or comma-separated names from {', '.join(allowed)}; got {value!r}")
-    return ",".join(dict.fromkeys(names))
 
 
 def run(config: LeakageConfig) -> dict:

@@ -28,7 +28,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, parse_config, parse_floats, parser_for, run_main, save_figure, write_json  # noqa
+from _common import (environment, parse_choices, parse_config, parse_floats, parser_for, run_main,  # noqa: E402
+                     save_figure, write_json)
 
 METRICS = ("theta_stream", "theta_predictor", "kappa", "cka_linear", "cka_debiased", "source_risk", "target_risk",
            "gap")
@@ -60,12 +61,7 @@ class EncoderConfig:
         from theory.learned_encoder import MIXINGS
 
         allowed = tuple(m for m in METHODS if make(m).gradient_of == "parameters")
-        names = allowed if self.methods.strip() == "all" else tuple(m.strip() for m in self.methods.split(",")
-                                                                      if m.strip())
-        if not names or any(m not in allowed for m in names):
-            raise ValueError(f"--methods must be 'all' or comma-separated names from {', '.join(allowed)}; "
-                             f"got {self.methods!r}")
-        object.__setattr__(self, "methods", ",".join(names))
+        object.__setattr__(self, "methods", ",".join(parse_choices("--methods", self.methods, allowed)))
         if self.mixing not in MIXINGS:
             raise ValueError(f"--mixing must be one of {', '.join(MIXINGS)}; got {self.mixing!r}")
         lambdas = parse_floats("--lambda-ind", self.lambda_ind)

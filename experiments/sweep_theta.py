@@ -23,8 +23,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_config, parse_floats, parser_for, run_main, save_figure,  # noqa: E402
-                     write_json)
+from _common import (environment, parse_choices, parse_config, parse_floats, parser_for, run_main,  # noqa: E402
+                     save_figure, write_json)
 
 ALL = "all"
 
@@ -69,13 +69,7 @@ class SweepConfig:
         if not all(math.isfinite(b) for b in betas):
             raise ValueError(f"--betas must be finite numbers; got {self.betas!r}")
         object.__setattr__(self, "betas", betas)
-        names = tuple(METHODS) if self.methods.strip() == ALL else tuple(
-            m.strip() for m in self.methods.split(",") if m.strip())
-        unknown = [m for m in names if m not in METHODS]
-        if unknown or not names:
-            raise ValueError(f"--methods must be 'all' or comma-separated names from {', '.join(METHODS)}; "
-                             f"got {self.methods!r}")
-        object.__setattr__(self, "methods", ",".join(dict.fromkeys(names)))
+        object.__setattr__(self, "methods", ",".join(parse_choices("--methods", self.methods, METHODS)))
         if self.seeds < 2:
             raise ValueError(f"--seeds must be an integer >= 2 (standard errors need two); got {self.seeds}")
         if self.samples < 2:

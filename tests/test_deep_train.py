@@ -144,7 +144,7 @@ def test_every_parameter_space_baseline_runs_one_step():
 
 
 def test_the_sharded_step_equals_the_single_device_step():
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import functools, jax, jax.numpy as jnp, numpy as np, optax
         from flax import nnx
         from deep import losses, train
@@ -158,10 +158,10 @@ def test_the_sharded_step_equals_the_single_device_step():
         graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(0)), optimizer)
         keys = jax.random.split(jax.random.key(1), 4)
         normal = jax.random.normal(keys[3], (4, 16, 16, 3))
-        batch = {{"images": jax.random.uniform(keys[0], (4, 16, 16, 3)),
+        batch = {"images": jax.random.uniform(keys[0], (4, 16, 16, 3)),
                   "segmentation": jax.random.randint(keys[1], (4, 16, 16), 0, 13),
                   "depth": jax.random.uniform(keys[2], (4, 16, 16, 1), minval=0.5),
-                  "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}}
+                  "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}
         step = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))
         single, _ = step(state, batch, jax.random.key(0), independence_weight=1.0, counterfactual_on=False)
         mesh = train.data_mesh()

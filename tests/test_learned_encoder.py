@@ -1,7 +1,6 @@
 """The learned-encoder world, the CORE-MTL objective at this scale, and the experiment script."""
 
 import json
-import math
 import os
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """The θ sweep end to end on a tiny grid, its JSON schema, and one-line errors for bad flags."""
 
 import json
-import math
 import os
 import subprocess
 import sys
