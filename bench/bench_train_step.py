@@ -1,0 +1,147 @@
+"""Training-step cost of CORE-MTL against the EW and PCGrad baselines on the same backbone, in one run.
+
+    python bench/bench_train_step.py                      # reduced configuration (CPU-sized)
+    python bench/bench_train_step.py --config nyuv2       # the paper's NYUv2 setting: run it on a GPU
+
+Three steps, each compiled before timing (median over ``--repeats`` calls):
+
+* ``core``: CORE-MTL with hard grounding, λ_ind = 1 and the counterfactual pass forced on every step (the paper runs
+  it with probability 0.5, so this is its worst case);
+* ``ew``: the same model without grounding, one backward pass of the weighted sum of the task losses;
+* ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
+
+Reported per step: milliseconds, images per second, the ratio to EW, FLOPs from XLA's cost analysis, the memory
+XLA assigns (arguments + outputs + temporaries), and on a GPU the model FLOP utilisation against the device's peak
+(``--peak-tflops``; H100 SXM: ~989 dense bf16, ~67 fp32 — this port computes in float32 for now). Writes
+``bench/results/bench_train_step[_<config>].json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from _common import environment, median_seconds, parse_config, parser_for, run_main, write_json  # noqa: E402
+
+CONFIGS = ("reduced", "nyuv2")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    config: str = dataclasses.field(default="reduced", metadata={"help": "reduced (CPU) or nyuv2 (288x384, batch "
+                                                                         "16, full ResNet-50)"})
+    repeats: int = dataclasses.field(default=5, metadata={"help": "timed steps per method (median)"})
+    peak_tflops: float = dataclasses.field(default=0.0, metadata={
+        "help": "the device's peak TFLOP/s for model FLOP utilisation (0: not reported)"})
+    out: str = dataclasses.field(default="", metadata={"help": "JSON path (default bench/results/...)"})
+    quiet: bool = dataclasses.field(default=False, metadata={"help": "print nothing"})
+
+    def __post_init__(self):
+        if self.config not in CONFIGS:
+            raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {self.config!r}")
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
+        if not self.peak_tflops >= 0:
+            raise ValueError(f"--peak-tflops must be >= 0; got {self.peak_tflops}")
+
+
+def _setting(name: str):
+    from deep.backbone import BackboneConfig
+    from deep.model import ModelConfig
+
+    if name == "nyuv2":
+        return ModelConfig(), 16, (288, 384)
+    model = ModelConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=8), semantic_channels=32,
+                        residual_channels=16, head_channels=16, aspp_rates=(2, 4, 6), decoder_widths=(16, 16, 8),
+                        albedo_seed=4, light_hidden=16)
+    return model, 4, (64, 80)
+
+
+def _batch(batch_size: int, size: tuple[int, int]):
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    normal = jax.random.normal(keys[3], (batch_size, *size, 3), jnp.float32)
+    return {"images": jax.random.uniform(keys[0], (batch_size, *size, 3), jnp.float32),
+            "segmentation": jax.random.randint(keys[1], (batch_size, *size), -1, 13, jnp.int32),
+            "depth": jax.random.uniform(keys[2], (batch_size, *size, 1), jnp.float32, minval=0.5, maxval=5.0),
+            "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import jax
+    from flax import nnx
+
+    from deep import losses, train
+    from deep.model import DualStreamModel
+    from theory.balancing import make
+
+    config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_train_step.py"),
+                          argv)
+    model_config, batch_size, size = _setting(config.config)
+    batch = _batch(batch_size, size)
+    optimizer = train.make_optimizer(train.OptimConfig())
+    weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual_probability=1.0)
+    key = jax.random.key(1)
+
+    graphdef, core_state = train.split_model(DualStreamModel(model_config, nnx.Rngs(0)), optimizer)
+    core = jax.jit(lambda state, batch, key: train.core_step(graphdef, optimizer, state, batch, key, weights,
+                                                             independence_weight=1.0, counterfactual_on=True))
+
+    plain = dataclasses.replace(model_config, grounding="none")
+    plain_graphdef, plain_state = train.split_model(DualStreamModel(plain, nnx.Rngs(0)), optimizer)
+    ew_weights = dataclasses.replace(weights, independence=0.0, counterfactual=0.0)
+    ew = jax.jit(lambda state, batch, key: train.core_step(plain_graphdef, optimizer, state, batch, key, ew_weights,
+                                                           independence_weight=0.0, counterfactual_on=False))
+
+    pcgrad_balancer = make("pcgrad")
+
+    @jax.jit
+    def pcgrad(state, batch, key):
+        losses_k, jacobian, head_grads, batch_stats, rest = train.task_jacobian_step(plain_graphdef, state, batch)
+        direction, _, _ = pcgrad_balancer.step(jacobian, losses_k, pcgrad_balancer.init(losses_k.shape[0]), key)
+        return train.apply_gradients(plain_graphdef, optimizer, state, direction, head_grads, batch_stats, rest,
+                                     losses_k.sum())
+
+    rows = []
+    for name, function, args in (("ew", ew, (plain_state, batch, key)), ("core", core, (core_state, batch, key)),
+                                 ("pcgrad", pcgrad, (plain_state, batch, key))):
+        compiled = function.lower(*args).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        memory = compiled.memory_analysis()
+        peak = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
+        seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), config.repeats, warmup=True)
+        row = {"method": name, "ms": 1e3 * seconds, "images_per_second": batch_size / seconds, "gflops": flops / 1e9,
+               "peak_mb": peak}
+        if config.peak_tflops > 0 and flops > 0:
+            row["model_flop_utilisation"] = flops / seconds / (config.peak_tflops * 1e12)
+        rows.append(row)
+        if not config.quiet:
+            print(f"{name}: {row['ms']:.1f} ms", file=sys.stderr)
+    ew_ms = rows[0]["ms"]
+    for row in rows:
+        row["ratio_to_ew"] = row["ms"] / ew_ms
+    out = Path(config.out or ROOT / "bench" / "results" / f"bench_train_step_{config.config}.json")
+    write_json(out, {"benchmark": "bench_train_step", "config": config.config, "batch": batch_size,
+                     "image_size": list(size), "precision": "float32", "rows": rows, "environment": environment()})
+    if not config.quiet:
+        print(f"{'step':<8} {'ms':>9} {'img/s':>8} {'x EW':>6} {'GFLOP':>9} {'peak MB':>9}")
+        for row in rows:
+            peak = f"{row['peak_mb']:>9.0f}" if row["peak_mb"] is not None else f"{'-':>9}"
+            print(f"{row['method']:<8} {row['ms']:>9.1f} {row['images_per_second']:>8.1f} {row['ratio_to_ew']:>6.2f} "
+                  f"{row['gflops']:>9.1f} {peak}")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
