@@ -54,8 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import sweep_theta
     from theory.balancing import make
-    from theory.simulate import (TrainResult, evaluate, init_train_state, moment_losses, seed_keys, sweep,
-                                 train_and_evaluate, train_step)
+    from theory.simulate import (TrainResult, evaluate, init_train_state, moment_least_squares, moment_losses,
+                                 seed_keys, sweep, train_and_evaluate, train_step)
 
     parser = parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_sweep.py")
     config = parse_config(BenchConfig, parser, argv)
@@ -86,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         @jax.jit
         def finish(theta, key, state, weights_sum):
             result = TrainResult(state.params, moment_losses(state.params, state.moments), weights_sum,
-                                 weights_sum / train_config.steps)
-            return evaluate(scm, theta, key, train_config, result)
+                                 weights_sum / train_config.steps, moment_least_squares(state.moments))
+            return evaluate(scm, theta, result)
 
         def stepwise():
             for theta in thetas:

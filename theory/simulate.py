@@ -132,12 +132,14 @@ class TrainResult(NamedTuple):
         final_losses: ``[K]`` empirical source losses at the last step.
         final_weights: ``[K]`` the balancer's weights at the last step.
         mean_weights: ``[K]`` the balancer's weights averaged over all steps.
+        least_squares_heads: ``[K, d]`` the empirical risk minimisers on the same sample (from its moments).
     """
 
     params: Params
     final_losses: jax.Array
     final_weights: jax.Array
     mean_weights: jax.Array
+    least_squares_heads: jax.Array
 
 
 def _source_batch(scm: LinearGaussianSCM, theta, key: jax.Array, num_samples: int):
@@ -231,7 +233,13 @@ def train(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array, con
     keys = jax.random.split(balance_key, config.steps)
     state, (_, weights) = jax.lax.scan(lambda s, k: train_step(scm, balancer, config, s, k), state, keys)
     final_losses = moment_losses(state.params, state.moments)
-    return TrainResult(state.params, final_losses, weights[-1], jnp.mean(weights, axis=0))
+    return TrainResult(state.params, final_losses, weights[-1], jnp.mean(weights, axis=0),
+                       moment_least_squares(state.moments))
+
+
+def moment_least_squares(moments: Moments) -> jax.Array:
+    r"""Ordinary least squares from a sample's second moments, :math:`\hat\Sigma_{zz}^{-1}\hat\Sigma_{zy}`, ``[K, d]``."""
+    return jnp.linalg.solve(moments.zz, moments.zy).T
 
 
 def least_squares_heads(scm: LinearGaussianSCM, theta, key: jax.Array, config: TrainConfig) -> jax.Array:
@@ -240,8 +248,7 @@ def least_squares_heads(scm: LinearGaussianSCM, theta, key: jax.Array, config: T
     A converged learner reaches these; comparing with them separates optimisation error from sampling error.
     """
     data_key, _, _ = jax.random.split(key, 3)
-    z_s, y = _source_batch(scm, theta, data_key, config.num_samples)
-    return jnp.linalg.solve(z_s.T @ z_s, z_s.T @ y).T
+    return moment_least_squares(moments_of(*_source_batch(scm, theta, data_key, config.num_samples)))
 
 
 class Evaluation(NamedTuple):
@@ -264,19 +271,19 @@ class Evaluation(NamedTuple):
     mean_weights: jax.Array
 
 
-def evaluate(scm: LinearGaussianSCM, theta, key: jax.Array, config: TrainConfig, result: TrainResult) -> Evaluation:
+def evaluate(scm: LinearGaussianSCM, theta, result: TrainResult) -> Evaluation:
     """Exact source and target risks of a trained predictor, and the gap of least squares on the same sample."""
     heads = effective_heads(result.params)
     source = closed_forms.risk(scm, theta, heads, "source")
     target = closed_forms.risk(scm, theta, heads, "target")
-    ols_gap = closed_forms.ood_gap(scm, theta, least_squares_heads(scm, theta, key, config))
+    ols_gap = closed_forms.ood_gap(scm, theta, result.least_squares_heads)
     return Evaluation(source, target, target - source, ols_gap, result.final_losses, result.mean_weights)
 
 
 def train_and_evaluate(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array,
                        config: TrainConfig) -> Evaluation:
     """Trains one configuration (seeded by ``key``) and evaluates its exact source and target risks."""
-    return evaluate(scm, theta, key, config, train(scm, balancer, theta, key, config))
+    return evaluate(scm, theta, train(scm, balancer, theta, key, config))
 
 
 def seed_keys(seeds) -> jax.Array:
