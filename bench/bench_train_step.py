@@ -3,17 +3,22 @@
     python bench/bench_train_step.py                      # reduced configuration (CPU-sized)
     python bench/bench_train_step.py --config nyuv2       # the paper's NYUv2 setting: run it on a GPU
 
-Three steps, each compiled before timing (median over ``--repeats`` calls):
+    python bench/bench_train_step.py --config nyuv2 --precisions bfloat16,float32 --peak-tflops 989
 
-* ``core``: CORE-MTL with hard grounding, λ_ind = 1 and the counterfactual pass forced on every step (the paper runs
-  it with probability 0.5, so this is its worst case);
-* ``ew``: the same model without grounding, one backward pass of the weighted sum of the task losses;
+Four steps per compute precision, each compiled before timing (median over ``--repeats`` calls):
+
+* ``ew``: the model without grounding, one backward pass of the weighted sum of the task losses;
+* ``core``: CORE-MTL with hard grounding, λ_ind = 1 and the counterfactual pass on (the paper's stage 2);
+* ``core_no_cfa``: the same step when the counterfactual gate is closed. The paper draws the gate with probability
+  0.5 per step, so its average step is the mean of ``core`` and ``core_no_cfa`` (reported as ``core_expected``);
 * ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
 
-Reported per step: milliseconds, images per second, the ratio to EW, FLOPs from XLA's cost analysis, the memory
-XLA assigns (arguments + outputs + temporaries), and on a GPU the model FLOP utilisation against the device's peak
-(``--peak-tflops``; H100 SXM: ~989 dense bf16, ~67 fp32 — this port computes in float32 for now). Writes
-``bench/results/bench_train_step[_<config>].json``.
+Reported per step: milliseconds, images per second, the ratio to EW at the same precision, FLOPs from XLA's cost
+analysis, the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation against the
+device's peak (``--peak-tflops``; H100/H200 SXM: ~989 dense bf16 — use the bf16 peak for both precisions, as MFU is
+conventionally quoted, or ~67 for plain fp32). ``bfloat16`` computes convolutions and matrix products in bfloat16
+with float32 parameters, optimiser and losses. Writes ``bench/results/bench_train_step_<config>.json`` after each
+precision, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -26,15 +31,20 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import environment, median_seconds, parse_config, parser_for, run_main, write_json  # noqa: E402
+from _common import (environment, median_seconds, parse_choices, parse_config, parser_for, run_main,  # noqa: E402
+                     write_json)
 
 CONFIGS = ("reduced", "nyuv2")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     config: str = dataclasses.field(default="reduced", metadata={"help": "reduced (CPU) or nyuv2 (288x384, batch "
                                                                          "16, full ResNet-50)"})
+    precisions: str = dataclasses.field(default="float32", metadata={
+        "help": f"comma-separated compute precisions from {', '.join(PRECISIONS)} (bfloat16 is emulated, slowly, "
+                f"on CPUs)"})
     repeats: int = dataclasses.field(default=5, metadata={"help": "timed steps per method (median)"})
     peak_tflops: float = dataclasses.field(default=0.0, metadata={
         "help": "the device's peak TFLOP/s for model FLOP utilisation (0: not reported)"})
@@ -44,6 +54,7 @@ class BenchConfig:
     def __post_init__(self):
         if self.config not in CONFIGS:
             raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {self.config!r}")
+        parse_choices("--precisions", self.precisions, PRECISIONS)
         if self.repeats < 1:
             raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
         if not self.peak_tflops >= 0:
@@ -74,7 +85,8 @@ def _batch(batch_size: int, size: tuple[int, int]):
             "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _steps(model_config, precision: str):
+    """The jitted steps to compare, each with its arguments' state: ``[(name, step, state)]``."""
     import jax
     from flax import nnx
 
@@ -82,24 +94,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deep.model import DualStreamModel
     from theory.balancing import make
 
-    config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_train_step.py"),
-                          argv)
-    model_config, batch_size, size = _setting(config.config)
-    batch = _batch(batch_size, size)
+    model_config = dataclasses.replace(model_config, compute_dtype=precision)
     optimizer = train.make_optimizer(train.OptimConfig())
     weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual_probability=1.0)
-    key = jax.random.key(1)
 
     graphdef, core_state = train.split_model(DualStreamModel(model_config, nnx.Rngs(0)), optimizer)
-    core = jax.jit(lambda state, batch, key: train.core_step(graphdef, optimizer, state, batch, key, weights,
-                                                             independence_weight=1.0, counterfactual_on=True))
+
+    def core_with(counterfactual_on: bool):
+        return jax.jit(lambda state, batch, key: train.core_step(graphdef, optimizer, state, batch, key, weights,
+                                                                 independence_weight=1.0,
+                                                                 counterfactual_on=counterfactual_on))
 
     plain = dataclasses.replace(model_config, grounding="none")
     plain_graphdef, plain_state = train.split_model(DualStreamModel(plain, nnx.Rngs(0)), optimizer)
     ew_weights = dataclasses.replace(weights, independence=0.0, counterfactual=0.0)
     ew = jax.jit(lambda state, batch, key: train.core_step(plain_graphdef, optimizer, state, batch, key, ew_weights,
                                                            independence_weight=0.0, counterfactual_on=False))
-
     pcgrad_balancer = make("pcgrad")
 
     @jax.jit
@@ -109,36 +119,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train.apply_gradients(plain_graphdef, optimizer, state, direction, head_grads, batch_stats, rest,
                                      losses_k.sum())
 
-    rows = []
-    for name, function, args in (("ew", ew, (plain_state, batch, key)), ("core", core, (core_state, batch, key)),
-                                 ("pcgrad", pcgrad, (plain_state, batch, key))):
-        compiled = function.lower(*args).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        flops = float(cost.get("flops", 0.0)) if cost else 0.0
-        memory = compiled.memory_analysis()
-        peak = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                            + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
-        seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), config.repeats, warmup=True)
-        row = {"method": name, "ms": 1e3 * seconds, "images_per_second": batch_size / seconds, "gflops": flops / 1e9,
-               "peak_mb": peak}
-        if config.peak_tflops > 0 and flops > 0:
-            row["model_flop_utilisation"] = flops / seconds / (config.peak_tflops * 1e12)
-        rows.append(row)
-        if not config.quiet:
-            print(f"{name}: {row['ms']:.1f} ms", file=sys.stderr)
-    ew_ms = rows[0]["ms"]
-    for row in rows:
-        row["ratio_to_ew"] = row["ms"] / ew_ms
+    return [("ew", ew, plain_state), ("core", core_with(True), core_state),
+            ("core_no_cfa", core_with(False), core_state), ("pcgrad", pcgrad, plain_state)]
+
+
+def _measure(name: str, function, args, batch_size: int, repeats: int, peak_tflops: float) -> dict:
+    import jax
+
+    compiled = function.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    memory = compiled.memory_analysis()
+    peak = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                        + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
+    seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup=True)
+    row = {"method": name, "ms": 1e3 * seconds, "images_per_second": batch_size / seconds, "gflops": flops / 1e9,
+           "peak_mb": peak}
+    if peak_tflops > 0 and flops > 0:
+        row["model_flop_utilisation"] = flops / seconds / (peak_tflops * 1e12)
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import jax
+
+    config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_train_step.py"),
+                          argv)
+    model_config, batch_size, size = _setting(config.config)
+    batch = _batch(batch_size, size)
+    key = jax.random.key(1)
     out = Path(config.out or ROOT / "bench" / "results" / f"bench_train_step_{config.config}.json")
-    write_json(out, {"benchmark": "bench_train_step", "config": config.config, "batch": batch_size,
-                     "image_size": list(size), "precision": "float32", "rows": rows, "environment": environment()})
+    rows = []
+    for precision in parse_choices("--precisions", config.precisions, PRECISIONS):
+        measured = []
+        for name, function, state in _steps(model_config, precision):
+            measured.append(dict(_measure(name, function, (state, batch, key), batch_size, config.repeats,
+                                          config.peak_tflops), precision=precision))
+            if not config.quiet:
+                print(f"{precision} {name}: {measured[-1]['ms']:.1f} ms", file=sys.stderr, flush=True)
+        by_name = {row["method"]: row for row in measured}
+        expected_ms = 0.5 * (by_name["core"]["ms"] + by_name["core_no_cfa"]["ms"])
+        measured.append({"method": "core_expected", "precision": precision, "ms": expected_ms,
+                         "images_per_second": batch_size / expected_ms * 1e3,
+                         "note": "mean of core and core_no_cfa: the paper's CFA probability 0.5"})
+        for row in measured:
+            row["ratio_to_ew"] = row["ms"] / by_name["ew"]["ms"]
+        rows += measured
+        write_json(out, {"benchmark": "bench_train_step", "config": config.config, "batch": batch_size,
+                         "image_size": list(size), "peak_tflops": config.peak_tflops, "rows": rows,
+                         "environment": environment()})
     if not config.quiet:
-        print(f"{'step':<8} {'ms':>9} {'img/s':>8} {'x EW':>6} {'GFLOP':>9} {'peak MB':>9}")
+        print(f"{'precision':<9} {'step':<12} {'ms':>9} {'img/s':>8} {'x EW':>6} {'GFLOP':>9} {'peak MB':>9} "
+              f"{'MFU':>6}")
         for row in rows:
-            peak = f"{row['peak_mb']:>9.0f}" if row["peak_mb"] is not None else f"{'-':>9}"
-            print(f"{row['method']:<8} {row['ms']:>9.1f} {row['images_per_second']:>8.1f} {row['ratio_to_ew']:>6.2f} "
-                  f"{row['gflops']:>9.1f} {peak}")
+            peak = f"{row['peak_mb']:>9.0f}" if row.get("peak_mb") is not None else f"{'-':>9}"
+            gflops = f"{row['gflops']:>9.1f}" if "gflops" in row else f"{'-':>9}"
+            mfu = f"{row['model_flop_utilisation']:>6.1%}" if "model_flop_utilisation" in row else f"{'-':>6}"
+            print(f"{row['precision']:<9} {row['method']:<12} {row['ms']:>9.1f} {row['images_per_second']:>8.1f} "
+                  f"{row['ratio_to_ew']:>6.2f} {gflops} {peak} {mfu}")
         print(f"wrote {out}")
     return 0
 

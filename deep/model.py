@@ -29,6 +29,9 @@ from deep.shading import unit_vectors
 from deep.streams import DualStream
 
 HEAD_INPUTS = ("semantic", "semantic+backbone")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The layers whose matrix work follows the compute dtype; normalisation statistics are reduced in float32 by Flax.
+_COMPUTE_LAYERS = (nnx.Conv, nnx.Linear, nnx.BatchNorm, nnx.LayerNorm)
 GROUNDINGS = ("hard", "none")
 NYUV2_TASKS = (("segmentation", 13), ("depth", 1), ("normal", 3))
 
@@ -48,8 +51,11 @@ class ModelConfig:
     decoder_widths: tuple[int, ...] = (128, 128, 64, 32)
     albedo_seed: int = 16
     light_hidden: int = 128
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
         if self.grounding not in GROUNDINGS:
             raise ValueError(f"grounding must be one of {', '.join(GROUNDINGS)}; got {self.grounding!r}")
         if self.heads_read not in HEAD_INPUTS:
@@ -72,6 +78,16 @@ class DualStreamModel(nnx.Module):
         self.decoder = PhysicalDecoder(config.semantic_channels, config.residual_channels, features, rngs,
                                        config.decoder_widths, config.albedo_seed,
                                        config.light_hidden) if config.grounding == "hard" else None
+        self._set_compute_dtype(COMPUTE_DTYPES[config.compute_dtype])
+
+    def _set_compute_dtype(self, dtype) -> None:
+        """Mixed precision: every convolution, dense and normalisation layer computes in ``dtype`` (its inputs and
+        parameters are cast at the call) while the parameters themselves stay float32, so the optimiser and the
+        gradients are float32. Setting the layers' ``dtype`` in one place keeps the module constructors free of a
+        precision argument; the setting is static and travels in the graph definition."""
+        for _, module in nnx.iter_graph(self):
+            if isinstance(module, _COMPUTE_LAYERS):
+                module.dtype = dtype
 
     def render(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
                image_size: tuple[int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -103,4 +119,9 @@ class DualStreamModel(nnx.Module):
         if self.decoder is not None:
             rendered, parts = self.render(semantic_map, residual_code, c4, images.shape[1:3])
             aux.update(rendered=rendered, **parts)
-        return predictions, aux
+        # Losses, CKA and metrics are computed in float32 whatever the compute dtype.
+        return jax.tree.map(_as_float32, predictions), jax.tree.map(_as_float32, aux)
+
+
+def _as_float32(value: jax.Array) -> jax.Array:
+    return value.astype(jnp.float32) if jnp.issubdtype(value.dtype, jnp.floating) else value
