@@ -14,7 +14,7 @@ Four steps per compute precision, each compiled before timing (median over ``--r
 * ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
 
 Reported per step: milliseconds, images per second, the ratio to EW at the same precision, FLOPs from XLA's cost
-analysis, the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation against the
+analysis of the step's unoptimised HLO (the same count on every device), the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation against the
 device's peak (``--peak-tflops``; H100/H200 SXM: ~989 dense bf16 — use the bf16 peak for both precisions, as MFU is
 conventionally quoted, or ~67 for plain fp32). ``bfloat16`` computes convolutions and matrix products in bfloat16
 with float32 parameters, optimiser and losses. Writes ``bench/results/bench_train_step_<config>.json`` after each
@@ -107,7 +107,7 @@ def _steps(model_config, precision: str):
 
     plain = dataclasses.replace(model_config, grounding="none")
     plain_graphdef, plain_state = train.split_model(DualStreamModel(plain, nnx.Rngs(0)), optimizer)
-    ew_weights = dataclasses.replace(weights, independence=0.0, counterfactual=0.0)
+    ew_weights = dataclasses.replace(weights, independence=0.0, counterfactual=0.0, edge=0.0)
     ew = jax.jit(lambda state, batch, key: train.core_step(plain_graphdef, optimizer, state, batch, key, ew_weights,
                                                            independence_weight=0.0, counterfactual_on=False))
     pcgrad_balancer = make("pcgrad")
@@ -126,10 +126,13 @@ def _steps(model_config, precision: str):
 def _measure(name: str, function, args, batch_size: int, repeats: int, peak_tflops: float) -> dict:
     import jax
 
-    compiled = function.lower(*args).compile()
-    cost = compiled.cost_analysis()
+    lowered = function.lower(*args)
+    # FLOPs of the step's HLO before backend optimisation: on GPUs the compiled module's cost analysis leaves out
+    # the convolutions XLA hands to cuDNN (custom calls), which would undercount a ResNet step about 100-fold.
+    cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    compiled = lowered.compile()
     memory = compiled.memory_analysis()
     peak = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20

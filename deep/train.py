@@ -156,19 +156,25 @@ def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: d
 
 
 def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Array, weights: losses.LossWeights,
-                   independence_weight, counterfactual_gate) -> tuple[jax.Array, tuple]:
-    """Eq (16) plus the gated counterfactual term; returns ``(loss, (batch_stats, rest, terms))``."""
+                   independence_weight, counterfactual_gate, task_scale=1.0) -> tuple[jax.Array, tuple]:
+    """Eq (16) plus the gated counterfactual term; returns ``(loss, (batch_stats, rest, terms))``. ``task_scale``
+    multiplies the task losses in the objective (0 in the authors' stage 0); the reported terms are unscaled."""
     model = _merge(graphdef, params, batch_stats, rest)
     model.train()
     predictions, aux = model(batch["images"])
     terms = task_losses(model.config.tasks, predictions, batch)
+    scaled = {name: task_scale * value for name, value in terms.items()}
+    if "depth" in predictions and weights.edge > 0:
+        # Not gated by the stage, as in the authors' code: in stage 0 it still trains the encoder through the depth
+        # head (whose own parameters are frozen then).
+        scaled["edge"] = terms["edge"] = losses.edge_loss(predictions["depth"], batch["depth"])
     terms["independence"] = losses.independence_loss(aux["semantic_map"], aux["residual_code"])
     if model.decoder is not None:
         terms["image"] = losses.physical_image_loss(aux["rendered"], batch["images"])
         terms["albedo_tv"] = losses.albedo_tv(aux["albedo"])
         terms["gray"] = losses.grayscale_shading(aux["shading"])
         terms["covariance"] = losses.albedo_normal_covariance(aux["albedo"], aux["normals"])
-    total = losses.total_loss(terms, weights, independence_weight)
+    total = losses.total_loss({**terms, **scaled}, weights, independence_weight)
     new_batch_stats, new_rest = _split_states(model)
     if model.decoder is not None and weights.counterfactual > 0:
         probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
@@ -188,17 +194,24 @@ def _guarded(state: TrainState, new_state: TrainState, loss, grads) -> tuple[Tra
 
 
 def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainState, batch: dict, key: jax.Array,
-              weights: losses.LossWeights, independence_weight, counterfactual_on) -> tuple[TrainState, dict]:
+              weights: losses.LossWeights, independence_weight, counterfactual_on,
+              train_tasks=True) -> tuple[TrainState, dict]:
     """One CORE-MTL step. ``counterfactual_on``: whether CFA may run this epoch (stage 2 and past its start epoch);
-    it then runs with probability ``weights.counterfactual_probability``. Jit with ``graphdef``, ``optimizer`` and
-    ``weights`` static (``functools.partial``)."""
+    it then runs with probability ``weights.counterfactual_probability``. ``train_tasks=False`` is the authors'
+    stage 0: the task losses leave the objective and the heads' parameters stay as they are (their Adam moments
+    still see the coupled weight decay, unlike PyTorch, which skips parameters without gradients). Jit with
+    ``graphdef``, ``optimizer`` and ``weights`` static (``functools.partial``)."""
     gate_key, cf_key = jax.random.split(key)
     gate = counterfactual_on & jax.random.bernoulli(gate_key, weights.counterfactual_probability) & (
         batch["images"].shape[0] > 1)
+    task_scale = jnp.where(train_tasks, 1.0, 0.0)
     (loss, (batch_stats, rest, terms)), grads = jax.value_and_grad(core_objective, argnums=1, has_aux=True)(
-        graphdef, state.params, state.batch_stats, state.rest, batch, cf_key, weights, independence_weight, gate)
+        graphdef, state.params, state.batch_stats, state.rest, batch, cf_key, weights, independence_weight, gate,
+        task_scale)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
+    params = optax.apply_updates(state.params, updates)
+    params = (params[0], jax.tree.map(lambda new, old: jnp.where(train_tasks, new, old), params[1], state.params[1]))
+    new_state = TrainState(params, batch_stats, rest, opt_state, state.step + 1)
     new_state, finite = _guarded(state, new_state, loss, grads)
     return new_state, {"loss": loss, "finite": finite, **terms}
 
@@ -234,6 +247,93 @@ def apply_gradients(graphdef, optimizer: optax.GradientTransformation, state: Tr
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
     return _guarded(state, new_state, loss, grads)
+
+
+def _loss_weighted_step(graphdef, optimizer, balancer, state: TrainState, balancer_state, batch: dict, key):
+    """A method that weighs the losses alone: its weights from the losses of this forward pass, then one backward
+    pass of :math:`\sum_t w_t \mathcal L_t` (``jax.vjp`` with the weights as the cotangent), heads included."""
+
+    def per_task(params):
+        model = _merge(graphdef, params, state.batch_stats, state.rest)
+        model.train()
+        predictions, _ = model(batch["images"])
+        return jnp.stack(list(task_losses(model.config.tasks, predictions, batch).values())), _split_states(model)
+
+    losses_k, pullback, (batch_stats, rest) = jax.vjp(per_task, state.params, has_aux=True)
+    weights, balancer_state = balancer.weigh(None, losses_k, balancer_state, key)
+    (grads,) = pullback(jax.lax.stop_gradient(weights).astype(losses_k.dtype))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
+    new_state, finite = _guarded(state, new_state, losses_k.sum(), grads)
+    return new_state, balancer_state, losses_k, weights, finite
+
+
+def representation_jacobian_step(graphdef, state: TrainState, batch: dict):
+    """Per-task losses, their Jacobian ``[K, R]`` with respect to the shared representation (the streams and the
+    backbone features the heads may read, raveled), the pull-back of a representation direction to the shared
+    parameters, each head's own gradient, and the new BatchNorm statistics; one forward pass."""
+    shared, heads = state.params
+    images = batch["images"]
+
+    def encode(shared):
+        model = _merge(graphdef, (shared, heads), state.batch_stats, state.rest)
+        model.train()
+        features = model.backbone(images)[-1]
+        semantic_map, residual_code = model.streams(features)
+        return (semantic_map, residual_code, features), _split_states(model)
+
+    representation, encoder_pullback, (batch_stats, rest) = jax.vjp(encode, shared, has_aux=True)
+    flat_representation, unravel = ravel_pytree(representation)
+
+    def decode(flat_representation, heads):
+        model = _merge(graphdef, (shared, heads), batch_stats, rest)
+        model.train()
+        predictions = model.predict_from_streams(*unravel(flat_representation), images.shape[1:3])
+        predictions = {name: value.astype(jnp.float32) for name, value in predictions.items()}
+        return jnp.stack(list(task_losses(model.config.tasks, predictions, batch).values())), _split_states(model)
+
+    losses_k, decode_pullback, (batch_stats, rest) = jax.vjp(decode, flat_representation, heads, has_aux=True)
+    jacobian, head_grads = jax.vmap(decode_pullback)(jnp.eye(losses_k.shape[0], dtype=losses_k.dtype))
+    head_grads = jax.tree.map(lambda g: g.sum(axis=0), head_grads)
+
+    def pull_back(direction):
+        (shared_grads,) = encoder_pullback(unravel(direction.astype(flat_representation.dtype)))
+        return ravel_pytree(shared_grads)[0]
+
+    return losses_k, jacobian, pull_back, head_grads, batch_stats, rest
+
+
+def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, state: TrainState, balancer_state,
+                  batch: dict, key: jax.Array):
+    """One step of a baseline of Definition 2.1 with any method of :mod:`theory.balancing`, by what it needs:
+
+    * ``requires="losses"``: weights from the losses, one weighted backward pass (heads get :math:`w_t\nabla`);
+    * gradients of the shared parameters: :func:`task_jacobian_step`, ``balancer.step``, each head its own
+      task's gradient (LibMTL's convention for gradient methods);
+    * gradients of the representation (GradDrop): :func:`representation_jacobian_step`, the method's direction
+      pulled back through the encoder.
+
+    Returns ``(state, balancer_state, metrics)``; jit with everything but the arrays static.
+    """
+    if balancer.requires == "losses" and balancer.gradient_of == "parameters":
+        state, balancer_state, losses_k, weights, finite = _loss_weighted_step(graphdef, optimizer, balancer, state,
+                                                                               balancer_state, batch, key)
+    else:
+        if balancer.gradient_of == "representation":
+            losses_k, jacobian, pull_back, head_grads, batch_stats, rest = representation_jacobian_step(
+                graphdef, state, batch)
+            direction, weights, balancer_state = balancer.step(jacobian, losses_k, balancer_state, key)
+            direction = pull_back(direction)
+        else:
+            losses_k, jacobian, head_grads, batch_stats, rest = task_jacobian_step(graphdef, state, batch)
+            direction, weights, balancer_state = balancer.step(jacobian, losses_k, balancer_state, key)
+        state, finite = apply_gradients(graphdef, optimizer, state, direction, head_grads, batch_stats, rest,
+                                        losses_k.sum())
+    metrics = {"loss": losses_k.sum(), "finite": finite}
+    tasks = [name for name, _ in nnx.merge(graphdef, *state.params, state.batch_stats, state.rest).config.tasks]
+    metrics.update({name: losses_k[i] for i, name in enumerate(tasks)})
+    metrics.update({f"weight/{name}": weights[i] for i, name in enumerate(tasks)})
+    return state, balancer_state, metrics
 
 
 # ------------------------------------------------------------------------------------------------------ devices
