@@ -1,0 +1,259 @@
+r"""Offline import of torchvision's ImageNet ResNet weights into the Flax backbone (``reference/ecosystem.md`` §4.3).
+
+Two steps, so that the runtime never needs PyTorch and nothing is downloaded:
+
+1. :func:`convert_pth_to_npz` (or ``python -m deep.weights convert resnet50-19c8e357.pth resnet50.npz``) turns a
+   user-supplied torchvision state dict into an ``.npz`` whose keys are the state-dict keys and whose arrays keep
+   PyTorch's layout (convolution weights OIHW). It imports torch lazily (``pip install 'core-mtl-toolkit[torch]'``).
+2. :func:`load_torchvision_npz` reads the ``.npz`` with numpy and assigns it in place to a :class:`deep.backbone.ResNet`
+   (or the ``.backbone`` of a :class:`deep.model.DualStreamModel`), checking **every** key and shape first: a
+   missing, misshapen or unexpected key is an error (torch's ``strict=False``, which LibMTL uses, hides them).
+
+The mapping is :func:`deep.backbone.torchvision_key`; convolution kernels go from OIHW to HWIO by
+``transpose(2, 3, 1, 0)``, BatchNorm ``weight, bias, running_mean, running_var`` become ``scale, bias, mean, var``.
+The classifier (``fc.*``) and ``*.num_batches_tracked`` are ignored. :func:`save_torchvision_npz` is the inverse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deep.backbone import ResNet, resnet50, torchvision_key
+
+__all__ = ["load_torchvision_npz", "save_torchvision_npz", "convert_pth_to_npz", "torchvision_shapes",
+           "check_torchvision_arrays", "check_npz", "is_ignored_key", "main"]
+
+DISTRIBUTION = "core-mtl-toolkit"
+_OIHW_FROM_HWIO = (3, 2, 0, 1)
+_HWIO_FROM_OIHW = (2, 3, 1, 0)
+
+
+def is_ignored_key(key: str) -> bool:
+    """Whether a state-dict key is not part of the backbone and is skipped: the classifier ``fc.*`` and the
+    BatchNorm counters ``*.num_batches_tracked``."""
+    return key.startswith("fc.") or key == "num_batches_tracked" or key.endswith(".num_batches_tracked")
+
+
+def _backbone_of(target: nnx.Module) -> ResNet:
+    if isinstance(target, ResNet):
+        return target
+    backbone = getattr(target, "backbone", None)
+    if isinstance(backbone, ResNet):
+        return backbone
+    raise ValueError(f"expected a deep.backbone.ResNet or a model with a ResNet .backbone; got {type(target).__name__}")
+
+
+def _get(variable):
+    """The value of an NNX variable (``get_value`` in Flax >= 0.11, ``.value`` before)."""
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+def _backbone_variables(backbone: ResNet) -> list[tuple[tuple, object, str]]:
+    """``(nnx path, variable, torchvision key)`` for every variable of the backbone, in a fixed order."""
+    return [(path, variable, torchvision_key(path)) for path, variable in nnx.to_flat_state(nnx.state(backbone))]
+
+
+def _is_kernel(path: tuple, shape: Sequence[int]) -> bool:
+    return path[-1] == "kernel" and len(shape) == 4
+
+
+def _torch_shape(path: tuple, shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(size) for size in shape)
+    return tuple(shape[axis] for axis in _OIHW_FROM_HWIO) if _is_kernel(path, shape) else shape
+
+
+def torchvision_shapes(target: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """The torchvision state-dict key -> shape (PyTorch layout, OIHW kernels) that ``target``'s backbone expects.
+
+    ``target`` may be abstract (``nnx.eval_shape(lambda: resnet50(nnx.Rngs(0)))``), so checking a file against
+    ResNet-50 allocates nothing.
+    """
+    return {key: _torch_shape(path, _get(variable).shape) for path, variable, key in _backbone_variables(
+        _backbone_of(target))}
+
+
+def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npz archive ({error})") from None
+
+
+def check_torchvision_arrays(target: nnx.Module, arrays: dict[str, np.ndarray], source: str = "weights") -> None:
+    """Raises a one-line ``ValueError`` unless ``arrays`` holds exactly the backbone's keys (plus ignored ones)
+    with the expected PyTorch-layout shapes and floating dtypes."""
+    expected = torchvision_shapes(target)
+    unexpected = [key for key in arrays if key not in expected and not is_ignored_key(key)]
+    for key, shape in expected.items():
+        if key not in arrays:
+            hint = (f" ({len(unexpected)} unexpected keys there, first {unexpected[0]!r}: a prefix such as "
+                    "'module.' or 'encoder.' must be stripped)" if unexpected else "")
+            raise ValueError(f"{source}: missing backbone key {key!r} (shape {shape}){hint}")
+        actual = tuple(arrays[key].shape)
+        if actual != shape:
+            raise ValueError(f"{source}: key {key!r} has shape {actual}, expected {shape} (PyTorch layout)")
+        if not np.issubdtype(arrays[key].dtype, np.floating):
+            raise ValueError(f"{source}: key {key!r} has dtype {arrays[key].dtype}, expected a floating type")
+    if unexpected:
+        raise ValueError(f"{source}: {len(unexpected)} key(s) the backbone does not have, first {unexpected[0]!r} "
+                         "(allowed besides the backbone's: fc.* and *.num_batches_tracked)")
+
+
+def load_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
+    """Loads torchvision ResNet weights from ``path`` into ``target``'s backbone, in place.
+
+    Every key and shape is checked before anything is assigned, so a rejected file leaves the model unchanged.
+    Values are cast to the variables' dtype (float32).
+
+    Args:
+        target: a :class:`deep.backbone.ResNet` or a model whose ``.backbone`` is one.
+        path: an ``.npz`` with torchvision state-dict keys and PyTorch layouts (see :func:`convert_pth_to_npz`).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: on an unreadable file, a missing or misshapen backbone key, a non-floating array, or a key
+            that is neither the backbone's nor ignored (``fc.*``, ``*.num_batches_tracked``); the message names it.
+    """
+    backbone = _backbone_of(target)
+    arrays = _read_npz(path)
+    check_torchvision_arrays(backbone, arrays, source=f"weights file {path}")
+    updated = []
+    for variable_path, variable, key in _backbone_variables(backbone):
+        value = arrays[key]
+        if _is_kernel(variable_path, value.shape):
+            value = np.transpose(value, _HWIO_FROM_OIHW)
+        updated.append((variable_path, variable.replace(jnp.asarray(value, dtype=_get(variable).dtype))))
+    nnx.update(backbone, nnx.from_flat_state(updated))
+
+
+def check_npz(path: str | os.PathLike, target: nnx.Module | None = None) -> int:
+    """Checks an ``.npz`` against ``target``'s backbone (default: an abstract ResNet-50 at output stride 8, built
+    with ``nnx.eval_shape`` so nothing is allocated) without loading it; returns the number of backbone arrays.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_torchvision_npz`.
+    """
+    if target is None:
+        target = nnx.eval_shape(lambda: resnet50(nnx.Rngs(0)))
+    check_torchvision_arrays(target, _read_npz(path), source=f"weights file {path}")
+    return len(torchvision_shapes(target))
+
+
+def _write_atomically(path: Path, write: Callable[[object], None]) -> None:
+    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it into place."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder of {path} does not exist")
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600 files; weights are shared like any other file
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def save_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
+    """Writes ``target``'s backbone as an ``.npz`` with torchvision keys and PyTorch layouts (OIHW kernels),
+    atomically; :func:`load_torchvision_npz` reads it back. No ``num_batches_tracked`` or ``fc.*`` is written (load
+    it into a torchvision ResNet with ``strict=False``).
+
+    Raises:
+        FileNotFoundError: if the folder of ``path`` does not exist.
+    """
+    arrays = {}
+    for variable_path, variable, key in _backbone_variables(_backbone_of(target)):
+        value = np.asarray(jax.device_get(_get(variable)))
+        arrays[key] = np.transpose(value, _OIHW_FROM_HWIO) if _is_kernel(variable_path, value.shape) else value
+    _write_atomically(Path(path), lambda file: np.savez(file, **arrays))
+
+
+def convert_pth_to_npz(pth_path: str | os.PathLike, npz_path: str | os.PathLike) -> int:
+    """Converts a PyTorch state dict (e.g. torchvision's ``resnet50-19c8e357.pth``) to an ``.npz``, atomically.
+
+    Keys and layouts are kept as they are (the loader transposes); a checkpoint holding the state dict under
+    ``"state_dict"`` is unwrapped. The file is read with ``torch.load(weights_only=True)``: no code in it runs.
+
+    Returns:
+        The number of arrays written.
+
+    Raises:
+        ImportError: if PyTorch is not installed.
+        FileNotFoundError: if ``pth_path`` does not exist.
+        ValueError: if the file is not a state dict of tensors.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"converting a .pth file needs PyTorch, which is not installed: "
+                          f"pip install '{DISTRIBUTION}[torch]'") from None
+    pth_path = Path(pth_path)
+    if not pth_path.is_file():
+        raise FileNotFoundError(f"PyTorch file {pth_path} does not exist")
+    try:
+        state = torch.load(pth_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is not a state dict
+        raise ValueError(f"{pth_path} could not be read as a PyTorch state dict ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{pth_path} does not hold a state dict (a mapping of names to tensors)")
+    arrays = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{pth_path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
+            tensor = tensor.float()  # bfloat16 and friends have no numpy dtype
+        arrays[str(key)] = tensor.numpy()
+    _write_atomically(Path(npz_path), lambda file: np.savez(file, **arrays))
+    return len(arrays)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m deep.weights convert IN.pth OUT.npz`` or ``check IN.npz``: one-line errors, exit status 2 on bad
+    input."""
+    parser = argparse.ArgumentParser(prog="python -m deep.weights",
+                                     description="Offline conversion of torchvision weights for the Flax backbone.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="convert a PyTorch state dict (.pth) to .npz (needs torch)")
+    convert.add_argument("pth", type=Path, help="input .pth (e.g. resnet50-19c8e357.pth)")
+    convert.add_argument("npz", type=Path, help="output .npz")
+    check = commands.add_parser("check", help="check an .npz against the ResNet-50 backbone (no torch needed)")
+    check.add_argument("npz", type=Path, help="the .npz to check")
+    arguments = parser.parse_args(argv)
+    try:
+        if arguments.command == "convert":
+            count = convert_pth_to_npz(arguments.pth, arguments.npz)
+            message = f"wrote {count} arrays to {arguments.npz}"
+        else:
+            count = check_npz(arguments.npz)
+            message = f"{arguments.npz}: all {count} ResNet-50 backbone arrays present with the right shapes"
+    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

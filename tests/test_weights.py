@@ -1,0 +1,216 @@
+"""Offline torchvision -> Flax weight import (deep/weights.py) on a tiny ResNet and on ResNet-50's shapes."""
+
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from deep import weights
+from deep.backbone import BackboneConfig, ResNet, resnet50, torchvision_key
+
+TINY = BackboneConfig(depths=(1, 1, 1, 1), width=2)
+
+
+def _variables(backbone):
+    """``torchvision key -> (nnx path, value)`` of every backbone variable."""
+    return {torchvision_key(path): (path, np.asarray(variable.get_value()))
+            for path, variable in nnx.to_flat_state(nnx.state(backbone))}
+
+
+def _torchvision_arrays(seed=0):
+    """A synthetic torchvision state dict for TINY: keys from the backbone, OIHW kernels, random float32 values,
+    plus what a real file also holds (fc, num_batches_tracked)."""
+    rng = np.random.default_rng(seed)
+    abstract = nnx.eval_shape(lambda: ResNet(TINY, nnx.Rngs(0)))
+    arrays = {}
+    for path, variable in nnx.to_flat_state(nnx.state(abstract)):
+        shape = variable.get_value().shape
+        if path[-1] == "kernel":
+            out_channels, in_channels, (height, width) = shape[3], shape[2], shape[:2]
+            shape = (out_channels, in_channels, height, width)
+        value = rng.uniform(0.5, 2.0, size=shape) if path[-1] == "var" else rng.normal(size=shape)
+        arrays[torchvision_key(path)] = value.astype(np.float32)
+    arrays["bn1.num_batches_tracked"] = np.array(7, dtype=np.int64)
+    arrays["fc.weight"] = rng.normal(size=(10, 8 * TINY.width * 4)).astype(np.float32)
+    arrays["fc.bias"] = np.zeros(10, np.float32)
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def torchvision_arrays():
+    return _torchvision_arrays()
+
+
+def _write(path, arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_load_assigns_every_variable_with_kernels_transposed(tmp_path, torchvision_arrays):
+    backbone = ResNet(TINY, nnx.Rngs(1))
+    weights.load_torchvision_npz(backbone, _write(tmp_path / "tiny.npz", torchvision_arrays))
+    loaded = _variables(backbone)
+    assert len(loaded) == len(torchvision_arrays) - 3
+    for key, (path, value) in loaded.items():
+        expected = torchvision_arrays[key]
+        if path[-1] == "kernel":
+            expected = expected.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        assert value.dtype == np.float32
+        np.testing.assert_array_equal(value, expected, err_msg=key)
+
+
+def test_load_into_a_dual_stream_model_fills_its_backbone(tmp_path, torchvision_arrays):
+    from deep.model import DualStreamModel, ModelConfig
+
+    config = ModelConfig(backbone=TINY, tasks=(("depth", 1),), semantic_channels=4, residual_channels=4,
+                         head_channels=4, aspp_rates=(1,), grounding="none")
+    model = DualStreamModel(config, nnx.Rngs(0))
+    weights.load_torchvision_npz(model, _write(tmp_path / "tiny.npz", torchvision_arrays))
+    np.testing.assert_array_equal(np.asarray(model.backbone.bn1.var.get_value()), torchvision_arrays["bn1.running_var"])
+
+
+def test_missing_misshapen_and_unexpected_keys_are_rejected_by_name(tmp_path, torchvision_arrays):
+    backbone = ResNet(TINY, nnx.Rngs(1))
+    before = _variables(backbone)
+    missing = {k: v for k, v in torchvision_arrays.items() if k != "layer2.0.downsample.0.weight"}
+    with pytest.raises(ValueError, match=r"missing backbone key 'layer2\.0\.downsample\.0\.weight' \(shape "
+                                         r"\(16, 8, 1, 1\)\)$"):
+        weights.load_torchvision_npz(backbone, _write(tmp_path / "missing.npz", missing))
+    misshapen = {**torchvision_arrays, "layer1.0.conv2.weight": np.zeros((2, 2, 1, 3), np.float32)}
+    with pytest.raises(ValueError, match=r"'layer1\.0\.conv2\.weight' has shape \(2, 2, 1, 3\), expected "
+                                         r"\(2, 2, 3, 3\)"):
+        weights.load_torchvision_npz(backbone, _write(tmp_path / "misshapen.npz", misshapen))
+    extra = {**torchvision_arrays, "layer5.0.conv1.weight": np.zeros(1, np.float32)}
+    with pytest.raises(ValueError, match=r"1 key\(s\) the backbone does not have, first 'layer5\.0\.conv1\.weight'"):
+        weights.load_torchvision_npz(backbone, _write(tmp_path / "extra.npz", extra))
+    prefixed = {f"module.{k}": v for k, v in torchvision_arrays.items()}
+    with pytest.raises(ValueError, match="missing backbone key 'bn1.bias'.*first 'module.bn1.bias'.*stripped"):
+        weights.load_torchvision_npz(backbone, _write(tmp_path / "prefixed.npz", prefixed))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        weights.load_torchvision_npz(backbone, tmp_path / "absent.npz")
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        weights.load_torchvision_npz(backbone, tmp_path / "junk.npz")
+    with pytest.raises(ValueError, match="expected a deep.backbone.ResNet"):
+        weights.load_torchvision_npz(object(), tmp_path / "missing.npz")
+    after = _variables(backbone)  # every rejection left the model untouched
+    assert all(np.array_equal(before[key][1], after[key][1]) for key in before)
+
+
+def test_save_then_load_round_trips(tmp_path):
+    source, target = ResNet(TINY, nnx.Rngs(3)), ResNet(TINY, nnx.Rngs(4))
+    path = tmp_path / "exported.npz"
+    weights.save_torchvision_npz(source, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported.npz"]  # no temporary file left behind
+    with np.load(path) as archive:
+        assert archive["conv1.weight"].shape == (2, 3, 7, 7)  # OIHW on disk
+    weights.load_torchvision_npz(target, path)
+    expected, actual = _variables(source), _variables(target)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        np.testing.assert_array_equal(actual[key][1], expected[key][1], err_msg=key)
+    with pytest.raises(FileNotFoundError, match="folder"):
+        weights.save_torchvision_npz(source, tmp_path / "no" / "such" / "folder.npz")
+
+
+def test_resnet50_expects_torchvisions_265_backbone_arrays():
+    abstract = nnx.eval_shape(lambda: resnet50(nnx.Rngs(0)))
+    shapes = weights.torchvision_shapes(abstract)
+    # torchvision's resnet50 state dict: 320 entries = 53 conv weights + 53 BN × 5 + fc.weight + fc.bias.
+    assert len(shapes) == 320 - 53 - 2
+    assert shapes["conv1.weight"] == (64, 3, 7, 7)
+    assert shapes["layer1.0.downsample.0.weight"] == (256, 64, 1, 1)
+    assert shapes["layer3.5.conv2.weight"] == (256, 256, 3, 3)
+    assert shapes["layer4.2.bn3.running_var"] == (2048,)
+    assert "layer4.2.downsample.0.weight" not in shapes
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
+                    reason="torch is installed: the real round trip runs instead")
+def test_converter_without_torch_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'core-mtl-toolkit\[torch\]'"):
+        weights.convert_pth_to_npz(tmp_path / "in.pth", tmp_path / "out.npz")
+    assert weights.main(["convert", str(tmp_path / "in.pth"), str(tmp_path / "out.npz")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "core-mtl-toolkit[torch]" in error
+
+
+class _FakeTensor:
+    """The slice of ``torch.Tensor`` the converter touches, over a numpy array."""
+
+    def __init__(self, array, dtype):
+        self.array, self.dtype = array, dtype
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def is_floating_point(self):
+        return self.dtype in ("float16", "float32", "float64", "bfloat16")
+
+    def float(self):
+        return _FakeTensor(self.array.astype(np.float32), "float32")
+
+    def numpy(self):
+        if self.dtype == "bfloat16":
+            raise TypeError("Got unsupported ScalarType BFloat16")
+        return self.array
+
+
+def _fake_torch(saved):
+    """A stand-in ``torch`` module whose ``load`` returns ``saved`` (and records how it was called)."""
+    module = types.ModuleType("torch")
+    module.Tensor, module.float16, module.float32, module.float64 = _FakeTensor, "float16", "float32", "float64"
+    module.calls = []
+
+    def load(path, map_location=None, weights_only=False):
+        module.calls.append({"map_location": map_location, "weights_only": weights_only})
+        return saved
+
+    module.load = load
+    return module
+
+
+def test_converter_logic_with_a_stand_in_torch(tmp_path, monkeypatch, torchvision_arrays):
+    state = {key: _FakeTensor(value, str(value.dtype)) for key, value in torchvision_arrays.items()}
+    state["bn1.weight"] = _FakeTensor(torchvision_arrays["bn1.weight"], "bfloat16")  # numpy has no bfloat16
+    fake = _fake_torch({"state_dict": state, "epoch": 3})  # a checkpoint wrapping the state dict
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    (tmp_path / "tiny.pth").write_bytes(b"")
+    assert weights.convert_pth_to_npz(tmp_path / "tiny.pth", tmp_path / "tiny.npz") == len(torchvision_arrays)
+    assert fake.calls == [{"map_location": "cpu", "weights_only": True}]
+    backbone = ResNet(TINY, nnx.Rngs(1))
+    weights.load_torchvision_npz(backbone, tmp_path / "tiny.npz")
+    np.testing.assert_array_equal(np.asarray(backbone.layer1[0].conv2.kernel.get_value()),
+                                  torchvision_arrays["layer1.0.conv2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(backbone.bn1.scale.get_value()), torchvision_arrays["bn1.weight"])
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch({"conv1.weight": [1.0]}))
+    with pytest.raises(ValueError, match="entry 'conv1.weight' is a list, not a tensor"):
+        weights.convert_pth_to_npz(tmp_path / "tiny.pth", tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        weights.convert_pth_to_npz(tmp_path / "absent.pth", tmp_path / "bad.npz")
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_converter_round_trip_with_torch(tmp_path, torchvision_arrays):
+    torch = pytest.importorskip("torch")
+    state = {key: torch.from_numpy(np.array(value)) for key, value in torchvision_arrays.items()}
+    torch.save(state, tmp_path / "tiny.pth")
+    assert weights.convert_pth_to_npz(tmp_path / "tiny.pth", tmp_path / "tiny.npz") == len(torchvision_arrays)
+    backbone = ResNet(TINY, nnx.Rngs(1))
+    weights.load_torchvision_npz(backbone, tmp_path / "tiny.npz")
+    np.testing.assert_array_equal(np.asarray(backbone.conv1.kernel.get_value()),
+                                  torchvision_arrays["conv1.weight"].transpose(2, 3, 1, 0))
+
+
+def test_check_cli_reports_one_line(tmp_path, capsys, torchvision_arrays):
+    path = _write(tmp_path / "tiny.npz", torchvision_arrays)
+    assert weights.main(["check", str(path)]) == 2  # a tiny file is not ResNet-50
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "expected (64,)" in error
