@@ -250,7 +250,7 @@ def apply_gradients(graphdef, optimizer: optax.GradientTransformation, state: Tr
 
 
 def _loss_weighted_step(graphdef, optimizer, balancer, state: TrainState, balancer_state, batch: dict, key):
-    """A method that weighs the losses alone: its weights from the losses of this forward pass, then one backward
+    r"""A method that weighs the losses alone: its weights from the losses of this forward pass, then one backward
     pass of :math:`\sum_t w_t \mathcal L_t` (``jax.vjp`` with the weights as the cotangent), heads included."""
 
     def per_task(params):
@@ -305,7 +305,7 @@ def representation_jacobian_step(graphdef, state: TrainState, batch: dict):
 
 def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, state: TrainState, balancer_state,
                   batch: dict, key: jax.Array):
-    """One step of a baseline of Definition 2.1 with any method of :mod:`theory.balancing`, by what it needs:
+    r"""One step of a baseline of Definition 2.1 with any method of :mod:`theory.balancing`, by what it needs:
 
     * ``requires="losses"``: weights from the losses, one weighted backward pass (heads get :math:`w_t\nabla`);
     * gradients of the shared parameters: :func:`task_jacobian_step`, ``balancer.step``, each head its own

@@ -1,0 +1,128 @@
+"""What a training run is made of, apart from its command line: the model and step for a method, the per-epoch
+controls of CORE-MTL's stages, evaluation over a whole split, and the sample panels of a run.
+
+``experiments/train_nyuv2.py`` drives these; they print nothing and read no flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deep import losses, train
+from deep.backbone import BackboneConfig
+from deep.metrics import MetricAccumulator
+from deep.model import ModelConfig
+
+DATASET_TASKS = {"nyuv2": (("segmentation", 13), ("depth", 1), ("normal", 3)),
+                 "cityscapes": (("segmentation", 7), ("depth", 1))}
+
+# Model sizes: the paper's (ResNet-50, 512/256 streams), one for a CPU smoke run, and one for tests.
+MODEL_SIZES = {
+    "full": {},
+    "reduced": dict(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=8), semantic_channels=32,
+                    residual_channels=16, head_channels=16, aspp_rates=(2, 4, 6), decoder_widths=(16, 16, 8),
+                    albedo_seed=4, light_hidden=16),
+    "tiny": dict(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), semantic_channels=6, residual_channels=3,
+                 head_channels=4, aspp_rates=(1, 2, 3), decoder_widths=(4, 4), albedo_seed=2, light_hidden=8),
+}
+
+
+def model_config(dataset: str, size: str, method: str, task: str = "", grounding: str = "hard",
+                 heads_read: str = "semantic", compute_dtype: str = "float32") -> ModelConfig:
+    """The model a run trains: CORE-MTL's dual-stream model with grounding for ``method="core"``; the same
+    backbone and heads without a decoder for the baselines; one head for ``method="stl"``."""
+    if dataset not in DATASET_TASKS:
+        raise ValueError(f"dataset must be one of {', '.join(DATASET_TASKS)}; got {dataset!r}")
+    if size not in MODEL_SIZES:
+        raise ValueError(f"model size must be one of {', '.join(MODEL_SIZES)}; got {size!r}")
+    tasks = DATASET_TASKS[dataset]
+    if method == "stl":
+        names = [name for name, _ in tasks]
+        if task not in names:
+            raise ValueError(f"method 'stl' trains one task: --task must be one of {', '.join(names)}; got {task!r}")
+        tasks = tuple(pair for pair in tasks if pair[0] == task)
+    return ModelConfig(tasks=tasks, grounding=grounding if method == "core" else "none", heads_read=heads_read,
+                       compute_dtype=compute_dtype, **MODEL_SIZES[size])
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochControls:
+    """CORE-MTL's stage schedule for one epoch (the authors' ``_switch_stage_freeze`` and CKA ramp)."""
+
+    train_tasks: bool
+    independence_weight: float
+    counterfactual_on: bool
+
+    @classmethod
+    def at(cls, weights: losses.LossWeights, epoch: int) -> "EpochControls":
+        stage2 = epoch >= weights.stage0_epochs + weights.stage1_epochs
+        return cls(train_tasks=epoch >= weights.stage0_epochs,
+                   independence_weight=weights.independence_at(epoch),
+                   counterfactual_on=stage2 and epoch >= weights.counterfactual_start_epoch)
+
+
+def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights) -> tuple[Any, Callable]:
+    """``(balancer_state, step)`` with ``step(state, balancer_state, batch, key, controls) -> (state,
+    balancer_state, metrics)`` jitted. ``method``: ``core``, ``stl`` (EW on one task) or any balancing method."""
+    from theory.balancing import make
+
+    if method == "core":
+        core = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights))
+
+        def step(state, balancer_state, batch, key, controls: EpochControls):
+            state, metrics = core(state, batch, key, independence_weight=controls.independence_weight,
+                                  counterfactual_on=controls.counterfactual_on, train_tasks=controls.train_tasks)
+            return state, balancer_state, metrics
+
+        return (), step
+    balancer = make("ew" if method == "stl" else method)
+    balanced = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))
+
+    def step(state, balancer_state, batch, key, controls: EpochControls):
+        del controls  # the baselines have no stages
+        return balanced(state, balancer_state, batch, key)
+
+    return balancer, step
+
+
+def predict_function(graphdef) -> Callable:
+    """Jitted ``(state, images) -> (predictions, aux)`` of the model in eval mode (running BatchNorm statistics)."""
+
+    @jax.jit
+    def predict(state: train.TrainState, images: jax.Array):
+        model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
+        model.eval()
+        return model(images)
+
+    return predict
+
+
+def evaluate(predict: Callable, state: train.TrainState, batches: Iterable[dict], tasks) -> dict[str, float]:
+    """The metrics of :mod:`deep.metrics` over every batch of a split."""
+    accumulator = MetricAccumulator(tasks)
+    for batch in batches:
+        predictions, _ = predict(state, jnp.asarray(batch["images"]))
+        accumulator.update(predictions, batch)
+    return accumulator.result()
+
+
+def sample_panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, np.ndarray]:
+    """Predictions for a few images in eval mode, and for a model with grounding the rendered reconstruction and
+    a counterfactual: each image rendered with the residual code of the next one (rolled by one)."""
+    model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
+    model.eval()
+    predictions, aux = model(images)
+    panels = {f"pred/{name}": np.asarray(value) for name, value in predictions.items()}
+    if "rendered" in aux:
+        panels["rendered"] = np.asarray(aux["rendered"])
+        counterfactual, _ = model.render(aux["semantic_map"], jnp.roll(aux["residual_code"], 1, axis=0),
+                                         aux["features"], images.shape[1:3])
+        panels["counterfactual"] = np.asarray(counterfactual, np.float32)
+    return panels

@@ -1,0 +1,114 @@
+"""The pieces of a training run: baseline steps by kind of method, CORE-MTL's stage schedule, checkpoints."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deep import losses, train, trainer
+from deep.checkpoint import Checkpoints
+from deep.model import DualStreamModel, ModelConfig
+from test_deep_train import TINY, comparable_leaves, make_batch
+from theory.balancing import make
+
+PLAIN = ModelConfig(**{**TINY.__dict__, "grounding": "none"})
+
+
+@pytest.fixture(scope="module")
+def plain_setup():
+    optimizer = train.make_optimizer(train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000))
+    graphdef, state = train.split_model(DualStreamModel(PLAIN, nnx.Rngs(0)), optimizer)
+    return graphdef, optimizer, state
+
+
+def test_the_representation_path_pulls_back_to_the_parameter_gradient(plain_setup):
+    """GradDrop with leak 1 keeps every gradient: its representation direction, pulled back through the encoder,
+    must be the gradient of the summed task losses with respect to the shared parameters."""
+    graphdef, _, state = plain_setup
+
+    @jax.jit
+    def both_paths(state, batch):
+        losses_k, jacobian, pull_back, head_grads, _, _ = train.representation_jacobian_step(graphdef, state, batch)
+        direction, _, _ = make("graddrop", leak=1.0).step(jacobian, losses_k, (), jax.random.key(0))
+        expected_losses, parameter_jacobian, expected_heads, _, _ = train.task_jacobian_step(graphdef, state, batch)
+        return (losses_k, pull_back(direction), head_grads), (expected_losses, parameter_jacobian.sum(axis=0),
+                                                              expected_heads)
+
+    (losses_k, pulled, head_grads), (expected_losses, summed, expected_heads) = both_paths(state, make_batch())
+    np.testing.assert_allclose(losses_k, expected_losses, rtol=1e-6)
+    assert float(jnp.linalg.norm(pulled - summed)) < 1e-4 * float(jnp.linalg.norm(summed))
+    for a, b in zip(jax.tree.leaves(head_grads), jax.tree.leaves(expected_heads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["uw", "pcgrad", "graddrop"])
+def test_a_baseline_of_each_kind_trains(plain_setup, method):
+    """Loss weighting (UW), parameter Jacobian (PCGrad) and representation Jacobian (GradDrop) each lower the
+    summed task loss of one batch."""
+    graphdef, optimizer, state = plain_setup
+    balancer = make(method)
+    balancer_state = balancer.init(3)
+    step = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))
+    batch = make_batch()
+    first = None
+    for i in range(12):
+        state, balancer_state, metrics = step(state, balancer_state, batch, jax.random.key(i))
+        assert bool(metrics["finite"]), (method, i)
+        first = first if first is not None else float(metrics["loss"])
+    assert float(metrics["loss"]) < 0.8 * first, (method, first, float(metrics["loss"]))
+    assert set(metrics) >= {"segmentation", "depth", "normal", "weight/segmentation"}
+
+
+def test_stage_zero_freezes_the_heads_and_trains_the_rest(plain_setup):
+    graphdef, optimizer, state = plain_setup
+    step = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))
+    new_state, metrics = step(state, make_batch(), jax.random.key(0), independence_weight=0.0,
+                              counterfactual_on=False, train_tasks=False)
+    assert bool(metrics["finite"])
+    for a, b in zip(jax.tree.leaves(new_state.params[1]), jax.tree.leaves(state.params[1])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.params[0]),
+                                                        jax.tree.leaves(state.params[0])))
+
+
+def test_the_stage_schedule_follows_the_authors_configs():
+    nyu = losses.PRESETS["nyuv2"]  # stage 0: 5 epochs, stage 1: none, CKA ramp over 10, CFA from epoch 20
+    at = lambda epoch, weights=nyu: trainer.EpochControls.at(weights, epoch)
+    assert at(0) == trainer.EpochControls(False, 0.0, False) and not at(4).train_tasks
+    assert at(5).train_tasks and at(5).independence_weight == 0.0 and not at(5).counterfactual_on
+    assert at(10).independence_weight == pytest.approx(0.5) and at(15).independence_weight == pytest.approx(1.0)
+    assert not at(19).counterfactual_on and at(20).counterfactual_on
+    cityscapes = losses.PRESETS["cityscapes"]  # stage 0: 10 epochs, stage 1: 5 epochs (tasks, no CKA)
+    assert at(12, cityscapes).train_tasks and at(12, cityscapes).independence_weight == 0.0
+    assert at(15, cityscapes).independence_weight == pytest.approx(0.25)
+
+
+def test_model_configs_for_each_method():
+    assert trainer.model_config("nyuv2", "tiny", "core").grounding == "hard"
+    assert trainer.model_config("nyuv2", "tiny", "pcgrad").grounding == "none"
+    assert trainer.model_config("cityscapes", "tiny", "ew").tasks == (("segmentation", 7), ("depth", 1))
+    assert trainer.model_config("nyuv2", "tiny", "stl", task="depth").tasks == (("depth", 1),)
+    with pytest.raises(ValueError, match="--task must be one of segmentation, depth, normal"):
+        trainer.model_config("nyuv2", "tiny", "stl", task="albedo")
+
+
+def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(tmp_path):
+    optimizer = train.make_optimizer(train.OptimConfig())
+    _, state = train.split_model(DualStreamModel(TINY, nnx.Rngs(0)), optimizer)
+    checkpoints = Checkpoints(tmp_path / "run", keep=2)
+    assert checkpoints.latest_epoch() is None
+    tree = {"state": state, "balancer": {"w": jnp.arange(3.0)}, "key": jax.random.key(7)}
+    for epoch in (1, 2, 3):
+        checkpoints.save(epoch, tree)
+    assert checkpoints.latest_epoch() == 3
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["2", "3"]
+    # A save killed half-way leaves only a temporary folder, which is not a checkpoint.
+    (tmp_path / "run" / "4.orbax-checkpoint-tmp-0").mkdir()
+    assert Checkpoints(tmp_path / "run").latest_epoch() == 3
+    restored = checkpoints.restore(3, tree)
+    assert isinstance(restored["state"], train.TrainState)
+    for a, b in zip(comparable_leaves(restored), comparable_leaves(tree)):
+        np.testing.assert_array_equal(a, b)
