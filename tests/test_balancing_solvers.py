@@ -17,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from test_balancing import KEY, jitted_step, run
 from theory.balancing import make
-from theory.balancing.upgrad import box_qp, upgrad_gram
+from theory.balancing.upgrad import box_qp, box_qps, upgrad_gram
 
 SHAPES = [(2, 3), (3, 4), (3, 6), (4, 6)]            # (K, P), K <= P: generically full row rank
 SINGULAR_SHAPES = [(3, 2), (4, 3)]                   # K > P: G is singular
@@ -215,7 +215,7 @@ def test_fairgrad_with_alpha_1_is_nash_mtl_on_the_raw_gram_matrix():
 def box_qp_reference(regularised, lower):
     """Independent reference: min v'Av s.t. v >= u as NNLS: A = LL', v = u + z, min_{z>=0} ||L'z + L'u||."""
     factor = scipy.linalg.cholesky(regularised, lower=True).T          # A = factor' factor
-    z, _ = scipy.optimize.nnls(factor, -factor @ lower)
+    z, _ = scipy.optimize.nnls(factor, -factor @ lower, maxiter=50 * len(lower))
     return lower + z
 
 
@@ -273,6 +273,59 @@ def test_upgrad_is_the_mean_gradient_when_nothing_conflicts():
     direction, _, _ = run("upgrad", conflicting, reg_eps=1e-12)
     # Projections onto the dual cone {d : d1 >= 0, d2 >= d1}: g1 -> (1/2, 1/2), g2 -> (0, 1); d is their mean.
     np.testing.assert_allclose(direction, [0.25, 0.75], atol=1e-9)
+
+
+def ill_conditioned(rng, size, condition):
+    """A random symmetric positive definite matrix with eigenvalues spread geometrically from 1 to 1/condition."""
+    basis, _ = np.linalg.qr(rng.standard_normal((size, size)))
+    matrix = (basis * np.geomspace(1.0, 1.0 / condition, size)) @ basis.T
+    return (matrix + matrix.T) / 2
+
+
+@pytest.mark.parametrize("size", [5, 12, 40])
+@pytest.mark.parametrize("condition", [1e2, 1e5, 1e8])
+def test_box_qps_match_scipy_on_ill_conditioned_matrices(size, condition):
+    """All programs at once (UPGrad's v >= e_i and random lower bounds of both signs) against scipy's NNLS, to the
+    accuracy the conditioning allows both solvers; one program at a time (box_qp, vmapped) gives the same answer."""
+    rng = np.random.default_rng(size)
+    matrix = ill_conditioned(rng, size, condition)
+    lowers = np.concatenate([np.eye(size), rng.standard_normal((size, size))])
+    reference = np.stack([box_qp_reference(matrix, lower) for lower in lowers])
+    solution = jax.jit(box_qps)(jnp.asarray(matrix), jnp.asarray(lowers))
+    atol = 1e-14 * condition * np.abs(reference).max()
+    np.testing.assert_allclose(solution.weights, reference, rtol=0, atol=atol)
+    assert np.all(np.asarray(solution.kkt_residual) <= 1e-10)
+    assert np.all(np.asarray(solution.iterations) < 100)
+    np.testing.assert_allclose(all_box_qps(jnp.asarray(matrix), jnp.asarray(lowers)).weights, solution.weights,
+                               rtol=0, atol=atol)
+
+
+def test_upgrad_reports_an_exhausted_iteration_budget():
+    jacobian = jax.random.normal(jax.random.key(11), (12, 20), dtype=jnp.float64)
+    _, _, state = run("upgrad", jacobian, max_iterations=2)
+    assert not bool(state.converged) and int(state.iterations) == 2 and float(state.kkt_residual) > 1e-6
+    _, _, state = run("upgrad", jacobian)
+    assert bool(state.converged) and 2 < int(state.iterations) < 100
+
+
+def test_upgrad_in_float32_with_40_tasks():
+    """The benchmark's precision and size: the solver converges to its float32 floor (64 machine epsilons on the
+    partial derivatives, which bounds the agreement with float64), and the direction does not conflict."""
+    jacobian = jax.random.normal(jax.random.key(12), (40, 300), dtype=jnp.float64)
+    jacobian = jacobian * jnp.exp(jax.random.normal(jax.random.key(13), (40, 1), dtype=jnp.float64))
+    balancer = make("upgrad")
+    _, exact, _ = run("upgrad", jacobian)
+    direction, weights, state = jax.jit(balancer.step)(jacobian.astype(jnp.float32), jnp.ones(40, jnp.float32),
+                                                       balancer.init(40), KEY)
+    assert weights.dtype == jnp.float32 and bool(state.converged)
+    np.testing.assert_allclose(weights, exact, rtol=0, atol=0.05 * float(jnp.max(exact)))
+    # J d >= -reg_eps tr(G) w (see test_upgrad_direction_does_not_conflict_with_any_task), up to float32 rounding;
+    # the mean gradient conflicts here, so this is not vacuous.
+    jacobian, direction = np.asarray(jacobian), np.asarray(direction, np.float64)
+    rounding = 1e-3 * np.linalg.norm(jacobian, axis=1) * np.linalg.norm(direction)
+    slack = 1e-4 * np.trace(gram_of(jacobian)) * np.asarray(weights, np.float64) + rounding
+    assert np.all(jacobian @ direction >= -slack)
+    assert np.min(jacobian @ jacobian.mean(axis=0)) < -np.max(slack)
 
 
 # ---------------------------------------------------------------- IMTL

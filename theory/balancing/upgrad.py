@@ -13,13 +13,14 @@ from theory.balancing.fairgrad import check_iterations
 
 
 class BoxQPSolution(NamedTuple):
-    """Solution of :math:`\\min_v v^\\top A v` s.t. :math:`v \\ge u`.
+    """Solution of :math:`\\min_v v^\\top A v` s.t. :math:`v \\ge u` (each field has a leading batch axis when
+    several programs are solved at once by :func:`box_qps`).
 
     Attributes:
         weights: ``[K]`` the minimiser :math:`v`.
         kkt_residual: :math:`\\max_i |\\min(v_i - u_i,\\ (Av)_i)|`, zero exactly at the optimum (the KKT conditions
             :math:`v \\ge u`, :math:`Av \\ge 0`, :math:`(v-u)\\cdot Av = 0`).
-        iterations: active-set iterations used.
+        iterations: active-set iterations used (one principal pivot each).
     """
 
     weights: jax.Array
@@ -27,71 +28,111 @@ class BoxQPSolution(NamedTuple):
     iterations: jax.Array
 
 
-def _solve_on(matrix: jax.Array, rhs: jax.Array, free: jax.Array) -> jax.Array:
-    """Solves ``matrix[F, F] x_F = rhs_F`` with ``x`` zero off the free set ``F`` (one fixed-shape system)."""
-    eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
-    system = jnp.where(free[:, None] & free[None, :], matrix, eye)
-    return jnp.linalg.solve(system, jnp.where(free, rhs, 0.0)) * free
+def _pivot(tableau: jax.Array, index: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""Principal pivot of each tableau ``[N, K, K+1]`` on its ``index`` where ``active``, in O(K^2) each.
+
+    Row :math:`j` of a tableau :math:`T` reads :math:`y_j = \sum_k T_{jk} x_k + T_{j,K}` (basic variables :math:`y`
+    in terms of the non-basic :math:`x`; the last column is the constant). Exchanging :math:`y_r` and :math:`x_r`
+    (Tucker's principal pivot; Cottle, Pang & Stone, *The Linear Complementarity Problem*, 1992, §2.3) is the
+    rank-one update :math:`T' = T - (T_{:,r} + e_r)(T_{r,:} - e_r)^\top / T_{rr}`. A pivot :math:`T_{rr}` that is
+    not positive (impossible when the tableau comes from a positive definite matrix, up to rounding) is not taken.
+
+    Returns:
+        The pivoted tableaus and ``[N]`` whether each pivot was taken.
+    """
+    num = tableau.shape[1]
+    column = jnp.take_along_axis(tableau, index[:, None, None], axis=2)[..., 0]          # [N, K]
+    row = jnp.take_along_axis(tableau, index[:, None, None], axis=1)[:, 0, :]            # [N, K+1]
+    unit = jax.nn.one_hot(index, num + 1, dtype=tableau.dtype)
+    pivot = jnp.sum(row * unit, axis=1)
+    taken = active & (pivot > 0)
+    scale = jnp.where(taken, 1.0 / jnp.where(taken, pivot, 1.0), 0.0)
+    left = (column + unit[:, :num]) * scale[:, None]
+    return tableau - left[:, :, None] * (row - unit)[:, None, :], taken
+
+
+def box_qps(matrix: jax.Array, lowers: jax.Array, max_iterations: int = 100,
+            tolerance: float = 1e-10) -> BoxQPSolution:
+    r"""Exact solver of the N programs :math:`\min_v v^\top A v` s.t. :math:`v \ge u_n` (``lowers`` ``[N, K]``)
+    that share one positive definite ``matrix`` :math:`A`, all at once.
+
+    With :math:`v = u + z` each is the linear complementarity problem :math:`z \ge 0`, :math:`\mu = Az + Au \ge 0`,
+    :math:`z^\top\mu = 0`, solved by the Lawson–Hanson active-set method (*Solving Least Squares Problems*, 1974,
+    ch. 23, written on :math:`A` instead of a factor of it): from :math:`z = 0`, free variables are added one at a
+    time, the one whose partial derivative :math:`\mu_j` is most negative; the problem restricted to the free set is
+    solved exactly; if that leaves the feasible set, the method steps back to the boundary and releases the variable
+    that reached it first (one per iteration; a tie is released at the next one, with a zero step). It terminates
+    after finitely many steps at the exact optimum.
+
+    The restricted problems are not refactorised: each program keeps the tableau of :math:`\mu = Az + Au` pivoted on
+    its free set :math:`F` (:func:`_pivot`; its pivots are Schur complements of :math:`A` or diagonal entries of
+    :math:`A_{FF}^{-1}`, all positive), whose last column holds the restricted solution
+    :math:`z_F = -A_{FF}^{-1}(Au)_F` and the partial derivatives off :math:`F`, so adding or releasing a variable is
+    one rank-one update, batched over the N programs. Each ``lax.while_loop`` iteration is one pivot of every
+    program not yet finished; the loop stops when every program is optimal (every partial derivative of a bound
+    variable :math:`\ge -` ``tolerance``, floored at 64 machine epsilons) or after ``max_iterations``. The rounding
+    accumulated over the pivots is then removed by one step of iterative refinement,
+    :math:`z_F \leftarrow z_F - A_{FF}^{-1}\,(A(u+z))_F`, with :math:`A_{FF}^{-1}` read from the tableau.
+    """
+    dtype = matrix.dtype
+    count, num = lowers.shape
+    tol = jnp.maximum(jnp.asarray(tolerance, dtype), 64 * jnp.finfo(dtype).eps)
+    linear = lowers @ matrix.T                                                           # rows: A u_n
+    tableau = jnp.concatenate([jnp.broadcast_to(matrix, (count, num, num)), linear[:, :, None]], axis=2)
+
+    def cond(carry):
+        *_, done, _, _, it = carry
+        return (it < max_iterations) & ~jnp.all(done)
+
+    def body(carry):
+        tableau, free, z, entered, done, solved, iterations, it = carry
+        last = tableau[:, :, num]
+        s = jnp.where(free, last, 0.0)                   # the solution restricted to the free set
+        blocking = free & (s <= 0)
+        feasible = ~jnp.any(blocking, axis=1)
+        # Feasible: z = s, and the bound variable with the most negative partial derivative enters (key: derivative).
+        # Infeasible: step from z towards s up to the first free variable that reaches zero, which leaves (key: the
+        # step to it). Rounding can leave the variable that just entered non-positive although its derivative was
+        # negative: it leaves at once (key -1) and the program stops at the previous point.
+        gap = z - s
+        ratios = jnp.where(blocking, z / jnp.where(gap > 0, gap, 1.0), jnp.inf)
+        key = jnp.where(feasible[:, None], jnp.where(free, jnp.inf, last), jnp.where(entered & blocking, -1.0, ratios))
+        index = jnp.argmin(key, axis=1)
+        one_hot = jax.nn.one_hot(index, num, dtype=bool)
+        value = jnp.sum(jnp.where(one_hot, key, 0.0), axis=1)
+        optimal = feasible & (value >= -tol)
+        stalled = ~feasible & (value < 0)
+        tableau, taken = _pivot(tableau, index, ~done & ~optimal)
+        z_back = jnp.where(free & ~one_hot, jnp.maximum(z + value[:, None] * (s - z), 0.0), 0.0)
+        broken = ~taken & ~optimal                       # a non-positive pivot: stop where it was
+        z_new = jnp.where(feasible[:, None], s, jnp.where((stalled | broken)[:, None], z, z_back))
+        return (tableau,
+                free ^ (one_hot & taken[:, None]),
+                jnp.where(done[:, None], z, z_new),
+                one_hot & (feasible & taken)[:, None],
+                done | optimal | stalled | broken,
+                solved | (~done & (optimal | stalled)),
+                iterations + (~done).astype(jnp.int32),
+                it + 1)
+
+    false, none = jnp.zeros((count, num), bool), jnp.zeros((count,), bool)
+    tableau, free, z, _, _, solved, iterations, _ = jax.lax.while_loop(
+        cond, body, (tableau, false, jnp.zeros((count, num), dtype), false, none, none,
+                     jnp.zeros((count,), jnp.int32), jnp.zeros((), jnp.int32)))
+    # Refinement, where z is the solution restricted to the free set (the programs that stopped at an optimum).
+    gradient = (lowers + z) @ matrix.T
+    correction = jnp.einsum("njk,nk->nj", tableau[:, :, :num], jnp.where(free, gradient, 0.0))
+    z = jnp.where(solved[:, None] & free, jnp.maximum(z - correction, 0.0), z)
+    kkt = jnp.max(jnp.abs(jnp.minimum(z, (lowers + z) @ matrix.T)), axis=1)
+    return BoxQPSolution(lowers + z, kkt, iterations)
 
 
 def box_qp(matrix: jax.Array, lower: jax.Array, max_iterations: int = 100,
            tolerance: float = 1e-10) -> BoxQPSolution:
-    r"""Exact solver of :math:`\min_v v^\top A v` s.t. :math:`v \ge u`, for a positive definite ``matrix`` :math:`A`.
-
-    With :math:`v = u + z` this is the non-negative problem :math:`\min_{z\ge0}\frac12 z^\top A z + (Au)^\top z`,
-    solved by the Lawson–Hanson active-set method (*Solving Least Squares Problems*, 1974, ch. 23, written on
-    :math:`A` instead of a factor of it): free variables are added one at a time, the one whose partial derivative is
-    most negative; the problem restricted to the free set is solved exactly; if that leaves the feasible set, the
-    method steps back to the boundary and releases the variables that reached it. It terminates after finitely many
-    steps at the exact optimum (no step size, so ill-conditioning, up to :math:`1/\text{reg\_eps}`, costs nothing
-    but rounding). Each ``lax.while_loop`` iteration is one restricted solve; the loop stops at optimality (every
-    partial derivative of a bound variable :math:`\ge -` ``tolerance``, floored at 64 machine epsilons) or after
-    ``max_iterations``.
-    """
-    dtype = matrix.dtype
-    num = matrix.shape[0]
-    tol = jnp.maximum(jnp.asarray(tolerance, dtype), 64 * jnp.finfo(dtype).eps)
-    linear = matrix @ lower
-
-    def gradient(z):
-        return matrix @ z + linear
-
-    def cond(carry):
-        _, _, _, done, it = carry
-        return ~done & (it < max_iterations)
-
-    def body(carry):
-        z, free, inner, _, it = carry
-        grad = gradient(z)
-        bound_grad = jnp.where(free, jnp.inf, grad)
-        enter = jnp.argmin(bound_grad)
-        optimal = bound_grad[enter] >= -tol            # no bound variable wants to move: KKT holds
-        adding = ~inner & ~optimal
-        free_now = jnp.where(adding, free.at[enter].set(True), free)
-        s = _solve_on(matrix, -linear, free_now)
-        # Rounding can leave the entering variable non-positive although its derivative is negative: stop there.
-        stalled = adding & (s[enter] <= 0)
-        feasible = jnp.all(jnp.where(free_now, s > 0, True))
-        # Step from z towards s up to the first free variable that would cross zero, and release those at zero.
-        blocking = free_now & (s <= 0)
-        gap = z - s
-        ratios = jnp.where(blocking & (gap > 0), z / jnp.where(gap > 0, gap, 1.0), jnp.where(blocking, 0.0, jnp.inf))
-        step = jnp.minimum(jnp.min(ratios), 1.0)
-        z_back = z + step * (s - z)
-        free_back = free_now & (z_back > 0) & ~(blocking & (ratios <= step))
-        z_back = jnp.where(free_back, z_back, 0.0)
-        finished = (~inner & optimal) | stalled
-        z_new = jnp.where(finished, z, jnp.where(feasible, s, z_back))
-        free_new = jnp.where(finished, free, jnp.where(feasible, free_now, free_back))
-        inner_new = ~finished & ~feasible
-        return z_new, free_new, inner_new, finished, it + 1
-
-    false = jnp.zeros((num,), bool)
-    z, _, _, _, it = jax.lax.while_loop(
-        cond, body, (jnp.zeros((num,), dtype), false, jnp.zeros((), bool), jnp.zeros((), bool),
-                     jnp.zeros((), jnp.int32)))
-    kkt = jnp.max(jnp.abs(jnp.minimum(z, gradient(z))))
-    return BoxQPSolution(lower + z, kkt, it)
+    r"""Exact solver of :math:`\min_v v^\top A v` s.t. :math:`v \ge u`, for a positive definite ``matrix`` :math:`A`
+    (:func:`box_qps` with one program; vmappable)."""
+    solution = box_qps(matrix, lower[None], max_iterations, tolerance)
+    return BoxQPSolution(*(field[0] for field in solution))
 
 
 def upgrad_gram(gram: jax.Array, norm_eps: float, reg_eps: float) -> jax.Array:
@@ -107,7 +148,7 @@ class UPGradState(NamedTuple):
 
     Attributes:
         kkt_residual: largest KKT residual (see :class:`BoxQPSolution`) over the K programs (float32).
-        iterations: largest number of active-set iterations over the K programs.
+        iterations: largest number of active-set iterations (pivots) over the K programs.
         converged: ``kkt_residual <= tolerance`` (floored at 64 machine epsilons of the Gram dtype's scale).
     """
 
@@ -134,9 +175,10 @@ def upgrad(norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iterations: int = 
     exactness by a known amount: at the optimum :math:`\tilde G v_t \ge 0`, so
     :math:`J d \ge -\epsilon_{\rm reg}\,\mathrm{tr}(G)\, w` (zero conflict as :math:`\epsilon_{\rm reg}\to 0`).
 
-    The K programs have only lower bounds; they are solved exactly by an active-set method (:func:`box_qp`, which
-    replaces torchjd's ``quadprog``), vmapped over the tasks, with a budget of ``max_iterations`` restricted solves
-    and the stopping ``tolerance`` on the partial derivatives of the normalised problem.
+    The K programs have only lower bounds and share :math:`\tilde G`; they are solved exactly and together by an
+    active-set method (:func:`box_qps`, which replaces torchjd's ``quadprog``; one rank-one tableau update per
+    program and iteration, no factorisation), with a budget of ``max_iterations`` active-set iterations and the
+    stopping ``tolerance`` on the partial derivatives of the normalised problem.
     The state (:class:`UPGradState`) is the report of the last step's programs.
 
     Quirk kept from torchjd: when :math:`\mathrm{tr}(G) = \sum_t\|g_t\|^2 <` ``norm_eps`` (an absolute threshold),
@@ -155,8 +197,7 @@ def upgrad(norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iterations: int = 
     def weigh(gram, losses, state, key):
         num_tasks = losses.shape[0]
         regularised = upgrad_gram(gram, norm_eps, reg_eps)
-        solutions = jax.vmap(lambda u: box_qp(regularised, u, max_iterations, tolerance))(
-            jnp.eye(num_tasks, dtype=gram.dtype))
+        solutions = box_qps(regularised, jnp.eye(num_tasks, dtype=gram.dtype), max_iterations, tolerance)
         weights = jnp.mean(solutions.weights, axis=0)
         kkt = jnp.max(solutions.kkt_residual)
         floor = 64 * jnp.finfo(gram.dtype).eps * jnp.maximum(1.0, jnp.max(solutions.weights))
