@@ -1,0 +1,108 @@
+"""Batches of an in-memory data set, in an order that depends only on ``(seed, epoch)``.
+
+A resumed run therefore sees exactly the batches the interrupted one would have seen: epoch e's order is the
+permutation drawn from ``numpy.random.default_rng((seed, e))``, with no state carried between epochs.
+
+Two placements:
+
+* ``on_device=False``: the arrays stay in host memory; each batch is a numpy gather (the I/O edge), handed to the
+  caller as numpy arrays for the training step to transfer.
+* ``on_device=True``: the whole set is put on the default device once; each batch is a jitted ``jnp.take`` of the
+  epoch's permutation (itself put on the device once per epoch), so no image crosses the host-device link during
+  training. NYUv2's train split takes about 2.8 GB in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Loader"]
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def _device_batch(arrays: dict, order: jax.Array, start: jax.Array, batch_size: int) -> dict:
+    indices = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
+    return {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
+
+
+class Loader:
+    """Iterates over ``arrays`` in batches of ``batch_size`` along their first axis.
+
+    Args:
+        arrays: ``{name: [N, ...]}``, every array with the same N >= 1.
+        batch_size: examples per batch, >= 1 (and <= N when ``drop_last``, else there would be no batch).
+        seed: an integer >= 0; with the epoch it fixes the order.
+        shuffle: a new permutation per epoch (else the stored order, the same every epoch).
+        drop_last: drop the last incomplete batch (training); else yield it, smaller (evaluation).
+        on_device: keep the whole set on the accelerator and gather batches there.
+
+    Raises:
+        ValueError: for no arrays, arrays of different lengths, or a batch size or seed out of range.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True,
+                 drop_last: bool = True, on_device: bool = False):
+        if not arrays:
+            raise ValueError("arrays must hold at least one array")
+        lengths = {name: int(np.shape(value)[0]) if np.ndim(value) else 0 for name, value in arrays.items()}
+        count = next(iter(lengths.values()))
+        if count < 1 or any(length != count for length in lengths.values()):
+            raise ValueError(f"arrays must share a first axis of length N >= 1; got lengths {lengths}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        if drop_last and batch_size > count:
+            raise ValueError(f"batch_size must be <= the {count} examples when drop_last is set (else an epoch has "
+                             f"no batch); got {batch_size}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+        self.count = count
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.on_device = on_device
+        if on_device:
+            self.arrays = {name: jax.device_put(value) for name, value in arrays.items()}
+        else:
+            self.arrays = {name: np.asarray(value) for name, value in arrays.items()}
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.drop_last:
+            return self.count // self.batch_size
+        return -(-self.count // self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example indices of epoch ``epoch`` in the order they are served, ``[N]`` int64."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0; got {epoch!r}")
+        if not self.shuffle:
+            return np.arange(self.count)
+        return np.random.default_rng((self.seed, int(epoch))).permutation(self.count)
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """The batches of epoch ``epoch``: ``len(self)`` dicts ``{name: [batch, ...]}`` (numpy, or device arrays
+        when ``on_device``)."""
+        order = self.order(epoch)
+        return self._device_batches(order) if self.on_device else self._host_batches(order)
+
+    def _host_batches(self, order: np.ndarray) -> Iterator[dict]:
+        for index in range(len(self)):
+            indices = order[index * self.batch_size:(index + 1) * self.batch_size]
+            yield {name: value[indices] for name, value in self.arrays.items()}
+
+    def _device_batches(self, order: np.ndarray) -> Iterator[dict]:
+        order_on_device = jax.device_put(order.astype(np.int32))
+        full = self.count // self.batch_size
+        for index in range(len(self)):
+            if index < full:
+                yield _device_batch(self.arrays, order_on_device, jnp.int32(index * self.batch_size),
+                                    self.batch_size)
+            else:  # the last, smaller batch of an evaluation pass
+                indices = order_on_device[index * self.batch_size:]
+                yield {name: jnp.take(value, indices, axis=0) for name, value in self.arrays.items()}

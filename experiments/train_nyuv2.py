@@ -1,0 +1,348 @@
+"""Train CORE-MTL or a gradient-balancing baseline on NYUv2 (or Cityscapes) and evaluate it every epoch.
+
+    python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz   # the paper's run
+    python experiments/train_nyuv2.py --data /data/nyuv2 --method pcgrad                           # a baseline
+    python experiments/train_nyuv2.py --data /data/nyuv2 --method stl --task depth                 # a Δ baseline
+    python experiments/train_nyuv2.py --synthetic --model tiny --epochs 3                          # no data, CPU
+    python experiments/train_nyuv2.py --out results/train_nyuv2 --resume                           # after a kill
+
+``--data`` is a folder in the LibMTL/MTAN layout (``train`` and ``val`` with ``image``, ``label``, ``depth`` and
+``normal`` subfolders of ``<i>.npy``); ``--synthetic`` generates a small set in that layout under ``<out>/data``.
+Methods: ``core`` (the dual-stream model with hard grounding, the authors' stages, CKA ramp and counterfactual
+pass), ``stl`` (one task, for the Δp/Δm baselines), or any method of ``theory.balancing`` on the same backbone and
+heads. ``--dataset cityscapes`` trains on LibMTL's Cityscapes (7 classes and disparity).
+
+Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported,
+never used to choose anything — the run's result is its last epoch), a line in ``<out>/metrics.jsonl`` and an Orbax
+checkpoint written atomically. ``--resume`` continues from the newest checkpoint and ends where an uninterrupted
+run with the same flags ends: batches, augmentations and keys depend only on the seed, the epoch and the step.
+At the end: ``results.json``, ``curves.png`` (losses and metrics per epoch) and ``samples.png`` (image, labels,
+predictions, and for CORE-MTL the rendered reconstruction and a counterfactual with a swapped residual code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (environment, parse_config, parser_for, run_main, save_figure, write_atomically,  # noqa: E402
+                     write_json)
+
+DATASETS = ("nyuv2", "cityscapes")
+PRECISIONS = ("float32", "bfloat16")
+OPTIMIZERS = ("adam", "adamw")
+GROUNDINGS = ("hard",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str = dataclasses.field(default="", metadata={"help": "data folder in the LibMTL layout"})
+    synthetic: bool = dataclasses.field(default=False, metadata={
+        "help": "generate a small data set in that layout under <out>/data instead of --data"})
+    dataset: str = dataclasses.field(default="nyuv2", metadata={"help": "nyuv2 or cityscapes"})
+    method: str = dataclasses.field(default="core", metadata={
+        "help": "core, stl, or a method of theory.balancing (ew, pcgrad, mgda, nash_mtl, ...)"})
+    task: str = dataclasses.field(default="", metadata={"help": "the task of an stl run"})
+    grounding: str = dataclasses.field(default="hard", metadata={"help": "CORE-MTL's grounding decoder: hard"})
+    heads_read: str = dataclasses.field(default="semantic", metadata={
+        "help": "semantic (the paper) or semantic+backbone (the authors' code)"})
+    preset: str = dataclasses.field(default="", metadata={
+        "help": "loss weights of the paper's Table 7: nyuv2, cityscapes, gta5_to_cityscapes, cityscapes_c "
+                "(default: the dataset's)"})
+    model: str = dataclasses.field(default="full", metadata={
+        "help": "full (ResNet-50, the paper's), reduced or tiny (CPU smoke runs)"})
+    epochs: int = dataclasses.field(default=100, metadata={"help": "training epochs"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "training batch size"})
+    learning_rate: float = dataclasses.field(default=2e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = dataclasses.field(default=1e-4, metadata={"help": "weight decay"})
+    optimizer: str = dataclasses.field(default="adam", metadata={
+        "help": "adam (coupled L2, the authors' code) or adamw (decoupled, as the paper says)"})
+    warmup_epochs: int = dataclasses.field(default=5, metadata={"help": "linear warm-up epochs before the cosine"})
+    precision: str = dataclasses.field(default="float32", metadata={"help": "compute precision: float32 or "
+                                                                            "bfloat16 (parameters stay float32)"})
+    augment: bool = dataclasses.field(default=False, metadata={
+        "help": "random scale-crop, flip and colour jitter (the authors' NYUv2 pipeline)"})
+    on_device: bool = dataclasses.field(default=False, metadata={"help": "keep the whole data set on the device"})
+    pretrained: str = dataclasses.field(default="", metadata={
+        "help": "torchvision ResNet-50 ImageNet weights as .npz (see python -m deep.weights convert)"})
+    steps_per_epoch: int = dataclasses.field(default=0, metadata={
+        "help": "cap on training steps per epoch (0: the whole split; for smoke runs)"})
+    out: str = dataclasses.field(default="results/train_nyuv2", metadata={"help": "output folder"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --out"})
+    seed: int = dataclasses.field(default=2024, metadata={"help": "random seed (the authors' 2024)"})
+    quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bar or summary"})
+
+    def __post_init__(self):
+        from deep import losses
+        from deep.model import HEAD_INPUTS
+        from deep.trainer import MODEL_SIZES
+        from theory.balancing import METHODS
+
+        if bool(self.data) == self.synthetic:
+            raise ValueError("give exactly one of --data PATH and --synthetic")
+        choices = {"--dataset": (self.dataset, DATASETS), "--precision": (self.precision, PRECISIONS),
+                   "--optimizer": (self.optimizer, OPTIMIZERS), "--grounding": (self.grounding, GROUNDINGS),
+                   "--heads-read": (self.heads_read, HEAD_INPUTS), "--model": (self.model, tuple(MODEL_SIZES)),
+                   "--method": (self.method, ("core", "stl", *sorted(METHODS)))}
+        if self.preset:
+            choices["--preset"] = (self.preset, tuple(losses.PRESETS))
+        for flag, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.task and self.method != "stl":
+            raise ValueError(f"--task is for --method stl only; got --method {self.method}")
+        for flag, value, least in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                                   ("--warmup-epochs", self.warmup_epochs, 0),
+                                   ("--steps-per-epoch", self.steps_per_epoch, 0)):
+            if value < least:
+                raise ValueError(f"{flag} must be an integer >= {least}; got {value}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"--warmup-epochs must be smaller than --epochs ({self.epochs}); got "
+                             f"{self.warmup_epochs}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"--weight-decay must be a finite number >= 0; got {self.weight_decay}")
+        if self.pretrained and not Path(self.pretrained).is_file():
+            raise FileNotFoundError(f"--pretrained: no such file: {self.pretrained}")
+        if self.data and not Path(self.data).is_dir():
+            raise FileNotFoundError(f"--data: no such folder: {self.data}")
+
+    @property
+    def weights_preset(self) -> str:
+        return self.preset or self.dataset
+
+    def run_identity(self) -> dict:
+        """The fields that define the run: a resumed run must agree on all of them."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume", "quiet", "out")}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _load_splits(config: TrainConfig, out: Path):
+    from deep import data
+
+    root = Path(config.data) if config.data else out / "data"
+    if config.synthetic:
+        writer = data.write_nyuv2 if config.dataset == "nyuv2" else data.write_cityscapes
+        if not (root / "train").exists():
+            writer(root, seed=config.seed)
+    load = data.load_nyuv2 if config.dataset == "nyuv2" else data.load_cityscapes
+    return load(root, "train"), load(root, "val")
+
+
+# ------------------------------------------------------------------------------------------------- logging
+
+
+def _read_history(path: Path, before_epoch: int) -> list[dict]:
+    """The JSON lines of epochs already checkpointed (a run killed between the line and the checkpoint redoes the
+    epoch, so later lines are dropped)."""
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [line for line in lines if line["epoch"] <= before_epoch]
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(line, allow_nan=False) + "\n" for line in history)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [line["epoch"] for line in history]
+    loss_names = sorted({k for line in history for k in line["train"] if not k.startswith("weight/")
+                         and k != "finite"})
+    metric_names = sorted({k for line in history for k in line["test"]})
+    figure, axes = plt.subplots(1, 1 + len(metric_names), figsize=(3.2 * (1 + len(metric_names)), 3), squeeze=False)
+    for name in loss_names:
+        axes[0, 0].plot(epochs, [line["train"].get(name, float("nan")) for line in history], label=name)
+    axes[0, 0].set(title="training losses (epoch means)", xlabel="epoch", yscale="log")
+    axes[0, 0].legend(fontsize=6)
+    for axis, name in zip(axes[0, 1:], metric_names):
+        axis.plot(epochs, [line["test"][name] for line in history], marker=".")
+        axis.set(title=name, xlabel="epoch")
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = [("image", batch["images"], "rgb"), ("labels", batch["segmentation"], "seg"),
+               ("predicted segmentation", panels["pred/segmentation"].argmax(-1), "seg")
+               if "pred/segmentation" in panels else None,
+               ("depth", batch["depth"][..., 0], "depth"),
+               ("predicted depth", panels["pred/depth"][..., 0], "depth") if "pred/depth" in panels else None]
+    if dataset == "nyuv2":
+        columns += [("normals", batch["normal"], "normal"),
+                    ("predicted normals", panels["pred/normal"], "normal") if "pred/normal" in panels else None]
+    if "rendered" in panels:
+        columns += [("rendered (hard grounding)", panels["rendered"], "rgb"),
+                    ("counterfactual: next image's ẑ_r", panels["counterfactual"], "rgb")]
+    columns = [c for c in columns if c is not None]
+    rows = len(batch["images"])
+    figure, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 1.8 * rows), squeeze=False)
+    for column, (title, values, kind) in enumerate(columns):
+        for row in range(rows):
+            value = np.asarray(values[row])
+            axis = axes[row, column]
+            if kind == "rgb":
+                axis.imshow(np.clip(value, 0, 1))
+            elif kind == "normal":
+                axis.imshow(np.clip(0.5 * (value + 1), 0, 1))
+            elif kind == "seg":
+                axis.imshow(np.ma.masked_less(value, 0), cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+            else:
+                axis.imshow(np.ma.masked_less_equal(value, 0), cmap="viridis")
+            axis.set_xticks([]), axis.set_yticks([])
+            if row == 0:
+                axis.set_title(title, fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(TrainConfig, parser_for(TrainConfig, __doc__.splitlines()[0], prog="train_nyuv2.py"),
+                          argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from tqdm import tqdm
+
+    from deep import losses, train, trainer
+    from deep.checkpoint import Checkpoints
+    from deep.data import AugmentConfig, Loader, augment
+    from deep.model import DualStreamModel
+    from deep.weights import load_torchvision_npz
+
+    out = Path(config.out)
+    checkpoints_dir = out / "checkpoints"
+    identity_path = out / "run.json"
+    if config.resume:
+        if not identity_path.exists():
+            raise FileNotFoundError(f"--resume: no run to resume in {out} (run.json is missing)")
+        saved = json.loads(identity_path.read_text())
+        changed = {k: (saved.get(k), v) for k, v in config.run_identity().items() if saved.get(k) != v}
+        if changed:
+            name, (was, now) = next(iter(changed.items()))
+            raise ValueError(f"--resume must use the run's own flags: --{name.replace('_', '-')} was {was!r}, "
+                             f"now {now!r}")
+    elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    write_json(identity_path, config.run_identity())
+
+    train_split, test_split = _load_splits(config, out)
+    model_config = trainer.model_config(config.dataset, config.model, config.method, config.task, config.grounding,
+                                        config.heads_read, config.precision)
+    task_names = [name for name, _ in model_config.tasks]
+    keep = ["images", *task_names]
+    train_split = {k: v for k, v in train_split.items() if k in keep}
+    test_split = {k: v for k, v in test_split.items() if k in keep}
+    loader = Loader(train_split, config.batch_size, seed=config.seed, on_device=config.on_device)
+    test_loader = Loader(test_split, min(config.batch_size, len(test_split["images"])), seed=config.seed,
+                         shuffle=False, drop_last=False, on_device=config.on_device)
+    steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
+
+    weights = losses.PRESETS[config.weights_preset]
+    optim = train.OptimConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                              decoupled_weight_decay=config.optimizer == "adamw", epochs=config.epochs,
+                              warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch)
+    optimizer = train.make_optimizer(optim)
+    model = DualStreamModel(model_config, nnx.Rngs(config.seed))
+    if config.pretrained:
+        load_torchvision_npz(model, config.pretrained)
+    graphdef, state = train.split_model(model, optimizer)
+    balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights)
+    balancer_state = () if config.method == "core" else balancer.init(len(task_names))
+    predict = trainer.predict_function(graphdef)
+    augment_config = AugmentConfig()
+    augment_batch = jax.jit(lambda key, batch: augment(key, batch, augment_config))
+
+    checkpoints = Checkpoints(checkpoints_dir)
+    start_epoch = 0
+    if config.resume:
+        start_epoch = checkpoints.latest_epoch() or 0
+        if start_epoch:
+            restored = checkpoints.restore(start_epoch, {"state": state, "balancer": balancer_state})
+            state, balancer_state = restored["state"], restored["balancer"]
+    history = _read_history(out / "metrics.jsonl", start_epoch)
+    base_key = jax.random.key(config.seed)
+    started = time.time()
+
+    for epoch in range(start_epoch, config.epochs):
+        controls = trainer.EpochControls.at(weights, epoch) if config.method == "core" else None
+        sums, count = {}, 0
+        epoch_start = time.time()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=config.quiet,
+                   leave=False, file=sys.stderr)
+        for index, batch in enumerate(loader.epoch(epoch)):
+            if index == steps_per_epoch:
+                break
+            global_step = epoch * steps_per_epoch + index
+            step_key, augment_key = jax.random.split(jax.random.fold_in(base_key, global_step))
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            if config.augment:
+                batch = augment_batch(augment_key, batch)
+            state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not metrics.pop("finite"):
+                raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
+                                 f"gradient; the state was left unchanged and the last checkpoint is epoch "
+                                 f"{checkpoints.latest_epoch() or 0} in {checkpoints_dir}")
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            count += 1
+            bar.set_postfix({name: f"{sums[name] / count:.3g}" for name in ("loss", *task_names)}, refresh=False)
+            bar.update()
+        bar.close()
+        train_seconds = time.time() - epoch_start
+        test_metrics = trainer.evaluate(predict, state, test_loader.epoch(0), model_config.tasks)
+        line = {"epoch": epoch + 1, "train": {k: v / count for k, v in sums.items()}, "test": test_metrics,
+                "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
+        history.append(line)
+        _write_history(out / "metrics.jsonl", history)
+        checkpoints.save(epoch + 1, {"state": state, "balancer": balancer_state})
+        if not config.quiet:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in test_metrics.items())
+            print(f"epoch {epoch + 1}: loss {line['train']['loss']:.4g}; test {shown}", file=sys.stderr)
+    checkpoints.close()
+
+    sample_batch = {k: np.asarray(v[:4]) for k, v in test_split.items()}
+    panels = trainer.sample_panels(graphdef, state, jnp.asarray(sample_batch["images"]))
+    _plot_samples(sample_batch, panels, config.dataset, out / "samples.png")
+    _plot_curves(history, out / "curves.png")
+    write_json(out / "results.json", {
+        "experiment": "train_nyuv2", "config": dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
+        "final": history[-1]["test"], "epochs": len(history), "history": history,
+        "seconds_this_process": time.time() - started, "environment": environment()})
+    if not config.quiet:
+        print(f"final test metrics: {json.dumps(history[-1]['test'])}\nwrote {out}/results.json, curves.png, "
+              f"samples.png")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

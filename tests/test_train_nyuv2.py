@@ -1,0 +1,95 @@
+"""experiments/train_nyuv2.py end to end on a generated data set: a run, a killed-and-resumed run that ends with the
+same numbers, and bad flags rejected with one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
+FLAGS = ["--synthetic", "--model", "tiny", "--method", "ew", "--epochs", "4", "--warmup-epochs", "1",
+         "--batch-size", "4", "--learning-rate", "0.01", "--quiet"]
+
+
+def environment(cache: Path) -> dict:
+    # The runs share XLA's persistent compilation cache, so only the first one pays for compiling the step.
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def run(args, cache, **kwargs):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=environment(cache), timeout=900, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xla_cache")
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run([*FLAGS, "--out", str(out)], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, cache
+
+
+def test_a_run_writes_its_results_curves_samples_and_one_line_per_epoch(uninterrupted):
+    out, _ = uninterrupted
+    results = json.loads((out / "results.json").read_text())
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4] and results["epochs"] == 4
+    assert set(results["final"]) == {"segmentation/miou", "segmentation/pixel_accuracy", "depth/abs_err",
+                                     "depth/rel_err", "normal/mean", "normal/median", "normal/within_11.25",
+                                     "normal/within_22.5", "normal/within_30"}
+    assert lines[-1]["train"]["loss"] < lines[0]["train"]["loss"]  # EW on a learnable generated set
+    for name in ("curves.png", "samples.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "4"]
+
+
+def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, tmp_path):
+    reference, cache = uninterrupted
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *FLAGS, "--out", str(out)], cwd=ROOT,
+                               env=environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "results.json").exists(), "the run ended before it could be killed"
+
+    result = run([*FLAGS, "--out", str(out), "--resume"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in resumed] == [1, 2, 3, 4]
+    for a, b in zip(expected, resumed):
+        assert a["test"] == b["test"] and a["train"] == b["train"], (a["epoch"], a, b)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "--method", "adam"], "--method must be one of core, stl, "),
+    (["--synthetic", "--epochs", "0"], "--epochs must be an integer >= 1; got 0"),
+    (["--synthetic", "--data", "/nonexistent"], "give exactly one of --data PATH and --synthetic"),
+    (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
+    (["--synthetic", "--method", "stl", "--task", "albedo"], "--task must be one of segmentation, depth, normal"),
+    (["--synthetic", "--batch-size", "two"], "--batch-size"),
+])
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
+    result = run([*args, "--out", str(tmp_path / "out"), "--quiet"], tmp_path / "cache")
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_existing_run_is_not_overwritten_and_a_resume_must_keep_its_flags(uninterrupted, tmp_path):
+    out, cache = uninterrupted
+    result = run([*FLAGS, "--out", str(out)], cache)
+    assert result.returncode == 2 and "already holds a run: pass --resume" in result.stderr
+    changed = [*FLAGS[:-1], "--seed", "1", "--quiet", "--out", str(out), "--resume"]
+    result = run(changed, cache)
+    assert result.returncode == 2 and "--seed was 2024, now 1" in result.stderr, result.stderr
