@@ -1,0 +1,203 @@
+"""MTAN on a tiny dilated ResNet (CPU): shapes, the shared/task split, task independence, balanced training.
+
+Compilation dominates (a tiny MTAN still has ~200 convolutions in a training step), so the file compiles three
+functions — an eval-mode forward pass, an EW step (shared through a fixture by the task-independence and training
+tests) and a PCGrad step — with two tasks, one ASPP rate, plain SGD (fewer optimiser ops than the clipped,
+scheduled Adam that ``tests/test_deep_train.py`` covers, and an update that is exactly −η × the gradient) and
+XLA's backend optimisation off (each function runs a handful of times). The full-size and the bfloat16 models are
+only traced (``eval_shape``).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from deep import train
+from deep.backbone import BackboneConfig, ResNet
+from deep.heads import ASPPHead
+from deep.mtan import MTAN, AttentionMask, MTANConfig
+from theory.balancing import make
+
+TINY = MTANConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), tasks=(("segmentation", 13), ("normal", 3)),
+                  head_channels=4, aspp_rates=(1,))
+TASKS = [name for name, _ in TINY.tasks]
+# The functions run a few times on tiny shapes, so compile them cheaply: no LLVM optimisation, and XLA's older
+# elemental emitters rather than the fusion emitters (which halve the compile time here: 5 s against 11 s per step).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_cpu_use_fusion_emitters": False}
+
+
+def make_batch(seed=1, size=2, height=16, width=16):
+    """Images with per-image labels (a class, a normal) that a tiny model can fit, in float32 explicitly (the test
+    session enables x64)."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    images = jax.random.uniform(keys[0], (size, height, width, 3), jnp.float32)
+    classes = jax.random.randint(keys[1], (size, 1, 1), 0, 13, jnp.int32)
+    normal = jax.random.normal(keys[2], (size, 1, 1, 3), jnp.float32)
+    normal = normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)
+    ones = jnp.ones((size, height, width), jnp.int32)
+    return {"images": images, "segmentation": classes * ones, "normal": normal * ones[..., None]}
+
+
+def parameter_count(tree) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def abstract_parameter_count(build) -> int:
+    """The parameters of the module ``build()`` makes, counted without allocating them."""
+    return parameter_count(nnx.state(nnx.eval_shape(build), nnx.Param))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    # Initialised in one compiled function: eagerly, every kernel shape would compile its own sampler.
+    structure, _ = nnx.split(nnx.eval_shape(lambda: MTAN(TINY, nnx.Rngs(0))))
+    model = nnx.merge(structure, jax.jit(lambda: nnx.state(MTAN(TINY, nnx.Rngs(0))), compiler_options=FAST_COMPILE)())
+    optimizer = optax.sgd(0.1)
+    graphdef, state = train.split_model(model, optimizer)
+    return graphdef, optimizer, state
+
+
+@pytest.fixture(scope="module")
+def ew_step(setup):
+    """The jitted EW step, shared by the task-independence and the training tests."""
+    graphdef, optimizer, _ = setup
+    return jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, make("ew")),
+                   compiler_options=FAST_COMPILE)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="compute_dtype"):
+        MTANConfig(compute_dtype="float16")
+    with pytest.raises(ValueError, match="distinct"):
+        MTANConfig(tasks=(("depth", 1), ("depth", 1)))
+    with pytest.raises(ValueError, match="tasks"):
+        MTANConfig(tasks=())
+    with pytest.raises(ValueError, match="aspp_rates"):
+        MTANConfig(aspp_rates=(0,))
+
+
+def test_output_shapes_dtypes_and_unit_normals(setup):
+    graphdef, _, state = setup
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def forward(state, images):
+        model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
+        model.eval()
+        return model(images), model.backbone(images)
+
+    # 20×28 gives odd maps (5×7 at stride 4, 3×4 at stride 8): the attention's pooling must round up as the ResNet.
+    images = jax.random.uniform(jax.random.key(0), (2, 20, 28, 3), jnp.float32)
+    (predictions, aux), (c1, _, _, c4) = forward(state, images)
+    for name, channels in TINY.tasks:
+        assert predictions[name].shape == (2, 20, 28, channels) and predictions[name].dtype == jnp.float32
+        assert aux["attended"][name].shape == (2, 3, 4, 64) and aux["attended"][name].dtype == jnp.float32
+    norms = np.asarray(jnp.linalg.norm(predictions["normal"], axis=-1))
+    # Unit length, except where a tiny random head outputs exactly 0 (ReLU-dead inputs): 0 stays 0.
+    assert np.all(np.isclose(norms, 1.0, rtol=1e-5) | (norms == 0)) and np.mean(norms > 0) > 0.5
+    # The attention pass re-runs the backbone block by block: its features are the backbone's.
+    np.testing.assert_allclose(aux["features"], c4, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(aux["low_level"], c1, rtol=1e-6, atol=1e-6)
+
+
+def labelled_for(task: str, batch: dict) -> dict:
+    """``batch`` with every other task's labels removed (segmentation -1, normals 0): their losses are then
+    constants (0 and 1, every pixel masked), whose gradients are exactly 0."""
+    unlabelled = {"segmentation": lambda labels: jnp.full_like(labels, -1), "normal": jnp.zeros_like}
+    return {name: value if name in ("images", task) else unlabelled[name](value) for name, value in batch.items()}
+
+
+def moved(new, old) -> list[bool]:
+    """Per leaf of two parameter trees, whether any entry changed."""
+    return [bool(jnp.any(n != o)) for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old))]
+
+
+def test_a_task_reads_no_other_tasks_parameters(setup, ew_step):
+    """Plain SGD moves a parameter by exactly −η × its gradient, so a step on a batch labelled for task t alone
+    leaves task s's attention masks and head bit for bit where they were when ∂L_t/∂θ_s is exactly 0, while task
+    t's own parameters and the shared transition blocks move."""
+    _, _, state = setup
+    balancer_state = make("ew").init(len(TASKS))
+    for task in TASKS:
+        new_state, _, metrics = ew_step(state, balancer_state, labelled_for(task, make_batch()), jax.random.key(0))
+        assert bool(metrics["finite"])
+        for source in TASKS:
+            changed = moved(new_state.params[1]["heads"][source], state.params[1]["heads"][source])
+            if source == task:
+                assert any(changed), task
+            else:
+                assert not any(changed), (task, source)
+        assert any(moved(new_state.params[0]["transitions"], state.params[0]["transitions"])), task
+
+
+def test_split_puts_every_task_parameter_under_heads(setup):
+    graphdef, _, state = setup
+    shared, heads = state.params
+    model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
+    attention = sum(parameter_count(nnx.state(m, nnx.Param)) for _, m in nnx.iter_graph(model)
+                    if isinstance(m, AttentionMask))
+    # The attention masks of K tasks, counted by hand: stage widths C = 8, 16, 32, 64, hidden C/4; stage 1 reads
+    # C channels, later stages 2C; each mask is two 1×1 convolutions with bias and two BatchNorms (scale, bias).
+    per_task = sum((c if j == 0 else 2 * c) * (c // 4) + c // 4 + 2 * (c // 4) + (c // 4) * c + c + 2 * c
+                   for j, c in enumerate((8, 16, 32, 64)))
+    assert attention == len(TASKS) * per_task == 2 * 4_514
+    aspp = sum(abstract_parameter_count(lambda c=channels: ASPPHead(64, c, nnx.Rngs(0), channels=4, rates=(1,)))
+               for _, channels in TINY.tasks)
+    assert parameter_count(heads) == attention + aspp
+    # The shared part is the backbone plus the shared transition blocks, and no attention mask.
+    backbone = abstract_parameter_count(lambda: ResNet(TINY.backbone, nnx.Rngs(0)))
+    transitions = parameter_count(nnx.state(model.transitions, nnx.Param))
+    assert parameter_count(shared) == backbone + transitions
+    shared_paths = [path for path, _ in nnx.to_flat_state(shared)]
+    assert {path[0] for path in shared_paths} == {"backbone", "transitions"}
+    assert not any("attention" in path for path in shared_paths)
+
+
+def test_bfloat16_computes_in_bfloat16_and_returns_float32():
+    config = MTANConfig(backbone=TINY.backbone, tasks=TINY.tasks, head_channels=4, aspp_rates=(1,),
+                        compute_dtype="bfloat16")
+    model = nnx.eval_shape(lambda: MTAN(config, nnx.Rngs(0)))
+    convolutions = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+    assert convolutions and all(conv.dtype == jnp.bfloat16 for conv in convolutions)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    graphdef, state = nnx.split(model)
+    predictions, aux = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                                      jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((predictions, aux)))
+
+
+@pytest.mark.parametrize("method", ["ew", "pcgrad"])
+def test_balanced_steps_lower_the_loss_on_one_batch(setup, ew_step, method):
+    """EW weighs the losses (one backward pass); PCGrad projects the per-task Jacobian of the shared parameters
+    (``task_jacobian_step`` + ``apply_gradients``), each head taking its own task's gradient."""
+    graphdef, optimizer, state = setup
+    balancer = make(method)
+    step = ew_step if method == "ew" else jax.jit(functools.partial(train.balanced_step, graphdef, optimizer,
+                                                                    balancer), compiler_options=FAST_COMPILE)
+    balancer_state = balancer.init(len(TASKS))
+    batch = make_batch()
+    history = []
+    for key in jax.random.split(jax.random.key(0), 8):
+        state, balancer_state, metrics = step(state, balancer_state, batch, key)
+        assert bool(metrics["finite"]) and set(TASKS) <= set(metrics)
+        history.append(float(metrics["loss"]))
+    # Train-mode losses carry the heads' dropout noise: ask for a clear drop (3.17 -> 2.15 with EW), not a monotone one.
+    assert history[-1] < 0.8 * history[0], history
+
+
+def test_full_size_parameter_count():
+    """ResNet-50 without fc 23,508,032; the shared transitions (bottlenecks 256→512, 512→1024, 1024→2048 with a
+    projection) 379,392 + 1,512,448 + 6,039,552; per task the attention masks 33,728 + 198,528 + 790,272 +
+    3,153,408 = 4,175,936 and the ASPP head 16,125,440 + 257·C (C = 13, 1, 3)."""
+    model = nnx.eval_shape(lambda: MTAN(MTANConfig(), nnx.Rngs(0)))
+    _, shared, heads, _ = nnx.split(model, train.SHARED, train.HEADS, ...)
+    shared_count, heads_count = parameter_count(shared), parameter_count(heads)
+    message = f"shared {shared_count:,}, heads {heads_count:,}, total {shared_count + heads_count:,}"
+    assert shared_count == 23_508_032 + 379_392 + 1_512_448 + 6_039_552 == 31_439_424, message
+    assert heads_count == 3 * (4_175_936 + 16_125_440) + 257 * (13 + 1 + 3) == 60_908_497, message
+    assert shared_count + heads_count == 92_347_921, message
