@@ -18,7 +18,7 @@ from flax import nnx
 from deep import losses, train
 from deep.backbone import BackboneConfig
 from deep.metrics import MetricAccumulator
-from deep.model import ModelConfig
+from deep.model import DualStreamModel, ModelConfig
 
 DATASET_TASKS = {"nyuv2": (("segmentation", 13), ("depth", 1), ("normal", 3)),
                  "cityscapes": (("segmentation", 7), ("depth", 1))}
@@ -50,6 +50,22 @@ def model_config(dataset: str, size: str, method: str, task: str = "", grounding
         tasks = tuple(pair for pair in tasks if pair[0] == task)
     return ModelConfig(tasks=tasks, grounding=grounding if method == "core" else "none", heads_read=heads_read,
                        compute_dtype=compute_dtype, **MODEL_SIZES[size])
+
+
+ARCHITECTURES = ("shared", "mtan")
+
+
+def build_model(config: ModelConfig, architecture: str, rngs: nnx.Rngs):
+    """The model to train: the dual-stream model (hard parameter sharing for the baselines) or MTAN with the same
+    backbone, tasks, head sizes and compute dtype."""
+    if architecture == "shared":
+        return DualStreamModel(config, rngs)
+    if architecture != "mtan":
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
+    from deep.mtan import MTAN, MTANConfig
+
+    return MTAN(MTANConfig(backbone=config.backbone, tasks=config.tasks, head_channels=config.head_channels,
+                           aspp_rates=config.aspp_rates, compute_dtype=config.compute_dtype), rngs)
 
 
 @dataclasses.dataclass(frozen=True)

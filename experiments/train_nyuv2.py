@@ -10,7 +10,7 @@
 ``normal`` subfolders of ``<i>.npy``); ``--synthetic`` generates a small set in that layout under ``<out>/data``.
 Methods: ``core`` (the dual-stream model with hard grounding, the authors' stages, CKA ramp and counterfactual
 pass), ``stl`` (one task, for the Δp/Δm baselines), or any method of ``theory.balancing`` on the same backbone and
-heads. ``--dataset cityscapes`` trains on LibMTL's Cityscapes (7 classes and disparity).
+heads, with hard parameter sharing or ``--architecture mtan``. ``--dataset cityscapes`` trains on LibMTL's Cityscapes (7 classes and disparity).
 
 Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported,
 never used to choose anything — the run's result is its last epoch), a line in ``<out>/metrics.jsonl`` and an Orbax
@@ -50,6 +50,8 @@ class TrainConfig:
     method: str = dataclasses.field(default="core", metadata={
         "help": "core, stl, or a method of theory.balancing (ew, pcgrad, mgda, nash_mtl, ...)"})
     task: str = dataclasses.field(default="", metadata={"help": "the task of an stl run"})
+    architecture: str = dataclasses.field(default="shared", metadata={
+        "help": "the baselines' architecture: shared (hard parameter sharing) or mtan (task attention)"})
     grounding: str = dataclasses.field(default="hard", metadata={"help": "CORE-MTL's grounding decoder: hard"})
     heads_read: str = dataclasses.field(default="semantic", metadata={
         "help": "semantic (the paper) or semantic+backbone (the authors' code)"})
@@ -82,7 +84,7 @@ class TrainConfig:
     def __post_init__(self):
         from deep import losses
         from deep.model import HEAD_INPUTS
-        from deep.trainer import MODEL_SIZES
+        from deep.trainer import ARCHITECTURES, MODEL_SIZES
         from theory.balancing import METHODS
 
         if bool(self.data) == self.synthetic:
@@ -96,6 +98,11 @@ class TrainConfig:
         for flag, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"--architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}")
+        if self.architecture == "mtan" and self.method in ("core", "graddrop"):
+            raise ValueError(f"--architecture mtan trains the balancing baselines; --method {self.method} needs the "
+                             f"dual-stream model (--architecture shared)")
         if self.task and self.method != "stl":
             raise ValueError(f"--task is for --method stl only; got --method {self.method}")
         for flag, value, least in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
@@ -235,7 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deep import losses, train, trainer
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
-    from deep.model import DualStreamModel
     from deep.weights import load_torchvision_npz
 
     out = Path(config.out)
@@ -271,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               decoupled_weight_decay=config.optimizer == "adamw", epochs=config.epochs,
                               warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch)
     optimizer = train.make_optimizer(optim)
-    model = DualStreamModel(model_config, nnx.Rngs(config.seed))
+    model = trainer.build_model(model_config, config.architecture, nnx.Rngs(config.seed))
     if config.pretrained:
         load_torchvision_npz(model, config.pretrained)
     graphdef, state = train.split_model(model, optimizer)
