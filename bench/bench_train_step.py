@@ -69,7 +69,7 @@ def _setting(name: str):
         return ModelConfig(), 16, (288, 384)
     model = ModelConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=8), semantic_channels=32,
                         residual_channels=16, head_channels=16, aspp_rates=(2, 4, 6), decoder_widths=(16, 16, 8),
-                        albedo_seed=4, light_hidden=16)
+                        albedo_seed=4, light_hidden=16, generic_width=16)
     return model, 4, (64, 80)
 
 

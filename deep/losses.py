@@ -4,6 +4,11 @@ Layouts are ``[batch, height, width, channels]``. Task losses follow LibMTL's ma
 ignores label −1; depth L1 and the normal cosine loss average over pixels whose ground truth is not all zero.
 The independence loss is the linear CKA of :mod:`theory.measures` (one implementation for theory and model) on
 the spatially pooled streams. The loss weights of the paper's Table 7 are named presets (:data:`PRESETS`).
+
+Soft grounding (Eq (15)) is scored as the authors do: unmasked L1 at full resolution (:func:`l1`) plus 0.5 × the
+deep-supervision L1 at the auxiliary outputs' resolution, against depth downsampled by nearest neighbour
+(:func:`geometry_aux_loss`) and the image downsampled bilinearly (:func:`appearance_aux_loss`). The authors' LPIPS
+(VGG) term is not built: it needs pretrained weights the user must supply (``appearance_perceptual`` stays 0).
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from deep.resize import resize_bilinear
 from deep.shading import srgb_to_linear, unit_vectors
 from theory.measures import debiased_cka, linear_cka
 
 __all__ = ["segmentation_loss", "depth_loss", "normal_loss", "independence_loss", "l1", "ssim_loss",
            "physical_image_loss", "albedo_tv", "grayscale_shading", "albedo_normal_covariance", "edge_loss",
-           "LossWeights", "PRESETS", "total_loss", "linear_cka", "debiased_cka"]
+           "resize_nearest", "geometry_aux_loss", "appearance_aux_loss", "LossWeights", "PRESETS", "total_loss", "linear_cka", "debiased_cka"]
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -60,6 +67,26 @@ def independence_loss(semantic_map: jax.Array, residual_code: jax.Array, debiase
 def l1(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """Mean absolute error (unmasked, as the authors' reconstruction terms)."""
     return jnp.mean(jnp.abs(prediction - target))
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    r"""Nearest-neighbour resize of ``[B, H, W, C]`` to ``size`` with PyTorch's ``mode="nearest"`` rule: output pixel
+    ``i`` copies input pixel :math:`\lfloor i\, n_{in}/n_{out} \rfloor` (so ×1/2 keeps the even rows and columns)."""
+    rows = np.minimum(np.floor(np.arange(size[0]) * (x.shape[1] / size[0])).astype(np.int32), x.shape[1] - 1)
+    columns = np.minimum(np.floor(np.arange(size[1]) * (x.shape[2] / size[1])).astype(np.int32), x.shape[2] - 1)
+    return x[:, rows][:, :, columns]
+
+
+def geometry_aux_loss(geometry_aux: jax.Array, depth: jax.Array) -> jax.Array:
+    """Deep supervision of the geometry decoder: L1 between its auxiliary output ``[B, h, w, 1]`` and the depth
+    ``[B, H, W, 1]`` resized by nearest neighbour to ``(h, w)``; unmasked, as the authors' code."""
+    return l1(geometry_aux, resize_nearest(depth, geometry_aux.shape[1:3]))
+
+
+def appearance_aux_loss(reconstruction_aux: jax.Array, image: jax.Array) -> jax.Array:
+    """Deep supervision of the appearance decoder: L1 between its auxiliary output ``[B, h, w, 3]`` and the image
+    resized bilinearly (``align_corners=False``, no antialiasing; a 2×2 mean at exactly ×1/2) to ``(h, w)``."""
+    return l1(reconstruction_aux, resize_bilinear(image, reconstruction_aux.shape[1:3]))
 
 
 def ssim_loss(prediction: jax.Array, target: jax.Array, window: int = 7, data_range: float = 1.0) -> jax.Array:
@@ -186,10 +213,16 @@ PRESETS: dict[str, LossWeights] = {
 
 
 def total_loss(terms: dict[str, jax.Array], weights: LossWeights, independence_weight: float | None = None):
-    """Eq (16) from named terms (missing terms count 0): the weighted task losses, λ_ind·CKA, and the grounding terms.
+    r"""Eq (16) from named terms (missing terms count 0): the weighted task losses, λ_ind·CKA, and the grounding terms.
+
+    .. math:: \mathcal L = \sum_t \lambda_t \ell_t + \lambda_{edge}\ell_{edge} + \lambda_{ind}\,\mathrm{CKA}
+              + \alpha_{geo}\mathcal L_{geo} + \beta_{app}(\mathcal L_{LPIPS} + \lambda_{l1}\mathcal L_{app})
+              + \lambda_{img}\mathcal L_{img} + \lambda_{tv}\mathrm{TV}(A) + \lambda_{gray}\mathcal L_{gray}
+              + \lambda_{xcov}\mathcal L_{xcov} + \tfrac12\mathcal L_{geo,aux} + \tfrac12\mathcal L_{app,aux}
 
     ``terms`` keys: segmentation, depth, normal, edge, independence, geometry, appearance_l1, appearance_perceptual,
     image, albedo_tv, gray, covariance, geometry_aux, appearance_aux. ``independence_weight`` overrides λ_ind (ramps).
+    The training step never supplies ``appearance_perceptual`` (the LPIPS term needs user-supplied VGG weights).
     """
     get = lambda name: terms.get(name, 0.0)
     lam_ind = weights.independence if independence_weight is None else independence_weight

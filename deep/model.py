@@ -8,9 +8,16 @@ image with bilinear ``align_corners=True`` (LibMTL's convention); surface normal
 The model returns ``(predictions, aux)``: ``aux`` holds the intermediates that losses and probes read (the
 semantic map, the residual code, the backbone features).
 
-With ``grounding="hard"`` the model also renders the image through the physical decoder (:mod:`deep.decoders`)
-and returns the rendering and its parts in ``aux``. Not built yet (see the README's roadmap): the AdaIN appearance
-decoder and the soft-grounding decoder, MTAN.
+Grounding (:mod:`deep.decoders`) is selected by ``ModelConfig.grounding``:
+
+* ``"soft"``: the generic decoders of Eq (15) only: depth from ẑ_s (``aux["geometry"]``, ``aux["geometry_aux"]``)
+  and the image from ẑ_s and ẑ_r through AdaIN (``aux["reconstruction"]``, ``aux["reconstruction_aux"]``).
+* ``"hard"``: the physical decoder of Eq (13) (``aux["rendered"]`` and its parts ``albedo``, ``normals``,
+  ``shading``, ``lighting``) **plus** the generic decoders, because the authors' code always runs both (no config
+  switches them off); the counterfactuals then come from the appearance decoder, as theirs.
+* ``"none"``: neither, for the gradient-balancing baselines.
+
+Not built yet (see the README's roadmap): MTAN.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deep.backbone import BackboneConfig, ResNet
-from deep.decoders import PhysicalDecoder
+from deep.decoders import AppearanceDecoder, GeometryDecoder, PhysicalDecoder
 from deep.heads import ASPPHead
 from deep.resize import resize_bilinear
 from deep.shading import unit_vectors
@@ -30,15 +37,21 @@ from deep.streams import DualStream
 
 HEAD_INPUTS = ("semantic", "semantic+backbone")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# The layers whose matrix work follows the compute dtype; normalisation statistics are reduced in float32 by Flax.
+# The layers whose matrix work follows the compute dtype; normalisation statistics are reduced in float32 (by Flax,
+# and by deep.decoders' InstanceNorm and AdaIN, which are jnp functions of the activations with no dtype setting).
 _COMPUTE_LAYERS = (nnx.Conv, nnx.Linear, nnx.BatchNorm, nnx.LayerNorm)
-GROUNDINGS = ("hard", "none")
+GROUNDINGS = ("hard", "soft", "none")
 NYUV2_TASKS = (("segmentation", 13), ("depth", 1), ("normal", 3))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Sizes and options of :class:`DualStreamModel` (defaults: the paper's NYUv2 model)."""
+    """Sizes and options of :class:`DualStreamModel` (defaults: the paper's NYUv2 model).
+
+    ``grounding``: ``"hard"`` (physical + generic decoders, as the authors' code), ``"soft"`` (generic decoders
+    only, Eq (15)) or ``"none"``. ``decoder_widths``, ``albedo_seed`` and ``light_hidden`` size the physical decoder;
+    ``generic_width`` the generic decoders' trunk (a multiple of 8; their blocks halve it three times).
+    """
 
     backbone: BackboneConfig = BackboneConfig()
     tasks: tuple[tuple[str, int], ...] = NYUV2_TASKS
@@ -52,12 +65,16 @@ class ModelConfig:
     albedo_seed: int = 16
     light_hidden: int = 128
     compute_dtype: str = "float32"
+    generic_width: int = 512
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
         if self.grounding not in GROUNDINGS:
             raise ValueError(f"grounding must be one of {', '.join(GROUNDINGS)}; got {self.grounding!r}")
+        if self.generic_width < 8 or self.generic_width % 8:
+            raise ValueError(f"generic_width must be a positive multiple of 8 (the attention's keys have "
+                             f"generic_width/8 channels); got {self.generic_width}")
         if self.heads_read not in HEAD_INPUTS:
             raise ValueError(f"heads_read must be one of {', '.join(HEAD_INPUTS)}; got {self.heads_read!r}")
         if not self.tasks or any(channels < 1 for _, channels in self.tasks):
@@ -78,6 +95,11 @@ class DualStreamModel(nnx.Module):
         self.decoder = PhysicalDecoder(config.semantic_channels, config.residual_channels, features, rngs,
                                        config.decoder_widths, config.albedo_seed,
                                        config.light_hidden) if config.grounding == "hard" else None
+        generic = config.grounding in ("hard", "soft")
+        self.geometry_decoder = GeometryDecoder(config.semantic_channels, rngs,
+                                                config.generic_width) if generic else None
+        self.appearance_decoder = AppearanceDecoder(config.semantic_channels, config.residual_channels, rngs,
+                                                    config.generic_width) if generic else None
         self._set_compute_dtype(COMPUTE_DTYPES[config.compute_dtype])
 
     def _set_compute_dtype(self, dtype) -> None:
@@ -93,8 +115,43 @@ class DualStreamModel(nnx.Module):
                image_size: tuple[int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Hard grounding: the image rendered from the streams (albedo from ``residual_code``)."""
         if self.decoder is None:
-            raise ValueError("this model has no grounding decoder (grounding='none')")
+            raise ValueError(f"this model has no physical decoder (grounding={self.config.grounding!r})")
         return self.decoder(semantic_map, residual_code, jnp.mean(features, axis=(1, 2)), image_size)
+
+    @property
+    def makes_counterfactuals(self) -> bool:
+        """Whether :meth:`counterfactual_image` can synthesise an image (some grounding decoder exists)."""
+        return self.appearance_decoder is not None or self.decoder is not None
+
+    def counterfactual_image(self, semantic_map: jax.Array, residual_code: jax.Array, image_size: tuple[int, int],
+                             features: jax.Array | None = None) -> jax.Array:
+        r"""An image synthesised from a semantic map and a (possibly shuffled) residual code, for Eq (12):
+
+        .. math:: \tilde x_i = D_{\rm app}(\hat z_{s,i}, \hat z_{r,\pi(i)}),
+
+        through the appearance decoder (which ends in the sigmoid), as the authors' CFA. Without one, the physical rendering
+        :math:`\mathrm{clip}(A(\hat z_{r,\pi(i)}) \odot S(\hat z_{s,i}), 0, 1)` (which needs ``features`` for the
+        lighting); no configuration has the physical decoder alone today.
+
+        Args:
+            semantic_map: ``[B, h, w, C_s]``.
+            residual_code: ``[B, C_r]``.
+            image_size: ``(H, W)``.
+            features: ``[B, h, w, C]`` backbone features; read only by the physical fallback.
+
+        Returns:
+            ``[B, H, W, 3]`` in [0, 1], float32.
+
+        Raises:
+            ValueError: when the model has no decoder (``grounding="none"``), or the fallback lacks ``features``.
+        """
+        if self.appearance_decoder is not None:
+            return _as_float32(self.appearance_decoder(semantic_map, residual_code, image_size)[0])
+        if self.decoder is not None:
+            if features is None:
+                raise ValueError("the physical renderer needs the backbone features for the lighting")
+            return _as_float32(self.render(semantic_map, residual_code, features, image_size)[0])
+        raise ValueError("this model has no decoder to synthesise counterfactuals (grounding='none')")
 
     def predict_from_streams(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
                              image_size: tuple[int, int]) -> dict[str, jax.Array]:
@@ -111,14 +168,34 @@ class DualStreamModel(nnx.Module):
             predictions[name] = out
         return predictions
 
-    def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    def predict(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """The task predictions and the streams, without running any grounding decoder (what the counterfactual
+        pass scores): ``(predictions, aux)`` with ``aux`` keys semantic_map, residual_code, features, low_level."""
+        predictions, aux = self._encode_and_predict(images)
+        return jax.tree.map(_as_float32, predictions), jax.tree.map(_as_float32, aux)
+
+    def _encode_and_predict(self, images):
         c1, c2, c3, c4 = self.backbone(images)
         semantic_map, residual_code = self.streams(c4)
         predictions = self.predict_from_streams(semantic_map, residual_code, c4, images.shape[1:3])
-        aux = {"semantic_map": semantic_map, "residual_code": residual_code, "features": c4, "low_level": c1}
+        return predictions, {"semantic_map": semantic_map, "residual_code": residual_code, "features": c4,
+                             "low_level": c1}
+
+    def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """``aux`` adds, with the physical decoder, ``rendered``, ``albedo``, ``normals``, ``shading`` and
+        ``lighting``; with the generic decoders, ``geometry`` ``[B, H, W, 1]``, ``reconstruction`` ``[B, H, W, 3]``
+        and their deep-supervision outputs ``geometry_aux``, ``reconstruction_aux`` (at 1/2 resolution)."""
+        image_size = images.shape[1:3]
+        predictions, aux = self._encode_and_predict(images)
+        semantic_map, residual_code = aux["semantic_map"], aux["residual_code"]
         if self.decoder is not None:
-            rendered, parts = self.render(semantic_map, residual_code, c4, images.shape[1:3])
+            rendered, parts = self.render(semantic_map, residual_code, aux["features"], image_size)
             aux.update(rendered=rendered, **parts)
+        if self.geometry_decoder is not None:
+            aux["geometry"], aux["geometry_aux"] = self.geometry_decoder(semantic_map, image_size)
+        if self.appearance_decoder is not None:
+            aux["reconstruction"], aux["reconstruction_aux"] = self.appearance_decoder(semantic_map, residual_code,
+                                                                                       image_size)
         # Losses, CKA and metrics are computed in float32 whatever the compute dtype.
         return jax.tree.map(_as_float32, predictions), jax.tree.map(_as_float32, aux)
 

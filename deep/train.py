@@ -3,10 +3,11 @@ r"""Training steps for the dual-stream model (CORE-MTL) and for its gradient-bal
 Every step is a pure function of split NNX state (``nnx.split`` once; ``nnx.merge`` inside the traced function), so it
 jits, differentiates per task and shards:
 
-* :func:`core_step` — Eq (16): weighted task losses + λ_ind·CKA + the hard-grounding terms (physical rendering loss,
-  albedo TV, grey shading, albedo–normal covariance) + the counterfactual loss of Eq (12), gated per step by a
-  Bernoulli draw under ``lax.cond``. The counterfactual pass re-encodes images rendered with residual codes
-  shuffled within the batch (``stop_gradient`` on the images, as the authors detach them) with the model in eval
+* :func:`core_step` — Eq (16): weighted task losses + λ_ind·CKA + the edge term + the grounding terms (hard: the
+  physical rendering loss, albedo TV, grey shading, albedo–normal covariance; hard and soft: the generic decoders'
+  geometry and appearance reconstructions) + the counterfactual loss of Eq (12), gated per step by a Bernoulli
+  draw under ``lax.cond``. The counterfactual pass re-encodes images synthesised by the AdaIN appearance decoder
+  with residual codes shuffled within the batch (``stop_gradient`` on the images, as the authors detach them) with the model in eval
   mode — BatchNorm reads its running statistics and leaves them unchanged, dropout is off — while gradients still
   flow into every parameter, and scores the predictions against the **original** labels.
 * :func:`task_jacobian_step` + ``balancer.step`` + :func:`apply_gradients` — a baseline of Definition 2.1 on the
@@ -136,20 +137,28 @@ def _weighted_task_loss(task_terms: dict, weights: losses.LossWeights) -> jax.Ar
 
 def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: dict, key: jax.Array,
                         weights: losses.LossWeights) -> jax.Array:
-    r"""Eq (12): residual codes shuffled within the batch, images rendered and re-encoded in eval mode, scored
-    against the original labels: :math:`\lambda_{cfa}[\sum_t\lambda_t\ell_t + 0.1\,\mathrm{CKA}]`.
+    r"""Eq (12), the authors' CFA: residual codes shuffled within the batch, counterfactual images synthesised and
+    re-encoded in eval mode, the predictions scored against the **original** labels,
 
-    Runs on its own merge of the states, so it can sit inside ``lax.cond``; the whole pass (rendering included)
-    reads BatchNorm's running statistics and updates none, and gradients reach every parameter.
+    .. math:: \tilde x_i = D_{\rm app}(\hat z_{s,i}, \hat z_{r,\pi(i)}), \qquad
+              \mathcal L_{cfa} = \lambda_{cfa}\Big[\sum_t \lambda_t\,\ell_t(f(\tilde x), y)
+              + 0.1\,\mathrm{CKA}(\hat z_s(\tilde x), \hat z_r(\tilde x))\Big].
+
+    :math:`\tilde x` comes from :meth:`DualStreamModel.counterfactual_image` (the AdaIN appearance decoder; the
+    physical rendering only for a model without one), with ``stop_gradient`` on its inputs and on the image, as
+    the authors detach them: the decoder gets no gradient from this term. Runs on its own merge of the states, so it
+    can sit inside ``lax.cond``; the whole pass reads BatchNorm's running statistics and updates none, and
+    gradients reach every parameter of the encoder and heads. Only the predictions and streams of
+    :math:`\tilde x` are computed (the authors also run, then discard, every decoder on it).
     """
     model = _merge(graphdef, params, batch_stats, rest)
     model.eval()
     images = batch["images"]
     permutation = jax.random.permutation(key, images.shape[0])  # not a derangement, as the authors' randperm
     sg = jax.lax.stop_gradient
-    counterfactual, _ = model.render(sg(aux["semantic_map"]), sg(aux["residual_code"])[permutation],
-                                     sg(aux["features"]), images.shape[1:3])
-    predictions, cf_aux = model(sg(counterfactual))
+    counterfactual = model.counterfactual_image(sg(aux["semantic_map"]), sg(aux["residual_code"])[permutation],
+                                                images.shape[1:3], features=sg(aux["features"]))
+    predictions, cf_aux = model.predict(sg(counterfactual))
     task = _weighted_task_loss(task_losses(model.config.tasks, predictions, batch), weights)
     independence = losses.independence_loss(cf_aux["semantic_map"], cf_aux["residual_code"])
     return weights.counterfactual * (task + 0.1 * independence)
@@ -157,8 +166,22 @@ def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: d
 
 def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Array, weights: losses.LossWeights,
                    independence_weight, counterfactual_gate, task_scale=1.0) -> tuple[jax.Array, tuple]:
-    """Eq (16) plus the gated counterfactual term; returns ``(loss, (batch_stats, rest, terms))``. ``task_scale``
-    multiplies the task losses in the objective (0 in the authors' stage 0); the reported terms are unscaled."""
+    r"""Eq (16) plus the gated counterfactual term; returns ``(loss, (batch_stats, rest, terms))``. ``task_scale``
+    multiplies the task losses in the objective (0 in the authors' stage 0); the reported terms are unscaled.
+
+    Grounding terms, by what the model has (``ModelConfig.grounding``):
+
+    * generic decoders (soft, and hard as the authors' code), Eq (15), all unmasked as the authors':
+      ``geometry`` :math:`= \|D_{\rm geo}(\hat z_s) - d\|_1` at full resolution and ``geometry_aux`` against the
+      depth downsampled by nearest neighbour to the auxiliary output (both only when the batch has ``depth``);
+      ``appearance_l1`` :math:`= \|D_{\rm app}(\hat z_s, \hat z_r) - x\|_1` and ``appearance_aux`` against the image
+      downsampled bilinearly. The authors' LPIPS term (``appearance_perceptual``) needs user-supplied VGG weights
+      and is not computed: it counts 0 in :func:`losses.total_loss`.
+    * the physical decoder (hard only), Eq (13): ``image``, ``albedo_tv``, ``gray``, ``covariance``.
+
+    The counterfactual term runs when the model can synthesise counterfactuals, ``weights.counterfactual > 0``
+    and ``counterfactual_gate`` holds (:func:`counterfactual_loss`).
+    """
     model = _merge(graphdef, params, batch_stats, rest)
     model.train()
     predictions, aux = model(batch["images"])
@@ -169,6 +192,12 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
         # head (whose own parameters are frozen then).
         scaled["edge"] = terms["edge"] = losses.edge_loss(predictions["depth"], batch["depth"])
     terms["independence"] = losses.independence_loss(aux["semantic_map"], aux["residual_code"])
+    if model.geometry_decoder is not None and "depth" in batch:
+        terms["geometry"] = losses.l1(aux["geometry"], batch["depth"])
+        terms["geometry_aux"] = losses.geometry_aux_loss(aux["geometry_aux"], batch["depth"])
+    if model.appearance_decoder is not None:
+        terms["appearance_l1"] = losses.l1(aux["reconstruction"], batch["images"])
+        terms["appearance_aux"] = losses.appearance_aux_loss(aux["reconstruction_aux"], batch["images"])
     if model.decoder is not None:
         terms["image"] = losses.physical_image_loss(aux["rendered"], batch["images"])
         terms["albedo_tv"] = losses.albedo_tv(aux["albedo"])
@@ -176,7 +205,7 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
         terms["covariance"] = losses.albedo_normal_covariance(aux["albedo"], aux["normals"])
     total = losses.total_loss({**terms, **scaled}, weights, independence_weight)
     new_batch_stats, new_rest = _split_states(model)
-    if model.decoder is not None and weights.counterfactual > 0:
+    if model.makes_counterfactuals and weights.counterfactual > 0:
         probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
         terms["counterfactual"] = jax.lax.cond(
             counterfactual_gate,

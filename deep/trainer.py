@@ -28,9 +28,10 @@ MODEL_SIZES = {
     "full": {},
     "reduced": dict(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=8), semantic_channels=32,
                     residual_channels=16, head_channels=16, aspp_rates=(2, 4, 6), decoder_widths=(16, 16, 8),
-                    albedo_seed=4, light_hidden=16),
+                    albedo_seed=4, light_hidden=16, generic_width=16),
     "tiny": dict(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), semantic_channels=6, residual_channels=3,
-                 head_channels=4, aspp_rates=(1, 2, 3), decoder_widths=(4, 4), albedo_seed=2, light_hidden=8),
+                 head_channels=4, aspp_rates=(1, 2, 3), decoder_widths=(4, 4), albedo_seed=2, light_hidden=8,
+                 generic_width=8),
 }
 
 
@@ -130,15 +131,18 @@ def evaluate(predict: Callable, state: train.TrainState, batches: Iterable[dict]
 
 
 def sample_panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, np.ndarray]:
-    """Predictions for a few images in eval mode, and for a model with grounding the rendered reconstruction and
-    a counterfactual: each image rendered with the residual code of the next one (rolled by one)."""
+    """Predictions for a few images in eval mode, and for a model with grounding its reconstructions (physical
+    rendering, appearance decoder) and a counterfactual: each image synthesised with the residual code of the next
+    one (rolled by one)."""
     model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
     model.eval()
     predictions, aux = model(images)
     panels = {f"pred/{name}": np.asarray(value) for name, value in predictions.items()}
-    if "rendered" in aux:
-        panels["rendered"] = np.asarray(aux["rendered"])
-        counterfactual, _ = model.render(aux["semantic_map"], jnp.roll(aux["residual_code"], 1, axis=0),
-                                         aux["features"], images.shape[1:3])
+    for name in ("rendered", "reconstruction"):
+        if name in aux:
+            panels[name] = np.asarray(aux[name])
+    if getattr(model, "makes_counterfactuals", False):
+        counterfactual = model.counterfactual_image(aux["semantic_map"], jnp.roll(aux["residual_code"], 1, axis=0),
+                                                    images.shape[1:3], features=aux["features"])
         panels["counterfactual"] = np.asarray(counterfactual, np.float32)
     return panels

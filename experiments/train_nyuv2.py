@@ -38,7 +38,7 @@ from _common import (environment, parse_config, parser_for, run_main, save_figur
 DATASETS = ("nyuv2", "cityscapes")
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
-GROUNDINGS = ("hard",)
+GROUNDINGS = ("hard", "soft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,9 @@ class TrainConfig:
     task: str = dataclasses.field(default="", metadata={"help": "the task of an stl run"})
     architecture: str = dataclasses.field(default="shared", metadata={
         "help": "the baselines' architecture: shared (hard parameter sharing) or mtan (task attention)"})
-    grounding: str = dataclasses.field(default="hard", metadata={"help": "CORE-MTL's grounding decoder: hard"})
+    grounding: str = dataclasses.field(default="hard", metadata={
+        "help": "CORE-MTL's grounding: hard (the physical renderer plus the generic decoders, as the authors run "
+                "it) or soft (the generic geometry and AdaIN appearance decoders only, Eq 15)"})
     heads_read: str = dataclasses.field(default="semantic", metadata={
         "help": "semantic (the paper) or semantic+backbone (the authors' code)"})
     preset: str = dataclasses.field(default="", metadata={
@@ -202,8 +204,11 @@ def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
         columns += [("normals", batch["normal"], "normal"),
                     ("predicted normals", panels["pred/normal"], "normal") if "pred/normal" in panels else None]
     if "rendered" in panels:
-        columns += [("rendered (hard grounding)", panels["rendered"], "rgb"),
-                    ("counterfactual: next image's ẑ_r", panels["counterfactual"], "rgb")]
+        columns.append(("rendered (hard grounding)", panels["rendered"], "rgb"))
+    if "reconstruction" in panels:
+        columns.append(("appearance decoder", panels["reconstruction"], "rgb"))
+    if "counterfactual" in panels:
+        columns.append(("counterfactual: next image's ẑ_r", panels["counterfactual"], "rgb"))
     columns = [c for c in columns if c is not None]
     rows = len(batch["images"])
     figure, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 1.8 * rows), squeeze=False)

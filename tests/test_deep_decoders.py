@@ -1,11 +1,14 @@
-"""Hard grounding: albedo from ẑ_r, normals from ẑ_s, lighting from features, rendered through the SH model."""
+"""The grounding decoders. Hard: albedo from ẑ_r, normals from ẑ_s, lighting from features, rendered through the SH
+model. Soft: the generic geometry decoder (ẑ_s → depth) and the AdaIN appearance decoder (ẑ_s, ẑ_r → image)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from deep.decoders import PhysicalDecoder
+from deep import losses
+from deep.decoders import AdaIN, AppearanceDecoder, GeometryDecoder, PhysicalDecoder, SelfAttention, instance_norm
 from deep.shading import lambertian_shading, render
 
 
@@ -37,3 +40,72 @@ def test_rendering_composes_albedo_and_shading():
     shading = lambertian_shading(normals, lighting)  # 1 + n_z = 2 everywhere
     np.testing.assert_allclose(shading, 2.0, rtol=1e-5)
     np.testing.assert_allclose(render(jnp.full((1, 2, 2, 3), 0.3), shading), 0.6, rtol=1e-5)
+
+
+def test_adain_sets_each_instance_and_channel_to_mean_beta_and_unbiased_std_one_plus_gamma():
+    adain = AdaIN(3, 5, nnx.Rngs(0))
+    keys = jax.random.split(jax.random.key(2))
+    # A 3×4 map: the biased and unbiased deviations differ by sqrt(12/11), 4 %, far above the tolerance.
+    x = 3.0 + 2.0 * jax.random.normal(keys[0], (2, 3, 4, 5), jnp.float32)
+    style = jax.random.normal(keys[1], (2, 3), jnp.float32)
+    out = adain(x, style)
+    gamma, beta = np.split(np.asarray(adain.style(style)), 2, axis=-1)
+    np.testing.assert_allclose(np.mean(out, axis=(1, 2)), beta, atol=1e-5)
+    np.testing.assert_allclose(np.std(np.asarray(out), axis=(1, 2), ddof=1), np.abs(1 + gamma), rtol=1e-5)
+    # A constant channel normalises to 0 (then shifts to β) with a finite gradient.
+    constant = x.at[..., 0].set(1.0)
+    np.testing.assert_allclose(adain(constant, style)[..., 0], np.broadcast_to(beta[:, None, None, 0], (2, 3, 4)),
+                               atol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(lambda z: adain(z, style).sum())(constant))))
+
+
+def test_instance_norm_standardises_each_instance_and_channel():
+    x = 1.0 + 3.0 * jax.random.normal(jax.random.key(3), (2, 4, 4, 3), jnp.float32)
+    out = np.asarray(instance_norm(x))
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(1, 2)), 1.0, rtol=1e-4)  # biased, eps 1e-5 on a variance near 9
+
+
+def test_self_attention_starts_as_the_identity_and_attends_over_keys():
+    attention = SelfAttention(16, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(4), (2, 3, 4, 16), jnp.float32)
+    assert attention.query.out_features == attention.key.out_features == 2  # C/8
+    np.testing.assert_array_equal(attention(x), x)  # γ = 0 at initialisation
+    attention.gamma[...] = jnp.asarray(0.7, jnp.float32)
+    tokens = lambda conv: np.asarray(conv(x)).reshape(2, 12, -1)
+    q, k, v = tokens(attention.query), tokens(attention.key), tokens(attention.value)
+    logits = np.einsum("bic,bjc->bij", q, k)
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)  # softmax over the keys j
+    expected = np.asarray(x) + 0.7 * np.einsum("bij,bjc->bic", weights, v).reshape(x.shape)
+    np.testing.assert_allclose(attention(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generic_decoders_shapes_ranges_and_the_style_code_reaches_the_image():
+    keys = jax.random.split(jax.random.key(5), 2)
+    semantic_map = jax.random.normal(keys[0], (2, 4, 5, 6), jnp.float32)
+    residual = jax.random.normal(keys[1], (2, 3), jnp.float32)
+    geometry = GeometryDecoder(6, nnx.Rngs(0), width=8)
+    appearance = AppearanceDecoder(6, 3, nnx.Rngs(1), width=8)
+    depth, depth_aux = geometry(semantic_map, (32, 40))  # an exact 1/8 grid: no resize
+    assert depth.shape == (2, 32, 40, 1) and depth_aux.shape == (2, 16, 20, 1)
+    assert float(depth.min()) < 0 < float(depth.max())  # raw, not squashed
+    assert geometry(semantic_map, (30, 37))[0].shape == (2, 30, 37, 1)  # not exactly 1/8: resized
+    image, image_aux = appearance(semantic_map, residual, (32, 40))
+    assert image.shape == (2, 32, 40, 3) and image_aux.shape == (2, 16, 20, 3)
+    for output in (image, image_aux):
+        assert float(output.min()) >= 0 and float(output.max()) <= 1
+    # The style code reaches the image (the model's test checks the Jacobian of the counterfactual image).
+    assert not np.allclose(appearance(semantic_map, residual[::-1], (32, 40))[0], image)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        GeometryDecoder(6, nnx.Rngs(0), width=12)
+
+
+def test_deep_supervision_targets_follow_pytorch_downsampling():
+    depth = jnp.arange(16.0, dtype=jnp.float32).reshape(1, 4, 4, 1)
+    # Nearest at ×1/2 keeps the even rows and columns (PyTorch's floor(i·n_in/n_out)); bilinear averages 2×2 blocks.
+    np.testing.assert_array_equal(losses.resize_nearest(depth, (2, 2))[0, ..., 0], [[0.0, 2.0], [8.0, 10.0]])
+    assert float(losses.geometry_aux_loss(jnp.asarray([[0.0, 2.0], [8.0, 10.0]]).reshape(1, 2, 2, 1), depth)) == 0
+    image = jnp.tile(depth, (1, 1, 1, 3)) / 16
+    block_means = jnp.asarray([[2.5, 4.5], [10.5, 12.5]])[None, ..., None] / 16
+    assert float(losses.appearance_aux_loss(jnp.tile(block_means, (1, 1, 1, 3)), image)) < 1e-7
