@@ -111,13 +111,8 @@ def _steps(model_config, precision: str):
     ew = jax.jit(lambda state, batch, key: train.core_step(plain_graphdef, optimizer, state, batch, key, ew_weights,
                                                            independence_weight=0.0, counterfactual_on=False))
     pcgrad_balancer = make("pcgrad")
-
-    @jax.jit
-    def pcgrad(state, batch, key):
-        losses_k, jacobian, head_grads, batch_stats, rest = train.task_jacobian_step(plain_graphdef, state, batch)
-        direction, _, _ = pcgrad_balancer.step(jacobian, losses_k, pcgrad_balancer.init(losses_k.shape[0]), key)
-        return train.apply_gradients(plain_graphdef, optimizer, state, direction, head_grads, batch_stats, rest,
-                                     losses_k.sum())
+    pcgrad = jax.jit(lambda state, batch, key: train.balanced_step(
+        plain_graphdef, optimizer, pcgrad_balancer, state, pcgrad_balancer.init(len(plain.tasks)), batch, key))
 
     return [("ew", ew, plain_state), ("core", core_with(True), core_state),
             ("core_no_cfa", core_with(False), core_state), ("pcgrad", pcgrad, plain_state)]

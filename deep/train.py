@@ -248,6 +248,14 @@ def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainSta
 # ------------------------------------------------------------------------------------------- balanced baselines
 
 
+def _stacked_task_losses(graphdef, params, state: TrainState, batch: dict):
+    """The task losses ``[K]`` of a train-mode forward pass with ``params``, and the updated non-parameter states."""
+    model = _merge(graphdef, params, state.batch_stats, state.rest)
+    model.train()
+    predictions, _ = model(batch["images"])
+    return jnp.stack(list(task_losses(model.config.tasks, predictions, batch).values())), _split_states(model)
+
+
 def task_jacobian_step(graphdef, state: TrainState, batch: dict):
     """Per-task losses, the Jacobian ``[K, P]`` of the shared parameters, each head's own gradient, and the new
     BatchNorm statistics, from one forward pass."""
@@ -255,11 +263,7 @@ def task_jacobian_step(graphdef, state: TrainState, batch: dict):
     flat_shared, unravel = ravel_pytree(shared)
 
     def per_task(flat, heads):
-        model = _merge(graphdef, (unravel(flat), heads), state.batch_stats, state.rest)
-        model.train()
-        predictions, _ = model(batch["images"])
-        values = task_losses(model.config.tasks, predictions, batch)
-        return jnp.stack(list(values.values())), _split_states(model)
+        return _stacked_task_losses(graphdef, (unravel(flat), heads), state, batch)
 
     losses_k, pullback, (batch_stats, rest) = jax.vjp(per_task, flat_shared, heads, has_aux=True)
     jacobian, head_grads = jax.vmap(pullback)(jnp.eye(losses_k.shape[0], dtype=losses_k.dtype))
@@ -281,14 +285,8 @@ def apply_gradients(graphdef, optimizer: optax.GradientTransformation, state: Tr
 def _loss_weighted_step(graphdef, optimizer, balancer, state: TrainState, balancer_state, batch: dict, key):
     r"""A method that weighs the losses alone: its weights from the losses of this forward pass, then one backward
     pass of :math:`\sum_t w_t \mathcal L_t` (``jax.vjp`` with the weights as the cotangent), heads included."""
-
-    def per_task(params):
-        model = _merge(graphdef, params, state.batch_stats, state.rest)
-        model.train()
-        predictions, _ = model(batch["images"])
-        return jnp.stack(list(task_losses(model.config.tasks, predictions, batch).values())), _split_states(model)
-
-    losses_k, pullback, (batch_stats, rest) = jax.vjp(per_task, state.params, has_aux=True)
+    losses_k, pullback, (batch_stats, rest) = jax.vjp(
+        lambda params: _stacked_task_losses(graphdef, params, state, batch), state.params, has_aux=True)
     weights, balancer_state = balancer.weigh(None, losses_k, balancer_state, key)
     (grads,) = pullback(jax.lax.stop_gradient(weights).astype(losses_k.dtype))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
