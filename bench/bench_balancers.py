@@ -8,6 +8,9 @@ K task losses ``L_t = mean_b (h_b . u_t - y_bt)^2``. A *full step* is everything
 method: the per-task gradient information of W and the combined direction (an array shaped like W).
 
 * EW: one backward pass of the summed loss (the reference for the ratios).
+* ``gram_matrix``: the cotangents and G alone, the least any Gram-path method can cost. Forming G takes
+  ``K B^2 out + K^2 B out`` multiply-adds (``gram_madds`` in the JSON) against EW's ``3 B P`` for its forward and
+  backward (``ew_madds``): where that ratio exceeds 3, no Gram-path method can be within 3x of EW.
 * Methods with a Gram path (``balancer.weigh``): G = J J^T through the batch (``theory.jacobians.linear_layer_gram``,
   never holding the [K, P] Jacobian), the weights, then the direction as one more product — and, for comparison,
   the same method on the materialised Jacobian (``jacobian path``).
@@ -143,6 +146,8 @@ def _reference_functions(num_tasks: int):
     import jax
     import jax.numpy as jnp
 
+    from theory.jacobians import linear_layer_gram
+
     def summed_loss(weight, inputs, heads, targets):
         return jnp.sum(jnp.mean((inputs @ weight.T @ heads.T - targets) ** 2, axis=0))
 
@@ -153,7 +158,14 @@ def _reference_functions(num_tasks: int):
         losses, pullback = jax.vjp(lambda w: jnp.mean((inputs @ w.T @ heads.T - targets) ** 2, axis=0), weight)
         return jax.vmap(pullback)(jnp.eye(num_tasks))[0]
 
-    return {"ew_backward": jax.jit(ew_step), "per_task_gradients": jax.jit(per_task_gradients)}
+    def gram_matrix(weight, inputs, heads, targets):
+        """The floor of every Gram-path step: the cotangents and G = J J^T through the batch, nothing else."""
+        losses, pullback = jax.vjp(lambda h: jnp.mean((h @ heads.T - targets) ** 2, axis=0), inputs @ weight.T)
+        (per_task,) = jax.vmap(pullback)(jnp.eye(num_tasks))
+        return linear_layer_gram(inputs, per_task)
+
+    return {"ew_backward": jax.jit(ew_step), "per_task_gradients": jax.jit(per_task_gradients),
+            "gram_matrix": jax.jit(gram_matrix)}
 
 
 def _measure(function, args, repeats: int) -> dict:
@@ -190,7 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ew_ms = reference["ew_backward"]["ms"]
             for name, result in reference.items():
                 rows.append({"method": name, "path": "reference", "tasks": num_tasks, "params": num_params,
-                             **result, "ratio_to_ew": result["ms"] / ew_ms})
+                             **result, "ratio_to_ew": result["ms"] / ew_ms,
+                             "gram_madds": BATCH**2 * OUT_FEATURES * num_tasks + BATCH * OUT_FEATURES * num_tasks**2,
+                             "ew_madds": 3 * BATCH * num_params})
             for name in config.methods.split(","):
                 balancer = make(name)
                 num_shared = BATCH * OUT_FEATURES if balancer.gradient_of == "representation" else num_params

@@ -21,7 +21,8 @@ from deep.metrics import MetricAccumulator
 from deep.model import DualStreamModel, ModelConfig
 
 DATASET_TASKS = {"nyuv2": (("segmentation", 13), ("depth", 1), ("normal", 3)),
-                 "cityscapes": (("segmentation", 7), ("depth", 1))}
+                 "cityscapes": (("segmentation", 7), ("depth", 1)),
+                 "gta5": (("segmentation", 7), ("depth", 1))}  # mapped onto Cityscapes' 7 categories
 
 # Model sizes: the paper's (ResNet-50, 512/256 streams), one for a CPU smoke run, and one for tests.
 MODEL_SIZES = {
@@ -128,6 +129,38 @@ def evaluate(predict: Callable, state: train.TrainState, batches: Iterable[dict]
         predictions, _ = predict(state, jnp.asarray(batch["images"]))
         accumulator.update(predictions, batch)
     return accumulator.result()
+
+
+def evaluate_corrupted(predict: Callable, state: train.TrainState, batches: Callable[[], Iterable[dict]], tasks,
+                       corruptions: Iterable[str], severities: Iterable[int], key: jax.Array
+                       ) -> dict[str, dict[str, dict[str, float]]]:
+    """The paper's Cityscapes-C protocol in code: the metrics of a split whose images are corrupted by each of
+    ``corruptions`` at each of ``severities`` (:func:`deep.data.corrupt`), the labels left clean.
+
+    Args:
+        predict: from :func:`predict_function`.
+        batches: a function returning a fresh pass over the split (called once per corruption and severity).
+        key: the corruptions' randomness; batch ``i`` of every pass uses ``fold_in(fold_in(key, corruption),
+            i)``, so a severity changes the strength of the same noise, not the noise.
+
+    Returns:
+        ``{corruption: {str(severity): metrics}}``.
+    """
+    from deep.data import CORRUPTIONS, corrupt
+
+    results = {}
+    for corruption in corruptions:
+        corruption_key = jax.random.fold_in(key, CORRUPTIONS.index(corruption))
+        results[corruption] = {}
+        for severity in severities:
+            accumulator = MetricAccumulator(tasks)
+            for index, batch in enumerate(batches()):
+                images = corrupt(jnp.asarray(batch["images"]), corruption, severity,
+                                 jax.random.fold_in(corruption_key, index))
+                predictions, _ = predict(state, images)
+                accumulator.update(predictions, batch)
+            results[corruption][str(severity)] = accumulator.result()
+    return results
 
 
 def sample_panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, np.ndarray]:

@@ -1,8 +1,11 @@
-"""Train CORE-MTL or a gradient-balancing baseline on NYUv2 (or Cityscapes) and evaluate it every epoch.
+"""Train CORE-MTL or a gradient-balancing baseline on NYUv2, Cityscapes or GTA5→Cityscapes, evaluating every epoch.
 
     python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz   # the paper's run
     python experiments/train_nyuv2.py --data /data/nyuv2 --method pcgrad                           # a baseline
     python experiments/train_nyuv2.py --data /data/nyuv2 --method stl --task depth                 # a Δ baseline
+    python experiments/train_nyuv2.py --data /data/cityscapes --dataset cityscapes --preset cityscapes_c \
+        --corruptions all                                                      # Cityscapes-C, after training
+    python experiments/train_nyuv2.py --data /data/gta5 --dataset gta5 --target-data /data/cityscapes  # GTA5 -> CS
     python experiments/train_nyuv2.py --synthetic --model tiny --epochs 3                          # no data, CPU
     python experiments/train_nyuv2.py --out results/train_nyuv2 --resume                           # after a kill
 
@@ -10,7 +13,13 @@
 ``normal`` subfolders of ``<i>.npy``); ``--synthetic`` generates a small set in that layout under ``<out>/data``.
 Methods: ``core`` (the dual-stream model with hard grounding, the authors' stages, CKA ramp and counterfactual
 pass), ``stl`` (one task, for the Δp/Δm baselines), or any method of ``theory.balancing`` on the same backbone and
-heads, with hard parameter sharing or ``--architecture mtan``. ``--dataset cityscapes`` trains on LibMTL's Cityscapes (7 classes and disparity).
+heads, with hard parameter sharing or ``--architecture mtan``. ``--dataset cityscapes`` trains on LibMTL's
+Cityscapes (7 classes and disparity); ``--dataset gta5`` trains on GTA5 (``images/``, ``labels/``, ``depth/``,
+mapped onto the same 7 classes) and evaluates on the val split of the Cityscapes folder ``--target-data``: the
+paper's GTA5→Cityscapes shift. ``--corruptions`` evaluates the final model once more on the val split corrupted by
+each named corruption at each of ``--severities`` (the paper's Cityscapes-C, generated in code by
+:func:`deep.data.corrupt`); the results go to ``results.json`` (``corrupted``, ``corrupted_mean``) and
+``corruptions.png``.
 
 Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported,
 never used to choose anything — the run's result is its last epoch), a line in ``<out>/metrics.jsonl`` and an Orbax
@@ -32,10 +41,12 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_config, parser_for, run_main, save_figure, write_atomically,  # noqa: E402
-                     write_json)
+from _common import (environment, parse_choices, parse_config, parser_for, run_main, save_figure,  # noqa: E402
+                     write_atomically, write_json)
 
-DATASETS = ("nyuv2", "cityscapes")
+DATASETS = ("nyuv2", "cityscapes", "gta5")
+# The loss weights a dataset trains with unless --preset says otherwise (the paper's Table 7).
+DEFAULT_PRESETS = {"nyuv2": "nyuv2", "cityscapes": "cityscapes", "gta5": "gta5_to_cityscapes"}
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
 GROUNDINGS = ("hard", "soft")
@@ -46,7 +57,10 @@ class TrainConfig:
     data: str = dataclasses.field(default="", metadata={"help": "data folder in the LibMTL layout"})
     synthetic: bool = dataclasses.field(default=False, metadata={
         "help": "generate a small data set in that layout under <out>/data instead of --data"})
-    dataset: str = dataclasses.field(default="nyuv2", metadata={"help": "nyuv2 or cityscapes"})
+    dataset: str = dataclasses.field(default="nyuv2", metadata={
+        "help": "nyuv2, cityscapes, or gta5 (train on GTA5, evaluate on Cityscapes' val split: --target-data)"})
+    target_data: str = dataclasses.field(default="", metadata={
+        "help": "for --dataset gta5: the Cityscapes folder (LibMTL layout) whose val split is the OOD target"})
     method: str = dataclasses.field(default="core", metadata={
         "help": "core, stl, or a method of theory.balancing (ew, pcgrad, mgda, nash_mtl, ...)"})
     task: str = dataclasses.field(default="", metadata={"help": "the task of an stl run"})
@@ -76,6 +90,11 @@ class TrainConfig:
     on_device: bool = dataclasses.field(default=False, metadata={"help": "keep the whole data set on the device"})
     pretrained: str = dataclasses.field(default="", metadata={
         "help": "torchvision ResNet-50 ImageNet weights as .npz (see python -m deep.weights convert)"})
+    corruptions: str = dataclasses.field(default="", metadata={
+        "help": "after training, evaluate the val split under these corruptions: 'all' or comma-separated names "
+                "(the paper's Cityscapes-C: --dataset cityscapes --preset cityscapes_c --corruptions all)"})
+    severities: str = dataclasses.field(default="1,2,3,4,5", metadata={
+        "help": "the corruption severities to evaluate, comma-separated, each in 1..5"})
     steps_per_epoch: int = dataclasses.field(default=0, metadata={
         "help": "cap on training steps per epoch (0: the whole split; for smoke runs)"})
     out: str = dataclasses.field(default="results/train_nyuv2", metadata={"help": "output folder"})
@@ -123,10 +142,31 @@ class TrainConfig:
             raise FileNotFoundError(f"--pretrained: no such file: {self.pretrained}")
         if self.data and not Path(self.data).is_dir():
             raise FileNotFoundError(f"--data: no such folder: {self.data}")
+        if self.target_data and self.dataset != "gta5":
+            raise ValueError(f"--target-data is for --dataset gta5 only; got --dataset {self.dataset}")
+        if self.dataset == "gta5" and self.data and not self.target_data:
+            raise ValueError("--dataset gta5 needs --target-data PATH: the Cityscapes folder it is evaluated on")
+        if self.target_data and not Path(self.target_data).is_dir():
+            raise FileNotFoundError(f"--target-data: no such folder: {self.target_data}")
+        self.corruption_names  # validates --corruptions and --severities
+        self.severity_levels
+
+    @property
+    def corruption_names(self) -> tuple[str, ...]:
+        from deep.data import CORRUPTIONS
+
+        return parse_choices("--corruptions", self.corruptions, CORRUPTIONS) if self.corruptions else ()
+
+    @property
+    def severity_levels(self) -> tuple[int, ...]:
+        levels = tuple(dict.fromkeys(part.strip() for part in self.severities.split(",")))
+        if not levels or any(level not in ("1", "2", "3", "4", "5") for level in levels):
+            raise ValueError(f"--severities must be comma-separated integers in 1..5; got {self.severities!r}")
+        return tuple(int(level) for level in levels)
 
     @property
     def weights_preset(self) -> str:
-        return self.preset or self.dataset
+        return self.preset or DEFAULT_PRESETS[self.dataset]
 
     def run_identity(self) -> dict:
         """The fields that define the run: a resumed run must agree on all of them."""
@@ -136,9 +176,19 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def _load_splits(config: TrainConfig, out: Path):
+def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict]:
+    """``(train, test)`` arrays: the dataset's train and val splits, or for ``gta5`` all of GTA5 (resized to the
+    target's size) and Cityscapes' val split. ``--synthetic`` first writes generated sets under ``<out>/data``."""
     from deep import data
 
+    if config.dataset == "gta5":
+        root = Path(config.data) if config.data else out / "data" / "gta5"
+        target_root = Path(config.target_data) if config.data else out / "data" / "cityscapes"
+        if config.synthetic and not (target_root / "train").exists():
+            data.write_cityscapes(target_root, seed=config.seed + 1)  # another seed: another city
+            data.write_gta5(root, count=8, seed=config.seed)
+        test = data.load_cityscapes(target_root, "val")
+        return data.load_gta5(root, size=test["images"].shape[1:3]), test
     root = Path(config.data) if config.data else out / "data"
     if config.synthetic:
         writer = data.write_nyuv2 if config.dataset == "nyuv2" else data.write_cityscapes
@@ -183,6 +233,27 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     for axis, name in zip(axes[0, 1:], metric_names):
         axis.plot(epochs, [line["test"][name] for line in history], marker=".")
         axis.set(title=name, xlabel="epoch")
+    figure.tight_layout()
+    save_figure(figure, path)
+    plt.close(figure)
+
+
+def _plot_corruptions(clean: dict, corrupted: dict, path: Path) -> None:
+    """One panel per task's headline metric against severity (0 = clean), one line per corruption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    headline = [name for name in ("segmentation/miou", "depth/abs_err", "normal/mean") if name in clean]
+    figure, axes = plt.subplots(1, len(headline), figsize=(3.6 * len(headline), 3), squeeze=False)
+    for axis, name in zip(axes[0], headline):
+        for corruption, by_severity in corrupted.items():
+            severities = sorted(by_severity, key=int)
+            axis.plot([0, *map(int, severities)], [clean[name], *(by_severity[s][name] for s in severities)],
+                      marker=".", label=corruption)
+        axis.set(title=name, xlabel="severity (0 = clean)")
+    axes[0, 0].legend(fontsize=6)
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)
@@ -303,12 +374,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_key = jax.random.key(config.seed)
     started = time.time()
 
+    def record(index: int, metrics: dict, sums: dict, count: int, bar) -> int:
+        """Adds one step's metrics to the epoch's sums (stopping at a non-finite step) and returns the count."""
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not metrics.pop("finite"):
+            raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
+                             f"gradient; the state was left unchanged and the last checkpoint is epoch "
+                             f"{checkpoints.latest_epoch() or 0} in {checkpoints_dir}")
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
+        bar.set_postfix({name: f"{sums[name] / (count + 1):.3g}" for name in ("loss", *task_names)},
+                        refresh=False)
+        bar.update()
+        return count + 1
+
     for epoch in range(start_epoch, config.epochs):
         controls = trainer.EpochControls.at(weights, epoch) if config.method == "core" else None
         sums, count = {}, 0
         epoch_start = time.time()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=config.quiet,
                    leave=False, file=sys.stderr)
+        # The metrics of step i are read (a host sync) after step i+1 has been dispatched, so the device never
+        # waits for the host: while it runs a step, the host gathers, transfers and augments the next batch.
+        pending = None
         for index, batch in enumerate(loader.epoch(epoch)):
             if index == steps_per_epoch:
                 break
@@ -318,16 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if config.augment:
                 batch = augment_batch(augment_key, batch)
             state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if not metrics.pop("finite"):
-                raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
-                                 f"gradient; the state was left unchanged and the last checkpoint is epoch "
-                                 f"{checkpoints.latest_epoch() or 0} in {checkpoints_dir}")
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value
-            count += 1
-            bar.set_postfix({name: f"{sums[name] / count:.3g}" for name in ("loss", *task_names)}, refresh=False)
-            bar.update()
+            if pending is not None:
+                count = record(*pending, sums, count, bar)
+            pending = (index, metrics)
+        if pending is not None:
+            count = record(*pending, sums, count, bar)
         bar.close()
         train_seconds = time.time() - epoch_start
         test_metrics = trainer.evaluate(predict, state, test_loader.epoch(0), model_config.tasks)
@@ -345,13 +428,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     panels = trainer.sample_panels(graphdef, state, jnp.asarray(sample_batch["images"]))
     _plot_samples(sample_batch, panels, config.dataset, out / "samples.png")
     _plot_curves(history, out / "curves.png")
-    write_json(out / "results.json", {
-        "experiment": "train_nyuv2", "config": dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
-        "final": history[-1]["test"], "epochs": len(history), "history": history,
-        "seconds_this_process": time.time() - started, "environment": environment()})
+    results = {"experiment": "train_nyuv2", "config": dataclasses.asdict(config),
+               "model": dataclasses.asdict(model_config), "loss_weights_preset": config.weights_preset,
+               "final": history[-1]["test"], "epochs": len(history),
+               "history": history}
+    written = ["results.json", "curves.png", "samples.png"]
+    if config.corruption_names:
+        corrupted = trainer.evaluate_corrupted(
+            predict, state, lambda: test_loader.epoch(0), model_config.tasks, config.corruption_names,
+            config.severity_levels, jax.random.split(base_key)[1])  # no training step's key
+        results["corrupted"] = corrupted
+        results["corrupted_mean"] = {name: float(np.mean([metrics[name] for by_severity in corrupted.values()
+                                                          for metrics in by_severity.values()]))
+                                     for name in history[-1]["test"]}
+        _plot_corruptions(history[-1]["test"], corrupted, out / "corruptions.png")
+        written.append("corruptions.png")
+    results.update(seconds_this_process=time.time() - started, environment=environment())
+    write_json(out / "results.json", results)
     if not config.quiet:
-        print(f"final test metrics: {json.dumps(history[-1]['test'])}\nwrote {out}/results.json, curves.png, "
-              f"samples.png")
+        print(f"final test metrics: {json.dumps(history[-1]['test'])}")
+        if config.corruption_names:
+            print(f"mean under corruption: {json.dumps(results['corrupted_mean'])}")
+        print(f"wrote {', '.join(f'{out}/{name}' for name in written)}")
     return 0
 
 

@@ -74,6 +74,26 @@ def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, tmp_path):
         assert a["test"] == b["test"] and a["train"] == b["train"], (a["epoch"], a, b)
 
 
+def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(tmp_path):
+    """Trains on generated GTA5, evaluates on generated Cityscapes' val split, then under two corruptions."""
+    cache, out = tmp_path / "cache", tmp_path / "gta5"
+    result = run(["--synthetic", "--dataset", "gta5", "--model", "tiny", "--method", "ew", "--epochs", "1",
+                  "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet",
+                  "--corruptions", "contrast,gaussian_noise", "--severities", "1,5", "--out", str(out)], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    metric_names = {"segmentation/miou", "segmentation/pixel_accuracy", "depth/abs_err", "depth/rel_err"}
+    assert set(results["final"]) == metric_names  # Cityscapes' tasks: no normals
+    assert results["loss_weights_preset"] == "gta5_to_cityscapes" and results["epochs"] == 1
+    corrupted = results["corrupted"]
+    assert set(corrupted) == {"contrast", "gaussian_noise"} and all(set(v) == {"1", "5"} for v in corrupted.values())
+    assert set(results["corrupted_mean"]) == metric_names
+    # Heavy noise changes what the model sees, so its pixel accuracy is not the clean one.
+    clean = results["final"]["segmentation/pixel_accuracy"]
+    assert corrupted["gaussian_noise"]["5"]["segmentation/pixel_accuracy"] != clean
+    assert (out / "corruptions.png").stat().st_size > 10_000
+
+
 @pytest.mark.parametrize("args, message", [
     (["--synthetic", "--method", "adam"], "--method must be one of core, stl, "),
     (["--synthetic", "--epochs", "0"], "--epochs must be an integer >= 1; got 0"),
@@ -81,6 +101,10 @@ def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, tmp_path):
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
     (["--synthetic", "--method", "stl", "--task", "albedo"], "--task must be one of segmentation, depth, normal"),
     (["--synthetic", "--batch-size", "two"], "--batch-size"),
+    (["--synthetic", "--target-data", "/tmp"], "--target-data is for --dataset gta5 only"),
+    (["--data", "/tmp", "--dataset", "gta5"], "--dataset gta5 needs --target-data PATH"),
+    (["--synthetic", "--corruptions", "snow"], "--corruptions must be 'all' or comma-separated names from"),
+    (["--synthetic", "--corruptions", "fog", "--severities", "0,6"], "--severities must be comma-separated integers"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     result = run([*args, "--out", str(tmp_path / "out"), "--quiet"], tmp_path / "cache")
