@@ -17,8 +17,9 @@ Reported per step: milliseconds, images per second, the ratio to EW at the same 
 analysis of the step's unoptimised HLO (the same count on every device), the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation against the
 device's peak (``--peak-tflops``; H100/H200 SXM: ~989 dense bf16 — use the bf16 peak for both precisions, as MFU is
 conventionally quoted, or ~67 for plain fp32). ``bfloat16`` computes convolutions and matrix products in bfloat16
-with float32 parameters, optimiser and losses. Writes ``bench/results/bench_train_step_<config>.json`` after each
-precision, so a run cut short keeps what it measured.
+with float32 parameters, optimiser and losses. ``--variant authors`` times the authors' architecture (multi-scale
+fusion, DeepLabV3+ heads) instead of the paper's. Writes ``bench/results/bench_train_step_<config>.json`` (with
+``_authors`` for that variant) after each precision, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class BenchConfig:
     precisions: str = dataclasses.field(default="float32", metadata={
         "help": f"comma-separated compute precisions from {', '.join(PRECISIONS)} (bfloat16 is emulated, slowly, "
                 f"on CPUs)"})
+    variant: str = dataclasses.field(default="paper", metadata={
+        "help": "the architecture: paper (ASPP heads on the semantic stream of c4) or authors (multi-scale fusion, "
+                "DeepLabV3+ heads)"})
     repeats: int = dataclasses.field(default=5, metadata={"help": "timed steps per method (median)"})
     peak_tflops: float = dataclasses.field(default=0.0, metadata={
         "help": "the device's peak TFLOP/s for model FLOP utilisation (0: not reported)"})
@@ -55,22 +59,22 @@ class BenchConfig:
         if self.config not in CONFIGS:
             raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {self.config!r}")
         parse_choices("--precisions", self.precisions, PRECISIONS)
+        parse_choices("--variant", self.variant, ("paper", "authors"))
         if self.repeats < 1:
             raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
         if not self.peak_tflops >= 0:
             raise ValueError(f"--peak-tflops must be >= 0; got {self.peak_tflops}")
 
 
-def _setting(name: str):
-    from deep.backbone import BackboneConfig
+def _setting(name: str, variant: str):
+    """``(model config, batch size, image size)``: the paper's NYUv2 run, or the reduced model of
+    ``deep.trainer.MODEL_SIZES`` for CPUs."""
     from deep.model import ModelConfig
+    from deep.trainer import MODEL_SIZES
 
     if name == "nyuv2":
-        return ModelConfig(), 16, (288, 384)
-    model = ModelConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=8), semantic_channels=32,
-                        residual_channels=16, head_channels=16, aspp_rates=(2, 4, 6), decoder_widths=(16, 16, 8),
-                        albedo_seed=4, light_hidden=16, generic_width=16)
-    return model, 4, (64, 80)
+        return ModelConfig.variant(variant), 16, (288, 384)
+    return ModelConfig.variant(variant, **MODEL_SIZES["reduced"]), 4, (64, 80)
 
 
 def _batch(batch_size: int, size: tuple[int, int]):
@@ -144,10 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_train_step.py"),
                           argv)
-    model_config, batch_size, size = _setting(config.config)
+    model_config, batch_size, size = _setting(config.config, config.variant)
     batch = _batch(batch_size, size)
     key = jax.random.key(1)
-    out = Path(config.out or ROOT / "bench" / "results" / f"bench_train_step_{config.config}.json")
+    suffix = "" if config.variant == "paper" else f"_{config.variant}"
+    out = Path(config.out or ROOT / "bench" / "results" / f"bench_train_step_{config.config}{suffix}.json")
     rows = []
     for precision in parse_choices("--precisions", config.precisions, PRECISIONS):
         measured = []
@@ -164,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in measured:
             row["ratio_to_ew"] = row["ms"] / by_name["ew"]["ms"]
         rows += measured
-        write_json(out, {"benchmark": "bench_train_step", "config": config.config, "batch": batch_size,
+        write_json(out, {"benchmark": "bench_train_step", "config": config.config, "variant": config.variant,
+                         "batch": batch_size,
                          "image_size": list(size), "peak_tflops": config.peak_tflops, "rows": rows,
                          "environment": environment()})
     if not config.quiet:

@@ -8,7 +8,8 @@ the spatially pooled streams. The loss weights of the paper's Table 7 are named 
 Soft grounding (Eq (15)) is scored as the authors do: unmasked L1 at full resolution (:func:`l1`) plus 0.5 × the
 deep-supervision L1 at the auxiliary outputs' resolution, against depth downsampled by nearest neighbour
 (:func:`geometry_aux_loss`) and the image downsampled bilinearly (:func:`appearance_aux_loss`). The authors' LPIPS
-(VGG) term is not built: it needs pretrained weights the user must supply (``appearance_perceptual`` stays 0).
+(VGG) term is :func:`deep.perceptual.lpips_loss`; it needs pretrained weights the user supplies as a local
+``.npz`` (``appearance_perceptual`` counts 0 without them).
 """
 
 from __future__ import annotations
@@ -222,7 +223,8 @@ def total_loss(terms: dict[str, jax.Array], weights: LossWeights, independence_w
 
     ``terms`` keys: segmentation, depth, normal, edge, independence, geometry, appearance_l1, appearance_perceptual,
     image, albedo_tv, gray, covariance, geometry_aux, appearance_aux. ``independence_weight`` overrides λ_ind (ramps).
-    The training step never supplies ``appearance_perceptual`` (the LPIPS term needs user-supplied VGG weights).
+    :func:`deep.train.core_step` supplies ``appearance_perceptual`` (:func:`deep.perceptual.lpips_loss`) only
+    when given LPIPS-VGG weights (``perceptual=``); without them it counts 0.
     """
     get = lambda name: terms.get(name, 0.0)
     lam_ind = weights.independence if independence_weight is None else independence_weight

@@ -1,12 +1,27 @@
 """The dual-stream multi-task model: backbone -> (semantic map ẑ_s, residual code ẑ_r) -> task heads.
 
-By default the task heads read **only** the semantic stream, as the paper states (``heads_read="semantic"``). The
-authors' code also feeds backbone features to the heads, which carry residual information; ``heads_read=
-"semantic+backbone"`` reproduces that (the heads then see ``concat(ẑ_s, c4)``). Predictions are upsampled to the
-image with bilinear ``align_corners=True`` (LibMTL's convention); surface normals are unit-normalised.
+Three choices of :class:`ModelConfig` set the architecture; the defaults are the paper's, and
+``ModelConfig.variant("authors", ...)`` (see :data:`VARIANTS`) selects the authors' code in one setting:
+
+* ``fusion``: what the two projectors read. ``"c4"`` (paper): the backbone's last stage. ``"multiscale"``
+  (authors): :math:`F`, a 1×1 convolution of each of c1..c4 to ``fusion_channels`` on the 1/8 grid,
+  concatenated (:class:`deep.streams.MultiScaleFusion`); the physical decoder's light head then pools the
+  adapted c4 inside :math:`F`, as theirs.
+* ``heads_read``: ``"semantic"`` (paper): the heads read **only** ẑ_s; ``"semantic+backbone"`` (authors): they
+  also read the features the projectors read (c4, or :math:`F` with the multi-scale fusion), which carry
+  residual information. No head ever reads the residual code ẑ_r itself.
+* ``head``: ``"aspp"``: LibMTL's DeepLabV3 head on ẑ_s, or on ``concat(ẑ_s, features)``; ``"deeplabv3plus"``:
+  the authors' ``TaskHead`` (:class:`deep.heads.DeepLabV3PlusHead`): ``concat(P_F(features), P_s(ẑ_s))`` →
+  ASPP → decoder with a GroupNorm'd skip from c1 at 1/4. It reads backbone features, so it needs
+  ``heads_read="semantic+backbone"``.
+
+Predictions are upsampled to the image with bilinear ``align_corners=True`` (LibMTL's and the authors'
+convention; straight to the image size, which for sizes divisible by 4 is the authors' ×4); surface normals
+are unit-normalised.
 
 The model returns ``(predictions, aux)``: ``aux`` holds the intermediates that losses and probes read (the
-semantic map, the residual code, the backbone features).
+semantic map, the residual code, the features the projectors read (``features``: c4 or :math:`F`), and c1
+(``low_level``)).
 
 Grounding (:mod:`deep.decoders`) is selected by ``ModelConfig.grounding``:
 
@@ -17,7 +32,7 @@ Grounding (:mod:`deep.decoders`) is selected by ``ModelConfig.grounding``:
   switches them off); the counterfactuals then come from the appearance decoder, as theirs.
 * ``"none"``: neither, for the gradient-balancing baselines.
 
-Not built yet (see the README's roadmap): MTAN.
+MTAN, a different architecture on the same backbone, is :mod:`deep.mtan`.
 """
 
 from __future__ import annotations
@@ -30,16 +45,21 @@ from flax import nnx
 
 from deep.backbone import BackboneConfig, ResNet
 from deep.decoders import AppearanceDecoder, GeometryDecoder, PhysicalDecoder
-from deep.heads import ASPPHead
+from deep.heads import ASPPHead, DeepLabV3PlusHead
 from deep.resize import resize_bilinear
 from deep.shading import unit_vectors
-from deep.streams import DualStream
+from deep.streams import DualStream, MultiScaleFusion
 
 HEAD_INPUTS = ("semantic", "semantic+backbone")
+FUSIONS = ("c4", "multiscale")
+HEAD_TYPES = ("aspp", "deeplabv3plus")
+# The architecture choices of the paper and of the authors' code (models/causal_model.py), apart from sizes.
+VARIANTS = {"paper": {"fusion": "c4", "heads_read": "semantic", "head": "aspp"},
+            "authors": {"fusion": "multiscale", "heads_read": "semantic+backbone", "head": "deeplabv3plus"}}
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The layers whose matrix work follows the compute dtype; normalisation statistics are reduced in float32 (by Flax,
 # and by deep.decoders' InstanceNorm and AdaIN, which are jnp functions of the activations with no dtype setting).
-_COMPUTE_LAYERS = (nnx.Conv, nnx.Linear, nnx.BatchNorm, nnx.LayerNorm)
+_COMPUTE_LAYERS = (nnx.Conv, nnx.Linear, nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm)
 GROUNDINGS = ("hard", "soft", "none")
 NYUV2_TASKS = (("segmentation", 13), ("depth", 1), ("normal", 3))
 
@@ -51,6 +71,12 @@ class ModelConfig:
     ``grounding``: ``"hard"`` (physical + generic decoders, as the authors' code), ``"soft"`` (generic decoders
     only, Eq (15)) or ``"none"``. ``decoder_widths``, ``albedo_seed`` and ``light_hidden`` size the physical decoder;
     ``generic_width`` the generic decoders' trunk (a multiple of 8; their blocks halve it three times).
+
+    Architecture (module docstring): ``fusion`` (``"c4"`` or ``"multiscale"``, with ``fusion_channels`` per
+    stage, 1024 in the authors' code), ``heads_read`` and ``head`` (``"aspp"`` or ``"deeplabv3plus"``). The
+    DeepLabV3+ head is sized by ``head_channels`` (its input projections, ASPP and decoder), ``skip_channels``
+    and ``skip_groups`` (the c1 skip: 48 channels, GroupNorm with 4 groups) and ``decoder_groups`` (GroupNorm
+    of its 3×3 convolution, 32 groups); the ASPP head ignores those three.
     """
 
     backbone: BackboneConfig = BackboneConfig()
@@ -66,6 +92,13 @@ class ModelConfig:
     light_hidden: int = 128
     compute_dtype: str = "float32"
     generic_width: int = 512
+    # After the older fields, so that configurations written positionally keep their meaning.
+    fusion: str = "c4"
+    fusion_channels: int = 1024
+    head: str = "aspp"
+    skip_channels: int = 48
+    skip_groups: int = 4
+    decoder_groups: int = 32
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -79,6 +112,35 @@ class ModelConfig:
             raise ValueError(f"heads_read must be one of {', '.join(HEAD_INPUTS)}; got {self.heads_read!r}")
         if not self.tasks or any(channels < 1 for _, channels in self.tasks):
             raise ValueError(f"tasks must be (name, output channels >= 1) pairs; got {self.tasks}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
+        if self.fusion_channels < 1:
+            raise ValueError(f"fusion_channels must be >= 1; got {self.fusion_channels}")
+        if self.head not in HEAD_TYPES:
+            raise ValueError(f"head must be one of {', '.join(HEAD_TYPES)}; got {self.head!r}")
+        if self.head == "deeplabv3plus":
+            self._check_deeplabv3plus()
+
+    def _check_deeplabv3plus(self):
+        if self.heads_read != "semantic+backbone":
+            raise ValueError(f"head='deeplabv3plus' reads backbone features (and the c1 skip), so heads_read "
+                             f"must be 'semantic+backbone'; got {self.heads_read!r}")
+        if self.skip_channels < 1:
+            raise ValueError(f"skip_channels must be >= 1; got {self.skip_channels}")
+        for groups_name, channels_name in (("skip_groups", "skip_channels"),
+                                           ("decoder_groups", "head_channels")):
+            groups, channels = getattr(self, groups_name), getattr(self, channels_name)
+            if groups < 1 or channels % groups:
+                raise ValueError(f"{groups_name} (GroupNorm groups) must be >= 1 and divide {channels_name} "
+                                 f"({channels}); got {groups}")
+
+    @classmethod
+    def variant(cls, name: str, **fields) -> "ModelConfig":
+        """The configuration of an architecture of :data:`VARIANTS` (``"paper"`` or ``"authors"``) with any
+        other ``fields`` (sizes, tasks, grounding; a field given here wins over the variant's)."""
+        if name not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {name!r}")
+        return cls(**{**VARIANTS[name], **fields})
 
 
 class DualStreamModel(nnx.Module):
@@ -87,13 +149,17 @@ class DualStreamModel(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config
         self.backbone = ResNet(config.backbone, rngs)
-        features = config.backbone.output_channels[-1]
+        stage_channels = config.backbone.output_channels
+        if config.fusion == "multiscale":
+            self.fusion = MultiScaleFusion(stage_channels, rngs, config.fusion_channels)
+            features, light_features = len(stage_channels) * config.fusion_channels, config.fusion_channels
+        else:
+            self.fusion = None
+            features = light_features = stage_channels[-1]
         self.streams = DualStream(features, rngs, config.semantic_channels, config.residual_channels)
-        head_input = config.semantic_channels + (features if config.heads_read == "semantic+backbone" else 0)
-        self.heads = nnx.Dict({name: ASPPHead(head_input, channels, rngs, channels=config.head_channels,
-                                              rates=config.aspp_rates) for name, channels in config.tasks})
-        self.decoder = PhysicalDecoder(config.semantic_channels, config.residual_channels, features, rngs,
-                                       config.decoder_widths, config.albedo_seed,
+        self.heads = nnx.Dict({name: self._head(features, channels, rngs) for name, channels in config.tasks})
+        self.decoder = PhysicalDecoder(config.semantic_channels, config.residual_channels, light_features,
+                                       rngs, config.decoder_widths, config.albedo_seed,
                                        config.light_hidden) if config.grounding == "hard" else None
         generic = config.grounding in ("hard", "soft")
         self.geometry_decoder = GeometryDecoder(config.semantic_channels, rngs,
@@ -101,6 +167,17 @@ class DualStreamModel(nnx.Module):
         self.appearance_decoder = AppearanceDecoder(config.semantic_channels, config.residual_channels, rngs,
                                                     config.generic_width) if generic else None
         self._set_compute_dtype(COMPUTE_DTYPES[config.compute_dtype])
+
+    def _head(self, features: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Module:
+        config = self.config
+        if config.head == "deeplabv3plus":
+            return DeepLabV3PlusHead(config.semantic_channels, features, config.backbone.output_channels[0],
+                                     out_channels, rngs, channels=config.head_channels,
+                                     rates=config.aspp_rates, skip_channels=config.skip_channels,
+                                     skip_groups=config.skip_groups, decoder_groups=config.decoder_groups)
+        head_input = config.semantic_channels + (features if config.heads_read == "semantic+backbone" else 0)
+        return ASPPHead(head_input, out_channels, rngs, channels=config.head_channels,
+                        rates=config.aspp_rates)
 
     def _set_compute_dtype(self, dtype) -> None:
         """Mixed precision: every convolution, dense and normalisation layer computes in ``dtype`` (its inputs and
@@ -113,9 +190,13 @@ class DualStreamModel(nnx.Module):
 
     def render(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
                image_size: tuple[int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Hard grounding: the image rendered from the streams (albedo from ``residual_code``)."""
+        """Hard grounding: the image rendered from the streams (albedo from ``residual_code``); the lighting
+        reads the spatial mean of c4, or with the multi-scale fusion of the adapted c4 inside ``features``
+        (:math:`F`)."""
         if self.decoder is None:
             raise ValueError(f"this model has no physical decoder (grounding={self.config.grounding!r})")
+        if self.fusion is not None:
+            features = self.fusion.adapted_last_stage(features)
         return self.decoder(semantic_map, residual_code, jnp.mean(features, axis=(1, 2)), image_size)
 
     @property
@@ -137,7 +218,8 @@ class DualStreamModel(nnx.Module):
             semantic_map: ``[B, h, w, C_s]``.
             residual_code: ``[B, C_r]``.
             image_size: ``(H, W)``.
-            features: ``[B, h, w, C]`` backbone features; read only by the physical fallback.
+            features: ``[B, h, w, C]``, what the projectors read (``aux["features"]``: c4 or :math:`F`); read
+                only by the physical fallback.
 
         Returns:
             ``[B, H, W, 3]`` in [0, 1], float32.
@@ -154,19 +236,57 @@ class DualStreamModel(nnx.Module):
         raise ValueError("this model has no decoder to synthesise counterfactuals (grounding='none')")
 
     def predict_from_streams(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
-                             image_size: tuple[int, int]) -> dict[str, jax.Array]:
-        """Task predictions from the streams; in the paper mode ``residual_code`` and ``features`` are not read."""
-        del residual_code  # no head reads the residual code, in either mode
-        head_input = semantic_map
-        if self.config.heads_read == "semantic+backbone":
-            head_input = jnp.concatenate([semantic_map, features], axis=-1)
+                             image_size: tuple[int, int],
+                             low_level: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Task predictions from the streams; in the paper mode ``residual_code`` and ``features`` are not
+        read.
+
+        Args:
+            semantic_map: ``[B, h, w, C_s]``.
+            residual_code: ``[B, C_r]``; no head reads it, in any mode.
+            features: ``[B, h, w, C]``, what the projectors read (c4, or :math:`F` with the multi-scale
+                fusion).
+            image_size: ``(H, W)`` of the predictions.
+            low_level: ``[B, H_1, W_1, C_1]``, the backbone's c1; read (and required) only by the DeepLabV3+
+                head.
+
+        Returns:
+            ``{task: [B, H, W, C_t]}``.
+        """
+        del residual_code  # no head reads the residual code, in any mode
+        if self.config.head == "deeplabv3plus":
+            if low_level is None:
+                raise ValueError("the DeepLabV3+ head needs low_level (the backbone's c1) for its skip")
+            run_head = lambda head: head(semantic_map, features, low_level)
+        else:
+            head_input = semantic_map
+            if self.config.heads_read == "semantic+backbone":
+                head_input = jnp.concatenate([semantic_map, features], axis=-1)
+            run_head = lambda head: head(head_input)
         predictions = {}
         for name, _ in self.config.tasks:
-            out = resize_bilinear(self.heads[name](head_input), image_size, align_corners=True)
+            out = resize_bilinear(run_head(self.heads[name]), image_size, align_corners=True)
             if name == "normal":
                 out = unit_vectors(out, 1e-12)
             predictions[name] = out
         return predictions
+
+    def encode(self, images: jax.Array) -> dict[str, jax.Array]:
+        """The representation the heads may read, keyed as :meth:`predict_from_streams`' arguments: the
+        streams ``semantic_map`` and ``residual_code``, ``features`` (c4 or :math:`F`) and, for the DeepLabV3+
+        head only, ``low_level`` (c1); ``predict_from_streams(**model.encode(images), image_size=...)``
+        predicts."""
+        representation = self._encode(images)
+        if self.config.head != "deeplabv3plus":
+            del representation["low_level"]
+        return representation
+
+    def _encode(self, images):
+        c1, c2, c3, c4 = self.backbone(images)
+        features = c4 if self.fusion is None else self.fusion((c1, c2, c3, c4))
+        semantic_map, residual_code = self.streams(features)
+        return {"semantic_map": semantic_map, "residual_code": residual_code, "features": features,
+                "low_level": c1}
 
     def predict(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         """The task predictions and the streams, without running any grounding decoder (what the counterfactual
@@ -175,11 +295,10 @@ class DualStreamModel(nnx.Module):
         return jax.tree.map(_as_float32, predictions), jax.tree.map(_as_float32, aux)
 
     def _encode_and_predict(self, images):
-        c1, c2, c3, c4 = self.backbone(images)
-        semantic_map, residual_code = self.streams(c4)
-        predictions = self.predict_from_streams(semantic_map, residual_code, c4, images.shape[1:3])
-        return predictions, {"semantic_map": semantic_map, "residual_code": residual_code, "features": c4,
-                             "low_level": c1}
+        aux = self._encode(images)
+        predictions = self.predict_from_streams(aux["semantic_map"], aux["residual_code"], aux["features"],
+                                                images.shape[1:3], low_level=aux["low_level"])
+        return predictions, aux
 
     def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         """``aux`` adds, with the physical decoder, ``rendered``, ``albedo``, ``normals``, ``shading`` and
@@ -202,3 +321,4 @@ class DualStreamModel(nnx.Module):
 
 def _as_float32(value: jax.Array) -> jax.Array:
     return value.astype(jnp.float32) if jnp.issubdtype(value.dtype, jnp.floating) else value
+

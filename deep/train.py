@@ -5,7 +5,8 @@ jits, differentiates per task and shards:
 
 * :func:`core_step` — Eq (16): weighted task losses + λ_ind·CKA + the edge term + the grounding terms (hard: the
   physical rendering loss, albedo TV, grey shading, albedo–normal covariance; hard and soft: the generic decoders'
-  geometry and appearance reconstructions) + the counterfactual loss of Eq (12), gated per step by a Bernoulli
+  geometry and appearance reconstructions, the latter with the authors' LPIPS-VGG term when its weights are
+  passed, :mod:`deep.perceptual`) + the counterfactual loss of Eq (12), gated per step by a Bernoulli
   draw under ``lax.cond``. The counterfactual pass re-encodes images synthesised by the AdaIN appearance decoder
   with residual codes shuffled within the batch (``stop_gradient`` on the images, as the authors detach them) with the model in eval
   mode — BatchNorm reads its running statistics and leaves them unchanged, dropout is off — while gradients still
@@ -41,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deep import losses
 from deep.model import DualStreamModel
+from deep.perceptual import LPIPSWeights, lpips_loss
 
 TASK_LOSSES = {"segmentation": losses.segmentation_loss, "depth": losses.depth_loss, "normal": losses.normal_loss}
 
@@ -165,7 +167,8 @@ def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: d
 
 
 def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Array, weights: losses.LossWeights,
-                   independence_weight, counterfactual_gate, task_scale=1.0) -> tuple[jax.Array, tuple]:
+                   independence_weight, counterfactual_gate, task_scale=1.0,
+                   perceptual: LPIPSWeights | None = None) -> tuple[jax.Array, tuple]:
     r"""Eq (16) plus the gated counterfactual term; returns ``(loss, (batch_stats, rest, terms))``. ``task_scale``
     multiplies the task losses in the objective (0 in the authors' stage 0); the reported terms are unscaled.
 
@@ -175,8 +178,11 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
       ``geometry`` :math:`= \|D_{\rm geo}(\hat z_s) - d\|_1` at full resolution and ``geometry_aux`` against the
       depth downsampled by nearest neighbour to the auxiliary output (both only when the batch has ``depth``);
       ``appearance_l1`` :math:`= \|D_{\rm app}(\hat z_s, \hat z_r) - x\|_1` and ``appearance_aux`` against the image
-      downsampled bilinearly. The authors' LPIPS term (``appearance_perceptual``) needs user-supplied VGG weights
-      and is not computed: it counts 0 in :func:`losses.total_loss`.
+      downsampled bilinearly; with ``perceptual`` (LPIPS-VGG weights from
+      :func:`deep.perceptual.load_lpips_npz`) also the authors' ``appearance_perceptual``
+      :math:`= \frac1B\sum_i \mathrm{LPIPS}(D_{\rm app}(\hat z_s, \hat z_r)_i, x_i)`
+      (:func:`deep.perceptual.lpips_loss`, full resolution), weighted by β_app in :func:`losses.total_loss`.
+      Without it that term is absent from ``terms`` and counts 0.
     * the physical decoder (hard only), Eq (13): ``image``, ``albedo_tv``, ``gray``, ``covariance``.
 
     The counterfactual term runs when the model can synthesise counterfactuals, ``weights.counterfactual > 0``
@@ -198,6 +204,11 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
     if model.appearance_decoder is not None:
         terms["appearance_l1"] = losses.l1(aux["reconstruction"], batch["images"])
         terms["appearance_aux"] = losses.appearance_aux_loss(aux["reconstruction_aux"], batch["images"])
+        if perceptual is not None:
+            terms["appearance_perceptual"] = lpips_loss(perceptual, aux["reconstruction"], batch["images"])
+    elif perceptual is not None:
+        raise ValueError(f"a perceptual (LPIPS) loss needs the appearance decoder, which grounding "
+                         f"{model.config.grounding!r} does not build (use 'soft' or 'hard')")
     if model.decoder is not None:
         terms["image"] = losses.physical_image_loss(aux["rendered"], batch["images"])
         terms["albedo_tv"] = losses.albedo_tv(aux["albedo"])
@@ -224,19 +235,26 @@ def _guarded(state: TrainState, new_state: TrainState, loss, grads) -> tuple[Tra
 
 def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainState, batch: dict, key: jax.Array,
               weights: losses.LossWeights, independence_weight, counterfactual_on,
-              train_tasks=True) -> tuple[TrainState, dict]:
+              train_tasks=True, perceptual: LPIPSWeights | None = None) -> tuple[TrainState, dict]:
     """One CORE-MTL step. ``counterfactual_on``: whether CFA may run this epoch (stage 2 and past its start epoch);
     it then runs with probability ``weights.counterfactual_probability``. ``train_tasks=False`` is the authors'
     stage 0: the task losses leave the objective and the heads' parameters stay as they are (their Adam moments
     still see the coupled weight decay, unlike PyTorch, which skips parameters without gradients). Jit with
-    ``graphdef``, ``optimizer`` and ``weights`` static (``functools.partial``)."""
+    ``graphdef``, ``optimizer`` and ``weights`` static (``functools.partial``).
+
+    ``perceptual``: LPIPS-VGG weights (:func:`deep.perceptual.load_lpips_npz`) to add the authors'
+    perceptual reconstruction term ``appearance_perceptual`` (reported in the metrics; absent without them).
+    Pass them as a traced argument on every call, ``step(state, batch, key, ..., perceptual=lpips_weights)``:
+    they stay out of ``TrainState`` (no optimiser state, no weight decay, not checkpointed), get no gradient,
+    and are not baked into the compiled program. Requires a model with the appearance decoder (grounding
+    ``soft`` or ``hard``); raises ``ValueError`` otherwise."""
     gate_key, cf_key = jax.random.split(key)
     gate = counterfactual_on & jax.random.bernoulli(gate_key, weights.counterfactual_probability) & (
         batch["images"].shape[0] > 1)
     task_scale = jnp.where(train_tasks, 1.0, 0.0)
     (loss, (batch_stats, rest, terms)), grads = jax.value_and_grad(core_objective, argnums=1, has_aux=True)(
         graphdef, state.params, state.batch_stats, state.rest, batch, cf_key, weights, independence_weight, gate,
-        task_scale)
+        task_scale, perceptual)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = (params[0], jax.tree.map(lambda new, old: jnp.where(train_tasks, new, old), params[1], state.params[1]))
@@ -305,9 +323,7 @@ def representation_jacobian_step(graphdef, state: TrainState, batch: dict):
     def encode(shared):
         model = _merge(graphdef, (shared, heads), state.batch_stats, state.rest)
         model.train()
-        features = model.backbone(images)[-1]
-        semantic_map, residual_code = model.streams(features)
-        return (semantic_map, residual_code, features), _split_states(model)
+        return model.encode(images), _split_states(model)
 
     representation, encoder_pullback, (batch_stats, rest) = jax.vjp(encode, shared, has_aux=True)
     flat_representation, unravel = ravel_pytree(representation)
@@ -315,7 +331,7 @@ def representation_jacobian_step(graphdef, state: TrainState, batch: dict):
     def decode(flat_representation, heads):
         model = _merge(graphdef, (shared, heads), batch_stats, rest)
         model.train()
-        predictions = model.predict_from_streams(*unravel(flat_representation), images.shape[1:3])
+        predictions = model.predict_from_streams(**unravel(flat_representation), image_size=images.shape[1:3])
         predictions = {name: value.astype(jnp.float32) for name, value in predictions.items()}
         return jnp.stack(list(task_losses(model.config.tasks, predictions, batch).values())), _split_states(model)
 

@@ -29,17 +29,20 @@ MODEL_SIZES = {
     "full": {},
     "reduced": dict(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=8), semantic_channels=32,
                     residual_channels=16, head_channels=16, aspp_rates=(2, 4, 6), decoder_widths=(16, 16, 8),
-                    albedo_seed=4, light_hidden=16, generic_width=16),
+                    albedo_seed=4, light_hidden=16, generic_width=16, fusion_channels=32, skip_channels=8,
+                    skip_groups=2, decoder_groups=4),
     "tiny": dict(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), semantic_channels=6, residual_channels=3,
                  head_channels=4, aspp_rates=(1, 2, 3), decoder_widths=(4, 4), albedo_seed=2, light_hidden=8,
-                 generic_width=8),
+                 generic_width=8, fusion_channels=4, skip_channels=4, skip_groups=2, decoder_groups=2),
 }
 
 
 def model_config(dataset: str, size: str, method: str, task: str = "", grounding: str = "hard",
-                 heads_read: str = "semantic", compute_dtype: str = "float32") -> ModelConfig:
+                 heads_read: str = "", compute_dtype: str = "float32", variant: str = "paper") -> ModelConfig:
     """The model a run trains: CORE-MTL's dual-stream model with grounding for ``method="core"``; the same
-    backbone and heads without a decoder for the baselines; one head for ``method="stl"``."""
+    backbone and heads without a decoder for the baselines; one head for ``method="stl"``. ``variant``: the
+    paper's architecture or the authors' code (:data:`deep.model.VARIANTS`); ``heads_read``, when given, overrides
+    the variant's."""
     if dataset not in DATASET_TASKS:
         raise ValueError(f"dataset must be one of {', '.join(DATASET_TASKS)}; got {dataset!r}")
     if size not in MODEL_SIZES:
@@ -50,24 +53,27 @@ def model_config(dataset: str, size: str, method: str, task: str = "", grounding
         if task not in names:
             raise ValueError(f"method 'stl' trains one task: --task must be one of {', '.join(names)}; got {task!r}")
         tasks = tuple(pair for pair in tasks if pair[0] == task)
-    return ModelConfig(tasks=tasks, grounding=grounding if method == "core" else "none", heads_read=heads_read,
-                       compute_dtype=compute_dtype, **MODEL_SIZES[size])
+    fields = dict(tasks=tasks, grounding=grounding if method == "core" else "none", compute_dtype=compute_dtype,
+                  **MODEL_SIZES[size])
+    if heads_read:
+        fields["heads_read"] = heads_read
+    return ModelConfig.variant(variant, **fields)
 
 
 ARCHITECTURES = ("shared", "mtan")
 
 
-def build_model(config: ModelConfig, architecture: str, rngs: nnx.Rngs):
-    """The model to train: the dual-stream model (hard parameter sharing for the baselines) or MTAN with the same
-    backbone, tasks, head sizes and compute dtype."""
+def build_model(config: ModelConfig, architecture: str, seed: int):
+    """The model to train, initialised from ``seed``: the dual-stream model (hard parameter sharing for the
+    baselines) or MTAN with the same backbone, tasks, head sizes and compute dtype."""
     if architecture == "shared":
-        return DualStreamModel(config, rngs)
+        return DualStreamModel(config, nnx.Rngs(seed))
     if architecture != "mtan":
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}")
     from deep.mtan import MTAN, MTANConfig
 
     return MTAN(MTANConfig(backbone=config.backbone, tasks=config.tasks, head_channels=config.head_channels,
-                           aspp_rates=config.aspp_rates, compute_dtype=config.compute_dtype), rngs)
+                           aspp_rates=config.aspp_rates, compute_dtype=config.compute_dtype), nnx.Rngs(seed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +92,11 @@ class EpochControls:
                    counterfactual_on=stage2 and epoch >= weights.counterfactual_start_epoch)
 
 
-def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights) -> tuple[Any, Callable]:
-    """``(balancer_state, step)`` with ``step(state, balancer_state, batch, key, controls) -> (state,
-    balancer_state, metrics)`` jitted. ``method``: ``core``, ``stl`` (EW on one task) or any balancing method."""
+def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
+              perceptual=None) -> tuple[Any, Callable]:
+    """``(balancer, step)`` with ``step(state, balancer_state, batch, key, controls) -> (state, balancer_state,
+    metrics)`` jitted. ``method``: ``core``, ``stl`` (EW on one task) or any balancing method. ``perceptual``:
+    LPIPS-VGG weights (:func:`deep.perceptual.load_lpips_npz`) for CORE-MTL's perceptual reconstruction term."""
     from theory.balancing import make
 
     if method == "core":
@@ -96,10 +104,13 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights) -> 
 
         def step(state, balancer_state, batch, key, controls: EpochControls):
             state, metrics = core(state, batch, key, independence_weight=controls.independence_weight,
-                                  counterfactual_on=controls.counterfactual_on, train_tasks=controls.train_tasks)
+                                  counterfactual_on=controls.counterfactual_on, train_tasks=controls.train_tasks,
+                                  perceptual=perceptual)
             return state, balancer_state, metrics
 
         return (), step
+    if perceptual is not None:
+        raise ValueError(f"a perceptual loss belongs to CORE-MTL's reconstruction; method {method!r} has none")
     balancer = make("ew" if method == "stl" else method)
     balanced = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))
 

@@ -32,11 +32,12 @@ from flax import nnx
 from deep.backbone import ResNet, resnet50, torchvision_key
 
 __all__ = ["load_torchvision_npz", "save_torchvision_npz", "convert_pth_to_npz", "torchvision_shapes",
-           "check_torchvision_arrays", "check_npz", "is_ignored_key", "main"]
+           "check_torchvision_arrays", "check_npz", "is_ignored_key", "main", "read_npz", "write_atomically",
+           "read_pth_state_dict", "check_state_arrays", "run_command", "OIHW_FROM_HWIO", "HWIO_FROM_OIHW"]
 
 DISTRIBUTION = "core-mtl-toolkit"
-_OIHW_FROM_HWIO = (3, 2, 0, 1)
-_HWIO_FROM_OIHW = (2, 3, 1, 0)
+OIHW_FROM_HWIO = (3, 2, 0, 1)
+HWIO_FROM_OIHW = (2, 3, 1, 0)
 
 
 def is_ignored_key(key: str) -> bool:
@@ -70,7 +71,7 @@ def _is_kernel(path: tuple, shape: Sequence[int]) -> bool:
 
 def _torch_shape(path: tuple, shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(size) for size in shape)
-    return tuple(shape[axis] for axis in _OIHW_FROM_HWIO) if _is_kernel(path, shape) else shape
+    return tuple(shape[axis] for axis in OIHW_FROM_HWIO) if _is_kernel(path, shape) else shape
 
 
 def torchvision_shapes(target: nnx.Module) -> dict[str, tuple[int, ...]]:
@@ -83,7 +84,13 @@ def torchvision_shapes(target: nnx.Module) -> dict[str, tuple[int, ...]]:
         _backbone_of(target))}
 
 
-def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read with numpy (no pickles).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if it is not a readable ``.npz`` archive.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -94,24 +101,42 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a readable .npz archive ({error})") from None
 
 
-def check_torchvision_arrays(target: nnx.Module, arrays: dict[str, np.ndarray], source: str = "weights") -> None:
-    """Raises a one-line ``ValueError`` unless ``arrays`` holds exactly the backbone's keys (plus ignored ones)
-    with the expected PyTorch-layout shapes and floating dtypes."""
-    expected = torchvision_shapes(target)
-    unexpected = [key for key in arrays if key not in expected and not is_ignored_key(key)]
+def check_state_arrays(expected: dict[str, tuple[int, ...]], arrays: dict[str, np.ndarray], source: str,
+                       network: str, is_ignored: Callable[[str], bool] = lambda key: False,
+                       ignored: str = "") -> None:
+    """Raises a one-line ``ValueError`` naming the first offending key unless ``arrays`` holds exactly the keys
+    of ``expected`` (plus keys for which ``is_ignored`` holds) with those shapes and floating dtypes.
+
+    Args:
+        expected: state-dict key -> shape in PyTorch's layout.
+        arrays: what a file holds.
+        source: where ``arrays`` came from (starts the message).
+        network: what ``expected`` describes, for the message (``"backbone"``, ``"LPIPS network"``).
+        is_ignored: keys a file may hold besides ``expected``'s, skipped.
+        ignored: those keys in words, for the message.
+    """
+    unexpected = [key for key in arrays if key not in expected and not is_ignored(key)]
     for key, shape in expected.items():
         if key not in arrays:
             hint = (f" ({len(unexpected)} unexpected keys there, first {unexpected[0]!r}: a prefix such as "
                     "'module.' or 'encoder.' must be stripped)" if unexpected else "")
-            raise ValueError(f"{source}: missing backbone key {key!r} (shape {shape}){hint}")
+            raise ValueError(f"{source}: missing {network} key {key!r} (shape {shape}){hint}")
         actual = tuple(arrays[key].shape)
         if actual != shape:
             raise ValueError(f"{source}: key {key!r} has shape {actual}, expected {shape} (PyTorch layout)")
         if not np.issubdtype(arrays[key].dtype, np.floating):
             raise ValueError(f"{source}: key {key!r} has dtype {arrays[key].dtype}, expected a floating type")
     if unexpected:
-        raise ValueError(f"{source}: {len(unexpected)} key(s) the backbone does not have, first {unexpected[0]!r} "
-                         "(allowed besides the backbone's: fc.* and *.num_batches_tracked)")
+        allowed = f" (allowed besides the {network}'s: {ignored})" if ignored else ""
+        raise ValueError(f"{source}: {len(unexpected)} key(s) the {network} does not have, first "
+                         f"{unexpected[0]!r}{allowed}")
+
+
+def check_torchvision_arrays(target: nnx.Module, arrays: dict[str, np.ndarray], source: str = "weights") -> None:
+    """Raises a one-line ``ValueError`` unless ``arrays`` holds exactly the backbone's keys (plus ignored ones)
+    with the expected PyTorch-layout shapes and floating dtypes."""
+    check_state_arrays(torchvision_shapes(target), arrays, source, "backbone", is_ignored_key,
+                       "fc.* and *.num_batches_tracked")
 
 
 def load_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
@@ -130,13 +155,13 @@ def load_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
             that is neither the backbone's nor ignored (``fc.*``, ``*.num_batches_tracked``); the message names it.
     """
     backbone = _backbone_of(target)
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     check_torchvision_arrays(backbone, arrays, source=f"weights file {path}")
     updated = []
     for variable_path, variable, key in _backbone_variables(backbone):
         value = arrays[key]
         if _is_kernel(variable_path, value.shape):
-            value = np.transpose(value, _HWIO_FROM_OIHW)
+            value = np.transpose(value, HWIO_FROM_OIHW)
         updated.append((variable_path, variable.replace(jnp.asarray(value, dtype=_get(variable).dtype))))
     nnx.update(backbone, nnx.from_flat_state(updated))
 
@@ -150,12 +175,16 @@ def check_npz(path: str | os.PathLike, target: nnx.Module | None = None) -> int:
     """
     if target is None:
         target = nnx.eval_shape(lambda: resnet50(nnx.Rngs(0)))
-    check_torchvision_arrays(target, _read_npz(path), source=f"weights file {path}")
+    check_torchvision_arrays(target, read_npz(path), source=f"weights file {path}")
     return len(torchvision_shapes(target))
 
 
-def _write_atomically(path: Path, write: Callable[[object], None]) -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it into place."""
+def write_atomically(path: Path, write: Callable[[object], None]) -> None:
+    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it into place.
+
+    Raises:
+        FileNotFoundError: if the folder of ``path`` does not exist.
+    """
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder of {path} does not exist")
     handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -182,18 +211,14 @@ def save_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
     arrays = {}
     for variable_path, variable, key in _backbone_variables(_backbone_of(target)):
         value = np.asarray(jax.device_get(_get(variable)))
-        arrays[key] = np.transpose(value, _OIHW_FROM_HWIO) if _is_kernel(variable_path, value.shape) else value
-    _write_atomically(Path(path), lambda file: np.savez(file, **arrays))
+        arrays[key] = np.transpose(value, OIHW_FROM_HWIO) if _is_kernel(variable_path, value.shape) else value
+    write_atomically(Path(path), lambda file: np.savez(file, **arrays))
 
 
-def convert_pth_to_npz(pth_path: str | os.PathLike, npz_path: str | os.PathLike) -> int:
-    """Converts a PyTorch state dict (e.g. torchvision's ``resnet50-19c8e357.pth``) to an ``.npz``, atomically.
-
-    Keys and layouts are kept as they are (the loader transposes); a checkpoint holding the state dict under
-    ``"state_dict"`` is unwrapped. The file is read with ``torch.load(weights_only=True)``: no code in it runs.
-
-    Returns:
-        The number of arrays written.
+def read_pth_state_dict(pth_path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a PyTorch state dict as numpy arrays, keys and layouts as they are; a checkpoint holding
+    the state dict under ``"state_dict"`` is unwrapped. PyTorch is imported here only, and the file is read
+    with ``torch.load(weights_only=True)``: no code in it runs.
 
     Raises:
         ImportError: if PyTorch is not installed.
@@ -225,8 +250,38 @@ def convert_pth_to_npz(pth_path: str | os.PathLike, npz_path: str | os.PathLike)
         if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
             tensor = tensor.float()  # bfloat16 and friends have no numpy dtype
         arrays[str(key)] = tensor.numpy()
-    _write_atomically(Path(npz_path), lambda file: np.savez(file, **arrays))
+    return arrays
+
+
+def convert_pth_to_npz(pth_path: str | os.PathLike, npz_path: str | os.PathLike) -> int:
+    """Converts a PyTorch state dict (e.g. torchvision's ``resnet50-19c8e357.pth``) to an ``.npz``, atomically.
+
+    Keys and layouts are kept as they are (the loader transposes); see :func:`read_pth_state_dict`.
+
+    Returns:
+        The number of arrays written.
+
+    Raises:
+        ImportError: if PyTorch is not installed.
+        FileNotFoundError: if ``pth_path`` does not exist.
+        ValueError: if the file is not a state dict of tensors.
+    """
+    arrays = read_pth_state_dict(pth_path)
+    write_atomically(Path(npz_path), lambda file: np.savez(file, **arrays))
     return len(arrays)
+
+
+def run_command(prog: str, command: Callable[[], str]) -> int:
+    """Runs a command-line action that returns its report: prints the report and returns 0, or prints one line
+    ``PROG: error: ...`` to stderr and returns 2 on bad input (a missing, unreadable or mismatched file, no
+    PyTorch)."""
+    try:
+        message = command()
+    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,18 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check", help="check an .npz against the ResNet-50 backbone (no torch needed)")
     check.add_argument("npz", type=Path, help="the .npz to check")
     arguments = parser.parse_args(argv)
-    try:
+
+    def command() -> str:
         if arguments.command == "convert":
-            count = convert_pth_to_npz(arguments.pth, arguments.npz)
-            message = f"wrote {count} arrays to {arguments.npz}"
-        else:
-            count = check_npz(arguments.npz)
-            message = f"{arguments.npz}: all {count} ResNet-50 backbone arrays present with the right shapes"
-    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    print(message)
-    return 0
+            return f"wrote {convert_pth_to_npz(arguments.pth, arguments.npz)} arrays to {arguments.npz}"
+        count = check_npz(arguments.npz)
+        return f"{arguments.npz}: all {count} ResNet-50 backbone arrays present with the right shapes"
+
+    return run_command(parser.prog, command)
 
 
 if __name__ == "__main__":

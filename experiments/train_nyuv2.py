@@ -69,8 +69,11 @@ class TrainConfig:
     grounding: str = dataclasses.field(default="hard", metadata={
         "help": "CORE-MTL's grounding: hard (the physical renderer plus the generic decoders, as the authors run "
                 "it) or soft (the generic geometry and AdaIN appearance decoders only, Eq 15)"})
-    heads_read: str = dataclasses.field(default="semantic", metadata={
-        "help": "semantic (the paper) or semantic+backbone (the authors' code)"})
+    variant: str = dataclasses.field(default="paper", metadata={
+        "help": "the architecture: paper (heads read only the semantic stream of c4) or authors (their code: "
+                "multi-scale fusion of c1..c4, DeepLabV3+ heads that also read the fused features and a c1 skip)"})
+    heads_read: str = dataclasses.field(default="", metadata={
+        "help": "override the variant's head input: semantic (the paper) or semantic+backbone (the authors)"})
     preset: str = dataclasses.field(default="", metadata={
         "help": "loss weights of the paper's Table 7: nyuv2, cityscapes, gta5_to_cityscapes, cityscapes_c "
                 "(default: the dataset's)"})
@@ -95,6 +98,9 @@ class TrainConfig:
                 "(the paper's Cityscapes-C: --dataset cityscapes --preset cityscapes_c --corruptions all)"})
     severities: str = dataclasses.field(default="1,2,3,4,5", metadata={
         "help": "the corruption severities to evaluate, comma-separated, each in 1..5"})
+    perceptual: str = dataclasses.field(default="", metadata={
+        "help": "LPIPS-VGG weights as .npz for CORE-MTL's perceptual reconstruction term, the authors' LPIPS (see "
+                "python -m deep.perceptual convert); without it the term is left out"})
     steps_per_epoch: int = dataclasses.field(default=0, metadata={
         "help": "cap on training steps per epoch (0: the whole split; for smoke runs)"})
     out: str = dataclasses.field(default="results/train_nyuv2", metadata={"help": "output folder"})
@@ -104,7 +110,7 @@ class TrainConfig:
 
     def __post_init__(self):
         from deep import losses
-        from deep.model import HEAD_INPUTS
+        from deep.model import HEAD_INPUTS, VARIANTS
         from deep.trainer import ARCHITECTURES, MODEL_SIZES
         from theory.balancing import METHODS
 
@@ -112,15 +118,20 @@ class TrainConfig:
             raise ValueError("give exactly one of --data PATH and --synthetic")
         choices = {"--dataset": (self.dataset, DATASETS), "--precision": (self.precision, PRECISIONS),
                    "--optimizer": (self.optimizer, OPTIMIZERS), "--grounding": (self.grounding, GROUNDINGS),
-                   "--heads-read": (self.heads_read, HEAD_INPUTS), "--model": (self.model, tuple(MODEL_SIZES)),
+                   "--variant": (self.variant, tuple(VARIANTS)), "--model": (self.model, tuple(MODEL_SIZES)),
                    "--method": (self.method, ("core", "stl", *sorted(METHODS)))}
         if self.preset:
             choices["--preset"] = (self.preset, tuple(losses.PRESETS))
+        if self.heads_read:
+            choices["--heads-read"] = (self.heads_read, HEAD_INPUTS)
         for flag, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"--architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}")
+        if self.architecture == "mtan" and self.variant != "paper":
+            raise ValueError(f"--variant {self.variant} builds the dual-stream model; --architecture mtan has its own "
+                             f"heads (use --variant paper)")
         if self.architecture == "mtan" and self.method in ("core", "graddrop"):
             raise ValueError(f"--architecture mtan trains the balancing baselines; --method {self.method} needs the "
                              f"dual-stream model (--architecture shared)")
@@ -138,8 +149,12 @@ class TrainConfig:
             raise ValueError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"--weight-decay must be a finite number >= 0; got {self.weight_decay}")
-        if self.pretrained and not Path(self.pretrained).is_file():
-            raise FileNotFoundError(f"--pretrained: no such file: {self.pretrained}")
+        for flag, path in (("--pretrained", self.pretrained), ("--perceptual", self.perceptual)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{flag}: no such file: {path}")
+        if self.perceptual and self.method != "core":
+            raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
+                             f"{self.method}")
         if self.data and not Path(self.data).is_dir():
             raise FileNotFoundError(f"--data: no such folder: {self.data}")
         if self.target_data and self.dataset != "gta5":
@@ -150,6 +165,13 @@ class TrainConfig:
             raise FileNotFoundError(f"--target-data: no such folder: {self.target_data}")
         self.corruption_names  # validates --corruptions and --severities
         self.severity_levels
+        self.model_config()  # the model's own checks (a head that needs features the variant does not give...)
+
+    def model_config(self):
+        from deep import trainer
+
+        return trainer.model_config(self.dataset, self.model, self.method, self.task, self.grounding,
+                                    self.heads_read, self.precision, self.variant)
 
     @property
     def corruption_names(self) -> tuple[str, ...]:
@@ -312,12 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
     from tqdm import tqdm
 
     from deep import losses, train, trainer
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
+    from deep.perceptual import load_lpips_npz
     from deep.weights import load_torchvision_npz
 
     out = Path(config.out)
@@ -337,8 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(identity_path, config.run_identity())
 
     train_split, test_split = _load_splits(config, out)
-    model_config = trainer.model_config(config.dataset, config.model, config.method, config.task, config.grounding,
-                                        config.heads_read, config.precision)
+    model_config = config.model_config()
     task_names = [name for name, _ in model_config.tasks]
     keep = ["images", *task_names]
     train_split = {k: v for k, v in train_split.items() if k in keep}
@@ -353,11 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                               decoupled_weight_decay=config.optimizer == "adamw", epochs=config.epochs,
                               warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch)
     optimizer = train.make_optimizer(optim)
-    model = trainer.build_model(model_config, config.architecture, nnx.Rngs(config.seed))
+    model = trainer.build_model(model_config, config.architecture, config.seed)
     if config.pretrained:
         load_torchvision_npz(model, config.pretrained)
     graphdef, state = train.split_model(model, optimizer)
-    balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights)
+    perceptual = load_lpips_npz(config.perceptual) if config.perceptual else None
+    balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights, perceptual)
     balancer_state = () if config.method == "core" else balancer.init(len(task_names))
     predict = trainer.predict_function(graphdef)
     augment_config = AugmentConfig()

@@ -13,12 +13,14 @@ from deep.shading import lambertian_shading, render
 
 
 def test_physical_decoder_shapes_ranges_and_which_stream_feeds_what():
-    decoder = PhysicalDecoder(6, 3, 8, nnx.Rngs(0), widths=(4, 4, 4), albedo_seed=4, light_hidden=8)
+    decoder = PhysicalDecoder(6, 3, 8, nnx.Rngs(0), widths=(4, 4, 4), albedo_seed=4,
+                                                 light_hidden=8)
     keys = jax.random.split(jax.random.key(0), 3)
     semantic_map = jax.random.normal(keys[0], (2, 4, 5, 6), jnp.float32)
     residual = jax.random.normal(keys[1], (2, 3), jnp.float32)
     pooled = jax.random.normal(keys[2], (2, 8), jnp.float32)
-    rendered, parts = decoder(semantic_map, residual, pooled, (16, 20))
+    rendered, parts = nnx.jit(lambda decoder, *inputs: decoder(*inputs, (16, 20)))(decoder, semantic_map, residual,
+                                                                                   pooled)
     assert rendered.shape == parts["albedo"].shape == parts["shading"].shape == (2, 16, 20, 3)
     assert parts["lighting"].shape == (2, 3, 9)
     assert float(rendered.min()) >= 0 and float(rendered.max()) <= 1
@@ -28,8 +30,8 @@ def test_physical_decoder_shapes_ranges_and_which_stream_feeds_what():
     decoder.eval()
     albedo_of = lambda s, r: decoder(s, r, pooled, (16, 20))[1]["albedo"].sum()
     normals_of = lambda s, r: decoder(s, r, pooled, (16, 20))[1]["normals"].sum()
-    ga_s, ga_r = jax.grad(albedo_of, argnums=(0, 1))(semantic_map, residual)
-    gn_s, gn_r = jax.grad(normals_of, argnums=(0, 1))(semantic_map, residual)
+    ga_s, ga_r = jax.jit(jax.grad(albedo_of, argnums=(0, 1)))(semantic_map, residual)
+    gn_s, gn_r = jax.jit(jax.grad(normals_of, argnums=(0, 1)))(semantic_map, residual)
     assert float(jnp.abs(ga_s).max()) == 0.0 and float(jnp.abs(ga_r).max()) > 0
     assert float(jnp.abs(gn_r).max()) == 0.0 and float(jnp.abs(gn_s).max()) > 0
 
@@ -87,16 +89,17 @@ def test_generic_decoders_shapes_ranges_and_the_style_code_reaches_the_image():
     residual = jax.random.normal(keys[1], (2, 3), jnp.float32)
     geometry = GeometryDecoder(6, nnx.Rngs(0), width=8)
     appearance = AppearanceDecoder(6, 3, nnx.Rngs(1), width=8)
-    depth, depth_aux = geometry(semantic_map, (32, 40))  # an exact 1/8 grid: no resize
+    call = nnx.jit(lambda decoder, *inputs, size: decoder(*inputs, size), static_argnames="size")
+    depth, depth_aux = call(geometry, semantic_map, size=(32, 40))  # an exact 1/8 grid: no resize
     assert depth.shape == (2, 32, 40, 1) and depth_aux.shape == (2, 16, 20, 1)
     assert float(depth.min()) < 0 < float(depth.max())  # raw, not squashed
-    assert geometry(semantic_map, (30, 37))[0].shape == (2, 30, 37, 1)  # not exactly 1/8: resized
-    image, image_aux = appearance(semantic_map, residual, (32, 40))
+    assert call(geometry, semantic_map, size=(30, 37))[0].shape == (2, 30, 37, 1)  # not exactly 1/8: resized
+    image, image_aux = call(appearance, semantic_map, residual, size=(32, 40))
     assert image.shape == (2, 32, 40, 3) and image_aux.shape == (2, 16, 20, 3)
     for output in (image, image_aux):
         assert float(output.min()) >= 0 and float(output.max()) <= 1
     # The style code reaches the image (the model's test checks the Jacobian of the counterfactual image).
-    assert not np.allclose(appearance(semantic_map, residual[::-1], (32, 40))[0], image)
+    assert not np.allclose(call(appearance, semantic_map, residual[::-1], size=(32, 40))[0], image)
     with pytest.raises(ValueError, match="multiple of 8"):
         GeometryDecoder(6, nnx.Rngs(0), width=12)
 

@@ -1,4 +1,4 @@
-"""ASPP heads and the dual-stream projectors."""
+"""ASPP heads (DeepLabV3, the authors' DeepLabV3+), the multi-scale fusion and the dual-stream projectors."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deep.heads import ASPPHead
-from deep.streams import DualStream
+from deep.heads import ASPP, ASPPHead, DeepLabV3PlusHead
+from deep.streams import DualStream, MultiScaleFusion
+from test_deep_train import compile_quickly
 
 
 def test_aspp_head_shapes_and_modes():
@@ -40,3 +41,83 @@ def test_dual_stream_shapes_and_the_residual_code_is_global():
     permuted = x.reshape(2, 35, 8)[:, ::-1].reshape(2, 5, 7, 8)
     np.testing.assert_allclose(streams(permuted)[1], residual, rtol=1e-5, atol=1e-6)
     assert not np.allclose(streams(permuted)[0], semantic)
+
+
+# A tiny DeepLabV3+ head: ẑ_s with 6 channels and F with 16 on a 5×6 grid, c1 with 8 on an odd 9×12 grid.
+V3PLUS_SIZES = dict(semantic_channels=6, feature_channels=16, low_level_channels=8, out_channels=3)
+V3PLUS_WIDTHS = dict(channels=4, rates=(1, 2, 3), skip_channels=4, skip_groups=2, decoder_groups=2)
+
+
+def normal(rng: np.random.Generator, *shape: int) -> jax.Array:
+    """Test inputs from numpy: a ``jax.random`` draw compiles once per shape, seconds on the CPU."""
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+def v3plus_inputs(seed=3):
+    rng = np.random.default_rng(seed)
+    return normal(rng, 2, 5, 6, 6), normal(rng, 2, 5, 6, 16), normal(rng, 2, 9, 12, 8)
+
+
+@pytest.fixture(scope="module")
+def v3plus_head():
+    head = DeepLabV3PlusHead(**V3PLUS_SIZES, rngs=nnx.Rngs(2), **V3PLUS_WIDTHS)
+    head.eval()
+    return head
+
+
+def test_both_heads_share_one_aspp_and_the_aspp_head_keeps_its_parameter_paths():
+    aspp_head = nnx.eval_shape(lambda: ASPPHead(16, 3, nnx.Rngs(0), channels=8, rates=(2, 4)))
+    v3plus = nnx.eval_shape(lambda: DeepLabV3PlusHead(**V3PLUS_SIZES, rngs=nnx.Rngs(0), **V3PLUS_WIDTHS))
+    assert isinstance(aspp_head, ASPP) and type(v3plus.aspp) is ASPP
+    # Checkpoints of ASPP-head models saved before the ASPP was shared must still restore: same names.
+    names = {path[0] for path, _ in nnx.to_flat_state(nnx.state(aspp_head, nnx.Param))}
+    assert names == {"branch_1x1", "branches_atrous", "branch_pool", "project", "refine", "classifier"}
+    # The authors' head has no refine convolution after the ASPP; its ASPP reads the two projections.
+    assert not hasattr(v3plus, "refine") and v3plus.aspp.branch_1x1[0].in_features == 2 * 4
+    assert v3plus.aspp.dropout.rate == 0.5 and v3plus.decoder_dropout.rate == 0.1
+
+
+def test_deeplabv3plus_head_predicts_on_the_c1_grid_with_group_norms(v3plus_head):
+    inputs = v3plus_inputs()
+    out = compile_quickly(lambda *xs: v3plus_head(*xs), *inputs)(*inputs)
+    assert out.shape == (2, 9, 12, 3) and out.dtype == jnp.float32  # c1's odd grid, not 2 × the 5×6 grid
+    assert (v3plus_head.skip_norm.num_groups, v3plus_head.fuse_norm.num_groups) == (2, 2)
+    assert v3plus_head.skip.use_bias is False and v3plus_head.fuse.use_bias is False
+    # GroupNorm (fresh: scale 1, bias 0) standardises each (example, group) over pixels and channels together.
+    x = normal(np.random.default_rng(4), 2, 9, 12, 4) * jnp.array([1.0, 3.0, 0.5, 2.0]) + 1.0
+    grouped = v3plus_head.skip_norm(x).reshape(2, 9 * 12, 2, 2)
+    np.testing.assert_allclose(grouped.mean(axis=(1, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(grouped.var(axis=(1, 3)), 1.0, rtol=1e-3)
+    assert float(jnp.abs(grouped.mean(axis=1)).max()) > 0.1  # ... not each channel on its own
+    with pytest.raises(ValueError, match="skip_groups"):
+        DeepLabV3PlusHead(**V3PLUS_SIZES, rngs=nnx.Rngs(0), **{**V3PLUS_WIDTHS, "skip_groups": 3})
+
+
+def test_deeplabv3plus_head_reads_the_semantic_map_the_features_and_the_c1_skip(v3plus_head):
+    inputs = v3plus_inputs()
+    gradients = jax.grad(lambda *xs: v3plus_head(*xs).sum(), argnums=(0, 1, 2))
+    grads = compile_quickly(gradients, *inputs)(*inputs)
+    for name, grad in zip(("semantic_map", "features", "low_level"), grads):
+        assert float(jnp.abs(grad).max()) > 0, name
+
+
+def test_multiscale_fusion_brings_every_stage_to_the_c4_grid_and_downsamples_c1_by_2x2_average_pooling():
+    fusion = MultiScaleFusion((8, 16, 32, 64), nnx.Rngs(5), channels=3)
+    rng = np.random.default_rng(5)
+    stages = (normal(rng, 2, 8, 10, 8), normal(rng, 2, 4, 5, 16), normal(rng, 2, 4, 5, 32),
+              normal(rng, 2, 4, 5, 64))
+
+    def fused_and_expected(stages):
+        c1, c2, _, c4 = stages
+        average_pooled = c1.reshape(2, 4, 2, 5, 2, 8).mean(axis=(2, 4))
+        fused = fusion(stages)
+        expected = fusion.adapters[0](average_pooled), fusion.adapters[1](c2), fusion.adapters[3](c4)
+        return fused, fusion.adapted_last_stage(fused), expected
+
+    fused, adapted_c4, expected = compile_quickly(fused_and_expected, stages)(stages)
+    expected_c1, expected_c2, expected_c4 = expected
+    assert fused.shape == (2, 4, 5, 12)
+    np.testing.assert_allclose(fused[..., :3], expected_c1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused[..., 3:6], expected_c2, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(adapted_c4, expected_c4, rtol=1e-6, atol=1e-6)
+    assert fusion.adapters[0].use_bias  # 1×1 convolutions with bias, as the authors'

@@ -1,6 +1,7 @@
 """The assembled dual-stream model on a tiny configuration."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deep import losses, train, weights
 from deep.backbone import BackboneConfig
-from deep.model import DualStreamModel, ModelConfig
+from deep.model import VARIANTS, DualStreamModel, ModelConfig
+from deep.trainer import MODEL_SIZES
+from test_deep_train import compile_quickly, make_batch
 
 TINY = ModelConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), semantic_channels=6, residual_channels=3,
                    head_channels=4, aspp_rates=(1, 2, 3), decoder_widths=(4, 4), albedo_seed=4, light_hidden=8,
                    generic_width=8)
+# The authors' architecture (multi-scale fusion, DeepLabV3+ heads reading F and c1) at the tiny size.
+AUTHORS = dataclasses.replace(TINY, **VARIANTS["authors"], fusion_channels=4, skip_channels=4, skip_groups=2,
+                              decoder_groups=2)
 STREAM_KEYS = {"semantic_map", "residual_code", "features", "low_level"}
 PHYSICAL_KEYS = {"rendered", "albedo", "normals", "shading", "lighting"}
 GENERIC_KEYS = {"reconstruction", "reconstruction_aux", "geometry", "geometry_aux"}
@@ -26,7 +33,8 @@ def model():
 
 def test_output_shapes_and_unit_normals(model):
     images = jax.random.uniform(jax.random.key(0), (2, 32, 40, 3), jnp.float32)
-    predictions, aux = model(images)
+    graphdef, state = nnx.split(model)
+    predictions, aux = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))(state, images)
     assert predictions["segmentation"].shape == (2, 32, 40, 13)
     assert predictions["depth"].shape == (2, 32, 40, 1)
     norms = np.asarray(jnp.linalg.norm(predictions["normal"], axis=-1))
@@ -41,16 +49,18 @@ def test_output_shapes_and_unit_normals(model):
 @pytest.mark.parametrize("heads_read, grounding, depends_on_features",
                          [("semantic", "hard", False), ("semantic+backbone", "hard", True), ("semantic", "soft", False)])
 def test_heads_read_only_the_semantic_stream_in_the_paper_mode(heads_read, grounding, depends_on_features):
-    model = DualStreamModel(dataclasses.replace(TINY, heads_read=heads_read, grounding=grounding), nnx.Rngs(1))
+    config = dataclasses.replace(TINY, heads_read=heads_read, grounding=grounding)
+    model = DualStreamModel(config, nnx.Rngs(1))
     model.eval()
     images = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3), jnp.float32)
-    _, aux = model.predict(images)  # the streams, without running the grounding decoders
+    _, aux = nnx.jit(lambda model, images: model.predict(images))(model, images)  # no grounding decoder runs
     assert set(aux) == STREAM_KEYS
 
     def depth_from(residual_code, features):
         return model.predict_from_streams(aux["semantic_map"], residual_code, features, (16, 16))["depth"].sum()
 
-    grad_residual, grad_features = jax.grad(depth_from, argnums=(0, 1))(aux["residual_code"], aux["features"])
+    grad_residual, grad_features = jax.jit(jax.grad(depth_from, argnums=(0, 1)))(aux["residual_code"],
+                                                                                  aux["features"])
     np.testing.assert_array_equal(grad_residual, 0.0)  # the residual code never reaches a head
     assert bool(jnp.any(grad_features != 0)) == depends_on_features
 
@@ -58,6 +68,20 @@ def test_heads_read_only_the_semantic_stream_in_the_paper_mode(heads_read, groun
 def test_bad_head_input_is_rejected():
     with pytest.raises(ValueError, match="heads_read"):
         ModelConfig(heads_read="residual")
+    with pytest.raises(ValueError, match="fusion must be one of c4, multiscale"):
+        ModelConfig(fusion="c1")
+    with pytest.raises(ValueError, match="fusion_channels"):
+        ModelConfig(fusion="multiscale", fusion_channels=0)
+    with pytest.raises(ValueError, match="head must be one of aspp, deeplabv3plus"):
+        ModelConfig(head="fpn")
+    with pytest.raises(ValueError, match="heads_read must be 'semantic\\+backbone'"):
+        ModelConfig(head="deeplabv3plus")  # its skip reads c1: it cannot be the paper's semantic-only head
+    with pytest.raises(ValueError, match="decoder_groups .* divide head_channels \\(256\\); got 24"):
+        ModelConfig.variant("authors", decoder_groups=24)
+    with pytest.raises(ValueError, match="skip_groups"):
+        dataclasses.replace(AUTHORS, skip_groups=3)
+    with pytest.raises(ValueError, match="variant must be one of paper, authors"):
+        ModelConfig.variant("theirs")
     with pytest.raises(ValueError, match="grounding"):
         ModelConfig(grounding="soft-ish")
     with pytest.raises(ValueError, match="generic_width"):
@@ -95,14 +119,16 @@ def test_the_counterfactual_image_comes_from_the_appearance_decoder_and_reads_th
     keys = jax.random.split(jax.random.key(2))
     semantic_map = jax.random.normal(keys[0], (2, 4, 5, 6), jnp.float32)
     residual = jax.random.normal(keys[1], (2, 3), jnp.float32)
-    image = model.counterfactual_image(semantic_map, residual, (32, 40))
+    counterfactual = jax.jit(lambda s, r: model.counterfactual_image(s, r, (32, 40)))
+    image = counterfactual(semantic_map, residual)
     # Hard grounding has both decoders; the counterfactual is the appearance decoder's, as the authors' CFA.
-    np.testing.assert_array_equal(image, model.appearance_decoder(semantic_map, residual, (32, 40))[0])
+    appearance = jax.jit(lambda s, r: model.appearance_decoder(s, r, (32, 40))[0])
+    np.testing.assert_array_equal(image, appearance(semantic_map, residual))
     assert float(image.min()) >= 0 and float(image.max()) <= 1
-    assert not np.allclose(model.counterfactual_image(semantic_map, residual[::-1], (32, 40)), image)
+    assert not np.allclose(counterfactual(semantic_map, residual[::-1]), image)
     # A non-zero Jacobian with respect to the residual code (its product with a direction, one JVP).
-    _, tangent = jax.jvp(lambda r: model.counterfactual_image(semantic_map, r, (32, 40)), (residual,),
-                         (jnp.ones_like(residual),))
+    _, tangent = jax.jit(lambda r: jax.jvp(lambda r: counterfactual(semantic_map, r), (r,), (jnp.ones_like(r),)))(
+        residual)
     assert float(jnp.abs(tangent).max()) > 0
 
 
@@ -126,3 +152,124 @@ def test_the_generic_decoders_follow_the_compute_dtype_and_return_float32():
     assert model.appearance_decoder.blocks[0].adain1.style.dtype == jnp.bfloat16
     _, aux = output_shapes(model, lambda m, x: m(x), jax.ShapeDtypeStruct((2, 32, 40, 3), jnp.float32))
     assert all(value.dtype == jnp.float32 for value in aux.values())
+
+
+def test_the_variants_name_the_paper_default_and_the_authors_architecture():
+    assert ModelConfig.variant("paper") == ModelConfig()
+    authors = ModelConfig.variant("authors", grounding="soft", **MODEL_SIZES["tiny"])
+    assert (authors.fusion, authors.heads_read, authors.head) == (
+        "multiscale", "semantic+backbone", "deeplabv3plus")
+    assert authors.grounding == "soft" and authors.fusion_channels == MODEL_SIZES["tiny"]["fusion_channels"]
+    full = ModelConfig.variant("authors")
+    assert (full.fusion_channels, full.skip_channels, full.skip_groups, full.decoder_groups) == (
+        1024, 48, 4, 32)
+    reduced = ModelConfig.variant("authors", **MODEL_SIZES["reduced"])  # the sizes' group counts divide
+    assert reduced.head_channels % reduced.decoder_groups == 0
+    assert reduced.fusion_channels < full.fusion_channels
+
+
+@pytest.mark.parametrize("size, image_size", [("tiny", (32, 40)), ("reduced", (35, 45))])
+def test_the_authors_variant_output_shapes(size, image_size):
+    config = ModelConfig.variant("authors", **MODEL_SIZES[size])
+    model = abstract_model(config)
+    images = jax.ShapeDtypeStruct((2, *image_size, 3), jnp.float32)
+    predictions, aux = output_shapes(model, lambda m, x: m(x), images)
+    assert {name: p.shape for name, p in predictions.items()} == {
+        name: (2, *image_size, channels) for name, channels in config.tasks}
+    # The stem and layer1 halve the size twice (ceil), layer2 once more: odd sizes give an odd c1 grid here.
+    low = tuple((((n + 1) // 2) + 1) // 2 for n in image_size)
+    grid = tuple((n + 1) // 2 for n in low)
+    assert aux["low_level"].shape == (2, *low, config.backbone.output_channels[0])
+    assert aux["features"].shape == (2, *grid, 4 * config.fusion_channels)  # F: four adapted stages
+    assert aux["semantic_map"].shape == (2, *grid, config.semantic_channels)
+    assert aux["rendered"].shape == (2, *image_size, 3)
+    assert model.decoder.light.fc1.in_features == config.fusion_channels  # it pools the adapted c4
+
+
+
+
+@pytest.fixture(scope="module")
+def authors_model():
+    """One task and no decoders: compiling three heads and the decoders would more than double these tests'
+    time. The light head's input is checked by the shape test above (a light head fed all of F would not
+    trace), the other heads by that test too, and the counterfactual pass's pieces (``predict``,
+    ``counterfactual_image``) by the tests here and above."""
+    return DualStreamModel(dataclasses.replace(AUTHORS, tasks=(("depth", 1),), grounding="none"), nnx.Rngs(3))
+
+
+def test_the_authors_heads_read_f_and_the_c1_skip_but_never_the_residual_code(authors_model):
+    """The authors' heads see F (which carries residual information), every stage of it, and c1; the residual
+    code itself reaches no head."""
+    graphdef, state = nnx.split(authors_model)
+    images = jnp.asarray(np.random.default_rng(1).uniform(size=(1, 16, 16, 3)), jnp.float32)
+
+    def gradients(state, images):
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        _, aux = model.predict(images)
+        semantic_map = aux["semantic_map"]
+
+        def depth_from(residual_code, features, low_level):
+            return model.predict_from_streams(semantic_map, residual_code, features, (16, 16),
+                                              low_level=low_level)["depth"].sum()
+
+        inputs = aux["residual_code"], aux["features"], aux["low_level"]
+        return jax.grad(depth_from, argnums=(0, 1, 2))(*inputs)
+
+    grad_residual, grad_features, grad_low_level = compile_quickly(gradients, state, images)(state, images)
+    np.testing.assert_array_equal(grad_residual, 0.0)
+    stage_blocks = np.split(np.asarray(grad_features), 4, axis=-1)  # F = [A1 c1; A2 c2; A3 c3; A4 c4]
+    assert all(np.abs(block).max() > 0 for block in stage_blocks)
+    assert float(jnp.abs(grad_low_level).max()) > 0
+    with pytest.raises(ValueError, match="low_level"):
+        authors_model.predict_from_streams(jnp.zeros((1, 2, 2, 6)), jnp.zeros((1, 3)),
+                                           jnp.zeros((1, 2, 2, 16)), (16, 16))
+
+
+def test_bfloat16_compute_reaches_group_norm_and_the_new_convolutions():
+    model = abstract_model(dataclasses.replace(AUTHORS, compute_dtype="bfloat16", grounding="none"))
+    head = model.heads["depth"]
+    layers = (head.skip_norm, head.fuse_norm, head.project_features, head.project_semantic, head.skip,
+              head.fuse, *model.fusion.adapters)
+    assert all(layer.dtype == jnp.bfloat16 for layer in layers)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    as_float32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    normalised = output_shapes(model, lambda m, x: m.heads["depth"].skip_norm(x), as_float32(2, 8, 10, 4))
+    fused = output_shapes(model, lambda m, *stages: m.fusion(stages), as_float32(2, 8, 10, 8),
+                          as_float32(2, 4, 5, 16), as_float32(2, 4, 5, 32), as_float32(2, 4, 5, 64))
+    head_out = output_shapes(model, lambda m, s, f, c1: m.heads["depth"](s, f, c1), as_float32(2, 4, 5, 6),
+                             as_float32(2, 4, 5, 16), as_float32(2, 8, 10, 8))
+    assert normalised.dtype == fused.dtype == head_out.dtype == jnp.bfloat16
+    predictions, aux = output_shapes(model, lambda m, x: m(x), as_float32(2, 32, 40, 3))
+    assert all(value.dtype == jnp.float32 for value in (*predictions.values(), *aux.values()))
+
+
+def test_one_core_step_of_the_authors_variant_is_finite_and_trains_the_fusion(authors_model):
+    optimizer = train.make_optimizer(train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000))
+    graphdef, state = train.split_model(authors_model, optimizer)
+    batch = make_batch()
+    core_step = functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"])
+    arguments = (state, batch, jax.random.key(0))
+    controls = dict(independence_weight=1.0, counterfactual_on=False)
+    new_state, metrics = compile_quickly(core_step, *arguments, **controls)(*arguments, **controls)
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
+    assert np.isfinite(float(metrics["depth"])) and np.isfinite(float(metrics["independence"]))
+    shared, heads = state.params
+    new_shared, new_heads = new_state.params
+    for before, after in ((shared["fusion"], new_shared["fusion"]), (heads, new_heads)):
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_torchvision_weights_fill_the_backbone_and_leave_the_fusion_alone(tmp_path, authors_model):
+    model = nnx.clone(authors_model)
+    expected = weights.torchvision_shapes(model)
+    assert not any("fusion" in key or "adapters" in key for key in expected)  # not part of torchvision's
+    rng = np.random.default_rng(0)
+    arrays = {key: rng.uniform(0.5, 2.0, size=shape).astype(np.float32) for key, shape in expected.items()}
+    np.savez(tmp_path / "tiny.npz", **arrays)
+    fusion_before = [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(model.fusion))]
+    weights.load_torchvision_npz(model, tmp_path / "tiny.npz")
+    np.testing.assert_array_equal(model.backbone.conv1.kernel.get_value(),
+                                  arrays["conv1.weight"].transpose(2, 3, 1, 0))
+    for before, after in zip(fusion_before, jax.tree.leaves(nnx.state(model.fusion))):
+        np.testing.assert_array_equal(before, after)

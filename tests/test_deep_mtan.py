@@ -55,9 +55,7 @@ def abstract_parameter_count(build) -> int:
 
 @pytest.fixture(scope="module")
 def setup():
-    # Initialised in one compiled function: eagerly, every kernel shape would compile its own sampler.
-    structure, _ = nnx.split(nnx.eval_shape(lambda: MTAN(TINY, nnx.Rngs(0))))
-    model = nnx.merge(structure, jax.jit(lambda: nnx.state(MTAN(TINY, nnx.Rngs(0))), compiler_options=FAST_COMPILE)())
+    model = MTAN(TINY, nnx.Rngs(0))
     optimizer = optax.sgd(0.1)
     graphdef, state = train.split_model(model, optimizer)
     return graphdef, optimizer, state

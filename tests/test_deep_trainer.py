@@ -76,6 +76,12 @@ def test_model_configs_for_each_method():
     assert trainer.model_config("nyuv2", "tiny", "stl", task="depth").tasks == (("depth", 1),)
     with pytest.raises(ValueError, match="--task must be one of segmentation, depth, normal"):
         trainer.model_config("nyuv2", "tiny", "stl", task="albedo")
+    paper, authors = (trainer.model_config("gta5", "tiny", "core", variant=v) for v in ("paper", "authors"))
+    assert (paper.fusion, paper.head, paper.heads_read) == ("c4", "aspp", "semantic")
+    assert (authors.fusion, authors.head, authors.heads_read) == ("multiscale", "deeplabv3plus", "semantic+backbone")
+    assert trainer.model_config("nyuv2", "tiny", "ew", heads_read="semantic+backbone").heads_read == "semantic+backbone"
+    with pytest.raises(ValueError, match="heads_read"):  # the authors' heads read the fused features
+        trainer.model_config("nyuv2", "tiny", "core", heads_read="semantic", variant="authors")
 
 
 def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(tmp_path):

@@ -1,0 +1,34 @@
+"""Every parameter-space balancing baseline takes one step of the tiny dual-stream model (per-task Jacobian of the
+shared parameters from one forward pass, then the method's direction). A file of its own so that the test runner
+can spread the compile-heavy deep tests over its workers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deep import train
+from deep.model import DualStreamModel, ModelConfig
+from test_deep_train import TINY, compile_quickly, make_batch
+from theory.balancing import METHODS, make
+
+
+def test_every_parameter_space_baseline_runs_one_step():
+    optimizer = train.make_optimizer(train.OptimConfig(warmup_epochs=0))
+    model = DualStreamModel(ModelConfig(**{**TINY.__dict__, "grounding": "none"}), nnx.Rngs(0))
+    graphdef, state = train.split_model(model, optimizer)
+    batch = make_batch()
+    losses_k, jacobian, head_grads, batch_stats, rest = compile_quickly(
+        functools.partial(train.task_jacobian_step, graphdef), state, batch)(state, batch)
+    apply = jax.jit(functools.partial(train.apply_gradients, graphdef, optimizer))
+    assert jacobian.shape[0] == 3 and jnp.all(jnp.isfinite(jacobian))
+    names = [m for m in METHODS if make(m).gradient_of == "parameters"]
+    assert len(names) == len(METHODS) - 1  # GradDrop acts on representation gradients
+    for name in names:
+        balancer = make(name)
+        balancer_state = balancer.init(3, num_params=jacobian.shape[1])
+        direction, weights, _ = jax.jit(balancer.step)(jacobian, losses_k, balancer_state, jax.random.key(0))
+        new_state, finite = apply(state, direction, head_grads, batch_stats, rest, losses_k.sum())
+        assert bool(finite), name
+        assert int(new_state.step) == 1
