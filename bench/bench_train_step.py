@@ -59,7 +59,8 @@ class BenchConfig:
         if self.config not in CONFIGS:
             raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {self.config!r}")
         parse_choices("--precisions", self.precisions, PRECISIONS)
-        parse_choices("--variant", self.variant, ("paper", "authors"))
+        if self.variant not in ("paper", "authors"):
+            raise ValueError(f"--variant must be one of paper, authors; got {self.variant!r}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
         if not self.peak_tflops >= 0:

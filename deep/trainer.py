@@ -143,8 +143,8 @@ def evaluate(predict: Callable, state: train.TrainState, batches: Iterable[dict]
 
 
 def evaluate_corrupted(predict: Callable, state: train.TrainState, batches: Callable[[], Iterable[dict]], tasks,
-                       corruptions: Iterable[str], severities: Iterable[int], key: jax.Array
-                       ) -> dict[str, dict[str, dict[str, float]]]:
+                       corruptions: Iterable[str], severities: Iterable[int], key: jax.Array,
+                       progress: Callable[[], Any] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """The paper's Cityscapes-C protocol in code: the metrics of a split whose images are corrupted by each of
     ``corruptions`` at each of ``severities`` (:func:`deep.data.corrupt`), the labels left clean.
 
@@ -153,6 +153,7 @@ def evaluate_corrupted(predict: Callable, state: train.TrainState, batches: Call
         batches: a function returning a fresh pass over the split (called once per corruption and severity).
         key: the corruptions' randomness; batch ``i`` of every pass uses ``fold_in(fold_in(key, corruption),
             i)``, so a severity changes the strength of the same noise, not the noise.
+        progress: called after each pass (a progress bar's update).
 
     Returns:
         ``{corruption: {str(severity): metrics}}``.
@@ -171,6 +172,8 @@ def evaluate_corrupted(predict: Callable, state: train.TrainState, batches: Call
                 predictions, _ = predict(state, images)
                 accumulator.update(predictions, batch)
             results[corruption][str(severity)] = accumulator.result()
+            if progress is not None:
+                progress()
     return results
 
 

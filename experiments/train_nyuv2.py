@@ -191,11 +191,29 @@ class TrainConfig:
         return self.preset or DEFAULT_PRESETS[self.dataset]
 
     def run_identity(self) -> dict:
-        """The fields that define the run: a resumed run must agree on all of them."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume", "quiet", "out")}
+        """The fields that define the training run: a resumed run must agree on all of them. Not the evaluation
+        under corruption, which a finished run can add with ``--resume --corruptions ...``; ``heads_read``
+        resolved (empty means the variant's)."""
+        identity = {k: v for k, v in dataclasses.asdict(self).items()
+                    if k not in ("resume", "quiet", "out", "corruptions", "severities")}
+        identity["heads_read"] = self.model_config().heads_read
+        return identity
 
 
 # ---------------------------------------------------------------------------------------------------- data
+
+
+def _generated(root: Path, write) -> Path:
+    """``root``, first written by ``write(folder)`` if it does not exist: into a sibling folder renamed at the end,
+    so that a run killed while writing leaves no half-written set behind."""
+    import shutil
+
+    if not root.exists():
+        partial = root.with_name(root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write(partial)
+        partial.rename(root)
+    return root
 
 
 def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict]:
@@ -205,17 +223,17 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict]:
 
     if config.dataset == "gta5":
         root = Path(config.data) if config.data else out / "data" / "gta5"
-        target_root = Path(config.target_data) if config.data else out / "data" / "cityscapes"
-        if config.synthetic and not (target_root / "train").exists():
-            data.write_cityscapes(target_root, seed=config.seed + 1)  # another seed: another city
-            data.write_gta5(root, count=8, seed=config.seed)
+        target_root = Path(config.target_data) if config.target_data else out / "data" / "cityscapes"
+        if config.synthetic:
+            # Another seed for the target: another city.
+            _generated(target_root, lambda folder: data.write_cityscapes(folder, seed=config.seed + 1))
+            _generated(root, lambda folder: data.write_gta5(folder, count=8, seed=config.seed))
         test = data.load_cityscapes(target_root, "val")
         return data.load_gta5(root, size=test["images"].shape[1:3]), test
     root = Path(config.data) if config.data else out / "data"
     if config.synthetic:
         writer = data.write_nyuv2 if config.dataset == "nyuv2" else data.write_cityscapes
-        if not (root / "train").exists():
-            writer(root, seed=config.seed)
+        _generated(root, lambda folder: writer(folder, seed=config.seed))
     load = data.load_nyuv2 if config.dataset == "nyuv2" else data.load_cityscapes
     return load(root, "train"), load(root, "val")
 
@@ -349,7 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not identity_path.exists():
             raise FileNotFoundError(f"--resume: no run to resume in {out} (run.json is missing)")
         saved = json.loads(identity_path.read_text())
-        changed = {k: (saved.get(k), v) for k, v in config.run_identity().items() if saved.get(k) != v}
+        # A field that an older version did not record had its default then.
+        defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+        changed = {k: (saved.get(k, defaults.get(k)), v) for k, v in config.run_identity().items()
+                   if saved.get(k, defaults.get(k)) != v}
         if changed:
             name, (was, now) = next(iter(changed.items()))
             raise ValueError(f"--resume must use the run's own flags: --{name.replace('_', '-')} was {was!r}, "
@@ -456,9 +477,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                "history": history}
     written = ["results.json", "curves.png", "samples.png"]
     if config.corruption_names:
+        passes = tqdm(total=len(config.corruption_names) * len(config.severity_levels), desc="corrupted val",
+                      disable=config.quiet, leave=False, file=sys.stderr)
         corrupted = trainer.evaluate_corrupted(
             predict, state, lambda: test_loader.epoch(0), model_config.tasks, config.corruption_names,
-            config.severity_levels, jax.random.split(base_key)[1])  # no training step's key
+            config.severity_levels, jax.random.split(base_key)[1], progress=passes.update)  # no step's key
+        passes.close()
         results["corrupted"] = corrupted
         results["corrupted_mean"] = {name: float(np.mean([metrics[name] for by_severity in corrupted.values()
                                                           for metrics in by_severity.values()]))

@@ -88,7 +88,9 @@ def test_deeplabv3plus_head_predicts_on_the_c1_grid_with_group_norms(v3plus_head
     grouped = v3plus_head.skip_norm(x).reshape(2, 9 * 12, 2, 2)
     np.testing.assert_allclose(grouped.mean(axis=(1, 3)), 0.0, atol=1e-5)
     np.testing.assert_allclose(grouped.var(axis=(1, 3)), 1.0, rtol=1e-3)
-    assert float(jnp.abs(grouped.mean(axis=1)).max()) > 0.1  # ... not each channel on its own
+    # ... not each channel on its own: channels of different scales keep different variances within a group.
+    channel_variances = np.asarray(grouped.var(axis=1))
+    assert channel_variances.min() < 0.5 and channel_variances.max() > 1.5, channel_variances
     with pytest.raises(ValueError, match="skip_groups"):
         DeepLabV3PlusHead(**V3PLUS_SIZES, rngs=nnx.Rngs(0), **{**V3PLUS_WIDTHS, "skip_groups": 3})
 

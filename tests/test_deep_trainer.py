@@ -101,3 +101,32 @@ def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(t
     assert isinstance(restored["state"], train.TrainState)
     for a, b in zip(comparable_leaves(restored), comparable_leaves(tree)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_one_noise_per_corruption():
+    """A stub model that predicts depth = mean brightness records what it was shown: the corrupted images, each
+    severity of a corruption the same noise at another strength, the labels untouched."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.3, 0.7, (6, 8, 8, 3)).astype(np.float32)  # no clipping at severities 1 and 2
+    depth = rng.uniform(1.0, 2.0, (6, 8, 8, 1)).astype(np.float32)
+    batches = lambda: ({"images": images[i:i + 3], "depth": depth[i:i + 3]} for i in (0, 3))
+    seen = []
+
+    def predict(state, batch_images):
+        seen.append(np.asarray(batch_images))
+        return {"depth": jnp.mean(batch_images, axis=-1, keepdims=True)}, {}
+
+    passes = []
+    results = trainer.evaluate_corrupted(predict, None, batches, (("depth", 1),), ("gaussian_noise", "contrast"),
+                                         (1, 2), jax.random.key(0), progress=lambda: passes.append(1))
+    assert set(results) == {"gaussian_noise", "contrast"} and set(results["contrast"]) == {"1", "2"}
+    assert len(passes) == 4 and len(seen) == 8  # 2 corruptions x 2 severities x 2 batches
+    # Gaussian noise x + c * eps with c = .08, .12: the same eps at both severities, batch by batch.
+    for index, clean in ((0, images[:3]), (1, images[3:])):
+        np.testing.assert_allclose((seen[index] - clean) / 0.08, (seen[index + 2] - clean) / 0.12, atol=1e-4)
+    assert not np.allclose(seen[0] - images[:3], seen[1] - images[3:])  # each batch its own noise
+    # The metrics are those of the corrupted predictions against the clean depth, over the whole split.
+    corrupted_predictions = np.concatenate([seen[4], seen[5]]).mean(-1, keepdims=True)  # contrast, severity 1
+    assert not np.allclose(seen[4], images[:3])
+    np.testing.assert_allclose(results["contrast"]["1"]["depth/abs_err"],
+                               np.mean(np.abs(corrupted_predictions - depth)), rtol=1e-5)

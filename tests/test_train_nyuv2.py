@@ -3,6 +3,7 @@ same numbers, and bad flags rejected with one line."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,3 +124,16 @@ def test_an_existing_run_is_not_overwritten_and_a_resume_must_keep_its_flags(uni
     changed = [*FLAGS[:-1], "--seed", "1", "--quiet", "--out", str(out), "--resume"]
     result = run(changed, cache)
     assert result.returncode == 2 and "--seed was 2024, now 1" in result.stderr, result.stderr
+
+
+def test_a_finished_run_adds_the_corruption_evaluation_on_resume(uninterrupted, tmp_path):
+    """--corruptions is evaluation only: resuming a finished run with it trains nothing and adds the results."""
+    reference, cache = uninterrupted
+    out = tmp_path / "finished"
+    shutil.copytree(reference, out)
+    result = run([*FLAGS, "--out", str(out), "--resume", "--corruptions", "contrast", "--severities", "5"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"] == json.loads((reference / "results.json").read_text())["final"]
+    assert set(results["corrupted"]) == {"contrast"} and set(results["corrupted"]["contrast"]) == {"5"}
+    assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
