@@ -296,9 +296,7 @@ class DualStreamModel(nnx.Module):
 
     def _encode_and_predict(self, images):
         aux = self._encode(images)
-        predictions = self.predict_from_streams(aux["semantic_map"], aux["residual_code"], aux["features"],
-                                                images.shape[1:3], low_level=aux["low_level"])
-        return predictions, aux
+        return self.predict_from_streams(**aux, image_size=images.shape[1:3]), aux
 
     def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         """``aux`` adds, with the physical decoder, ``rendered``, ``albedo``, ``normals``, ``shading`` and

@@ -160,18 +160,17 @@ def evaluate_corrupted(predict: Callable, state: train.TrainState, batches: Call
     """
     from deep.data import CORRUPTIONS, corrupt
 
+    def corrupted(corruption: str, severity: int) -> Iterable[dict]:
+        corruption_key = jax.random.fold_in(key, CORRUPTIONS.index(corruption))
+        for index, batch in enumerate(batches()):
+            yield {**batch, "images": corrupt(jnp.asarray(batch["images"]), corruption, severity,
+                                              jax.random.fold_in(corruption_key, index))}
+
     results = {}
     for corruption in corruptions:
-        corruption_key = jax.random.fold_in(key, CORRUPTIONS.index(corruption))
         results[corruption] = {}
         for severity in severities:
-            accumulator = MetricAccumulator(tasks)
-            for index, batch in enumerate(batches()):
-                images = corrupt(jnp.asarray(batch["images"]), corruption, severity,
-                                 jax.random.fold_in(corruption_key, index))
-                predictions, _ = predict(state, images)
-                accumulator.update(predictions, batch)
-            results[corruption][str(severity)] = accumulator.result()
+            results[corruption][str(severity)] = evaluate(predict, state, corrupted(corruption, severity), tasks)
             if progress is not None:
                 progress()
     return results

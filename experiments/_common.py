@@ -148,9 +148,20 @@ def write_json(path: Path, payload: dict) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n"))
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend: the scripts write PNG files and never open a window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(figure, path: Path, dpi: int = 130) -> None:
-    """Saves a matplotlib figure as PNG, atomically."""
+    """Saves a matplotlib figure as PNG, atomically, and closes it."""
     write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
+    pyplot().close(figure)
 
 
 def environment() -> dict[str, str]:

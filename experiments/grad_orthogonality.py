@@ -26,7 +26,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, parse_config, parser_for, run_main, save_figure, write_json  # noqa: E402
+from _common import (environment, parse_config, parser_for, pyplot, run_main, save_figure,  # noqa: E402
+                     write_json)
 
 
 def _parse_pairs(text: str) -> tuple[tuple[float, float], ...]:
@@ -132,10 +133,7 @@ def run(config: OrthogonalityConfig) -> dict:
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     points = payload["points"]
@@ -182,7 +180,6 @@ def plot(payload: dict, path: Path) -> None:
     right.set_title("CKA is blind when σ_s = σ_r; the oracle leakage is not")
     right.legend(fontsize=6.5)
     save_figure(figure, path)
-    plt.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

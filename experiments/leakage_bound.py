@@ -25,8 +25,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parser_for, run_main, save_figure,  # noqa: E402
-                     write_json)
+from _common import (environment, parse_choices, parse_config, parser_for, pyplot, run_main,  # noqa: E402
+                     save_figure, write_json)
 
 # name -> (source, target) residual parameters: (family, loc, std, separation)
 CASES = {
@@ -157,10 +157,7 @@ def run(config: LeakageConfig) -> dict:
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=False)
@@ -195,7 +192,6 @@ def plot(payload: dict, path: Path) -> None:
                     f"{verdict['failures_without_assumptions']} where they do not (±{verdict['num_se']} SE)",
                     fontsize=10)
     save_figure(figure, path)
-    plt.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

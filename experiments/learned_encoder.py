@@ -28,8 +28,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parse_floats, parser_for, run_main,  # noqa: E402
-                     save_figure, write_json)
+from _common import (environment, parse_choices, parse_config, parse_floats, parser_for,  # noqa: E402
+                     pyplot, run_main, save_figure, write_json)
 
 METRICS = ("theta_stream", "theta_predictor", "kappa", "cka_linear", "cka_debiased", "source_risk", "target_risk",
            "gap")
@@ -160,10 +160,7 @@ def run(config: EncoderConfig) -> dict:
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     steps = np.asarray(payload["steps"])
@@ -213,7 +210,6 @@ def plot(payload: dict, path: Path) -> None:
     sweep_axis.grid(alpha=0.3)
     sweep_axis.legend(fontsize=8)
     save_figure(figure, path)
-    plt.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

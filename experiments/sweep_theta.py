@@ -23,8 +23,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parse_floats, parser_for, run_main,  # noqa: E402
-                     save_figure, write_json)
+from _common import (environment, parse_choices, parse_config, parse_floats, parser_for,  # noqa: E402
+                     pyplot, run_main, save_figure, write_json)
 
 ALL = "all"
 
@@ -179,10 +179,7 @@ def run(config: SweepConfig) -> dict:
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     theta = np.asarray(payload["theta"])
@@ -224,7 +221,6 @@ def plot(payload: dict, path: Path) -> None:
     figure.suptitle(f"d={c['dim']}, sigma_s={c['sigma_s']}, sigma_r: {c['sigma_r_source']} -> {c['sigma_r_target']}, "
                     f"b={c['betas']}, {c['seeds']} seeds x {c['samples']} samples, {c['steps']} steps", fontsize=9)
     save_figure(figure, path)
-    plt.close(figure)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

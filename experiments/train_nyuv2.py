@@ -41,8 +41,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parser_for, run_main, save_figure,  # noqa: E402
-                     write_atomically, write_json)
+from _common import (environment, parse_choices, parse_config, parser_for, pyplot, run_main,  # noqa: E402
+                     save_figure, write_atomically, write_json)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5")
 # The loss weights a dataset trains with unless --preset says otherwise (the paper's Table 7).
@@ -256,10 +256,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [line["epoch"] for line in history]
     loss_names = sorted({k for line in history for k in line["train"] if not k.startswith("weight/")
@@ -275,15 +272,11 @@ def _plot_curves(history: list[dict], path: Path) -> None:
         axis.set(title=name, xlabel="epoch")
     figure.tight_layout()
     save_figure(figure, path)
-    plt.close(figure)
 
 
 def _plot_corruptions(clean: dict, corrupted: dict, path: Path) -> None:
     """One panel per task's headline metric against severity (0 = clean), one line per corruption."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     headline = [name for name in ("segmentation/miou", "depth/abs_err", "normal/mean") if name in clean]
     figure, axes = plt.subplots(1, len(headline), figsize=(3.6 * len(headline), 3), squeeze=False)
@@ -296,14 +289,10 @@ def _plot_corruptions(clean: dict, corrupted: dict, path: Path) -> None:
     axes[0, 0].legend(fontsize=6)
     figure.tight_layout()
     save_figure(figure, path)
-    plt.close(figure)
 
 
 def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     columns = [("image", batch["images"], "rgb"), ("labels", batch["segmentation"], "seg"),
@@ -340,7 +329,6 @@ def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
                 axis.set_title(title, fontsize=7)
     figure.tight_layout()
     save_figure(figure, path)
-    plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------------------- main
