@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -37,6 +37,7 @@ from _common import (environment, median_seconds, parse_choices, parse_config, p
 
 CONFIGS = ("reduced", "nyuv2")
 PRECISIONS = ("float32", "bfloat16")
+METHODS = ("ew", "core", "core_no_cfa", "pcgrad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,15 @@ class BenchConfig:
     variant: str = dataclasses.field(default="paper", metadata={
         "help": "the architecture: paper (ASPP heads on the semantic stream of c4) or authors (multi-scale fusion, "
                 "DeepLabV3+ heads)"})
+    dilated_conv: str = dataclasses.field(default="", metadata={
+        "help": "how dilated convolutions are computed: xla, space_to_batch, shifted_matmul or auto (default: the "
+                "model's default, deep.model.ModelConfig)"})
+    methods: str = dataclasses.field(default=",".join(METHODS), metadata={
+        "help": f"comma-separated steps to time from {', '.join(METHODS)} (ew is always timed: the ratios are to "
+                f"it)"})
+    trace: str = dataclasses.field(default="", metadata={
+        "help": "folder for a profiler trace of two calls of each step; the JSON rows then hold each step's "
+                "device time by kind of kernel and its longest kernels"})
     repeats: int = dataclasses.field(default=5, metadata={"help": "timed steps per method (median)"})
     peak_tflops: float = dataclasses.field(default=0.0, metadata={
         "help": "the device's peak TFLOP/s for model FLOP utilisation (0: not reported)"})
@@ -61,6 +71,11 @@ class BenchConfig:
         parse_choices("--precisions", self.precisions, PRECISIONS)
         if self.variant not in ("paper", "authors"):
             raise ValueError(f"--variant must be one of paper, authors; got {self.variant!r}")
+        from deep.atrous import DILATED_CONVS
+
+        if self.dilated_conv and self.dilated_conv not in DILATED_CONVS:
+            raise ValueError(f"--dilated-conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
+        parse_choices("--methods", self.methods, METHODS)
         if self.repeats < 1:
             raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
         if not self.peak_tflops >= 0:
@@ -90,12 +105,25 @@ def _batch(batch_size: int, size: tuple[int, int]):
             "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}
 
 
-def _steps(model_config, precision: str):
-    """The jitted steps to compare, each with its arguments' state: ``[(name, step, state)]``."""
+class Step(NamedTuple):
+    name: str
+    timed: Any  # the jitted step that runs
+    counted: Any  # the same step as defined (see _steps), whose HLO gives the FLOP count
+    state: Any
+
+
+def _steps(model_config, precision: str, methods: Sequence[str]) -> list[Step]:
+    """The jitted steps to compare, with their arguments' state.
+
+    Each comes with the step whose HLO its FLOPs are counted on: the same step with the dilated convolutions as
+    defined (``lax.conv_general_dilated``, every tap, whatever computes them), and for ``core_no_cfa`` without the
+    counterfactual branch, because XLA's cost analysis counts both branches of a ``lax.cond`` and the closed gate
+    runs only one."""
     import jax
     from flax import nnx
 
     from deep import losses, train
+    from deep.atrous import set_dilated_conv
     from deep.model import DualStreamModel
     from theory.balancing import make
 
@@ -103,44 +131,124 @@ def _steps(model_config, precision: str):
     optimizer = train.make_optimizer(train.OptimConfig())
     weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual_probability=1.0)
 
-    graphdef, core_state = train.split_model(DualStreamModel(model_config, nnx.Rngs(0)), optimizer)
+    def split(config):
+        model = DualStreamModel(config, nnx.Rngs(0))
+        graphdef, state = train.split_model(model, optimizer)
+        set_dilated_conv(model, "xla")
+        return graphdef, train.split_model(model, optimizer)[0], state
 
-    def core_with(counterfactual_on: bool):
-        return jax.jit(lambda state, batch, key: train.core_step(graphdef, optimizer, state, batch, key, weights,
-                                                                 independence_weight=1.0,
-                                                                 counterfactual_on=counterfactual_on))
+    def core(graphdef, step_weights, counterfactual_on, independence_weight=1.0):
+        return jax.jit(lambda state, batch, key: train.core_step(
+            graphdef, optimizer, state, batch, key, step_weights, independence_weight=independence_weight,
+            counterfactual_on=counterfactual_on))
 
     plain = dataclasses.replace(model_config, grounding="none")
-    plain_graphdef, plain_state = train.split_model(DualStreamModel(plain, nnx.Rngs(0)), optimizer)
+    plain_graphdef, plain_reference, plain_state = split(plain)
     ew_weights = dataclasses.replace(weights, independence=0.0, counterfactual=0.0, edge=0.0)
-    ew = jax.jit(lambda state, batch, key: train.core_step(plain_graphdef, optimizer, state, batch, key, ew_weights,
-                                                           independence_weight=0.0, counterfactual_on=False))
-    pcgrad_balancer = make("pcgrad")
-    pcgrad = jax.jit(lambda state, batch, key: train.balanced_step(
-        plain_graphdef, optimizer, pcgrad_balancer, state, pcgrad_balancer.init(len(plain.tasks)), batch, key))
+    steps = [Step("ew", core(plain_graphdef, ew_weights, False, 0.0), core(plain_reference, ew_weights, False, 0.0),
+                  plain_state)]
+    if "core" in methods or "core_no_cfa" in methods:
+        graphdef, reference, core_state = split(model_config)
+        if "core" in methods:
+            steps.append(Step("core", core(graphdef, weights, True), core(reference, weights, True), core_state))
+        if "core_no_cfa" in methods:
+            closed = dataclasses.replace(weights, counterfactual=0.0)
+            steps.append(Step("core_no_cfa", core(graphdef, weights, False), core(reference, closed, False),
+                              core_state))
+    if "pcgrad" in methods:
+        balancer = make("pcgrad")
 
-    return [("ew", ew, plain_state), ("core", core_with(True), core_state),
-            ("core_no_cfa", core_with(False), core_state), ("pcgrad", pcgrad, plain_state)]
+        def pcgrad(graphdef):
+            return jax.jit(lambda state, batch, key: train.balanced_step(
+                graphdef, optimizer, balancer, state, balancer.init(len(plain.tasks)), batch, key))
+
+        steps.append(Step("pcgrad", pcgrad(plain_graphdef), pcgrad(plain_reference), plain_state))
+    return steps
 
 
-def _measure(name: str, function, args, batch_size: int, repeats: int, peak_tflops: float) -> dict:
+def _flops(step: Step, args) -> float:
+    """XLA's FLOP count of ``step.counted``'s HLO lowered for the CPU: before any backend's optimisation, so the
+    same on every device (a GPU's compiled module leaves out the convolutions handed to cuDNN as custom calls)."""
+    cost = step.counted.trace(*args).lower(lowering_platforms=("cpu",)).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+_DERIVED_LINES = {"XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework Name Scope", "Framework Ops",
+                  "Source code", "Launch Stats", "TensorFlow Name Scope", "TensorFlow Ops"}
+
+
+def _kernel_summary(trace_dir: Path, calls: int) -> dict:
+    """Device time per step from a profiler trace: the total over the device's streams, by kind of kernel, and the
+    25 kernels that take longest (None when the trace has no GPU plane, as on CPUs)."""
+    from jax.profiler import ProfileData
+
+    kinds = (("convolution", ("conv", "cudnn", "xmma", "implicit", "dgrad", "wgrad", "fprop")),
+             ("matmul", ("gemm", "nvjet", "cublas", "cutlass")), ("triton", ("triton",)),
+             ("copy", ("memcpy", "memset")), ("xla_fusion", ("fusion", "loop", "input", "reduce", "transpose")))
+    per_kernel: dict[str, list[float]] = {}
+    lines = set()
+    for path in trace_dir.rglob("*.xplane.pb"):
+        for plane in ProfileData.from_file(str(path)).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if line.name in _DERIVED_LINES:  # summaries of the kernels on the streams: not counted twice
+                    continue
+                lines.add(line.name)
+                for event in line.events:
+                    entry = per_kernel.setdefault(event.name, [0.0, 0])
+                    entry[0] += event.duration_ns / 1e6 / calls
+                    entry[1] += 1
+    if not per_kernel:
+        return None
+    by_kind = {}
+    for name, (ms, _) in per_kernel.items():
+        lower = name.lower()
+        kind = next((k for k, marks in kinds if any(m in lower for m in marks)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:25]
+    return {"device_ms_per_step": sum(ms for ms, _ in per_kernel.values()),
+            "kernels_per_step": sum(n for _, n in per_kernel.values()) / calls,
+            "lines": sorted(lines), "ms_by_kind": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+            "top_kernels": [{"name": name[:160], "ms_per_step": ms, "calls_per_step": n / calls}
+                            for name, (ms, n) in top]}
+
+
+def _compile(steps: list[Step], args_of) -> list:
+    """Every step compiled, in parallel threads (XLA releases the GIL; on a GPU most of a ResNet step's compile
+    time is autotuning and code generation): ``[(compiled, seconds)]`` in ``steps``' order."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def compile_one(step):
+        start = time.perf_counter()
+        compiled = step.timed.lower(*args_of(step)).compile()
+        return compiled, time.perf_counter() - start
+
+    with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+        return list(pool.map(compile_one, steps))
+
+
+def _measure(step: Step, compiled, args, batch_size: int, repeats: int, peak_tflops: float,
+             trace: Path | None) -> dict:
     import jax
 
-    lowered = function.lower(*args)
-    # FLOPs of the step's HLO before backend optimisation: on GPUs the compiled module's cost analysis leaves out
-    # the convolutions XLA hands to cuDNN (custom calls), which would undercount a ResNet step about 100-fold.
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    compiled = lowered.compile()
+    flops = _flops(step, args)
     memory = compiled.memory_analysis()
     peak = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
     seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup=True)
-    row = {"method": name, "ms": 1e3 * seconds, "images_per_second": batch_size / seconds, "gflops": flops / 1e9,
-           "peak_mb": peak}
+    row = {"method": step.name, "ms": 1e3 * seconds, "images_per_second": batch_size / seconds,
+           "gflops": flops / 1e9, "peak_mb": peak}
     if peak_tflops > 0 and flops > 0:
         row["model_flop_utilisation"] = flops / seconds / (peak_tflops * 1e12)
+    if trace is not None:
+        calls = 2
+        with jax.profiler.trace(str(trace)):
+            for _ in range(calls):
+                jax.block_until_ready(compiled(*args))
+        row["kernels"] = _kernel_summary(trace, calls)
     return row
 
 
@@ -150,30 +258,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_train_step.py"),
                           argv)
     model_config, batch_size, size = _setting(config.config, config.variant)
+    if config.dilated_conv:
+        model_config = dataclasses.replace(model_config, dilated_conv=config.dilated_conv)
     batch = _batch(batch_size, size)
     key = jax.random.key(1)
     suffix = "" if config.variant == "paper" else f"_{config.variant}"
     out = Path(config.out or ROOT / "bench" / "results" / f"bench_train_step_{config.config}{suffix}.json")
+    methods = parse_choices("--methods", config.methods, METHODS)
+    payload = lambda rows: {"benchmark": "bench_train_step", "config": config.config, "variant": config.variant,
+                            "dilated_conv": model_config.dilated_conv, "batch": batch_size,
+                            "image_size": list(size), "peak_tflops": config.peak_tflops, "rows": rows,
+                            "environment": environment()}
     rows = []
     for precision in parse_choices("--precisions", config.precisions, PRECISIONS):
         measured = []
-        for name, function, state in _steps(model_config, precision):
-            measured.append(dict(_measure(name, function, (state, batch, key), batch_size, config.repeats,
-                                          config.peak_tflops), precision=precision))
+        steps = _steps(model_config, precision, methods)
+        args_of = lambda step: (step.state, batch, key)
+        compiled = _compile(steps, args_of)
+        for step, (executable, compile_seconds) in zip(steps, compiled):
+            trace = Path(config.trace) / f"{precision}_{step.name}" if config.trace else None
+            row = _measure(step, executable, args_of(step), batch_size, config.repeats, config.peak_tflops, trace)
+            measured.append({**row, "precision": precision, "compile_seconds": compile_seconds})
             if not config.quiet:
-                print(f"{precision} {name}: {measured[-1]['ms']:.1f} ms", file=sys.stderr, flush=True)
+                print(f"{precision} {step.name}: {row['ms']:.1f} ms", file=sys.stderr, flush=True)
+            write_json(out, payload(rows + measured))
         by_name = {row["method"]: row for row in measured}
-        expected_ms = 0.5 * (by_name["core"]["ms"] + by_name["core_no_cfa"]["ms"])
-        measured.append({"method": "core_expected", "precision": precision, "ms": expected_ms,
-                         "images_per_second": batch_size / expected_ms * 1e3,
-                         "note": "mean of core and core_no_cfa: the paper's CFA probability 0.5"})
+        if "core" in by_name and "core_no_cfa" in by_name:
+            expected_ms = 0.5 * (by_name["core"]["ms"] + by_name["core_no_cfa"]["ms"])
+            measured.append({"method": "core_expected", "precision": precision, "ms": expected_ms,
+                             "images_per_second": batch_size / expected_ms * 1e3,
+                             "note": "mean of core and core_no_cfa: the paper's CFA probability 0.5"})
         for row in measured:
             row["ratio_to_ew"] = row["ms"] / by_name["ew"]["ms"]
         rows += measured
-        write_json(out, {"benchmark": "bench_train_step", "config": config.config, "variant": config.variant,
-                         "batch": batch_size,
-                         "image_size": list(size), "peak_tflops": config.peak_tflops, "rows": rows,
-                         "environment": environment()})
+        write_json(out, payload(rows))
     if not config.quiet:
         print(f"{'precision':<9} {'step':<12} {'ms':>9} {'img/s':>8} {'x EW':>6} {'GFLOP':>9} {'peak MB':>9} "
               f"{'MFU':>6}")

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deep.atrous import DILATED_CONVS, set_dilated_conv
 from deep.backbone import BackboneConfig, ResNet
 from deep.decoders import AppearanceDecoder, GeometryDecoder, PhysicalDecoder
 from deep.heads import ASPPHead, DeepLabV3PlusHead
@@ -77,6 +78,11 @@ class ModelConfig:
     DeepLabV3+ head is sized by ``head_channels`` (its input projections, ASPP and decoder), ``skip_channels``
     and ``skip_groups`` (the c1 skip: 48 channels, GroupNorm with 4 groups) and ``decoder_groups`` (GroupNorm
     of its 3×3 convolution, 32 groups); the ASPP head ignores those three.
+
+    ``dilated_conv`` says how the dilated convolutions (backbone layers 3–4, ASPP) are computed, the same
+    function every way (:mod:`deep.atrous`): ``"xla"`` (``lax.conv_general_dilated``), ``"space_to_batch"``,
+    ``"shifted_matmul"`` or ``"auto"`` (the default: sub-images, or one product per tap where most taps read
+    padding; about twice as fast as ``"xla"`` on an H200, ``bench/bench_atrous.py``).
     """
 
     backbone: BackboneConfig = BackboneConfig()
@@ -99,6 +105,7 @@ class ModelConfig:
     skip_channels: int = 48
     skip_groups: int = 4
     decoder_groups: int = 32
+    dilated_conv: str = "auto"
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -116,6 +123,8 @@ class ModelConfig:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
         if self.fusion_channels < 1:
             raise ValueError(f"fusion_channels must be >= 1; got {self.fusion_channels}")
+        if self.dilated_conv not in DILATED_CONVS:
+            raise ValueError(f"dilated_conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
         if self.head not in HEAD_TYPES:
             raise ValueError(f"head must be one of {', '.join(HEAD_TYPES)}; got {self.head!r}")
         if self.head == "deeplabv3plus":
@@ -167,6 +176,7 @@ class DualStreamModel(nnx.Module):
         self.appearance_decoder = AppearanceDecoder(config.semantic_channels, config.residual_channels, rngs,
                                                     config.generic_width) if generic else None
         self._set_compute_dtype(COMPUTE_DTYPES[config.compute_dtype])
+        set_dilated_conv(self, config.dilated_conv)
 
     def _head(self, features: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Module:
         config = self.config

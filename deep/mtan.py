@@ -57,6 +57,7 @@ from flax import nnx
 
 from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _batch_norm, _max_pool
 from deep.heads import ASPPHead
+from deep.atrous import DILATED_CONVS, set_dilated_conv
 from deep.model import _COMPUTE_LAYERS, COMPUTE_DTYPES, NYUV2_TASKS, _as_float32
 from deep.resize import resize_bilinear
 from deep.shading import unit_vectors
@@ -76,6 +77,7 @@ class MTANConfig:
         aspp_rates: the ASPP heads' dilation rates.
         compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype convolutions and BatchNorm compute in; parameters
             and outputs stay float32.
+        dilated_conv: how dilated convolutions are computed (:class:`deep.model.ModelConfig`).
     """
 
     backbone: BackboneConfig = BackboneConfig()
@@ -83,10 +85,13 @@ class MTANConfig:
     head_channels: int = 256
     aspp_rates: tuple[int, ...] = (12, 24, 36)
     compute_dtype: str = "float32"
+    dilated_conv: str = "auto"
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
+        if self.dilated_conv not in DILATED_CONVS:
+            raise ValueError(f"dilated_conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
         if not self.tasks or any(channels < 1 for _, channels in self.tasks):
             raise ValueError(f"tasks must be (name, output channels >= 1) pairs; got {self.tasks}")
         names = [name for name, _ in self.tasks]
@@ -193,6 +198,7 @@ class MTAN(nnx.Module):
                                                     config.aspp_rates) for name, out_channels in config.tasks})
         self.decoder = self.geometry_decoder = self.appearance_decoder = None
         self._set_compute_dtype(COMPUTE_DTYPES[config.compute_dtype])
+        set_dilated_conv(self, config.dilated_conv)
 
     def _set_compute_dtype(self, dtype) -> None:
         """Mixed precision as :meth:`deep.model.DualStreamModel._set_compute_dtype` (the same layer types): layers

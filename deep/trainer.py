@@ -73,7 +73,8 @@ def build_model(config: ModelConfig, architecture: str, seed: int):
     from deep.mtan import MTAN, MTANConfig
 
     return MTAN(MTANConfig(backbone=config.backbone, tasks=config.tasks, head_channels=config.head_channels,
-                           aspp_rates=config.aspp_rates, compute_dtype=config.compute_dtype), nnx.Rngs(seed))
+                           aspp_rates=config.aspp_rates, compute_dtype=config.compute_dtype,
+                           dilated_conv=config.dilated_conv), nnx.Rngs(seed))
 
 
 @dataclasses.dataclass(frozen=True)
