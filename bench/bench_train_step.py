@@ -13,13 +13,19 @@ Four steps per compute precision, each compiled before timing (median over ``--r
   0.5 per step, so its average step is the mean of ``core`` and ``core_no_cfa`` (reported as ``core_expected``);
 * ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
 
-Reported per step: milliseconds, images per second, the ratio to EW at the same precision, FLOPs from XLA's cost
-analysis of the step's unoptimised HLO (the same count on every device), the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation against the
-device's peak (``--peak-tflops``; H100/H200 SXM: ~989 dense bf16 — use the bf16 peak for both precisions, as MFU is
-conventionally quoted, or ~67 for plain fp32). ``bfloat16`` computes convolutions and matrix products in bfloat16
-with float32 parameters, optimiser and losses. ``--variant authors`` times the authors' architecture (multi-scale
-fusion, DeepLabV3+ heads) instead of the paper's. Writes ``bench/results/bench_train_step_<config>.json`` (with
-``_authors`` for that variant) after each precision, so a run cut short keeps what it measured.
+Reported per step: milliseconds, images per second, the ratio to EW at the same precision, the FLOPs of the step
+as defined (XLA's count of its HLO lowered for the CPU, the same on every device: dilated convolutions with every
+tap whatever ``--dilated-conv`` computes them with, and ``core_no_cfa`` without the counterfactual branch, which
+XLA's count of a ``lax.cond`` would include), the compile time, the memory XLA assigns (arguments + outputs +
+temporaries), and the model FLOP utilisation against the device's peak (``--peak-tflops``; H100/H200 SXM: ~989
+dense bf16 — use the bf16 peak for both precisions, as MFU is conventionally quoted, or ~67 for plain fp32).
+``bfloat16`` computes convolutions and matrix products in bfloat16 with float32 parameters, optimiser and losses.
+``--variant authors`` times the authors' architecture (multi-scale fusion, DeepLabV3+ heads) instead of the
+paper's; ``--methods`` times a subset; ``--trace DIR`` adds each step's device time by kind of kernel and its
+longest kernels (from a profiler trace of two calls; GPUs only). Writes
+``bench/results/bench_train_step_<config>.json`` (with ``_authors`` for that variant) after each step, so a run cut
+short keeps what it measured. Compiling the full-size steps on an H200 takes about a minute each (the CORE-MTL step
+two): allow ten minutes for the four.
 """
 
 from __future__ import annotations
@@ -215,32 +221,21 @@ def _kernel_summary(trace_dir: Path, calls: int) -> dict:
                             for name, (ms, n) in top]}
 
 
-def _compile(steps: list[Step], args_of) -> list:
-    """Every step compiled, in parallel threads (XLA releases the GIL; on a GPU most of a ResNet step's compile
-    time is autotuning and code generation): ``[(compiled, seconds)]`` in ``steps``' order."""
+def _measure(step: Step, args, batch_size: int, repeats: int, peak_tflops: float, trace: Path | None) -> dict:
     import time
-    from concurrent.futures import ThreadPoolExecutor
 
-    def compile_one(step):
-        start = time.perf_counter()
-        compiled = step.timed.lower(*args_of(step)).compile()
-        return compiled, time.perf_counter() - start
-
-    with ThreadPoolExecutor(max_workers=len(steps)) as pool:
-        return list(pool.map(compile_one, steps))
-
-
-def _measure(step: Step, compiled, args, batch_size: int, repeats: int, peak_tflops: float,
-             trace: Path | None) -> dict:
     import jax
 
+    start = time.perf_counter()
+    compiled = step.timed.lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
     flops = _flops(step, args)
     memory = compiled.memory_analysis()
     peak = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
     seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup=True)
     row = {"method": step.name, "ms": 1e3 * seconds, "images_per_second": batch_size / seconds,
-           "gflops": flops / 1e9, "peak_mb": peak}
+           "gflops": flops / 1e9, "peak_mb": peak, "compile_seconds": compile_seconds}
     if peak_tflops > 0 and flops > 0:
         row["model_flop_utilisation"] = flops / seconds / (peak_tflops * 1e12)
     if trace is not None:
@@ -272,13 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for precision in parse_choices("--precisions", config.precisions, PRECISIONS):
         measured = []
-        steps = _steps(model_config, precision, methods)
-        args_of = lambda step: (step.state, batch, key)
-        compiled = _compile(steps, args_of)
-        for step, (executable, compile_seconds) in zip(steps, compiled):
+        for step in _steps(model_config, precision, methods):
             trace = Path(config.trace) / f"{precision}_{step.name}" if config.trace else None
-            row = _measure(step, executable, args_of(step), batch_size, config.repeats, config.peak_tflops, trace)
-            measured.append({**row, "precision": precision, "compile_seconds": compile_seconds})
+            row = _measure(step, (step.state, batch, key), batch_size, config.repeats, config.peak_tflops, trace)
+            measured.append({**row, "precision": precision})
             if not config.quiet:
                 print(f"{precision} {step.name}: {row['ms']:.1f} ms", file=sys.stderr, flush=True)
             write_json(out, payload(rows + measured))

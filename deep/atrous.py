@@ -43,27 +43,35 @@ def _axis_plan(size: int, kernel: int, rate: int, padding: tuple[int, int]):
     return centre - reach, centre + reach + 1, factor, reach
 
 
-def space_to_batch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                        dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                        preferred_element_type=None, **kwargs):
-    """:func:`jax.lax.conv_general_dilated`, computing 2-D "same" dilated convolutions (NHWC, HWIO, stride 1) as
-    undilated convolutions of sub-images (module docstring); every other call is passed through."""
-    reference = lambda: lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type,
-        **kwargs)
+def _same_dilated_plans(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                        feature_group_count, batch_group_count, kwargs):
+    """Both axes' :func:`_axis_plan` when the call is a 2-D "same" dilated convolution (NHWC, HWIO, stride 1, no
+    input dilation, groups or output sharding) that the implementations here compute; None for any other call."""
     rates = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
     if (lhs.ndim != 4 or all(rate == 1 for rate in rates) or tuple(window_strides) != (1, 1)
             or any(d != 1 for d in (lhs_dilation or (1, 1))) or feature_group_count != 1
             or batch_group_count != 1 or isinstance(padding, str) or kwargs.get("out_sharding") is not None
             or dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
-        return reference()
-    batch, height, width, _ = lhs.shape
-    plans = [_axis_plan(size, k, rate, pad) for size, k, rate, pad in zip((height, width), rhs.shape[:2], rates,
+        return None
+    plans = [_axis_plan(size, k, rate, pad) for size, k, rate, pad in zip(lhs.shape[1:3], rhs.shape[:2], rates,
                                                                               padding)]
-    if any(plan is None for plan in plans):
-        return reference()
+    return None if any(plan is None for plan in plans) else plans
+
+
+def space_to_batch_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                        dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                        preferred_element_type=None, **kwargs):
+    """:func:`jax.lax.conv_general_dilated`, computing 2-D "same" dilated convolutions (NHWC, HWIO, stride 1) as
+    undilated convolutions of sub-images (module docstring); every other call is passed through."""
+    plans = _same_dilated_plans(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                feature_group_count, batch_group_count, kwargs)
+    if plans is None:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count, precision=precision,
+            preferred_element_type=preferred_element_type, **kwargs)
+    batch, height, width, _ = lhs.shape
     (top, bottom, rh, ph), (left, right, rw, pw) = plans
     kernel = rhs[top:bottom, left:right]
     sub_h, sub_w = -(-height // rh), -(-width // rw)
@@ -94,18 +102,14 @@ def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
     so no work is spent on the zero padding: at a large rate most of a dilated convolution's taps read padding
     (DeepLabV3's rates 24 and 36 on a 36×48 grid do 37 % and 17 % of the dense work). Partial sums are
     accumulated in float32 (or wider) and cast back to the input's type. Every other call is passed through."""
-    rates = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
-    if (lhs.ndim != 4 or all(rate == 1 for rate in rates) or tuple(window_strides) != (1, 1)
-            or any(d != 1 for d in (lhs_dilation or (1, 1))) or feature_group_count != 1
-            or batch_group_count != 1 or isinstance(padding, str) or kwargs.get("out_sharding") is not None
-            or dimension_numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-            or any(_axis_plan(size, k, rate, pad) is None
-                   for size, k, rate, pad in zip(lhs.shape[1:3], rhs.shape[:2], rates, padding))):
+    if _same_dilated_plans(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                           feature_group_count, batch_group_count, kwargs) is None:
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
             batch_group_count=batch_group_count, precision=precision,
             preferred_element_type=preferred_element_type, **kwargs)
+    rates = tuple(rhs_dilation)
     _, height, width, _ = lhs.shape
     kh, kw = rhs.shape[:2]
     accumulate = jnp.promote_types(jnp.float32, jnp.result_type(lhs, rhs))

@@ -44,7 +44,7 @@ def _shift(x: jax.Array, axis: int, offset: int) -> jax.Array:
 
 
 def _upsample_integer(x: jax.Array, axis: int, factor: int) -> jax.Array:
-    """Half-pixel upsampling by an integer ``factor``: output ``k i + p`` reads input ``i + δ_p`` with
+    r"""Half-pixel upsampling by an integer ``factor``: output ``k i + p`` reads input ``i + δ_p`` with
     :math:`\delta_p = (p + \tfrac12)/k - \tfrac12 \in (-\tfrac12, \tfrac12)`, i.e. two neighbours with fixed
     weights; the edge clamp is the repeated edge of :func:`_shift`. Slices, weighted sums and an interleave."""
     phases = []

@@ -38,6 +38,52 @@ def test_two_fold_half_pixel_downsampling_is_average_pooling():
     np.testing.assert_allclose(resize_bilinear(x, (4, 3)), pooled, atol=1e-6)
 
 
+def _reference_resize_axis(x: np.ndarray, axis: int, size_out: int, align_corners: bool) -> np.ndarray:
+    """PyTorch's rule written out per output position, in float64."""
+    size_in = x.shape[axis]
+    rows = []
+    for d in range(size_out):
+        if align_corners:
+            source = d * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+        else:
+            source = min(max((d + 0.5) * size_in / size_out - 0.5, 0.0), size_in - 1)
+        low = int(np.floor(source))
+        high, fraction = min(low + 1, size_in - 1), source - low
+        rows.append(np.take(x, low, axis) * (1 - fraction) + np.take(x, high, axis) * fraction)
+    return np.stack(rows, axis)
+
+
+# Every path: integer up- and downsampling (slices), any other ratio and align_corners=True (interpolation
+# matrices), single rows and columns.
+RESIZES = [((36, 48), (72, 96)), ((5, 7), (15, 28)), ((36, 48), (18, 24)), ((9, 12), (3, 4)), ((6, 8), (2, 8)),
+           ((36, 48), (288, 384)), ((5, 7), (7, 5)), ((4, 6), (1, 1)), ((1, 3), (2, 6)), ((7, 9), (8, 10))]
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size_in, size_out", RESIZES)
+def test_resize_matches_the_rule_written_out_in_float64(size_in, size_out, align_corners):
+    x = np.random.default_rng(sum(size_in + size_out)).normal(size=(2, *size_in, 3))
+    expected = _reference_resize_axis(_reference_resize_axis(x, 1, size_out[0], align_corners), 2, size_out[1],
+                                      align_corners)
+    np.testing.assert_allclose(resize_bilinear(jnp.asarray(x, jnp.float32), size_out, align_corners), expected,
+                               atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size_in, size_out", RESIZES)
+def test_resize_and_its_gradient_use_no_gather_or_scatter(size_in, size_out, align_corners):
+    # A gather's gradient is a scatter-add: on an H200 these took a third of a CORE-MTL step.
+    x = jnp.ones((1, *size_in, 2))
+    program = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(resize_bilinear(x, size_out, align_corners) ** 2)))(x))
+    assert "gather" not in program and "scatter" not in program
+
+
+def test_resize_keeps_the_input_dtype():
+    x = jnp.ones((1, 6, 8, 2), jnp.bfloat16)
+    for size, align_corners in (((12, 16), False), ((3, 4), False), ((7, 9), True)):
+        assert resize_bilinear(x, size, align_corners).dtype == jnp.bfloat16
+
+
 def test_resize_rejects_bad_input():
     with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
         resize_bilinear(jnp.ones((4, 4)), (2, 2))

@@ -1,0 +1,119 @@
+"""Dilated convolutions computed as undilated ones (deep/atrous.py): the same function and gradients as
+lax.conv_general_dilated, whatever the rates and sizes, and the model unchanged by the choice."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from deep import atrous
+from deep.model import DualStreamModel, ModelConfig
+from deep.trainer import MODEL_SIZES
+
+IMPLEMENTATIONS = ["space_to_batch", "shifted_matmul", "auto"]
+
+
+def _numbers(x, kernel):
+    return lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+
+def _same_dilated(function, rates, kernel_size):
+    padding = tuple((r * (k - 1) // 2,) * 2 for r, k in zip(rates, kernel_size))
+    return lambda x, kernel: function(x, kernel, (1, 1), padding, rhs_dilation=rates,
+                                      dimension_numbers=_numbers(x, kernel))
+
+
+def _relative(a, b):
+    return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
+# (height, width, rates, kernel): multiples of the rate, sizes that are not, taps that only read padding
+# (rate >= height, as DeepLabV3's 36 on NYUv2's 36x48 grid), a 5x5 kernel, different rates per axis.
+CASES = [(12, 16, (2, 2), 3), (9, 12, (4, 4), 3), (7, 10, (3, 3), 3), (6, 8, (6, 6), 3), (5, 9, (6, 6), 3),
+         (6, 7, (9, 9), 3), (11, 13, (2, 3), 5), (8, 6, (3, 1), 3)]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("height, width, rates, k", CASES)
+def test_value_and_gradients_equal_the_dilated_convolution(implementation, height, width, rates, k):
+    keys = jax.random.split(jax.random.key(height * 100 + width), 3)
+    x = jax.random.normal(keys[0], (2, height, width, 5))
+    kernel = jax.random.normal(keys[1], (k, k, 5, 4))
+    cotangent = jax.random.normal(keys[2], (2, height, width, 4))
+    reference = _same_dilated(lax.conv_general_dilated, rates, (k, k))
+    candidate = _same_dilated(atrous.DILATED_CONVS[implementation], rates, (k, k))
+    assert _relative(candidate(x, kernel), reference(x, kernel)) < 1e-5
+    pull = lambda f: jax.grad(lambda x, w: jnp.vdot(f(x, w), cotangent), argnums=(0, 1))(x, kernel)
+    for got, expected in zip(pull(candidate), pull(reference)):
+        assert _relative(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_calls_they_do_not_cover_are_passed_through_unchanged(implementation):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 11, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+    function = atrous.DILATED_CONVS[implementation]
+    calls = [dict(window_strides=(2, 2), padding=((2, 2), (2, 2)), rhs_dilation=(2, 2)),  # strided
+             dict(window_strides=(1, 1), padding=((0, 0), (0, 0)), rhs_dilation=(2, 2)),  # not "same"
+             dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), rhs_dilation=(1, 1))]  # undilated
+    for call in calls:
+        expected = lax.conv_general_dilated(x, kernel, dimension_numbers=_numbers(x, kernel), **call)
+        np.testing.assert_array_equal(function(x, kernel, dimension_numbers=_numbers(x, kernel), **call), expected)
+    grouped = jax.random.normal(jax.random.key(2), (3, 3, 2, 6))
+    call = dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), rhs_dilation=(2, 2), feature_group_count=2)
+    np.testing.assert_array_equal(function(x, grouped, dimension_numbers=_numbers(x, grouped), **call),
+                                  lax.conv_general_dilated(x, grouped, dimension_numbers=_numbers(x, grouped), **call))
+
+
+def _convolution_kernels(function, x, kernel):
+    """The kernel shapes of the convolutions in ``function``'s jaxpr, and whether it has matrix products."""
+    jaxpr = jax.make_jaxpr(function)(x, kernel).jaxpr
+    kernels = [tuple(e.invars[1].aval.shape) for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    dilations = [e.params["rhs_dilation"] for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    return kernels, dilations, any(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+
+
+def test_space_to_batch_drops_the_taps_that_only_read_padding_and_convolves_undilated():
+    x, kernel = jnp.ones((1, 36, 48, 4)), jnp.ones((3, 3, 4, 2))
+    # Rate 36 on a 36-row grid: the off-centre rows of the kernel never meet the image.
+    kernels, dilations, _ = _convolution_kernels(_same_dilated(atrous.space_to_batch_conv, (36, 36), (3, 3)), x,
+                                                 kernel)
+    assert kernels == [(1, 3, 4, 2)] and dilations == [(1, 1)]
+    kernels, dilations, _ = _convolution_kernels(_same_dilated(atrous.space_to_batch_conv, (4, 4), (3, 3)), x,
+                                                 kernel)
+    assert kernels == [(3, 3, 4, 2)] and dilations == [(1, 1)]
+
+
+def test_useful_fraction_and_the_automatic_choice():
+    # DeepLabV3's rates on NYUv2's 36x48 grid: 65 %, 37 % and 17 % of the dense taps read the image.
+    fraction = lambda rate: atrous.dense_fraction(36, 3, rate) * atrous.dense_fraction(48, 3, rate)
+    np.testing.assert_allclose([fraction(12), fraction(24), fraction(36)], [0.6481, 0.3704, 0.1667], atol=1e-4)
+    assert atrous.dense_fraction(36, 3, 1) == (36 + 35 + 35) / (3 * 36)  # even rate 1 pads one row each side
+    x, kernel = jnp.ones((1, 36, 48, 4)), jnp.ones((3, 3, 4, 2))
+    for rate, uses_products in ((2, False), (12, False), (24, True), (36, True)):
+        kernels, dilations, products = _convolution_kernels(_same_dilated(atrous.auto_conv, (rate, rate), (3, 3)),
+                                                            x, kernel)
+        assert products == uses_products and (kernels == []) == uses_products
+        assert all(d == (1, 1) for d in dilations)
+
+
+def test_the_model_computes_the_same_function_with_every_implementation():
+    base = ModelConfig(**{**MODEL_SIZES["tiny"], "aspp_rates": (1, 2, 6)}, grounding="none")
+    images = jax.random.uniform(jax.random.key(0), (2, 24, 32, 3))
+    outputs = {}
+    for implementation in ("xla", *IMPLEMENTATIONS):
+        model = DualStreamModel(dataclasses.replace(base, dilated_conv=implementation), nnx.Rngs(0))
+        model.eval()
+        outputs[implementation] = nnx.jit(lambda m, x: m(x)[0])(model, images)
+    for implementation in IMPLEMENTATIONS:
+        for task in outputs["xla"]:
+            np.testing.assert_allclose(outputs[implementation][task], outputs["xla"][task], atol=2e-5, rtol=1e-4)
+
+
+def test_unknown_implementation_is_rejected_in_one_line():
+    with pytest.raises(ValueError, match="dilated_conv must be one of xla, space_to_batch, shifted_matmul, auto"):
+        ModelConfig(dilated_conv="fft")
