@@ -14,9 +14,10 @@ Four steps per compute precision, each compiled before timing (median over ``--r
 * ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
 
 Reported per step: milliseconds, images per second, the ratio to EW at the same precision, the FLOPs of the step
-as defined (XLA's count of its HLO lowered for the CPU, the same on every device: dilated convolutions with every
-tap whatever ``--dilated-conv`` computes them with, and ``core_no_cfa`` without the counterfactual branch, which
-XLA's count of a ``lax.cond`` would include), the compile time, the memory XLA assigns (arguments + outputs +
+as defined (XLA's count of its HLO lowered for the CPU, the same on every device: dilated convolutions as
+``lax.conv_general_dilated``, whose count XLA takes over the taps that read the image, whatever ``--dilated-conv``
+computes them with — the sub-image form would add its padding rows — and ``core_no_cfa`` without the
+counterfactual branch, which XLA's count of a ``lax.cond`` would include), the compile time, the memory XLA assigns (arguments + outputs +
 temporaries), and the model FLOP utilisation against the device's peak (``--peak-tflops``; H100/H200 SXM: ~989
 dense bf16 — use the bf16 peak for both precisions, as MFU is conventionally quoted, or ~67 for plain fp32).
 ``bfloat16`` computes convolutions and matrix products in bfloat16 with float32 parameters, optimiser and losses.
@@ -31,6 +32,7 @@ two): allow ten minutes for the four.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -122,7 +124,7 @@ def _steps(model_config, precision: str, methods: Sequence[str]) -> list[Step]:
     """The jitted steps to compare, with their arguments' state.
 
     Each comes with the step whose HLO its FLOPs are counted on: the same step with the dilated convolutions as
-    defined (``lax.conv_general_dilated``, every tap, whatever computes them), and for ``core_no_cfa`` without the
+    defined (``lax.conv_general_dilated``, whatever computes them), and for ``core_no_cfa`` without the
     counterfactual branch, because XLA's cost analysis counts both branches of a ``lax.cond`` and the closed gate
     runs only one."""
     import jax
@@ -184,14 +186,16 @@ _DERIVED_LINES = {"XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework N
                   "Source code", "Launch Stats", "TensorFlow Name Scope", "TensorFlow Ops"}
 
 
-def _kernel_summary(trace_dir: Path, calls: int) -> dict:
+def _kernel_summary(trace_dir: Path, calls: int) -> dict | None:
     """Device time per step from a profiler trace: the total over the device's streams, by kind of kernel, and the
     25 kernels that take longest (None when the trace has no GPU plane, as on CPUs)."""
     from jax.profiler import ProfileData
 
-    kinds = (("convolution", ("conv", "cudnn", "xmma", "implicit", "dgrad", "wgrad", "fprop")),
+    # XLA's fusions first: their names can hold "convert" or "conv" (a bf16 cast), which is no convolution.
+    kinds = (("xla_fusion", ("fusion", "loop_", "input_", "wrapped_")),
+             ("convolution", ("cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "_convolution")),
              ("matmul", ("gemm", "nvjet", "cublas", "cutlass")), ("triton", ("triton",)),
-             ("copy", ("memcpy", "memset")), ("xla_fusion", ("fusion", "loop", "input", "reduce", "transpose")))
+             ("copy", ("memcpy", "memset")))
     per_kernel: dict[str, list[float]] = {}
     lines = set()
     for path in trace_dir.rglob("*.xplane.pb"):
@@ -240,6 +244,7 @@ def _measure(step: Step, args, batch_size: int, repeats: int, peak_tflops: float
         row["model_flop_utilisation"] = flops / seconds / (peak_tflops * 1e12)
     if trace is not None:
         calls = 2
+        shutil.rmtree(trace, ignore_errors=True)  # an earlier run's trace there would be summed with this one
         with jax.profiler.trace(str(trace)):
             for _ in range(calls):
                 jax.block_until_ready(compiled(*args))

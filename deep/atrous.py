@@ -22,10 +22,19 @@ the backbone's and most of the ASPP heads' FLOPs at output stride 8) fall back t
 :func:`space_to_batch_conv` has :func:`jax.lax.conv_general_dilated`'s signature, so an ``nnx.Conv`` takes it as its
 ``conv_general_dilated``; any call it does not cover (strides, input dilation, groups, other padding or layouts)
 goes to ``lax.conv_general_dilated`` unchanged.
+
+Precision: in float32 all forms agree with ``lax`` to rounding (tests). In bfloat16 the per-tap products of
+:func:`shifted_matmul_conv` round each partial input gradient to bfloat16, so its results differ from cuDNN's by
+about 4·10⁻³ relative (bfloat16's rounding), against 3·10⁻⁴ for the sub-image form (``bench_atrous``).
+
+Limitation: under explicit sharding (``jax.sharding.AxisType.Explicit``) the sub-image reshapes of a batch-sharded
+input are rejected by JAX; use ``dilated_conv="xla"`` there. The automatic sharding of :mod:`deep.train` keeps the
+batch dimension major through them (no collective is added).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -102,8 +111,9 @@ def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
     so no work is spent on the zero padding: at a large rate most of a dilated convolution's taps read padding
     (DeepLabV3's rates 24 and 36 on a 36×48 grid do 37 % and 17 % of the dense work). Partial sums are
     accumulated in float32 (or wider) and cast back to the input's type. Every other call is passed through."""
-    if _same_dilated_plans(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                           feature_group_count, batch_group_count, kwargs) is None:
+    if lhs.dtype != rhs.dtype or _same_dilated_plans(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            batch_group_count, kwargs) is None:  # (lax rejects mixed dtypes; so do we, by passing them on)
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -136,25 +146,32 @@ def dense_fraction(size: int, kernel: int, rate: int) -> float:
     return valid / (kernel * size)
 
 
-# Below this fraction of useful work, one product per tap beats sub-image convolutions (bench_atrous): at rate 24
-# on a 36×48 grid the sub-images are 2×2, which XLA's CPU convolutions handle ~90× slower than the taps.
-SHIFTED_MATMUL_BELOW = 0.5
+# Below this fraction of useful work, one product per tap beats sub-image convolutions (bench_atrous). On an H200
+# (bfloat16, NYUv2's 36×48 grid) the taps win at rate 36 (17 % useful: 0.58 against 0.81 ms) and lose at rate 24
+# (37 %: 1.04 against 0.88 ms); on CPUs the 2×2 sub-images of rate 24 are ~90× slower than the taps.
+SHIFTED_MATMUL_BELOW = {"cpu": 0.5}
+SHIFTED_MATMUL_BELOW_ACCELERATOR = 0.25
 
 
-def auto_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, **kwargs):
-    """The fastest exact form measured for each dilated convolution: :func:`shifted_matmul_conv` where most of the
-    dense work would read zero padding (useful fraction below :data:`SHIFTED_MATMUL_BELOW`: DeepLabV3's rates 24
-    and 36 on a 36×48 grid), :func:`space_to_batch_conv` otherwise (undilated convolutions of sub-images, about
-    twice as fast as cuDNN's dilated ones on an H200). Undilated convolutions go to ``lax.conv_general_dilated``."""
+def auto_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None, **kwargs):
+    """The faster exact form measured for each dilated convolution on the default backend:
+    :func:`shifted_matmul_conv` where most of the dense work would read zero padding (useful fraction below
+    :data:`SHIFTED_MATMUL_BELOW`: 0.5 on CPUs, 0.25 on accelerators — DeepLabV3's rate 36 on a 36×48 grid, and
+    rate 24 on CPUs), :func:`space_to_batch_conv` otherwise (undilated convolutions of sub-images, about twice as
+    fast as cuDNN's dilated ones on an H200). Other calls go to ``lax.conv_general_dilated`` unchanged."""
     rates = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
     convolution = space_to_batch_conv
     if lhs.ndim == 4 and rhs.ndim == 4 and any(rate > 1 for rate in rates):
         fraction = 1.0
         for size, k, rate in zip(lhs.shape[1:3], rhs.shape[:2], rates):
             fraction *= dense_fraction(size, k, rate)
-        if fraction < SHIFTED_MATMUL_BELOW:
+        if fraction < SHIFTED_MATMUL_BELOW.get(jax.default_backend(), SHIFTED_MATMUL_BELOW_ACCELERATOR):
             convolution = shifted_matmul_conv
-    return convolution(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, **kwargs)
+    return convolution(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                       batch_group_count=batch_group_count, precision=precision,
+                       preferred_element_type=preferred_element_type, **kwargs)
 
 
 DILATED_CONVS = {"xla": lax.conv_general_dilated, "space_to_batch": space_to_batch_conv,
@@ -178,7 +195,8 @@ def set_dilated_conv(module, implementation: str) -> None:
 
 def conv_flops(x_shape, kernel_shape) -> float:
     """Multiply-adds ×2 of a "same" stride-1 convolution of an ``[B, H, W, C]`` input with an ``[kh, kw, C, O]``
-    kernel, counting every tap (what XLA's cost analysis counts for the dilated convolution)."""
+    kernel, counting every tap, also those that read the zero padding (XLA's cost analysis counts only the taps
+    that read the image: ``conv_flops × dense_fraction`` per axis)."""
     batch, height, width, _ = x_shape
     kh, kw, cin, cout = kernel_shape
     return 2.0 * batch * height * width * kh * kw * cin * cout

@@ -41,7 +41,9 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     safe = jnp.where(valid, labels, 0)
     log_probabilities = jax.nn.log_softmax(logits, axis=-1)
     # A one-hot product rather than a gather: a gather's gradient is a scatter, slow on GPUs.
-    picked = jnp.sum(log_probabilities * jax.nn.one_hot(safe, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    # (`where`, not a product, so that a -inf log-probability of another class does not make 0 * -inf.)
+    chosen = jax.nn.one_hot(safe, logits.shape[-1], dtype=jnp.bool_)
+    picked = jnp.sum(jnp.where(chosen, log_probabilities, 0.0), axis=-1)
     return _masked_mean(-picked, valid.astype(logits.dtype))
 
 

@@ -127,6 +127,13 @@ def test_segmentation_loss_ignores_minus_one_and_matches_a_hand_computation():
     labels = jnp.asarray([[[0, 2]]])
     assert float(losses.segmentation_loss(logits, labels)) == pytest.approx(-(math.log(0.7) + math.log(0.8)) / 2)
     assert float(losses.segmentation_loss(logits, jnp.full((1, 1, 2), -1))) == 0.0  # nothing valid: 0, not NaN
+    # A class with probability 0 (logit -inf) that is not the label leaves the loss finite.
+    impossible = jnp.log(jnp.asarray([[[[0.7, 0.3, 0.0]]]]))
+    assert float(losses.segmentation_loss(impossible, jnp.asarray([[[0]]]))) == pytest.approx(-math.log(0.7))
+    # Its gradient is the softmax minus the one-hot label over valid pixels (here the mean over two of them).
+    gradient = jax.grad(losses.segmentation_loss)(logits, jnp.asarray([[[0, 2]]]))
+    expected = (jax.nn.softmax(logits, -1) - jax.nn.one_hot(jnp.asarray([[[0, 2]]]), 3)) / 2
+    np.testing.assert_allclose(gradient, expected, atol=1e-6)
 
 
 def test_depth_and_normal_losses_use_libmtl_masks():
