@@ -152,6 +152,21 @@ class ModelConfig:
         return cls(**{**VARIANTS[name], **fields})
 
 
+def configure_layers(model: nnx.Module, compute_dtype: str, dilated_conv: str) -> None:
+    """The layer settings every model here takes from its config, in one place:
+
+    * mixed precision: every convolution, dense and normalisation layer computes in ``compute_dtype`` (its inputs
+      and parameters are cast at the call) while the parameters themselves stay float32, so the optimiser and the
+      gradients are float32. Setting the layers' ``dtype`` here keeps the module constructors free of a precision
+      argument; the setting is static and travels in the graph definition;
+    * how dilated convolutions are computed (:func:`deep.atrous.set_dilated_conv`).
+    """
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, _COMPUTE_LAYERS):
+            module.dtype = COMPUTE_DTYPES[compute_dtype]
+    set_dilated_conv(model, dilated_conv)
+
+
 class DualStreamModel(nnx.Module):
     """``images [B, H, W, 3] -> (predictions {task: [B, H, W, C_t]}, aux)``."""
 
@@ -175,8 +190,7 @@ class DualStreamModel(nnx.Module):
                                                 config.generic_width) if generic else None
         self.appearance_decoder = AppearanceDecoder(config.semantic_channels, config.residual_channels, rngs,
                                                     config.generic_width) if generic else None
-        self._set_compute_dtype(COMPUTE_DTYPES[config.compute_dtype])
-        set_dilated_conv(self, config.dilated_conv)
+        configure_layers(self, config.compute_dtype, config.dilated_conv)
 
     def _head(self, features: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Module:
         config = self.config
@@ -188,15 +202,6 @@ class DualStreamModel(nnx.Module):
         head_input = config.semantic_channels + (features if config.heads_read == "semantic+backbone" else 0)
         return ASPPHead(head_input, out_channels, rngs, channels=config.head_channels,
                         rates=config.aspp_rates)
-
-    def _set_compute_dtype(self, dtype) -> None:
-        """Mixed precision: every convolution, dense and normalisation layer computes in ``dtype`` (its inputs and
-        parameters are cast at the call) while the parameters themselves stay float32, so the optimiser and the
-        gradients are float32. Setting the layers' ``dtype`` in one place keeps the module constructors free of a
-        precision argument; the setting is static and travels in the graph definition."""
-        for _, module in nnx.iter_graph(self):
-            if isinstance(module, _COMPUTE_LAYERS):
-                module.dtype = dtype
 
     def render(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
                image_size: tuple[int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:

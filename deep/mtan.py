@@ -57,8 +57,8 @@ from flax import nnx
 
 from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _batch_norm, _max_pool
 from deep.heads import ASPPHead
-from deep.atrous import DILATED_CONVS, set_dilated_conv
-from deep.model import _COMPUTE_LAYERS, COMPUTE_DTYPES, NYUV2_TASKS, _as_float32
+from deep.atrous import DILATED_CONVS
+from deep.model import COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, configure_layers
 from deep.resize import resize_bilinear
 from deep.shading import unit_vectors
 
@@ -197,15 +197,7 @@ class MTAN(nnx.Module):
         self.heads = nnx.Dict({name: MTANTaskBranch(channels, out_channels, rngs, config.head_channels,
                                                     config.aspp_rates) for name, out_channels in config.tasks})
         self.decoder = self.geometry_decoder = self.appearance_decoder = None
-        self._set_compute_dtype(COMPUTE_DTYPES[config.compute_dtype])
-        set_dilated_conv(self, config.dilated_conv)
-
-    def _set_compute_dtype(self, dtype) -> None:
-        """Mixed precision as :meth:`deep.model.DualStreamModel._set_compute_dtype` (the same layer types): layers
-        compute in ``dtype``, parameters stay float32."""
-        for _, module in nnx.iter_graph(self):
-            if isinstance(module, _COMPUTE_LAYERS):
-                module.dtype = dtype
+        configure_layers(self, config.compute_dtype, config.dilated_conv)
 
     @property
     def makes_counterfactuals(self) -> bool:
