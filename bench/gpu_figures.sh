@@ -1,22 +1,52 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README's speed section, most important first, into one folder:
+# The GPU figures of the README's speed section, into one folder, in parts sized to fit a short GPU lease:
 #
-#     bash bench/gpu_figures.sh results/gpu            # about 20 minutes on an H200, most of it compiling
+#     bash bench/gpu_figures.sh results/gpu         # every part, about 25 minutes on an H200
+#     bash bench/gpu_figures.sh results/gpu 1       # one part (1-5), each about 5 minutes, most of it compiling
 #
-# Each benchmark writes its JSON after every row it measures, so a run that is stopped early keeps what it got;
-# log.txt collects the output line by line. PYTHON names the interpreter (default python3).
+#   1  bfloat16, paper variant: EW, CORE-MTL with the counterfactual pass and with its gate closed, with a
+#      profiler trace (the headline figures)
+#   2  bfloat16, paper variant: EW and PCGrad
+#   3  bfloat16, the authors' variant: EW, CORE-MTL with and without the counterfactual pass
+#   4  float32, paper variant: EW, CORE-MTL with and without the counterfactual pass
+#   5  bench_atrous: every dilated convolution of the model three ways, bfloat16 and float32
+#
+# Each part writes its own JSON, after every row it measures, so a run stopped early keeps what it got; log.txt
+# collects the output line by line. PYTHON names the interpreter (default python3); TRACE_DIR where part 1 leaves
+# its profiler traces (default OUTPUT_FOLDER/trace; their summary is in the JSON either way).
 set -uo pipefail
-out="${1:?usage: bash bench/gpu_figures.sh OUTPUT_FOLDER}"
+usage="usage: bash bench/gpu_figures.sh OUTPUT_FOLDER [PART: 1, 2, 3, 4, 5 or all]"
+out="${1:?$usage}"
+part="${2:-all}"
+case "$part" in
+    1|2|3|4|5|all) ;;
+    *) echo "gpu_figures.sh: PART must be 1, 2, 3, 4, 5 or all; got '$part' ($usage)" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 log="$out/log.txt"
+trace="${TRACE_DIR:-$out/trace}"
 cd "$(dirname "$0")/.."
+python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-run() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | grep --line-buffered -v cuda_timer | tee -a "$log"; }
+failed=0
+run() {
+    echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$log"
+    "$@" 2>&1 | grep --line-buffered -v cuda_timer | tee -a "$log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "== failed: $1 ${2:-}" | tee -a "$log"; failed=1; }
+}
+want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
 
-step="${PYTHON:-python3} bench/bench_train_step.py --config nyuv2 --peak-tflops 989 --repeats 10"
-run ${PYTHON:-python3} bench/bench_atrous.py --batch 16 --precisions bfloat16,float32 --repeats 20 \
+step="$python bench/bench_train_step.py --config nyuv2 --peak-tflops 989 --repeats 10"
+run $python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+want 1 && run $step --precisions bfloat16 --methods ew,core,core_no_cfa --trace "$trace" \
+    --out "$out/bench_train_step_nyuv2.json"
+want 2 && run $step --precisions bfloat16 --methods ew,pcgrad --out "$out/bench_train_step_nyuv2_pcgrad.json"
+want 3 && run $step --precisions bfloat16 --methods ew,core,core_no_cfa --variant authors \
+    --out "$out/bench_train_step_nyuv2_authors.json"
+want 4 && run $step --precisions float32 --methods ew,core,core_no_cfa \
+    --out "$out/bench_train_step_nyuv2_float32.json"
+want 5 && run $python bench/bench_atrous.py --batch 16 --precisions bfloat16,float32 --repeats 20 \
     --out "$out/bench_atrous.json"
-run $step --precisions bfloat16 --trace "$out/trace" --out "$out/bench_train_step_nyuv2.json"
-run $step --precisions bfloat16 --variant authors --out "$out/bench_train_step_nyuv2_authors.json"
-run $step --precisions float32 --methods ew,core,core_no_cfa --out "$out/bench_train_step_nyuv2_float32.json"
+echo "== done ($(date -u +%H:%M:%S))" | tee -a "$log"
+exit "$failed"
