@@ -138,6 +138,22 @@ def test_finite_batch_floor_matches_monte_carlo():
     assert abs(values.mean() - measures.cka_finite_batch_floor(64, 8, 8)) < 4 * se + 0.003  # approx. formula
 
 
+@pytest.mark.parametrize("name, batch", [(name, batch) for name in ("linear_cka", "linear_cka_gram", "gradient_cosine")
+                                         for batch in (1, 6)] + [("debiased_cka", 6)])  # debiased: batch >= 4
+def test_degenerate_ratios_are_zero_with_zero_gradients(name, batch):
+    """A constant stream (every stream is constant over a batch of one) makes the denominator 0: the value is 0 and
+    the gradient 0, not NaN, so one such batch does not end a training run (0·NaN is NaN even at weight 0)."""
+    measure = getattr(measures, name)
+    x = jax.random.normal(jax.random.key(0), (batch, 3))
+    # A CKA's constant stream is any constant; a gradient cosine's degenerate gradient is zero.
+    degenerate = jnp.zeros((batch, 3)) if name == "gradient_cosine" else jnp.ones((batch, 2))
+    for args in ((x, degenerate), (degenerate, x), (degenerate, degenerate)):
+        value, grads = jax.value_and_grad(measure, argnums=(0, 1))(*args)
+        assert float(value) == 0.0
+        for grad in grads:
+            assert np.all(np.isfinite(grad)) and np.all(grad == 0.0), (name, grad)
+
+
 def test_debiased_cka_needs_four_samples():
     with pytest.raises(ValueError, match="at least 4"):
         measures.debiased_cka(jnp.ones((3, 2)), jnp.ones((3, 2)))

@@ -89,17 +89,23 @@ def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
     0 when a stream is constant.
     """
     x, y = _centre(x), _centre(y)
-    cross = jnp.sum((x.T @ y) ** 2)
-    norm = jnp.sqrt(jnp.sum((x.T @ x) ** 2) * jnp.sum((y.T @ y) ** 2))
-    return jnp.where(norm > 0, cross / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return _ratio_to_root(jnp.sum((x.T @ y) ** 2), jnp.sum((x.T @ x) ** 2) * jnp.sum((y.T @ y) ** 2))
+
+
+def _ratio_to_root(numerator: jax.Array, squared_denominator: jax.Array) -> jax.Array:
+    """``numerator / sqrt(squared_denominator)``, and 0 where ``squared_denominator <= 0``, with a finite gradient
+    there too: the square root is taken of 1 where the denominator vanishes, since its derivative at 0 is infinite
+    and the masked branch's gradient would be 0·∞ = NaN (a constant stream over a batch of one, say)."""
+    positive = squared_denominator > 0
+    root = jnp.sqrt(jnp.where(positive, squared_denominator, 1.0))
+    return jnp.where(positive, numerator / root, 0.0)
 
 
 def linear_cka_gram(x: jax.Array, y: jax.Array) -> jax.Array:
     """Linear CKA in the Gram form of Eq (11), :math:`\\mathrm{HSIC}(K,L)/\\sqrt{\\mathrm{HSIC}(K,K)\\mathrm{HSIC}(L,L)}`
     with centred Grams (:math:`O(B^2(p+q))`; kept for parity with the paper's code)."""
     k, l = _centre(x) @ _centre(x).T, _centre(y) @ _centre(y).T
-    norm = jnp.sqrt(jnp.sum(k * k) * jnp.sum(l * l))
-    return jnp.where(norm > 0, jnp.sum(k * l) / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return _ratio_to_root(jnp.sum(k * l), jnp.sum(k * k) * jnp.sum(l * l))
 
 
 def _unbiased_hsic(k: jax.Array, l: jax.Array) -> jax.Array:
@@ -124,8 +130,7 @@ def debiased_cka(x: jax.Array, y: jax.Array) -> jax.Array:
     if x.shape[0] < 4:
         raise ValueError(f"debiased CKA needs a batch of at least 4 samples; got {x.shape[0]}")
     k, l = x @ x.T, y @ y.T  # the unbiased estimator centres implicitly
-    denominator = jnp.sqrt(jnp.maximum(_unbiased_hsic(k, k) * _unbiased_hsic(l, l), 0.0))
-    return jnp.where(denominator > 0, _unbiased_hsic(k, l) / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+    return _ratio_to_root(_unbiased_hsic(k, l), _unbiased_hsic(k, k) * _unbiased_hsic(l, l))
 
 
 def cka_finite_batch_floor(batch: int, p: int, q: int) -> float:
@@ -172,9 +177,8 @@ def gradient_inner_product(grad_a, grad_b) -> jax.Array:
 
 def gradient_cosine(grad_a, grad_b) -> jax.Array:
     """Cosine between two gradients (arrays or matching pytrees); 0 when either is zero."""
-    inner = gradient_inner_product(grad_a, grad_b)
-    norm = jnp.sqrt(gradient_inner_product(grad_a, grad_a) * gradient_inner_product(grad_b, grad_b))
-    return jnp.where(norm > 0, inner / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return _ratio_to_root(gradient_inner_product(grad_a, grad_b),
+                          gradient_inner_product(grad_a, grad_a) * gradient_inner_product(grad_b, grad_b))
 
 
 def principal_angles(basis_a: jax.Array, basis_b: jax.Array) -> jax.Array:
