@@ -19,10 +19,11 @@ The optimiser is the authors': global-norm clipping at 10, Adam with *coupled* L
 or AdamW as the paper says (``True``), warm-up then cosine decay per epoch. A non-finite loss or gradient leaves
 the state unchanged and is reported (``finite``), so a driver can stop with the last good state.
 
-Data parallelism: :func:`data_mesh` builds a one-axis ``Mesh`` over the visible devices; :func:`shard` places a
-batch split along it and the state replicated; ``jax.jit`` then runs the step as SPMD (BatchNorm statistics are
-over the global batch). :func:`initialize_distributed` calls ``jax.distributed.initialize()`` when the standard
-coordinator variables are set, for multi-host runs.
+Data parallelism: :func:`data_mesh` builds a one-axis ``Mesh`` over the visible devices; :func:`shard_batch` places a
+batch split along it and :func:`replicate` the state (:func:`shard` does both); ``jax.jit`` then runs the step as
+SPMD (BatchNorm statistics are over the global batch). :func:`initialize_distributed` calls
+``jax.distributed.initialize()`` when the standard coordinator variables are set, for multi-host runs, where every
+process passes the same whole values and each keeps its own devices' pieces.
 """
 
 from __future__ import annotations
@@ -389,13 +390,39 @@ def data_mesh(devices=None) -> Mesh:
 
 def shard(mesh: Mesh, batch: dict, state: TrainState) -> tuple[dict, TrainState]:
     """The batch split along the data axis (its size must divide by the device count), the state replicated."""
+    return shard_batch(mesh, batch), replicate(mesh, state)
+
+
+def shard_batch(mesh: Mesh, batch: dict) -> dict:
+    """Each field split along its first (example) axis over the mesh's data axis; the size must divide by the
+    device count. With several processes every process passes the whole global batch (the loaders here draw the
+    same batches everywhere from the seed) and keeps the rows of its own devices."""
     count = mesh.devices.size
     for name, value in batch.items():
         if value.shape[0] % count:
             raise ValueError(f"batch field {name!r} has {value.shape[0]} examples, not divisible by the {count} "
                              f"devices of the mesh")
-    batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
-    return batch, jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {name: _global_array(value, sharding) for name, value in batch.items()}
+
+
+def replicate(mesh: Mesh, tree):
+    """Every array of ``tree`` (a state, a batch that does not split evenly) copied to every device of the mesh."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda value: _global_array(value, sharding), tree)
+
+
+def _global_array(value, sharding: NamedSharding) -> jax.Array:
+    """A global array laid out as ``sharding`` from a value that this process holds in full. In one process that is
+    ``device_put``; across processes each one fills only its own devices' pieces (``make_array_from_callback``),
+    typed PRNG keys through their raw key data."""
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    if hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        data = _global_array(jax.random.key_data(value), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def initialize_distributed() -> bool:

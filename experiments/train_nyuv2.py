@@ -6,7 +6,7 @@
     python experiments/train_nyuv2.py --data /data/cityscapes --dataset cityscapes --preset cityscapes_c \
         --corruptions all                                                      # Cityscapes-C, after training
     python experiments/train_nyuv2.py --data /data/gta5 --dataset gta5 --target-data /data/cityscapes  # GTA5 -> CS
-    python experiments/train_nyuv2.py --synthetic --model tiny --epochs 3                          # no data, CPU
+    python experiments/train_nyuv2.py --synthetic --model tiny --epochs 3 --warmup-epochs 1 --batch-size 4  # CPU
     python experiments/train_nyuv2.py --out results/train_nyuv2 --resume                           # after a kill
 
 ``--data`` is a folder in the LibMTL/MTAN layout (``train`` and ``val`` with ``image``, ``label``, ``depth`` and
@@ -45,6 +45,10 @@ from _common import (environment, parse_choices, parse_config, parser_for, pyplo
                      save_figure, write_atomically, write_json)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5")
+# What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes, which
+# they train unaugmented, is flipped only (its depth is a disparity, which a flip leaves as it is).
+AUGMENTATIONS = {"nyuv2": {}, "gta5": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0)},
+                 "cityscapes": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0), "depth_is_disparity": True}}
 # The loss weights a dataset trains with unless --preset says otherwise (the paper's Table 7).
 DEFAULT_PRESETS = {"nyuv2": "nyuv2", "cityscapes": "cityscapes", "gta5": "gta5_to_cityscapes"}
 PRECISIONS = ("float32", "bfloat16")
@@ -89,7 +93,8 @@ class TrainConfig:
     precision: str = dataclasses.field(default="float32", metadata={"help": "compute precision: float32 or "
                                                                             "bfloat16 (parameters stay float32)"})
     augment: bool = dataclasses.field(default=False, metadata={
-        "help": "random scale-crop, flip and colour jitter (the authors' NYUv2 pipeline)"})
+        "help": "training augmentations: NYUv2 random scale-crop, flip and colour jitter (the authors' pipeline); "
+                "GTA5 flip (the authors'); Cityscapes flip (the authors train it without augmentation)"})
     on_device: bool = dataclasses.field(default=False, metadata={"help": "keep the whole data set on the device"})
     pretrained: str = dataclasses.field(default="", metadata={
         "help": "torchvision ResNet-50 ImageNet weights as .npz (see python -m deep.weights convert)"})
@@ -337,12 +342,14 @@ def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(TrainConfig, parser_for(TrainConfig, __doc__.splitlines()[0], prog="train_nyuv2.py"),
                           argv)
+    from deep import train
+
+    train.initialize_distributed()  # before anything asks JAX for its devices
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from tqdm import tqdm
 
-    from deep import losses, train, trainer
+    from deep import losses, trainer
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
     from deep.perceptual import load_lpips_npz
@@ -365,7 +372,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"now {now!r}")
     elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    write_json(identity_path, config.run_identity())
+    # Data parallelism over every device of every process: the batch is split across them, the state replicated.
+    mesh = train.data_mesh()
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(f"--batch-size must be a multiple of the {mesh.devices.size} devices the batch is split "
+                         f"over; got {config.batch_size}")
+    primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
 
     train_split, test_split = _load_splits(config, out)
     model_config = config.model_config()
@@ -377,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_loader = Loader(test_split, min(config.batch_size, len(test_split["images"])), seed=config.seed,
                          shuffle=False, drop_last=False, on_device=config.on_device)
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
+    if primary and not config.resume:
+        write_json(identity_path, config.run_identity())  # once every input has been checked
 
     weights = losses.PRESETS[config.weights_preset]
     optim = train.OptimConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
@@ -390,11 +404,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     perceptual = load_lpips_npz(config.perceptual) if config.perceptual else None
     balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights, perceptual)
     balancer_state = () if config.method == "core" else balancer.init(len(task_names))
+    # Replicated before a restore too, which then lays the restored arrays out as these.
+    state, balancer_state = train.replicate(mesh, (state, balancer_state))
     predict = trainer.predict_function(graphdef)
-    augment_config = AugmentConfig()
+    augment_config = AugmentConfig(**AUGMENTATIONS[config.dataset])
     augment_batch = jax.jit(lambda key, batch: augment(key, batch, augment_config))
 
     checkpoints = Checkpoints(checkpoints_dir)
+
+    def test_batches():
+        # Replicated: a last batch need not divide evenly over the devices.
+        return ({k: train.replicate(mesh, v) for k, v in batch.items()} for batch in test_loader.epoch(0))
+
     start_epoch = 0
     if config.resume:
         start_epoch = checkpoints.latest_epoch() or 0
@@ -409,9 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         """Adds one step's metrics to the epoch's sums (stopping at a non-finite step) and returns the count."""
         metrics = {k: float(v) for k, v in metrics.items()}
         if not metrics.pop("finite"):
+            saved = checkpoints.latest_epoch()
+            last = f"the last good state is the checkpoint of epoch {saved} in {checkpoints_dir}" if saved else (
+                "no epoch had completed, so there is no checkpoint")
             raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
-                             f"gradient; the state was left unchanged and the last checkpoint is epoch "
-                             f"{checkpoints.latest_epoch() or 0} in {checkpoints_dir}")
+                             f"gradient (that step was not applied); {last}")
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + value
         bar.set_postfix({name: f"{sums[name] / (count + 1):.3g}" for name in ("loss", *task_names)},
@@ -433,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             global_step = epoch * steps_per_epoch + index
             step_key, augment_key = jax.random.split(jax.random.fold_in(base_key, global_step))
-            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            batch = train.shard_batch(mesh, batch)
             if config.augment:
                 batch = augment_batch(augment_key, batch)
             state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
@@ -444,11 +467,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             count = record(*pending, sums, count, bar)
         bar.close()
         train_seconds = time.time() - epoch_start
-        test_metrics = trainer.evaluate(predict, state, test_loader.epoch(0), model_config.tasks)
+        test_metrics = trainer.evaluate(predict, state, test_batches(), model_config.tasks)
         line = {"epoch": epoch + 1, "train": {k: v / count for k, v in sums.items()}, "test": test_metrics,
                 "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
         history.append(line)
-        _write_history(out / "metrics.jsonl", history)
+        if primary:
+            _write_history(out / "metrics.jsonl", history)
         checkpoints.save(epoch + 1, {"state": state, "balancer": balancer_state})
         if not config.quiet:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in test_metrics.items())
@@ -456,9 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoints.close()
 
     sample_batch = {k: np.asarray(v[:4]) for k, v in test_split.items()}
-    panels = trainer.sample_panels(graphdef, state, jnp.asarray(sample_batch["images"]))
-    _plot_samples(sample_batch, panels, config.dataset, out / "samples.png")
-    _plot_curves(history, out / "curves.png")
+    panels = trainer.sample_panels(graphdef, state, train.replicate(mesh, sample_batch["images"]))
+    if primary:
+        _plot_samples(sample_batch, panels, config.dataset, out / "samples.png")
+        _plot_curves(history, out / "curves.png")
     results = {"experiment": "train_nyuv2", "config": dataclasses.asdict(config),
                "model": dataclasses.asdict(model_config), "loss_weights_preset": config.weights_preset,
                "final": history[-1]["test"], "epochs": len(history),
@@ -468,17 +493,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         passes = tqdm(total=len(config.corruption_names) * len(config.severity_levels), desc="corrupted val",
                       disable=config.quiet, leave=False, file=sys.stderr)
         corrupted = trainer.evaluate_corrupted(
-            predict, state, lambda: test_loader.epoch(0), model_config.tasks, config.corruption_names,
+            predict, state, test_batches, model_config.tasks, config.corruption_names,
             config.severity_levels, jax.random.split(base_key)[1], progress=passes.update)  # no step's key
         passes.close()
         results["corrupted"] = corrupted
         results["corrupted_mean"] = {name: float(np.mean([metrics[name] for by_severity in corrupted.values()
                                                           for metrics in by_severity.values()]))
                                      for name in history[-1]["test"]}
-        _plot_corruptions(history[-1]["test"], corrupted, out / "corruptions.png")
+        if primary:
+            _plot_corruptions(history[-1]["test"], corrupted, out / "corruptions.png")
         written.append("corruptions.png")
-    results.update(seconds_this_process=time.time() - started, environment=environment())
-    write_json(out / "results.json", results)
+    results.update(seconds_this_process=time.time() - started, devices=int(mesh.devices.size),
+                   environment=environment())
+    if primary:
+        write_json(out / "results.json", results)
     if not config.quiet:
         print(f"final test metrics: {json.dumps(history[-1]['test'])}")
         if config.corruption_names:

@@ -267,6 +267,16 @@ def test_scale_crop_is_crop_then_resize_with_depth_divided_by_the_scale(crop):
         assert out["depth"].dtype == jnp.float32
 
 
+def test_a_zoom_multiplies_a_disparity_by_the_scale(example):
+    """Cityscapes' depth is a disparity (inverse depth): zooming in by s makes the scene s times closer."""
+    batch = {"images": jnp.stack([example["images"]] * 4), "depth": jnp.full((4, HEIGHT, WIDTH, 1), 0.2)}
+    config = AugmentConfig(scales=(1.5,), color_jitter=(0, 0, 0, 0), depth_is_disparity=True)
+    np.testing.assert_allclose(augment(jax.random.key(0), batch, config)["depth"], 0.2 * 1.5, rtol=1e-6)
+    cropped = random_scale_crop(jax.random.key(0), {"images": example["images"], "depth": batch["depth"][0]},
+                                (1.2,), depth_is_disparity=True)
+    np.testing.assert_allclose(cropped["depth"], 0.2 * 1.2, rtol=1e-6)
+
+
 def test_augment_keeps_shapes_dtypes_and_label_set_and_is_per_example(example, augment_nyuv2):
     batch = {name: jnp.stack([value] * 4) for name, value in example.items()}
     out = augment_nyuv2(jax.random.key(1), batch)
@@ -335,7 +345,7 @@ def test_color_jitter_equals_the_sequential_definition_in_every_order():
 def test_augment_config_validation():
     assert AugmentConfig(scales=[1, 2]).scales == (1.0, 2.0)
     for bad in ({"scales": ()}, {"scales": (0.5,)}, {"color_jitter": (0.1, 0.1)}, {"color_jitter": (0, 0, 0, 0.7)},
-                {"color_jitter": (-1, 0, 0, 0)}, {"flip": "yes"}):
+                {"color_jitter": (-1, 0, 0, 0)}, {"flip": "yes"}, {"depth_is_disparity": 1}):
         with pytest.raises(ValueError):
             AugmentConfig(**bad)
 

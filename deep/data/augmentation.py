@@ -6,7 +6,8 @@ In the authors' order (``reference/official_implementation.md``, "NYUv2"), indep
    :math:`h \times w = \lfloor H/s \rfloor \times \lfloor W/s \rfloor` at a uniform position :math:`(i, j)`,
    :math:`0 \le i \le H - h`, and resize back to :math:`H \times W`: image and normals bilinear with
    ``align_corners=True``, labels and depth nearest (PyTorch's legacy rule); depth is divided by :math:`s` (the
-   scene looks :math:`s` times closer) and normals are *not* renormalised, as in LibMTL.
+   scene looks :math:`s` times closer; a disparity, ``depth_is_disparity``, is multiplied by :math:`s`) and normals
+   are *not* renormalised, as in LibMTL.
 2. **Horizontal flip** with probability 1/2; the normals' x component changes sign.
 3. **Colour jitter** of the RGB image only (torchvision's ``ColorJitter``): brightness, contrast, saturation and
    hue factors drawn uniformly from :math:`[\max(0, 1-b), 1+b]` (hue from :math:`[-h, h]`), applied in a random
@@ -56,11 +57,14 @@ class AugmentConfig:
         flip: a horizontal flip with probability 1/2.
         color_jitter: ``(brightness, contrast, saturation, hue)`` strengths, each >= 0, hue <= 0.5; all 0 turns
             the jitter off. GTA5 training (flip only) is ``AugmentConfig(scales=(1.0,), color_jitter=(0, 0, 0, 0))``.
+        depth_is_disparity: the batch's ``depth`` is an inverse depth (Cityscapes' disparity), which a zoom by
+            :math:`s` multiplies by :math:`s` rather than divides.
     """
 
     scales: tuple[float, ...] = (1.0, 1.2, 1.5)
     flip: bool = True
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    depth_is_disparity: bool = False
 
     def __post_init__(self):
         try:
@@ -76,8 +80,9 @@ class AugmentConfig:
                              f"{self.color_jitter!r}")
         if jitter[3] > 0.5:
             raise ValueError(f"color_jitter's hue must be in [0, 0.5]; got {jitter[3]}")
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"flip must be True or False; got {self.flip!r}")
+        for name in ("flip", "depth_is_disparity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "color_jitter", jitter)
 
@@ -105,7 +110,7 @@ def _uniform_index(u: jax.Array, count) -> jax.Array:
 
 
 def _scale_crop(example: dict[str, jax.Array], scales: tuple[float, ...], uniforms: jax.Array,
-                flip: jax.Array | bool = False) -> dict[str, jax.Array]:
+                flip: jax.Array | bool = False, depth_is_disparity: bool = False) -> dict[str, jax.Array]:
     """The scale-crop driven by three uniforms in [0, 1): scale, row offset, column offset; then, where ``flip``,
     the horizontal flip, folded into the sampling: output column x reads the crop's column for W - 1 - x."""
     height, width = example["images"].shape[:2]
@@ -144,12 +149,12 @@ def _scale_crop(example: dict[str, jax.Array], scales: tuple[float, ...], unifor
         out["segmentation"] = jnp.take(jnp.take(example["segmentation"], near_rows, axis=0), near_columns, axis=1)
     if "depth" in example:
         depth = jnp.take(jnp.take(example["depth"], near_rows, axis=0), near_columns, axis=1)
-        out["depth"] = (depth / scale).astype(example["depth"].dtype)
+        out["depth"] = (depth * scale if depth_is_disparity else depth / scale).astype(example["depth"].dtype)
     return out
 
 
-def random_scale_crop(key: jax.Array, example: dict[str, jax.Array],
-                      scales: tuple[float, ...]) -> dict[str, jax.Array]:
+def random_scale_crop(key: jax.Array, example: dict[str, jax.Array], scales: tuple[float, ...],
+                      depth_is_disparity: bool = False) -> dict[str, jax.Array]:
     """LibMTL's ``RandomScaleCrop`` on one example (no batch axis), as one static-shaped sampling.
 
     Args:
@@ -158,9 +163,11 @@ def random_scale_crop(key: jax.Array, example: dict[str, jax.Array],
         scales: the scales to draw from (each >= 1).
 
     Returns:
-        The example, same shapes and dtypes: crop of ``floor(H/s) x floor(W/s)`` resized back; depth divided by s.
+        The example, same shapes and dtypes: crop of ``floor(H/s) x floor(W/s)`` resized back; depth divided by s
+        (a disparity, with ``depth_is_disparity``, multiplied by s).
     """
-    return _scale_crop(example, tuple(scales), jax.random.uniform(key, (_CROP_DRAWS,), jnp.float32))
+    return _scale_crop(example, tuple(scales), jax.random.uniform(key, (_CROP_DRAWS,), jnp.float32),
+                       depth_is_disparity=depth_is_disparity)
 
 
 # ----------------------------------------------------------------------------------------------------- flip
@@ -272,7 +279,7 @@ def _augment_example(example: dict[str, jax.Array], uniforms: jax.Array, config:
     if config.scales != (1.0,):
         # The flip rides on the crop's sampling coordinates: a select between flipped and unflipped copies
         # after a gather makes XLA recompute the gather (several times slower on CPUs).
-        example = _scale_crop(example, config.scales, crop_uniforms, flip)
+        example = _scale_crop(example, config.scales, crop_uniforms, flip, config.depth_is_disparity)
     elif config.flip:
         flipped = hflip(example)
         example = {name: jnp.where(flip, flipped[name], value) for name, value in example.items()}
