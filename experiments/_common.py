@@ -70,9 +70,27 @@ def parse_config(config_class: type, parser: argparse.ArgumentParser, argv: Sequ
     """Parses ``argv`` into ``config_class``; a ``ValueError`` from its validation becomes a one-line error."""
     namespace = parser.parse_args(argv)
     try:
-        return config_class(**vars(namespace))
+        config = config_class(**vars(namespace))
+        if getattr(config, "out", ""):
+            check_output_path(config.out)
+        return config
     except ValueError as error:
         parser.error(str(error))
+
+
+def check_output_path(out: str) -> None:
+    """Refuses, before any work, an ``--out`` that cannot be written: a JSON path (``.json``) that is a folder, a
+    folder that is a file, or either below an existing file."""
+    path = Path(out)
+    wants_file = path.suffix == ".json"
+    if path.exists() and path.is_dir() == wants_file:
+        kind, other = ("a JSON file path", "folder") if wants_file else ("a folder", "file")
+        raise ValueError(f"--out must be {kind}; {out} is an existing {other}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out} lies below {parent}, which is a file, not a folder")
+            break
 
 
 def parse_floats(name: str, value: Any) -> tuple[float, ...]:
@@ -112,11 +130,12 @@ def median_seconds(function: Callable[[], Any], repeats: int, warmup: bool = Fal
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
-    """Runs ``main``; library ``ValueError`` s (bad input met late) become one line and exit status 2."""
+    """Runs ``main``; library ``ValueError`` s (bad input met late) and operating-system errors (a file that cannot
+    be read or written) become one line and exit status 2."""
     prog = Path(sys.argv[0]).name
     try:
         status = main(argv)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-from _common import parse_choices, write_atomically, write_json  # noqa: E402
+from _common import check_output_path, parse_choices, run_main, write_atomically, write_json  # noqa: E402
 
 
 def test_json_is_written_atomically_with_ordinary_permissions(tmp_path):
@@ -45,3 +45,27 @@ def test_parse_choices():
     assert parse_choices("--m", "all", ("a", "b")) == ("a", "b")
     with pytest.raises(ValueError, match="--m must be 'all' or comma-separated names from a, b; got 'c'"):
         parse_choices("--m", "c", ("a", "b"))
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    (tmp_path / "folder.json").mkdir()
+    check_output_path(str(tmp_path / "new" / "folder"))  # a folder still to make
+    check_output_path(str(tmp_path / "result.json"))
+    for out, message in ((afile, "must be a folder"), (afile / "sub", "which is a file, not a folder"),
+                         (tmp_path / "folder.json", "must be a JSON file path"), (afile / "r.json", "which is a file")):
+        with pytest.raises(ValueError, match=message):
+            check_output_path(str(out))
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value"), FileExistsError(17, "File exists", "/x"),
+                                   PermissionError(13, "Permission denied", "/y")])
+def test_run_main_turns_bad_input_and_os_errors_into_one_line_and_status_2(error, capsys):
+    def main(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, [])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
