@@ -205,8 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(payload, out / "leakage_bound.png")
     if not config.quiet:
         verdict = payload["verdict"]
-        print(f"bound holds wherever its assumptions hold: {verdict['bound_holds_where_assumptions_hold']} "
-              f"(largest gap/bound there: {verdict['tightest_ratio_where_assumptions_hold']:.3f})")
+        ratio = verdict["tightest_ratio_where_assumptions_hold"]
+        if not any(p["assumptions_hold"] for p in payload["points"]):
+            # Only non-Lipschitz losses were chosen: "holds wherever its assumptions hold" would be vacuously true.
+            print("the theorem's assumptions hold at no point (no Lipschitz loss chosen): nothing to check there")
+        else:
+            # No ratio when every bound is 0 there (e.g. --beta 0 makes the head w* = 0, so gap and bound vanish).
+            ratio_text = f"{ratio:.3f}" if ratio is not None else "n/a, every bound there is 0"
+            print(f"bound holds wherever its assumptions hold: {verdict['bound_holds_where_assumptions_hold']} "
+                  f"(largest gap/bound there: {ratio_text})")
         print(f"failures: {verdict['failures_with_assumptions']} with the assumptions, "
               f"{verdict['failures_without_assumptions']} without (squared loss)")
         for failure in verdict["failures"][:10]:

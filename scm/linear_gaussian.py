@@ -35,22 +35,48 @@ Domain = Literal["source", "target"]
 DOMAINS: tuple[str, ...] = ("source", "target")
 
 
+def _variance_limits() -> tuple[float, float, str]:
+    """The smallest normal and the largest finite value of the float type JAX computes in now (float32 unless
+    ``jax_enable_x64``), with its name: the covariances are used as JAX arrays of that type."""
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    info = np.finfo(dtype)
+    return float(info.tiny), float(info.max), np.dtype(dtype).name
+
+
 def _as_covariance(field: str, value: Any, dim: int) -> np.ndarray:
-    """Turns a positive scalar standard deviation or an SPD ``[d, d]`` covariance into a covariance matrix."""
+    """Turns a positive scalar standard deviation or an SPD ``[d, d]`` covariance into a covariance matrix.
+
+    A scale is squared into a variance, so a finite positive scale can still give an unusable variance: 1e200
+    overflows float64 (and 1e20 overflows float32), and 1e-170 squares to 0 (1e-20 to a float32 subnormal), which
+    turns risks into NaN. The variance must therefore be a normal, finite number of the float type JAX computes in.
+    """
     array = np.asarray(value, dtype=np.float64)
+    tiny, huge, dtype_name = _variance_limits()
     if array.ndim == 0:
         if not np.isfinite(array) or array <= 0:
             raise ValueError(f"{field} must be a positive standard deviation or an SPD [{dim}, {dim}] "
                              f"covariance; got {float(array)!r}")
-        return float(array) ** 2 * np.eye(dim)
+        try:
+            variance = float(array) ** 2
+        except OverflowError:  # a Python float raises where numpy would give inf
+            variance = math.inf
+        if not tiny <= variance <= huge:
+            raise ValueError(f"{field} = {float(array)!r} squares to a variance of {variance!r}, outside the "
+                             f"{dtype_name} range: a standard deviation must lie between about {math.sqrt(tiny):.2g} and "
+                             f"{math.sqrt(huge):.2g}")
+        return variance * np.eye(dim)
     if array.shape != (dim, dim):
         raise ValueError(f"{field} must be a positive scalar or a [{dim}, {dim}] covariance matching "
                          f"betas' dimension d={dim}; got shape {array.shape}")
     if not np.all(np.isfinite(array)) or not np.allclose(array, array.T, rtol=1e-10, atol=1e-12):
         raise ValueError(f"{field} must be a symmetric positive definite matrix; it is not symmetric")
-    if np.linalg.eigvalsh(array).min() <= 0:
+    eigenvalues = np.linalg.eigvalsh(array)
+    if eigenvalues.min() <= 0:
         raise ValueError(f"{field} must be a symmetric positive definite matrix; its smallest eigenvalue is "
-                         f"{np.linalg.eigvalsh(array).min():.3g} <= 0")
+                         f"{eigenvalues.min():.3g} <= 0")
+    if eigenvalues.min() < tiny or np.abs(array).max() > huge:
+        raise ValueError(f"{field} must have eigenvalues in the normal {dtype_name} range [{tiny:.3g}, {huge:.3g}]; "
+                         f"got eigenvalues from {eigenvalues.min():.3g} to {eigenvalues.max():.3g}")
     return array
 
 
@@ -69,8 +95,10 @@ class LinearGaussianSCM:
         noise_std: label noise :math:`\sigma_\varepsilon \ge 0`, shared by all tasks.
 
     Raises:
-        ValueError: naming the field and the allowed values, for non-positive or non-finite scales, matrices that
-            are not SPD, or shapes that do not match ``d``.
+        ValueError: naming the field and the allowed values, for non-positive or non-finite scales, scales whose
+            square (the variance) overflows or underflows the float type JAX computes in (float32 unless
+            ``jax_enable_x64``; the check uses the setting at construction), matrices that are not SPD or whose
+            eigenvalues leave that type's normal range, or shapes that do not match ``d``.
     """
 
     betas: Any

@@ -1,6 +1,7 @@
 """The learned-encoder world, the CORE-MTL objective at this scale, and the experiment script."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from theory import measures
 from theory.balancing import make
-from theory.learned_encoder import (CoreWeights, EncoderTraining, EncoderWorld, core_objective, encode, evaluate,
-                                    init_model, mix, sample_world, train_encoder)
+from theory.learned_encoder import (CoreWeights, EncoderTraining, EncoderWorld, _largest_angle_to_semantic,
+                                    core_objective, encode, evaluate, init_model, mix, sample_world, train_encoder)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = EncoderWorld()
@@ -40,15 +42,59 @@ def test_bad_world_fields_are_named():
         train_encoder(WORLD, EncoderTraining(steps=10, eval_every=10), jax.random.key(0))
 
 
-def test_an_encoder_that_inverts_the_mixing_has_no_leakage_and_no_gap_beyond_noise():
-    """Metrics on a hand-built disentangled encoder: θ̂ = 0, κ = 0, and its gap is only the noise it reads."""
+def test_an_encoder_that_inverts_the_mixing_has_no_leakage_and_no_gap():
+    """Metrics on a hand-built disentangled encoder: θ̂ = 0, κ = 0, no OOD gap, and a risk that is only the noise
+    it reads.
+
+    The code is M⁻¹x = [s; r] + σ_x M⁻¹ξ (M orthogonal), so z_s = s + σ_x n with n ~ N(0, I_d) independent of r: the
+    closed-form gap is 0, and the error ε − βᵀσ_x n has variance σ_ε² + σ_x²‖β‖² (‖β‖ = 1) in both domains.
+    """
     _, m1, _ = WORLD.constants()
     params = init_model(WORLD, jax.random.key(0))
     params["encoder"]["out"] = jnp.asarray(np.linalg.inv(m1))  # linear mixing: code = [s; r] (+ noise)
     betas, _, _ = WORLD.constants()
     params["heads"] = jnp.asarray(betas)
-    metrics = evaluate(WORLD, params, jax.random.key(1), 4000)
-    assert float(metrics.theta_stream) < 1e-3 and float(metrics.kappa) < 1e-5
+    num_samples = 4000
+    metrics = evaluate(WORLD, params, jax.random.key(1), num_samples)
+    assert float(metrics.theta_stream) < 1e-3 and float(metrics.theta_predictor) < 1e-3
+    assert float(metrics.kappa) < 1e-5
+    # The gap against its closed form 0, within 4 standard errors. The domains are paired (same s and noise), so
+    # the per-sample differences, and with them gap_se, are rounding only: 1e-9 of the risk is the rounding floor.
+    assert abs(float(metrics.gap)) <= 4 * float(metrics.gap_se) + 1e-9 * float(metrics.source_risk)
+    # The risk (mean over tasks of a mean of squared Gaussian errors) has SE at most v·sqrt(2/n); 4 SE.
+    variance = WORLD.noise_std**2 + WORLD.observation_noise**2
+    for risk in (metrics.source_risk, metrics.target_risk):
+        assert abs(float(risk) - variance) < 4 * variance * math.sqrt(2 / num_samples)
+
+
+def test_largest_angle_is_the_largest_principal_angle_for_full_rank_rows():
+    rng = np.random.default_rng(0)
+    for dim, num_rows in ((1, 1), (3, 1), (3, 2), (3, 3)):
+        semantic = jnp.concatenate([jnp.eye(dim), jnp.zeros((dim, dim))], axis=0)
+        rows = jnp.asarray(rng.normal(size=(8, num_rows, 2 * dim)))  # 8 random draws of each shape
+        expected = jax.vmap(lambda r: jnp.max(measures.principal_angles(r.T, semantic)))(rows)
+        np.testing.assert_allclose(jax.vmap(lambda r: _largest_angle_to_semantic(r, dim))(rows), expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_largest_angle_of_rank_deficient_rows_is_the_angle_of_their_span(dtype):
+    """K = 1..6 heads reading one code tilted by 0.5 (rows = heads · [cos0.5·I, −sin0.5·I], d = 2): every K gives 0.5.
+    A QR of the rows invented directions once K >= 2d (θ̂ = 0.5, 0.5, 0.0, 0.0 for K = 2..5). In float32 the rank
+    deficiency is visible only up to rounding, which the rank tolerance must absorb."""
+    dim, tilt = 2, 0.5
+    code = jnp.concatenate([math.cos(tilt) * jnp.eye(dim), -math.sin(tilt) * jnp.eye(dim)], axis=1).astype(dtype)
+    rng = np.random.default_rng(1)
+    angle = jax.jit(_largest_angle_to_semantic, static_argnums=1)
+    for num_tasks in range(1, 7):
+        rows = jnp.asarray(rng.normal(size=(num_tasks, dim)), dtype) @ code
+        np.testing.assert_allclose(angle(rows, dim), tilt, atol=1e-6 if dtype == jnp.float32 else 1e-12)
+
+
+def test_largest_angle_sees_a_span_that_reaches_into_the_nuisance_coordinates():
+    """More than d independent rows must include a purely nuisance direction (π/2); zero rows read nothing (0)."""
+    rows = jnp.asarray(np.random.default_rng(2).normal(size=(3, 4)))
+    np.testing.assert_allclose(_largest_angle_to_semantic(rows, 2), math.pi / 2, atol=1e-6)
+    np.testing.assert_allclose(_largest_angle_to_semantic(jnp.zeros((3, 4)), 2), 0.0)
 
 
 def test_hard_grounding_with_the_true_codes_reconstructs_exactly():

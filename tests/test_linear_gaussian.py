@@ -31,6 +31,30 @@ def test_bad_configurations_name_the_field(overrides, field):
         make_scm(**overrides)
 
 
+@pytest.mark.parametrize("field, scale", [("sigma_s", 1e200), ("sigma_r_source", 1e-170),
+                                          ("sigma_r_target", 1e-160)])
+def test_scales_whose_variance_overflows_or_underflows_are_rejected(field, scale):
+    """1e200 squares past float64's range (a Python OverflowError before) and 1e-170 to 0 (NaN risks before);
+    1e-160 squares to a subnormal. The message is one line naming the field and the allowed range."""
+    with pytest.raises(ValueError, match=rf"^{field} = .* squares to a variance of .*, outside the float64 range: "
+                                         r"a standard deviation must lie between about [^\n]*$"):
+        make_scm(**{field: scale})
+    with pytest.raises(ValueError, match="sigma_s must have eigenvalues in the normal float64 range"):
+        make_scm(sigma_s=np.diag([1.0, 1e-320, 1.0]))
+    assert make_scm(sigma_s=1e150).cov_s_np[0, 0] == pytest.approx(1e300)  # large but representable: accepted
+
+
+def test_float32_scales_are_checked_against_float32():
+    """Without jax_enable_x64 the covariances become float32 arrays: 1e20 would square to inf there."""
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(ValueError, match="float32 range"):
+            make_scm(sigma_s=1e20)
+        assert np.isfinite(make_scm(sigma_s=1e18).cov_s).all()
+    finally:
+        jax.config.update("jax_enable_x64", True)  # the suite's setting (conftest.py)
+
+
 @pytest.mark.parametrize("theta", [-0.1, math.pi / 2 + 1e-3, float("nan"), [0.1, 2.0]])
 def test_theta_outside_the_quarter_turn_is_rejected(theta):
     with pytest.raises(ValueError, match=r"theta must lie in \[0, pi/2\]"):

@@ -133,11 +133,24 @@ def gap_floor(scm: LinearGaussianSCM, theta, theta_max=None) -> jax.Array:
 
     With ``theta_max=None`` the constant is evaluated pointwise, :math:`\cos^2\bar\theta \to \cos^2\theta`
     (Eq (27)); with ``theta_max`` = :math:`\bar\theta` it is the uniform constant of Eq (7), valid for
-    :math:`\theta \le \bar\theta`. The gap has the sign of the variance change (:func:`residual_shift_sign`).
+    :math:`\theta \le \bar\theta` only: above :math:`\bar\theta` the factor :math:`\cos^2\bar\theta` is larger
+    than the :math:`\cos^2\theta` that Eq (26) allows, and the "floor" can exceed the gap (β = 1, σ_r 1 → 2,
+    θ = 1.4, θ̄ = 0.1: floor 2.88, gap 0.084). The gap has the sign of the variance change
+    (:func:`residual_shift_sign`).
+
+    Raises:
+        ValueError: if ``theta_max`` is given and some element of ``theta`` exceeds it. Traced values (inside
+            ``jit``/``vmap``) cannot be inspected and are let through, as in :func:`check_theta`; the callers in this
+            repository trace ``theta`` only with ``theta_max=None``.
     """
     c, s = _cos_sin(theta)
     if theta_max is not None:
         check_theta(theta_max)
+        if not isinstance(theta, jax.core.Tracer) and not isinstance(theta_max, jax.core.Tracer):
+            thetas, bound = np.asarray(theta, dtype=np.float64), np.asarray(theta_max, dtype=np.float64)
+            if np.any(thetas > bound):  # every element: a grid of angles must lie below theta_max
+                raise ValueError(f"gap_floor's uniform constant (theta_max) holds for theta <= theta_max only; got "
+                                 f"theta = {float(np.max(thetas))} > theta_max = {float(np.min(bound))}")
         c = jnp.cos(theta_max)
     return floor_constants(scm, c) * s**2 * residual_shift(scm)
 

@@ -16,11 +16,12 @@ noise, so reading ``r`` helps on the source. Two ways to train:
   :math:`+\ \lambda_{\rm cfa}` × the task loss on counterfactuals: residual codes swapped within the batch, decoded,
   re-encoded, scored against the original labels (Eq (12)).
 
-Measured along training: the learned angle :math:`\hat\theta` (largest principal angle between the semantic code's
-row space, in latent coordinates, and the true semantic subspace), the predictor's angle (the same for the span of
-the task predictors), the leakage κ (sup over samples of :math:`\|\partial\hat z_s/\partial r\|_{op}`), linear and
-debiased CKA between the streams, and the OOD gap :math:`R_T - R_S` of the task predictors (paired Monte Carlo with
-its standard error).
+Measured along training: the learned angle :math:`\hat\theta` (the largest angle between a direction of the semantic
+code's row space, in latent coordinates, and the true semantic subspace: the largest principal angle when the code
+has full rank; see :func:`_largest_angle_to_semantic`), the predictor's angle (the same for the span of the task
+predictors, which may have more rows than dimensions), the leakage κ (sup over samples of
+:math:`\|\partial\hat z_s/\partial r\|_{op}`), linear and debiased CKA between the streams, and the OOD gap
+:math:`R_T - R_S` of the task predictors (paired Monte Carlo with its standard error).
 """
 
 from __future__ import annotations
@@ -248,11 +249,40 @@ class EncoderMetrics(NamedTuple):
     gap_se: jax.Array
 
 
+# Singular values of the rows below this fraction of the largest count as zero (rank deficiency). The rows are
+# least-squares fits in float32: an exactly rank-deficient set (K > d heads on a d-dimensional code) shows spurious
+# singular values of about 1e-7·σ_max (6e-8 measured for K = 5 heads in d = 2), so 1e-4 leaves three orders of
+# margin, while a real direction is dropped only if it is read 10⁴ times more weakly than the strongest. The SVD of
+# the rows is used rather than an eigendecomposition of their Gram matrix, whose float32 errors (~1e-7·λ_max) would
+# sit above the equivalent threshold 1e-8·λ_max.
+RANK_RTOL = 1e-4
+
+
 def _largest_angle_to_semantic(rows: jax.Array, dim: int) -> jax.Array:
-    """Largest principal angle between the span of ``rows`` ``[m, 2d]`` (latent coordinates) and the semantic
-    coordinates; ``m <= d`` rows are expected."""
-    semantic = jnp.concatenate([jnp.eye(dim), jnp.zeros((dim, dim))], axis=0)
-    return jnp.max(measures.principal_angles(rows.T, semantic))
+    r"""The largest angle between any direction of the row span of ``rows`` ``[m, 2d]`` (latent coordinates
+    :math:`[s; r]`) and the semantic coordinates: how far from semantic the most entangled direction the code (or
+    predictor) reads is. Any ``m``, any rank; jit- and vmap-friendly.
+
+    With :math:`R` the rows, :math:`N = R_{:, d:}` their nuisance part and :math:`G = RR^\top = U\Lambda U^\top`, let
+    :math:`W = U\Lambda^{-1/2}` with the columns of eigenvalues below ``RANK_RTOL``² :math:`\lambda_{\max}` set to
+    0. The columns of :math:`R^\top W` are an orthonormal basis of the row span, a unit direction :math:`q` of it has
+    :math:`\sin^2\angle(q, \text{semantic}) = \|q_{d:}\|^2`, and so
+
+    .. math:: \sin^2\hat\theta = \lambda_{\max}(W^\top N N^\top W), \qquad
+              \hat\theta = \arcsin\sqrt{\mathrm{clip}(\sin^2\hat\theta, 0, 1)} .
+
+    It is computed from the SVD :math:`R = U S V^\top` (then :math:`R^\top W = V`, and :math:`\sin\hat\theta` is the
+    largest singular value of the nuisance rows :math:`V_{d:,\,\text{kept}}`), which does not square the condition
+    number. For ``m <= d`` rows of full rank this is the largest principal angle between the row span and the
+    semantic subspace (:func:`theory.measures.principal_angles`). Unlike a QR of rank-deficient rows, it adds no
+    spurious directions: ``K > d`` predictors that all read the same tilted ``d``-dimensional code give that code's
+    angle. A span of dimension above ``d`` meets the nuisance subspace, so gives π/2; all-zero rows give 0.
+    """
+    _, singular, vt = jnp.linalg.svd(rows, full_matrices=False)  # vt [k, 2d], k = min(m, 2d)
+    kept = singular > RANK_RTOL * jnp.max(singular)
+    nuisance = jnp.where(kept[:, None], vt[:, dim:], 0.0)             # rows: the nuisance part of the basis vectors
+    sin_theta = jnp.linalg.norm(nuisance, ord=2)                       # sqrt of λ_max(Wᵀ N Nᵀ W)
+    return jnp.arcsin(jnp.clip(sin_theta, 0.0, 1.0))
 
 
 def evaluate(world: EncoderWorld, params: dict, key: jax.Array, num_samples: int = 20_000) -> EncoderMetrics:

@@ -19,6 +19,22 @@ One training step (Definition 2.1): per-task gradients of :math:`W` from one for
 over one-hot cotangents) go through the balancer, whose direction updates :math:`W`; each head is updated by its
 own task's gradient. An optax optimiser (Adam with a cosine-decayed step, so the iterates settle) applies both.
 
+**This departs from Eq (4).** Eq (4) moves the shared parameters by plain steps, :math:`\vartheta \leftarrow
+\vartheta - \eta\, d`; here the balancer's direction :math:`d` is handed to Adam, which divides it coordinate-wise
+by running moments, so the step actually taken is not a multiple of :math:`d`. The behaviour is kept on purpose, and
+the conclusions drawn from it do not depend on it:
+
+* the limit points are unchanged. A point where every task gradient vanishes gives :math:`d = 0` for every method of
+  the class, whatever its weights or projections, and is then a fixed point of Adam exactly as of Eq (4); in this
+  model all tasks can be optimal at once, and the trained predictor is compared with those points (the exact gap of
+  the source-optimal heads, the least-squares heads of the same sample), so any run that does not reach them shows
+  up as optimisation error instead of passing silently. Adam changes the path and the speed, not where a converged
+  run ends;
+* Adam normalises away the scale of :math:`d`, which differs by orders of magnitude between methods (in the default
+  θ sweep MGDA's mean weights lie on the simplex, Nash-MTL's are about 440 and FairGrad's about 10⁴): one learning
+  rate and schedule then serve every method, where plain Eq (4) steps would need a step size tuned per method to be
+  stable and to converge.
+
 The trained predictor is linear in :math:`\hat z_s` with effective heads :math:`w_t = W^\top v_t`, so its source
 and target risks are the exact quadratic forms of :mod:`theory.closed_forms`; :func:`monte_carlo_risk` estimates
 them from fresh samples with a standard error as an independent check.
