@@ -84,12 +84,40 @@ def learning_rate_at(config: OptimConfig, step) -> jax.Array:
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    """Clip → (coupled L2 →) Adam (→ decoupled decay) → −η(step)."""
+    """Clip → (coupled L2 →) Adam (→ decoupled decay) → −η(step), for parameters ``(shared, heads)`` as in
+    :class:`TrainState`.
+
+    The shared parameters and the heads' are two groups, each with its own Adam state (moments and step count), as
+    PyTorch keeps Adam's state per parameter: in the authors' stage 0 the heads are frozen and PyTorch never touches
+    their state, so their first update when the tasks start is a first Adam step (bias-corrected, about η per
+    weight). :func:`core_step` keeps the heads' group unchanged while ``train_tasks`` is off. The clipping norm and
+    the schedule's step are global. Any other parameter tree is one group."""
     decay = optax.add_decayed_weights(config.weight_decay)
-    parts = [optax.clip_by_global_norm(config.clip_norm)]
-    parts += [optax.scale_by_adam(), decay] if config.decoupled_weight_decay else [decay, optax.scale_by_adam()]
-    parts.append(optax.scale_by_learning_rate(lambda step: learning_rate_at(config, step)))
-    return optax.chain(*parts)
+    adam = optax.chain(optax.scale_by_adam(), decay) if config.decoupled_weight_decay else optax.chain(
+        decay, optax.scale_by_adam())
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                       optax.multi_transform({"shared": adam, "heads": adam}, _parameter_groups),
+                       optax.scale_by_learning_rate(lambda step: learning_rate_at(config, step)))
+
+
+def _parameter_groups(params):
+    if isinstance(params, tuple) and len(params) == 2:
+        shared, heads = params
+        return jax.tree.map(lambda _: "shared", shared), jax.tree.map(lambda _: "heads", heads)
+    return jax.tree.map(lambda _: "shared", params)
+
+
+def _keep_group(new_state, old_state, group: str, keep_old):
+    """The optimiser state ``new_state`` with parameter group ``group``'s Adam state taken from ``old_state`` where
+    ``keep_old`` (a traced bool) holds."""
+    if isinstance(new_state, optax.MultiTransformState):
+        inner = dict(new_state.inner_states)
+        inner[group] = jax.tree.map(lambda new, old: jnp.where(keep_old, old, new), new_state.inner_states[group],
+                                    old_state.inner_states[group])
+        return new_state._replace(inner_states=inner)
+    if isinstance(new_state, tuple) and not hasattr(new_state, "_fields"):  # a chain's states
+        return tuple(_keep_group(new, old, group, keep_old) for new, old in zip(new_state, old_state))
+    return new_state
 
 
 class TrainState(NamedTuple):
@@ -239,8 +267,9 @@ def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainSta
               train_tasks=True, perceptual: LPIPSWeights | None = None) -> tuple[TrainState, dict]:
     """One CORE-MTL step. ``counterfactual_on``: whether CFA may run this epoch (stage 2 and past its start epoch);
     it then runs with probability ``weights.counterfactual_probability``. ``train_tasks=False`` is the authors'
-    stage 0: the task losses leave the objective and the heads' parameters stay as they are (their Adam moments
-    still see the coupled weight decay, unlike PyTorch, which skips parameters without gradients). Jit with
+    stage 0: the task losses leave the objective, and the heads get no gradient (not even the edge term's, which
+    reaches the encoder through the frozen depth head), no update and no change of their Adam state, as PyTorch
+    skips parameters that do not require gradients (:func:`make_optimizer`). Jit with
     ``graphdef``, ``optimizer`` and ``weights`` static (``functools.partial``).
 
     ``perceptual``: LPIPS-VGG weights (:func:`deep.perceptual.load_lpips_npz`) to add the authors'
@@ -256,9 +285,12 @@ def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainSta
     (loss, (batch_stats, rest, terms)), grads = jax.value_and_grad(core_objective, argnums=1, has_aux=True)(
         graphdef, state.params, state.batch_stats, state.rest, batch, cf_key, weights, independence_weight, gate,
         task_scale, perceptual)
+    frozen = jnp.logical_not(train_tasks)
+    grads = (grads[0], jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads[1]))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    opt_state = _keep_group(opt_state, state.opt_state, "heads", frozen)
     params = optax.apply_updates(state.params, updates)
-    params = (params[0], jax.tree.map(lambda new, old: jnp.where(train_tasks, new, old), params[1], state.params[1]))
+    params = (params[0], jax.tree.map(lambda new, old: jnp.where(frozen, old, new), params[1], state.params[1]))
     new_state = TrainState(params, batch_stats, rest, opt_state, state.step + 1)
     new_state, finite = _guarded(state, new_state, loss, grads)
     return new_state, {"loss": loss, "finite": finite, **terms}

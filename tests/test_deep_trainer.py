@@ -57,6 +57,33 @@ def test_stage_zero_freezes_the_heads_and_trains_the_rest(plain_setup):
                                                         jax.tree.leaves(state.params[0])))
 
 
+def test_the_heads_start_adam_afresh_when_the_tasks_start(plain_setup):
+    """PyTorch keeps no Adam state for frozen heads, so their first update in stage 1 is a first Adam step:
+    bias-corrected, about lr per weight (whatever the gradient's scale). The heads' group must stay untouched
+    through stage 0 while the shared group counts its steps."""
+    graphdef, optimizer, state = plain_setup
+    step = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))
+    heads_adam = lambda s: s.opt_state[1].inner_states["heads"]
+    shared_adam = lambda s: s.opt_state[1].inner_states["shared"]
+    frozen = state
+    for i in range(3):
+        frozen, metrics = step(frozen, make_batch(), jax.random.key(i), independence_weight=0.0,
+                               counterfactual_on=False, train_tasks=False)
+        assert bool(metrics["finite"])
+    for a, b in zip(jax.tree.leaves(heads_adam(frozen)), jax.tree.leaves(heads_adam(state))):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(shared_adam(frozen)),
+                                                        jax.tree.leaves(shared_adam(state))))
+    trained, _ = step(frozen, make_batch(), jax.random.key(9), independence_weight=0.0, counterfactual_on=False,
+                      train_tasks=True)
+    learning_rate = float(train.learning_rate_at(
+        train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000), 3))
+    moves = np.concatenate([np.abs(np.ravel(a - b)) for a, b in zip(jax.tree.leaves(trained.params[1]),
+                                                                    jax.tree.leaves(frozen.params[1]))])
+    assert moves.max() <= learning_rate * (1 + 1e-5)
+    assert np.median(moves) == pytest.approx(learning_rate, rel=1e-3)
+
+
 def test_the_stage_schedule_follows_the_authors_configs():
     nyu = losses.PRESETS["nyuv2"]  # stage 0: 5 epochs, stage 1: none, CKA ramp over 10, CFA from epoch 20
     at = lambda epoch, weights=nyu: trainer.EpochControls.at(weights, epoch)
