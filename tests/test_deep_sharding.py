@@ -53,3 +53,48 @@ def test_the_sharded_step_equals_the_single_device_step():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max difference" in result.stdout
+
+
+def test_two_processes_build_one_global_batch_and_state():
+    """The multi-host path of train.shard_batch/replicate, on one machine: two processes of two CPU devices each
+    join through jax.distributed (Gloo collectives), each passes the whole batch and keeps its own rows, and a
+    jitted reduction over the global batch gives the same, full answer in both."""
+    import socket
+
+    worker = textwrap.dedent("""
+        import os, sys
+        import jax
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+        import numpy as np
+        from deep import train
+        mesh = train.data_mesh()
+        assert mesh.devices.size == 4 and jax.process_count() == 2
+        batch = train.shard_batch(mesh, {"x": np.arange(24, dtype=np.float32).reshape(8, 3)})
+        state = train.replicate(mesh, {"w": np.asarray([1.0, 2.0, 3.0], np.float32), "key": jax.random.key(7)})
+        rows = sorted(shard.index[0].indices(8)[:2] for shard in batch["x"].addressable_shards)
+        # Column sums weighted by the row number: a batch whose rows were dealt out of order would change them.
+        sums, key_data = jax.jit(lambda s, b: ((b["x"] * s["w"] * jax.numpy.arange(8.0)[:, None]).sum(0),
+                                               jax.random.key_data(s["key"])))(state, batch)
+        print("RESULT", rows, np.asarray(sums).tolist(), np.asarray(key_data).tolist())
+    """)
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    workers = [subprocess.Popen([sys.executable, "-c", worker, str(rank), str(port)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=300) for process in workers]
+    results = []
+    for process, (stdout, stderr) in zip(workers, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+        results.append(next(line for line in stdout.splitlines() if line.startswith("RESULT")))
+    import jax
+    import numpy as np
+
+    expected_sums = (np.arange(24, dtype=np.float32).reshape(8, 3) * [1, 2, 3] * np.arange(8.0)[:, None]).sum(0)
+    expected_sums = expected_sums.astype(np.float32).tolist()
+    expected_key = np.asarray(jax.random.key_data(jax.random.key(7))).tolist()
+    assert results[0] == f"RESULT [(0, 2), (2, 4)] {expected_sums} {expected_key}"
+    assert results[1] == f"RESULT [(4, 6), (6, 8)] {expected_sums} {expected_key}"
