@@ -137,7 +137,8 @@ def albedo_normal_covariance(albedo: jax.Array, normals: jax.Array) -> jax.Array
     return jnp.mean(jnp.abs(jnp.einsum("bhwi,bhwj->bij", a, n) / (pixels - 1)))
 
 
-_SOBEL_X = jnp.asarray([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+# numpy, not jnp: a JAX array made at import would start the XLA backend before jax.distributed.initialize() can run.
+_SOBEL_X = np.asarray([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], np.float32)
 
 
 def _sobel(x: jax.Array) -> tuple[jax.Array, jax.Array]:

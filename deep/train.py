@@ -458,9 +458,18 @@ def _global_array(value, sharding: NamedSharding) -> jax.Array:
 
 
 def initialize_distributed() -> bool:
-    """Multi-host set-up: ``jax.distributed.initialize()`` when ``JAX_COORDINATOR_ADDRESS`` is set; returns whether
-    it ran."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-        return True
-    return False
+    """Multi-host set-up: ``jax.distributed.initialize()`` when ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of
+    process 0) is set, with the process count and this process's index from ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` where set, else from the cluster (SLURM, Open MPI, ...) as JAX detects it. Returns whether it
+    ran; call it before anything asks JAX for its devices."""
+    if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return False
+    counts = {}
+    for variable, argument in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if os.environ.get(variable):
+            try:
+                counts[argument] = int(os.environ[variable])
+            except ValueError:
+                raise ValueError(f"{variable} must be an integer; got {os.environ[variable]!r}") from None
+    jax.distributed.initialize(**counts)
+    return True

@@ -56,19 +56,18 @@ def test_the_sharded_step_equals_the_single_device_step():
 
 
 def test_two_processes_build_one_global_batch_and_state():
-    """The multi-host path of train.shard_batch/replicate, on one machine: two processes of two CPU devices each
-    join through jax.distributed (Gloo collectives), each passes the whole batch and keeps its own rows, and a
-    jitted reduction over the global batch gives the same, full answer in both."""
+    """The multi-host path on one machine: two processes of two CPU devices each join through
+    train.initialize_distributed (the JAX_* variables; Gloo collectives), each passes the whole batch to
+    train.shard_batch and keeps its own rows, and a jitted reduction over the global batch gives the same, full
+    answer in both."""
     import socket
 
     worker = textwrap.dedent("""
-        import os, sys
         import jax
-        jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
         import numpy as np
         from deep import train
+        assert train.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
         mesh = train.data_mesh()
         assert mesh.devices.size == 4 and jax.process_count() == 2
         batch = train.shard_batch(mesh, {"x": np.arange(24, dtype=np.float32).reshape(8, 3)})
@@ -82,8 +81,9 @@ def test_two_processes_build_one_global_batch_and_state():
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    workers = [subprocess.Popen([sys.executable, "-c", worker, str(rank), str(port)], cwd=ROOT, env=env,
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+    workers = [subprocess.Popen([sys.executable, "-c", worker], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(rank)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outputs = [process.communicate(timeout=300) for process in workers]
     results = []
