@@ -53,7 +53,13 @@ class Checkpoints:
     def restore(self, epoch: int, template: Any) -> Any:
         """The tree saved at ``epoch``, with the structure, shapes and dtypes of ``template``."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_storable(template))
-        restored = self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+        try:
+            restored = self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+        except ValueError as error:  # Orbax's message for a tree of another structure runs over many lines
+            raise ValueError(f"the checkpoint of epoch {epoch} in {self.directory} does not match this model and "
+                             f"optimiser (written by another configuration or an older version of this code, "
+                             f"whose optimiser state had another structure); start a new run. Orbax: "
+                             f"{str(error).splitlines()[0][:200]}") from None
         return _from_storable(template, restored)
 
     def close(self) -> None:

@@ -130,12 +130,13 @@ def median_seconds(function: Callable[[], Any], repeats: int, warmup: bool = Fal
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
-    """Runs ``main``; library ``ValueError`` s (bad input met late) and operating-system errors (a file that cannot
-    be read or written) become one line and exit status 2."""
+    """Runs ``main``; library ``ValueError`` s (bad input met late) and the errors of a path that cannot be read or
+    written become one line and exit status 2 (other errors keep their traceback: they are bugs)."""
     prog = Path(sys.argv[0]).name
     try:
         status = main(argv)
-    except (ValueError, OSError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

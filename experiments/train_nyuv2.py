@@ -46,7 +46,7 @@ from _common import (environment, parse_choices, parse_config, parser_for, pyplo
 
 DATASETS = ("nyuv2", "cityscapes", "gta5")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes, which
-# they train unaugmented, is flipped only (its depth is a disparity, which a flip leaves as it is).
+# they train unaugmented, is flipped only (its depth is a disparity: marked so, should a zoom ever be added).
 AUGMENTATIONS = {"nyuv2": {}, "gta5": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0)},
                  "cityscapes": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0), "depth_is_disparity": True}}
 # The loss weights a dataset trains with unless --preset says otherwise (the paper's Table 7).
@@ -210,15 +210,29 @@ class TrainConfig:
 
 def _generated(root: Path, write) -> Path:
     """``root``, first written by ``write(folder)`` if it does not exist: into a sibling folder renamed at the end,
-    so that a run killed while writing leaves no half-written set behind."""
+    so that a run killed while writing leaves no half-written set behind. With several processes, process 0 writes
+    and the others wait for it."""
     import shutil
 
-    if not root.exists():
+    import jax
+
+    if not root.exists() and jax.process_index() == 0:
         partial = root.with_name(root.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         write(partial)
         partial.rename(root)
+    _barrier(f"generated {root}")
     return root
+
+
+def _barrier(name: str) -> None:
+    """Every process waits here for the others (nothing to wait for in one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict]:
@@ -372,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"now {now!r}")
     elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    _barrier("checked --out")  # before process 0 writes run.json there
     # Data parallelism over every device of every process: the batch is split across them, the state replicated.
     mesh = train.data_mesh()
     if config.batch_size % mesh.devices.size:
@@ -389,8 +404,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_loader = Loader(test_split, min(config.batch_size, len(test_split["images"])), seed=config.seed,
                          shuffle=False, drop_last=False, on_device=config.on_device)
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
-    if primary and not config.resume:
-        write_json(identity_path, config.run_identity())  # once every input has been checked
 
     weights = losses.PRESETS[config.weights_preset]
     optim = train.OptimConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
@@ -404,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     perceptual = load_lpips_npz(config.perceptual) if config.perceptual else None
     balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights, perceptual)
     balancer_state = () if config.method == "core" else balancer.init(len(task_names))
+    if primary and not config.resume:
+        write_json(identity_path, config.run_identity())  # once every input (data, weight files) has been read
     # Replicated before a restore too, which then lays the restored arrays out as these.
     state, balancer_state = train.replicate(mesh, (state, balancer_state))
     predict = trainer.predict_function(graphdef)
@@ -468,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.close()
         train_seconds = time.time() - epoch_start
         test_metrics = trainer.evaluate(predict, state, test_batches(), model_config.tasks)
-        line = {"epoch": epoch + 1, "train": {k: v / count for k, v in sums.items()}, "test": test_metrics,
+        line = {"epoch": epoch + 1, "devices": int(mesh.devices.size),
+                "train": {k: v / count for k, v in sums.items()}, "test": test_metrics,
                 "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
         history.append(line)
         if primary:
@@ -503,8 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if primary:
             _plot_corruptions(history[-1]["test"], corrupted, out / "corruptions.png")
         written.append("corruptions.png")
-    results.update(seconds_this_process=time.time() - started, devices=int(mesh.devices.size),
-                   environment=environment())
+    results.update(seconds_this_process=time.time() - started, environment=environment())
     if primary:
         write_json(out / "results.json", results)
     if not config.quiet:

@@ -36,19 +36,21 @@ DOMAINS: tuple[str, ...] = ("source", "target")
 
 
 def _variance_limits() -> tuple[float, float, str]:
-    """The smallest normal and the largest finite value of the float type JAX computes in now (float32 unless
-    ``jax_enable_x64``), with its name: the covariances are used as JAX arrays of that type."""
+    """The range a variance must lie in, with the name of the float type JAX computes in now (float32 unless
+    ``jax_enable_x64``; the covariances are used as JAX arrays of that type): the closed forms square variances
+    (σ⁴, in the source-optimal head's denominator), so the square must be a normal, finite number of that type."""
     dtype = jax.dtypes.canonicalize_dtype(np.float64)
     info = np.finfo(dtype)
-    return float(info.tiny), float(info.max), np.dtype(dtype).name
+    return math.sqrt(float(info.tiny)), math.sqrt(float(info.max)), np.dtype(dtype).name
 
 
 def _as_covariance(field: str, value: Any, dim: int) -> np.ndarray:
     """Turns a positive scalar standard deviation or an SPD ``[d, d]`` covariance into a covariance matrix.
 
-    A scale is squared into a variance, so a finite positive scale can still give an unusable variance: 1e200
-    overflows float64 (and 1e20 overflows float32), and 1e-170 squares to 0 (1e-20 to a float32 subnormal), which
-    turns risks into NaN. The variance must therefore be a normal, finite number of the float type JAX computes in.
+    A scale is squared into a variance and the closed forms square that again, so a finite positive scale can still
+    be unusable: in float32 σ = 1e10 overflows σ⁴ and σ = 1e-10 underflows it, which turns the floors into NaN. The
+    variance's square must therefore be a normal, finite number of the float type JAX computes in (float32: σ within
+    about 6e-10 and 4e9).
     """
     array = np.asarray(value, dtype=np.float64)
     tiny, huge, dtype_name = _variance_limits()
@@ -61,9 +63,9 @@ def _as_covariance(field: str, value: Any, dim: int) -> np.ndarray:
         except OverflowError:  # a Python float raises where numpy would give inf
             variance = math.inf
         if not tiny <= variance <= huge:
-            raise ValueError(f"{field} = {float(array)!r} squares to a variance of {variance!r}, outside the "
-                             f"{dtype_name} range: a standard deviation must lie between about {math.sqrt(tiny):.2g} and "
-                             f"{math.sqrt(huge):.2g}")
+            raise ValueError(f"{field} = {float(array)!r} is outside what {dtype_name} computations can use: a "
+                             f"standard deviation must lie between about {math.sqrt(tiny):.2g} and "
+                             f"{math.sqrt(huge):.2g} (its variance is squared again in the closed forms)")
         return variance * np.eye(dim)
     if array.shape != (dim, dim):
         raise ValueError(f"{field} must be a positive scalar or a [{dim}, {dim}] covariance matching "
@@ -75,8 +77,9 @@ def _as_covariance(field: str, value: Any, dim: int) -> np.ndarray:
         raise ValueError(f"{field} must be a symmetric positive definite matrix; its smallest eigenvalue is "
                          f"{eigenvalues.min():.3g} <= 0")
     if eigenvalues.min() < tiny or np.abs(array).max() > huge:
-        raise ValueError(f"{field} must have eigenvalues in the normal {dtype_name} range [{tiny:.3g}, {huge:.3g}]; "
-                         f"got eigenvalues from {eigenvalues.min():.3g} to {eigenvalues.max():.3g}")
+        raise ValueError(f"{field} must have eigenvalues in [{tiny:.3g}, {huge:.3g}] (their squares must be normal "
+                         f"{dtype_name} numbers); got eigenvalues from {eigenvalues.min():.3g} to "
+                         f"{eigenvalues.max():.3g}")
     return array
 
 

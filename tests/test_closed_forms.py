@@ -96,6 +96,7 @@ def test_uniform_constant_floor_refuses_angles_above_theta_max():
         cf.gap_floor(scm, 1.4, theta_max=0.1)
     with pytest.raises(ValueError, match="theta <= theta_max"):   # every element of an array is checked
         cf.gap_floor(scm, np.array([0.05, 0.2]), theta_max=0.1)
+    cf.gap_floor(scm, jnp.linspace(0.0, 0.1, 7, dtype=jnp.float32), theta_max=0.1)  # ends at 0.1 in float32
     # Under jit the angle is a tracer and cannot be checked (documented); the value is then computed as given.
     traced = jax.jit(lambda t: cf.gap_floor(scm, t, theta_max=0.1))(1.4)
     assert float(traced[0]) > float(cf.source_optimal_gap(scm, 1.4)[0])

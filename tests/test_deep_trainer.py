@@ -84,6 +84,32 @@ def test_the_heads_start_adam_afresh_when_the_tasks_start(plain_setup):
     assert np.median(moves) == pytest.approx(learning_rate, rel=1e-3)
 
 
+def test_frozen_heads_do_not_count_in_the_clipping_norm(plain_setup):
+    """In stage 0 PyTorch gives the frozen heads no gradient, so its global-norm clipping sees the shared
+    parameters' alone, although the edge term reaches the encoder through the depth head. With plain SGD behind an
+    always-active clip the shared update shows which norm was used."""
+    import optax
+
+    graphdef, _, state = plain_setup
+    clip = 5.0
+    optimizer = optax.chain(optax.clip_by_global_norm(clip), optax.sgd(1.0))
+    state = state._replace(opt_state=optimizer.init(state.params))
+    weights, batch = losses.PRESETS["nyuv2"], make_batch()
+    assert weights.edge > 0
+    new_state, _ = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights))(
+        state, batch, jax.random.key(0), independence_weight=0.0, counterfactual_on=False, train_tasks=False)
+    grads, _ = jax.grad(train.core_objective, argnums=1, has_aux=True)(
+        graphdef, state.params, state.batch_stats, state.rest, batch, jax.random.key(0), weights, 0.0, False, 0.0)
+    norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(leaf)) for leaf in jax.tree.leaves(tree))))
+    head_norm, shared_norm = norm(grads[1]), norm(grads[0])
+    # The edge term's gradient reaches the depth head: counting it would shrink the update by this much (1.6e-4
+    # here), five times the tolerance of the comparison below.
+    assert np.hypot(1.0, head_norm / shared_norm) - 1 > 5 * 2e-5 and shared_norm > clip
+    # Plain SGD at rate 1 behind the clip: the shared update's norm is the clip itself when the heads are left out.
+    moved = norm(jax.tree.map(lambda new, old: new - old, new_state.params[0], state.params[0]))
+    assert moved == pytest.approx(clip, rel=2e-5)
+
+
 def test_the_stage_schedule_follows_the_authors_configs():
     nyu = losses.PRESETS["nyuv2"]  # stage 0: 5 epochs, stage 1: none, CKA ramp over 10, CFA from epoch 20
     at = lambda epoch, weights=nyu: trainer.EpochControls.at(weights, epoch)
@@ -128,6 +154,10 @@ def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(t
     assert isinstance(restored["state"], train.TrainState)
     for a, b in zip(comparable_leaves(restored), comparable_leaves(tree)):
         np.testing.assert_array_equal(a, b)
+    # A checkpoint of another structure (an older optimiser state, say) is refused in one line.
+    with pytest.raises(ValueError, match="does not match this model and optimiser") as refused:
+        checkpoints.restore(3, {**tree, "balancer": {"w": jnp.arange(3.0), "v": jnp.zeros(2)}})
+    assert "\n" not in str(refused.value)
 
 
 def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_one_noise_per_corruption():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from scm import LinearGaussianSCM, check_theta, rotation_encoder, sample
+from theory import closed_forms as cf
 
 
 def make_scm(**overrides):
@@ -32,25 +33,31 @@ def test_bad_configurations_name_the_field(overrides, field):
 
 
 @pytest.mark.parametrize("field, scale", [("sigma_s", 1e200), ("sigma_r_source", 1e-170),
-                                          ("sigma_r_target", 1e-160)])
-def test_scales_whose_variance_overflows_or_underflows_are_rejected(field, scale):
-    """1e200 squares past float64's range (a Python OverflowError before) and 1e-170 to 0 (NaN risks before);
-    1e-160 squares to a subnormal. The message is one line naming the field and the allowed range."""
-    with pytest.raises(ValueError, match=rf"^{field} = .* squares to a variance of .*, outside the float64 range: "
+                                          ("sigma_r_target", 1e100), ("sigma_s", 1e-80)])
+def test_scales_whose_fourth_power_leaves_the_float_range_are_rejected(field, scale):
+    """The closed forms use σ⁴ (squared variances): 1e200 overflows even σ² (a Python OverflowError before), 1e-170
+    squares to 0 (NaN risks before), and 1e100 and 1e-80 give finite variances whose squares overflow or underflow
+    float64 (NaN floors before). The message is one line naming the field and the allowed range."""
+    with pytest.raises(ValueError, match=rf"^{field} = .* is outside what float64 computations can use: "
                                          r"a standard deviation must lie between about [^\n]*$"):
         make_scm(**{field: scale})
-    with pytest.raises(ValueError, match="sigma_s must have eigenvalues in the normal float64 range"):
-        make_scm(sigma_s=np.diag([1.0, 1e-320, 1.0]))
-    assert make_scm(sigma_s=1e150).cov_s_np[0, 0] == pytest.approx(1e300)  # large but representable: accepted
+    with pytest.raises(ValueError, match=r"sigma_s must have eigenvalues in \[.*\] \(their squares must be normal "
+                                         r"float64 numbers\)"):
+        make_scm(sigma_s=np.diag([1.0, 1e-160, 1.0]))
+    scm = make_scm(sigma_s=1e70)  # large but usable: accepted, and the floors are finite
+    assert scm.cov_s_np[0, 0] == pytest.approx(1e140)
+    assert np.all(np.isfinite(np.asarray(cf.gap_floor(scm, 0.3))))
 
 
 def test_float32_scales_are_checked_against_float32():
-    """Without jax_enable_x64 the covariances become float32 arrays: 1e20 would square to inf there."""
+    """Without jax_enable_x64 the covariances become float32 arrays: σ = 1e10 would give an infinite σ⁴ there (and a
+    NaN floor), 1e9 does not."""
     jax.config.update("jax_enable_x64", False)
     try:
-        with pytest.raises(ValueError, match="float32 range"):
-            make_scm(sigma_s=1e20)
-        assert np.isfinite(make_scm(sigma_s=1e18).cov_s).all()
+        with pytest.raises(ValueError, match="outside what float32 computations can use"):
+            make_scm(sigma_s=1e10)
+        scm = make_scm(sigma_s=1e9)
+        assert np.isfinite(scm.cov_s).all() and np.all(np.isfinite(np.asarray(cf.gap_floor(scm, 0.3))))
     finally:
         jax.config.update("jax_enable_x64", True)  # the suite's setting (conftest.py)
 

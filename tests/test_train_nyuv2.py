@@ -89,11 +89,14 @@ def test_four_devices_split_the_batch_and_reach_the_same_numbers(uninterrupted, 
     assert result.returncode == 2 and "--batch-size must be a multiple of the 4 devices" in result.stderr
     result = four([*FLAGS, "--batch-size", "1000", "--out", str(out)])
     assert result.returncode == 2 and "batch_size must be <=" in result.stderr, result.stderr
+    result = four([*FLAGS, "--pretrained", __file__, "--out", str(out)])  # a file, but no .npz archive
+    assert result.returncode == 2 and "npz" in result.stderr, result.stderr
     result = four([*FLAGS, "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     expected = json.loads((reference / "results.json").read_text())
-    assert results["devices"] == 4 and expected["devices"] == 1
+    assert [line["devices"] for line in results["history"]] == [4] * 4
+    assert [line["devices"] for line in expected["history"]] == [1] * 4
     # The first epoch's training losses: later ones drift apart, since Adam's first steps are about lr·sign(g) and
     # turn rounding differences in near-zero gradients into whole steps (thresholded metrics moved by 3 % at the end).
     first, first_expected = results["history"][0]["train"], expected["history"][0]["train"]

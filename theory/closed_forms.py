@@ -148,7 +148,8 @@ def gap_floor(scm: LinearGaussianSCM, theta, theta_max=None) -> jax.Array:
         check_theta(theta_max)
         if not isinstance(theta, jax.core.Tracer) and not isinstance(theta_max, jax.core.Tracer):
             thetas, bound = np.asarray(theta, dtype=np.float64), np.asarray(theta_max, dtype=np.float64)
-            if np.any(thetas > bound):  # every element: a grid of angles must lie below theta_max
+            # Every element, up to float32 rounding (a float32 grid ending at θ̄ = 0.1 ends at 0.10000000149).
+            if np.any(thetas > bound * (1 + 4 * np.finfo(np.float32).eps)):
                 raise ValueError(f"gap_floor's uniform constant (theta_max) holds for theta <= theta_max only; got "
                                  f"theta = {float(np.max(thetas))} > theta_max = {float(np.min(bound))}")
         c = jnp.cos(theta_max)
