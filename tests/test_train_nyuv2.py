@@ -166,3 +166,31 @@ def test_a_finished_run_adds_the_corruption_evaluation_on_resume(uninterrupted, 
     assert results["final"] == json.loads((reference / "results.json").read_text())["final"]
     assert set(results["corrupted"]) == {"contrast"} and set(results["corrupted"]["contrast"]) == {"5"}
     assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_two_processes_train_one_run(tmp_path):
+    """The multi-host path end to end on one machine: two processes of two CPU devices each join through the JAX_*
+    variables (Gloo collectives on CPUs), process 0 generates the data while the other waits, both train on their
+    halves of each batch and save the checkpoints together, and process 0 writes the files."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    launcher = ("import jax, runpy, sys; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+                f"sys.argv = [{str(SCRIPT)!r}, *sys.argv[1:]]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    env = environment(tmp_path / "cache")
+    env.update(XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+    args = ["--synthetic", "--model", "tiny", "--method", "ew", "--epochs", "2", "--warmup-epochs", "1",
+            "--batch-size", "4", "--steps-per-epoch", "2", "--quiet", "--out", str(out)]
+    processes = [subprocess.Popen([sys.executable, "-c", launcher, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=dict(env, JAX_PROCESS_ID=str(rank)))
+                 for rank in (0, 1)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [line["devices"] for line in results["history"]] == [4, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == ["1", "2"]
