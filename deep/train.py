@@ -450,6 +450,8 @@ def _global_array(value, sharding: NamedSharding) -> jax.Array:
     typed PRNG keys through their raw key data."""
     if jax.process_count() == 1:
         return jax.device_put(value, sharding)
+    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+        return value  # already laid out so (a restored state, say): no round trip through the host
     if hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
         data = _global_array(jax.random.key_data(value), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))

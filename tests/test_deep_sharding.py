@@ -85,6 +85,7 @@ def test_two_processes_build_one_global_batch_and_state():
         assert mesh.devices.size == 4 and jax.process_count() == 2
         batch = train.shard_batch(mesh, {"x": np.arange(24, dtype=np.float32).reshape(8, 3)})
         state = train.replicate(mesh, {"w": np.asarray([1.0, 2.0, 3.0], np.float32), "key": jax.random.key(7)})
+        assert train.replicate(mesh, state)["w"] is state["w"]  # already global: kept, no trip through the host
         rows = sorted(shard.index[0].indices(8)[:2] for shard in batch["x"].addressable_shards)
         # Column sums weighted by the row number: a batch whose rows were dealt out of order would change them.
         sums, key_data = jax.jit(lambda s, b: ((b["x"] * s["w"] * jax.numpy.arange(8.0)[:, None]).sum(0),
