@@ -190,7 +190,7 @@ def plot(payload: dict, path: Path) -> None:
                             color=cmap(i % 20), label=name)
     floor_axis.plot(payload["floor_theta"], payload["floor_curve"], "k--",
                     label="Theorem 2.3 floor at θ̂ in the isotropic SCM (not a bound here: ρ_S ≠ 0, noisy x)")
-    floor_axis.set_xlabel("learned angle θ̂ of the task predictors (largest angle of a direction they read to the semantic subspace)")
+    floor_axis.set_xlabel("learned angle θ̂ of the task predictors (widest, to the semantic subspace)")
     floor_axis.set_ylabel("final OOD gap")
     floor_axis.set_title("Final gap against the learned angle")
     floor_axis.grid(alpha=0.3)
