@@ -77,9 +77,11 @@ class BenchConfig:
         if self.config not in CONFIGS:
             raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {self.config!r}")
         parse_choices("--precisions", self.precisions, PRECISIONS)
-        if self.variant not in ("paper", "authors"):
-            raise ValueError(f"--variant must be one of paper, authors; got {self.variant!r}")
         from deep.atrous import DILATED_CONVS
+        from deep.model import VARIANTS
+
+        if self.variant not in VARIANTS:
+            raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
 
         if self.dilated_conv and self.dilated_conv not in DILATED_CONVS:
             raise ValueError(f"--dilated-conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")

@@ -125,12 +125,13 @@ def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
     accumulate = jnp.promote_types(jnp.float32, jnp.result_type(lhs, rhs))
     out = None
     for a in range(kh):
-        top, bottom = _valid_range(height, (a - (kh - 1) // 2) * rates[0])
+        dy = (a - (kh - 1) // 2) * rates[0]
+        top, bottom = _valid_range(height, dy)
         for b in range(kw):
-            left, right = _valid_range(width, (b - (kw - 1) // 2) * rates[1])
+            dx = (b - (kw - 1) // 2) * rates[1]
+            left, right = _valid_range(width, dx)
             if top >= bottom or left >= right:
                 continue  # this tap reads only the zero padding
-            dy, dx = (a - (kh - 1) // 2) * rates[0], (b - (kw - 1) // 2) * rates[1]
             part = jnp.einsum("bhwc,co->bhwo", lhs[:, top + dy:bottom + dy, left + dx:right + dx], rhs[a, b],
                               precision=precision, preferred_element_type=accumulate)
             part = jnp.pad(part, ((0, 0), (top, height - bottom), (left, width - right), (0, 0)))
