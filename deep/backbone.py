@@ -6,7 +6,8 @@ instead — layer3's first block at dilation 1 and the rest at 2, layer4's first
 torchvision and LibMTL's ``resnet_dilated`` build it. Padding is symmetric and explicit (3 for the 7×7 stem, the
 dilation for 3×3 convolutions, 1 for the max-pool), as in PyTorch, so converted torchvision weights give the same
 features. Attribute names follow torchvision's state dict (``conv1``, ``bn1``, ``layer1[0].conv2``, ``downsample``)
-so a weight import can map keys one to one. BatchNorm uses PyTorch's momentum (Flax 0.9) and epsilon (1e-5).
+so a weight import can map keys one to one. BatchNorm is PyTorch's (:class:`BatchNorm`): its momentum (Flax 0.9),
+epsilon (1e-5) and running variance.
 
 Layout: ``[batch, height, width, channels]``. Width and depth are configurable so tests run tiny models.
 """
@@ -64,8 +65,28 @@ def _conv(in_channels, out_channels, kernel, rngs, stride=1, dilation=1):
                     use_bias=False, rngs=rngs)
 
 
-def _batch_norm(channels, rngs):
-    return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, rngs=rngs)
+class BatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` with PyTorch's running variance: the batch's *unbiased* variance (divided by n − 1, n the
+    values per channel) enters the running average, while the batch itself is normalised with the biased one, as in
+    both frameworks. Flax averages the biased variance; the two differ by n/(n − 1), which is nothing for a
+    convolution's BatchNorm (n = B·H·W) but 16/15 at batch 16 for the ASPP's image-pooling BatchNorm (n = B), whose
+    running variance eval mode and the counterfactual pass read."""
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        running = self.use_running_average if use_running_average is None else use_running_average
+        before = self.var[...]
+        y = super().__call__(x, use_running_average=use_running_average, mask=mask)
+        n = x.size // x.shape[-1]
+        if running is False and mask is None and n > 1:
+            after = self.var[...]
+            # after = m·before + (1 − m)·v_biased; PyTorch's is m·before + (1 − m)·v_biased·n/(n − 1).
+            self.var[...] = jax.lax.stop_gradient(after + (after - self.momentum * before) / (n - 1))
+        return y
+
+
+def batch_norm(channels: int, rngs: nnx.Rngs) -> BatchNorm:
+    """PyTorch's ``nn.BatchNorm2d(channels)``: momentum 0.1 (Flax's 0.9), epsilon 1e-5, unbiased running variance."""
+    return BatchNorm(channels, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
 
 class Downsample(nnx.Module):
@@ -73,7 +94,7 @@ class Downsample(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, rngs: nnx.Rngs):
         self.conv = _conv(in_channels, out_channels, 1, rngs, stride=stride)
-        self.bn = _batch_norm(out_channels, rngs)
+        self.bn = batch_norm(out_channels, rngs)
 
     def __call__(self, x):
         return self.bn(self.conv(x))
@@ -84,10 +105,10 @@ class Bottleneck(nnx.Module):
 
     def __init__(self, in_channels: int, planes: int, stride: int, dilation: int, rngs: nnx.Rngs):
         out_channels = planes * EXPANSION
-        self.conv1, self.bn1 = _conv(in_channels, planes, 1, rngs), _batch_norm(planes, rngs)
+        self.conv1, self.bn1 = _conv(in_channels, planes, 1, rngs), batch_norm(planes, rngs)
         self.conv2 = _conv(planes, planes, 3, rngs, stride=stride, dilation=dilation)
-        self.bn2 = _batch_norm(planes, rngs)
-        self.conv3, self.bn3 = _conv(planes, out_channels, 1, rngs), _batch_norm(out_channels, rngs)
+        self.bn2 = batch_norm(planes, rngs)
+        self.conv3, self.bn3 = _conv(planes, out_channels, 1, rngs), batch_norm(out_channels, rngs)
         needs_projection = stride != 1 or in_channels != out_channels
         self.downsample = Downsample(in_channels, out_channels, stride, rngs) if needs_projection else None
 
@@ -115,7 +136,7 @@ class ResNet(nnx.Module):
         width = config.width
         self.conv1 = nnx.Conv(config.input_channels, width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                               use_bias=False, rngs=rngs)
-        self.bn1 = _batch_norm(width, rngs)
+        self.bn1 = batch_norm(width, rngs)
         in_channels, dilation = width, 1
         stages = []
         for index, depth in enumerate(config.depths):

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deep.backbone import batch_norm
 from deep.resize import resize_bilinear
 from deep.shading import NUM_SH, lambertian_shading, render, unit_vectors
 
@@ -43,7 +44,7 @@ class _UpBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, rngs: nnx.Rngs):
         self.conv = nnx.Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                              rngs=rngs)
-        self.bn = nnx.BatchNorm(out_channels, momentum=0.9, epsilon=1e-5, rngs=rngs)
+        self.bn = batch_norm(out_channels, rngs)
 
     def __call__(self, x):
         x = resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))

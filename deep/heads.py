@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deep.backbone import batch_norm
 from deep.resize import resize_bilinear
 
 
@@ -31,7 +32,7 @@ def _conv_bn(in_channels, out_channels, kernel, rngs, dilation=1):
     padding = dilation * (kernel - 1) // 2
     conv = nnx.Conv(in_channels, out_channels, (kernel, kernel), kernel_dilation=(dilation, dilation),
                     padding=((padding, padding), (padding, padding)), use_bias=False, rngs=rngs)
-    return conv, nnx.BatchNorm(out_channels, momentum=0.9, epsilon=1e-5, rngs=rngs)
+    return conv, batch_norm(out_channels, rngs)
 
 
 def _conv_bn_relu(pair: nnx.List, x: jax.Array) -> jax.Array:

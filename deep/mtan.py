@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _batch_norm, _max_pool
+from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _max_pool, batch_norm
 from deep.heads import ASPPHead
 from deep.atrous import DILATED_CONVS
 from deep.model import COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, configure_layers
@@ -113,9 +113,9 @@ class AttentionMask(nnx.Module):
         # Biases before BatchNorm are redundant but kept: LibMTL's and the authors' nn.Conv2d have them, so the
         # parameter counts agree.
         self.conv1 = nnx.Conv(in_channels, hidden_channels, (1, 1), rngs=rngs)
-        self.bn1 = _batch_norm(hidden_channels, rngs)
+        self.bn1 = batch_norm(hidden_channels, rngs)
         self.conv2 = nnx.Conv(hidden_channels, out_channels, (1, 1), rngs=rngs)
-        self.bn2 = _batch_norm(out_channels, rngs)
+        self.bn2 = batch_norm(out_channels, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = jax.nn.relu(self.bn1(self.conv1(x)))

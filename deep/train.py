@@ -17,7 +17,7 @@ jits, differentiates per task and shards:
 
 The optimiser is the authors': global-norm clipping at 10, Adam with *coupled* L2 (``decoupled_weight_decay=False``)
 or AdamW as the paper says (``True``), warm-up then cosine decay per epoch. A non-finite loss or gradient leaves
-the state unchanged and is reported (``finite``), so a driver can stop with the last good state.
+the state (and a balancer's) unchanged and is reported (``finite``), so a driver can stop with the last good state.
 
 Data parallelism: :func:`data_mesh` builds a one-axis ``Mesh`` over the visible devices; :func:`shard_batch` places a
 batch split along it and :func:`replicate` the state (:func:`shard` does both); ``jax.jit`` then runs the step as
@@ -258,8 +258,12 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
 
 def _guarded(state: TrainState, new_state: TrainState, loss, grads) -> tuple[TrainState, jax.Array]:
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    chosen = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return chosen, finite
+    return _keep_if(finite, new_state, state), finite
+
+
+def _keep_if(finite, new, old):
+    """``new`` where the step was finite, else ``old``, leaf by leaf."""
+    return jax.tree.map(lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf), new, old)
 
 
 def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainState, batch: dict, key: jax.Array,
@@ -389,8 +393,10 @@ def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, s
     * gradients of the representation (GradDrop): :func:`representation_jacobian_step`, the method's direction
       pulled back through the encoder.
 
-    Returns ``(state, balancer_state, metrics)``; jit with everything but the arrays static.
+    Returns ``(state, balancer_state, metrics)``; jit with everything but the arrays static. A step whose loss or
+    gradients are not finite leaves both states as they were.
     """
+    previous_balancer_state = balancer_state
     if balancer.requires == "losses" and balancer.gradient_of == "parameters":
         state, balancer_state, losses_k, weights, finite = _loss_weighted_step(graphdef, optimizer, balancer, state,
                                                                                balancer_state, batch, key)
@@ -405,6 +411,7 @@ def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, s
             direction, weights, balancer_state = balancer.step(jacobian, losses_k, balancer_state, key)
         state, finite = apply_gradients(graphdef, optimizer, state, direction, head_grads, batch_stats, rest,
                                         losses_k.sum())
+    balancer_state = _keep_if(finite, balancer_state, previous_balancer_state)
     metrics = {"loss": losses_k.sum(), "finite": finite}
     tasks = [name for name, _ in nnx.merge(graphdef, *state.params, state.batch_stats, state.rest).config.tasks]
     metrics.update({name: losses_k[i] for i, name in enumerate(tasks)})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deep.backbone import BackboneConfig, ResNet, torchvision_key
+from deep.backbone import BackboneConfig, ResNet, batch_norm, torchvision_key
 
 TINY = BackboneConfig(depths=(1, 1, 2, 2), width=4)
 
@@ -61,3 +61,30 @@ def test_batch_norm_train_and_eval_modes():
     train_out = model(x)[3]
     assert not np.allclose(model.bn1.mean[...], before)  # updated with momentum 0.9
     assert not np.allclose(eval_out, train_out)
+
+
+@pytest.mark.parametrize("shape", [(16, 1, 1, 5), (3, 4, 6, 5), (2, 1, 1, 5)])
+def test_batch_norm_keeps_pytorchs_running_statistics(shape):
+    """PyTorch's BatchNorm2d (momentum 0.1): the running variance averages the batch's unbiased variance, the output
+    is normalised with the biased one; eval mode reads the running statistics. Flax's own BatchNorm would store the
+    biased variance, 15/16 of this at the image-pooling shape (16, 1, 1, C)."""
+    norm = batch_norm(shape[-1], nnx.Rngs(0))
+    norm.scale[...] = jnp.linspace(0.5, 1.5, shape[-1])
+    norm.bias[...] = jnp.linspace(-1.0, 1.0, shape[-1])
+    rng = np.random.default_rng(0)
+    running_mean, running_var = np.zeros(shape[-1]), np.ones(shape[-1])
+    for step in range(3):
+        x = rng.normal(2.0, 3.0, size=shape).astype(np.float32)
+        flat = x.reshape(-1, shape[-1]).astype(np.float64)
+        mean, biased = flat.mean(axis=0), flat.var(axis=0)
+        expected = (x - mean) / np.sqrt(biased + 1e-5) * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+        np.testing.assert_allclose(norm(jnp.asarray(x), use_running_average=False), expected, rtol=1e-4, atol=1e-4)
+        running_mean = 0.9 * running_mean + 0.1 * mean
+        running_var = 0.9 * running_var + 0.1 * flat.var(axis=0, ddof=1)
+        np.testing.assert_allclose(norm.mean[...], running_mean, rtol=1e-5)
+        np.testing.assert_allclose(norm.var[...], running_var, rtol=1e-5)
+    x = rng.normal(size=shape).astype(np.float32)
+    expected = ((x - running_mean) / np.sqrt(running_var + 1e-5) * np.asarray(norm.scale[...])
+                + np.asarray(norm.bias[...]))
+    np.testing.assert_allclose(norm(jnp.asarray(x), use_running_average=True), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(norm.var[...], running_var, rtol=1e-5)  # eval mode leaves it

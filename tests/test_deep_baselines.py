@@ -32,3 +32,27 @@ def test_every_parameter_space_baseline_runs_one_step():
         new_state, finite = apply(state, direction, head_grads, batch_stats, rest, losses_k.sum())
         assert bool(finite), name
         assert int(new_state.step) == 1
+
+
+def test_a_non_finite_step_leaves_the_balancers_state_too():
+    """DWA keeps the last losses and GradVac its alignment targets: a step rejected as non-finite must not leave
+    NaNs there either, or every later step would inherit them."""
+    optimizer = train.make_optimizer(train.OptimConfig(warmup_epochs=0))
+    model = DualStreamModel(ModelConfig(**{**TINY.__dict__, "grounding": "none"}), nnx.Rngs(0))
+    graphdef, state = train.split_model(model, optimizer)
+    bad = make_batch()
+    bad["images"] = bad["images"].at[0, 0, 0, 0].set(jnp.nan)
+    num_params = train.task_jacobian_step(graphdef, state, make_batch())[1].shape[1]
+    for name in ("dwa", "gradvac"):
+        balancer = make(name)
+        step = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))
+        _, balancer_state, metrics = step(state, balancer.init(3, num_params=num_params), make_batch(),
+                                          jax.random.key(0))
+        assert bool(metrics["finite"]), name
+        _, after_finite, _ = step(state, balancer_state, make_batch(seed=2), jax.random.key(1))
+        assert any(not jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_finite),
+                                                              jax.tree.leaves(balancer_state))), name
+        _, kept, metrics = step(state, balancer_state, bad, jax.random.key(1))
+        assert not bool(metrics["finite"]), name
+        for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(balancer_state), strict=True):
+            assert jnp.array_equal(a, b), name
