@@ -30,6 +30,14 @@ def _from_storable(template, tree):
                         if _is_key(like) else leaf, template, tree)
 
 
+# How Orbax words a tree of another structure, or an array of another shape, than the one asked for.
+_MISMATCH_MARKERS = ("tree structures do not match", "is not compatible with the stored shape")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose tree has another structure than the template (another configuration or code version)."""
+
+
 class Checkpoints:
     """The checkpoints of one run under ``directory`` (``<directory>/<epoch>``), keeping the newest ``keep``."""
 
@@ -55,12 +63,46 @@ class Checkpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_storable(template))
         try:
             restored = self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
-        except ValueError as error:  # Orbax's message for a tree of another structure runs over many lines
-            raise ValueError(f"the checkpoint of epoch {epoch} in {self.directory} does not match this model and "
-                             f"optimiser (written by another configuration or an older version of this code, "
-                             f"whose optimiser state had another structure); start a new run. Orbax: "
-                             f"{str(error).splitlines()[0][:200]}") from None
+        except ValueError as error:
+            if not any(marker in str(error) for marker in _MISMATCH_MARKERS):
+                raise  # not a question of structure: unreadable (restore_latest tries the one before)
+            # Orbax's message for a tree of another structure runs over many lines.
+            raise CheckpointMismatch(
+                f"the checkpoint of epoch {epoch} in {self.directory} does not match this model and optimiser "
+                f"(written by another configuration or an older version of this code, whose optimiser state had "
+                f"another structure); start a new run. Orbax: {str(error).splitlines()[0][:200]}") from None
         return _from_storable(template, restored)
+
+    def restore_latest(self, template: Any) -> tuple[int | None, Any, list[str]]:
+        """``(epoch, tree, set_aside)`` from the newest checkpoint that can be read (``(None, None, [])`` when there
+        is none). Newer ones that cannot be read (damaged on disk: Orbax itself never leaves a partial one) are
+        renamed ``<epoch>.unreadable``, kept for inspection but out of the run's way, and listed in ``set_aside``
+        with the reason. When none can be read, nothing is renamed and a ``ValueError`` says why for the newest."""
+        self._manager.reload()
+        failures = []
+        for epoch in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                tree = self.restore(epoch, template)
+            except Exception as error:  # Orbax and TensorStore raise many kinds for a damaged directory
+                failures.append((epoch, error))
+                continue
+            for failed, _ in failures:
+                if jax.process_index() == 0:  # one process renames; the others skip them as unreadable too
+                    (self.directory / str(failed)).rename(self.directory / f"{failed}.unreadable")
+            self._manager.reload()
+            return epoch, tree, [f"epoch {failed}: {_first_line(error)}" for failed, error in failures]
+        if failures:
+            epoch, error = failures[0]
+            if isinstance(error, CheckpointMismatch):
+                raise error  # whole, but of another configuration: restore's own one-line message
+            raise ValueError(f"no checkpoint in {self.directory} can be read; the newest (epoch {epoch}): "
+                             f"{_first_line(error)}") from None
+        return None, None, []
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"

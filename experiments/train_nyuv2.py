@@ -6,8 +6,10 @@
     python experiments/train_nyuv2.py --data /data/cityscapes --dataset cityscapes --preset cityscapes_c \
         --corruptions all                                                      # Cityscapes-C, after training
     python experiments/train_nyuv2.py --data /data/gta5 --dataset gta5 --target-data /data/cityscapes  # GTA5 -> CS
-    python experiments/train_nyuv2.py --synthetic --model tiny --epochs 3 --warmup-epochs 1 --batch-size 4  # CPU
-    python experiments/train_nyuv2.py --out results/train_nyuv2 --resume                           # after a kill
+    python experiments/train_nyuv2.py --synthetic --model tiny --epochs 7 --warmup-epochs 1 --batch-size 4  # CPU
+    python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz --resume  # after a kill
+
+``--resume`` takes the run's own flags again (``--out`` included) and refuses any that differ.
 
 ``--data`` is a folder in the LibMTL/MTAN layout (``train`` and ``val`` with ``image``, ``label``, ``depth`` and
 ``normal`` subfolders of ``<i>.npy``); ``--synthetic`` generates a small set in that layout under ``<out>/data``.
@@ -51,6 +53,11 @@ AUGMENTATIONS = {"nyuv2": {}, "gta5": {"scales": (1.0,), "color_jitter": (0, 0, 
                  "cityscapes": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0), "depth_is_disparity": True}}
 # The loss weights a dataset trains with unless --preset says otherwise (the paper's Table 7).
 DEFAULT_PRESETS = {"nyuv2": "nyuv2", "cityscapes": "cityscapes", "gta5": "gta5_to_cityscapes"}
+# The batch size and warm-up a dataset trains with unless the flags say otherwise (the paper's Appendix F).
+DEFAULT_BATCH_SIZES = {"nyuv2": 16, "cityscapes": 32, "gta5": 32}
+DEFAULT_WARMUP_EPOCHS = {"nyuv2": 5, "cityscapes": 5, "gta5": 10}
+# The flags that name files or folders: a resumed run compares them as absolute paths.
+PATH_FIELDS = ("data", "target_data", "pretrained", "perceptual")
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
 GROUNDINGS = ("hard", "soft")
@@ -84,12 +91,15 @@ class TrainConfig:
     model: str = dataclasses.field(default="full", metadata={
         "help": "full (ResNet-50, the paper's), reduced or tiny (CPU smoke runs)"})
     epochs: int = dataclasses.field(default=100, metadata={"help": "training epochs"})
-    batch_size: int = dataclasses.field(default=16, metadata={"help": "training batch size"})
+    batch_size: int = dataclasses.field(default=0, metadata={
+        "help": "training batch size (0: the paper's for the dataset, 16 on NYUv2 and 32 on Cityscapes and GTA5)"})
     learning_rate: float = dataclasses.field(default=2e-4, metadata={"help": "peak learning rate"})
     weight_decay: float = dataclasses.field(default=1e-4, metadata={"help": "weight decay"})
     optimizer: str = dataclasses.field(default="adam", metadata={
         "help": "adam (coupled L2, the authors' code) or adamw (decoupled, as the paper says)"})
-    warmup_epochs: int = dataclasses.field(default=5, metadata={"help": "linear warm-up epochs before the cosine"})
+    warmup_epochs: int = dataclasses.field(default=-1, metadata={
+        "help": "linear warm-up epochs before the cosine (-1: the paper's for the dataset, 10 on GTA5 and 5 on the "
+                "others)"})
     precision: str = dataclasses.field(default="float32", metadata={"help": "compute precision: float32 or "
                                                                             "bfloat16 (parameters stay float32)"})
     augment: bool = dataclasses.field(default=False, metadata={
@@ -132,6 +142,11 @@ class TrainConfig:
         for flag, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+        # Frozen dataclass: the dataset's defaults are filled in once, so the run records what it trains with.
+        if self.batch_size == 0:
+            object.__setattr__(self, "batch_size", DEFAULT_BATCH_SIZES[self.dataset])
+        if self.warmup_epochs == -1:
+            object.__setattr__(self, "warmup_epochs", DEFAULT_WARMUP_EPOCHS[self.dataset])
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"--architecture must be one of {', '.join(ARCHITECTURES)}; got {self.architecture!r}")
         if self.architecture == "mtan" and self.variant != "paper":
@@ -150,6 +165,11 @@ class TrainConfig:
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"--warmup-epochs must be smaller than --epochs ({self.epochs}); got "
                              f"{self.warmup_epochs}")
+        stage0 = losses.PRESETS[self.weights_preset].stage0_epochs
+        if self.method == "core" and self.epochs <= stage0:
+            raise ValueError(f"--method core trains only the reconstruction, task heads frozen, for its first {stage0} "
+                             f"epochs (stage 0 of the {self.weights_preset} preset): --epochs must exceed {stage0} "
+                             f"for the heads to train; got {self.epochs}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
@@ -202,7 +222,13 @@ class TrainConfig:
         identity = {k: v for k, v in dataclasses.asdict(self).items()
                     if k not in ("resume", "quiet", "out", "corruptions", "severities")}
         identity["heads_read"] = self.model_config().heads_read
+        identity.update({k: _absolute(identity[k]) for k in PATH_FIELDS})
         return identity
+
+
+def _absolute(path: str) -> str:
+    """``path`` absolute and normalised ("" stays ""): the same file however it was named."""
+    return str(Path(path).resolve()) if path else path
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -314,12 +340,16 @@ def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
     plt = pyplot()
     import numpy as np
 
-    columns = [("image", batch["images"], "rgb"), ("labels", batch["segmentation"], "seg"),
-               ("predicted segmentation", panels["pred/segmentation"].argmax(-1), "seg")
-               if "pred/segmentation" in panels else None,
-               ("depth", batch["depth"][..., 0], "depth"),
-               ("predicted depth", panels["pred/depth"][..., 0], "depth") if "pred/depth" in panels else None]
-    if dataset == "nyuv2":
+    # The labels of the tasks the batch holds (a single-task run's test split holds one), each beside its prediction.
+    columns = [("image", batch["images"], "rgb")]
+    if "segmentation" in batch:
+        columns += [("labels", batch["segmentation"], "seg"),
+                    ("predicted segmentation", panels["pred/segmentation"].argmax(-1), "seg")
+                    if "pred/segmentation" in panels else None]
+    if "depth" in batch:
+        columns += [("depth", batch["depth"][..., 0], "depth"),
+                    ("predicted depth", panels["pred/depth"][..., 0], "depth") if "pred/depth" in panels else None]
+    if "normal" in batch and dataset == "nyuv2":
         columns += [("normals", batch["normal"], "normal"),
                     ("predicted normals", panels["pred/normal"], "normal") if "pred/normal" in panels else None]
     if "rendered" in panels:
@@ -376,14 +406,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not identity_path.exists():
             raise FileNotFoundError(f"--resume: no run to resume in {out} (run.json is missing)")
         saved = json.loads(identity_path.read_text())
-        # A field that an older version did not record had its default then.
+        if not isinstance(saved, dict):
+            raise ValueError(f"--resume: {identity_path} is not this script's record of a run (a JSON object)")
+        # A field that an older version did not record had its default then (these two, the NYUv2 values);
+        # paths it recorded as given are compared from the current folder.
         defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
-        changed = {k: (saved.get(k, defaults.get(k)), v) for k, v in config.run_identity().items()
-                   if saved.get(k, defaults.get(k)) != v}
+        defaults.update(batch_size=DEFAULT_BATCH_SIZES["nyuv2"], warmup_epochs=DEFAULT_WARMUP_EPOCHS["nyuv2"])
+        saved = {k: _absolute(v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in saved.items()}
+        changed = [f"--{k.replace('_', '-')} was {saved.get(k, defaults.get(k))!r}, now {v!r}"
+                   for k, v in config.run_identity().items() if saved.get(k, defaults.get(k)) != v]
         if changed:
-            name, (was, now) = next(iter(changed.items()))
-            raise ValueError(f"--resume must use the run's own flags: --{name.replace('_', '-')} was {was!r}, "
-                             f"now {now!r}")
+            raise ValueError(f"--resume must use the run's own flags: {'; '.join(changed)}")
     elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     _barrier("checked --out")  # before process 0 writes run.json there
@@ -400,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep = ["images", *task_names]
     train_split = {k: v for k, v in train_split.items() if k in keep}
     test_split = {k: v for k, v in test_split.items() if k in keep}
+    if config.batch_size > len(train_split["images"]):
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
+                         f"({len(train_split['images'])} examples), which would leave no full batch")
     loader = Loader(train_split, config.batch_size, seed=config.seed, on_device=config.on_device)
     test_loader = Loader(test_split, min(config.batch_size, len(test_split["images"])), seed=config.seed,
                          shuffle=False, drop_last=False, on_device=config.on_device)
@@ -433,9 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start_epoch = 0
     if config.resume:
-        start_epoch = checkpoints.latest_epoch() or 0
-        if start_epoch:
-            restored = checkpoints.restore(start_epoch, {"state": state, "balancer": balancer_state})
+        epoch, restored, set_aside = checkpoints.restore_latest({"state": state, "balancer": balancer_state})
+        for reason in set_aside:
+            print(f"train_nyuv2.py: warning: a checkpoint could not be read and was renamed *.unreadable; resuming "
+                  f"from an older one ({reason})", file=sys.stderr)
+        if epoch:
+            start_epoch = epoch
             state, balancer_state = restored["state"], restored["balancer"]
     history = _read_history(out / "metrics.jsonl", start_epoch)
     base_key = jax.random.key(config.seed)

@@ -187,3 +187,34 @@ def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_on
     assert not np.allclose(seen[4], images[:3])
     np.testing.assert_allclose(results["contrast"]["1"]["depth/abs_err"],
                                np.mean(np.abs(corrupted_predictions - depth)), rtol=1e-5)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path):
+    """Orbax never leaves a partial checkpoint, but a disk can damage one: resuming then takes the newest readable
+    checkpoint, renames the damaged one out of the run's way, and says so; with none readable it refuses in one
+    line and renames nothing."""
+    tree = {"w": jnp.arange(1000.0), "b": jnp.ones(3)}
+    checkpoints = Checkpoints(tmp_path / "run", keep=2)
+    assert checkpoints.restore_latest(tree) == (None, None, [])
+    for epoch in (1, 2):
+        checkpoints.save(epoch, jax.tree.map(lambda leaf: leaf * epoch, tree))
+
+    def damage(epoch):
+        for path in (tmp_path / "run" / str(epoch)).rglob("*"):
+            if path.is_file() and "METADATA" not in path.name and path.stat().st_size > 0:
+                path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+    damage(2)
+    epoch, restored, set_aside = Checkpoints(tmp_path / "run").restore_latest(tree)
+    assert epoch == 1 and len(set_aside) == 1 and set_aside[0].startswith("epoch 2: ")
+    np.testing.assert_array_equal(restored["w"], tree["w"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1", "2.unreadable"]
+    checkpoints = Checkpoints(tmp_path / "run", keep=2)
+    checkpoints.save(2, tree)  # the run goes on where the damaged checkpoint was
+    assert checkpoints.latest_epoch() == 2
+    damage(1), damage(2)
+    with pytest.raises(ValueError, match="no checkpoint in .* can be read; the newest \\(epoch 2\\)") as refused:
+        Checkpoints(tmp_path / "run").restore_latest(tree)
+    assert "\n" not in str(refused.value)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
+        "1", "2", "2.unreadable"]

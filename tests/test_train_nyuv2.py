@@ -88,7 +88,8 @@ def test_four_devices_split_the_batch_and_reach_the_same_numbers(uninterrupted, 
     result = four([*FLAGS, "--batch-size", "6", "--out", str(out)])
     assert result.returncode == 2 and "--batch-size must be a multiple of the 4 devices" in result.stderr
     result = four([*FLAGS, "--batch-size", "1000", "--out", str(out)])
-    assert result.returncode == 2 and "batch_size must be <=" in result.stderr, result.stderr
+    assert result.returncode == 2 and "--batch-size 1000 is larger than the training split (8 examples" in \
+        result.stderr, result.stderr
     result = four([*FLAGS, "--pretrained", __file__, "--out", str(out)])  # a file, but no .npz archive
     assert result.returncode == 2 and "npz" in result.stderr, result.stderr
     result = four([*FLAGS, "--out", str(out)])
@@ -137,6 +138,8 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(tmp_path):
     (["--synthetic", "--perceptual", "/nonexistent.npz"], "--perceptual: no such file: /nonexistent.npz"),
     (["--synthetic", "--method", "ew", "--perceptual", __file__], "--perceptual is for --method core"),
     (["--data", "/tmp", "--dataset", "gta5"], "--dataset gta5 needs --target-data PATH"),
+    (["--synthetic", "--method", "core", "--epochs", "5", "--warmup-epochs", "1"],
+     "--epochs must exceed 5 for the heads to train; got 5"),
     (["--synthetic", "--corruptions", "snow"], "--corruptions must be 'all' or comma-separated names from"),
     (["--synthetic", "--corruptions", "fog", "--severities", "0,6"], "--severities must be comma-separated integers"),
 ])
@@ -151,8 +154,26 @@ def test_an_existing_run_is_not_overwritten_and_a_resume_must_keep_its_flags(uni
     result = run([*FLAGS, "--out", str(out)], cache)
     assert result.returncode == 2 and "already holds a run: pass --resume" in result.stderr
     changed = [*FLAGS[:-1], "--seed", "1", "--quiet", "--out", str(out), "--resume"]
+    changed[changed.index("--learning-rate") + 1] = "0.02"
     result = run(changed, cache)
-    assert result.returncode == 2 and "--seed was 2024, now 1" in result.stderr, result.stderr
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--learning-rate was 0.01, now 0.02; --seed was 2024, now 1" in result.stderr, result.stderr  # all at once
+
+
+def test_a_resume_compares_paths_as_files_and_fills_in_the_datasets_defaults(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_nyuv2_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    named = lambda data: script.TrainConfig(data=data, model="tiny", method="ew").run_identity()
+    assert named("data") == named(str(tmp_path / "data") + "/") == named("../" + tmp_path.name + "/data")
+    assert named("data")["data"] == str(tmp_path / "data")
+    nyuv2, gta5 = (script.TrainConfig(synthetic=True, dataset=d, method="ew") for d in ("nyuv2", "gta5"))
+    assert (nyuv2.batch_size, nyuv2.warmup_epochs, gta5.batch_size, gta5.warmup_epochs) == (16, 5, 32, 10)
 
 
 def test_a_finished_run_adds_the_corruption_evaluation_on_resume(uninterrupted, tmp_path):
@@ -194,3 +215,15 @@ def test_two_processes_train_one_run(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [line["devices"] for line in results["history"]] == [4, 4]
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == ["1", "2"]
+
+
+def test_a_single_task_run_writes_its_results_and_samples(tmp_path):
+    """A single-task run's test split holds one task's labels: the sample figure shows that task alone."""
+    cache, out = tmp_path / "cache", tmp_path / "stl"
+    result = run(["--synthetic", "--model", "tiny", "--method", "stl", "--task", "depth", "--epochs", "1",
+                  "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet",
+                  "--out", str(out)], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["final"]) == {"depth/abs_err", "depth/rel_err"}
+    assert (out / "samples.png").stat().st_size > 10_000
