@@ -4,6 +4,7 @@ corruption properties, the GTA5 label mapping, the loader's determinism and the 
 Shapes are tiny; each compiled function is built once per module (fixtures) or reused through JAX's cache.
 """
 
+import pickle
 import shutil
 
 import jax
@@ -64,6 +65,29 @@ def _image(value=0.5, shape=(HEIGHT, WIDTH, 3)):
     return np.full(shape, value, np.float32)
 
 
+def _corrupt_header(path):
+    """Garbage in the header's dictionary, at the file's own length (numpy's parser fails with a TokenError)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:10] + b"{'descr': ((((" + data[24:])
+
+
+def _truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _huge_header(path):
+    """A valid header declaring 120 GB of float32 data, followed by 100 bytes: must not try to allocate it."""
+    with open(path, "wb") as file:
+        np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False,
+                                                    "shape": (100000, 100000, 3)})
+        file.write(bytes(100))
+
+
+def _replace_with_folder(path):
+    path.unlink()
+    path.mkdir()
+
+
 # (case, mutation of root/train, the path the message must name relative to root, a phrase it must contain)
 MALFORMED = [
     ("missing split", lambda t: shutil.rmtree(t), "train", "split folder not found"),
@@ -79,10 +103,31 @@ MALFORMED = [
      "train/depth/2.npy", f"must be {HEIGHT}x{WIDTH}"),
     ("text dtype", lambda t: _save(t / "label" / "1.npy", np.full((HEIGHT, WIDTH), "a")), "train/label/1.npy",
      "not allowed"),
-    ("object dtype", lambda t: _save(t / "normal" / "1.npy", np.array([{}], dtype=object)), "train/normal/1.npy",
-     "not a readable"),
+    ("object dtype", lambda t: np.save(t / "normal" / "1.npy", np.array([{}], dtype=object), allow_pickle=True),
+     "train/normal/1.npy", "pickled object array"),
     ("garbage bytes", lambda t: (t / "depth" / "0.npy").write_bytes(b"not numpy"), "train/depth/0.npy",
-     "not a readable"),
+     "not a valid .npy file"),
+    ("text file", lambda t: (t / "label" / "2.npy").write_text("0 1 2\n3 4 5\n"), "train/label/2.npy",
+     "not a valid .npy file"),
+    ("python pickle", lambda t: (t / "depth" / "1.npy").write_bytes(pickle.dumps(np.zeros((HEIGHT, WIDTH)))),
+     "train/depth/1.npy", "a Python pickle, not a .npy file"),
+    ("empty file", lambda t: (t / "image" / "1.npy").write_bytes(b""), "train/image/1.npy", "empty file (0 bytes)"),
+    ("npz archive", lambda t: np.savez(t / "normal" / "2.npz", a=_image()) or (t / "normal" / "2.npz").replace(
+        t / "normal" / "2.npy"), "train/normal/2.npy", ".npz archive"),
+    ("truncated data", lambda t: _truncate(t / "image" / "2.npy", 200), "train/image/2.npy", "truncated .npy file"),
+    ("truncated header", lambda t: _truncate(t / "label" / "1.npy", 30), "train/label/1.npy",
+     "truncated .npy file, cut short in its header"),
+    ("corrupt header", lambda t: _corrupt_header(t / "depth" / "2.npy"), "train/depth/2.npy",
+     "header cannot be read"),
+    ("huge header", lambda t: _huge_header(t / "depth" / "1.npy"), "train/depth/1.npy", "truncated .npy file"),
+    ("folder named .npy", lambda t: _replace_with_folder(t / "normal" / "1.npy"), "train/normal/1.npy",
+     "is a folder; expected a .npy file"),
+    ("empty image", lambda t: _save(t / "image" / "0.npy", _image(shape=(0, 0, 3))), "train/image/0.npy",
+     "empty image of shape (0, 0, 3); expected [H, W, 3] with H, W >= 1"),
+    ("empty label", lambda t: _save(t / "label" / "1.npy", np.zeros((0, 0), np.int32)), "train/label/1.npy",
+     "empty label of shape (0, 0); expected [H, W] with H, W >= 1"),
+    ("empty depth", lambda t: _save(t / "depth" / "2.npy", np.zeros((0, WIDTH, 1), np.float32)), "train/depth/2.npy",
+     "empty depth of shape (0, 12, 1)"),
     ("label 13", lambda t: _save(t / "label" / "2.npy", np.full((HEIGHT, WIDTH), 13.0, np.float32)),
      "train/label/2.npy", "-1..12"),
     ("label -2", lambda t: _save(t / "label" / "1.npy", np.full((HEIGHT, WIDTH), -2, np.int64)),
@@ -114,6 +159,40 @@ def test_each_malformed_case_is_one_clear_line_naming_the_path(nyuv2_root, tmp_p
     assert str(root / where) in message, message
     assert phrase in message, message
     assert isinstance(raised.value, ValueError)
+
+
+def test_a_text_file_is_not_reported_as_pickled_data(nyuv2_root, tmp_path):
+    root = tmp_path / "nyuv2"
+    shutil.copytree(nyuv2_root, root)
+    (root / "train" / "image" / "2.npy").write_text("this is not an array\n")
+    with pytest.raises(DataError) as raised:
+        load_nyuv2(root, "train")
+    message = str(raised.value)
+    assert message.startswith(f"{root / 'train' / 'image' / '2.npy'}: not a valid .npy file"), message
+    assert "pickle" not in message and "allow_pickle" not in message, message
+
+
+def test_an_unreadable_file_is_one_line_naming_it(nyuv2_root, tmp_path, monkeypatch):
+    # chmod 000 does not stop root, so the refusal is simulated where the reader opens the file.
+    import builtins
+
+    import deep.data.npy_split as npy_split
+
+    root = tmp_path / "nyuv2"
+    shutil.copytree(nyuv2_root, root)
+    locked = root / "train" / "depth" / "1.npy"
+
+    def open_(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(npy_split, "open", open_, raising=False)
+    with pytest.raises(DataError) as raised:
+        load_nyuv2(root, "train")
+    message = str(raised.value)
+    assert message.startswith(f"{locked}: cannot be read (permission denied)"), message
+    assert "\n" not in message and "Errno" not in message, message
 
 
 def test_missing_root_and_unknown_split(tmp_path, nyuv2_root):
@@ -184,6 +263,27 @@ def test_gta5_resizing_follows_pil_and_missing_files_are_errors(tmp_path):
     (tmp_path / "Labels" / "x.png").unlink()
     with pytest.raises(DataError, match=r"Labels/x.png: missing"):
         load_gta5(tmp_path, size=(8, 16), allow_missing_depth=True)
+
+
+@pytest.mark.parametrize("write, phrase", [
+    (lambda p: p.write_text("1 2 3\n"), "not a valid .npy file"),
+    (lambda p: np.save(p, np.zeros((0, 0), np.float32)), "empty depth of shape (0, 0); expected [H, W] or [H, W, 1]"),
+    (lambda p: _truncate(p, 300) if np.save(p, np.zeros((30, 50), np.float32)) is None else None,
+     "truncated .npy file: its header declares a float32 array of shape (30, 50)"),
+    (lambda p: p.mkdir(), "is a folder; expected a .npy file"),
+    (lambda p: np.save(p, np.array([None, 1]), allow_pickle=True), "pickled object array"),
+], ids=["text", "empty", "truncated", "folder", "object"])
+def test_gta5_malformed_depth_is_one_line_naming_the_file(tmp_path, write, phrase):
+    _write_png(tmp_path / "images" / "x.png", np.zeros((30, 50, 3), np.uint8))
+    _write_png(tmp_path / "labels" / "x.png", np.zeros((30, 50), np.uint8))
+    (tmp_path / "depth").mkdir()
+    write(tmp_path / "depth" / "x.npy")
+    for allow_missing_depth in (False, True):  # a depth file that is there but bad is never taken for a missing one
+        with pytest.raises(DataError) as raised:
+            load_gta5(tmp_path, size=(8, 16), allow_missing_depth=allow_missing_depth)
+        message = str(raised.value)
+        assert message.startswith(f"{tmp_path / 'depth' / 'x.npy'}: "), message
+        assert phrase in message and "\n" not in message, message
 
 
 def test_gta5_writer_round_trip(tmp_path):
@@ -450,8 +550,10 @@ def test_loader_on_device_gives_the_same_batches():
 def test_loader_validation():
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         Loader(_indexed(), 0, seed=0)
-    with pytest.raises(ValueError, match="batch_size must be <= the 10 examples"):
+    with pytest.raises(ValueError) as raised:
         Loader(_indexed(), 11, seed=0)
+    assert str(raised.value).startswith("batch size 11 is larger than the data set (10 examples)"), raised.value
+    assert "drop_last" not in str(raised.value) and "batch_size" not in str(raised.value)
     assert len(Loader(_indexed(), 11, seed=0, drop_last=False)) == 1
     with pytest.raises(ValueError, match="share a first axis"):
         Loader({"a": np.zeros(3), "b": np.zeros(4)}, 1, seed=0)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from deep.data.errors import DataError
-from deep.data.npy_split import read_split
+from deep.data.npy_split import os_error, read_npy, read_split
 from deep.data.resample import pil_nearest_indices, pil_resize
 
 __all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_CLASS_NAMES", "GTA5_LABEL_MAP", "load_cityscapes", "load_gta5",
@@ -82,8 +82,8 @@ def _open_png(path: Path):
     try:
         image = Image.open(path)
         image.load()
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        raise os_error(path, error, "a PNG image") from None
     except (OSError, UnidentifiedImageError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: not a readable image ({reason})") from None
@@ -91,15 +91,13 @@ def _open_png(path: Path):
 
 
 def _read_depth(path: Path) -> np.ndarray:
-    try:
-        depth = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"{path}: not a readable .npy array ({reason})") from None
-    if not isinstance(depth, np.ndarray) or depth.dtype.kind not in "iuf":
-        raise DataError(f"{path}: depth must be a numeric .npy array; got {getattr(depth, 'dtype', type(depth))}")
+    depth = read_npy(path)
+    if depth.dtype.kind not in "iuf":
+        raise DataError(f"{path}: depth must be a numeric .npy array; got {depth.dtype}")
     if not (depth.ndim == 2 or (depth.ndim == 3 and depth.shape[2] == 1)):
         raise DataError(f"{path}: depth of shape {depth.shape}; expected [H, W] or [H, W, 1]")
+    if depth.size == 0:
+        raise DataError(f"{path}: empty depth of shape {depth.shape}; expected [H, W] or [H, W, 1] with H, W >= 1")
     if depth.dtype.kind == "f" and not np.isfinite(depth).all():
         raise DataError(f"{path}: holds NaN or infinite values; every value must be finite")
     if depth.min() < 0:
@@ -144,7 +142,10 @@ def load_gta5(root: str | os.PathLike, size: tuple[int, int] = (128, 256),
     if not depth_dir.is_dir() and not allow_missing_depth:
         raise DataError(f"{depth_dir}: folder not found; expected root/depth/<stem>.npy (or pass "
                         f"allow_missing_depth=True to train without depth)")
-    names = sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() == ".png")
+    try:
+        names = sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() == ".png")
+    except OSError as error:
+        raise os_error(image_dir, error, "a folder of .png images") from None
     if not names:
         raise DataError(f"{image_dir}: no .png images")
 
@@ -165,7 +166,7 @@ def load_gta5(root: str | os.PathLike, size: tuple[int, int] = (128, 256),
         out["segmentation"][index] = labelids_to_categories(label[rows][:, columns])
 
         depth_path = depth_dir / f"{Path(name).stem}.npy"
-        if not depth_path.is_file():
+        if not depth_path.exists():  # a folder or an unreadable file is reported by _read_depth
             if allow_missing_depth:
                 continue  # stays all-zero: invalid everywhere
             raise DataError(f"{depth_path}: missing depth file (pass allow_missing_depth=True to use invalid depth "

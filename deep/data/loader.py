@@ -56,8 +56,8 @@ class Loader:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
         if drop_last and batch_size > count:
-            raise ValueError(f"batch_size must be <= the {count} examples when drop_last is set (else an epoch has "
-                             f"no batch); got {batch_size}")
+            raise ValueError(f"batch size {batch_size} is larger than the data set ({count} examples), so an epoch of "
+                             f"full batches would be empty; the batch size must be at most {count}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
         self.count = count

@@ -4,8 +4,8 @@
 first problem found raises a :class:`~deep.data.errors.DataError` whose one-line message names the file (or the
 folder) and says what is allowed. Checks, in order: the root, the split and every folder exist; each folder holds
 exactly ``0.npy .. (N-1).npy`` (no gap, no other ``.npy`` name) and all folders hold the same N; then per file: it is
-a readable ``.npy`` of integers or floats, of the field's shape and of the split's height x width, finite, and
-within the field's range.
+a readable, complete ``.npy`` file (not text, an ``.npz``, a pickle or a pickled object array) of integers or
+floats, of the field's shape, non-empty and of the split's height x width, finite, and within the field's range.
 
 Fields (``kind``) and what each one accepts:
 
@@ -17,12 +17,13 @@ Fields (``kind``) and what each one accepts:
   length is not required: MTAN rescaled the pre-computed normals, and interpolated unit vectors are shorter than 1
   near creases (LibMTL's metric normalises only the prediction, so that is the data as the benchmark sees it).
 
-Loading runs on a few threads (``np.load`` releases the GIL while it reads); validation is vectorised per file.
+Loading runs on a few threads (numpy's file read releases the GIL); validation is vectorised per file.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import re
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 
 from deep.data.errors import DataError
 
-__all__ = ["SPLITS", "FIELD_KEYS", "NORMAL_LENGTH_TOLERANCE", "read_split"]
+__all__ = ["SPLITS", "FIELD_KEYS", "NORMAL_LENGTH_TOLERANCE", "read_split", "read_npy", "os_error"]
 
 SPLITS = ("train", "val")
 # Folder (as on disk) -> the key of the returned dict, which is also the task name the model and losses use.
@@ -40,12 +41,18 @@ FIELD_KEYS = {"image": "images", "label": "segmentation", "depth": "depth", "nor
 NORMAL_LENGTH_TOLERANCE = 1e-2
 _INDEX_NAME = re.compile(r"(0|[1-9][0-9]*)\.npy")
 _READ_THREADS = 4
+_NPY_SIGNATURE = b"\x93NUMPY"
+_NPY_EXPECTED = "expected a numeric array (integers or floats) saved with numpy.save"
 
 
 def _count_indexed_files(directory: Path) -> int:
     """N, after checking that ``directory`` holds exactly ``0.npy .. (N-1).npy`` among its ``.npy`` files."""
     indices = set()
-    for entry in os.scandir(directory):
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as error:
+        raise os_error(directory, error, "a folder of <i>.npy files") from None
+    for entry in entries:
         if not entry.name.endswith(".npy"):
             continue  # other files (a README, .DS_Store) are not part of the layout and are ignored
         match = _INDEX_NAME.fullmatch(entry.name)
@@ -63,16 +70,97 @@ def _count_indexed_files(directory: Path) -> int:
     return count
 
 
-def _load(path: Path) -> np.ndarray:
+def os_error(path: Path, error: OSError, expected: str) -> DataError:
+    """The one-line :class:`DataError` for an ``OSError`` met while opening or listing ``path``."""
+    if isinstance(error, FileNotFoundError):
+        return DataError(f"{path}: {'broken symbolic link' if path.is_symlink() else 'missing'}")
+    if isinstance(error, IsADirectoryError):
+        return DataError(f"{path}: is a folder; expected {expected}")
+    if isinstance(error, PermissionError):
+        return DataError(f"{path}: cannot be read (permission denied); expected {expected} readable by this user")
+    return DataError(f"{path}: cannot be read ({error.strerror or type(error).__name__}); expected {expected}")
+
+
+def _not_npy(path: Path, start: bytes) -> DataError:
+    """Why a file that does not start with the .npy signature is not a .npy file."""
+    if not start:
+        what = "an empty file (0 bytes), not a .npy file"
+    elif _NPY_SIGNATURE.startswith(start):
+        what = f"a truncated .npy file ({len(start)} bytes, cut short in its signature)"
+    elif start.startswith(b"PK\x03\x04"):
+        what = "an .npz archive (a zip of arrays), not a single .npy array"
+    elif len(start) > 1 and start[0] == 0x80 and 2 <= start[1] <= 5:
+        what = "a Python pickle, not a .npy file"
+    else:
+        what = f"not a valid .npy file (it starts with {start!r}, not the .npy signature {_NPY_SIGNATURE!r})"
+    return DataError(f"{path}: {what}; {_NPY_EXPECTED}")
+
+
+def _header_is_cut(file) -> bool:
+    """Whether the .npy file open in ``file`` ends before the end of the header its length field declares."""
+    file.seek(0)
+    prefix = file.read(12)  # signature (6), version (2), header length (2 bytes in format 1.0, else 4)
+    width = 2 if prefix[6:7] == b"\x01" else 4
+    if len(prefix) < 8 + width:
+        return True
+    return os.fstat(file.fileno()).st_size < 8 + width + int.from_bytes(prefix[8:8 + width], "little")
+
+
+def _read_npy_header(file, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """``(shape, dtype)`` from the header of the open ``file``, left positioned after the header."""
+    start = file.read(len(_NPY_SIGNATURE))
+    if start != _NPY_SIGNATURE:
+        raise _not_npy(path, start)
+    file.seek(0)
     try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing") from None
-    except (OSError, ValueError, EOFError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"{path}: not a readable .npy array ({reason})") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping
-        raise DataError(f"{path}: not a single .npy array")
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(file)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(file)
+        else:
+            shape = dtype = None
+    except Exception as error:  # numpy's parser of arbitrary bytes: ValueError, EOFError, TokenError, TypeError...
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        if _header_is_cut(file):
+            raise DataError(f"{path}: a truncated .npy file, cut short in its header ({reason}); "
+                            f"{_NPY_EXPECTED}") from None
+        raise DataError(f"{path}: not a valid .npy file (its header cannot be read: {reason}); "
+                        f"{_NPY_EXPECTED}") from None
+    if dtype is None:  # format 3.0 exists only for structured dtypes with non-latin-1 field names
+        raise DataError(f"{path}: .npy format version {version[0]}.{version[1]} is not supported; {_NPY_EXPECTED} "
+                        f"(format 1.0 or 2.0)")
+    return shape, dtype
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """``np.load(path, allow_pickle=False)`` of a single ``.npy`` array, every failure a one-line
+    :class:`DataError` naming ``path``: missing, a folder, unreadable, not a .npy file (text, empty, an .npz, a
+    pickle), a bad header, a pickled object array, or truncated data. The dtype is not checked here."""
+    try:
+        with open(path, "rb") as file:
+            shape, dtype = _read_npy_header(file, path)
+            if dtype.hasobject:
+                raise DataError(f"{path}: holds a pickled object array (dtype {dtype}), which is not loaded; "
+                                f"{_NPY_EXPECTED}")
+            expected_bytes = math.prod(shape) * dtype.itemsize
+            available = os.fstat(file.fileno()).st_size - file.tell()
+            if available < expected_bytes:
+                raise DataError(f"{path}: truncated .npy file: its header declares a {dtype} array of shape {shape} "
+                                f"({expected_bytes} bytes of data) but only {available} bytes follow; the file was "
+                                f"cut short or not fully written")
+            file.seek(0)
+            try:
+                return np.lib.format.read_array(file, allow_pickle=False)
+            except (ValueError, EOFError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise DataError(f"{path}: not a valid .npy file ({reason}); {_NPY_EXPECTED}") from None
+    except OSError as error:
+        raise os_error(path, error, "a .npy file") from None
+
+
+def _load(path: Path) -> np.ndarray:
+    array = read_npy(path)
     if array.dtype.kind not in "iuf":
         raise DataError(f"{path}: dtype {array.dtype} is not allowed; expected integers or floats")
     return array
@@ -90,6 +178,8 @@ def _check_spatial(array: np.ndarray, path: Path, kind: str, spatial: tuple[int,
         ok = array.ndim == 2 or (array.ndim == 3 and shape[2] == 1)
     if not ok:
         raise DataError(f"{path}: {kind} of shape {shape}; expected {expected}")
+    if array.size == 0:
+        raise DataError(f"{path}: empty {kind} of shape {shape}; expected {expected} with H, W >= 1")
     if shape[:2] != spatial:
         raise DataError(f"{path}: {kind} of height x width {shape[0]}x{shape[1]}; every file of the split must be "
                         f"{spatial[0]}x{spatial[1]} (as {reference})")
