@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deep.atrous import DILATED_CONVS, conv_flops
 
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_atrous.py"),
-                          argv)
+                          argv, out_kind="file")
     rows = []
     for precision in parse_choices("--precisions", config.precisions, PRECISIONS):
         dtype = jnp.dtype(precision)

@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from theory.balancing import make
 
     parser = parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_balancers.py")
-    config = parse_config(BenchConfig, parser, argv)
+    config = parse_config(BenchConfig, parser, argv, out_kind="file")
     rows = []
     for num_params in config.param_counts:
         for num_tasks in config.task_counts:

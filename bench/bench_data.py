@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from deep.data import nyuv2_arrays
 
-    config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_data.py"), argv)
+    config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_data.py"), argv,
+                          out_kind="file")
     size, batch = SETTINGS[config.config]
     step_path, step = _step_reference(config.step_json, config.config)
     scenes = nyuv2_arrays(min(config.distinct, config.examples), *size, seed=0)

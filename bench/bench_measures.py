@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from theory import measures
 
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_measures.py"),
-                          argv)
+                          argv, out_kind="file")
     rng = np.random.default_rng(0)
     linear_cka, gram_cka, debiased = (jax.jit(measures.linear_cka), jax.jit(measures.linear_cka_gram),
                                       jax.jit(measures.debiased_cka))

@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  seed_keys, sweep, train_and_evaluate, train_step)
 
     parser = parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_sweep.py")
-    config = parse_config(BenchConfig, parser, argv)
+    config = parse_config(BenchConfig, parser, argv, out_kind="file")
     sweep_config = sweep_theta.SweepConfig()  # the default sweep
     scm = sweep_theta.build_scm(sweep_config)
     thetas = sweep_theta.thetas_of(sweep_config)

@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
 
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_train_step.py"),
-                          argv)
+                          argv, out_kind="file")
     model_config, batch_size, size = _setting(config.config, config.variant)
     if config.dilated_conv:
         model_config = dataclasses.replace(model_config, dilated_conv=config.dilated_conv)

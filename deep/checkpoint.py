@@ -88,7 +88,7 @@ class Checkpoints:
                 continue
             for failed, _ in failures:
                 if jax.process_index() == 0:  # one process renames; the others skip them as unreadable too
-                    (self.directory / str(failed)).rename(self.directory / f"{failed}.unreadable")
+                    self._set_aside(failed)
             self._manager.reload()
             return epoch, tree, [f"epoch {failed}: {_first_line(error)}" for failed, error in failures]
         if failures:
@@ -98,6 +98,14 @@ class Checkpoints:
             raise ValueError(f"no checkpoint in {self.directory} can be read; the newest (epoch {epoch}): "
                              f"{_first_line(error)}") from None
         return None, None, []
+
+    def _set_aside(self, epoch: int) -> None:
+        """Renames the checkpoint of ``epoch`` to ``<epoch>.unreadable`` (``.unreadable.2``, ... when taken)."""
+        target, copy = self.directory / f"{epoch}.unreadable", 1
+        while target.exists():
+            copy += 1
+            target = self.directory / f"{epoch}.unreadable.{copy}"
+        (self.directory / str(epoch)).rename(target)
 
     def close(self) -> None:
         self._manager.close()

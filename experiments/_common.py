@@ -66,31 +66,93 @@ def _number_parser(kind: type, name: str) -> Callable[[str], Any]:
     return parse
 
 
-def parse_config(config_class: type, parser: argparse.ArgumentParser, argv: Sequence[str] | None):
-    """Parses ``argv`` into ``config_class``; a ``ValueError`` from its validation becomes a one-line error."""
+# What ``jax.random.key`` accepts (a C long: larger or smaller seeds raise OverflowError deep inside JAX).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def parse_config(config_class: type, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                 out_kind: str | None = None):
+    """Parses ``argv`` into ``config_class``; a ``ValueError`` from its validation becomes a one-line error.
+
+    Integer fields named ``seed`` or ``*_seed`` must lie in the range JAX's random keys accept. A truthy ``out``
+    field is checked with :func:`check_output_path` and ``out_kind`` (``"file"``, ``"folder"`` or ``None``: decided
+    by a ``.json`` suffix).
+    """
     namespace = parser.parse_args(argv)
     try:
+        check_seeds(config_class, vars(namespace))
         config = config_class(**vars(namespace))
         if getattr(config, "out", ""):
-            check_output_path(config.out)
+            check_output_path(config.out, kind=out_kind)
         return config
     except ValueError as error:
         parser.error(str(error))
 
 
-def check_output_path(out: str) -> None:
-    """Refuses, before any work, an ``--out`` that cannot be written: a JSON path (``.json``) that is a folder, a
-    folder that is a file, or either below an existing file."""
+def check_seeds(config_class: type, values: dict[str, Any]) -> None:
+    """Refuses a seed (an ``int`` field named ``seed`` or ending in ``_seed``) outside ``[SEED_MIN, SEED_MAX]``."""
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        if (field.name == "seed" or field.name.endswith("_seed")) and hints[field.name] is int:
+            value = values.get(field.name, field.default)
+            if isinstance(value, int) and not SEED_MIN <= value <= SEED_MAX:
+                raise ValueError(f"{_flag(field.name)} must be an integer in [-2^63, 2^63 - 1]; got {value}")
+
+
+def check_output_path(out: str, kind: str | None = None) -> None:
+    """Proves, before any work, that ``--out`` can be written, or raises a one-line ``ValueError`` naming it.
+
+    ``kind`` is what the script writes there: ``"file"`` (one JSON file at ``out``), ``"folder"`` (files inside
+    ``out``) or ``None``, a file when ``out`` ends in ``.json`` and a folder otherwise. Refused: a file path that is
+    a folder, a folder that is a file, either below a file, and a place where the folder cannot be made or a file
+    cannot be created (checked by making the missing folders and a probe file, then removing all of them again).
+    """
+    if kind not in (None, "file", "folder"):
+        raise TypeError(f"kind must be 'file', 'folder' or None; got {kind!r}")
     path = Path(out)
-    wants_file = path.suffix == ".json"
+    wants_file = path.suffix == ".json" if kind is None else kind == "file"
     if path.exists() and path.is_dir() == wants_file:
-        kind, other = ("a JSON file path", "folder") if wants_file else ("a folder", "file")
-        raise ValueError(f"--out must be {kind}; {out} is an existing {other}")
+        what, other = ("a JSON file path", "folder") if wants_file else ("a folder", "file")
+        raise ValueError(f"--out must be {what}; {out} is an existing {other}")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"--out {out} lies below {parent}, which is a file, not a folder")
             break
+    _probe_folder(out, path.parent if wants_file else path)
+
+
+def _probe_folder(out: str, folder: Path) -> None:
+    """Makes ``folder`` (and its missing parents) and a file in it, then removes what it made."""
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if os.path.lexists(candidate):
+            break
+        missing.append(candidate)
+    created = []
+    try:
+        for candidate in reversed(missing):
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue  # made meanwhile by someone else: theirs to keep
+            except OSError as error:
+                raise ValueError(f"--out {out} cannot be written: cannot create the folder {candidate} "
+                                 f"({error.strerror or error}); choose a location you can write to") from None
+            created.append(candidate)
+        try:
+            handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            raise ValueError(f"--out {out} cannot be written: cannot create a file in {folder} "
+                             f"({error.strerror or error}); choose a location you can write to") from None
+    finally:
+        for candidate in reversed(created):
+            try:
+                candidate.rmdir()
+            except OSError:
+                pass  # something was put there meanwhile: leave it
 
 
 def parse_floats(name: str, value: Any) -> tuple[float, ...]:
@@ -129,14 +191,19 @@ def median_seconds(function: Callable[[], Any], repeats: int, warmup: bool = Fal
     return statistics.median(times)
 
 
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
     """Runs ``main``; library ``ValueError`` s (bad input met late) and the errors of a path that cannot be read or
-    written become one line and exit status 2 (other errors keep their traceback: they are bugs)."""
+    written (any ``OSError`` that names a path: a missing file, a full disk...) become one line and exit status 2
+    (other errors keep their traceback: they are bugs)."""
     prog = Path(sys.argv[0]).name
     try:
         status = main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as error:
+    except (ValueError, OSError) as error:
+        if isinstance(error, OSError) and error.filename is None and not isinstance(error, _PATH_ERRORS):
+            raise  # not about a path the user gave
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -146,10 +213,16 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write(tmp)`` on a temporary file next to ``path``, then renames it into place."""
+    """Calls ``write(tmp)`` on a temporary file next to ``path``, then renames it into place.
+
+    An ``OSError`` on the way names ``path``, never the temporary file (a name the user never gave).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as error:
+        raise _naming(error, path) from error
     os.close(handle)
     tmp = Path(tmp_name)
     try:
@@ -158,9 +231,18 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared like any other
         os.replace(tmp, path)
+    except OSError as error:
+        raise _naming(error, path) from error
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` as the same kind of ``OSError`` about ``path`` alone (``OSError(errno, ...)`` picks the subclass)."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -184,7 +184,7 @@ def plot(payload: dict, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = parser_for(OrthogonalityConfig, __doc__.splitlines()[0], prog="grad_orthogonality.py")
-    config = parse_config(OrthogonalityConfig, parser, argv)
+    config = parse_config(OrthogonalityConfig, parser, argv, out_kind="folder")
     start = time.perf_counter()
     payload = run(config)
     payload["seconds_total"] = time.perf_counter() - start

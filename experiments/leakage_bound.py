@@ -196,7 +196,7 @@ def plot(payload: dict, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = parser_for(LeakageConfig, __doc__.splitlines()[0], prog="leakage_bound.py")
-    config = parse_config(LeakageConfig, parser, argv)
+    config = parse_config(LeakageConfig, parser, argv, out_kind="folder")
     start = time.perf_counter()
     payload = run(config)
     payload["seconds_total"] = time.perf_counter() - start

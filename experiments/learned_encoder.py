@@ -68,12 +68,29 @@ class EncoderConfig:
         if any(not (v >= 0 and math.isfinite(v)) for v in lambdas):
             raise ValueError(f"--lambda-ind must be finite numbers >= 0; got {self.lambda_ind!r}")
         object.__setattr__(self, "lambda_ind", lambdas)
+        for name in ("dim", "num_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1; got {getattr(self, name)}")
+        for name in ("rho_source", "rho_target"):
+            if not -1 < getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must lie in (-1, 1); got {getattr(self, name)}")
+        if not (self.sigma_r_target > 0 and math.isfinite(self.sigma_r_target)):
+            raise ValueError(f"--sigma-r-target must be a finite number > 0; got {self.sigma_r_target}")
+        if not (self.observation_noise >= 0 and math.isfinite(self.observation_noise)):
+            raise ValueError(f"--observation-noise must be a finite number >= 0; got {self.observation_noise}")
         if self.seeds < 2:
             raise ValueError(f"--seeds must be an integer >= 2 (standard errors need two); got {self.seeds}")
-        if self.eval_every < 1 or self.steps < 1 or self.steps % self.eval_every:
+        if self.samples < 8:
+            raise ValueError(f"--samples must be an integer >= 8; got {self.samples}")
+        for name in ("steps", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1; got {getattr(self, name)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
+        if self.steps % self.eval_every:
             raise ValueError(f"--steps ({self.steps}) must be a positive multiple of --eval-every "
                              f"({self.eval_every})")
-        self.world(), self.training()  # their own validation, before any work starts
+        self.world(), self.training()  # the library's own checks too (already met above, named by flag)
 
     def world(self):
         from theory.learned_encoder import EncoderWorld
@@ -214,7 +231,7 @@ def plot(payload: dict, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = parser_for(EncoderConfig, __doc__.splitlines()[0], prog="learned_encoder.py")
-    config = parse_config(EncoderConfig, parser, argv)
+    config = parse_config(EncoderConfig, parser, argv, out_kind="folder")
     start = time.perf_counter()
     payload = run(config)
     payload["seconds_total"] = time.perf_counter() - start

@@ -36,7 +36,8 @@ class SweepConfig:
     dim: int = dataclasses.field(default=4, metadata={"help": "dimension d of each latent factor (>= 1)"})
     sigma_s: float = dataclasses.field(default=1.0, metadata={"help": "semantic standard deviation (> 0)"})
     sigma_r_source: float = dataclasses.field(default=0.5, metadata={"help": "source residual std (> 0)"})
-    sigma_r_target: float = dataclasses.field(default=1.5, metadata={"help": "target residual std (> 0)"})
+    sigma_r_target: float = dataclasses.field(default=1.5, metadata={
+        "help": "target residual std (> 0, not --sigma-r-source: the sweep needs a shift)"})
     betas: tuple = dataclasses.field(default=(1.0, 2.0), metadata={
         "help": "comma-separated b_t, one per task; task t uses beta_t = b_t * 1/sqrt(d)"})
     noise_std: float = dataclasses.field(default=0.1, metadata={"help": "label noise std (>= 0)"})
@@ -63,6 +64,12 @@ class SweepConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0; got {value}")
+        if self.sigma_r_source**2 == self.sigma_r_target**2:
+            # No residual-variance shift: source and target are one distribution, every gap and the floor are 0, and
+            # the right panel's gap / (sin^2 theta |dsigma^2|) is 0/0. Nothing to sweep; refused before any work.
+            raise ValueError(f"--sigma-r-target must differ from --sigma-r-source (got {self.sigma_r_target} and "
+                             f"{self.sigma_r_source}): with equal residual variances source and target are the same "
+                             f"distribution, so every gap and the floor are 0")
         if not (self.noise_std >= 0 and math.isfinite(self.noise_std)):
             raise ValueError(f"--noise-std must be a finite number >= 0; got {self.noise_std}")
         betas = parse_floats("--betas", self.betas)
@@ -225,7 +232,7 @@ def plot(payload: dict, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = parser_for(SweepConfig, __doc__.splitlines()[0], prog="sweep_theta.py")
-    config = parse_config(SweepConfig, parser, argv)
+    config = parse_config(SweepConfig, parser, argv, out_kind="folder")
     start = time.perf_counter()
     payload = run(config)
     payload["seconds_total"] = time.perf_counter() - start

@@ -157,7 +157,8 @@ class TrainConfig:
                              f"dual-stream model (--architecture shared)")
         if self.task and self.method != "stl":
             raise ValueError(f"--task is for --method stl only; got --method {self.method}")
-        for flag, value, least in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+        for flag, value, least in (("--seed", self.seed, 0),  # numpy's generators (the loader's) refuse < 0
+                                   ("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                    ("--warmup-epochs", self.warmup_epochs, 0),
                                    ("--steps-per-epoch", self.steps_per_epoch, 0)):
             if value < least:
@@ -385,7 +386,7 @@ def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(TrainConfig, parser_for(TrainConfig, __doc__.splitlines()[0], prog="train_nyuv2.py"),
-                          argv)
+                          argv, out_kind="folder")
     from deep import train
 
     train.initialize_distributed()  # before anything asks JAX for its devices

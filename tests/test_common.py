@@ -1,5 +1,6 @@
 """The scripts' shared helpers: atomic output and one-line flag errors."""
 
+import dataclasses
 import json
 import os
 import stat
@@ -69,3 +70,129 @@ def test_run_main_turns_bad_input_and_os_errors_into_one_line_and_status_2(error
         run_main(main, [])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def _parse(config_class, argv, **kwargs):
+    from _common import parse_config, parser_for
+
+    return parse_config(config_class, parser_for(config_class, "test", prog="prog"), argv, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeedConfig:
+    seed: int = 0
+    data_seed: int = 0
+    seeds: int = 2  # a count, not a seed: not range-checked
+
+
+@pytest.mark.parametrize("value", [2**63 - 1, -1, -(2**63), 0])
+def test_seeds_in_the_range_jax_accepts_pass_and_make_keys(value):
+    import jax
+
+    config = _parse(_SeedConfig, ["--seed", str(value), "--data-seed", str(value)])
+    assert config.seed == config.data_seed == value
+    jax.random.key(config.seed)  # the whole accepted range really is usable
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", 2**63), ("--seed", -(2**63) - 1), ("--data-seed", 10**30)])
+def test_seeds_outside_the_range_jax_accepts_are_one_line_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(_SeedConfig, [flag, str(value)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} must be an integer in [-2^63, 2^63 - 1]" in err and str(value) in err
+    assert _parse(_SeedConfig, ["--seeds", str(2**70)]).seeds == 2**70
+
+
+def test_an_out_that_cannot_be_created_is_refused_and_leaves_no_folders(tmp_path):
+    too_long = "x" * 300  # longer than any file system allows a name: refused even for root
+    for out, kind in ((tmp_path / "a" / "b" / too_long, "folder"), (tmp_path / "a" / "b" / too_long / "c", None),
+                      (tmp_path / "a" / "b" / too_long / "r.json", "file")):
+        with pytest.raises(ValueError, match=r"--out .* cannot be written") as error:
+            check_output_path(str(out), kind=kind)
+        assert str(out) in str(error.value) and "\n" not in str(error.value)
+        assert list(tmp_path.iterdir()) == []  # the folders the check made are gone again
+    if Path("/proc/self").is_dir():
+        for out, kind in (("/proc/x", "folder"), ("/proc/x.json", "file")):
+            with pytest.raises(ValueError, match=f"--out {out} cannot be written"):
+                check_output_path(out, kind=kind)
+
+
+def test_a_writable_out_passes_and_the_check_leaves_nothing_behind(tmp_path):
+    check_output_path(str(tmp_path / "new" / "deeper"), kind="folder")
+    check_output_path(str(tmp_path / "new2" / "result.txt"), kind="file")
+    check_output_path(str(tmp_path), kind="folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scripts_declare_whether_out_is_a_file_or_a_folder(tmp_path):
+    existing_file = tmp_path / "existing.json"
+    existing_file.write_text("{}")
+    check_output_path(str(tmp_path / "text.txt"), kind="file")  # a JSON file need not end in .json
+    with pytest.raises(ValueError, match=f"--out must be a JSON file path; {tmp_path} is an existing folder"):
+        check_output_path(str(tmp_path), kind="file")
+    with pytest.raises(ValueError, match="--out must be a folder; .*existing.json is an existing file"):
+        check_output_path(str(existing_file), kind="folder")
+    check_output_path(str(tmp_path / "run"))  # without a kind, the suffix decides, as before
+    with pytest.raises(ValueError, match="which is a file, not a folder"):
+        check_output_path(str(existing_file / "x"))
+
+
+def test_write_errors_name_the_users_path_not_the_temporary(tmp_path):
+    target = tmp_path / "result.json"
+    target.mkdir()  # a folder where the file should go: os.replace fails
+    with pytest.raises(IsADirectoryError) as error:
+        write_json(target, {"a": 1})
+    assert error.value.filename == str(target) and error.value.filename2 is None
+    assert ".result.json." not in str(error.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+    def no_space(tmp):
+        raise OSError(28, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError, match="No space left on device") as error:
+        write_atomically(tmp_path / "other.json", no_space)
+    assert error.value.filename == str(tmp_path / "other.json")
+
+
+def test_run_main_reports_any_os_error_about_a_path_in_one_line(capsys):
+    def main(argv):
+        raise OSError(28, "No space left on device", "/data/result.json")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, [])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/data/result.json" in err
+
+
+class _Checked(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script, kind", [*((name, "file") for name in (
+    "bench_atrous", "bench_balancers", "bench_data", "bench_measures", "bench_sweep", "bench_train_step")),
+    *((name, "folder") for name in ("sweep_theta", "leakage_bound", "grad_orthogonality", "learned_encoder"))])
+def test_each_script_declares_what_its_out_is(script, kind, monkeypatch, tmp_path):
+    """The bench scripts write one JSON file whatever its name; the experiments write a folder, whatever its name."""
+    import importlib.util
+
+    import _common
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / ("bench" if script.startswith("bench") else "experiments") / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"_out_kind_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    seen = {}
+
+    def check(out, kind=None):
+        seen["out"], seen["kind"] = out, kind
+        raise _Checked
+
+    monkeypatch.setattr(_common, "check_output_path", check)
+    out = str(tmp_path / ("text.txt" if kind == "file" else "results.json"))  # the suffix must not decide
+    with pytest.raises(_Checked):
+        module.main(["--out", out])
+    assert seen == {"out": out, "kind": kind}

@@ -212,9 +212,15 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tm
     checkpoints = Checkpoints(tmp_path / "run", keep=2)
     checkpoints.save(2, tree)  # the run goes on where the damaged checkpoint was
     assert checkpoints.latest_epoch() == 2
+    damage(2)  # damaged again: set aside beside the first
+    assert Checkpoints(tmp_path / "run").restore_latest(tree)[0] == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
+        "1", "2.unreadable", "2.unreadable.2"]
+    checkpoints = Checkpoints(tmp_path / "run", keep=2)
+    checkpoints.save(2, tree)
     damage(1), damage(2)
     with pytest.raises(ValueError, match="no checkpoint in .* can be read; the newest \\(epoch 2\\)") as refused:
         Checkpoints(tmp_path / "run").restore_latest(tree)
     assert "\n" not in str(refused.value)
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "1", "2", "2.unreadable"]
+        "1", "2", "2.unreadable", "2.unreadable.2"]

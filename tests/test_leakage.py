@@ -197,3 +197,18 @@ def test_script_bad_flags(flags, message, tmp_path):
     result = run_script(*flags, "--out", str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", str(2**63)], "--seed must be an integer in [-2^63, 2^63 - 1]"),
+    (["--seed", str(-(2**63) - 1)], "--seed must be an integer in [-2^63, 2^63 - 1]"),
+    (["--num-thetas", "1", "--cases", "laplace", "--samples", "1000", "--out", "/proc/x.json"],
+     "--out /proc/x.json cannot be written"),
+])
+def test_script_refuses_a_seed_jax_cannot_take_and_an_unwritable_out_before_any_work(flags, message, tmp_path):
+    if "/proc/x.json" in flags and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    args = [*flags] if "--out" in flags else [*flags, "--out", str(tmp_path)]
+    result = run_script(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

@@ -133,9 +133,33 @@ def test_script_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [(["--methods", "graddrop_x"], "--methods must be"),
                                             (["--steps", "15", "--eval-every", "10"], "multiple of --eval-every"),
-                                            (["--rho-source", "1.5"], "rho_source must lie in (-1, 1)")])
+                                            (["--rho-source", "1.5"], "--rho-source must lie in (-1, 1)")])
 def test_script_bad_flags(flags, message, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "learned_encoder.py"), *flags, "--out",
                              str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--samples", "4"], "--samples must be an integer >= 8; got 4"),
+    (["--rho-source", "1.5"], "--rho-source must lie in (-1, 1); got 1.5"),
+    (["--rho-target", "-1"], "--rho-target must lie in (-1, 1); got -1.0"),
+    (["--learning-rate", "0"], "--learning-rate must be a finite number > 0; got 0.0"),
+    (["--dim", "0"], "--dim must be an integer >= 1; got 0"),
+    (["--num-tasks", "0"], "--num-tasks must be an integer >= 1; got 0"),
+    (["--sigma-r-target", "-2"], "--sigma-r-target must be a finite number > 0; got -2.0"),
+    (["--observation-noise", "nan"], "--observation-noise must be a finite number >= 0; got nan"),
+    (["--eval-every", "0"], "--eval-every must be an integer >= 1; got 0"),
+    (["--methods", "ew", "--samples", "64", "--steps", "10", "--eval-every", "10", "--lambda-ind", "0", "--out",
+      "/proc/x.json"], "--out /proc/x.json cannot be written"),
+])
+def test_script_errors_name_the_flag_and_the_value(flags, message, tmp_path):
+    if "/proc/x.json" in flags and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    args = [*flags] if "--out" in flags else [*flags, "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "learned_encoder.py"), *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

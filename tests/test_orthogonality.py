@@ -65,3 +65,18 @@ def test_script_bad_flags(flags, message, tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", str(2**63)], "--seed must be an integer in [-2^63, 2^63 - 1]; got 9223372036854775808"),
+    (["--num-thetas", "2", "--dim", "1", "--samples", "8", "--num-batches", "2", "--batch", "4", "--out",
+      "/proc/x.json"], "--out /proc/x.json cannot be written"),
+])
+def test_script_refuses_a_seed_jax_cannot_take_and_an_unwritable_out(flags, message, tmp_path):
+    if "/proc/x.json" in flags and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    args = [*flags] if "--out" in flags else [*flags, "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "grad_orthogonality.py"), *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr

@@ -68,3 +68,29 @@ def test_bad_flags_give_one_line_and_a_nonzero_exit(flags, message, tmp_path):
     assert len(lines) == 1, result.stderr
     assert message in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "sweep_theta.json").exists()
+
+
+def test_equal_residual_variances_are_refused_before_any_work(tmp_path):
+    """No residual-variance shift: source and target are one distribution, every gap and the floor are 0 and the
+    gap / (sin^2 theta |dsigma^2|) panel would be 0/0; refused up front instead of a vacuous sweep and NaN warnings."""
+    result = run_script(*TINY, "--sigma-r-source", "1", "--sigma-r-target", "1.0", "--out", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "RuntimeWarning" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--sigma-r-target must differ from --sigma-r-source" in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("existing", ["file", "file.json"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(existing, tmp_path):
+    """The sweep writes a folder: an existing file is refused at once, whatever its suffix, as is a folder that
+    cannot be created (/proc refuses new entries even to root)."""
+    path = tmp_path / existing
+    path.write_text("keep")
+    outs = [str(path)] + (["/proc/x", "/proc/x.json"] if Path("/proc/self").is_dir() else [])
+    for out in outs:
+        result = run_script(*TINY, "--methods", "ew", "--out", out)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("sweep_theta.py: error: --out") and out in lines[0], result.stderr
+        assert "Errno" not in lines[0]
+    assert path.read_text() == "keep"
