@@ -14,20 +14,20 @@ Four steps per compute precision, each compiled before timing (median over ``--r
 * ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
 
 Reported per step: milliseconds (the median of calls each waited for, and ``ms_pipelined``: ``--repeats`` steps
-chained state to state and waited for once, as a training loop runs them, per step), images per second, the ratio to EW at the same precision, the FLOPs of the step
-as defined (XLA's count of its HLO lowered for the CPU, the same on every device: dilated convolutions as
-``lax.conv_general_dilated``, whose count XLA takes over the taps that read the image, whatever ``--dilated-conv``
-computes them with — the sub-image form would add its padding rows — and ``core_no_cfa`` without the
-counterfactual branch, which XLA's count of a ``lax.cond`` would include), the compile time, the memory XLA assigns (arguments + outputs +
-temporaries), and the model FLOP utilisation against the device's peak (``--peak-tflops``; H100/H200 SXM: ~989
-dense bf16 — use the bf16 peak for both precisions, as MFU is conventionally quoted, or ~67 for plain fp32).
-``bfloat16`` computes convolutions and matrix products in bfloat16 with float32 parameters, optimiser and losses.
-``--variant authors`` times the authors' architecture (multi-scale fusion, DeepLabV3+ heads) instead of the
-paper's; ``--methods`` times a subset; ``--trace DIR`` adds each step's device time by kind of kernel and its
-longest kernels (from a profiler trace of two calls; GPUs only). Writes
-``bench/results/bench_train_step_<config>.json`` (with ``_authors`` for that variant) after each step, so a run cut
-short keeps what it measured. Compiling the full-size steps on an H200 takes about a minute each (the CORE-MTL step
-two): allow ten minutes for the four.
+chained state to state and waited for once, as a training loop runs them, per step), images per second, the ratio
+to EW at the same precision, the FLOPs of the step as defined (XLA's count of its HLO lowered for the CPU, the
+same on every device: dilated convolutions as ``lax.conv_general_dilated``, whose count XLA takes over the taps
+that read the image, whatever ``--dilated-conv`` computes them with — the sub-image form would add its padding
+rows — and ``core_no_cfa`` without the counterfactual branch, which XLA's count of a ``lax.cond`` would include),
+the compile time, the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation
+against the device's peak (``--peak-tflops``; H100/H200 SXM: ~989 dense bf16 — use the bf16 peak for both
+precisions, as MFU is conventionally quoted, or ~67 for plain fp32). ``bfloat16`` computes convolutions and matrix
+products in bfloat16 with float32 parameters, optimiser and losses. ``--variant authors`` times the authors'
+architecture (multi-scale fusion, DeepLabV3+ heads) instead of the paper's; ``--methods`` times a subset;
+``--trace DIR`` adds each step's device time by kind of kernel and its longest kernels (from a profiler trace of
+two calls; GPUs only). Writes ``bench/results/bench_train_step_<config>.json`` (with ``_authors`` for that
+variant) after each step, so a run cut short keeps what it measured. Compiling the full-size steps on an H200
+takes about a minute each (the CORE-MTL step two): allow ten minutes for the four.
 """
 
 from __future__ import annotations

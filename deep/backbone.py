@@ -76,8 +76,10 @@ class BatchNorm(nnx.BatchNorm):
         running = self.use_running_average if use_running_average is None else use_running_average
         before = self.var[...]
         y = super().__call__(x, use_running_average=use_running_average, mask=mask)
-        n = x.size // x.shape[-1]
-        if running is False and mask is None and n > 1:
+        if self.axis not in (-1, x.ndim - 1):
+            raise ValueError(f"BatchNorm here normalises the last axis (channels last); got axis={self.axis}")
+        n = x.size // x.shape[-1]  # values per channel
+        if not running and mask is None and n > 1:
             after = self.var[...]
             # after = m·before + (1 − m)·v_biased; PyTorch's is m·before + (1 − m)·v_biased·n/(n − 1).
             self.var[...] = jax.lax.stop_gradient(after + (after - self.momentum * before) / (n - 1))

@@ -1,8 +1,10 @@
 """Checkpoints of a training run: Orbax, one directory per completed epoch, written atomically.
 
 Orbax writes each checkpoint into a temporary directory and renames it only once every array is on disk, so a run
-killed at any moment leaves the previous checkpoint intact; :meth:`Checkpoints.latest_epoch` only ever sees finished
-ones. Saving is synchronous (a training loop here saves once an epoch, and waiting keeps the semantics simple).
+killed at any moment leaves the previous checkpoint intact; :meth:`Checkpoints.latest_epoch` only ever sees
+finished ones. :meth:`Checkpoints.restore_latest` resumes from the newest one that can be read, setting aside
+newer ones damaged on disk (renamed ``<epoch>.unreadable``; delete them once inspected). Saving is synchronous (a
+training loop here saves once an epoch, and waiting keeps the semantics simple).
 
 Typed PRNG keys (NNX keeps its dropout streams as ``jax.random.key`` arrays) are stored as their raw key data and
 re-wrapped on restore from the template's key implementation.
@@ -84,11 +86,17 @@ class Checkpoints:
             try:
                 tree = self.restore(epoch, template)
             except Exception as error:  # Orbax and TensorStore raise many kinds for a damaged directory
+                if not _looks_damaged(error):
+                    raise  # out of memory, a file system gone away...: nothing says this checkpoint is bad
                 failures.append((epoch, error))
                 continue
-            for failed, _ in failures:
-                if jax.process_index() == 0:  # one process renames; the others skip them as unreadable too
+            if jax.process_index() == 0:  # one process renames; the others skip them as unreadable too
+                for failed, _ in failures:
                     self._set_aside(failed)
+            if jax.process_count() > 1:  # every process sees the renames before it saves that epoch again
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("checkpoints set aside")
             self._manager.reload()
             return epoch, tree, [f"epoch {failed}: {_first_line(error)}" for failed, error in failures]
         if failures:
@@ -109,6 +117,16 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+# TensorStore's status codes for missing or corrupt data, and its wording when an array cannot be read.
+_DAMAGE_MARKERS = ("DATA_LOSS", "NOT_FOUND", "Encountered error while reading", "Error opening", "Error reading")
+
+
+def _looks_damaged(error: BaseException) -> bool:
+    """Whether a failed restore says the checkpoint's files are damaged or missing (a ValueError, JSON that does
+    not decode, TensorStore's data-loss codes), rather than that something else failed (memory, I/O)."""
+    return isinstance(error, ValueError) or any(marker in str(error) for marker in _DAMAGE_MARKERS)
 
 
 def _first_line(error: BaseException) -> str:

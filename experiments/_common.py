@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import platform
@@ -105,7 +106,7 @@ def check_output_path(out: str, kind: str | None = None) -> None:
     ``kind`` is what the script writes there: ``"file"`` (one JSON file at ``out``), ``"folder"`` (files inside
     ``out``) or ``None``, a file when ``out`` ends in ``.json`` and a folder otherwise. Refused: a file path that is
     a folder, a folder that is a file, either below a file, and a place where the folder cannot be made or a file
-    cannot be created (checked by making the missing folders and a probe file, then removing all of them again).
+    cannot be created (checked by making the folder and a probe file in it; the file is removed again).
     """
     if kind not in (None, "file", "folder"):
         raise TypeError(f"kind must be 'file', 'folder' or None; got {kind!r}")
@@ -123,23 +124,16 @@ def check_output_path(out: str, kind: str | None = None) -> None:
 
 
 def _probe_folder(out: str, folder: Path) -> None:
-    """Makes ``folder`` (and its missing parents) and a file in it, then removes what it made."""
-    missing = []
-    for candidate in (folder, *folder.parents):
-        if os.path.lexists(candidate):
-            break
-        missing.append(candidate)
-    created = []
+    """Makes ``folder`` and a file in it, then removes the file. The folder stays (the script writes there next;
+    removing it could pull it from under another process of the same run checking the same ``--out``), except
+    the parts made here when the check fails."""
+    missing = [candidate for candidate in (folder, *folder.parents) if not os.path.lexists(candidate)]
     try:
-        for candidate in reversed(missing):
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue  # made meanwhile by someone else: theirs to keep
-            except OSError as error:
-                raise ValueError(f"--out {out} cannot be written: cannot create the folder {candidate} "
-                                 f"({error.strerror or error}); choose a location you can write to") from None
-            created.append(candidate)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--out {out} cannot be written: cannot create the folder {folder} "
+                             f"({error.strerror or error}); choose a location you can write to") from None
         try:
             handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
             os.close(handle)
@@ -147,12 +141,13 @@ def _probe_folder(out: str, folder: Path) -> None:
         except OSError as error:
             raise ValueError(f"--out {out} cannot be written: cannot create a file in {folder} "
                              f"({error.strerror or error}); choose a location you can write to") from None
-    finally:
-        for candidate in reversed(created):
+    except ValueError:
+        for candidate in missing:  # deepest first
             try:
                 candidate.rmdir()
             except OSError:
-                pass  # something was put there meanwhile: leave it
+                pass  # never made, or something was put there meanwhile: leave it
+        raise
 
 
 def parse_floats(name: str, value: Any) -> tuple[float, ...]:
@@ -192,6 +187,8 @@ def median_seconds(function: Callable[[], Any], repeats: int, warmup: bool = Fal
 
 
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# A full disk, a read-only file system, an exhausted quota, a name too long: the user's to fix.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
@@ -202,8 +199,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     try:
         status = main(argv)
     except (ValueError, OSError) as error:
-        if isinstance(error, OSError) and error.filename is None and not isinstance(error, _PATH_ERRORS):
-            raise  # not about a path the user gave
+        if isinstance(error, OSError) and not (isinstance(error, _PATH_ERRORS) or error.errno in _STORAGE_ERRNOS):
+            raise  # not something the user can act on (EIO, EMFILE, EXDEV...): a traceback helps more
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -215,7 +212,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Calls ``write(tmp)`` on a temporary file next to ``path``, then renames it into place.
 
-    An ``OSError`` on the way names ``path``, never the temporary file (a name the user never gave).
+    An ``OSError`` about the temporary file names ``path`` instead (a name the user never gave).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +229,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared like any other
         os.replace(tmp, path)
     except OSError as error:
+        if error.filename not in (None, tmp_name, str(path)):
+            raise  # about another file (one ``write`` reads, say): its own name is the right one
         raise _naming(error, path) from error
     finally:
         if tmp.exists():

@@ -9,7 +9,8 @@
     python experiments/train_nyuv2.py --synthetic --model tiny --epochs 7 --warmup-epochs 1 --batch-size 4  # CPU
     python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz --resume  # after a kill
 
-``--resume`` takes the run's own flags again (``--out`` included) and refuses any that differ.
+``--resume`` takes the run's own flags again (``--out`` included) and refuses any training flag that differs
+(``--corruptions``, ``--severities`` and ``--quiet`` may: they do not change the training).
 
 ``--data`` is a folder in the LibMTL/MTAN layout (``train`` and ``val`` with ``image``, ``label``, ``depth`` and
 ``normal`` subfolders of ``<i>.npy``); ``--synthetic`` generates a small set in that layout under ``<out>/data``.
@@ -24,11 +25,12 @@ each named corruption at each of ``--severities`` (the paper's Cityscapes-C, gen
 ``corruptions.png``.
 
 Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported,
-never used to choose anything — the run's result is its last epoch), a line in ``<out>/metrics.jsonl`` and an Orbax
-checkpoint written atomically. ``--resume`` continues from the newest checkpoint and ends where an uninterrupted
-run with the same flags ends: batches, augmentations and keys depend only on the seed, the epoch and the step.
-At the end: ``results.json``, ``curves.png`` (losses and metrics per epoch) and ``samples.png`` (image, labels,
-predictions, and for CORE-MTL the rendered reconstruction and a counterfactual with a swapped residual code).
+never used to choose anything — the run's result is its last epoch), a line in ``<out>/metrics.jsonl`` and an
+Orbax checkpoint written atomically. ``--resume`` continues from the newest readable checkpoint and ends where an
+uninterrupted run with the same flags ends: batches, augmentations and keys depend only on the seed, the epoch and
+the step. At the end: ``results.json``, ``curves.png`` (losses and metrics per epoch) and ``samples.png`` (image,
+labels, predictions, and for CORE-MTL the rendered reconstruction and a counterfactual with a swapped residual
+code).
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class TrainConfig:
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
         # Frozen dataclass: the dataset's defaults are filled in once, so the run records what it trains with.
+        warmup_given = self.warmup_epochs != -1
         if self.batch_size == 0:
             object.__setattr__(self, "batch_size", DEFAULT_BATCH_SIZES[self.dataset])
         if self.warmup_epochs == -1:
@@ -164,13 +167,14 @@ class TrainConfig:
             if value < least:
                 raise ValueError(f"{flag} must be an integer >= {least}; got {value}")
         if self.warmup_epochs >= self.epochs:
+            default = "" if warmup_given else f" (the paper's for {self.dataset}: pass a smaller --warmup-epochs)"
             raise ValueError(f"--warmup-epochs must be smaller than --epochs ({self.epochs}); got "
-                             f"{self.warmup_epochs}")
+                             f"{self.warmup_epochs}{default}")
         stage0 = losses.PRESETS[self.weights_preset].stage0_epochs
         if self.method == "core" and self.epochs <= stage0:
-            raise ValueError(f"--method core trains only the reconstruction, task heads frozen, for its first {stage0} "
-                             f"epochs (stage 0 of the {self.weights_preset} preset): --epochs must exceed {stage0} "
-                             f"for the heads to train; got {self.epochs}")
+            raise ValueError(f"--method core trains only the reconstruction, task heads frozen, for its first "
+                             f"{stage0} epochs (stage 0 of the {self.weights_preset} preset): --epochs must exceed "
+                             f"{stage0} for the heads to train; got {self.epochs}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
@@ -337,7 +341,7 @@ def _plot_corruptions(clean: dict, corrupted: dict, path: Path) -> None:
     save_figure(figure, path)
 
 
-def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
+def _plot_samples(batch: dict, panels: dict, path: Path) -> None:
     plt = pyplot()
     import numpy as np
 
@@ -350,7 +354,7 @@ def _plot_samples(batch: dict, panels: dict, dataset: str, path: Path) -> None:
     if "depth" in batch:
         columns += [("depth", batch["depth"][..., 0], "depth"),
                     ("predicted depth", panels["pred/depth"][..., 0], "depth") if "pred/depth" in panels else None]
-    if "normal" in batch and dataset == "nyuv2":
+    if "normal" in batch:
         columns += [("normals", batch["normal"], "normal"),
                     ("predicted normals", panels["pred/normal"], "normal") if "pred/normal" in panels else None]
     if "rendered" in panels:
@@ -409,10 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = json.loads(identity_path.read_text())
         if not isinstance(saved, dict):
             raise ValueError(f"--resume: {identity_path} is not this script's record of a run (a JSON object)")
-        # A field that an older version did not record had its default then (these two, the NYUv2 values);
-        # paths it recorded as given are compared from the current folder.
+        # A field that an older version did not record had its default then; paths it recorded as given are
+        # compared from the current folder.
         defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
-        defaults.update(batch_size=DEFAULT_BATCH_SIZES["nyuv2"], warmup_epochs=DEFAULT_WARMUP_EPOCHS["nyuv2"])
         saved = {k: _absolute(v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in saved.items()}
         changed = [f"--{k.replace('_', '-')} was {saved.get(k, defaults.get(k))!r}, now {v!r}"
                    for k, v in config.run_identity().items() if saved.get(k, defaults.get(k)) != v]
@@ -538,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample_batch = {k: np.asarray(v[:4]) for k, v in test_split.items()}
     panels = trainer.sample_panels(graphdef, state, train.replicate(mesh, sample_batch["images"]))
     if primary:
-        _plot_samples(sample_batch, panels, config.dataset, out / "samples.png")
+        _plot_samples(sample_batch, panels, out / "samples.png")
         _plot_curves(history, out / "curves.png")
     results = {"experiment": "train_nyuv2", "config": dataclasses.asdict(config),
                "model": dataclasses.asdict(model_config), "loss_weights_preset": config.weights_preset,

@@ -118,11 +118,29 @@ def test_an_out_that_cannot_be_created_is_refused_and_leaves_no_folders(tmp_path
                 check_output_path(out, kind=kind)
 
 
-def test_a_writable_out_passes_and_the_check_leaves_nothing_behind(tmp_path):
+def test_a_writable_out_passes_and_the_check_leaves_only_its_folder(tmp_path):
     check_output_path(str(tmp_path / "new" / "deeper"), kind="folder")
     check_output_path(str(tmp_path / "new2" / "result.txt"), kind="file")
     check_output_path(str(tmp_path), kind="folder")
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["new", "new/deeper", "new2"]
+
+
+def test_processes_checking_one_new_out_at_once_all_pass(tmp_path):
+    """Every process of a multi-process run checks --out before they meet: none may undo another's folder."""
+    import multiprocessing
+
+    out = tmp_path / "a" / "b" / "run"
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        results = pool.starmap(_check_or_error, [(str(out), "folder")] * 200)
+    assert results == [None] * 200
+
+
+def _check_or_error(out, kind):
+    try:
+        check_output_path(out, kind=kind)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def test_scripts_declare_whether_out_is_a_file_or_a_folder(tmp_path):

@@ -224,3 +224,18 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tm
     assert "\n" not in str(refused.value)
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
         "1", "2", "2.unreadable", "2.unreadable.2"]
+
+
+def test_a_restore_failing_for_another_reason_renames_nothing(tmp_path, monkeypatch):
+    """Out of memory, say: nothing says the checkpoint is bad, so it stays where it is and the error propagates."""
+    tree = {"w": jnp.arange(4.0)}
+    checkpoints = Checkpoints(tmp_path / "run", keep=2)
+    checkpoints.save(1, tree)
+
+    def out_of_memory(self, epoch, template):
+        raise MemoryError("RESOURCE_EXHAUSTED: out of memory")
+
+    monkeypatch.setattr(Checkpoints, "restore", out_of_memory)
+    with pytest.raises(MemoryError):
+        Checkpoints(tmp_path / "run").restore_latest(tree)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1"]
