@@ -38,11 +38,13 @@ MODEL_SIZES = {
 
 
 def model_config(dataset: str, size: str, method: str, task: str = "", grounding: str = "hard",
-                 heads_read: str = "", compute_dtype: str = "float32", variant: str = "paper") -> ModelConfig:
+                 heads_read: str = "", compute_dtype: str = "float32", variant: str = "paper",
+                 semantic_channels: int = 0, residual_channels: int = 0) -> ModelConfig:
     """The model a run trains: CORE-MTL's dual-stream model with grounding for ``method="core"``; the same
     backbone and heads without a decoder for the baselines; one head for ``method="stl"``. ``variant``: the
     paper's architecture or the authors' code (:data:`deep.model.VARIANTS`); ``heads_read``, when given, overrides
-    the variant's."""
+    the variant's; ``semantic_channels`` and ``residual_channels``, when not 0, override the size's stream widths
+    (the authors' GTA5 and Cityscapes-C configurations use 1024 and 64)."""
     if dataset not in DATASET_TASKS:
         raise ValueError(f"dataset must be one of {', '.join(DATASET_TASKS)}; got {dataset!r}")
     if size not in MODEL_SIZES:
@@ -57,6 +59,11 @@ def model_config(dataset: str, size: str, method: str, task: str = "", grounding
                   **MODEL_SIZES[size])
     if heads_read:
         fields["heads_read"] = heads_read
+    for name, channels in (("semantic_channels", semantic_channels), ("residual_channels", residual_channels)):
+        if channels < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: the model size's); got {channels}")
+        if channels:
+            fields[name] = channels
     return ModelConfig.variant(variant, **fields)
 
 

@@ -92,6 +92,12 @@ class TrainConfig:
                 "(default: the dataset's)"})
     model: str = dataclasses.field(default="full", metadata={
         "help": "full (ResNet-50, the paper's), reduced or tiny (CPU smoke runs)"})
+    semantic_channels: int = dataclasses.field(default=0, metadata={
+        "help": "channels of the semantic stream (0: the model's, 512 in the full one; the authors' GTA5 and "
+                "Cityscapes-C configurations use 1024)"})
+    residual_channels: int = dataclasses.field(default=0, metadata={
+        "help": "channels of the residual stream (0: the model's, 256 in the full one; the authors' GTA5 and "
+                "Cityscapes-C configurations use 64)"})
     epochs: int = dataclasses.field(default=100, metadata={"help": "training epochs"})
     batch_size: int = dataclasses.field(default=0, metadata={
         "help": "training batch size (0: the paper's for the dataset, 16 on NYUv2 and 32 on Cityscapes and GTA5)"})
@@ -161,6 +167,8 @@ class TrainConfig:
         if self.task and self.method != "stl":
             raise ValueError(f"--task is for --method stl only; got --method {self.method}")
         for flag, value, least in (("--seed", self.seed, 0),  # numpy's generators (the loader's) refuse < 0
+                                   ("--semantic-channels", self.semantic_channels, 0),
+                                   ("--residual-channels", self.residual_channels, 0),
                                    ("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                    ("--warmup-epochs", self.warmup_epochs, 0),
                                    ("--steps-per-epoch", self.steps_per_epoch, 0)):
@@ -201,7 +209,8 @@ class TrainConfig:
         from deep import trainer
 
         return trainer.model_config(self.dataset, self.model, self.method, self.task, self.grounding,
-                                    self.heads_read, self.precision, self.variant)
+                                    self.heads_read, self.precision, self.variant, self.semantic_channels,
+                                    self.residual_channels)
 
     @property
     def corruption_names(self) -> tuple[str, ...]:

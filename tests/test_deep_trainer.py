@@ -135,6 +135,15 @@ def test_model_configs_for_each_method():
     assert trainer.model_config("nyuv2", "tiny", "ew", heads_read="semantic+backbone").heads_read == "semantic+backbone"
     with pytest.raises(ValueError, match="heads_read"):  # the authors' heads read the fused features
         trainer.model_config("nyuv2", "tiny", "core", heads_read="semantic", variant="authors")
+    full, wide = (trainer.model_config("gta5", "full", "core", semantic_channels=s, residual_channels=r)
+                  for s, r in ((0, 0), (1024, 64)))
+    assert (full.semantic_channels, full.residual_channels, wide.semantic_channels, wide.residual_channels) == (
+        512, 256, 1024, 64)  # the paper's streams, and the authors' GTA5 ones
+    tiny = trainer.model_config("nyuv2", "tiny", "core", semantic_channels=5)
+    assert (tiny.semantic_channels, tiny.residual_channels) == (5, 3)
+    model = DualStreamModel(tiny, nnx.Rngs(0))
+    _, aux = model(jnp.zeros((2, 16, 16, 3)))
+    assert aux["semantic_map"].shape[-1] == 5 and aux["residual_code"].shape[-1] == 3
 
 
 def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(tmp_path):

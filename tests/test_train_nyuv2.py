@@ -129,6 +129,7 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(tmp_path):
     (["--synthetic", "--method", "adam"], "--method must be one of core, stl, "),
     (["--synthetic", "--epochs", "0"], "--epochs must be an integer >= 1; got 0"),
     (["--synthetic", "--seed", "-1"], "--seed must be an integer >= 0; got -1"),
+    (["--synthetic", "--residual-channels", "-4"], "--residual-channels must be an integer >= 0; got -4"),
     (["--synthetic", "--dataset", "gta5", "--method", "ew", "--epochs", "8"],
      "--warmup-epochs must be smaller than --epochs (8); got 10 (the paper's for gta5: pass a smaller"),
     (["--synthetic", "--seed", str(2**63)], "--seed must be an integer in [-2^63, 2^63 - 1]"),
