@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scripts import assert_one_line_error, run_script, with_out
 from theory import closed_forms as cf
 from theory.orthogonality import stream_gradients, whiten
 
@@ -73,10 +74,4 @@ def test_script_bad_flags(flags, message, tmp_path):
       "/proc/x.json"], "--out /proc/x.json cannot be written"),
 ])
 def test_script_refuses_a_seed_jax_cannot_take_and_an_unwritable_out(flags, message, tmp_path):
-    if "/proc/x.json" in flags and not Path("/proc/self").is_dir():
-        pytest.skip("no /proc here")
-    args = [*flags] if "--out" in flags else [*flags, "--out", str(tmp_path)]
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "grad_orthogonality.py"), *args],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert_one_line_error(run_script("experiments/grad_orthogonality.py", *with_out(flags, tmp_path)), message)
