@@ -35,7 +35,8 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import environment, parse_choices, parse_config, parser_for, run_main, write_json  # noqa: E402
+from _common import (environment, parse_choices, parse_config, parser_for, require_integer, run_main,  # noqa: E402
+                     write_json)
 
 BATCH = 32
 OUT_FEATURES = 100
@@ -69,8 +70,7 @@ class BenchConfig:
             raise ValueError(f"--params must be multiples of {OUT_FEATURES} (the layer has {OUT_FEATURES} outputs); "
                              f"got {self.params!r}")
         object.__setattr__(self, "methods", ",".join(parse_choices("--methods", self.methods, METHODS)))
-        if self.repeats < 1:
-            raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
+        require_integer(self, "repeats", 1)
 
     @property
     def task_counts(self) -> tuple[int, ...]:

@@ -30,7 +30,8 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import environment, median_seconds, parse_config, parser_for, run_main, write_json  # noqa: E402
+from _common import (environment, median_seconds, parse_config, parser_for, require_integer, run_main,  # noqa: E402
+                     write_json)
 
 SETTINGS = {"nyuv2": ((288, 384), 16), "reduced": ((64, 80), 4)}
 TARGET_RATIO = 5.0
@@ -54,10 +55,8 @@ class BenchConfig:
         batch = SETTINGS[self.config][1]
         if self.examples < batch:
             raise ValueError(f"--examples must be >= the batch size {batch}; got {self.examples}")
-        if self.distinct < 1:
-            raise ValueError(f"--distinct must be an integer >= 1; got {self.distinct}")
-        if self.repeats < 1:
-            raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
+        require_integer(self, "distinct", 1)
+        require_integer(self, "repeats", 1)
 
 
 def _step_reference(path_text: str, config_name: str) -> tuple[Path, dict]:

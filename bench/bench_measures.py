@@ -20,7 +20,8 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import environment, median_seconds, parse_config, parser_for, run_main, write_json  # noqa: E402
+from _common import (environment, median_seconds, parse_config, parser_for, require_integer, run_main,  # noqa: E402
+                     write_json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +37,7 @@ class BenchConfig:
     def __post_init__(self):
         if self.max_1d < 1000 or self.max_dd < 100 or self.max_emd < 100:
             raise ValueError("--max-1d must be >= 1000, --max-dd and --max-emd >= 100")
-        if self.dim < 1:
-            raise ValueError(f"--dim must be an integer >= 1; got {self.dim}")
+        require_integer(self, "dim", 1)
 
 
 def _sizes(start: int, stop: int) -> list[int]:

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from _common import (environment, median_seconds, parse_choices, parse_config, parser_for,  # noqa: E402
-                     run_main, write_json)
+                     require_integer, run_main, write_json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,7 @@ class BenchConfig:
         from theory.balancing import METHODS
 
         object.__setattr__(self, "methods", ",".join(parse_choices("--methods", self.methods, METHODS)))
-        if self.repeats < 1:
-            raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
+        require_integer(self, "repeats", 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,8 +41,8 @@ from typing import Any, NamedTuple, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import (environment, median_seconds, parse_choices, parse_config, parser_for, run_main,  # noqa: E402
-                     write_json)
+from _common import (environment, median_seconds, parse_choices, parse_config, parser_for,  # noqa: E402
+                     require_integer, run_main, write_json)
 
 CONFIGS = ("reduced", "nyuv2")
 PRECISIONS = ("float32", "bfloat16")
@@ -87,8 +87,7 @@ class BenchConfig:
         if self.dilated_conv and self.dilated_conv not in DILATED_CONVS:
             raise ValueError(f"--dilated-conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
         parse_choices("--methods", self.methods, METHODS)
-        if self.repeats < 1:
-            raise ValueError(f"--repeats must be an integer >= 1; got {self.repeats}")
+        require_integer(self, "repeats", 1)
         if not self.peak_tflops >= 0:
             raise ValueError(f"--peak-tflops must be >= 0; got {self.peak_tflops}")
 

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from deep.train import barrier
+
 
 def _is_key(leaf) -> bool:
     return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
@@ -93,10 +95,7 @@ class Checkpoints:
             if jax.process_index() == 0:  # one process renames; the others skip them as unreadable too
                 for failed, _ in failures:
                     self._set_aside(failed)
-            if jax.process_count() > 1:  # every process sees the renames before it saves that epoch again
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("checkpoints set aside")
+            barrier("checkpoints set aside")  # every process sees the renames before it saves that epoch again
             self._manager.reload()
             return epoch, tree, [f"epoch {failed}: {_first_line(error)}" for failed, error in failures]
         if failures:

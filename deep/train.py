@@ -112,8 +112,7 @@ def _keep_group(new_state, old_state, group: str, keep_old):
     ``keep_old`` (a traced bool) holds."""
     if isinstance(new_state, optax.MultiTransformState):
         inner = dict(new_state.inner_states)
-        inner[group] = jax.tree.map(lambda new, old: jnp.where(keep_old, old, new), new_state.inner_states[group],
-                                    old_state.inner_states[group])
+        inner[group] = _select(keep_old, old_state.inner_states[group], new_state.inner_states[group])
         return new_state._replace(inner_states=inner)
     if isinstance(new_state, tuple) and not hasattr(new_state, "_fields"):  # a chain's states
         return tuple(_keep_group(new, old, group, keep_old) for new, old in zip(new_state, old_state))
@@ -258,12 +257,12 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
 
 def _guarded(state: TrainState, new_state: TrainState, loss, grads) -> tuple[TrainState, jax.Array]:
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    return _keep_if(finite, new_state, state), finite
+    return _select(finite, new_state, state), finite
 
 
-def _keep_if(finite, new, old):
-    """``new`` where the step was finite, else ``old``, leaf by leaf."""
-    return jax.tree.map(lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf), new, old)
+def _select(condition, if_true, if_false):
+    """``if_true`` where the traced bool ``condition`` holds, else ``if_false``, leaf by leaf of two like trees."""
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), if_true, if_false)
 
 
 def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainState, batch: dict, key: jax.Array,
@@ -294,7 +293,7 @@ def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainSta
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     opt_state = _keep_group(opt_state, state.opt_state, "heads", frozen)
     params = optax.apply_updates(state.params, updates)
-    params = (params[0], jax.tree.map(lambda new, old: jnp.where(frozen, old, new), params[1], state.params[1]))
+    params = (params[0], _select(frozen, state.params[1], params[1]))
     new_state = TrainState(params, batch_stats, rest, opt_state, state.step + 1)
     new_state, finite = _guarded(state, new_state, loss, grads)
     return new_state, {"loss": loss, "finite": finite, **terms}
@@ -411,7 +410,7 @@ def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, s
             direction, weights, balancer_state = balancer.step(jacobian, losses_k, balancer_state, key)
         state, finite = apply_gradients(graphdef, optimizer, state, direction, head_grads, batch_stats, rest,
                                         losses_k.sum())
-    balancer_state = _keep_if(finite, balancer_state, previous_balancer_state)
+    balancer_state = _select(finite, balancer_state, previous_balancer_state)
     metrics = {"loss": losses_k.sum(), "finite": finite}
     tasks = [name for name, _ in nnx.merge(graphdef, *state.params, state.batch_stats, state.rest).config.tasks]
     metrics.update({name: losses_k[i] for i, name in enumerate(tasks)})
@@ -464,6 +463,14 @@ def _global_array(value, sharding: NamedSharding) -> jax.Array:
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def initialize_distributed() -> bool:

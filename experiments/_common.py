@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import errno
 import json
+import math
 import os
 import platform
 import sys
@@ -26,8 +27,23 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``num_thetas`` -> ``--num-thetas``."""
     return "--" + name.replace("_", "-")
+
+
+def require_integer(config: Any, name: str, least: int, why: str = "") -> None:
+    """Refuses an integer field of ``config`` below ``least`` in one line naming its flag (``why`` in brackets)."""
+    value = getattr(config, name)
+    if value < least:
+        raise ValueError(f"{flag(name)} must be an integer >= {least}{f' ({why})' if why else ''}; got {value}")
+
+
+def require_finite(config: Any, name: str, positive: bool = True) -> None:
+    """Refuses a number field of ``config`` that is not finite and > 0 (``>= 0`` unless ``positive``)."""
+    value = getattr(config, name)
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{flag(name)} must be a finite number {'>' if positive else '>='} 0; got {value}")
 
 
 def parser_for(config_class: type, description: str, prog: str | None = None) -> OneLineArgumentParser:
@@ -43,7 +59,7 @@ def parser_for(config_class: type, description: str, prog: str | None = None) ->
         help_text = field.metadata.get("help", "")
         default = field.default
         if hints[field.name] is bool:
-            parser.add_argument(_flag(field.name), action="store_true", default=default, help=help_text)
+            parser.add_argument(flag(field.name), action="store_true", default=default, help=help_text)
             continue
         kind = hints[field.name]
         if kind in (int, float):
@@ -51,7 +67,7 @@ def parser_for(config_class: type, description: str, prog: str | None = None) ->
         else:
             parse = str
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        parser.add_argument(_flag(field.name), type=parse, default=shown, help=help_text, metavar=field.name.upper())
+        parser.add_argument(flag(field.name), type=parse, default=shown, help=help_text, metavar=field.name.upper())
     return parser
 
 
@@ -97,7 +113,7 @@ def check_seeds(config_class: type, values: dict[str, Any]) -> None:
         if (field.name == "seed" or field.name.endswith("_seed")) and hints[field.name] is int:
             value = values.get(field.name, field.default)
             if isinstance(value, int) and not SEED_MIN <= value <= SEED_MAX:
-                raise ValueError(f"{_flag(field.name)} must be an integer in [-2^63, 2^63 - 1]; got {value}")
+                raise ValueError(f"{flag(field.name)} must be an integer in [-2^63, 2^63 - 1]; got {value}")
 
 
 def check_output_path(out: str, kind: str | None = None) -> None:

@@ -26,8 +26,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_config, parser_for, pyplot, run_main, save_figure,  # noqa: E402
-                     write_json)
+from _common import (environment, parse_config, parser_for, pyplot, require_integer, run_main,  # noqa: E402
+                     save_figure, write_json)
 
 
 def _parse_pairs(text: str) -> tuple[tuple[float, float], ...]:
@@ -56,19 +56,15 @@ class OrthogonalityConfig:
     quiet: bool = dataclasses.field(default=False, metadata={"help": "no summary"})
 
     def __post_init__(self):
-        if self.num_thetas < 2:
-            raise ValueError(f"--num-thetas must be an integer >= 2; got {self.num_thetas}")
+        require_integer(self, "num_thetas", 2)
         if not 0 < self.theta_max <= math.pi / 2:
             raise ValueError(f"--theta-max must lie in (0, pi/2]; got {self.theta_max}")
         _parse_pairs(self.sigma_pairs)
-        if self.dim < 1:
-            raise ValueError(f"--dim must be an integer >= 1; got {self.dim}")
+        require_integer(self, "dim", 1)
         if self.samples < 4 * self.dim:
             raise ValueError(f"--samples must be at least 4 x --dim = {4 * self.dim}; got {self.samples}")
-        if self.batch < 4:
-            raise ValueError(f"--batch must be an integer >= 4 (debiased CKA needs 4); got {self.batch}")
-        if self.num_batches < 2:
-            raise ValueError(f"--num-batches must be an integer >= 2; got {self.num_batches}")
+        require_integer(self, "batch", 4, why="debiased CKA needs 4")
+        require_integer(self, "num_batches", 2)
 
 
 def run(config: OrthogonalityConfig) -> dict:

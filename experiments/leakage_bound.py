@@ -25,8 +25,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parser_for, pyplot, run_main,  # noqa: E402
-                     save_figure, write_json)
+from _common import (environment, flag, parse_choices, parse_config, parser_for, pyplot,  # noqa: E402
+                     require_finite, require_integer, run_main, save_figure, write_json)
 
 # name -> (source, target) residual parameters: (family, loc, std, separation)
 CASES = {
@@ -62,11 +62,10 @@ class LeakageConfig:
     def __post_init__(self):
         from theory.leakage import HEADS, LOSSES
 
-        if self.num_thetas < 1:
-            raise ValueError(f"--num-thetas must be an integer >= 1; got {self.num_thetas}")
+        require_integer(self, "num_thetas", 1)
         for name in ("theta_min", "theta_max"):
             if not 0 <= getattr(self, name) <= math.pi / 2:
-                raise ValueError(f"--{name.replace('_', '-')} must lie in [0, pi/2]; got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must lie in [0, pi/2]; got {getattr(self, name)}")
         if self.theta_min > self.theta_max:
             raise ValueError(f"--theta-min ({self.theta_min}) must not exceed --theta-max ({self.theta_max})")
         object.__setattr__(self, "cases", ",".join(parse_choices("--cases", self.cases, tuple(CASES))))
@@ -74,14 +73,10 @@ class LeakageConfig:
         object.__setattr__(self, "losses", ",".join(parse_choices("--losses", self.losses, LOSSES)))
         if not math.isfinite(self.beta):
             raise ValueError(f"--beta must be a finite number; got {self.beta}")
-        if not (self.sigma_s > 0 and math.isfinite(self.sigma_s)):
-            raise ValueError(f"--sigma-s must be a finite number > 0; got {self.sigma_s}")
-        if not (self.noise_std >= 0 and math.isfinite(self.noise_std)):
-            raise ValueError(f"--noise-std must be a finite number >= 0; got {self.noise_std}")
-        if self.samples < 100:
-            raise ValueError(f"--samples must be an integer >= 100; got {self.samples}")
-        if not (self.num_se > 0 and math.isfinite(self.num_se)):
-            raise ValueError(f"--num-se must be a finite number > 0; got {self.num_se}")
+        require_finite(self, "sigma_s")
+        require_finite(self, "noise_std", positive=False)
+        require_integer(self, "samples", 100)
+        require_finite(self, "num_se")
 
 
 def run(config: LeakageConfig) -> dict:

@@ -28,8 +28,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parse_floats, parser_for,  # noqa: E402
-                     pyplot, run_main, save_figure, write_json)
+from _common import (environment, flag, parse_choices, parse_config, parse_floats, parser_for,  # noqa: E402
+                     pyplot, require_finite, require_integer, run_main, save_figure, write_json)
 
 METRICS = ("theta_stream", "theta_predictor", "kappa", "cka_linear", "cka_debiased", "source_risk", "target_risk",
            "gap")
@@ -69,24 +69,17 @@ class EncoderConfig:
             raise ValueError(f"--lambda-ind must be finite numbers >= 0; got {self.lambda_ind!r}")
         object.__setattr__(self, "lambda_ind", lambdas)
         for name in ("dim", "num_tasks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1; got {getattr(self, name)}")
+            require_integer(self, name, 1)
         for name in ("rho_source", "rho_target"):
             if not -1 < getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must lie in (-1, 1); got {getattr(self, name)}")
-        if not (self.sigma_r_target > 0 and math.isfinite(self.sigma_r_target)):
-            raise ValueError(f"--sigma-r-target must be a finite number > 0; got {self.sigma_r_target}")
-        if not (self.observation_noise >= 0 and math.isfinite(self.observation_noise)):
-            raise ValueError(f"--observation-noise must be a finite number >= 0; got {self.observation_noise}")
-        if self.seeds < 2:
-            raise ValueError(f"--seeds must be an integer >= 2 (standard errors need two); got {self.seeds}")
-        if self.samples < 8:
-            raise ValueError(f"--samples must be an integer >= 8; got {self.samples}")
+                raise ValueError(f"{flag(name)} must lie in (-1, 1); got {getattr(self, name)}")
+        require_finite(self, "sigma_r_target")
+        require_finite(self, "observation_noise", positive=False)
+        require_integer(self, "seeds", 2, why="standard errors need two")
+        require_integer(self, "samples", 8)
         for name in ("steps", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1; got {getattr(self, name)}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
+            require_integer(self, name, 1)
+        require_finite(self, "learning_rate")
         if self.steps % self.eval_every:
             raise ValueError(f"--steps ({self.steps}) must be a positive multiple of --eval-every "
                              f"({self.eval_every})")

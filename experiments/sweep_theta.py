@@ -24,7 +24,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_choices, parse_config, parse_floats, parser_for,  # noqa: E402
-                     pyplot, run_main, save_figure, write_json)
+                     pyplot, require_finite, require_integer, run_main, save_figure, write_json)
 
 ALL = "all"
 
@@ -54,41 +54,31 @@ class SweepConfig:
     def __post_init__(self):
         from theory.balancing import METHODS
 
-        if self.num_thetas < 2:
-            raise ValueError(f"--num-thetas must be an integer >= 2; got {self.num_thetas}")
+        require_integer(self, "num_thetas", 2)
         if not (0 < self.theta_max <= math.pi / 2):
             raise ValueError(f"--theta-max must lie in (0, pi/2] = (0, {math.pi / 2:.6f}]; got {self.theta_max}")
-        if self.dim < 1:
-            raise ValueError(f"--dim must be an integer >= 1; got {self.dim}")
+        require_integer(self, "dim", 1)
         for name in ("sigma_s", "sigma_r_source", "sigma_r_target"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0; got {value}")
+            require_finite(self, name)
         if self.sigma_r_source**2 == self.sigma_r_target**2:
             # No residual-variance shift: source and target are one distribution, every gap and the floor are 0, and
             # the right panel's gap / (sin^2 theta |dsigma^2|) is 0/0. Nothing to sweep; refused before any work.
             raise ValueError(f"--sigma-r-target must differ from --sigma-r-source (got {self.sigma_r_target} and "
                              f"{self.sigma_r_source}): with equal residual variances source and target are the same "
                              f"distribution, so every gap and the floor are 0")
-        if not (self.noise_std >= 0 and math.isfinite(self.noise_std)):
-            raise ValueError(f"--noise-std must be a finite number >= 0; got {self.noise_std}")
+        require_finite(self, "noise_std", positive=False)
         betas = parse_floats("--betas", self.betas)
         if not all(math.isfinite(b) for b in betas):
             raise ValueError(f"--betas must be finite numbers; got {self.betas!r}")
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "methods", ",".join(parse_choices("--methods", self.methods, METHODS)))
-        if self.seeds < 2:
-            raise ValueError(f"--seeds must be an integer >= 2 (standard errors need two); got {self.seeds}")
-        if self.samples < 2:
-            raise ValueError(f"--samples must be an integer >= 2; got {self.samples}")
+        require_integer(self, "seeds", 2, why="standard errors need two")
+        require_integer(self, "samples", 2)
         if self.samples < self.dim:
             raise ValueError(f"--samples must be at least --dim ({self.dim}) for least squares; got {self.samples}")
-        if self.steps < 1:
-            raise ValueError(f"--steps must be an integer >= 1; got {self.steps}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
-        if not (self.num_se > 0 and math.isfinite(self.num_se)):
-            raise ValueError(f"--num-se must be a finite number > 0; got {self.num_se}")
+        require_integer(self, "steps", 1)
+        require_finite(self, "learning_rate")
+        require_finite(self, "num_se")
 
     @property
     def method_names(self) -> tuple[str, ...]:

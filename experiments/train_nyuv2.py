@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parser_for, pyplot, run_main,  # noqa: E402
-                     save_figure, write_atomically, write_json)
+from _common import (environment, flag, parse_choices, parse_config, parser_for, pyplot,  # noqa: E402
+                     require_finite, require_integer, run_main, save_figure, write_atomically, write_json)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes, which
@@ -147,9 +146,9 @@ class TrainConfig:
             choices["--preset"] = (self.preset, tuple(losses.PRESETS))
         if self.heads_read:
             choices["--heads-read"] = (self.heads_read, HEAD_INPUTS)
-        for flag, (value, allowed) in choices.items():
+        for option, (value, allowed) in choices.items():
             if value not in allowed:
-                raise ValueError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+                raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
         # Frozen dataclass: the dataset's defaults are filled in once, so the run records what it trains with.
         warmup_given = self.warmup_epochs != -1
         if self.batch_size == 0:
@@ -166,14 +165,10 @@ class TrainConfig:
                              f"dual-stream model (--architecture shared)")
         if self.task and self.method != "stl":
             raise ValueError(f"--task is for --method stl only; got --method {self.method}")
-        for flag, value, least in (("--seed", self.seed, 0),  # numpy's generators (the loader's) refuse < 0
-                                   ("--semantic-channels", self.semantic_channels, 0),
-                                   ("--residual-channels", self.residual_channels, 0),
-                                   ("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
-                                   ("--warmup-epochs", self.warmup_epochs, 0),
-                                   ("--steps-per-epoch", self.steps_per_epoch, 0)):
-            if value < least:
-                raise ValueError(f"{flag} must be an integer >= {least}; got {value}")
+        for name, least in (("seed", 0),  # numpy's generators (the loader's) refuse < 0
+                            ("semantic_channels", 0), ("residual_channels", 0), ("epochs", 1), ("batch_size", 1),
+                            ("warmup_epochs", 0), ("steps_per_epoch", 0)):
+            require_integer(self, name, least)
         if self.warmup_epochs >= self.epochs:
             default = "" if warmup_given else f" (the paper's for {self.dataset}: pass a smaller --warmup-epochs)"
             raise ValueError(f"--warmup-epochs must be smaller than --epochs ({self.epochs}); got "
@@ -183,13 +178,11 @@ class TrainConfig:
             raise ValueError(f"--method core trains only the reconstruction, task heads frozen, for its first "
                              f"{stage0} epochs (stage 0 of the {self.weights_preset} preset): --epochs must exceed "
                              f"{stage0} for the heads to train; got {self.epochs}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"--learning-rate must be a finite number > 0; got {self.learning_rate}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"--weight-decay must be a finite number >= 0; got {self.weight_decay}")
-        for flag, path in (("--pretrained", self.pretrained), ("--perceptual", self.perceptual)):
+        require_finite(self, "learning_rate")
+        require_finite(self, "weight_decay", positive=False)
+        for option, path in (("--pretrained", self.pretrained), ("--perceptual", self.perceptual)):
             if path and not Path(path).is_file():
-                raise FileNotFoundError(f"{flag}: no such file: {path}")
+                raise FileNotFoundError(f"{option}: no such file: {path}")
         if self.perceptual and self.method != "core":
             raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
                              f"{self.method}")
@@ -256,23 +249,15 @@ def _generated(root: Path, write) -> Path:
 
     import jax
 
+    from deep import train
+
     if not root.exists() and jax.process_index() == 0:
         partial = root.with_name(root.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         write(partial)
         partial.rename(root)
-    _barrier(f"generated {root}")
+    train.barrier(f"generated {root}")
     return root
-
-
-def _barrier(name: str) -> None:
-    """Every process waits here for the others (nothing to wait for in one process)."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict]:
@@ -426,13 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # compared from the current folder.
         defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
         saved = {k: _absolute(v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in saved.items()}
-        changed = [f"--{k.replace('_', '-')} was {saved.get(k, defaults.get(k))!r}, now {v!r}"
+        changed = [f"{flag(k)} was {saved.get(k, defaults.get(k))!r}, now {v!r}"
                    for k, v in config.run_identity().items() if saved.get(k, defaults.get(k)) != v]
         if changed:
             raise ValueError(f"--resume must use the run's own flags: {'; '.join(changed)}")
     elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    _barrier("checked --out")  # before process 0 writes run.json there
+    train.barrier("checked --out")  # before process 0 writes run.json there
     # Data parallelism over every device of every process: the batch is split across them, the state replicated.
     mesh = train.data_mesh()
     if config.batch_size % mesh.devices.size:
