@@ -24,8 +24,9 @@ the backbone's and most of the ASPP heads' FLOPs at output stride 8) fall back t
 goes to ``lax.conv_general_dilated`` unchanged.
 
 Precision: in float32 all forms agree with ``lax`` to rounding (tests). In bfloat16 the per-tap products of
-:func:`shifted_matmul_conv` round each partial input gradient to bfloat16, so its results differ from cuDNN's by
-about 4·10⁻³ relative (bfloat16's rounding), against 3·10⁻⁴ for the sub-image form (``bench_atrous``).
+:func:`shifted_matmul_conv` round each tap's output and partial input gradient to bfloat16, so its results differ
+from cuDNN's by about 4·10⁻³ relative (bfloat16's rounding), against 3·10⁻⁴ for the sub-image form
+(``bench_atrous``); it computes those products with bfloat16 operands in both passes, as cuDNN does.
 
 Limitation: under explicit sharding (``jax.sharding.AxisType.Explicit``) the sub-image reshapes of a batch-sharded
 input are rejected by JAX; use ``dilated_conv="xla"`` there. The automatic sharding of :mod:`deep.train` keeps the
@@ -109,8 +110,9 @@ def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
               \text{over the } (i, j) \text{ where the shifted position lies inside the image,}
 
     so no work is spent on the zero padding: at a large rate most of a dilated convolution's taps read padding
-    (DeepLabV3's rates 24 and 36 on a 36×48 grid do 37 % and 17 % of the dense work). Partial sums are
-    accumulated in float32 (or wider) and cast back to the input's type. Every other call is passed through."""
+    (DeepLabV3's rates 24 and 36 on a 36×48 grid do 37 % and 17 % of the dense work). Each tap's product is
+    computed in the operands' type, forward and backward, and the taps are summed in float32 (or wider) and cast
+    back to the input's type. Every other call is passed through."""
     if lhs.dtype != rhs.dtype or _same_dilated_plans(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
             batch_group_count, kwargs) is None:  # (lax rejects mixed dtypes; so do we, by passing them on)
@@ -132,8 +134,11 @@ def shifted_matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rh
             left, right = _valid_range(width, dx)
             if top >= bottom or left >= right:
                 continue  # this tap reads only the zero padding
+            # Each product in the operands' type (its own sum runs in float32 on GPUs and CPUs), then widened:
+            # with a float32 preferred type instead, JAX's backward pass would widen the bfloat16 operands and
+            # compute both gradient products in float32.
             part = jnp.einsum("bhwc,co->bhwo", lhs[:, top + dy:bottom + dy, left + dx:right + dx], rhs[a, b],
-                              precision=precision, preferred_element_type=accumulate)
+                              precision=precision).astype(accumulate)
             part = jnp.pad(part, ((0, 0), (top, height - bottom), (left, width - right), (0, 0)))
             out = part if out is None else out + part
     return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))

@@ -163,3 +163,19 @@ def test_the_configured_implementation_reaches_every_convolution_of_the_model(ar
         dilations[implementation] = _dilations_in(lambda s, x: nnx.merge(graphdef, s)(x)[0], state, images)
     assert any(d != (1, 1) for d in dilations["xla"])  # the backbone and heads do dilate
     assert dilations["auto"] and all(d == (1, 1) for d in dilations["auto"])
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bfloat16_products_take_bfloat16_operands_forward_and_backward(implementation):
+    # A float32 operand in the backward pass would make the GPU compute that product in float32: JAX's transpose
+    # of a product whose preferred type is float32 meets a float32 cotangent and widens the other operand.
+    x = jnp.ones((2, 36, 48, 8), jnp.bfloat16)
+    kernel = jnp.ones((3, 3, 8, 4), jnp.bfloat16)
+    for rate in (2, 24, 36):  # sub-images throughout on CPUs; per-tap products at 24 and 36
+        convolution = _same_dilated(atrous.DILATED_CONVS[implementation], (rate, rate), (3, 3))
+        loss = lambda x, w: jnp.sum(convolution(x, w).astype(jnp.float32))
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr
+        products = [e for e in jaxpr.eqns if e.primitive.name in ("dot_general", "conv_general_dilated")]
+        assert products
+        assert all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars), [
+            (e.primitive.name, [str(v.aval) for v in e.invars]) for e in products]
