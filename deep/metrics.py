@@ -218,6 +218,16 @@ def histogram_median(histogram: np.ndarray, bin_degrees: float) -> float:
 # ------------------------------------------------------------------------------------------------- accumulator
 
 
+def _to_host(value) -> np.ndarray:
+    """A statistic as a host array: whole, also when it is split over devices of several processes (an evaluation
+    batch sharded along the data axis leaves the per-image sums so), where each process gathers the others' rows."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(jax.device_get(value))
+
+
 class MetricAccumulator:
     """Metrics of a whole split, fed batch by batch.
 
@@ -303,7 +313,7 @@ class MetricAccumulator:
                 statistics[name] = depth_statistics(prediction, target)
             else:
                 statistics[name] = normal_statistics(prediction, target, bin_degrees=self.normal_bin_degrees)
-        statistics = jax.device_get(statistics)
+        statistics = jax.tree.map(_to_host, statistics)
         if "segmentation" in statistics and statistics["segmentation"]["out_of_range"] > 0:
             raise ValueError(f"{int(statistics['segmentation']['out_of_range'])} segmentation labels are outside "
                              f"-1..{self.tasks['segmentation'] - 1} (-1 = ignored)")

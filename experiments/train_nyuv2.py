@@ -462,8 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoints = Checkpoints(checkpoints_dir)
 
     def test_batches():
-        # Replicated: a last batch need not divide evenly over the devices.
-        return ({k: train.replicate(mesh, v) for k, v in batch.items()} for batch in test_loader.epoch(0))
+        return trainer.placed_for_evaluation(mesh, test_loader.epoch(0))
 
     start_epoch = 0
     if config.resume:

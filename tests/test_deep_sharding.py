@@ -58,6 +58,20 @@ def test_the_sharded_step_equals_the_single_device_step():
             largest_update = max(float(jnp.max(jnp.abs(a - p))) for a, _, p in pairs)
             print(config.grounding, "max difference", worst, "largest update", largest_update)
             assert largest_update > 0 and worst < 1e-4 * largest_update, (worst, largest_update)
+        # Evaluation: batches of 4 split over the devices, a last one of 2 copied to each; the metrics are those
+        # of one device.
+        from deep import trainer
+        predict = trainer.predict_function(graphdef)
+        batches = [{k: v[:4] for k, v in batch.items()}, {k: v[:2] for k, v in batch.items()}]
+        placed = list(trainer.placed_for_evaluation(mesh, batches))
+        assert [len(b["images"].sharding.device_set) for b in placed] == [4, 4]
+        assert [b["images"].sharding.is_fully_replicated for b in placed] == [False, True]
+        assert not predict(sharded_state, placed[0]["images"])["depth"].sharding.is_fully_replicated  # split work
+        split = trainer.evaluate(predict, sharded_state, placed, config.tasks)
+        whole = trainer.evaluate(predict, state, batches, config.tasks)
+        for name, value in whole.items():
+            np.testing.assert_allclose(split[name], value, rtol=1e-5, err_msg=name)
+        print("evaluation split over 4 devices: same metrics")
     """)
     # Four CPU devices, keeping the suite's fast-compile flags (tests/conftest.py).
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
@@ -66,6 +80,7 @@ def test_the_sharded_step_equals_the_single_device_step():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("max difference") == 2, result.stdout
+    assert "evaluation split over 4 devices: same metrics" in result.stdout, result.stdout
 
 
 def test_two_processes_build_one_global_batch_and_state():
@@ -91,6 +106,20 @@ def test_two_processes_build_one_global_batch_and_state():
         sums, key_data = jax.jit(lambda s, b: ((b["x"] * s["w"] * jax.numpy.arange(8.0)[:, None]).sum(0),
                                                jax.random.key_data(s["key"])))(state, batch)
         print("RESULT", rows, np.asarray(sums).tolist(), np.asarray(key_data).tolist())
+        # Metrics of predictions and labels split over both processes' devices: each process gathers the rows of
+        # per-image statistics it does not hold, so both see the metrics of the whole batch.
+        from deep.metrics import MetricAccumulator
+        rng = np.random.default_rng(0)
+        labels = {"segmentation": rng.integers(-1, 3, (8, 4, 5)).astype(np.int32),
+                  "depth": rng.uniform(0.5, 2, (8, 4, 5, 1)).astype(np.float32)}
+        predictions = {"segmentation": rng.normal(size=(8, 4, 5, 3)).astype(np.float32),
+                       "depth": rng.uniform(0.5, 2, (8, 4, 5, 1)).astype(np.float32)}
+        split, whole = MetricAccumulator({"segmentation": 3, "depth": 1}), MetricAccumulator({"segmentation": 3,
+                                                                                               "depth": 1})
+        split.update(train.shard_batch(mesh, predictions), train.shard_batch(mesh, labels))
+        whole.update(predictions, labels)
+        split, whole = split.result(), whole.result()
+        print("METRICS", all(abs(split[k] - whole[k]) <= 1e-6 * abs(whole[k]) for k in whole), sorted(split))
     """)
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
@@ -104,6 +133,8 @@ def test_two_processes_build_one_global_batch_and_state():
     for process, (stdout, stderr) in zip(workers, outputs):
         assert process.returncode == 0, stderr[-3000:]
         results.append(next(line for line in stdout.splitlines() if line.startswith("RESULT")))
+        metrics = next(line for line in stdout.splitlines() if line.startswith("METRICS"))
+        assert metrics.startswith("METRICS True ['depth/abs_err', 'depth/rel_err', 'segmentation/miou'"), metrics
     import jax
     import numpy as np
 

@@ -169,6 +169,24 @@ def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(t
     assert "\n" not in str(refused.value)
 
 
+def test_evaluation_returns_only_the_predictions_and_runs_no_grounding_decoder(plain_setup):
+    """A grounded model's evaluation costs what the same model without decoders costs: only the predictions leave
+    the call, so the decoders are never computed (XLA's FLOP count of the lowered call)."""
+    plain_graphdef, optimizer, plain_state = plain_setup
+    assert TINY.grounding == "hard"
+    graphdef, state = train.split_model(DualStreamModel(TINY, nnx.Rngs(0)), optimizer)
+    images = make_batch()["images"]
+
+    def flops(graphdef, state):
+        cost = trainer.predict_function(graphdef).trace(state, images).lower().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    assert flops(graphdef, state) == flops(plain_graphdef, plain_state) > 0
+    predictions = trainer.predict_function(graphdef)(state, images)
+    assert set(predictions) == {name for name, _ in TINY.tasks}
+    assert all(value.shape[:3] == images.shape[:3] for value in predictions.values())
+
+
 def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_one_noise_per_corruption():
     """A stub model that predicts depth = mean brightness records what it was shown: the corrupted images, each
     severity of a corruption the same noise at another strength, the labels untouched."""
@@ -180,7 +198,7 @@ def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_on
 
     def predict(state, batch_images):
         seen.append(np.asarray(batch_images))
-        return {"depth": jnp.mean(batch_images, axis=-1, keepdims=True)}, {}
+        return {"depth": jnp.mean(batch_images, axis=-1, keepdims=True)}
 
     passes = []
     results = trainer.evaluate_corrupted(predict, None, batches, (("depth", 1),), ("gaussian_noise", "contrast"),
