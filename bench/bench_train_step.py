@@ -41,8 +41,8 @@ from typing import Any, NamedTuple, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import (environment, median_seconds, parse_choices, parse_config, parser_for,  # noqa: E402
-                     require_integer, run_main, write_json)
+from _common import (check_output_path, environment, median_seconds, parse_choices, parse_config,  # noqa: E402
+                     parser_for, require_integer, run_main, write_json)
 
 CONFIGS = ("reduced", "nyuv2")
 PRECISIONS = ("float32", "bfloat16")
@@ -90,6 +90,8 @@ class BenchConfig:
         require_integer(self, "repeats", 1)
         if not self.peak_tflops >= 0:
             raise ValueError(f"--peak-tflops must be >= 0; got {self.peak_tflops}")
+        if self.trace:
+            check_output_path(self.trace, "folder", "--trace")
 
 
 def _setting(name: str, variant: str):

@@ -116,8 +116,9 @@ def check_seeds(config_class: type, values: dict[str, Any]) -> None:
                 raise ValueError(f"{flag(field.name)} must be an integer in [-2^63, 2^63 - 1]; got {value}")
 
 
-def check_output_path(out: str, kind: str | None = None) -> None:
-    """Proves, before any work, that ``--out`` can be written, or raises a one-line ``ValueError`` naming it.
+def check_output_path(out: str, kind: str | None = None, name: str = "--out") -> None:
+    """Proves, before any work, that ``out`` (given as flag ``name``) can be written, or raises a one-line
+    ``ValueError`` naming it.
 
     ``kind`` is what the script writes there: ``"file"`` (one JSON file at ``out``), ``"folder"`` (files inside
     ``out``) or ``None``, a file when ``out`` ends in ``.json`` and a folder otherwise. Refused: a file path that is
@@ -130,16 +131,16 @@ def check_output_path(out: str, kind: str | None = None) -> None:
     wants_file = path.suffix == ".json" if kind is None else kind == "file"
     if path.exists() and path.is_dir() == wants_file:
         what, other = ("a JSON file path", "folder") if wants_file else ("a folder", "file")
-        raise ValueError(f"--out must be {what}; {out} is an existing {other}")
+        raise ValueError(f"{name} must be {what}; {out} is an existing {other}")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"--out {out} lies below {parent}, which is a file, not a folder")
+                raise ValueError(f"{name} {out} lies below {parent}, which is a file, not a folder")
             break
-    _probe_folder(out, path.parent if wants_file else path)
+    _probe_folder(out, path.parent if wants_file else path, name)
 
 
-def _probe_folder(out: str, folder: Path) -> None:
+def _probe_folder(out: str, folder: Path, name: str) -> None:
     """Makes ``folder`` and a file in it, then removes the file. The folder stays (the script writes there next;
     removing it could pull it from under another process of the same run checking the same ``--out``), except
     the parts made here when the check fails."""
@@ -148,14 +149,14 @@ def _probe_folder(out: str, folder: Path) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ValueError(f"--out {out} cannot be written: cannot create the folder {folder} "
+            raise ValueError(f"{name} {out} cannot be written: cannot create the folder {folder} "
                              f"({error.strerror or error}); choose a location you can write to") from None
         try:
             handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
             os.close(handle)
             os.unlink(probe)
         except OSError as error:
-            raise ValueError(f"--out {out} cannot be written: cannot create a file in {folder} "
+            raise ValueError(f"{name} {out} cannot be written: cannot create a file in {folder} "
                              f"({error.strerror or error}); choose a location you can write to") from None
     except ValueError:
         for candidate in missing:  # deepest first

@@ -214,3 +214,13 @@ def test_each_script_declares_what_its_out_is(script, kind, monkeypatch, tmp_pat
     with pytest.raises(_Checked):
         module.main(["--out", out])
     assert seen == {"out": out, "kind": kind}
+
+
+def test_a_profiler_trace_folder_is_checked_before_any_step_is_compiled(tmp_path):
+    from scripts import assert_one_line_error, run_script
+
+    taken = tmp_path / "trace"
+    taken.write_text("a file where the trace folder should go")
+    result = run_script("bench/bench_train_step.py", "--trace", str(taken), "--out", str(tmp_path / "bench.json"))
+    assert_one_line_error(result, f"--trace must be a folder; {taken} is an existing file")
+    assert not (tmp_path / "bench.json").exists()
