@@ -43,7 +43,8 @@ class CheckpointMismatch(ValueError):
 
 
 class Checkpoints:
-    """The checkpoints of one run under ``directory`` (``<directory>/<epoch>``), keeping the newest ``keep``."""
+    """The checkpoints of one run under ``directory`` (``<directory>/<epoch>``), keeping the newest ``keep``.
+    :meth:`close` when done (or use it as a context manager), which ends Orbax's background machinery."""
 
     def __init__(self, directory: str | Path, keep: int = 2):
         if keep < 1:
@@ -116,6 +117,12 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 # TensorStore's status codes for missing or corrupt data, and its wording when an array cannot be read.

@@ -69,8 +69,8 @@ def test_batch_norm_keeps_pytorchs_running_statistics(shape):
     is normalised with the biased one; eval mode reads the running statistics. Flax's own BatchNorm would store the
     biased variance, 15/16 of this at the image-pooling shape (16, 1, 1, C)."""
     norm = batch_norm(shape[-1], nnx.Rngs(0))
-    norm.scale[...] = jnp.linspace(0.5, 1.5, shape[-1])
-    norm.bias[...] = jnp.linspace(-1.0, 1.0, shape[-1])
+    norm.scale[...] = jnp.linspace(0.5, 1.5, shape[-1], dtype=jnp.float32)  # the suite runs with x64 on
+    norm.bias[...] = jnp.linspace(-1.0, 1.0, shape[-1], dtype=jnp.float32)
     rng = np.random.default_rng(0)
     running_mean, running_var = np.zeros(shape[-1]), np.ones(shape[-1])
     for step in range(3):

@@ -158,7 +158,8 @@ def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(t
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["2", "3"]
     # A save killed half-way leaves only a temporary folder, which is not a checkpoint.
     (tmp_path / "run" / "4.orbax-checkpoint-tmp-0").mkdir()
-    assert Checkpoints(tmp_path / "run").latest_epoch() == 3
+    with Checkpoints(tmp_path / "run") as other:
+        assert other.latest_epoch() == 3
     restored = checkpoints.restore(3, tree)
     assert isinstance(restored["state"], train.TrainState)
     for a, b in zip(comparable_leaves(restored), comparable_leaves(tree)):
@@ -167,6 +168,7 @@ def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(t
     with pytest.raises(ValueError, match="does not match this model and optimiser") as refused:
         checkpoints.restore(3, {**tree, "balancer": {"w": jnp.arange(3.0), "v": jnp.zeros(2)}})
     assert "\n" not in str(refused.value)
+    checkpoints.close()
 
 
 def test_evaluation_returns_only_the_predictions_and_runs_no_grounding_decoder(plain_setup):
@@ -216,15 +218,26 @@ def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_on
                                np.mean(np.abs(corrupted_predictions - depth)), rtol=1e-5)
 
 
+def _restore_latest(directory, tree):
+    with Checkpoints(directory) as checkpoints:
+        return checkpoints.restore_latest(tree)
+
+
+def _save(directory, epoch, tree) -> int:
+    """Saves (keeping two) and returns the newest epoch on disk."""
+    with Checkpoints(directory, keep=2) as checkpoints:
+        checkpoints.save(epoch, tree)
+        return checkpoints.latest_epoch()
+
+
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tmp_path):
     """Orbax never leaves a partial checkpoint, but a disk can damage one: resuming then takes the newest readable
     checkpoint, renames the damaged one out of the run's way, and says so; with none readable it refuses in one
     line and renames nothing."""
     tree = {"w": jnp.arange(1000.0), "b": jnp.ones(3)}
-    checkpoints = Checkpoints(tmp_path / "run", keep=2)
-    assert checkpoints.restore_latest(tree) == (None, None, [])
+    assert _restore_latest(tmp_path / "run", tree) == (None, None, [])
     for epoch in (1, 2):
-        checkpoints.save(epoch, jax.tree.map(lambda leaf: leaf * epoch, tree))
+        _save(tmp_path / "run", epoch, jax.tree.map(lambda leaf: leaf * epoch, tree))
 
     def damage(epoch):
         for path in (tmp_path / "run" / str(epoch)).rglob("*"):
@@ -232,22 +245,19 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tm
                 path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
     damage(2)
-    epoch, restored, set_aside = Checkpoints(tmp_path / "run").restore_latest(tree)
+    epoch, restored, set_aside = _restore_latest(tmp_path / "run", tree)
     assert epoch == 1 and len(set_aside) == 1 and set_aside[0].startswith("epoch 2: ")
     np.testing.assert_array_equal(restored["w"], tree["w"])
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1", "2.unreadable"]
-    checkpoints = Checkpoints(tmp_path / "run", keep=2)
-    checkpoints.save(2, tree)  # the run goes on where the damaged checkpoint was
-    assert checkpoints.latest_epoch() == 2
+    assert _save(tmp_path / "run", 2, tree) == 2  # the run goes on where the damaged checkpoint was
     damage(2)  # damaged again: set aside beside the first
-    assert Checkpoints(tmp_path / "run").restore_latest(tree)[0] == 1
+    assert _restore_latest(tmp_path / "run", tree)[0] == 1
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
         "1", "2.unreadable", "2.unreadable.2"]
-    checkpoints = Checkpoints(tmp_path / "run", keep=2)
-    checkpoints.save(2, tree)
+    _save(tmp_path / "run", 2, tree)
     damage(1), damage(2)
     with pytest.raises(ValueError, match="no checkpoint in .* can be read; the newest \\(epoch 2\\)") as refused:
-        Checkpoints(tmp_path / "run").restore_latest(tree)
+        _restore_latest(tmp_path / "run", tree)
     assert "\n" not in str(refused.value)
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
         "1", "2", "2.unreadable", "2.unreadable.2"]
@@ -256,13 +266,12 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tm
 def test_a_restore_failing_for_another_reason_renames_nothing(tmp_path, monkeypatch):
     """Out of memory, say: nothing says the checkpoint is bad, so it stays where it is and the error propagates."""
     tree = {"w": jnp.arange(4.0)}
-    checkpoints = Checkpoints(tmp_path / "run", keep=2)
-    checkpoints.save(1, tree)
+    _save(tmp_path / "run", 1, tree)
 
     def out_of_memory(self, epoch, template):
         raise MemoryError("RESOURCE_EXHAUSTED: out of memory")
 
     monkeypatch.setattr(Checkpoints, "restore", out_of_memory)
     with pytest.raises(MemoryError):
-        Checkpoints(tmp_path / "run").restore_latest(tree)
+        _restore_latest(tmp_path / "run", tree)
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1"]
