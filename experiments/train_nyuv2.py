@@ -479,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def record(index: int, metrics: dict, sums: dict, count: int, bar) -> int:
         """Adds one step's metrics to the epoch's sums (stopping at a non-finite step) and returns the count."""
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # one transfer, not one per scalar
         if not metrics.pop("finite"):
             saved = checkpoints.latest_epoch()
             last = f"the last good state is the checkpoint of epoch {saved} in {checkpoints_dir}" if saved else (
