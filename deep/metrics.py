@@ -300,6 +300,12 @@ class MetricAccumulator:
             ValueError: on a missing task, a shape mismatch, non-integer labels, a label that is neither −1 nor a
                 class, or negative depth.
         """
+        self.add(self.statistics(predictions, batch))
+
+    def statistics(self, predictions: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict:
+        """The first half of :meth:`update`: one batch's statistics, computed on its device and not waited for, so a
+        loop can start the next batch before :meth:`add` brings these to the host. Checks names and shapes (raises
+        as :meth:`update`)."""
         statistics = {}
         for name in self.tasks:
             for source, mapping in (("predictions", predictions), ("batch", batch)):
@@ -313,6 +319,12 @@ class MetricAccumulator:
                 statistics[name] = depth_statistics(prediction, target)
             else:
                 statistics[name] = normal_statistics(prediction, target, bin_degrees=self.normal_bin_degrees)
+        statistics["images"] = int(jnp.shape(predictions[next(iter(self.tasks))])[0])
+        return statistics
+
+    def add(self, statistics: dict) -> None:
+        """The second half of :meth:`update`: adds the statistics of :meth:`statistics` (checks the label values
+        and raises as :meth:`update`)."""
         statistics = jax.tree.map(_to_host, statistics)
         if "segmentation" in statistics and statistics["segmentation"]["out_of_range"] > 0:
             raise ValueError(f"{int(statistics['segmentation']['out_of_range'])} segmentation labels are outside "
@@ -320,8 +332,7 @@ class MetricAccumulator:
         if "depth" in statistics and statistics["depth"]["negative"] > 0:
             raise ValueError(f"{int(statistics['depth']['negative'])} depth ground-truth values are negative; "
                              "depth must be >= 0 with 0 = invalid")
-        first_task = next(iter(self.tasks))
-        self.num_images += int(jnp.shape(predictions[first_task])[0])
+        self.num_images += int(statistics["images"])
         if "segmentation" in statistics:
             self._confusion += np.asarray(statistics["segmentation"]["confusion"], dtype=np.int64)
         if "depth" in statistics:

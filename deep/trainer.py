@@ -157,10 +157,19 @@ def placed_for_evaluation(mesh, batches: Iterable[dict]) -> Iterable[dict]:
 
 
 def evaluate(predict: Callable, state: train.TrainState, batches: Iterable[dict], tasks) -> dict[str, float]:
-    """The metrics of :mod:`deep.metrics` over every batch of a split."""
+    """The metrics of :mod:`deep.metrics` over every batch of a split.
+
+    A batch's statistics come to the host after the next batch has been dispatched, so the device never waits for
+    the host (as in training): while it evaluates one batch, the host reads and transfers the next."""
     accumulator = MetricAccumulator(tasks)
+    pending = None
     for batch in batches:
-        accumulator.update(predict(state, jnp.asarray(batch["images"])), batch)
+        statistics = accumulator.statistics(predict(state, jnp.asarray(batch["images"])), batch)
+        if pending is not None:
+            accumulator.add(pending)
+        pending = statistics
+    if pending is not None:
+        accumulator.add(pending)
     return accumulator.result()
 
 
