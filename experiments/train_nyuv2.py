@@ -459,77 +459,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     augment_config = AugmentConfig(**AUGMENTATIONS[config.dataset])
     augment_batch = jax.jit(lambda key, batch: augment(key, batch, augment_config))
 
-    checkpoints = Checkpoints(checkpoints_dir)
-
     def test_batches():
         return trainer.placed_for_evaluation(mesh, test_loader.epoch(0))
 
-    start_epoch = 0
-    if config.resume:
-        epoch, restored, set_aside = checkpoints.restore_latest({"state": state, "balancer": balancer_state})
-        for reason in set_aside:
-            print(f"train_nyuv2.py: warning: a checkpoint could not be read and was renamed *.unreadable; resuming "
-                  f"from an older one ({reason})", file=sys.stderr)
-        if epoch:
-            start_epoch = epoch
-            state, balancer_state = restored["state"], restored["balancer"]
-    history = _read_history(out / "metrics.jsonl", start_epoch)
-    base_key = jax.random.key(config.seed)
-    started = time.time()
+    # Closed on the way out, also when training stops with an error, so Orbax's background machinery ends cleanly.
+    with Checkpoints(checkpoints_dir) as checkpoints:
+        start_epoch = 0
+        if config.resume:
+            epoch, restored, set_aside = checkpoints.restore_latest({"state": state, "balancer": balancer_state})
+            for reason in set_aside:
+                print(f"train_nyuv2.py: warning: a checkpoint could not be read and was renamed *.unreadable; resuming "
+                      f"from an older one ({reason})", file=sys.stderr)
+            if epoch:
+                start_epoch = epoch
+                state, balancer_state = restored["state"], restored["balancer"]
+        history = _read_history(out / "metrics.jsonl", start_epoch)
+        base_key = jax.random.key(config.seed)
+        started = time.time()
 
-    def record(index: int, metrics: dict, sums: dict, count: int, bar) -> int:
-        """Adds one step's metrics to the epoch's sums (stopping at a non-finite step) and returns the count."""
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # one transfer, not one per scalar
-        if not metrics.pop("finite"):
-            saved = checkpoints.latest_epoch()
-            last = f"the last good state is the checkpoint of epoch {saved} in {checkpoints_dir}" if saved else (
-                "no epoch had completed, so there is no checkpoint")
-            raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
-                             f"gradient (that step was not applied); {last}")
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + value
-        bar.set_postfix({name: f"{sums[name] / (count + 1):.3g}" for name in ("loss", *task_names)},
-                        refresh=False)
-        bar.update()
-        return count + 1
+        def record(index: int, metrics: dict, sums: dict, count: int, bar) -> int:
+            """Adds one step's metrics to the epoch's sums (stopping at a non-finite step) and returns the count."""
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # copied together, one wait
+            if not metrics.pop("finite"):
+                saved = checkpoints.latest_epoch()
+                last = f"the last good state is the checkpoint of epoch {saved} in {checkpoints_dir}" if saved else (
+                    "no epoch had completed, so there is no checkpoint")
+                raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
+                                 f"gradient (that step was not applied); {last}")
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            bar.set_postfix({name: f"{sums[name] / (count + 1):.3g}" for name in ("loss", *task_names)},
+                            refresh=False)
+            bar.update()
+            return count + 1
 
-    for epoch in range(start_epoch, config.epochs):
-        controls = trainer.EpochControls.at(weights, epoch) if config.method == "core" else None
-        sums, count = {}, 0
-        epoch_start = time.time()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=config.quiet,
-                   leave=False, file=sys.stderr)
-        # The metrics of step i are read (a host sync) after step i+1 has been dispatched, so the device never
-        # waits for the host: while it runs a step, the host gathers, transfers and augments the next batch.
-        pending = None
-        for index, batch in enumerate(loader.epoch(epoch)):
-            if index == steps_per_epoch:
-                break
-            global_step = epoch * steps_per_epoch + index
-            step_key, augment_key = jax.random.split(jax.random.fold_in(base_key, global_step))
-            batch = train.shard_batch(mesh, batch)
-            if config.augment:
-                batch = augment_batch(augment_key, batch)
-            state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
+        for epoch in range(start_epoch, config.epochs):
+            controls = trainer.EpochControls.at(weights, epoch) if config.method == "core" else None
+            sums, count = {}, 0
+            epoch_start = time.time()
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=config.quiet,
+                       leave=False, file=sys.stderr)
+            # The metrics of step i are read (a host sync) after step i+1 has been dispatched, so the device never
+            # waits for the host: while it runs a step, the host gathers, transfers and augments the next batch.
+            pending = None
+            for index, batch in enumerate(loader.epoch(epoch)):
+                if index == steps_per_epoch:
+                    break
+                global_step = epoch * steps_per_epoch + index
+                step_key, augment_key = jax.random.split(jax.random.fold_in(base_key, global_step))
+                batch = train.shard_batch(mesh, batch)
+                if config.augment:
+                    batch = augment_batch(augment_key, batch)
+                state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
+                if pending is not None:
+                    count = record(*pending, sums, count, bar)
+                pending = (index, metrics)
             if pending is not None:
                 count = record(*pending, sums, count, bar)
-            pending = (index, metrics)
-        if pending is not None:
-            count = record(*pending, sums, count, bar)
-        bar.close()
-        train_seconds = time.time() - epoch_start
-        test_metrics = trainer.evaluate(predict, state, test_batches(), model_config.tasks)
-        line = {"epoch": epoch + 1, "devices": int(mesh.devices.size),
-                "train": {k: v / count for k, v in sums.items()}, "test": test_metrics,
-                "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
-        history.append(line)
-        if primary:
-            _write_history(out / "metrics.jsonl", history)
-        checkpoints.save(epoch + 1, {"state": state, "balancer": balancer_state})
-        if not config.quiet:
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in test_metrics.items())
-            print(f"epoch {epoch + 1}: loss {line['train']['loss']:.4g}; test {shown}", file=sys.stderr)
-    checkpoints.close()
+            bar.close()
+            train_seconds = time.time() - epoch_start
+            test_metrics = trainer.evaluate(predict, state, test_batches(), model_config.tasks)
+            line = {"epoch": epoch + 1, "devices": int(mesh.devices.size),
+                    "train": {k: v / count for k, v in sums.items()}, "test": test_metrics,
+                    "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
+            history.append(line)
+            if primary:
+                _write_history(out / "metrics.jsonl", history)
+            checkpoints.save(epoch + 1, {"state": state, "balancer": balancer_state})
+            if not config.quiet:
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in test_metrics.items())
+                print(f"epoch {epoch + 1}: loss {line['train']['loss']:.4g}; test {shown}", file=sys.stderr)
 
     sample_batch = {k: np.asarray(v[:4]) for k, v in test_split.items()}
     panels = trainer.sample_panels(graphdef, state, train.replicate(mesh, sample_batch["images"]))

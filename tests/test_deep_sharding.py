@@ -118,6 +118,10 @@ def test_two_processes_build_one_global_batch_and_state():
                                                                                                "depth": 1})
         split.update(train.shard_batch(mesh, predictions), train.shard_batch(mesh, labels))
         whole.update(predictions, labels)
+        # And a batch of 6, which does not divide over the 4 devices: copied to every device, as evaluation does.
+        six = lambda tree: {k: v[:6] for k, v in tree.items()}
+        split.update(train.replicate(mesh, six(predictions)), train.replicate(mesh, six(labels)))
+        whole.update(six(predictions), six(labels))
         split, whole = split.result(), whole.result()
         print("METRICS", all(abs(split[k] - whole[k]) <= 1e-6 * abs(whole[k]) for k in whole), sorted(split))
     """)
