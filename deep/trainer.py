@@ -211,16 +211,22 @@ def evaluate_corrupted(predict: Callable, state: train.TrainState, batches: Call
 def sample_panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, np.ndarray]:
     """Predictions for a few images in eval mode, and for a model with grounding its reconstructions (physical
     rendering, appearance decoder) and a counterfactual: each image synthesised with the residual code of the next
-    one (rolled by one)."""
+    one (rolled by one). Compiled as one program: run op by op, the model's few hundred operations would each be
+    compiled on their own."""
+    return {name: np.asarray(value, np.float32) for name, value in _panels(graphdef, state, images).items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, jax.Array]:
     model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
     model.eval()
     predictions, aux = model(images)
-    panels = {f"pred/{name}": np.asarray(value) for name, value in predictions.items()}
+    panels = {f"pred/{name}": value for name, value in predictions.items()}
     for name in ("rendered", "reconstruction"):
         if name in aux:
-            panels[name] = np.asarray(aux[name])
+            panels[name] = aux[name]
     if getattr(model, "makes_counterfactuals", False):
-        counterfactual = model.counterfactual_image(aux["semantic_map"], jnp.roll(aux["residual_code"], 1, axis=0),
-                                                    images.shape[1:3], features=aux["features"])
-        panels["counterfactual"] = np.asarray(counterfactual, np.float32)
+        panels["counterfactual"] = model.counterfactual_image(
+            aux["semantic_map"], jnp.roll(aux["residual_code"], 1, axis=0), images.shape[1:3],
+            features=aux["features"])
     return panels
