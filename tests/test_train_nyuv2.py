@@ -106,16 +106,19 @@ def test_four_devices_split_the_batch_and_reach_the_same_numbers(uninterrupted, 
 
 
 def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(tmp_path):
-    """Trains on generated GTA5, evaluates on generated Cityscapes' val split, then under two corruptions."""
+    """Trains on generated GTA5, evaluates on generated Cityscapes' val split, then under two corruptions; in
+    bfloat16, as a GPU user would run it (training, evaluation, checkpoint and panels all take that path)."""
     cache, out = tmp_path / "cache", tmp_path / "gta5"
     result = run(["--synthetic", "--dataset", "gta5", "--model", "tiny", "--method", "ew", "--epochs", "1",
                   "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet",
+                  "--precision", "bfloat16",
                   "--corruptions", "contrast,gaussian_noise", "--severities", "1,5", "--out", str(out)], cache)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     metric_names = {"segmentation/miou", "segmentation/pixel_accuracy", "depth/abs_err", "depth/rel_err"}
     assert set(results["final"]) == metric_names  # Cityscapes' tasks: no normals
     assert results["loss_weights_preset"] == "gta5_to_cityscapes" and results["epochs"] == 1
+    assert results["model"]["compute_dtype"] == "bfloat16"
     corrupted = results["corrupted"]
     assert set(corrupted) == {"contrast", "gaussian_noise"} and all(set(v) == {"1", "5"} for v in corrupted.values())
     assert set(results["corrupted_mean"]) == metric_names
