@@ -76,8 +76,9 @@ def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, tmp_path):
 
 
 def test_four_devices_split_the_batch_and_reach_the_same_numbers(uninterrupted, tmp_path):
-    """Data parallelism over 4 CPU devices: the same run ends with the same metrics as on one device (BatchNorm
-    statistics are over the global batch either way; only the order of float sums differs). Inputs that fail late
+    """Data parallelism over 4 CPU devices, with the data set kept on the device (``--on-device``): the same run
+    ends with the same metrics as on one device from host memory (BatchNorm statistics are over the global batch
+    either way; only the order of float sums differs). Inputs that fail late
     (a batch larger than the data) leave the folder free for the corrected command."""
     reference, cache = uninterrupted
     out = tmp_path / "four"
@@ -92,11 +93,11 @@ def test_four_devices_split_the_batch_and_reach_the_same_numbers(uninterrupted, 
         result.stderr, result.stderr
     result = four([*FLAGS, "--pretrained", __file__, "--out", str(out)])  # a file, but no .npz archive
     assert result.returncode == 2 and "npz" in result.stderr, result.stderr
-    result = four([*FLAGS, "--out", str(out)])
+    result = four([*FLAGS, "--on-device", "--out", str(out)])  # the data set kept on the device: same batches
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     expected = json.loads((reference / "results.json").read_text())
-    assert [line["devices"] for line in results["history"]] == [4] * 4
+    assert [line["devices"] for line in results["history"]] == [4] * 4 and results["config"]["on_device"] is True
     assert [line["devices"] for line in expected["history"]] == [1] * 4
     # The first epoch's training losses: later ones drift apart, since Adam's first steps are about lr·sign(g) and
     # turn rounding differences in near-zero gradients into whole steps (thresholded metrics moved by 3 % at the end).
