@@ -130,7 +130,7 @@ def test_processes_checking_one_new_out_at_once_all_pass(tmp_path):
     import multiprocessing
 
     out = tmp_path / "a" / "b" / "run"
-    with multiprocessing.get_context("fork").Pool(4) as pool:
+    with multiprocessing.get_context("spawn").Pool(4) as pool:  # fork would copy JAX's threads
         results = pool.starmap(_check_or_error, [(str(out), "folder")] * 200)
     assert results == [None] * 200
 
