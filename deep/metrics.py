@@ -221,13 +221,12 @@ def histogram_median(histogram: np.ndarray, bin_degrees: float) -> float:
 def _to_host(value) -> np.ndarray:
     """A statistic as a host array: whole, also when it is split over devices of several processes (an evaluation
     batch sharded along the data axis leaves the per-image sums so), where each process gathers the others' rows."""
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        if value.is_fully_replicated:  # every device holds it whole (a sum over the batch): no need to gather
-            return np.asarray(value.addressable_data(0))
+    # A value every device holds whole (a sum over the batch) is read from a local copy, without a collective.
+    if isinstance(value, jax.Array) and not (value.is_fully_addressable or value.is_fully_replicated):
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    return np.asarray(jax.device_get(value))
+    return np.asarray(value)
 
 
 class MetricAccumulator:

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 from _common import check_output_path, parse_choices, run_main, write_atomically, write_json  # noqa: E402
+from scripts import assert_one_line_error, run_script  # noqa: E402
 
 
 def test_json_is_written_atomically_with_ordinary_permissions(tmp_path):
@@ -217,8 +218,6 @@ def test_each_script_declares_what_its_out_is(script, kind, monkeypatch, tmp_pat
 
 
 def test_a_profiler_trace_folder_is_checked_before_any_step_is_compiled(tmp_path):
-    from scripts import assert_one_line_error, run_script
-
     taken = tmp_path / "trace"
     taken.write_text("a file where the trace folder should go")
     result = run_script("bench/bench_train_step.py", "--trace", str(taken), "--out", str(tmp_path / "bench.json"))

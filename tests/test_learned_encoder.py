@@ -136,10 +136,7 @@ def test_script_end_to_end(tmp_path):
                                             (["--steps", "15", "--eval-every", "10"], "multiple of --eval-every"),
                                             (["--rho-source", "1.5"], "--rho-source must lie in (-1, 1)")])
 def test_script_bad_flags(flags, message, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "learned_encoder.py"), *flags, "--out",
-                             str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert_one_line_error(run_script("experiments/learned_encoder.py", *flags, "--out", str(tmp_path)), message)
 
 
 @pytest.mark.parametrize("flags, message", [
