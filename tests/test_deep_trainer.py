@@ -275,3 +275,20 @@ def test_a_restore_failing_for_another_reason_renames_nothing(tmp_path, monkeypa
     with pytest.raises(MemoryError):
         _restore_latest(tmp_path / "run", tree)
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1"]
+
+
+@pytest.mark.parametrize("method", ["core", "gradvac"])
+def test_a_training_step_consumes_its_state(plain_setup, method):
+    """The script's steps donate the state (and a balancer's state) they are given, so XLA can write the new state
+    into those buffers: the arrays passed in are deleted, the ones returned are new."""
+    graphdef, optimizer, state = plain_setup
+    balancer, step = trainer.make_step(method, graphdef, optimizer, losses.PRESETS["nyuv2"])
+    given = jax.tree.map(jnp.copy, state)  # the module's state stays usable for the other tests
+    given_balancer = balancer.init(len(PLAIN.tasks)) if method != "core" else ()
+    controls = trainer.EpochControls(train_tasks=True, independence_weight=0.0, counterfactual_on=False)
+    new_state, new_balancer, metrics = step(given, given_balancer, make_batch(), jax.random.key(0), controls)
+    assert bool(metrics["finite"])
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(given))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves((new_state, new_balancer)))
+    if method != "core":  # GradVac's state: its targets of gradient similarity, one per pair of tasks
+        assert jax.tree.leaves(given_balancer) and all(leaf.is_deleted() for leaf in jax.tree.leaves(given_balancer))

@@ -57,13 +57,12 @@ def test_a_run_writes_its_results_curves_samples_and_one_line_per_epoch(uninterr
 def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, tmp_path):
     reference, cache = uninterrupted
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *FLAGS, "--out", str(out)], cwd=ROOT,
-                               env=environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 600
-    while not (out / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    with subprocess.Popen([sys.executable, str(SCRIPT), *FLAGS, "--out", str(out)], cwd=ROOT,
+                          env=environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        deadline = time.time() + 600
+        while not (out / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
     assert not (out / "results.json").exists(), "the run ended before it could be killed"
 
     result = run([*FLAGS, "--out", str(out), "--resume"], cache)
