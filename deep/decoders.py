@@ -1,13 +1,14 @@
 r"""The grounding decoders of the dual-stream model.
 
-**Hard grounding** (Eq (13)): albedo from the residual code, normals from the semantic map, lighting from backbone
-features, composed by the SH shading model into a rendered image. Shapes follow the authors' physics path, with
-widths configurable for tests:
+**Hard grounding** (Eq (13)): albedo from the residual code, normals from the semantic map, lighting from the
+residual code (the paper) or pooled backbone features (the authors' code), composed by the SH shading model into a
+rendered image. Shapes follow the authors' physics path, with widths configurable for tests:
 
 * ``AlbedoHead``: ẑ_r ``[B, C_r]`` → dense → ``[B, s, s, w]`` → ``upsamples`` × (bilinear ×2 → 3×3 conv → BN → ReLU)
   → 3×3 conv → sigmoid: a square albedo map (128×128 in the authors' code), resized to the image by the model.
 * ``NormalHead``: ẑ_s map → ``upsamples`` × (bilinear ×2 → 3×3 conv → BN → ReLU) → 3×3 conv → unit normals.
-* ``LightHead``: pooled backbone features → MLP (ReLU, ReLU, LayerNorm) → 27 SH coefficients (9 per colour).
+* ``LightHead``: the residual code or pooled backbone features → MLP (ReLU, ReLU, LayerNorm) → 27 SH coefficients
+  (9 per colour).
 
 **Soft grounding** (Eq (15)): generic decoders that reconstruct the geometry from the semantic map alone and the
 image from the semantic map (content) and the residual code (style),
@@ -86,7 +87,7 @@ class NormalHead(nnx.Module):
 
 
 class LightHead(nnx.Module):
-    """Pooled features ``[B, C]`` → SH lighting ``[B, 3, 9]``."""
+    """A vector per image ``[B, C]`` (the residual code, or pooled features) → SH lighting ``[B, 3, 9]``."""
 
     def __init__(self, in_channels: int, rngs: nnx.Rngs, hidden: int = 128):
         self.fc1 = nnx.Linear(in_channels, hidden, rngs=rngs)
@@ -100,21 +101,24 @@ class LightHead(nnx.Module):
 
 
 class PhysicalDecoder(nnx.Module):
-    """Hard grounding: ``(semantic_map, residual_code, pooled_features, image_size) → (rendered, parts)``.
+    """Hard grounding: ``(semantic_map, residual_code, light_input, image_size) → (rendered, parts)``.
 
-    ``parts`` holds ``albedo``, ``normals``, ``shading`` (each at the image size) and ``lighting``.
+    ``light_input`` ``[B, light_channels]`` is what the light head reads: the residual code again in the paper
+    ("the residual stream predicts photometric factors such as albedo and illumination"), the spatial mean of the
+    backbone's features in the authors' code. ``parts`` holds ``albedo``, ``normals``, ``shading`` (each at the
+    image size) and ``lighting``.
     """
 
-    def __init__(self, semantic_channels: int, residual_channels: int, feature_channels: int, rngs: nnx.Rngs,
+    def __init__(self, semantic_channels: int, residual_channels: int, light_channels: int, rngs: nnx.Rngs,
                  widths: tuple[int, ...] = (128, 128, 64, 32), albedo_seed: int = 16, light_hidden: int = 128):
         self.albedo = AlbedoHead(residual_channels, rngs, albedo_seed, widths)
         self.normals = NormalHead(semantic_channels, rngs, widths)
-        self.light = LightHead(feature_channels, rngs, light_hidden)
+        self.light = LightHead(light_channels, rngs, light_hidden)
 
-    def __call__(self, semantic_map, residual_code, pooled_features, image_size):
+    def __call__(self, semantic_map, residual_code, light_input, image_size):
         albedo = resize_bilinear(self.albedo(residual_code), image_size)
         normals_full = self.normals(semantic_map)
-        lighting = self.light(pooled_features)
+        lighting = self.light(light_input)
         shading = resize_bilinear(lambertian_shading(normals_full, lighting), image_size)
         normals = resize_bilinear(normals_full, image_size)  # not renormalised, as the authors' code
         return render(albedo, shading), {"albedo": albedo, "normals": normals, "shading": shading,

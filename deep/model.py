@@ -1,12 +1,11 @@
 """The dual-stream multi-task model: backbone -> (semantic map ẑ_s, residual code ẑ_r) -> task heads.
 
-Three choices of :class:`ModelConfig` set the architecture; the defaults are the paper's, and
+Four choices of :class:`ModelConfig` set the architecture; the defaults are the paper's, and
 ``ModelConfig.variant("authors", ...)`` (see :data:`VARIANTS`) selects the authors' code in one setting:
 
 * ``fusion``: what the two projectors read. ``"c4"`` (paper): the backbone's last stage. ``"multiscale"``
   (authors): :math:`F`, a 1×1 convolution of each of c1..c4 to ``fusion_channels`` on the 1/8 grid,
-  concatenated (:class:`deep.streams.MultiScaleFusion`); the physical decoder's light head then pools the
-  adapted c4 inside :math:`F`, as theirs.
+  concatenated (:class:`deep.streams.MultiScaleFusion`).
 * ``heads_read``: ``"semantic"`` (paper): the heads read **only** ẑ_s; ``"semantic+backbone"`` (authors): they
   also read the features the projectors read (c4, or :math:`F` with the multi-scale fusion), which carry
   residual information. No head ever reads the residual code ẑ_r itself.
@@ -14,6 +13,10 @@ Three choices of :class:`ModelConfig` set the architecture; the defaults are the
   the authors' ``TaskHead`` (:class:`deep.heads.DeepLabV3PlusHead`): ``concat(P_F(features), P_s(ẑ_s))`` →
   ASPP → decoder with a GroupNorm'd skip from c1 at 1/4. It reads backbone features, so it needs
   ``heads_read="semantic+backbone"``.
+* ``light_reads``: what the physical decoder's light head reads. ``"residual"`` (paper: "the residual stream
+  predicts photometric factors such as albedo and illumination"): the residual code ẑ_r, so whatever the
+  rendering needs of the illumination passes through ẑ_r; ``"backbone"`` (authors): the spatial mean of c4, or
+  of the adapted c4 inside :math:`F` with the multi-scale fusion, a path for lighting around both streams.
 
 Predictions are upsampled to the image with bilinear ``align_corners=True`` (LibMTL's and the authors'
 convention; straight to the image size, which for sizes divisible by 4 is the authors' ×4); surface normals
@@ -55,8 +58,10 @@ HEAD_INPUTS = ("semantic", "semantic+backbone")
 FUSIONS = ("c4", "multiscale")
 HEAD_TYPES = ("aspp", "deeplabv3plus")
 # The architecture choices of the paper and of the authors' code (models/causal_model.py), apart from sizes.
-VARIANTS = {"paper": {"fusion": "c4", "heads_read": "semantic", "head": "aspp"},
-            "authors": {"fusion": "multiscale", "heads_read": "semantic+backbone", "head": "deeplabv3plus"}}
+VARIANTS = {"paper": {"fusion": "c4", "heads_read": "semantic", "head": "aspp", "light_reads": "residual"},
+            "authors": {"fusion": "multiscale", "heads_read": "semantic+backbone", "head": "deeplabv3plus",
+                        "light_reads": "backbone"}}
+LIGHT_INPUTS = ("residual", "backbone")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The layers whose matrix work follows the compute dtype; normalisation statistics are reduced in float32 (by Flax,
 # and by deep.decoders' InstanceNorm and AdaIN, which are jnp functions of the activations with no dtype setting).
@@ -74,7 +79,8 @@ class ModelConfig:
     ``generic_width`` the generic decoders' trunk (a multiple of 8; their blocks halve it three times).
 
     Architecture (module docstring): ``fusion`` (``"c4"`` or ``"multiscale"``, with ``fusion_channels`` per
-    stage, 1024 in the authors' code), ``heads_read`` and ``head`` (``"aspp"`` or ``"deeplabv3plus"``). The
+    stage, 1024 in the authors' code), ``heads_read``, ``head`` (``"aspp"`` or ``"deeplabv3plus"``) and
+    ``light_reads`` (``"residual"`` or ``"backbone"``). The
     DeepLabV3+ head is sized by ``head_channels`` (its input projections, ASPP and decoder), ``skip_channels``
     and ``skip_groups`` (the c1 skip: 48 channels, GroupNorm with 4 groups) and ``decoder_groups`` (GroupNorm
     of its 3×3 convolution, 32 groups); the ASPP head ignores those three.
@@ -106,6 +112,7 @@ class ModelConfig:
     skip_groups: int = 4
     decoder_groups: int = 32
     dilated_conv: str = "auto"
+    light_reads: str = "residual"
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -125,6 +132,8 @@ class ModelConfig:
             raise ValueError(f"fusion_channels must be >= 1; got {self.fusion_channels}")
         if self.dilated_conv not in DILATED_CONVS:
             raise ValueError(f"dilated_conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
+        if self.light_reads not in LIGHT_INPUTS:
+            raise ValueError(f"light_reads must be one of {', '.join(LIGHT_INPUTS)}; got {self.light_reads!r}")
         if self.head not in HEAD_TYPES:
             raise ValueError(f"head must be one of {', '.join(HEAD_TYPES)}; got {self.head!r}")
         if self.head == "deeplabv3plus":
@@ -176,13 +185,14 @@ class DualStreamModel(nnx.Module):
         stage_channels = config.backbone.output_channels
         if config.fusion == "multiscale":
             self.fusion = MultiScaleFusion(stage_channels, rngs, config.fusion_channels)
-            features, light_features = len(stage_channels) * config.fusion_channels, config.fusion_channels
+            features, pooled_channels = len(stage_channels) * config.fusion_channels, config.fusion_channels
         else:
             self.fusion = None
-            features = light_features = stage_channels[-1]
+            features = pooled_channels = stage_channels[-1]
+        light_channels = config.residual_channels if config.light_reads == "residual" else pooled_channels
         self.streams = DualStream(features, rngs, config.semantic_channels, config.residual_channels)
         self.heads = nnx.Dict({name: self._head(features, channels, rngs) for name, channels in config.tasks})
-        self.decoder = PhysicalDecoder(config.semantic_channels, config.residual_channels, light_features,
+        self.decoder = PhysicalDecoder(config.semantic_channels, config.residual_channels, light_channels,
                                        rngs, config.decoder_widths, config.albedo_seed,
                                        config.light_hidden) if config.grounding == "hard" else None
         generic = config.grounding in ("hard", "soft")
@@ -203,13 +213,19 @@ class DualStreamModel(nnx.Module):
         return ASPPHead(head_input, out_channels, rngs, channels=config.head_channels,
                         rates=config.aspp_rates)
 
-    def render(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
+    def render(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array | None,
                image_size: tuple[int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Hard grounding: the image rendered from the streams (albedo from ``residual_code``); the lighting
-        reads the spatial mean of c4, or with the multi-scale fusion of the adapted c4 inside ``features``
-        (:math:`F`)."""
+        """Hard grounding: the image rendered from the streams (albedo from ``residual_code``). The lighting reads
+        ``residual_code`` too (``light_reads="residual"``), or the spatial mean of c4 in ``features``, or with
+        the multi-scale fusion of the adapted c4 inside ``features`` (:math:`F`); ``features`` is read only
+        then."""
         if self.decoder is None:
             raise ValueError(f"this model has no physical decoder (grounding={self.config.grounding!r})")
+        if self.config.light_reads == "residual":
+            return self.decoder(semantic_map, residual_code, residual_code, image_size)
+        if features is None:
+            raise ValueError("with light_reads='backbone' the physical renderer needs the backbone features for "
+                             "the lighting")
         if self.fusion is not None:
             features = self.fusion.adapted_last_stage(features)
         return self.decoder(semantic_map, residual_code, jnp.mean(features, axis=(1, 2)), image_size)
@@ -226,27 +242,27 @@ class DualStreamModel(nnx.Module):
         .. math:: \tilde x_i = D_{\rm app}(\hat z_{s,i}, \hat z_{r,\pi(i)}),
 
         through the appearance decoder (which ends in the sigmoid), as the authors' CFA. Without one, the physical rendering
-        :math:`\mathrm{clip}(A(\hat z_{r,\pi(i)}) \odot S(\hat z_{s,i}), 0, 1)` (which needs ``features`` for the
-        lighting); no configuration has the physical decoder alone today.
+        :math:`\mathrm{clip}(A(\hat z_{r,\pi(i)}) \odot S(\hat z_{s,i}, L), 0, 1)`, whose lighting :math:`L` comes
+        from the swapped code too, or with ``light_reads="backbone"`` from ``features``; no configuration has the
+        physical decoder alone today.
 
         Args:
             semantic_map: ``[B, h, w, C_s]``.
             residual_code: ``[B, C_r]``.
             image_size: ``(H, W)``.
             features: ``[B, h, w, C]``, what the projectors read (``aux["features"]``: c4 or :math:`F`); read
-                only by the physical fallback.
+                only by the physical fallback with ``light_reads="backbone"``.
 
         Returns:
             ``[B, H, W, 3]`` in [0, 1], float32.
 
         Raises:
-            ValueError: when the model has no decoder (``grounding="none"``), or the fallback lacks ``features``.
+            ValueError: when the model has no decoder (``grounding="none"``), or the fallback needs ``features``
+                and lacks them.
         """
         if self.appearance_decoder is not None:
             return _as_float32(self.appearance_decoder(semantic_map, residual_code, image_size)[0])
         if self.decoder is not None:
-            if features is None:
-                raise ValueError("the physical renderer needs the backbone features for the lighting")
             return _as_float32(self.render(semantic_map, residual_code, features, image_size)[0])
         raise ValueError("this model has no decoder to synthesise counterfactuals (grounding='none')")
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from deep import losses, train, weights
 from deep.backbone import BackboneConfig
-from deep.model import VARIANTS, DualStreamModel, ModelConfig
+from deep.model import LIGHT_INPUTS, VARIANTS, DualStreamModel, ModelConfig
 from deep.trainer import MODEL_SIZES
 from test_deep_train import compile_quickly, make_batch
 
@@ -63,6 +63,27 @@ def test_heads_read_only_the_semantic_stream_in_the_paper_mode(heads_read, groun
                                                                                   aux["features"])
     np.testing.assert_array_equal(grad_residual, 0.0)  # the residual code never reaches a head
     assert bool(jnp.any(grad_features != 0)) == depends_on_features
+
+
+@pytest.mark.parametrize("light_reads", ["residual", "backbone"])
+def test_the_lighting_reads_the_residual_code_in_the_paper_mode(light_reads):
+    """The paper's residual stream predicts albedo and illumination: the light head reads ẑ_r, so the backbone's
+    features never reach the lighting. The authors' light head reads the pooled backbone features instead, and the
+    residual code reaches only the albedo."""
+    model = DualStreamModel(dataclasses.replace(TINY, light_reads=light_reads), nnx.Rngs(1))
+    model.eval()  # running BatchNorm statistics: a pure function to differentiate
+    keys = jax.random.split(jax.random.key(3), 3)
+    semantic_map = jax.random.normal(keys[0], (2, 4, 5, 6), jnp.float32)
+    residual_code = jax.random.normal(keys[1], (2, 3), jnp.float32)
+    features = jax.random.normal(keys[2], (2, 4, 5, TINY.backbone.output_channels[-1]), jnp.float32)
+
+    def lighting_from(residual_code, features):
+        return model.render(semantic_map, residual_code, features, (32, 40))[1]["lighting"].sum()
+
+    grad_residual, grad_features = jax.jit(jax.grad(lighting_from, argnums=(0, 1)))(residual_code, features)
+    assert model.decoder.light.fc1.in_features == (3 if light_reads == "residual" else features.shape[-1])
+    assert bool(jnp.any(grad_residual != 0)) == (light_reads == "residual")
+    assert bool(jnp.any(grad_features != 0)) == (light_reads == "backbone")
 
 
 def test_bad_head_input_is_rejected():
@@ -133,16 +154,29 @@ def test_the_counterfactual_image_comes_from_the_appearance_decoder_and_reads_th
 
 
 def test_without_an_appearance_decoder_the_counterfactual_is_the_physical_rendering():
-    model = abstract_model(TINY)
-    model.appearance_decoder = None  # no configuration builds this today; the fallback must still work
     semantic_map = jax.ShapeDtypeStruct((2, 4, 5, 6), jnp.float32)
     residual = jax.ShapeDtypeStruct((2, 3), jnp.float32)
     features = jax.ShapeDtypeStruct((2, 4, 5, 64), jnp.float32)
-    image = output_shapes(model, lambda m, s, r, f: m.counterfactual_image(s, r, (32, 40), features=f),
-                          semantic_map, residual, features)
+    for light_reads in LIGHT_INPUTS:
+        model = _without_appearance(dataclasses.replace(TINY, light_reads=light_reads))
+        image = output_shapes(model, lambda m, s, r, f: m.counterfactual_image(s, r, (32, 40), features=f),
+                              semantic_map, residual, features)
+        assert image.shape == (2, 32, 40, 3)
+    # The paper's lighting comes from the (swapped) residual code; the authors' needs the backbone features.
+    image = output_shapes(_without_appearance(TINY), lambda m, s, r: m.counterfactual_image(s, r, (32, 40)),
+                          semantic_map, residual)
     assert image.shape == (2, 32, 40, 3)
     with pytest.raises(ValueError, match="features"):
-        output_shapes(model, lambda m, s, r: m.counterfactual_image(s, r, (32, 40)), semantic_map, residual)
+        output_shapes(_without_appearance(dataclasses.replace(TINY, light_reads="backbone")),
+                      lambda m, s, r: m.counterfactual_image(s, r, (32, 40)), semantic_map, residual)
+
+
+def _without_appearance(config: ModelConfig) -> DualStreamModel:
+    """The abstract model with the physical decoder alone: no configuration builds this today, but the
+    counterfactual's fallback must still work."""
+    model = abstract_model(config)
+    model.appearance_decoder = None
+    return model
 
 
 def test_the_generic_decoders_follow_the_compute_dtype_and_return_float32():
@@ -157,8 +191,9 @@ def test_the_generic_decoders_follow_the_compute_dtype_and_return_float32():
 def test_the_variants_name_the_paper_default_and_the_authors_architecture():
     assert ModelConfig.variant("paper") == ModelConfig()
     authors = ModelConfig.variant("authors", grounding="soft", **MODEL_SIZES["tiny"])
-    assert (authors.fusion, authors.heads_read, authors.head) == (
-        "multiscale", "semantic+backbone", "deeplabv3plus")
+    assert (authors.fusion, authors.heads_read, authors.head, authors.light_reads) == (
+        "multiscale", "semantic+backbone", "deeplabv3plus", "backbone")
+    assert ModelConfig().light_reads == "residual"
     assert authors.grounding == "soft" and authors.fusion_channels == MODEL_SIZES["tiny"]["fusion_channels"]
     full = ModelConfig.variant("authors")
     assert (full.fusion_channels, full.skip_channels, full.skip_groups, full.decoder_groups) == (
