@@ -63,7 +63,10 @@ def normal_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 def independence_loss(semantic_map: jax.Array, residual_code: jax.Array, debiased: bool = False) -> jax.Array:
     """Eq (11): CKA between the spatially pooled semantic map ``[B, H, W, C_s]`` and the residual code ``[B, C_r]``
-    (already pooled). ``debiased=True`` uses the unbiased-HSIC CKA, which has no finite-batch floor."""
+    (already pooled). ``debiased=True`` uses the unbiased-HSIC CKA, which has no finite-batch floor.
+
+    The authors' CKA adds 1e-6 to its denominator, so shrinking both codes towards 0 lowers their loss; this one is
+    exactly invariant to the codes' scales (and 0, with a finite gradient, when a stream is constant)."""
     pooled = jnp.mean(semantic_map, axis=(1, 2))
     return (debiased_cka if debiased else linear_cka)(pooled, residual_code)
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deep import train
+from deep import losses, train, trainer
 from deep.model import DualStreamModel, ModelConfig
 from test_deep_train import TINY, compile_quickly, make_batch
 from theory.balancing import METHODS, make
@@ -36,24 +36,26 @@ def test_every_parameter_space_baseline_runs_one_step():
 
 def test_a_non_finite_step_leaves_the_balancers_state_too():
     """DWA keeps the last losses and GradVac its alignment targets: a step rejected as non-finite must not leave
-    NaNs there either, or every later step would inherit them."""
+    NaNs there either, or every later step would inherit them. The script's step (``trainer.make_step``) donates
+    both states it is given, so each call gets copies, and the first checks that they were consumed."""
     optimizer = train.make_optimizer(train.OptimConfig(warmup_epochs=0))
     model = DualStreamModel(ModelConfig(**{**TINY.__dict__, "grounding": "none"}), nnx.Rngs(0))
     graphdef, state = train.split_model(model, optimizer)
     bad = make_batch()
     bad["images"] = bad["images"].at[0, 0, 0, 0].set(jnp.nan)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params[0]))
+    copied = lambda tree: jax.tree.map(jnp.copy, tree)
     for name in ("dwa", "gradvac"):
-        balancer = make(name)
-        initial = balancer.init(3, num_params=num_params)
-        step = compile_quickly(functools.partial(train.balanced_step, graphdef, optimizer, balancer), state, initial,
-                               make_batch(), jax.random.key(0))
-        _, balancer_state, metrics = step(state, initial, make_batch(), jax.random.key(0))
+        balancer, step = trainer.make_step(name, graphdef, optimizer, losses.PRESETS["nyuv2"])
+        given_state, given_balancer = copied(state), copied(balancer.init(3, num_params=num_params))
+        _, balancer_state, metrics = step(given_state, given_balancer, make_batch(), jax.random.key(0), None)
         assert bool(metrics["finite"]), name
-        _, after_finite, _ = step(state, balancer_state, make_batch(seed=2), jax.random.key(1))
+        assert jax.tree.leaves(given_balancer), name
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves((given_state, given_balancer))), name
+        _, after_finite, _ = step(copied(state), copied(balancer_state), make_batch(seed=2), jax.random.key(1), None)
         assert any(not jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_finite),
                                                               jax.tree.leaves(balancer_state))), name
-        _, kept, metrics = step(state, balancer_state, bad, jax.random.key(1))
+        _, kept, metrics = step(copied(state), copied(balancer_state), bad, jax.random.key(1), None)
         assert not bool(metrics["finite"]), name
         for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(balancer_state), strict=True):
             assert jnp.array_equal(a, b), name

@@ -1,6 +1,7 @@
 """The pieces of a training run: the representation path of the baselines, CORE-MTL's stage schedule,
 checkpoints. (Each kind of baseline step trains end to end in tests/test_train_nyuv2.py and tests/test_deep_mtan.py.)"""
 
+import dataclasses
 import functools
 
 import jax
@@ -18,11 +19,28 @@ from theory.balancing import make
 PLAIN = ModelConfig(**{**TINY.__dict__, "grounding": "none"})
 
 
+STAGE_ZERO = trainer.EpochControls(train_tasks=False, independence_weight=0.0, counterfactual_on=False)
+
+
 @pytest.fixture(scope="module")
 def plain_setup():
     optimizer = train.make_optimizer(train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000))
     graphdef, state = train.split_model(DualStreamModel(PLAIN, nnx.Rngs(0)), optimizer)
     return graphdef, optimizer, state
+
+
+@pytest.fixture(scope="module")
+def core_training_step(plain_setup):
+    """The script's CORE-MTL step (``trainer.make_step``: jitted, donating the state it is given) on the plain
+    model, compiled once for the tests that take steps with it; they pass copies of the module's state."""
+    graphdef, optimizer, _ = plain_setup
+    _, step = trainer.make_step("core", graphdef, optimizer, losses.PRESETS["nyuv2"])
+    return step
+
+
+def copied(tree):
+    """A copy of every array of ``tree``, for a step that donates (deletes) what it is given."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 def test_the_representation_path_pulls_back_to_the_parameter_gradient(plain_setup):
@@ -45,11 +63,9 @@ def test_the_representation_path_pulls_back_to_the_parameter_gradient(plain_setu
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_stage_zero_freezes_the_heads_and_trains_the_rest(plain_setup):
-    graphdef, optimizer, state = plain_setup
-    step = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))
-    new_state, metrics = step(state, make_batch(), jax.random.key(0), independence_weight=0.0,
-                              counterfactual_on=False, train_tasks=False)
+def test_stage_zero_freezes_the_heads_and_trains_the_rest(plain_setup, core_training_step):
+    _, _, state = plain_setup
+    new_state, _, metrics = core_training_step(copied(state), (), make_batch(), jax.random.key(0), STAGE_ZERO)
     assert bool(metrics["finite"])
     for a, b in zip(jax.tree.leaves(new_state.params[1]), jax.tree.leaves(state.params[1])):
         np.testing.assert_array_equal(a, b)
@@ -57,25 +73,23 @@ def test_stage_zero_freezes_the_heads_and_trains_the_rest(plain_setup):
                                                         jax.tree.leaves(state.params[0])))
 
 
-def test_the_heads_start_adam_afresh_when_the_tasks_start(plain_setup):
+def test_the_heads_start_adam_afresh_when_the_tasks_start(plain_setup, core_training_step):
     """PyTorch keeps no Adam state for frozen heads, so their first update in stage 1 is a first Adam step:
     bias-corrected, about lr per weight (whatever the gradient's scale). The heads' group must stay untouched
     through stage 0 while the shared group counts its steps."""
-    graphdef, optimizer, state = plain_setup
-    step = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))
+    _, _, state = plain_setup
     heads_adam = lambda s: s.opt_state[1].inner_states["heads"]
     shared_adam = lambda s: s.opt_state[1].inner_states["shared"]
-    frozen = state
+    frozen = copied(state)
     for i in range(3):
-        frozen, metrics = step(frozen, make_batch(), jax.random.key(i), independence_weight=0.0,
-                               counterfactual_on=False, train_tasks=False)
+        frozen, _, metrics = core_training_step(frozen, (), make_batch(), jax.random.key(i), STAGE_ZERO)
         assert bool(metrics["finite"])
     for a, b in zip(jax.tree.leaves(heads_adam(frozen)), jax.tree.leaves(heads_adam(state))):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(shared_adam(frozen)),
                                                         jax.tree.leaves(shared_adam(state))))
-    trained, _ = step(frozen, make_batch(), jax.random.key(9), independence_weight=0.0, counterfactual_on=False,
-                      train_tasks=True)
+    stage_one = dataclasses.replace(STAGE_ZERO, train_tasks=True)
+    trained, _, _ = core_training_step(copied(frozen), (), make_batch(), jax.random.key(9), stage_one)
     learning_rate = float(train.learning_rate_at(
         train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000), 3))
     moves = np.concatenate([np.abs(np.ravel(a - b)) for a, b in zip(jax.tree.leaves(trained.params[1]),
@@ -277,18 +291,12 @@ def test_a_restore_failing_for_another_reason_renames_nothing(tmp_path, monkeypa
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1"]
 
 
-@pytest.mark.parametrize("method", ["core", "gradvac"])
-def test_a_training_step_consumes_its_state(plain_setup, method):
-    """The script's steps donate the state (and a balancer's state) they are given, so XLA can write the new state
-    into those buffers: the arrays passed in are deleted, the ones returned are new."""
-    graphdef, optimizer, state = plain_setup
-    balancer, step = trainer.make_step(method, graphdef, optimizer, losses.PRESETS["nyuv2"])
-    given = jax.tree.map(jnp.copy, state)  # the module's state stays usable for the other tests
-    given_balancer = balancer.init(len(PLAIN.tasks)) if method != "core" else ()
-    controls = trainer.EpochControls(train_tasks=True, independence_weight=0.0, counterfactual_on=False)
-    new_state, new_balancer, metrics = step(given, given_balancer, make_batch(), jax.random.key(0), controls)
+def test_a_training_step_consumes_its_state(plain_setup, core_training_step):
+    """The script's steps donate the state they are given, so XLA can write the new state into those buffers: the
+    arrays passed in are deleted, the ones returned are new. (A balancer's state too: tests/test_deep_baselines.py.)"""
+    _, _, state = plain_setup
+    given = copied(state)
+    new_state, _, metrics = core_training_step(given, (), make_batch(), jax.random.key(0), STAGE_ZERO)
     assert bool(metrics["finite"])
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(given))
-    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves((new_state, new_balancer)))
-    if method != "core":  # GradVac's state: its targets of gradient similarity, one per pair of tasks
-        assert jax.tree.leaves(given_balancer) and all(leaf.is_deleted() for leaf in jax.tree.leaves(given_balancer))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state))

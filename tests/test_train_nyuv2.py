@@ -182,6 +182,9 @@ def test_a_resume_compares_paths_as_files_and_fills_in_the_datasets_defaults(tmp
     assert named("data")["data"] == str(tmp_path / "data")
     nyuv2, gta5 = (script.TrainConfig(synthetic=True, dataset=d, method="ew") for d in ("nyuv2", "gta5"))
     assert (nyuv2.batch_size, nyuv2.warmup_epochs, gta5.batch_size, gta5.warmup_epochs) == (16, 5, 32, 10)
+    clean, corrupted = (script.TrainConfig(synthetic=True, dataset="cityscapes", preset=p, method="ew")
+                        for p in ("", "cityscapes_c"))
+    assert (clean.batch_size, corrupted.batch_size) == (32, 16)  # the paper's Cityscapes-C runs: batches of 16
 
 
 def test_a_finished_run_adds_the_corruption_evaluation_on_resume(uninterrupted, tmp_path):
