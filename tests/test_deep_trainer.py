@@ -13,6 +13,7 @@ from flax import nnx
 from deep import losses, train, trainer
 from deep.checkpoint import Checkpoints
 from deep.model import DualStreamModel, ModelConfig
+from test_deep_model import abstract_model, output_shapes
 from test_deep_train import TINY, comparable_leaves, make_batch
 from theory.balancing import make
 
@@ -112,8 +113,9 @@ def test_frozen_heads_do_not_count_in_the_clipping_norm(plain_setup):
     assert weights.edge > 0
     new_state, _ = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights))(
         state, batch, jax.random.key(0), independence_weight=0.0, counterfactual_on=False, train_tasks=False)
-    grads, _ = jax.grad(train.core_objective, argnums=1, has_aux=True)(
-        graphdef, state.params, state.batch_stats, state.rest, batch, jax.random.key(0), weights, 0.0, False, 0.0)
+    grads = jax.jit(lambda params: jax.grad(train.core_objective, argnums=1, has_aux=True)(
+        graphdef, params, state.batch_stats, state.rest, batch, jax.random.key(0), weights, 0.0, False, 0.0)[0])(
+        state.params)
     norm = lambda tree: float(np.sqrt(sum(np.sum(np.square(leaf)) for leaf in jax.tree.leaves(tree))))
     head_norm, shared_norm = norm(grads[1]), norm(grads[0])
     # The edge term's gradient reaches the depth head: counting it would shrink the update by this much (1.6e-4
@@ -155,8 +157,7 @@ def test_model_configs_for_each_method():
         512, 256, 1024, 64)  # the paper's streams, and the authors' GTA5 ones
     tiny = trainer.model_config("nyuv2", "tiny", "core", semantic_channels=5)
     assert (tiny.semantic_channels, tiny.residual_channels) == (5, 3)
-    model = DualStreamModel(tiny, nnx.Rngs(0))
-    _, aux = model(jnp.zeros((2, 16, 16, 3)))
+    _, aux = output_shapes(abstract_model(tiny), lambda m, x: m(x), jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32))
     assert aux["semantic_map"].shape[-1] == 5 and aux["residual_code"].shape[-1] == 3
 
 
