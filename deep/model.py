@@ -80,10 +80,10 @@ class ModelConfig:
 
     Architecture (module docstring): ``fusion`` (``"c4"`` or ``"multiscale"``, with ``fusion_channels`` per
     stage, 1024 in the authors' code), ``heads_read``, ``head`` (``"aspp"`` or ``"deeplabv3plus"``) and
-    ``light_reads`` (``"residual"`` or ``"backbone"``). The
-    DeepLabV3+ head is sized by ``head_channels`` (its input projections, ASPP and decoder), ``skip_channels``
-    and ``skip_groups`` (the c1 skip: 48 channels, GroupNorm with 4 groups) and ``decoder_groups`` (GroupNorm
-    of its 3×3 convolution, 32 groups); the ASPP head ignores those three.
+    ``light_reads`` (``"residual"`` or ``"backbone"``). The DeepLabV3+ head is sized by ``head_channels`` (its
+    input projections, ASPP and decoder), ``skip_channels`` and ``skip_groups`` (the c1 skip: 48 channels,
+    GroupNorm with 4 groups) and ``decoder_groups`` (GroupNorm of its 3×3 convolution, 32 groups); the ASPP head
+    ignores those three.
 
     ``dilated_conv`` says how the dilated convolutions (backbone layers 3–4, ASPP) are computed, the same
     function every way (:mod:`deep.atrous`): ``"xla"`` (``lax.conv_general_dilated``), ``"space_to_batch"``,

@@ -108,7 +108,7 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
 
     The step consumes its ``state`` and ``balancer_state``: they are donated, so XLA writes the new state into their
     buffers instead of holding both (the state's size less at the peak: 0.44 GiB for EW, 0.67 GiB for CORE-MTL at
-    the NYUv2 size) and the arrays passed in are deleted. A non-finite step still returns the state it was given."""
+    the NYUv2 size) and the arrays passed in are deleted. A non-finite step returns the values it was given."""
     from theory.balancing import make
 
     if method == "core":
