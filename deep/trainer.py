@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -167,20 +167,30 @@ def placed_for_evaluation(mesh, batches: Iterable[dict]) -> Iterable[dict]:
             yield train.replicate(mesh, batch)
 
 
-def evaluate(predict: Callable, state: train.TrainState, batches: Iterable[dict], tasks) -> dict[str, float]:
-    """The metrics of :mod:`deep.metrics` over every batch of a split.
+T = TypeVar("T")
+_NOTHING = object()
 
-    A batch's statistics come to the host after the next batch has been dispatched, so the device never waits for
-    the host (as in training): while it evaluates one batch, the host reads and transfers the next."""
+
+def one_behind(items: Iterable[T]) -> Iterator[T]:
+    """Each of ``items`` once the next one has been produced (the last at the end). When producing an item
+    dispatches device work (a step, a batch's predictions), the caller reads item i (a host sync) only once the work
+    of item i + 1 is queued, so the device never waits for the host, which meanwhile prepares the next batch."""
+    iterator = iter(items)
+    pending = next(iterator, _NOTHING)
+    for item in iterator:
+        yield pending
+        pending = item
+    if pending is not _NOTHING:
+        yield pending
+
+
+def evaluate(predict: Callable, state: train.TrainState, batches: Iterable[dict], tasks) -> dict[str, float]:
+    """The metrics of :mod:`deep.metrics` over every batch of a split, each batch's statistics brought to the host
+    one batch late (:func:`one_behind`), as in training."""
     accumulator = MetricAccumulator(tasks)
-    pending = None
-    for batch in batches:
-        statistics = accumulator.statistics(predict(state, jnp.asarray(batch["images"])), batch)
-        if pending is not None:
-            accumulator.add(pending)
-        pending = statistics
-    if pending is not None:
-        accumulator.add(pending)
+    dispatched = (accumulator.statistics(predict(state, jnp.asarray(batch["images"])), batch) for batch in batches)
+    for statistics in one_behind(dispatched):
+        accumulator.add(statistics)
     return accumulator.result()
 
 

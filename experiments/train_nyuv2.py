@@ -503,23 +503,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             epoch_start = time.time()
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=config.quiet,
                        leave=False, file=sys.stderr)
+
+            def dispatched_steps():
+                """Takes the epoch's steps, yielding each one's index and metrics as soon as it is dispatched."""
+                nonlocal state, balancer_state
+                for index, batch in enumerate(loader.epoch(epoch)):
+                    if index == steps_per_epoch:
+                        break
+                    global_step = epoch * steps_per_epoch + index
+                    step_key, augment_key = jax.random.split(jax.random.fold_in(base_key, global_step))
+                    batch = train.shard_batch(mesh, batch)
+                    if config.augment:
+                        batch = augment_batch(augment_key, batch)
+                    state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
+                    yield index, metrics
+
             # The metrics of step i are read (a host sync) after step i+1 has been dispatched, so the device never
             # waits for the host: while it runs a step, the host gathers, transfers and augments the next batch.
-            pending = None
-            for index, batch in enumerate(loader.epoch(epoch)):
-                if index == steps_per_epoch:
-                    break
-                global_step = epoch * steps_per_epoch + index
-                step_key, augment_key = jax.random.split(jax.random.fold_in(base_key, global_step))
-                batch = train.shard_batch(mesh, batch)
-                if config.augment:
-                    batch = augment_batch(augment_key, batch)
-                state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
-                if pending is not None:
-                    count = record(*pending, sums, count, bar)
-                pending = (index, metrics)
-            if pending is not None:
-                count = record(*pending, sums, count, bar)
+            for index, metrics in trainer.one_behind(dispatched_steps()):
+                count = record(index, metrics, sums, count, bar)
             bar.close()
             train_seconds = time.time() - epoch_start
             test_metrics = trainer.evaluate(predict, state, test_batches(), model_config.tasks)

@@ -10,7 +10,7 @@ from flax import nnx
 
 from deep import losses, train, trainer
 from deep.model import DualStreamModel, ModelConfig
-from test_deep_train import TINY, compile_quickly, make_batch
+from test_deep_train import TINY, compile_quickly, copied, make_batch
 from theory.balancing import METHODS, make
 
 
@@ -44,7 +44,6 @@ def test_a_non_finite_step_leaves_the_balancers_state_too():
     bad = make_batch()
     bad["images"] = bad["images"].at[0, 0, 0, 0].set(jnp.nan)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params[0]))
-    copied = lambda tree: jax.tree.map(jnp.copy, tree)
     for name in ("dwa", "gradvac"):
         balancer, step = trainer.make_step(name, graphdef, optimizer, losses.PRESETS["nyuv2"])
         given_state, given_balancer = copied(state), copied(balancer.init(3, num_params=num_params))

@@ -81,7 +81,8 @@ def test_the_lighting_reads_the_residual_code_in_the_paper_mode(light_reads):
         return model.render(semantic_map, residual_code, features, (32, 40))[1]["lighting"].sum()
 
     grad_residual, grad_features = jax.jit(jax.grad(lighting_from, argnums=(0, 1)))(residual_code, features)
-    assert model.decoder.light.fc1.in_features == (3 if light_reads == "residual" else features.shape[-1])
+    assert model.decoder.light.fc1.in_features == (
+        TINY.residual_channels if light_reads == "residual" else features.shape[-1])
     assert bool(jnp.any(grad_residual != 0)) == (light_reads == "residual")
     assert bool(jnp.any(grad_features != 0)) == (light_reads == "backbone")
 

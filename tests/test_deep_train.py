@@ -41,6 +41,11 @@ def comparable_leaves(tree):
             for leaf in jax.tree.leaves(tree)]
 
 
+def copied(tree):
+    """A copy of every array of ``tree``, for a step that donates (deletes) what it is given."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def compile_quickly(function, *args, **kwargs):
     """``jax.jit(function)`` compiled for these arguments' shapes with XLA's backend optimisation off: on the CPU
     that halves the compile time, which dominates these tests, and the tiny steps run about as fast. Call the

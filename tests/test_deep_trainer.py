@@ -14,12 +14,10 @@ from deep import losses, train, trainer
 from deep.checkpoint import Checkpoints
 from deep.model import DualStreamModel, ModelConfig
 from test_deep_model import abstract_model, output_shapes
-from test_deep_train import TINY, comparable_leaves, make_batch
+from test_deep_train import TINY, comparable_leaves, copied, make_batch
 from theory.balancing import make
 
 PLAIN = ModelConfig(**{**TINY.__dict__, "grounding": "none"})
-
-
 STAGE_ZERO = trainer.EpochControls(train_tasks=False, independence_weight=0.0, counterfactual_on=False)
 
 
@@ -37,11 +35,6 @@ def core_training_step(plain_setup):
     graphdef, optimizer, _ = plain_setup
     _, step = trainer.make_step("core", graphdef, optimizer, losses.PRESETS["nyuv2"])
     return step
-
-
-def copied(tree):
-    """A copy of every array of ``tree``, for a step that donates (deletes) what it is given."""
-    return jax.tree.map(jnp.copy, tree)
 
 
 def test_the_representation_path_pulls_back_to_the_parameter_gradient(plain_setup):
@@ -157,7 +150,8 @@ def test_model_configs_for_each_method():
         512, 256, 1024, 64)  # the paper's streams, and the authors' GTA5 ones
     tiny = trainer.model_config("nyuv2", "tiny", "core", semantic_channels=5)
     assert (tiny.semantic_channels, tiny.residual_channels) == (5, 3)
-    _, aux = output_shapes(abstract_model(tiny), lambda m, x: m(x), jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32))
+    images = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    _, aux = output_shapes(abstract_model(tiny), lambda m, x: m(x), images)
     assert aux["semantic_map"].shape[-1] == 5 and aux["residual_code"].shape[-1] == 3
 
 
@@ -202,6 +196,19 @@ def test_evaluation_returns_only_the_predictions_and_runs_no_grounding_decoder(p
     predictions = trainer.predict_function(graphdef)(state, images)
     assert set(predictions) == {name for name, _ in TINY.tasks}
     assert all(value.shape[:3] == images.shape[:3] for value in predictions.values())
+
+
+def test_one_behind_yields_each_item_once_the_next_is_produced_and_the_last_at_the_end():
+    produced = []
+
+    def items():
+        for i in range(3):
+            produced.append(i)
+            yield i
+
+    assert [(item, list(produced)) for item in trainer.one_behind(items())] == [
+        (0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+    assert list(trainer.one_behind([])) == []
 
 
 def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_one_noise_per_corruption():

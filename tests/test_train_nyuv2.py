@@ -77,8 +77,8 @@ def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, tmp_path):
 def test_four_devices_split_the_batch_and_reach_the_same_numbers(uninterrupted, tmp_path):
     """Data parallelism over 4 CPU devices, with the data set kept on the device (``--on-device``): the same run
     ends with the same metrics as on one device from host memory (BatchNorm statistics are over the global batch
-    either way; only the order of float sums differs). Inputs that fail late
-    (a batch larger than the data) leave the folder free for the corrected command."""
+    either way; only the order of float sums differs). Inputs that fail late (a batch larger than the data) leave
+    the folder free for the corrected command."""
     reference, cache = uninterrupted
     out = tmp_path / "four"
     env = environment(cache)
