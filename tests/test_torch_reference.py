@@ -1,7 +1,9 @@
 """The port against PyTorch's own code, through outputs that ``tests/torch_reference.py`` recorded with torch
-(``tests/data/torch_reference.npz``), so these checks run without torch: the backbone loaded with torchvision's
-weights gives torchvision's features, and LPIPS gives the lpips package's distances. Where torch, torchvision and
-lpips are installed, one more test recomputes the record and checks the committed file against it."""
+(``tests/data/torch_reference.npz``; what each record holds is listed there), so these checks run without torch:
+the backbone loaded with torchvision's weights, the DeepLabV3 head, LPIPS, bilinear and nearest resizing,
+BatchNorm's training step and eval mode, InstanceNorm, the segmentation cross-entropy, and the optimiser with its
+clipping and schedule. Where torch, torchvision and lpips are installed, one more test recomputes the record and
+checks the committed file against it."""
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +11,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import optax
 import torch_reference
-from deep.backbone import resnet50
+from deep.backbone import batch_norm, resnet50
+from deep.decoders import instance_norm
+from deep.heads import ASPPHead
+from deep.losses import resize_nearest, segmentation_loss
 from deep.perceptual import load_lpips_npz, lpips_distance
+from deep.resize import resize_bilinear
+from deep.train import OptimConfig, make_optimizer
 from deep.weights import load_torchvision_npz
 
 # float32 on both sides: the stages' outputs agree to about 1e-6 (relative, measured), LPIPS's distances to 1e-7.
 TOLERANCE = 1e-5
+# float64 on both sides (resizing, cross-entropy): rounding alone.
+FLOAT64_TOLERANCE = 1e-10
+# The optimisers in float64, but the schedule computes the learning rate in float32: 2.4e-8 measured.
+OPTIMISER_TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +73,106 @@ def test_the_record_is_what_torch_computes_today(record):
     assert set(today) == set(record)
     for key in sorted(set(record) - {"versions"}):
         assert relative_difference(today[key], record[key]) < TOLERANCE, (key, record["versions"], today["versions"])
+
+
+def initial_vector(params: dict) -> np.ndarray:
+    return np.concatenate([params["a"].reshape(-1), params["b"]])
+
+
+def relative_error(got, expected) -> float:
+    """The largest difference relative to the largest reference value (a scale-free, elementwise worst case)."""
+    expected = np.asarray(expected, np.float64)
+    return float(np.max(np.abs(np.asarray(got, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+def load_torch_state(module: nnx.Module, arrays: dict, key_of) -> None:
+    """Sets every variable of ``module`` from PyTorch-layout ``arrays`` (``key_of(path)`` names each; OIHW kernels
+    are transposed to HWIO), and checks that every array found its variable."""
+    used = set()
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat))):
+        key = key_of(path)
+        value = arrays[key].transpose(2, 3, 1, 0) if path[-1] == "kernel" else arrays[key]
+        assert value.shape == variable.get_value().shape, (path, key)
+        variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+        used.add(key)
+    assert used == set(arrays), sorted(set(arrays) - used)
+
+
+def test_the_aspp_head_computes_torchvisions_deeplabv3_head(record):
+    in_channels, channels, classes = torch_reference.ASPP_HEAD
+    head = ASPPHead(in_channels, classes, nnx.Rngs(0), channels=channels, rates=(12, 24, 36))
+    load_torch_state(head, torch_reference.aspp_head_arrays(), torch_reference.aspp_head_key)
+    head.eval()  # running statistics, no dropout
+    graphdef, state = nnx.split(head)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(
+            state, jnp.asarray(torch_reference.aspp_head_features()))
+    assert got.shape == record["aspp_head"].shape
+    assert relative_difference(got, record["aspp_head"]) < TOLERANCE
+
+
+@pytest.mark.parametrize("index", range(len(torch_reference.RESIZE_CASES)))
+def test_bilinear_resizing_is_pytorchs_interpolate(record, index):
+    size_in, size_out, align_corners = torch_reference.RESIZE_CASES[index]
+    x = jnp.asarray(torch_reference.resize_input(index, size_in))  # float64: the rule itself, not its rounding
+    got = resize_bilinear(x, size_out, align_corners=align_corners)
+    assert got.shape == record[f"resize_{index}"].shape
+    assert relative_error(got, record[f"resize_{index}"]) < FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("index", range(len(torch_reference.NEAREST_CASES)))
+def test_nearest_resizing_is_pytorchs_interpolate(record, index):
+    size_in, size_out = torch_reference.NEAREST_CASES[index]
+    x = torch_reference.resize_input(len(torch_reference.RESIZE_CASES) + index, size_in)
+    np.testing.assert_array_equal(resize_nearest(jnp.asarray(x), size_out), record[f"nearest_{index}"])
+
+
+@pytest.mark.parametrize("shape", torch_reference.BATCH_NORM_SHAPES, ids=lambda shape: f"{shape[1]}x{shape[2]}")
+def test_batch_norm_trains_and_evaluates_as_pytorchs(record, shape):
+    case, name = torch_reference.batch_norm_inputs(shape), f"batch_norm_{shape[1]}x{shape[2]}"
+    norm = batch_norm(shape[-1], nnx.Rngs(0))
+    leaves = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+    load_torch_state(norm, {leaves[key]: case[leaves[key]] for key in leaves}, lambda path: leaves[path[-1]])
+    norm.train()
+    output = norm(jnp.asarray(case["train_input"], jnp.float32))
+    assert relative_error(output, record[f"{name}_train_output"]) < TOLERANCE
+    # The unbiased batch variance enters the running one: at n = 4 values per channel, 4/3 of the biased one.
+    assert relative_error(norm.mean.get_value(), record[f"{name}_running_mean"]) < TOLERANCE
+    assert relative_error(norm.var.get_value(), record[f"{name}_running_var"]) < TOLERANCE
+    norm.eval()
+    output = norm(jnp.asarray(case["eval_input"], jnp.float32))
+    assert relative_error(output, record[f"{name}_eval_output"]) < TOLERANCE
+
+
+def test_instance_norm_is_pytorchs(record):
+    # Its statistics are reduced in float32 whatever the input's dtype (for bfloat16 inputs).
+    got = instance_norm(jnp.asarray(torch_reference.instance_norm_input(), jnp.float32))
+    assert relative_error(got, record["instance_norm"]) < TOLERANCE
+
+
+def test_the_segmentation_loss_is_pytorchs_cross_entropy_ignoring_minus_one(record):
+    logits, labels = torch_reference.cross_entropy_inputs()
+    assert np.mean(labels == -1) > 0.05  # the ignored pixels are really there
+    got = segmentation_loss(jnp.asarray(logits), jnp.asarray(labels))
+    assert relative_error(got, record["cross_entropy"]) < FLOAT64_TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["adam_l2", "adamw"])
+def test_the_optimiser_and_schedule_follow_pytorchs_adam_clipping_and_cosine_annealing(record, name):
+    settings = torch_reference.OPTIMISER
+    config = OptimConfig(learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
+                         decoupled_weight_decay=name == "adamw", clip_norm=settings["clip_norm"],
+                         epochs=settings["epochs"], warmup_epochs=settings["warmup_epochs"],
+                         steps_per_epoch=settings["steps_per_epoch"])
+    optimiser = make_optimizer(config)
+    initial, grads = torch_reference.optimiser_inputs()
+    params = jax.tree.map(jnp.asarray, initial)
+    state, trajectory = optimiser.init(params), []
+    for grad in grads:
+        updates, state = optimiser.update(jax.tree.map(jnp.asarray, grad), state, params)
+        params = optax.apply_updates(params, updates)
+        trajectory.append(np.concatenate([np.asarray(params["a"]).reshape(-1), np.asarray(params["b"])]))
+    trajectory = np.stack(trajectory)
+    # Relative to how far the parameters moved.
+    assert relative_error(trajectory - initial_vector(initial), record[name] - initial_vector(initial)) \
+        < OPTIMISER_TOLERANCE

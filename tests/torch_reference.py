@@ -12,6 +12,21 @@ versions), so the tests rebuild them bit for bit; torch only computes the output
   it, and the file stays small.
 - ``lpips_distance``: ``lpips.LPIPS(net="vgg", version="0.1")`` with random VGG16 and linear weights, for three
   pairs of 40×56 images in [-1, 1].
+- ``aspp_head``: torchvision's DeepLabV3 ``ASPP`` (rates 12/24/36, image pooling) followed by LibMTL's
+  ``DeepLabHead`` tail (3×3 conv, BN, ReLU, 1×1 classifier) in eval mode, on a 20×28 grid where most of the
+  rate-24 and rate-36 taps read padding, as on NYUv2's 36×48.
+- ``resize_<i>``, ``nearest_<i>``: ``F.interpolate`` (bilinear, ``align_corners`` False and True; nearest) at the
+  ratios the port uses (:data:`RESIZE_CASES`, :data:`NEAREST_CASES`), computed in float64.
+- ``batch_norm_<n>_*``: ``nn.BatchNorm2d`` (momentum 0.1, eps 1e-5) from random running statistics: one training
+  step (its output and the running mean and unbiased variance it leaves), then eval mode on another input; for
+  ``[4, 6, 8, 3]`` inputs and for ``[4, 1, 1, 3]``, the ASPP's image-pooling case where n = 4 makes the unbiased
+  variance 4/3 of the biased one.
+- ``instance_norm``: ``F.instance_norm`` (eps 1e-5, no affine, biased variance).
+- ``cross_entropy``: ``F.cross_entropy(ignore_index=-1)`` over a map with ignored pixels.
+- ``adam_l2``, ``adamw``: 12 steps (6 epochs of 2, warm-up 2) of ``torch.optim.Adam(weight_decay)`` (coupled L2,
+  the authors') and ``torch.optim.AdamW`` after ``clip_grad_norm_``, with the authors' per-epoch learning rate:
+  the warm-up set by hand, then ``CosineAnnealingLR(T_max=E-W, eta_min=0.01·lr)`` stepped after each epoch
+  (official_implementation.md); the parameters after every step, in float64.
 """
 
 from __future__ import annotations
@@ -25,6 +40,20 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "data" / "torch_reference.npz"
 PROJECTED_CHANNELS = 16
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+ASPP_HEAD = (32, 16, 5)  # input channels, ASPP channels, classes; rates 12, 24, 36
+# (input size, output size, align_corners): the port's ratios, on small grids.
+RESIZE_CASES = (((9, 12), (18, 24), False),  # the decoders' x2
+                ((18, 24), (9, 12), False),  # x1/2: the fusion's c1, the deep-supervision targets
+                ((5, 6), (40, 48), False),  # x8
+                ((16, 16), (36, 48), False),  # the albedo's square map to the image: x2.25, x3
+                ((9, 12), (18, 24), True),  # the heads' 1/8 -> 1/4
+                ((9, 12), (36, 48), True),  # and 1/4 -> the image
+                ((5, 7), (12, 4), True),  # up along one axis, down along the other
+                ((5, 7), (12, 4), False))
+NEAREST_CASES = (((18, 24), (9, 12)), ((9, 12), (20, 30)), ((7, 5), (3, 11)))  # (input size, output size)
+BATCH_NORM_SHAPES = ((4, 6, 8, 3), (4, 1, 1, 3))
+OPTIMISER = {"learning_rate": 0.05, "weight_decay": 0.01, "clip_norm": 1.0, "epochs": 6, "warmup_epochs": 2,
+             "steps_per_epoch": 2, "steps": 12}
 
 
 def _generator(seed: int) -> np.random.Generator:
@@ -90,6 +119,82 @@ def lpips_images() -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.float32)
 
 
+def aspp_head_arrays() -> dict[str, np.ndarray]:
+    """A DeepLabV3 head of :data:`ASPP_HEAD` (in, channels, classes), keyed as torchvision's ``ASPP`` inside
+    LibMTL's ``DeepLabHead`` (``0.convs.*``, ``0.project.*``, ``1``, ``2``, ``4``; :func:`aspp_head_key`)."""
+    in_channels, channels, classes = ASPP_HEAD
+    rng, arrays = _generator(36), {}
+
+    def conv_bn(conv: str, norm: str, inputs: int, kernel: int):
+        arrays[f"{conv}.weight"] = _he_uniform(rng, (channels, inputs, kernel, kernel))
+        for leaf, (low, high) in (("running_mean", (-0.5, 0.5)), ("running_var", (0.5, 2.0)),
+                                  ("weight", (0.5, 1.5)), ("bias", (-0.2, 0.2))):
+            arrays[f"{norm}.{leaf}"] = rng.uniform(low, high, size=channels)
+
+    conv_bn("0.convs.0.0", "0.convs.0.1", in_channels, 1)
+    for branch in (1, 2, 3):
+        conv_bn(f"0.convs.{branch}.0", f"0.convs.{branch}.1", in_channels, 3)
+    conv_bn("0.convs.4.1", "0.convs.4.2", in_channels, 1)
+    conv_bn("0.project.0", "0.project.1", 5 * channels, 1)
+    conv_bn("1", "2", channels, 3)
+    arrays["4.weight"] = _he_uniform(rng, (classes, channels, 1, 1))
+    arrays["4.bias"] = rng.uniform(-0.2, 0.2, size=classes)
+    return {key: value.astype(np.float32) for key, value in arrays.items()}
+
+
+def aspp_head_key(path: tuple) -> str:
+    """The torchvision key of a :class:`deep.heads.ASPPHead` variable's NNX path (kernels HWIO there, OIHW here)."""
+    module, *index, leaf = path
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+            "var": "running_var"}[leaf]
+    if module == "classifier":
+        return f"4.{leaf}"
+    conv_or_norm = index[-1]  # each branch is a (conv, BatchNorm) pair
+    prefix = {"branch_1x1": lambda: f"0.convs.0.{conv_or_norm}",
+              "branches_atrous": lambda: f"0.convs.{index[0] + 1}.{conv_or_norm}",
+              "branch_pool": lambda: f"0.convs.4.{conv_or_norm + 1}",  # after the AdaptiveAvgPool2d
+              "project": lambda: f"0.project.{conv_or_norm}",
+              "refine": lambda: str(conv_or_norm + 1)}[module]()  # after the ASPP
+    return f"{prefix}.{leaf}"
+
+
+def aspp_head_features() -> np.ndarray:
+    """Two ``[20, 28, in]`` feature maps (NHWC)."""
+    return _generator(3).uniform(-1.0, 2.0, size=(2, 20, 28, ASPP_HEAD[0])).astype(np.float32)
+
+
+def resize_input(index: int, size: tuple[int, int]) -> np.ndarray:
+    """``[1, *size, 2]`` in [0, 1], float64."""
+    return _generator(100 + index).uniform(size=(1, *size, 2))
+
+
+def batch_norm_inputs(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The BatchNorm case of ``shape`` (NHWC): affine parameters, running statistics and two inputs, float32."""
+    rng, channels = _generator(200 + int(np.prod(shape))), shape[-1]
+    return {"weight": rng.uniform(0.5, 1.5, channels), "bias": rng.uniform(-0.2, 0.2, channels),
+            "running_mean": rng.uniform(-0.5, 0.5, channels), "running_var": rng.uniform(0.5, 2.0, channels),
+            "train_input": rng.uniform(-1.0, 3.0, shape), "eval_input": rng.uniform(-1.0, 3.0, shape)}
+
+
+def instance_norm_input() -> np.ndarray:
+    return _generator(4).uniform(-1.0, 3.0, size=(2, 5, 7, 3))
+
+
+def cross_entropy_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[2, 5, 6, 7]`` (NHWC) and labels ``[2, 5, 6]`` in -1..6, about a fifth of them -1."""
+    rng = _generator(5)
+    return rng.uniform(-3.0, 3.0, size=(2, 5, 6, 7)), np.floor(rng.uniform(-0.4, 7.0, size=(2, 5, 6))).astype(np.int64)
+
+
+def optimiser_inputs() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """Initial parameters ``{"a": [4, 3], "b": [5]}`` and one gradient per step, float64 (large enough that clipping
+    to norm 1 acts)."""
+    rng = _generator(6)
+    params = {"a": rng.uniform(-1.0, 1.0, (4, 3)), "b": rng.uniform(-1.0, 1.0, 5)}
+    grads = [{"a": rng.uniform(-2.0, 2.0, (4, 3)), "b": rng.uniform(-2.0, 2.0, 5)} for _ in range(OPTIMISER["steps"])]
+    return params, grads
+
+
 def projection(channels: int) -> np.ndarray:
     """The fixed ``[channels, 16]`` matrix a stage's output is recorded through (float64)."""
     return _generator(channels).uniform(-1.0, 1.0, size=(channels, PROJECTED_CHANNELS)) / np.sqrt(channels)
@@ -134,7 +239,93 @@ def compute_reference() -> dict[str, np.ndarray]:
     with torch.no_grad():
         distance = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y).permute(0, 3, 1, 2))
     reference["lpips_distance"] = distance.numpy().reshape(-1).astype(np.float64)
+    reference["aspp_head"] = _aspp_head(torch, torchvision)
+    reference.update(_functional(torch))
+    reference.update(_optimisers(torch))
     return reference
+
+
+def _nchw(torch, x: np.ndarray):
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+
+
+def _nhwc(x) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).detach().numpy()
+
+
+def _aspp_head(torch, torchvision) -> np.ndarray:
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    in_channels, channels, classes = ASPP_HEAD
+    head = torch.nn.Sequential(ASPP(in_channels, [12, 24, 36], channels),
+                               torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                               torch.nn.BatchNorm2d(channels), torch.nn.ReLU(), torch.nn.Conv2d(channels, classes, 1))
+    state = head.state_dict()
+    arrays = aspp_head_arrays()
+    unused = {key for key in state if key.endswith("num_batches_tracked")}
+    assert set(arrays) == set(state) - unused, set(arrays) ^ (set(state) - unused)
+    head.load_state_dict({**state, **{key: torch.from_numpy(value) for key, value in arrays.items()}})
+    head.eval()
+    with torch.no_grad():
+        return _nhwc(head(_nchw(torch, aspp_head_features()))).astype(np.float64)
+
+
+def _functional(torch) -> dict[str, np.ndarray]:
+    functional, recorded = torch.nn.functional, {}
+    for index, (size_in, size_out, align_corners) in enumerate(RESIZE_CASES):
+        x = _nchw(torch, resize_input(index, size_in))
+        recorded[f"resize_{index}"] = _nhwc(functional.interpolate(x, size=size_out, mode="bilinear",
+                                                                   align_corners=align_corners))
+    for index, (size_in, size_out) in enumerate(NEAREST_CASES):
+        x = _nchw(torch, resize_input(len(RESIZE_CASES) + index, size_in))
+        recorded[f"nearest_{index}"] = _nhwc(functional.interpolate(x, size=size_out, mode="nearest"))
+    for shape in BATCH_NORM_SHAPES:
+        case, name = batch_norm_inputs(shape), f"batch_norm_{shape[1]}x{shape[2]}"
+        norm = torch.nn.BatchNorm2d(shape[-1], momentum=0.1, eps=1e-5).double()
+        with torch.no_grad():
+            for leaf in ("weight", "bias", "running_mean", "running_var"):
+                getattr(norm, leaf).copy_(torch.from_numpy(case[leaf]))
+            norm.train()
+            recorded[f"{name}_train_output"] = _nhwc(norm(_nchw(torch, case["train_input"])))
+            recorded[f"{name}_running_mean"] = norm.running_mean.numpy().copy()
+            recorded[f"{name}_running_var"] = norm.running_var.numpy().copy()
+            norm.eval()
+            recorded[f"{name}_eval_output"] = _nhwc(norm(_nchw(torch, case["eval_input"])))
+    recorded["instance_norm"] = _nhwc(functional.instance_norm(_nchw(torch, instance_norm_input()), eps=1e-5))
+    logits, labels = cross_entropy_inputs()
+    recorded["cross_entropy"] = functional.cross_entropy(_nchw(torch, logits), torch.from_numpy(labels),
+                                                         ignore_index=-1).numpy()
+    return recorded
+
+
+def _optimisers(torch) -> dict[str, np.ndarray]:
+    recorded = {}
+    base, epochs, warmup = OPTIMISER["learning_rate"], OPTIMISER["epochs"], OPTIMISER["warmup_epochs"]
+    for name, kind in (("adam_l2", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        initial, grads = optimiser_inputs()
+        params = [torch.tensor(initial[key], requires_grad=True) for key in ("a", "b")]
+        optimiser = kind(params, lr=base, weight_decay=OPTIMISER["weight_decay"])
+        trajectory, step, cosine = [], 0, None
+        for epoch in range(epochs):
+            if epoch < warmup:
+                for group in optimiser.param_groups:
+                    group["lr"] = base * (0.1 + 0.9 * (epoch + 1) / warmup)
+            elif epoch == warmup:
+                for group in optimiser.param_groups:
+                    group["lr"] = base
+                cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs - warmup,
+                                                                    eta_min=0.01 * base)
+            for _ in range(OPTIMISER["steps_per_epoch"]):
+                for param, key in zip(params, ("a", "b")):
+                    param.grad = torch.from_numpy(grads[step][key].copy())
+                torch.nn.utils.clip_grad_norm_(params, OPTIMISER["clip_norm"])
+                optimiser.step()
+                trajectory.append(np.concatenate([param.detach().numpy().reshape(-1) for param in params]))
+                step += 1
+            if cosine is not None:
+                cosine.step()
+        recorded[name] = np.stack(trajectory)
+    return recorded
 
 
 def _torchvision_stages(torch, resnet) -> list[np.ndarray]:
