@@ -83,7 +83,8 @@ class ASPPHead(ASPP):
         return self.classifier(_conv_bn_relu(self.refine, super().__call__(features)))
 
 
-def _group_norm(channels: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+def group_norm(channels: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    """PyTorch's ``nn.GroupNorm(groups, channels)``: epsilon 1e-5 (Flax's default is 1e-6)."""
     return nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-5, rngs=rngs)
 
 
@@ -104,10 +105,10 @@ class DeepLabV3PlusHead(nnx.Module):
         self.project_semantic = nnx.Conv(semantic_channels, channels, (1, 1), rngs=rngs)
         self.aspp = ASPP(2 * channels, rngs, channels, rates, dropout)
         self.skip = nnx.Conv(low_level_channels, skip_channels, (1, 1), use_bias=False, rngs=rngs)
-        self.skip_norm = _group_norm(skip_channels, skip_groups, rngs)
+        self.skip_norm = group_norm(skip_channels, skip_groups, rngs)
         self.fuse = nnx.Conv(channels + skip_channels, channels, (3, 3), padding=((1, 1), (1, 1)),
                              use_bias=False, rngs=rngs)
-        self.fuse_norm = _group_norm(channels, decoder_groups, rngs)
+        self.fuse_norm = group_norm(channels, decoder_groups, rngs)
         self.decoder_dropout = nnx.Dropout(decoder_dropout, rngs=rngs)
         self.classifier = nnx.Conv(channels, out_channels, (1, 1), rngs=rngs)
 

@@ -1,7 +1,7 @@
 """The port against PyTorch's own code, through outputs that ``tests/torch_reference.py`` recorded with torch
 (``tests/data/torch_reference.npz``; what each record holds is listed there), so these checks run without torch:
 the backbone loaded with torchvision's weights, the DeepLabV3 head, LPIPS, bilinear and nearest resizing,
-BatchNorm's training step and eval mode, InstanceNorm, the segmentation cross-entropy, and the optimiser with its
+BatchNorm's training step and eval mode, InstanceNorm, GroupNorm, the segmentation cross-entropy, and the optimiser with its
 clipping and schedule. Where torch, torchvision and lpips are installed, one more test recomputes the record and
 checks the committed file against it."""
 
@@ -15,7 +15,7 @@ import optax
 import torch_reference
 from deep.backbone import batch_norm, resnet50
 from deep.decoders import instance_norm
-from deep.heads import ASPPHead
+from deep.heads import ASPPHead, group_norm
 from deep.losses import resize_nearest, segmentation_loss
 from deep.perceptual import load_lpips_npz, lpips_distance
 from deep.resize import resize_bilinear
@@ -148,6 +148,14 @@ def test_instance_norm_is_pytorchs(record):
     # Its statistics are reduced in float32 whatever the input's dtype (for bfloat16 inputs).
     got = instance_norm(jnp.asarray(torch_reference.instance_norm_input(), jnp.float32))
     assert relative_error(got, record["instance_norm"]) < TOLERANCE
+
+
+def test_group_norm_is_pytorchs(record):
+    case = torch_reference.group_norm_inputs()
+    norm = group_norm(8, 4, nnx.Rngs(0))
+    norm.scale.set_value(jnp.asarray(case["weight"]))
+    norm.bias.set_value(jnp.asarray(case["bias"]))
+    assert relative_error(norm(jnp.asarray(case["input"])), record["group_norm"]) < TOLERANCE
 
 
 def test_the_segmentation_loss_is_pytorchs_cross_entropy_ignoring_minus_one(record):

@@ -21,7 +21,10 @@ versions), so the tests rebuild them bit for bit; torch only computes the output
   step (its output and the running mean and unbiased variance it leaves), then eval mode on another input; for
   ``[4, 6, 8, 3]`` inputs and for ``[4, 1, 1, 3]``, the ASPP's image-pooling case where n = 4 makes the unbiased
   variance 4/3 of the biased one.
-- ``instance_norm``: ``F.instance_norm`` (eps 1e-5, no affine, biased variance).
+- ``instance_norm``: ``F.instance_norm`` (eps 1e-5, no affine, biased variance), on an input of variance 1e-4 so
+  that the epsilon matters.
+- ``group_norm``: ``F.group_norm`` (8 channels in 4 groups, affine, eps 1e-5), as the authors' DeepLabV3+ heads
+  use; the input's variance is 1e-4 here too.
 - ``cross_entropy``: ``F.cross_entropy(ignore_index=-1)`` over a map with ignored pixels.
 - ``adam_l2``, ``adamw``: 12 steps (6 epochs of 2, warm-up 2) of ``torch.optim.Adam(weight_decay)`` (coupled L2,
   the authors') and ``torch.optim.AdamW`` after ``clip_grad_norm_``, with the authors' per-epoch learning rate:
@@ -177,7 +180,16 @@ def batch_norm_inputs(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 
 def instance_norm_input() -> np.ndarray:
-    return _generator(4).uniform(-1.0, 3.0, size=(2, 5, 7, 3))
+    """``[2, 5, 7, 3]`` of variance about 1e-4, small enough that another epsilon shows."""
+    return _generator(4).uniform(-0.01, 0.03, size=(2, 5, 7, 3))
+
+
+def group_norm_inputs() -> dict[str, np.ndarray]:
+    """An input ``[2, 5, 7, 8]`` and the affine parameters of its 8 channels (4 groups), float32. The input's
+    variance (about 1e-4) is small enough that another epsilon (Flax's default 1e-6) shows."""
+    rng = _generator(7)
+    return {"input": rng.uniform(-0.01, 0.03, size=(2, 5, 7, 8)).astype(np.float32),
+            "weight": rng.uniform(0.5, 1.5, 8).astype(np.float32), "bias": rng.uniform(-0.2, 0.2, 8).astype(np.float32)}
 
 
 def cross_entropy_inputs() -> tuple[np.ndarray, np.ndarray]:
@@ -292,6 +304,9 @@ def _functional(torch) -> dict[str, np.ndarray]:
             norm.eval()
             recorded[f"{name}_eval_output"] = _nhwc(norm(_nchw(torch, case["eval_input"])))
     recorded["instance_norm"] = _nhwc(functional.instance_norm(_nchw(torch, instance_norm_input()), eps=1e-5))
+    case = group_norm_inputs()
+    recorded["group_norm"] = _nhwc(functional.group_norm(_nchw(torch, case["input"]), 4, torch.from_numpy(case["weight"]),
+                                                         torch.from_numpy(case["bias"]), eps=1e-5)).astype(np.float64)
     logits, labels = cross_entropy_inputs()
     recorded["cross_entropy"] = functional.cross_entropy(_nchw(torch, logits), torch.from_numpy(labels),
                                                          ignore_index=-1).numpy()
