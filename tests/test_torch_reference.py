@@ -1,9 +1,11 @@
 """The port against PyTorch's own code, through outputs that ``tests/torch_reference.py`` recorded with torch
 (``tests/data/torch_reference.npz``; what each record holds is listed there), so these checks run without torch:
 the backbone loaded with torchvision's weights, the DeepLabV3 head, LPIPS, bilinear and nearest resizing,
-BatchNorm's training step and eval mode, InstanceNorm, GroupNorm, the segmentation cross-entropy, and the optimiser with its
-clipping and schedule. Where torch, torchvision and lpips are installed, one more test recomputes the record and
-checks the committed file against it."""
+BatchNorm's training step and eval mode, InstanceNorm, GroupNorm, the segmentation cross-entropy, the optimiser
+with its clipping and schedule, and LibMTL's balancing methods. Where torch, torchvision, lpips and LibMTL are
+installed, one more test recomputes the record and checks the committed file against it."""
+
+from importlib.util import find_spec
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +23,16 @@ from deep.perceptual import load_lpips_npz, lpips_distance
 from deep.resize import resize_bilinear
 from deep.train import OptimConfig, make_optimizer
 from deep.weights import load_torchvision_npz
+from theory.balancing import make
 
 # float32 on both sides: the stages' outputs agree to about 1e-6 (relative, measured), LPIPS's distances to 1e-7.
 TOLERANCE = 1e-5
 # float64 on both sides (resizing, cross-entropy): rounding alone.
 FLOAT64_TOLERANCE = 1e-10
+# LibMTL's MGDA stops its Frank-Wolfe iterations once the weights move by less than 1e-5 (2.8e-5 measured on the
+# direction; this library's solver is exact), and its CAGrad solves its dual with scipy's SLSQP at the default
+# tolerance (2e-8 measured); the other methods are closed forms (rounding alone).
+LIBMTL_TOLERANCE = {"MGDA": 1e-4, "CAGrad": 1e-6}
 # The optimisers in float64, but the schedule computes the learning rate in float32: 2.4e-8 measured.
 OPTIMISER_TOLERANCE = 1e-6
 
@@ -67,8 +74,9 @@ def test_lpips_gives_the_lpips_packages_distances(tmp_path, record):
 
 
 def test_the_record_is_what_torch_computes_today(record):
-    for package in ("torch", "torchvision", "lpips"):
-        pytest.importorskip(package)
+    missing = [package for package in ("torch", "torchvision", "lpips", "LibMTL") if find_spec(package) is None]
+    if missing:
+        pytest.skip(f"recomputing the record needs {', '.join(missing)}")
     today = torch_reference.compute_reference()
     assert set(today) == set(record)
     for key in sorted(set(record) - {"versions"}):
@@ -184,3 +192,17 @@ def test_the_optimiser_and_schedule_follow_pytorchs_adam_clipping_and_cosine_ann
     # Relative to how far the parameters moved.
     assert relative_error(trajectory - initial_vector(initial), record[name] - initial_vector(initial)) \
         < OPTIMISER_TOLERANCE
+
+
+@pytest.mark.parametrize("name", list(torch_reference.LIBMTL_CASES))
+def test_balancing_methods_give_libmtls_direction(record, name):
+    method, tasks, _, ours, options = torch_reference.LIBMTL_CASES[name]
+    inputs = torch_reference.balancing_inputs()
+    steps = torch_reference.balancing_steps(method, tasks)
+    balancer = make(ours, **options)
+    state = balancer.init(tasks, inputs[steps[0]].shape[1])
+    for index, step in enumerate(steps):  # GradVac's targets carry over from step to step
+        direction, _, state = balancer.step(jnp.asarray(inputs[step]), jnp.asarray(inputs[f"losses_{tasks}"]), state,
+                                            jax.random.key(0))
+        error = relative_error(direction, record[f"libmtl_{name}"][index])
+        assert error < LIBMTL_TOLERANCE.get(method, FLOAT64_TOLERANCE), (step, error)

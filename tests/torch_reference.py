@@ -1,8 +1,9 @@
 """What PyTorch's own code computes, recorded once, so that every test run checks the port against it without
 torch (``tests/test_torch_reference.py``).
 
-``python tests/torch_reference.py`` rewrites ``tests/data/torch_reference.npz``; it needs torch, torchvision and
-lpips (``pip install torch torchvision lpips``), and nothing downloads: the weights are random. Every weight and
+``python tests/torch_reference.py`` rewrites ``tests/data/torch_reference.npz``; it needs torch, torchvision, lpips
+and LibMTL (``pip install torch torchvision lpips`` and ``pip install --no-deps LibMTL==1.1.5``, PyPI's latest, whose
+pinned dependencies are years old), and nothing downloads: the weights are random. Every weight and
 input is generated here with numpy from fixed seeds (uniform draws, which numpy's generators keep stable across
 versions), so the tests rebuild them bit for bit; torch only computes the outputs. Recorded:
 
@@ -30,6 +31,12 @@ versions), so the tests rebuild them bit for bit; torch only computes the output
   the authors') and ``torch.optim.AdamW`` after ``clip_grad_norm_``, with the authors' per-epoch learning rate:
   the warm-up set by hand, then ``CosineAnnealingLR(T_max=E-W, eta_min=0.01·lr)`` stepped after each epoch
   (official_implementation.md); the parameters after every step, in float64.
+- ``libmtl_<method>``: the update direction LibMTL's own weighting code (``LibMTL.weighting``, 1.1.5) leaves in the
+  shared parameters' gradient, in float64, for losses whose gradients are the rows of a fixed Jacobian
+  (:func:`balancing_inputs`): MGDA with each ``mgda_gn``, CAGrad with each ``rescale`` (K = 3, which 1.1.5's
+  CAGrad hard-codes), IMTL, GLS, PCGrad (K = 2, where its random task order cannot matter) and three steps of
+  GradVac (K = 2; its targets carry over). For these, LibMTL's GitHub head differs from 1.1.5 only by MGDA's iteration
+  cap and PCGrad's 1e-8 in a denominator.
 """
 
 from __future__ import annotations
@@ -207,6 +214,42 @@ def optimiser_inputs() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray
     return params, grads
 
 
+def balancing_inputs() -> dict[str, np.ndarray]:
+    """Jacobians ``[K, P]`` with conflicting rows and positive losses, float64: ``jacobian_3``/``losses_3`` (K = 3,
+    P = 6), ``jacobian_2``/``losses_2`` (K = 2, P = 5), and GradVac's later steps: ``jacobian_2_aligned``, whose
+    rows agree (no correction, so only a target that moves on every visit moves), and ``jacobian_2_next``, in
+    conflict again (its correction reads the targets)."""
+    rng = _generator(9)
+    jacobian_3 = rng.uniform(-1.0, 1.0, (3, 6))
+    jacobian_3[1] -= 0.8 * jacobian_3[0]
+    losses_3 = rng.uniform(0.5, 2.0, 3)
+    jacobian_2 = rng.uniform(-1.0, 1.0, (2, 5))
+    jacobian_2[1] -= 1.2 * jacobian_2[0]
+    losses_2 = rng.uniform(0.5, 2.0, 2)
+    aligned = rng.uniform(-1.0, 1.0, (2, 5))
+    aligned[1] = aligned[0] + 0.5 * aligned[1]
+    return {"jacobian_3": jacobian_3, "losses_3": losses_3, "jacobian_2": jacobian_2, "losses_2": losses_2,
+            "jacobian_2_aligned": aligned, "jacobian_2_next": jacobian_2 + rng.uniform(-0.3, 0.3, jacobian_2.shape)}
+
+
+def balancing_steps(method: str, tasks: int) -> tuple[str, ...]:
+    """The :func:`balancing_inputs` Jacobians a case steps through: GradVac three (its targets carry over)."""
+    return ("jacobian_2", "jacobian_2_aligned", "jacobian_2_next") if method == "GradVac" else (f"jacobian_{tasks}",)
+
+
+# name -> (LibMTL class, K, LibMTL's keyword arguments, this library's method and options).
+LIBMTL_CASES = {
+    **{f"mgda_{gn}": ("MGDA", 3, {"mgda_gn": gn}, "mgda", {"normalization": gn})
+       for gn in ("none", "l2", "loss", "loss+")},
+    **{f"cagrad_rescale_{rescale}": ("CAGrad", 3, {"calpha": 0.5, "rescale": rescale}, "cagrad",
+                                     {"calpha": 0.5, "rescale": rescale}) for rescale in (0, 1, 2)},
+    "imtl": ("IMTL", 3, {}, "imtl", {}),
+    "gls": ("GLS", 3, {}, "gls", {}),
+    "pcgrad": ("PCGrad", 2, {}, "pcgrad", {}),
+    "gradvac": ("GradVac", 2, {"beta": 0.5}, "gradvac", {"beta": 0.5, "target_update": "on_conflict"}),
+}
+
+
 def projection(channels: int) -> np.ndarray:
     """The fixed ``[channels, 16]`` matrix a stage's output is recorded through (float64)."""
     return _generator(channels).uniform(-1.0, 1.0, size=(channels, PROJECTED_CHANNELS)) / np.sqrt(channels)
@@ -226,7 +269,7 @@ def compute_reference() -> dict[str, np.ndarray]:
     import torchvision
 
     reference = {"versions": np.array(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-                                      f"lpips {version('lpips')}")}
+                                      f"lpips {version('lpips')}, LibMTL {version('LibMTL')}")}
 
     resnet = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
     reference.update({f"backbone_{stage}": project(output)
@@ -254,6 +297,7 @@ def compute_reference() -> dict[str, np.ndarray]:
     reference["aspp_head"] = _aspp_head(torch, torchvision)
     reference.update(_functional(torch))
     reference.update(_optimisers(torch))
+    reference.update(_libmtl(torch))
     return reference
 
 
@@ -368,6 +412,53 @@ def main() -> int:
     write_atomically(REFERENCE, lambda file: np.savez_compressed(file, **reference))
     print(f"wrote {REFERENCE.relative_to(ROOT)} ({REFERENCE.stat().st_size} bytes; {reference['versions']})")
     return 0
+
+
+
+def _libmtl(torch) -> dict[str, np.ndarray]:
+    """LibMTL's directions: each weighting class driven as its trainer drives it, on the shared parameter
+    ``theta`` (zero) of losses ``L_t = J_t . theta + l_t``, whose gradients are the rows ``J_t``."""
+    import types
+
+    # LibMTL 1.1.5 imports a module torchvision removed in 0.13 (only for downloading ResNet weights).
+    sys.modules.setdefault("torchvision.models.utils", types.SimpleNamespace(
+        load_state_dict_from_url=torch.hub.load_state_dict_from_url))
+    import LibMTL.weighting
+
+    inputs, recorded = balancing_inputs(), {}
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # LibMTL allocates its gradient matrix with the default dtype
+    try:
+        for name, (method, tasks, options, _, _) in LIBMTL_CASES.items():
+            steps = balancing_steps(method, tasks)
+            weighting = _libmtl_weighting(getattr(LibMTL.weighting, method), tasks)
+            recorded[f"libmtl_{name}"] = np.stack([
+                _libmtl_direction(torch, weighting, inputs[step], inputs[f"losses_{tasks}"], options)
+                for step in steps])
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return recorded
+
+
+def _libmtl_weighting(method_class, tasks: int):
+    class Weighting(method_class):  # what LibMTL's Trainer mixes in: the task count, the device, no rep_grad
+        def __init__(self):
+            super().__init__()
+            self.task_num, self.device, self.rep_grad = tasks, "cpu", False
+            self.task_name = [f"task{t}" for t in range(tasks)]
+
+    weighting = Weighting()
+    weighting.init_param()
+    return weighting
+
+
+def _libmtl_direction(torch, weighting, jacobian: np.ndarray, losses: np.ndarray, options: dict) -> np.ndarray:
+    theta = torch.zeros(jacobian.shape[1], requires_grad=True)
+    weighting.get_share_params = lambda: [theta]
+    weighting.zero_grad_share_params = lambda: theta.grad.zero_() if theta.grad is not None else None
+    rows, offsets = torch.from_numpy(jacobian), torch.from_numpy(losses)
+    weighting.backward(torch.stack([rows[t] @ theta + offsets[t] for t in range(len(losses))]), **options)
+    return theta.grad.detach().numpy().copy()
 
 
 if __name__ == "__main__":
