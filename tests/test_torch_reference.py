@@ -19,6 +19,7 @@ from deep.backbone import batch_norm, resnet50
 from deep.decoders import instance_norm
 from deep.heads import ASPPHead, group_norm
 from deep.losses import resize_nearest, segmentation_loss
+from deep.metrics import delta_p
 from deep.perceptual import load_lpips_npz, lpips_distance
 from deep.resize import resize_bilinear
 from deep.train import OptimConfig, make_optimizer
@@ -206,3 +207,10 @@ def test_balancing_methods_give_libmtls_direction(record, name):
                                             jax.random.key(0))
         error = relative_error(direction, record[f"libmtl_{name}"][index])
         assert error < LIBMTL_TOLERANCE.get(method, FLOAT64_TOLERANCE), (step, error)
+
+
+def test_delta_p_is_libmtls_count_improvement_in_percent(record):
+    baseline, results = torch_reference.nyuv2_results()
+    got = delta_p(results, baseline)
+    assert abs(got) > 0.5  # the made-up results do move it
+    assert abs(got - 100 * record["libmtl_delta_p"]) < 1e-12 * max(1.0, abs(got))

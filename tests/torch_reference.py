@@ -37,6 +37,8 @@ versions), so the tests rebuild them bit for bit; torch only computes the output
   CAGrad hard-codes), IMTL, GLS, PCGrad (K = 2, where its random task order cannot matter) and three steps of
   GradVac (K = 2; its targets carry over). For these, LibMTL's GitHub head differs from 1.1.5 only by MGDA's iteration
   cap and PCGrad's 1e-8 in a denominator.
+- ``libmtl_delta_p``: LibMTL's ``utils.count_improvement`` (its Δp, a fraction) for NYUv2's nine metrics with the
+  ``weight`` lists of LibMTL's NYUv2 example (:data:`LIBMTL_NYUV2_METRICS`), between two made-up result sets.
 """
 
 from __future__ import annotations
@@ -250,6 +252,22 @@ LIBMTL_CASES = {
 }
 
 
+# LibMTL's NYUv2 example: each task's metrics in order, and its `weight` lists (1 where higher is better).
+LIBMTL_NYUV2_METRICS = {"segmentation": (("miou", "pixel_accuracy"), (1, 1)),
+                        "depth": (("abs_err", "rel_err"), (0, 0)),
+                        "normal": (("mean", "median", "within_11.25", "within_22.5", "within_30"), (0, 0, 1, 1, 1))}
+
+
+def nyuv2_results() -> tuple[dict[str, float], dict[str, float]]:
+    """A baseline and a method's NYUv2 metrics (``"<task>/<metric>"``), made up near LibMTL's published EW row."""
+    rng = _generator(10)
+    baseline = {"segmentation/miou": 0.54, "segmentation/pixel_accuracy": 0.76, "depth/abs_err": 0.38,
+                "depth/rel_err": 0.16, "normal/mean": 23.5, "normal/median": 17.2, "normal/within_11.25": 0.35,
+                "normal/within_22.5": 0.61, "normal/within_30": 0.72}
+    results = {name: value * rng.uniform(0.9, 1.1) for name, value in baseline.items()}
+    return baseline, results
+
+
 def projection(channels: int) -> np.ndarray:
     """The fixed ``[channels, 16]`` matrix a stage's output is recorded through (float64)."""
     return _generator(channels).uniform(-1.0, 1.0, size=(channels, PROJECTED_CHANNELS)) / np.sqrt(channels)
@@ -437,6 +455,14 @@ def _libmtl(torch) -> dict[str, np.ndarray]:
                 for step in steps])
     finally:
         torch.set_default_dtype(default_dtype)
+    from LibMTL.utils import count_improvement
+
+    baseline, results = nyuv2_results()
+    as_libmtl = lambda metrics: {task: [metrics[f"{task}/{name}"] for name in names]
+                                 for task, (names, _) in LIBMTL_NYUV2_METRICS.items()}
+    recorded["libmtl_delta_p"] = np.asarray(count_improvement(
+        as_libmtl(baseline), as_libmtl(results),
+        {task: list(weight) for task, (_, weight) in LIBMTL_NYUV2_METRICS.items()}), np.float64)
     return recorded
 
 
