@@ -10,10 +10,10 @@ from importlib.util import find_spec
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-import optax
 import torch_reference
 from deep.backbone import batch_norm, resnet50
 from deep.decoders import instance_norm
@@ -26,7 +26,8 @@ from deep.train import OptimConfig, make_optimizer
 from deep.weights import load_torchvision_npz
 from theory.balancing import make
 
-# float32 on both sides: the stages' outputs agree to about 1e-6 (relative, measured), LPIPS's distances to 1e-7.
+# float32 on both sides: the stages' outputs agree to about 1e-6 (relative, measured), LPIPS's distances to 1.3e-7.
+# The float64 comparisons rely on tests/conftest.py turning on jax_enable_x64.
 TOLERANCE = 1e-5
 # float64 on both sides (resizing, cross-entropy): rounding alone.
 FLOAT64_TOLERANCE = 1e-10
@@ -154,7 +155,7 @@ def test_batch_norm_trains_and_evaluates_as_pytorchs(record, shape):
 
 
 def test_instance_norm_is_pytorchs(record):
-    # Its statistics are reduced in float32 whatever the input's dtype (for bfloat16 inputs).
+    # instance_norm reduces its statistics in float32 whatever the input's dtype, so float32 is what it can match.
     got = instance_norm(jnp.asarray(torch_reference.instance_norm_input(), jnp.float32))
     assert relative_error(got, record["instance_norm"]) < TOLERANCE
 
@@ -169,7 +170,7 @@ def test_group_norm_is_pytorchs(record):
 
 def test_the_segmentation_loss_is_pytorchs_cross_entropy_ignoring_minus_one(record):
     logits, labels = torch_reference.cross_entropy_inputs()
-    assert np.mean(labels == -1) > 0.05  # the ignored pixels are really there
+    assert np.mean(labels == -1) > 0.1  # the ignored pixels are really there
     got = segmentation_loss(jnp.asarray(logits), jnp.asarray(labels))
     assert relative_error(got, record["cross_entropy"]) < FLOAT64_TOLERANCE
 

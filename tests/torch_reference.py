@@ -4,8 +4,9 @@ torch (``tests/test_torch_reference.py``).
 ``python tests/torch_reference.py`` rewrites ``tests/data/torch_reference.npz``; it needs torch, torchvision, lpips
 and LibMTL (``pip install torch torchvision lpips`` and ``pip install --no-deps LibMTL==1.1.5``, PyPI's latest, whose
 pinned dependencies are years old), and nothing downloads: the weights are random. Every weight and
-input is generated here with numpy from fixed seeds (uniform draws, which numpy's generators keep stable across
-versions), so the tests rebuild them bit for bit; torch only computes the outputs. Recorded:
+input is generated here with numpy from fixed seeds (uniform draws from PCG64, which have not changed across numpy
+versions so far; numpy does not promise it, and a change would fail the tests loudly, not pass them), so the tests
+rebuild them; torch only computes the outputs. Recorded:
 
 - ``backbone_layer1..4``: torchvision's ``resnet50(replace_stride_with_dilation=[False, True, True])`` in eval mode,
   with random weights and BatchNorm statistics, on two 48×64 images: each stage's output ``[B, H, W, C]`` times a
@@ -13,8 +14,9 @@ versions), so the tests rebuild them bit for bit; torch only computes the output
   it, and the file stays small.
 - ``lpips_distance``: ``lpips.LPIPS(net="vgg", version="0.1")`` with random VGG16 and linear weights, for three
   pairs of 40×56 images in [-1, 1].
-- ``aspp_head``: torchvision's DeepLabV3 ``ASPP`` (rates 12/24/36, image pooling) followed by LibMTL's
-  ``DeepLabHead`` tail (3×3 conv, BN, ReLU, 1×1 classifier) in eval mode, on a 20×28 grid where most of the
+- ``aspp_head``: torchvision's DeepLabV3 ``ASPP`` (rates 12/24/36, image pooling) followed by the tail of LibMTL's
+  ``DeepLabHead`` (3×3 conv, BN, ReLU, 1×1 classifier; transcribed, since it lives in LibMTL's NYUv2 example and not
+  in its package) in eval mode, on a 20×28 grid where most of the
   rate-24 and rate-36 taps read padding, as on NYUv2's 36×48.
 - ``resize_<i>``, ``nearest_<i>``: ``F.interpolate`` (bilinear, ``align_corners`` False and True; nearest) at the
   ratios the port uses (:data:`RESIZE_CASES`, :data:`NEAREST_CASES`), computed in float64.
@@ -30,7 +32,8 @@ versions), so the tests rebuild them bit for bit; torch only computes the output
 - ``adam_l2``, ``adamw``: 12 steps (6 epochs of 2, warm-up 2) of ``torch.optim.Adam(weight_decay)`` (coupled L2,
   the authors') and ``torch.optim.AdamW`` after ``clip_grad_norm_``, with the authors' per-epoch learning rate:
   the warm-up set by hand, then ``CosineAnnealingLR(T_max=E-W, eta_min=0.01·lr)`` stepped after each epoch
-  (official_implementation.md); the parameters after every step, in float64.
+  (reference/official_implementation.md; the warm-up is a transcription of the authors' formula, the clipping,
+  Adam, AdamW and cosine annealing are torch's own); the parameters after every step, in float64.
 - ``libmtl_<method>``: the update direction LibMTL's own weighting code (``LibMTL.weighting``, 1.1.5) leaves in the
   shared parameters' gradient, in float64, for losses whose gradients are the rows of a fixed Jacobian
   (:func:`balancing_inputs`): MGDA with each ``mgda_gn``, CAGrad with each ``rescale`` (K = 3, which 1.1.5's
@@ -181,7 +184,7 @@ def resize_input(index: int, size: tuple[int, int]) -> np.ndarray:
 
 
 def batch_norm_inputs(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """The BatchNorm case of ``shape`` (NHWC): affine parameters, running statistics and two inputs, float32."""
+    """The BatchNorm case of ``shape`` (NHWC): affine parameters, running statistics and two inputs, float64."""
     rng, channels = _generator(200 + int(np.prod(shape))), shape[-1]
     return {"weight": rng.uniform(0.5, 1.5, channels), "bias": rng.uniform(-0.2, 0.2, channels),
             "running_mean": rng.uniform(-0.5, 0.5, channels), "running_var": rng.uniform(0.5, 2.0, channels),
@@ -202,9 +205,10 @@ def group_norm_inputs() -> dict[str, np.ndarray]:
 
 
 def cross_entropy_inputs() -> tuple[np.ndarray, np.ndarray]:
-    """Logits ``[2, 5, 6, 7]`` (NHWC) and labels ``[2, 5, 6]`` in -1..6, about a fifth of them -1."""
+    """Logits ``[2, 5, 6, 7]`` (NHWC) and labels ``[2, 5, 6]`` in -1..6, about a sixth of them -1."""
     rng = _generator(5)
-    return rng.uniform(-3.0, 3.0, size=(2, 5, 6, 7)), np.floor(rng.uniform(-0.4, 7.0, size=(2, 5, 6))).astype(np.int64)
+    labels = np.floor(rng.uniform(-1.5, 7.0, size=(2, 5, 6))).astype(np.int64)
+    return rng.uniform(-3.0, 3.0, size=(2, 5, 6, 7)), np.maximum(labels, -1)
 
 
 def optimiser_inputs() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
@@ -367,8 +371,9 @@ def _functional(torch) -> dict[str, np.ndarray]:
             recorded[f"{name}_eval_output"] = _nhwc(norm(_nchw(torch, case["eval_input"])))
     recorded["instance_norm"] = _nhwc(functional.instance_norm(_nchw(torch, instance_norm_input()), eps=1e-5))
     case = group_norm_inputs()
-    recorded["group_norm"] = _nhwc(functional.group_norm(_nchw(torch, case["input"]), 4, torch.from_numpy(case["weight"]),
-                                                         torch.from_numpy(case["bias"]), eps=1e-5)).astype(np.float64)
+    weight, bias = torch.from_numpy(case["weight"]), torch.from_numpy(case["bias"])
+    recorded["group_norm"] = _nhwc(functional.group_norm(_nchw(torch, case["input"]), 4, weight, bias,
+                                                         eps=1e-5)).astype(np.float64)
     logits, labels = cross_entropy_inputs()
     recorded["cross_entropy"] = functional.cross_entropy(_nchw(torch, logits), torch.from_numpy(labels),
                                                          ignore_index=-1).numpy()
@@ -421,24 +426,13 @@ def _torchvision_stages(torch, resnet) -> list[np.ndarray]:
     return outputs
 
 
-def main() -> int:
-    sys.path.insert(0, str(ROOT))
-    from deep.weights import write_atomically
-
-    reference = compute_reference()
-    REFERENCE.parent.mkdir(exist_ok=True)
-    write_atomically(REFERENCE, lambda file: np.savez_compressed(file, **reference))
-    print(f"wrote {REFERENCE.relative_to(ROOT)} ({REFERENCE.stat().st_size} bytes; {reference['versions']})")
-    return 0
-
-
-
 def _libmtl(torch) -> dict[str, np.ndarray]:
     """LibMTL's directions: each weighting class driven as its trainer drives it, on the shared parameter
     ``theta`` (zero) of losses ``L_t = J_t . theta + l_t``, whose gradients are the rows ``J_t``."""
     import types
 
-    # LibMTL 1.1.5 imports a module torchvision removed in 0.13 (only for downloading ResNet weights).
+    # LibMTL 1.1.5 imports a module torchvision removed in 0.13 (only for downloading ResNet weights): a stand-in,
+    # left in sys.modules for the rest of this process (harmless: nothing else imports that name).
     sys.modules.setdefault("torchvision.models.utils", types.SimpleNamespace(
         load_state_dict_from_url=torch.hub.load_state_dict_from_url))
     import LibMTL.weighting
@@ -486,6 +480,16 @@ def _libmtl_direction(torch, weighting, jacobian: np.ndarray, losses: np.ndarray
     weighting.backward(torch.stack([rows[t] @ theta + offsets[t] for t in range(len(losses))]), **options)
     return theta.grad.detach().numpy().copy()
 
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    from deep.weights import write_atomically
+
+    reference = compute_reference()
+    REFERENCE.parent.mkdir(exist_ok=True)
+    write_atomically(REFERENCE, lambda file: np.savez_compressed(file, **reference))
+    print(f"wrote {REFERENCE.relative_to(ROOT)} ({REFERENCE.stat().st_size} bytes; {reference['versions']})")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
