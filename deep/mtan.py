@@ -25,11 +25,11 @@ Which parameters are whose (what :data:`deep.train.SHARED` / :data:`deep.train.H
 * task-specific — ``heads[t]`` (:class:`MTANTaskBranch`): the four attention masks :math:`(g_t^{(j)}, h_t^{(j)})`
   and the ASPP head. Task ``t``'s prediction reads no parameter of ``heads[s]`` for ``s ≠ t``.
 
-Departures from LibMTL (``_transform_resnet_MTAN``):
+Each task owns its attention masks, as in the paper, the authors' ``resnet_mtan.py`` and LibMTL's
+``_transform_resnet_MTAN`` (one module per task and stage, in 1.1.5 and on its GitHub head).
+``tests/test_torch_reference.py`` checks each task's attended map against LibMTL's encoder run under PyTorch with the
+same weights. Departures from LibMTL:
 
-* LibMTL builds each stage's attention list as ``[att_layer(...)] * task_num``, which repeats **one** module, so its
-  tasks share their attention masks (and the parameter count has one set of masks, not ``K``). Here each task owns
-  its masks, as in the paper and in the authors' ``resnet_mtan.py``.
 * The downsampling max-pool pads odd sizes (``ceil``, the size a stride-2 ResNet convolution gives); PyTorch's
   ``MaxPool2d(2, 2)`` floors, and LibMTL's concatenation then fails on odd feature maps. On even sizes (the 72×96
   stride-4 map of a 288×384 image) the two agree.

@@ -20,6 +20,7 @@ from deep.decoders import instance_norm
 from deep.heads import ASPPHead, group_norm
 from deep.losses import resize_nearest, segmentation_loss
 from deep.metrics import delta_p
+from deep.mtan import MTAN, MTANConfig
 from deep.perceptual import load_lpips_npz, lpips_distance
 from deep.resize import resize_bilinear
 from deep.train import OptimConfig, make_optimizer
@@ -29,6 +30,9 @@ from theory.balancing import make
 # float32 on both sides: the stages' outputs agree to about 1e-6 (relative, measured), LPIPS's distances to 1.3e-7.
 # The float64 comparisons rely on tests/conftest.py turning on jax_enable_x64.
 TOLERANCE = 1e-5
+# MTAN: this float32 port against LibMTL's float64 (7-8.5e-6 measured, all rounding: LibMTL's own float32 is
+# 1.0-1.2e-5 from its float64).
+MTAN_TOLERANCE = 3e-5
 # float64 on both sides (resizing, cross-entropy): rounding alone.
 FLOAT64_TOLERANCE = 1e-10
 # LibMTL's MGDA stops its Frank-Wolfe iterations once the weights move by less than 1e-5 (2.8e-5 measured on the
@@ -66,6 +70,22 @@ def test_the_backbone_with_torchvisions_weights_gives_torchvisions_features(tmp_
         assert difference < TOLERANCE, f"{name}: relative difference {difference:.2e} from torchvision"
 
 
+def test_mtan_attends_as_libmtls_mtan_encoder(record):
+    model = MTAN(MTANConfig(tasks=torch_reference.MTAN_TASKS), nnx.Rngs(0))
+    load_torch_state(model, torch_reference.mtan_arrays(), torch_reference.mtan_key)  # all but the ASPP heads
+    model.eval()
+    graphdef, state = nnx.split(model)
+    with jax.default_matmul_precision("highest"):
+        _, aux = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))(
+            state, jnp.asarray(torch_reference.backbone_images()))
+    for name, _ in torch_reference.MTAN_TASKS:
+        expected = record[f"mtan_{name}"]
+        got = torch_reference.project(np.asarray(aux["attended"][name]))
+        assert got.shape == expected.shape, (name, got.shape, expected.shape)
+        difference = relative_difference(got, expected)
+        assert difference < MTAN_TOLERANCE, f"{name}: relative difference {difference:.2e} from LibMTL's MTAN"
+
+
 def test_lpips_gives_the_lpips_packages_distances(tmp_path, record):
     np.savez(tmp_path / "lpips.npz", **torch_reference.lpips_arrays())
     weights = load_lpips_npz(tmp_path / "lpips.npz")
@@ -96,11 +116,13 @@ def relative_error(got, expected) -> float:
 
 
 def load_torch_state(module: nnx.Module, arrays: dict, key_of) -> None:
-    """Sets every variable of ``module`` from PyTorch-layout ``arrays`` (``key_of(path)`` names each; OIHW kernels
-    are transposed to HWIO), and checks that every array found its variable."""
+    """Sets the variables of ``module`` from PyTorch-layout ``arrays`` (``key_of(path)`` names each, ``None`` for
+    one left as it is; OIHW kernels are transposed to HWIO), and checks that every array found its variable."""
     used = set()
     for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat))):
         key = key_of(path)
+        if key is None:
+            continue
         value = arrays[key].transpose(2, 3, 1, 0) if path[-1] == "kernel" else arrays[key]
         assert value.shape == variable.get_value().shape, (path, key)
         variable.set_value(jnp.asarray(value, variable.get_value().dtype))

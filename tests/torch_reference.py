@@ -12,6 +12,9 @@ rebuild them; torch only computes the outputs. Recorded:
   with random weights and BatchNorm statistics, on two 48×64 images: each stage's output ``[B, H, W, C]`` times a
   fixed random ``[C, 16]`` matrix (:func:`projection`). A wrong channel, tap, stride, dilation or padding changes
   it, and the file stays small.
+- ``mtan_<task>``: LibMTL's MTAN encoder (``LibMTL.architecture.MTAN._transform_resnet_MTAN`` around the same
+  torchvision ResNet-50) in eval mode, with random weights throughout, in float64: each task's attended stage-4 map
+  (what its head reads) for two 48×64 images, projected as the backbone's stages are.
 - ``lpips_distance``: ``lpips.LPIPS(net="vgg", version="0.1")`` with random VGG16 and linear weights, for three
   pairs of 40×56 images in [-1, 1].
 - ``aspp_head``: torchvision's DeepLabV3 ``ASPP`` (rates 12/24/36, image pooling) followed by the tail of LibMTL's
@@ -102,6 +105,69 @@ def backbone_arrays() -> dict[str, np.ndarray]:
             value = rng.uniform(low, high, size=shape)
         arrays[key] = value.astype(np.float32)
     return arrays
+
+
+def _random_array(rng: np.random.Generator, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A kernel at He scale, a bias, or a BatchNorm array far from the identity, by the torch key's last part."""
+    leaf = key.rsplit(".", 1)[1]
+    if len(shape) == 4:
+        return _he_uniform(rng, shape)
+    if leaf == "bias" and not _is_batch_norm(key):
+        return rng.uniform(-0.1, 0.1, size=shape)
+    low, high = {"running_mean": (-0.5, 0.5), "running_var": (0.5, 2.0), "weight": (0.5, 1.5),
+                 "bias": (-0.2, 0.2)}[leaf]
+    return rng.uniform(low, high, size=shape)
+
+
+def _is_batch_norm(key: str) -> bool:
+    module = key.rsplit(".", 2)[-2]
+    return module.startswith("bn") or module in ("1", "4")  # bn1..3, downsample.1, shared_conv.1, attention's 1, 4
+
+
+MTAN_TASKS = (("segmentation", 13), ("depth", 1))
+_ATTENTION_INDEX = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4}  # LibMTL's Sequential(conv, BN, ReLU, conv, BN, σ)
+
+
+def mtan_key(path: tuple) -> str | None:
+    """The key in LibMTL's MTAN encoder of a :class:`deep.mtan.MTAN` variable's NNX path (``None`` for the ASPP
+    heads, which LibMTL keeps outside the encoder)."""
+    from deep.backbone import BackboneConfig, torchvision_key
+
+    part, rest = path[0], path[1:]
+    if part == "backbone":
+        key = torchvision_key(rest)
+        if key.startswith(("conv1.", "bn1.")):
+            return f"shared_conv.{0 if key.startswith('conv1.') else 1}.{key.split('.', 1)[1]}"
+        layer, block, tail = key.split(".", 2)  # layer<i>.<block>.<rest>: layer[:-1] then layer[-1]
+        stage, last = int(layer[len("layer"):]) - 1, BackboneConfig().depths[int(layer[len("layer"):]) - 1] - 1
+        return f"shared_layer.{stage}.0.{block}.{tail}" if int(block) < last else f"shared_layer.{stage}.1.{tail}"
+    if part == "transitions":
+        return f"encoder_block_att.{rest[0]}.{torchvision_key(rest[1:])}"
+    task, kind = rest[0], rest[1]
+    if kind != "attention":
+        return None
+    stage, module, leaf = rest[2], rest[3], rest[4]
+    task_index = [name for name, _ in MTAN_TASKS].index(task)
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[leaf]
+    return f"encoder_att.{stage}.{task_index}.{_ATTENTION_INDEX[module]}.{leaf}"
+
+
+def mtan_arrays() -> dict[str, np.ndarray]:
+    """Every array of LibMTL's MTAN encoder for :data:`MTAN_TASKS`, keyed as its state dict (shapes from
+    :class:`deep.mtan.MTAN` through :func:`mtan_key`; the recording checks them against LibMTL's own)."""
+    from flax import nnx
+
+    from deep.mtan import MTAN, MTANConfig
+
+    abstract = nnx.eval_shape(lambda: MTAN(MTANConfig(tasks=MTAN_TASKS), nnx.Rngs(0)))
+    shapes = {}
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Any(nnx.Param, nnx.BatchStat))):
+        key = mtan_key(path)
+        if key is not None:
+            shape = variable.get_value().shape
+            shapes[key] = (shape[3], shape[2], *shape[:2]) if path[-1] == "kernel" else shape
+    rng = _generator(40)
+    return {key: _random_array(rng, key, shapes[key]).astype(np.float32) for key in sorted(shapes)}
 
 
 def backbone_images() -> np.ndarray:
@@ -316,6 +382,7 @@ def compute_reference() -> dict[str, np.ndarray]:
     with torch.no_grad():
         distance = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y).permute(0, 3, 1, 2))
     reference["lpips_distance"] = distance.numpy().reshape(-1).astype(np.float64)
+    reference.update(_mtan(torch, torchvision))
     reference["aspp_head"] = _aspp_head(torch, torchvision)
     reference.update(_functional(torch))
     reference.update(_optimisers(torch))
@@ -329,6 +396,25 @@ def _nchw(torch, x: np.ndarray):
 
 def _nhwc(x) -> np.ndarray:
     return x.permute(0, 2, 3, 1).detach().numpy()
+
+
+def _mtan(torch, torchvision) -> dict[str, np.ndarray]:
+    _import_libmtl(torch)
+    from LibMTL.architecture.MTAN import _transform_resnet_MTAN
+
+    resnet = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+    resnet.feature_dim = 2048  # what LibMTL's ResNet wrappers carry, and _transform_resnet_MTAN reads
+    encoder = _transform_resnet_MTAN(resnet, [name for name, _ in MTAN_TASKS], "cpu")
+    state, arrays = encoder.state_dict(), mtan_arrays()
+    unused = {key for key in state if key.endswith("num_batches_tracked")}
+    assert set(arrays) == set(state) - unused, sorted(set(arrays) ^ (set(state) - unused))[:10]
+    encoder.load_state_dict({**state, **{key: torch.from_numpy(value) for key, value in arrays.items()}})
+    # In float64: through the attention masks and transitions of random weights, float32 rounding alone moves the
+    # attended maps by about 1e-5 (torch's own float32 result is 1.0-1.2e-5 from this one).
+    encoder.eval().double()
+    with torch.no_grad():
+        attended = encoder(_nchw(torch, backbone_images().astype(np.float64)))
+    return {f"mtan_{name}": project(_nhwc(output)) for (name, _), output in zip(MTAN_TASKS, attended, strict=True)}
 
 
 def _aspp_head(torch, torchvision) -> np.ndarray:
@@ -429,12 +515,7 @@ def _torchvision_stages(torch, resnet) -> list[np.ndarray]:
 def _libmtl(torch) -> dict[str, np.ndarray]:
     """LibMTL's directions: each weighting class driven as its trainer drives it, on the shared parameter
     ``theta`` (zero) of losses ``L_t = J_t . theta + l_t``, whose gradients are the rows ``J_t``."""
-    import types
-
-    # LibMTL 1.1.5 imports a module torchvision removed in 0.13 (only for downloading ResNet weights): a stand-in,
-    # left in sys.modules for the rest of this process (harmless: nothing else imports that name).
-    sys.modules.setdefault("torchvision.models.utils", types.SimpleNamespace(
-        load_state_dict_from_url=torch.hub.load_state_dict_from_url))
+    _import_libmtl(torch)
     import LibMTL.weighting
 
     inputs, recorded = balancing_inputs(), {}
@@ -458,6 +539,15 @@ def _libmtl(torch) -> dict[str, np.ndarray]:
         as_libmtl(baseline), as_libmtl(results),
         {task: list(weight) for task, (_, weight) in LIBMTL_NYUV2_METRICS.items()}), np.float64)
     return recorded
+
+
+def _import_libmtl(torch) -> None:
+    import types
+
+    # LibMTL 1.1.5 imports a module torchvision removed in 0.13 (only for downloading ResNet weights): a stand-in,
+    # left in sys.modules for the rest of this process (harmless: nothing else imports that name).
+    sys.modules.setdefault("torchvision.models.utils", types.SimpleNamespace(
+        load_state_dict_from_url=torch.hub.load_state_dict_from_url))
 
 
 def _libmtl_weighting(method_class, tasks: int):
