@@ -53,18 +53,25 @@ def relative_difference(got, expected) -> float:
     return float(np.linalg.norm(np.asarray(got, np.float64) - expected) / np.linalg.norm(expected))
 
 
-def test_the_backbone_with_torchvisions_weights_gives_torchvisions_features(tmp_path, record):
-    np.savez(tmp_path / "resnet50.npz", **torch_reference.backbone_arrays())
+@pytest.fixture(scope="module")
+def backbone_stages(tmp_path_factory):
+    """The port's four stage outputs for the record's weights and images, loaded through the loader users run."""
+    path = tmp_path_factory.mktemp("weights") / "resnet50.npz"
+    np.savez(path, **torch_reference.backbone_arrays())
     backbone = resnet50(nnx.Rngs(0))
-    load_torchvision_npz(backbone, tmp_path / "resnet50.npz")  # the loader users run, OIHW -> HWIO included
+    load_torchvision_npz(backbone, path)  # OIHW -> HWIO included
     backbone.eval()
     graphdef, state = nnx.split(backbone)
     forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
     with jax.default_matmul_precision("highest"):
-        stages = forward(state, jnp.asarray(torch_reference.backbone_images()))
-    for name, output in zip(torch_reference.STAGES, stages, strict=True):
+        return [np.asarray(stage) for stage in forward(state, jnp.asarray(torch_reference.backbone_images()))]
+
+
+def test_the_backbone_with_torchvisions_weights_gives_torchvisions_features(record, backbone_stages):
+    # torch_reference.py also asserts that LibMTL's resnet_dilated gives torchvision's stages bit for bit.
+    for name, output in zip(torch_reference.STAGES, backbone_stages, strict=True):
         expected = record[f"backbone_{name}"]
-        got = torch_reference.project(np.asarray(output))
+        got = torch_reference.project(output)
         assert got.shape == expected.shape, f"{name}: {got.shape} vs torchvision's {expected.shape}"
         difference = relative_difference(got, expected)
         assert difference < TOLERANCE, f"{name}: relative difference {difference:.2e} from torchvision"

@@ -11,7 +11,9 @@ rebuild them; torch only computes the outputs. Recorded:
 - ``backbone_layer1..4``: torchvision's ``resnet50(replace_stride_with_dilation=[False, True, True])`` in eval mode,
   with random weights and BatchNorm statistics, on two 48×64 images: each stage's output ``[B, H, W, C]`` times a
   fixed random ``[C, 16]`` matrix (:func:`projection`). A wrong channel, tap, stride, dilation or padding changes
-  it, and the file stays small.
+  it, and the file stays small. LibMTL's own dilated ResNet-50 (``LibMTL.model.resnet_dilated``, MTAN's
+  ``_nostride_dilate``), the backbone of LibMTL's published NYUv2 numbers, gives the same stages bit for bit with
+  the same weights; recording asserts it.
 - ``mtan_<task>``: LibMTL's MTAN encoder (``LibMTL.architecture.MTAN._transform_resnet_MTAN`` around the same
   torchvision ResNet-50) in eval mode, with random weights throughout, in float64: each task's attended stage-4 map
   (what its head reads) for two 48×64 images, projected as the backbone's stages are.
@@ -361,7 +363,15 @@ def compute_reference() -> dict[str, np.ndarray]:
 
     resnet = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
     reference.update({f"backbone_{stage}": project(output)
-                      for stage, output in zip(STAGES, _torchvision_stages(torch, resnet))})
+                      for stage, output in zip(STAGES, _resnet_stages(torch, resnet))})
+    _import_libmtl(torch)
+    from LibMTL.model.resnet_dilated import resnet_dilated
+
+    # LibMTL's own dilated ResNet-50 (MTAN's _nostride_dilate on LibMTL's ResNet), the backbone of its published
+    # NYUv2 numbers, is the same network: with the same weights, bit for bit the same stages.
+    libmtl_stages = _resnet_stages(torch, resnet_dilated("resnet50", pretrained=False))
+    for stage, output in zip(STAGES, libmtl_stages, strict=True):
+        assert np.array_equal(project(output), reference[f"backbone_{stage}"]), f"LibMTL's {stage} differs"
 
     model = lpips.LPIPS(pretrained=False, net="vgg", version="0.1", pnet_rand=True, verbose=False)
     arrays, state, used = lpips_arrays(), model.state_dict(), set()
@@ -496,7 +506,7 @@ def _optimisers(torch) -> dict[str, np.ndarray]:
     return recorded
 
 
-def _torchvision_stages(torch, resnet) -> list[np.ndarray]:
+def _resnet_stages(torch, resnet) -> list[np.ndarray]:
     arrays, state = backbone_arrays(), resnet.state_dict()
     unused = {key for key in state if key.startswith("fc.") or key.endswith("num_batches_tracked")}
     assert set(arrays) == set(state) - unused, set(arrays) ^ (set(state) - unused)
