@@ -1,8 +1,8 @@
 """The port against PyTorch's own code, through outputs that ``tests/torch_reference.py`` recorded with torch
 (``tests/data/torch_reference.npz``; what each record holds is listed there), so these checks run without torch:
-the backbone loaded with torchvision's weights, the DeepLabV3 head, LPIPS, bilinear and nearest resizing,
-BatchNorm's training step and eval mode, InstanceNorm, GroupNorm, the segmentation cross-entropy, the optimiser
-with its clipping and schedule, and LibMTL's balancing methods. Where torch, torchvision, lpips and LibMTL are
+the backbone loaded with torchvision's weights, the DeepLabV3 head, MTAN against LibMTL's encoder, LPIPS, bilinear
+and nearest resizing, BatchNorm's training step and eval mode, InstanceNorm, GroupNorm, the segmentation
+cross-entropy, the optimiser with its clipping and schedule, LibMTL's balancing methods and its Δp. Where torch, torchvision, lpips and LibMTL are
 installed, one more test recomputes the record and checks the committed file against it."""
 
 from importlib.util import find_spec
@@ -53,6 +53,38 @@ def relative_difference(got, expected) -> float:
     return float(np.linalg.norm(np.asarray(got, np.float64) - expected) / np.linalg.norm(expected))
 
 
+def relative_error(got, expected) -> float:
+    """The largest difference relative to the largest reference value (a scale-free, elementwise worst case)."""
+    expected = np.asarray(expected, np.float64)
+    return float(np.max(np.abs(np.asarray(got, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+def initial_vector(params: dict) -> np.ndarray:
+    return np.concatenate([params["a"].reshape(-1), params["b"]])
+
+
+def load_torch_state(module: nnx.Module, arrays: dict, key_of) -> None:
+    """Sets the variables of ``module`` from PyTorch-layout ``arrays`` (``key_of(path)`` names each, ``None`` for
+    one left as it is; OIHW kernels are transposed to HWIO), and checks that every array found its variable."""
+    used = set()
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat))):
+        key = key_of(path)
+        if key is None:
+            continue
+        value = arrays[key].transpose(2, 3, 1, 0) if path[-1] == "kernel" else arrays[key]
+        assert value.shape == variable.get_value().shape, (path, key)
+        variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+        used.add(key)
+    assert used == set(arrays), sorted(set(arrays) - used)
+
+
+def run_jitted(module: nnx.Module, *inputs):
+    """``module(*inputs)`` as one compiled program (an eager ResNet-50 runs op by op), in full float32 precision."""
+    graphdef, state = nnx.split(module)
+    with jax.default_matmul_precision("highest"):
+        return jax.jit(lambda state, *inputs: nnx.merge(graphdef, state)(*inputs))(state, *inputs)
+
+
 @pytest.fixture(scope="module")
 def backbone_stages(tmp_path_factory):
     """The port's four stage outputs for the record's weights and images, loaded through the loader users run."""
@@ -61,10 +93,7 @@ def backbone_stages(tmp_path_factory):
     backbone = resnet50(nnx.Rngs(0))
     load_torchvision_npz(backbone, path)  # OIHW -> HWIO included
     backbone.eval()
-    graphdef, state = nnx.split(backbone)
-    forward = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
-    with jax.default_matmul_precision("highest"):
-        return [np.asarray(stage) for stage in forward(state, jnp.asarray(torch_reference.backbone_images()))]
+    return [np.asarray(stage) for stage in run_jitted(backbone, jnp.asarray(torch_reference.backbone_images()))]
 
 
 def test_the_backbone_with_torchvisions_weights_gives_torchvisions_features(record, backbone_stages):
@@ -81,10 +110,7 @@ def test_mtan_attends_as_libmtls_mtan_encoder(record):
     model = MTAN(MTANConfig(tasks=torch_reference.MTAN_TASKS), nnx.Rngs(0))
     load_torch_state(model, torch_reference.mtan_arrays(), torch_reference.mtan_key)  # all but the ASPP heads
     model.eval()
-    graphdef, state = nnx.split(model)
-    with jax.default_matmul_precision("highest"):
-        _, aux = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))(
-            state, jnp.asarray(torch_reference.backbone_images()))
+    _, aux = run_jitted(model, jnp.asarray(torch_reference.backbone_images()))
     for name, _ in torch_reference.MTAN_TASKS:
         expected = record[f"mtan_{name}"]
         got = torch_reference.project(np.asarray(aux["attended"][name]))
@@ -112,40 +138,12 @@ def test_the_record_is_what_torch_computes_today(record):
         assert relative_difference(today[key], record[key]) < TOLERANCE, (key, record["versions"], today["versions"])
 
 
-def initial_vector(params: dict) -> np.ndarray:
-    return np.concatenate([params["a"].reshape(-1), params["b"]])
-
-
-def relative_error(got, expected) -> float:
-    """The largest difference relative to the largest reference value (a scale-free, elementwise worst case)."""
-    expected = np.asarray(expected, np.float64)
-    return float(np.max(np.abs(np.asarray(got, np.float64) - expected)) / np.max(np.abs(expected)))
-
-
-def load_torch_state(module: nnx.Module, arrays: dict, key_of) -> None:
-    """Sets the variables of ``module`` from PyTorch-layout ``arrays`` (``key_of(path)`` names each, ``None`` for
-    one left as it is; OIHW kernels are transposed to HWIO), and checks that every array found its variable."""
-    used = set()
-    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat))):
-        key = key_of(path)
-        if key is None:
-            continue
-        value = arrays[key].transpose(2, 3, 1, 0) if path[-1] == "kernel" else arrays[key]
-        assert value.shape == variable.get_value().shape, (path, key)
-        variable.set_value(jnp.asarray(value, variable.get_value().dtype))
-        used.add(key)
-    assert used == set(arrays), sorted(set(arrays) - used)
-
-
 def test_the_aspp_head_computes_torchvisions_deeplabv3_head(record):
     in_channels, channels, classes = torch_reference.ASPP_HEAD
     head = ASPPHead(in_channels, classes, nnx.Rngs(0), channels=channels, rates=(12, 24, 36))
     load_torch_state(head, torch_reference.aspp_head_arrays(), torch_reference.aspp_head_key)
     head.eval()  # running statistics, no dropout
-    graphdef, state = nnx.split(head)
-    with jax.default_matmul_precision("highest"):
-        got = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(
-            state, jnp.asarray(torch_reference.aspp_head_features()))
+    got = run_jitted(head, jnp.asarray(torch_reference.aspp_head_features()))
     assert got.shape == record["aspp_head"].shape
     assert relative_difference(got, record["aspp_head"]) < TOLERANCE
 

@@ -2,9 +2,9 @@
 torch (``tests/test_torch_reference.py``).
 
 ``python tests/torch_reference.py`` rewrites ``tests/data/torch_reference.npz``; it needs torch, torchvision, lpips
-and LibMTL (``pip install torch torchvision lpips`` and ``pip install --no-deps LibMTL==1.1.5``, PyPI's latest, whose
-pinned dependencies are years old), and nothing downloads: the weights are random. Every weight and
-input is generated here with numpy from fixed seeds (uniform draws from PCG64, which have not changed across numpy
+and LibMTL (``pip install torch torchvision lpips`` and ``pip install --no-deps LibMTL==1.1.5``, PyPI's latest,
+whose pinned dependencies are years old), and nothing downloads: the weights are random. Every weight and input is
+generated here with numpy from fixed seeds (uniform draws from PCG64, which have not changed across numpy
 versions so far; numpy does not promise it, and a change would fail the tests loudly, not pass them), so the tests
 rebuild them; torch only computes the outputs. Recorded:
 
@@ -21,8 +21,8 @@ rebuild them; torch only computes the outputs. Recorded:
   pairs of 40×56 images in [-1, 1].
 - ``aspp_head``: torchvision's DeepLabV3 ``ASPP`` (rates 12/24/36, image pooling) followed by the tail of LibMTL's
   ``DeepLabHead`` (3×3 conv, BN, ReLU, 1×1 classifier; transcribed, since it lives in LibMTL's NYUv2 example and not
-  in its package) in eval mode, on a 20×28 grid where most of the
-  rate-24 and rate-36 taps read padding, as on NYUv2's 36×48.
+  in its package) in eval mode, on a 20×28 grid where most of the rate-24 and rate-36 taps read padding, as on
+  NYUv2's 36×48.
 - ``resize_<i>``, ``nearest_<i>``: ``F.interpolate`` (bilinear, ``align_corners`` False and True; nearest) at the
   ratios the port uses (:data:`RESIZE_CASES`, :data:`NEAREST_CASES`), computed in float64.
 - ``batch_norm_<n>_*``: ``nn.BatchNorm2d`` (momentum 0.1, eps 1e-5) from random running statistics: one training
@@ -43,8 +43,8 @@ rebuild them; torch only computes the outputs. Recorded:
   shared parameters' gradient, in float64, for losses whose gradients are the rows of a fixed Jacobian
   (:func:`balancing_inputs`): MGDA with each ``mgda_gn``, CAGrad with each ``rescale`` (K = 3, which 1.1.5's
   CAGrad hard-codes), IMTL, GLS, PCGrad (K = 2, where its random task order cannot matter) and three steps of
-  GradVac (K = 2; its targets carry over). For these, LibMTL's GitHub head differs from 1.1.5 only by MGDA's iteration
-  cap and PCGrad's 1e-8 in a denominator.
+  GradVac (K = 2; its targets carry over). For these, LibMTL's GitHub head differs from 1.1.5 only by MGDA's
+  iteration cap and PCGrad's 1e-8 in a denominator.
 - ``libmtl_delta_p``: LibMTL's ``utils.count_improvement`` (its Δp, a fraction) for NYUv2's nine metrics with the
   ``weight`` lists of LibMTL's NYUv2 example (:data:`LIBMTL_NYUV2_METRICS`), between two made-up result sets.
 """
