@@ -351,7 +351,16 @@ def project(stage_output: np.ndarray) -> np.ndarray:
 
 
 def compute_reference() -> dict[str, np.ndarray]:
-    """The recorded arrays, computed now with torch (float32, on the CPU)."""
+    """The recorded arrays, computed now with torch (on the CPU; float32 unless the module docstring says float64)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # lpips and LibMTL build torchvision models with the `pretrained=` argument torchvision deprecated in 0.13.
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        return _compute_reference()
+
+
+def _compute_reference() -> dict[str, np.ndarray]:
     from importlib.metadata import version
 
     import lpips
