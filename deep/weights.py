@@ -33,7 +33,8 @@ from deep.backbone import ResNet, resnet50, torchvision_key
 
 __all__ = ["load_torchvision_npz", "save_torchvision_npz", "convert_pth_to_npz", "torchvision_shapes",
            "check_torchvision_arrays", "check_npz", "is_ignored_key", "main", "read_npz", "write_atomically",
-           "read_pth_state_dict", "check_state_arrays", "run_command", "OIHW_FROM_HWIO", "HWIO_FROM_OIHW"]
+           "read_pth_state_dict", "check_state_arrays", "run_command", "OIHW_FROM_HWIO", "HWIO_FROM_OIHW",
+           "torch_shapes", "assign_torch_arrays"]
 
 DISTRIBUTION = "core-mtl-toolkit"
 OIHW_FROM_HWIO = (3, 2, 0, 1)
@@ -60,9 +61,11 @@ def _get(variable):
     return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
 
-def _backbone_variables(backbone: ResNet) -> list[tuple[tuple, object, str]]:
-    """``(nnx path, variable, torchvision key)`` for every variable of the backbone, in a fixed order."""
-    return [(path, variable, torchvision_key(path)) for path, variable in nnx.to_flat_state(nnx.state(backbone))]
+def _torch_variables(module: nnx.Module, key_of: Callable[[tuple], str | None]) -> list[tuple[tuple, object, str]]:
+    """``(nnx path, variable, PyTorch key)`` for every parameter and BatchNorm statistic of ``module`` that
+    ``key_of(path)`` names (``None``: no PyTorch counterpart), in a fixed order."""
+    variables = nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat)))
+    return [(path, variable, key) for path, variable in variables if (key := key_of(path)) is not None]
 
 
 def _is_kernel(path: tuple, shape: Sequence[int]) -> bool:
@@ -74,14 +77,42 @@ def _torch_shape(path: tuple, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(shape[axis] for axis in OIHW_FROM_HWIO) if _is_kernel(path, shape) else shape
 
 
+def torch_shapes(module: nnx.Module, key_of: Callable[[tuple], str | None]) -> dict[str, tuple[int, ...]]:
+    """The PyTorch key -> shape (PyTorch layout, OIHW kernels) of every variable of ``module`` that ``key_of``
+    names. ``module`` may be abstract (``nnx.eval_shape``): nothing is allocated."""
+    return {key: _torch_shape(path, _get(variable).shape) for path, variable, key in _torch_variables(module, key_of)}
+
+
 def torchvision_shapes(target: nnx.Module) -> dict[str, tuple[int, ...]]:
     """The torchvision state-dict key -> shape (PyTorch layout, OIHW kernels) that ``target``'s backbone expects.
 
     ``target`` may be abstract (``nnx.eval_shape(lambda: resnet50(nnx.Rngs(0)))``), so checking a file against
     ResNet-50 allocates nothing.
     """
-    return {key: _torch_shape(path, _get(variable).shape) for path, variable, key in _backbone_variables(
-        _backbone_of(target))}
+    return torch_shapes(_backbone_of(target), torchvision_key)
+
+
+def assign_torch_arrays(module: nnx.Module, arrays: dict[str, np.ndarray],
+                        key_of: Callable[[tuple], str | None]) -> set[str]:
+    """Sets every variable of ``module`` that ``key_of`` names from ``arrays[key]`` (PyTorch layout: OIHW kernels
+    are transposed to HWIO), cast to the variable's dtype, and returns the keys used.
+
+    Raises:
+        KeyError: if a named key is missing from ``arrays``.
+        ValueError: if an array's shape is not its variable's (named); nothing is assigned then.
+    """
+    updated, used = [], set()
+    for path, variable, key in _torch_variables(module, key_of):
+        value = arrays[key]
+        if _is_kernel(path, value.shape):
+            value = np.transpose(value, HWIO_FROM_OIHW)
+        if value.shape != _get(variable).shape:
+            raise ValueError(f"{key}: shape {_torch_shape(path, value.shape)} in PyTorch layout, but the variable "
+                             f"{'/'.join(map(str, path))} needs {_torch_shape(path, _get(variable).shape)}")
+        updated.append((path, variable.replace(jnp.asarray(value, dtype=_get(variable).dtype))))
+        used.add(key)
+    nnx.update(module, nnx.from_flat_state(updated))
+    return used
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -157,13 +188,7 @@ def load_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
     backbone = _backbone_of(target)
     arrays = read_npz(path)
     check_torchvision_arrays(backbone, arrays, source=f"weights file {path}")
-    updated = []
-    for variable_path, variable, key in _backbone_variables(backbone):
-        value = arrays[key]
-        if _is_kernel(variable_path, value.shape):
-            value = np.transpose(value, HWIO_FROM_OIHW)
-        updated.append((variable_path, variable.replace(jnp.asarray(value, dtype=_get(variable).dtype))))
-    nnx.update(backbone, nnx.from_flat_state(updated))
+    assign_torch_arrays(backbone, arrays, torchvision_key)
 
 
 def check_npz(path: str | os.PathLike, target: nnx.Module | None = None) -> int:
@@ -209,7 +234,7 @@ def save_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
         FileNotFoundError: if the folder of ``path`` does not exist.
     """
     arrays = {}
-    for variable_path, variable, key in _backbone_variables(_backbone_of(target)):
+    for variable_path, variable, key in _torch_variables(_backbone_of(target), torchvision_key):
         value = np.asarray(jax.device_get(_get(variable)))
         arrays[key] = np.transpose(value, OIHW_FROM_HWIO) if _is_kernel(variable_path, value.shape) else value
     write_atomically(Path(path), lambda file: np.savez(file, **arrays))

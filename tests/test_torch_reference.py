@@ -24,7 +24,7 @@ from deep.mtan import MTAN, MTANConfig
 from deep.perceptual import load_lpips_npz, lpips_distance
 from deep.resize import resize_bilinear
 from deep.train import OptimConfig, make_optimizer
-from deep.weights import load_torchvision_npz
+from deep.weights import assign_torch_arrays, load_torchvision_npz
 from theory.balancing import make
 
 # float32 on both sides: the stages' outputs agree to about 1e-6 (relative, measured), LPIPS's distances to 1.3e-7.
@@ -64,17 +64,10 @@ def initial_vector(params: dict) -> np.ndarray:
 
 
 def load_torch_state(module: nnx.Module, arrays: dict, key_of) -> None:
-    """Sets the variables of ``module`` from PyTorch-layout ``arrays`` (``key_of(path)`` names each, ``None`` for
-    one left as it is; OIHW kernels are transposed to HWIO), and checks that every array found its variable."""
-    used = set()
-    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat))):
-        key = key_of(path)
-        if key is None:
-            continue
-        value = arrays[key].transpose(2, 3, 1, 0) if path[-1] == "kernel" else arrays[key]
-        assert value.shape == variable.get_value().shape, (path, key)
-        variable.set_value(jnp.asarray(value, variable.get_value().dtype))
-        used.add(key)
+    """Sets the variables of ``module`` that ``key_of(path)`` names from PyTorch-layout ``arrays`` (the loader's own
+    :func:`deep.weights.assign_torch_arrays`, which checks each shape), and checks that every array found its
+    variable."""
+    used = assign_torch_arrays(module, arrays, key_of)
     assert used == set(arrays), sorted(set(arrays) - used)
 
 

@@ -86,44 +86,34 @@ def _he_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return rng.uniform(-bound, bound, size=shape)
 
 
+def random_torch_arrays(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Random float32 arrays for a PyTorch state dict's ``key -> shape`` (PyTorch layout), drawn in key order:
+    He-scaled kernels, BatchNorm statistics and affine parameters far from the identity (so eval mode is really
+    exercised; a module is a BatchNorm when it has a ``running_mean``), small convolution biases."""
+    rng, arrays = _generator(seed), {}
+    for key in sorted(shapes):
+        shape, (module, leaf) = shapes[key], key.rsplit(".", 1)
+        if len(shape) == 4:
+            value = _he_uniform(rng, shape)
+        elif f"{module}.running_mean" in shapes:
+            low, high = {"running_mean": (-0.5, 0.5), "running_var": (0.5, 2.0), "weight": (0.5, 1.5),
+                         "bias": (-0.2, 0.2)}[leaf]
+            value = rng.uniform(low, high, size=shape)
+        else:
+            value = rng.uniform(-0.1, 0.1, size=shape)
+        arrays[key] = value.astype(np.float32)
+    return arrays
+
+
 def backbone_arrays() -> dict[str, np.ndarray]:
     """ResNet-50's 265 torchvision backbone arrays (``fc`` and ``num_batches_tracked`` aside), keyed and shaped as
-    torchvision's state dict: He-scaled kernels, BatchNorm statistics and affine parameters far from the
-    identity (so eval mode is really exercised)."""
+    torchvision's state dict (:func:`random_torch_arrays`)."""
     from flax import nnx
 
     from deep.backbone import resnet50
     from deep.weights import torchvision_shapes
 
-    shapes = torchvision_shapes(nnx.eval_shape(lambda: resnet50(nnx.Rngs(0))))
-    rng, arrays = _generator(50), {}
-    for key in sorted(shapes):
-        shape, leaf = shapes[key], key.rsplit(".", 1)[1]
-        if len(shape) == 4:
-            value = _he_uniform(rng, shape)
-        else:  # a BatchNorm's
-            low, high = {"running_mean": (-0.5, 0.5), "running_var": (0.5, 2.0), "weight": (0.5, 1.5),
-                         "bias": (-0.2, 0.2)}[leaf]
-            value = rng.uniform(low, high, size=shape)
-        arrays[key] = value.astype(np.float32)
-    return arrays
-
-
-def _random_array(rng: np.random.Generator, key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A kernel at He scale, a bias, or a BatchNorm array far from the identity, by the torch key's last part."""
-    leaf = key.rsplit(".", 1)[1]
-    if len(shape) == 4:
-        return _he_uniform(rng, shape)
-    if leaf == "bias" and not _is_batch_norm(key):
-        return rng.uniform(-0.1, 0.1, size=shape)
-    low, high = {"running_mean": (-0.5, 0.5), "running_var": (0.5, 2.0), "weight": (0.5, 1.5),
-                 "bias": (-0.2, 0.2)}[leaf]
-    return rng.uniform(low, high, size=shape)
-
-
-def _is_batch_norm(key: str) -> bool:
-    module = key.rsplit(".", 2)[-2]
-    return module.startswith("bn") or module in ("1", "4")  # bn1..3, downsample.1, shared_conv.1, attention's 1, 4
+    return random_torch_arrays(torchvision_shapes(nnx.eval_shape(lambda: resnet50(nnx.Rngs(0)))), seed=50)
 
 
 MTAN_TASKS = (("segmentation", 13), ("depth", 1))
@@ -160,16 +150,10 @@ def mtan_arrays() -> dict[str, np.ndarray]:
     from flax import nnx
 
     from deep.mtan import MTAN, MTANConfig
+    from deep.weights import torch_shapes
 
     abstract = nnx.eval_shape(lambda: MTAN(MTANConfig(tasks=MTAN_TASKS), nnx.Rngs(0)))
-    shapes = {}
-    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Any(nnx.Param, nnx.BatchStat))):
-        key = mtan_key(path)
-        if key is not None:
-            shape = variable.get_value().shape
-            shapes[key] = (shape[3], shape[2], *shape[:2]) if path[-1] == "kernel" else shape
-    rng = _generator(40)
-    return {key: _random_array(rng, key, shapes[key]).astype(np.float32) for key in sorted(shapes)}
+    return random_torch_arrays(torch_shapes(abstract, mtan_key), seed=40)
 
 
 def backbone_images() -> np.ndarray:
@@ -204,25 +188,17 @@ def lpips_images() -> tuple[np.ndarray, np.ndarray]:
 
 def aspp_head_arrays() -> dict[str, np.ndarray]:
     """A DeepLabV3 head of :data:`ASPP_HEAD` (in, channels, classes), keyed as torchvision's ``ASPP`` inside
-    LibMTL's ``DeepLabHead`` (``0.convs.*``, ``0.project.*``, ``1``, ``2``, ``4``; :func:`aspp_head_key`)."""
+    LibMTL's ``DeepLabHead`` (``0.convs.*``, ``0.project.*``, ``1``, ``2``, ``4``; shapes from
+    :class:`deep.heads.ASPPHead` through :func:`aspp_head_key`; the recording checks them against torchvision's)."""
+    from flax import nnx
+
+    from deep.heads import ASPPHead
+    from deep.weights import torch_shapes
+
     in_channels, channels, classes = ASPP_HEAD
-    rng, arrays = _generator(36), {}
-
-    def conv_bn(conv: str, norm: str, inputs: int, kernel: int):
-        arrays[f"{conv}.weight"] = _he_uniform(rng, (channels, inputs, kernel, kernel))
-        for leaf, (low, high) in (("running_mean", (-0.5, 0.5)), ("running_var", (0.5, 2.0)),
-                                  ("weight", (0.5, 1.5)), ("bias", (-0.2, 0.2))):
-            arrays[f"{norm}.{leaf}"] = rng.uniform(low, high, size=channels)
-
-    conv_bn("0.convs.0.0", "0.convs.0.1", in_channels, 1)
-    for branch in (1, 2, 3):
-        conv_bn(f"0.convs.{branch}.0", f"0.convs.{branch}.1", in_channels, 3)
-    conv_bn("0.convs.4.1", "0.convs.4.2", in_channels, 1)
-    conv_bn("0.project.0", "0.project.1", 5 * channels, 1)
-    conv_bn("1", "2", channels, 3)
-    arrays["4.weight"] = _he_uniform(rng, (classes, channels, 1, 1))
-    arrays["4.bias"] = rng.uniform(-0.2, 0.2, size=classes)
-    return {key: value.astype(np.float32) for key, value in arrays.items()}
+    abstract = nnx.eval_shape(lambda: ASPPHead(in_channels, classes, nnx.Rngs(0), channels=channels,
+                                               rates=(12, 24, 36)))
+    return random_torch_arrays(torch_shapes(abstract, aspp_head_key), seed=36)
 
 
 def aspp_head_key(path: tuple) -> str:
