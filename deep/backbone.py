@@ -169,7 +169,8 @@ def resnet50(rngs: nnx.Rngs, **overrides) -> ResNet:
     return ResNet(BackboneConfig(**overrides), rngs)
 
 
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+# The PyTorch name of each NNX leaf (convolution kernels and BatchNorm's scale are both a module's `weight`).
+TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
 def torchvision_key(path: tuple) -> str:
@@ -179,6 +180,6 @@ def torchvision_key(path: tuple) -> str:
     parts = []
     for part in path[:-1]:
         parts.append({"conv": "0", "bn": "1"}.get(part, str(part)) if parts and parts[-1] == "downsample" else str(part))
-    if path[-1] not in _TORCH_LEAF:
+    if path[-1] not in TORCH_LEAF:
         raise ValueError(f"no torchvision counterpart for the variable {path}")
-    return ".".join(parts + [_TORCH_LEAF[path[-1]]])
+    return ".".join(parts + [TORCH_LEAF[path[-1]]])

@@ -123,7 +123,7 @@ _ATTENTION_INDEX = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4}  # LibMTL's Sequ
 def mtan_key(path: tuple) -> str | None:
     """The key in LibMTL's MTAN encoder of a :class:`deep.mtan.MTAN` variable's NNX path (``None`` for the ASPP
     heads, which LibMTL keeps outside the encoder)."""
-    from deep.backbone import BackboneConfig, torchvision_key
+    from deep.backbone import TORCH_LEAF, BackboneConfig, torchvision_key
 
     part, rest = path[0], path[1:]
     if part == "backbone":
@@ -140,7 +140,7 @@ def mtan_key(path: tuple) -> str | None:
         return None
     stage, module, leaf = rest[2], rest[3], rest[4]
     task_index = [name for name, _ in MTAN_TASKS].index(task)
-    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[leaf]
+    leaf = TORCH_LEAF[leaf]
     return f"encoder_att.{stage}.{task_index}.{_ATTENTION_INDEX[module]}.{leaf}"
 
 
@@ -203,9 +203,10 @@ def aspp_head_arrays() -> dict[str, np.ndarray]:
 
 def aspp_head_key(path: tuple) -> str:
     """The torchvision key of a :class:`deep.heads.ASPPHead` variable's NNX path (kernels HWIO there, OIHW here)."""
+    from deep.backbone import TORCH_LEAF
+
     module, *index, leaf = path
-    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-            "var": "running_var"}[leaf]
+    leaf = TORCH_LEAF[leaf]
     if module == "classifier":
         return f"4.{leaf}"
     conv_or_norm = index[-1]  # each branch is a (conv, BatchNorm) pair
