@@ -1,10 +1,16 @@
-"""Helpers for tests that run the command-line scripts: a run in a subprocess, and the one-line error (exit
-status 2, no traceback) the scripts owe bad input."""
+"""Helpers for tests that run the command-line scripts: a run in a subprocess or, for input refused before any
+work, through the script's entry point in this process; and the one-line error (exit status 2, no traceback) the
+scripts owe bad input."""
 
+import contextlib
+import functools
+import importlib.util
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -15,6 +21,34 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
     """``python <script> args...`` from the repository root on the CPU (``script`` relative to the root)."""
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=timeout)
+
+
+@functools.cache
+def load_script(script: str):
+    """The script ``script`` (relative to the root) as a module, loaded once (its ``main`` is not run)."""
+    path = ROOT / script
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``python <script> args...`` as its ``__main__`` block runs it (``run_main(main)``), but in this process, with
+    its output captured, and read like :func:`run_script`'s result. For input a script refuses before any work: a
+    subprocess would spend seconds importing JAX for each case. This process runs with float64 enabled
+    (conftest.py), so a run that computes belongs in :func:`run_script`."""
+    module = load_script(script)
+    from _common import run_main  # the copy the script itself imported (from experiments/, on the path now)
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "argv", [str(ROOT / script), *args]), contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+        run_main(module.main, list(args))  # always ends in sys.exit
+    code = exit_.value.code
+    return subprocess.CompletedProcess([script, *args], code if isinstance(code, int) else int(code is not None),
+                                       stdout.getvalue(), stderr.getvalue())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:

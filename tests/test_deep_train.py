@@ -145,9 +145,9 @@ def test_the_counterfactual_pass_reads_but_never_updates_batch_norm_statistics()
         np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, b) for a, b in zip(after_train_pass, initial))  # train mode does update
     assert np.isfinite(float(loss)) and float(loss) > 0
-    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # gradients still flow
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))  # gradients still flow
     # ... but not into the decoder that made the counterfactuals: its inputs and output are detached.
-    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads[0]["appearance_decoder"]))
+    assert all(np.abs(g).max() == 0 for g in jax.tree.leaves(grads[0]["appearance_decoder"]))
 
 
 def test_soft_grounding_trains_the_generic_decoders_and_runs_the_counterfactual_pass():

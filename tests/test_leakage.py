@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scm.residuals import FAMILIES, Residual1D, w1_exact
-from scripts import assert_one_line_error, with_out
+from scripts import assert_one_line_error, run_in_process, with_out
 from theory import closed_forms as cf
 from theory import leakage
 
@@ -195,7 +195,7 @@ def test_script_summary_without_a_gap_to_bound_ratio(flags, tmp_path):
     (["--losses", "hinge"], "--losses must be 'all' or comma-separated names"),
 ])
 def test_script_bad_flags(flags, message, tmp_path):
-    result = run_script(*flags, "--out", str(tmp_path))
+    result = run_in_process("experiments/leakage_bound.py", *flags, "--out", str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
@@ -207,4 +207,4 @@ def test_script_bad_flags(flags, message, tmp_path):
      "--out /proc/x.json cannot be written"),
 ])
 def test_script_refuses_a_seed_jax_cannot_take_and_an_unwritable_out_before_any_work(flags, message, tmp_path):
-    assert_one_line_error(run_script(*with_out(flags, tmp_path)), message)
+    assert_one_line_error(run_in_process("experiments/leakage_bound.py", *with_out(flags, tmp_path)), message)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scripts import assert_one_line_error, run_script, with_out
+from scripts import assert_one_line_error, run_in_process, with_out
 from theory import measures
 from theory.balancing import make
 from theory.learned_encoder import (CoreWeights, EncoderTraining, EncoderWorld, _largest_angle_to_semantic,
@@ -136,7 +136,7 @@ def test_script_end_to_end(tmp_path):
                                             (["--steps", "15", "--eval-every", "10"], "multiple of --eval-every"),
                                             (["--rho-source", "1.5"], "--rho-source must lie in (-1, 1)")])
 def test_script_bad_flags(flags, message, tmp_path):
-    assert_one_line_error(run_script("experiments/learned_encoder.py", *flags, "--out", str(tmp_path)), message)
+    assert_one_line_error(run_in_process("experiments/learned_encoder.py", *flags, "--out", str(tmp_path)), message)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -153,4 +153,4 @@ def test_script_bad_flags(flags, message, tmp_path):
       "/proc/x.json"], "--out /proc/x.json cannot be written"),
 ])
 def test_script_errors_name_the_flag_and_the_value(flags, message, tmp_path):
-    assert_one_line_error(run_script("experiments/learned_encoder.py", *with_out(flags, tmp_path)), message)
+    assert_one_line_error(run_in_process("experiments/learned_encoder.py", *with_out(flags, tmp_path)), message)

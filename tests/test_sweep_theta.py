@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts import run_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "sweep_theta.py"
 TINY = ["--num-thetas", "3", "--seeds", "2", "--samples", "64", "--steps", "30", "--dim", "2"]
@@ -62,7 +64,7 @@ def test_progress_and_summary_are_shown_without_quiet(tmp_path):
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_bad_flags_give_one_line_and_a_nonzero_exit(flags, message, tmp_path):
-    result = run_script(*flags, "--out", str(tmp_path))
+    result = run_in_process("experiments/sweep_theta.py", *flags, "--out", str(tmp_path))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -88,7 +90,7 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(existing, tmp
     path.write_text("keep")
     outs = [str(path)] + (["/proc/x", "/proc/x.json"] if Path("/proc/self").is_dir() else [])
     for out in outs:
-        result = run_script(*TINY, "--methods", "ew", "--out", out)
+        result = run_in_process("experiments/sweep_theta.py", *TINY, "--methods", "ew", "--out", out)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert lines[0].startswith("sweep_theta.py: error: --out") and out in lines[0], result.stderr
