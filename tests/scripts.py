@@ -34,17 +34,21 @@ def load_script(script: str):
     return module
 
 
-def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:
+def run_in_process(script: str, *args: str, computation: str = "run") -> subprocess.CompletedProcess:
     """``python <script> args...`` as its ``__main__`` block runs it (``run_main(main)``), but in this process, with
-    its output captured, and read like :func:`run_script`'s result. For input a script refuses before any work: a
-    subprocess would spend seconds importing JAX for each case. This process runs with float64 enabled
-    (conftest.py), so a run that computes belongs in :func:`run_script`."""
+    its output captured, and read like :func:`run_script`'s result. Only for input a script refuses before any work
+    (a subprocess would spend seconds importing JAX for each case): ``computation``, the script's attribute where
+    the work starts (or a dotted path for ``mock.patch``), raises instead, so input that is no longer refused fails
+    at once rather than running an experiment in the test process (which has float64 on, see conftest.py)."""
     module = load_script(script)
     from _common import run_main  # the copy the script itself imported (from experiments/, on the path now)
 
+    target = computation if "." in computation else f"{module.__name__}.{computation}"
+    reached = AssertionError(f"{script} {' '.join(args)} was not refused before its computation ({computation})")
     stdout, stderr = io.StringIO(), io.StringIO()
-    with mock.patch.object(sys, "argv", [str(ROOT / script), *args]), contextlib.redirect_stdout(stdout), \
-            contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+    with mock.patch(target, side_effect=reached), mock.patch.object(sys, "argv", [str(ROOT / script), *args]), \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+            pytest.raises(SystemExit) as exit_:
         run_main(module.main, list(args))  # always ends in sys.exit
     code = exit_.value.code
     return subprocess.CompletedProcess([script, *args], code if isinstance(code, int) else int(code is not None),

@@ -208,3 +208,9 @@ def test_script_bad_flags(flags, message, tmp_path):
 ])
 def test_script_refuses_a_seed_jax_cannot_take_and_an_unwritable_out_before_any_work(flags, message, tmp_path):
     assert_one_line_error(run_in_process("experiments/leakage_bound.py", *with_out(flags, tmp_path)), message)
+
+
+def test_a_bad_flag_from_the_command_line(tmp_path):
+    """One of the errors above from ``python leakage_bound.py`` itself."""
+    assert_one_line_error(run_script("--samples", "10", "--out", str(tmp_path)),
+                          "leakage_bound.py: error: --samples must be an integer >= 100")

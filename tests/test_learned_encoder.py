@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scripts import assert_one_line_error, run_in_process, with_out
+from scripts import assert_one_line_error, run_in_process, run_script, with_out
 from theory import measures
 from theory.balancing import make
 from theory.learned_encoder import (CoreWeights, EncoderTraining, EncoderWorld, _largest_angle_to_semantic,
@@ -154,3 +154,9 @@ def test_script_bad_flags(flags, message, tmp_path):
 ])
 def test_script_errors_name_the_flag_and_the_value(flags, message, tmp_path):
     assert_one_line_error(run_in_process("experiments/learned_encoder.py", *with_out(flags, tmp_path)), message)
+
+
+def test_a_bad_flag_from_the_command_line(tmp_path):
+    """One of the errors above from ``python learned_encoder.py`` itself."""
+    assert_one_line_error(run_script("experiments/learned_encoder.py", "--samples", "4", "--out", str(tmp_path)),
+                          "learned_encoder.py: error: --samples must be an integer >= 8; got 4")
