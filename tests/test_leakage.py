@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -14,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scm.residuals import FAMILIES, Residual1D, w1_exact
-from scripts import assert_one_line_error, run_in_process, with_out
+from scripts import assert_one_line_error, run_in_process, run_script, with_out
 from theory import closed_forms as cf
 from theory import leakage
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "experiments/leakage_bound.py"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,14 +153,8 @@ def test_exact_gaussian_gap_never_exceeds_the_wasserstein_bound(theta, scales, b
         1 + 1e-9) + 1e-12
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / "leakage_bound.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          timeout=300)
-
-
 def test_script_end_to_end(tmp_path):
-    result = run_script("--num-thetas", "2", "--cases", "laplace,gaussian-mean", "--samples", "2000",
+    result = run_script(SCRIPT, "--num-thetas", "2", "--cases", "laplace,gaussian-mean", "--samples", "2000",
                         "--out", str(tmp_path), "--quiet")
     assert result.returncode == 0, result.stderr
     payload = json.loads((tmp_path / "leakage_bound.json").read_text())
@@ -180,8 +172,8 @@ def test_script_end_to_end(tmp_path):
     ["--beta", "0"],           # w* = 0: every bound is 0, so no ratio either
 ])
 def test_script_summary_without_a_gap_to_bound_ratio(flags, tmp_path):
-    result = run_script(*flags, "--num-thetas", "2", "--cases", "laplace", "--samples", "1000", "--out",
-                        str(tmp_path))
+    result = run_script(SCRIPT, *flags, "--num-thetas", "2", "--cases", "laplace", "--samples", "1000",
+                        "--out", str(tmp_path))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     payload = json.loads((tmp_path / "leakage_bound.json").read_text())
     assert payload["verdict"]["tightest_ratio_where_assumptions_hold"] is None
@@ -195,9 +187,7 @@ def test_script_summary_without_a_gap_to_bound_ratio(flags, tmp_path):
     (["--losses", "hinge"], "--losses must be 'all' or comma-separated names"),
 ])
 def test_script_bad_flags(flags, message, tmp_path):
-    result = run_in_process("experiments/leakage_bound.py", *flags, "--out", str(tmp_path))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert_one_line_error(run_in_process(SCRIPT, *flags, "--out", str(tmp_path)), message)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -207,10 +197,10 @@ def test_script_bad_flags(flags, message, tmp_path):
      "--out /proc/x.json cannot be written"),
 ])
 def test_script_refuses_a_seed_jax_cannot_take_and_an_unwritable_out_before_any_work(flags, message, tmp_path):
-    assert_one_line_error(run_in_process("experiments/leakage_bound.py", *with_out(flags, tmp_path)), message)
+    assert_one_line_error(run_in_process(SCRIPT, *with_out(flags, tmp_path)), message)
 
 
 def test_a_bad_flag_from_the_command_line(tmp_path):
     """One of the errors above from ``python leakage_bound.py`` itself."""
-    assert_one_line_error(run_script("--samples", "10", "--out", str(tmp_path)),
+    assert_one_line_error(run_script(SCRIPT, "--samples", "10", "--out", str(tmp_path)),
                           "leakage_bound.py: error: --samples must be an integer >= 100")

@@ -1,29 +1,20 @@
 """The θ sweep end to end on a tiny grid, its JSON schema, and one-line errors for bad flags."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from scripts import run_in_process
+from scripts import assert_one_line_error, run_in_process, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "sweep_theta.py"
+SCRIPT = "experiments/sweep_theta.py"
 TINY = ["--num-thetas", "3", "--seeds", "2", "--samples", "64", "--steps", "30", "--dim", "2"]
-
-
-def run_script(*args, cwd=ROOT):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
 
 
 def test_tiny_sweep_writes_json_and_png(tmp_path):
     out = tmp_path / "sweep"
-    result = run_script(*TINY, "--methods", "ew,mgda", "--betas", "1,-2", "--out", str(out), "--quiet")
+    result = run_script(SCRIPT, *TINY, "--methods", "ew,mgda", "--betas", "1,-2", "--out", str(out),
+                        "--quiet")
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""  # --quiet
     payload = json.loads((out / "sweep_theta.json").read_text())
@@ -43,7 +34,7 @@ def test_tiny_sweep_writes_json_and_png(tmp_path):
 
 
 def test_progress_and_summary_are_shown_without_quiet(tmp_path):
-    result = run_script(*TINY, "--methods", "pcgrad", "--out", str(tmp_path))
+    result = run_script(SCRIPT, *TINY, "--methods", "pcgrad", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "pcgrad" in result.stdout and "above floor" in result.stdout
     assert "sweep_theta" in result.stderr  # the progress bar
@@ -64,18 +55,15 @@ def test_progress_and_summary_are_shown_without_quiet(tmp_path):
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_bad_flags_give_one_line_and_a_nonzero_exit(flags, message, tmp_path):
-    result = run_in_process("experiments/sweep_theta.py", *flags, "--out", str(tmp_path))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert message in lines[0] and "Traceback" not in result.stderr
+    assert_one_line_error(run_in_process(SCRIPT, *flags, "--out", str(tmp_path)), message)
     assert not (tmp_path / "sweep_theta.json").exists()
 
 
 def test_equal_residual_variances_are_refused_before_any_work(tmp_path):
     """No residual-variance shift: source and target are one distribution, every gap and the floor are 0 and the
     gap / (sin^2 theta |dsigma^2|) panel would be 0/0; refused up front instead of a vacuous sweep and NaN warnings."""
-    result = run_script(*TINY, "--sigma-r-source", "1", "--sigma-r-target", "1.0", "--out", str(tmp_path))
+    result = run_script(SCRIPT, *TINY, "--sigma-r-source", "1", "--sigma-r-target", "1.0",
+                        "--out", str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr and "RuntimeWarning" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--sigma-r-target must differ from --sigma-r-source" in lines[0], result.stderr
@@ -90,7 +78,7 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(existing, tmp
     path.write_text("keep")
     outs = [str(path)] + (["/proc/x", "/proc/x.json"] if Path("/proc/self").is_dir() else [])
     for out in outs:
-        result = run_in_process("experiments/sweep_theta.py", *TINY, "--methods", "ew", "--out", out)
+        result = run_in_process(SCRIPT, *TINY, "--methods", "ew", "--out", out)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert lines[0].startswith("sweep_theta.py: error: --out") and out in lines[0], result.stderr
