@@ -133,8 +133,7 @@ def test_script_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--methods", "graddrop_x"], "--methods must be"),
-                                            (["--steps", "15", "--eval-every", "10"], "multiple of --eval-every"),
-                                            (["--rho-source", "1.5"], "--rho-source must lie in (-1, 1)")])
+                                            (["--steps", "15", "--eval-every", "10"], "multiple of --eval-every")])
 def test_script_bad_flags(flags, message, tmp_path):
     assert_one_line_error(run_in_process("experiments/learned_encoder.py", *flags, "--out", str(tmp_path)), message)
 
