@@ -1,5 +1,3 @@
-"""The Flax (NNX) port of CORE-MTL's dual-stream vision model.
-
-Not built yet: the backbone, streams, heads, grounding decoders, losses and the jitted training step are the
-subject of a later issue (see the README's roadmap). Importing this package gives nothing else for now.
+"""The Flax (NNX) port of CORE-MTL's dual-stream vision model: backbone, streams, heads, grounding decoders, losses,
+the jitted training steps of CORE-MTL and of the gradient-balancing baselines, devices, data, metrics, checkpoints.
 """

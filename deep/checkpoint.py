@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from deep.train import barrier
+from deep.devices import barrier
 
 
 def _is_key(leaf) -> bool:

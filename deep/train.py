@@ -19,27 +19,21 @@ The optimiser is the authors': global-norm clipping at 10, Adam with *coupled* L
 or AdamW as the paper says (``True``), warm-up then cosine decay per epoch. A non-finite loss or gradient leaves
 the state (and a balancer's) unchanged and is reported (``finite``), so a driver can stop with the last good state.
 
-Data parallelism: :func:`data_mesh` builds a one-axis ``Mesh`` over the visible devices; :func:`shard_batch` places a
-batch split along it and :func:`replicate` the state (:func:`shard` does both); ``jax.jit`` then runs the step as
-SPMD (BatchNorm statistics are over the global batch). :func:`initialize_distributed` calls
-``jax.distributed.initialize()`` when the standard coordinator variables are set, for multi-host runs, where every
-process passes the same whole values and each keeps its own devices' pieces.
+Data parallelism: a batch split over a device mesh and the state copied to every device (:mod:`deep.devices`) make
+``jax.jit`` run the step as SPMD (BatchNorm statistics are over the global batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deep import losses
 from deep.model import DualStreamModel
@@ -416,76 +410,3 @@ def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, s
     metrics.update({name: losses_k[i] for i, name in enumerate(tasks)})
     metrics.update({f"weight/{name}": weights[i] for i, name in enumerate(tasks)})
     return state, balancer_state, metrics
-
-
-# ------------------------------------------------------------------------------------------------------ devices
-
-
-def data_mesh(devices=None) -> Mesh:
-    """A one-axis mesh named ``"data"`` over ``devices`` (default: all visible devices)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
-def shard(mesh: Mesh, batch: dict, state: TrainState) -> tuple[dict, TrainState]:
-    """The batch split along the data axis (its size must divide by the device count), the state replicated."""
-    return shard_batch(mesh, batch), replicate(mesh, state)
-
-
-def shard_batch(mesh: Mesh, batch: dict) -> dict:
-    """Each field split along its first (example) axis over the mesh's data axis; the size must divide by the
-    device count. With several processes every process passes the whole global batch (the loaders here draw the
-    same batches everywhere from the seed) and keeps the rows of its own devices."""
-    count = mesh.devices.size
-    for name, value in batch.items():
-        if value.shape[0] % count:
-            raise ValueError(f"batch field {name!r} has {value.shape[0]} examples, not divisible by the {count} "
-                             f"devices of the mesh")
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {name: _global_array(value, sharding) for name, value in batch.items()}
-
-
-def replicate(mesh: Mesh, tree):
-    """Every array of ``tree`` (a state, a batch that does not split evenly) copied to every device of the mesh."""
-    sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda value: _global_array(value, sharding), tree)
-
-
-def _global_array(value, sharding: NamedSharding) -> jax.Array:
-    """A global array laid out as ``sharding`` from a value that this process holds in full. In one process that is
-    ``device_put``; across processes each one fills only its own devices' pieces (``make_array_from_callback``),
-    typed PRNG keys through their raw key data."""
-    if jax.process_count() == 1:
-        return jax.device_put(value, sharding)
-    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
-        return value  # already laid out so (a restored state, say): no round trip through the host
-    if hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-        data = _global_array(jax.random.key_data(value), sharding)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
-    host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (nothing to wait for in one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def initialize_distributed() -> bool:
-    """Multi-host set-up: ``jax.distributed.initialize()`` when ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of
-    process 0) is set, with the process count and this process's index from ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID`` where set, else from the cluster (SLURM, Open MPI, ...) as JAX detects it. Returns whether it
-    ran; call it before anything asks JAX for its devices."""
-    if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return False
-    counts = {}
-    for variable, argument in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-        if os.environ.get(variable):
-            try:
-                counts[argument] = int(os.environ[variable])
-            except ValueError:
-                raise ValueError(f"{variable} must be an integer; got {os.environ[variable]!r}") from None
-    jax.distributed.initialize(**counts)
-    return True

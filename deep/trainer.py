@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deep import losses, train
+from deep import devices, losses, train
 from deep.backbone import BackboneConfig
 from deep.metrics import MetricAccumulator
 from deep.model import DualStreamModel, ModelConfig
@@ -161,10 +161,7 @@ def placed_for_evaluation(mesh, batches: Iterable[dict]) -> Iterable[dict]:
     training is), else copied to every device (a split's last batch, or a split smaller than one batch, need not
     divide)."""
     for batch in batches:
-        if all(len(value) % mesh.devices.size == 0 for value in batch.values()):
-            yield train.shard_batch(mesh, batch)
-        else:
-            yield train.replicate(mesh, batch)
+        yield devices.place_batch(mesh, batch)
 
 
 T = TypeVar("T")

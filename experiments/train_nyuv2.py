@@ -115,7 +115,7 @@ class TrainConfig:
     augment: bool = dataclasses.field(default=False, metadata={
         "help": "training augmentations: NYUv2 random scale-crop, flip and colour jitter (the authors' pipeline); "
                 "GTA5 flip (the authors'); Cityscapes flip (the authors train it without augmentation)"})
-    on_device: bool = dataclasses.field(default=False, metadata={"help": "keep the whole data set on the device"})
+    on_device: bool = dataclasses.field(default=False, metadata={"help": "keep the whole data set on every device"})
     pretrained: str = dataclasses.field(default="", metadata={
         "help": "torchvision ResNet-50 ImageNet weights as .npz (see python -m deep.weights convert)"})
     corruptions: str = dataclasses.field(default="", metadata={
@@ -253,14 +253,14 @@ def _generated(root: Path, write) -> Path:
 
     import jax
 
-    from deep import train
+    from deep import devices
 
     if not root.exists() and jax.process_index() == 0:
         partial = root.with_name(root.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         write(partial)
         partial.rename(root)
-    train.barrier(f"generated {root}")
+    devices.barrier(f"generated {root}")
     return root
 
 
@@ -389,9 +389,9 @@ def _plot_samples(batch: dict, panels: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(TrainConfig, parser_for(TrainConfig, __doc__.splitlines()[0], prog="train_nyuv2.py"),
                           argv, out_kind="folder")
-    from deep import train
+    from deep import devices, train
 
-    train.initialize_distributed()  # before anything asks JAX for its devices
+    devices.initialize_distributed()  # before anything asks JAX for its devices
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -421,9 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--resume must use the run's own flags: {'; '.join(changed)}")
     elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    train.barrier("checked --out")  # before process 0 writes run.json there
+    devices.barrier("checked --out")  # before process 0 writes run.json there
     # Data parallelism over every device of every process: the batch is split across them, the state replicated.
-    mesh = train.data_mesh()
+    mesh = devices.data_mesh()
     if config.batch_size % mesh.devices.size:
         raise ValueError(f"--batch-size must be a multiple of the {mesh.devices.size} devices the batch is split "
                          f"over; got {config.batch_size}")
@@ -438,9 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.batch_size > len(train_split["images"]):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                          f"({len(train_split['images'])} examples), which would leave no full batch")
-    loader = Loader(train_split, config.batch_size, seed=config.seed, on_device=config.on_device)
+    # On the device: a copy of each split on every device, each batch gathered there already split over them.
+    placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
+    loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)
     test_loader = Loader(test_split, min(config.batch_size, len(test_split["images"])), seed=config.seed,
-                         shuffle=False, drop_last=False, on_device=config.on_device)
+                         shuffle=False, drop_last=False, **placement)
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
 
     weights = losses.PRESETS[config.weights_preset]
@@ -458,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if primary and not config.resume:
         write_json(identity_path, config.run_identity())  # once every input (data, weight files) has been read
     # Replicated before a restore too, which then lays the restored arrays out as these.
-    state, balancer_state = train.replicate(mesh, (state, balancer_state))
+    state, balancer_state = devices.replicate(mesh, (state, balancer_state))
     predict = trainer.predict_function(graphdef)
     augment_config = AugmentConfig(**AUGMENTATIONS[config.dataset])
     augment_batch = jax.jit(lambda key, batch: augment(key, batch, augment_config))
@@ -512,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         break
                     global_step = epoch * steps_per_epoch + index
                     step_key, augment_key = jax.random.split(jax.random.fold_in(base_key, global_step))
-                    batch = train.shard_batch(mesh, batch)
+                    batch = devices.shard_batch(mesh, batch)
                     if config.augment:
                         batch = augment_batch(augment_key, batch)
                     state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
@@ -537,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"epoch {epoch + 1}: loss {line['train']['loss']:.4g}; test {shown}", file=sys.stderr)
 
     sample_batch = {k: np.asarray(v[:4]) for k, v in test_split.items()}
-    panels = trainer.sample_panels(graphdef, state, train.replicate(mesh, sample_batch["images"]))
+    panels = trainer.sample_panels(graphdef, state, devices.replicate(mesh, sample_batch["images"]))
     if primary:
         _plot_samples(sample_batch, panels, out / "samples.png")
         _plot_curves(history, out / "curves.png")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deep import devices
 from deep.data import (CORRUPTIONS, GTA5_LABEL_MAP, AugmentConfig, DataError, Loader, augment, cityscapes_arrays,
                        corrupt, hflip, load_cityscapes, load_gta5, load_nyuv2, nyuv2_arrays, random_scale_crop,
                        write_cityscapes, write_gta5, write_nyuv2)
@@ -537,14 +538,17 @@ def test_loader_covers_each_example_once_per_epoch():
 
 
 def test_loader_on_device_gives_the_same_batches():
+    """On the default device, and on a mesh's devices (here the one CPU device; four in test_deep_sharding)."""
+    mesh = devices.data_mesh()
     for drop_last in (True, False):
         host = list(Loader(_indexed(), 4, seed=2, drop_last=drop_last).epoch(1))
-        device = list(Loader(_indexed(), 4, seed=2, drop_last=drop_last, on_device=True).epoch(1))
-        assert len(host) == len(device)
-        for host_batch, device_batch in zip(host, device):
-            assert isinstance(device_batch["images"], jax.Array)
-            for name in host_batch:
-                np.testing.assert_array_equal(host_batch[name], device_batch[name])
+        for placement in ({"on_device": True}, {"on_device": True, "mesh": mesh}):
+            device = list(Loader(_indexed(), 4, seed=2, drop_last=drop_last, **placement).epoch(1))
+            assert len(host) == len(device)
+            for host_batch, device_batch in zip(host, device):
+                assert isinstance(device_batch["images"], jax.Array)
+                for name in host_batch:
+                    np.testing.assert_array_equal(host_batch[name], device_batch[name])
 
 
 def test_loader_validation():
@@ -559,6 +563,8 @@ def test_loader_validation():
         Loader({"a": np.zeros(3), "b": np.zeros(4)}, 1, seed=0)
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         Loader(_indexed(), 2, seed=-1)
+    with pytest.raises(ValueError, match="a mesh places the data set on its devices, so it needs on_device=True"):
+        Loader(_indexed(), 2, seed=0, mesh=devices.data_mesh())
 
 
 # --------------------------------------------------------------------------------------------- synthetic

@@ -14,7 +14,7 @@ def test_the_sharded_step_equals_the_single_device_step():
     script = textwrap.dedent("""
         import functools, jax, jax.numpy as jnp, numpy as np, optax
         from flax import nnx
-        from deep import losses, train
+        from deep import devices, losses, train
         from deep.backbone import BackboneConfig
         from deep.model import DualStreamModel, ModelConfig
         assert len(jax.devices()) == 4, jax.devices()
@@ -31,13 +31,13 @@ def test_the_sharded_step_equals_the_single_device_step():
                   "segmentation": jax.random.randint(keys[1], (4, 16, 16), 0, 13),
                   "depth": jax.random.uniform(keys[2], (4, 16, 16, 1), minval=0.5),
                   "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}
-        mesh = train.data_mesh()
+        mesh = devices.data_mesh()
         # CORE-MTL's step with its counterfactual pass off, then always on: the residual codes are shuffled across
         # the whole batch, which the sharded step must draw and apply exactly as one device does.
         graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(0)), optimizer)
         weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual_probability=1.0)
         core_step = functools.partial(train.core_step, graphdef, optimizer, weights=weights)
-        sharded_batch, sharded_state = train.shard(mesh, batch, state)
+        sharded_batch, sharded_state = devices.shard(mesh, batch, state)
         assert len(sharded_batch["images"].sharding.device_set) == 4
         # Compiled once per placement (the gate is traced) with XLA's backend optimisation off, which halves the
         # compile time on the CPU.
@@ -85,6 +85,19 @@ def test_the_sharded_step_equals_the_single_device_step():
         for name, value in whole.items():
             np.testing.assert_allclose(split[name], value, rtol=1e-5, err_msg=name)
         print("evaluation split over 4 devices: same metrics")
+        # The data set kept on the mesh's devices: the host loader's batches, each gathered already split over the
+        # 4 devices (a last batch of 2 copied to each).
+        from jax.sharding import PartitionSpec
+        from deep.data import Loader
+        arrays = {"index": np.arange(10), "images": np.arange(40, dtype=np.float32).reshape(10, 2, 2)}
+        host = list(Loader(arrays, 4, seed=3, drop_last=False).epoch(1))
+        placed = list(Loader(arrays, 4, seed=3, drop_last=False, on_device=True, mesh=mesh).epoch(1))
+        assert [b["index"].sharding.spec for b in placed] == [PartitionSpec("data")] * 2 + [PartitionSpec()]
+        assert [len(b["images"].sharding.device_set) for b in placed] == [4, 4, 4]
+        for host_batch, placed_batch in zip(host, placed, strict=True):
+            for name in host_batch:
+                np.testing.assert_array_equal(host_batch[name], placed_batch[name])
+        print("loader on 4 devices: the host's batches, split")
     """)
     # Four CPU devices, keeping the suite's fast-compile flags (tests/conftest.py).
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
@@ -94,12 +107,13 @@ def test_the_sharded_step_equals_the_single_device_step():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("max difference") == 2, result.stdout
     assert "evaluation split over 4 devices: same metrics" in result.stdout, result.stdout
+    assert "loader on 4 devices: the host's batches, split" in result.stdout, result.stdout
 
 
 def test_two_processes_build_one_global_batch_and_state():
     """The multi-host path on one machine: two processes of two CPU devices each join through
-    train.initialize_distributed (the JAX_* variables; Gloo collectives), each passes the whole batch to
-    train.shard_batch and keeps its own rows, and a jitted reduction over the global batch gives the same, full
+    devices.initialize_distributed (the JAX_* variables; Gloo collectives), each passes the whole batch to
+    devices.shard_batch and keeps its own rows, and a jitted reduction over the global batch gives the same, full
     answer in both."""
     import socket
 
@@ -107,13 +121,13 @@ def test_two_processes_build_one_global_batch_and_state():
         import jax
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         import numpy as np
-        from deep import train
-        assert train.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
-        mesh = train.data_mesh()
+        from deep import devices
+        assert devices.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+        mesh = devices.data_mesh()
         assert mesh.devices.size == 4 and jax.process_count() == 2
-        batch = train.shard_batch(mesh, {"x": np.arange(24, dtype=np.float32).reshape(8, 3)})
-        state = train.replicate(mesh, {"w": np.asarray([1.0, 2.0, 3.0], np.float32), "key": jax.random.key(7)})
-        assert train.replicate(mesh, state)["w"] is state["w"]  # already global: kept, no trip through the host
+        batch = devices.shard_batch(mesh, {"x": np.arange(24, dtype=np.float32).reshape(8, 3)})
+        state = devices.replicate(mesh, {"w": np.asarray([1.0, 2.0, 3.0], np.float32), "key": jax.random.key(7)})
+        assert devices.replicate(mesh, state)["w"] is state["w"]  # already global: kept, no trip through the host
         rows = sorted(shard.index[0].indices(8)[:2] for shard in batch["x"].addressable_shards)
         # Column sums weighted by the row number: a batch whose rows were dealt out of order would change them.
         sums, key_data = jax.jit(lambda s, b: ((b["x"] * s["w"] * jax.numpy.arange(8.0)[:, None]).sum(0),
@@ -129,11 +143,11 @@ def test_two_processes_build_one_global_batch_and_state():
                        "depth": rng.uniform(0.5, 2, (8, 4, 5, 1)).astype(np.float32)}
         split, whole = MetricAccumulator({"segmentation": 3, "depth": 1}), MetricAccumulator({"segmentation": 3,
                                                                                                "depth": 1})
-        split.update(train.shard_batch(mesh, predictions), train.shard_batch(mesh, labels))
+        split.update(devices.shard_batch(mesh, predictions), devices.shard_batch(mesh, labels))
         whole.update(predictions, labels)
         # And a batch of 6, which does not divide over the 4 devices: copied to every device, as evaluation does.
         six = lambda tree: {k: v[:6] for k, v in tree.items()}
-        split.update(train.replicate(mesh, six(predictions)), train.replicate(mesh, six(labels)))
+        split.update(devices.replicate(mesh, six(predictions)), devices.replicate(mesh, six(labels)))
         whole.update(six(predictions), six(labels))
         split, whole = split.result(), whole.result()
         print("METRICS", all(abs(split[k] - whole[k]) <= 1e-6 * abs(whole[k]) for k in whole), sorted(split))

@@ -132,7 +132,7 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     """Refused before the run starts (checked through the script's entry point in this process)."""
     assert_one_line_error(run_in_process("experiments/train_nyuv2.py", *args, "--out", str(tmp_path / "out"),
-                                         "--quiet", computation="deep.train.initialize_distributed"), message)
+                                         "--quiet", computation="deep.devices.initialize_distributed"), message)
     assert not (tmp_path / "out").exists()
 
 

@@ -7,9 +7,11 @@ Two placements:
 
 * ``on_device=False``: the arrays stay in host memory; each batch is a numpy gather (the I/O edge), handed to the
   caller as numpy arrays for the training step to transfer.
-* ``on_device=True``: the whole set is put on the default device once; each batch is a jitted ``jnp.take`` of the
-  epoch's permutation (itself put on the device once per epoch), so no image crosses the host-device link during
-  training. NYUv2's train split takes about 2.8 GB in float32.
+* ``on_device=True``: the whole set is put on the device once; each batch is a jitted ``jnp.take`` of the epoch's
+  permutation (itself put on the device once per epoch), so no image crosses the host-device link during
+  training. NYUv2's train split takes about 2.8 GB in float32. With a ``mesh`` (data parallelism,
+  :mod:`deep.devices`) every device of the mesh holds a copy and each batch comes out already split over them, each
+  device gathering its own rows: no batch passes through one device or, with several processes, through the host.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ from typing import Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from deep import devices
 
 __all__ = ["Loader"]
 
 
-@functools.partial(jax.jit, static_argnames="batch_size")
-def _device_batch(arrays: dict, order: jax.Array, start: jax.Array, batch_size: int) -> dict:
+@functools.partial(jax.jit, static_argnames=("batch_size", "sharding"))
+def _device_batch(arrays: dict, order: jax.Array, start: np.int32, batch_size: int, sharding=None) -> dict:
     indices = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
-    return {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
+    batch = {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
+    return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
 
 
 class Loader:
@@ -40,13 +46,17 @@ class Loader:
         shuffle: a new permutation per epoch (else the stored order, the same every epoch).
         drop_last: drop the last incomplete batch (training); else yield it, smaller (evaluation).
         on_device: keep the whole set on the accelerator and gather batches there.
+        mesh: with ``on_device``, the devices that hold the set: a copy on each, and every batch split over them
+            when its size divides by their count, else copied to each (as :func:`deep.devices.batch_sharding`
+            places it). None: the default device alone.
 
     Raises:
-        ValueError: for no arrays, arrays of different lengths, or a batch size or seed out of range.
+        ValueError: for no arrays, arrays of different lengths, a batch size or seed out of range, or a mesh
+            without ``on_device``.
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = True, on_device: bool = False):
+                 drop_last: bool = True, on_device: bool = False, mesh: Mesh | None = None):
         if not arrays:
             raise ValueError("arrays must hold at least one array")
         lengths = {name: int(np.shape(value)[0]) if np.ndim(value) else 0 for name, value in arrays.items()}
@@ -60,13 +70,18 @@ class Loader:
                              f"full batches would be empty; the batch size must be at most {count}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+        if mesh is not None and not on_device:
+            raise ValueError("a mesh places the data set on its devices, so it needs on_device=True")
         self.count = count
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.on_device = on_device
-        if on_device:
+        self.mesh = mesh
+        if mesh is not None:
+            self.arrays = devices.replicate(mesh, dict(arrays))
+        elif on_device:
             self.arrays = {name: jax.device_put(value) for name, value in arrays.items()}
         else:
             self.arrays = {name: np.asarray(value) for name, value in arrays.items()}
@@ -97,12 +112,10 @@ class Loader:
             yield {name: value[indices] for name, value in self.arrays.items()}
 
     def _device_batches(self, order: np.ndarray) -> Iterator[dict]:
-        order_on_device = jax.device_put(order.astype(np.int32))
-        full = self.count // self.batch_size
+        order = order.astype(np.int32)
+        order_on_device = jax.device_put(order) if self.mesh is None else devices.replicate(self.mesh, order)
         for index in range(len(self)):
-            if index < full:
-                yield _device_batch(self.arrays, order_on_device, jnp.int32(index * self.batch_size),
-                                    self.batch_size)
-            else:  # the last, smaller batch of an evaluation pass
-                indices = order_on_device[index * self.batch_size:]
-                yield {name: jnp.take(value, indices, axis=0) for name, value in self.arrays.items()}
+            start = index * self.batch_size
+            size = min(self.batch_size, self.count - start)  # the last batch of an evaluation pass may be smaller
+            sharding = None if self.mesh is None else devices.batch_sharding(self.mesh, size)
+            yield _device_batch(self.arrays, order_on_device, np.int32(start), size, sharding)
