@@ -3,6 +3,8 @@ device, and the multi-host set-up.
 
 :func:`data_mesh` builds a ``Mesh`` named ``"data"`` over the visible devices; :func:`shard_batch` places a batch split
 along it and :func:`replicate` a state (:func:`shard` does both), and ``jax.jit`` then runs a step as SPMD.
+:func:`batch_sharding` says where a batch of a given size goes for data-parallel evaluation (split when it divides,
+else copied) and :func:`place_batch` puts it there.
 :func:`initialize_distributed` calls ``jax.distributed.initialize()`` when the standard coordinator variables are
 set, for multi-host runs, where every process passes the same whole values and each keeps its own devices' pieces;
 :func:`barrier` makes the processes wait for one another.

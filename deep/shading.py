@@ -8,7 +8,8 @@ Lambertian shading with second-order real spherical harmonics and RGB lighting :
 with the orthonormal real SH basis in the authors' order
 :math:`Y = (0.282095,\ 0.488603\,(n_y, n_z, n_x),\ 1.092548\,n_xn_y,\ 1.092548\,n_yn_z,\ 0.315392(3n_z^2-1),\
 1.092548\,n_xn_z,\ 0.546274(n_x^2-n_y^2))`. The clamped-cosine factors are absorbed into the learned ``L``.
-Albedo :math:`A` comes from the residual stream, normals from the semantic stream, lighting from backbone features.
+Albedo :math:`A` comes from the residual stream, normals from the semantic stream, and lighting by default from the
+residual code (the authors' variant reads backbone features; :mod:`deep.decoders`).
 """
 
 from __future__ import annotations

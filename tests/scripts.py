@@ -55,6 +55,42 @@ def run_in_process(script: str, *args: str, computation: str = "run") -> subproc
                                        stdout.getvalue(), stderr.getvalue())
 
 
+def run_processes(code: str, args: list[str], env: dict, count: int = 2, devices_each: int = 2,
+                  timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """``python -c code args...`` in ``count`` processes joined as one JAX run on this machine (``JAX_*``
+    variables, a free local port; Gloo collectives on CPUs), each with ``devices_each`` CPU devices. ``code`` must
+    call :func:`deep.devices.initialize_distributed` (the script does) after :data:`USE_GLOO`. Each process's
+    result, in rank order; a process still running when another fails or the time is up is killed, so none is left
+    waiting in a collective."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_each}".strip()
+    env = dict(env, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES=str(count))
+    processes = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=dict(env, JAX_PROCESS_ID=str(rank)))
+                 for rank in range(count)]
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+            assert process.returncode == 0, stderr[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return results
+
+
+# Collectives between CPU processes need Gloo; the first line of run_processes' code.
+USE_GLOO = "import jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo')"
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()

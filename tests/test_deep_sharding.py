@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from scripts import USE_GLOO, run_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,6 +99,11 @@ def test_the_sharded_step_equals_the_single_device_step():
         for host_batch, placed_batch in zip(host, placed, strict=True):
             for name in host_batch:
                 np.testing.assert_array_equal(host_batch[name], placed_batch[name])
+        try:
+            Loader(arrays, 6, seed=3, on_device=True, mesh=mesh)
+            raise AssertionError("a training batch of 6 was accepted for 4 devices")
+        except ValueError as error:
+            assert "batch_size must be a multiple of 4; got 6" in str(error), error
         print("loader on 4 devices: the host's batches, split")
     """)
     # Four CPU devices, keeping the suite's fast-compile flags (tests/conftest.py).
@@ -115,11 +122,7 @@ def test_two_processes_build_one_global_batch_and_state():
     devices.initialize_distributed (the JAX_* variables; Gloo collectives), each passes the whole batch to
     devices.shard_batch and keeps its own rows, and a jitted reduction over the global batch gives the same, full
     answer in both."""
-    import socket
-
     worker = textwrap.dedent("""
-        import jax
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         import numpy as np
         from deep import devices
         assert devices.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
@@ -152,19 +155,11 @@ def test_two_processes_build_one_global_batch_and_state():
         split, whole = split.result(), whole.result()
         print("METRICS", all(abs(split[k] - whole[k]) <= 1e-6 * abs(whole[k]) for k in whole), sorted(split))
     """)
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
-    workers = [subprocess.Popen([sys.executable, "-c", worker], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(rank)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [process.communicate(timeout=300) for process in workers]
     results = []
-    for process, (stdout, stderr) in zip(workers, outputs):
-        assert process.returncode == 0, stderr[-3000:]
-        results.append(next(line for line in stdout.splitlines() if line.startswith("RESULT")))
-        metrics = next(line for line in stdout.splitlines() if line.startswith("METRICS"))
+    for process in run_processes(f"{USE_GLOO}\n{worker}", [], dict(os.environ), timeout=300):
+        lines = process.stdout.splitlines()
+        results.append(next(line for line in lines if line.startswith("RESULT")))
+        metrics = next(line for line in lines if line.startswith("METRICS"))
         assert metrics.startswith("METRICS True ['depth/abs_err', 'depth/rel_err', 'segmentation/miou'"), metrics
     import jax
     import numpy as np

@@ -31,7 +31,7 @@ the conclusions drawn from it do not depend on it:
   up as optimisation error instead of passing silently. Adam changes the path and the speed, not where a converged
   run ends;
 * Adam normalises away the scale of :math:`d`, which differs by orders of magnitude between methods (in the default
-  θ sweep MGDA's mean weights lie on the simplex, Nash-MTL's are about 440 and FairGrad's about 10⁴): one learning
+  θ sweep MGDA's mean weights lie on the simplex, Nash-MTL's are about 440 and FairGrad's about 10⁵): one learning
   rate and schedule then serve every method, where plain Eq (4) steps would need a step size tuned per method to be
   stable and to converge.
 

@@ -30,7 +30,7 @@ __all__ = ["Loader"]
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "sharding"))
-def _device_batch(arrays: dict, order: jax.Array, start: np.int32, batch_size: int, sharding=None) -> dict:
+def _device_batch(arrays: dict, order: jax.Array, start: int, batch_size: int, sharding=None) -> dict:
     indices = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
     batch = {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
     return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
@@ -51,8 +51,8 @@ class Loader:
             places it). None: the default device alone.
 
     Raises:
-        ValueError: for no arrays, arrays of different lengths, a batch size or seed out of range, or a mesh
-            without ``on_device``.
+        ValueError: for no arrays, arrays of different lengths, a batch size or seed out of range, a mesh
+            without ``on_device``, or with ``drop_last`` a batch size its devices cannot split.
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True,
@@ -72,6 +72,9 @@ class Loader:
             raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
         if mesh is not None and not on_device:
             raise ValueError("a mesh places the data set on its devices, so it needs on_device=True")
+        if mesh is not None and drop_last and batch_size % mesh.devices.size:
+            raise ValueError(f"training batches (drop_last) are split over the mesh's {mesh.devices.size} devices, so "
+                             f"batch_size must be a multiple of {mesh.devices.size}; got {batch_size}")
         self.count = count
         self.batch_size = int(batch_size)
         self.seed = int(seed)
