@@ -1,6 +1,6 @@
 """A learned dual-stream encoder: do balancing methods or the CORE-MTL objective drive the learned θ̂ to 0?
 
-    python experiments/learned_encoder.py                     # defaults below, about 2 minutes on a 2-core CPU
+    python experiments/learned_encoder.py                     # defaults below, about 2½–3 minutes on a 2-core CPU
     python experiments/learned_encoder.py --methods ew --mixing nonlinear --seeds 2 --out /tmp/encoder
 
 Observations x = g(s, r) + noise (linear or nonlinear mixing); in the source domain the residual is correlated with
