@@ -38,6 +38,10 @@ def gradnorm(alpha: float = 1.5, weight_learning_rate: float = 0.025) -> Balance
     the current weights, then updates :math:`w \leftarrow w - \eta\,\partial\mathcal L_{\rm grad}/\partial w` and
     renormalises so that :math:`\sum_t w_t = K` (weights are kept at least 1e-3·K to stay positive).
     The paper takes the gradients of the last shared layer; here they are those of the shared parameters given.
+
+    Deviation from LibMTL, which follows the paper less closely: it learns :math:`w = K\,\mathrm{softmax}(s)`
+    with the model's optimiser, weighs equally through the first epoch, and takes :math:`L_t(0)` as that epoch's
+    mean loss; here the weights themselves take the gradient step and :math:`L_t(0)` is the first step's loss.
     """
     alpha = check_positive("alpha", alpha, allow_zero=True)
     weight_learning_rate = check_positive("weight_learning_rate", weight_learning_rate)
