@@ -59,10 +59,13 @@ def run_processes(code: str, args: list[str], env: dict, count: int = 2, devices
                   timeout: int = 600) -> list[subprocess.CompletedProcess]:
     """``python -c code args...`` in ``count`` processes joined as one JAX run on this machine (``JAX_*``
     variables, a free local port; Gloo collectives on CPUs), each with ``devices_each`` CPU devices. ``code`` must
-    call :func:`deep.devices.initialize_distributed` (the script does) after :data:`USE_GLOO`. Each process's
-    result, in rank order; a process still running when another fails or the time is up is killed, so none is left
-    waiting in a collective."""
+    call :func:`deep.devices.initialize_distributed` (the script does) after :data:`USE_GLOO`. Returns each
+    process's result, in rank order, once all have exited with status 0. The first process to exit with an error,
+    or the ``timeout`` (seconds, for all together), ends the run: the others are killed, so none is left waiting in
+    a collective, and the assertion shows the failed process's error (on a timeout, every process's)."""
     import socket
+    import tempfile
+    import time
 
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
@@ -70,20 +73,33 @@ def run_processes(code: str, args: list[str], env: dict, count: int = 2, devices
     flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_each}".strip()
     env = dict(env, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES=str(count))
-    processes = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=dict(env, JAX_PROCESS_ID=str(rank)))
-                 for rank in range(count)]
-    results = []
-    try:
-        for process in processes:
-            stdout, stderr = process.communicate(timeout=timeout)
-            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-            assert process.returncode == 0, stderr[-3000:]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+    with tempfile.TemporaryDirectory() as folder:
+        # Output to files, not pipes: a process that writes much never blocks on a pipe nobody is reading.
+        outputs = [(Path(folder) / f"{rank}.out", Path(folder) / f"{rank}.err") for rank in range(count)]
+        processes = []
+        try:
+            for rank, (out, err) in enumerate(outputs):
+                with open(out, "w") as stdout, open(err, "w") as stderr:
+                    processes.append(subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=stdout,
+                                                      stderr=stderr, env=dict(env, JAX_PROCESS_ID=str(rank))))
+            deadline = time.monotonic() + timeout
+            while None in (codes := [process.poll() for process in processes]):  # every process polled each time
+                failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+                assert not failed, f"process {failed[0]} failed: {outputs[failed[0]][1].read_text()[-3000:]}"
+                # A process that failed after joining may wait in JAX's shutdown barrier instead of exiting: then
+                # the time runs out, and every process's last words say which one failed.
+                assert time.monotonic() < deadline, f"the {count} processes ran past {timeout} s; their stderr: " + \
+                    " | ".join(f"{rank}: {err.read_text()[-1000:]}" for rank, (_, err) in enumerate(outputs))
+                time.sleep(0.1)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        results = [subprocess.CompletedProcess(process.args, process.returncode, out.read_text(), err.read_text())
+                   for process, (out, err) in zip(processes, outputs)]
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"process {rank} failed: {result.stderr[-3000:]}"
     return results
 
 

@@ -220,7 +220,8 @@ def test_the_optimiser_and_schedule_follow_pytorchs_adam_clipping_and_cosine_ann
 @pytest.mark.parametrize("name", list(torch_reference.LIBMTL_CASES))
 def test_balancing_methods_give_libmtls_direction(record, name):
     method, tasks, _, ours, options = torch_reference.LIBMTL_CASES[name]
-    steps = torch_reference.balancing_steps(method, tasks, torch_reference.balancing_inputs())
+    steps = torch_reference.balancing_steps(method, tasks, torch_reference.balancing_inputs(),
+                                            options.get("period", 1))
     assert len(record[f"libmtl_{name}"]) == len(steps)
     balancer = make(ours, **options)
     state = balancer.init(tasks, steps[0][0].shape[1])

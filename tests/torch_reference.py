@@ -43,8 +43,8 @@ rebuild them; torch only computes the outputs. Recorded:
   shared parameters' gradient, in float64, for losses whose gradients are the rows of a fixed Jacobian
   (:func:`balancing_inputs`): MGDA with each ``mgda_gn``, CAGrad with each ``rescale`` (K = 3, which 1.1.5's
   CAGrad hard-codes), IMTL, GLS, PCGrad (K = 2, where its random task order cannot matter), three steps of
-  GradVac (K = 2; its targets carry over), four of DWA (one step per epoch) and three of UW (its log-variances
-  stepped by SGD), with losses that change from step to step. For these, LibMTL's GitHub head differs from 1.1.5 only by MGDA's
+  GradVac (K = 2; its targets carry over), DWA with one and two steps per epoch (``period`` 1 and 2) and three
+  steps of UW (its log-variances stepped by SGD), with losses that change from step to step. For these, LibMTL's GitHub head differs from 1.1.5 only by MGDA's
   iteration cap and PCGrad's 1e-8 in a denominator.
 - ``libmtl_delta_p``: LibMTL's ``utils.count_improvement`` (its Δp, a fraction) for NYUv2's nine metrics with the
   ``weight`` lists of LibMTL's NYUv2 example (:data:`LIBMTL_NYUV2_METRICS`), between two made-up result sets.
@@ -270,7 +270,7 @@ def balancing_inputs() -> dict[str, np.ndarray]:
     """Jacobians ``[K, P]`` with conflicting rows and positive losses, float64: ``jacobian_3``/``losses_3`` (K = 3,
     P = 6), ``jacobian_2``/``losses_2`` (K = 2, P = 5), GradVac's later steps: ``jacobian_2_aligned``, whose
     rows agree (no correction, so only a target that moves on every visit moves), and ``jacobian_2_next``, in
-    conflict again (its correction reads the targets); and ``losses_3_sequence`` ``[4, 3]``, the losses of
+    conflict again (its correction reads the targets); and ``losses_3_sequence`` ``[7, 3]``, the losses of
     successive steps for the methods that remember losses (DWA, UW)."""
     rng = _generator(9)
     jacobian_3 = rng.uniform(-1.0, 1.0, (3, 6))
@@ -284,17 +284,21 @@ def balancing_inputs() -> dict[str, np.ndarray]:
     following = jacobian_2 + rng.uniform(-0.3, 0.3, jacobian_2.shape)
     return {"jacobian_3": jacobian_3, "losses_3": losses_3, "jacobian_2": jacobian_2, "losses_2": losses_2,
             "jacobian_2_aligned": aligned, "jacobian_2_next": following,
-            "losses_3_sequence": rng.uniform(0.5, 2.0, (4, 3))}
+            "losses_3_sequence": rng.uniform(0.5, 2.0, (7, 3))}
 
 
-def balancing_steps(method: str, tasks: int, inputs: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+def balancing_steps(method: str, tasks: int, inputs: dict[str, np.ndarray],
+                    period: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     """The ``(Jacobian, losses)`` of each step a case takes, from :func:`balancing_inputs`: GradVac three (its
-    targets carry over), DWA four (it weighs from the third on, by the losses of the two before), UW three (its
-    log-variances move), each of these two with losses that change from step to step; the others one."""
+    targets carry over), DWA three epochs of ``period`` steps and one step more (it weighs from the third epoch on,
+    by the mean losses of the two before: two weighted epochs, since a constant shift of every ratio leaves the
+    weights unchanged), UW three (its log-variances move), each of these two with losses that
+    change from step to step; the others one."""
     if method == "GradVac":
         return [(inputs[name], inputs["losses_2"]) for name in ("jacobian_2", "jacobian_2_aligned", "jacobian_2_next")]
     if method in ("DWA", "UW"):
-        return [(inputs["jacobian_3"], losses) for losses in inputs["losses_3_sequence"][:4 if method == "DWA" else 3]]
+        count = 3 * period + 1 if method == "DWA" else 3
+        return [(inputs["jacobian_3"], losses) for losses in inputs["losses_3_sequence"][:count]]
     return [(inputs[f"jacobian_{tasks}"], inputs[f"losses_{tasks}"])]
 
 
@@ -308,9 +312,10 @@ LIBMTL_CASES = {
     "gls": ("GLS", 3, {}, "gls", {}),
     "pcgrad": ("PCGrad", 2, {}, "pcgrad", {}),
     "gradvac": ("GradVac", 2, {"beta": 0.5}, "gradvac", {"beta": 0.5, "target_update": "on_conflict"}),
-    # One training step per LibMTL epoch, so that its epoch-average losses are the step's (period=1); UW's
-    # log-variances stepped by plain SGD, the optimiser of ours.
+    # DWA with one training step per LibMTL epoch (period=1), and with two (period=2: LibMTL's epoch-mean losses are
+    # then the means of two steps'); UW's log-variances stepped by plain SGD, the optimiser of ours.
     "dwa": ("DWA", 3, {"T": 2.0}, "dwa", {"temperature": 2.0, "period": 1}),
+    "dwa_period_2": ("DWA", 3, {"T": 2.0}, "dwa", {"temperature": 2.0, "period": 2}),
     "uw": ("UW", 3, {}, "uw", {"learning_rate": 0.05}),
 }
 
@@ -533,24 +538,28 @@ def _libmtl(torch) -> dict[str, np.ndarray]:
     torch.set_default_dtype(torch.float64)  # LibMTL allocates its gradient matrix with the default dtype
     try:
         for name, (method, tasks, options, _, our_options) in LIBMTL_CASES.items():
-            steps = balancing_steps(method, tasks, inputs)
+            period = our_options.get("period", 1)
+            steps = balancing_steps(method, tasks, inputs, period)
             weighting = _libmtl_weighting(getattr(LibMTL.weighting, method), tasks)
-            # What LibMTL's Trainer keeps for the weighting: the epoch, each epoch's mean training losses (here one
-            # step's; DWA reads only the epochs before the current one), and the optimiser that also steps the
-            # weighting's own parameters after each backward pass (UW's log-variances; IMTL's loss scales take a
-            # single step here, so no update of theirs is recorded).
-            weighting.train_loss_buffer = np.stack([losses for _, losses in steps], axis=1)
+            # What LibMTL's Trainer keeps for the weighting: the epoch (from 0), each finished epoch's mean training
+            # losses (written after its last step: batches of equal size, so the plain mean), and the optimiser that
+            # also steps the weighting's own parameters after each backward pass (UW's log-variances; IMTL's loss
+            # scales take a single step here, so no update of theirs is recorded).
+            weighting.train_loss_buffer = np.zeros((tasks, len(steps) // period + 1))
             optimizer = None
             if method == "UW":
                 optimizer = torch.optim.SGD(weighting.parameters(), lr=our_options["learning_rate"])
             directions = []
-            for epoch, (jacobian, losses) in enumerate(steps):
-                weighting.epoch = epoch
+            for index, (jacobian, losses) in enumerate(steps):
+                weighting.epoch = index // period
                 if optimizer is not None:
                     optimizer.zero_grad()
                 directions.append(_libmtl_direction(torch, weighting, jacobian, losses, options))
                 if optimizer is not None:
                     optimizer.step()
+                if (index + 1) % period == 0:
+                    epoch_losses = [losses for _, losses in steps[index + 1 - period:index + 1]]
+                    weighting.train_loss_buffer[:, weighting.epoch] = np.mean(epoch_losses, axis=0)
             recorded[f"libmtl_{name}"] = np.stack(directions)
     finally:
         torch.set_default_dtype(default_dtype)

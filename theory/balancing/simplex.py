@@ -138,11 +138,6 @@ def min_norm_frank_wolfe(gram: jax.Array, max_iterations: int = 250, tolerance: 
     return SimplexSolution(alpha, gap, it)
 
 
-def conflict_averse_objective(gram: jax.Array, linear: jax.Array, radius: jax.Array, w: jax.Array) -> jax.Array:
-    r""":math:`F(w) = w^\top a + c\sqrt{w^\top G w}`, CAGrad's dual objective."""
-    return w @ linear + radius * jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0))
-
-
 def _conflict_averse_grad(g, a, c, w):
     q = w @ g @ w
     return a + jnp.where(q > 0, c * (g @ w) / jnp.sqrt(jnp.where(q > 0, q, 1.0)), 0.0)
