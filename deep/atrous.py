@@ -31,8 +31,8 @@ and 36) its output is within 2.4·10⁻³ of the float32 result and its input gr
 1.7·10⁻³ and 2.3·10⁻³ for ``lax``'s own bfloat16 convolution: bfloat16's rounding either way.
 
 Limitation: under explicit sharding (``jax.sharding.AxisType.Explicit``) the sub-image reshapes of a batch-sharded
-input are rejected by JAX; use ``dilated_conv="xla"`` there. The automatic sharding of a batch split over :mod:`deep.devices`' mesh keeps
-the batch dimension major through them (no collective is added).
+input are rejected by JAX; use ``dilated_conv="xla"`` there. The automatic sharding of a batch split over the mesh
+of :mod:`deep.devices` keeps the batch dimension major through them (no collective is added).
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ leakage κ, CKA, source risk and OOD gap. A sweep of λ_ind shows the trade-off 
 Writes ``<out>/learned_encoder.json`` and ``<out>/learned_encoder.png``.
 
 What it should show (defaults): every balancing method lands on an entangled encoder, EW and PCGrad on the same
-one (θ̂ ≈ 0.33, κ ≈ 0.36, gap ≈ 0.24) and MGDA on a more entangled one (θ̂ ≈ 0.64, gap ≈ 0.38); CORE-MTL with hard grounding cuts κ about five-fold and the gap about
-four-fold at a higher source risk; with soft grounding it does not (a generic decoder cannot tell r from s when
-they are correlated); larger λ_ind trades source risk for a smaller gap.
+one (θ̂ ≈ 0.33, κ ≈ 0.36, gap ≈ 0.24) and MGDA on a more entangled one (θ̂ ≈ 0.64, gap ≈ 0.38); CORE-MTL
+with hard grounding cuts κ about five-fold and the gap about four-fold at a higher source risk; with soft grounding
+it does not (a generic decoder cannot tell r from s when they are correlated); larger λ_ind trades source risk for
+a smaller gap.
 """
 
 from __future__ import annotations

@@ -198,7 +198,8 @@ def test_two_processes_of_two_devices_reach_the_numbers_of_one_device(uninterrup
     both keep the data set on their devices (``--on-device``) and train on their halves of each batch, save the
     checkpoints together, and process 0 writes the files. The run ends the first epoch with the training losses and
     test metrics of one device reading host memory (BatchNorm statistics are over the global batch either way; only
-    the order of float sums differs). A batch the devices cannot split leaves the folder free for the corrected command."""
+    the order of float sums differs). A batch the devices cannot split leaves the folder free for the corrected
+    command."""
     out = tmp_path / "run"
     env = environment(cache)
     four = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")

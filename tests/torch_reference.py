@@ -44,8 +44,9 @@ rebuild them; torch only computes the outputs. Recorded:
   (:func:`balancing_inputs`): MGDA with each ``mgda_gn``, CAGrad with each ``rescale`` (K = 3, which 1.1.5's
   CAGrad hard-codes), IMTL, GLS, PCGrad (K = 2, where its random task order cannot matter), three steps of
   GradVac (K = 2; its targets carry over), DWA with one and two steps per epoch (``period`` 1 and 2) and three
-  steps of UW (its log-variances stepped by SGD), with losses that change from step to step. For these, LibMTL's GitHub head differs from 1.1.5 only by MGDA's
-  iteration cap and PCGrad's 1e-8 in a denominator.
+  steps of UW (its log-variances stepped by SGD), with losses that change from step to step. For these, LibMTL's
+  GitHub head differs from 1.1.5 only by MGDA's iteration cap, PCGrad's 1e-8 in a denominator and UW's
+  log-variances held as a tensor that requires gradients instead of a ``Parameter`` (the same rule).
 - ``libmtl_delta_p``: LibMTL's ``utils.count_improvement`` (its Δp, a fraction) for NYUv2's nine metrics with the
   ``weight`` lists of LibMTL's NYUv2 example (:data:`LIBMTL_NYUV2_METRICS`), between two made-up result sets.
 """
