@@ -12,7 +12,8 @@ samples, then the exact risks) and are compiled before timing:
 * ``stepwise``: a Python loop over configurations *and* steps, each step one call of a jitted
   ``theory.simulate.train_step``: the training loop as most users write it (timed once: it is slow).
 
-Prints a table of median seconds and the ratios loop / vmapped and stepwise / vmapped per method, and writes ``bench/results/bench_sweep.json``.
+Prints a table of median seconds and the ratios loop / vmapped and stepwise / vmapped per method, and writes
+``bench/results/bench_sweep.json``.
 Target (issue 2): the vmapped path at least 20x faster.
 """
 

@@ -316,8 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             gflops = f"{row['gflops']:>9.1f}" if "gflops" in row else f"{'-':>9}"
             mfu = f"{row['model_flop_utilisation']:>6.1%}" if "model_flop_utilisation" in row else f"{'-':>6}"
             piped = f"{row['ms_pipelined']:>9.1f}" if "ms_pipelined" in row else f"{'-':>9}"
-            print(f"{row['precision']:<9} {row['method']:<12} {row['ms']:>9.1f} {piped} {row['images_per_second']:>8.1f} "
-                  f"{row['ratio_to_ew']:>6.2f} {gflops} {peak} {mfu}")
+            print(f"{row['precision']:<9} {row['method']:<12} {row['ms']:>9.1f} {piped} "
+                  f"{row['images_per_second']:>8.1f} {row['ratio_to_ew']:>6.2f} {gflops} {peak} {mfu}")
         print(f"wrote {out}")
     return 0
 

@@ -179,7 +179,8 @@ def torchvision_key(path: tuple) -> str:
     are HWIO here and OIHW there: transpose ``(2, 3, 1, 0)`` when converting)."""
     parts = []
     for part in path[:-1]:
-        parts.append({"conv": "0", "bn": "1"}.get(part, str(part)) if parts and parts[-1] == "downsample" else str(part))
+        in_downsample = parts and parts[-1] == "downsample"
+        parts.append({"conv": "0", "bn": "1"}.get(part, str(part)) if in_downsample else str(part))
     if path[-1] not in TORCH_LEAF:
         raise ValueError(f"no torchvision counterpart for the variable {path}")
     return ".".join(parts + [TORCH_LEAF[path[-1]]])

@@ -27,7 +27,8 @@ from theory.measures import debiased_cka, linear_cka
 
 __all__ = ["segmentation_loss", "depth_loss", "normal_loss", "independence_loss", "l1", "ssim_loss",
            "physical_image_loss", "albedo_tv", "grayscale_shading", "albedo_normal_covariance", "edge_loss",
-           "resize_nearest", "geometry_aux_loss", "appearance_aux_loss", "LossWeights", "PRESETS", "total_loss", "linear_cka", "debiased_cka"]
+           "resize_nearest", "geometry_aux_loss", "appearance_aux_loss", "LossWeights", "PRESETS", "total_loss",
+           "linear_cka", "debiased_cka"]
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

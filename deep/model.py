@@ -241,10 +241,10 @@ class DualStreamModel(nnx.Module):
 
         .. math:: \tilde x_i = D_{\rm app}(\hat z_{s,i}, \hat z_{r,\pi(i)}),
 
-        through the appearance decoder (which ends in the sigmoid), as the authors' CFA. Without one, the physical rendering
-        :math:`\mathrm{clip}(A(\hat z_{r,\pi(i)}) \odot S(\hat z_{s,i}, L), 0, 1)`, whose lighting :math:`L` comes
-        from the swapped code too, or with ``light_reads="backbone"`` from ``features``; no configuration has the
-        physical decoder alone today.
+        through the appearance decoder (which ends in the sigmoid), as the authors' CFA. Without one, the physical
+        rendering :math:`\mathrm{clip}(A(\hat z_{r,\pi(i)}) \odot S(\hat z_{s,i}, L), 0, 1)`, whose lighting
+        :math:`L` comes from the swapped code too, or with ``light_reads="backbone"`` from ``features``; no
+        configuration has the physical decoder alone today.
 
         Args:
             semantic_map: ``[B, h, w, C_s]``.

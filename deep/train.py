@@ -8,9 +8,9 @@ jits, differentiates per task and shards:
   geometry and appearance reconstructions, the latter with the authors' LPIPS-VGG term when its weights are
   passed, :mod:`deep.perceptual`) + the counterfactual loss of Eq (12), gated per step by a Bernoulli
   draw under ``lax.cond``. The counterfactual pass re-encodes images synthesised by the AdaIN appearance decoder
-  with residual codes shuffled within the batch (``stop_gradient`` on the images, as the authors detach them) with the model in eval
-  mode — BatchNorm reads its running statistics and leaves them unchanged, dropout is off — while gradients still
-  flow into every parameter, and scores the predictions against the **original** labels.
+  with residual codes shuffled within the batch (``stop_gradient`` on the images, as the authors detach them) with
+  the model in eval mode — BatchNorm reads its running statistics and leaves them unchanged, dropout is off —
+  while gradients still flow into every parameter, and scores the predictions against the **original** labels.
 * :func:`task_jacobian_step` + ``balancer.step`` + :func:`apply_gradients` — a baseline of Definition 2.1 on the
   same backbone: per-task gradients of the shared parameters from one forward pass (``jax.vjp``, ``vmap`` over
   one-hot cotangents), combined by any method of :mod:`theory.balancing`; each head gets its own task's gradient.

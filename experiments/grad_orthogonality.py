@@ -166,7 +166,8 @@ def plot(payload: dict, path: Path) -> None:
         tag = f"σ_s={pair[0]}, σ_r={pair[1]}"
         right.plot(theta, [p["cka_closed_form"] for p in chosen], style, color="C0", label=f"CKA(θ), {tag}")
         right.errorbar(theta, [p["cka_linear_batch"] for p in chosen], [p["cka_linear_batch_sem"] for p in chosen],
-                       fmt="o" + style, color="C1", ms=3, label=f"linear CKA, batch {payload['config']['batch']}, {tag}")
+                       fmt="o" + style, color="C1", ms=3,
+                       label=f"linear CKA, batch {payload['config']['batch']}, {tag}")
         right.errorbar(theta, [p["cka_debiased_batch"] for p in chosen],
                        [p["cka_debiased_batch_sem"] for p in chosen], fmt="s" + style, color="C2", ms=3,
                        label=f"debiased CKA, batch, {tag}")

@@ -170,7 +170,8 @@ def plot(payload: dict, path: Path) -> None:
                     axis.errorbar([p["bound"] for p in selected], [abs(p["gap"]) for p in selected],
                                   yerr=[p["gap_se"] for p in selected], fmt=marker, color=colour, ms=4,
                                   label=f"{case}, {head}", alpha=0.85, capsize=1.5)
-        limits = np.array([min(p["bound"] for p in chosen) / 2, max(max(p["bound"], abs(p["gap"])) for p in chosen) * 2])
+        limits = np.array([min(p["bound"] for p in chosen) / 2,
+                           max(max(p["bound"], abs(p["gap"])) for p in chosen) * 2])
         axis.plot(limits, limits, "k--", lw=1, label="gap = bound")
         axis.set_xscale("log")
         axis.set_yscale("log")

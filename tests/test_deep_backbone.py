@@ -20,8 +20,8 @@ def test_output_shapes_and_stride_8(tiny_model):
     c1, c2, c3, c4 = tiny_model(jnp.ones((2, 40, 56, 3), jnp.float32))
     assert c1.shape == (2, 10, 14, 16) and c2.shape == (2, 5, 7, 32)
     assert c3.shape == (2, 5, 7, 64) and c4.shape == (2, 5, 7, 128)
-    assert TINY.output_stride == 8 and BackboneConfig(replace_stride_with_dilation=(False, False, False)).output_stride \
-        == 32
+    undilated = BackboneConfig(replace_stride_with_dilation=(False, False, False))
+    assert TINY.output_stride == 8 and undilated.output_stride == 32
 
 
 def test_dilation_pattern_is_torchvisions(tiny_model):

@@ -54,7 +54,8 @@ def every_task(predictions: dict) -> jax.Array:
 
 
 @pytest.mark.parametrize("heads_read, grounding, depends_on_features",
-                         [("semantic", "hard", False), ("semantic+backbone", "hard", True), ("semantic", "soft", False)])
+                         [("semantic", "hard", False), ("semantic+backbone", "hard", True),
+                          ("semantic", "soft", False)])
 def test_heads_read_only_the_semantic_stream_in_the_paper_mode(heads_read, grounding, depends_on_features):
     config = dataclasses.replace(TINY, heads_read=heads_read, grounding=grounding)
     model = DualStreamModel(config, nnx.Rngs(1))

@@ -12,28 +12,57 @@ from scripts import USE_GLOO, run_processes
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The tiny model, a batch of 4 and the mesh of 4 CPU devices, shared by the scripts below, with the comparison of a
+# single-device update against the sharded one.
+PREAMBLE = textwrap.dedent("""
+    import dataclasses, functools, jax, jax.numpy as jnp, numpy as np, optax
+    from flax import nnx
+    from deep import devices, losses, train
+    from deep.backbone import BackboneConfig
+    from deep.model import DualStreamModel, ModelConfig
+    assert len(jax.devices()) == 4, jax.devices()
+    backbone = BackboneConfig(depths=(1, 1, 1, 1), width=2)
+    config = ModelConfig(backbone=backbone, semantic_channels=6, residual_channels=3, head_channels=4,
+                         aspp_rates=(1, 2, 3), grounding="hard", decoder_widths=(4, 4), albedo_seed=2,
+                         light_hidden=8, generic_width=8)
+    # Plain SGD: Adam's first step is lr * sign(g), which turns rounding noise in tiny gradients into whole steps.
+    optimizer = optax.sgd(1e-2)
+    keys = jax.random.split(jax.random.key(1), 4)
+    normal = jax.random.normal(keys[3], (4, 16, 16, 3))
+    batch = {"images": jax.random.uniform(keys[0], (4, 16, 16, 3)),
+              "segmentation": jax.random.randint(keys[1], (4, 16, 16), 0, 13),
+              "depth": jax.random.uniform(keys[2], (4, 16, 16, 1), minval=0.5),
+              "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}
+    mesh = devices.data_mesh()
+
+    def compile_quickly(step, *args, **static):
+        # With XLA's backend optimisation off, which halves the compile time on the CPU.
+        return step.lower(*args, **static).compile({"xla_backend_optimization_level": 0})
+
+    def largest_difference(single, sharded, before):
+        # The largest difference between the two updated parameters and the largest update; in numpy: eager jnp
+        # operations would compile a program per leaf shape and placement.
+        pairs = [tuple(map(np.asarray, leaves)) for leaves in zip(*map(jax.tree.leaves, (single, sharded, before)))]
+        worst = max(float(np.max(np.abs(a - b))) for a, b, _ in pairs)
+        largest_update = max(float(np.max(np.abs(a - p))) for a, _, p in pairs)
+        assert largest_update > 0 and worst < 1e-4 * largest_update, (worst, largest_update)
+        return worst, largest_update
+""")
+
+
+def run_on_four_devices(script: str) -> str:
+    """The standard output of ``PREAMBLE + script`` run on four CPU devices, keeping the suite's fast-compile flags
+    (tests/conftest.py)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", PREAMBLE + textwrap.dedent(script)], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_the_sharded_step_equals_the_single_device_step():
-    script = textwrap.dedent("""
-        import functools, jax, jax.numpy as jnp, numpy as np, optax
-        from flax import nnx
-        from deep import devices, losses, train
-        from deep.backbone import BackboneConfig
-        from deep.model import DualStreamModel, ModelConfig
-        assert len(jax.devices()) == 4, jax.devices()
-        import dataclasses
-        backbone = BackboneConfig(depths=(1, 1, 1, 1), width=2)
-        config = ModelConfig(backbone=backbone, semantic_channels=6, residual_channels=3, head_channels=4,
-                             aspp_rates=(1, 2, 3), grounding="hard", decoder_widths=(4, 4), albedo_seed=2,
-                             light_hidden=8, generic_width=8)
-        # Plain SGD: Adam's first step is lr * sign(g), which turns rounding noise in tiny gradients into whole steps.
-        optimizer = optax.sgd(1e-2)
-        keys = jax.random.split(jax.random.key(1), 4)
-        normal = jax.random.normal(keys[3], (4, 16, 16, 3))
-        batch = {"images": jax.random.uniform(keys[0], (4, 16, 16, 3)),
-                  "segmentation": jax.random.randint(keys[1], (4, 16, 16), 0, 13),
-                  "depth": jax.random.uniform(keys[2], (4, 16, 16, 1), minval=0.5),
-                  "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}
-        mesh = devices.data_mesh()
+    stdout = run_on_four_devices("""
         # CORE-MTL's step with its counterfactual pass off, then always on: the residual codes are shuffled across
         # the whole batch, which the sharded step must draw and apply exactly as one device does.
         graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(0)), optimizer)
@@ -41,11 +70,9 @@ def test_the_sharded_step_equals_the_single_device_step():
         core_step = functools.partial(train.core_step, graphdef, optimizer, weights=weights)
         sharded_batch, sharded_state = devices.shard(mesh, batch, state)
         assert len(sharded_batch["images"].sharding.device_set) == 4
-        # Compiled once per placement (the gate is traced) with XLA's backend optimisation off, which halves the
-        # compile time on the CPU.
-        compile_for = lambda *args: jax.jit(core_step).lower(*args, independence_weight=1.0,
-                                                             counterfactual_on=False).compile(
-            {"xla_backend_optimization_level": 0})
+        # Compiled once per placement (the gate is traced).
+        compile_for = lambda *args: compile_quickly(jax.jit(core_step), *args, independence_weight=1.0,
+                                                    counterfactual_on=False)
         single_step = compile_for(state, batch, jax.random.key(0))
         sharded_step = compile_for(sharded_state, sharded_batch, jax.random.key(0))
         updates = []
@@ -58,14 +85,8 @@ def test_the_sharded_step_equals_the_single_device_step():
             if counterfactual_on:
                 np.testing.assert_allclose(sharded_metrics["counterfactual"], single_metrics["counterfactual"],
                                            rtol=1e-5)
-            pairs = list(zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params),
-                             jax.tree.leaves(state.params)))
-            # In numpy: eager jnp operations would compile a program per leaf shape and placement.
-            pairs = [tuple(map(np.asarray, leaves)) for leaves in pairs]
-            worst = max(float(np.max(np.abs(a - b))) for a, b, _ in pairs)
-            largest_update = max(float(np.max(np.abs(a - p))) for a, _, p in pairs)
+            worst, largest_update = largest_difference(single.params, sharded.params, state.params)
             print(f"counterfactual pass {counterfactual_on}: max difference", worst, "largest update", largest_update)
-            assert largest_update > 0 and worst < 1e-4 * largest_update, (worst, largest_update)
             updates.append(single.params)
         # The counterfactual pass changes the update (by more than 1 % of the largest update, that of the pass with
         # the gate open), so the comparison above covered it.
@@ -106,15 +127,38 @@ def test_the_sharded_step_equals_the_single_device_step():
             assert "batch_size must be a multiple of 4; got 6" in str(error), error
         print("loader on 4 devices: the host's batches, split")
     """)
-    # Four CPU devices, keeping the suite's fast-compile flags (tests/conftest.py).
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("max difference") == 2, result.stdout
-    assert "evaluation split over 4 devices: same metrics" in result.stdout, result.stdout
-    assert "loader on 4 devices: the host's batches, split" in result.stdout, result.stdout
+    assert stdout.count("max difference") == 2, stdout
+    assert "evaluation split over 4 devices: same metrics" in stdout, stdout
+    assert "loader on 4 devices: the host's batches, split" in stdout, stdout
+
+
+def test_the_sharded_baseline_steps_equal_the_single_device_steps():
+    """The baselines' two Jacobian paths, sharded: PCGrad's per-task gradients of the shared parameters, and
+    GradDrop's per-task gradients of the representation (split over the devices with the batch) with its random
+    mask, pulled back through the encoder."""
+    stdout = run_on_four_devices("""
+        from theory.balancing import make
+        model = DualStreamModel(dataclasses.replace(config, grounding="none"), nnx.Rngs(0))
+        graphdef, state = train.split_model(model, optimizer)
+        sharded_batch, sharded_state = devices.shard(mesh, batch, state)
+        for name in ("pcgrad", "graddrop"):
+            balancer = make(name)
+            balancer_state = balancer.init(3)
+            step = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))
+            single, _, single_metrics = compile_quickly(step, state, balancer_state, batch, jax.random.key(0))(
+                state, balancer_state, batch, jax.random.key(0))
+            sharded, _, sharded_metrics = compile_quickly(step, sharded_state, balancer_state, sharded_batch,
+                                                          jax.random.key(0))(
+                sharded_state, balancer_state, sharded_batch, jax.random.key(0))
+            # The losses, and the weights the method reads off them and the gradients (PCGrad's from ratios of
+            # dot products over every shared parameter: measured 1e-5 apart).
+            for metric in single_metrics:
+                np.testing.assert_allclose(sharded_metrics[metric], single_metrics[metric], rtol=1e-4,
+                                           err_msg=metric)
+            worst, largest_update = largest_difference(single.params, sharded.params, state.params)
+            print(name, "max difference", worst, "largest update", largest_update)
+    """)
+    assert stdout.count("max difference") == 2, stdout
 
 
 def test_two_processes_build_one_global_batch_and_state():

@@ -41,7 +41,8 @@ def test_exact_risks_of_a_trained_predictor_match_monte_carlo():
 
 
 def test_trained_gap_matches_the_closed_form_within_its_standard_error():
-    """Over seeds, the gap of trained predictors is centred on the source-optimal closed form (Theorem 2.3 'given θ')."""
+    """Over seeds, the gap of trained predictors is centred on the source-optimal closed form (Theorem 2.3
+    'given θ')."""
     thetas = np.array([0.3, 0.7, 1.1])
     grid = sweep(SCM, make("ew"), thetas, np.arange(12), CONFIG)
     gap = np.asarray(grid.gap).mean(axis=-1)

@@ -2,8 +2,9 @@
 (``tests/data/torch_reference.npz``; what each record holds is listed there), so these checks run without torch:
 the backbone loaded with torchvision's weights, the DeepLabV3 head, MTAN against LibMTL's encoder, LPIPS, bilinear
 and nearest resizing, BatchNorm's training step and eval mode, InstanceNorm, GroupNorm, the segmentation
-cross-entropy, the optimiser with its clipping and schedule, LibMTL's balancing methods and its Δp. Where torch, torchvision, lpips and LibMTL are
-installed, one more test recomputes the record and checks the committed file against it."""
+cross-entropy, the optimiser with its clipping and schedule, LibMTL's balancing methods and its Δp. Where torch,
+torchvision, lpips and LibMTL are installed, one more test recomputes the record and checks the committed file
+against it."""
 
 from importlib.util import find_spec
 

@@ -170,8 +170,8 @@ def upgrad(norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iterations: int = 
 
     where :math:`\tilde G = G/\mathrm{tr}(G) + \epsilon_{\rm reg} I` (torchjd's normalisation by the squared
     Frobenius norm of :math:`J`, skipped when :math:`\mathrm{tr}(G) < \epsilon_{\rm norm}`, and its regularisation,
-    which makes the programs strictly convex when gradients are linearly dependent). The direction is the **mean** of the
-    projections (torchjd's default ``pref_vector`` :math:`1/K`; LibMTL's UPGrad too). The regularisation costs
+    which makes the programs strictly convex when gradients are linearly dependent). The direction is the **mean** of
+    the projections (torchjd's default ``pref_vector`` :math:`1/K`; LibMTL's UPGrad too). The regularisation costs
     exactness by a known amount: at the optimum :math:`\tilde G v_t \ge 0`, so
     :math:`J d \ge -\epsilon_{\rm reg}\,\mathrm{tr}(G)\, w` (zero conflict as :math:`\epsilon_{\rm reg}\to 0`).
 
