@@ -119,10 +119,11 @@ def normal_angles(prediction: jax.Array, target: jax.Array) -> tuple[jax.Array, 
 
     .. math:: \alpha = \frac{180}{\pi}\arccos\,\mathrm{clip}\big(\langle p/\max(\|p\|, 10^{-12}),\ g\rangle, -1, 1\big)
 
-    As in LibMTL the ground truth is taken as unit (the NYUv2 normals are) and is not renormalised, and a pixel is
-    valid where the **sum** of the ground truth's three components is not 0 (this drops a valid normal whose
-    components sum to 0; kept for parity). A zero prediction counts as 90° (LibMTL would give NaN). In float32
-    :math:`\arccos` resolves angles near 0° and 180° only to about 0.02°.
+    As in LibMTL the ground truth is used as stored, not renormalised (MTAN's NYUv2 normals are not all of unit
+    length: :mod:`deep.data.npy_split`), and a pixel is valid where the **sum** of the ground truth's three
+    components is not 0 (this drops a valid normal whose components sum to 0; kept for parity). A zero prediction
+    counts as 90° (LibMTL would give NaN). In float32 :math:`\arccos` resolves angles near 0° and 180° only to
+    about 0.02°.
 
     Args:
         prediction: ``[B, H, W, 3]``, any length.

@@ -179,12 +179,18 @@ def parse_floats(name: str, value: Any) -> tuple[float, ...]:
     return numbers
 
 
-def parse_choices(flag: str, value: str, allowed: Sequence[str]) -> tuple[str, ...]:
-    """``'all'`` or comma-separated names from ``allowed`` as a tuple without duplicates, with a one-line error."""
-    names = tuple(allowed) if value.strip() == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
+def parse_choices(flag: str, value: str, allowed: Sequence[str],
+                  named: dict[str, Sequence[str]] | None = None) -> tuple[str, ...]:
+    """``'all'``, a name of ``named`` (a set of names from ``allowed``) or comma-separated names from ``allowed`` as a
+    tuple without duplicates, with a one-line error."""
+    sets = {"all": tuple(allowed), **(named or {})}
+    key = value.strip()
+    names = tuple(sets[key]) if key in sets else tuple(v.strip() for v in value.split(",") if v.strip())
     bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise ValueError(f"{flag} must be 'all' or comma-separated names from {', '.join(allowed)}; got {value!r}")
+        choices = ", ".join(f"'{name}'" for name in sets)
+        raise ValueError(f"{flag} must be {choices} or comma-separated names from {', '.join(allowed)}; "
+                         f"got {value!r}")
     return tuple(dict.fromkeys(names))
 
 

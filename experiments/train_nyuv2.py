@@ -1,10 +1,10 @@
 """Train CORE-MTL or a gradient-balancing baseline on NYUv2, Cityscapes or GTA5→Cityscapes, evaluating every epoch.
 
-    python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz   # the paper's run
-    python experiments/train_nyuv2.py --data /data/nyuv2 --method pcgrad                           # a baseline
-    python experiments/train_nyuv2.py --data /data/nyuv2 --method stl --task depth                 # a Δ baseline
-    python experiments/train_nyuv2.py --data /data/cityscapes --dataset cityscapes --preset cityscapes_c \
-        --corruptions all                                                      # Cityscapes-C, after training
+    python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz --augment  # paper
+    python experiments/train_nyuv2.py --data /data/nyuv2 --method pcgrad --augment                 # a baseline
+    python experiments/train_nyuv2.py --data /data/nyuv2 --method stl --task depth --augment       # a Δ baseline
+    python experiments/train_nyuv2.py --data /data/cityscapes --dataset cityscapes --augment \
+        --corruptions paper                                                    # Cityscapes-C, after training
     python experiments/train_nyuv2.py --data /data/gta5 --dataset gta5 --target-data /data/cityscapes  # GTA5 -> CS
     python experiments/train_nyuv2.py --synthetic --model tiny --epochs 7 --warmup-epochs 1 --batch-size 4  # CPU
     python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz --resume  # after a kill
@@ -20,8 +20,8 @@ heads, with hard parameter sharing or ``--architecture mtan``. ``--dataset citys
 Cityscapes (7 classes and disparity); ``--dataset gta5`` trains on GTA5 (``images/``, ``labels/``, ``depth/``,
 mapped onto the same 7 classes) and evaluates on the val split of the Cityscapes folder ``--target-data``: the
 paper's GTA5→Cityscapes shift. ``--corruptions`` evaluates the final model once more on the val split corrupted by
-each named corruption at each of ``--severities`` (the paper's Cityscapes-C, generated in code by
-:func:`deep.data.corrupt`); the results go to ``results.json`` (``corrupted``, ``corrupted_mean``) and
+each named corruption at each of ``--severities`` (``paper``: the four the paper reports on Cityscapes-C,
+generated in code by :func:`deep.data.corrupt`; ``all``: ten); the results go to ``results.json`` (``corrupted``, ``corrupted_mean``) and
 ``corruptions.png``.
 
 Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported,
@@ -48,8 +48,9 @@ from _common import (environment, flag, parse_choices, parse_config, parser_for,
                      require_finite, require_integer, run_main, save_figure, write_atomically, write_json)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5")
-# What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes, which
-# they train unaugmented, is flipped only (its depth is a disparity: marked so, should a zoom ever be added).
+# What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
+# flipped only, as the paper's Appendix F says (the authors' code trains it unaugmented; its depth is a disparity:
+# marked so, should a zoom ever be added).
 AUGMENTATIONS = {"nyuv2": {}, "gta5": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0)},
                  "cityscapes": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0), "depth_is_disparity": True}}
 # The loss weights a dataset trains with unless --preset says otherwise (the paper's Table 7).
@@ -113,14 +114,16 @@ class TrainConfig:
     precision: str = dataclasses.field(default="float32", metadata={"help": "compute precision: float32 or "
                                                                             "bfloat16 (parameters stay float32)"})
     augment: bool = dataclasses.field(default=False, metadata={
-        "help": "training augmentations: NYUv2 random scale-crop, flip and colour jitter (the authors' pipeline); "
-                "GTA5 flip (the authors'); Cityscapes flip (the authors train it without augmentation)"})
+        "help": "training augmentations, which the paper's runs use: NYUv2 random scale-crop, flip and colour "
+                "jitter (the authors' pipeline); GTA5 and Cityscapes flip (the paper's Appendix F; the authors' "
+                "code does not augment Cityscapes)"})
     on_device: bool = dataclasses.field(default=False, metadata={"help": "keep the whole data set on every device"})
     pretrained: str = dataclasses.field(default="", metadata={
         "help": "torchvision ResNet-50 ImageNet weights as .npz (see python -m deep.weights convert)"})
     corruptions: str = dataclasses.field(default="", metadata={
-        "help": "after training, evaluate the val split under these corruptions: 'all' or comma-separated names "
-                "(the paper's Cityscapes-C: --dataset cityscapes --preset cityscapes_c --corruptions all)"})
+        "help": "after training, evaluate the val split under these corruptions: 'paper' (the four the paper "
+                "reports on Cityscapes-C: contrast, defocus_blur, fog, gaussian_noise), 'all' (ten) or "
+                "comma-separated names"})
     severities: str = dataclasses.field(default="1,2,3,4,5", metadata={
         "help": "the corruption severities to evaluate, comma-separated, each in 1..5"})
     perceptual: str = dataclasses.field(default="", metadata={
@@ -211,9 +214,11 @@ class TrainConfig:
 
     @property
     def corruption_names(self) -> tuple[str, ...]:
-        from deep.data import CORRUPTIONS
+        from deep.data import CORRUPTIONS, PAPER_CORRUPTIONS
 
-        return parse_choices("--corruptions", self.corruptions, CORRUPTIONS) if self.corruptions else ()
+        if not self.corruptions:
+            return ()
+        return parse_choices("--corruptions", self.corruptions, CORRUPTIONS, {"paper": PAPER_CORRUPTIONS})
 
     @property
     def severity_levels(self) -> tuple[int, ...]:

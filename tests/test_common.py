@@ -47,6 +47,10 @@ def test_parse_choices():
     assert parse_choices("--m", "all", ("a", "b")) == ("a", "b")
     with pytest.raises(ValueError, match="--m must be 'all' or comma-separated names from a, b; got 'c'"):
         parse_choices("--m", "c", ("a", "b"))
+    # A named set (train_nyuv2's --corruptions paper), named in the error too.
+    assert parse_choices("--m", " pair ", ("a", "b", "c"), {"pair": ("c", "a")}) == ("c", "a")
+    with pytest.raises(ValueError, match="--m must be 'all', 'pair' or comma-separated names from a, b; got 'd'"):
+        parse_choices("--m", "d", ("a", "b"), {"pair": ("a",)})
 
 
 def test_an_unwritable_out_is_refused_before_any_work(tmp_path):

@@ -126,7 +126,7 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
     (["--data", "/tmp", "--dataset", "gta5"], "--dataset gta5 needs --target-data PATH"),
     (["--synthetic", "--method", "core", "--epochs", "5", "--warmup-epochs", "1"],
      "--epochs must exceed 5 for the heads to train; got 5"),
-    (["--synthetic", "--corruptions", "snow"], "--corruptions must be 'all' or comma-separated names from"),
+    (["--synthetic", "--corruptions", "snow"], "--corruptions must be 'all', 'paper' or comma-separated names from"),
     (["--synthetic", "--corruptions", "fog", "--severities", "0,6"], "--severities must be comma-separated integers"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
@@ -134,6 +134,15 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     assert_one_line_error(run_in_process("experiments/train_nyuv2.py", *args, "--out", str(tmp_path / "out"),
                                          "--quiet", computation="deep.devices.initialize_distributed"), message)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_papers_corruptions_are_its_four():
+    from deep.data import CORRUPTIONS
+
+    config_class = load_script("experiments/train_nyuv2.py").TrainConfig
+    paper = config_class(synthetic=True, corruptions="paper").corruption_names
+    assert paper == ("contrast", "defocus_blur", "fog", "gaussian_noise")  # its Appendix J
+    assert config_class(synthetic=True, corruptions="all").corruption_names == CORRUPTIONS
 
 
 @pytest.mark.parametrize("args, message", [

@@ -38,6 +38,6 @@ def load_nyuv2(root: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
             numbering, folders of different sizes, a file that is not a complete .npy array (text, empty,
             truncated, a folder, unreadable, a pickle or a pickled object array), an empty array, a wrong shape
             or height x width, a non-numeric dtype, NaN or infinite values, labels outside -1..12 or not
-            integer-valued, images outside [0, 1], negative depth, normals longer than 1.
+            integer-valued, images outside [0, 1], negative depth, normals longer than 1.01.
     """
     return read_split(root, split, ("image", "label", "depth", "normal"), NYUV2_CLASSES, _LAYOUT)
