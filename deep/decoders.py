@@ -10,8 +10,9 @@ rendered image. Shapes follow the authors' physics path, with widths configurabl
 * ``LightHead``: the residual code or pooled backbone features → MLP (ReLU, ReLU, LayerNorm) → 27 SH coefficients
   (9 per colour).
 
-**Soft grounding** (Eq (15)): generic decoders that reconstruct the geometry from the semantic map alone and the
-image from the semantic map (content) and the residual code (style),
+**Soft grounding** (the paper's Eq (15); the generic-decoder terms of the authors' dense-task loss, Eq (14)):
+generic decoders that reconstruct the geometry from the semantic map alone and the image from the semantic map
+(content) and the residual code (style),
 
 .. math:: \mathcal L_{\rm geo} = \|D_{\rm geo}(\hat z_s) - d\|_1, \qquad
           \mathcal L_{\rm app} = \|D_{\rm app}(\hat z_s, \hat z_r) - x\|_1,
@@ -125,7 +126,7 @@ class PhysicalDecoder(nnx.Module):
                                          "lighting": lighting}
 
 
-# ----------------------------------------------------------------------------------- soft grounding (Eq (15))
+# ------------------------------------------------------------------------------------------------ soft grounding
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
@@ -218,7 +219,9 @@ class SelfAttention(nnx.Module):
         batch, height, width, _ = x.shape
         tokens = lambda conv: conv(x).reshape(batch, height * width, -1)
         query, key, value = tokens(self.query), tokens(self.key), tokens(self.value)
-        logits = jnp.einsum("bic,bjc->bij", query, key).astype(jnp.float32)  # softmax in float32 under bf16
+        # Logits accumulated and kept in float32 under bfloat16: unscaled (SAGAN), they can be large, and rounding
+        # them to bfloat16 before the softmax would move the attention weights.
+        logits = jnp.einsum("bic,bjc->bij", query, key, preferred_element_type=jnp.float32)
         attention = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         attended = jnp.einsum("bij,bjc->bic", attention, value).reshape(x.shape)
         return self.gamma[...].astype(attended.dtype) * attended + x.astype(attended.dtype)

@@ -5,7 +5,8 @@ ignores label −1; depth L1 and the normal cosine loss average over pixels whos
 The independence loss is the linear CKA of :mod:`theory.measures` (one implementation for theory and model) on
 the spatially pooled streams. The loss weights of the paper's Table 7 are named presets (:data:`PRESETS`).
 
-Soft grounding (Eq (15)) is scored as the authors do: unmasked L1 at full resolution (:func:`l1`) plus 0.5 × the
+Soft grounding (the paper's Eq (15); in the authors' dense-task code, the generic-decoder terms of their composite
+loss, Eq (14)) is scored as the authors do: unmasked L1 at full resolution (:func:`l1`) plus 0.5 × the
 deep-supervision L1 at the auxiliary outputs' resolution, against depth downsampled by nearest neighbour
 (:func:`geometry_aux_loss`) and the image downsampled bilinearly (:func:`appearance_aux_loss`). The authors' LPIPS
 (VGG) term is :func:`deep.perceptual.lpips_loss`; it needs pretrained weights the user supplies as a local

@@ -28,8 +28,9 @@ semantic map, the residual code, the features the projectors read (``features``:
 
 Grounding (:mod:`deep.decoders`) is selected by ``ModelConfig.grounding``:
 
-* ``"soft"``: the generic decoders of Eq (15) only: depth from ẑ_s (``aux["geometry"]``, ``aux["geometry_aux"]``)
-  and the image from ẑ_s and ẑ_r through AdaIN (``aux["reconstruction"]``, ``aux["reconstruction_aux"]``).
+* ``"soft"``: the generic decoders only (the paper's soft grounding, Eq (15)): depth from ẑ_s (``aux["geometry"]``,
+  ``aux["geometry_aux"]``) and the image from ẑ_s and ẑ_r through AdaIN (``aux["reconstruction"]``,
+  ``aux["reconstruction_aux"]``).
 * ``"hard"``: the physical decoder of Eq (13) (``aux["rendered"]`` and its parts ``albedo``, ``normals``,
   ``shading``, ``lighting``) **plus** the generic decoders, because the authors' code always runs both (no config
   switches them off); the counterfactuals then come from the appearance decoder, as theirs.
@@ -75,7 +76,7 @@ class ModelConfig:
     """Sizes and options of :class:`DualStreamModel` (defaults: the paper's NYUv2 model).
 
     ``grounding``: ``"hard"`` (physical + generic decoders, as the authors' code), ``"soft"`` (generic decoders
-    only, Eq (15)) or ``"none"``. ``decoder_widths``, ``albedo_seed`` and ``light_hidden`` size the physical decoder;
+    only) or ``"none"``. ``decoder_widths``, ``albedo_seed`` and ``light_hidden`` size the physical decoder;
     ``generic_width`` the generic decoders' trunk (a multiple of 8; their blocks halve it three times).
 
     Architecture (module docstring): ``fusion`` (``"c4"`` or ``"multiscale"``, with ``fusion_channels`` per

@@ -196,7 +196,7 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
 
     Grounding terms, by what the model has (``ModelConfig.grounding``):
 
-    * generic decoders (soft, and hard as the authors' code), Eq (15), all unmasked as the authors':
+    * generic decoders (soft, and hard as the authors' code; their Eq (14) terms), all unmasked as the authors':
       ``geometry`` :math:`= \|D_{\rm geo}(\hat z_s) - d\|_1` at full resolution and ``geometry_aux`` against the
       depth downsampled by nearest neighbour to the auxiliary output (both only when the batch has ``depth``);
       ``appearance_l1`` :math:`= \|D_{\rm app}(\hat z_s, \hat z_r) - x\|_1` and ``appearance_aux`` against the image
