@@ -108,6 +108,7 @@ def run(config: OrthogonalityConfig) -> dict:
                 "gradient_inner_product": inner, "gradient_cosine": float(gradients.cosine[i]),
                 "eq10_bound": bound,
                 "eq10_holds": bool(abs(inner) <= bound * (1 + 1e-9) + 1e-12),
+                "chain_rule_error": float(gradients.chain_rule_error[i]),
             })
     blind = [p for p in points if p["cka_closed_form"] < 0.01 and p["oracle_leakage"] > 0.1]
     return {
@@ -117,6 +118,8 @@ def run(config: OrthogonalityConfig) -> dict:
         "verdict": {
             "eq10_holds_everywhere": all(p["eq10_holds"] for p in points),
             "eq10_violations": [p for p in points if not p["eq10_holds"]],
+            # The bound is built from the gradients autodiff computes (D.1): float64 rounding, not a constant.
+            "bound_reads_the_gradients": all(p["chain_rule_error"] < 1e-9 for p in points),
             "largest_inner_over_bound": max((abs(p["gradient_inner_product"]) / p["eq10_bound"] for p in points
                                              if p["eq10_bound"] > 0), default=None),
             "orthogonal_where_cka_is_zero": all(abs(p["gradient_cosine"]) < 1e-9 for p in points

@@ -34,6 +34,9 @@ def test_whiten_gives_an_exactly_white_sample():
 def test_eq10_inner_product_is_bounded_through_cka(theta, sigma_s, sigma_r, dim, seed):
     result = stream_gradients(theta, sigma_s, sigma_r, dim, jax.random.key(seed), 64 * dim)
     assert abs(float(result.inner_product)) <= float(result.bound) * (1 + 1e-9) + 1e-12
+    # The bound's G_i, G_j are the stream gradients autodiff pulls back (D.1): the inequality alone has a margin of
+    # 10x at its tightest, so a G too large by a constant would pass it.
+    assert float(result.chain_rule_error) < 1e-10
     # On an exactly white sample the streams' CKA is the closed form CKA(θ).
     np.testing.assert_allclose(result.linear_cka, cf.rotation_cka(theta, sigma_s, sigma_r), atol=1e-10)
 
@@ -56,6 +59,7 @@ def test_script_end_to_end(tmp_path):
     assert (tmp_path / "grad_orthogonality.png").stat().st_size > 10_000
     assert len(payload["points"]) == 6
     assert payload["verdict"]["eq10_holds_everywhere"] and payload["verdict"]["orthogonal_where_cka_is_zero"]
+    assert payload["verdict"]["bound_reads_the_gradients"]
     assert {(p["sigma_s"], p["sigma_r"]) for p in payload["verdict"]["cka_blind_spots"]} == {(1.0, 1.0)}
 
 

@@ -40,6 +40,9 @@ class StreamGradients(NamedTuple):
     linear_cka: jax.Array
     task_gradient_norm: jax.Array
     nuisance_gradient_norm: jax.Array
+    # D.1 on this sample: the largest entry of |grad_V L_i - A^T G_i| and |grad_V L_j - B^T G_j| (autodiff against
+    # the G the bound is built from), relative to the largest gradient entry; 0 up to rounding.
+    chain_rule_error: jax.Array
 
 
 def whiten(x: jax.Array) -> jax.Array:
@@ -91,5 +94,8 @@ def stream_gradients(theta, sigma_s: float, sigma_r: float, dim: int, key: jax.A
     cov_ss, cov_rr = a @ a.T, b @ b.T
     bound = jnp.sqrt(cka) * jnp.sqrt(jnp.linalg.norm(cov_ss) * jnp.linalg.norm(cov_rr)) * jnp.linalg.norm(
         g_i) * jnp.linalg.norm(g_j)
+    scale = jnp.maximum(jnp.max(jnp.abs(grad_i)), jnp.max(jnp.abs(grad_j)))
+    chain_rule_error = jnp.maximum(jnp.max(jnp.abs(grad_i - a.T @ g_i)), jnp.max(jnp.abs(grad_j - b.T @ g_j)))
     return StreamGradients(measures.gradient_inner_product(grad_i, grad_j), measures.gradient_cosine(grad_i, grad_j),
-                           bound, cka, jnp.linalg.norm(grad_i), jnp.linalg.norm(grad_j))
+                           bound, cka, jnp.linalg.norm(grad_i), jnp.linalg.norm(grad_j),
+                           chain_rule_error / jnp.maximum(scale, jnp.finfo(scale.dtype).tiny))
