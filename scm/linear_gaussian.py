@@ -144,8 +144,12 @@ class LinearGaussianSCM:
     @property
     def is_isotropic(self) -> bool:
         """True when every covariance is a multiple of the identity (the paper's Assumption 2.2)."""
-        return all(_is_scaled_identity(c) for c in (self.cov_s_np, self.cov_r_np("source"),
-                                                    self.cov_r_np("target")))
+        return _is_scaled_identity(self.cov_s_np) and self.has_isotropic_residuals
+
+    @property
+    def has_isotropic_residuals(self) -> bool:
+        """True when both domains' residual covariances are multiples of the identity."""
+        return all(_is_scaled_identity(self.cov_r_np(domain)) for domain in ("source", "target"))
 
     @property
     def cov_s_np(self) -> np.ndarray:
