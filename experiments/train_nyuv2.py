@@ -5,9 +5,10 @@
     python experiments/train_nyuv2.py --data /data/nyuv2 --method stl --task depth --augment       # a Δ baseline
     python experiments/train_nyuv2.py --data /data/cityscapes --dataset cityscapes --augment \
         --corruptions paper                                                    # Cityscapes-C, after training
-    python experiments/train_nyuv2.py --data /data/gta5 --dataset gta5 --target-data /data/cityscapes  # GTA5 -> CS
+    python experiments/train_nyuv2.py --data /data/gta5/train --dataset gta5 --target-data /data/cityscapes \
+        --source-data /data/gta5/val --augment                                # GTA5 -> Cityscapes
     python experiments/train_nyuv2.py --synthetic --model tiny --epochs 7 --warmup-epochs 1 --batch-size 4  # CPU
-    python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz --resume  # after a kill
+    python experiments/train_nyuv2.py <the run's own flags> --resume                            # after a kill
 
 ``--resume`` takes the run's own flags again (``--out`` included) and refuses any training flag that differs
 (``--corruptions``, ``--severities`` and ``--quiet`` may: they do not change the training).
@@ -19,10 +20,11 @@ pass), ``stl`` (one task, for the Δp/Δm baselines), or any method of ``theory.
 heads, with hard parameter sharing or ``--architecture mtan``. ``--dataset cityscapes`` trains on LibMTL's
 Cityscapes (7 classes and disparity); ``--dataset gta5`` trains on GTA5 (``images/``, ``labels/``, ``depth/``,
 mapped onto the same 7 classes) and evaluates on the val split of the Cityscapes folder ``--target-data``: the
-paper's GTA5→Cityscapes shift. ``--corruptions`` evaluates the final model once more on the val split corrupted by
-each named corruption at each of ``--severities`` (``paper``: the four the paper reports on Cityscapes-C,
-generated in code by :func:`deep.data.corrupt`; ``all``: ten); the results go to ``results.json`` (``corrupted``, ``corrupted_mean``) and
-``corruptions.png``.
+paper's GTA5→Cityscapes shift; ``--source-data`` adds a held-out GTA5 folder, evaluated beside it, for the source
+metrics and the target − source gap (``final_source``, ``source_target_gap``). ``--corruptions`` evaluates the
+final model once more on the val split corrupted by each named corruption at each of ``--severities``
+(``paper``: the four the paper reports on Cityscapes-C, generated in code by :func:`deep.data.corrupt`; ``all``:
+ten); the results go to ``results.json`` (``corrupted``, ``corrupted_mean``) and ``corruptions.png``.
 
 Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported,
 never used to choose anything — the run's result is its last epoch), a line in ``<out>/metrics.jsonl`` and an
@@ -61,7 +63,7 @@ DEFAULT_BATCH_SIZES = {"nyuv2": 16, "cityscapes": 32, "gta5": 32}
 CITYSCAPES_C_BATCH_SIZE = 16
 DEFAULT_WARMUP_EPOCHS = {"nyuv2": 5, "cityscapes": 5, "gta5": 10}
 # The flags that name files or folders: a resumed run compares them as absolute paths.
-PATH_FIELDS = ("data", "target_data", "pretrained", "perceptual")
+PATH_FIELDS = ("data", "target_data", "source_data", "pretrained", "perceptual")
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
 GROUNDINGS = ("hard", "soft")
@@ -76,6 +78,9 @@ class TrainConfig:
         "help": "nyuv2, cityscapes, or gta5 (train on GTA5, evaluate on Cityscapes' val split: --target-data)"})
     target_data: str = dataclasses.field(default="", metadata={
         "help": "for --dataset gta5: the Cityscapes folder (LibMTL layout) whose val split is the OOD target"})
+    source_data: str = dataclasses.field(default="", metadata={
+        "help": "for --dataset gta5: a held-out GTA5 folder (the GTA5 layout), evaluated every epoch beside the "
+                "target, for the source metrics and the target - source gap (the paper's Table 2)"})
     method: str = dataclasses.field(default="core", metadata={
         "help": "core, stl, or a method of theory.balancing (ew, pcgrad, mgda, nash_mtl, ...)"})
     task: str = dataclasses.field(default="", metadata={"help": "the task of an stl run"})
@@ -201,6 +206,10 @@ class TrainConfig:
             raise ValueError("--dataset gta5 needs --target-data PATH: the Cityscapes folder it is evaluated on")
         if self.target_data and not Path(self.target_data).is_dir():
             raise FileNotFoundError(f"--target-data: no such folder: {self.target_data}")
+        if self.source_data and self.dataset != "gta5":
+            raise ValueError(f"--source-data is for --dataset gta5 only; got --dataset {self.dataset}")
+        if self.source_data and not Path(self.source_data).is_dir():
+            raise FileNotFoundError(f"--source-data: no such folder: {self.source_data}")
         self.corruption_names  # validates --corruptions and --severities
         self.severity_levels
         self.model_config()  # the model's own checks (a head that needs features the variant does not give...)
@@ -269,26 +278,32 @@ def _generated(root: Path, write) -> Path:
     return root
 
 
-def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict]:
-    """``(train, test)`` arrays: the dataset's train and val splits, or for ``gta5`` all of GTA5 (resized to the
-    target's size) and Cityscapes' val split. ``--synthetic`` first writes generated sets under ``<out>/data``."""
+def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | None]:
+    """``(train, test, source_test)`` arrays: the dataset's train and val splits (no source split), or for ``gta5``
+    all of GTA5 (resized to the target's size), Cityscapes' val split and, with ``--source-data``, the held-out GTA5
+    folder. ``--synthetic`` first writes generated sets under ``<out>/data`` (for ``gta5`` a held-out one too)."""
     from deep import data
 
     if config.dataset == "gta5":
         root = Path(config.data) if config.data else out / "data" / "gta5"
         target_root = Path(config.target_data) if config.target_data else out / "data" / "cityscapes"
+        source_root = Path(config.source_data) if config.source_data else (
+            out / "data" / "gta5_val" if config.synthetic else None)
         if config.synthetic:
-            # Another seed for the target: another city.
+            # Other seeds for the target (another city) and the held-out source scenes.
             _generated(target_root, lambda folder: data.write_cityscapes(folder, seed=config.seed + 1))
             _generated(root, lambda folder: data.write_gta5(folder, count=8, seed=config.seed))
+            _generated(source_root, lambda folder: data.write_gta5(folder, count=4, seed=config.seed + 2))
         test = data.load_cityscapes(target_root, "val")
-        return data.load_gta5(root, size=test["images"].shape[1:3]), test
+        size = test["images"].shape[1:3]
+        source = data.load_gta5(source_root, size=size) if source_root else None
+        return data.load_gta5(root, size=size), test, source
     root = Path(config.data) if config.data else out / "data"
     if config.synthetic:
         writer = data.write_nyuv2 if config.dataset == "nyuv2" else data.write_cityscapes
         _generated(root, lambda folder: writer(folder, seed=config.seed))
     load = data.load_nyuv2 if config.dataset == "nyuv2" else data.load_cityscapes
-    return load(root, "train"), load(root, "val")
+    return load(root, "train"), load(root, "val"), None
 
 
 # ------------------------------------------------------------------------------------------------- logging
@@ -321,7 +336,10 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     axes[0, 0].set(title="training losses (epoch means)", xlabel="epoch", yscale="log")
     axes[0, 0].legend(fontsize=6)
     for axis, name in zip(axes[0, 1:], metric_names):
-        axis.plot(epochs, [line["test"][name] for line in history], marker=".")
+        axis.plot(epochs, [line["test"][name] for line in history], marker=".", label="test")
+        if "source" in history[-1]:
+            axis.plot(epochs, [line["source"][name] for line in history], marker=".", ls="--", label="source")
+            axis.legend(fontsize=6)
         axis.set(title=name, xlabel="epoch")
     figure.tight_layout()
     save_figure(figure, path)
@@ -434,20 +452,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"over; got {config.batch_size}")
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
 
-    train_split, test_split = _load_splits(config, out)
+    train_split, test_split, source_split = _load_splits(config, out)
     model_config = config.model_config()
     task_names = [name for name, _ in model_config.tasks]
     keep = ["images", *task_names]
-    train_split = {k: v for k, v in train_split.items() if k in keep}
-    test_split = {k: v for k, v in test_split.items() if k in keep}
+    train_split, test_split = ({k: v for k, v in split.items() if k in keep} for split in (train_split, test_split))
     if config.batch_size > len(train_split["images"]):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                          f"({len(train_split['images'])} examples), which would leave no full batch")
     # On the device: a copy of each split on every device, each batch gathered there already split over them.
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)
-    test_loader = Loader(test_split, min(config.batch_size, len(test_split["images"])), seed=config.seed,
-                         shuffle=False, drop_last=False, **placement)
+    evaluation_loader = lambda split: Loader(split, min(config.batch_size, len(split["images"])), seed=config.seed,
+                                             shuffle=False, drop_last=False, **placement)
+    test_loader = evaluation_loader(test_split)
+    # GTA5 -> Cityscapes with a held-out source split: evaluated beside the target, for the source-target gap.
+    source_loader = evaluation_loader({k: v for k, v in source_split.items() if k in keep}) if source_split else None
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
 
     weights = losses.PRESETS[config.weights_preset]
@@ -470,8 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     augment_config = AugmentConfig(**AUGMENTATIONS[config.dataset])
     augment_batch = jax.jit(lambda key, batch: augment(key, batch, augment_config))
 
-    def test_batches():
-        return trainer.placed_for_evaluation(mesh, test_loader.epoch(0))
+    def test_batches(loader=test_loader):
+        return trainer.placed_for_evaluation(mesh, loader.epoch(0))
 
     # Closed on the way out, also when training stops with an error, so Orbax's background machinery ends cleanly.
     with Checkpoints(checkpoints_dir) as checkpoints:
@@ -535,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             line = {"epoch": epoch + 1, "devices": int(mesh.devices.size),
                     "train": {k: v / count for k, v in sums.items()}, "test": test_metrics,
                     "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
+            if source_loader:
+                line["source"] = trainer.evaluate(predict, state, test_batches(source_loader), model_config.tasks)
             history.append(line)
             if primary:
                 _write_history(out / "metrics.jsonl", history)
@@ -552,6 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                "model": dataclasses.asdict(model_config), "loss_weights_preset": config.weights_preset,
                "final": history[-1]["test"], "epochs": len(history),
                "history": history}
+    if source_loader:
+        # The paper's Table 2: source and target metrics and their gap (target - source; for errors, a positive gap
+        # is a loss of accuracy out of distribution, for mIoU and pixel accuracy a negative one).
+        results["final_source"] = history[-1]["source"]
+        results["source_target_gap"] = {name: value - history[-1]["source"][name]
+                                        for name, value in history[-1]["test"].items()}
     written = ["results.json", "curves.png", "samples.png"]
     if config.corruption_names:
         passes = tqdm(total=len(config.corruption_names) * len(config.severity_levels), desc="corrupted val",
@@ -572,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(out / "results.json", results)
     if not config.quiet:
         print(f"final test metrics: {json.dumps(history[-1]['test'])}")
+        if source_loader:
+            print(f"final source metrics: {json.dumps(results['final_source'])}")
         if config.corruption_names:
             print(f"mean under corruption: {json.dumps(results['corrupted_mean'])}")
         print(f"wrote {', '.join(f'{out}/{name}' for name in written)}")

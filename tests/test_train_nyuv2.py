@@ -84,8 +84,9 @@ def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path
 
 
 def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
-    """Trains on generated GTA5, evaluates on generated Cityscapes' val split, then under two corruptions; in
-    bfloat16, as a GPU user would run it (training, evaluation, checkpoint and panels all take that path)."""
+    """Trains on generated GTA5, evaluates on generated Cityscapes' val split and on held-out GTA5 scenes (the
+    source-target gap), then under two corruptions; in bfloat16, as a GPU user would run it (training, evaluation,
+    checkpoint and panels all take that path)."""
     out = tmp_path / "gta5"
     result = run(["--synthetic", "--dataset", "gta5", "--model", "tiny", "--method", "ew", "--epochs", "1",
                   "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet",
@@ -95,6 +96,12 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
     results = json.loads((out / "results.json").read_text())
     metric_names = {"segmentation/miou", "segmentation/pixel_accuracy", "depth/abs_err", "depth/rel_err"}
     assert set(results["final"]) == metric_names  # Cityscapes' tasks: no normals
+    # The source split (other scenes than the training ones) is scored beside the target, and the gap is theirs.
+    assert results["history"][-1]["source"] == results["final_source"] and set(results["final_source"]) == metric_names
+    for name in metric_names:
+        assert results["source_target_gap"][name] == pytest.approx(results["final"][name] -
+                                                                  results["final_source"][name])
+    assert results["final_source"] != results["final"]
     assert results["loss_weights_preset"] == "gta5_to_cityscapes" and results["epochs"] == 1
     assert results["model"]["compute_dtype"] == "bfloat16"
     corrupted = results["corrupted"]
@@ -119,6 +126,8 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
     (["--synthetic", "--method", "stl", "--task", "albedo"], "--task must be one of segmentation, depth, normal"),
     (["--synthetic", "--batch-size", "two"], "--batch-size"),
     (["--synthetic", "--target-data", "/tmp"], "--target-data is for --dataset gta5 only"),
+    (["--synthetic", "--source-data", "/tmp"], "--source-data is for --dataset gta5 only"),
+    (["--synthetic", "--dataset", "gta5", "--source-data", "/nonexistent"], "--source-data: no such folder"),
     (["--synthetic", "--variant", "theirs"], "--variant must be one of paper, authors"),
     (["--synthetic", "--variant", "authors", "--heads-read", "semantic"], "heads_read"),
     (["--synthetic", "--perceptual", "/nonexistent.npz"], "--perceptual: no such file: /nonexistent.npz"),
