@@ -221,7 +221,8 @@ class SelfAttention(nnx.Module):
         query, key, value = tokens(self.query), tokens(self.key), tokens(self.value)
         # Logits accumulated and kept in float32 under bfloat16: unscaled (SAGAN), they can be large, and rounding
         # them to bfloat16 before the softmax would move the attention weights.
-        logits = jnp.einsum("bic,bjc->bij", query, key, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bic,bjc->bij", query, key,
+                            preferred_element_type=jnp.promote_types(query.dtype, jnp.float32))
         attention = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         attended = jnp.einsum("bij,bjc->bic", attention, value).reshape(x.shape)
         return self.gamma[...].astype(attended.dtype) * attended + x.astype(attended.dtype)

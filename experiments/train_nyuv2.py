@@ -15,24 +15,24 @@
 
 ``--data`` is a folder in the LibMTL/MTAN layout (``train`` and ``val`` with ``image``, ``label``, ``depth`` and
 ``normal`` subfolders of ``<i>.npy``); ``--synthetic`` generates a small set in that layout under ``<out>/data``.
-Methods: ``core`` (the dual-stream model with hard grounding, the authors' stages, CKA ramp and counterfactual
-pass), ``stl`` (one task, for the Δp/Δm baselines), or any method of ``theory.balancing`` on the same backbone and
-heads, with hard parameter sharing or ``--architecture mtan``. ``--dataset cityscapes`` trains on LibMTL's
-Cityscapes (7 classes and disparity); ``--dataset gta5`` trains on GTA5 (``images/``, ``labels/``, ``depth/``,
-mapped onto the same 7 classes) and evaluates on the val split of the Cityscapes folder ``--target-data``: the
-paper's GTA5→Cityscapes shift; ``--source-data`` adds a held-out GTA5 folder, evaluated beside it, for the source
-metrics and the target − source gap (``final_source``, ``source_target_gap``). ``--corruptions`` evaluates the
-final model once more on the val split corrupted by each named corruption at each of ``--severities``
-(``paper``: the four the paper reports on Cityscapes-C, generated in code by :func:`deep.data.corrupt`; ``all``:
-ten); the results go to ``results.json`` (``corrupted``, ``corrupted_mean``) and ``corruptions.png``.
+Methods: ``core`` (the dual-stream model with hard grounding, the authors' stages, CKA ramp and counterfactual pass),
+``stl`` (one task, for the Δp/Δm baselines), or any method of ``theory.balancing`` on the same backbone and heads,
+with hard parameter sharing or ``--architecture mtan``. ``--dataset cityscapes`` trains on LibMTL's Cityscapes (7
+classes and disparity); ``--dataset gta5`` trains on GTA5 (``images/``, ``labels/``, ``depth/``, mapped onto the same
+7 classes) and evaluates on the val split of the Cityscapes folder ``--target-data``: the paper's GTA5→Cityscapes
+shift; ``--source-data`` adds a held-out GTA5 folder, evaluated beside it, for the source metrics and the target −
+source gap (``final_source``, ``source_target_gap``). ``--corruptions`` evaluates the final model once more on the
+val split corrupted in code (:func:`deep.data.corrupt`) by each named corruption at each of ``--severities``
+(``paper``: the four the paper reports on Cityscapes-C; ``all``: ten); the results go to ``results.json``
+(``corrupted``, ``corrupted_mean``) and ``corruptions.png``.
 
 Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported,
-never used to choose anything — the run's result is its last epoch), a line in ``<out>/metrics.jsonl`` and an
-Orbax checkpoint written atomically. ``--resume`` continues from the newest readable checkpoint and ends where an
-uninterrupted run with the same flags ends: batches, augmentations and keys depend only on the seed, the epoch and
-the step. At the end: ``results.json``, ``curves.png`` (losses and metrics per epoch) and ``samples.png`` (image,
-labels, predictions, and for CORE-MTL the rendered reconstruction and a counterfactual with a swapped residual
-code).
+never used to choose anything — the run's result is its last epoch) and of ``--source-data`` (under ``source``), a
+line in ``<out>/metrics.jsonl`` and an Orbax checkpoint written atomically. ``--resume`` continues from the newest
+readable checkpoint and ends where an uninterrupted run with the same flags ends: batches, augmentations and keys
+depend only on the seed, the epoch and the step. At the end: ``results.json``, ``curves.png`` (losses and metrics per
+epoch) and ``samples.png`` (image, labels, predictions, and for CORE-MTL the rendered reconstruction and a
+counterfactual with a swapped residual code).
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class TrainConfig:
     synthetic: bool = dataclasses.field(default=False, metadata={
         "help": "generate a small data set in that layout under <out>/data instead of --data"})
     dataset: str = dataclasses.field(default="nyuv2", metadata={
-        "help": "nyuv2, cityscapes, or gta5 (train on GTA5, evaluate on Cityscapes' val split: --target-data)"})
+        "help": "nyuv2, cityscapes, or gta5 (train on GTA5, evaluate on Cityscapes' val split: --target-data, "
+                "and on held-out GTA5 scenes: --source-data)"})
     target_data: str = dataclasses.field(default="", metadata={
         "help": "for --dataset gta5: the Cityscapes folder (LibMTL layout) whose val split is the OOD target"})
     source_data: str = dataclasses.field(default="", metadata={
@@ -200,16 +201,15 @@ class TrainConfig:
                              f"{self.method}")
         if self.data and not Path(self.data).is_dir():
             raise FileNotFoundError(f"--data: no such folder: {self.data}")
-        if self.target_data and self.dataset != "gta5":
-            raise ValueError(f"--target-data is for --dataset gta5 only; got --dataset {self.dataset}")
+        for option, path in (("--target-data", self.target_data), ("--source-data", self.source_data)):
+            if path and self.dataset != "gta5":
+                raise ValueError(f"{option} is for --dataset gta5 only; got --dataset {self.dataset}")
+            if path and not Path(path).is_dir():
+                raise FileNotFoundError(f"{option}: no such folder: {path}")
         if self.dataset == "gta5" and self.data and not self.target_data:
             raise ValueError("--dataset gta5 needs --target-data PATH: the Cityscapes folder it is evaluated on")
-        if self.target_data and not Path(self.target_data).is_dir():
-            raise FileNotFoundError(f"--target-data: no such folder: {self.target_data}")
-        if self.source_data and self.dataset != "gta5":
-            raise ValueError(f"--source-data is for --dataset gta5 only; got --dataset {self.dataset}")
-        if self.source_data and not Path(self.source_data).is_dir():
-            raise FileNotFoundError(f"--source-data: no such folder: {self.source_data}")
+        if self.source_data and self.data and _absolute(self.source_data) == _absolute(self.data):
+            raise ValueError("--source-data must be a held-out GTA5 folder, not the training folder --data")
         self.corruption_names  # validates --corruptions and --severities
         self.severity_levels
         self.model_config()  # the model's own checks (a head that needs features the variant does not give...)
@@ -335,10 +335,15 @@ def _plot_curves(history: list[dict], path: Path) -> None:
         axes[0, 0].plot(epochs, [line["train"].get(name, float("nan")) for line in history], label=name)
     axes[0, 0].set(title="training losses (epoch means)", xlabel="epoch", yscale="log")
     axes[0, 0].legend(fontsize=6)
+    # GTA5 with held-out source scenes, beside the test split, which is then the target; a line written before a
+    # resume by an older version may lack them.
+    with_source = any("source" in line for line in history)
     for axis, name in zip(axes[0, 1:], metric_names):
-        axis.plot(epochs, [line["test"][name] for line in history], marker=".", label="test")
-        if "source" in history[-1]:
-            axis.plot(epochs, [line["source"][name] for line in history], marker=".", ls="--", label="source")
+        axis.plot(epochs, [line["test"][name] for line in history], marker=".",
+                  label="target" if with_source else "test")
+        if with_source:
+            axis.plot(epochs, [line.get("source", {}).get(name, float("nan")) for line in history], marker=".",
+                      ls="--", label="source")
             axis.legend(fontsize=6)
         axis.set(title=name, xlabel="epoch")
     figure.tight_layout()
@@ -456,18 +461,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_config = config.model_config()
     task_names = [name for name, _ in model_config.tasks]
     keep = ["images", *task_names]
-    train_split, test_split = ({k: v for k, v in split.items() if k in keep} for split in (train_split, test_split))
+    tasks_only = lambda split: {k: v for k, v in split.items() if k in keep}  # noqa: E731
+    train_split, test_split = tasks_only(train_split), tasks_only(test_split)
+    source_split = tasks_only(source_split) if source_split is not None else None
     if config.batch_size > len(train_split["images"]):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
                          f"({len(train_split['images'])} examples), which would leave no full batch")
     # On the device: a copy of each split on every device, each batch gathered there already split over them.
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)
-    evaluation_loader = lambda split: Loader(split, min(config.batch_size, len(split["images"])), seed=config.seed,
-                                             shuffle=False, drop_last=False, **placement)
+
+    def evaluation_loader(split: dict) -> Loader:
+        return Loader(split, min(config.batch_size, len(split["images"])), seed=config.seed, shuffle=False,
+                      drop_last=False, **placement)
+
     test_loader = evaluation_loader(test_split)
     # GTA5 -> Cityscapes with a held-out source split: evaluated beside the target, for the source-target gap.
-    source_loader = evaluation_loader({k: v for k, v in source_split.items() if k in keep}) if source_split else None
+    source_loader = evaluation_loader(source_split) if source_split is not None else None
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
 
     weights = losses.PRESETS[config.weights_preset]
@@ -555,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             line = {"epoch": epoch + 1, "devices": int(mesh.devices.size),
                     "train": {k: v / count for k, v in sums.items()}, "test": test_metrics,
                     "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
-            if source_loader:
+            if source_loader is not None:
                 line["source"] = trainer.evaluate(predict, state, test_batches(source_loader), model_config.tasks)
             history.append(line)
             if primary:
@@ -574,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "model": dataclasses.asdict(model_config), "loss_weights_preset": config.weights_preset,
                "final": history[-1]["test"], "epochs": len(history),
                "history": history}
-    if source_loader:
+    if source_loader is not None:
         # The paper's Table 2: source and target metrics and their gap (target - source; for errors, a positive gap
         # is a loss of accuracy out of distribution, for mIoU and pixel accuracy a negative one).
         results["final_source"] = history[-1]["source"]
@@ -600,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(out / "results.json", results)
     if not config.quiet:
         print(f"final test metrics: {json.dumps(history[-1]['test'])}")
-        if source_loader:
+        if source_loader is not None:
             print(f"final source metrics: {json.dumps(results['final_source'])}")
         if config.corruption_names:
             print(f"mean under corruption: {json.dumps(results['corrupted_mean'])}")

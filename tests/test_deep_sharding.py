@@ -1,5 +1,6 @@
-"""The CORE-MTL step sharded over four CPU devices gives the update of one device (in a subprocess, since the
-device count is fixed when XLA starts)."""
+"""Data parallelism on CPU devices: the CORE-MTL step and the baselines' steps sharded over four devices give the
+update of one device, as do evaluation and the loader's device-held batches (in subprocesses, since the device count
+is fixed when XLA starts); and two processes of two devices build one global batch and state."""
 
 import os
 import subprocess
@@ -141,6 +142,7 @@ def test_the_sharded_baseline_steps_equal_the_single_device_steps():
         model = DualStreamModel(dataclasses.replace(config, grounding="none"), nnx.Rngs(0))
         graphdef, state = train.split_model(model, optimizer)
         sharded_batch, sharded_state = devices.shard(mesh, batch, state)
+        assert len(sharded_batch["images"].sharding.device_set) == 4
         for name in ("pcgrad", "graddrop"):
             balancer = make(name)
             balancer_state = balancer.init(3)
@@ -151,9 +153,9 @@ def test_the_sharded_baseline_steps_equal_the_single_device_steps():
                                                           jax.random.key(0))(
                 sharded_state, balancer_state, sharded_batch, jax.random.key(0))
             # The losses, and the weights the method reads off them and the gradients (PCGrad's from ratios of
-            # dot products over every shared parameter: measured 1e-5 apart).
+            # dot products over every shared parameter: measured 1e-5 apart; all of order 1).
             for metric in single_metrics:
-                np.testing.assert_allclose(sharded_metrics[metric], single_metrics[metric], rtol=1e-4,
+                np.testing.assert_allclose(sharded_metrics[metric], single_metrics[metric], rtol=1e-4, atol=1e-6,
                                            err_msg=metric)
             worst, largest_update = largest_difference(single.params, sharded.params, state.params)
             print(name, "max difference", worst, "largest update", largest_update)

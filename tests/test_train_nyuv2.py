@@ -128,6 +128,8 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
     (["--synthetic", "--target-data", "/tmp"], "--target-data is for --dataset gta5 only"),
     (["--synthetic", "--source-data", "/tmp"], "--source-data is for --dataset gta5 only"),
     (["--synthetic", "--dataset", "gta5", "--source-data", "/nonexistent"], "--source-data: no such folder"),
+    (["--data", "/tmp", "--dataset", "gta5", "--target-data", "/tmp", "--source-data", "/tmp/"],
+     "--source-data must be a held-out GTA5 folder, not the training folder --data"),
     (["--synthetic", "--variant", "theirs"], "--variant must be one of paper, authors"),
     (["--synthetic", "--variant", "authors", "--heads-read", "semantic"], "heads_read"),
     (["--synthetic", "--perceptual", "/nonexistent.npz"], "--perceptual: no such file: /nonexistent.npz"),

@@ -40,7 +40,8 @@ import numpy as np
 
 from deep.data.resample import pil_weights
 
-__all__ = ["CORRUPTIONS", "PAPER_CORRUPTIONS", "SEVERITY_PARAMETERS", "corrupt", "plasma_fractal", "defocus_kernel", "gaussian_kernel"]
+__all__ = ["CORRUPTIONS", "PAPER_CORRUPTIONS", "SEVERITY_PARAMETERS", "corrupt",
+           "plasma_fractal", "defocus_kernel", "gaussian_kernel"]
 
 SEVERITY_PARAMETERS = {
     "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
