@@ -52,6 +52,8 @@ class BenchConfig:
     def __post_init__(self):
         if self.config not in SETTINGS:
             raise ValueError(f"--config must be one of {', '.join(SETTINGS)}; got {self.config!r}")
+        if not self.out:  # the default filled in here, so that it is checked before the benchmark runs
+            object.__setattr__(self, "out", str(ROOT / "bench" / "results" / "bench_data.json"))
         batch = SETTINGS[self.config][1]
         if self.examples < batch:
             raise ValueError(f"--examples must be >= the batch size {batch}; got {self.examples}")
@@ -136,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     backend = jax.default_backend()
     comparable = step["backend"] == backend and list(step["image_size"] or []) == list(size)
-    out = Path(config.out or ROOT / "bench" / "results" / "bench_data.json")
+    out = Path(config.out)
     write_json(out, {"benchmark": "bench_data", "config": config.config, "image_size": list(size), "batch": batch,
                      "examples": config.examples, "step_json": str(step_path), "step": step,
                      "target_ratio": TARGET_RATIO, "comparable": comparable, "rows": rows,

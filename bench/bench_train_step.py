@@ -92,6 +92,10 @@ class BenchConfig:
             raise ValueError(f"--peak-tflops must be >= 0; got {self.peak_tflops}")
         if self.trace:
             check_output_path(self.trace, "folder", "--trace")
+        if not self.out:  # the default filled in here, so that it is checked before the benchmark runs
+            suffix = "" if self.variant == "paper" else f"_{self.variant}"
+            object.__setattr__(self, "out", str(ROOT / "bench" / "results" /
+                                                f"bench_train_step_{self.config}{suffix}.json"))
 
 
 def _setting(name: str, variant: str):
@@ -278,8 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_config = dataclasses.replace(model_config, dilated_conv=config.dilated_conv)
     batch = _batch(batch_size, size)
     key = jax.random.key(1)
-    suffix = "" if config.variant == "paper" else f"_{config.variant}"
-    out = Path(config.out or ROOT / "bench" / "results" / f"bench_train_step_{config.config}{suffix}.json")
+    out = Path(config.out)
     methods = parse_choices("--methods", config.methods, METHODS)
     payload = lambda rows: {"benchmark": "bench_train_step", "config": config.config, "variant": config.variant,
                             "dilated_conv": model_config.dilated_conv, "batch": batch_size,

@@ -233,7 +233,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write(tmp)`` on a temporary file next to ``path``, then renames it into place.
+    """Calls ``write(tmp)`` on a temporary file next to ``path``, flushes it to the disk, then renames it into place:
+    a killed process, or a machine that loses power, leaves the old file or the new one, never a part.
 
     An ``OSError`` about the temporary file names ``path`` instead (a name the user never gave).
     """
@@ -250,6 +251,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared like any other
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except OSError as error:
         if error.filename not in (None, tmp_name, str(path)):
@@ -268,8 +271,30 @@ def _naming(error: OSError, path: Path) -> OSError:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Writes ``payload`` as indented JSON, atomically."""
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n"))
+    """Writes ``payload`` as indented JSON, atomically. A NaN or infinity (which JSON cannot hold) is refused with
+    one line naming where it is, and the file is left as it was."""
+    try:
+        text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        where = _first_non_finite(payload, "")
+        if where is None:
+            raise
+        raise ValueError(f"{path}: {where or 'the value'} is not a finite number, which JSON cannot hold (did the "
+                         f"computation diverge?)") from None
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _first_non_finite(value, where: str) -> str | None:
+    """The key path (``a.b[2]``) of the first NaN or infinity in nested dicts and lists, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _first_non_finite(item, f"{where}.{key}" if isinstance(key, str) and where else
+                                  key if isinstance(key, str) else f"{where}[{key}]")
+        if found is not None:
+            return found
+    return None
 
 
 def pyplot():

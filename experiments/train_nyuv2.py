@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -310,12 +311,49 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
 
 
 def _read_history(path: Path, before_epoch: int) -> list[dict]:
-    """The JSON lines of epochs already checkpointed (a run killed between the line and the checkpoint redoes the
-    epoch, so later lines are dropped)."""
-    if not path.exists():
+    """The JSON lines of the ``before_epoch`` epochs already checkpointed (a run killed between the line and the
+    checkpoint redoes the epoch, so later lines are dropped). A file that does not hold exactly epochs
+    1..before_epoch (lost, truncated or edited) is refused: the results would silently lack those epochs."""
+    if before_epoch == 0:
         return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [line for line in lines if line["epoch"] <= before_epoch]
+    expected = f"{path} must hold the JSON line of each epoch from 1 to {before_epoch} (the checkpoints' epochs)"
+    remedy = "restore it, or start a new --out"
+    if not path.exists():
+        raise ValueError(f"--resume: {expected}; it is missing: {remedy}")
+    lines = []
+    try:
+        texts = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--resume: {expected}; it is not text: {remedy}") from None
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--resume: {expected}; its line {number} is not JSON: {remedy}") from None
+        if not isinstance(line, dict) or not isinstance(line.get("epoch"), int):
+            raise ValueError(f"--resume: {expected}; its line {number} has no epoch number: {remedy}")
+        lines.append(line)
+    kept = [line for line in lines if line["epoch"] <= before_epoch]
+    if [line["epoch"] for line in kept] != list(range(1, before_epoch + 1)):
+        raise ValueError(f"--resume: {expected}; it holds epochs {[line['epoch'] for line in kept]}: {remedy}")
+    return kept
+
+
+def _non_finite_metrics(line: dict) -> list[str]:
+    """The evaluation metrics of an epoch's line (``test`` and ``source``) that are NaN or infinite, named."""
+    return [f"{split} {name}" for split in ("test", "source") for name, value in line.get(split, {}).items()
+            if not math.isfinite(value)]
+
+
+def _earlier_corruption_results(path: Path) -> dict:
+    """The corruption results of the ``results.json`` at ``path`` ({} when it has none or cannot be read)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: earlier[k] for k in ("corrupted", "corrupted_mean") if isinstance(earlier, dict) and k in earlier}
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -436,9 +474,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.resume:
         if not identity_path.exists():
             raise FileNotFoundError(f"--resume: no run to resume in {out} (run.json is missing)")
-        saved = json.loads(identity_path.read_text())
+        try:
+            saved = json.loads(identity_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            saved = None
         if not isinstance(saved, dict):
-            raise ValueError(f"--resume: {identity_path} is not this script's record of a run (a JSON object)")
+            raise ValueError(f"--resume: {identity_path} is not this script's record of a run (a JSON object of its "
+                             f"flags): restore it, or start a new --out")
         # A field that an older version did not record had its default then; paths it recorded as given are
         # compared from the current folder.
         defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
@@ -515,18 +557,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 start_epoch = epoch
                 state, balancer_state = restored["state"], restored["balancer"]
         history = _read_history(out / "metrics.jsonl", start_epoch)
+        finished_before = start_epoch == config.epochs  # resumed once done: the final model is the earlier one
         base_key = jax.random.key(config.seed)
         started = time.time()
+
+        def last_good_state() -> str:
+            saved = checkpoints.latest_epoch()
+            return (f"the last good state is the checkpoint of epoch {saved} in {checkpoints_dir}" if saved else
+                    "no epoch had completed, so there is no checkpoint")
 
         def record(index: int, metrics: dict, sums: dict, count: int, bar) -> int:
             """Adds one step's metrics to the epoch's sums (stopping at a non-finite step) and returns the count."""
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # copied together, one wait
             if not metrics.pop("finite"):
-                saved = checkpoints.latest_epoch()
-                last = f"the last good state is the checkpoint of epoch {saved} in {checkpoints_dir}" if saved else (
-                    "no epoch had completed, so there is no checkpoint")
                 raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
-                                 f"gradient (that step was not applied); {last}")
+                                 f"gradient (that step was not applied); {last_good_state()}")
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
             bar.set_postfix({name: f"{sums[name] / (count + 1):.3g}" for name in ("loss", *task_names)},
@@ -567,6 +612,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
             if source_loader is not None:
                 line["source"] = trainer.evaluate(predict, state, test_batches(source_loader), model_config.tasks)
+            # Finite training steps can still predict NaN or infinity (an overflow in bfloat16, say): stop before
+            # the epoch is recorded or checkpointed, since a resume would redo the same epoch and meet it again.
+            bad = _non_finite_metrics(line)
+            if bad:
+                raise ValueError(f"the model diverged at epoch {epoch + 1}: its evaluation gave a non-finite "
+                                 f"{', '.join(bad)}; {last_good_state()}")
             history.append(line)
             if primary:
                 _write_history(out / "metrics.jsonl", history)
@@ -605,6 +656,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if primary:
             _plot_corruptions(history[-1]["test"], corrupted, out / "corruptions.png")
         written.append("corruptions.png")
+    elif finished_before:
+        # Resumed once finished, without --corruptions: the model is the one an earlier pass evaluated under
+        # corruption, so those results stay (after more training they would describe an older model, and go).
+        results.update(_earlier_corruption_results(out / "results.json"))
     results.update(seconds_this_process=time.time() - started, environment=environment())
     if primary:
         write_json(out / "results.json", results)

@@ -37,8 +37,9 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
         write_atomically(path, failing)
     assert json.loads(path.read_text()) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
-    with pytest.raises(ValueError):
-        write_json(path, {"x": float("nan")})  # NaN is not JSON: refused, file untouched
+    # NaN is not JSON: refused, naming where it is, and the file is untouched.
+    with pytest.raises(ValueError, match=r"result.json: methods.ew.gap\[1\] is not a finite number"):
+        write_json(path, {"methods": {"ew": {"gap": [0.5, float("nan")]}}})
     assert json.loads(path.read_text()) == {"version": 1}
 
 

@@ -3,6 +3,7 @@ same numbers, and bad flags rejected with one line."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,8 +200,44 @@ def test_a_resume_compares_paths_as_files_and_fills_in_the_datasets_defaults(tmp
     assert (clean.batch_size, corrupted.batch_size) == (32, 16)  # the paper's Cityscapes-C runs: batches of 16
 
 
+def test_a_damaged_record_of_the_run_is_refused_on_resume(tmp_path):
+    """run.json that is not JSON, and a metrics.jsonl that lacks checkpointed epochs or cannot be read: one line
+    each (the results would otherwise silently lack epochs), before any work for run.json."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text('{"data": ')
+    assert_one_line_error(run_in_process("experiments/train_nyuv2.py", *FLAGS, "--out", str(out), "--resume",
+                                         computation="_load_splits"),
+                          f"--resume: {out / 'run.json'} is not this script's record of a run")
+    read_history = load_script("experiments/train_nyuv2.py")._read_history
+    history = tmp_path / "metrics.jsonl"
+    assert read_history(history, 0) == []  # nothing checkpointed: nothing to read
+    history.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n')
+    assert [line["epoch"] for line in read_history(history, 2)] == [1, 2]  # the epoch killed before its checkpoint
+    for text, problem in (('{"epoch": 2}\n', "it holds epochs [2]"),
+                          ('{"epoch": 1}\nnot json\n', "its line 2 is not JSON"),
+                          ('{"epoch": 1}\n[2]\n', "its line 2 has no epoch number"), (None, "it is missing")):
+        history.unlink(missing_ok=True)
+        if text is not None:
+            history.write_text(text)
+        with pytest.raises(ValueError, match=f"must hold the JSON line of each epoch from 1 to 2 .*; "
+                                             f"{re.escape(problem)}"):
+            read_history(history, 2)
+
+
+def test_an_epoch_whose_evaluation_is_not_finite_is_named():
+    """What stops a run before its epoch is recorded (a non-finite metric would make metrics.jsonl unwritable, and
+    every resume would redo the epoch and meet it again)."""
+    non_finite = load_script("experiments/train_nyuv2.py")._non_finite_metrics
+    line = {"train": {"loss": float("nan")}, "test": {"depth/abs_err": 0.5, "normal/median": float("nan")},
+            "source": {"depth/abs_err": float("inf")}}
+    assert non_finite(line) == ["test normal/median", "source depth/abs_err"]
+    assert non_finite({"test": {"depth/abs_err": 0.5}}) == []
+
+
 def test_a_finished_run_adds_the_corruption_evaluation_on_resume(uninterrupted, cache, tmp_path):
-    """--corruptions is evaluation only: resuming a finished run with it trains nothing and adds the results."""
+    """--corruptions is evaluation only: resuming a finished run with it trains nothing and adds the results, which
+    a later resume without it keeps (the model is the same)."""
     reference = uninterrupted
     out = tmp_path / "finished"
     shutil.copytree(reference, out)
@@ -210,6 +247,10 @@ def test_a_finished_run_adds_the_corruption_evaluation_on_resume(uninterrupted, 
     assert results["final"] == json.loads((reference / "results.json").read_text())["final"]
     assert set(results["corrupted"]) == {"contrast"} and set(results["corrupted"]["contrast"]) == {"5"}
     assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    result = run([*FLAGS, "--out", str(out), "--resume"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((out / "results.json").read_text())
+    assert again["corrupted"] == results["corrupted"] and again["corrupted_mean"] == results["corrupted_mean"]
 
 
 def test_two_processes_of_two_devices_reach_the_numbers_of_one_device(uninterrupted, cache, tmp_path):
