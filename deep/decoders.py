@@ -243,10 +243,11 @@ class _ResidualUpBlock(nnx.Module):
     r""":math:`\mathrm{ReLU}\big(\mathrm{conv}_{1\times1}(\uparrow x) + \mathrm{IN}(\mathrm{conv}_{3\times3}(
     \mathrm{ReLU}(\mathrm{IN}(\mathrm{conv}_{3\times3}(\uparrow x)))))\big)`, with :math:`\uparrow` bilinear ×2.
 
-    The convolutions before an InstanceNorm have no bias, which the normalisation would remove exactly."""
+    No convolution has a bias, as in the authors' ``ResidualBlock`` (``bias=False`` on all three; before an
+    InstanceNorm the normalisation would remove one exactly anyway)."""
 
     def __init__(self, in_channels: int, out_channels: int, rngs: nnx.Rngs):
-        self.shortcut = nnx.Conv(in_channels, out_channels, (1, 1), rngs=rngs)
+        self.shortcut = nnx.Conv(in_channels, out_channels, (1, 1), use_bias=False, rngs=rngs)
         self.conv1 = _conv3x3(in_channels, out_channels, rngs, use_bias=False)
         self.conv2 = _conv3x3(out_channels, out_channels, rngs, use_bias=False)
 
@@ -260,14 +261,15 @@ class _AdaINUpBlock(nnx.Module):
     r""":math:`\mathrm{conv}_{1\times1}(\uparrow x) + \mathrm{conv}_{3\times3}(\mathrm{ReLU}(\mathrm{AdaIN}(
     \mathrm{conv}_{3\times3}(\uparrow\mathrm{ReLU}(\mathrm{AdaIN}(x, z_r))), z_r)))`, no final ReLU.
 
-    The first 3×3 convolution has no bias, which the second AdaIN's mean subtraction would remove exactly."""
+    No convolution has a bias, as in the authors' ``AdaINResidualBlock`` (``bias=False`` on all three; the second
+    AdaIN's mean subtraction would remove the first one's exactly anyway)."""
 
     def __init__(self, in_channels: int, out_channels: int, style_channels: int, rngs: nnx.Rngs):
         self.adain1 = AdaIN(style_channels, in_channels, rngs)
         self.conv1 = _conv3x3(in_channels, out_channels, rngs, use_bias=False)
         self.adain2 = AdaIN(style_channels, out_channels, rngs)
-        self.conv2 = _conv3x3(out_channels, out_channels, rngs)
-        self.shortcut = nnx.Conv(in_channels, out_channels, (1, 1), rngs=rngs)
+        self.conv2 = _conv3x3(out_channels, out_channels, rngs, use_bias=False)
+        self.shortcut = nnx.Conv(in_channels, out_channels, (1, 1), use_bias=False, rngs=rngs)
 
     def __call__(self, x, style):
         main = self.conv1(_upsample2(jax.nn.relu(self.adain1(x, style))))
