@@ -42,13 +42,15 @@ MTAN, a different architecture on the same backbone, is :mod:`deep.mtan`.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deep.atrous import DILATED_CONVS, set_dilated_conv
-from deep.backbone import BackboneConfig, ResNet
+from deep.backbone import BackboneConfig, Bottleneck, ResNet
 from deep.decoders import AppearanceDecoder, GeometryDecoder, PhysicalDecoder
 from deep.heads import ASPPHead, DeepLabV3PlusHead
 from deep.resize import resize_bilinear
@@ -177,6 +179,41 @@ def configure_layers(model: nnx.Module, compute_dtype: str, dilated_conv: str) -
     set_dilated_conv(model, dilated_conv)
 
 
+def initialise_like_pytorch(model: nnx.Module, key: jax.Array) -> None:
+    r"""Draws every convolution's and dense layer's parameters as the authors' PyTorch models start, in one place, so
+    that whatever trains from scratch here (heads, streams, decoders; the whole model without ``--pretrained``)
+    starts at their scale rather than Flax's:
+
+    * the ResNet's convolutions (the backbone, and MTAN's shared bottlenecks): torchvision's ResNet rule, Kaiming
+      normal with fan-out and ReLU gain, :math:`\mathcal N(0, 2/(k_h k_w C_{out}))`;
+    * every other convolution and dense layer: ``nn.Conv2d``'s and ``nn.Linear``'s default, weights and biases
+      :math:`\mathcal U(\pm 1/\sqrt{\text{fan-in}})` (Flax's LeCun normal is :math:`\sqrt 3` times wider and
+      its biases 0).
+
+    Normalisation layers keep scale 1 and offset 0, as in both frameworks. Weights loaded afterwards (a torchvision
+    checkpoint) replace the backbone's."""
+    try:
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    except jax.errors.TracerArrayConversionError:
+        return  # an abstract construction (nnx.eval_shape): only the shapes exist
+    # Drawn on the host: a JAX draw per layer shape would compile a program each (tens of seconds on a CPU).
+    generator = np.random.default_rng(seed)
+    resnet = {id(layer) for _, block in nnx.iter_graph(model) if isinstance(block, (ResNet, Bottleneck))
+              for _, layer in nnx.iter_graph(block) if isinstance(layer, nnx.Conv)}
+    for _, layer in nnx.iter_graph(model):
+        if not isinstance(layer, (nnx.Conv, nnx.Linear)):
+            continue
+        shape, dtype = layer.kernel[...].shape, layer.kernel[...].dtype
+        if id(layer) in resnet:  # kernel [kh, kw, C_in, C_out]
+            std = (2.0 / (shape[-1] * shape[0] * shape[1])) ** 0.5
+            layer.kernel[...] = jnp.asarray(std * generator.standard_normal(shape), dtype)
+        else:  # fan-in: every kernel axis but the last (kh·kw·C_in per group; C_in for a dense layer)
+            bound = 1.0 / math.prod(shape[:-1]) ** 0.5
+            layer.kernel[...] = jnp.asarray(generator.uniform(-bound, bound, shape), dtype)
+            if layer.bias is not None:
+                layer.bias[...] = jnp.asarray(generator.uniform(-bound, bound, layer.bias[...].shape), dtype)
+
+
 class DualStreamModel(nnx.Module):
     """``images [B, H, W, 3] -> (predictions {task: [B, H, W, C_t]}, aux)``."""
 
@@ -201,6 +238,7 @@ class DualStreamModel(nnx.Module):
                                                 config.generic_width) if generic else None
         self.appearance_decoder = AppearanceDecoder(config.semantic_channels, config.residual_channels, rngs,
                                                     config.generic_width) if generic else None
+        initialise_like_pytorch(self, rngs.params())
         configure_layers(self, config.compute_dtype, config.dilated_conv)
 
     def _head(self, features: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Module:

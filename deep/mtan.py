@@ -58,7 +58,7 @@ from flax import nnx
 from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _max_pool, batch_norm
 from deep.heads import ASPPHead
 from deep.atrous import DILATED_CONVS
-from deep.model import COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, configure_layers
+from deep.model import COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, configure_layers, initialise_like_pytorch
 from deep.resize import resize_bilinear
 from deep.shading import unit_vectors
 
@@ -197,6 +197,7 @@ class MTAN(nnx.Module):
         self.heads = nnx.Dict({name: MTANTaskBranch(channels, out_channels, rngs, config.head_channels,
                                                     config.aspp_rates) for name, out_channels in config.tasks})
         self.decoder = self.geometry_decoder = self.appearance_decoder = None
+        initialise_like_pytorch(self, rngs.params())
         configure_layers(self, config.compute_dtype, config.dilated_conv)
 
     @property

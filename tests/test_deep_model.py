@@ -118,6 +118,39 @@ def test_bad_head_input_is_rejected():
         ModelConfig(generic_width=12)
 
 
+def test_fresh_parameters_start_as_the_authors_pytorch_models_do():
+    """Pooled over the layers of a fresh model (the MTAN model's shared bottlenecks included): the ResNet's
+    convolutions are N(0, 2 / fan-out) (torchvision), every other convolution's and dense layer's weights and biases
+    U(+-1/sqrt(fan-in)) (PyTorch's default; Flax's own weights would be sqrt(3) wider, its biases 0). Within 5
+    standard errors of the pooled estimates; an abstract model (nnx.eval_shape) is still built."""
+    from deep.backbone import Bottleneck, ResNet
+    from deep.mtan import MTAN, MTANConfig
+
+    config = dataclasses.replace(TINY, grounding="hard")
+    for model in (DualStreamModel(config, nnx.Rngs(3)),
+                  MTAN(MTANConfig(backbone=TINY.backbone, head_channels=4, aspp_rates=(1, 2, 3)), nnx.Rngs(3))):
+        resnet = {id(layer) for _, block in nnx.iter_graph(model) if isinstance(block, (ResNet, Bottleneck))
+                  for _, layer in nnx.iter_graph(block) if isinstance(layer, nnx.Conv)}
+        normal, uniform = [], []
+        for _, layer in nnx.iter_graph(model):
+            if isinstance(layer, (nnx.Conv, nnx.Linear)):
+                kernel = np.asarray(layer.kernel[...], np.float64)
+                if id(layer) in resnet:
+                    fan_out = kernel.shape[-1] * kernel.shape[0] * kernel.shape[1]
+                    normal.append(kernel.ravel() / np.sqrt(2.0 / fan_out))
+                else:
+                    bound = 1.0 / np.sqrt(np.prod(kernel.shape[:-1]))
+                    uniform.append(kernel.ravel() / bound)
+                    if layer.bias is not None:
+                        uniform.append(np.asarray(layer.bias[...], np.float64) / bound)
+        normal, uniform = np.concatenate(normal), np.concatenate(uniform)
+        assert np.max(np.abs(uniform)) <= 1.0 and len(normal) > 1000 and len(uniform) > 1000
+        # Sample variances: of N(0, 1), SE sqrt(2 / n); of U(-1, 1) (variance 1/3), SE sqrt((1/5 - 1/9) / n).
+        assert abs(normal.var() - 1.0) < 5 * np.sqrt(2 / len(normal)), normal.var()
+        assert abs(uniform.var() - 1 / 3) < 5 * np.sqrt((1 / 5 - 1 / 9) / len(uniform)), uniform.var()
+    assert isinstance(abstract_model(config), DualStreamModel)
+
+
 def abstract_model(config: ModelConfig) -> DualStreamModel:
     """The model with shape-only parameters: tracing it is cheap, nothing is initialised or run."""
     return nnx.eval_shape(lambda: DualStreamModel(config, nnx.Rngs(0)))
