@@ -193,11 +193,15 @@ def initialise_like_pytorch(model: nnx.Module, key: jax.Array) -> None:
     Normalisation layers keep scale 1 and offset 0, as in both frameworks. Weights loaded afterwards (a torchvision
     checkpoint) replace the backbone's."""
     try:
-        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        # Drawn on the host: a JAX draw per layer shape would compile a program each (tens of seconds on a CPU).
+        generator = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        normal, uniform = generator.standard_normal, lambda shape: generator.uniform(-1.0, 1.0, shape)
     except jax.errors.TracerArrayConversionError:
-        return  # an abstract construction (nnx.eval_shape): only the shapes exist
-    # Drawn on the host: a JAX draw per layer shape would compile a program each (tens of seconds on a CPU).
-    generator = np.random.default_rng(seed)
+        # Traced (nnx.eval_shape, or a model built under jit): the same rules with JAX's generator, in the trace.
+        counter = iter(range(1 << 30))
+        normal = lambda shape: jax.random.normal(jax.random.fold_in(key, next(counter)), shape)
+        uniform = lambda shape: jax.random.uniform(jax.random.fold_in(key, next(counter)), shape, minval=-1.0,
+                                                   maxval=1.0)
     resnet = {id(layer) for _, block in nnx.iter_graph(model) if isinstance(block, (ResNet, Bottleneck))
               for _, layer in nnx.iter_graph(block) if isinstance(layer, nnx.Conv)}
     for _, layer in nnx.iter_graph(model):
@@ -206,12 +210,12 @@ def initialise_like_pytorch(model: nnx.Module, key: jax.Array) -> None:
         shape, dtype = layer.kernel[...].shape, layer.kernel[...].dtype
         if id(layer) in resnet:  # kernel [kh, kw, C_in, C_out]
             std = (2.0 / (shape[-1] * shape[0] * shape[1])) ** 0.5
-            layer.kernel[...] = jnp.asarray(std * generator.standard_normal(shape), dtype)
+            layer.kernel[...] = jnp.asarray(std * normal(shape), dtype)
         else:  # fan-in: every kernel axis but the last (kh·kw·C_in per group; C_in for a dense layer)
             bound = 1.0 / math.prod(shape[:-1]) ** 0.5
-            layer.kernel[...] = jnp.asarray(generator.uniform(-bound, bound, shape), dtype)
+            layer.kernel[...] = jnp.asarray(bound * uniform(shape), dtype)
             if layer.bias is not None:
-                layer.bias[...] = jnp.asarray(generator.uniform(-bound, bound, layer.bias[...].shape), dtype)
+                layer.bias[...] = jnp.asarray(bound * uniform(layer.bias[...].shape), dtype)
 
 
 class DualStreamModel(nnx.Module):
