@@ -22,7 +22,9 @@ case "$part" in
     1|2|3|4|5|all) ;;
     *) echo "gpu_figures.sh: PART must be 1, 2, 3, 4, 5 or all; got '$part' ($usage)" >&2; exit 2 ;;
 esac
-mkdir -p "$out" && out="$(cd "$out" && pwd)" || { echo "gpu_figures.sh: cannot write to the folder '$out'" >&2; exit 2; }
+given="$out"
+mkdir -p -- "$given" && out="$(CDPATH= cd -- "$given" && pwd)" && [ -w "$out" ] \
+    || { echo "gpu_figures.sh: cannot write to the folder '$given'" >&2; exit 2; }
 log="$out/log.txt"
 trace="${TRACE_DIR:-$out/trace}"
 cd "$(dirname "$0")/.."

@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from deep.atrous import DILATED_CONVS, set_dilated_conv
-from deep.backbone import BackboneConfig, Bottleneck, ResNet
+from deep.backbone import BackboneConfig, ResNet
 from deep.decoders import AppearanceDecoder, GeometryDecoder, PhysicalDecoder
 from deep.heads import ASPPHead, DeepLabV3PlusHead
 from deep.resize import resize_bilinear
@@ -184,9 +184,10 @@ def initialise_like_pytorch(model: nnx.Module, key: jax.Array) -> None:
     that whatever trains from scratch here (heads, streams, decoders; the whole model without ``--pretrained``)
     starts at their scale rather than Flax's:
 
-    * the ResNet's convolutions (the backbone, and MTAN's shared bottlenecks): torchvision's ResNet rule, Kaiming
-      normal with fan-out and ReLU gain, :math:`\mathcal N(0, 2/(k_h k_w C_{out}))`;
-    * every other convolution and dense layer: ``nn.Conv2d``'s and ``nn.Linear``'s default, weights and biases
+    * the backbone ResNet's convolutions: torchvision's ResNet rule (LibMTL's too), Kaiming normal with fan-out and
+      ReLU gain, :math:`\mathcal N(0, 2/(k_h k_w C_{out}))`;
+    * every other convolution and dense layer, MTAN's shared transition bottlenecks included (LibMTL builds them
+      outside its ResNet): ``nn.Conv2d``'s and ``nn.Linear``'s default, weights and biases
       :math:`\mathcal U(\pm 1/\sqrt{\text{fan-in}})` (Flax's LeCun normal is :math:`\sqrt 3` times wider and
       its biases 0).
 
@@ -197,12 +198,13 @@ def initialise_like_pytorch(model: nnx.Module, key: jax.Array) -> None:
         generator = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
         normal, uniform = generator.standard_normal, lambda shape: generator.uniform(-1.0, 1.0, shape)
     except jax.errors.TracerArrayConversionError:
-        # Traced (nnx.eval_shape, or a model built under jit): the same rules with JAX's generator, in the trace.
+        # Traced (nnx.eval_shape, or a model built under jit): the same rules with JAX's generator, in the trace
+        # (other values than an eager build from the same key, from the same distributions).
         counter = iter(range(1 << 30))
         normal = lambda shape: jax.random.normal(jax.random.fold_in(key, next(counter)), shape)
         uniform = lambda shape: jax.random.uniform(jax.random.fold_in(key, next(counter)), shape, minval=-1.0,
                                                    maxval=1.0)
-    resnet = {id(layer) for _, block in nnx.iter_graph(model) if isinstance(block, (ResNet, Bottleneck))
+    resnet = {id(layer) for _, block in nnx.iter_graph(model) if isinstance(block, ResNet)
               for _, layer in nnx.iter_graph(block) if isinstance(layer, nnx.Conv)}
     for _, layer in nnx.iter_graph(model):
         if not isinstance(layer, (nnx.Conv, nnx.Linear)):

@@ -251,9 +251,18 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared like any other
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
+        descriptor = os.open(tmp, os.O_RDWR)  # writable: fsync needs it on some systems
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # and the rename itself, where folders can be opened (POSIX)
+            folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except OSError as error:
         if error.filename not in (None, tmp_name, str(path)):
             raise  # about another file (one ``write`` reads, say): its own name is the right one
@@ -275,10 +284,10 @@ def write_json(path: Path, payload: dict) -> None:
     one line naming where it is, and the file is left as it was."""
     try:
         text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    except ValueError:
-        where = _first_non_finite(payload, "")
+    except ValueError as error:
+        where = _first_non_finite(payload, "") if "Out of range float" in str(error) else None
         if where is None:
-            raise
+            raise  # a circular reference, say
         raise ValueError(f"{path}: {where or 'the value'} is not a finite number, which JSON cannot hold (did the "
                          f"computation diverge?)") from None
     write_atomically(path, lambda tmp: tmp.write_text(text))

@@ -332,7 +332,7 @@ def _read_history(path: Path, before_epoch: int) -> list[dict]:
             line = json.loads(text)
         except json.JSONDecodeError:
             raise ValueError(f"--resume: {expected}; its line {number} is not JSON: {remedy}") from None
-        if not isinstance(line, dict) or not isinstance(line.get("epoch"), int):
+        if not isinstance(line, dict) or type(line.get("epoch")) is not int:  # noqa: E721 (true is no epoch)
             raise ValueError(f"--resume: {expected}; its line {number} has no epoch number: {remedy}")
         lines.append(line)
     kept = [line for line in lines if line["epoch"] <= before_epoch]
@@ -660,6 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Resumed once finished, without --corruptions: the model is the one an earlier pass evaluated under
         # corruption, so those results stay (after more training they would describe an older model, and go).
         results.update(_earlier_corruption_results(out / "results.json"))
+        if "corrupted" in results:
+            results["corrupted_note"] = "from an earlier --resume --corruptions pass over this same final model"
     results.update(seconds_this_process=time.time() - started, environment=environment())
     if primary:
         write_json(out / "results.json", results)
