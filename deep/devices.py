@@ -66,10 +66,10 @@ def _global_array(value, sharding: NamedSharding) -> jax.Array:
     """A global array laid out as ``sharding`` from a value that this process holds in full. In one process that is
     ``device_put``; across processes each one fills only its own devices' pieces (``make_array_from_callback``),
     typed PRNG keys through their raw key data."""
+    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+        return value  # already laid out so (a restored state, a batch the loader gathered on the mesh): kept
     if jax.process_count() == 1:
         return jax.device_put(value, sharding)
-    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
-        return value  # already laid out so (a restored state, say): no round trip through the host
     if hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
         data = _global_array(jax.random.key_data(value), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))

@@ -42,6 +42,7 @@ MTAN, a different architecture on the same backbone, is :mod:`deep.mtan`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -200,9 +201,9 @@ def initialise_like_pytorch(model: nnx.Module, key: jax.Array) -> None:
     except jax.errors.TracerArrayConversionError:
         # Traced (nnx.eval_shape, or a model built under jit): the same rules with JAX's generator, in the trace
         # (other values than an eager build from the same key, from the same distributions).
-        counter = iter(range(1 << 30))
-        normal = lambda shape: jax.random.normal(jax.random.fold_in(key, next(counter)), shape)
-        uniform = lambda shape: jax.random.uniform(jax.random.fold_in(key, next(counter)), shape, minval=-1.0,
+        draws = itertools.count()
+        normal = lambda shape: jax.random.normal(jax.random.fold_in(key, next(draws)), shape)
+        uniform = lambda shape: jax.random.uniform(jax.random.fold_in(key, next(draws)), shape, minval=-1.0,
                                                    maxval=1.0)
     resnet = {id(layer) for _, block in nnx.iter_graph(model) if isinstance(block, ResNet)
               for _, layer in nnx.iter_graph(block) if isinstance(layer, nnx.Conv)}

@@ -251,18 +251,10 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared like any other
-        descriptor = os.open(tmp, os.O_RDWR)  # writable: fsync needs it on some systems
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _flush_to_disk(tmp, os.O_RDWR)  # writable: fsync needs it on some systems
         os.replace(tmp, path)
         if hasattr(os, "O_DIRECTORY"):  # and the rename itself, where folders can be opened (POSIX)
-            folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            _flush_to_disk(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as error:
         if error.filename not in (None, tmp_name, str(path)):
             raise  # about another file (one ``write`` reads, say): its own name is the right one
@@ -270,6 +262,14 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _flush_to_disk(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _naming(error: OSError, path: Path) -> OSError:
@@ -299,8 +299,11 @@ def _first_non_finite(value, where: str) -> str | None:
         return None if math.isfinite(value) else where
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
     for key, item in items:
-        found = _first_non_finite(item, f"{where}.{key}" if isinstance(key, str) and where else
-                                  key if isinstance(key, str) else f"{where}[{key}]")
+        if isinstance(key, str):
+            path = f"{where}.{key}" if where else key
+        else:
+            path = f"{where}[{key}]"
+        found = _first_non_finite(item, path)
         if found is not None:
             return found
     return None

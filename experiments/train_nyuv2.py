@@ -336,8 +336,9 @@ def _read_history(path: Path, before_epoch: int) -> list[dict]:
             raise ValueError(f"--resume: {expected}; its line {number} has no epoch number: {remedy}")
         lines.append(line)
     kept = [line for line in lines if line["epoch"] <= before_epoch]
-    if [line["epoch"] for line in kept] != list(range(1, before_epoch + 1)):
-        raise ValueError(f"--resume: {expected}; it holds epochs {[line['epoch'] for line in kept]}: {remedy}")
+    epochs = [line["epoch"] for line in kept]
+    if epochs != list(range(1, before_epoch + 1)):
+        raise ValueError(f"--resume: {expected}; it holds epochs {epochs}: {remedy}")
     return kept
 
 
@@ -353,7 +354,9 @@ def _earlier_corruption_results(path: Path) -> dict:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: earlier[k] for k in ("corrupted", "corrupted_mean") if isinstance(earlier, dict) and k in earlier}
+    if not isinstance(earlier, dict):
+        return {}
+    return {k: earlier[k] for k in ("corrupted", "corrupted_mean") if k in earlier}
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

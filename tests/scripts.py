@@ -55,6 +55,13 @@ def run_in_process(script: str, *args: str, computation: str = "run") -> subproc
                                        stdout.getvalue(), stderr.getvalue())
 
 
+def with_cpu_devices(env: dict, count: int) -> dict:
+    """``env`` for a JAX process on the CPU with ``count`` devices, its other XLA flags kept (the suite's
+    fast-compile ones, tests/conftest.py)."""
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+    return dict(env, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
 def run_processes(code: str, args: list[str], env: dict, count: int = 2, devices_each: int = 2,
                   timeout: int = 600) -> list[subprocess.CompletedProcess]:
     """``python -c code args...`` in ``count`` processes joined as one JAX run on this machine (``JAX_*``
@@ -70,8 +77,7 @@ def run_processes(code: str, args: list[str], env: dict, count: int = 2, devices
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_each}".strip()
-    env = dict(env, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+    env = dict(with_cpu_devices(env, devices_each), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES=str(count))
     with tempfile.TemporaryDirectory() as folder:
         # Output to files, not pipes: a process that writes much never blocks on a pipe nobody is reading.

@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from scripts import USE_GLOO, run_processes
+from scripts import USE_GLOO, run_processes, with_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,12 +52,9 @@ PREAMBLE = textwrap.dedent("""
 
 
 def run_on_four_devices(script: str) -> str:
-    """The standard output of ``PREAMBLE + script`` run on four CPU devices, keeping the suite's fast-compile flags
-    (tests/conftest.py)."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    """The standard output of ``PREAMBLE + script`` run on four CPU devices."""
     result = subprocess.run([sys.executable, "-c", PREAMBLE + textwrap.dedent(script)], capture_output=True,
-                            text=True, cwd=ROOT, env=env, timeout=600)
+                            text=True, cwd=ROOT, env=with_cpu_devices(dict(os.environ), 4), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

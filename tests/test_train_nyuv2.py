@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import USE_GLOO, assert_one_line_error, load_script, run_in_process, run_processes
+from scripts import USE_GLOO, assert_one_line_error, load_script, run_in_process, run_processes, with_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
@@ -264,7 +264,7 @@ def test_two_processes_of_two_devices_reach_the_numbers_of_one_device(uninterrup
     command."""
     out = tmp_path / "run"
     env = environment(cache)
-    four = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
+    four = with_cpu_devices(env, 4)
     result = subprocess.run([sys.executable, str(SCRIPT), *FLAGS, "--batch-size", "6", "--out", str(out)],
                             capture_output=True, text=True, cwd=ROOT, env=four, timeout=900)
     assert result.returncode == 2 and "--batch-size must be a multiple of the 4 devices" in result.stderr
