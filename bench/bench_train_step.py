@@ -98,7 +98,7 @@ class BenchConfig:
                                                 f"bench_train_step_{self.config}{suffix}.json"))
 
 
-def _setting(name: str, variant: str):
+def setting(name: str, variant: str):
     """``(model config, batch size, image size)``: the paper's NYUv2 run, or the reduced model of
     ``deep.trainer.MODEL_SIZES`` for CPUs."""
     from deep.model import ModelConfig
@@ -109,7 +109,7 @@ def _setting(name: str, variant: str):
     return ModelConfig.variant(variant, **MODEL_SIZES["reduced"]), 4, (64, 80)
 
 
-def _batch(batch_size: int, size: tuple[int, int]):
+def batch_arrays(batch_size: int, size: tuple[int, int]):
     import jax
     import jax.numpy as jnp
 
@@ -124,12 +124,13 @@ def _batch(batch_size: int, size: tuple[int, int]):
 class Step(NamedTuple):
     name: str
     timed: Any  # the jitted step that runs
-    counted: Any  # the same step as defined (see _steps), whose HLO gives the FLOP count
+    counted: Any  # the same step as defined (see training_steps), whose HLO gives the FLOP count
     state: Any
 
 
-def _steps(model_config, precision: str, methods: Sequence[str]) -> list[Step]:
-    """The jitted steps to compare, with their arguments' state.
+def training_steps(model_config, precision: str, methods: Sequence[str], abstract: bool = False) -> list[Step]:
+    """The jitted steps to compare, with their arguments' state (``abstract``: its shapes and dtypes only, nothing
+    initialised, for counting FLOPs).
 
     Each comes with the step whose HLO its FLOPs are counted on: the same step with the dilated convolutions as
     defined (``lax.conv_general_dilated``, whatever computes them), and for ``core_no_cfa`` without the
@@ -148,10 +149,16 @@ def _steps(model_config, precision: str, methods: Sequence[str]) -> list[Step]:
     weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual_probability=1.0)
 
     def split(config):
-        model = DualStreamModel(config, nnx.Rngs(0))
-        graphdef, state = train.split_model(model, optimizer)
+        build = lambda: DualStreamModel(config, nnx.Rngs(0))
+        if abstract:
+            model, state = nnx.eval_shape(build), jax.eval_shape(lambda: train.split_model(build(), optimizer)[1])
+        else:
+            model = build()
+            state = train.split_model(model, optimizer)[1]
+        graphdef = lambda: nnx.split(model, train.SHARED, train.HEADS, nnx.BatchStat, ...)[0]  # split_model's
+        timed = graphdef()
         set_dilated_conv(model, "xla")
-        return graphdef, train.split_model(model, optimizer)[0], state
+        return timed, graphdef(), state
 
     def core(graphdef, step_weights, counterfactual_on, independence_weight=1.0):
         return jax.jit(lambda state, batch, key: train.core_step(
@@ -182,10 +189,11 @@ def _steps(model_config, precision: str, methods: Sequence[str]) -> list[Step]:
     return steps
 
 
-def _flops(step: Step, args) -> float:
-    """XLA's FLOP count of ``step.counted``'s HLO lowered for the CPU: before any backend's optimisation, so the
-    same on every device (a GPU's compiled module leaves out the convolutions handed to cuDNN as custom calls)."""
-    cost = step.counted.trace(*args).lower(lowering_platforms=("cpu",)).cost_analysis()
+def lowered_flops(jitted, args) -> float:
+    """XLA's FLOP count of the jitted function's HLO for ``args``, lowered for the CPU: before any backend's
+    optimisation, so the same on every device (a GPU's compiled module leaves out the convolutions handed to cuDNN
+    as custom calls). ``args`` may be abstract (``jax.ShapeDtypeStruct``): nothing is compiled or run."""
+    cost = jitted.trace(*args).lower(lowering_platforms=("cpu",)).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
@@ -241,7 +249,7 @@ def _measure(step: Step, args, batch_size: int, repeats: int, peak_tflops: float
     start = time.perf_counter()
     compiled = step.timed.lower(*args).compile()
     compile_seconds = time.perf_counter() - start
-    flops = _flops(step, args)
+    flops = lowered_flops(step.counted, args)
     memory = compiled.memory_analysis()
     peak = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
@@ -277,10 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_train_step.py"),
                           argv, out_kind="file")
-    model_config, batch_size, size = _setting(config.config, config.variant)
+    model_config, batch_size, size = setting(config.config, config.variant)
     if config.dilated_conv:
         model_config = dataclasses.replace(model_config, dilated_conv=config.dilated_conv)
-    batch = _batch(batch_size, size)
+    batch = batch_arrays(batch_size, size)
     key = jax.random.key(1)
     out = Path(config.out)
     methods = parse_choices("--methods", config.methods, METHODS)
@@ -291,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for precision in parse_choices("--precisions", config.precisions, PRECISIONS):
         measured = []
-        for step in _steps(model_config, precision, methods):
+        for step in training_steps(model_config, precision, methods):
             trace = Path(config.trace) / f"{precision}_{step.name}" if config.trace else None
             row = _measure(step, (step.state, batch, key), batch_size, config.repeats, config.peak_tflops, trace)
             measured.append({**row, "precision": precision})

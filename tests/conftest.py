@@ -26,8 +26,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # Order within a file is kept; unlisted files follow in collection order.
 HEAVIEST_FIRST = ("test_train_nyuv2.py", "test_deep_train.py", "test_deep_trainer.py", "test_deep_model.py",
                   "test_learned_encoder.py", "test_deep_mtan.py", "test_deep_sharding.py", "test_deep_baselines.py",
-                  "test_balancing.py", "test_perceptual.py", "test_orthogonality.py", "test_sweep_theta.py",
-                  "test_deep_decoders.py")
+                  "test_balancing.py", "test_perceptual.py", "test_bench_flops.py", "test_orthogonality.py",
+                  "test_sweep_theta.py", "test_deep_decoders.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -195,7 +195,8 @@ class _Checked(Exception):
 
 
 @pytest.mark.parametrize("script, kind", [*((name, "file") for name in (
-    "bench_atrous", "bench_balancers", "bench_data", "bench_measures", "bench_sweep", "bench_train_step")),
+    "bench_atrous", "bench_balancers", "bench_data", "bench_flops", "bench_measures", "bench_sweep",
+    "bench_train_step")),
     *((name, "folder") for name in ("sweep_theta", "leakage_bound", "grad_orthogonality", "learned_encoder"))])
 def test_each_script_declares_what_its_out_is(script, kind, monkeypatch, tmp_path):
     """The bench scripts write one JSON file whatever its name; the experiments write a folder, whatever its name."""
