@@ -10,21 +10,23 @@ counts its steps (the same count on every device, with the dilated convolutions 
 over the taps that read the image). Nothing is compiled or run, so the paper's full-size setting takes a few minutes
 on a laptop and needs no GPU: the FLOP side of the step-time comparison can be checked anywhere.
 
-Parts, each a forward pass in training mode of the hard-grounding CORE-MTL model (the ``ew`` and ``pcgrad`` steps
+The parts, each a forward pass in training mode of the hard-grounding CORE-MTL model (the ``ew`` and ``pcgrad`` steps
 use the same model without decoders):
 
 * ``backbone`` (the dilated ResNet-50), ``fusion`` (the authors' variant only), ``streams`` (the two projectors),
   ``task heads`` (all of them, with their upsampling to the image);
 * ``physical decoder`` (albedo, normals, lighting and the SH rendering of Eq (13)), ``geometry decoder`` and
   ``appearance decoder`` (the generic decoders);
-* ``losses``: the gate-closed objective minus the model's forward pass (task losses, CKA, the edge term, the
-  grounding terms);
+* ``losses``: the gate-closed objective's terms computed from the forward pass's outputs (task losses, CKA, the
+  edge term, the grounding terms; ``deep.train.objective_terms``);
 * ``counterfactual pass``: the forward pass of the counterfactual term, Eq (12) (the appearance decoder on shuffled
   codes, then the backbone, streams and heads again on the synthesised images, and their losses).
 
-``parts_sum_to_forward`` checks the split: the model's parts against its own forward pass. The steps are the counted
-steps of ``bench_train_step.py`` (``core_expected`` is the mean of ``core`` and ``core_no_cfa``, the paper's gate
-probability 0.5). Writes ``bench/results/bench_flops_<config>.json`` (``_authors`` for that variant).
+Two checks of the split: ``parts_sum_to_forward`` (the parts against the model's own forward pass) and
+``forward_and_losses_to_objective`` (the forward pass and the losses, each counted alone, against the objective that
+computes both). The steps are the counted steps of ``bench_train_step.py`` (``core_expected`` is the mean of ``core``
+and ``core_no_cfa``: the authors' gate probability 0.5). Writes ``bench/results/bench_flops_<config>.json``
+(``_authors`` for that variant).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -64,9 +66,18 @@ class BenchConfig:
             object.__setattr__(self, "out", str(ROOT / "bench" / "results" / f"bench_flops_{self.config}{suffix}.json"))
 
 
-def forward_parts(model_config, batch_size: int, size: tuple[int, int]) -> tuple[dict[str, float], float]:
-    """``({part: FLOPs}, FLOPs of the model's whole forward pass)`` for a hard-grounding model of ``model_config``
-    in training mode, on abstract arrays (nothing is initialised or run)."""
+class Counts(NamedTuple):
+    """FLOPs of a training step's pieces (see the module docstring)."""
+
+    parts: dict[str, float]  # the parts of the model's forward pass
+    forward: float  # the whole forward pass
+    beside: dict[str, float]  # "losses" and "counterfactual pass", not in ``forward``
+    objective: float  # the gate-closed objective: the forward pass and the losses, counted as one function
+
+
+def count_flops(model_config, batch_size: int, size: tuple[int, int]) -> Counts:
+    """The forward pass of a hard-grounding model of ``model_config`` in training mode, part by part, its losses
+    and its counterfactual pass, on abstract arrays (nothing is initialised or run)."""
     import jax
     from flax import nnx
 
@@ -79,21 +90,26 @@ def forward_parts(model_config, batch_size: int, size: tuple[int, int]) -> tuple
     set_dilated_conv(abstract, "xla")  # counted as defined, as bench_train_step.py counts its steps
     graphdef, shared, heads, batch_stats, rest = nnx.split(abstract, train.SHARED, train.HEADS, nnx.BatchStat, ...)
     params = (shared, heads)
-    state = nnx.state(abstract)
-    batch = jax.eval_shape(lambda: batch_arrays(batch_size, size))
+    batch, key = jax.eval_shape(lambda: (batch_arrays(batch_size, size), jax.random.key(0)))
     images = batch["images"]
 
-    def count(part, *inputs) -> float:
-        """FLOPs of ``part(model, *inputs)`` with the model in training mode."""
-        def run(state, *inputs):
-            model = nnx.merge(graphdef, state)
+    def in_training_mode(part):
+        def run(params, batch_stats, rest, *inputs):
+            model = nnx.merge(graphdef, *params, batch_stats, rest)
             model.train()
             return part(model, *inputs)
 
-        return lowered_flops(jax.jit(run), (state, *inputs))
+        return run
 
-    stages = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state).backbone(x), state, images)
-    encoded = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)._encode(x), state, images)
+    def count(part, *inputs) -> float:
+        """FLOPs of ``part(model, *inputs)`` with the model in training mode."""
+        return lowered_flops(jax.jit(in_training_mode(part)), (params, batch_stats, rest, *inputs))
+
+    def shapes(part, *inputs):
+        return jax.eval_shape(in_training_mode(part), params, batch_stats, rest, *inputs)
+
+    stages = shapes(lambda model, x: model.backbone(x), images)
+    encoded = shapes(lambda model, x: model._encode(x), images)
     semantic_map, residual_code, features = (encoded[k] for k in ("semantic_map", "residual_code", "features"))
     low_level = encoded["low_level"] if model_config.head == "deeplabv3plus" else None
     parts = {"backbone": count(lambda model, x: model.backbone(x), images)}
@@ -110,15 +126,16 @@ def forward_parts(model_config, batch_size: int, size: tuple[int, int]) -> tuple
     forward = count(lambda model, x: model(x), images)
 
     weights = losses.PRESETS["nyuv2"]
-    key = jax.eval_shape(lambda: jax.random.key(0))
     closed = dataclasses.replace(weights, counterfactual=0.0)
+    predictions, aux = shapes(lambda model, x: model(x), images)
+    beside = {"losses": count(lambda model, p, a, b: train.objective_terms(model, p, a, b, closed, 1.0)[0],
+                              predictions, aux, batch)}
+    probes = {"semantic_map": semantic_map, "residual_code": residual_code, "features": features}
+    beside["counterfactual pass"] = lowered_flops(jax.jit(lambda p, s, r, a, b, k: train.counterfactual_loss(
+        graphdef, p, s, r, a, b, k, weights)), (params, batch_stats, rest, probes, batch, key))
     objective = lowered_flops(jax.jit(lambda p, s, r, b, k: train.core_objective(
         graphdef, p, s, r, b, k, closed, 1.0, False)[0]), (params, batch_stats, rest, batch, key))
-    parts["losses"] = objective - forward
-    probes = {"semantic_map": semantic_map, "residual_code": residual_code, "features": features}
-    parts["counterfactual pass"] = lowered_flops(jax.jit(lambda p, s, r, a, b, k: train.counterfactual_loss(
-        graphdef, p, s, r, a, b, k, weights)), (params, batch_stats, rest, probes, batch, key))
-    return parts, forward
+    return Counts(parts, forward, beside, objective)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,17 +144,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_flops.py"),
                           argv, out_kind="file")
     model_config, batch_size, size = setting(config.config, config.variant)
-    parts, forward = forward_parts(model_config, batch_size, size)
-    model_parts = sum(value for name, value in parts.items() if name not in ("losses", "counterfactual pass"))
+    counts = count_flops(model_config, batch_size, size)
     batch, key = jax.eval_shape(lambda: (batch_arrays(batch_size, size), jax.random.key(1)))
     steps = {step.name: lowered_flops(step.counted, (step.state, batch, key))
              for step in training_steps(model_config, "float32", METHODS, abstract=True)}
     steps["core_expected"] = 0.5 * (steps["core"] + steps["core_no_cfa"])
+    forward = counts.forward
     payload = {"benchmark": "bench_flops", "config": config.config, "variant": config.variant, "batch": batch_size,
                "image_size": list(size),
                "forward_parts": [{"part": name, "gflops": value / 1e9, "share_of_forward": value / forward}
-                                 for name, value in parts.items()],
-               "forward_gflops": forward / 1e9, "parts_sum_to_forward": model_parts / forward,
+                                 for name, value in counts.parts.items()],
+               "forward_gflops": forward / 1e9,
+               "beside_forward": [{"part": name, "gflops": value / 1e9, "relative_to_forward": value / forward}
+                                  for name, value in counts.beside.items()],
+               # Two checks of the split: the parts against the whole forward pass, and the forward pass and the
+               # losses, each counted alone, against the objective that computes both.
+               "parts_sum_to_forward": sum(counts.parts.values()) / forward,
+               "forward_and_losses_to_objective": (forward + counts.beside["losses"]) / counts.objective,
                "steps": [{"method": name, "gflops": value / 1e9, "ratio_to_ew": value / steps["ew"]}
                          for name, value in steps.items()],
                "environment": environment()}
@@ -147,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'forward part':<20} {'GFLOP':>9} {'of forward':>10}")
         for row in payload["forward_parts"]:
             print(f"{row['part']:<20} {row['gflops']:>9.1f} {row['share_of_forward']:>10.1%}")
-        print(f"{'whole forward':<20} {forward / 1e9:>9.1f}   (parts / whole: {payload['parts_sum_to_forward']:.4f})")
+        print(f"{'whole forward':<20} {forward / 1e9:>9.1f}   (parts / whole: {payload['parts_sum_to_forward']:.6f})")
+        for row in payload["beside_forward"]:
+            print(f"{row['part']:<20} {row['gflops']:>9.1f} {row['relative_to_forward']:>10.1%}")
+        print(f"(forward + losses) / objective: {payload['forward_and_losses_to_objective']:.6f}")
         print(f"{'step':<20} {'GFLOP':>9} {'x EW':>10}")
         for row in payload["steps"]:
             print(f"{row['method']:<20} {row['gflops']:>9.1f} {row['ratio_to_ew']:>10.2f}")

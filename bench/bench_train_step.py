@@ -9,8 +9,9 @@ Four steps per compute precision, each compiled before timing (median over ``--r
 
 * ``ew``: the model without grounding, one backward pass of the weighted sum of the task losses;
 * ``core``: CORE-MTL with hard grounding, λ_ind = 1 and the counterfactual pass on (the paper's stage 2);
-* ``core_no_cfa``: the same step when the counterfactual gate is closed. The paper draws the gate with probability
-  0.5 per step, so its average step is the mean of ``core`` and ``core_no_cfa`` (reported as ``core_expected``);
+* ``core_no_cfa``: the same step when the counterfactual gate is closed. The authors' configurations draw the gate
+  with probability 0.5 per step, so their average step is the mean of ``core`` and ``core_no_cfa`` (reported as
+  ``core_expected``);
 * ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
 
 Reported per step: milliseconds (the median of calls each waited for, and ``ms_pipelined``: ``--repeats`` steps
@@ -155,10 +156,10 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
         else:
             model = build()
             state = train.split_model(model, optimizer)[1]
-        graphdef = lambda: nnx.split(model, train.SHARED, train.HEADS, nnx.BatchStat, ...)[0]  # split_model's
-        timed = graphdef()
+        current_graphdef = lambda: nnx.split(model, train.SHARED, train.HEADS, nnx.BatchStat, ...)[0]  # split_model's
+        timed = current_graphdef()  # (only counted, never run, when abstract)
         set_dilated_conv(model, "xla")
-        return timed, graphdef(), state
+        return timed, current_graphdef(), state
 
     def core(graphdef, step_weights, counterfactual_on, independence_weight=1.0):
         return jax.jit(lambda state, batch, key: train.core_step(
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             measured.append({"method": "core_expected", "precision": precision, "ms": expected_ms,
                              "ms_pipelined": expected_pipelined,
                              "images_per_second": batch_size / expected_ms * 1e3,
-                             "note": "mean of core and core_no_cfa: the paper's CFA probability 0.5"})
+                             "note": "mean of core and core_no_cfa: the authors' CFA probability 0.5"})
         for row in measured:
             row["ratio_to_ew"] = row["ms"] / by_name["ew"]["ms"]
             row["ratio_to_ew_pipelined"] = row["ms_pipelined"] / by_name["ew"]["ms_pipelined"]

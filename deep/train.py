@@ -213,6 +213,25 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
     model = _merge(graphdef, params, batch_stats, rest)
     model.train()
     predictions, aux = model(batch["images"])
+    total, terms = objective_terms(model, predictions, aux, batch, weights, independence_weight, task_scale,
+                                   perceptual)
+    new_batch_stats, new_rest = _split_states(model)
+    if model.makes_counterfactuals and weights.counterfactual > 0:
+        probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
+        terms["counterfactual"] = jax.lax.cond(
+            counterfactual_gate,
+            lambda p, s, r, a: counterfactual_loss(graphdef, p, s, r, a, batch, key, weights),
+            lambda p, s, r, a: jnp.zeros((), total.dtype),
+            params, new_batch_stats, new_rest, probes)
+        total = total + terms["counterfactual"]
+    return total, (new_batch_stats, new_rest, terms)
+
+
+def objective_terms(model: DualStreamModel, predictions: dict, aux: dict, batch: dict, weights: losses.LossWeights,
+                    independence_weight, task_scale=1.0,
+                    perceptual: LPIPSWeights | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eq (16) without the counterfactual term, from the outputs of ``model(batch["images"])``: ``(loss, terms)``
+    (:func:`core_objective`; the model is read only for what it has)."""
     terms = task_losses(model.config.tasks, predictions, batch)
     scaled = {name: task_scale * value for name, value in terms.items()}
     if "depth" in predictions and weights.edge > 0:
@@ -236,17 +255,7 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
         terms["albedo_tv"] = losses.albedo_tv(aux["albedo"])
         terms["gray"] = losses.grayscale_shading(aux["shading"])
         terms["covariance"] = losses.albedo_normal_covariance(aux["albedo"], aux["normals"])
-    total = losses.total_loss({**terms, **scaled}, weights, independence_weight)
-    new_batch_stats, new_rest = _split_states(model)
-    if model.makes_counterfactuals and weights.counterfactual > 0:
-        probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
-        terms["counterfactual"] = jax.lax.cond(
-            counterfactual_gate,
-            lambda p, s, r, a: counterfactual_loss(graphdef, p, s, r, a, batch, key, weights),
-            lambda p, s, r, a: jnp.zeros((), total.dtype),
-            params, new_batch_stats, new_rest, probes)
-        total = total + terms["counterfactual"]
-    return total, (new_batch_stats, new_rest, terms)
+    return losses.total_loss({**terms, **scaled}, weights, independence_weight), terms
 
 
 def _guarded(state: TrainState, new_state: TrainState, loss, grads) -> tuple[TrainState, jax.Array]:
