@@ -201,10 +201,13 @@ class LossWeights:
             raise ValueError(f"counterfactual_probability must lie in [0, 1]; got {self.counterfactual_probability}")
 
     def independence_at(self, epoch: int) -> float:
-        """λ_ind ramped linearly over ``independence_warmup_epochs`` after stage 0 (0 in stages 0 and 1)."""
+        """λ_ind ramped linearly over ``independence_warmup_epochs`` after stage 0 (0 in stages 0 and 1; the whole
+        weight from stage 2 on when there is no warm-up)."""
         if epoch < self.stage0_epochs + self.stage1_epochs:
             return 0.0
-        ramp = (epoch - self.stage0_epochs) / max(self.independence_warmup_epochs, 1)
+        if self.independence_warmup_epochs == 0:  # the authors' clip((e - stage0) / 0, 0, 1) would divide by zero
+            return self.independence
+        ramp = (epoch - self.stage0_epochs) / self.independence_warmup_epochs
         return self.independence * min(max(ramp, 0.0), 1.0)
 
 

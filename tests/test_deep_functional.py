@@ -1,5 +1,6 @@
 """The pure-function parts of the deep model: resizing, the SH shading model, and the losses."""
 
+import dataclasses
 import math
 
 import jax
@@ -177,6 +178,11 @@ def test_presets_hold_table_7_and_the_ramp():
     assert (nyu.segmentation, nyu.depth, nyu.normal, nyu.independence, nyu.appearance) == (20, 10, 10, 1.0, 15)
     assert losses.PRESETS["gta5_to_cityscapes"].counterfactual_start_epoch == 35
     assert [nyu.independence_at(e) for e in (0, 4, 5, 10, 15, 40)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    # Without a warm-up, the whole weight from stage 2's first epoch.
+    no_warmup = dataclasses.replace(nyu, independence_warmup_epochs=0)
+    assert [no_warmup.independence_at(e) for e in (4, 5, 6, 40)] == [0.0, 1.0, 1.0, 1.0]
+    after_stage_1 = dataclasses.replace(no_warmup, stage1_epochs=2)
+    assert [after_stage_1.independence_at(e) for e in (5, 6, 7, 40)] == [0.0, 0.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="counterfactual_probability"):
         losses.LossWeights(counterfactual_probability=2.0)
     total = losses.total_loss({"segmentation": 1.0, "independence": 0.5, "appearance_l1": 1.0}, nyu)
