@@ -28,7 +28,8 @@ architecture (multi-scale fusion, DeepLabV3+ heads) instead of the paper's; ``--
 ``--trace DIR`` adds each step's device time by kind of kernel and its longest kernels (from a profiler trace of
 two calls; GPUs only). Writes ``bench/results/bench_train_step_<config>.json`` (with ``_authors`` for that
 variant) after each step, so a run cut short keeps what it measured. Compiling the full-size steps on an H200
-takes about a minute each (the CORE-MTL step two): allow ten minutes for the four.
+takes about a minute each (the CORE-MTL step two): allow ten minutes for the four. ``bench_flops.py`` counts the
+same steps, and each part of the model, without compiling or running them (on any machine).
 """
 
 from __future__ import annotations
