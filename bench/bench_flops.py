@@ -7,8 +7,8 @@ and the whole EW, CORE-MTL and PCGrad steps, counted without running anything.
 
 Every function is traced, lowered for the CPU and counted by XLA's cost analysis, as ``bench_train_step.py``
 counts its steps (the same count on every device, with the dilated convolutions as ``lax.conv_general_dilated``,
-over the taps that read the image). Nothing is compiled or run, so the paper's full-size setting takes a few minutes
-on a laptop and needs no GPU: the FLOP side of the step-time comparison can be checked anywhere.
+over the taps that read the image). Nothing is compiled or run, so the paper's full-size setting takes a minute or
+two on a laptop and needs no GPU: the FLOP side of the step-time comparison can be checked anywhere.
 
 The parts, each a forward pass in training mode of the hard-grounding CORE-MTL model (the ``ew`` and ``pcgrad`` steps
 use the same model without decoders):
