@@ -1,5 +1,7 @@
-"""Where the FLOPs of a training step go: each part of the model's forward pass, the losses, the counterfactual pass,
-and the whole EW, CORE-MTL and PCGrad steps, counted without running anything.
+"""Where the FLOPs of a training step go, counted without running anything.
+
+Each part of the model's forward pass, the losses, the counterfactual pass, and the whole EW, CORE-MTL and PCGrad
+steps:
 
     python bench/bench_flops.py                           # the paper's NYUv2 setting (288x384, batch 16)
     python bench/bench_flops.py --variant authors         # the authors' architecture
