@@ -19,6 +19,8 @@ import dataclasses
 import jax
 from flax import nnx
 
+from deep.layers import conv
+
 EXPANSION = 4
 
 
@@ -60,8 +62,8 @@ class BackboneConfig:
 
 def _conv(in_channels, out_channels, kernel, rngs, stride=1, dilation=1):
     padding = dilation * (kernel - 1) // 2
-    return nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
-                    kernel_dilation=(dilation, dilation), padding=((padding, padding), (padding, padding)),
+    return conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
+                kernel_dilation=(dilation, dilation), padding=((padding, padding), (padding, padding)),
                     use_bias=False, rngs=rngs)
 
 
@@ -136,8 +138,8 @@ class ResNet(nnx.Module):
     def __init__(self, config: BackboneConfig, rngs: nnx.Rngs):
         self.config = config
         width = config.width
-        self.conv1 = nnx.Conv(config.input_channels, width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                              use_bias=False, rngs=rngs)
+        self.conv1 = conv(config.input_channels, width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                          use_bias=False, rngs=rngs)
         self.bn1 = batch_norm(width, rngs)
         in_channels, dilation = width, 1
         stages = []

@@ -38,14 +38,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deep.backbone import batch_norm
+from deep.layers import conv, dense
 from deep.resize import resize_bilinear
 from deep.shading import NUM_SH, lambertian_shading, render, unit_vectors
 
 
 class _UpBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                             rngs=rngs)
+        self.conv = conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                         rngs=rngs)
         self.bn = batch_norm(out_channels, rngs)
 
     def __call__(self, x):
@@ -59,9 +60,9 @@ class AlbedoHead(nnx.Module):
     def __init__(self, residual_channels: int, rngs: nnx.Rngs, seed_size: int = 16,
                  widths: tuple[int, ...] = (128, 128, 64, 32)):
         self.seed_size, self.seed_width = seed_size, widths[0]
-        self.dense = nnx.Linear(residual_channels, seed_size * seed_size * widths[0], rngs=rngs)
+        self.dense = dense(residual_channels, seed_size * seed_size * widths[0], rngs=rngs)
         self.blocks = nnx.List([_UpBlock(a, b, rngs) for a, b in zip(widths[:-1], widths[1:])])
-        self.out = nnx.Conv(widths[-1], 3, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+        self.out = conv(widths[-1], 3, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
 
     def __call__(self, residual_code):
         x = jax.nn.relu(self.dense(residual_code))
@@ -77,7 +78,7 @@ class NormalHead(nnx.Module):
     def __init__(self, semantic_channels: int, rngs: nnx.Rngs, widths: tuple[int, ...] = (128, 128, 64, 32)):
         channels = (semantic_channels, *widths)
         self.blocks = nnx.List([_UpBlock(a, b, rngs) for a, b in zip(channels[:-1], channels[1:])])
-        self.out = nnx.Conv(widths[-1], 3, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+        self.out = conv(widths[-1], 3, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
 
     def __call__(self, semantic_map):
         x = semantic_map
@@ -91,10 +92,10 @@ class LightHead(nnx.Module):
     """A vector per image ``[B, C]`` (the residual code, or pooled features) → SH lighting ``[B, 3, 9]``."""
 
     def __init__(self, in_channels: int, rngs: nnx.Rngs, hidden: int = 128):
-        self.fc1 = nnx.Linear(in_channels, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.fc1 = dense(in_channels, hidden, rngs=rngs)
+        self.fc2 = dense(hidden, hidden, rngs=rngs)
         self.norm = nnx.LayerNorm(hidden, epsilon=1e-5, rngs=rngs)
-        self.fc3 = nnx.Linear(hidden, 3 * NUM_SH, rngs=rngs)
+        self.fc3 = dense(hidden, 3 * NUM_SH, rngs=rngs)
 
     def __call__(self, pooled):
         x = self.norm(jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(pooled)))))
@@ -135,7 +136,7 @@ def _upsample2(x: jax.Array) -> jax.Array:
 
 
 def _conv3x3(in_channels: int, out_channels: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Conv:
-    return nnx.Conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias, rngs=rngs)
+    return conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=use_bias, rngs=rngs)
 
 
 def instance_norm(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
@@ -177,7 +178,7 @@ class AdaIN(nnx.Module):
     """
 
     def __init__(self, style_channels: int, channels: int, rngs: nnx.Rngs):
-        self.style = nnx.Linear(style_channels, 2 * channels, rngs=rngs)
+        self.style = dense(style_channels, 2 * channels, rngs=rngs)
 
     def __call__(self, x: jax.Array, style: jax.Array) -> jax.Array:
         positions = x.shape[1] * x.shape[2]
@@ -210,9 +211,9 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, channels: int, rngs: nnx.Rngs, key_channels: int | None = None):
         key_channels = key_channels or max(channels // 8, 1)
-        self.query = nnx.Conv(channels, key_channels, (1, 1), rngs=rngs)
-        self.key = nnx.Conv(channels, key_channels, (1, 1), rngs=rngs)
-        self.value = nnx.Conv(channels, channels, (1, 1), rngs=rngs)
+        self.query = conv(channels, key_channels, (1, 1), rngs=rngs)
+        self.key = conv(channels, key_channels, (1, 1), rngs=rngs)
+        self.value = conv(channels, channels, (1, 1), rngs=rngs)
         self.gamma = nnx.Param(jnp.zeros((), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -247,7 +248,7 @@ class _ResidualUpBlock(nnx.Module):
     InstanceNorm the normalisation would remove one exactly anyway)."""
 
     def __init__(self, in_channels: int, out_channels: int, rngs: nnx.Rngs):
-        self.shortcut = nnx.Conv(in_channels, out_channels, (1, 1), use_bias=False, rngs=rngs)
+        self.shortcut = conv(in_channels, out_channels, (1, 1), use_bias=False, rngs=rngs)
         self.conv1 = _conv3x3(in_channels, out_channels, rngs, use_bias=False)
         self.conv2 = _conv3x3(out_channels, out_channels, rngs, use_bias=False)
 
@@ -269,7 +270,7 @@ class _AdaINUpBlock(nnx.Module):
         self.conv1 = _conv3x3(in_channels, out_channels, rngs, use_bias=False)
         self.adain2 = AdaIN(style_channels, out_channels, rngs)
         self.conv2 = _conv3x3(out_channels, out_channels, rngs, use_bias=False)
-        self.shortcut = nnx.Conv(in_channels, out_channels, (1, 1), use_bias=False, rngs=rngs)
+        self.shortcut = conv(in_channels, out_channels, (1, 1), use_bias=False, rngs=rngs)
 
     def __call__(self, x, style):
         main = self.conv1(_upsample2(jax.nn.relu(self.adain1(x, style))))

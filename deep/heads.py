@@ -25,19 +25,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deep.backbone import batch_norm
+from deep.layers import conv
 from deep.resize import resize_bilinear
 
 
 def _conv_bn(in_channels, out_channels, kernel, rngs, dilation=1):
     padding = dilation * (kernel - 1) // 2
-    conv = nnx.Conv(in_channels, out_channels, (kernel, kernel), kernel_dilation=(dilation, dilation),
-                    padding=((padding, padding), (padding, padding)), use_bias=False, rngs=rngs)
-    return conv, batch_norm(out_channels, rngs)
+    layer = conv(in_channels, out_channels, (kernel, kernel), kernel_dilation=(dilation, dilation),
+                 padding=((padding, padding), (padding, padding)), use_bias=False, rngs=rngs)
+    return layer, batch_norm(out_channels, rngs)
 
 
 def _conv_bn_relu(pair: nnx.List, x: jax.Array) -> jax.Array:
-    conv, norm = pair
-    return jax.nn.relu(norm(conv(x)))
+    layer, norm = pair
+    return jax.nn.relu(norm(layer(x)))
 
 
 def _check_dropout(dropout: float, name: str = "dropout") -> None:
@@ -77,7 +78,7 @@ class ASPPHead(ASPP):
                  rates: tuple[int, ...] = (12, 24, 36), dropout: float = 0.5):
         super().__init__(in_channels, rngs, channels, rates, dropout)
         self.refine = nnx.List(_conv_bn(channels, channels, 3, rngs))
-        self.classifier = nnx.Conv(channels, out_channels, (1, 1), rngs=rngs)
+        self.classifier = conv(channels, out_channels, (1, 1), rngs=rngs)
 
     def __call__(self, features: jax.Array) -> jax.Array:
         return self.classifier(_conv_bn_relu(self.refine, super().__call__(features)))
@@ -101,16 +102,16 @@ class DeepLabV3PlusHead(nnx.Module):
             raise ValueError(f"skip_channels ({skip_channels}) must divide by skip_groups ({skip_groups}) "
                              f"and channels ({channels}) by decoder_groups ({decoder_groups})")
         _check_dropout(decoder_dropout, "decoder_dropout")
-        self.project_features = nnx.Conv(feature_channels, channels, (1, 1), rngs=rngs)
-        self.project_semantic = nnx.Conv(semantic_channels, channels, (1, 1), rngs=rngs)
+        self.project_features = conv(feature_channels, channels, (1, 1), rngs=rngs)
+        self.project_semantic = conv(semantic_channels, channels, (1, 1), rngs=rngs)
         self.aspp = ASPP(2 * channels, rngs, channels, rates, dropout)
-        self.skip = nnx.Conv(low_level_channels, skip_channels, (1, 1), use_bias=False, rngs=rngs)
+        self.skip = conv(low_level_channels, skip_channels, (1, 1), use_bias=False, rngs=rngs)
         self.skip_norm = group_norm(skip_channels, skip_groups, rngs)
-        self.fuse = nnx.Conv(channels + skip_channels, channels, (3, 3), padding=((1, 1), (1, 1)),
-                             use_bias=False, rngs=rngs)
+        self.fuse = conv(channels + skip_channels, channels, (3, 3), padding=((1, 1), (1, 1)),
+                         use_bias=False, rngs=rngs)
         self.fuse_norm = group_norm(channels, decoder_groups, rngs)
         self.decoder_dropout = nnx.Dropout(decoder_dropout, rngs=rngs)
-        self.classifier = nnx.Conv(channels, out_channels, (1, 1), rngs=rngs)
+        self.classifier = conv(channels, out_channels, (1, 1), rngs=rngs)
 
     def __call__(self, semantic_map: jax.Array, features: jax.Array, low_level: jax.Array) -> jax.Array:
         x = jnp.concatenate([self.project_features(features), self.project_semantic(semantic_map)], axis=-1)

@@ -54,6 +54,7 @@ from deep.atrous import DILATED_CONVS, set_dilated_conv
 from deep.backbone import BackboneConfig, ResNet
 from deep.decoders import AppearanceDecoder, GeometryDecoder, PhysicalDecoder
 from deep.heads import ASPPHead, DeepLabV3PlusHead
+from deep.layers import drawn_later
 from deep.resize import resize_bilinear
 from deep.shading import unit_vectors
 from deep.streams import DualStream, MultiScaleFusion
@@ -226,6 +227,12 @@ class DualStreamModel(nnx.Module):
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config
+        with drawn_later():  # initialise_like_pytorch draws every convolution and dense layer below
+            self._build(config, rngs)
+        initialise_like_pytorch(self, rngs.params())
+        configure_layers(self, config.compute_dtype, config.dilated_conv)
+
+    def _build(self, config: ModelConfig, rngs: nnx.Rngs) -> None:
         self.backbone = ResNet(config.backbone, rngs)
         stage_channels = config.backbone.output_channels
         if config.fusion == "multiscale":
@@ -245,8 +252,6 @@ class DualStreamModel(nnx.Module):
                                                 config.generic_width) if generic else None
         self.appearance_decoder = AppearanceDecoder(config.semantic_channels, config.residual_channels, rngs,
                                                     config.generic_width) if generic else None
-        initialise_like_pytorch(self, rngs.params())
-        configure_layers(self, config.compute_dtype, config.dilated_conv)
 
     def _head(self, features: int, out_channels: int, rngs: nnx.Rngs) -> nnx.Module:
         config = self.config

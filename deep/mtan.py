@@ -57,6 +57,7 @@ from flax import nnx
 
 from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _max_pool, batch_norm
 from deep.heads import ASPPHead
+from deep.layers import conv, drawn_later
 from deep.atrous import DILATED_CONVS
 from deep.model import COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, configure_layers, initialise_like_pytorch
 from deep.resize import resize_bilinear
@@ -112,9 +113,9 @@ class AttentionMask(nnx.Module):
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, rngs: nnx.Rngs):
         # Biases before BatchNorm are redundant but kept: LibMTL's and the authors' nn.Conv2d have them, so the
         # parameter counts agree.
-        self.conv1 = nnx.Conv(in_channels, hidden_channels, (1, 1), rngs=rngs)
+        self.conv1 = conv(in_channels, hidden_channels, (1, 1), rngs=rngs)
         self.bn1 = batch_norm(hidden_channels, rngs)
-        self.conv2 = nnx.Conv(hidden_channels, out_channels, (1, 1), rngs=rngs)
+        self.conv2 = conv(hidden_channels, out_channels, (1, 1), rngs=rngs)
         self.bn2 = batch_norm(out_channels, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,12 +191,13 @@ class MTAN(nnx.Module):
 
     def __init__(self, config: MTANConfig, rngs: nnx.Rngs):
         self.config = config
-        self.backbone = ResNet(config.backbone, rngs)
-        channels = config.backbone.output_channels
-        self.transitions = nnx.List([Bottleneck(channels[j], channels[j + 1] // EXPANSION, 1, 1, rngs)
-                                     for j in range(len(channels) - 1)])
-        self.heads = nnx.Dict({name: MTANTaskBranch(channels, out_channels, rngs, config.head_channels,
-                                                    config.aspp_rates) for name, out_channels in config.tasks})
+        with drawn_later():  # initialise_like_pytorch draws every convolution below
+            self.backbone = ResNet(config.backbone, rngs)
+            channels = config.backbone.output_channels
+            self.transitions = nnx.List([Bottleneck(channels[j], channels[j + 1] // EXPANSION, 1, 1, rngs)
+                                         for j in range(len(channels) - 1)])
+            self.heads = nnx.Dict({name: MTANTaskBranch(channels, out_channels, rngs, config.head_channels,
+                                                        config.aspp_rates) for name, out_channels in config.tasks})
         self.decoder = self.geometry_decoder = self.appearance_decoder = None
         initialise_like_pytorch(self, rngs.params())
         configure_layers(self, config.compute_dtype, config.dilated_conv)

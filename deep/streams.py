@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deep.layers import conv
 from deep.resize import resize_bilinear
 
 
@@ -32,7 +33,7 @@ class MultiScaleFusion(nnx.Module):
         if channels < 1:
             raise ValueError(f"fusion channels must be >= 1; got {channels}")
         self.channels = channels
-        self.adapters = nnx.List([nnx.Conv(c, channels, (1, 1), rngs=rngs) for c in stage_channels])
+        self.adapters = nnx.List([conv(c, channels, (1, 1), rngs=rngs) for c in stage_channels])
 
     def __call__(self, stages: tuple[jax.Array, ...]) -> jax.Array:
         grid = stages[-1].shape[1:3]
@@ -53,8 +54,8 @@ class DualStream(nnx.Module):
         if semantic_channels < 1 or residual_channels < 1:
             raise ValueError(f"semantic_channels and residual_channels must be >= 1; got {semantic_channels}, "
                              f"{residual_channels}")
-        self.semantic = nnx.Conv(in_channels, semantic_channels, (1, 1), rngs=rngs)
-        self.residual = nnx.Conv(in_channels, residual_channels, (1, 1), rngs=rngs)
+        self.semantic = conv(in_channels, semantic_channels, (1, 1), rngs=rngs)
+        self.residual = conv(in_channels, residual_channels, (1, 1), rngs=rngs)
 
     def __call__(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.semantic(features), jnp.mean(self.residual(features), axis=(1, 2))

@@ -155,6 +155,32 @@ def test_fresh_parameters_start_as_the_authors_pytorch_models_do():
     assert isinstance(abstract_model(config), DualStreamModel)
 
 
+def test_layers_left_to_be_drawn_later_start_as_if_flax_had_drawn_them_first(monkeypatch):
+    """The models build their convolutions and dense layers with zero placeholders (deep.layers.drawn_later), which
+    initialise_like_pytorch replaces: every parameter and random stream equals a build where Flax draws them first,
+    so no layer is left at zero and the streams advance as before (the dual-stream model of the authors' variant with
+    both groundings' decoders, and MTAN)."""
+    import contextlib
+
+    from deep import mtan
+    from deep import model as model_module
+
+    def leaves(module):
+        return [np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+                           else leaf) for leaf in jax.tree.leaves(nnx.state(module))]
+
+    mtan_config = mtan.MTANConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), head_channels=4,
+                                  aspp_rates=(1, 2, 3))
+    builders = (lambda: DualStreamModel(AUTHORS, nnx.Rngs(4)), lambda: mtan.MTAN(mtan_config, nnx.Rngs(4)))
+    placeheld = [leaves(build()) for build in builders]
+    monkeypatch.setattr(model_module, "drawn_later", contextlib.nullcontext)
+    monkeypatch.setattr(mtan, "drawn_later", contextlib.nullcontext)
+    for build, expected in zip(builders, placeheld, strict=True):
+        drawn = leaves(build())
+        assert len(drawn) == len(expected)
+        for a, b in zip(drawn, expected):
+            np.testing.assert_array_equal(a, b)
+
 def abstract_model(config: ModelConfig) -> DualStreamModel:
     """The model with shape-only parameters: tracing it is cheap, nothing is initialised or run."""
     return nnx.eval_shape(lambda: DualStreamModel(config, nnx.Rngs(0)))
