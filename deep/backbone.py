@@ -64,7 +64,7 @@ def _conv(in_channels, out_channels, kernel, rngs, stride=1, dilation=1):
     padding = dilation * (kernel - 1) // 2
     return conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
                 kernel_dilation=(dilation, dilation), padding=((padding, padding), (padding, padding)),
-                    use_bias=False, rngs=rngs)
+                use_bias=False, rngs=rngs)
 
 
 class BatchNorm(nnx.BatchNorm):

@@ -173,13 +173,18 @@ def test_layers_left_to_be_drawn_later_start_as_if_flax_had_drawn_them_first(mon
                                   aspp_rates=(1, 2, 3))
     builders = (lambda: DualStreamModel(AUTHORS, nnx.Rngs(4)), lambda: mtan.MTAN(mtan_config, nnx.Rngs(4)))
     placeheld = [leaves(build()) for build in builders]
+    placeheld_shapes = [jax.tree.leaves(nnx.state(nnx.eval_shape(build))) for build in builders]
     monkeypatch.setattr(model_module, "drawn_later", contextlib.nullcontext)
     monkeypatch.setattr(mtan, "drawn_later", contextlib.nullcontext)
     for build, expected in zip(builders, placeheld, strict=True):
         drawn = leaves(build())
         assert len(drawn) == len(expected)
         for a, b in zip(drawn, expected):
+            assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+        # Built in a trace (nnx.eval_shape), the placeholders are zeros of the trace, of Flax's shapes and dtypes.
+        assert jax.tree.leaves(nnx.state(nnx.eval_shape(build))) == placeheld_shapes[builders.index(build)]
+
 
 def abstract_model(config: ModelConfig) -> DualStreamModel:
     """The model with shape-only parameters: tracing it is cheap, nothing is initialised or run."""

@@ -300,9 +300,8 @@ def test_loss_takes_unit_interval_images_and_the_batch_mean_with_useful_gradient
 
 def _materialised(config, seed=0):
     """A ``DualStreamModel(config)`` whose variables are drawn with numpy into the abstract model (He-scaled
-    kernels, unit scales and variances, zero biases and means): its own initialisers compile one
-    truncated-normal program per parameter shape, which on two CPU cores takes longer than everything else in
-    this file."""
+    kernels, unit scales and variances, zero biases and means), the values this file's tests were written with
+    (when the model's own build compiled a program per parameter shape, slower than everything else here)."""
     rng = np.random.default_rng(seed)
     model = nnx.eval_shape(lambda: DualStreamModel(config, nnx.Rngs(0)))
     filled = []
