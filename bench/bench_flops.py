@@ -43,29 +43,24 @@ sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import environment, parse_config, parser_for, run_main, write_json  # noqa: E402
-from bench_train_step import CONFIGS, METHODS, batch_arrays, lowered_flops, setting, training_steps  # noqa: E402
+from bench_train_step import (CONFIGS, METHODS, VARIANT_HELP, batch_arrays, check_variant, default_out,  # noqa: E402
+                              lowered_flops, setting, training_steps)
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     config: str = dataclasses.field(default="nyuv2", metadata={
         "help": "nyuv2 (288x384, batch 16, full ResNet-50) or reduced (bench_train_step.py's CPU-sized model)"})
-    variant: str = dataclasses.field(default="paper", metadata={
-        "help": "the architecture: paper (ASPP heads on the semantic stream of c4) or authors (multi-scale fusion, "
-                "DeepLabV3+ heads)"})
+    variant: str = dataclasses.field(default="paper", metadata={"help": VARIANT_HELP})
     out: str = dataclasses.field(default="", metadata={"help": "JSON path (default bench/results/...)"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "print nothing"})
 
     def __post_init__(self):
-        from deep.model import VARIANTS
-
         if self.config not in CONFIGS:
             raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {self.config!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        check_variant(self.variant)
         if not self.out:  # the default filled in here, so that it is checked before anything is traced
-            suffix = "" if self.variant == "paper" else f"_{self.variant}"
-            object.__setattr__(self, "out", str(ROOT / "bench" / "results" / f"bench_flops_{self.config}{suffix}.json"))
+            object.__setattr__(self, "out", default_out("bench_flops", self.config, self.variant))
 
 
 class Counts(NamedTuple):

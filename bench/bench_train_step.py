@@ -49,6 +49,21 @@ from _common import (check_output_path, environment, median_seconds, parse_choic
 CONFIGS = ("reduced", "nyuv2")
 PRECISIONS = ("float32", "bfloat16")
 METHODS = ("ew", "core", "core_no_cfa", "pcgrad")
+VARIANT_HELP = ("the architecture: paper (ASPP heads on the semantic stream of c4) or authors (multi-scale fusion, "
+                "DeepLabV3+ heads)")
+
+
+def check_variant(variant: str) -> None:
+    from deep.model import VARIANTS
+
+    if variant not in VARIANTS:
+        raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+
+
+def default_out(benchmark: str, config: str, variant: str) -> str:
+    """``bench/results/<benchmark>_<config>.json``, with ``_<variant>`` for a variant other than the paper's."""
+    suffix = "" if variant == "paper" else f"_{variant}"
+    return str(ROOT / "bench" / "results" / f"{benchmark}_{config}{suffix}.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +73,7 @@ class BenchConfig:
     precisions: str = dataclasses.field(default="float32", metadata={
         "help": f"comma-separated compute precisions from {', '.join(PRECISIONS)} (bfloat16 is emulated, slowly, "
                 f"on CPUs)"})
-    variant: str = dataclasses.field(default="paper", metadata={
-        "help": "the architecture: paper (ASPP heads on the semantic stream of c4) or authors (multi-scale fusion, "
-                "DeepLabV3+ heads)"})
+    variant: str = dataclasses.field(default="paper", metadata={"help": VARIANT_HELP})
     dilated_conv: str = dataclasses.field(default="", metadata={
         "help": "how dilated convolutions are computed: xla, space_to_batch, shifted_matmul or auto (default: the "
                 "model's default, deep.model.ModelConfig)"})
@@ -81,11 +94,8 @@ class BenchConfig:
             raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {self.config!r}")
         parse_choices("--precisions", self.precisions, PRECISIONS)
         from deep.atrous import DILATED_CONVS
-        from deep.model import VARIANTS
 
-        if self.variant not in VARIANTS:
-            raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
-
+        check_variant(self.variant)
         if self.dilated_conv and self.dilated_conv not in DILATED_CONVS:
             raise ValueError(f"--dilated-conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
         parse_choices("--methods", self.methods, METHODS)
@@ -95,9 +105,7 @@ class BenchConfig:
         if self.trace:
             check_output_path(self.trace, "folder", "--trace")
         if not self.out:  # the default filled in here, so that it is checked before the benchmark runs
-            suffix = "" if self.variant == "paper" else f"_{self.variant}"
-            object.__setattr__(self, "out", str(ROOT / "bench" / "results" /
-                                                f"bench_train_step_{self.config}{suffix}.json"))
+            object.__setattr__(self, "out", default_out("bench_train_step", self.config, self.variant))
 
 
 def setting(name: str, variant: str):

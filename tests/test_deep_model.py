@@ -176,14 +176,14 @@ def test_layers_left_to_be_drawn_later_start_as_if_flax_had_drawn_them_first(mon
     placeheld_shapes = [jax.tree.leaves(nnx.state(nnx.eval_shape(build))) for build in builders]
     monkeypatch.setattr(model_module, "drawn_later", contextlib.nullcontext)
     monkeypatch.setattr(mtan, "drawn_later", contextlib.nullcontext)
-    for build, expected in zip(builders, placeheld, strict=True):
+    for build, expected, expected_shapes in zip(builders, placeheld, placeheld_shapes, strict=True):
         drawn = leaves(build())
         assert len(drawn) == len(expected)
         for a, b in zip(drawn, expected):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
         # Built in a trace (nnx.eval_shape), the placeholders are zeros of the trace, of Flax's shapes and dtypes.
-        assert jax.tree.leaves(nnx.state(nnx.eval_shape(build))) == placeheld_shapes[builders.index(build)]
+        assert jax.tree.leaves(nnx.state(nnx.eval_shape(build))) == expected_shapes
 
 
 def abstract_model(config: ModelConfig) -> DualStreamModel:
