@@ -11,7 +11,7 @@ from flax import nnx
 
 from deep import losses, train, trainer
 from deep.model import DualStreamModel, ModelConfig
-from test_deep_train import TINY, compile_quickly, copied, make_batch
+from test_deep_train import TINY, compiled, copied, make_batch
 from theory.balancing import METHODS, make
 
 
@@ -20,7 +20,7 @@ def test_every_parameter_space_baseline_runs_one_step():
     model = DualStreamModel(ModelConfig(**{**TINY.__dict__, "grounding": "none"}), nnx.Rngs(0))
     graphdef, state = train.split_model(model, optimizer)
     batch = make_batch()
-    losses_k, jacobian, head_grads, batch_stats, rest = compile_quickly(
+    losses_k, jacobian, head_grads, batch_stats, rest = compiled(
         functools.partial(train.task_jacobian_step, graphdef), state, batch)(state, batch)
     apply = jax.jit(functools.partial(train.apply_gradients, graphdef, optimizer))
     assert jacobian.shape[0] == 3 and jnp.all(jnp.isfinite(jacobian))

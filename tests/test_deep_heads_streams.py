@@ -8,7 +8,7 @@ from flax import nnx
 
 from deep.heads import ASPP, ASPPHead, DeepLabV3PlusHead
 from deep.streams import DualStream, MultiScaleFusion
-from test_deep_train import compile_quickly
+from test_deep_train import compiled
 
 
 def test_aspp_head_shapes_and_modes():
@@ -79,7 +79,7 @@ def test_both_heads_share_one_aspp_and_the_aspp_head_keeps_its_parameter_paths()
 
 def test_deeplabv3plus_head_predicts_on_the_c1_grid_with_group_norms(v3plus_head):
     inputs = v3plus_inputs()
-    out = compile_quickly(lambda *xs: v3plus_head(*xs), *inputs)(*inputs)
+    out = compiled(lambda *xs: v3plus_head(*xs), *inputs)(*inputs)
     assert out.shape == (2, 9, 12, 3) and out.dtype == jnp.float32  # c1's odd grid, not 2 × the 5×6 grid
     assert (v3plus_head.skip_norm.num_groups, v3plus_head.fuse_norm.num_groups) == (2, 2)
     assert v3plus_head.skip.use_bias is False and v3plus_head.fuse.use_bias is False
@@ -98,7 +98,7 @@ def test_deeplabv3plus_head_predicts_on_the_c1_grid_with_group_norms(v3plus_head
 def test_deeplabv3plus_head_reads_the_semantic_map_the_features_and_the_c1_skip(v3plus_head):
     inputs = v3plus_inputs()
     gradients = jax.grad(lambda *xs: v3plus_head(*xs).sum(), argnums=(0, 1, 2))
-    grads = compile_quickly(gradients, *inputs)(*inputs)
+    grads = compiled(gradients, *inputs)(*inputs)
     for name, grad in zip(("semantic_map", "features", "low_level"), grads):
         assert float(jnp.abs(grad).max()) > 0, name
 
@@ -116,7 +116,7 @@ def test_multiscale_fusion_brings_every_stage_to_the_c4_grid_and_downsamples_c1_
         expected = fusion.adapters[0](average_pooled), fusion.adapters[1](c2), fusion.adapters[3](c4)
         return fused, fusion.adapted_last_stage(fused), expected
 
-    fused, adapted_c4, expected = compile_quickly(fused_and_expected, stages)(stages)
+    fused, adapted_c4, expected = compiled(fused_and_expected, stages)(stages)
     expected_c1, expected_c2, expected_c4 = expected
     assert fused.shape == (2, 4, 5, 12)
     np.testing.assert_allclose(fused[..., :3], expected_c1, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ from deep import losses, train, weights
 from deep.backbone import BackboneConfig
 from deep.model import LIGHT_INPUTS, VARIANTS, DualStreamModel, ModelConfig
 from deep.trainer import MODEL_SIZES
-from test_deep_train import compile_quickly, make_batch
+from test_deep_train import compiled, make_batch
 
 TINY = ModelConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), semantic_channels=6, residual_channels=3,
                    head_channels=4, aspp_rates=(1, 2, 3), decoder_widths=(4, 4), albedo_seed=4, light_hidden=8,
@@ -328,7 +328,7 @@ def test_the_authors_heads_read_f_and_the_c1_skip_but_never_the_residual_code(au
         inputs = aux["residual_code"], aux["features"], aux["low_level"]
         return jax.grad(predictions_from, argnums=(0, 1, 2))(*inputs)
 
-    grad_residual, grad_features, grad_low_level = compile_quickly(gradients, state, images)(state, images)
+    grad_residual, grad_features, grad_low_level = compiled(gradients, state, images)(state, images)
     np.testing.assert_array_equal(grad_residual, 0.0)
     stage_blocks = np.split(np.asarray(grad_features), 4, axis=-1)  # F = [A1 c1; A2 c2; A3 c3; A4 c4]
     assert all(np.abs(block).max() > 0 for block in stage_blocks)
@@ -363,7 +363,7 @@ def test_one_core_step_of_the_authors_variant_is_finite_and_trains_the_fusion(au
     core_step = functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"])
     arguments = (state, batch, jax.random.key(0))
     controls = dict(independence_weight=1.0, counterfactual_on=False)
-    new_state, metrics = compile_quickly(core_step, *arguments, **controls)(*arguments, **controls)
+    new_state, metrics = compiled(core_step, *arguments, **controls)(*arguments, **controls)
     assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
     assert np.isfinite(float(metrics["depth"])) and np.isfinite(float(metrics["independence"]))
     shared, heads = state.params

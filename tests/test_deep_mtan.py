@@ -26,10 +26,6 @@ from theory.balancing import make
 TINY = MTANConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), tasks=(("segmentation", 13), ("normal", 3)),
                   head_channels=4, aspp_rates=(1,))
 TASKS = [name for name, _ in TINY.tasks]
-# The functions run a few times on tiny shapes, so compile them cheaply: no LLVM optimisation, and XLA's older
-# elemental emitters rather than the fusion emitters (which halve the compile time here: 5 s against 11 s per step).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                "xla_cpu_use_fusion_emitters": False}
 
 
 def make_batch(seed=1, size=2, height=16, width=16):
@@ -65,8 +61,7 @@ def setup():
 def ew_step(setup):
     """The jitted EW step, shared by the task-independence and the training tests."""
     graphdef, optimizer, _ = setup
-    return jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, make("ew")),
-                   compiler_options=FAST_COMPILE)
+    return jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, make("ew")))
 
 
 def test_config_is_validated():
@@ -83,7 +78,7 @@ def test_config_is_validated():
 def test_output_shapes_dtypes_and_unit_normals(setup):
     graphdef, _, state = setup
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @jax.jit
     def forward(state, images):
         model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
         model.eval()
@@ -176,7 +171,7 @@ def test_balanced_steps_lower_the_loss_on_one_batch(setup, ew_step, method):
     graphdef, optimizer, state = setup
     balancer = make(method)
     step = ew_step if method == "ew" else jax.jit(functools.partial(train.balanced_step, graphdef, optimizer,
-                                                                    balancer), compiler_options=FAST_COMPILE)
+                                                                    balancer))
     balancer_state = balancer.init(len(TASKS))
     batch = make_batch()
     history = []

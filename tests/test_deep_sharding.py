@@ -36,9 +36,9 @@ PREAMBLE = textwrap.dedent("""
               "normal": normal / jnp.linalg.norm(normal, axis=-1, keepdims=True)}
     mesh = devices.data_mesh()
 
-    def compile_quickly(step, *args, **static):
-        # With XLA's backend optimisation off, which halves the compile time on the CPU.
-        return step.lower(*args, **static).compile({"xla_backend_optimization_level": 0})
+    def compiled(step, *args, **static):
+        # Compiled once per placement, under the suite's fast-compile XLA flags (inherited from conftest.py).
+        return step.lower(*args, **static).compile()
 
     def largest_difference(single, sharded, before):
         # The largest difference between the two updated parameters and the largest update; in numpy: eager jnp
@@ -69,8 +69,8 @@ def test_the_sharded_step_equals_the_single_device_step():
         sharded_batch, sharded_state = devices.shard(mesh, batch, state)
         assert len(sharded_batch["images"].sharding.device_set) == 4
         # Compiled once per placement (the gate is traced).
-        compile_for = lambda *args: compile_quickly(jax.jit(core_step), *args, independence_weight=1.0,
-                                                    counterfactual_on=False)
+        compile_for = lambda *args: compiled(jax.jit(core_step), *args, independence_weight=1.0,
+                                             counterfactual_on=False)
         single_step = compile_for(state, batch, jax.random.key(0))
         sharded_step = compile_for(sharded_state, sharded_batch, jax.random.key(0))
         updates = []
@@ -144,10 +144,10 @@ def test_the_sharded_baseline_steps_equal_the_single_device_steps():
             balancer = make(name)
             balancer_state = balancer.init(3)
             step = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))
-            single, _, single_metrics = compile_quickly(step, state, balancer_state, batch, jax.random.key(0))(
+            single, _, single_metrics = compiled(step, state, balancer_state, batch, jax.random.key(0))(
                 state, balancer_state, batch, jax.random.key(0))
-            sharded, _, sharded_metrics = compile_quickly(step, sharded_state, balancer_state, sharded_batch,
-                                                          jax.random.key(0))(
+            sharded, _, sharded_metrics = compiled(step, sharded_state, balancer_state, sharded_batch,
+                                                   jax.random.key(0))(
                 sharded_state, balancer_state, sharded_batch, jax.random.key(0))
             # The losses, and the weights the method reads off them and the gradients (PCGrad's from ratios of
             # dot products over every shared parameter: measured 1e-5 apart; all of order 1).

@@ -46,19 +46,18 @@ def copied(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def compile_quickly(function, *args, **kwargs):
-    """``jax.jit(function)`` compiled for these arguments' shapes with XLA's backend optimisation off: on the CPU
-    that halves the compile time, which dominates these tests, and the tiny steps run about as fast. Call the
-    result with arguments of the same shapes and types (and the same keyword names)."""
-    return jax.jit(function).lower(*args, **kwargs).compile({"xla_backend_optimization_level": 0})
+def compiled(function, *args, **kwargs):
+    """``jax.jit(function)`` compiled once for these arguments' shapes (under the suite's fast-compile XLA flags,
+    conftest.py). Call the result with arguments of the same shapes and types (and the same keyword names)."""
+    return jax.jit(function).lower(*args, **kwargs).compile()
 
 
 def compiled_core_step(config: ModelConfig, seed: int = 0):
     """``(graphdef, optimizer, state, step)`` for the tiny model ``config`` and :func:`make_batch`'s shapes."""
     optimizer = train.make_optimizer(train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000))
     graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(seed)), optimizer)
-    step = compile_quickly(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]),
-                           state, make_batch(), jax.random.key(0), independence_weight=0.0, counterfactual_on=False)
+    step = compiled(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]),
+                    state, make_batch(), jax.random.key(0), independence_weight=0.0, counterfactual_on=False)
     return graphdef, optimizer, state, step
 
 
@@ -134,7 +133,7 @@ def test_the_counterfactual_pass_reads_but_never_updates_batch_norm_statistics()
     probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
     cf_loss = functools.partial(train.counterfactual_loss, graphdef, weights=losses.PRESETS["nyuv2"])
     arguments = ((shared, heads), batch_stats, rest, probes, batch, jax.random.key(0))
-    loss, grads = compile_quickly(jax.value_and_grad(cf_loss), *arguments)(*arguments)
+    loss, grads = compiled(jax.value_and_grad(cf_loss), *arguments)(*arguments)
     # The same eval-mode pass on the model object itself: the statistics stay as they were.
     model.eval()
     call(model, batch["images"])

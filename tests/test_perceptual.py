@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_deep_train import TINY, compile_quickly, make_batch
+from test_deep_train import TINY, compiled, make_batch
 from test_weights import _FakeTensor
 
 from deep import losses, perceptual, train
@@ -336,8 +336,8 @@ def hooked_step(lpips_weights):
     optimizer = optax.sgd(1e-2)
     graphdef, state = train.split_model(_materialised(HOOK_CONFIG), optimizer)
     core_step = functools.partial(train.core_step, graphdef, optimizer, weights=HOOK_WEIGHTS)
-    step = compile_quickly(core_step, state, make_batch(), jax.random.key(0), independence_weight=0.0,
-                           counterfactual_on=False, perceptual=lpips_weights)
+    step = compiled(core_step, state, make_batch(), jax.random.key(0), independence_weight=0.0,
+                    counterfactual_on=False, perceptual=lpips_weights)
     return state, core_step, step
 
 
