@@ -170,8 +170,7 @@ def test_balanced_steps_lower_the_loss_on_one_batch(setup, ew_step, method):
     (``task_jacobian_step`` + ``apply_gradients``), each head taking its own task's gradient."""
     graphdef, optimizer, state = setup
     balancer = make(method)
-    step = ew_step if method == "ew" else jax.jit(functools.partial(train.balanced_step, graphdef, optimizer,
-                                                                    balancer))
+    step = ew_step if method == "ew" else jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))
     balancer_state = balancer.init(len(TASKS))
     batch = make_batch()
     history = []

@@ -37,7 +37,7 @@ PREAMBLE = textwrap.dedent("""
     mesh = devices.data_mesh()
 
     def compiled(step, *args, **static):
-        # Compiled once per placement, under the suite's fast-compile XLA flags (inherited from conftest.py).
+        # Ahead of time, under the suite's fast-compile XLA flags (inherited from conftest.py).
         return step.lower(*args, **static).compile()
 
     def largest_difference(single, sharded, before):
