@@ -3,9 +3,9 @@
 Compilation dominates (a tiny MTAN still has ~200 convolutions in a training step), so the file compiles three
 functions — an eval-mode forward pass, an EW step (shared through a fixture by the task-independence and training
 tests) and a PCGrad step — with two tasks, one ASPP rate, plain SGD (fewer optimiser ops than the clipped,
-scheduled Adam that ``tests/test_deep_train.py`` covers, and an update that is exactly −η × the gradient) and
-XLA's backend optimisation off (each function runs a handful of times). The full-size and the bfloat16 models are
-only traced (``eval_shape``).
+scheduled Adam that ``tests/test_deep_train.py`` covers, and an update that is exactly −η × the gradient), under
+the suite's fast-compile XLA flags (conftest.py). The full-size and the bfloat16 models are only traced
+(``eval_shape``).
 """
 
 import functools
