@@ -85,8 +85,7 @@ def count_flops(model_config, batch_size: int, size: tuple[int, int]) -> Counts:
     model_config = dataclasses.replace(model_config, grounding="hard", compute_dtype="float32")
     abstract = nnx.eval_shape(lambda: DualStreamModel(model_config, nnx.Rngs(0)))
     set_dilated_conv(abstract, "xla")  # counted as defined, as bench_train_step.py counts its steps
-    graphdef, shared, heads, batch_stats, rest = nnx.split(abstract, train.SHARED, train.HEADS, nnx.BatchStat, ...)
-    params = (shared, heads)
+    graphdef, params, batch_stats, rest = train.split_states(abstract)
     batch, key = jax.eval_shape(lambda: (batch_arrays(batch_size, size), jax.random.key(0)))
     images = batch["images"]
 

@@ -165,10 +165,9 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
         else:
             model = build()
             state = train.split_model(model, optimizer)[1]
-        current_graphdef = lambda: nnx.split(model, train.SHARED, train.HEADS, nnx.BatchStat, ...)[0]  # split_model's
-        timed = current_graphdef()  # (only counted, never run, when abstract)
+        timed = train.split_states(model)[0]  # (only counted, never run, when abstract)
         set_dilated_conv(model, "xla")
-        return timed, current_graphdef(), state
+        return timed, train.split_states(model)[0], state
 
     def core(graphdef, step_weights, counterfactual_on, independence_weight=1.0):
         return jax.jit(lambda state, batch, key: train.core_step(

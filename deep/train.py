@@ -131,17 +131,21 @@ HEADS = nnx.All(nnx.Param, nnx.PathContains("heads"))
 SHARED = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("heads")))
 
 
+def split_states(model: DualStreamModel):
+    """``(graphdef, (shared, heads), batch_stats, rest)``: the model split as :class:`TrainState` holds it."""
+    graphdef, shared, heads, batch_stats, rest = nnx.split(model, SHARED, HEADS, nnx.BatchStat, ...)
+    return graphdef, (shared, heads), batch_stats, rest
+
+
 def split_model(model: DualStreamModel, optimizer: optax.GradientTransformation):
     """``(graphdef, TrainState)`` from a model."""
-    graphdef, shared, heads, batch_stats, rest = nnx.split(model, SHARED, HEADS, nnx.BatchStat, ...)
-    params = (shared, heads)
+    graphdef, params, batch_stats, rest = split_states(model)
     return graphdef, TrainState(params, batch_stats, rest, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
 def _split_states(model: DualStreamModel):
     """The non-parameter states of a model after a forward pass: ``(batch_stats, rest)``."""
-    _, _, _, batch_stats, rest = nnx.split(model, SHARED, HEADS, nnx.BatchStat, ...)
-    return batch_stats, rest
+    return split_states(model)[2:]
 
 
 def _merge(graphdef, params, batch_stats, rest) -> DualStreamModel:
