@@ -27,6 +27,17 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help where it tells the reader something: not for switches (off unless
+    given), for empty defaults, or for help that already says what its default is (``... (default: the dataset's)``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default is False or action.default == "" or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field: ``num_thetas`` -> ``--num-thetas``."""
     return "--" + name.replace("_", "-")
@@ -53,7 +64,7 @@ def parser_for(config_class: type, description: str, prog: str | None = None) ->
     values (parsed and validated by the dataclass itself, so one place owns the rules).
     """
     parser = OneLineArgumentParser(description=description, prog=prog,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=DefaultsHelpFormatter)
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         help_text = field.metadata.get("help", "")

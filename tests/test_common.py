@@ -85,6 +85,26 @@ def _parse(config_class, argv, **kwargs):
 
 
 @dataclasses.dataclass(frozen=True)
+class _HelpConfig:
+    steps: int = dataclasses.field(default=800, metadata={"help": "training steps"})
+    batch_size: int = dataclasses.field(default=0, metadata={"help": "batch (0: the paper's)"})
+    data: str = dataclasses.field(default="", metadata={"help": "data folder"})
+    conv: str = dataclasses.field(default="auto", metadata={"help": "xla or fast (default: the fastest)"})
+    quiet: bool = dataclasses.field(default=False, metadata={"help": "print nothing"})
+
+
+def test_help_shows_a_default_only_where_it_says_something():
+    from _common import parser_for
+
+    text = " ".join(parser_for(_HelpConfig, "test", prog="prog").format_help().split())  # unwrapped
+    assert "--steps STEPS training steps (default: 800) --batch-size" in text, text
+    assert "batch (0: the paper's) (default: 0) --data" in text, text  # a zero is a value
+    assert "--data DATA data folder --conv" in text, text  # not "(default: )"
+    assert "--conv CONV xla or fast (default: the fastest) --quiet" in text, text  # the help's own default, once
+    assert text.endswith("--quiet print nothing"), text  # not "(default: False)"
+
+
+@dataclasses.dataclass(frozen=True)
 class _SeedConfig:
     seed: int = 0
     data_seed: int = 0
