@@ -6,10 +6,11 @@ import jax.numpy as jnp
 
 from theory.balancing.base import (Balancer, check_choice, check_num_tasks, check_positive, register, safe_divide,
                                    weighting_balancer)
-from theory.balancing.simplex import (MAX_EXACT_TASKS, SolverState, min_norm_exact, min_norm_frank_wolfe)
+from theory.balancing.simplex import (MAX_EXACT_TASKS, SolverState, min_norm_active_set, min_norm_exact,
+                                      min_norm_frank_wolfe)
 
 NORMALISATIONS = ("none", "l2", "loss", "loss+")
-SOLVERS = ("auto", "exact", "frank_wolfe")
+SOLVERS = ("auto", "exact", "active_set", "frank_wolfe")
 AUTO_EXACT_MAX_TASKS = 6
 
 
@@ -25,9 +26,13 @@ def mgda(normalization: str = "none", solver: str = "auto", max_iterations: int 
     (1), ``"l2"`` (:math:`\|g_t\|`), ``"loss"`` (:math:`L_t`) or ``"loss+"`` (:math:`L_t\|g_t\|`). The returned
     weights are :math:`\alpha^*_t / n_t`, the coefficients of the raw gradients.
 
-    ``solver``: ``"exact"`` enumerates supports (exact, :math:`K \le 12`), ``"frank_wolfe"`` runs Frank–Wolfe with
-    exact line search (the paper's Algorithm 2) for at most ``max_iterations`` until the duality gap is below
-    ``tolerance``; ``"auto"`` picks ``exact`` for :math:`K \le 6`. The state reports the certificate.
+    ``solver``: ``"exact"`` enumerates supports (:math:`K \le 12`); ``"active_set"`` solves the equivalent nonnegative
+    least-squares problem by Lawson–Hanson's active-set method (exact for any :math:`K`, in about one step per task of
+    the solution's support, at most ``max_iterations``); ``"frank_wolfe"`` runs Frank–Wolfe with exact line search (the
+    paper's Algorithm 2) for at most ``max_iterations`` until the duality gap is below ``tolerance``, which can take
+    thousands of steps where the hull of the gradients is nearly flat; ``"auto"`` picks ``exact`` for :math:`K \le 6`
+    and ``active_set`` above. The state reports the certificate (the duality gap, ``converged`` when it is at most
+    ``tolerance``).
     """
     check_choice("normalization", normalization, NORMALISATIONS)
     check_choice("solver", solver, SOLVERS)
@@ -48,7 +53,12 @@ def mgda(normalization: str = "none", solver: str = "auto", max_iterations: int 
         inverse_scale = safe_divide(jnp.ones_like(scale), scale)
         g = gram * jnp.outer(inverse_scale, inverse_scale)
         use_exact = solver == "exact" or (solver == "auto" and num_tasks <= AUTO_EXACT_MAX_TASKS)
-        solution = min_norm_exact(g) if use_exact else min_norm_frank_wolfe(g, int(max_iterations), tolerance)
+        if use_exact:
+            solution = min_norm_exact(g)
+        elif solver == "frank_wolfe":
+            solution = min_norm_frank_wolfe(g, int(max_iterations), tolerance)
+        else:
+            solution = min_norm_active_set(g, int(max_iterations))
         weights = solution.weights * inverse_scale
         return weights, SolverState.of(solution, tolerance)
 

@@ -3,8 +3,12 @@ r"""Small convex problems over the probability simplex :math:`\Delta^{K-1}`, sol
 Two problems appear in the balancing methods, both written on the Gram matrix :math:`G = J J^\top` so their cost
 does not depend on the number of shared parameters:
 
-* the **min-norm** problem of MGDA, :math:`\min_{\alpha \in \Delta} \alpha^\top G \alpha`;
+* the **min-norm** problem of MGDA, :math:`\min_{\alpha \in \Delta} \alpha^\top G \alpha`, solved exactly by
+  enumerating supports (:func:`min_norm_exact`, small K) or by an active-set method (:func:`min_norm_active_set`,
+  any K), or approximately by Frank–Wolfe (:func:`min_norm_frank_wolfe`);
 * the **conflict-averse** problem of CAGrad, :math:`\min_{w \in \Delta} w^\top a + c\sqrt{w^\top G w}`.
+
+The active-set method (:func:`nonnegative_qps`, Lawson–Hanson) also solves UPGrad's programs.
 
 Solvers run a fixed maximum number of iterations (``lax.while_loop``) and return the Frank–Wolfe duality gap
 :math:`\max_{v \in \Delta} \nabla F(x)^\top (x - v) \ge F(x) - F^*`, a certificate of how far from optimal the
@@ -138,6 +142,37 @@ def min_norm_frank_wolfe(gram: jax.Array, max_iterations: int = 250, tolerance: 
     return SimplexSolution(alpha, gap, it)
 
 
+def min_norm_active_set(gram: jax.Array, max_iterations: int = 250) -> SimplexSolution:
+    r"""Exact minimiser of :math:`\alpha^\top G \alpha` over the simplex for any number of tasks, in finitely many
+    active-set steps.
+
+    The min-norm problem is a nonnegative least-squares problem in disguise: for :math:`u = t\alpha` with
+    :math:`t \ge 0`, :math:`\alpha \in \Delta`,
+
+    .. math:: u^\top (G + \mathbf 1\mathbf 1^\top) u - 2\,\mathbf 1^\top u = t^2 (\alpha^\top G\alpha + 1) - 2t,
+
+    whose minimum over :math:`t`, :math:`-1/(\alpha^\top G \alpha + 1)`, is lowest where :math:`\alpha^\top G\alpha` is
+    (any positive constant would do for the 1; the Gram matrix is normalised to a largest diagonal of 1). So
+    :math:`\alpha^* = u^*/\mathbf 1^\top u^*` for the minimiser :math:`u^* \ge 0` of the left side (the nonnegative
+    least-squares problem by which Lawson and Hanson solve least-distance programming, here :math:`\min \|x\|` s.t.
+    :math:`Jx \ge \mathbf 1`), which :func:`nonnegative_qps` finds exactly. :math:`G + \mathbf 1\mathbf 1^\top` is the
+    Gram matrix of the gradients each extended by a coordinate 1, so the method's free sets are affinely independent
+    gradients, and repeated or affinely dependent gradients are allowed. Unlike Frank–Wolfe
+    (:func:`min_norm_frank_wolfe`), whose convergence slows where the hull of the gradients is nearly flat, this takes
+    about one pivot per task in its solution's support.
+    """
+    g, _ = _normalise(gram)
+    num_tasks = g.shape[0]
+    extended = g + jnp.ones((num_tasks, num_tasks), g.dtype)
+    # Tolerance 0: optimal once no derivative is below -64 machine epsilons (the solver's floor), exact to rounding;
+    # a tolerance of 1e-10 left 1e-10 of the (unit) scale on the table where a gradient is 1e-5 of the largest.
+    solution = nonnegative_qps(extended, -jnp.ones((1, num_tasks), g.dtype), max_iterations, tolerance=0.0)
+    u = solution.weights[0]
+    total = jnp.sum(u)  # > 0: at u = 0 every derivative is -1, so a task enters
+    alpha = u / jnp.where(total > 0, total, 1.0)
+    return SimplexSolution(alpha, min_norm_gap(g, alpha), solution.iterations[0])
+
+
 def _conflict_averse_grad(g, a, c, w):
     q = w @ g @ w
     return a + jnp.where(q > 0, c * (g @ w) / jnp.sqrt(jnp.where(q > 0, q, 1.0)), 0.0)
@@ -218,3 +253,121 @@ class SolverState(NamedTuple):
     def of(cls, solution: SimplexSolution, tolerance: float) -> "SolverState":
         gap = solution.duality_gap.astype(jnp.float32)
         return cls(gap, solution.iterations.astype(jnp.int32), gap <= tolerance)
+
+
+class NonnegativeQPSolution(NamedTuple):
+    r"""Solutions of :math:`\min_{z \ge 0} z^\top A z + 2 q^\top z` (each field has a leading batch axis: one row per
+    linear term :math:`q_n`, see :func:`nonnegative_qps`).
+
+    Attributes:
+        weights: ``[N, K]`` the minimisers :math:`z`.
+        kkt_residual: ``[N]`` :math:`\max_i |\min(z_i,\ (Az + q)_i)|`, zero exactly at the optimum (the KKT
+            conditions :math:`z \ge 0`, :math:`Az + q \ge 0`, :math:`z^\top (Az + q) = 0`).
+        iterations: ``[N]`` active-set iterations used (one principal pivot each).
+    """
+
+    weights: jax.Array
+    kkt_residual: jax.Array
+    iterations: jax.Array
+
+
+def _pivot(tableau: jax.Array, index: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""Principal pivot of each tableau ``[N, K, K+1]`` on its ``index`` where ``active``, in O(K^2) each.
+
+    Row :math:`j` of a tableau :math:`T` reads :math:`y_j = \sum_k T_{jk} x_k + T_{j,K}` (basic variables :math:`y`
+    in terms of the non-basic :math:`x`; the last column is the constant). Exchanging :math:`y_r` and :math:`x_r`
+    (Tucker's principal pivot; Cottle, Pang & Stone, *The Linear Complementarity Problem*, 1992, §2.3) is the
+    rank-one update :math:`T' = T - (T_{:,r} + e_r)(T_{r,:} - e_r)^\top / T_{rr}`. A pivot :math:`T_{rr}` that is
+    not positive (impossible when the tableau comes from a positive definite matrix, up to rounding) is not taken.
+
+    Returns:
+        The pivoted tableaus and ``[N]`` whether each pivot was taken.
+    """
+    num = tableau.shape[1]
+    column = jnp.take_along_axis(tableau, index[:, None, None], axis=2)[..., 0]          # [N, K]
+    row = jnp.take_along_axis(tableau, index[:, None, None], axis=1)[:, 0, :]            # [N, K+1]
+    unit = jax.nn.one_hot(index, num + 1, dtype=tableau.dtype)
+    pivot = jnp.sum(row * unit, axis=1)
+    taken = active & (pivot > 0)
+    scale = jnp.where(taken, 1.0 / jnp.where(taken, pivot, 1.0), 0.0)
+    left = (column + unit[:, :num]) * scale[:, None]
+    return tableau - left[:, :, None] * (row - unit)[:, None, :], taken
+
+
+def nonnegative_qps(matrix: jax.Array, linear: jax.Array, max_iterations: int = 100,
+                    tolerance: float = 1e-10) -> NonnegativeQPSolution:
+    r"""Exact solver of the N programs :math:`\min_{z \ge 0} z^\top A z + 2 q_n^\top z` (``linear`` ``[N, K]``, rows
+    :math:`q_n`) that share one positive semi-definite ``matrix`` :math:`A`, all at once.
+
+    Each is the linear complementarity problem :math:`z \ge 0`, :math:`\mu = Az + q \ge 0`, :math:`z^\top\mu = 0`,
+    solved by the Lawson–Hanson active-set method (*Solving Least Squares Problems*, 1974, ch. 23, written on
+    :math:`A` instead of a factor of it): from :math:`z = 0`, free variables are added one at a time, the one whose
+    partial derivative :math:`\mu_j` is most negative; the problem restricted to the free set is solved exactly; if
+    that leaves the feasible set, the method steps back to the boundary and releases the variable that reached it
+    first (one per iteration; a tie is released at the next one, with a zero step). It terminates after finitely
+    many steps at the exact optimum. A variable enters only while its derivative is negative at the restricted
+    optimum, so (as in Lawson–Hanson's nonnegative least squares) the free set's submatrix stays positive definite
+    even where :math:`A` is only semi-definite, as long as the free columns of a factor stay independent.
+
+    The restricted problems are not refactorised: each program keeps the tableau of :math:`\mu = Az + q` pivoted on
+    its free set :math:`F` (:func:`_pivot`; its pivots are Schur complements of :math:`A` or diagonal entries of
+    :math:`A_{FF}^{-1}`, all positive), whose last column holds the restricted solution
+    :math:`z_F = -A_{FF}^{-1} q_F` and the partial derivatives off :math:`F`, so adding or releasing a variable is
+    one rank-one update, batched over the N programs. Each ``lax.while_loop`` iteration is one pivot of every
+    program not yet finished; the loop stops when every program is optimal (every partial derivative of a bound
+    variable :math:`\ge -` ``tolerance``, floored at 64 machine epsilons) or after ``max_iterations``. The rounding
+    accumulated over the pivots is then removed by one step of iterative refinement,
+    :math:`z_F \leftarrow z_F - A_{FF}^{-1}\,(Az + q)_F`, with :math:`A_{FF}^{-1}` read from the tableau.
+    """
+    dtype = matrix.dtype
+    count, num = linear.shape
+    tol = jnp.maximum(jnp.asarray(tolerance, dtype), 64 * jnp.finfo(dtype).eps)
+    tableau = jnp.concatenate([jnp.broadcast_to(matrix, (count, num, num)), linear[:, :, None]], axis=2)
+
+    def cond(carry):
+        *_, done, _, _, it = carry
+        return (it < max_iterations) & ~jnp.all(done)
+
+    def body(carry):
+        tableau, free, z, entered, done, solved, iterations, it = carry
+        last = tableau[:, :, num]
+        s = jnp.where(free, last, 0.0)                   # the solution restricted to the free set
+        blocking = free & (s <= 0)
+        feasible = ~jnp.any(blocking, axis=1)
+        # Feasible: z = s, and the bound variable with the most negative partial derivative enters (key: derivative).
+        # Infeasible: step from z towards s up to the first free variable that reaches zero, which leaves (key: the
+        # step to it). Rounding can leave the variable that just entered non-positive although its derivative was
+        # negative: it leaves at once (key -1) and the program stops at the previous point.
+        gap = z - s
+        ratios = jnp.where(blocking, z / jnp.where(gap > 0, gap, 1.0), jnp.inf)
+        key = jnp.where(feasible[:, None], jnp.where(free, jnp.inf, last), jnp.where(entered & blocking, -1.0, ratios))
+        index = jnp.argmin(key, axis=1)
+        one_hot = jax.nn.one_hot(index, num, dtype=bool)
+        value = jnp.sum(jnp.where(one_hot, key, 0.0), axis=1)
+        optimal = feasible & (value >= -tol)
+        stalled = ~feasible & (value < 0)
+        tableau, taken = _pivot(tableau, index, ~done & ~optimal)
+        z_back = jnp.where(free & ~one_hot, jnp.maximum(z + value[:, None] * (s - z), 0.0), 0.0)
+        broken = ~taken & ~optimal                       # a non-positive pivot: stop where it was
+        z_new = jnp.where(feasible[:, None], s, jnp.where((stalled | broken)[:, None], z, z_back))
+        return (tableau,
+                free ^ (one_hot & taken[:, None]),
+                jnp.where(done[:, None], z, z_new),
+                one_hot & (feasible & taken)[:, None],
+                done | optimal | stalled | broken,
+                solved | (~done & (optimal | stalled)),
+                iterations + (~done).astype(jnp.int32),
+                it + 1)
+
+    false, none = jnp.zeros((count, num), bool), jnp.zeros((count,), bool)
+    tableau, free, z, _, _, solved, iterations, _ = jax.lax.while_loop(
+        cond, body, (tableau, false, jnp.zeros((count, num), dtype), false, none, none,
+                     jnp.zeros((count,), jnp.int32), jnp.zeros((), jnp.int32)))
+    # Refinement, where z is the solution restricted to the free set (the programs that stopped at an optimum).
+    gradient = z @ matrix.T + linear
+    correction = jnp.einsum("njk,nk->nj", tableau[:, :, :num], jnp.where(free, gradient, 0.0))
+    z = jnp.where(solved[:, None] & free, jnp.maximum(z - correction, 0.0), z)
+    kkt = jnp.max(jnp.abs(jnp.minimum(z, z @ matrix.T + linear)), axis=1)
+    return NonnegativeQPSolution(z, kkt, iterations)
+
+

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from theory.balancing.base import Balancer, check_num_tasks, check_positive, register, weighting_balancer
 from theory.balancing.fairgrad import check_iterations
+from theory.balancing.simplex import nonnegative_qps
 
 
 class BoxQPSolution(NamedTuple):
@@ -28,103 +29,17 @@ class BoxQPSolution(NamedTuple):
     iterations: jax.Array
 
 
-def _pivot(tableau: jax.Array, index: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
-    r"""Principal pivot of each tableau ``[N, K, K+1]`` on its ``index`` where ``active``, in O(K^2) each.
-
-    Row :math:`j` of a tableau :math:`T` reads :math:`y_j = \sum_k T_{jk} x_k + T_{j,K}` (basic variables :math:`y`
-    in terms of the non-basic :math:`x`; the last column is the constant). Exchanging :math:`y_r` and :math:`x_r`
-    (Tucker's principal pivot; Cottle, Pang & Stone, *The Linear Complementarity Problem*, 1992, §2.3) is the
-    rank-one update :math:`T' = T - (T_{:,r} + e_r)(T_{r,:} - e_r)^\top / T_{rr}`. A pivot :math:`T_{rr}` that is
-    not positive (impossible when the tableau comes from a positive definite matrix, up to rounding) is not taken.
-
-    Returns:
-        The pivoted tableaus and ``[N]`` whether each pivot was taken.
-    """
-    num = tableau.shape[1]
-    column = jnp.take_along_axis(tableau, index[:, None, None], axis=2)[..., 0]          # [N, K]
-    row = jnp.take_along_axis(tableau, index[:, None, None], axis=1)[:, 0, :]            # [N, K+1]
-    unit = jax.nn.one_hot(index, num + 1, dtype=tableau.dtype)
-    pivot = jnp.sum(row * unit, axis=1)
-    taken = active & (pivot > 0)
-    scale = jnp.where(taken, 1.0 / jnp.where(taken, pivot, 1.0), 0.0)
-    left = (column + unit[:, :num]) * scale[:, None]
-    return tableau - left[:, :, None] * (row - unit)[:, None, :], taken
-
-
 def box_qps(matrix: jax.Array, lowers: jax.Array, max_iterations: int = 100,
             tolerance: float = 1e-10) -> BoxQPSolution:
     r"""Exact solver of the N programs :math:`\min_v v^\top A v` s.t. :math:`v \ge u_n` (``lowers`` ``[N, K]``)
     that share one positive definite ``matrix`` :math:`A`, all at once.
 
-    With :math:`v = u + z` each is the linear complementarity problem :math:`z \ge 0`, :math:`\mu = Az + Au \ge 0`,
-    :math:`z^\top\mu = 0`, solved by the Lawson–Hanson active-set method (*Solving Least Squares Problems*, 1974,
-    ch. 23, written on :math:`A` instead of a factor of it): from :math:`z = 0`, free variables are added one at a
-    time, the one whose partial derivative :math:`\mu_j` is most negative; the problem restricted to the free set is
-    solved exactly; if that leaves the feasible set, the method steps back to the boundary and releases the variable
-    that reached it first (one per iteration; a tie is released at the next one, with a zero step). It terminates
-    after finitely many steps at the exact optimum.
-
-    The restricted problems are not refactorised: each program keeps the tableau of :math:`\mu = Az + Au` pivoted on
-    its free set :math:`F` (:func:`_pivot`; its pivots are Schur complements of :math:`A` or diagonal entries of
-    :math:`A_{FF}^{-1}`, all positive), whose last column holds the restricted solution
-    :math:`z_F = -A_{FF}^{-1}(Au)_F` and the partial derivatives off :math:`F`, so adding or releasing a variable is
-    one rank-one update, batched over the N programs. Each ``lax.while_loop`` iteration is one pivot of every
-    program not yet finished; the loop stops when every program is optimal (every partial derivative of a bound
-    variable :math:`\ge -` ``tolerance``, floored at 64 machine epsilons) or after ``max_iterations``. The rounding
-    accumulated over the pivots is then removed by one step of iterative refinement,
-    :math:`z_F \leftarrow z_F - A_{FF}^{-1}\,(A(u+z))_F`, with :math:`A_{FF}^{-1}` read from the tableau.
+    With :math:`v = u + z` each is :math:`\min_{z \ge 0} z^\top A z + 2 (Au)^\top z` (up to a constant), which
+    :func:`~theory.balancing.simplex.nonnegative_qps` solves exactly by the Lawson–Hanson active-set method, one
+    rank-one tableau update per program and iteration; ``tolerance`` is its stopping rule on the partial derivatives.
     """
-    dtype = matrix.dtype
-    count, num = lowers.shape
-    tol = jnp.maximum(jnp.asarray(tolerance, dtype), 64 * jnp.finfo(dtype).eps)
-    linear = lowers @ matrix.T                                                           # rows: A u_n
-    tableau = jnp.concatenate([jnp.broadcast_to(matrix, (count, num, num)), linear[:, :, None]], axis=2)
-
-    def cond(carry):
-        *_, done, _, _, it = carry
-        return (it < max_iterations) & ~jnp.all(done)
-
-    def body(carry):
-        tableau, free, z, entered, done, solved, iterations, it = carry
-        last = tableau[:, :, num]
-        s = jnp.where(free, last, 0.0)                   # the solution restricted to the free set
-        blocking = free & (s <= 0)
-        feasible = ~jnp.any(blocking, axis=1)
-        # Feasible: z = s, and the bound variable with the most negative partial derivative enters (key: derivative).
-        # Infeasible: step from z towards s up to the first free variable that reaches zero, which leaves (key: the
-        # step to it). Rounding can leave the variable that just entered non-positive although its derivative was
-        # negative: it leaves at once (key -1) and the program stops at the previous point.
-        gap = z - s
-        ratios = jnp.where(blocking, z / jnp.where(gap > 0, gap, 1.0), jnp.inf)
-        key = jnp.where(feasible[:, None], jnp.where(free, jnp.inf, last), jnp.where(entered & blocking, -1.0, ratios))
-        index = jnp.argmin(key, axis=1)
-        one_hot = jax.nn.one_hot(index, num, dtype=bool)
-        value = jnp.sum(jnp.where(one_hot, key, 0.0), axis=1)
-        optimal = feasible & (value >= -tol)
-        stalled = ~feasible & (value < 0)
-        tableau, taken = _pivot(tableau, index, ~done & ~optimal)
-        z_back = jnp.where(free & ~one_hot, jnp.maximum(z + value[:, None] * (s - z), 0.0), 0.0)
-        broken = ~taken & ~optimal                       # a non-positive pivot: stop where it was
-        z_new = jnp.where(feasible[:, None], s, jnp.where((stalled | broken)[:, None], z, z_back))
-        return (tableau,
-                free ^ (one_hot & taken[:, None]),
-                jnp.where(done[:, None], z, z_new),
-                one_hot & (feasible & taken)[:, None],
-                done | optimal | stalled | broken,
-                solved | (~done & (optimal | stalled)),
-                iterations + (~done).astype(jnp.int32),
-                it + 1)
-
-    false, none = jnp.zeros((count, num), bool), jnp.zeros((count,), bool)
-    tableau, free, z, _, _, solved, iterations, _ = jax.lax.while_loop(
-        cond, body, (tableau, false, jnp.zeros((count, num), dtype), false, none, none,
-                     jnp.zeros((count,), jnp.int32), jnp.zeros((), jnp.int32)))
-    # Refinement, where z is the solution restricted to the free set (the programs that stopped at an optimum).
-    gradient = (lowers + z) @ matrix.T
-    correction = jnp.einsum("njk,nk->nj", tableau[:, :, :num], jnp.where(free, gradient, 0.0))
-    z = jnp.where(solved[:, None] & free, jnp.maximum(z - correction, 0.0), z)
-    kkt = jnp.max(jnp.abs(jnp.minimum(z, (lowers + z) @ matrix.T)), axis=1)
-    return BoxQPSolution(lowers + z, kkt, iterations)
+    solution = nonnegative_qps(matrix, lowers @ matrix.T, max_iterations, tolerance)
+    return BoxQPSolution(lowers + solution.weights, solution.kkt_residual, solution.iterations)
 
 
 def box_qp(matrix: jax.Array, lower: jax.Array, max_iterations: int = 100,
