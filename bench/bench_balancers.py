@@ -51,7 +51,7 @@ class BenchConfig:
     params: str = dataclasses.field(default="10000,1000000", metadata={
         "help": "comma-separated shared-parameter counts P (multiples of 100)"})
     methods: str = dataclasses.field(default="all", metadata={"help": "comma-separated methods, or 'all'"})
-    repeats: int = dataclasses.field(default=7, metadata={"help": "timed calls per measurement (median)"})
+    repeats: int = dataclasses.field(default=15, metadata={"help": "timed calls per measurement (median)"})
     out: str = dataclasses.field(default=str(ROOT / "bench" / "results" / "bench_balancers.json"),
                                  metadata={"help": "JSON output path"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "print nothing"})
