@@ -37,8 +37,8 @@ MTAN_TOLERANCE = 3e-5
 # float64 on both sides (resizing, cross-entropy): rounding alone.
 FLOAT64_TOLERANCE = 1e-10
 # LibMTL's MGDA stops its iterations (Sener & Koltun's projected-gradient steps with a line search) once the weights
-# move by less than 1e-5 (2.8e-5 measured on the direction; this library's solver is exact), and its CAGrad solves its dual with scipy's SLSQP at the default
-# tolerance (2e-8 measured); the other methods are closed forms (rounding alone).
+# move by less than 1e-5 (2.8e-5 measured on the direction; this library's solver is exact), and its CAGrad solves its
+# dual with scipy's SLSQP at the default tolerance (2e-8 measured); the other methods are closed forms (rounding alone).
 LIBMTL_TOLERANCE = {"MGDA": 1e-4, "CAGrad": 1e-6}
 # The optimisers in float64, but the schedule computes the learning rate in float32: 2.4e-8 measured.
 OPTIMISER_TOLERANCE = 1e-6

@@ -21,7 +21,7 @@ class BoxQPSolution(NamedTuple):
         weights: ``[K]`` the minimiser :math:`v`.
         kkt_residual: :math:`\\max_i |\\min(v_i - u_i,\\ (Av)_i)|`, zero exactly at the optimum (the KKT conditions
             :math:`v \\ge u`, :math:`Av \\ge 0`, :math:`(v-u)\\cdot Av = 0`).
-        iterations: active-set iterations used (one principal pivot each).
+        iterations: active-set iterations used: one per principal pivot, and one more that finds the optimum.
     """
 
     weights: jax.Array
