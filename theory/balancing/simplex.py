@@ -142,121 +142,6 @@ def min_norm_frank_wolfe(gram: jax.Array, max_iterations: int = 250, tolerance: 
     return SimplexSolution(alpha, gap, it)
 
 
-def min_norm_active_set(gram: jax.Array, max_iterations: int = 250) -> SimplexSolution:
-    r"""Exact minimiser of :math:`\alpha^\top G \alpha` over the simplex for any number of tasks, in finitely many
-    active-set steps.
-
-    The min-norm problem is a nonnegative least-squares problem in disguise: for :math:`u = t\alpha` with
-    :math:`t \ge 0`, :math:`\alpha \in \Delta`,
-
-    .. math:: u^\top (G + \mathbf 1\mathbf 1^\top) u - 2\,\mathbf 1^\top u = t^2 (\alpha^\top G\alpha + 1) - 2t,
-
-    whose minimum over :math:`t`, :math:`-1/(\alpha^\top G \alpha + 1)`, is lowest where :math:`\alpha^\top G\alpha` is
-    (any positive constant would do for the 1; the Gram matrix is normalised to a largest diagonal of 1). So
-    :math:`\alpha^* = u^*/\mathbf 1^\top u^*` for the minimiser :math:`u^* \ge 0` of the left side (the nonnegative
-    least-squares problem by which Lawson and Hanson solve least-distance programming, here :math:`\min \|x\|` s.t.
-    :math:`Jx \ge \mathbf 1`), which :func:`nonnegative_qps` finds exactly. :math:`G + \mathbf 1\mathbf 1^\top` is the
-    Gram matrix of the gradients each extended by a coordinate 1, so the method's free sets are affinely independent
-    gradients, and repeated or affinely dependent gradients are allowed. Unlike Frank–Wolfe
-    (:func:`min_norm_frank_wolfe`), whose convergence slows where the hull of the gradients is nearly flat, this
-    typically takes about one pivot per task in its solution's support (a released task costs two more; there is no
-    useful worst-case bound, so the returned gap says whether ``max_iterations`` sufficed).
-    """
-    g, _ = _normalise(gram)
-    num_tasks = g.shape[0]
-    extended = g + jnp.ones((num_tasks, num_tasks), g.dtype)
-    # Tolerance 0: optimal once no derivative is below -64 machine epsilons (the solver's floor), so the duality gap
-    # ends within a few hundred epsilons (1e-14 in float64, up to ~3e-5 in float32); a tolerance of 1e-10 left 1e-10
-    # of the (unit) scale on the table where a gradient is 1e-5 of the largest.
-    solution = nonnegative_qps(extended, -jnp.ones((1, num_tasks), g.dtype), max_iterations, tolerance=0.0)
-    u = solution.weights[0]
-    total = jnp.sum(u)  # > 0: at u = 0 every derivative is -1, so a task enters
-    alpha = u / jnp.where(total > 0, total, 1.0)
-    return SimplexSolution(alpha, min_norm_gap(g, alpha), solution.iterations[0])
-
-
-def _conflict_averse_grad(g, a, c, w):
-    q = w @ g @ w
-    return a + jnp.where(q > 0, c * (g @ w) / jnp.sqrt(jnp.where(q > 0, q, 1.0)), 0.0)
-
-
-def _conflict_averse_line_search(g, a, c, w, direction, gamma_max):
-    r"""Exact minimiser over :math:`\gamma\in[0,\gamma_{\max}]` of :math:`\varphi(\gamma) = F(w + \gamma d)`.
-
-    With :math:`A = a^\top d` and :math:`q(\gamma) = q_0 + 2\gamma q_1 + \gamma^2 q_2` (the squared norm along the
-    segment), :math:`\varphi'(\gamma) = A + c(q_1 + \gamma q_2)/\sqrt{q(\gamma)}`. Writing :math:`u = q_1+\gamma q_2`
-    and :math:`D = q_0 - q_1^2/q_2 \ge 0`, the root is :math:`u^* = -\mathrm{sign}(A)\sqrt{A^2 D/(c^2 - A^2/q_2)}`
-    when :math:`c\sqrt{q_2} > |A|`; otherwise :math:`\varphi` is monotone and the minimiser is an end point.
-    """
-    slope = a @ direction
-    q0, q1, q2 = w @ g @ w, w @ g @ direction, direction @ g @ direction
-    flat = q2 <= 1e-12
-    safe_q2 = jnp.where(flat, 1.0, q2)
-    interior = (c**2 * safe_q2 > slope**2) & ~flat
-    discriminant = jnp.maximum(q0 - q1**2 / safe_q2, 0.0)
-    denom = jnp.where(interior, c**2 - slope**2 / safe_q2, 1.0)
-    u_star = -jnp.sign(slope) * jnp.sqrt(slope**2 * discriminant / denom)
-    gamma_interior = jnp.clip((u_star - q1) / safe_q2, 0.0, gamma_max)
-    # Monotone cases: the derivative at 0 has the sign of the whole function's slope.
-    derivative_at_0 = slope + jnp.where(q0 > 0, c * q1 / jnp.sqrt(jnp.where(q0 > 0, q0, 1.0)), 0.0)
-    gamma_end = jnp.where(derivative_at_0 < 0, gamma_max, 0.0)
-    return jnp.where(interior, gamma_interior, gamma_end)
-
-
-def conflict_averse_frank_wolfe(gram: jax.Array, linear: jax.Array, radius: jax.Array,
-                                max_iterations: int = 250, tolerance: float = 1e-6) -> SimplexSolution:
-    r"""Pairwise Frank–Wolfe with exact line search for :math:`\min_{w\in\Delta} w^\top a + c\sqrt{w^\top G w}`.
-
-    ``linear`` (:math:`a`) and ``radius`` (:math:`c`) must be given for the *unnormalised* ``gram``; the problem is
-    rescaled internally (:math:`G\to G/s`, :math:`a\to a/s`, :math:`c\to c/\sqrt s` leave the minimiser unchanged).
-    """
-    g, scale = _normalise(gram)
-    safe_scale = jnp.where(scale > 0, scale, 1.0)
-    a, c = linear / safe_scale, radius / jnp.sqrt(safe_scale)
-    num_tasks = g.shape[0]
-    w0 = jnp.full((num_tasks,), 1.0 / num_tasks, g.dtype)
-
-    def gap_at(w):
-        grad = _conflict_averse_grad(g, a, c, w)
-        return grad @ w - jnp.min(grad)
-
-    def cond(carry):
-        _, gap, it = carry
-        return (it < max_iterations) & (gap > tolerance)
-
-    def body(carry):
-        w, _, it = carry
-        direction, gamma_max = _pairwise_direction(_conflict_averse_grad(g, a, c, w), w)
-        w = jnp.clip(w + _conflict_averse_line_search(g, a, c, w, direction, gamma_max) * direction, 0.0)
-        return w, gap_at(w), it + 1
-
-    w, gap, it = jax.lax.while_loop(cond, body, (w0, gap_at(w0), jnp.zeros((), jnp.int32)))
-    return SimplexSolution(w, gap, it)
-
-
-class SolverState(NamedTuple):
-    """What a solver-based method reports about its last step.
-
-    Attributes:
-        duality_gap: Frank–Wolfe gap of the last solve (scale-normalised; an upper bound on suboptimality).
-        iterations: iterations the last solve used.
-        converged: whether the last solve met its tolerance within its iteration budget.
-    """
-
-    duality_gap: jax.Array
-    iterations: jax.Array
-    converged: jax.Array
-
-    @classmethod
-    def initial(cls) -> "SolverState":
-        return cls(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.ones((), bool))
-
-    @classmethod
-    def of(cls, solution: SimplexSolution, tolerance: float) -> "SolverState":
-        gap = solution.duality_gap.astype(jnp.float32)
-        return cls(gap, solution.iterations.astype(jnp.int32), gap <= tolerance)
-
-
 class NonnegativeQPSolution(NamedTuple):
     r"""Solutions of :math:`\min_{z \ge 0} z^\top A z + 2 q^\top z` (each field has a leading batch axis: one row per
     linear term :math:`q_n`, see :func:`nonnegative_qps`).
@@ -374,3 +259,116 @@ def nonnegative_qps(matrix: jax.Array, linear: jax.Array, max_iterations: int = 
     return NonnegativeQPSolution(z, kkt, iterations)
 
 
+def min_norm_active_set(gram: jax.Array, max_iterations: int = 250) -> SimplexSolution:
+    r"""Exact minimiser of :math:`\alpha^\top G \alpha` over the simplex for any number of tasks, in finitely many
+    active-set steps.
+
+    The min-norm problem is a nonnegative least-squares problem in disguise: for :math:`u = t\alpha` with
+    :math:`t \ge 0`, :math:`\alpha \in \Delta`,
+
+    .. math:: u^\top (G + \mathbf 1\mathbf 1^\top) u - 2\,\mathbf 1^\top u = t^2 (\alpha^\top G\alpha + 1) - 2t,
+
+    whose minimum over :math:`t`, :math:`-1/(\alpha^\top G \alpha + 1)`, is lowest where :math:`\alpha^\top G\alpha` is
+    (any positive constant would do for the 1; the Gram matrix is normalised to a largest diagonal of 1). So
+    :math:`\alpha^* = u^*/\mathbf 1^\top u^*` for the minimiser :math:`u^* \ge 0` of the left side (the nonnegative
+    least-squares problem by which Lawson and Hanson solve least-distance programming, here :math:`\min \|x\|` s.t.
+    :math:`Jx \ge \mathbf 1`), which :func:`nonnegative_qps` finds exactly. :math:`G + \mathbf 1\mathbf 1^\top` is the
+    Gram matrix of the gradients each extended by a coordinate 1, so the method's free sets are affinely independent
+    gradients, and repeated or affinely dependent gradients are allowed. Unlike Frank–Wolfe
+    (:func:`min_norm_frank_wolfe`), whose convergence slows where the hull of the gradients is nearly flat, this
+    typically takes about one pivot per task in its solution's support (a released task costs two more; there is no
+    useful worst-case bound, so the returned gap says whether ``max_iterations`` sufficed).
+    """
+    g, _ = _normalise(gram)
+    num_tasks = g.shape[0]
+    extended = g + jnp.ones((num_tasks, num_tasks), g.dtype)
+    # Tolerance 0: optimal once no derivative is below -64 machine epsilons (the solver's floor), so the duality gap
+    # ends within a few hundred epsilons (1e-14 in float64, up to ~3e-5 in float32); a tolerance of 1e-10 left 1e-10
+    # of the (unit) scale on the table where a gradient is 1e-5 of the largest.
+    solution = nonnegative_qps(extended, -jnp.ones((1, num_tasks), g.dtype), max_iterations, tolerance=0.0)
+    u = solution.weights[0]
+    total = jnp.sum(u)  # > 0: at u = 0 every derivative is -1, so a task enters
+    alpha = u / jnp.where(total > 0, total, 1.0)
+    return SimplexSolution(alpha, min_norm_gap(g, alpha), solution.iterations[0])
+
+
+def _conflict_averse_grad(g, a, c, w):
+    q = w @ g @ w
+    return a + jnp.where(q > 0, c * (g @ w) / jnp.sqrt(jnp.where(q > 0, q, 1.0)), 0.0)
+
+
+def _conflict_averse_line_search(g, a, c, w, direction, gamma_max):
+    r"""Exact minimiser over :math:`\gamma\in[0,\gamma_{\max}]` of :math:`\varphi(\gamma) = F(w + \gamma d)`.
+
+    With :math:`A = a^\top d` and :math:`q(\gamma) = q_0 + 2\gamma q_1 + \gamma^2 q_2` (the squared norm along the
+    segment), :math:`\varphi'(\gamma) = A + c(q_1 + \gamma q_2)/\sqrt{q(\gamma)}`. Writing :math:`u = q_1+\gamma q_2`
+    and :math:`D = q_0 - q_1^2/q_2 \ge 0`, the root is :math:`u^* = -\mathrm{sign}(A)\sqrt{A^2 D/(c^2 - A^2/q_2)}`
+    when :math:`c\sqrt{q_2} > |A|`; otherwise :math:`\varphi` is monotone and the minimiser is an end point.
+    """
+    slope = a @ direction
+    q0, q1, q2 = w @ g @ w, w @ g @ direction, direction @ g @ direction
+    flat = q2 <= 1e-12
+    safe_q2 = jnp.where(flat, 1.0, q2)
+    interior = (c**2 * safe_q2 > slope**2) & ~flat
+    discriminant = jnp.maximum(q0 - q1**2 / safe_q2, 0.0)
+    denom = jnp.where(interior, c**2 - slope**2 / safe_q2, 1.0)
+    u_star = -jnp.sign(slope) * jnp.sqrt(slope**2 * discriminant / denom)
+    gamma_interior = jnp.clip((u_star - q1) / safe_q2, 0.0, gamma_max)
+    # Monotone cases: the derivative at 0 has the sign of the whole function's slope.
+    derivative_at_0 = slope + jnp.where(q0 > 0, c * q1 / jnp.sqrt(jnp.where(q0 > 0, q0, 1.0)), 0.0)
+    gamma_end = jnp.where(derivative_at_0 < 0, gamma_max, 0.0)
+    return jnp.where(interior, gamma_interior, gamma_end)
+
+
+def conflict_averse_frank_wolfe(gram: jax.Array, linear: jax.Array, radius: jax.Array,
+                                max_iterations: int = 250, tolerance: float = 1e-6) -> SimplexSolution:
+    r"""Pairwise Frank–Wolfe with exact line search for :math:`\min_{w\in\Delta} w^\top a + c\sqrt{w^\top G w}`.
+
+    ``linear`` (:math:`a`) and ``radius`` (:math:`c`) must be given for the *unnormalised* ``gram``; the problem is
+    rescaled internally (:math:`G\to G/s`, :math:`a\to a/s`, :math:`c\to c/\sqrt s` leave the minimiser unchanged).
+    """
+    g, scale = _normalise(gram)
+    safe_scale = jnp.where(scale > 0, scale, 1.0)
+    a, c = linear / safe_scale, radius / jnp.sqrt(safe_scale)
+    num_tasks = g.shape[0]
+    w0 = jnp.full((num_tasks,), 1.0 / num_tasks, g.dtype)
+
+    def gap_at(w):
+        grad = _conflict_averse_grad(g, a, c, w)
+        return grad @ w - jnp.min(grad)
+
+    def cond(carry):
+        _, gap, it = carry
+        return (it < max_iterations) & (gap > tolerance)
+
+    def body(carry):
+        w, _, it = carry
+        direction, gamma_max = _pairwise_direction(_conflict_averse_grad(g, a, c, w), w)
+        w = jnp.clip(w + _conflict_averse_line_search(g, a, c, w, direction, gamma_max) * direction, 0.0)
+        return w, gap_at(w), it + 1
+
+    w, gap, it = jax.lax.while_loop(cond, body, (w0, gap_at(w0), jnp.zeros((), jnp.int32)))
+    return SimplexSolution(w, gap, it)
+
+
+class SolverState(NamedTuple):
+    """What a solver-based method reports about its last step.
+
+    Attributes:
+        duality_gap: Frank–Wolfe gap of the last solve (scale-normalised; an upper bound on suboptimality).
+        iterations: iterations the last solve used.
+        converged: whether the last solve met its tolerance within its iteration budget.
+    """
+
+    duality_gap: jax.Array
+    iterations: jax.Array
+    converged: jax.Array
+
+    @classmethod
+    def initial(cls) -> "SolverState":
+        return cls(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.ones((), bool))
+
+    @classmethod
+    def of(cls, solution: SimplexSolution, tolerance: float) -> "SolverState":
+        gap = solution.duality_gap.astype(jnp.float32)
+        return cls(gap, solution.iterations.astype(jnp.int32), gap <= tolerance)
