@@ -36,7 +36,8 @@ def _cos_sin(theta):
 
 
 def semantic_slot_covariance(scm: LinearGaussianSCM, theta, domain: Domain) -> jax.Array:
-    r"""Covariance of the semantic slot, :math:`\mathrm{Cov}_e(\hat Z_s) = c^2 \Sigma_s + s^2 \Sigma_{r,e}`, ``[d, d]``."""
+    r"""Covariance of the semantic slot, :math:`\mathrm{Cov}_e(\hat Z_s) = c^2 \Sigma_s + s^2 \Sigma_{r,e}`,
+    ``[d, d]``."""
     c, s = _cos_sin(theta)
     return c**2 * scm.cov_s + s**2 * scm.cov_r(domain)
 
@@ -73,7 +74,8 @@ def source_optimal_heads(scm: LinearGaussianSCM, theta) -> jax.Array:
 
 
 def ood_gap(scm: LinearGaussianSCM, theta, heads: jax.Array) -> jax.Array:
-    r"""Exact OOD gap :math:`\mathcal R_T(w_t) - \mathcal R_S(w_t) = s^2 w_t^\top(\Sigma_{r,T}-\Sigma_{r,S}) w_t`, ``[K]``."""
+    r"""Exact OOD gap :math:`\mathcal R_T(w_t) - \mathcal R_S(w_t) = s^2 w_t^\top(\Sigma_{r,T}-\Sigma_{r,S}) w_t`,
+    ``[K]``."""
     _, s = _cos_sin(theta)
     delta = scm.cov_r("target") - scm.cov_r("source")
     return s**2 * jnp.einsum("ki,ij,kj->k", heads, delta, heads)
@@ -99,7 +101,8 @@ def floor_constants(scm: LinearGaussianSCM, cos_theta_bar) -> jax.Array:
     Isotropic case (the paper's statement):
     :math:`C_t = \|\beta_t\|^2 \sigma_s^4 \cos^2\bar\theta / \max(\sigma_s^2, \sigma_{r,S}^2)^2`.
     For SPD covariances the same argument (Eq (26) with operator norms) gives
-    :math:`C_t = \|\Sigma_s\beta_t\|^2 \cos^2\bar\theta / \max(\lambda_{\max}(\Sigma_s), \lambda_{\max}(\Sigma_{r,S}))^2`,
+    :math:`C_t = \|\Sigma_s\beta_t\|^2 \cos^2\bar\theta
+    / \max(\lambda_{\max}(\Sigma_s), \lambda_{\max}(\Sigma_{r,S}))^2`,
     which reduces to the isotropic form.
     """
     lam_max = max(np.linalg.eigvalsh(scm.cov_s_np).max(), np.linalg.eigvalsh(scm.cov_r_np("source")).max())

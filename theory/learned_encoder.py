@@ -10,7 +10,8 @@ noise, so reading ``r`` helps on the source. Two ways to train:
 * **a balancing method** of :mod:`theory.balancing` on the task losses alone (heads on the semantic code or on the
   full code), the encoder being the shared parameters;
 * **the CORE-MTL objective at this scale** (Eq (16)): task loss on the semantic stream
-  :math:`+\ \lambda_{\rm ind}\,\mathrm{CKA}(\hat Z_s,\hat Z_r)` :math:`+\ \lambda_{\rm geo}\|D_{\rm geo}(\hat z_s)-s\|^2`
+  :math:`+\ \lambda_{\rm ind}\,\mathrm{CKA}(\hat Z_s,\hat Z_r)`
+  :math:`+\ \lambda_{\rm geo}\|D_{\rm geo}(\hat z_s)-s\|^2`
   (geometric grounding: the semantic stream alone must reconstruct the geometry, as the paper's depth target)
   :math:`+\ \lambda_{\rm rec}\|D_{\rm app}(\hat z_s,\hat z_r)-x\|^2` (the reconstruction bottleneck)
   :math:`+\ \lambda_{\rm cfa}` × the task loss on counterfactuals: residual codes swapped within the batch, decoded,

@@ -82,7 +82,8 @@ def _centre(x: jax.Array) -> jax.Array:
 def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
     r"""Linear CKA between two batches of codes ``x`` ``[B, p]`` and ``y`` ``[B, q]`` (Eq (11)), feature form:
 
-    .. math:: \mathrm{CKA} = \frac{\|\tilde X^\top \tilde Y\|_F^2}{\|\tilde X^\top\tilde X\|_F\,\|\tilde Y^\top\tilde Y\|_F}
+    .. math:: \mathrm{CKA} = \frac{\|\tilde X^\top \tilde Y\|_F^2}
+                                   {\|\tilde X^\top\tilde X\|_F\,\|\tilde Y^\top\tilde Y\|_F}
               = \frac{\mathrm{tr}(KHLH)}{\sqrt{\mathrm{tr}(KHKH)\,\mathrm{tr}(LHLH)}},\quad K = XX^\top, L = YY^\top,
 
     equal to the Gram form the paper's code uses (:func:`linear_cka_gram`), at :math:`O(B(p+q)\min(p,q))` cost.
@@ -102,9 +103,10 @@ def _ratio_to_root(numerator: jax.Array, squared_denominator: jax.Array) -> jax.
 
 
 def linear_cka_gram(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Linear CKA in the Gram form of Eq (11), :math:`\\mathrm{HSIC}(K,L)/\\sqrt{\\mathrm{HSIC}(K,K)\\mathrm{HSIC}(L,L)}`
-    with centred Grams (:math:`O(B^2(p+q))`): the form the paper's code computes, without the 1e-6 it adds to the
-    denominator (which lets shrinking both codes lower the value), so that it equals :func:`linear_cka` exactly."""
+    """Linear CKA in the Gram form of Eq (11),
+    :math:`\\mathrm{HSIC}(K,L)/\\sqrt{\\mathrm{HSIC}(K,K)\\mathrm{HSIC}(L,L)}` with centred Grams
+    (:math:`O(B^2(p+q))`): the form the paper's code computes, without the 1e-6 it adds to the denominator (which
+    lets shrinking both codes lower the value), so that it equals :func:`linear_cka` exactly."""
     k, l = _centre(x) @ _centre(x).T, _centre(y) @ _centre(y).T
     return _ratio_to_root(jnp.sum(k * l), jnp.sum(k * k) * jnp.sum(l * l))
 

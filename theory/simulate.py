@@ -254,7 +254,8 @@ def train(scm: LinearGaussianSCM, balancer: Balancer, theta, key: jax.Array, con
 
 
 def moment_least_squares(moments: Moments) -> jax.Array:
-    r"""Ordinary least squares from a sample's second moments, :math:`\hat\Sigma_{zz}^{-1}\hat\Sigma_{zy}`, ``[K, d]``."""
+    r"""Ordinary least squares from a sample's second moments, :math:`\hat\Sigma_{zz}^{-1}\hat\Sigma_{zy}`,
+    ``[K, d]``."""
     return jnp.linalg.solve(moments.zz, moments.zy).T
 
 
