@@ -28,8 +28,8 @@ from theory.measures import debiased_cka, linear_cka
 
 __all__ = ["segmentation_loss", "depth_loss", "normal_loss", "independence_loss", "l1", "ssim_loss",
            "physical_image_loss", "albedo_tv", "grayscale_shading", "albedo_normal_covariance", "edge_loss",
-           "resize_nearest", "geometry_aux_loss", "appearance_aux_loss", "LossWeights", "PRESETS", "total_loss",
-           "linear_cka", "debiased_cka"]
+           "resize_nearest", "geometry_aux_loss", "appearance_aux_loss", "LossWeights", "PRESETS", "TOTAL_LOSS_TERMS",
+           "total_loss", "linear_cka", "debiased_cka"]
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -99,7 +99,8 @@ def appearance_aux_loss(reconstruction_aux: jax.Array, image: jax.Array) -> jax.
 
 
 def ssim_loss(prediction: jax.Array, target: jax.Array, window: int = 7, data_range: float = 1.0) -> jax.Array:
-    """:math:`1 - \\mathrm{SSIM}` with a uniform ``window`` × ``window`` filter (valid positions), per channel, averaged.
+    """:math:`1 - \\mathrm{SSIM}` with a uniform ``window`` × ``window`` filter (valid positions), per channel,
+    averaged.
 
     The authors' code uses no SSIM; it is offered for reconstruction experiments.
     """
@@ -225,6 +226,11 @@ PRESETS: dict[str, LossWeights] = {
 }
 
 
+TOTAL_LOSS_TERMS = ("segmentation", "depth", "normal", "edge", "independence", "geometry", "appearance_l1",
+                    "appearance_perceptual", "image", "albedo_tv", "gray", "covariance", "geometry_aux",
+                    "appearance_aux")
+
+
 def total_loss(terms: dict[str, jax.Array], weights: LossWeights, independence_weight: float | None = None):
     r"""Eq (16) from named terms (missing terms count 0): the weighted task losses, λ_ind·CKA, and the grounding terms.
 
@@ -233,11 +239,14 @@ def total_loss(terms: dict[str, jax.Array], weights: LossWeights, independence_w
               + \lambda_{img}\mathcal L_{img} + \lambda_{tv}\mathrm{TV}(A) + \lambda_{gray}\mathcal L_{gray}
               + \lambda_{xcov}\mathcal L_{xcov} + \tfrac12\mathcal L_{geo,aux} + \tfrac12\mathcal L_{app,aux}
 
-    ``terms`` keys: segmentation, depth, normal, edge, independence, geometry, appearance_l1, appearance_perceptual,
-    image, albedo_tv, gray, covariance, geometry_aux, appearance_aux. ``independence_weight`` overrides λ_ind (ramps).
+    ``terms`` keys: any of :data:`TOTAL_LOSS_TERMS` (another raises ``ValueError``, so that a misspelt term is not
+    silently dropped). ``independence_weight`` overrides λ_ind (ramps).
     :func:`deep.train.core_step` supplies ``appearance_perceptual`` (:func:`deep.perceptual.lpips_loss`) only
     when given LPIPS-VGG weights (``perceptual=``); without them it counts 0.
     """
+    unknown = sorted(set(terms) - set(TOTAL_LOSS_TERMS))
+    if unknown:
+        raise ValueError(f"unknown loss term {unknown[0]!r}; total_loss weighs {', '.join(TOTAL_LOSS_TERMS)}")
     get = lambda name: terms.get(name, 0.0)
     lam_ind = weights.independence if independence_weight is None else independence_weight
     return (weights.segmentation * get("segmentation") + weights.depth * get("depth")

@@ -346,26 +346,68 @@ def test_scale_crop_with_scale_one_is_the_identity(example, crop):
         np.testing.assert_array_equal(cropped[name], example[name])
 
 
-def test_scale_crop_is_crop_then_resize_with_depth_divided_by_the_scale(crop):
-    # Linear ramps are reproduced exactly by bilinear sampling, so the crop window can be read back from them;
-    # labels encode each pixel's (row, column), so the nearest rule can be checked pixel by pixel.
+def _ramp_example():
+    """Linear ramps are reproduced exactly by bilinear sampling, so a crop window (and a flip) can be read back from
+    the image; labels and depth encode each pixel's (row, column), so the nearest rule can be checked pixel by
+    pixel; the normals are other ramps (augmentation does not renormalise them)."""
     rows, columns = np.meshgrid(np.arange(HEIGHT), np.arange(WIDTH), indexing="ij")
     ramp = np.stack([rows / HEIGHT, columns / WIDTH, np.full(rows.shape, 0.5)], -1).astype(np.float32)
-    example = {"images": jnp.asarray(ramp), "segmentation": jnp.asarray(rows * WIDTH + columns, jnp.int32),
-               "depth": jnp.full((HEIGHT, WIDTH, 1), 2.0, jnp.float32)}
+    normal = np.stack([0.1 + columns / WIDTH, 0.2 + rows / HEIGHT, (rows + columns) / (HEIGHT + WIDTH)], -1)
+    return {"images": jnp.asarray(ramp), "segmentation": jnp.asarray(rows * WIDTH + columns, jnp.int32),
+            "depth": jnp.asarray(1.0 + rows * WIDTH + columns, jnp.float32)[..., None],
+            "normal": jnp.asarray(normal, jnp.float32)}
+
+
+def _expected_crop(example, top, left, scale):
+    """Crop-then-resize of every field of ``example`` for the window at ``(top, left)``, in numpy and
+    ``deep.resize`` (image and normals bilinear with align_corners, labels and depth nearest, depth / scale)."""
+    crop_height, crop_width = int(HEIGHT / scale), int(WIDTH / scale)
+    expected = {name: resize_bilinear(example[name][None, top:top + crop_height, left:left + crop_width],
+                                      (HEIGHT, WIDTH), align_corners=True)[0] for name in ("images", "normal")}
+    source_rows = top + np.floor(np.arange(HEIGHT) * crop_height / HEIGHT).astype(int)
+    source_columns = left + np.floor(np.arange(WIDTH) * crop_width / WIDTH).astype(int)
+    for name in ("segmentation", "depth"):
+        expected[name] = np.asarray(example[name])[source_rows[:, None], source_columns[None, :]]
+    expected["depth"] = expected["depth"] / scale
+    return expected
+
+
+def test_scale_crop_is_crop_then_resize_with_depth_divided_by_the_scale(crop):
+    example = _ramp_example()
     for seed in range(3):
         out = crop(jax.random.key(seed), example, scales=(1.5,))
-        crop_height, crop_width = int(HEIGHT / 1.5), int(WIDTH / 1.5)
         top = int(round(float(out["images"][0, 0, 0]) * HEIGHT))
         left = int(round(float(out["images"][0, 0, 1]) * WIDTH))
-        window = example["images"][None, top:top + crop_height, left:left + crop_width]
-        np.testing.assert_allclose(out["images"], resize_bilinear(window, (HEIGHT, WIDTH), align_corners=True)[0],
-                                   atol=1e-6)
-        source_rows = top + np.floor(np.arange(HEIGHT) * crop_height / HEIGHT).astype(int)
-        source_columns = left + np.floor(np.arange(WIDTH) * crop_width / WIDTH).astype(int)
-        np.testing.assert_array_equal(out["segmentation"], source_rows[:, None] * WIDTH + source_columns[None, :])
-        np.testing.assert_allclose(out["depth"], 2.0 / 1.5, rtol=1e-6)
+        expected = _expected_crop(example, top, left, 1.5)
+        for name in ("images", "normal"):
+            np.testing.assert_allclose(out[name], expected[name], atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(out["segmentation"], expected["segmentation"])
+        np.testing.assert_allclose(out["depth"], expected["depth"], rtol=1e-6)
         assert out["depth"].dtype == jnp.float32
+
+
+def test_a_flip_during_the_crop_mirrors_every_field_and_negates_normal_x():
+    """With the scale-crop on, the flip is folded into the crop's sampling (``_scale_crop``): every field must be
+    the crop-then-resize of the same window, mirrored together, with the normals' x component negated."""
+    example = _ramp_example()
+    batch = {name: jnp.stack([value] * 8) for name, value in example.items()}
+    config = AugmentConfig(scales=(1.5,), color_jitter=(0, 0, 0, 0))
+    out = jax.jit(lambda key, batch_: augment(key, batch_, config))(jax.random.key(4), batch)
+    flipped = []
+    for index in range(8):
+        image = np.asarray(out["images"][index])
+        flipped.append(bool(image[0, 0, 1] > image[0, -1, 1]))  # the column ramp runs right to left
+        top, left = (int(round(float(image[..., channel].min()) * size)) for channel, size in ((0, HEIGHT),
+                                                                                              (1, WIDTH)))
+        expected = _expected_crop(example, top, left, 1.5)
+        if flipped[-1]:
+            expected = {name: value[:, ::-1] for name, value in expected.items()}
+            expected["normal"] = expected["normal"] * np.array([-1, 1, 1], np.float32)
+        for name in ("images", "normal"):
+            np.testing.assert_allclose(out[name][index], expected[name], atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(out["segmentation"][index], expected["segmentation"])
+        np.testing.assert_allclose(out["depth"][index], expected["depth"], rtol=1e-6)
+    assert any(flipped) and not all(flipped), flipped  # both paths checked (this key flips some of the 8)
 
 
 def test_a_zoom_multiplies_a_disparity_by_the_scale(example):

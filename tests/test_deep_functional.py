@@ -170,7 +170,66 @@ def test_regularisers_on_hand_made_maps():
     assert float(losses.ssim_loss(flat, flat, window=3)) == pytest.approx(0.0, abs=1e-6)
     noisy = jax.random.uniform(jax.random.key(1), (1, 8, 8, 3))
     assert float(losses.ssim_loss(noisy, 1.0 - noisy, window=3)) > 1.0  # anti-correlated: SSIM < 0
+    # Equal maps: each Charbonnier mean is epsilon, two directions at each of three scales.
     assert float(losses.edge_loss(jnp.ones((1, 16, 16, 1)), jnp.ones((1, 16, 16, 1)))) == pytest.approx(6e-3)
+
+
+def _correlated_images(seed, shape):
+    """Two images in [0, 1] that share structure (so SSIM's and the covariance's cross terms matter)."""
+    rng = np.random.default_rng(seed)
+    base = rng.random(shape)
+    return base, np.clip(0.7 * base + 0.3 * rng.random(shape) + 0.05, 0, 1)
+
+
+def test_albedo_normal_covariance_is_the_cross_block_of_numpys_covariance():
+    albedo, normals = _correlated_images(11, (2, 5, 7, 3))
+    normals = normals - 0.5 + 0.2 * albedo[..., ::-1]  # anticorrelated channels too, so no sign can cancel
+    expected = np.mean([np.abs(np.cov(np.concatenate([a, n], -1).reshape(-1, 6), rowvar=False)[:3, 3:]).mean()
+                        for a, n in zip(albedo, normals)])
+    np.testing.assert_allclose(losses.albedo_normal_covariance(jnp.asarray(albedo), jnp.asarray(normals)), expected,
+                               rtol=1e-5)
+
+
+def test_ssim_loss_is_one_minus_the_windowed_ssim_formula():
+    prediction, target = _correlated_images(12, (2, 9, 11, 3))
+    window, c1, c2 = 3, 0.01**2, 0.03**2
+    patches = lambda x: np.lib.stride_tricks.sliding_window_view(x, (window, window), axis=(1, 2))
+    p, t = patches(prediction), patches(target)
+    mu_p, mu_t = p.mean((-2, -1)), t.mean((-2, -1))
+    var_p, var_t = p.var((-2, -1)), t.var((-2, -1))  # population variances, as a uniform-window SSIM
+    cov = ((p - mu_p[..., None, None]) * (t - mu_t[..., None, None])).mean((-2, -1))
+    ssim = (2 * mu_p * mu_t + c1) * (2 * cov + c2) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    assert ssim.shape == (2, 7, 9, 3)  # valid positions only
+    np.testing.assert_allclose(losses.ssim_loss(jnp.asarray(prediction), jnp.asarray(target), window=window),
+                               1 - ssim.mean(), rtol=1e-4)
+
+
+def test_edge_loss_is_the_charbonnier_distance_of_sobel_gradients_over_scales():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(13)
+    predicted, target = 5 * rng.random((2, 18, 22, 1)), 5 * rng.random((2, 18, 22, 1))
+    predicted[0, :3, :4] = -1.0  # negative depths count as 0 (log1p of the clamped depth)
+    sobel_x = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    epsilon, expected = 1e-2, 0.0
+    p, t = np.log1p(np.maximum(predicted[..., 0], 0)), np.log1p(target[..., 0])
+    for scale in range(3):
+        if scale:  # 2x2 means, an odd last row or column dropped
+            pool = lambda x: x[:, :x.shape[1] // 2 * 2, :x.shape[2] // 2 * 2].reshape(
+                x.shape[0], x.shape[1] // 2, 2, x.shape[2] // 2, 2).mean((2, 4))
+            p, t = pool(p), pool(t)
+        for kernel in (sobel_x, sobel_x.T):  # d/dx along columns, d/dy along rows; zero padding
+            gradient = lambda x: np.stack([ndimage.correlate(image, kernel, mode="constant") for image in x])
+            expected += np.mean(np.sqrt((gradient(p) - gradient(t)) ** 2 + epsilon**2))
+    np.testing.assert_allclose(losses.edge_loss(jnp.asarray(predicted), jnp.asarray(target), epsilon=epsilon),
+                               expected, rtol=1e-5)
+
+
+def test_physical_image_loss_compares_the_decoded_images():
+    rendered, image = _correlated_images(14, (2, 4, 5, 3))
+    decode = lambda x: np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+    np.testing.assert_allclose(losses.physical_image_loss(jnp.asarray(rendered), jnp.asarray(image)),
+                               np.abs(decode(rendered) - decode(image)).mean(), rtol=1e-5)
 
 
 def test_presets_hold_table_7_and_the_ramp():
@@ -187,3 +246,20 @@ def test_presets_hold_table_7_and_the_ramp():
         losses.LossWeights(counterfactual_probability=2.0)
     total = losses.total_loss({"segmentation": 1.0, "independence": 0.5, "appearance_l1": 1.0}, nyu)
     assert float(total) == pytest.approx(20 + 0.5 + 15 * 2)
+
+
+def test_total_loss_weighs_each_term_as_eq_16():
+    weights = losses.LossWeights(segmentation=2, depth=3, normal=5, edge=7, independence=11, geometry=13,
+                                 appearance=17, appearance_l1=19, image=23, albedo_tv=29, gray=31, covariance=37)
+    # Written out from Eq (16) and the authors' deep supervision (0.5 each), not from total_loss.
+    coefficients = {"segmentation": 2, "depth": 3, "normal": 5, "edge": 7, "independence": 11, "geometry": 13,
+                    "appearance_perceptual": 17, "appearance_l1": 17 * 19, "image": 23, "albedo_tv": 29, "gray": 31,
+                    "covariance": 37, "geometry_aux": 0.5, "appearance_aux": 0.5}
+    for name, coefficient in coefficients.items():
+        assert float(losses.total_loss({name: 1.0}, weights)) == pytest.approx(coefficient), name
+    every_term = {name: 1.0 + index / 10 for index, name in enumerate(coefficients)}
+    assert float(losses.total_loss(every_term, weights)) == pytest.approx(
+        sum(coefficients[name] * value for name, value in every_term.items()))
+    assert float(losses.total_loss({"independence": 1.0}, weights, independence_weight=0.25)) == 0.25
+    with pytest.raises(ValueError, match="unknown loss term 'apperance_l1'"):  # a misspelt term is not dropped
+        losses.total_loss({"apperance_l1": 1.0}, weights)
