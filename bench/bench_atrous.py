@@ -27,8 +27,8 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from _common import (environment, median_seconds, parse_choices, parse_config, parser_for, run_main,  # noqa: E402
-                     write_json)
+from _common import (environment, median_seconds, parse_choices, parse_config, parser_for,  # noqa: E402
+                     require_integer, run_main, write_json)
 
 PRECISIONS = ("float32", "bfloat16")
 # (name, input channels, output channels, rate, how many a forward pass of the model runs)
@@ -49,8 +49,8 @@ class BenchConfig:
     quiet: bool = dataclasses.field(default=False, metadata={"help": "print nothing"})
 
     def __post_init__(self):
-        if min(self.batch, self.height, self.width, self.repeats) < 1:
-            raise ValueError("--batch, --height, --width and --repeats must be integers >= 1")
+        for name in ("batch", "height", "width", "repeats"):
+            require_integer(self, name, 1)
         parse_choices("--precisions", self.precisions, PRECISIONS)
 
 

@@ -41,7 +41,8 @@ TARGET_RATIO = 5.0
 class BenchConfig:
     config: str = dataclasses.field(default="nyuv2", metadata={
         "help": "nyuv2 (288x384, batch 16) or reduced (64x80, batch 4)"})
-    examples: int = dataclasses.field(default=64, metadata={"help": "examples per epoch (a multiple of the batch)"})
+    examples: int = dataclasses.field(default=64, metadata={
+        "help": "examples per epoch (at least one batch; a last partial batch is left out, as in training)"})
     distinct: int = dataclasses.field(default=8, metadata={"help": "distinct generated scenes, tiled to --examples"})
     repeats: int = dataclasses.field(default=3, metadata={"help": "timed epochs per pipeline (median)"})
     step_json: str = dataclasses.field(default="", metadata={
@@ -73,7 +74,12 @@ def _step_reference(path_text: str, config_name: str) -> tuple[Path, dict]:
     if not path.exists():
         raise FileNotFoundError(f"--step-json: {path} not found; run bench/bench_train_step.py first or pass a path")
     try:
-        payload = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as error:  # a folder, or no permission
+        raise ValueError(f"--step-json: cannot read {path} ({error.strerror or error}); give a bench_train_step "
+                         f"JSON file") from None
+    try:
+        payload = json.loads(text)
         rows = [row for row in payload["rows"] if row.get("images_per_second")]
         fastest = max(rows, key=lambda row: row["images_per_second"])
     except (ValueError, KeyError, TypeError):

@@ -16,14 +16,17 @@
 # its profiler traces (default OUTPUT_FOLDER/trace; their summary is in the JSON either way).
 set -uo pipefail
 usage="usage: bash bench/gpu_figures.sh OUTPUT_FOLDER [PART: 1, 2, 3, 4, 5 or all]"
-out="${1:?$usage}"
+if [ $# -lt 1 ] || [ $# -gt 2 ] || [ -z "$1" ]; then
+    echo "gpu_figures.sh: give an output folder and at most one part ($usage)" >&2; exit 2
+fi
+out="$1"
 part="${2:-all}"
 case "$part" in
     1|2|3|4|5|all) ;;
     *) echo "gpu_figures.sh: PART must be 1, 2, 3, 4, 5 or all; got '$part' ($usage)" >&2; exit 2 ;;
 esac
 given="$out"
-mkdir -p -- "$given" && out="$(CDPATH= cd -- "$given" && pwd)" && [ -w "$out" ] \
+mkdir -p -- "$given" 2>/dev/null && out="$(CDPATH= cd -- "$given" && pwd)" && [ -w "$out" ] \
     || { echo "gpu_figures.sh: cannot write to the folder '$given'" >&2; exit 2; }
 log="$out/log.txt"
 trace="${TRACE_DIR:-$out/trace}"

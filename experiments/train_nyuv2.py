@@ -85,7 +85,8 @@ class TrainConfig:
                 "target, for the source metrics and the target - source gap (the paper's Table 2)"})
     method: str = dataclasses.field(default="core", metadata={
         "help": "core, stl, or a method of theory.balancing (ew, pcgrad, mgda, nash_mtl, ...)"})
-    task: str = dataclasses.field(default="", metadata={"help": "the task of an stl run"})
+    task: str = dataclasses.field(default="", metadata={
+        "help": "the task of an stl run: segmentation, depth or normal (Cityscapes and GTA5 have no normal)"})
     architecture: str = dataclasses.field(default="shared", metadata={
         "help": "the baselines' architecture: shared (hard parameter sharing) or mtan (task attention)"})
     grounding: str = dataclasses.field(default="hard", metadata={
@@ -282,7 +283,9 @@ def _generated(root: Path, write) -> Path:
 def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | None]:
     """``(train, test, source_test)`` arrays: the dataset's train and val splits (no source split), or for ``gta5``
     all of GTA5 (resized to the target's size), Cityscapes' val split and, with ``--source-data``, the held-out GTA5
-    folder. ``--synthetic`` first writes generated sets under ``<out>/data`` (for ``gta5`` a held-out one too)."""
+    folder. ``--synthetic`` first writes generated sets under ``<out>/data`` (for ``gta5`` a held-out one too), with
+    at least one full batch of training examples."""
+    training_examples = max(8, config.batch_size)
     from deep import data
 
     if config.dataset == "gta5":
@@ -293,7 +296,7 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
         if config.synthetic:
             # Other seeds for the target (another city) and the held-out source scenes.
             _generated(target_root, lambda folder: data.write_cityscapes(folder, seed=config.seed + 1))
-            _generated(root, lambda folder: data.write_gta5(folder, count=8, seed=config.seed))
+            _generated(root, lambda folder: data.write_gta5(folder, count=training_examples, seed=config.seed))
             _generated(source_root, lambda folder: data.write_gta5(folder, count=4, seed=config.seed + 2))
         test = data.load_cityscapes(target_root, "val")
         size = test["images"].shape[1:3]
@@ -302,9 +305,17 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
     root = Path(config.data) if config.data else out / "data"
     if config.synthetic:
         writer = data.write_nyuv2 if config.dataset == "nyuv2" else data.write_cityscapes
-        _generated(root, lambda folder: writer(folder, seed=config.seed))
+        _generated(root, lambda folder: writer(folder, train=training_examples, seed=config.seed))
     load = data.load_nyuv2 if config.dataset == "nyuv2" else data.load_cityscapes
     return load(root, "train"), load(root, "val"), None
+
+
+def _read_weights(flag: str, load, *args):
+    """``load(*args)``, its errors about the file named by the flag that gave it."""
+    try:
+        return load(*args)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
 
 
 # ------------------------------------------------------------------------------------------------- logging
@@ -511,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source_split = tasks_only(source_split) if source_split is not None else None
     if config.batch_size > len(train_split["images"]):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
-                         f"({len(train_split['images'])} examples), which would leave no full batch")
+                         f"({len(train_split['images'])} examples), which would leave no full batch; give --batch-size "
+                         f"{len(train_split['images'])} or less")
     # On the device: a copy of each split on every device, each batch gathered there already split over them.
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)
@@ -532,9 +544,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer = train.make_optimizer(optim)
     model = trainer.build_model(model_config, config.architecture, config.seed)
     if config.pretrained:
-        load_torchvision_npz(model, config.pretrained)
+        _read_weights("--pretrained", load_torchvision_npz, model, config.pretrained)
     graphdef, state = train.split_model(model, optimizer)
-    perceptual = load_lpips_npz(config.perceptual) if config.perceptual else None
+    # On every device once: passed to each step, weights on one device would be copied to the others every step.
+    perceptual = devices.replicate(mesh, _read_weights("--perceptual", load_lpips_npz, config.perceptual)
+                                   ) if config.perceptual else None
     balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights, perceptual)
     balancer_state = () if config.method == "core" else balancer.init(len(task_names))
     if primary and not config.resume:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 from _common import check_output_path, parse_choices, run_main, write_atomically, write_json  # noqa: E402
-from scripts import assert_one_line_error, run_script  # noqa: E402
+from scripts import assert_one_line_error, run_in_process, run_script  # noqa: E402
 
 
 def test_json_is_written_atomically_with_ordinary_permissions(tmp_path):
@@ -249,3 +250,25 @@ def test_a_profiler_trace_folder_is_checked_before_any_step_is_compiled(tmp_path
     result = run_script("bench/bench_train_step.py", "--trace", str(taken), "--out", str(tmp_path / "bench.json"))
     assert_one_line_error(result, f"--trace must be a folder; {taken} is an existing file")
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("script, args, computation, message", [
+    ("bench/bench_atrous.py", ["--height", "0"], "_forward_backward", "--height must be an integer >= 1; got 0"),
+    ("bench/bench_measures.py", ["--max-1d", "1000"], "median_seconds",
+     "--max-1d must be an integer >= 10000 (two sample sizes for the growth order); got 1000"),
+    ("bench/bench_data.py", ["--step-json", "TMP"], "nyuv2_arrays", "--step-json: cannot read TMP (Is a directory)"),
+])
+def test_bench_flags_name_the_flag_and_the_value(tmp_path, script, args, computation, message):
+    args = [str(tmp_path) if arg == "TMP" else arg for arg in args]
+    computation = f"deep.data.{computation}" if computation == "nyuv2_arrays" else computation
+    result = run_in_process(script, *args, "--out", str(tmp_path / "bench.json"), computation=computation)
+    assert_one_line_error(result, message.replace("TMP", str(tmp_path)))
+
+
+def test_gpu_figures_usage_is_one_line_and_status_2(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_figures.sh"
+    for args, message in (([], "give an output folder"), ([str(tmp_path), "7"], "PART must be 1, 2, 3, 4, 5 or all"),
+                          ([str(tmp_path / "file" / "sub"), "1"], "cannot write to the folder")):
+        (tmp_path / "file").write_text("a file where a folder should go")
+        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
+        assert_one_line_error(result, message)

@@ -161,13 +161,20 @@ def test_the_papers_corruptions_are_its_four():
     (["--synthetic", "--epochs", "0"], "--epochs must be an integer >= 1; got 0"),
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
     # Met once the data set is generated or the weights are opened:
-    ([*FLAGS, "--batch-size", "1000"], "--batch-size 1000 is larger than the training split (8 examples"),
-    ([*FLAGS, "--pretrained", __file__], f"{__file__} is not a readable .npz archive"),
+    (["--data", "SMALL_SET", "--model", "tiny", "--method", "ew", "--epochs", "2", "--warmup-epochs", "1",
+      "--batch-size", "4"], "--batch-size 4 is larger than the training split (3 examples), which would leave no "
+                            "full batch; give --batch-size 3 or less"),
+    ([*FLAGS, "--pretrained", __file__], f"--pretrained: {__file__} is not a readable .npz archive (not a zip file"),
 ])
 def test_bad_flags_from_the_command_line(cache, tmp_path, args, message):
     """Errors from ``python train_nyuv2.py`` on the CPU: one refused by the parser, one by the configuration's own
     checks, two met late. The run's folder stays free for the corrected command (a generated data set may stay)."""
     out = tmp_path / "out"
+    if "SMALL_SET" in args:
+        from deep.data import write_nyuv2
+
+        small_set = write_nyuv2(tmp_path / "small", train=3, val=2)
+        args = [str(small_set) if arg == "SMALL_SET" else arg for arg in args]
     result = run([*args, "--out", str(out), "--quiet"], cache)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"train_nyuv2.py: error: {message}"), result.stderr
@@ -198,6 +205,17 @@ def test_a_resume_compares_paths_as_files_and_fills_in_the_datasets_defaults(tmp
     clean, corrupted = (script.TrainConfig(synthetic=True, dataset="cityscapes", preset=p, method="ew")
                         for p in ("", "cityscapes_c"))
     assert (clean.batch_size, corrupted.batch_size) == (32, 16)  # the paper's Cityscapes-C runs: batches of 16
+
+
+def test_generated_sets_hold_a_full_batch_of_the_datasets_default_size(tmp_path):
+    """``--synthetic`` runs with each dataset's default batch (16 for NYUv2, 32 for Cityscapes and GTA5)."""
+    script = load_script("experiments/train_nyuv2.py")
+    for dataset in ("nyuv2", "cityscapes", "gta5"):
+        config = script.TrainConfig(synthetic=True, dataset=dataset, method="ew")
+        train_split, _, _ = script._load_splits(config, tmp_path / dataset)
+        assert len(train_split["images"]) == config.batch_size, dataset
+    small = script.TrainConfig(synthetic=True, method="ew", batch_size=4)
+    assert len(script._load_splits(small, tmp_path / "small")[0]["images"]) == 8  # never fewer than 8
 
 
 def test_a_damaged_record_of_the_run_is_refused_on_resume(tmp_path):

@@ -92,8 +92,10 @@ def test_missing_misshapen_and_unexpected_keys_are_rejected_by_name(tmp_path, to
     with pytest.raises(FileNotFoundError, match="does not exist"):
         weights.load_torchvision_npz(backbone, tmp_path / "absent.npz")
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
-        weights.load_torchvision_npz(backbone, tmp_path / "junk.npz")
+    np.save(tmp_path / "one_array.npy", np.zeros(3))  # np.load returns a plain array for it
+    for junk in ("junk.npz", "one_array.npy"):
+        with pytest.raises(ValueError, match=r"not a readable \.npz archive \(not a zip file of \.npy arrays"):
+            weights.load_torchvision_npz(backbone, tmp_path / junk)
     with pytest.raises(ValueError, match="expected a deep.backbone.ResNet"):
         weights.load_torchvision_npz(object(), tmp_path / "missing.npz")
     after = _variables(backbone)  # every rejection left the model untouched
