@@ -273,13 +273,16 @@ def _unit_normalise(features: jax.Array, epsilon: float = 1e-10) -> jax.Array:
     return features / (jnp.sqrt(jnp.sum(features**2, axis=-1, keepdims=True)) + epsilon)
 
 
-def lpips_distance(weights: LPIPSWeights, x: jax.Array, y: jax.Array) -> jax.Array:
+def lpips_distance(weights: LPIPSWeights, x: jax.Array, y: jax.Array, compute_dtype=None) -> jax.Array:
     r"""LPIPS v0.1 (VGG) between images in :math:`[-1, 1]`, per image (:math:`d(x, y)` of the module
     docstring).
 
     Args:
         weights: from :func:`load_lpips_npz`; held constant (``stop_gradient``).
         x, y: ``[B, H, W, 3]`` in :math:`[-1, 1]`, ``H, W >= 16`` (relu5_3 is at 1/16 resolution).
+        compute_dtype: the VGG's convolutions' dtype (default ``x``'s), as the model's ``compute_dtype``: in
+            bfloat16 they take its tensor-core rate, the 3 TFLOP a NYUv2 step spends here; the taps are
+            normalised and compared in ``x``'s dtype.
 
     Returns:
         ``[B]``, :math:`\ge 0`, 0 for identical images; differentiable in ``x`` and ``y``.
@@ -296,18 +299,20 @@ def lpips_distance(weights: LPIPSWeights, x: jax.Array, y: jax.Array) -> jax.Arr
     shift, scale = jnp.asarray(LPIPS_SHIFT, x.dtype), jnp.asarray(LPIPS_SCALE, x.dtype)
     # Two passes rather than one over the concatenated batch: a target that needs no gradient then costs a
     # forward pass only.
-    taps_x = vgg16_features(weights, (x - shift) / scale)
-    taps_y = vgg16_features(weights, (y - shift) / scale)
+    dtype = x.dtype if compute_dtype is None else jnp.dtype(compute_dtype)
+    taps_x = vgg16_features(weights, ((x - shift) / scale).astype(dtype))
+    taps_y = vgg16_features(weights, ((y - shift) / scale).astype(dtype))
     distance = jnp.zeros(x.shape[0], x.dtype)
     for tap_x, tap_y, linear in zip(taps_x, taps_y, weights.linear, strict=True):
-        squared = (_unit_normalise(tap_x) - _unit_normalise(tap_y)) ** 2
+        squared = (_unit_normalise(tap_x.astype(x.dtype)) - _unit_normalise(tap_y.astype(x.dtype))) ** 2
         # lin_l (a 1x1 conv without bias) then lpips' spatial_average.
         per_pixel = jnp.einsum("bhwc,c->bhw", squared, linear.astype(x.dtype))
         distance = distance + jnp.mean(per_pixel, axis=(1, 2))
     return distance
 
 
-def lpips_loss(weights: LPIPSWeights, reconstruction: jax.Array, images: jax.Array) -> jax.Array:
+def lpips_loss(weights: LPIPSWeights, reconstruction: jax.Array, images: jax.Array,
+               compute_dtype=None) -> jax.Array:
     r"""The authors' perceptual term :math:`\frac1B\sum_i d(2\hat x_i - 1, 2x_i - 1)` for images in
     :math:`[0, 1]`.
 
@@ -315,11 +320,12 @@ def lpips_loss(weights: LPIPSWeights, reconstruction: jax.Array, images: jax.Arr
         weights: from :func:`load_lpips_npz`.
         reconstruction: :math:`\hat x`, ``[B, H, W, 3]`` in :math:`[0, 1]` (differentiated).
         images: :math:`x`, the same shape.
+        compute_dtype: the VGG's dtype (:func:`lpips_distance`).
 
     Returns:
         A scalar.
     """
-    return jnp.mean(lpips_distance(weights, 2.0 * reconstruction - 1.0, 2.0 * images - 1.0))
+    return jnp.mean(lpips_distance(weights, 2.0 * reconstruction - 1.0, 2.0 * images - 1.0, compute_dtype))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

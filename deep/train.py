@@ -250,7 +250,8 @@ def objective_terms(model: DualStreamModel, predictions: dict, aux: dict, batch:
         terms["appearance_l1"] = losses.l1(aux["reconstruction"], batch["images"])
         terms["appearance_aux"] = losses.appearance_aux_loss(aux["reconstruction_aux"], batch["images"])
         if perceptual is not None:
-            terms["appearance_perceptual"] = lpips_loss(perceptual, aux["reconstruction"], batch["images"])
+            terms["appearance_perceptual"] = lpips_loss(perceptual, aux["reconstruction"], batch["images"],
+                                                        model.config.compute_dtype)
     elif perceptual is not None:
         raise ValueError(f"a perceptual (LPIPS) loss needs the appearance decoder, which grounding "
                          f"{model.config.grounding!r} does not build (use 'soft' or 'hard')")

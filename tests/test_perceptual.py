@@ -295,6 +295,21 @@ def test_loss_takes_unit_interval_images_and_the_batch_mean_with_useful_gradient
         perceptual.lpips_loss(lpips_weights, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 17, 3)))
 
 
+def test_bfloat16_compute_runs_every_vgg_convolution_in_bfloat16_and_stays_close(lpips_weights, distances):
+    """Under the model's bfloat16 compute the 13 VGG convolutions take bfloat16 operands (float32 ones would run
+    at half the tensor-core rate or less); the distance, normalised and compared in float32, stays close."""
+    d, _, a, b = distances
+    loss = functools.partial(perceptual.lpips_loss, compute_dtype="bfloat16")
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=1))(lpips_weights, (a + 1) / 2, (b + 1) / 2)
+    convolutions = [equation for equation in jaxpr.jaxpr.eqns if equation.primitive.name == "conv_general_dilated"]
+    # 13 forward for each image, 13 backward for the reconstruction's gradient (none for the constant kernels).
+    assert len(convolutions) == 3 * 13
+    assert all(variable.aval.dtype == jnp.bfloat16 for equation in convolutions for variable in equation.invars)
+    value = jax.jit(loss)(lpips_weights, (a + 1) / 2, (b + 1) / 2)
+    assert value.dtype == jnp.float32
+    np.testing.assert_allclose(value, d[0].mean(), rtol=1e-2)  # 6e-4 measured: 8 bits, errors averaged over pixels
+
+
 # ---------------------------------------------------------------------------------------- the training hook
 
 
