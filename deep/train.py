@@ -263,8 +263,16 @@ def objective_terms(model: DualStreamModel, predictions: dict, aux: dict, batch:
     return losses.total_loss({**terms, **scaled}, weights, independence_weight), terms
 
 
+# The norm optax's clip_by_global_norm takes (optax.tree.norm; an older optax, without it, clips with global_norm,
+# which the newer deprecates), so that XLA sees the same computation twice and does it once.
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
 def _guarded(state: TrainState, new_state: TrainState, loss, grads) -> tuple[TrainState, jax.Array]:
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    # One norm of all the gradients rather than a test per leaf (hundreds of small kernels): global-norm clipping
+    # takes the same sum of squares, which XLA then computes once. Any NaN or infinity makes it non-finite; so does
+    # a norm beyond float32's range (about 1.8e19), which only a diverged step reaches.
+    finite = jnp.isfinite(loss) & jnp.isfinite(_global_norm(grads))
     return _select(finite, new_state, state), finite
 
 

@@ -119,6 +119,18 @@ def test_counterfactual_step_runs_and_a_non_finite_batch_leaves_the_state_unchan
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_guard_rejects_any_non_finite_gradient_even_with_a_finite_loss():
+    """The step's guard (one global norm, shared with the clipping) against a gradient tree with one bad entry."""
+    old, new = {"w": jnp.zeros(3), "b": jnp.zeros(())}, {"w": jnp.ones(3), "b": jnp.ones(())}
+    for bad_value, accepted in ((1.0, True), (jnp.nan, False), (jnp.inf, False), (-jnp.inf, False),
+                                (1e30, False)):  # a norm beyond float32's range: a diverged step
+        grads = ({"w": jnp.asarray([0.5, bad_value, 0.5], jnp.float32)}, jnp.ones((2, 2), jnp.float32))
+        kept, finite = train._guarded(old, new, jnp.float32(1.0), grads)
+        assert bool(finite) == accepted, bad_value
+        np.testing.assert_array_equal(kept["w"], (new if accepted else old)["w"])
+    assert not bool(train._guarded(old, new, jnp.float32(jnp.nan), grads[1:])[1])
+
+
 def test_the_counterfactual_pass_reads_but_never_updates_batch_norm_statistics():
     model = DualStreamModel(TINY, nnx.Rngs(2))
     statistics = lambda: comparable_leaves(nnx.state(model, nnx.BatchStat))  # a snapshot, not live variables
