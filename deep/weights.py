@@ -127,8 +127,8 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"weights file {path} does not exist")
     # Checked first: np.load would return a plain .npy file's array, and call anything else pickled data.
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a readable .npz archive (not a zip file of .npy arrays; write one with "
-                         f"numpy.savez or this module's converter)")
+        raise ValueError(f"{path} is not a readable .npz archive (not a zip file of .npy arrays, as numpy.savez "
+                         f"and the converters write)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
