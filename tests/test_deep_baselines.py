@@ -7,46 +7,148 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from deep import losses, train, trainer
 from deep.model import DualStreamModel, ModelConfig
 from test_deep_train import TINY, compiled, copied, make_batch
 from theory.balancing import METHODS, make
 
+# No weight decay: with the coupled L2 inside Adam every weight would move by about the learning rate even along a
+# zero direction, so a step that lost its direction would still change the parameters. No warm-up: the first step
+# runs at the full learning rate.
+OPTIM = train.OptimConfig(warmup_epochs=0, weight_decay=0.0)
+ADAM_B1, ADAM_EPSILON = 0.9, 1e-8  # optax's defaults, which make_optimizer keeps
 
-def test_every_parameter_space_baseline_runs_one_step():
-    optimizer = train.make_optimizer(train.OptimConfig(warmup_epochs=0))
+
+@pytest.fixture(scope="module")
+def setup():
+    optimizer = train.make_optimizer(OPTIM)
     model = DualStreamModel(ModelConfig(**{**TINY.__dict__, "grounding": "none"}), nnx.Rngs(0))
     graphdef, state = train.split_model(model, optimizer)
+    return graphdef, optimizer, state
+
+
+@pytest.fixture(scope="module")
+def jacobian_step(setup):
+    """``task_jacobian_step`` on :func:`make_batch`: losses, Jacobian, head gradients and the new statistics."""
+    graphdef, _, state = setup
     batch = make_batch()
-    losses_k, jacobian, head_grads, batch_stats, rest = compiled(
-        functools.partial(train.task_jacobian_step, graphdef), state, batch)(state, batch)
-    apply = jax.jit(functools.partial(train.apply_gradients, graphdef, optimizer))
+    return compiled(functools.partial(train.task_jacobian_step, graphdef), state, batch)(state, batch)
+
+
+@pytest.fixture(scope="module")
+def apply(setup):
+    graphdef, optimizer, _ = setup
+    return jax.jit(functools.partial(train.apply_gradients, graphdef, optimizer))
+
+
+@pytest.fixture(scope="module")
+def script_steps(setup):
+    """The script's steps (``trainer.make_step``, donating what they are given) for DWA, which weighs the losses
+    (one backward pass), and GradVac, which goes through the per-task Jacobian; each compiled once, on first use."""
+    graphdef, optimizer, _ = setup
+    return {name: trainer.make_step(name, graphdef, optimizer, losses.PRESETS["nyuv2"]) for name in ("dwa", "gradvac")}
+
+
+def first_adam_step(params, grads):
+    """The parameters after one step of :data:`OPTIM`'s optimiser from fresh moments, in numpy: the gradients
+    clipped to global norm ``clip_norm``, then Adam's bias-corrected first step, where the moments are g and g^2, so
+    each weight moves by -lr g / (|g| + eps)."""
+    grads = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+    norm = np.sqrt(sum(np.sum(g**2) for g in grads))
+    clipped = [g * min(1.0, OPTIM.clip_norm / norm) for g in grads]
+    return [np.asarray(p, np.float64) - OPTIM.learning_rate * g / (np.abs(g) + ADAM_EPSILON)
+            for p, g in zip(jax.tree.leaves(params), clipped, strict=True)]
+
+
+def test_every_parameter_space_baseline_takes_one_adam_step_along_its_direction(setup, jacobian_step, apply):
+    _, _, state = setup
+    losses_k, jacobian, head_grads, batch_stats, rest = jacobian_step
     assert jacobian.shape[0] == 3 and jnp.all(jnp.isfinite(jacobian))
+    unravel = ravel_pytree(state.params[0])[1]
     names = [m for m in METHODS if make(m).gradient_of == "parameters"]
     assert len(names) == len(METHODS) - 1  # GradDrop acts on representation gradients
     for name in names:
         balancer = make(name)
         balancer_state = balancer.init(3, num_params=jacobian.shape[1])
         direction, weights, _ = jax.jit(balancer.step)(jacobian, losses_k, balancer_state, jax.random.key(0))
+        # The contract: the weights are the direction's exact coordinates in the rows of the Jacobian. With some
+        # weight non-zero (the rows are independent), the direction cannot be zero either.
+        combined = np.asarray(weights, np.float64) @ np.asarray(jacobian, np.float64)
+        np.testing.assert_allclose(direction, combined, rtol=0, atol=1e-6 * np.abs(combined).max(), err_msg=name)
+        assert np.abs(np.asarray(weights)).max() > 0.01, (name, weights)
         new_state, finite = apply(state, direction, head_grads, batch_stats, rest, losses_k.sum())
         assert bool(finite), name
         assert int(new_state.step) == 1
+        expected = first_adam_step(state.params, (unravel(direction), head_grads))
+        # A tenth of a percent of the learning rate: a float32 weight near 1 rounds by 6e-8 (0.03 %).
+        for new, wanted in zip(jax.tree.leaves(new_state.params), expected, strict=True):
+            np.testing.assert_allclose(new, wanted, rtol=0, atol=1e-3 * OPTIM.learning_rate, err_msg=name)
 
 
-def test_a_non_finite_step_leaves_the_balancers_state_too():
+def adam_first_moments(state):
+    """Adam's first moment of every parameter, in the order of ``jax.tree.leaves(state.params)``: after one step
+    from fresh moments, (1 - b1) times the clipped gradient."""
+    is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)
+    groups = state.opt_state[1].inner_states  # make_optimizer's chain: clipping, each group's Adam, the schedule
+    moments = []
+    for group in ("shared", "heads"):
+        (adam,) = [node for node in jax.tree.leaves(groups[group], is_leaf=is_adam) if is_adam(node)]
+        moments += jax.tree.leaves(adam.mu)
+    return moments
+
+
+def test_balanced_step_equals_its_pieces_composed_on_both_paths(setup, jacobian_step, apply, script_steps):
+    """``balanced_step``, as the script runs it, against its pieces composed here. DWA weighs every task 1 until
+    two periods are complete, so its first step is EW through the losses path, one backward pass of the summed
+    losses: it must feed the optimiser the summed rows of the per-task Jacobian. GradVac takes the Jacobian path:
+    its step must be its own direction applied."""
+    _, _, state = setup
+    losses_k, jacobian, head_grads, batch_stats, rest = jacobian_step
+    key = jax.random.key(0)
+    gradvac = make("gradvac")
+    gradvac_direction, _, _ = jax.jit(gradvac.step)(jacobian, losses_k, gradvac.init(3), key)
+    directions = {"dwa": jacobian.sum(axis=0), "gradvac": gradvac_direction}
+    for name, (balancer, step) in script_steps.items():
+        balancer_state = balancer.init(3, num_params=jacobian.shape[1])
+        new_state, _, metrics = step(copied(state), copied(balancer_state), make_batch(), key, None)
+        assert bool(metrics["finite"]), name
+        if name == "dwa":
+            assert all(float(metrics[f"weight/{task}"]) == 1.0 for task in ("segmentation", "depth", "normal"))
+        expected, _ = apply(state, directions[name], head_grads, batch_stats, rest, losses_k.sum())
+        # The gradient that reached the optimiser, read from Adam's first moments (linear in it).
+        expected_moments = adam_first_moments(expected)
+        scale = max(np.abs(moment).max() for moment in expected_moments)
+        for new, wanted in zip(adam_first_moments(new_state), expected_moments, strict=True):
+            np.testing.assert_allclose(new, wanted, rtol=0, atol=1e-5 * scale, err_msg=name)
+        # The move: Adam's first step is about -lr sign(g), so a gradient at rounding level (here the backbone's
+        # first BatchNorm bias, about 1e-7) may move the two sides opposite ways. Elsewhere, |g| > 1000 eps puts
+        # g / (|g| + eps) within 0.1 % of +-1 and the two sides agree.
+        checked = 0
+        for new, wanted, moment in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected.params),
+                                       expected_moments, strict=True):
+            clear = np.abs(np.asarray(moment)) / (1 - ADAM_B1) > 1000 * ADAM_EPSILON  # the moment is (1 - b1) g
+            np.testing.assert_allclose(np.asarray(new)[clear], np.asarray(wanted)[clear], rtol=0,
+                                       atol=1e-3 * OPTIM.learning_rate, err_msg=name)
+            checked += clear.sum()
+        assert checked > 0.5 * sum(leaf.size for leaf in jax.tree.leaves(state.params)), (name, checked)
+        for new, wanted in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(batch_stats), strict=True):
+            np.testing.assert_allclose(new, wanted, rtol=1e-6, err_msg=name)
+
+
+def test_a_non_finite_step_leaves_the_balancers_state_too(setup, script_steps):
     """DWA keeps the last losses and GradVac its alignment targets: a step rejected as non-finite must not leave
     NaNs there either, or every later step would inherit them. The script's step (``trainer.make_step``) donates
     both states it is given, so each call gets copies, and the first checks that they were consumed."""
-    optimizer = train.make_optimizer(train.OptimConfig(warmup_epochs=0))
-    model = DualStreamModel(ModelConfig(**{**TINY.__dict__, "grounding": "none"}), nnx.Rngs(0))
-    graphdef, state = train.split_model(model, optimizer)
+    _, _, state = setup
     bad = make_batch()
     bad["images"] = bad["images"].at[0, 0, 0, 0].set(jnp.nan)
     num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params[0]))
-    for name in ("dwa", "gradvac"):
-        balancer, step = trainer.make_step(name, graphdef, optimizer, losses.PRESETS["nyuv2"])
+    for name, (balancer, step) in script_steps.items():
         given_state, given_balancer = copied(state), copied(balancer.init(3, num_params=num_params))
         _, balancer_state, metrics = step(given_state, given_balancer, make_batch(), jax.random.key(0), None)
         assert bool(metrics["finite"]), name
