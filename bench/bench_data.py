@@ -74,7 +74,7 @@ def _step_reference(path_text: str, config_name: str) -> tuple[Path, dict]:
     if not path.exists():
         raise FileNotFoundError(f"--step-json: {path} not found; run bench/bench_train_step.py first or pass a path")
     try:
-        text = path.read_text()
+        text = path.read_bytes()  # bytes: json.loads decodes them, so a binary file is "not a result" below
     except OSError as error:  # a folder, or no permission
         raise ValueError(f"--step-json: cannot read {path} ({error.strerror or error}); give a bench_train_step "
                          f"JSON file") from None

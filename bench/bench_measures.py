@@ -51,10 +51,9 @@ def _sizes(start: int, stop: int) -> list[int]:
 
 
 def _slope(sizes, seconds) -> float:
+    """The growth order: the slope of log time on log size (over two sizes or more, which the flags ensure)."""
     import numpy as np
 
-    if len(sizes) < 2:
-        return float("nan")
     return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
 
 

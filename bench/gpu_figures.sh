@@ -26,8 +26,8 @@ case "$part" in
     *) echo "gpu_figures.sh: PART must be 1, 2, 3, 4, 5 or all; got '$part' ($usage)" >&2; exit 2 ;;
 esac
 given="$out"
-mkdir -p -- "$given" 2>/dev/null && out="$(CDPATH= cd -- "$given" && pwd)" && [ -w "$out" ] \
-    || { echo "gpu_figures.sh: cannot write to the folder '$given'" >&2; exit 2; }
+reason="$(mkdir -p -- "$given" 2>&1)" && out="$(CDPATH= cd -- "$given" && pwd)" && [ -w "$out" ] \
+    || { echo "gpu_figures.sh: cannot write to the folder '$given'${reason:+ (${reason##*: })}" >&2; exit 2; }
 log="$out/log.txt"
 trace="${TRACE_DIR:-$out/trace}"
 cd "$(dirname "$0")/.."

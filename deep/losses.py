@@ -226,9 +226,16 @@ PRESETS: dict[str, LossWeights] = {
 }
 
 
-TOTAL_LOSS_TERMS = ("segmentation", "depth", "normal", "edge", "independence", "geometry", "appearance_l1",
-                    "appearance_perceptual", "image", "albedo_tv", "gray", "covariance", "geometry_aux",
-                    "appearance_aux")
+def _coefficients(weights: LossWeights, independence_weight: float) -> dict[str, float]:
+    """Each term's coefficient in Eq (16): the one table :func:`total_loss` and :data:`TOTAL_LOSS_TERMS` read."""
+    return {"segmentation": weights.segmentation, "depth": weights.depth, "normal": weights.normal,
+            "edge": weights.edge, "independence": independence_weight, "geometry": weights.geometry,
+            "appearance_perceptual": weights.appearance, "appearance_l1": weights.appearance * weights.appearance_l1,
+            "image": weights.image, "albedo_tv": weights.albedo_tv, "gray": weights.gray,
+            "covariance": weights.covariance, "geometry_aux": 0.5, "appearance_aux": 0.5}
+
+
+TOTAL_LOSS_TERMS = tuple(_coefficients(LossWeights(), 0.0))
 
 
 def total_loss(terms: dict[str, jax.Array], weights: LossWeights, independence_weight: float | None = None):
@@ -244,14 +251,9 @@ def total_loss(terms: dict[str, jax.Array], weights: LossWeights, independence_w
     :func:`deep.train.core_step` supplies ``appearance_perceptual`` (:func:`deep.perceptual.lpips_loss`) only
     when given LPIPS-VGG weights (``perceptual=``); without them it counts 0.
     """
-    unknown = sorted(set(terms) - set(TOTAL_LOSS_TERMS))
+    unknown = [name for name in terms if name not in TOTAL_LOSS_TERMS]
     if unknown:
-        raise ValueError(f"unknown loss term {unknown[0]!r}; total_loss weighs {', '.join(TOTAL_LOSS_TERMS)}")
-    get = lambda name: terms.get(name, 0.0)
-    lam_ind = weights.independence if independence_weight is None else independence_weight
-    return (weights.segmentation * get("segmentation") + weights.depth * get("depth")
-            + weights.normal * get("normal") + weights.edge * get("edge") + lam_ind * get("independence")
-            + weights.geometry * get("geometry")
-            + weights.appearance * (get("appearance_perceptual") + weights.appearance_l1 * get("appearance_l1"))
-            + weights.image * get("image") + weights.albedo_tv * get("albedo_tv") + weights.gray * get("gray")
-            + weights.covariance * get("covariance") + 0.5 * get("geometry_aux") + 0.5 * get("appearance_aux"))
+        raise ValueError(f"unknown loss term(s) {', '.join(map(repr, unknown))}; total_loss weighs "
+                         f"{', '.join(TOTAL_LOSS_TERMS)}")
+    coefficients = _coefficients(weights, weights.independence if independence_weight is None else independence_weight)
+    return sum((coefficients[name] * value for name, value in terms.items()), 0.0)

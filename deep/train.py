@@ -16,7 +16,7 @@ jits, differentiates per task and shards:
   one-hot cotangents), combined by any method of :mod:`theory.balancing`; each head gets its own task's gradient.
 
 The optimiser is the authors': global-norm clipping at 10, Adam with *coupled* L2 (``decoupled_weight_decay=False``)
-or AdamW as the paper says (``True``), warm-up then cosine decay per epoch. A non-finite loss or gradient leaves
+or AdamW as the paper says (``True``), warm-up then cosine decay per epoch. A non-finite loss or gradient norm leaves
 the state (and a balancer's) unchanged and is reported (``finite``), so a driver can stop with the last good state.
 
 Data parallelism: a batch split over a device mesh and the state copied to every device (:mod:`deep.devices`) make

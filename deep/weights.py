@@ -125,15 +125,20 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
+    not_npz = f"{path} is not a readable .npz archive"
     # Checked first: np.load would return a plain .npy file's array, and call anything else pickled data.
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a readable .npz archive (not a zip file of .npy arrays, as numpy.savez "
-                         f"and the converters write)")
+        raise ValueError(f"{not_npz} (not a zip file of .npy arrays, as numpy.savez and the converters write)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+        with zipfile.ZipFile(path) as archive:
+            from_torch = any(name.endswith("data.pkl") for name in archive.namelist())  # torch.save's zip format
+        if not from_torch:
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable .npz archive ({error})") from None
+        raise ValueError(f"{not_npz} ({error})") from None
+    raise ValueError(f"{path} is a PyTorch checkpoint, not an .npz: convert it first (python -m deep.weights convert, "
+                     f"or python -m deep.perceptual convert for LPIPS)")
 
 
 def check_state_arrays(expected: dict[str, tuple[int, ...]], arrays: dict[str, np.ndarray], source: str,

@@ -285,8 +285,9 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
     all of GTA5 (resized to the target's size), Cityscapes' val split and, with ``--source-data``, the held-out GTA5
     folder. ``--synthetic`` first writes generated sets under ``<out>/data`` (for ``gta5`` a held-out one too), with
     at least one full batch of training examples."""
-    training_examples = max(8, config.batch_size)
     from deep import data
+
+    training_examples = max(8, config.batch_size)
 
     if config.dataset == "gta5":
         root = Path(config.data) if config.data else out / "data" / "gta5"
@@ -520,10 +521,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks_only = lambda split: {k: v for k, v in split.items() if k in keep}  # noqa: E731
     train_split, test_split = tasks_only(train_split), tasks_only(test_split)
     source_split = tasks_only(source_split) if source_split is not None else None
-    if config.batch_size > len(train_split["images"]):
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the training split "
-                         f"({len(train_split['images'])} examples), which would leave no full batch; give --batch-size "
-                         f"{len(train_split['images'])} or less")
+    examples = len(train_split["images"])
+    if config.batch_size > examples:
+        largest = examples // mesh.devices.size * mesh.devices.size  # a multiple of the devices, as checked above
+        remedy = (f"give --batch-size {largest} or less" if largest else
+                  f"it needs at least one example for each of the {mesh.devices.size} devices")
+        if config.synthetic:
+            remedy += f" (--synthetic reuses the set already generated under {out / 'data'}: delete it for a new one)"
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the training split ({examples} examples), "
+                         f"which would leave no full batch; {remedy}")
     # On the device: a copy of each split on every device, each batch gathered there already split over them.
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)
@@ -546,9 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.pretrained:
         _read_weights("--pretrained", load_torchvision_npz, model, config.pretrained)
     graphdef, state = train.split_model(model, optimizer)
+    perceptual = _read_weights("--perceptual", load_lpips_npz, config.perceptual) if config.perceptual else None
     # On every device once: passed to each step, weights on one device would be copied to the others every step.
-    perceptual = devices.replicate(mesh, _read_weights("--perceptual", load_lpips_npz, config.perceptual)
-                                   ) if config.perceptual else None
+    perceptual = devices.replicate(mesh, perceptual)
     balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights, perceptual)
     balancer_state = () if config.method == "core" else balancer.init(len(task_names))
     if primary and not config.resume:
@@ -588,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # copied together, one wait
             if not metrics.pop("finite"):
                 raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
-                                 f"gradient (that step was not applied); {last_good_state()}")
+                                 f"gradient norm (that step was not applied); {last_good_state()}")
             for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + value
             bar.set_postfix({name: f"{sums[name] / (count + 1):.3g}" for name in ("loss", *task_names)},

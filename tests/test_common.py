@@ -256,19 +256,24 @@ def test_a_profiler_trace_folder_is_checked_before_any_step_is_compiled(tmp_path
     ("bench/bench_atrous.py", ["--height", "0"], "_forward_backward", "--height must be an integer >= 1; got 0"),
     ("bench/bench_measures.py", ["--max-1d", "1000"], "median_seconds",
      "--max-1d must be an integer >= 10000 (two sample sizes for the growth order); got 1000"),
-    ("bench/bench_data.py", ["--step-json", "TMP"], "nyuv2_arrays", "--step-json: cannot read TMP (Is a directory)"),
+    ("bench/bench_data.py", ["--step-json", "TMP"], "deep.data.nyuv2_arrays",
+     "--step-json: cannot read TMP (Is a directory)"),
+    ("bench/bench_data.py", ["--step-json", "TMP/binary.json"], "deep.data.nyuv2_arrays",
+     "--step-json: TMP/binary.json is not a bench_train_step result"),
 ])
 def test_bench_flags_name_the_flag_and_the_value(tmp_path, script, args, computation, message):
-    args = [str(tmp_path) if arg == "TMP" else arg for arg in args]
-    computation = f"deep.data.{computation}" if computation == "nyuv2_arrays" else computation
+    (tmp_path / "binary.json").write_bytes(bytes(range(128, 256)))  # not UTF-8
+    args = [arg.replace("TMP", str(tmp_path)) for arg in args]
     result = run_in_process(script, *args, "--out", str(tmp_path / "bench.json"), computation=computation)
     assert_one_line_error(result, message.replace("TMP", str(tmp_path)))
 
 
 def test_gpu_figures_usage_is_one_line_and_status_2(tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_figures.sh"
+    (tmp_path / "file").write_text("a file where a folder should go")
     for args, message in (([], "give an output folder"), ([str(tmp_path), "7"], "PART must be 1, 2, 3, 4, 5 or all"),
-                          ([str(tmp_path / "file" / "sub"), "1"], "cannot write to the folder")):
-        (tmp_path / "file").write_text("a file where a folder should go")
-        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
+                          ([str(tmp_path / "file" / "sub"), "1"],
+                           f"cannot write to the folder '{tmp_path / 'file' / 'sub'}' (Not a directory)")):
+        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                                env=dict(os.environ, LC_ALL="C"))  # mkdir's reason in English
         assert_one_line_error(result, message)

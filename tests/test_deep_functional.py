@@ -261,5 +261,7 @@ def test_total_loss_weighs_each_term_as_eq_16():
     assert float(losses.total_loss(every_term, weights)) == pytest.approx(
         sum(coefficients[name] * value for name, value in every_term.items()))
     assert float(losses.total_loss({"independence": 1.0}, weights, independence_weight=0.25)) == 0.25
-    with pytest.raises(ValueError, match="unknown loss term 'apperance_l1'"):  # a misspelt term is not dropped
-        losses.total_loss({"apperance_l1": 1.0}, weights)
+    # A misspelt term is not dropped: every unknown one is named.
+    with pytest.raises(ValueError, match=r"unknown loss term\(s\) 'apperance_l1', 'grey'; total_loss weighs "):
+        losses.total_loss({"apperance_l1": 1.0, "depth": 1.0, "grey": 1.0}, weights)
+    assert float(losses.total_loss({}, weights)) == 0.0

@@ -308,6 +308,17 @@ def test_bfloat16_compute_runs_every_vgg_convolution_in_bfloat16_and_stays_close
     value = jax.jit(loss)(lpips_weights, (a + 1) / 2, (b + 1) / 2)
     assert value.dtype == jnp.float32
     np.testing.assert_allclose(value, d[0].mean(), rtol=1e-2)  # 6e-4 measured: 8 bits, errors averaged over pixels
+    # Nearer the target the features' differences cancel, and bfloat16's rounding of them sets a floor. At a
+    # reconstruction as close as noise of 0.03 (value 0.010) it still gives the value to 0.9 % and the gradient's
+    # direction to a cosine of 0.989 (measured here; 66 % off at 0.003, as the docstring says).
+    target = (a + 1) / 2
+    near = np.clip(target + 0.03 * np.random.default_rng(7).standard_normal(target.shape), 0, 1).astype(np.float32)
+    (exact, exact_grad), (rounded, rounded_grad) = (
+        jax.jit(jax.value_and_grad(functools.partial(perceptual.lpips_loss, compute_dtype=dtype), argnums=1))(
+            lpips_weights, near, target) for dtype in ("float32", "bfloat16"))
+    np.testing.assert_allclose(rounded, exact, rtol=3e-2)
+    exact_grad, rounded_grad = np.ravel(exact_grad), np.ravel(rounded_grad)
+    assert exact_grad @ rounded_grad > 0.95 * np.linalg.norm(exact_grad) * np.linalg.norm(rounded_grad)
 
 
 # ---------------------------------------------------------------------------------------- the training hook

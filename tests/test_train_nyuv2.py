@@ -165,6 +165,8 @@ def test_the_papers_corruptions_are_its_four():
       "--batch-size", "4"], "--batch-size 4 is larger than the training split (3 examples), which would leave no "
                             "full batch; give --batch-size 3 or less"),
     ([*FLAGS, "--pretrained", __file__], f"--pretrained: {__file__} is not a readable .npz archive (not a zip file"),
+    (["--synthetic", "--model", "tiny", "--method", "core", "--epochs", "6", "--warmup-epochs", "1", "--batch-size",
+      "4", "--perceptual", __file__], f"--perceptual: {__file__} is not a readable .npz archive (not a zip file"),
 ])
 def test_bad_flags_from_the_command_line(cache, tmp_path, args, message):
     """Errors from ``python train_nyuv2.py`` on the CPU: one refused by the parser, one by the configuration's own

@@ -3,6 +3,7 @@
 import importlib.util
 import sys
 import types
+import zipfile
 
 import numpy as np
 import pytest
@@ -96,6 +97,10 @@ def test_missing_misshapen_and_unexpected_keys_are_rejected_by_name(tmp_path, to
     for junk in ("junk.npz", "one_array.npy"):
         with pytest.raises(ValueError, match=r"not a readable \.npz archive \(not a zip file of \.npy arrays"):
             weights.load_torchvision_npz(backbone, tmp_path / junk)
+    with zipfile.ZipFile(tmp_path / "resnet50.pth", "w") as archive:  # torch.save's layout: a zip too
+        archive.writestr("resnet50/data.pkl", b"")
+    with pytest.raises(ValueError, match=r"resnet50\.pth is a PyTorch checkpoint, not an \.npz: convert it first"):
+        weights.load_torchvision_npz(backbone, tmp_path / "resnet50.pth")
     with pytest.raises(ValueError, match="expected a deep.backbone.ResNet"):
         weights.load_torchvision_npz(object(), tmp_path / "missing.npz")
     after = _variables(backbone)  # every rejection left the model untouched

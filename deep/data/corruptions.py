@@ -214,8 +214,9 @@ def _fog(images, key, parameters):
     strength, roughness = parameters[0], parameters[1]
     height, width = images.shape[1:3]
     # The smallest power-of-two square that covers the image, cropped. ImageNet-C draws at 256 and crops: the
-    # same for 224 x 224 and 128 x 256; below 129 pixels this draws a smaller map, so a small image spans more of
-    # the fractal's large-scale structure (and its full range) than a crop of a 256 map would.
+    # same for 224 x 224 and 128 x 256. Below 129 pixels this draws a smaller map, so a small image spans more of
+    # the fractal's large-scale structure than a crop of a 256 map would; above 256, a larger map, where
+    # ImageNet-C's would not cover the image.
     mapsize = 2 ** max(1, math.ceil(math.log2(max(height, width))))
     keys = jax.random.split(key, images.shape[0])
     fog = jax.vmap(lambda k: plasma_fractal(k, mapsize, roughness)[:height, :width])(keys)
