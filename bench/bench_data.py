@@ -74,14 +74,12 @@ def _step_reference(path_text: str, config_name: str) -> tuple[Path, dict]:
     if not path.exists():
         raise FileNotFoundError(f"--step-json: {path} not found; run bench/bench_train_step.py first or pass a path")
     try:
-        text = path.read_bytes()  # bytes: json.loads decodes them, so a binary file is "not a result" below
+        payload = json.loads(path.read_bytes())  # bytes: a binary file fails to decode, as "not a result"
+        rows = [row for row in payload["rows"] if row.get("images_per_second")]
+        fastest = max(rows, key=lambda row: row["images_per_second"])
     except OSError as error:  # a folder, or no permission
         raise ValueError(f"--step-json: cannot read {path} ({error.strerror or error}); give a bench_train_step "
                          f"JSON file") from None
-    try:
-        payload = json.loads(text)
-        rows = [row for row in payload["rows"] if row.get("images_per_second")]
-        fastest = max(rows, key=lambda row: row["images_per_second"])
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"--step-json: {path} is not a bench_train_step result (no rows with images_per_second)")
     return path, {"method": fastest["method"], "precision": fastest.get("precision", "float32"),
