@@ -19,16 +19,16 @@ use the same model without decoders):
   ``task heads`` (all of them, with their upsampling to the image);
 * ``physical decoder`` (albedo, normals, lighting and the SH rendering of Eq (13)), ``geometry decoder`` and
   ``appearance decoder`` (the generic decoders);
-* ``losses``: the gate-closed objective's terms computed from the forward pass's outputs (task losses, CKA, the
-  edge term, the grounding terms; ``deep.train.objective_terms``);
+* ``losses``: the objective's terms on a step without the counterfactual pass, computed from the forward pass's
+  outputs (task losses, CKA, the edge term, the grounding terms; ``deep.train.objective_terms``);
 * ``counterfactual pass``: the forward pass of the counterfactual term, Eq (12) (the appearance decoder on shuffled
   codes, then the backbone, streams and heads again on the synthesised images, and their losses).
 
 Two checks of the split: ``parts_sum_to_forward`` (the parts against the model's own forward pass) and
 ``forward_and_losses_to_objective`` (the forward pass and the losses, each counted alone, against the objective that
 computes both). The steps are the counted steps of ``bench_train_step.py`` (``core_expected`` is the mean of ``core``
-and ``core_no_cfa``: the authors' gate probability 0.5). Writes ``bench/results/bench_flops_<config>.json``
-(``_authors`` for that variant).
+and ``core_no_cfa``: the authors' probability 0.5 of the counterfactual pass). Writes
+``bench/results/bench_flops_<config>.json`` (``_authors`` for that variant).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Counts(NamedTuple):
     parts: dict[str, float]  # the parts of the model's forward pass
     forward: float  # the whole forward pass
     beside: dict[str, float]  # "losses" and "counterfactual pass", not in ``forward``
-    objective: float  # the gate-closed objective: the forward pass and the losses, counted as one function
+    objective: float  # the objective without the counterfactual pass: the forward pass and the losses, as one function
 
 
 def count_flops(model_config, batch_size: int, size: tuple[int, int]) -> Counts:
@@ -122,15 +122,14 @@ def count_flops(model_config, batch_size: int, size: tuple[int, int]) -> Counts:
     forward = count(lambda model, x: model(x), images)
 
     weights = losses.PRESETS["nyuv2"]
-    closed = dataclasses.replace(weights, counterfactual=0.0)
     predictions, aux = shapes(lambda model, x: model(x), images)
-    beside = {"losses": count(lambda model, p, a, b: train.objective_terms(model, p, a, b, closed, 1.0)[0],
+    beside = {"losses": count(lambda model, p, a, b: train.objective_terms(model, p, a, b, weights, 1.0)[0],
                               predictions, aux, batch)}
     probes = {"semantic_map": semantic_map, "residual_code": residual_code, "features": features}
     beside["counterfactual pass"] = lowered_flops(jax.jit(lambda p, s, r, a, b, k: train.counterfactual_loss(
         graphdef, p, s, r, a, b, k, weights)), (params, batch_stats, rest, probes, batch, key))
     objective = lowered_flops(jax.jit(lambda p, s, r, b, k: train.core_objective(
-        graphdef, p, s, r, b, k, closed, 1.0, False)[0]), (params, batch_stats, rest, batch, key))
+        graphdef, p, s, r, b, k, weights, 1.0, counterfactual=False)[0]), (params, batch_stats, rest, batch, key))
     return Counts(parts, forward, beside, objective)
 
 

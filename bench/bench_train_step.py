@@ -9,8 +9,9 @@ Four steps per compute precision, each compiled before timing (median over ``--r
 
 * ``ew``: the model without grounding, one backward pass of the weighted sum of the task losses;
 * ``core``: CORE-MTL with hard grounding, λ_ind = 1 and the counterfactual pass on (the paper's stage 2);
-* ``core_no_cfa``: the same step when the counterfactual gate is closed. The authors' configurations draw the gate
-  with probability 0.5 per step, so their average step is the mean of ``core`` and ``core_no_cfa`` (reported as
+* ``core_no_cfa``: the same step on a step that does not run the counterfactual pass. Training compiles exactly
+  these two programs and draws on the host which one a step runs; the authors' configurations run the pass with
+  probability 0.5, so their average step is the mean of ``core`` and ``core_no_cfa`` (reported as
   ``core_expected``);
 * ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
 
@@ -19,8 +20,7 @@ chained state to state and waited for once, as a training loop runs them, per st
 to EW at the same precision, the FLOPs of the step as defined (XLA's count of its HLO lowered for the CPU, the
 same on every device: dilated convolutions as ``lax.conv_general_dilated``, whose count XLA takes over the taps
 that read the image, whatever ``--dilated-conv`` computes them with — the sub-image form would add its padding
-rows — and ``core_no_cfa`` without the counterfactual branch, which XLA's count of a ``lax.cond`` would include),
-the compile time, the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation
+rows), the compile time, the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation
 against the device's peak (``--peak-tflops``; H100/H200 SXM: ~989 dense bf16 — use the bf16 peak for both
 precisions, as MFU is conventionally quoted, or ~67 for plain fp32). ``bfloat16`` computes convolutions and matrix
 products in bfloat16 with float32 parameters, optimiser and losses. ``--variant authors`` times the authors'
@@ -143,9 +143,7 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
     initialised, for counting FLOPs).
 
     Each comes with the step whose HLO its FLOPs are counted on: the same step with the dilated convolutions as
-    defined (``lax.conv_general_dilated``, whatever computes them), and for ``core_no_cfa`` without the
-    counterfactual branch, because XLA's cost analysis counts both branches of a ``lax.cond`` and the closed gate
-    runs only one."""
+    defined (``lax.conv_general_dilated``, whatever computes them)."""
     import jax
     from flax import nnx
 
@@ -156,7 +154,7 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
 
     model_config = dataclasses.replace(model_config, compute_dtype=precision)
     optimizer = train.make_optimizer(train.OptimConfig())
-    weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual_probability=1.0)
+    weights = losses.PRESETS["nyuv2"]
 
     def split(config):
         build = lambda: DualStreamModel(config, nnx.Rngs(0))
@@ -174,10 +172,10 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
         set_dilated_conv(model, "xla")
         return timed, train.split_states(model)[0], state
 
-    def core(graphdef, step_weights, counterfactual_on, independence_weight=1.0):
+    def core(graphdef, step_weights, counterfactual, independence_weight=1.0):
         return jax.jit(lambda state, batch, key: train.core_step(
             graphdef, optimizer, state, batch, key, step_weights, independence_weight=independence_weight,
-            counterfactual_on=counterfactual_on))
+            counterfactual=counterfactual))
 
     plain = dataclasses.replace(model_config, grounding="none")
     plain_graphdef, plain_reference, plain_state = split(plain)
@@ -189,8 +187,7 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
         if "core" in methods:
             steps.append(Step("core", core(graphdef, weights, True), core(reference, weights, True), core_state))
         if "core_no_cfa" in methods:
-            closed = dataclasses.replace(weights, counterfactual=0.0)
-            steps.append(Step("core_no_cfa", core(graphdef, weights, False), core(reference, closed, False),
+            steps.append(Step("core_no_cfa", core(graphdef, weights, False), core(reference, weights, False),
                               core_state))
     if "pcgrad" in methods:
         balancer = make("pcgrad")

@@ -4,7 +4,7 @@
 #     bash bench/gpu_figures.sh results/gpu         # every part, about 25 minutes on an H200
 #     bash bench/gpu_figures.sh results/gpu 1       # one part (1-5), each about 5 minutes, most of it compiling
 #
-#   1  bfloat16, paper variant: EW, CORE-MTL with the counterfactual pass and with its gate closed, with a
+#   1  bfloat16, paper variant: EW, CORE-MTL with and without the counterfactual pass, with a
 #      profiler trace (the headline figures)
 #   2  bfloat16, paper variant: EW and PCGrad
 #   3  bfloat16, the authors' variant: EW, CORE-MTL with and without the counterfactual pass

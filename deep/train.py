@@ -6,11 +6,12 @@ jits, differentiates per task and shards:
 * :func:`core_step` — Eq (16): weighted task losses + λ_ind·CKA + the edge term + the grounding terms (hard: the
   physical rendering loss, albedo TV, grey shading, albedo–normal covariance; hard and soft: the generic decoders'
   geometry and appearance reconstructions, the latter with the authors' LPIPS-VGG term when its weights are
-  passed, :mod:`deep.perceptual`) + the counterfactual loss of Eq (12), gated per step by a Bernoulli
-  draw under ``lax.cond``. The counterfactual pass re-encodes images synthesised by the AdaIN appearance decoder
-  with residual codes shuffled within the batch (``stop_gradient`` on the images, as the authors detach them) with
-  the model in eval mode — BatchNorm reads its running statistics and leaves them unchanged, dropout is off —
-  while gradients still flow into every parameter, and scores the predictions against the **original** labels.
+  passed, :mod:`deep.perceptual`) + the counterfactual loss of Eq (12) on the steps that run it (a static flag: the
+  step compiles once with the pass and once without). The counterfactual pass re-encodes images synthesised by the
+  AdaIN appearance decoder with residual codes shuffled within the batch (``stop_gradient`` on the images, as the
+  authors detach them) with the model in eval mode — BatchNorm reads its running statistics and leaves them unchanged,
+  dropout is off — while gradients still flow into every parameter, and scores the predictions against the **original**
+  labels.
 * :func:`task_jacobian_step` + ``balancer.step`` + :func:`apply_gradients` — a baseline of Definition 2.1 on the
   same backbone: per-task gradients of the shared parameters from one forward pass (``jax.vjp``, ``vmap`` over
   one-hot cotangents), combined by any method of :mod:`theory.balancing`; each head gets its own task's gradient.
@@ -31,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
@@ -174,10 +176,10 @@ def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: d
 
     :math:`\tilde x` comes from :meth:`DualStreamModel.counterfactual_image` (the AdaIN appearance decoder; the
     physical rendering only for a model without one), with ``stop_gradient`` on its inputs and on the image, as
-    the authors detach them: the decoder gets no gradient from this term. Runs on its own merge of the states, so it
-    can sit inside ``lax.cond``; the whole pass reads BatchNorm's running statistics and updates none, and
-    gradients reach every parameter of the encoder and heads. Only the predictions and streams of
-    :math:`\tilde x` are computed (the authors also run, then discard, every decoder on it).
+    the authors detach them: the decoder gets no gradient from this term. Runs on its own merge of the states; the whole
+    pass reads BatchNorm's running statistics and updates none, and gradients reach every parameter of the encoder and
+    heads. Only the predictions and streams of :math:`\tilde x` are computed (the authors also run, then discard, every
+    decoder on it).
     """
     model = _merge(graphdef, params, batch_stats, rest)
     model.eval()
@@ -193,10 +195,11 @@ def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: d
 
 
 def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Array, weights: losses.LossWeights,
-                   independence_weight, counterfactual_gate, task_scale=1.0,
+                   independence_weight, counterfactual: bool, task_scale=1.0,
                    perceptual: LPIPSWeights | None = None) -> tuple[jax.Array, tuple]:
-    r"""Eq (16) plus the gated counterfactual term; returns ``(loss, (batch_stats, rest, terms))``. ``task_scale``
-    multiplies the task losses in the objective (0 in the authors' stage 0); the reported terms are unscaled.
+    r"""Eq (16) plus, when ``counterfactual``, the counterfactual term; returns ``(loss, (batch_stats, rest, terms))``.
+    ``task_scale`` multiplies the task losses in the objective (0 in the authors' stage 0); the reported terms are
+    unscaled.
 
     Grounding terms, by what the model has (``ModelConfig.grounding``):
 
@@ -211,8 +214,8 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
       Without it that term is absent from ``terms`` and counts 0.
     * the physical decoder (hard only), Eq (13): ``image``, ``albedo_tv``, ``gray``, ``covariance``.
 
-    The counterfactual term runs when the model can synthesise counterfactuals, ``weights.counterfactual > 0``
-    and ``counterfactual_gate`` holds (:func:`counterfactual_loss`).
+    A model that can synthesise counterfactuals, with ``weights.counterfactual > 0``, always reports the
+    ``counterfactual`` term: :func:`counterfactual_loss` when ``counterfactual`` (a Python bool), else 0.
     """
     model = _merge(graphdef, params, batch_stats, rest)
     model.train()
@@ -221,13 +224,13 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
                                    perceptual)
     new_batch_stats, new_rest = _split_states(model)
     if model.makes_counterfactuals and weights.counterfactual > 0:
-        probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
-        terms["counterfactual"] = jax.lax.cond(
-            counterfactual_gate,
-            lambda p, s, r, a: counterfactual_loss(graphdef, p, s, r, a, batch, key, weights),
-            lambda p, s, r, a: jnp.zeros((), total.dtype),
-            params, new_batch_stats, new_rest, probes)
-        total = total + terms["counterfactual"]
+        if counterfactual:
+            probes = {k: aux[k] for k in ("semantic_map", "residual_code", "features")}
+            terms["counterfactual"] = counterfactual_loss(graphdef, params, new_batch_stats, new_rest, probes, batch,
+                                                          key, weights)
+            total = total + terms["counterfactual"]
+        else:
+            terms["counterfactual"] = jnp.zeros((), total.dtype)
     return total, (new_batch_stats, new_rest, terms)
 
 
@@ -282,13 +285,16 @@ def _select(condition, if_true, if_false):
 
 
 def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainState, batch: dict, key: jax.Array,
-              weights: losses.LossWeights, independence_weight, counterfactual_on,
+              weights: losses.LossWeights, independence_weight, counterfactual: bool = False,
               train_tasks=True, perceptual: LPIPSWeights | None = None) -> tuple[TrainState, dict]:
-    """One CORE-MTL step. ``counterfactual_on``: whether CFA may run this epoch (stage 2 and past its start epoch);
-    it then runs with probability ``weights.counterfactual_probability``. ``train_tasks=False`` is the authors'
-    stage 0: the task losses leave the objective, and the heads get no gradient (not even the edge term's, which
-    reaches the encoder through the frozen depth head), no update and no change of their Adam state, as PyTorch
-    skips parameters that do not require gradients (:func:`make_optimizer`). Jit with
+    """One CORE-MTL step. ``counterfactual``: whether this step runs the counterfactual pass, a Python bool (static
+    under jit, ``static_argnames="counterfactual"``), so that each of the two programs holds only the work it does (a
+    ``lax.cond`` on a traced flag would make the closed branch fill a buffer for every value the open one saves for the
+    backward pass). The driver draws it on the host, as the authors' ``random.random() < p`` does
+    (:meth:`deep.trainer.EpochControls.counterfactual_at`); a batch of one never runs it (nothing to shuffle).
+    ``train_tasks=False`` is the authors' stage 0: the task losses leave the objective, and the heads get no gradient
+    (not even the edge term's, which reaches the encoder through the frozen depth head), no update and no change of
+    their Adam state, as PyTorch skips parameters that do not require gradients (:func:`make_optimizer`). Jit with
     ``graphdef``, ``optimizer`` and ``weights`` static (``functools.partial``).
 
     ``perceptual``: LPIPS-VGG weights (:func:`deep.perceptual.load_lpips_npz`) to add the authors'
@@ -297,13 +303,14 @@ def core_step(graphdef, optimizer: optax.GradientTransformation, state: TrainSta
     they stay out of ``TrainState`` (no optimiser state, no weight decay, not checkpointed), get no gradient,
     and are not baked into the compiled program. Requires a model with the appearance decoder (grounding
     ``soft`` or ``hard``); raises ``ValueError`` otherwise."""
-    gate_key, cf_key = jax.random.split(key)
-    gate = counterfactual_on & jax.random.bernoulli(gate_key, weights.counterfactual_probability) & (
-        batch["images"].shape[0] > 1)
+    if not isinstance(counterfactual, (bool, np.bool_)):
+        raise TypeError(f"counterfactual must be a Python bool (static under jit: "
+                        f"static_argnames='counterfactual'); got {type(counterfactual).__name__}")
+    counterfactual = bool(counterfactual) and batch["images"].shape[0] > 1
     task_scale = jnp.where(train_tasks, 1.0, 0.0)
     (loss, (batch_stats, rest, terms)), grads = jax.value_and_grad(core_objective, argnums=1, has_aux=True)(
-        graphdef, state.params, state.batch_stats, state.rest, batch, cf_key, weights, independence_weight, gate,
-        task_scale, perceptual)
+        graphdef, state.params, state.batch_stats, state.rest, batch, key, weights, independence_weight,
+        counterfactual, task_scale, perceptual)
     frozen = jnp.logical_not(train_tasks)
     grads = (grads[0], jax.tree.map(lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads[1]))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -84,27 +84,47 @@ def build_model(config: ModelConfig, architecture: str, seed: int):
                            dilated_conv=config.dilated_conv), nnx.Rngs(seed))
 
 
+# A third number keeps the coin flips' stream apart from the loader's, numpy's default_rng((seed, epoch)), which
+# (seed, step) alone would repeat at step == epoch.
+_COUNTERFACTUAL_STREAM = 0xCF
+
+
 @dataclasses.dataclass(frozen=True)
 class EpochControls:
-    """CORE-MTL's stage schedule for one epoch (the authors' ``_switch_stage_freeze`` and CKA ramp)."""
+    """CORE-MTL's stage schedule for one epoch (the authors' ``_switch_stage_freeze`` and CKA ramp).
+    ``counterfactual_probability``: the chance that a step runs the counterfactual pass, 0 before stage 2 and its
+    start epoch."""
 
     train_tasks: bool
     independence_weight: float
-    counterfactual_on: bool
+    counterfactual_probability: float
 
     @classmethod
     def at(cls, weights: losses.LossWeights, epoch: int) -> "EpochControls":
         stage2 = epoch >= weights.stage0_epochs + weights.stage1_epochs
+        counterfactual_on = stage2 and epoch >= weights.counterfactual_start_epoch
         return cls(train_tasks=epoch >= weights.stage0_epochs,
                    independence_weight=weights.independence_at(epoch),
-                   counterfactual_on=stage2 and epoch >= weights.counterfactual_start_epoch)
+                   counterfactual_probability=weights.counterfactual_probability if counterfactual_on else 0.0)
+
+    def counterfactual_at(self, seed: int, step: int) -> bool:
+        """Whether global step ``step`` of a run seeded ``seed`` runs the counterfactual pass: a coin flip on the host
+        with probability ``counterfactual_probability``, as the authors' ``random.random() < prob``, drawn from
+        ``(seed, step)`` alone, so a resumed run draws what the uninterrupted one drew. Deciding on the host gives the
+        step two programs, each doing only its own work (:func:`deep.train.core_step`)."""
+        if self.counterfactual_probability <= 0:
+            return False
+        generator = np.random.default_rng((seed, step, _COUNTERFACTUAL_STREAM))
+        return bool(generator.random() < self.counterfactual_probability)
 
 
 def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
               perceptual=None) -> tuple[Any, Callable]:
-    """``(balancer, step)`` with ``step(state, balancer_state, batch, key, controls) -> (state, balancer_state,
-    metrics)`` jitted. ``method``: ``core``, ``stl`` (EW on one task) or any balancing method. ``perceptual``:
-    LPIPS-VGG weights (:func:`deep.perceptual.load_lpips_npz`) for CORE-MTL's perceptual reconstruction term.
+    """``(balancer, step)`` with ``step(state, balancer_state, batch, key, controls, counterfactual=False) ->
+    (state, balancer_state, metrics)`` jitted; ``controls`` (:class:`EpochControls`) and ``counterfactual`` (whether
+    this step runs the counterfactual pass: :meth:`EpochControls.counterfactual_at`) are read by CORE-MTL only.
+    ``method``: ``core``, ``stl`` (EW on one task) or any balancing method. ``perceptual``: LPIPS-VGG weights
+    (:func:`deep.perceptual.load_lpips_npz`) for CORE-MTL's perceptual reconstruction term.
 
     The step consumes its ``state`` and ``balancer_state``: they are donated, so XLA writes the new state into their
     buffers instead of holding both (the state's size less at the peak: 0.44 GiB for EW, 0.67 GiB for CORE-MTL at
@@ -112,11 +132,12 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
     from theory.balancing import make
 
     if method == "core":
-        core = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights), donate_argnums=0)
+        core = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights), donate_argnums=0,
+                       static_argnames="counterfactual")
 
-        def step(state, balancer_state, batch, key, controls: EpochControls):
+        def step(state, balancer_state, batch, key, controls: EpochControls, counterfactual: bool = False):
             state, metrics = core(state, batch, key, independence_weight=controls.independence_weight,
-                                  counterfactual_on=controls.counterfactual_on, train_tasks=controls.train_tasks,
+                                  counterfactual=counterfactual, train_tasks=controls.train_tasks,
                                   perceptual=perceptual)
             return state, balancer_state, metrics
 
@@ -127,8 +148,8 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
     balanced = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer),
                        donate_argnums=(0, 1))
 
-    def step(state, balancer_state, batch, key, controls: EpochControls):
-        del controls  # the baselines have no stages
+    def step(state, balancer_state, batch, key, controls: EpochControls | None, counterfactual: bool = False):
+        del controls, counterfactual  # the baselines have no stages and no counterfactual pass
         return balanced(state, balancer_state, batch, key)
 
     return balancer, step

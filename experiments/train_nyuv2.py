@@ -26,13 +26,13 @@ val split corrupted in code (:func:`deep.data.corrupt`) by each named corruption
 (``paper``: the four the paper reports on Cityscapes-C; ``all``: ten); the results go to ``results.json``
 (``corrupted``, ``corrupted_mean``) and ``corruptions.png``.
 
-Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported,
-never used to choose anything — the run's result is its last epoch) and of ``--source-data`` (under ``source``), a
-line in ``<out>/metrics.jsonl`` and an Orbax checkpoint written atomically. ``--resume`` continues from the newest
-readable checkpoint and ends where an uninterrupted run with the same flags ends: batches, augmentations and keys
-depend only on the seed, the epoch and the step. At the end: ``results.json``, ``curves.png`` (losses and metrics per
-epoch) and ``samples.png`` (image, labels, predictions, and for CORE-MTL the rendered reconstruction and a
-counterfactual with a swapped residual code).
+Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported, never
+used to choose anything — the run's result is its last epoch) and of ``--source-data`` (under ``source``), a line in
+``<out>/metrics.jsonl`` and an Orbax checkpoint written atomically. ``--resume`` continues from the newest readable
+checkpoint and ends where an uninterrupted run with the same flags ends: batches, augmentations, keys and the
+counterfactual coin flips depend only on the seed, the epoch and the step. At the end: ``results.json``, ``curves.png``
+(losses and metrics per epoch) and ``samples.png`` (image, labels, predictions, and for CORE-MTL the rendered
+reconstruction and a counterfactual with a swapped residual code).
 """
 
 from __future__ import annotations
@@ -620,7 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     batch = devices.shard_batch(mesh, batch)
                     if config.augment:
                         batch = augment_batch(augment_key, batch)
-                    state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls)
+                    counterfactual = controls is not None and controls.counterfactual_at(config.seed, global_step)
+                    state, balancer_state, metrics = step(state, balancer_state, batch, step_key, controls,
+                                                          counterfactual)
                     yield index, metrics
 
             # The metrics of step i are read (a host sync) after step i+1 has been dispatched, so the device never

@@ -362,7 +362,7 @@ def test_one_core_step_of_the_authors_variant_is_finite_and_trains_the_fusion(au
     batch = make_batch()
     core_step = functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"])
     arguments = (state, batch, jax.random.key(0))
-    controls = dict(independence_weight=1.0, counterfactual_on=False)
+    controls = dict(independence_weight=1.0)
     new_state, metrics = compiled(core_step, *arguments, **controls)(*arguments, **controls)
     assert bool(metrics["finite"]) and np.isfinite(float(metrics["loss"]))
     assert np.isfinite(float(metrics["depth"])) and np.isfinite(float(metrics["independence"]))

@@ -64,30 +64,24 @@ def test_the_sharded_step_equals_the_single_device_step():
         # CORE-MTL's step with its counterfactual pass off, then always on: the residual codes are shuffled across
         # the whole batch, which the sharded step must draw and apply exactly as one device does.
         graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(0)), optimizer)
-        weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual_probability=1.0)
-        core_step = functools.partial(train.core_step, graphdef, optimizer, weights=weights)
+        core_step = functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"])
         sharded_batch, sharded_state = devices.shard(mesh, batch, state)
         assert len(sharded_batch["images"].sharding.device_set) == 4
-        # Compiled once per placement (the gate is traced).
-        compile_for = lambda *args: compiled(jax.jit(core_step), *args, independence_weight=1.0,
-                                             counterfactual_on=False)
-        single_step = compile_for(state, batch, jax.random.key(0))
-        sharded_step = compile_for(sharded_state, sharded_batch, jax.random.key(0))
         updates = []
-        for counterfactual_on in (False, True):
-            single, single_metrics = single_step(state, batch, jax.random.key(0), independence_weight=1.0,
-                                                 counterfactual_on=counterfactual_on)
-            sharded, sharded_metrics = sharded_step(sharded_state, sharded_batch, jax.random.key(0),
-                                                    independence_weight=1.0, counterfactual_on=counterfactual_on)
-            assert (float(single_metrics["counterfactual"]) > 0) == counterfactual_on
-            if counterfactual_on:
+        for counterfactual in (False, True):  # a static flag: a program of its own, compiled once per placement
+            step = jax.jit(functools.partial(core_step, independence_weight=1.0, counterfactual=counterfactual))
+            single, single_metrics = compiled(step, state, batch, jax.random.key(0))(state, batch, jax.random.key(0))
+            sharded, sharded_metrics = compiled(step, sharded_state, sharded_batch, jax.random.key(0))(
+                sharded_state, sharded_batch, jax.random.key(0))
+            assert (float(single_metrics["counterfactual"]) > 0) == counterfactual
+            if counterfactual:
                 np.testing.assert_allclose(sharded_metrics["counterfactual"], single_metrics["counterfactual"],
                                            rtol=1e-5)
             worst, largest_update = largest_difference(single.params, sharded.params, state.params)
-            print(f"counterfactual pass {counterfactual_on}: max difference", worst, "largest update", largest_update)
+            print(f"counterfactual pass {counterfactual}: max difference", worst, "largest update", largest_update)
             updates.append(single.params)
-        # The counterfactual pass changes the update (by more than 1 % of the largest update, that of the pass with
-        # the gate open), so the comparison above covered it.
+        # The counterfactual pass changes the update (by more than 1 % of the largest update, that of the step with
+        # the pass), so the comparison above covered it.
         change = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                      for a, b in zip(*map(jax.tree.leaves, updates)))
         print("the counterfactual pass changes the update by", change)

@@ -52,12 +52,14 @@ def compiled(function, *args, **kwargs):
     return jax.jit(function).lower(*args, **kwargs).compile()
 
 
-def compiled_core_step(config: ModelConfig, seed: int = 0):
-    """``(graphdef, optimizer, state, step)`` for the tiny model ``config`` and :func:`make_batch`'s shapes."""
+def compiled_core_step(config: ModelConfig, seed: int = 0, counterfactual: bool = False):
+    """``(graphdef, optimizer, state, step)`` for the tiny model ``config`` and :func:`make_batch`'s shapes; the
+    step runs the counterfactual pass when ``counterfactual`` (a static flag: a program of its own)."""
     optimizer = train.make_optimizer(train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000))
     graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(seed)), optimizer)
-    step = compiled(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]),
-                    state, make_batch(), jax.random.key(0), independence_weight=0.0, counterfactual_on=False)
+    step = compiled(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"],
+                                      counterfactual=counterfactual),
+                    state, make_batch(), jax.random.key(0), independence_weight=0.0)
     return graphdef, optimizer, state, step
 
 
@@ -92,7 +94,7 @@ def test_a_tiny_model_overfits_one_batch(setup):
     batch = make_batch()
     history = []
     for i in range(100):  # steps are cheap next to the compilation
-        state, metrics = step(state, batch, jax.random.key(i), independence_weight=0.0, counterfactual_on=False)
+        state, metrics = step(state, batch, jax.random.key(i), independence_weight=0.0)
         assert bool(metrics["finite"])
         history.append({k: float(metrics[k]) for k in ("segmentation", "depth", "normal", "geometry",
                                                           "appearance_l1", "image")})
@@ -105,15 +107,34 @@ def test_a_tiny_model_overfits_one_batch(setup):
         assert last[term] < history[0][term], (term, history[0][term], last[term])
 
 
-def test_counterfactual_step_runs_and_a_non_finite_batch_leaves_the_state_unchanged(setup):
+def test_the_counterfactual_flag_adds_exactly_the_counterfactual_term_without_a_cond(setup):
+    """The step compiles once per value of its static flag, with no ``lax.cond`` (whose closed branch would still
+    fill a buffer for each value the open one saves): from the same state, batch and key, the step with the pass
+    has the loss of the step without it plus its counterfactual term; without it the term is reported as 0."""
+    graphdef, optimizer, state, closed_step = setup
+    open_step = compiled_core_step(TINY, counterfactual=True)[3]
+    batch, key = make_batch(), jax.random.key(3)
+    _, closed = closed_step(state, batch, key, independence_weight=1.0)
+    new_state, opened = open_step(state, batch, key, independence_weight=1.0)
+    assert bool(opened["finite"]) and int(new_state.step) == 1
+    assert float(closed["counterfactual"]) == 0 and float(opened["counterfactual"]) > 0.05 * float(closed["loss"])
+    np.testing.assert_allclose(float(opened["loss"]), float(closed["loss"]) + float(opened["counterfactual"]),
+                               rtol=1e-5)
+    for name in closed:
+        if name not in ("loss", "counterfactual"):  # the rest is one and the same forward pass
+            np.testing.assert_allclose(opened[name], closed[name], rtol=1e-5, err_msg=name)
+    for program in (closed_step, open_step):
+        assert " conditional(" not in program.as_text()
+    with pytest.raises(TypeError, match="counterfactual must be a Python bool"):
+        jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))(
+            state, batch, key, independence_weight=1.0, counterfactual=True)  # traced, not static
+
+
+def test_a_non_finite_batch_leaves_the_state_unchanged(setup):
     _, _, state, step = setup
-    new_state, metrics = step(state, make_batch(), jax.random.key(3), independence_weight=1.0,
-                              counterfactual_on=True)
-    assert bool(metrics["finite"]) and int(new_state.step) == 1
-    assert float(metrics["counterfactual"]) > 0  # this key's coin flip runs the pass
     bad = make_batch()
     bad["images"] = bad["images"].at[0, 0, 0, 0].set(jnp.nan)
-    guarded, metrics = step(state, bad, jax.random.key(3), independence_weight=1.0, counterfactual_on=True)
+    guarded, metrics = step(state, bad, jax.random.key(3), independence_weight=1.0)
     assert not bool(metrics["finite"])
     for a, b in zip(comparable_leaves(guarded), comparable_leaves(state)):
         np.testing.assert_array_equal(a, b)
@@ -167,7 +188,7 @@ def test_soft_grounding_trains_the_generic_decoders_and_runs_the_counterfactual_
     soft_terms = ("geometry", "geometry_aux", "appearance_l1", "appearance_aux")
     history = []
     for i in range(100):
-        state, metrics = step(state, batch, jax.random.key(i), independence_weight=0.0, counterfactual_on=False)
+        state, metrics = step(state, batch, jax.random.key(i), independence_weight=0.0)
         assert bool(metrics["finite"])
         history.append(metrics)
     assert set(soft_terms) <= set(history[0]) and "image" not in history[0]  # no physical terms without it
@@ -175,7 +196,7 @@ def test_soft_grounding_trains_the_generic_decoders_and_runs_the_counterfactual_
     assert mean_of_last("loss") < 0.5 * float(history[0]["loss"])
     for name in soft_terms:
         assert mean_of_last(name) < float(history[0][name]), name
-    # The counterfactual pass (appearance decoder) runs when its coin flip comes up: some of these keys do.
-    counterfactual = [float(step(state, batch, jax.random.key(i), independence_weight=1.0,
-                                 counterfactual_on=True)[1]["counterfactual"]) for i in range(6)]
-    assert all(np.isfinite(counterfactual)) and max(counterfactual) > 0 and min(counterfactual) == 0
+    # The counterfactual pass runs on the soft model's appearance decoder too.
+    open_step = compiled_core_step(dataclasses.replace(TINY, grounding="soft"), counterfactual=True)[3]
+    counterfactual = float(open_step(state, batch, jax.random.key(0), independence_weight=1.0)[1]["counterfactual"])
+    assert np.isfinite(counterfactual) and counterfactual > 0

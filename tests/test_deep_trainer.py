@@ -18,7 +18,7 @@ from test_deep_train import TINY, comparable_leaves, copied, make_batch
 from theory.balancing import make
 
 PLAIN = ModelConfig(**{**TINY.__dict__, "grounding": "none"})
-STAGE_ZERO = trainer.EpochControls(train_tasks=False, independence_weight=0.0, counterfactual_on=False)
+STAGE_ZERO = trainer.EpochControls(train_tasks=False, independence_weight=0.0, counterfactual_probability=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_frozen_heads_do_not_count_in_the_clipping_norm(plain_setup):
     weights, batch = losses.PRESETS["nyuv2"], make_batch()
     assert weights.edge > 0
     new_state, _ = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights))(
-        state, batch, jax.random.key(0), independence_weight=0.0, counterfactual_on=False, train_tasks=False)
+        state, batch, jax.random.key(0), independence_weight=0.0, train_tasks=False)
     grads = jax.jit(lambda params: jax.grad(train.core_objective, argnums=1, has_aux=True)(
         graphdef, params, state.batch_stats, state.rest, batch, jax.random.key(0), weights, 0.0, False, 0.0)[0])(
         state.params)
@@ -122,13 +122,34 @@ def test_frozen_heads_do_not_count_in_the_clipping_norm(plain_setup):
 def test_the_stage_schedule_follows_the_authors_configs():
     nyu = losses.PRESETS["nyuv2"]  # stage 0: 5 epochs, stage 1: none, CKA ramp over 10, CFA from epoch 20
     at = lambda epoch, weights=nyu: trainer.EpochControls.at(weights, epoch)
-    assert at(0) == trainer.EpochControls(False, 0.0, False) and not at(4).train_tasks
-    assert at(5).train_tasks and at(5).independence_weight == 0.0 and not at(5).counterfactual_on
+    assert at(0) == trainer.EpochControls(False, 0.0, 0.0) and not at(4).train_tasks
+    assert at(5).train_tasks and at(5).independence_weight == 0.0 and at(5).counterfactual_probability == 0
     assert at(10).independence_weight == pytest.approx(0.5) and at(15).independence_weight == pytest.approx(1.0)
-    assert not at(19).counterfactual_on and at(20).counterfactual_on
+    assert at(19).counterfactual_probability == 0 and at(20).counterfactual_probability == 0.5
     cityscapes = losses.PRESETS["cityscapes"]  # stage 0: 10 epochs, stage 1: 5 epochs (tasks, no CKA)
     assert at(12, cityscapes).train_tasks and at(12, cityscapes).independence_weight == 0.0
     assert at(15, cityscapes).independence_weight == pytest.approx(0.25)
+
+
+def test_the_counterfactual_coin_flips_are_fair_reproducible_and_apart_from_the_loaders_stream():
+    """The host's draw of which steps run the counterfactual pass: a fair coin of the epoch's probability (within
+    4 standard errors over 20,000 steps), the same for the same seed and step (a resumed run draws what the
+    uninterrupted one drew), another sequence for another seed, and never before the pass's start epoch."""
+    opened, closed = trainer.EpochControls.at(losses.PRESETS["nyuv2"], 20), trainer.EpochControls.at(
+        losses.PRESETS["nyuv2"], 19)
+    steps = 20_000
+    flips = np.array([opened.counterfactual_at(2024, step) for step in range(steps)])
+    standard_error = np.sqrt(0.5 * 0.5 / steps)
+    assert abs(flips.mean() - 0.5) < 4 * standard_error, flips.mean()
+    assert [opened.counterfactual_at(2024, step) for step in range(13_000, 13_100)] == list(flips[13_000:13_100])
+    other_seed = np.array([opened.counterfactual_at(7, step) for step in range(1000)])
+    assert 0.4 < np.mean(other_seed == flips[:1000]) < 0.6  # independent sequences agree half the time
+    # The loader shuffles epoch e with default_rng((seed, e)); the same numbers must not decide the flips.
+    loaders_first = np.array([np.random.default_rng((2024, e)).random() < 0.5 for e in range(1000)])
+    assert 0.4 < np.mean(loaders_first == flips[:1000]) < 0.6
+    assert not any(closed.counterfactual_at(2024, step) for step in range(1000))
+    always = dataclasses.replace(opened, counterfactual_probability=1.0)
+    assert all(always.counterfactual_at(2024, step) for step in range(1000))
 
 
 def test_model_configs_for_each_method():

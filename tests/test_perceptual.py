@@ -363,14 +363,14 @@ def hooked_step(lpips_weights):
     graphdef, state = train.split_model(_materialised(HOOK_CONFIG), optimizer)
     core_step = functools.partial(train.core_step, graphdef, optimizer, weights=HOOK_WEIGHTS)
     step = compiled(core_step, state, make_batch(), jax.random.key(0), independence_weight=0.0,
-                    counterfactual_on=False, perceptual=lpips_weights)
+                    perceptual=lpips_weights)
     return state, core_step, step
 
 
 def test_core_step_adds_the_perceptual_term_weighted_by_beta_app(hooked_step, lpips_weights):
     state, core_step, step = hooked_step
     batch, key = make_batch(), jax.random.key(0)
-    run = functools.partial(step, state, batch, key, independence_weight=0.0, counterfactual_on=False)
+    run = functools.partial(step, state, batch, key, independence_weight=0.0)
     new_state, metrics = run(perceptual=lpips_weights)
     # The same executable with all-zero linear weights: LPIPS is then exactly 0 and everything else as before.
     silent = lpips_weights._replace(linear=tuple(jnp.zeros_like(w) for w in lpips_weights.linear))
@@ -389,8 +389,7 @@ def test_core_step_adds_the_perceptual_term_weighted_by_beta_app(hooked_step, lp
     assert any(not np.array_equal(a, b) for a, b in zip(decoder(new_state), decoder(silent_state)))
     assert all(np.array_equal(a, b) for a, b in zip(heads(new_state), heads(silent_state)))
     # Without weights the term is not computed: absent from the metrics, it counts 0 in the loss.
-    _, plain_metrics = jax.eval_shape(core_step, state, batch, key, independence_weight=0.0,
-                                      counterfactual_on=False)
+    _, plain_metrics = jax.eval_shape(core_step, state, batch, key, independence_weight=0.0)
     assert "appearance_perceptual" not in plain_metrics and "appearance_l1" in plain_metrics
 
 
@@ -403,4 +402,4 @@ def test_a_perceptual_loss_needs_the_appearance_decoder(lpips_weights):
                                   perceptual=lpips_weights)
     with pytest.raises(ValueError, match="needs the appearance decoder, which grounding 'none' does not"):
         jax.eval_shape(objective, (shared, heads), batch_stats, rest, make_batch(), jax.random.key(0),
-                       independence_weight=0.0, counterfactual_gate=False)
+                       independence_weight=0.0, counterfactual=False)
