@@ -318,8 +318,8 @@ class DualStreamModel(nnx.Module):
         raise ValueError("this model has no decoder to synthesise counterfactuals (grounding='none')")
 
     def predict_from_streams(self, semantic_map: jax.Array, residual_code: jax.Array, features: jax.Array,
-                             image_size: tuple[int, int],
-                             low_level: jax.Array | None = None) -> dict[str, jax.Array]:
+                             image_size: tuple[int, int], low_level: jax.Array | None = None,
+                             tasks: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
         """Task predictions from the streams; in the paper mode ``residual_code`` and ``features`` are not
         read.
 
@@ -331,11 +331,16 @@ class DualStreamModel(nnx.Module):
             image_size: ``(H, W)`` of the predictions.
             low_level: ``[B, H_1, W_1, C_1]``, the backbone's c1; read (and required) only by the DeepLabV3+
                 head.
+            tasks: the tasks to predict, by name (default: all); the other heads do not run.
 
         Returns:
             ``{task: [B, H, W, C_t]}``.
         """
         del residual_code  # no head reads the residual code, in any mode
+        unknown = set(tasks or ()) - {name for name, _ in self.config.tasks}
+        if unknown:
+            raise ValueError(f"tasks must be among the model's, {', '.join(n for n, _ in self.config.tasks)}; got "
+                             f"{', '.join(sorted(unknown))}")
         if self.config.head == "deeplabv3plus":
             if low_level is None:
                 raise ValueError("the DeepLabV3+ head needs low_level (the backbone's c1) for its skip")
@@ -347,6 +352,8 @@ class DualStreamModel(nnx.Module):
             run_head = lambda head: head(head_input)
         predictions = {}
         for name, _ in self.config.tasks:
+            if tasks is not None and name not in tasks:
+                continue
             out = resize_bilinear(run_head(self.heads[name]), image_size, align_corners=True)
             if name == "normal":
                 out = unit_vectors(out, 1e-12)

@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from deep import losses, train, trainer
 from deep.model import DualStreamModel, ModelConfig
-from test_deep_train import TINY, compiled, copied, make_batch
+from test_deep_train import TINY, comparable_leaves, compiled, copied, make_batch
 from theory.balancing import METHODS, make
 
 # No weight decay: with the coupled L2 inside Adam every weight would move by about the learning rate even along a
@@ -63,6 +63,44 @@ def first_adam_step(params, grads):
     clipped = [g * min(1.0, OPTIM.clip_norm / norm) for g in grads]
     return [np.asarray(p, np.float64) - OPTIM.learning_rate * g / (np.abs(g) + ADAM_EPSILON)
             for p, g in zip(jax.tree.leaves(params), clipped, strict=True)]
+
+
+def test_the_jacobian_step_equals_the_pull_back_of_all_losses_through_the_whole_model(setup, jacobian_step):
+    """``task_jacobian_step`` takes each task's loss through its own head alone, then the representation gradients
+    through the encoder. It must give what the plain way gives: one train-mode pass of the whole model, its K
+    losses pulled back together (the heads run dropout, so equal losses also say each head drew its own mask, as
+    in the whole pass), with the same losses, Jacobian, head gradients and states after the pass."""
+    graphdef, _, state = setup
+    batch = make_batch()
+
+    @jax.jit
+    def whole_model(state, batch):
+        flat_shared, unravel = ravel_pytree(state.params[0])
+
+        def stacked_losses(flat, heads):
+            model = nnx.merge(graphdef, unravel(flat), heads, *jax.tree.map(jnp.copy, (state.batch_stats,
+                                                                                       state.rest)))
+            model.train()
+            predictions, _ = model(batch["images"])
+            return jnp.stack([train.TASK_LOSSES[name](predictions[name], batch[name]) for name, _ in TINY.tasks]), (
+                train.split_states(model)[2:])
+
+        losses_k, pullback, states = jax.vjp(stacked_losses, flat_shared, state.params[1], has_aux=True)
+        jacobian, head_grads = jax.vmap(pullback)(jnp.eye(3, dtype=losses_k.dtype))
+        return losses_k, jacobian, jax.tree.map(lambda g: g.sum(axis=0), head_grads), *states
+
+    losses_k, jacobian, head_grads, batch_stats, rest = jacobian_step
+    expected = whole_model(state, batch)
+    np.testing.assert_allclose(losses_k, expected[0], rtol=1e-6)
+    scale = float(jnp.abs(expected[1]).max())
+    np.testing.assert_allclose(jacobian, expected[1], rtol=0, atol=1e-5 * scale)
+    for got, wanted in zip(jax.tree.leaves(head_grads), jax.tree.leaves(expected[2]), strict=True):
+        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-5 * float(jnp.abs(wanted).max()) + 1e-12)
+    assert jax.tree.structure(batch_stats) == jax.tree.structure(expected[3])
+    for got, wanted in zip(jax.tree.leaves(batch_stats), jax.tree.leaves(expected[3]), strict=True):
+        np.testing.assert_allclose(got, wanted, rtol=1e-6, atol=1e-7)
+    for got, wanted in zip(comparable_leaves(rest), comparable_leaves(expected[4]), strict=True):
+        np.testing.assert_array_equal(got, wanted)  # the dropout streams, each advanced by its head's one pass
 
 
 def test_every_parameter_space_baseline_takes_one_adam_step_along_its_direction(setup, jacobian_step, apply):

@@ -46,6 +46,29 @@ def test_output_shapes_and_unit_normals(model):
     assert float(aux["rendered"].min()) >= 0 and float(aux["rendered"].max()) <= 1
 
 
+def test_a_subset_of_tasks_runs_only_those_heads_and_unknown_names_are_refused(model):
+    """``predict_from_streams(..., tasks=...)`` (each baseline task through its own head): the same predictions for
+    the named tasks as all of them, nothing for the others, and a misspelt name refused, not silently empty."""
+    images = jax.random.uniform(jax.random.key(0), (2, 32, 40, 3), jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def predict(state, images):
+        model = nnx.merge(graphdef, state)
+        model.eval()  # the same dropout (none) for both calls
+        streams = model.encode(images)
+        return (model.predict_from_streams(**streams, image_size=(32, 40)),
+                model.predict_from_streams(**streams, image_size=(32, 40), tasks=("depth", "normal")))
+
+    every, some = predict(state, images)
+    assert set(some) == {"depth", "normal"}
+    for name in some:
+        np.testing.assert_array_equal(some[name], every[name])
+    with pytest.raises(ValueError, match="tasks must be among the model's, segmentation, depth, normal; got dpeth"):
+        nnx.merge(graphdef, state).predict_from_streams(**nnx.merge(graphdef, state).encode(images),
+                                                       image_size=(32, 40), tasks=("dpeth",))
+
+
 def every_task(predictions: dict) -> jax.Array:
     """Σ_t <W_t, prediction_t> with fixed random W_t: its gradient with respect to an input is zero (with probability
     one) only where every task's Jacobian is."""
