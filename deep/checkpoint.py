@@ -3,8 +3,12 @@
 Orbax writes each checkpoint into a temporary directory and renames it only once every array is on disk, so a run
 killed at any moment leaves the previous checkpoint intact; :meth:`Checkpoints.latest_epoch` only ever sees
 finished ones. :meth:`Checkpoints.restore_latest` resumes from the newest one that can be read, setting aside
-newer ones damaged on disk (renamed ``<epoch>.unreadable``; delete them once inspected). Saving is synchronous (a
-training loop here saves once an epoch, and waiting keeps the semantics simple).
+newer ones damaged on disk (renamed ``<epoch>.unreadable``; delete them once inspected).
+
+Saving is asynchronous by default: :meth:`Checkpoints.save` returns once the arrays are copied to host memory, and
+Orbax writes them to disk in a background thread while training goes on (the next save, any read of the
+checkpoints and :meth:`Checkpoints.close` wait for it). A run killed meanwhile loses only that checkpoint, as a run
+killed during a synchronous save would.
 
 Typed PRNG keys (NNX keeps its dropout streams as ``jax.random.key`` arrays) are stored as their raw key data and
 re-wrapped on restore from the template's key implementation.
@@ -43,28 +47,37 @@ class CheckpointMismatch(ValueError):
 
 
 class Checkpoints:
-    """The checkpoints of one run under ``directory`` (``<directory>/<epoch>``), keeping the newest ``keep``.
-    :meth:`close` when done (or use it as a context manager), which ends Orbax's background machinery."""
+    """The checkpoints of one run under ``directory`` (``<directory>/<epoch>``), keeping the newest ``keep``;
+    ``asynchronous``: whether :meth:`save` returns before the files are written. :meth:`close` when done (or use it
+    as a context manager), which waits for a save under way and ends Orbax's background machinery."""
 
-    def __init__(self, directory: str | Path, keep: int = 2):
+    def __init__(self, directory: str | Path, keep: int = 2, asynchronous: bool = True):
         if keep < 1:
             raise ValueError(f"keep must be an integer >= 1; got {keep}")
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
+                                               create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_epoch(self) -> int | None:
-        """The number of epochs the newest complete checkpoint holds (``None`` when there is none)."""
+        """The number of epochs the newest complete checkpoint holds (``None`` when there is none), once a save
+        under way has finished."""
+        self.wait()
         self._manager.reload()
         return self._manager.latest_step()
 
     def save(self, epoch: int, tree: Any) -> None:
-        """Save ``tree`` (any pytree of arrays and scalars) as the state after ``epoch`` completed epochs."""
+        """Save ``tree`` (any pytree of arrays and scalars) as the state after ``epoch`` completed epochs. The arrays
+        are copied before it returns, so the caller may then donate or delete them."""
         self._manager.save(epoch, args=ocp.args.StandardSave(_to_storable(tree)), force=True)
+
+    def wait(self) -> None:
+        """Returns once the last save is on disk (at once when saving synchronously or when none is under way)."""
         self._manager.wait_until_finished()
 
     def restore(self, epoch: int, template: Any) -> Any:
         """The tree saved at ``epoch``, with the structure, shapes and dtypes of ``template``."""
+        self.wait()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_storable(template))
         try:
             restored = self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
@@ -83,6 +96,7 @@ class Checkpoints:
         is none). Newer ones that cannot be read (damaged on disk: Orbax itself never leaves a partial one) are
         renamed ``<epoch>.unreadable``, kept for inspection but out of the run's way, and listed in ``set_aside``
         with the reason. When none can be read, nothing is renamed and a ``ValueError`` says why for the newest."""
+        self.wait()
         self._manager.reload()
         failures = []
         for epoch in sorted(self._manager.all_steps(), reverse=True):
@@ -116,6 +130,7 @@ class Checkpoints:
         (self.directory / str(epoch)).rename(target)
 
     def close(self) -> None:
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> "Checkpoints":

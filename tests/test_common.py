@@ -216,8 +216,8 @@ class _Checked(Exception):
 
 
 @pytest.mark.parametrize("script, kind", [*((name, "file") for name in (
-    "bench_atrous", "bench_balancers", "bench_data", "bench_flops", "bench_measures", "bench_sweep",
-    "bench_train_step")),
+    "bench_atrous", "bench_balancers", "bench_checkpoint", "bench_data", "bench_flops", "bench_measures",
+    "bench_sweep", "bench_train_step")),
     *((name, "folder") for name in ("sweep_theta", "leakage_bound", "grad_orthogonality", "learned_encoder"))])
 def test_each_script_declares_what_its_out_is(script, kind, monkeypatch, tmp_path):
     """The bench scripts write one JSON file whatever its name; the experiments write a folder, whatever its name."""
@@ -256,6 +256,8 @@ def test_a_profiler_trace_folder_is_checked_before_any_step_is_compiled(tmp_path
     ("bench/bench_atrous.py", ["--height", "0"], "_forward_backward", "--height must be an integer >= 1; got 0"),
     ("bench/bench_measures.py", ["--max-1d", "1000"], "median_seconds",
      "--max-1d must be an integer >= 10000 (two sample sizes for the growth order); got 1000"),
+    ("bench/bench_checkpoint.py", ["--dir", "TMP/binary.json"], "_state",
+     "--dir must be an existing folder; got 'TMP/binary.json'"),
     ("bench/bench_data.py", ["--step-json", "TMP"], "deep.data.nyuv2_arrays",
      "--step-json: cannot read TMP (Is a directory)"),
     ("bench/bench_data.py", ["--step-json", "TMP/binary.json"], "deep.data.nyuv2_arrays",

@@ -201,6 +201,22 @@ def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(t
     checkpoints.close()
 
 
+def test_an_asynchronous_save_owns_its_copy_of_the_arrays(tmp_path):
+    """A save returns while Orbax still writes, and the training step then donates (deletes) the arrays it saved:
+    what lands on disk must be the values at the save. Large arrays, so that the write is still under way."""
+    tree = {"weights": [jnp.full((1024, 1024), float(i)) for i in range(16)], "key": jax.random.key(3)}
+    expected = comparable_leaves(tree)
+    with Checkpoints(tmp_path / "run") as checkpoints:
+        checkpoints.save(1, tree)
+        for leaf in jax.tree.leaves(tree):
+            leaf.delete()  # as a donated buffer is
+        template = {"weights": [jnp.zeros((1024, 1024))] * 16, "key": jax.random.key(0)}
+        assert checkpoints.latest_epoch() == 1
+        restored = checkpoints.restore(1, template)
+    for a, b in zip(comparable_leaves(restored), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_evaluation_returns_only_the_predictions_and_runs_no_grounding_decoder(plain_setup):
     """A grounded model's evaluation costs what the same model without decoders costs: only the predictions leave
     the call, so the decoders are never computed (XLA's FLOP count of the lowered call)."""
