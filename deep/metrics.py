@@ -34,9 +34,9 @@ import numpy as np
 
 from deep.shading import unit_vectors
 
-__all__ = ["METRIC_DIRECTIONS", "TASK_CHANNELS", "NORMAL_THRESHOLDS_DEGREES", "segmentation_statistics",
-           "depth_statistics", "normal_angles", "normal_statistics", "segmentation_scores", "histogram_median",
-           "MetricAccumulator", "delta_p", "delta_m"]
+__all__ = ["METRIC_DIRECTIONS", "TASK_CHANNELS", "NORMAL_THRESHOLDS_DEGREES", "IGNORED_LABELS",
+           "segmentation_statistics", "depth_statistics", "normal_angles", "normal_statistics", "segmentation_scores",
+           "histogram_median", "MetricAccumulator", "delta_p", "delta_m"]
 
 #: +1 where higher is better, −1 where lower is better.
 METRIC_DIRECTIONS: dict[str, int] = {
@@ -53,6 +53,8 @@ METRIC_DIRECTIONS: dict[str, int] = {
 #: The tasks the metrics know, with the channels their predictions must have (``None``: any number of classes).
 TASK_CHANNELS: dict[str, int | None] = {"segmentation": None, "depth": 1, "normal": 3}
 NORMAL_THRESHOLDS_DEGREES: tuple[float, ...] = (11.25, 22.5, 30.0)
+# The label value of a pixel every metric skips (LibMTL's conventions): class -1, and a depth or normal of 0.
+IGNORED_LABELS: dict[str, int] = {"segmentation": -1, "depth": 0, "normal": 0}
 _MAX_ANGLE_DEGREES = 180.0
 
 

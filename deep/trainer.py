@@ -179,8 +179,8 @@ def _eval_model(graphdef, state: train.TrainState):
 
 def placed_for_evaluation(mesh, batches: Iterable[dict]) -> Iterable[dict]:
     """Each batch split over the mesh's devices when its size divides evenly (so evaluation is data-parallel as
-    training is), else copied to every device (a split's last batch, or a split smaller than one batch, need not
-    divide)."""
+    training is), else copied to every device (a split smaller than one batch, or a last batch not filled up by the
+    loader's ``fill_last``, need not divide)."""
     for batch in batches:
         yield devices.place_batch(mesh, batch)
 

@@ -480,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deep import losses, trainer
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
+    from deep.metrics import IGNORED_LABELS
     from deep.perceptual import load_lpips_npz
     from deep.weights import load_torchvision_npz
 
@@ -535,8 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)
 
     def evaluation_loader(split: dict) -> Loader:
+        # The last batch filled up with ignored labels (and black images), so evaluation compiles for one shape.
+        ignored = {name: value for name, value in IGNORED_LABELS.items() if name in split}
         return Loader(split, min(config.batch_size, len(split["images"])), seed=config.seed, shuffle=False,
-                      drop_last=False, **placement)
+                      drop_last=False, fill_last=ignored, **placement)
 
     test_loader = evaluation_loader(test_split)
     # GTA5 -> Cityscapes with a held-out source split: evaluated beside the target, for the source-target gap.

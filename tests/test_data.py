@@ -711,6 +711,28 @@ def test_loader_on_device_gives_the_same_batches():
                     np.testing.assert_array_equal(host_batch[name], device_batch[name])
 
 
+def test_a_filled_last_batch_has_the_full_size_and_only_filler_rows_added():
+    """Evaluation's loader: every batch has the batch size, the examples come once each in the same order as without
+    filling, and the rows added to the last batch hold the fill values (0 for arrays not named), on the host, on
+    the default device and on a mesh."""
+    mesh = devices.data_mesh()
+    plain = list(Loader(_indexed(), 4, seed=2, drop_last=False).epoch(1))
+    for placement in ({}, {"on_device": True}, {"on_device": True, "mesh": mesh}):
+        filled = list(Loader(_indexed(), 4, seed=2, drop_last=False, fill_last={"index": -1}, **placement).epoch(1))
+        assert [len(batch["index"]) for batch in filled] == [4, 4, 4]
+        for plain_batch, filled_batch in zip(plain, filled):
+            rows = len(plain_batch["index"])
+            for name in plain_batch:
+                np.testing.assert_array_equal(np.asarray(filled_batch[name])[:rows], plain_batch[name])
+        np.testing.assert_array_equal(np.asarray(filled[-1]["index"])[2:], [-1, -1])
+        np.testing.assert_array_equal(np.asarray(filled[-1]["images"])[2:], np.zeros((2, 2)))
+        assert np.asarray(filled[-1]["images"]).dtype == np.float32
+    with pytest.raises(ValueError, match="fill_last fills the last incomplete batch, which drop_last drops"):
+        Loader(_indexed(), 4, seed=0, fill_last={"index": -1})
+    with pytest.raises(ValueError, match="fill_last names arrays the data set does not have: depht"):
+        Loader(_indexed(), 4, seed=0, drop_last=False, fill_last={"depht": 0})
+
+
 def test_loader_validation():
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         Loader(_indexed(), 0, seed=0)

@@ -235,6 +235,26 @@ def test_evaluation_returns_only_the_predictions_and_runs_no_grounding_decoder(p
     assert all(value.shape[:3] == images.shape[:3] for value in predictions.values())
 
 
+def test_a_last_batch_filled_with_ignored_labels_changes_no_metric_and_compiles_nothing_more(plain_setup):
+    """Evaluation's last batch (6 = 4 + 2 examples) filled up with ignored labels and black images: the metrics of
+    the split are those of the plain pass, and the prediction is compiled for one batch shape instead of two."""
+    from deep.data import Loader, nyuv2_arrays
+    from deep.metrics import IGNORED_LABELS
+
+    graphdef, _, state = plain_setup
+    split = nyuv2_arrays(6, 16, 16, seed=3)
+    results, shapes = [], []
+    for fill_last in (None, IGNORED_LABELS):
+        predict = trainer.predict_function(graphdef)
+        loader = Loader(split, 4, seed=0, shuffle=False, drop_last=False, fill_last=fill_last)
+        results.append(trainer.evaluate(predict, state, loader.epoch(0), TINY.tasks))
+        shapes.append(predict._cache_size())
+    assert shapes == [2, 1]
+    assert set(results[0]) == set(results[1])
+    for name, value in results[0].items():
+        np.testing.assert_allclose(results[1][name], value, rtol=1e-6, err_msg=name)
+
+
 def test_one_behind_yields_each_item_once_the_next_is_produced_and_the_last_at_the_end():
     produced = []
 

@@ -45,6 +45,10 @@ class Loader:
         seed: an integer >= 0; with the epoch it fixes the order.
         shuffle: a new permutation per epoch (else the stored order, the same every epoch).
         drop_last: drop the last incomplete batch (training); else yield it, smaller (evaluation).
+        fill_last: with ``drop_last=False``, fill the last batch up to ``batch_size`` with rows holding
+            ``fill_last.get(name, 0)`` in each array (for evaluation: labels that every metric ignores,
+            :data:`deep.metrics.IGNORED_LABELS`), so that every batch has one shape and the programs that read
+            batches compile once. None: the last batch is smaller.
         on_device: keep the whole set on the accelerator and gather batches there.
         mesh: with ``on_device``, the devices that hold the set: a copy on each, and every batch split over them
             when its size divides by their count, else copied to each (as :func:`deep.devices.batch_sharding`
@@ -56,7 +60,8 @@ class Loader:
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = True, on_device: bool = False, mesh: Mesh | None = None):
+                 drop_last: bool = True, on_device: bool = False, mesh: Mesh | None = None,
+                 fill_last: Mapping[str, float] | None = None):
         if not arrays:
             raise ValueError("arrays must hold at least one array")
         lengths = {name: int(np.shape(value)[0]) if np.ndim(value) else 0 for name, value in arrays.items()}
@@ -72,6 +77,11 @@ class Loader:
             raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
         if mesh is not None and not on_device:
             raise ValueError("a mesh places the data set on its devices, so it needs on_device=True")
+        if fill_last is not None and drop_last:
+            raise ValueError("fill_last fills the last incomplete batch, which drop_last drops; give one of them")
+        if fill_last is not None and set(fill_last) - set(arrays):
+            raise ValueError(f"fill_last names arrays the data set does not have: "
+                             f"{', '.join(sorted(set(fill_last) - set(arrays)))}; it has {', '.join(arrays)}")
         if mesh is not None and drop_last and batch_size % mesh.devices.size:
             raise ValueError(f"training batches (drop_last) are split over the mesh's {mesh.devices.size} devices, so "
                              f"batch_size must be a multiple of {mesh.devices.size}; got {batch_size}")
@@ -82,6 +92,12 @@ class Loader:
         self.drop_last = drop_last
         self.on_device = on_device
         self.mesh = mesh
+        self.filled = fill_last is not None
+        if self.filled:  # one filler row after the examples, at index count, gathered as often as needed
+            arrays = {name: np.concatenate([np.asarray(value),
+                                            np.full((1, *np.shape(value)[1:]), fill_last.get(name, 0),
+                                                    np.asarray(value).dtype)])
+                      for name, value in arrays.items()}
         if mesh is not None:
             self.arrays = devices.replicate(mesh, dict(arrays))
         elif on_device:
@@ -107,6 +123,8 @@ class Loader:
         """The batches of epoch ``epoch``: ``len(self)`` dicts ``{name: [batch, ...]}`` (numpy, or device arrays
         when ``on_device``)."""
         order = self.order(epoch)
+        if self.filled:
+            order = np.concatenate([order, np.full(len(self) * self.batch_size - self.count, self.count)])
         return self._device_batches(order) if self.on_device else self._host_batches(order)
 
     def _host_batches(self, order: np.ndarray) -> Iterator[dict]:
@@ -119,6 +137,6 @@ class Loader:
         order_on_device = jax.device_put(order) if self.mesh is None else devices.replicate(self.mesh, order)
         for index in range(len(self)):
             start = index * self.batch_size
-            size = min(self.batch_size, self.count - start)  # the last batch of an evaluation pass may be smaller
+            size = min(self.batch_size, len(order) - start)  # the last batch of an evaluation pass may be smaller
             sharding = None if self.mesh is None else devices.batch_sharding(self.mesh, size)
             yield _device_batch(self.arrays, order_on_device, np.int32(start), size, sharding)
