@@ -136,8 +136,14 @@ class Checkpoints:
     def __enter__(self) -> "Checkpoints":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as error:  # the error that stopped the run is the one to report; this one goes with it
+            exc.add_note(f"the checkpoint being written could not be finished either: {_first_line(error)}")
 
 
 # TensorStore's status codes for missing or corrupt data, and its wording when an array cannot be read.

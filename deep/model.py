@@ -337,6 +337,8 @@ class DualStreamModel(nnx.Module):
             ``{task: [B, H, W, C_t]}``.
         """
         del residual_code  # no head reads the residual code, in any mode
+        if isinstance(tasks, str):
+            raise ValueError(f"tasks must be a tuple of task names, such as ({tasks!r},); got the string {tasks!r}")
         unknown = set(tasks or ()) - {name for name, _ in self.config.tasks}
         if unknown:
             raise ValueError(f"tasks must be among the model's, {', '.join(n for n, _ in self.config.tasks)}; got "

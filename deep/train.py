@@ -13,8 +13,9 @@ jits, differentiates per task and shards:
   dropout is off — while gradients still flow into every parameter, and scores the predictions against the **original**
   labels.
 * :func:`task_jacobian_step` + ``balancer.step`` + :func:`apply_gradients` — a baseline of Definition 2.1 on the
-  same backbone: per-task gradients of the shared parameters from one forward pass (``jax.vjp``, ``vmap`` over
-  one-hot cotangents), combined by any method of :mod:`theory.balancing`; each head gets its own task's gradient.
+  same backbone: per-task gradients of the shared parameters from one forward pass (``jax.vjp``: each task's loss
+  through its own head, then ``vmap`` of the encoder's pull-back over the K representation gradients), combined by
+  any method of :mod:`theory.balancing`; each head gets its own task's gradient.
 
 The optimiser is the authors': global-norm clipping at 10, Adam with *coupled* L2 (``decoupled_weight_decay=False``)
 or AdamW as the paper says (``True``), warm-up then cosine decay per epoch. A non-finite loss or gradient norm leaves
@@ -342,7 +343,8 @@ def task_jacobian_step(graphdef, state: TrainState, batch: dict):
     back through its own head once, then the K representation gradients through the encoder, so every head's
     backward pass runs once instead of once per task (PCGrad's step at the NYUv2 size: 10.9 TFLOP instead of 12.3
     by XLA's count). MTAN, whose task branches read every stage of the encoder, pulls back all K losses through the
-    whole model."""
+    whole model. Only the encoder and the heads run: a grounded model's decoders (the baselines have none) neither
+    run nor update their BatchNorm statistics."""
     shared, heads = state.params
     if not isinstance(_merge(graphdef, state.params, state.batch_stats, state.rest), DualStreamModel):
         flat_shared, unravel = ravel_pytree(shared)

@@ -93,7 +93,7 @@ _COUNTERFACTUAL_STREAM = 0xCF
 class EpochControls:
     """CORE-MTL's stage schedule for one epoch (the authors' ``_switch_stage_freeze`` and CKA ramp).
     ``counterfactual_probability``: the chance that a step runs the counterfactual pass, 0 before stage 2 and its
-    start epoch."""
+    start epoch, and when the loss weights give the pass no weight."""
 
     train_tasks: bool
     independence_weight: float
@@ -102,7 +102,7 @@ class EpochControls:
     @classmethod
     def at(cls, weights: losses.LossWeights, epoch: int) -> "EpochControls":
         stage2 = epoch >= weights.stage0_epochs + weights.stage1_epochs
-        counterfactual_on = stage2 and epoch >= weights.counterfactual_start_epoch
+        counterfactual_on = stage2 and epoch >= weights.counterfactual_start_epoch and weights.counterfactual > 0
         return cls(train_tasks=epoch >= weights.stage0_epochs,
                    independence_weight=weights.independence_at(epoch),
                    counterfactual_probability=weights.counterfactual_probability if counterfactual_on else 0.0)
@@ -120,9 +120,10 @@ class EpochControls:
 
 def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
               perceptual=None) -> tuple[Any, Callable]:
-    """``(balancer, step)`` with ``step(state, balancer_state, batch, key, controls, counterfactual=False) ->
+    """``(balancer, step)`` with ``step(state, balancer_state, batch, key, controls, counterfactual=None) ->
     (state, balancer_state, metrics)`` jitted; ``controls`` (:class:`EpochControls`) and ``counterfactual`` (whether
-    this step runs the counterfactual pass: :meth:`EpochControls.counterfactual_at`) are read by CORE-MTL only.
+    this step runs the counterfactual pass: :meth:`EpochControls.counterfactual_at`; required when the epoch's
+    probability is not 0) are read by CORE-MTL only.
     ``method``: ``core``, ``stl`` (EW on one task) or any balancing method. ``perceptual``: LPIPS-VGG weights
     (:func:`deep.perceptual.load_lpips_npz`) for CORE-MTL's perceptual reconstruction term.
 
@@ -135,7 +136,13 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
         core = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights), donate_argnums=0,
                        static_argnames="counterfactual")
 
-        def step(state, balancer_state, batch, key, controls: EpochControls, counterfactual: bool = False):
+        def step(state, balancer_state, batch, key, controls: EpochControls, counterfactual: bool | None = None):
+            if counterfactual is None:  # left out: refused where it would silently skip the pass
+                if controls.counterfactual_probability > 0:
+                    raise ValueError(f"this epoch runs the counterfactual pass with probability "
+                                     f"{controls.counterfactual_probability}: pass counterfactual="
+                                     f"controls.counterfactual_at(seed, step) for each step")
+                counterfactual = False
             state, metrics = core(state, batch, key, independence_weight=controls.independence_weight,
                                   counterfactual=counterfactual, train_tasks=controls.train_tasks,
                                   perceptual=perceptual)
@@ -148,7 +155,7 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
     balanced = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer),
                        donate_argnums=(0, 1))
 
-    def step(state, balancer_state, batch, key, controls: EpochControls | None, counterfactual: bool = False):
+    def step(state, balancer_state, batch, key, controls: EpochControls | None, counterfactual: bool | None = None):
         del controls, counterfactual  # the baselines have no stages and no counterfactual pass
         return balanced(state, balancer_state, batch, key)
 

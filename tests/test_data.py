@@ -731,6 +731,8 @@ def test_a_filled_last_batch_has_the_full_size_and_only_filler_rows_added():
         Loader(_indexed(), 4, seed=0, fill_last={"index": -1})
     with pytest.raises(ValueError, match="fill_last names arrays the data set does not have: depht"):
         Loader(_indexed(), 4, seed=0, drop_last=False, fill_last={"depht": 0})
+    with pytest.raises(ValueError, match="fill_last\\['labels'\\] = -1 does not fit labels's dtype uint8"):
+        Loader({"labels": np.zeros(5, np.uint8)}, 4, seed=0, drop_last=False, fill_last={"labels": -1})
 
 
 def test_loader_validation():

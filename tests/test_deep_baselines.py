@@ -2,6 +2,7 @@
 shared parameters from one forward pass, then the method's direction). A file of its own so that the test runner
 can spread the compile-heavy deep tests over its workers."""
 
+import dataclasses
 import functools
 
 import jax
@@ -14,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 from deep import losses, train, trainer
 from deep.model import DualStreamModel, ModelConfig
+from test_deep_model import AUTHORS
 from test_deep_train import TINY, comparable_leaves, compiled, copied, make_batch
 from theory.balancing import METHODS, make
 
@@ -65,16 +67,12 @@ def first_adam_step(params, grads):
             for p, g in zip(jax.tree.leaves(params), clipped, strict=True)]
 
 
-def test_the_jacobian_step_equals_the_pull_back_of_all_losses_through_the_whole_model(setup, jacobian_step):
-    """``task_jacobian_step`` takes each task's loss through its own head alone, then the representation gradients
-    through the encoder. It must give what the plain way gives: one train-mode pass of the whole model, its K
-    losses pulled back together (the heads run dropout, so equal losses also say each head drew its own mask, as
-    in the whole pass), with the same losses, Jacobian, head gradients and states after the pass."""
-    graphdef, _, state = setup
-    batch = make_batch()
+def whole_model_jacobian(graphdef, state, batch, tasks):
+    """The plain way: one train-mode pass of the whole model, its K losses pulled back together; ``(losses,
+    Jacobian, head gradients, batch_stats, rest)`` as :func:`train.task_jacobian_step` returns them."""
 
     @jax.jit
-    def whole_model(state, batch):
+    def run(state, batch):
         flat_shared, unravel = ravel_pytree(state.params[0])
 
         def stacked_losses(flat, heads):
@@ -82,25 +80,47 @@ def test_the_jacobian_step_equals_the_pull_back_of_all_losses_through_the_whole_
                                                                                        state.rest)))
             model.train()
             predictions, _ = model(batch["images"])
-            return jnp.stack([train.TASK_LOSSES[name](predictions[name], batch[name]) for name, _ in TINY.tasks]), (
+            return jnp.stack([train.TASK_LOSSES[name](predictions[name], batch[name]) for name, _ in tasks]), (
                 train.split_states(model)[2:])
 
         losses_k, pullback, states = jax.vjp(stacked_losses, flat_shared, state.params[1], has_aux=True)
-        jacobian, head_grads = jax.vmap(pullback)(jnp.eye(3, dtype=losses_k.dtype))
+        jacobian, head_grads = jax.vmap(pullback)(jnp.eye(len(tasks), dtype=losses_k.dtype))
         return losses_k, jacobian, jax.tree.map(lambda g: g.sum(axis=0), head_grads), *states
 
-    losses_k, jacobian, head_grads, batch_stats, rest = jacobian_step
-    expected = whole_model(state, batch)
+    return run(state, batch)
+
+
+def assert_same_jacobian_step(got, expected):
+    losses_k, jacobian, head_grads, batch_stats, rest = got
     np.testing.assert_allclose(losses_k, expected[0], rtol=1e-6)
     scale = float(jnp.abs(expected[1]).max())
     np.testing.assert_allclose(jacobian, expected[1], rtol=0, atol=1e-5 * scale)
-    for got, wanted in zip(jax.tree.leaves(head_grads), jax.tree.leaves(expected[2]), strict=True):
-        np.testing.assert_allclose(got, wanted, rtol=0, atol=1e-5 * float(jnp.abs(wanted).max()) + 1e-12)
+    for got_leaf, wanted in zip(jax.tree.leaves(head_grads), jax.tree.leaves(expected[2]), strict=True):
+        np.testing.assert_allclose(got_leaf, wanted, rtol=0, atol=1e-5 * float(jnp.abs(wanted).max()) + 1e-12)
     assert jax.tree.structure(batch_stats) == jax.tree.structure(expected[3])
-    for got, wanted in zip(jax.tree.leaves(batch_stats), jax.tree.leaves(expected[3]), strict=True):
-        np.testing.assert_allclose(got, wanted, rtol=1e-6, atol=1e-7)
-    for got, wanted in zip(comparable_leaves(rest), comparable_leaves(expected[4]), strict=True):
-        np.testing.assert_array_equal(got, wanted)  # the dropout streams, each advanced by its head's one pass
+    for got_leaf, wanted in zip(jax.tree.leaves(batch_stats), jax.tree.leaves(expected[3]), strict=True):
+        np.testing.assert_allclose(got_leaf, wanted, rtol=1e-6, atol=1e-7)
+    for got_leaf, wanted in zip(comparable_leaves(rest), comparable_leaves(expected[4]), strict=True):
+        np.testing.assert_array_equal(got_leaf, wanted)  # the dropout streams, each advanced by its head's one pass
+
+
+def test_the_jacobian_step_equals_the_pull_back_of_all_losses_through_the_whole_model(setup, jacobian_step):
+    """``task_jacobian_step`` takes each task's loss through its own head alone, then the representation gradients
+    through the encoder. It must give what the plain way gives: one train-mode pass of the whole model, its K
+    losses pulled back together (the heads run dropout, so equal losses also say each head drew its own mask, as
+    in the whole pass), with the same losses, Jacobian, head gradients and states after the pass."""
+    graphdef, _, state = setup
+    assert_same_jacobian_step(jacobian_step, whole_model_jacobian(graphdef, state, make_batch(), TINY.tasks))
+
+
+def test_the_jacobian_step_of_the_authors_heads_equals_the_whole_model_pull_back():
+    """The same with the authors' DeepLabV3+ heads, which also read the fused features and the backbone's c1 (two
+    tasks, to keep the compile short)."""
+    config = dataclasses.replace(AUTHORS, tasks=(("segmentation", 13), ("depth", 1)), grounding="none")
+    graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(1)), train.make_optimizer(OPTIM))
+    batch = make_batch(pixels=32)
+    got = jax.jit(functools.partial(train.task_jacobian_step, graphdef))(state, batch)
+    assert_same_jacobian_step(got, whole_model_jacobian(graphdef, state, batch, config.tasks))
 
 
 def test_every_parameter_space_baseline_takes_one_adam_step_along_its_direction(setup, jacobian_step, apply):

@@ -64,9 +64,11 @@ def test_a_subset_of_tasks_runs_only_those_heads_and_unknown_names_are_refused(m
     assert set(some) == {"depth", "normal"}
     for name in some:
         np.testing.assert_array_equal(some[name], every[name])
-    with pytest.raises(ValueError, match="tasks must be among the model's, segmentation, depth, normal; got dpeth"):
-        nnx.merge(graphdef, state).predict_from_streams(**nnx.merge(graphdef, state).encode(images),
-                                                       image_size=(32, 40), tasks=("dpeth",))
+    streams = nnx.merge(graphdef, state).encode(images)
+    for tasks, message in ((("dpeth",), "tasks must be among the model's, segmentation, depth, normal; got dpeth"),
+                           ("depth", "tasks must be a tuple of task names, such as \\('depth',\\); got the string")):
+        with pytest.raises(ValueError, match=message):
+            nnx.merge(graphdef, state).predict_from_streams(**streams, image_size=(32, 40), tasks=tasks)
 
 
 def every_task(predictions: dict) -> jax.Array:

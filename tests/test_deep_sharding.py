@@ -108,6 +108,11 @@ def test_the_sharded_step_equals_the_single_device_step():
         host = list(Loader(arrays, 4, seed=3, drop_last=False).epoch(1))
         placed = list(Loader(arrays, 4, seed=3, drop_last=False, on_device=True, mesh=mesh).epoch(1))
         assert [b["index"].sharding.spec for b in placed] == [PartitionSpec("data")] * 2 + [PartitionSpec()]
+        # Filled up (evaluation's loader), the last batch splits over the devices too, its filler rows at the end.
+        filled = list(Loader(arrays, 4, seed=3, drop_last=False, on_device=True, mesh=mesh,
+                             fill_last={"index": -1}).epoch(1))
+        assert [b["index"].sharding.spec for b in filled] == [PartitionSpec("data")] * 3
+        np.testing.assert_array_equal(np.asarray(filled[-1]["index"]), np.r_[host[-1]["index"], -1, -1])
         assert [len(b["images"].sharding.device_set) for b in placed] == [4, 4, 4]
         for host_batch, placed_batch in zip(host, placed, strict=True):
             for name in host_batch:

@@ -126,6 +126,7 @@ def test_the_stage_schedule_follows_the_authors_configs():
     assert at(5).train_tasks and at(5).independence_weight == 0.0 and at(5).counterfactual_probability == 0
     assert at(10).independence_weight == pytest.approx(0.5) and at(15).independence_weight == pytest.approx(1.0)
     assert at(19).counterfactual_probability == 0 and at(20).counterfactual_probability == 0.5
+    assert at(20, dataclasses.replace(nyu, counterfactual=0.0)).counterfactual_probability == 0  # no weight: no pass
     cityscapes = losses.PRESETS["cityscapes"]  # stage 0: 10 epochs, stage 1: 5 epochs (tasks, no CKA)
     assert at(12, cityscapes).train_tasks and at(12, cityscapes).independence_weight == 0.0
     assert at(15, cityscapes).independence_weight == pytest.approx(0.25)
@@ -150,6 +151,15 @@ def test_the_counterfactual_coin_flips_are_fair_reproducible_and_apart_from_the_
     assert not any(closed.counterfactual_at(2024, step) for step in range(1000))
     always = dataclasses.replace(opened, counterfactual_probability=1.0)
     assert all(always.counterfactual_at(2024, step) for step in range(1000))
+
+
+def test_the_scripts_core_step_refuses_to_guess_whether_the_pass_runs(plain_setup, core_training_step):
+    """Left out, the flag would silently skip the counterfactual pass in an epoch that runs it; it is refused there
+    (before anything is compiled) and means False where the epoch never runs the pass."""
+    _, _, state = plain_setup
+    stage_two = trainer.EpochControls.at(losses.PRESETS["nyuv2"], 20)
+    with pytest.raises(ValueError, match="pass counterfactual=controls.counterfactual_at"):
+        core_training_step(state, (), make_batch(), jax.random.key(0), stage_two)
 
 
 def test_model_configs_for_each_method():

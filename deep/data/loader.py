@@ -29,10 +29,17 @@ from deep import devices
 __all__ = ["Loader"]
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "sharding"))
-def _device_batch(arrays: dict, order: jax.Array, start: int, batch_size: int, sharding=None) -> dict:
+@functools.partial(jax.jit, static_argnames=("batch_size", "sharding", "fill"))
+def _device_batch(arrays: dict, order: jax.Array, start: int, batch_size: int, sharding=None,
+                  fill: tuple | None = None) -> dict:
+    """Rows ``order[start:start + batch_size]`` of every array; with ``fill`` (``((name, value), ...)``), an index
+    past the end gives a row of the array's fill value (0 if not named)."""
     indices = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
-    batch = {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
+    if fill is None:
+        batch = {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
+    else:
+        batch = {name: jnp.take(value, indices, axis=0, mode="fill", fill_value=dict(fill).get(name, 0))
+                 for name, value in arrays.items()}
     return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
 
 
@@ -48,7 +55,8 @@ class Loader:
         fill_last: with ``drop_last=False``, fill the last batch up to ``batch_size`` with rows holding
             ``fill_last.get(name, 0)`` in each array (for evaluation: labels that every metric ignores,
             :data:`deep.metrics.IGNORED_LABELS`), so that every batch has one shape and the programs that read
-            batches compile once. None: the last batch is smaller.
+            batches compile once (``MetricAccumulator.num_images`` counts those rows too; no metric does). None: the
+            last batch is smaller.
         on_device: keep the whole set on the accelerator and gather batches there.
         mesh: with ``on_device``, the devices that hold the set: a copy on each, and every batch split over them
             when its size divides by their count, else copied to each (as :func:`deep.devices.batch_sharding`
@@ -92,12 +100,13 @@ class Loader:
         self.drop_last = drop_last
         self.on_device = on_device
         self.mesh = mesh
-        self.filled = fill_last is not None
-        if self.filled:  # one filler row after the examples, at index count, gathered as often as needed
-            arrays = {name: np.concatenate([np.asarray(value),
-                                            np.full((1, *np.shape(value)[1:]), fill_last.get(name, 0),
-                                                    np.asarray(value).dtype)])
-                      for name, value in arrays.items()}
+        # The index count (one past the last example) stands for a filler row; none is stored, so the data set is
+        # not copied: the host writes the fill values into the last batch, the device gathers them (jnp.take's fill).
+        self.fill = None if fill_last is None else tuple(sorted((name, fill_last.get(name, 0)) for name in arrays))
+        for name, value in self.fill or ():
+            dtype = np.asarray(arrays[name]).dtype
+            if np.asarray(value).astype(dtype) != value:
+                raise ValueError(f"fill_last[{name!r}] = {value} does not fit {name}'s dtype {dtype}")
         if mesh is not None:
             self.arrays = devices.replicate(mesh, dict(arrays))
         elif on_device:
@@ -123,14 +132,21 @@ class Loader:
         """The batches of epoch ``epoch``: ``len(self)`` dicts ``{name: [batch, ...]}`` (numpy, or device arrays
         when ``on_device``)."""
         order = self.order(epoch)
-        if self.filled:
+        if self.fill is not None:
             order = np.concatenate([order, np.full(len(self) * self.batch_size - self.count, self.count)])
         return self._device_batches(order) if self.on_device else self._host_batches(order)
 
     def _host_batches(self, order: np.ndarray) -> Iterator[dict]:
         for index in range(len(self)):
             indices = order[index * self.batch_size:(index + 1) * self.batch_size]
-            yield {name: value[indices] for name, value in self.arrays.items()}
+            if self.fill is None:
+                yield {name: value[indices] for name, value in self.arrays.items()}
+                continue
+            filler = indices == self.count
+            batch = {name: value[np.where(filler, 0, indices)] for name, value in self.arrays.items()}
+            for name, value in self.fill:
+                batch[name][filler] = value
+            yield batch
 
     def _device_batches(self, order: np.ndarray) -> Iterator[dict]:
         order = order.astype(np.int32)
@@ -139,4 +155,4 @@ class Loader:
             start = index * self.batch_size
             size = min(self.batch_size, len(order) - start)  # the last batch of an evaluation pass may be smaller
             sharding = None if self.mesh is None else devices.batch_sharding(self.mesh, size)
-            yield _device_batch(self.arrays, order_on_device, np.int32(start), size, sharding)
+            yield _device_batch(self.arrays, order_on_device, np.int32(start), size, sharding, self.fill)
