@@ -57,7 +57,7 @@ def _backbone_of(target: nnx.Module) -> ResNet:
 
 
 def _get(variable):
-    """The value of an NNX variable (``get_value`` in Flax >= 0.11, ``.value`` before)."""
+    """The value of an NNX variable (``get_value`` since Flax 0.12.1, ``.value`` before)."""
     return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
 
