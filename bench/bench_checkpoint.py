@@ -36,8 +36,8 @@ class BenchConfig:
     repeats: int = dataclasses.field(default=5, metadata={"help": "saves per mode (median)"})
     dir: str = dataclasses.field(default="", metadata={
         "help": "folder to write the checkpoints under (default: the system's temporary folder)"})
-    out: str = dataclasses.field(default="", metadata={
-        "help": "JSON path (default bench/results/bench_checkpoint.json)"})
+    out: str = dataclasses.field(default=str(ROOT / "bench" / "results" / "bench_checkpoint.json"),
+                                 metadata={"help": "JSON path"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "print nothing"})
 
     def __post_init__(self):
@@ -46,8 +46,6 @@ class BenchConfig:
         require_integer(self, "repeats", 1)
         if self.dir and not Path(self.dir).is_dir():
             raise ValueError(f"--dir must be an existing folder; got {self.dir!r}")
-        if not self.out:  # the default filled in here, so that it is checked before the benchmark runs
-            object.__setattr__(self, "out", str(ROOT / "bench" / "results" / "bench_checkpoint.json"))
 
 
 def _state(mib: int, leaves: int):

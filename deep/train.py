@@ -382,7 +382,7 @@ def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: 
     representation gradients (the representation's tree, each leaf with a leading K axis), the heads' gradients
     (each head its own task's), batch_stats, rest)``, the states as after one pass of every head (each head's
     BatchNorm statistics and dropout stream are its own)."""
-    tasks = [name for name, _ in _merge(graphdef, (shared, heads), batch_stats, rest).config.tasks]
+    merged = _merge(graphdef, (shared, heads), batch_stats, rest)  # takes each head's states at the end
     image_size = batch["images"].shape[1:3]
 
     def decode(name, representation, heads):
@@ -393,7 +393,7 @@ def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: 
         return loss, nnx.state(model.heads[name], nnx.Not(nnx.Param))
 
     losses_k, representation_grads, head_grads, head_states = [], [], None, {}
-    for name in tasks:
+    for name, _ in merged.config.tasks:
         loss, pullback, head_states[name] = jax.vjp(functools.partial(decode, name), representation, heads,
                                                     has_aux=True)
         representation_grad, head_grad = pullback(jnp.ones_like(loss))
@@ -401,11 +401,10 @@ def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: 
         representation_grads.append(representation_grad)
         # Head t only enters loss t: the other heads' gradients are zeros, so the sum is each head's own.
         head_grads = head_grad if head_grads is None else jax.tree.map(jnp.add, head_grads, head_grad)
-    model = _merge(graphdef, (shared, heads), batch_stats, rest)
     for name, head_state in head_states.items():
-        nnx.update(model.heads[name], head_state)
+        nnx.update(merged.heads[name], head_state)
     return (jnp.stack(losses_k), jax.tree.map(lambda *grads: jnp.stack(grads), *representation_grads), head_grads,
-            *_split_states(model))
+            *_split_states(merged))
 
 
 def apply_gradients(graphdef, optimizer: optax.GradientTransformation, state: TrainState, shared_direction,

@@ -32,13 +32,13 @@ __all__ = ["Loader"]
 @functools.partial(jax.jit, static_argnames=("batch_size", "sharding", "fill"))
 def _device_batch(arrays: dict, order: jax.Array, start: int, batch_size: int, sharding=None,
                   fill: tuple | None = None) -> dict:
-    """Rows ``order[start:start + batch_size]`` of every array; with ``fill`` (``((name, value), ...)``), an index
-    past the end gives a row of the array's fill value (0 if not named)."""
+    """Rows ``order[start:start + batch_size]`` of every array; with ``fill`` (``((name, value), ...)`` for every
+    array), an index past the end gives a row of the array's fill value."""
     indices = jax.lax.dynamic_slice_in_dim(order, start, batch_size)
     if fill is None:
         batch = {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
     else:
-        batch = {name: jnp.take(value, indices, axis=0, mode="fill", fill_value=dict(fill).get(name, 0))
+        batch = {name: jnp.take(value, indices, axis=0, mode="fill", fill_value=dict(fill)[name])
                  for name, value in arrays.items()}
     return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
 
