@@ -56,11 +56,6 @@ def _backbone_of(target: nnx.Module) -> ResNet:
     raise ValueError(f"expected a deep.backbone.ResNet or a model with a ResNet .backbone; got {type(target).__name__}")
 
 
-def _get(variable):
-    """The value of an NNX variable (``get_value`` since Flax 0.12.1, ``.value`` before)."""
-    return variable.get_value() if hasattr(variable, "get_value") else variable.value
-
-
 def _torch_variables(module: nnx.Module, key_of: Callable[[tuple], str | None]) -> list[tuple[tuple, object, str]]:
     """``(nnx path, variable, PyTorch key)`` for every parameter and BatchNorm statistic of ``module`` that
     ``key_of(path)`` names (``None``: no PyTorch counterpart), in a fixed order."""
@@ -80,7 +75,8 @@ def _torch_shape(path: tuple, shape: Sequence[int]) -> tuple[int, ...]:
 def torch_shapes(module: nnx.Module, key_of: Callable[[tuple], str | None]) -> dict[str, tuple[int, ...]]:
     """The PyTorch key -> shape (PyTorch layout, OIHW kernels) of every variable of ``module`` that ``key_of``
     names. ``module`` may be abstract (``nnx.eval_shape``): nothing is allocated."""
-    return {key: _torch_shape(path, _get(variable).shape) for path, variable, key in _torch_variables(module, key_of)}
+    return {key: _torch_shape(path, variable.get_value().shape)
+            for path, variable, key in _torch_variables(module, key_of)}
 
 
 def torchvision_shapes(target: nnx.Module) -> dict[str, tuple[int, ...]]:
@@ -106,10 +102,10 @@ def assign_torch_arrays(module: nnx.Module, arrays: dict[str, np.ndarray],
         value = arrays[key]
         if _is_kernel(path, value.shape):
             value = np.transpose(value, HWIO_FROM_OIHW)
-        if value.shape != _get(variable).shape:
+        if value.shape != variable.get_value().shape:
             raise ValueError(f"{key}: shape {_torch_shape(path, value.shape)} in PyTorch layout, but the variable "
-                             f"{'/'.join(map(str, path))} needs {_torch_shape(path, _get(variable).shape)}")
-        updated.append((path, variable.replace(jnp.asarray(value, dtype=_get(variable).dtype))))
+                             f"{'/'.join(map(str, path))} needs {_torch_shape(path, variable.get_value().shape)}")
+        updated.append((path, variable.replace(jnp.asarray(value, dtype=variable.get_value().dtype))))
         used.add(key)
     nnx.update(module, nnx.from_flat_state(updated))
     return used
@@ -244,7 +240,7 @@ def save_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
     """
     arrays = {}
     for variable_path, variable, key in _torch_variables(_backbone_of(target), torchvision_key):
-        value = np.asarray(jax.device_get(_get(variable)))
+        value = np.asarray(jax.device_get(variable.get_value()))
         arrays[key] = np.transpose(value, OIHW_FROM_HWIO) if _is_kernel(variable_path, value.shape) else value
     write_atomically(Path(path), lambda file: np.savez(file, **arrays))
 
