@@ -15,22 +15,21 @@ Four steps per compute precision, each compiled before timing (median over ``--r
   ``core_expected``);
 * ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
 
-Reported per step: milliseconds (the median of calls each waited for, and ``ms_pipelined``: ``--repeats`` steps
-chained state to state and waited for once, as a training loop runs them, per step), images per second, the ratio
-to EW at the same precision, the FLOPs of the step as defined (XLA's count of its HLO lowered for the CPU, the
-same on every device: dilated convolutions as ``lax.conv_general_dilated``, whose count XLA takes over the taps
-that read the image, whatever ``--dilated-conv`` computes them with — the sub-image form would add its padding
-rows), the compile time, the memory XLA assigns (arguments + outputs + temporaries), and the model FLOP utilisation
-against the device's peak (``--peak-tflops``; H100/H200 SXM: ~989 dense bf16 — use the bf16 peak for both
+Reported per step: milliseconds (the median of calls each waited for, and ``ms_pipelined``: ``--repeats`` steps chained
+state to state and waited for once, as a training loop runs them, per step), images per second, the ratio to EW at the
+same precision, the FLOPs of the step as defined (XLA's count of its HLO lowered for the CPU, the same on every device:
+dilated convolutions as ``lax.conv_general_dilated``, whose count XLA takes over the taps that read the image, whatever
+``--dilated-conv`` computes them with — the sub-image form would add its padding rows), the compile time, the memory XLA
+assigns (arguments + outputs + temporaries, less the state the step donates and overwrites), and the model FLOP
+utilisation against the device's peak (``--peak-tflops``; H100/H200 SXM: ~989 dense bf16 — use the bf16 peak for both
 precisions, as MFU is conventionally quoted, or ~67 for plain fp32). ``bfloat16`` computes convolutions and matrix
 products in bfloat16 with float32 parameters, optimiser and losses. ``--variant authors`` times the authors'
-architecture (multi-scale fusion, DeepLabV3+ heads) instead of the paper's; ``--methods`` times a subset;
-``--trace DIR`` adds each step's device time by kind of kernel and its longest kernels (from a profiler trace of
-two calls; GPUs only). Writes ``bench/results/bench_train_step_<config>.json`` (with ``_authors`` for that
-variant) after each step, so a run cut short keeps what it measured. Compiling the full-size steps on an H200
-takes about a minute each (the CORE-MTL step two): allow ten minutes for the four. ``bench_flops.py`` counts the
-same steps, and each part of the model, without compiling or running them (on any machine).
-"""
+architecture (multi-scale fusion, DeepLabV3+ heads) instead of the paper's; ``--methods`` times a subset; ``--trace
+DIR`` adds each step's device time by kind of kernel and its longest kernels (from a profiler trace of two calls; GPUs
+only). Writes ``bench/results/bench_train_step_<config>.json`` (with ``_authors`` for that variant) after each step, so
+a run cut short keeps what it measured. Compiling the full-size steps on an H200 takes about a minute each (the CORE-MTL
+step two): allow ten minutes for the four. ``bench_flops.py`` counts the same steps, and each part of the model, without
+compiling or running them (on any machine). """
 
 from __future__ import annotations
 
@@ -172,10 +171,12 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
         set_dilated_conv(model, "xla")
         return timed, train.split_states(model)[0], state
 
+    # The timed steps donate their state, as the training script's do: XLA then writes the new state into the old
+    # one's buffers, and the memory it reports is the training loop's. Donation changes no FLOP.
     def core(graphdef, step_weights, counterfactual, independence_weight=1.0):
         return jax.jit(lambda state, batch, key: train.core_step(
             graphdef, optimizer, state, batch, key, step_weights, independence_weight=independence_weight,
-            counterfactual=counterfactual))
+            counterfactual=counterfactual), donate_argnums=0)
 
     plain = dataclasses.replace(model_config, grounding="none")
     plain_graphdef, plain_reference, plain_state = split(plain)
@@ -194,7 +195,8 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
 
         def pcgrad(graphdef):
             return jax.jit(lambda state, batch, key: train.balanced_step(
-                graphdef, optimizer, balancer, state, balancer.init(len(plain.tasks)), batch, key))
+                graphdef, optimizer, balancer, state, balancer.init(len(plain.tasks)), batch, key),
+                donate_argnums=0)
 
         steps.append(Step("pcgrad", pcgrad(plain_graphdef), pcgrad(plain_reference), plain_state))
     return steps
@@ -256,6 +258,7 @@ def _measure(step: Step, args, batch_size: int, repeats: int, peak_tflops: float
     import time
 
     import jax
+    import jax.numpy as jnp
 
     start = time.perf_counter()
     compiled = step.timed.lower(*args).compile()
@@ -264,14 +267,24 @@ def _measure(step: Step, args, batch_size: int, repeats: int, peak_tflops: float
     memory = compiled.memory_analysis()
     peak = None if memory is None else (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
-    seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup=True)
+    # The step donates (deletes) the state it is given, so each call takes the state the one before returned,
+    # starting from a copy: the steps of one model share their initial state.
+    state = jax.tree.map(jnp.copy, args[0])
+    rest = args[1:]
+
+    def step_once():
+        nonlocal state
+        state = compiled(state, *rest)[0]
+        jax.block_until_ready(state)
+
+    seconds = median_seconds(step_once, repeats, warmup=True)
 
     def chained():
-        # As a training loop runs: each step's state feeds the next and nothing waits in between, so the host
-        # dispatches step i + 1 while the device runs step i.
-        state = args[0]
+        # As a training loop runs: nothing waits in between, so the host dispatches step i + 1 while the device
+        # runs step i.
+        nonlocal state
         for _ in range(repeats):
-            state = compiled(state, *args[1:])[0]
+            state = compiled(state, *rest)[0]
         jax.block_until_ready(state)
 
     pipelined = median_seconds(chained, 3) / repeats
@@ -286,7 +299,7 @@ def _measure(step: Step, args, batch_size: int, repeats: int, peak_tflops: float
         shutil.rmtree(trace, ignore_errors=True)  # an earlier run's trace there would be summed with this one
         with jax.profiler.trace(str(trace)):
             for _ in range(calls):
-                jax.block_until_ready(compiled(*args))
+                step_once()
         row["kernels"] = _kernel_summary(trace, calls)
     return row
 
