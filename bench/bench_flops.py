@@ -1,7 +1,7 @@
 """Where the FLOPs of a training step go, counted without running anything.
 
 Each part of the model's forward pass, the losses, the counterfactual pass, and the whole EW, CORE-MTL and PCGrad
-steps:
+steps (and MTAN's EW and PCGrad steps, with the paper's variant):
 
     python bench/bench_flops.py                           # the paper's NYUv2 setting (288x384, batch 16)
     python bench/bench_flops.py --variant authors         # the authors' architecture
@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import environment, parse_config, parser_for, run_main, write_json  # noqa: E402
-from bench_train_step import (CONFIGS, METHODS, VARIANT_HELP, batch_arrays, check_variant, default_out,  # noqa: E402
-                              lowered_flops, setting, training_steps)
+from bench_train_step import (CONFIGS, DUAL_STREAM_METHODS, METHODS, MTAN_METHODS, VARIANT_HELP,  # noqa: E402
+                              batch_arrays, check_variant, default_out, lowered_flops, setting, training_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_config, batch_size, size = setting(config.config, config.variant)
     counts = count_flops(model_config, batch_size, size)
     batch, key = jax.eval_shape(lambda: (batch_arrays(batch_size, size), jax.random.key(1)))
-    steps = {step.name: lowered_flops(step.counted, (step.state, batch, key))
-             for step in training_steps(model_config, "float32", METHODS, abstract=True)}
-    steps["core_expected"] = 0.5 * (steps["core"] + steps["core_no_cfa"])
+    methods = METHODS if config.variant == "paper" else DUAL_STREAM_METHODS  # MTAN is the same in both variants
+    counted = {step.name: lowered_flops(step.counted, (step.state, batch, key))
+               for step in training_steps(model_config, "float32", methods, abstract=True)}
+    counted["core_expected"] = 0.5 * (counted["core"] + counted["core_no_cfa"])
+    steps = {name: counted[name] for name in (*DUAL_STREAM_METHODS, "core_expected", *MTAN_METHODS) if name in counted}
     forward = counts.forward
     payload = {"benchmark": "bench_flops", "config": config.config, "variant": config.variant, "batch": batch_size,
                "image_size": list(size),
@@ -156,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                # losses, each counted alone, against the objective that computes both.
                "parts_sum_to_forward": sum(counts.parts.values()) / forward,
                "forward_and_losses_to_objective": (forward + counts.beside["losses"]) / counts.objective,
-               "steps": [{"method": name, "gflops": value / 1e9, "ratio_to_ew": value / steps["ew"]}
+               "steps": [{"method": name, "gflops": value / 1e9, "ratio_to_ew": value / steps["ew"],
+                          **({"ratio_to_mtan_ew": value / steps["mtan_ew"]} if name.startswith("mtan_") else {})}
                          for name, value in steps.items()],
                "environment": environment()}
     out = Path(config.out)

@@ -5,7 +5,8 @@
 
     python bench/bench_train_step.py --config nyuv2 --precisions bfloat16,float32 --peak-tflops 989
 
-Four steps per compute precision, each compiled before timing (median over ``--repeats`` calls):
+Up to six steps per compute precision (``--methods``; the first four by default), each compiled before timing (median
+over ``--repeats`` calls):
 
 * ``ew``: the model without grounding, one backward pass of the weighted sum of the task losses;
 * ``core``: CORE-MTL with hard grounding, λ_ind = 1 and the counterfactual pass on (the paper's stage 2);
@@ -13,7 +14,10 @@ Four steps per compute precision, each compiled before timing (median over ``--r
   these two programs and draws on the host which one a step runs; the authors' configurations run the pass with
   probability 0.5, so their average step is the mean of ``core`` and ``core_no_cfa`` (reported as
   ``core_expected``);
-* ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update.
+* ``pcgrad``: per-task Jacobian of the shared parameters from one forward pass, PCGrad, the optax update;
+* ``mtan_ew``, ``mtan_pcgrad``: MTAN, the architecture baseline (each task's attention over the same backbone and its
+  own ASPP head), as the training script trains it with EW (one backward pass of the summed losses) and PCGrad; the
+  paper's variant only.
 
 Reported per step: milliseconds (the median of calls each waited for, and ``ms_pipelined``: ``--repeats`` steps chained
 state to state and waited for once, as a training loop runs them, per step), images per second, the ratio to EW at the
@@ -28,8 +32,9 @@ architecture (multi-scale fusion, DeepLabV3+ heads) instead of the paper's; ``--
 DIR`` adds each step's device time by kind of kernel and its longest kernels (from a profiler trace of two calls; GPUs
 only). Writes ``bench/results/bench_train_step_<config>.json`` (with ``_authors`` for that variant) after each step, so
 a run cut short keeps what it measured. Compiling the full-size steps on an H200 takes about a minute each (the CORE-MTL
-step two): allow ten minutes for the four. ``bench_flops.py`` counts the same steps, and each part of the model, without
-compiling or running them (on any machine). """
+step two): allow ten minutes for EW's and CORE-MTL's, and choose steps with ``--methods``. ``bench_flops.py`` counts the
+same steps, and each part of the model, without compiling or running them (on any machine).
+"""
 
 from __future__ import annotations
 
@@ -47,7 +52,9 @@ from _common import (check_output_path, environment, median_seconds, parse_choic
 
 CONFIGS = ("reduced", "nyuv2")
 PRECISIONS = ("float32", "bfloat16")
-METHODS = ("ew", "core", "core_no_cfa", "pcgrad")
+DUAL_STREAM_METHODS = ("ew", "core", "core_no_cfa", "pcgrad")
+MTAN_METHODS = ("mtan_ew", "mtan_pcgrad")  # the paper's variant only: MTAN has its own architecture
+METHODS = DUAL_STREAM_METHODS + MTAN_METHODS
 VARIANT_HELP = ("the architecture: paper (ASPP heads on the semantic stream of c4) or authors (multi-scale fusion, "
                 "DeepLabV3+ heads)")
 
@@ -76,7 +83,7 @@ class BenchConfig:
     dilated_conv: str = dataclasses.field(default="", metadata={
         "help": "how dilated convolutions are computed: xla, space_to_batch, shifted_matmul or auto (default: the "
                 "model's default, deep.model.ModelConfig)"})
-    methods: str = dataclasses.field(default=",".join(METHODS), metadata={
+    methods: str = dataclasses.field(default=",".join(DUAL_STREAM_METHODS), metadata={
         "help": f"comma-separated steps to time from {', '.join(METHODS)} (ew is always timed: the ratios are to "
                 f"it)"})
     trace: str = dataclasses.field(default="", metadata={
@@ -97,7 +104,10 @@ class BenchConfig:
         check_variant(self.variant)
         if self.dilated_conv and self.dilated_conv not in DILATED_CONVS:
             raise ValueError(f"--dilated-conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
-        parse_choices("--methods", self.methods, METHODS)
+        methods = parse_choices("--methods", self.methods, METHODS)
+        if self.variant != "paper" and set(methods) & set(MTAN_METHODS):
+            raise ValueError(f"--methods {','.join(m for m in methods if m in MTAN_METHODS)} times MTAN, which has "
+                             f"its own architecture; use --variant paper for it")
         require_integer(self, "repeats", 1)
         if not self.peak_tflops >= 0:
             raise ValueError(f"--peak-tflops must be >= 0; got {self.peak_tflops}")
@@ -148,15 +158,15 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
 
     from deep import losses, train
     from deep.atrous import set_dilated_conv
-    from deep.model import DualStreamModel
+    from deep.trainer import build_model
     from theory.balancing import make
 
     model_config = dataclasses.replace(model_config, compute_dtype=precision)
     optimizer = train.make_optimizer(train.OptimConfig())
     weights = losses.PRESETS["nyuv2"]
 
-    def split(config):
-        build = lambda: DualStreamModel(config, nnx.Rngs(0))
+    def split(config, architecture="shared"):
+        build = lambda: build_model(config, architecture, 0)
         if abstract:
             # The state from the abstract model's split, not from a second build: building traces every
             # initialiser's draw (about 6 s at the NYUv2 size), splitting and merging does not (0.5 s).
@@ -190,15 +200,20 @@ def training_steps(model_config, precision: str, methods: Sequence[str], abstrac
         if "core_no_cfa" in methods:
             steps.append(Step("core_no_cfa", core(graphdef, weights, False), core(reference, weights, False),
                               core_state))
+
+    def balanced(name, graphdef):
+        balancer = make(name)
+        return jax.jit(lambda state, batch, key: train.balanced_step(
+            graphdef, optimizer, balancer, state, balancer.init(len(plain.tasks)), batch, key), donate_argnums=0)
+
     if "pcgrad" in methods:
-        balancer = make("pcgrad")
-
-        def pcgrad(graphdef):
-            return jax.jit(lambda state, batch, key: train.balanced_step(
-                graphdef, optimizer, balancer, state, balancer.init(len(plain.tasks)), batch, key),
-                donate_argnums=0)
-
-        steps.append(Step("pcgrad", pcgrad(plain_graphdef), pcgrad(plain_reference), plain_state))
+        steps.append(Step("pcgrad", balanced("pcgrad", plain_graphdef), balanced("pcgrad", plain_reference),
+                          plain_state))
+    if "mtan_ew" in methods or "mtan_pcgrad" in methods:
+        graphdef, reference, mtan_state = split(plain, "mtan")
+        for name in ("ew", "pcgrad"):
+            if f"mtan_{name}" in methods:
+                steps.append(Step(f"mtan_{name}", balanced(name, graphdef), balanced(name, reference), mtan_state))
     return steps
 
 

@@ -337,12 +337,7 @@ class DualStreamModel(nnx.Module):
             ``{task: [B, H, W, C_t]}``.
         """
         del residual_code  # no head reads the residual code, in any mode
-        if isinstance(tasks, str):
-            raise ValueError(f"tasks must be a tuple of task names, such as ({tasks!r},); got the string {tasks!r}")
-        unknown = set(tasks or ()) - {name for name, _ in self.config.tasks}
-        if unknown:
-            raise ValueError(f"tasks must be among the model's, {', '.join(n for n, _ in self.config.tasks)}; got "
-                             f"{', '.join(sorted(unknown))}")
+        check_task_names(tasks, self.config.tasks)
         if self.config.head == "deeplabv3plus":
             if low_level is None:
                 raise ValueError("the DeepLabV3+ head needs low_level (the backbone's c1) for its skip")
@@ -352,15 +347,8 @@ class DualStreamModel(nnx.Module):
             if self.config.heads_read == "semantic+backbone":
                 head_input = jnp.concatenate([semantic_map, features], axis=-1)
             run_head = lambda head: head(head_input)
-        predictions = {}
-        for name, _ in self.config.tasks:
-            if tasks is not None and name not in tasks:
-                continue
-            out = resize_bilinear(run_head(self.heads[name]), image_size, align_corners=True)
-            if name == "normal":
-                out = unit_vectors(out, 1e-12)
-            predictions[name] = out
-        return predictions
+        return {name: task_prediction(name, run_head(self.heads[name]), image_size)
+                for name, _ in self.config.tasks if tasks is None or name in tasks}
 
     def encode(self, images: jax.Array) -> dict[str, jax.Array]:
         """The representation the heads may read, keyed as :meth:`predict_from_streams`' arguments: the
@@ -406,6 +394,23 @@ class DualStreamModel(nnx.Module):
                                                                                        image_size)
         # Losses, CKA and metrics are computed in float32 whatever the compute dtype.
         return jax.tree.map(_as_float32, predictions), jax.tree.map(_as_float32, aux)
+
+
+def check_task_names(tasks: tuple[str, ...] | None, model_tasks: tuple[tuple[str, int], ...]) -> None:
+    """Refuses a selection of tasks (``None``: all) that is not a tuple of the model's task names."""
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks must be a tuple of task names, such as ({tasks!r},); got the string {tasks!r}")
+    unknown = set(tasks or ()) - {name for name, _ in model_tasks}
+    if unknown:
+        raise ValueError(f"tasks must be among the model's, {', '.join(n for n, _ in model_tasks)}; got "
+                         f"{', '.join(sorted(unknown))}")
+
+
+def task_prediction(name: str, head_output: jax.Array, image_size: tuple[int, int]) -> jax.Array:
+    """A head's output as task ``name``'s prediction: upsampled bilinearly to ``image_size`` (``align_corners=True``,
+    as LibMTL), unit-normalised for ``normal``."""
+    out = resize_bilinear(head_output, image_size, align_corners=True)
+    return unit_vectors(out, 1e-12) if name == "normal" else out
 
 
 def _as_float32(value: jax.Array) -> jax.Array:

@@ -35,8 +35,11 @@ same weights. Departures from LibMTL:
   stride-4 map of a 288×384 image) the two agree.
 * A stage with a single bottleneck (the tiny test backbones) has no penultimate block; :math:`u^{(j)}` is then the
   stage output itself (LibMTL's empty ``layer[:-1]`` would pass the stage *input*, whose width does not fit).
-* No ``rep_grad``/representation path: each task has its own representation, so GradDrop's
-  :func:`deep.train.representation_jacobian_step` (which reads the dual-stream model's streams) does not apply.
+* No ``rep_grad``/representation path: each task has its own representation, and the shared transitions sit inside
+  each task's branch, so GradDrop's :func:`deep.train.representation_jacobian_step` refuses MTAN. The per-task
+  Jacobian of the shared parameters (:func:`deep.train.task_jacobian_step`) takes each task's loss back through its
+  own branch (the transitions' gradients), then the K gradients of the stages (:meth:`MTAN.encode`) through the
+  backbone.
 
 Kept from LibMTL: the attention convolutions have biases (before BatchNorm, as LibMTL's ``nn.Conv2d`` default); the
 transition bottleneck's 3×3 is undilated at stride 1; the shared transitions run once per task, in the order of
@@ -59,9 +62,8 @@ from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _max_po
 from deep.heads import ASPPHead
 from deep.layers import conv, drawn_later
 from deep.atrous import DILATED_CONVS
-from deep.model import COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, configure_layers, initialise_like_pytorch
-from deep.resize import resize_bilinear
-from deep.shading import unit_vectors
+from deep.model import (COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, check_task_names, configure_layers,
+                        initialise_like_pytorch, task_prediction)
 
 __all__ = ["MTANConfig", "AttentionMask", "MTANTaskBranch", "MTAN"]
 
@@ -222,17 +224,34 @@ class MTAN(nnx.Module):
             stages.append((outputs[-2] if len(outputs) > 1 else outputs[-1], outputs[-1]))
         return stages
 
+    def encode(self, images: jax.Array) -> dict[str, list[tuple[jax.Array, jax.Array]]]:
+        """What the task branches read of the backbone, keyed as :meth:`predict_from_streams`' arguments:
+        ``{"stages": shared_stages(images)}``. With :meth:`predict_from_streams`, the interface of
+        :class:`deep.model.DualStreamModel` that :func:`deep.train.task_jacobian_step` takes each task's loss
+        through its own branch with; here the branches also read shared parameters (``transitions``)."""
+        return {"stages": self.shared_stages(images)}
+
+    def predict_from_streams(self, stages: list[tuple[jax.Array, jax.Array]], image_size: tuple[int, int],
+                             tasks: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
+        """Task predictions ``{task: [B, H, W, C_t]}`` at ``image_size`` from :meth:`shared_stages`' output;
+        ``tasks``: the tasks to predict, by name (default: all), the other branches do not run. Returned in the
+        compute dtype (``__call__`` returns float32)."""
+        check_task_names(tasks, self.config.tasks)
+        return {name: self._branch(name, stages, image_size)[0]
+                for name, _ in self.config.tasks if tasks is None or name in tasks}
+
+    def _branch(self, name: str, stages, image_size: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+        """Task ``name``'s prediction at ``image_size`` and its attended features."""
+        out, attended = self.heads[name](stages, self.transitions)
+        return task_prediction(name, out, image_size), attended
+
     def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict]:
         """Predictions and ``aux`` for ``images`` ``[B, H, W, 3]`` (see the class docstring)."""
         image_size = images.shape[1:3]
         stages = self.shared_stages(images)
         predictions, attended = {}, {}
         for name, _ in self.config.tasks:
-            out, attended[name] = self.heads[name](stages, self.transitions)
-            out = resize_bilinear(out, image_size, align_corners=True)
-            if name == "normal":
-                out = unit_vectors(out, 1e-12)
-            predictions[name] = out
+            predictions[name], attended[name] = self._branch(name, stages, image_size)
         aux = {"features": stages[-1][1], "low_level": stages[0][1], "attended": attended}
         # Losses, probes and metrics are computed in float32 whatever the compute dtype.
         return jax.tree.map(_as_float32, predictions), jax.tree.map(_as_float32, aux)

@@ -339,33 +339,28 @@ def task_jacobian_step(graphdef, state: TrainState, batch: dict):
     """Per-task losses, the Jacobian ``[K, P]`` of the shared parameters, each head's own gradient, and the new
     BatchNorm statistics, from one forward pass.
 
-    The dual-stream model goes through its representation (:func:`_per_task_heads`): each task's loss is pulled
-    back through its own head once, then the K representation gradients through the encoder, so every head's
-    backward pass runs once instead of once per task (PCGrad's step at the NYUv2 size: 10.9 TFLOP instead of 12.3
-    by XLA's count). MTAN, whose task branches read every stage of the encoder, pulls back all K losses through the
-    whole model. Only the encoder and the heads run: a grounded model's decoders (the baselines have none) neither
-    run nor update their BatchNorm statistics."""
+    Each task's loss is pulled back through its own head alone (:func:`_per_task_heads`), then the K representation
+    gradients through the encoder, so every head's backward pass runs once instead of once per task (PCGrad's step at
+    the NYUv2 size, by XLA's count: 10.9 TFLOP instead of 12.3 with the dual-stream model, 19.2 instead of 32.6 with
+    MTAN). MTAN's task branches also read shared parameters (the transition blocks): their gradients come from each
+    branch's own pass and add to what the encoder's pull-back gives. Only the encoder and the heads run: a grounded
+    model's decoders (the baselines have none) neither run nor update their BatchNorm statistics."""
     shared, heads = state.params
-    if not isinstance(_merge(graphdef, state.params, state.batch_stats, state.rest), DualStreamModel):
-        flat_shared, unravel = ravel_pytree(shared)
-
-        def per_task(flat, heads):
-            return _stacked_task_losses(graphdef, (unravel(flat), heads), state, batch)
-
-        losses_k, pullback, (batch_stats, rest) = jax.vjp(per_task, flat_shared, heads, has_aux=True)
-        jacobian, head_grads = jax.vmap(pullback)(jnp.eye(losses_k.shape[0], dtype=losses_k.dtype))
-        # Head t only enters loss t: summing over tasks gives each head exactly its own task's gradient.
-        return losses_k, jacobian, jax.tree.map(lambda g: g.sum(axis=0), head_grads), batch_stats, rest
     representation, encoder_pullback, batch_stats, rest = _encoder_vjp(graphdef, state, batch)
-    losses_k, representation_grads, head_grads, batch_stats, rest = _per_task_heads(
+    losses_k, representation_grads, direct_grads, head_grads, batch_stats, rest = _per_task_heads(
         graphdef, shared, heads, batch_stats, rest, representation, batch)
-    jacobian = jax.vmap(lambda cotangent: ravel_pytree(encoder_pullback(cotangent)[0])[0])(representation_grads)
+
+    def shared_gradient(representation_grad, direct_grad):
+        (through_encoder,) = encoder_pullback(representation_grad)
+        return ravel_pytree(jax.tree.map(jnp.add, through_encoder, direct_grad))[0]
+
+    jacobian = jax.vmap(shared_gradient)(representation_grads, direct_grads)
     return losses_k, jacobian, head_grads, batch_stats, rest
 
 
 def _encoder_vjp(graphdef, state: TrainState, batch: dict):
     """``(representation, pull-back to the shared parameters, batch_stats, rest)`` of a train-mode pass of the
-    encoder (``DualStreamModel.encode``: what the heads may read)."""
+    encoder (the model's ``encode``: what the heads may read)."""
     shared, heads = state.params
 
     def encode(shared):
@@ -379,32 +374,33 @@ def _encoder_vjp(graphdef, state: TrainState, batch: dict):
 
 def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: dict, batch: dict):
     """Each task's loss from the representation through its own head alone, with its gradients: ``(losses [K],
-    representation gradients (the representation's tree, each leaf with a leading K axis), the heads' gradients
-    (each head its own task's), batch_stats, rest)``, the states as after one pass of every head (each head's
-    BatchNorm statistics and dropout stream are its own)."""
-    merged = _merge(graphdef, (shared, heads), batch_stats, rest)  # takes each head's states at the end
+    representation gradients, gradients of the shared parameters the heads read themselves (zeros for the
+    dual-stream model's heads; MTAN's transition blocks), the heads' gradients (each head its own task's),
+    batch_stats, rest)``, each gradient but the heads' with a leading K axis. The heads run in the order of the
+    tasks, each from the states the one before left, as in the model's forward pass: so each draws its own dropout
+    mask, and MTAN's shared transitions update their BatchNorm statistics once per task, in that order."""
     image_size = batch["images"].shape[1:3]
+    tasks = [name for name, _ in _merge(graphdef, (shared, heads), batch_stats, rest).config.tasks]
 
-    def decode(name, representation, heads):
+    def decode(name, batch_stats, rest, representation, shared, heads):
         model = _merge(graphdef, (shared, heads), batch_stats, rest)
         model.train()
         prediction = model.predict_from_streams(**representation, image_size=image_size, tasks=(name,))[name]
-        loss = TASK_LOSSES[name](prediction.astype(jnp.float32), batch[name])
-        return loss, nnx.state(model.heads[name], nnx.Not(nnx.Param))
+        return TASK_LOSSES[name](prediction.astype(jnp.float32), batch[name]), _split_states(model)
 
-    losses_k, representation_grads, head_grads, head_states = [], [], None, {}
-    for name, _ in merged.config.tasks:
-        loss, pullback, head_states[name] = jax.vjp(functools.partial(decode, name), representation, heads,
-                                                    has_aux=True)
-        representation_grad, head_grad = pullback(jnp.ones_like(loss))
+    losses_k, representation_grads, direct_grads, head_grads = [], [], [], None
+    for name in tasks:
+        loss, pullback, (batch_stats, rest) = jax.vjp(functools.partial(decode, name, batch_stats, rest),
+                                                      representation, shared, heads, has_aux=True)
+        representation_grad, direct_grad, head_grad = pullback(jnp.ones_like(loss))
         losses_k.append(loss)
         representation_grads.append(representation_grad)
+        direct_grads.append(direct_grad)
         # Head t only enters loss t: the other heads' gradients are zeros, so the sum is each head's own.
         head_grads = head_grad if head_grads is None else jax.tree.map(jnp.add, head_grads, head_grad)
-    for name, head_state in head_states.items():
-        nnx.update(merged.heads[name], head_state)
-    return (jnp.stack(losses_k), jax.tree.map(lambda *grads: jnp.stack(grads), *representation_grads), head_grads,
-            *_split_states(merged))
+    stacked = lambda grads: jax.tree.map(lambda *leaves: jnp.stack(leaves), *grads)
+    return (jnp.stack(losses_k), stacked(representation_grads), stacked(direct_grads), head_grads, batch_stats,
+            rest)
 
 
 def apply_gradients(graphdef, optimizer: optax.GradientTransformation, state: TrainState, shared_direction,
@@ -434,11 +430,15 @@ def representation_jacobian_step(graphdef, state: TrainState, batch: dict):
     """Per-task losses, their Jacobian ``[K, R]`` with respect to the shared representation (the streams and the
     backbone features the heads may read, raveled), the pull-back of a representation direction to the shared
     parameters, each head's own gradient, and the new BatchNorm statistics; one forward pass, each head's backward
-    pass once (:func:`_per_task_heads`)."""
+    pass once (:func:`_per_task_heads`). The dual-stream model's alone: MTAN's task branches also read shared
+    parameters (the transition blocks), which a representation gradient leaves out."""
     shared, heads = state.params
+    if not isinstance(_merge(graphdef, state.params, state.batch_stats, state.rest), DualStreamModel):
+        raise ValueError("representation gradients need the dual-stream model, whose heads read no shared "
+                         "parameter; MTAN's task branches read the shared transition blocks")
     representation, encoder_pullback, batch_stats, rest = _encoder_vjp(graphdef, state, batch)
     flat_representation, unravel = ravel_pytree(representation)
-    losses_k, representation_grads, head_grads, batch_stats, rest = _per_task_heads(
+    losses_k, representation_grads, _, head_grads, batch_stats, rest = _per_task_heads(
         graphdef, shared, heads, batch_stats, rest, representation, batch)
     jacobian = jax.vmap(lambda grads: ravel_pytree(grads)[0])(representation_grads)
 

@@ -256,6 +256,8 @@ def test_a_profiler_trace_folder_is_checked_before_any_step_is_compiled(tmp_path
     ("bench/bench_atrous.py", ["--height", "0"], "_forward_backward", "--height must be an integer >= 1; got 0"),
     ("bench/bench_measures.py", ["--max-1d", "1000"], "median_seconds",
      "--max-1d must be an integer >= 10000 (two sample sizes for the growth order); got 1000"),
+    ("bench/bench_train_step.py", ["--variant", "authors", "--methods", "ew,mtan_pcgrad"], "training_steps",
+     "--methods mtan_pcgrad times MTAN, which has its own architecture; use --variant paper for it"),
     ("bench/bench_checkpoint.py", ["--dir", "TMP/binary.json"], "_state",
      "--dir must be an existing folder; got 'TMP/binary.json'"),
     ("bench/bench_data.py", ["--step-json", "TMP"], "deep.data.nyuv2_arrays",

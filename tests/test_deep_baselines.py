@@ -90,13 +90,20 @@ def whole_model_jacobian(graphdef, state, batch, tasks):
     return run(state, batch)
 
 
-def assert_same_jacobian_step(got, expected):
+def assert_same_jacobian_step(got, expected, gradient_tolerance=1e-5):
+    """Same losses and states; gradients within ``gradient_tolerance`` of each leaf's largest entry (float32
+    rounding of two orders of the same sums)."""
     losses_k, jacobian, head_grads, batch_stats, rest = got
     np.testing.assert_allclose(losses_k, expected[0], rtol=1e-6)
     scale = float(jnp.abs(expected[1]).max())
-    np.testing.assert_allclose(jacobian, expected[1], rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(jacobian, expected[1], rtol=0, atol=gradient_tolerance * scale)
+    # Plus a floor at 10⁻⁷ of the largest head gradient, for leaves that are 0 up to rounding (MTAN's attention
+    # convolutions have biases before BatchNorm, whose gradient is exactly 0 in exact arithmetic and about 10⁻⁸ in
+    # float32, whichever way it is computed).
+    floor = 1e-7 * max(float(jnp.abs(wanted).max()) for wanted in jax.tree.leaves(expected[2]))
     for got_leaf, wanted in zip(jax.tree.leaves(head_grads), jax.tree.leaves(expected[2]), strict=True):
-        np.testing.assert_allclose(got_leaf, wanted, rtol=0, atol=1e-5 * float(jnp.abs(wanted).max()) + 1e-12)
+        np.testing.assert_allclose(got_leaf, wanted, rtol=0,
+                                   atol=gradient_tolerance * float(jnp.abs(wanted).max()) + floor)
     assert jax.tree.structure(batch_stats) == jax.tree.structure(expected[3])
     for got_leaf, wanted in zip(jax.tree.leaves(batch_stats), jax.tree.leaves(expected[3]), strict=True):
         np.testing.assert_allclose(got_leaf, wanted, rtol=1e-6, atol=1e-7)

@@ -16,11 +16,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from deep import train
 from deep.backbone import BackboneConfig, ResNet
 from deep.heads import ASPPHead
 from deep.mtan import MTAN, AttentionMask, MTANConfig
+from test_deep_baselines import assert_same_jacobian_step, whole_model_jacobian
 from theory.balancing import make
 
 TINY = MTANConfig(backbone=BackboneConfig(depths=(1, 1, 1, 1), width=2), tasks=(("segmentation", 13), ("normal", 3)),
@@ -126,6 +128,30 @@ def test_a_task_reads_no_other_tasks_parameters(setup, ew_step):
             else:
                 assert not any(changed), (task, source)
         assert any(moved(new_state.params[0]["transitions"], state.params[0]["transitions"])), task
+
+
+def test_the_jacobian_step_equals_the_pull_back_of_all_losses_through_the_whole_model(setup):
+    """``task_jacobian_step`` runs the backbone once and each task's branch alone, each from the states the one
+    before left: the transitions' gradients come from each branch's own pass, and their BatchNorm statistics are
+    updated once per task, in order. It must give what one train-mode pass of the whole model, its K losses pulled
+    back together, gives: the same losses (each branch's own dropout mask), Jacobian, head gradients and states."""
+    graphdef, _, state = setup
+    batch = make_batch()
+    got = jax.jit(functools.partial(train.task_jacobian_step, graphdef))(state, batch)
+    # 10⁻⁴: the attention masks' BatchNorm normalises over 8 values at stage 4 (2 images of 2×2), which amplifies
+    # rounding (up to 5·10⁻⁵ of a leaf's largest gradient seen); an error of the method is of order 1.
+    assert_same_jacobian_step(got, whole_model_jacobian(graphdef, state, batch, TINY.tasks), 1e-4)
+    # The transitions are shared: every task's row of the Jacobian has a gradient for them.
+    transitions = ravel_pytree({**jax.tree.map(jnp.zeros_like, state.params[0]),
+                                "transitions": jax.tree.map(jnp.ones_like, state.params[0]["transitions"])})[0]
+    assert all(bool(jnp.any(row[transitions == 1] != 0)) for row in got[1])
+
+
+def test_representation_gradients_refuse_mtan(setup):
+    """GradDrop balances gradients of the representation, which would leave out the transitions' own gradients."""
+    graphdef, _, state = setup
+    with pytest.raises(ValueError, match="need the dual-stream model"):
+        train.representation_jacobian_step(graphdef, state, make_batch())
 
 
 def test_split_puts_every_task_parameter_under_heads(setup):
