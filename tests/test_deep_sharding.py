@@ -1,6 +1,6 @@
-"""Data parallelism on CPU devices: the CORE-MTL step and the baselines' steps sharded over four devices give the
-update of one device, as do evaluation and the loader's device-held batches (in subprocesses, since the device count
-is fixed when XLA starts); and two processes of two devices build one global batch and state."""
+"""Data parallelism on CPU devices: the CORE-MTL step (with the perceptual term too) and the baselines' steps sharded
+over four devices give the update of one device, as do evaluation and the loader's device-held batches (in subprocesses,
+since the device count is fixed when XLA starts); and two processes of two devices build one global batch and state."""
 
 import os
 import subprocess
@@ -62,21 +62,36 @@ def run_on_four_devices(script: str) -> str:
 def test_the_sharded_step_equals_the_single_device_step():
     stdout = run_on_four_devices("""
         # CORE-MTL's step with its counterfactual pass off, then always on: the residual codes are shuffled across
-        # the whole batch, which the sharded step must draw and apply exactly as one device does.
+        # the whole batch, which the sharded step must draw and apply exactly as one device does. The second step
+        # also has the perceptual (LPIPS-VGG) term, its full-width weights random and replicated as the script
+        # replicates them.
+        from deep import perceptual
+        rng = np.random.default_rng(0)
+        lpips = perceptual.weights_from_arrays({
+            key: rng.uniform(0.0, 1.0, shape) if key.startswith("lin") else
+            rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:], dtype=int)) if len(shape) == 4 else
+            0.1 * rng.standard_normal(shape) for key, shape in perceptual.lpips_shapes().items()})
         graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(0)), optimizer)
         core_step = functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"])
         sharded_batch, sharded_state = devices.shard(mesh, batch, state)
+        replicated_lpips = devices.replicate(mesh, lpips)
         assert len(sharded_batch["images"].sharding.device_set) == 4
         updates = []
         for counterfactual in (False, True):  # a static flag: a program of its own, compiled once per placement
             step = jax.jit(functools.partial(core_step, independence_weight=1.0, counterfactual=counterfactual))
-            single, single_metrics = compiled(step, state, batch, jax.random.key(0))(state, batch, jax.random.key(0))
-            sharded, sharded_metrics = compiled(step, sharded_state, sharded_batch, jax.random.key(0))(
-                sharded_state, sharded_batch, jax.random.key(0))
+            key = jax.random.key(0)
+            single_lpips, sharded_lpips = ({"perceptual": lpips}, {"perceptual": replicated_lpips}) if (
+                counterfactual) else ({}, {})
+            single, single_metrics = compiled(step, state, batch, key, **single_lpips)(state, batch, key,
+                                                                                        **single_lpips)
+            sharded, sharded_metrics = compiled(step, sharded_state, sharded_batch, key, **sharded_lpips)(
+                sharded_state, sharded_batch, key, **sharded_lpips)
             assert (float(single_metrics["counterfactual"]) > 0) == counterfactual
+            assert ("appearance_perceptual" in single_metrics) == counterfactual
+            assert not counterfactual or float(single_metrics["appearance_perceptual"]) > 0
             if counterfactual:
-                np.testing.assert_allclose(sharded_metrics["counterfactual"], single_metrics["counterfactual"],
-                                           rtol=1e-5)
+                for term in ("counterfactual", "appearance_perceptual"):
+                    np.testing.assert_allclose(sharded_metrics[term], single_metrics[term], rtol=1e-5)
             worst, largest_update = largest_difference(single.params, sharded.params, state.params)
             print(f"counterfactual pass {counterfactual}: max difference", worst, "largest update", largest_update)
             updates.append(single.params)
