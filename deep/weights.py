@@ -122,17 +122,25 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     not_npz = f"{path} is not a readable .npz archive"
-    # Checked first: np.load would return a plain .npy file's array, and call anything else pickled data.
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{not_npz} (not a zip file of .npy arrays, as numpy.savez and the converters write)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            from_torch = any(name.endswith("data.pkl") for name in archive.namelist())  # torch.save's zip format
-        if not from_torch:
-            with np.load(path, allow_pickle=False) as archive:
-                return {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{not_npz} ({error})") from None
+    with open(path, "rb") as handle:
+        # Checked first: np.load would return a plain .npy file's array, and call anything else pickled data.
+        if not zipfile.is_zipfile(handle):
+            raise ValueError(f"{not_npz} (not a zip file of .npy arrays, as numpy.savez and the converters write)")
+        try:
+            with zipfile.ZipFile(handle) as archive:
+                from_torch = any(name.endswith("data.pkl") for name in archive.namelist())  # torch.save's zip format
+            if not from_torch:
+                handle.seek(0)
+                with np.load(handle, allow_pickle=False) as archive:
+                    arrays = {key: archive[key] for key in archive.files}
+                # np.load hands a member that is not a .npy array over as its raw bytes (worded below, as the
+                # other reasons a file is no .npz).
+                not_arrays = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
+                if not_arrays:
+                    raise ValueError(f"member {not_arrays[0]!r} is not a .npy array")
+                return arrays
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+            raise ValueError(f"{not_npz} ({error})") from None
     raise ValueError(f"{path} is a PyTorch checkpoint, not an .npz: convert it first (python -m deep.weights convert, "
                      f"or python -m deep.perceptual convert for LPIPS)")
 

@@ -97,6 +97,11 @@ def test_missing_misshapen_and_unexpected_keys_are_rejected_by_name(tmp_path, to
     for junk in ("junk.npz", "one_array.npy"):
         with pytest.raises(ValueError, match=r"not a readable \.npz archive \(not a zip file of \.npy arrays"):
             weights.load_torchvision_npz(backbone, tmp_path / junk)
+    with zipfile.ZipFile(tmp_path / "bytes.npz", "w") as archive:  # np.load would hand the member over as bytes
+        archive.writestr("conv1.weight.npy", b"not an array")
+    with pytest.raises(ValueError, match=r"bytes\.npz is not a readable \.npz archive \(member 'conv1\.weight' is "
+                                         r"not a \.npy array\)$"):
+        weights.load_torchvision_npz(backbone, tmp_path / "bytes.npz")
     with zipfile.ZipFile(tmp_path / "resnet50.pth", "w") as archive:  # torch.save's layout: a zip too
         archive.writestr("resnet50/data.pkl", b"")
     with pytest.raises(ValueError, match=r"resnet50\.pth is a PyTorch checkpoint, not an \.npz: convert it first"):
