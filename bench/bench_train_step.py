@@ -104,7 +104,7 @@ class BenchConfig:
         check_variant(self.variant)
         if self.dilated_conv and self.dilated_conv not in DILATED_CONVS:
             raise ValueError(f"--dilated-conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
-        methods = parse_choices("--methods", self.methods, METHODS)
+        methods = chosen_methods(self.methods, self.variant)
         if self.variant != "paper" and set(methods) & set(MTAN_METHODS):
             raise ValueError(f"--methods {','.join(m for m in methods if m in MTAN_METHODS)} times MTAN, which has "
                              f"its own architecture; use --variant paper for it")
@@ -115,6 +115,12 @@ class BenchConfig:
             check_output_path(self.trace, "folder", "--trace")
         if not self.out:  # the default filled in here, so that it is checked before the benchmark runs
             object.__setattr__(self, "out", default_out("bench_train_step", self.config, self.variant))
+
+
+def chosen_methods(methods: str, variant: str) -> tuple[str, ...]:
+    """The steps ``--methods`` names (``all``: every step the variant has; MTAN's only with the paper's)."""
+    return parse_choices("--methods", methods, METHODS,
+                         named=None if variant == "paper" else {"all": DUAL_STREAM_METHODS})
 
 
 def setting(name: str, variant: str):
@@ -284,7 +290,7 @@ def _measure(step: Step, args, batch_size: int, repeats: int, peak_tflops: float
                                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
     # The step donates (deletes) the state it is given, so each call takes the state the one before returned,
     # starting from a copy: the steps of one model share their initial state.
-    state = jax.tree.map(jnp.copy, args[0])
+    state = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))(args[0])  # one program, not one per leaf shape
     rest = args[1:]
 
     def step_once():
@@ -330,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch = batch_arrays(batch_size, size)
     key = jax.random.key(1)
     out = Path(config.out)
-    methods = parse_choices("--methods", config.methods, METHODS)
+    methods = chosen_methods(config.methods, config.variant)
     payload = lambda rows: {"benchmark": "bench_train_step", "config": config.config, "variant": config.variant,
                             "dilated_conv": model_config.dilated_conv, "batch": batch_size,
                             "image_size": list(size), "peak_tflops": config.peak_tflops, "rows": rows,

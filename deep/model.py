@@ -225,6 +225,10 @@ def initialise_like_pytorch(model: nnx.Module, key: jax.Array) -> None:
 class DualStreamModel(nnx.Module):
     """``images [B, H, W, 3] -> (predictions {task: [B, H, W, C_t]}, aux)``."""
 
+    # The shared parameters the heads read themselves, beside the representation of :meth:`encode` (an NNX filter;
+    # deep.train.task_jacobian_step differentiates them in each head's own pass): none, here.
+    shared_read_by_heads = nnx.Nothing
+
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config
         with drawn_later():  # initialise_like_pytorch draws every convolution and dense layer below

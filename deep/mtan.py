@@ -191,6 +191,9 @@ class MTAN(nnx.Module):
             ``grounding="none"``), for code that asks.
     """
 
+    # As DualStreamModel's: the shared parameters a task branch reads itself, beside the stages of :meth:`encode`.
+    shared_read_by_heads = nnx.PathContains("transitions")
+
     def __init__(self, config: MTANConfig, rngs: nnx.Rngs):
         self.config = config
         with drawn_later():  # initialise_like_pytorch draws every convolution below

@@ -346,13 +346,15 @@ def task_jacobian_step(graphdef, state: TrainState, batch: dict):
     branch's own pass and add to what the encoder's pull-back gives. Only the encoder and the heads run: a grounded
     model's decoders (the baselines have none) neither run nor update their BatchNorm statistics."""
     shared, heads = state.params
+    read_by_heads = _merge(graphdef, state.params, state.batch_stats, state.rest).shared_read_by_heads
     representation, encoder_pullback, batch_stats, rest = _encoder_vjp(graphdef, state, batch)
     losses_k, representation_grads, direct_grads, head_grads, batch_stats, rest = _per_task_heads(
         graphdef, shared, heads, batch_stats, rest, representation, batch)
 
     def shared_gradient(representation_grad, direct_grad):
         (through_encoder,) = encoder_pullback(representation_grad)
-        return ravel_pytree(jax.tree.map(jnp.add, through_encoder, direct_grad))[0]
+        read, not_read = nnx.split_state(through_encoder, read_by_heads, ...)
+        return ravel_pytree(nnx.merge_state(jax.tree.map(jnp.add, read, direct_grad), not_read))[0]
 
     jacobian = jax.vmap(shared_gradient)(representation_grads, direct_grads)
     return losses_k, jacobian, head_grads, batch_stats, rest
@@ -374,16 +376,19 @@ def _encoder_vjp(graphdef, state: TrainState, batch: dict):
 
 def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: dict, batch: dict):
     """Each task's loss from the representation through its own head alone, with its gradients: ``(losses [K],
-    representation gradients, gradients of the shared parameters the heads read themselves (zeros for the
-    dual-stream model's heads; MTAN's transition blocks), the heads' gradients (each head its own task's),
-    batch_stats, rest)``, each gradient but the heads' with a leading K axis. The heads run in the order of the
-    tasks, each from the states the one before left, as in the model's forward pass: so each draws its own dropout
-    mask, and MTAN's shared transitions update their BatchNorm statistics once per task, in that order."""
+    representation gradients, gradients of the shared parameters the heads read themselves (the model's
+    ``shared_read_by_heads``: MTAN's transition blocks; none for the dual-stream model), the heads' gradients (each
+    head its own task's), batch_stats, rest)``, each gradient but the heads' with a leading K axis. The heads run in
+    the order of the tasks, each from the states the one before left, as in the model's forward pass, so the states
+    come out as the whole pass leaves them: each head's dropout stream advanced once, and MTAN's shared transitions'
+    BatchNorm statistics updated once per task, in that order."""
     image_size = batch["images"].shape[1:3]
-    tasks = [name for name, _ in _merge(graphdef, (shared, heads), batch_stats, rest).config.tasks]
+    model = _merge(graphdef, (shared, heads), batch_stats, rest)
+    tasks = [name for name, _ in model.config.tasks]
+    read_by_heads, not_read = nnx.split_state(shared, model.shared_read_by_heads, ...)
 
-    def decode(name, batch_stats, rest, representation, shared, heads):
-        model = _merge(graphdef, (shared, heads), batch_stats, rest)
+    def decode(name, batch_stats, rest, representation, read_by_heads, heads):
+        model = _merge(graphdef, (read_by_heads, not_read, heads), batch_stats, rest)
         model.train()
         prediction = model.predict_from_streams(**representation, image_size=image_size, tasks=(name,))[name]
         return TASK_LOSSES[name](prediction.astype(jnp.float32), batch[name]), _split_states(model)
@@ -391,7 +396,7 @@ def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: 
     losses_k, representation_grads, direct_grads, head_grads = [], [], [], None
     for name in tasks:
         loss, pullback, (batch_stats, rest) = jax.vjp(functools.partial(decode, name, batch_stats, rest),
-                                                      representation, shared, heads, has_aux=True)
+                                                      representation, read_by_heads, heads, has_aux=True)
         representation_grad, direct_grad, head_grad = pullback(jnp.ones_like(loss))
         losses_k.append(loss)
         representation_grads.append(representation_grad)

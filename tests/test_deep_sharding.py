@@ -1,5 +1,5 @@
-"""Data parallelism on CPU devices: the CORE-MTL step (with the perceptual term too) and the baselines' steps sharded
-over four devices give the update of one device, as do evaluation and the loader's device-held batches (in subprocesses,
+"""Data parallelism on CPU devices: the CORE-MTL step and the baselines' steps sharded over four devices give the
+update of one device, as do the perceptual term, evaluation and the loader's device-held batches (in subprocesses,
 since the device count is fixed when XLA starts); and two processes of two devices build one global batch and state."""
 
 import os
@@ -62,36 +62,21 @@ def run_on_four_devices(script: str) -> str:
 def test_the_sharded_step_equals_the_single_device_step():
     stdout = run_on_four_devices("""
         # CORE-MTL's step with its counterfactual pass off, then always on: the residual codes are shuffled across
-        # the whole batch, which the sharded step must draw and apply exactly as one device does. The second step
-        # also has the perceptual (LPIPS-VGG) term, its full-width weights random and replicated as the script
-        # replicates them.
-        from deep import perceptual
-        rng = np.random.default_rng(0)
-        lpips = perceptual.weights_from_arrays({
-            key: rng.uniform(0.0, 1.0, shape) if key.startswith("lin") else
-            rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:], dtype=int)) if len(shape) == 4 else
-            0.1 * rng.standard_normal(shape) for key, shape in perceptual.lpips_shapes().items()})
+        # the whole batch, which the sharded step must draw and apply exactly as one device does.
         graphdef, state = train.split_model(DualStreamModel(config, nnx.Rngs(0)), optimizer)
         core_step = functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"])
         sharded_batch, sharded_state = devices.shard(mesh, batch, state)
-        replicated_lpips = devices.replicate(mesh, lpips)
         assert len(sharded_batch["images"].sharding.device_set) == 4
         updates = []
         for counterfactual in (False, True):  # a static flag: a program of its own, compiled once per placement
             step = jax.jit(functools.partial(core_step, independence_weight=1.0, counterfactual=counterfactual))
-            key = jax.random.key(0)
-            single_lpips, sharded_lpips = ({"perceptual": lpips}, {"perceptual": replicated_lpips}) if (
-                counterfactual) else ({}, {})
-            single, single_metrics = compiled(step, state, batch, key, **single_lpips)(state, batch, key,
-                                                                                        **single_lpips)
-            sharded, sharded_metrics = compiled(step, sharded_state, sharded_batch, key, **sharded_lpips)(
-                sharded_state, sharded_batch, key, **sharded_lpips)
+            single, single_metrics = compiled(step, state, batch, jax.random.key(0))(state, batch, jax.random.key(0))
+            sharded, sharded_metrics = compiled(step, sharded_state, sharded_batch, jax.random.key(0))(
+                sharded_state, sharded_batch, jax.random.key(0))
             assert (float(single_metrics["counterfactual"]) > 0) == counterfactual
-            assert ("appearance_perceptual" in single_metrics) == counterfactual
-            assert not counterfactual or float(single_metrics["appearance_perceptual"]) > 0
             if counterfactual:
-                for term in ("counterfactual", "appearance_perceptual"):
-                    np.testing.assert_allclose(sharded_metrics[term], single_metrics[term], rtol=1e-5)
+                np.testing.assert_allclose(sharded_metrics["counterfactual"], single_metrics["counterfactual"],
+                                           rtol=1e-5)
             worst, largest_update = largest_difference(single.params, sharded.params, state.params)
             print(f"counterfactual pass {counterfactual}: max difference", worst, "largest update", largest_update)
             updates.append(single.params)
@@ -101,6 +86,24 @@ def test_the_sharded_step_equals_the_single_device_step():
                      for a, b in zip(*map(jax.tree.leaves, updates)))
         print("the counterfactual pass changes the update by", change)
         assert change > 1e-2 * largest_update, change
+        # The perceptual (LPIPS-VGG) term as the script computes it, full-width weights (random here) replicated and
+        # the batch split: its value and its gradient with respect to the reconstruction are one device's.
+        from deep import perceptual
+        rng = np.random.default_rng(0)
+        lpips = perceptual.weights_from_arrays({
+            key: rng.uniform(0.0, 1.0, shape) if key.startswith("lin") else
+            rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:], dtype=int)) if len(shape) == 4 else
+            0.1 * rng.standard_normal(shape) for key, shape in perceptual.lpips_shapes().items()})
+        lpips_value_and_grad = jax.jit(jax.value_and_grad(perceptual.lpips_loss, argnums=1))
+        pair = {"reconstruction": jax.random.uniform(jax.random.key(5), batch["images"].shape),
+                "images": batch["images"]}
+        single_value, single_grad = lpips_value_and_grad(lpips, *pair.values())
+        sharded_value, sharded_grad = lpips_value_and_grad(devices.replicate(mesh, lpips),
+                                                           *devices.shard_batch(mesh, pair).values())
+        assert not sharded_grad.sharding.is_fully_replicated and float(single_value) > 0  # split work
+        np.testing.assert_allclose(sharded_value, single_value, rtol=1e-5)
+        np.testing.assert_allclose(sharded_grad, single_grad, rtol=0, atol=1e-5 * float(np.abs(single_grad).max()))
+        print("LPIPS split over 4 devices: same value and gradient")
         # Evaluation: batches of 4 split over the devices, a last one of 2 copied to each; the metrics are those
         # of one device.
         from deep import trainer
@@ -140,6 +143,7 @@ def test_the_sharded_step_equals_the_single_device_step():
         print("loader on 4 devices: the host's batches, split")
     """)
     assert stdout.count("max difference") == 2, stdout
+    assert "LPIPS split over 4 devices: same value and gradient" in stdout, stdout
     assert "evaluation split over 4 devices: same metrics" in stdout, stdout
     assert "loader on 4 devices: the host's batches, split" in stdout, stdout
 
