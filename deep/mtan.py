@@ -229,9 +229,9 @@ class MTAN(nnx.Module):
 
     def encode(self, images: jax.Array) -> dict[str, list[tuple[jax.Array, jax.Array]]]:
         """What the task branches read of the backbone, keyed as :meth:`predict_from_streams`' arguments:
-        ``{"stages": shared_stages(images)}``. With :meth:`predict_from_streams`, the interface of
-        :class:`deep.model.DualStreamModel` that :func:`deep.train.task_jacobian_step` takes each task's loss
-        through its own branch with; here the branches also read shared parameters (``transitions``)."""
+        ``{"stages": shared_stages(images)}``. The two methods are :class:`deep.model.DualStreamModel`'s interface,
+        through which :func:`deep.train.task_jacobian_step` takes each task's loss back through its own branch alone;
+        the branches also read shared parameters themselves (``shared_read_by_heads``: the transitions)."""
         return {"stages": self.shared_stages(images)}
 
     def predict_from_streams(self, stages: list[tuple[jax.Array, jax.Array]], image_size: tuple[int, int],

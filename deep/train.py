@@ -383,9 +383,9 @@ def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: 
     come out as the whole pass leaves them: each head's dropout stream advanced once, and MTAN's shared transitions'
     BatchNorm statistics updated once per task, in that order."""
     image_size = batch["images"].shape[1:3]
-    model = _merge(graphdef, (shared, heads), batch_stats, rest)
-    tasks = [name for name, _ in model.config.tasks]
-    read_by_heads, not_read = nnx.split_state(shared, model.shared_read_by_heads, ...)
+    merged = _merge(graphdef, (shared, heads), batch_stats, rest)
+    tasks = [name for name, _ in merged.config.tasks]
+    read_by_heads, not_read = nnx.split_state(shared, merged.shared_read_by_heads, ...)
 
     def decode(name, batch_stats, rest, representation, read_by_heads, heads):
         model = _merge(graphdef, (read_by_heads, not_read, heads), batch_stats, rest)
