@@ -438,13 +438,13 @@ def representation_jacobian_step(graphdef, state: TrainState, batch: dict):
     pass once (:func:`_per_task_heads`). The dual-stream model's alone: MTAN's task branches also read shared
     parameters (the transition blocks), which a representation gradient leaves out."""
     shared, heads = state.params
-    if not isinstance(_merge(graphdef, state.params, state.batch_stats, state.rest), DualStreamModel):
-        raise ValueError("representation gradients need the dual-stream model, whose heads read no shared "
-                         "parameter; MTAN's task branches read the shared transition blocks")
     representation, encoder_pullback, batch_stats, rest = _encoder_vjp(graphdef, state, batch)
     flat_representation, unravel = ravel_pytree(representation)
-    losses_k, representation_grads, _, head_grads, batch_stats, rest = _per_task_heads(
+    losses_k, representation_grads, direct_grads, head_grads, batch_stats, rest = _per_task_heads(
         graphdef, shared, heads, batch_stats, rest, representation, batch)
+    if jax.tree.leaves(direct_grads):  # checked while tracing: the heads read shared parameters themselves
+        raise ValueError("representation gradients need the dual-stream model, whose heads read no shared "
+                         "parameter; MTAN's task branches read the shared transition blocks")
     jacobian = jax.vmap(lambda grads: ravel_pytree(grads)[0])(representation_grads)
 
     def pull_back(direction):

@@ -88,12 +88,11 @@ def test_the_sharded_step_equals_the_single_device_step():
         assert change > 1e-2 * largest_update, change
         # The perceptual (LPIPS-VGG) term as the script computes it, full-width weights (random here) replicated and
         # the batch split: its value and its gradient with respect to the reconstruction are one device's.
+        import sys
+        sys.path.insert(0, "tests")
         from deep import perceptual
-        rng = np.random.default_rng(0)
-        lpips = perceptual.weights_from_arrays({
-            key: rng.uniform(0.0, 1.0, shape) if key.startswith("lin") else
-            rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:], dtype=int)) if len(shape) == 4 else
-            0.1 * rng.standard_normal(shape) for key, shape in perceptual.lpips_shapes().items()})
+        from test_perceptual import _random_arrays
+        lpips = perceptual.weights_from_arrays(_random_arrays())
         lpips_value_and_grad = jax.jit(jax.value_and_grad(perceptual.lpips_loss, argnums=1))
         pair = {"reconstruction": jax.random.uniform(jax.random.key(5), batch["images"].shape),
                 "images": batch["images"]}

@@ -38,7 +38,8 @@ def _device_batch(arrays: dict, order: jax.Array, start: int, batch_size: int, s
     if fill is None:
         batch = {name: jnp.take(value, indices, axis=0) for name, value in arrays.items()}
     else:
-        batch = {name: jnp.take(value, indices, axis=0, mode="fill", fill_value=dict(fill)[name])
+        fill_values = dict(fill)
+        batch = {name: jnp.take(value, indices, axis=0, mode="fill", fill_value=fill_values[name])
                  for name, value in arrays.items()}
     return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
 
