@@ -9,6 +9,9 @@ features. Attribute names follow torchvision's state dict (``conv1``, ``bn1``, `
 so a weight import can map keys one to one. BatchNorm is PyTorch's (:class:`BatchNorm`): its momentum (Flax 0.9),
 epsilon (1e-5) and running variance.
 
+ResNet-18 and -34 (``block="basic"``: two 3×3 convolutions per block, torchvision's ``BasicBlock``, which has no
+dilated form) serve the CelebA attribute model (:mod:`deep.attributes`), as in the authors' code.
+
 Layout: ``[batch, height, width, channels]``. Width and depth are configurable so tests run tiny models.
 """
 
@@ -21,7 +24,8 @@ from flax import nnx
 
 from deep.layers import conv
 
-EXPANSION = 4
+EXPANSION = 4  # a bottleneck's output channels per plane
+BLOCKS = ("bottleneck", "basic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +37,15 @@ class BackboneConfig:
         width: channels of the first stage's bottleneck (64 in ResNet-50; outputs have ``4 × width × 2^stage``).
         replace_stride_with_dilation: for stages 2-4, dilate instead of striding (default: output stride 8).
         input_channels: 3 for RGB.
+        block: ``"bottleneck"`` (ResNet-50/101) or ``"basic"`` (ResNet-18/34: outputs ``width × 2^stage``, no
+            dilation, as torchvision's ``BasicBlock``).
     """
 
     depths: tuple[int, int, int, int] = (3, 4, 6, 3)
     width: int = 64
     replace_stride_with_dilation: tuple[bool, bool, bool] = (False, True, True)
     input_channels: int = 3
+    block: str = "bottleneck"
 
     def __post_init__(self):
         if len(self.depths) != 4 or any(int(d) < 1 for d in self.depths):
@@ -47,10 +54,20 @@ class BackboneConfig:
             raise ValueError(f"width and input_channels must be >= 1; got {self.width}, {self.input_channels}")
         if len(self.replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation must hold three booleans (stages 2, 3, 4)")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {', '.join(BLOCKS)}; got {self.block!r}")
+        if self.block == "basic" and any(self.replace_stride_with_dilation):
+            raise ValueError("basic blocks (ResNet-18/34) have no dilated form, as torchvision's BasicBlock; "
+                             "replace_stride_with_dilation must be (False, False, False)")
+
+    @property
+    def expansion(self) -> int:
+        """Output channels of a block per plane: 4 for bottlenecks, 1 for basic blocks."""
+        return EXPANSION if self.block == "bottleneck" else 1
 
     @property
     def output_channels(self) -> tuple[int, int, int, int]:
-        return tuple(self.width * 2**i * EXPANSION for i in range(4))
+        return tuple(self.width * 2**i * self.expansion for i in range(4))
 
     @property
     def output_stride(self) -> int:
@@ -124,6 +141,24 @@ class Bottleneck(nnx.Module):
         return jax.nn.relu(out + shortcut)
 
 
+class BasicBlock(nnx.Module):
+    """3×3 (stride) → 3×3 with a residual connection; output ``planes`` channels (torchvision's ``BasicBlock``)."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int, dilation: int, rngs: nnx.Rngs):
+        if dilation != 1:
+            raise ValueError(f"a basic block has no dilated form; got dilation {dilation}")
+        self.conv1, self.bn1 = _conv(in_channels, planes, 3, rngs, stride=stride), batch_norm(planes, rngs)
+        self.conv2, self.bn2 = _conv(planes, planes, 3, rngs), batch_norm(planes, rngs)
+        needs_projection = stride != 1 or in_channels != planes
+        self.downsample = Downsample(in_channels, planes, stride, rngs) if needs_projection else None
+
+    def __call__(self, x):
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return jax.nn.relu(out + shortcut)
+
+
 def _max_pool(x):
     return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -142,6 +177,7 @@ class ResNet(nnx.Module):
                           use_bias=False, rngs=rngs)
         self.bn1 = batch_norm(width, rngs)
         in_channels, dilation = width, 1
+        block = Bottleneck if config.block == "bottleneck" else BasicBlock
         stages = []
         for index, depth in enumerate(config.depths):
             planes = width * 2**index
@@ -150,9 +186,9 @@ class ResNet(nnx.Module):
             if index > 0 and config.replace_stride_with_dilation[index - 1]:
                 dilation *= stride
                 stride = 1
-            blocks = [Bottleneck(in_channels, planes, stride, previous_dilation, rngs)]
-            in_channels = planes * EXPANSION
-            blocks += [Bottleneck(in_channels, planes, 1, dilation, rngs) for _ in range(depth - 1)]
+            blocks = [block(in_channels, planes, stride, previous_dilation, rngs)]
+            in_channels = planes * config.expansion
+            blocks += [block(in_channels, planes, 1, dilation, rngs) for _ in range(depth - 1)]
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
@@ -169,6 +205,15 @@ class ResNet(nnx.Module):
 def resnet50(rngs: nnx.Rngs, **overrides) -> ResNet:
     """ResNet-50 at output stride 8 (override any :class:`BackboneConfig` field)."""
     return ResNet(BackboneConfig(**overrides), rngs)
+
+
+# torchvision's ResNet-18: basic blocks, output stride 32 (the CelebA model's backbone).
+RESNET18 = BackboneConfig(depths=(2, 2, 2, 2), block="basic", replace_stride_with_dilation=(False, False, False))
+
+
+def resnet18(rngs: nnx.Rngs, **overrides) -> ResNet:
+    """ResNet-18 at output stride 32 (override any :class:`BackboneConfig` field)."""
+    return ResNet(dataclasses.replace(RESNET18, **overrides), rngs)
 
 
 # The PyTorch name of each NNX leaf (convolution kernels and BatchNorm's scale are both a module's `weight`).

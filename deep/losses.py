@@ -26,9 +26,9 @@ from deep.resize import resize_bilinear
 from deep.shading import srgb_to_linear, unit_vectors
 from theory.measures import debiased_cka, linear_cka
 
-__all__ = ["segmentation_loss", "depth_loss", "normal_loss", "independence_loss", "l1", "ssim_loss",
-           "physical_image_loss", "albedo_tv", "grayscale_shading", "albedo_normal_covariance", "edge_loss",
-           "resize_nearest", "geometry_aux_loss", "appearance_aux_loss", "LossWeights", "PRESETS", "TOTAL_LOSS_TERMS",
+__all__ = ["segmentation_loss", "depth_loss", "normal_loss", "DENSE_TASK_LOSSES", "dense_task_loss",
+           "independence_loss", "l1", "ssim_loss", "physical_image_loss", "albedo_tv", "grayscale_shading",
+           "albedo_normal_covariance", "edge_loss", "resize_nearest", "geometry_aux_loss", "appearance_aux_loss", "LossWeights", "PRESETS", "TOTAL_LOSS_TERMS",
            "total_loss", "linear_cka", "debiased_cka"]
 
 
@@ -61,6 +61,15 @@ def normal_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
     unit = unit_vectors(prediction, 1e-12)
     valid = (jnp.sum(target, axis=-1) != 0).astype(prediction.dtype)
     return 1.0 - _masked_mean(jnp.sum(unit * target, axis=-1), valid)
+
+
+DENSE_TASK_LOSSES = {"segmentation": segmentation_loss, "depth": depth_loss, "normal": normal_loss}
+
+
+def dense_task_loss(name: str, prediction: jax.Array, batch: dict) -> jax.Array:
+    """Dense task ``name``'s loss of ``prediction`` against ``batch[name]`` (:data:`DENSE_TASK_LOSSES`): the
+    ``task_loss`` of the dense models (:class:`deep.model.DualStreamModel`, :class:`deep.mtan.MTAN`)."""
+    return DENSE_TASK_LOSSES[name](prediction, batch[name])
 
 
 def independence_loss(semantic_map: jax.Array, residual_code: jax.Array, debiased: bool = False) -> jax.Array:

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deep import losses
 from deep.atrous import DILATED_CONVS, set_dilated_conv
 from deep.backbone import BackboneConfig, ResNet
 from deep.decoders import AppearanceDecoder, GeometryDecoder, PhysicalDecoder
@@ -228,6 +229,8 @@ class DualStreamModel(nnx.Module):
     # The shared parameters the heads read themselves, beside the representation of :meth:`encode` (an NNX filter;
     # deep.train.task_jacobian_step differentiates them in each head's own pass): none, here.
     shared_read_by_heads = nnx.Nothing
+    # Each task's loss of its prediction against the batch, as the training steps score it.
+    task_loss = staticmethod(losses.dense_task_loss)
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config

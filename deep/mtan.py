@@ -58,10 +58,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deep import losses
+from deep.atrous import DILATED_CONVS
 from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _max_pool, batch_norm
 from deep.heads import ASPPHead
 from deep.layers import conv, drawn_later
-from deep.atrous import DILATED_CONVS
 from deep.model import (COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, check_task_names, configure_layers,
                         initialise_like_pytorch, task_prediction)
 
@@ -193,6 +194,7 @@ class MTAN(nnx.Module):
 
     # As DualStreamModel's: the shared parameters a task branch reads itself, beside the stages of :meth:`encode`.
     shared_read_by_heads = nnx.PathContains("transitions")
+    task_loss = staticmethod(losses.dense_task_loss)
 
     def __init__(self, config: MTANConfig, rngs: nnx.Rngs):
         self.config = config

@@ -43,9 +43,6 @@ from deep import losses
 from deep.model import DualStreamModel
 from deep.perceptual import LPIPSWeights, lpips_loss
 
-TASK_LOSSES = {"segmentation": losses.segmentation_loss, "depth": losses.depth_loss, "normal": losses.normal_loss}
-
-
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule (defaults: the authors' NYUv2 run)."""
@@ -159,8 +156,10 @@ def _merge(graphdef, params, batch_stats, rest) -> DualStreamModel:
     return nnx.merge(graphdef, *params, batch_stats, rest)
 
 
-def task_losses(model_tasks, predictions: dict, batch: dict) -> dict[str, jax.Array]:
-    return {name: TASK_LOSSES[name](predictions[name], batch[name]) for name, _ in model_tasks}
+def task_losses(model, predictions: dict, batch: dict) -> dict[str, jax.Array]:
+    """Each task's loss, as the model scores it (its ``task_loss``: the dense losses, or an attribute's
+    cross-entropy)."""
+    return {name: model.task_loss(name, predictions[name], batch) for name, _ in model.config.tasks}
 
 
 def _weighted_task_loss(task_terms: dict, weights: losses.LossWeights) -> jax.Array:
@@ -191,7 +190,7 @@ def counterfactual_loss(graphdef, params, batch_stats, rest, aux: dict, batch: d
     counterfactual = model.counterfactual_image(sg(aux["semantic_map"]), sg(aux["residual_code"])[permutation],
                                                 images.shape[1:3], features=sg(aux["features"]))
     predictions, cf_aux = model.predict(sg(counterfactual))
-    task = _weighted_task_loss(task_losses(model.config.tasks, predictions, batch), weights)
+    task = _weighted_task_loss(task_losses(model, predictions, batch), weights)
     independence = losses.independence_loss(cf_aux["semantic_map"], cf_aux["residual_code"])
     return weights.counterfactual * (task + 0.1 * independence)
 
@@ -241,7 +240,7 @@ def objective_terms(model: DualStreamModel, predictions: dict, aux: dict, batch:
                     perceptual: LPIPSWeights | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq (16) without the counterfactual term, from the outputs of ``model(batch["images"])``: ``(loss, terms)``
     (:func:`core_objective`; the model is read only for what it has)."""
-    terms = task_losses(model.config.tasks, predictions, batch)
+    terms = task_losses(model, predictions, batch)
     scaled = {name: task_scale * value for name, value in terms.items()}
     if "depth" in predictions and weights.edge > 0:
         # Not gated by the stage, as in the authors' code: in stage 0 it still trains the encoder through the depth
@@ -332,7 +331,7 @@ def _stacked_task_losses(graphdef, params, state: TrainState, batch: dict):
     model = _merge(graphdef, params, state.batch_stats, state.rest)
     model.train()
     predictions, _ = model(batch["images"])
-    return jnp.stack(list(task_losses(model.config.tasks, predictions, batch).values())), _split_states(model)
+    return jnp.stack(list(task_losses(model, predictions, batch).values())), _split_states(model)
 
 
 def task_jacobian_step(graphdef, state: TrainState, batch: dict):
@@ -391,7 +390,7 @@ def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: 
         model = _merge(graphdef, (read_by_heads, not_read, heads), batch_stats, rest)
         model.train()
         prediction = model.predict_from_streams(**representation, image_size=image_size, tasks=(name,))[name]
-        return TASK_LOSSES[name](prediction.astype(jnp.float32), batch[name]), _split_states(model)
+        return model.task_loss(name, prediction.astype(jnp.float32), batch), _split_states(model)
 
     losses_k, representation_grads, direct_grads, head_grads = [], [], [], None
     for name in tasks:

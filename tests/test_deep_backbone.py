@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deep.backbone import BackboneConfig, ResNet, batch_norm, torchvision_key
+from deep.backbone import RESNET18, BackboneConfig, ResNet, batch_norm, torchvision_key
 
 TINY = BackboneConfig(depths=(1, 1, 2, 2), width=4)
 
@@ -39,6 +39,22 @@ def test_full_resnet50_has_torchvisions_parameter_count():
     model = nnx.eval_shape(lambda: ResNet(BackboneConfig(), nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)) == 23_508_032  # resnet50 minus its fc layer
+
+
+def test_resnet18_has_torchvisions_parameter_count_and_output_stride_32():
+    model = nnx.eval_shape(lambda: ResNet(RESNET18, nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)) == 11_176_512  # resnet18 minus its fc layer
+    assert RESNET18.output_stride == 32 and RESNET18.output_channels == (64, 128, 256, 512)
+    assert model.layer2[0].conv1.strides == (2, 2) and model.layer2[0].downsample is not None
+    assert model.layer1[0].downsample is None  # 64 -> 64 channels at stride 1: the identity shortcut
+
+
+def test_basic_blocks_refuse_dilation():
+    with pytest.raises(ValueError, match="basic blocks .* no dilated form"):
+        BackboneConfig(block="basic")  # the default dilates stages 3 and 4
+    with pytest.raises(ValueError, match="block must be one of bottleneck, basic"):
+        BackboneConfig(block="wide")
 
 
 def test_variables_map_to_torchvision_state_dict_keys(tiny_model):

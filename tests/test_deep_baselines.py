@@ -80,7 +80,7 @@ def whole_model_jacobian(graphdef, state, batch, tasks):
                                                                                        state.rest)))
             model.train()
             predictions, _ = model(batch["images"])
-            return jnp.stack([train.TASK_LOSSES[name](predictions[name], batch[name]) for name, _ in tasks]), (
+            return jnp.stack([model.task_loss(name, predictions[name], batch) for name, _ in tasks]), (
                 train.split_states(model)[2:])
 
         losses_k, pullback, states = jax.vjp(stacked_losses, flat_shared, state.params[1], has_aux=True)

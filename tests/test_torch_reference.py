@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import torch_reference
-from deep.backbone import batch_norm, resnet50
+from deep.backbone import batch_norm, resnet18, resnet50
 from deep.decoders import instance_norm
 from deep.heads import ASPPHead, group_norm
 from deep.losses import resize_nearest, segmentation_loss
@@ -95,6 +95,20 @@ def test_the_backbone_with_torchvisions_weights_gives_torchvisions_features(reco
     for name, output in zip(torch_reference.STAGES, backbone_stages, strict=True):
         expected = record[f"backbone_{name}"]
         got = torch_reference.project(output)
+        assert got.shape == expected.shape, f"{name}: {got.shape} vs torchvision's {expected.shape}"
+        difference = relative_difference(got, expected)
+        assert difference < TOLERANCE, f"{name}: relative difference {difference:.2e} from torchvision"
+
+
+def test_resnet18_with_torchvisions_weights_gives_torchvisions_features(record, tmp_path):
+    """The CelebA backbone: basic blocks, output stride 32."""
+    np.savez(tmp_path / "resnet18.npz", **torch_reference.resnet18_arrays())
+    backbone = resnet18(nnx.Rngs(0))
+    load_torchvision_npz(backbone, tmp_path / "resnet18.npz")
+    backbone.eval()
+    stages = run_jitted(backbone, jnp.asarray(torch_reference.backbone_images()))
+    for name, output in zip(torch_reference.STAGES, stages, strict=True):
+        expected, got = record[f"resnet18_{name}"], torch_reference.project(np.asarray(output))
         assert got.shape == expected.shape, f"{name}: {got.shape} vs torchvision's {expected.shape}"
         difference = relative_difference(got, expected)
         assert difference < TOLERANCE, f"{name}: relative difference {difference:.2e} from torchvision"

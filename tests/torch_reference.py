@@ -11,7 +11,8 @@ rebuild them; torch only computes the outputs. Recorded:
 - ``backbone_layer1..4``: torchvision's ``resnet50(replace_stride_with_dilation=[False, True, True])`` in eval mode,
   with random weights and BatchNorm statistics, on two 48×64 images: each stage's output ``[B, H, W, C]`` times a
   fixed random ``[C, 16]`` matrix (:func:`projection`). A wrong channel, tap, stride, dilation or padding changes
-  it, and the file stays small. LibMTL's own dilated ResNet-50 (``LibMTL.model.resnet_dilated``, MTAN's
+  it, and the file stays small. ``resnet18_layer1..4``: torchvision's ``resnet18()`` (basic blocks, output stride
+  32, the CelebA backbone), the same way. LibMTL's own dilated ResNet-50 (``LibMTL.model.resnet_dilated``, MTAN's
   ``_nostride_dilate``), the backbone of LibMTL's published NYUv2 numbers, gives the same stages bit for bit with
   the same weights; recording asserts it.
 - ``mtan_<task>``: LibMTL's MTAN encoder (``LibMTL.architecture.MTAN._transform_resnet_MTAN`` around the same
@@ -116,6 +117,17 @@ def backbone_arrays() -> dict[str, np.ndarray]:
     from deep.weights import torchvision_shapes
 
     return random_torch_arrays(torchvision_shapes(nnx.eval_shape(lambda: resnet50(nnx.Rngs(0)))), seed=50)
+
+
+def resnet18_arrays() -> dict[str, np.ndarray]:
+    """ResNet-18's torchvision backbone arrays (``fc`` and ``num_batches_tracked`` aside), as
+    :func:`backbone_arrays`."""
+    from flax import nnx
+
+    from deep.backbone import resnet18
+    from deep.weights import torchvision_shapes
+
+    return random_torch_arrays(torchvision_shapes(nnx.eval_shape(lambda: resnet18(nnx.Rngs(0)))), seed=18)
 
 
 MTAN_TASKS = (("segmentation", 13), ("depth", 1))
@@ -369,13 +381,16 @@ def _compute_reference() -> dict[str, np.ndarray]:
 
     resnet = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
     reference.update({f"backbone_{stage}": project(output)
-                      for stage, output in zip(STAGES, _resnet_stages(torch, resnet))})
+                      for stage, output in zip(STAGES, _resnet_stages(torch, resnet, backbone_arrays()))})
+    resnet18 = torchvision.models.resnet18(weights=None)
+    reference.update({f"resnet18_{stage}": project(output)
+                      for stage, output in zip(STAGES, _resnet_stages(torch, resnet18, resnet18_arrays()))})
     _import_libmtl(torch)
     from LibMTL.model.resnet_dilated import resnet_dilated
 
     # LibMTL's own dilated ResNet-50 (MTAN's _nostride_dilate on LibMTL's ResNet), the backbone of its published
     # NYUv2 numbers, is the same network: with the same weights, bit for bit the same stages.
-    libmtl_stages = _resnet_stages(torch, resnet_dilated("resnet50", pretrained=False))
+    libmtl_stages = _resnet_stages(torch, resnet_dilated("resnet50", pretrained=False), backbone_arrays())
     for stage, output in zip(STAGES, libmtl_stages, strict=True):
         assert np.array_equal(project(output), reference[f"backbone_{stage}"]), f"LibMTL's {stage} differs"
 
@@ -512,8 +527,8 @@ def _optimisers(torch) -> dict[str, np.ndarray]:
     return recorded
 
 
-def _resnet_stages(torch, resnet) -> list[np.ndarray]:
-    arrays, state = backbone_arrays(), resnet.state_dict()
+def _resnet_stages(torch, resnet, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+    state = resnet.state_dict()
     unused = {key for key in state if key.startswith("fc.") or key.endswith("num_batches_tracked")}
     assert set(arrays) == set(state) - unused, set(arrays) ^ (set(state) - unused)
     resnet.load_state_dict({**state, **{key: torch.from_numpy(value) for key, value in arrays.items()}})
