@@ -20,6 +20,10 @@ CORE-MTL evaluator reproduces (``reference/official_implementation.md``, "Metric
   :math:`\alpha < 11.25°, 22.5°, 30°`.
 
 Metric names are ``"<task>/<metric>"`` (:data:`METRIC_DIRECTIONS` lists them with their direction).
+
+Binary attributes (CelebA; ``logits [B, T]``, ``labels [B, T]`` in {0, 1}, −1 = no label) are scored by
+:class:`AttributeAccuracy`: each attribute's accuracy at the authors' threshold (a sigmoid above 0.5, a positive
+logit) over the labelled examples of the split, and the mean over the attributes, ``attributes/mean_accuracy``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from deep.shading import unit_vectors
 
 __all__ = ["METRIC_DIRECTIONS", "TASK_CHANNELS", "NORMAL_THRESHOLDS_DEGREES", "IGNORED_LABELS",
            "segmentation_statistics", "depth_statistics", "normal_angles", "normal_statistics", "segmentation_scores",
-           "histogram_median", "MetricAccumulator", "delta_p", "delta_m"]
+           "histogram_median", "MetricAccumulator", "AttributeAccuracy", "attribute_statistics", "delta_p",
+           "delta_m"]
 
 #: +1 where higher is better, −1 where lower is better.
 METRIC_DIRECTIONS: dict[str, int] = {
@@ -49,6 +54,7 @@ METRIC_DIRECTIONS: dict[str, int] = {
     "normal/within_11.25": +1,
     "normal/within_22.5": +1,
     "normal/within_30": +1,
+    "attributes/mean_accuracy": +1,
 }
 #: The tasks the metrics know, with the channels their predictions must have (``None``: any number of classes).
 TASK_CHANNELS: dict[str, int | None] = {"segmentation": None, "depth": 1, "normal": 3}
@@ -388,6 +394,84 @@ class MetricAccumulator:
             for threshold, within in zip(NORMAL_THRESHOLDS_DEGREES, self._normal["within"]):
                 metrics[f"normal/within_{threshold:g}"] = int(within) / count
         return metrics
+
+
+@jax.jit
+def attribute_statistics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Per attribute ``[T]``: the labelled examples whose prediction (logit > 0) is right, and the labelled examples
+    (label 0 or 1; −1 is skipped), with ``out_of_range``, the count of labels that are none of −1, 0, 1."""
+    labelled = (labels == 0) | (labels == 1)
+    right = labelled & ((logits > 0) == (labels == 1))
+    return {"correct": jnp.sum(right, axis=0, dtype=jnp.int32),
+            "labelled": jnp.sum(labelled, axis=0, dtype=jnp.int32),
+            "out_of_range": jnp.sum(~labelled & (labels != -1), dtype=jnp.int32)}
+
+
+class AttributeAccuracy:
+    """Accuracy of binary attributes over a whole split, fed batch by batch (the CelebA metric).
+
+    Example::
+
+        accuracy = AttributeAccuracy(("Smiling", "Young"))
+        for batch in loader:
+            accuracy.update(logits, batch["attributes"])  # [B, 2] each, columns in that order
+        accuracy.result()  # {"attributes/mean_accuracy": ..., "attributes/Smiling": ..., "attributes/Young": ...}
+
+    Each attribute's accuracy is over its labelled examples (label 0 or 1; −1, the filler rows of a last batch, is
+    skipped); the mean is the plain mean over the attributes, as the authors report it.
+    """
+
+    def __init__(self, attributes: tuple[str, ...]):
+        if not attributes or len(set(attributes)) != len(attributes):
+            raise ValueError(f"attributes must be distinct names, at least one; got {attributes}")
+        self.attributes = tuple(attributes)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets every batch seen."""
+        self._correct = np.zeros(len(self.attributes), np.int64)
+        self._labelled = np.zeros(len(self.attributes), np.int64)
+
+    def statistics(self, logits: jax.Array, labels: jax.Array) -> dict:
+        """One batch's statistics, computed on its device and not waited for (:meth:`add` brings them to the host).
+
+        Raises:
+            ValueError: unless ``logits`` and ``labels`` are both ``[batch, T]`` with integer labels.
+        """
+        shape = (jnp.shape(logits)[0] if jnp.ndim(logits) else 0, len(self.attributes))
+        for name, value in (("logits", logits), ("labels", labels)):
+            if tuple(jnp.shape(value)) != shape:
+                raise ValueError(f"attribute {name} must be [batch, {len(self.attributes)}]; got shape "
+                                 f"{tuple(jnp.shape(value))}")
+        if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
+            raise ValueError(f"attribute labels must be integers (0, 1; -1 = no label); got dtype "
+                             f"{jnp.asarray(labels).dtype}")
+        return attribute_statistics(jnp.asarray(logits), jnp.asarray(labels))
+
+    def add(self, statistics: dict) -> None:
+        """Adds the statistics of :meth:`statistics`; raises ``ValueError`` on a label that is none of −1, 0, 1."""
+        statistics = jax.tree.map(_to_host, statistics)
+        if statistics["out_of_range"] > 0:
+            raise ValueError(f"{int(statistics['out_of_range'])} attribute labels are none of 0, 1 and -1 (no label)")
+        self._correct += np.asarray(statistics["correct"], np.int64)
+        self._labelled += np.asarray(statistics["labelled"], np.int64)
+
+    def update(self, logits: jax.Array, labels: jax.Array) -> None:
+        """Adds one batch (:meth:`statistics` then :meth:`add`)."""
+        self.add(self.statistics(logits, labels))
+
+    def result(self) -> dict[str, float]:
+        """``attributes/mean_accuracy`` and ``attributes/<name>`` for each attribute, as fractions.
+
+        Raises:
+            ValueError: when some attribute has no labelled example.
+        """
+        if not self._labelled.all():
+            missing = [name for name, count in zip(self.attributes, self._labelled) if not count]
+            raise ValueError(f"no labelled example of {', '.join(missing)} was seen; its accuracy is undefined")
+        accuracy = self._correct / self._labelled
+        return {"attributes/mean_accuracy": float(accuracy.mean()),
+                **{f"attributes/{name}": float(value) for name, value in zip(self.attributes, accuracy)}}
 
 
 # ------------------------------------------------------------------------------------- multi-task summaries

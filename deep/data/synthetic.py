@@ -17,6 +17,13 @@ and a couple of pixels per example are marked invalid (label -1, depth 0, normal
 * Cityscapes (:func:`write_cityscapes`): a street (road, sidewalks, building blocks, trees, poles, people, cars);
   7 categories; depth is disparity :math:`1/z` (m^-1), 0 (invalid) for the sky.
 * GTA5 (:func:`write_gta5`): the street scenes as PNGs of Cityscapes labelIds plus 0-255 depth ``.npy``.
+* CelebA (:func:`write_celeba`, :func:`celeba_arrays`): not a scene but a card. The 40 attributes, each 1 with
+  probability 1/2 independently, are a 5x8 grid of cells in file order (row-major): cell :math:`k` has albedo 0.9
+  when attribute :math:`k` is 1 and 0.1 when it is 0, on a background of albedo 0.5. The nuisance, independent of
+  the attributes, is the light: a random brightness :math:`b`, channel tint :math:`t_c` and linear gradient
+  :math:`(g_u, g_v)`, :math:`I_c = \mathrm{clip}(A\, b\, t_c (1 + g_u u + g_v v) + \epsilon, 0, 1)` with
+  :math:`u, v \in [-1, 1]` across the image and mild Gaussian noise :math:`\epsilon`. A cell's pixels are at least
+  0.36 when on and at most 0.17 when off (before noise), so every attribute is learnable from a local patch.
 
 Everything is deterministic from ``seed``: example i of a split uses the generator
 ``numpy.random.default_rng((seed, split, i))``, so a larger set extends a smaller one.
@@ -28,13 +35,16 @@ import dataclasses
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from deep.data.celeba import CELEBA_ATTRIBUTES, CELEBA_SPLITS, resolve_attributes
 from deep.shading import NUM_SH, SH_C0, SH_C1, lambertian_shading
 
-__all__ = ["nyuv2_arrays", "cityscapes_arrays", "write_nyuv2", "write_cityscapes", "write_gta5"]
+__all__ = ["nyuv2_arrays", "cityscapes_arrays", "celeba_arrays", "write_nyuv2", "write_cityscapes", "write_gta5",
+           "write_celeba"]
 
 # Base albedo per NYUv2 class (bed, books, ceiling, chair, floor, furniture, objects, picture, sofa, table, tv,
 # wall, window): distinct enough that colour alone separates most classes.
@@ -53,6 +63,11 @@ _WALL_ITEMS = (7, 10, 12)  # picture, tv, window
 # Cityscapes labelIds per category (the inverse of deep.data.cityscapes.GTA5_LABEL_MAP) and some void ids.
 _LABEL_IDS = ((7, 8), (11, 12, 13), (17, 19, 20), (21, 22), (23,), (24, 25), (26, 27, 28, 31, 32, 33))
 _VOID_IDS = (0, 1, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
+# CelebA cards: (rows, columns) of the attribute grid, the span of each block a cell covers (along each axis) and the
+# albedo of a cell that is on, a cell that is off and the background.
+_CELEBA_GRID = (5, 8)
+_CELEBA_CELL_SPAN = (0.2, 0.8)
+_CELEBA_ON, _CELEBA_OFF, _CELEBA_BACKGROUND = 0.9, 0.1, 0.5
 
 
 @dataclasses.dataclass
@@ -339,4 +354,80 @@ def write_gta5(root: str | os.PathLike, count: int = 4, height: int = 64, width:
         Image.fromarray(image).save(root / "images" / f"{name}.png")
         Image.fromarray(label_ids).save(root / "labels" / f"{name}.png")
         np.save(root / "depth" / f"{name}.npy", (255.0 * arrays["depth"][index, ..., 0]).astype(np.float32))
+    return root
+
+
+def _celeba_card(rng: np.random.Generator, height: int, width: int) -> dict[str, np.ndarray]:
+    """One CelebA-like card ``[H, W, 3]`` uint8 and its 40 attributes (see the module's docstring)."""
+    attributes = (rng.random(len(CELEBA_ATTRIBUTES)) < 0.5).astype(np.int32)
+    brightness, tint, gradient = rng.uniform(0.6, 1.2), 1.0 + rng.uniform(-0.15, 0.15, 3), rng.uniform(-0.1, 0.1, 2)
+    rows, columns = _CELEBA_GRID
+    # Pixel centres in units of grid blocks: the block index is the integer part, the place inside it the fraction.
+    y, x = (np.arange(height) + 0.5) * rows / height, (np.arange(width) + 0.5) * columns / width
+    low, high = _CELEBA_CELL_SPAN
+    in_cell = ((y % 1 >= low) & (y % 1 < high))[:, None] & ((x % 1 >= low) & (x % 1 < high))[None, :]
+    cell = np.floor(y).astype(np.int64)[:, None] * columns + np.floor(x).astype(np.int64)[None, :]
+    albedo = np.where(in_cell, np.where(attributes[cell] == 1, _CELEBA_ON, _CELEBA_OFF), _CELEBA_BACKGROUND)
+    u, v = 2.0 * x / columns - 1.0, 2.0 * y / rows - 1.0
+    light = brightness * (1.0 + gradient[0] * u[None, :] + gradient[1] * v[:, None])
+    image = albedo[..., None] * light[..., None] * tint + rng.normal(0.0, 0.02, (height, width, 3))
+    return {"images": np.round(255.0 * np.clip(image, 0.0, 1.0)).astype(np.uint8), "attributes": attributes}
+
+
+def celeba_arrays(count: int, height: int = 128, width: int = 128, attributes: int | Sequence[str] | None = 40,
+                  seed: int = 0, split: int = 0) -> dict[str, np.ndarray]:
+    """``count`` generated CelebA-like cards in memory, as :func:`deep.data.load_celeba` returns them.
+
+    Args:
+        attributes: the selection of :func:`deep.data.resolve_attributes` (None or 40 = all, T = the first T, or
+            names); every card still shows all 40 cells, as a real face shows all its attributes.
+        split: 0, 1, 2 for the cards :func:`write_celeba` writes as train, val, test (before JPEG and resizing).
+
+    Returns:
+        ``images [N, H, W, 3]`` uint8; ``attributes [N, T]`` int32 in {0, 1}.
+    """
+    columns = [CELEBA_ATTRIBUTES.index(name) for name in resolve_attributes(attributes)]
+    arrays = _generate(_celeba_card, count, height, width, seed, split)
+    return {"images": arrays["images"], "attributes": arrays["attributes"][:, columns]}
+
+
+def write_celeba(root: str | os.PathLike, train: int = 8, val: int = 4, test: int = 4, height: int = 218,
+                 width: int = 178, seed: int = 0, nested: bool = False, quality: int = 95) -> Path:
+    """Writes generated cards in CelebA's Align&Cropped layout under ``root`` and returns ``root``.
+
+    ``img_align_celeba/%06d.jpg`` (``img_align_celeba/img_align_celeba/`` when ``nested``), numbered from 000001
+    across train, val and test in that order; ``list_attr_celeba.txt`` formatted as the official file (the count,
+    the 40 names, then ``000001.jpg -1  1  1 -1 ...``: each value right-aligned in 2 characters) and
+    ``list_eval_partition.txt`` (``000001.jpg 0``). Split ``s`` holds ``celeba_arrays(n, height, width, seed=seed,
+    split=s)``, saved as JPEG at ``quality``.
+
+    Args:
+        train, val, test: examples per split, each >= 0 (0 leaves the split empty), at least one in all.
+    """
+    from PIL import Image
+
+    counts = {"train": train, "val": val, "test": test}
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+    if sum(counts.values()) < 1:
+        raise ValueError("train + val + test must be at least 1; got 0")
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an integer in 1..100; got {quality!r}")
+    root = Path(root)
+    folder = root / "img_align_celeba" / "img_align_celeba" if nested else root / "img_align_celeba"
+    folder.mkdir(parents=True, exist_ok=True)
+    attribute_lines = [str(sum(counts.values())), " ".join(CELEBA_ATTRIBUTES) + " "]
+    partition_lines = []
+    for code, split in enumerate(CELEBA_SPLITS):
+        if counts[split] == 0:
+            continue
+        arrays = celeba_arrays(counts[split], height, width, seed=seed, split=code)
+        for image, attributes in zip(arrays["images"], arrays["attributes"]):
+            name = f"{len(partition_lines) + 1:06d}.jpg"
+            Image.fromarray(image).save(folder / name, quality=int(quality))
+            attribute_lines.append(f"{name} " + " ".join(f"{2 * value - 1:2d}" for value in attributes))
+            partition_lines.append(f"{name} {code}")
+    (root / "list_attr_celeba.txt").write_text("\n".join(attribute_lines) + "\n")
+    (root / "list_eval_partition.txt").write_text("\n".join(partition_lines) + "\n")
     return root

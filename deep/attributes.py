@@ -1,0 +1,255 @@
+r"""The CelebA attribute model: a dual-stream ResNet-18 with soft grounding (the paper's scalability benchmark).
+
+The authors' ``models/causal_celeba_model.py`` (``reference/official_implementation.md``, "CelebA model"):
+
+* **backbone**: ResNet-18 without dilation (output stride 32: a 4×4 map for 128×128 faces);
+* **streams**: ``proj_zs`` and ``proj_zp``, each a 1×1 convolution → BatchNorm → ReLU, to the semantic map ẑ_s
+  (1024 channels) and the residual map ẑ_r (64 channels), both spatial;
+* **attribute head**: the spatial mean of ẑ_s → Linear 256 → BatchNorm → ReLU → Dropout 0.5 → Linear T (logits). The
+  last layer, one logit per attribute, is the task-specific part (``heads``): everything before it, the 256-channel
+  features included, is shared, so the gradient-balancing baselines (:func:`deep.train.balanced_step`) see T tasks
+  with linear heads on one shared representation;
+* **soft grounding** (Eq (15)): ``concat(ẑ_s, ẑ_r)`` maps → five blocks of (bilinear ×2 → 3×3 convolution →
+  BatchNorm → ReLU) with 256, 128, 64, 32, 32 channels → 1×1 convolution to 3 → sigmoid, the reconstructed face.
+
+No physical renderer, no counterfactual pass, no stages: the CelebA objective is
+
+.. math:: \mathcal L = \lambda_{\rm attr}\,\mathrm{BCE} + \beta_{\rm app}\big[\lambda_{L1}\|D([\hat z_s;\hat z_r])
+          - x\|_1 + \mathrm{LPIPS}(D([\hat z_s;\hat z_r]), x)\big] + \lambda_{\rm ind}\,\mathrm{CKA}(\bar z_s, \bar z_r)
+
+(:func:`attribute_objective`), with the CKA between the spatially pooled streams and the LPIPS term only from a
+user-supplied weights file (:mod:`deep.perceptual`). The baselines (``grounding="none"``) have no decoder and train
+the per-attribute losses with a method of :mod:`theory.balancing`.
+
+A prediction is an attribute's logit ``[B]``; the attribute is predicted present where the logit is positive (a
+sigmoid above 0.5, the authors' threshold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from deep import losses, train
+from deep.backbone import RESNET18, BackboneConfig, ResNet, batch_norm
+from deep.data.celeba import CELEBA_ATTRIBUTES
+from deep.layers import conv, dense, drawn_later
+from deep.model import COMPUTE_DTYPES, check_task_names, configure_layers, initialise_like_pytorch
+from deep.perceptual import LPIPSWeights, lpips_loss
+from deep.resize import resize_bilinear
+
+ATTRIBUTE_GROUNDINGS = ("soft", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeModelConfig:
+    """Sizes of :class:`AttributeModel` (defaults: the authors' CelebA model, all 40 attributes).
+
+    ``attributes``: the task names, one binary attribute each (their order is the order of the columns of the
+    ``attributes`` array the data holds). ``grounding``: ``"soft"`` (CORE-MTL: the reconstruction decoder) or
+    ``"none"`` (the baselines).
+    """
+
+    backbone: BackboneConfig = RESNET18
+    attributes: tuple[str, ...] = CELEBA_ATTRIBUTES
+    semantic_channels: int = 1024
+    residual_channels: int = 64
+    hidden_channels: int = 256
+    dropout: float = 0.5
+    decoder_widths: tuple[int, ...] = (256, 128, 64, 32, 32)
+    grounding: str = "soft"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if not self.attributes or len(set(self.attributes)) != len(self.attributes):
+            raise ValueError(f"attributes must be distinct names, at least one; got {self.attributes}")
+        for name in ("semantic_channels", "residual_channels", "hidden_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.decoder_widths or any(width < 1 for width in self.decoder_widths):
+            raise ValueError(f"decoder_widths must be channel counts >= 1; got {self.decoder_widths}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1); got {self.dropout}")
+        if self.grounding not in ATTRIBUTE_GROUNDINGS:
+            raise ValueError(f"grounding must be one of {', '.join(ATTRIBUTE_GROUNDINGS)}; got {self.grounding!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
+
+    @property
+    def tasks(self) -> tuple[tuple[str, int], ...]:
+        """``(attribute, 1)`` pairs: the task list the training steps iterate over (one logit per attribute)."""
+        return tuple((name, 1) for name in self.attributes)
+
+
+class Projector(nnx.Module):
+    """1×1 convolution → BatchNorm → ReLU (the authors' ``proj_zs`` and ``proj_zp``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, rngs: nnx.Rngs):
+        self.conv = conv(in_channels, out_channels, (1, 1), use_bias=False, rngs=rngs)
+        self.bn = batch_norm(out_channels, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(self.bn(self.conv(x)))
+
+
+class UpBlock(nnx.Module):
+    """Bilinear ×2 → 3×3 convolution → BatchNorm → ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, rngs: nnx.Rngs):
+        self.conv = conv(in_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs)
+        self.bn = batch_norm(out_channels, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
+        return jax.nn.relu(self.bn(self.conv(x)))
+
+
+class SoftDecoder(nnx.Module):
+    """``concat(ẑ_s, ẑ_r) [B, h, w, C_s + C_r] -> image [B, H, W, 3]`` in (0, 1): the generic decoder of Eq (15),
+    resized bilinearly to the image where the doublings do not reach it exactly."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], rngs: nnx.Rngs):
+        channels = (in_channels, *widths)
+        self.blocks = nnx.List([UpBlock(a, b, rngs) for a, b in zip(channels[:-1], channels[1:])])
+        self.out = conv(widths[-1], 3, (1, 1), rngs=rngs)
+
+    def __call__(self, x: jax.Array, image_size: tuple[int, int]) -> jax.Array:
+        for block in self.blocks:
+            x = block(x)
+        if x.shape[1:3] != tuple(image_size):
+            x = resize_bilinear(x, image_size)
+        return jax.nn.sigmoid(self.out(x))
+
+
+class AttributeModel(nnx.Module):
+    """``images [B, H, W, 3] -> (predictions {attribute: logits [B]}, aux)``; ``aux``: ``semantic_map``,
+    ``residual_map`` (``[B, h, w, C]``), ``semantic_code``, ``residual_code`` (their spatial means), ``features``
+    (the shared 256-channel input of the heads) and, with soft grounding, ``reconstruction`` ``[B, H, W, 3]``."""
+
+    # The shared parameters the heads read themselves (deep.train.task_jacobian_step): none.
+    shared_read_by_heads = nnx.Nothing
+
+    def __init__(self, config: AttributeModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        with drawn_later():  # initialise_like_pytorch draws every convolution and dense layer below
+            self.backbone = ResNet(config.backbone, rngs)
+            features = config.backbone.output_channels[-1]
+            self.semantic = Projector(features, config.semantic_channels, rngs)
+            self.residual = Projector(features, config.residual_channels, rngs)
+            self.hidden = dense(config.semantic_channels, config.hidden_channels, rngs=rngs)
+            self.hidden_bn = batch_norm(config.hidden_channels, rngs)
+            self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+            self.heads = dense(config.hidden_channels, len(config.attributes), rngs=rngs)
+            self.decoder = SoftDecoder(config.semantic_channels + config.residual_channels, config.decoder_widths,
+                                       rngs) if config.grounding == "soft" else None
+        initialise_like_pytorch(self, rngs.params())
+        configure_layers(self, config.compute_dtype, "xla")
+
+    def _streams(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c4 = self.backbone(images)[-1]
+        return self.semantic(c4), self.residual(c4)
+
+    def _features(self, semantic_map: jax.Array) -> jax.Array:
+        hidden = self.hidden_bn(self.hidden(jnp.mean(semantic_map, axis=(1, 2))))
+        return self.dropout(jax.nn.relu(hidden))
+
+    def encode(self, images: jax.Array) -> dict[str, jax.Array]:
+        """The representation the heads read, keyed as :meth:`predict_from_streams`' argument: ``features``."""
+        semantic_map, _ = self._streams(images)
+        return {"features": self._features(semantic_map)}
+
+    def predict_from_streams(self, features: jax.Array, image_size: tuple[int, int] | None = None,
+                             tasks: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
+        """``{attribute: logits [B]}`` for ``tasks`` (default: all) from the shared features ``[B, 256]``;
+        ``image_size`` is not read (the dense models' interface)."""
+        del image_size
+        check_task_names(tasks, self.config.tasks)
+        logits = self.heads(features).astype(jnp.float32)
+        return {name: logits[:, index] for index, name in enumerate(self.config.attributes)
+                if tasks is None or name in tasks}
+
+    def task_loss(self, name: str, prediction: jax.Array, batch: dict) -> jax.Array:
+        """Attribute ``name``'s binary cross-entropy against its column of ``batch["attributes"]``."""
+        return attribute_loss(prediction[:, None], batch["attributes"][:, self.config.attributes.index(name), None])
+
+    def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        semantic_map, residual_map = self._streams(images)
+        features = self._features(semantic_map)
+        aux = {"semantic_map": semantic_map, "residual_map": residual_map,
+               "semantic_code": jnp.mean(semantic_map, axis=(1, 2)),
+               "residual_code": jnp.mean(residual_map, axis=(1, 2)), "features": features}
+        if self.decoder is not None:
+            aux["reconstruction"] = self.decoder(jnp.concatenate([semantic_map, residual_map], axis=-1),
+                                                 images.shape[1:3])
+        return self.predict_from_streams(features), jax.tree.map(lambda x: x.astype(jnp.float32), aux)
+
+
+def attribute_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Binary cross-entropy with logits, averaged over the labelled entries (labels 0 or 1; −1 = no label, the
+    filler rows of an evaluation batch): PyTorch's ``BCEWithLogitsLoss`` over ``[B, T]`` when every entry is
+    labelled."""
+    labelled = labels >= 0
+    per_entry = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), jnp.where(labelled, labels, 0))
+    return jnp.sum(jnp.where(labelled, per_entry, 0.0)) / jnp.maximum(jnp.sum(labelled), 1)
+
+
+def stacked_logits(predictions: dict[str, jax.Array], attributes: tuple[str, ...]) -> jax.Array:
+    """``[B, T]`` logits, columns in the order of ``attributes``."""
+    return jnp.stack([predictions[name] for name in attributes], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeLossWeights:
+    """The CelebA objective's weights (the authors' ``5celeba.yaml``; the paper's Table 7, CelebA row)."""
+
+    attributes: float = 1.0     # lambda_attr
+    independence: float = 0.5   # lambda_ind (CKA)
+    appearance: float = 5.0     # beta_app
+    appearance_l1: float = 1.0  # lambda_l1 inside beta_app
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not (value >= 0 and jnp.isfinite(value)):
+                raise ValueError(f"loss weight {field.name} must be a finite number >= 0; got {value!r}")
+
+
+def attribute_objective(graphdef, params, batch_stats, rest, batch: dict, weights: AttributeLossWeights,
+                        perceptual: LPIPSWeights | None = None):
+    """The CelebA objective (module docstring) of a train-mode pass, with ``(batch_stats, rest, terms)``."""
+    model = train._merge(graphdef, params, batch_stats, rest)
+    model.train()
+    images = batch["images"]
+    predictions, aux = model(images)
+    logits = stacked_logits(predictions, model.config.attributes)
+    terms = {"attributes": attribute_loss(logits, batch["attributes"]),
+             "independence": losses.independence_loss(aux["semantic_map"], aux["residual_code"])}
+    appearance = 0.0
+    if "reconstruction" in aux:
+        terms["appearance_l1"] = losses.l1(aux["reconstruction"], images)
+        appearance = weights.appearance_l1 * terms["appearance_l1"]
+        if perceptual is not None:
+            terms["appearance_perceptual"] = lpips_loss(perceptual, aux["reconstruction"], images)
+            appearance = appearance + terms["appearance_perceptual"]
+    loss = (weights.attributes * terms["attributes"] + weights.independence * terms["independence"]
+            + weights.appearance * appearance)
+    batch_stats, rest = train._split_states(model)
+    return loss, (batch_stats, rest, terms)
+
+
+def attribute_step(graphdef, optimizer: optax.GradientTransformation, state: train.TrainState, batch: dict,
+                   weights: AttributeLossWeights, perceptual: LPIPSWeights | None = None):
+    """One CORE-MTL step on CelebA: the gradient of :func:`attribute_objective`, clipped and applied by
+    ``optimizer`` (:func:`deep.train.make_optimizer`; the authors' AdamW and cosine schedule), guarded against
+    non-finite values as every step here. Jit with ``graphdef``, ``optimizer`` and ``weights`` static."""
+    (loss, (batch_stats, rest, terms)), grads = jax.value_and_grad(attribute_objective, argnums=1, has_aux=True)(
+        graphdef, state.params, state.batch_stats, state.rest, batch, weights, perceptual)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = train.TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state,
+                                 state.step + 1)
+    new_state, finite = train._guarded(state, new_state, loss, grads)
+    return new_state, {"loss": loss, "finite": finite, **terms}

@@ -1,0 +1,181 @@
+"""The CelebA attribute model (deep.attributes): shapes, the heads' inputs, the loss, the CORE-MTL step, the
+baselines' per-attribute Jacobian, and the attribute accuracy metric."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deep import train
+from deep.attributes import (AttributeLossWeights, AttributeModel, AttributeModelConfig, attribute_loss,
+                             attribute_step, stacked_logits)
+from deep.backbone import RESNET18
+from deep.metrics import AttributeAccuracy
+from test_deep_baselines import assert_same_jacobian_step, whole_model_jacobian
+from test_deep_train import compiled, copied
+from theory.balancing import make
+
+ATTRIBUTES = ("Smiling", "Young", "Male")
+TINY = AttributeModelConfig(backbone=dataclasses.replace(RESNET18, width=8, depths=(1, 1, 1, 1)), attributes=ATTRIBUTES,
+                            semantic_channels=16, residual_channels=4, hidden_channels=8, decoder_widths=(8, 8, 8, 8, 8))
+OPTIM = train.OptimConfig(learning_rate=2e-3, weight_decay=0.0, decoupled_weight_decay=True, warmup_epochs=0,
+                          epochs=1000)
+
+
+def make_batch(size: int = 8, seed: int = 0) -> dict:
+    """Images whose attributes show: attribute t brightens one third of the image's rows by 0.5."""
+    rng = np.random.default_rng(seed)
+    attributes = rng.integers(0, 2, size=(size, len(ATTRIBUTES))).astype(np.int32)
+    images = rng.uniform(0.0, 0.4, size=(size, 64, 64, 3)).astype(np.float32)
+    for t in range(len(ATTRIBUTES)):
+        images[attributes[:, t] == 1, 21 * t:21 * (t + 1)] += 0.5
+    return {"images": jnp.asarray(images), "attributes": jnp.asarray(attributes)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AttributeModel(TINY, nnx.Rngs(0))
+
+
+def test_shapes_and_outputs(model):
+    predictions, aux = model(make_batch()["images"])
+    assert set(predictions) == set(ATTRIBUTES) and all(p.shape == (8,) for p in predictions.values())
+    assert aux["semantic_map"].shape == (8, 2, 2, 16) and aux["residual_map"].shape == (8, 2, 2, 4)  # stride 32
+    assert aux["semantic_code"].shape == (8, 16) and aux["residual_code"].shape == (8, 4)
+    assert aux["reconstruction"].shape == (8, 64, 64, 3)
+    assert float(aux["reconstruction"].min()) > 0 and float(aux["reconstruction"].max()) < 1  # a sigmoid
+    assert TINY.tasks == (("Smiling", 1), ("Young", 1), ("Male", 1))
+    baseline = AttributeModel(dataclasses.replace(TINY, grounding="none"), nnx.Rngs(0))
+    assert baseline.decoder is None and "reconstruction" not in baseline(make_batch()["images"])[1]
+
+
+def test_the_heads_read_only_the_semantic_stream(model):
+    """Neither the residual projector nor the decoder changes a prediction (eval mode: no dropout)."""
+    images = make_batch()["images"]
+    graphdef, state = nnx.split(model)
+    changed = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    changed.residual.conv.kernel[...] = changed.residual.conv.kernel[...] + 1.0
+    changed.decoder.out.kernel[...] = changed.decoder.out.kernel[...] + 1.0
+    model.eval(), changed.eval()
+    try:
+        for name, value in model(images)[0].items():
+            np.testing.assert_array_equal(value, changed(images)[0][name])
+        assert not np.allclose(model(images)[1]["residual_code"], changed(images)[1]["residual_code"])
+    finally:
+        model.train()
+
+
+def test_encode_then_predict_is_the_forward_pass(model):
+    images = make_batch()["images"]
+    model.eval()
+    try:
+        whole = model(images)[0]
+        parts = model.predict_from_streams(**model.encode(images), tasks=("Young",))
+    finally:
+        model.train()
+    assert set(parts) == {"Young"}
+    np.testing.assert_allclose(parts["Young"], whole["Young"], rtol=1e-6)
+    with pytest.raises(ValueError, match="tasks must be among the model's"):
+        model.predict_from_streams(**model.encode(images), tasks=("Bald",))
+
+
+def test_attribute_loss_is_binary_cross_entropy_over_the_labelled_entries():
+    logits = jnp.array([[2.0, -1.0], [0.5, 3.0]])
+    labels = jnp.array([[1, 0], [0, -1]])
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    expected = -(np.log(sigmoid(2.0)) + np.log(1 - sigmoid(-1.0)) + np.log(1 - sigmoid(0.5))) / 3
+    np.testing.assert_allclose(attribute_loss(logits, labels), expected, rtol=1e-6)
+    # Each attribute's task loss is its column's; their mean is the loss over all entries when all are labelled.
+    model, batch = AttributeModel(TINY, nnx.Rngs(1)), make_batch()
+    predictions, _ = model(batch["images"])
+    per_task = [model.task_loss(name, predictions[name], batch) for name in ATTRIBUTES]
+    np.testing.assert_allclose(np.mean(per_task), attribute_loss(stacked_logits(predictions, ATTRIBUTES),
+                                                                 batch["attributes"]), rtol=1e-6)
+    np.testing.assert_allclose(per_task[1], attribute_loss(predictions["Young"][:, None],
+                                                           batch["attributes"][:, 1:2]), rtol=1e-6)
+
+
+def test_the_core_step_learns_the_attributes_and_the_reconstruction():
+    """Dropout off, so that the falling loss is the fit, not the noise: the attributes' cross-entropy falls far
+    below its start (log 2 ≈ 0.69 for a fresh head), and so does the reconstruction error."""
+    config = dataclasses.replace(TINY, dropout=0.0)
+    optimizer = train.make_optimizer(dataclasses.replace(OPTIM, learning_rate=1e-2))
+    graphdef, state = train.split_model(AttributeModel(config, nnx.Rngs(0)), optimizer)
+    batch = make_batch()
+    step = jax.jit(functools.partial(attribute_step, graphdef, optimizer, weights=AttributeLossWeights()))
+    first = None
+    for _ in range(60):
+        state, metrics = step(state, batch)
+        first = first or {k: float(v) for k, v in metrics.items()}
+    assert bool(metrics["finite"]) and int(state.step) == 60
+    assert float(metrics["attributes"]) < 0.2 * first["attributes"], (first, metrics)
+    assert float(metrics["appearance_l1"]) < 0.7 * first["appearance_l1"], (first, metrics)
+    assert {"loss", "attributes", "independence", "appearance_l1"} <= set(metrics)
+
+
+def test_the_objective_weighs_its_terms_as_the_authors_config():
+    """loss = λ_attr·BCE + λ_ind·CKA + β_app·λ_l1·L1 (no LPIPS weights given: no perceptual term)."""
+    optimizer = train.make_optimizer(OPTIM)
+    graphdef, state = train.split_model(AttributeModel(TINY, nnx.Rngs(0)), optimizer)
+    weights = AttributeLossWeights(attributes=2.0, independence=0.25, appearance=3.0, appearance_l1=0.5)
+    _, metrics = jax.jit(functools.partial(attribute_step, graphdef, optimizer, weights=weights))(state, make_batch())
+    expected = 2.0 * metrics["attributes"] + 0.25 * metrics["independence"] + 3.0 * 0.5 * metrics["appearance_l1"]
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-6)
+    assert "appearance_perceptual" not in metrics
+    with pytest.raises(ValueError, match="loss weight independence must be a finite number >= 0"):
+        AttributeLossWeights(independence=-1.0)
+
+
+def test_the_baselines_per_attribute_jacobian_equals_the_whole_model_pull_back():
+    """T tasks with linear heads on one shared representation: each attribute's gradient of the shared parameters
+    from one forward pass (the dropout mask drawn once, as in the whole pass)."""
+    optimizer = train.make_optimizer(OPTIM)
+    graphdef, state = train.split_model(AttributeModel(dataclasses.replace(TINY, grounding="none"), nnx.Rngs(0)),
+                                        optimizer)
+    batch = make_batch()
+    got = compiled(functools.partial(train.task_jacobian_step, graphdef), state, batch)(state, batch)
+    assert got[1].shape[0] == len(ATTRIBUTES)
+    assert_same_jacobian_step(got, whole_model_jacobian(graphdef, state, batch, TINY.tasks))
+
+
+@pytest.mark.parametrize("method", ["ew", "pcgrad", "graddrop", "dwa"])
+def test_a_baseline_step_runs_on_the_attribute_model(method):
+    optimizer = train.make_optimizer(OPTIM)
+    graphdef, state = train.split_model(AttributeModel(dataclasses.replace(TINY, grounding="none"), nnx.Rngs(0)),
+                                        optimizer)
+    balancer = make(method)
+    step = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))
+    new_state, _, metrics = step(copied(state), balancer.init(len(ATTRIBUTES)), make_batch(), jax.random.key(0))
+    assert bool(metrics["finite"]) and {f"weight/{name}" for name in ATTRIBUTES} <= set(metrics)
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params))]
+    assert all(moved[-2:]) and sum(moved) > len(moved) // 2  # the heads and most shared leaves
+
+
+def test_attribute_accuracy_over_a_split_fed_in_batches():
+    accuracy = AttributeAccuracy(("a", "b"))
+    accuracy.update(jnp.array([[1.0, -1.0], [-2.0, 0.5]]), jnp.array([[1, 1], [0, 1]]))  # a: 2/2, b: 1/2
+    accuracy.update(jnp.array([[0.3, -0.1], [0.0, 9.0]]), jnp.array([[0, 0], [-1, -1]]))  # a: 0/1, b: 1/1; row 2 skipped
+    result = accuracy.result()
+    assert result["attributes/a"] == pytest.approx(2 / 3) and result["attributes/b"] == pytest.approx(2 / 3)
+    assert result["attributes/mean_accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="1 attribute labels are none of 0, 1 and -1"):
+        accuracy.update(jnp.zeros((1, 2)), jnp.array([[2, 0]]))
+    with pytest.raises(ValueError, match=r"attribute logits must be \[batch, 2\]; got shape \(1, 3\)"):
+        accuracy.update(jnp.zeros((1, 3)), jnp.zeros((1, 2), jnp.int32))
+    empty = AttributeAccuracy(("a",))
+    empty.update(jnp.zeros((1, 1)), jnp.array([[-1]]))
+    with pytest.raises(ValueError, match="no labelled example of a was seen"):
+        empty.result()
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="attributes must be distinct names"):
+        AttributeModelConfig(attributes=("a", "a"))
+    with pytest.raises(ValueError, match="grounding must be one of soft, none"):
+        AttributeModelConfig(grounding="hard")
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
+        AttributeModelConfig(dropout=1.0)
