@@ -28,8 +28,8 @@ from theory.measures import debiased_cka, linear_cka
 
 __all__ = ["segmentation_loss", "depth_loss", "normal_loss", "DENSE_TASK_LOSSES", "dense_task_loss",
            "independence_loss", "l1", "ssim_loss", "physical_image_loss", "albedo_tv", "grayscale_shading",
-           "albedo_normal_covariance", "edge_loss", "resize_nearest", "geometry_aux_loss", "appearance_aux_loss", "LossWeights", "PRESETS", "TOTAL_LOSS_TERMS",
-           "total_loss", "linear_cka", "debiased_cka"]
+           "albedo_normal_covariance", "edge_loss", "resize_nearest", "geometry_aux_loss", "appearance_aux_loss",
+           "LossWeights", "PRESETS", "TOTAL_LOSS_TERMS", "total_loss", "linear_cka", "debiased_cka"]
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

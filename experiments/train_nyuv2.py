@@ -38,8 +38,8 @@ reconstruction and a counterfactual with a swapped residual code).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -47,8 +47,10 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, flag, parse_choices, parse_config, parser_for, pyplot,  # noqa: E402
-                     require_finite, require_integer, run_main, save_figure, write_atomically, write_json)
+from _common import (environment, parse_choices, parse_config, parser_for, pyplot, require_finite,  # noqa: E402
+                     require_integer, run_main, save_figure, write_json)
+from _training import (absolute, check_run_folder, generated, last_good_state_of, non_finite_metrics,  # noqa: E402
+                       read_history, read_weights, restore_run, train_epoch, write_history)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
@@ -210,7 +212,7 @@ class TrainConfig:
                 raise FileNotFoundError(f"{option}: no such folder: {path}")
         if self.dataset == "gta5" and self.data and not self.target_data:
             raise ValueError("--dataset gta5 needs --target-data PATH: the Cityscapes folder it is evaluated on")
-        if self.source_data and self.data and _absolute(self.source_data) == _absolute(self.data):
+        if self.source_data and self.data and absolute(self.source_data) == absolute(self.data):
             raise ValueError("--source-data must be a held-out GTA5 folder, not the training folder --data")
         self.corruption_names  # validates --corruptions and --severities
         self.severity_levels
@@ -249,35 +251,11 @@ class TrainConfig:
         identity = {k: v for k, v in dataclasses.asdict(self).items()
                     if k not in ("resume", "quiet", "out", "corruptions", "severities")}
         identity["heads_read"] = self.model_config().heads_read
-        identity.update({k: _absolute(identity[k]) for k in PATH_FIELDS})
+        identity.update({k: absolute(identity[k]) for k in PATH_FIELDS})
         return identity
 
 
-def _absolute(path: str) -> str:
-    """``path`` absolute and normalised ("" stays ""): the same file however it was named."""
-    return str(Path(path).resolve()) if path else path
-
-
 # ---------------------------------------------------------------------------------------------------- data
-
-
-def _generated(root: Path, write) -> Path:
-    """``root``, first written by ``write(folder)`` if it does not exist: into a sibling folder renamed at the end,
-    so that a run killed while writing leaves no half-written set behind. With several processes, process 0 writes
-    and the others wait for it."""
-    import shutil
-
-    import jax
-
-    from deep import devices
-
-    if not root.exists() and jax.process_index() == 0:
-        partial = root.with_name(root.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        write(partial)
-        partial.rename(root)
-    devices.barrier(f"generated {root}")
-    return root
 
 
 def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | None]:
@@ -296,9 +274,9 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
             out / "data" / "gta5_val" if config.synthetic else None)
         if config.synthetic:
             # Other seeds for the target (another city) and the held-out source scenes.
-            _generated(target_root, lambda folder: data.write_cityscapes(folder, seed=config.seed + 1))
-            _generated(root, lambda folder: data.write_gta5(folder, count=training_examples, seed=config.seed))
-            _generated(source_root, lambda folder: data.write_gta5(folder, count=4, seed=config.seed + 2))
+            generated(target_root, lambda folder: data.write_cityscapes(folder, seed=config.seed + 1))
+            generated(root, lambda folder: data.write_gta5(folder, count=training_examples, seed=config.seed))
+            generated(source_root, lambda folder: data.write_gta5(folder, count=4, seed=config.seed + 2))
         test = data.load_cityscapes(target_root, "val")
         size = test["images"].shape[1:3]
         source = data.load_gta5(source_root, size=size) if source_root else None
@@ -306,58 +284,12 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
     root = Path(config.data) if config.data else out / "data"
     if config.synthetic:
         writer = data.write_nyuv2 if config.dataset == "nyuv2" else data.write_cityscapes
-        _generated(root, lambda folder: writer(folder, train=training_examples, seed=config.seed))
+        generated(root, lambda folder: writer(folder, train=training_examples, seed=config.seed))
     load = data.load_nyuv2 if config.dataset == "nyuv2" else data.load_cityscapes
     return load(root, "train"), load(root, "val"), None
 
 
-def _read_weights(flag: str, load, *args):
-    """``load(*args)``, its errors about the file named by the flag that gave it."""
-    try:
-        return load(*args)
-    except ValueError as error:
-        raise ValueError(f"{flag}: {error}") from None
-
-
 # ------------------------------------------------------------------------------------------------- logging
-
-
-def _read_history(path: Path, before_epoch: int) -> list[dict]:
-    """The JSON lines of the ``before_epoch`` epochs already checkpointed (a run killed between the line and the
-    checkpoint redoes the epoch, so later lines are dropped). A file that does not hold exactly epochs
-    1..before_epoch (lost, truncated or edited) is refused: the results would silently lack those epochs."""
-    if before_epoch == 0:
-        return []
-    expected = f"{path} must hold the JSON line of each epoch from 1 to {before_epoch} (the checkpoints' epochs)"
-    remedy = "restore it, or start a new --out"
-    if not path.exists():
-        raise ValueError(f"--resume: {expected}; it is missing: {remedy}")
-    lines = []
-    try:
-        texts = path.read_text().splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"--resume: {expected}; it is not text: {remedy}") from None
-    for number, text in enumerate(texts, 1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            raise ValueError(f"--resume: {expected}; its line {number} is not JSON: {remedy}") from None
-        if not isinstance(line, dict) or type(line.get("epoch")) is not int:  # noqa: E721 (true is no epoch)
-            raise ValueError(f"--resume: {expected}; its line {number} has no epoch number: {remedy}")
-        lines.append(line)
-    kept = [line for line in lines if line["epoch"] <= before_epoch]
-    epochs = [line["epoch"] for line in kept]
-    if epochs != list(range(1, before_epoch + 1)):
-        raise ValueError(f"--resume: {expected}; it holds epochs {epochs}: {remedy}")
-    return kept
-
-
-def _non_finite_metrics(line: dict) -> list[str]:
-    """The evaluation metrics of an epoch's line (``test`` and ``source``) that are NaN or infinite, named."""
-    return [f"{split} {name}" for split in ("test", "source") for name, value in line.get(split, {}).items()
-            if not math.isfinite(value)]
 
 
 def _earlier_corruption_results(path: Path) -> dict:
@@ -369,11 +301,6 @@ def _earlier_corruption_results(path: Path) -> dict:
     if not isinstance(earlier, dict):
         return {}
     return {k: earlier[k] for k in ("corrupted", "corrupted_mean") if k in earlier}
-
-
-def _write_history(path: Path, history: list[dict]) -> None:
-    text = "".join(json.dumps(line, allow_nan=False) + "\n" for line in history)
-    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -487,26 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(config.out)
     checkpoints_dir = out / "checkpoints"
     identity_path = out / "run.json"
-    if config.resume:
-        if not identity_path.exists():
-            raise FileNotFoundError(f"--resume: no run to resume in {out} (run.json is missing)")
-        try:
-            saved = json.loads(identity_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            saved = None
-        if not isinstance(saved, dict):
-            raise ValueError(f"--resume: {identity_path} is not this script's record of a run (a JSON object of its "
-                             f"flags): restore it, or start a new --out")
-        # A field that an older version did not record had its default then; paths it recorded as given are
-        # compared from the current folder.
-        defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
-        saved = {k: _absolute(v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in saved.items()}
-        changed = [f"{flag(k)} was {saved.get(k, defaults.get(k))!r}, now {v!r}"
-                   for k, v in config.run_identity().items() if saved.get(k, defaults.get(k)) != v]
-        if changed:
-            raise ValueError(f"--resume must use the run's own flags: {'; '.join(changed)}")
-    elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS)
     devices.barrier("checked --out")  # before process 0 writes run.json there
     # Data parallelism over every device of every process: the batch is split across them, the state replicated.
     mesh = devices.data_mesh()
@@ -553,9 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer = train.make_optimizer(optim)
     model = trainer.build_model(model_config, config.architecture, config.seed)
     if config.pretrained:
-        _read_weights("--pretrained", load_torchvision_npz, model, config.pretrained)
+        read_weights("--pretrained", load_torchvision_npz, model, config.pretrained)
     graphdef, state = train.split_model(model, optimizer)
-    perceptual = _read_weights("--perceptual", load_lpips_npz, config.perceptual) if config.perceptual else None
+    perceptual = read_weights("--perceptual", load_lpips_npz, config.perceptual) if config.perceptual else None
     # On every device once: passed to each step, weights on one device would be copied to the others every step.
     perceptual = devices.replicate(mesh, perceptual)
     balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights, perceptual)
@@ -573,44 +481,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Closed on the way out, also when training stops with an error, so Orbax's background machinery ends cleanly.
     with Checkpoints(checkpoints_dir) as checkpoints:
-        start_epoch = 0
-        if config.resume:
-            epoch, restored, set_aside = checkpoints.restore_latest({"state": state, "balancer": balancer_state})
-            for reason in set_aside:
-                print(f"train_nyuv2.py: warning: a checkpoint could not be read and was renamed *.unreadable; resuming "
-                      f"from an older one ({reason})", file=sys.stderr)
-            if epoch:
-                start_epoch = epoch
-                state, balancer_state = restored["state"], restored["balancer"]
-        history = _read_history(out / "metrics.jsonl", start_epoch)
+        start_epoch, restored = restore_run(checkpoints, {"state": state, "balancer": balancer_state}, config.resume,
+                                            "train_nyuv2.py")
+        state, balancer_state = restored["state"], restored["balancer"]
+        history = read_history(out / "metrics.jsonl", start_epoch)
         finished_before = start_epoch == config.epochs  # resumed once done: the final model is the earlier one
         base_key = jax.random.key(config.seed)
         started = time.time()
 
-        def last_good_state() -> str:
-            saved = checkpoints.latest_epoch()
-            return (f"the last good state is the checkpoint of epoch {saved} in {checkpoints_dir}" if saved else
-                    "no epoch had completed, so there is no checkpoint")
-
-        def record(index: int, metrics: dict, sums: dict, count: int, bar) -> int:
-            """Adds one step's metrics to the epoch's sums (stopping at a non-finite step) and returns the count."""
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # copied together, one wait
-            if not metrics.pop("finite"):
-                raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
-                                 f"gradient norm (that step was not applied); {last_good_state()}")
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value
-            bar.set_postfix({name: f"{sums[name] / (count + 1):.3g}" for name in ("loss", *task_names)},
-                            refresh=False)
-            bar.update()
-            return count + 1
+        last_good_state = functools.partial(last_good_state_of, checkpoints, checkpoints_dir)
 
         for epoch in range(start_epoch, config.epochs):
             controls = trainer.EpochControls.at(weights, epoch) if config.method == "core" else None
-            sums, count = {}, 0
             epoch_start = time.time()
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=config.quiet,
-                       leave=False, file=sys.stderr)
 
             def dispatched_steps():
                 """Takes the epoch's steps, yielding each one's index and metrics as soon as it is dispatched."""
@@ -628,11 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                           counterfactual)
                     yield index, metrics
 
-            # The metrics of step i are read (a host sync) after step i+1 has been dispatched, so the device never
-            # waits for the host: while it runs a step, the host gathers, transfers and augments the next batch.
-            for index, metrics in trainer.one_behind(dispatched_steps()):
-                count = record(index, metrics, sums, count, bar)
-            bar.close()
+            # While the device runs a step, the host gathers, transfers and augments the next batch.
+            sums, count = train_epoch(dispatched_steps(), steps_per_epoch, epoch, config.epochs, config.quiet,
+                                      ("loss", *task_names), last_good_state)
             train_seconds = time.time() - epoch_start
             test_metrics = trainer.evaluate(predict, state, test_batches(), model_config.tasks)
             line = {"epoch": epoch + 1, "devices": int(mesh.devices.size),
@@ -642,13 +523,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 line["source"] = trainer.evaluate(predict, state, test_batches(source_loader), model_config.tasks)
             # Finite training steps can still predict NaN or infinity (an overflow in bfloat16, say): stop before
             # the epoch is recorded or checkpointed, since a resume would redo the same epoch and meet it again.
-            bad = _non_finite_metrics(line)
+            bad = non_finite_metrics(line, ("test", "source"))
             if bad:
                 raise ValueError(f"the model diverged at epoch {epoch + 1}: its evaluation gave a non-finite "
                                  f"{', '.join(bad)}; {last_good_state()}")
             history.append(line)
             if primary:
-                _write_history(out / "metrics.jsonl", history)
+                write_history(out / "metrics.jsonl", history)
             checkpoints.save(epoch + 1, {"state": state, "balancer": balancer_state})
             if not config.quiet:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in test_metrics.items())

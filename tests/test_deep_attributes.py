@@ -20,8 +20,9 @@ from test_deep_train import compiled, copied
 from theory.balancing import make
 
 ATTRIBUTES = ("Smiling", "Young", "Male")
-TINY = AttributeModelConfig(backbone=dataclasses.replace(RESNET18, width=8, depths=(1, 1, 1, 1)), attributes=ATTRIBUTES,
-                            semantic_channels=16, residual_channels=4, hidden_channels=8, decoder_widths=(8, 8, 8, 8, 8))
+TINY = AttributeModelConfig(backbone=dataclasses.replace(RESNET18, width=8, depths=(1, 1, 1, 1)),
+                            attributes=ATTRIBUTES, semantic_channels=16, residual_channels=4, hidden_channels=8,
+                            decoder_widths=(8, 8, 8, 8, 8))
 OPTIM = train.OptimConfig(learning_rate=2e-3, weight_decay=0.0, decoupled_weight_decay=True, warmup_epochs=0,
                           epochs=1000)
 
@@ -158,7 +159,8 @@ def test_a_baseline_step_runs_on_the_attribute_model(method):
 def test_attribute_accuracy_over_a_split_fed_in_batches():
     accuracy = AttributeAccuracy(("a", "b"))
     accuracy.update(jnp.array([[1.0, -1.0], [-2.0, 0.5]]), jnp.array([[1, 1], [0, 1]]))  # a: 2/2, b: 1/2
-    accuracy.update(jnp.array([[0.3, -0.1], [0.0, 9.0]]), jnp.array([[0, 0], [-1, -1]]))  # a: 0/1, b: 1/1; row 2 skipped
+    # a: 0/1, b: 1/1; the second row has no label.
+    accuracy.update(jnp.array([[0.3, -0.1], [0.0, 9.0]]), jnp.array([[0, 0], [-1, -1]]))
     result = accuracy.result()
     assert result["attributes/a"] == pytest.approx(2 / 3) and result["attributes/b"] == pytest.approx(2 / 3)
     assert result["attributes/mean_accuracy"] == pytest.approx(2 / 3)

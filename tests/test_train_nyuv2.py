@@ -229,7 +229,7 @@ def test_a_damaged_record_of_the_run_is_refused_on_resume(tmp_path):
     assert_one_line_error(run_in_process("experiments/train_nyuv2.py", *FLAGS, "--out", str(out), "--resume",
                                          computation="_load_splits"),
                           f"--resume: {out / 'run.json'} is not this script's record of a run")
-    read_history = load_script("experiments/train_nyuv2.py")._read_history
+    read_history = load_script("experiments/train_nyuv2.py").read_history
     history = tmp_path / "metrics.jsonl"
     assert read_history(history, 0) == []  # nothing checkpointed: nothing to read
     history.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n')
@@ -248,7 +248,7 @@ def test_a_damaged_record_of_the_run_is_refused_on_resume(tmp_path):
 def test_an_epoch_whose_evaluation_is_not_finite_is_named():
     """What stops a run before its epoch is recorded (a non-finite metric would make metrics.jsonl unwritable, and
     every resume would redo the epoch and meet it again)."""
-    non_finite = load_script("experiments/train_nyuv2.py")._non_finite_metrics
+    non_finite = lambda line: load_script("experiments/train_nyuv2.py").non_finite_metrics(line, ("test", "source"))
     line = {"train": {"loss": float("nan")}, "test": {"depth/abs_err": 0.5, "normal/median": float("nan")},
             "source": {"depth/abs_err": float("inf")}}
     assert non_finite(line) == ["test normal/median", "source depth/abs_err"]

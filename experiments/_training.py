@@ -1,0 +1,171 @@
+"""What the training scripts share (``train_nyuv2.py``, ``train_celeba.py``): the run folder and its resumption, the
+epoch's progress and divergence checks, the metrics history, generated data sets and weight files.
+
+A run lives in ``--out``: ``run.json`` (the flags that define it), ``checkpoints/`` (Orbax, one per epoch),
+``metrics.jsonl`` (one line per epoch). ``--resume`` continues it from the newest readable checkpoint with the same
+flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from _common import flag, write_atomically
+
+
+def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type, path_fields: Sequence[str]) -> None:
+    """Refuses an ``--out`` that already holds a run (unless ``resume``), and a resume whose run-defining flags
+    (``identity``) differ from the run's own (its ``run.json``). A field an older version did not record had its
+    default (``config_class``'s) then; the recorded paths (``path_fields``) are compared absolute."""
+    checkpoints_dir, identity_path = out / "checkpoints", out / "run.json"
+    if resume:
+        if not identity_path.exists():
+            raise FileNotFoundError(f"--resume: no run to resume in {out} (run.json is missing)")
+        try:
+            saved = json.loads(identity_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise ValueError(f"--resume: {identity_path} is not this script's record of a run (a JSON object of its "
+                             f"flags): restore it, or start a new --out")
+        defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
+        saved = {k: absolute(v) if k in path_fields and isinstance(v, str) else v for k, v in saved.items()}
+        changed = [f"{flag(k)} was {saved.get(k, defaults.get(k))!r}, now {v!r}"
+                   for k, v in identity.items() if saved.get(k, defaults.get(k)) != v]
+        if changed:
+            raise ValueError(f"--resume must use the run's own flags: {'; '.join(changed)}")
+    elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def restore_run(checkpoints, initial: dict, resume: bool, prog: str) -> tuple[int, dict]:
+    """``(epochs done, tree)``: with ``resume``, the newest readable checkpoint laid out as ``initial`` (a damaged one
+    is set aside with a warning), else (or with none yet) ``(0, initial)``."""
+    if not resume:
+        return 0, initial
+    epoch, restored, set_aside = checkpoints.restore_latest(initial)
+    for reason in set_aside:
+        print(f"{prog}: warning: a checkpoint could not be read and was renamed *.unreadable; resuming from an older "
+              f"one ({reason})", file=sys.stderr)
+    return (epoch, restored) if epoch else (0, initial)
+
+
+def last_good_state_of(checkpoints, directory: Path) -> str:
+    """Where a stopped run's last good state is, for its error message."""
+    saved = checkpoints.latest_epoch()
+    return (f"the last good state is the checkpoint of epoch {saved} in {directory}" if saved else
+            "no epoch had completed, so there is no checkpoint")
+
+
+def non_finite_metrics(line: dict, splits: Sequence[str]) -> list[str]:
+    """The evaluation metrics of an epoch's line (under ``splits``) that are NaN or infinite, named."""
+    return [f"{split} {name}" for split in splits for name, value in line.get(split, {}).items()
+            if not math.isfinite(value)]
+
+
+def train_epoch(dispatched: Iterable[tuple[int, dict]], total: int, epoch: int, epochs: int, quiet: bool,
+                shown: Sequence[str], last_good_state: Callable[[], str]) -> tuple[dict[str, float], int]:
+    """Runs epoch ``epoch`` (from 0) of ``epochs``: ``dispatched`` takes the steps, yielding each one's index and
+    metrics once it is dispatched; they are read (a host sync) one step behind (:func:`deep.trainer.one_behind`), so
+    the device never waits for the host. A progress bar of ``total`` steps shows the running means of ``shown``.
+
+    Returns:
+        The sums of each metric over the epoch's steps, and their count.
+
+    Raises:
+        ValueError: at a step whose loss or gradient norm is not finite (the step leaves the state unchanged), with
+            ``last_good_state()`` saying where the last good state is.
+    """
+    import jax
+    from tqdm import tqdm
+
+    from deep import trainer
+
+    sums, count = {}, 0
+    bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", disable=quiet, leave=False, file=sys.stderr)
+    for index, metrics in trainer.one_behind(dispatched):
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # copied together, one wait
+        if not metrics.pop("finite"):
+            raise ValueError(f"training diverged at epoch {epoch + 1}, step {index + 1}: a non-finite loss or "
+                             f"gradient norm (that step was not applied); {last_good_state()}")
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
+        count += 1
+        bar.set_postfix({name: f"{sums[name] / count:.3g}" for name in shown if name in sums}, refresh=False)
+        bar.update()
+    bar.close()
+    return sums, count
+
+
+def absolute(path: str) -> str:
+    """``path`` absolute and normalised ("" stays ""): the same file however it was named."""
+    return str(Path(path).resolve()) if path else path
+
+
+def generated(root: Path, write) -> Path:
+    """``root``, first written by ``write(folder)`` if it does not exist: into a sibling folder renamed at the end,
+    so that a run killed while writing leaves no half-written set behind. With several processes, process 0 writes
+    and the others wait for it."""
+    import shutil
+
+    import jax
+
+    from deep import devices
+
+    if not root.exists() and jax.process_index() == 0:
+        partial = root.with_name(root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write(partial)
+        partial.rename(root)
+    devices.barrier(f"generated {root}")
+    return root
+
+
+def read_weights(option: str, load, *args):
+    """``load(*args)``, its errors about the file named by the flag that gave it."""
+    try:
+        return load(*args)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from None
+
+
+def read_history(path: Path, before_epoch: int) -> list[dict]:
+    """The JSON lines of the ``before_epoch`` epochs already checkpointed (a run killed between the line and the
+    checkpoint redoes the epoch, so later lines are dropped). A file that does not hold exactly epochs
+    1..before_epoch (lost, truncated or edited) is refused: the results would silently lack those epochs."""
+    if before_epoch == 0:
+        return []
+    expected = f"{path} must hold the JSON line of each epoch from 1 to {before_epoch} (the checkpoints' epochs)"
+    remedy = "restore it, or start a new --out"
+    if not path.exists():
+        raise ValueError(f"--resume: {expected}; it is missing: {remedy}")
+    lines = []
+    try:
+        texts = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--resume: {expected}; it is not text: {remedy}") from None
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--resume: {expected}; its line {number} is not JSON: {remedy}") from None
+        if not isinstance(line, dict) or type(line.get("epoch")) is not int:  # noqa: E721 (true is no epoch)
+            raise ValueError(f"--resume: {expected}; its line {number} has no epoch number: {remedy}")
+        lines.append(line)
+    kept = [line for line in lines if line["epoch"] <= before_epoch]
+    epochs = [line["epoch"] for line in kept]
+    if epochs != list(range(1, before_epoch + 1)):
+        raise ValueError(f"--resume: {expected}; it holds epochs {epochs}: {remedy}")
+    return kept
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(line, allow_nan=False) + "\n" for line in history)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
