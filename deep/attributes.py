@@ -28,9 +28,12 @@ sigmoid above 0.5, the authors' threshold).
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -38,11 +41,18 @@ from deep import losses, train
 from deep.backbone import RESNET18, BackboneConfig, ResNet, batch_norm
 from deep.data.celeba import CELEBA_ATTRIBUTES
 from deep.layers import conv, dense, drawn_later
+from deep.metrics import AttributeAccuracy
 from deep.model import COMPUTE_DTYPES, check_task_names, configure_layers, initialise_like_pytorch
 from deep.perceptual import LPIPSWeights, lpips_loss
 from deep.resize import resize_bilinear
 
 ATTRIBUTE_GROUNDINGS = ("soft", "none")
+# Model sizes: the authors' (ResNet-18, 1024/64 streams) and one for CPU smoke runs and tests.
+ATTRIBUTE_MODEL_SIZES = {
+    "full": {},
+    "tiny": dict(backbone=dataclasses.replace(RESNET18, depths=(1, 1, 1, 1), width=8), semantic_channels=16,
+                 residual_channels=4, hidden_channels=16, decoder_widths=(8, 8, 8, 8, 8)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +186,13 @@ class AttributeModel(nnx.Module):
         """Attribute ``name``'s binary cross-entropy against its column of ``batch["attributes"]``."""
         return attribute_loss(prediction[:, None], batch["attributes"][:, self.config.attributes.index(name), None])
 
+    def reconstruct(self, semantic_map: jax.Array, residual_map: jax.Array, image_size: tuple[int, int]) -> jax.Array:
+        """The soft-grounding decoder's image ``[B, H, W, 3]`` from the two stream maps (a residual map of another
+        image gives that image's appearance on this one's semantics, if the streams have separated them)."""
+        if self.decoder is None:
+            raise ValueError("this model has no decoder (grounding='none')")
+        return self.decoder(jnp.concatenate([semantic_map, residual_map], axis=-1), image_size)
+
     def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         semantic_map, residual_map = self._streams(images)
         features = self._features(semantic_map)
@@ -183,8 +200,7 @@ class AttributeModel(nnx.Module):
                "semantic_code": jnp.mean(semantic_map, axis=(1, 2)),
                "residual_code": jnp.mean(residual_map, axis=(1, 2)), "features": features}
         if self.decoder is not None:
-            aux["reconstruction"] = self.decoder(jnp.concatenate([semantic_map, residual_map], axis=-1),
-                                                 images.shape[1:3])
+            aux["reconstruction"] = self.reconstruct(semantic_map, residual_map, images.shape[1:3])
         return self.predict_from_streams(features), jax.tree.map(lambda x: x.astype(jnp.float32), aux)
 
 
@@ -253,3 +269,67 @@ def attribute_step(graphdef, optimizer: optax.GradientTransformation, state: tra
                                  state.step + 1)
     new_state, finite = train._guarded(state, new_state, loss, grads)
     return new_state, {"loss": loss, "finite": finite, **terms}
+
+
+def make_attribute_step(method: str, graphdef, optimizer: optax.GradientTransformation,
+                        weights: AttributeLossWeights, perceptual: LPIPSWeights | None = None):
+    """``(balancer, step)`` with ``step(state, balancer_state, batch, key) -> (state, balancer_state, metrics)``
+    jitted, consuming (donating) its states: CORE-MTL's :func:`attribute_step` for ``method="core"`` (no balancer:
+    ``()``), else the method of :mod:`theory.balancing` over the per-attribute losses
+    (:func:`deep.train.balanced_step`). ``batch``: ``images`` float in [0, 1] and ``attributes`` ``[B, T]``."""
+    from deep import trainer
+
+    if method != "core":
+        balancer, balanced = trainer.make_step(method, graphdef, optimizer, losses.LossWeights())
+        return balancer, lambda state, balancer_state, batch, key: balanced(state, balancer_state, batch, key, None)
+    core = jax.jit(functools.partial(attribute_step, graphdef, optimizer, weights=weights), donate_argnums=0)
+
+    def step(state, balancer_state, batch, key):
+        del key  # the CelebA objective draws nothing beyond the model's own dropout stream
+        state, metrics = core(state, batch, perceptual=perceptual)
+        return state, balancer_state, metrics
+
+    return (), step
+
+
+def predict_logits_function(graphdef) -> Callable:
+    """Jitted ``(state, images) -> logits [B, T]`` in eval mode (running statistics, no dropout); the decoder does
+    not run."""
+
+    @jax.jit
+    def predict(state: train.TrainState, images: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
+        model.eval()
+        # Stacked here: a dict leaving jit comes back with its keys sorted, not in the attributes' order.
+        return stacked_logits(model.predict_from_streams(**model.encode(images)), model.config.attributes)
+
+    return predict
+
+
+def evaluate_attributes(predict: Callable, state: train.TrainState, batches: Iterable[dict],
+                        attributes: tuple[str, ...]) -> dict[str, float]:
+    """:class:`deep.metrics.AttributeAccuracy` over every batch of a split (``predict`` from
+    :func:`predict_logits_function`), each batch's statistics brought to the host one batch late."""
+    from deep.trainer import one_behind
+
+    accuracy = AttributeAccuracy(attributes)
+    dispatched = (accuracy.statistics(predict(state, batch["images"]), batch["attributes"]) for batch in batches)
+    for statistics in one_behind(dispatched):
+        accuracy.add(statistics)
+    return accuracy.result()
+
+
+def sample_panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, np.ndarray]:
+    """For a model with the decoder, in eval mode: ``reconstruction`` of each image, and ``swapped``: each image's
+    semantic map decoded with the residual map of the image before it (rolled by one), which shows what the residual
+    stream carries."""
+    return {name: np.asarray(value, np.float32) for name, value in _panels(graphdef, state, images).items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, jax.Array]:
+    model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
+    model.eval()
+    _, aux = model(images)
+    swapped = model.reconstruct(aux["semantic_map"], jnp.roll(aux["residual_map"], 1, axis=0), images.shape[1:3])
+    return {"reconstruction": aux["reconstruction"], "swapped": swapped}

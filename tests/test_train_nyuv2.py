@@ -73,12 +73,15 @@ def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
     assert not (out / "results.json").exists(), "the run ended before it could be killed"
+    # The epochs checkpointed before the kill are not trained again: their lines (timings included) stay as written.
+    before_kill = (out / "metrics.jsonl").read_text().splitlines()[:1]
 
     result = run([*FLAGS, "--out", str(out), "--resume"], cache)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in resumed] == [1, 2, 3, 4]
+    assert (out / "metrics.jsonl").read_text().splitlines()[:1] == before_kill
     for a, b in zip(expected, resumed):
         assert a["test"] == b["test"] and a["train"] == b["train"], (a["epoch"], a, b)
 

@@ -1,0 +1,352 @@
+"""Train CORE-MTL or a gradient-balancing baseline on CelebA's binary attributes, evaluating every epoch.
+
+    python experiments/train_celeba.py --data /data/celeba --method core --pretrained resnet18.npz --augment  # paper
+    python experiments/train_celeba.py --data /data/celeba --method pcgrad --attributes 10 --augment   # a baseline
+    python experiments/train_celeba.py --synthetic --model tiny --epochs 3 --batch-size 8 --image-size 64     # CPU
+    python experiments/train_celeba.py <the run's own flags> --resume                                  # after a kill
+
+The paper's scalability benchmark: T binary attributes of a face are T tasks (``--attributes``: the first T of the
+file's 40, the authors' convention, or comma-separated names). ``core`` trains the authors' CelebA model
+(:mod:`deep.attributes`: ResNet-18, a 1024-channel semantic and a 64-channel residual stream, an attribute head on
+the semantic stream, soft grounding through a convolutional decoder of both streams, CKA independence; the loss
+weights of their ``5celeba.yaml``), with AdamW and a cosine schedule to 1e-6 over the epochs, as theirs. Any method of
+``theory.balancing`` trains the same backbone and head without the decoder, the per-attribute cross-entropies being
+its tasks.
+
+``--data`` is the CelebA "Align&Cropped" folder (``img_align_celeba/``, ``list_attr_celeba.txt``,
+``list_eval_partition.txt``, or Kaggle's ``.csv`` lists); ``--synthetic`` generates a small set in that layout under
+``<out>/data``. Every epoch: the training losses, the attribute accuracies of the whole ``val`` split (the run's
+result is its last epoch: nothing is chosen on any split), a line in ``<out>/metrics.jsonl`` and an Orbax checkpoint
+written atomically; ``--resume`` continues from the newest readable checkpoint and ends where an uninterrupted run
+ends. At the end, the ``test`` split is evaluated once: ``results.json``, ``curves.png``, ``attributes.png`` (each
+attribute's test accuracy) and, for CORE-MTL, ``samples.png`` (faces, their reconstructions, and each face decoded
+with the residual stream of another).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (environment, parse_config, parser_for, pyplot, require_finite, require_integer,  # noqa: E402
+                     run_main, save_figure, write_json)
+from _training import (absolute, check_run_folder, generated, last_good_state_of, non_finite_metrics,  # noqa: E402
+                       read_history, read_weights, restore_run, train_epoch, write_history)
+
+PATH_FIELDS = ("data", "pretrained", "perceptual")
+PRECISIONS = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "adam")
+MODELS = ("full", "tiny")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str = dataclasses.field(default="", metadata={"help": "the CelebA folder (img_align_celeba/ and the lists)"})
+    synthetic: bool = dataclasses.field(default=False, metadata={
+        "help": "generate a small data set in that layout under <out>/data instead of --data"})
+    attributes: str = dataclasses.field(default="40", metadata={
+        "help": "the tasks: T (the first T attributes of the file, 1..40; the authors' config keeps 10) or "
+                "comma-separated attribute names"})
+    method: str = dataclasses.field(default="core", metadata={
+        "help": "core, or a method of theory.balancing (ew, pcgrad, mgda, nash_mtl, ...) on the same backbone"})
+    model: str = dataclasses.field(default="full", metadata={
+        "help": "full (ResNet-18, the authors') or tiny (CPU smoke runs)"})
+    image_size: int = dataclasses.field(default=128, metadata={"help": "faces are resized to this square size"})
+    epochs: int = dataclasses.field(default=50, metadata={"help": "training epochs (the authors' 50)"})
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "training batch size (the authors' 256)"})
+    learning_rate: float = dataclasses.field(default=2e-4, metadata={"help": "peak learning rate"})
+    min_learning_rate: float = dataclasses.field(default=1e-6, metadata={
+        "help": "the cosine schedule's last learning rate (the authors' eta_min)"})
+    weight_decay: float = dataclasses.field(default=1e-4, metadata={"help": "weight decay"})
+    optimizer: str = dataclasses.field(default="adamw", metadata={
+        "help": "adamw (decoupled decay: the authors' CelebA run) or adam (coupled L2)"})
+    precision: str = dataclasses.field(default="float32", metadata={"help": "compute precision: float32 or "
+                                                                            "bfloat16 (parameters stay float32)"})
+    augment: bool = dataclasses.field(default=False, metadata={
+        "help": "the authors' training augmentations: horizontal flip and colour jitter (0.1, 0.1, 0.1)"})
+    on_device: bool = dataclasses.field(default=False, metadata={"help": "keep the whole data set on every device"})
+    limit: int = dataclasses.field(default=0, metadata={
+        "help": "keep only the first N examples of each split (0: all; for quick runs)"})
+    pretrained: str = dataclasses.field(default="", metadata={
+        "help": "torchvision ResNet-18 ImageNet weights as .npz (see python -m deep.weights convert)"})
+    perceptual: str = dataclasses.field(default="", metadata={
+        "help": "LPIPS-VGG weights as .npz for CORE-MTL's perceptual reconstruction term (the authors' LPIPS; see "
+                "python -m deep.perceptual convert); without it the term is left out"})
+    steps_per_epoch: int = dataclasses.field(default=0, metadata={
+        "help": "cap on training steps per epoch (0: the whole split; for smoke runs)"})
+    out: str = dataclasses.field(default="results/train_celeba", metadata={"help": "output folder"})
+    resume: bool = dataclasses.field(default=False, metadata={"help": "continue the run in --out"})
+    seed: int = dataclasses.field(default=2024, metadata={"help": "random seed (the authors' 2024)"})
+    quiet: bool = dataclasses.field(default=False, metadata={"help": "no progress bar or summary"})
+
+    def __post_init__(self):
+        from theory.balancing import METHODS
+
+        if bool(self.data) == self.synthetic:
+            raise ValueError("give exactly one of --data PATH and --synthetic")
+        choices = {"--method": (self.method, ("core", *sorted(METHODS))), "--model": (self.model, MODELS),
+                   "--precision": (self.precision, PRECISIONS), "--optimizer": (self.optimizer, OPTIMIZERS)}
+        for option, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+        for name, least in (("seed", 0), ("image_size", 32), ("epochs", 1), ("batch_size", 1), ("limit", 0),
+                            ("steps_per_epoch", 0)):
+            require_integer(self, name, least)
+        require_finite(self, "learning_rate")
+        require_finite(self, "min_learning_rate", positive=False)
+        require_finite(self, "weight_decay", positive=False)
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"--min-learning-rate must be at most --learning-rate ({self.learning_rate}); got "
+                             f"{self.min_learning_rate}")
+        for option, path in (("--pretrained", self.pretrained), ("--perceptual", self.perceptual)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{option}: no such file: {path}")
+        if self.perceptual and self.method != "core":
+            raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
+                             f"{self.method}")
+        if self.data and not Path(self.data).is_dir():
+            raise FileNotFoundError(f"--data: no such folder: {self.data}")
+        self.attribute_names  # validates --attributes
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        from deep.data import resolve_attributes
+
+        text = self.attributes.strip()
+        selection = int(text) if text.isdigit() else [name.strip() for name in text.split(",")]
+        try:
+            return resolve_attributes(selection)
+        except ValueError as error:
+            raise ValueError(f"--attributes: {error}") from None
+
+    def model_config(self):
+        from deep.attributes import ATTRIBUTE_MODEL_SIZES, AttributeModelConfig
+
+        return AttributeModelConfig(**ATTRIBUTE_MODEL_SIZES[self.model], attributes=self.attribute_names,
+                                    grounding="soft" if self.method == "core" else "none",
+                                    compute_dtype=self.precision)
+
+    def run_identity(self) -> dict:
+        """The fields that define the training run: a resumed run must agree on all of them."""
+        identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume", "quiet", "out")}
+        identity["attributes"] = list(self.attribute_names)  # "10" and the ten names are the same run
+        identity.update({k: absolute(identity[k]) for k in PATH_FIELDS})
+        return identity
+
+
+def _load_splits(config: TrainConfig, out: Path, progress) -> dict[str, dict]:
+    """``{"train", "val", "test"}`` arrays (uint8 images); ``--synthetic`` first writes a generated set under
+    ``<out>/data`` with at least one full batch of training examples."""
+    from deep import data
+
+    root = Path(config.data) if config.data else out / "data"
+    if config.synthetic:
+        generated(root, lambda folder: data.write_celeba(folder, train=max(64, config.batch_size), val=16, test=16,
+                                                         seed=config.seed))
+    size = (config.image_size, config.image_size)
+    return {split: data.load_celeba(root, split, config.attribute_names, size=size, limit=config.limit or None,
+                                    progress=progress)
+            for split in ("train", "val", "test")}
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    plt = pyplot()
+
+    epochs = [line["epoch"] for line in history]
+    figure, (losses_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(7.5, 3))
+    names = sorted({k for line in history for k in line["train"]
+                    if not k.startswith("weight/") and ("/" in k or k in ("loss", "attributes", "independence"))
+                    or k.startswith("appearance")})
+    for name in names:
+        losses_axis.plot(epochs, [line["train"].get(name, float("nan")) for line in history], label=name)
+    losses_axis.set(title="training losses (epoch means)", xlabel="epoch", yscale="log")
+    losses_axis.legend(fontsize=6)
+    accuracy_axis.plot(epochs, [line["val"]["attributes/mean_accuracy"] for line in history], marker=".")
+    accuracy_axis.set(title="val: mean attribute accuracy", xlabel="epoch")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def _plot_attributes(test: dict, attributes: Sequence[str], path: Path) -> None:
+    plt = pyplot()
+
+    values = [test[f"attributes/{name}"] for name in attributes]
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.22 * len(attributes) + 1.5), 3.2))
+    axis.bar(range(len(attributes)), values)
+    axis.axhline(test["attributes/mean_accuracy"], color="k", lw=0.8, ls="--", label="mean")
+    axis.set_xticks(range(len(attributes)), attributes, rotation=90, fontsize=6)
+    axis.set(ylabel="test accuracy", ylim=(min(0.5, min(values)), 1.0))
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def _plot_samples(images, panels: dict, path: Path) -> None:
+    plt = pyplot()
+    import numpy as np
+
+    columns = [("face", images), ("reconstruction", panels["reconstruction"]),
+               ("with the previous face's ẑ_r", panels["swapped"])]
+    figure, axes = plt.subplots(len(images), len(columns), figsize=(1.8 * len(columns), 1.8 * len(images)),
+                                squeeze=False)
+    for column, (title, values) in enumerate(columns):
+        for row in range(len(images)):
+            axes[row, column].imshow(np.clip(np.asarray(values[row]), 0, 1))
+            axes[row, column].set_xticks([]), axes[row, column].set_yticks([])
+            if row == 0:
+                axes[row, column].set_title(title, fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(TrainConfig, parser_for(TrainConfig, __doc__.splitlines()[0], prog="train_celeba.py"),
+                          argv, out_kind="folder")
+    from deep import devices
+
+    devices.initialize_distributed()  # before anything asks JAX for its devices
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from tqdm import tqdm
+
+    from deep import attributes, train
+    from deep.checkpoint import Checkpoints
+    from deep.data import AugmentConfig, Loader, augment
+    from deep.perceptual import load_lpips_npz
+    from deep.weights import load_torchvision_npz
+
+    out = Path(config.out)
+    checkpoints_dir = out / "checkpoints"
+    check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS)
+    devices.barrier("checked --out")  # before process 0 writes run.json there
+    mesh = devices.data_mesh()
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(f"--batch-size must be a multiple of the {mesh.devices.size} devices the batch is split "
+                         f"over; got {config.batch_size}")
+    primary = jax.process_index() == 0
+
+    reading = tqdm(desc="reading CelebA", unit="image", disable=config.quiet, leave=False, file=sys.stderr)
+    splits = _load_splits(config, out, reading.update)
+    reading.close()
+    examples = len(splits["train"]["images"])
+    if config.batch_size > examples:
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the training split ({examples} examples), "
+                         f"which would leave no full batch; give --batch-size {examples} or less")
+    placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
+    loader = Loader(splits["train"], config.batch_size, seed=config.seed, **placement)
+
+    def evaluation_batches(split: str):
+        # The last batch filled up with unlabelled rows (-1, skipped by the metric), so evaluation compiles once.
+        size = min(config.batch_size, len(splits[split]["images"]))
+        split_loader = Loader(splits[split], size, seed=config.seed, shuffle=False, drop_last=False,
+                              fill_last={"attributes": -1}, **placement)
+        for batch in split_loader.epoch(0):
+            batch = devices.place_batch(mesh, batch)
+            yield {**batch, "images": as_float(batch["images"])}
+
+    steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
+    optimizer = train.make_optimizer(train.OptimConfig(
+        learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+        decoupled_weight_decay=config.optimizer == "adamw", epochs=config.epochs, warmup_epochs=0,
+        steps_per_epoch=steps_per_epoch, min_lr_ratio=config.min_learning_rate / config.learning_rate))
+    model_config = config.model_config()
+    model = attributes.AttributeModel(model_config, nnx.Rngs(config.seed))
+    if config.pretrained:
+        read_weights("--pretrained", load_torchvision_npz, model, config.pretrained)
+    graphdef, state = train.split_model(model, optimizer)
+    perceptual = read_weights("--perceptual", load_lpips_npz, config.perceptual) if config.perceptual else None
+    perceptual = devices.replicate(mesh, perceptual)
+    balancer, step = attributes.make_attribute_step(config.method, graphdef, optimizer,
+                                                    attributes.AttributeLossWeights(), perceptual)
+    balancer_state = () if config.method == "core" else balancer.init(len(model_config.attributes))
+    if primary and not config.resume:
+        write_json(out / "run.json", config.run_identity())  # once every input (data, weight files) has been read
+    state, balancer_state = devices.replicate(mesh, (state, balancer_state))
+    predict = attributes.predict_logits_function(graphdef)
+    as_float = jax.jit(lambda images: images.astype(jnp.float32) / 255.0)
+    augment_config = AugmentConfig(scales=(1.0,), color_jitter=(0.1, 0.1, 0.1, 0.0))
+    augment_images = jax.jit(lambda key, images: augment(key, {"images": images}, augment_config)["images"])
+
+    with Checkpoints(checkpoints_dir) as checkpoints:
+        start_epoch, restored = restore_run(checkpoints, {"state": state, "balancer": balancer_state}, config.resume,
+                                            "train_celeba.py")
+        state, balancer_state = restored["state"], restored["balancer"]
+        history = read_history(out / "metrics.jsonl", start_epoch)
+        base_key = jax.random.key(config.seed)
+        started = time.time()
+        last_good_state = functools.partial(last_good_state_of, checkpoints, checkpoints_dir)
+
+        for epoch in range(start_epoch, config.epochs):
+            epoch_start = time.time()
+
+            def dispatched_steps():
+                nonlocal state, balancer_state
+                for index, batch in enumerate(loader.epoch(epoch)):
+                    if index == steps_per_epoch:
+                        break
+                    step_key, augment_key = jax.random.split(jax.random.fold_in(base_key, epoch * steps_per_epoch
+                                                                                + index))
+                    batch = devices.shard_batch(mesh, batch)
+                    images = as_float(batch["images"])
+                    if config.augment:
+                        images = augment_images(augment_key, images)
+                    state, balancer_state, metrics = step(state, balancer_state, {**batch, "images": images},
+                                                          step_key)
+                    yield index, metrics
+
+            sums, count = train_epoch(dispatched_steps(), steps_per_epoch, epoch, config.epochs, config.quiet,
+                                      ("loss", "attributes"), last_good_state)
+            train_seconds = time.time() - epoch_start
+            line = {"epoch": epoch + 1, "devices": int(mesh.devices.size),
+                    "train": {k: v / count for k, v in sums.items()},
+                    "val": attributes.evaluate_attributes(predict, state, evaluation_batches("val"),
+                                                          model_config.attributes),
+                    "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
+            bad = non_finite_metrics(line, ("val",))
+            if bad:
+                raise ValueError(f"the model diverged at epoch {epoch + 1}: its evaluation gave a non-finite "
+                                 f"{', '.join(bad)}; {last_good_state()}")
+            history.append(line)
+            if primary:
+                write_history(out / "metrics.jsonl", history)
+            checkpoints.save(epoch + 1, {"state": state, "balancer": balancer_state})
+            if not config.quiet:
+                print(f"epoch {epoch + 1}: loss {line['train']['loss']:.4g}; val mean accuracy "
+                      f"{line['val']['attributes/mean_accuracy']:.4f}", file=sys.stderr)
+
+    # The test split, once, for the final model (the run's result is its last epoch; nothing was chosen on it).
+    test = attributes.evaluate_attributes(predict, state, evaluation_batches("test"), model_config.attributes)
+    written = ["results.json", "curves.png", "attributes.png"]
+    if primary:
+        _plot_curves(history, out / "curves.png")
+        _plot_attributes(test, model_config.attributes, out / "attributes.png")
+    if config.method == "core":
+        images = np.asarray(splits["test"]["images"][:4], np.float32) / 255.0
+        panels = attributes.sample_panels(graphdef, state, devices.replicate(mesh, images))
+        if primary:
+            _plot_samples(images, panels, out / "samples.png")
+        written.append("samples.png")
+    results = {"experiment": "train_celeba", "config": dataclasses.asdict(config),
+               "model": dataclasses.asdict(model_config), "loss_weights": dataclasses.asdict(
+                   attributes.AttributeLossWeights()) if config.method == "core" else None,
+               "final_val": history[-1]["val"], "test": test, "epochs": len(history), "history": history,
+               "seconds_this_process": time.time() - started, "environment": environment()}
+    if primary:
+        write_json(out / "results.json", results)
+    if not config.quiet:
+        print(f"test mean attribute accuracy: {test['attributes/mean_accuracy']:.4f} (val, last epoch: "
+              f"{history[-1]['val']['attributes/mean_accuracy']:.4f})")
+        print(f"wrote {', '.join(f'{out}/{name}' for name in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

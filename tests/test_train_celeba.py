@@ -1,0 +1,120 @@
+"""experiments/train_celeba.py end to end on a generated CelebA set: a CORE-MTL run, a killed-and-resumed run that
+ends with the same numbers, a balanced baseline, and bad flags rejected with one line."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from scripts import assert_one_line_error, load_script, run_in_process
+from test_train_nyuv2 import ROOT, environment
+
+SCRIPT = ROOT / "experiments" / "train_celeba.py"
+FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3", "--batch-size", "16",
+         "--image-size", "64", "--learning-rate", "0.005", "--quiet"]
+
+
+def run(args, cache, **kwargs):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=environment(cache), timeout=900, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run([*FLAGS, "--out", str(out)], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_a_core_run_writes_its_results_plots_and_one_line_per_epoch(uninterrupted):
+    out = uninterrupted
+    results = json.loads((out / "results.json").read_text())
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3] and results["epochs"] == 3
+    names = ("5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald")  # the file's first 5
+    assert set(results["test"]) == {"attributes/mean_accuracy", *(f"attributes/{name}" for name in names)}
+    assert results["model"]["attributes"] == list(names) and results["model"]["grounding"] == "soft"
+    assert {"attributes", "independence", "appearance_l1", "loss"} <= set(lines[0]["train"])
+    assert lines[-1]["train"]["loss"] < lines[0]["train"]["loss"]
+    for name in ("curves.png", "attributes.png", "samples.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+
+
+def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path):
+    out = tmp_path / "killed"
+    with subprocess.Popen([sys.executable, str(SCRIPT), *FLAGS, "--out", str(out)], cwd=ROOT,
+                          env=environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        deadline = time.time() + 600
+        while not (out / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    assert not (out / "results.json").exists(), "the run ended before it could be killed"
+    # The epochs checkpointed before the kill are not trained again: their lines (timings included) stay as written.
+    before_kill = (out / "metrics.jsonl").read_text().splitlines()[:1]
+
+    result = run([*FLAGS, "--out", str(out), "--resume"], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in resumed] == [1, 2, 3]
+    assert (out / "metrics.jsonl").read_text().splitlines()[:1] == before_kill
+    for a, b in zip(expected, resumed):
+        assert a["val"] == b["val"] and a["train"] == b["train"], (a["epoch"], a, b)
+    assert (json.loads((out / "results.json").read_text())["test"]
+            == json.loads((uninterrupted / "results.json").read_text())["test"])
+
+
+def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
+    """PCGrad over the per-attribute losses, the model without its decoder; named attributes in the given order."""
+    out = tmp_path / "pcgrad"
+    flags = [*FLAGS, "--method", "pcgrad", "--attributes", "Young,Male", "--epochs", "2", "--augment"]
+    result = run([*flags, "--out", str(out)], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["attributes"] == ["Young", "Male"] and results["model"]["grounding"] == "none"
+    train = results["history"][0]["train"]
+    assert {"Young", "Male", "weight/Young", "weight/Male"} <= set(train) and "independence" not in train
+    assert not (out / "samples.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "--attributes", "41"], "--attributes: attributes must be an integer in 1..40"),
+    (["--synthetic", "--attributes", "Smiling,Grin"], "--attributes: attributes[1] = 'Grin' is not a CelebA attribute; allowed names: 5_o_Clock_Shadow, "),
+    (["--synthetic", "--method", "stl"], "--method must be one of core, "),
+    (["--synthetic", "--method", "ew", "--perceptual", __file__], "--perceptual is for --method core"),
+    (["--synthetic", "--min-learning-rate", "0.1"], "--min-learning-rate must be at most --learning-rate (0.0002)"),
+    (["--synthetic", "--image-size", "16"], "--image-size must be an integer >= 32; got 16"),
+    (["--synthetic", "--data", "/tmp"], "give exactly one of --data PATH and --synthetic"),
+    (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
+])
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
+    assert_one_line_error(run_in_process("experiments/train_celeba.py", *args, "--out", str(tmp_path / "out"),
+                                         "--quiet", computation="deep.devices.initialize_distributed"), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_and_a_changed_resume_are_one_line(uninterrupted, cache, tmp_path):
+    (tmp_path / "celeba").mkdir()  # no lists, no images
+    result = run(["--data", str(tmp_path / "celeba"), "--out", str(tmp_path / "out"), "--quiet"], cache)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "train_celeba.py: error: " in result.stderr and "list_attr_celeba" in result.stderr, result.stderr
+    changed = [*FLAGS, "--out", str(uninterrupted), "--resume", "--seed", "3"]
+    result = run(changed, cache)
+    assert result.returncode == 2 and "--resume must use the run's own flags: --seed was 2024, now 3" in result.stderr
+
+
+def test_the_first_t_attributes_and_their_names_are_the_same_run():
+    config = load_script("experiments/train_celeba.py").TrainConfig
+    by_count = config(synthetic=True, attributes="3").run_identity()
+    by_name = config(synthetic=True, attributes="5_o_Clock_Shadow, Arched_Eyebrows,Attractive").run_identity()
+    assert by_count == by_name and by_count["attributes"] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive"]
