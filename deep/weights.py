@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deep.backbone import ResNet, resnet50, torchvision_key
+from deep.backbone import ResNet, resnet18, resnet50, torchvision_key
 
 __all__ = ["load_torchvision_npz", "save_torchvision_npz", "convert_pth_to_npz", "torchvision_shapes",
            "check_torchvision_arrays", "check_npz", "is_ignored_key", "main", "read_npz", "write_atomically",
@@ -322,6 +322,9 @@ def run_command(prog: str, command: Callable[[], str]) -> int:
     return 0
 
 
+RESNETS = {"50": resnet50, "18": resnet18}  # the backbones `check` knows, by depth
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m deep.weights convert IN.pth OUT.npz`` or ``check IN.npz``: one-line errors, exit status 2 on bad
     input."""
@@ -331,15 +334,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert = commands.add_parser("convert", help="convert a PyTorch state dict (.pth) to .npz (needs torch)")
     convert.add_argument("pth", type=Path, help="input .pth (e.g. resnet50-19c8e357.pth)")
     convert.add_argument("npz", type=Path, help="output .npz")
-    check = commands.add_parser("check", help="check an .npz against the ResNet-50 backbone (no torch needed)")
+    check = commands.add_parser("check", help="check an .npz against a backbone (no torch needed)")
     check.add_argument("npz", type=Path, help="the .npz to check")
+    check.add_argument("--resnet", choices=sorted(RESNETS), default="50",
+                       help="the backbone: 50 (the dense model's) or 18 (the CelebA model's)")
     arguments = parser.parse_args(argv)
 
     def command() -> str:
         if arguments.command == "convert":
             return f"wrote {convert_pth_to_npz(arguments.pth, arguments.npz)} arrays to {arguments.npz}"
-        count = check_npz(arguments.npz)
-        return f"{arguments.npz}: all {count} ResNet-50 backbone arrays present with the right shapes"
+        build = RESNETS[arguments.resnet]
+        count = check_npz(arguments.npz, nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+        return f"{arguments.npz}: all {count} ResNet-{arguments.resnet} backbone arrays present with the right shapes"
 
     return run_command(parser.prog, command)
 

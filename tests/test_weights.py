@@ -226,3 +226,15 @@ def test_check_cli_reports_one_line(tmp_path, capsys, torchvision_arrays):
     assert weights.main(["check", str(path)]) == 2  # a tiny file is not ResNet-50
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "expected (64,)" in error
+
+
+def test_check_cli_knows_the_resnet18_backbone(tmp_path, capsys):
+    """The CelebA model's backbone: a full-shape ResNet-18 file passes ``--resnet 18`` and fails the default 50."""
+    from deep.backbone import resnet18
+
+    shapes = weights.torchvision_shapes(nnx.eval_shape(lambda: resnet18(nnx.Rngs(0))))
+    path = _write(tmp_path / "resnet18.npz", {key: np.zeros(shape, np.float32) for key, shape in shapes.items()})
+    assert weights.main(["check", str(path), "--resnet", "18"]) == 0
+    assert f"all {len(shapes)} ResNet-18 backbone arrays present" in capsys.readouterr().out
+    assert weights.main(["check", str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
