@@ -1,8 +1,10 @@
-r"""The CelebA attribute model: a dual-stream ResNet-18 with soft grounding (the paper's scalability benchmark).
+r"""The CelebA attribute model: a dual-stream ResNet with soft grounding (the paper's scalability benchmark).
 
-The authors' ``models/causal_celeba_model.py`` (``reference/official_implementation.md``, "CelebA model"):
+The paper's Appendix E and the authors' ``models/causal_celeba_model.py`` (``reference/official_implementation.md``,
+"CelebA model") agree but for the backbone (:data:`ATTRIBUTE_BACKBONES`):
 
-* **backbone**: ResNet-18 without dilation (output stride 32: a 4×4 map for 128×128 faces);
+* **backbone**: ResNet-50 without dilation in the paper ("dilated convolutions disabled for classification"),
+  ResNet-18 in the authors' code; output stride 32 either way (a 4×4 map for 128×128 faces);
 * **streams**: ``proj_zs`` and ``proj_zp``, each a 1×1 convolution → BatchNorm → ReLU, to the semantic map ẑ_s
   (1024 channels) and the residual map ẑ_r (64 channels), both spatial;
 * **attribute head**: the spatial mean of ẑ_s → Linear 256 → BatchNorm → ReLU → Dropout 0.5 → Linear T (logits). The
@@ -47,17 +49,34 @@ from deep.perceptual import LPIPSWeights, lpips_loss
 from deep.resize import resize_bilinear
 
 ATTRIBUTE_GROUNDINGS = ("soft", "none")
-# Model sizes: the authors' (ResNet-18, 1024/64 streams) and one for CPU smoke runs and tests.
+# The backbone of each variant: the paper's ResNet-50 without dilation, the authors' ResNet-18.
+ATTRIBUTE_BACKBONES = {"paper": BackboneConfig(replace_stride_with_dilation=(False, False, False)),
+                       "authors": RESNET18}
+# Model sizes: the full one (1024/64 streams) and one for CPU smoke runs and tests, on a variant's backbone.
 ATTRIBUTE_MODEL_SIZES = {
     "full": {},
-    "tiny": dict(backbone=dataclasses.replace(RESNET18, depths=(1, 1, 1, 1), width=8), semantic_channels=16,
-                 residual_channels=4, hidden_channels=16, decoder_widths=(8, 8, 8, 8, 8)),
+    "tiny": dict(depths=(1, 1, 1, 1), width=8, semantic_channels=16, residual_channels=4, hidden_channels=16,
+                 decoder_widths=(8, 8, 8, 8, 8)),
 }
+
+
+def attribute_model_config(variant: str, size: str, **fields) -> "AttributeModelConfig":
+    """The configuration of ``variant``'s model (:data:`ATTRIBUTE_BACKBONES`) at ``size``
+    (:data:`ATTRIBUTE_MODEL_SIZES`), with any other :class:`AttributeModelConfig` field given."""
+    if variant not in ATTRIBUTE_BACKBONES:
+        raise ValueError(f"variant must be one of {', '.join(ATTRIBUTE_BACKBONES)}; got {variant!r}")
+    if size not in ATTRIBUTE_MODEL_SIZES:
+        raise ValueError(f"size must be one of {', '.join(ATTRIBUTE_MODEL_SIZES)}; got {size!r}")
+    sized = dict(ATTRIBUTE_MODEL_SIZES[size])
+    backbone_fields = {name: sized.pop(name) for name in ("depths", "width") if name in sized}
+    backbone = dataclasses.replace(ATTRIBUTE_BACKBONES[variant], **backbone_fields)
+    return AttributeModelConfig(backbone=backbone, **sized, **fields)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttributeModelConfig:
-    """Sizes of :class:`AttributeModel` (defaults: the authors' CelebA model, all 40 attributes).
+    """Sizes of :class:`AttributeModel` (defaults: the authors' CelebA model, all 40 attributes; the paper's has the
+    ResNet-50 of :data:`ATTRIBUTE_BACKBONES`).
 
     ``attributes``: the task names, one binary attribute each (their order is the order of the columns of the
     ``attributes`` array the data holds). ``grounding``: ``"soft"`` (CORE-MTL: the reconstruction decoder) or

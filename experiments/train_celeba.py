@@ -1,17 +1,20 @@
 """Train CORE-MTL or a gradient-balancing baseline on CelebA's binary attributes, evaluating every epoch.
 
-    python experiments/train_celeba.py --data /data/celeba --method core --pretrained resnet18.npz --augment  # paper
+    python experiments/train_celeba.py --data /data/celeba --method core --pretrained resnet50.npz --augment  # paper
     python experiments/train_celeba.py --data /data/celeba --method pcgrad --attributes 10 --augment   # a baseline
+    python experiments/train_celeba.py --data /data/celeba --variant authors --attributes 10 \
+        --pretrained resnet18.npz --augment                                       # the authors' configuration
     python experiments/train_celeba.py --synthetic --model tiny --epochs 3 --batch-size 8 --image-size 64     # CPU
     python experiments/train_celeba.py <the run's own flags> --resume                                  # after a kill
 
-The paper's scalability benchmark: T binary attributes of a face are T tasks (``--attributes``: the first T of the
-file's 40, the authors' convention, or comma-separated names). ``core`` trains the authors' CelebA model
-(:mod:`deep.attributes`: ResNet-18, a 1024-channel semantic and a 64-channel residual stream, an attribute head on
-the semantic stream, soft grounding through a convolutional decoder of both streams, CKA independence; the loss
-weights of their ``5celeba.yaml``), with AdamW and a cosine schedule to 1e-6 over the epochs, as theirs. Any method of
-``theory.balancing`` trains the same backbone and head without the decoder, the per-attribute cross-entropies being
-its tasks.
+The paper's scalability benchmark (its Table 4: T = 10, 20, 30, 40): T binary attributes of a face are T tasks
+(``--attributes``: the first T of the file's 40, or comma-separated names). ``core`` trains the CelebA model of the
+paper's Appendix E and the authors' code (:mod:`deep.attributes`: a 1024-channel semantic and a 64-channel residual
+stream, an attribute head on the semantic stream, soft grounding through a convolutional decoder of both streams, CKA
+independence; the loss weights of their ``5celeba.yaml``) on a ResNet-50 without dilation (``--variant paper``) or
+the authors' ResNet-18 (``--variant authors``), with AdamW and a cosine schedule to 1e-6 over the epochs, after 5
+warm-up epochs (the paper) or none (the authors' code). Any method of ``theory.balancing`` trains the same backbone
+and head without the decoder, the per-attribute cross-entropies being its tasks.
 
 ``--data`` is the CelebA "Align&Cropped" folder (``img_align_celeba/``, ``list_attr_celeba.txt``,
 ``list_eval_partition.txt``, or Kaggle's ``.csv`` lists); ``--synthetic`` generates a small set in that layout under
@@ -40,6 +43,9 @@ from _training import (absolute, check_run_folder, generated, last_good_state_of
                        read_history, read_weights, restore_run, train_epoch, write_history)
 
 PATH_FIELDS = ("data", "pretrained", "perceptual")
+VARIANTS = ("paper", "authors")
+# Warm-up epochs before the cosine: the paper's Appendix F says 5 for CelebA; the authors' code has none.
+DEFAULT_WARMUP_EPOCHS = {"paper": 5, "authors": 0}
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adam")
 MODELS = ("full", "tiny")
@@ -55,14 +61,19 @@ class TrainConfig:
                 "comma-separated attribute names"})
     method: str = dataclasses.field(default="core", metadata={
         "help": "core, or a method of theory.balancing (ew, pcgrad, mgda, nash_mtl, ...) on the same backbone"})
+    variant: str = dataclasses.field(default="paper", metadata={
+        "help": "paper (a ResNet-50 backbone without dilation, as its Appendix E) or authors (their code's ResNet-18)"})
     model: str = dataclasses.field(default="full", metadata={
-        "help": "full (ResNet-18, the authors') or tiny (CPU smoke runs)"})
+        "help": "full (the variant's ResNet) or tiny (CPU smoke runs)"})
     image_size: int = dataclasses.field(default=128, metadata={"help": "faces are resized to this square size"})
     epochs: int = dataclasses.field(default=50, metadata={"help": "training epochs (the authors' 50)"})
     batch_size: int = dataclasses.field(default=256, metadata={"help": "training batch size (the authors' 256)"})
     learning_rate: float = dataclasses.field(default=2e-4, metadata={"help": "peak learning rate"})
     min_learning_rate: float = dataclasses.field(default=1e-6, metadata={
         "help": "the cosine schedule's last learning rate (the authors' eta_min)"})
+    warmup_epochs: int = dataclasses.field(default=-1, metadata={
+        "help": "linear warm-up epochs before the cosine (-1: the variant's, 5 as the paper says, 0 as the authors' "
+                "code)"})
     weight_decay: float = dataclasses.field(default=1e-4, metadata={"help": "weight decay"})
     optimizer: str = dataclasses.field(default="adamw", metadata={
         "help": "adamw (decoupled decay: the authors' CelebA run) or adam (coupled L2)"})
@@ -74,7 +85,8 @@ class TrainConfig:
     limit: int = dataclasses.field(default=0, metadata={
         "help": "keep only the first N examples of each split (0: all; for quick runs)"})
     pretrained: str = dataclasses.field(default="", metadata={
-        "help": "torchvision ResNet-18 ImageNet weights as .npz (see python -m deep.weights convert)"})
+        "help": "torchvision ImageNet weights as .npz, ResNet-50 (--variant paper) or ResNet-18 (--variant authors) "
+                "(see python -m deep.weights convert)"})
     perceptual: str = dataclasses.field(default="", metadata={
         "help": "LPIPS-VGG weights as .npz for CORE-MTL's perceptual reconstruction term (the authors' LPIPS; see "
                 "python -m deep.perceptual convert); without it the term is left out"})
@@ -91,13 +103,21 @@ class TrainConfig:
         if bool(self.data) == self.synthetic:
             raise ValueError("give exactly one of --data PATH and --synthetic")
         choices = {"--method": (self.method, ("core", *sorted(METHODS))), "--model": (self.model, MODELS),
+                   "--variant": (self.variant, VARIANTS),
                    "--precision": (self.precision, PRECISIONS), "--optimizer": (self.optimizer, OPTIMIZERS)}
         for option, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+        warmup_given = self.warmup_epochs != -1
+        if not warmup_given:  # frozen: the variant's default filled in once, so the run records what it trains with
+            object.__setattr__(self, "warmup_epochs", DEFAULT_WARMUP_EPOCHS[self.variant])
         for name, least in (("seed", 0), ("image_size", 32), ("epochs", 1), ("batch_size", 1), ("limit", 0),
-                            ("steps_per_epoch", 0)):
+                            ("steps_per_epoch", 0), ("warmup_epochs", 0)):
             require_integer(self, name, least)
+        if self.warmup_epochs >= self.epochs:
+            default = "" if warmup_given else f" (the {self.variant} variant's: pass a smaller --warmup-epochs)"
+            raise ValueError(f"--warmup-epochs must be smaller than --epochs ({self.epochs}); got "
+                             f"{self.warmup_epochs}{default}")
         require_finite(self, "learning_rate")
         require_finite(self, "min_learning_rate", positive=False)
         require_finite(self, "weight_decay", positive=False)
@@ -126,11 +146,11 @@ class TrainConfig:
             raise ValueError(f"--attributes: {error}") from None
 
     def model_config(self):
-        from deep.attributes import ATTRIBUTE_MODEL_SIZES, AttributeModelConfig
+        from deep.attributes import attribute_model_config
 
-        return AttributeModelConfig(**ATTRIBUTE_MODEL_SIZES[self.model], attributes=self.attribute_names,
-                                    grounding="soft" if self.method == "core" else "none",
-                                    compute_dtype=self.precision)
+        return attribute_model_config(self.variant, self.model, attributes=self.attribute_names,
+                                      grounding="soft" if self.method == "core" else "none",
+                                      compute_dtype=self.precision)
 
     def run_identity(self) -> dict:
         """The fields that define the training run: a resumed run must agree on all of them."""
@@ -255,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
     optimizer = train.make_optimizer(train.OptimConfig(
         learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-        decoupled_weight_decay=config.optimizer == "adamw", epochs=config.epochs, warmup_epochs=0,
+        decoupled_weight_decay=config.optimizer == "adamw", epochs=config.epochs, warmup_epochs=config.warmup_epochs,
         steps_per_epoch=steps_per_epoch, min_lr_ratio=config.min_learning_rate / config.learning_rate))
     model_config = config.model_config()
     model = attributes.AttributeModel(model_config, nnx.Rngs(config.seed))

@@ -12,7 +12,7 @@ from flax import nnx
 
 from deep import train
 from deep.attributes import (AttributeLossWeights, AttributeModel, AttributeModelConfig, attribute_loss,
-                             attribute_step, stacked_logits)
+                             attribute_model_config, attribute_step, stacked_logits)
 from deep.backbone import RESNET18
 from deep.metrics import AttributeAccuracy
 from test_deep_baselines import assert_same_jacobian_step, whole_model_jacobian
@@ -172,6 +172,18 @@ def test_attribute_accuracy_over_a_split_fed_in_batches():
     empty.update(jnp.zeros((1, 1)), jnp.array([[-1]]))
     with pytest.raises(ValueError, match="no labelled example of a was seen"):
         empty.result()
+
+
+def test_the_variants_backbones():
+    """The paper's ResNet-50 without dilation and the authors' ResNet-18, both at output stride 32."""
+    paper, authors = (attribute_model_config(variant, "full") for variant in ("paper", "authors"))
+    assert paper.backbone.block == "bottleneck" and paper.backbone.depths == (3, 4, 6, 3)
+    assert authors.backbone == RESNET18 and paper.backbone.output_stride == authors.backbone.output_stride == 32
+    assert paper.attributes == authors.attributes and len(paper.attributes) == 40
+    tiny = attribute_model_config("paper", "tiny", attributes=ATTRIBUTES)
+    assert tiny.backbone.depths == (1, 1, 1, 1) and tiny.backbone.block == "bottleneck" and tiny.tasks == TINY.tasks
+    with pytest.raises(ValueError, match="variant must be one of paper, authors"):
+        attribute_model_config("theirs", "full")
 
 
 def test_config_refuses_bad_values():

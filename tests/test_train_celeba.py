@@ -13,8 +13,8 @@ from scripts import assert_one_line_error, load_script, run_in_process
 from test_train_nyuv2 import ROOT, environment
 
 SCRIPT = ROOT / "experiments" / "train_celeba.py"
-FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3", "--batch-size", "16",
-         "--image-size", "64", "--learning-rate", "0.005", "--quiet"]
+FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3", "--warmup-epochs", "1",
+         "--batch-size", "16", "--image-size", "64", "--learning-rate", "0.005", "--quiet"]
 
 
 def run(args, cache, **kwargs):
@@ -75,13 +75,16 @@ def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path
 
 
 def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
-    """PCGrad over the per-attribute losses, the model without its decoder; named attributes in the given order."""
+    """PCGrad over the per-attribute losses, the model without its decoder (the authors' ResNet-18); named
+    attributes in the given order."""
     out = tmp_path / "pcgrad"
-    flags = [*FLAGS, "--method", "pcgrad", "--attributes", "Young,Male", "--epochs", "2", "--augment"]
+    flags = [*FLAGS, "--method", "pcgrad", "--attributes", "Young,Male", "--epochs", "2", "--augment", "--variant",
+             "authors"]
     result = run([*flags, "--out", str(out)], cache)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["attributes"] == ["Young", "Male"] and results["model"]["grounding"] == "none"
+    assert results["model"]["backbone"]["block"] == "basic"
     train = results["history"][0]["train"]
     assert {"Young", "Male", "weight/Young", "weight/Male"} <= set(train) and "independence" not in train
     assert not (out / "samples.png").exists()
@@ -96,6 +99,8 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     (["--synthetic", "--image-size", "16"], "--image-size must be an integer >= 32; got 16"),
     (["--synthetic", "--data", "/tmp"], "give exactly one of --data PATH and --synthetic"),
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
+    (["--synthetic", "--variant", "theirs"], "--variant must be one of paper, authors"),
+    (["--synthetic", "--epochs", "5"], "--warmup-epochs must be smaller than --epochs (5); got 5 (the paper variant's"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     assert_one_line_error(run_in_process("experiments/train_celeba.py", *args, "--out", str(tmp_path / "out"),
@@ -118,3 +123,5 @@ def test_the_first_t_attributes_and_their_names_are_the_same_run():
     by_count = config(synthetic=True, attributes="3").run_identity()
     by_name = config(synthetic=True, attributes="5_o_Clock_Shadow, Arched_Eyebrows,Attractive").run_identity()
     assert by_count == by_name and by_count["attributes"] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive"]
+    paper, authors = (config(synthetic=True, variant=variant) for variant in ("paper", "authors"))
+    assert (paper.warmup_epochs, authors.warmup_epochs) == (5, 0)  # the paper's Appendix F; the authors' code
