@@ -100,7 +100,8 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     (["--synthetic", "--data", "/tmp"], "give exactly one of --data PATH and --synthetic"),
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
     (["--synthetic", "--variant", "theirs"], "--variant must be one of paper, authors"),
-    (["--synthetic", "--epochs", "5"], "--warmup-epochs must be smaller than --epochs (5); got 5 (the paper variant's"),
+    (["--synthetic", "--epochs", "5"],
+     "--warmup-epochs must be smaller than --epochs (5); got 5 (the paper variant's"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     assert_one_line_error(run_in_process("experiments/train_celeba.py", *args, "--out", str(tmp_path / "out"),
