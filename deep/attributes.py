@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Iterable
 
 import jax
@@ -249,7 +250,7 @@ class AttributeLossWeights:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not (value >= 0 and jnp.isfinite(value)):
+            if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"loss weight {field.name} must be a finite number >= 0; got {value!r}")
 
 
