@@ -43,6 +43,36 @@ def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
 
 
+def data_mesh_for(batch_size: int):
+    """The mesh of every device of every process (each batch split across them, the state replicated), once every
+    process has checked ``--out``; refuses a batch size they cannot split evenly."""
+    from deep import devices
+
+    devices.barrier("checked --out")  # before process 0 writes run.json there
+    mesh = devices.data_mesh()
+    if batch_size % mesh.devices.size:
+        raise ValueError(f"--batch-size must be a multiple of the {mesh.devices.size} devices the batch is split "
+                         f"over; got {batch_size}")
+    return mesh
+
+
+def record_epoch(line: dict, history: list[dict], splits: Sequence[str], out: Path, primary: bool, checkpoints,
+                 tree, last_good_state: Callable[[], str]) -> None:
+    """Ends an epoch: refuses non-finite evaluation metrics (finite steps can still predict NaN or infinity, an
+    overflow in bfloat16, say; a resume would redo the same epoch and meet them again), then appends ``line`` to the
+    history, rewrites ``metrics.jsonl`` (process 0) and checkpoints ``tree``, in that order: a run killed between
+    the two redoes the epoch, and :func:`read_history` drops the line."""
+    epoch = line["epoch"]
+    bad = non_finite_metrics(line, splits)
+    if bad:
+        raise ValueError(f"the model diverged at epoch {epoch}: its evaluation gave a non-finite {', '.join(bad)}; "
+                         f"{last_good_state()}")
+    history.append(line)
+    if primary:
+        write_history(out / "metrics.jsonl", history)
+    checkpoints.save(epoch, tree)
+
+
 def restore_run(checkpoints, initial: dict, resume: bool, prog: str) -> tuple[int, dict]:
     """``(epochs done, tree)``: with ``resume``, the newest readable checkpoint laid out as ``initial`` (a damaged one
     is set aside with a warning), else (or with none yet) ``(0, initial)``."""

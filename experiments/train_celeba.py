@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_config, parser_for, pyplot, require_finite, require_integer,  # noqa: E402
                      run_main, save_figure, write_json)
-from _training import (absolute, check_run_folder, generated, last_good_state_of, non_finite_metrics,  # noqa: E402
-                       read_history, read_weights, restore_run, train_epoch, write_history)
+from _training import (absolute, check_run_folder, data_mesh_for, generated, last_good_state_of,  # noqa: E402
+                       read_history, read_weights, record_epoch, restore_run, train_epoch)
 
 PATH_FIELDS = ("data", "pretrained", "perceptual")
 VARIANTS = ("paper", "authors")
@@ -246,11 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(config.out)
     checkpoints_dir = out / "checkpoints"
     check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS)
-    devices.barrier("checked --out")  # before process 0 writes run.json there
-    mesh = devices.data_mesh()
-    if config.batch_size % mesh.devices.size:
-        raise ValueError(f"--batch-size must be a multiple of the {mesh.devices.size} devices the batch is split "
-                         f"over; got {config.batch_size}")
+    mesh = data_mesh_for(config.batch_size)
     primary = jax.process_index() == 0
 
     reading = tqdm(desc="reading CelebA", unit="image", disable=config.quiet, leave=False, file=sys.stderr)
@@ -330,14 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "val": attributes.evaluate_attributes(predict, state, evaluation_batches("val"),
                                                           model_config.attributes),
                     "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
-            bad = non_finite_metrics(line, ("val",))
-            if bad:
-                raise ValueError(f"the model diverged at epoch {epoch + 1}: its evaluation gave a non-finite "
-                                 f"{', '.join(bad)}; {last_good_state()}")
-            history.append(line)
-            if primary:
-                write_history(out / "metrics.jsonl", history)
-            checkpoints.save(epoch + 1, {"state": state, "balancer": balancer_state})
+            record_epoch(line, history, ("val",), out, primary, checkpoints,
+                         {"state": state, "balancer": balancer_state}, last_good_state)
             if not config.quiet:
                 print(f"epoch {epoch + 1}: loss {line['train']['loss']:.4g}; val mean accuracy "
                       f"{line['val']['attributes/mean_accuracy']:.4f}", file=sys.stderr)

@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_choices, parse_config, parser_for, pyplot, require_finite,  # noqa: E402
                      require_integer, run_main, save_figure, write_json)
-from _training import (absolute, check_run_folder, generated, last_good_state_of, non_finite_metrics,  # noqa: E402
-                       read_history, read_weights, restore_run, train_epoch, write_history)
+from _training import (absolute, check_run_folder, data_mesh_for, generated, last_good_state_of,  # noqa: E402
+                       read_history, read_weights, record_epoch, restore_run, train_epoch)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
@@ -415,12 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoints_dir = out / "checkpoints"
     identity_path = out / "run.json"
     check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS)
-    devices.barrier("checked --out")  # before process 0 writes run.json there
-    # Data parallelism over every device of every process: the batch is split across them, the state replicated.
-    mesh = devices.data_mesh()
-    if config.batch_size % mesh.devices.size:
-        raise ValueError(f"--batch-size must be a multiple of the {mesh.devices.size} devices the batch is split "
-                         f"over; got {config.batch_size}")
+    mesh = data_mesh_for(config.batch_size)
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
 
     train_split, test_split, source_split = _load_splits(config, out)
@@ -521,16 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "train_seconds": train_seconds, "images_per_second": count * config.batch_size / train_seconds}
             if source_loader is not None:
                 line["source"] = trainer.evaluate(predict, state, test_batches(source_loader), model_config.tasks)
-            # Finite training steps can still predict NaN or infinity (an overflow in bfloat16, say): stop before
-            # the epoch is recorded or checkpointed, since a resume would redo the same epoch and meet it again.
-            bad = non_finite_metrics(line, ("test", "source"))
-            if bad:
-                raise ValueError(f"the model diverged at epoch {epoch + 1}: its evaluation gave a non-finite "
-                                 f"{', '.join(bad)}; {last_good_state()}")
-            history.append(line)
-            if primary:
-                write_history(out / "metrics.jsonl", history)
-            checkpoints.save(epoch + 1, {"state": state, "balancer": balancer_state})
+            record_epoch(line, history, ("test", "source"), out, primary, checkpoints,
+                         {"state": state, "balancer": balancer_state}, last_good_state)
             if not config.quiet:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in test_metrics.items())
                 print(f"epoch {epoch + 1}: loss {line['train']['loss']:.4g}; test {shown}", file=sys.stderr)

@@ -251,7 +251,10 @@ def test_a_damaged_record_of_the_run_is_refused_on_resume(tmp_path):
 def test_an_epoch_whose_evaluation_is_not_finite_is_named():
     """What stops a run before its epoch is recorded (a non-finite metric would make metrics.jsonl unwritable, and
     every resume would redo the epoch and meet it again)."""
-    non_finite = lambda line: load_script("experiments/train_nyuv2.py").non_finite_metrics(line, ("test", "source"))
+    load_script("experiments/train_nyuv2.py")  # puts experiments/ on the import path, as running the script does
+    from _training import non_finite_metrics
+
+    non_finite = lambda line: non_finite_metrics(line, ("test", "source"))  # noqa: E731
     line = {"train": {"loss": float("nan")}, "test": {"depth/abs_err": 0.5, "normal/median": float("nan")},
             "source": {"depth/abs_err": float("inf")}}
     assert non_finite(line) == ["test normal/median", "source depth/abs_err"]
