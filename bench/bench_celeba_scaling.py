@@ -97,8 +97,8 @@ def step_and_arguments(method: str, variant: str, size: str, attributes: int, ba
         graphdef, state = train.split_model(celeba.AttributeModel(config, nnx.Rngs(0)), optimizer)
         return graphdef, state
 
-    graphdef = nnx.eval_shape(lambda: celeba.AttributeModel(config, nnx.Rngs(0)))
-    graphdef, state = train.split_model(graphdef, optimizer) if abstract else build()
+    abstract_model = nnx.eval_shape(lambda: celeba.AttributeModel(config, nnx.Rngs(0)))
+    graphdef, state = train.split_model(abstract_model, optimizer) if abstract else build()
     if abstract:
         state = jax.eval_shape(lambda: state)
     arrays = {"images": jnp.zeros((batch, image_size, image_size, 3), jnp.float32),

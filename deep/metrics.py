@@ -59,8 +59,9 @@ METRIC_DIRECTIONS: dict[str, int] = {
 #: The tasks the metrics know, with the channels their predictions must have (``None``: any number of classes).
 TASK_CHANNELS: dict[str, int | None] = {"segmentation": None, "depth": 1, "normal": 3}
 NORMAL_THRESHOLDS_DEGREES: tuple[float, ...] = (11.25, 22.5, 30.0)
-# The label value of a pixel every metric skips (LibMTL's conventions): class -1, and a depth or normal of 0.
-IGNORED_LABELS: dict[str, int] = {"segmentation": -1, "depth": 0, "normal": 0}
+# The label value of a pixel every metric skips (LibMTL's conventions): class -1, and a depth or normal of 0; an
+# attribute's -1 (no label).
+IGNORED_LABELS: dict[str, int] = {"segmentation": -1, "depth": 0, "normal": 0, "attributes": -1}
 _MAX_ANGLE_DEGREES = 180.0
 
 
@@ -398,12 +399,14 @@ class MetricAccumulator:
 
 @jax.jit
 def attribute_statistics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """Per attribute ``[T]``: the labelled examples whose prediction (logit > 0) is right, and the labelled examples
-    (label 0 or 1; −1 is skipped), with ``out_of_range``, the count of labels that are none of −1, 0, 1."""
+    """Per attribute ``[T]``: the labelled examples whose prediction (logit > 0) is right, the labelled examples
+    (label 0 or 1; −1 is skipped) and those among them whose logit is NaN or infinite; with ``out_of_range``, the
+    count of labels that are none of −1, 0, 1."""
     labelled = (labels == 0) | (labels == 1)
     right = labelled & ((logits > 0) == (labels == 1))
     return {"correct": jnp.sum(right, axis=0, dtype=jnp.int32),
             "labelled": jnp.sum(labelled, axis=0, dtype=jnp.int32),
+            "non_finite": jnp.sum(labelled & ~jnp.isfinite(logits), axis=0, dtype=jnp.int32),
             "out_of_range": jnp.sum(~labelled & (labels != -1), dtype=jnp.int32)}
 
 
@@ -431,6 +434,7 @@ class AttributeAccuracy:
         """Forgets every batch seen."""
         self._correct = np.zeros(len(self.attributes), np.int64)
         self._labelled = np.zeros(len(self.attributes), np.int64)
+        self._non_finite = np.zeros(len(self.attributes), np.int64)
 
     def statistics(self, logits: jax.Array, labels: jax.Array) -> dict:
         """One batch's statistics, computed on its device and not waited for (:meth:`add` brings them to the host).
@@ -455,13 +459,16 @@ class AttributeAccuracy:
             raise ValueError(f"{int(statistics['out_of_range'])} attribute labels are none of 0, 1 and -1 (no label)")
         self._correct += np.asarray(statistics["correct"], np.int64)
         self._labelled += np.asarray(statistics["labelled"], np.int64)
+        self._non_finite += np.asarray(statistics["non_finite"], np.int64)
 
     def update(self, logits: jax.Array, labels: jax.Array) -> None:
         """Adds one batch (:meth:`statistics` then :meth:`add`)."""
         self.add(self.statistics(logits, labels))
 
     def result(self) -> dict[str, float]:
-        """``attributes/mean_accuracy`` and ``attributes/<name>`` for each attribute, as fractions.
+        """``attributes/mean_accuracy`` and ``attributes/<name>`` for each attribute, as fractions; NaN for an
+        attribute some of whose logits were NaN or infinite (a diverged model is not scored as if it predicted
+        "absent"), and then for the mean too.
 
         Raises:
             ValueError: when some attribute has no labelled example.
@@ -469,7 +476,7 @@ class AttributeAccuracy:
         if not self._labelled.all():
             missing = [name for name, count in zip(self.attributes, self._labelled) if not count]
             raise ValueError(f"no labelled example of {', '.join(missing)} was seen; its accuracy is undefined")
-        accuracy = self._correct / self._labelled
+        accuracy = np.where(self._non_finite > 0, np.nan, self._correct / self._labelled)
         return {"attributes/mean_accuracy": float(accuracy.mean()),
                 **{f"attributes/{name}": float(value) for name, value in zip(self.attributes, accuracy)}}
 

@@ -96,6 +96,9 @@ class MTANConfig:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}")
         if self.dilated_conv not in DILATED_CONVS:
             raise ValueError(f"dilated_conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
+        if self.backbone.block != "bottleneck":
+            raise ValueError(f"MTAN's attention and transition blocks are built for a bottleneck ResNet (LibMTL's); "
+                             f"got backbone block {self.backbone.block!r}")
         if not self.tasks or any(channels < 1 for _, channels in self.tasks):
             raise ValueError(f"tasks must be (name, output channels >= 1) pairs; got {self.tasks}")
         names = [name for name, _ in self.tasks]

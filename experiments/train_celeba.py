@@ -1,10 +1,12 @@
 """Train CORE-MTL or a gradient-balancing baseline on CelebA's binary attributes, evaluating every epoch.
 
-    python experiments/train_celeba.py --data /data/celeba --method core --pretrained resnet50.npz --augment  # paper
-    python experiments/train_celeba.py --data /data/celeba --method pcgrad --attributes 10 --augment   # a baseline
+    python experiments/train_celeba.py --data /data/celeba --method core --pretrained resnet50.npz --augment \
+        --perceptual lpips_vgg.npz                                                           # the paper's CORE-MTL
+    python experiments/train_celeba.py --data /data/celeba --method pcgrad --pretrained resnet50.npz --augment
     python experiments/train_celeba.py --data /data/celeba --variant authors --attributes 10 \
-        --pretrained resnet18.npz --augment                                       # the authors' configuration
-    python experiments/train_celeba.py --synthetic --model tiny --epochs 3 --batch-size 8 --image-size 64     # CPU
+        --pretrained resnet18.npz --perceptual lpips_vgg.npz --augment            # the authors' configuration
+    python experiments/train_celeba.py --synthetic --model tiny --epochs 3 --warmup-epochs 1 --batch-size 8 \
+        --image-size 64                                                                          # CPU smoke run
     python experiments/train_celeba.py <the run's own flags> --resume                                  # after a kill
 
 The paper's scalability benchmark (its Table 4: T = 10, 20, 30, 40): T binary attributes of a face are T tasks
@@ -240,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deep import attributes, train
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
+    from deep.metrics import IGNORED_LABELS
     from deep.perceptual import load_lpips_npz
     from deep.weights import load_torchvision_npz
 
@@ -259,12 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(splits["train"], config.batch_size, seed=config.seed, **placement)
 
+    # Built once (with --on-device each holds a copy of its split on every device). The last batch is filled up
+    # with unlabelled rows (-1, skipped by the metric), so evaluation compiles once.
+    evaluation_loaders = {split: Loader(splits[split], min(config.batch_size, len(splits[split]["images"])),
+                                        seed=config.seed, shuffle=False, drop_last=False,
+                                        fill_last={"attributes": IGNORED_LABELS["attributes"]}, **placement)
+                          for split in ("val", "test")}
+
     def evaluation_batches(split: str):
-        # The last batch filled up with unlabelled rows (-1, skipped by the metric), so evaluation compiles once.
-        size = min(config.batch_size, len(splits[split]["images"]))
-        split_loader = Loader(splits[split], size, seed=config.seed, shuffle=False, drop_last=False,
-                              fill_last={"attributes": -1}, **placement)
-        for batch in split_loader.epoch(0):
+        for batch in evaluation_loaders[split].epoch(0):
             batch = devices.place_batch(mesh, batch)
             yield {**batch, "images": as_float(batch["images"])}
 

@@ -12,9 +12,12 @@ from flax import nnx
 
 from deep import train
 from deep.attributes import (AttributeLossWeights, AttributeModel, AttributeModelConfig, attribute_loss,
-                             attribute_model_config, attribute_step, stacked_logits)
+                             attribute_model_config, attribute_step, evaluate_attributes, predict_logits_function,
+                             stacked_logits)
 from deep.backbone import RESNET18
-from deep.metrics import AttributeAccuracy
+from deep.data import Loader
+from deep.metrics import IGNORED_LABELS, AttributeAccuracy
+from theory.measures import linear_cka
 from test_deep_baselines import assert_same_jacobian_step, whole_model_jacobian
 from test_deep_train import compiled, copied
 from theory.balancing import make
@@ -84,6 +87,37 @@ def test_encode_then_predict_is_the_forward_pass(model):
         model.predict_from_streams(**model.encode(images), tasks=("Bald",))
 
 
+def test_evaluation_keeps_the_attributes_order(model):
+    """The attributes are not in sorted order here (a dict leaving jit comes back sorted): the evaluation's columns
+    are still the model's, and its accuracies the hand-counted ones."""
+    assert list(ATTRIBUTES) != sorted(ATTRIBUTES)
+    batch = make_batch()
+    graphdef, params, batch_stats, rest = train.split_states(model)
+    state = train.TrainState(params, batch_stats, rest, (), jnp.zeros((), jnp.int32))
+    logits = predict_logits_function(graphdef)(state, batch["images"])
+    model.eval()
+    try:
+        predictions, _ = model(batch["images"])
+    finally:
+        model.train()
+    for index, name in enumerate(ATTRIBUTES):
+        np.testing.assert_allclose(logits[:, index], predictions[name], rtol=1e-5, atol=1e-6)
+    # Batches of 3 over the 8 examples, the last one filled up with one unlabelled row, as the script evaluates.
+    loader = Loader({k: np.asarray(v) for k, v in batch.items()}, 3, seed=0, shuffle=False, drop_last=False,
+                    fill_last={"attributes": IGNORED_LABELS["attributes"]})
+    result = evaluate_attributes(predict_logits_function(graphdef), state, loader.epoch(0), ATTRIBUTES)
+    right = (np.asarray(logits) > 0) == (np.asarray(batch["attributes"]) == 1)
+    for index, name in enumerate(ATTRIBUTES):
+        assert result[f"attributes/{name}"] == pytest.approx(right[:, index].mean())
+
+
+def test_the_heads_are_the_last_layer_alone(model):
+    """What the baselines treat as task-specific (deep.train's HEADS filter): one logit per attribute."""
+    heads = nnx.to_flat_state(nnx.state(model, train.HEADS))
+    assert {path for path, _ in heads} == {("heads", "kernel"), ("heads", "bias")}
+    assert model.heads.kernel[...].shape == (TINY.hidden_channels, len(ATTRIBUTES))
+
+
 def test_attribute_loss_is_binary_cross_entropy_over_the_labelled_entries():
     logits = jnp.array([[2.0, -1.0], [0.5, 3.0]])
     labels = jnp.array([[1, 0], [0, -1]])
@@ -127,6 +161,30 @@ def test_the_objective_weighs_its_terms_as_the_authors_config():
     expected = 2.0 * metrics["attributes"] + 0.25 * metrics["independence"] + 3.0 * 0.5 * metrics["appearance_l1"]
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-6)
     assert "appearance_perceptual" not in metrics
+    assert AttributeLossWeights() == AttributeLossWeights(attributes=1.0, independence=0.5, appearance=5.0,
+                                                          appearance_l1=1.0)  # the authors' 5celeba.yaml
+    # The CKA term is between the spatially pooled streams of the same train-mode pass (the dropout stream and the
+    # BatchNorm statistics start where the step started).
+    model = nnx.merge(graphdef, *state.params, *jax.tree.map(jnp.copy, (state.batch_stats, state.rest)))
+    model.train()
+    _, aux = model(make_batch()["images"])
+    np.testing.assert_allclose(metrics["independence"], linear_cka(jnp.mean(aux["semantic_map"], axis=(1, 2)),
+                                                                   jnp.mean(aux["residual_map"], axis=(1, 2))),
+                               rtol=1e-5)
+
+
+def test_the_perceptual_term_enters_inside_beta(monkeypatch):
+    """β_app·(λ_L1·L1 + LPIPS), with LPIPS replaced by a constant to see where it enters."""
+    import deep.attributes
+
+    monkeypatch.setattr(deep.attributes, "lpips_loss", lambda weights, reconstruction, images: jnp.float32(0.75))
+    optimizer = train.make_optimizer(OPTIM)
+    graphdef, state = train.split_model(AttributeModel(TINY, nnx.Rngs(0)), optimizer)
+    weights = AttributeLossWeights(attributes=1.0, independence=0.0, appearance=3.0, appearance_l1=0.5)
+    _, metrics = attribute_step(graphdef, optimizer, state, make_batch(), weights, perceptual=())
+    assert float(metrics["appearance_perceptual"]) == 0.75
+    np.testing.assert_allclose(metrics["loss"], metrics["attributes"] + 3.0 * (0.5 * metrics["appearance_l1"] + 0.75),
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="loss weight independence must be a finite number >= 0"):
         AttributeLossWeights(independence=-1.0)
 
@@ -168,6 +226,11 @@ def test_attribute_accuracy_over_a_split_fed_in_batches():
         accuracy.update(jnp.zeros((1, 2)), jnp.array([[2, 0]]))
     with pytest.raises(ValueError, match=r"attribute logits must be \[batch, 2\]; got shape \(1, 3\)"):
         accuracy.update(jnp.zeros((1, 3)), jnp.zeros((1, 2), jnp.int32))
+    diverged = AttributeAccuracy(("a", "b"))
+    diverged.update(jnp.array([[jnp.nan, 1.0], [jnp.nan, -1.0]]), jnp.array([[0, 1], [-1, 0]]))
+    result = diverged.result()  # a NaN logit is no "absent": the attribute's accuracy and the mean are NaN
+    assert np.isnan(result["attributes/a"]) and np.isnan(result["attributes/mean_accuracy"])
+    assert result["attributes/b"] == 1.0
     empty = AttributeAccuracy(("a",))
     empty.update(jnp.zeros((1, 1)), jnp.array([[-1]]))
     with pytest.raises(ValueError, match="no labelled example of a was seen"):

@@ -223,3 +223,10 @@ def test_full_size_parameter_count():
     assert shared_count == 23_508_032 + 379_392 + 1_512_448 + 6_039_552 == 31_439_424, message
     assert heads_count == 3 * (4_175_936 + 16_125_440) + 257 * (13 + 1 + 3) == 60_908_497, message
     assert shared_count + heads_count == 92_347_921, message
+
+
+def test_mtan_refuses_a_basic_block_backbone():
+    from deep.backbone import RESNET18
+
+    with pytest.raises(ValueError, match="built for a bottleneck ResNet .*got backbone block 'basic'"):
+        MTANConfig(backbone=RESNET18)
