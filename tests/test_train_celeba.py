@@ -94,7 +94,8 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--synthetic", "--attributes", "41"], "--attributes: attributes must be an integer in 1..40"),
-    (["--synthetic", "--attributes", "Smiling,Grin"], "--attributes: attributes[1] = 'Grin' is not a CelebA attribute; allowed names: 5_o_Clock_Shadow, "),
+    (["--synthetic", "--attributes", "Smiling,Grin"],
+     "--attributes: attributes[1] = 'Grin' is not a CelebA attribute; allowed names: 5_o_Clock_Shadow, "),
     (["--synthetic", "--method", "stl"], "--method must be one of core, "),
     (["--synthetic", "--method", "ew", "--perceptual", __file__], "--perceptual is for --method core"),
     (["--synthetic", "--min-learning-rate", "0.1"], "--min-learning-rate must be at most --learning-rate (0.0002)"),
