@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 from deep import losses, train
 from deep.backbone import RESNET18, BackboneConfig, ResNet, batch_norm
@@ -48,6 +49,7 @@ from deep.metrics import AttributeAccuracy
 from deep.model import COMPUTE_DTYPES, check_task_names, configure_layers, initialise_like_pytorch
 from deep.perceptual import LPIPSWeights, lpips_loss
 from deep.resize import resize_bilinear
+from theory.measures import gradient_cosine
 
 ATTRIBUTE_GROUNDINGS = ("soft", "none")
 # The backbone of each variant: the paper's ResNet-50 without dilation, the authors' ResNet-18.
@@ -289,6 +291,41 @@ def attribute_step(graphdef, optimizer: optax.GradientTransformation, state: tra
                                  state.step + 1)
     new_state, finite = train._guarded(state, new_state, loss, grads)
     return new_state, {"loss": loss, "finite": finite, **terms}
+
+
+def gradient_cosines(graphdef, state: train.TrainState, batch: dict, weights: AttributeLossWeights,
+                     perceptual: LPIPSWeights | None = None) -> dict[str, jax.Array]:
+    r"""The paper's gradient-orthogonality probes (its Figs. 4 and 5) on one batch, in training mode, with respect to
+    the shared parameters :math:`\theta` (everything but the heads):
+
+    * ``task_task`` ``[T, T]``: :math:`\cos(\nabla_\theta\ell_s, \nabla_\theta\ell_t)` for every two
+      attributes (Fig. 5, the pairwise interactions);
+    * for a model with the decoder, ``task_reconstruction`` and ``task_independence`` ``[T]``: each attribute's
+      gradient against the reconstruction term's, :math:`\beta(\lambda_{L1}L_1 + \mathrm{LPIPS})`, and the
+      independence term's, CKA (Fig. 4: near 0 for CORE-MTL, the paper says, with no projection).
+
+    Zero gradients give a cosine of 0. Jit with ``graphdef``, ``weights`` static."""
+    _, jacobian, _, _, _ = train.task_jacobian_step(graphdef, state, batch)
+    cosines_with = lambda gradient: jax.vmap(lambda row: gradient_cosine(row, gradient))(jacobian)  # noqa: E731
+    probes = {"task_task": jax.vmap(cosines_with)(jacobian)}
+    shared, heads = state.params
+    if train._merge(graphdef, state.params, state.batch_stats, state.rest).decoder is None:
+        return probes
+
+    def term_gradient(name: str) -> jax.Array:
+        def term(shared):
+            _, (_, _, terms) = attribute_objective(graphdef, (shared, heads), state.batch_stats, state.rest, batch,
+                                                   weights, perceptual)
+            if name == "independence":
+                return terms["independence"]
+            return weights.appearance * (weights.appearance_l1 * terms["appearance_l1"]
+                                         + terms.get("appearance_perceptual", 0.0))
+
+        return ravel_pytree(jax.grad(term)(shared))[0]
+
+    probes["task_reconstruction"] = cosines_with(term_gradient("reconstruction"))
+    probes["task_independence"] = cosines_with(term_gradient("independence"))
+    return probes
 
 
 def make_attribute_step(method: str, graphdef, optimizer: optax.GradientTransformation,

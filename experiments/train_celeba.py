@@ -92,6 +92,10 @@ class TrainConfig:
     perceptual: str = dataclasses.field(default="", metadata={
         "help": "LPIPS-VGG weights as .npz for CORE-MTL's perceptual reconstruction term (the authors' LPIPS; see "
                 "python -m deep.perceptual convert); without it the term is left out"})
+    gradient_probe: int = dataclasses.field(default=1, metadata={
+        "help": "after training, the cosines between the attributes' gradients of the shared parameters (and, for "
+                "CORE-MTL, with the reconstruction's and the CKA term's), the paper's Figs. 4-5, averaged over this "
+                "many training batches (0: none)"})
     steps_per_epoch: int = dataclasses.field(default=0, metadata={
         "help": "cap on training steps per epoch (0: the whole split; for smoke runs)"})
     out: str = dataclasses.field(default="results/train_celeba", metadata={"help": "output folder"})
@@ -114,7 +118,7 @@ class TrainConfig:
         if not warmup_given:  # frozen: the variant's default filled in once, so the run records what it trains with
             object.__setattr__(self, "warmup_epochs", DEFAULT_WARMUP_EPOCHS[self.variant])
         for name, least in (("seed", 0), ("image_size", 32), ("epochs", 1), ("batch_size", 1), ("limit", 0),
-                            ("steps_per_epoch", 0), ("warmup_epochs", 0)):
+                            ("steps_per_epoch", 0), ("warmup_epochs", 0), ("gradient_probe", 0)):
             require_integer(self, name, least)
         if self.warmup_epochs >= self.epochs:
             default = "" if warmup_given else f" (the {self.variant} variant's: pass a smaller --warmup-epochs)"
@@ -155,8 +159,10 @@ class TrainConfig:
                                       compute_dtype=self.precision)
 
     def run_identity(self) -> dict:
-        """The fields that define the training run: a resumed run must agree on all of them."""
-        identity = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume", "quiet", "out")}
+        """The fields that define the training run: a resumed run must agree on all of them (not the probe that
+        follows it)."""
+        identity = {k: v for k, v in dataclasses.asdict(self).items()
+                    if k not in ("resume", "quiet", "out", "gradient_probe")}
         identity["attributes"] = list(self.attribute_names)  # "10" and the ten names are the same run
         identity.update({k: absolute(identity[k]) for k in PATH_FIELDS})
         return identity
@@ -223,6 +229,43 @@ def _plot_samples(images, panels: dict, path: Path) -> None:
             axes[row, column].set_xticks([]), axes[row, column].set_yticks([])
             if row == 0:
                 axes[row, column].set_title(title, fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def _gradient_summary(cosines: dict) -> dict[str, float]:
+    """Mean |cos| between two attributes' gradients (off the diagonal), and between the attributes' gradients and
+    each grounding term's."""
+    import numpy as np
+
+    task_task = np.asarray(cosines["task_task"])
+    off_diagonal = ~np.eye(len(task_task), dtype=bool)
+    summary = {"mean_abs_task_task": float(np.abs(task_task[off_diagonal]).mean()) if off_diagonal.any() else 0.0}
+    for name in ("task_reconstruction", "task_independence"):
+        if name in cosines:
+            summary[f"mean_abs_{name}"] = float(np.abs(np.asarray(cosines[name])).mean())
+    return summary
+
+
+def _plot_gradients(cosines: dict, attributes: Sequence[str], path: Path) -> None:
+    plt = pyplot()
+    import numpy as np
+
+    grounded = "task_reconstruction" in cosines
+    figure, axes = plt.subplots(1, 2 if grounded else 1, figsize=(9.5 if grounded else 5, 4.2), squeeze=False)
+    count = len(attributes)  # numbered from 1 in the file's order, as the paper's Appendix K numbers them
+    image = axes[0, 0].imshow(np.asarray(cosines["task_task"]), cmap="RdBu_r", vmin=-1, vmax=1,
+                              extent=(0.5, count + 0.5, count + 0.5, 0.5))
+    axes[0, 0].set(title="cos between attributes' gradients", xlabel="attribute", ylabel="attribute")
+    figure.colorbar(image, ax=axes[0, 0], fraction=0.046)
+    if grounded:
+        positions = np.arange(len(attributes))
+        for offset, name in ((-0.2, "task_reconstruction"), (0.2, "task_independence")):
+            axes[0, 1].bar(positions + offset, np.asarray(cosines[name]), width=0.4, label=name.split("_")[1])
+        axes[0, 1].axhline(0, color="k", lw=0.6)
+        axes[0, 1].set_xticks(positions, attributes, rotation=90, fontsize=6)
+        axes[0, 1].set(title="cos with the grounding terms' gradients", ylim=(-1, 1))
+        axes[0, 1].legend(fontsize=6)
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -350,10 +393,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if primary:
             _plot_samples(images, panels, out / "samples.png")
         written.append("samples.png")
+    if config.gradient_probe:
+        probe = jax.jit(functools.partial(attributes.gradient_cosines, graphdef,
+                                          weights=attributes.AttributeLossWeights()))
+        sums = None
+        # Batches of an epoch after the last (fixed by the seed), unaugmented: full batches, no filler rows.
+        for index, batch in enumerate(loader.epoch(config.epochs)):
+            if index == config.gradient_probe:
+                break
+            batch = devices.shard_batch(mesh, batch)
+            probes = jax.device_get(probe(state, {**batch, "images": as_float(batch["images"])},
+                                          perceptual=perceptual))
+            sums = probes if sums is None else jax.tree.map(np.add, sums, probes)
+        cosines = jax.tree.map(lambda total: total / min(config.gradient_probe, len(loader)), sums)
+        gradient_summary = _gradient_summary(cosines)
+        if primary:
+            _plot_gradients(cosines, model_config.attributes, out / "gradients.png")
+        written.append("gradients.png")
     results = {"experiment": "train_celeba", "config": dataclasses.asdict(config),
                "model": dataclasses.asdict(model_config), "loss_weights": dataclasses.asdict(
                    attributes.AttributeLossWeights()) if config.method == "core" else None,
                "final_val": history[-1]["val"], "test": test, "epochs": len(history), "history": history,
+               **({"gradient_cosines": {"batches": min(config.gradient_probe, len(loader)), **gradient_summary,
+                                        **{k: np.asarray(v).tolist() for k, v in cosines.items()}}}
+                  if config.gradient_probe else {}),
                "seconds_this_process": time.time() - started, "environment": environment()}
     if primary:
         write_json(out / "results.json", results)

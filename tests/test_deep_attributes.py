@@ -214,6 +214,40 @@ def test_a_baseline_step_runs_on_the_attribute_model(method):
     assert all(moved[-2:]) and sum(moved) > len(moved) // 2  # the heads and most shared leaves
 
 
+def test_gradient_cosines_are_those_of_the_per_term_gradients():
+    """The probes of Figs. 4 and 5 against gradients taken one by one with jax.grad of each term."""
+    from jax.flatten_util import ravel_pytree
+
+    from deep.attributes import gradient_cosines
+
+    optimizer = train.make_optimizer(OPTIM)
+    graphdef, state = train.split_model(AttributeModel(dataclasses.replace(TINY, dropout=0.0), nnx.Rngs(0)),
+                                        optimizer)
+    batch, weights = make_batch(), AttributeLossWeights()
+    probes = jax.jit(functools.partial(gradient_cosines, graphdef, weights=weights))(state, batch)
+    shared, heads = state.params
+
+    def gradient(pick):
+        def term(shared):
+            model = nnx.merge(graphdef, shared, heads, *jax.tree.map(jnp.copy, (state.batch_stats, state.rest)))
+            model.train()
+            return pick(model, *model(batch["images"]))
+
+        return np.asarray(ravel_pytree(jax.grad(term)(shared))[0], np.float64)
+
+    tasks = [gradient(lambda model, p, aux, t=t: model.task_loss(t, p[t], batch)) for t in ATTRIBUTES]
+    reconstruction = gradient(lambda model, p, aux: 5.0 * jnp.mean(jnp.abs(aux["reconstruction"] - batch["images"])))
+    cosine = lambda a, b: a @ b / np.sqrt((a @ a) * (b @ b))  # noqa: E731
+    expected = np.array([[cosine(a, b) for b in tasks] for a in tasks])
+    np.testing.assert_allclose(probes["task_task"], expected, atol=1e-5)
+    np.testing.assert_allclose(np.diag(probes["task_task"]), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probes["task_reconstruction"], [cosine(t, reconstruction) for t in tasks], atol=1e-5)
+    assert probes["task_independence"].shape == (len(ATTRIBUTES),)
+    baseline = AttributeModel(dataclasses.replace(TINY, grounding="none"), nnx.Rngs(0))
+    graphdef, state = train.split_model(baseline, optimizer)
+    assert set(jax.jit(functools.partial(gradient_cosines, graphdef, weights=weights))(state, batch)) == {"task_task"}
+
+
 def test_attribute_accuracy_over_a_split_fed_in_batches():
     accuracy = AttributeAccuracy(("a", "b"))
     accuracy.update(jnp.array([[1.0, -1.0], [-2.0, 0.5]]), jnp.array([[1, 1], [0, 1]]))  # a: 2/2, b: 1/2

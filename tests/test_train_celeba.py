@@ -47,8 +47,12 @@ def test_a_core_run_writes_its_results_plots_and_one_line_per_epoch(uninterrupte
     assert {"attributes", "independence", "appearance_l1", "loss"} <= set(lines[0]["train"])
     assert lines[-1]["train"]["loss"] < lines[0]["train"]["loss"]
     assert lines[-1]["train"]["attributes"] < lines[0]["train"]["attributes"]  # not the reconstruction alone
-    for name in ("curves.png", "attributes.png", "samples.png"):
+    for name in ("curves.png", "attributes.png", "samples.png", "gradients.png"):
         assert (out / name).stat().st_size > 10_000
+    cosines = results["gradient_cosines"]  # the paper's Figs. 4-5, one training batch by default
+    assert cosines["batches"] == 1 and len(cosines["task_task"]) == 5 and len(cosines["task_reconstruction"]) == 5
+    assert all(abs(cosines["task_task"][i][i] - 1) < 1e-5 for i in range(5))
+    assert 0 < cosines["mean_abs_task_reconstruction"] < 1 and 0 < cosines["mean_abs_task_task"] < 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
 
 
@@ -89,6 +93,7 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     assert results["model"]["backbone"]["block"] == "basic"
     train = results["history"][0]["train"]
     assert {"Young", "Male", "weight/Young", "weight/Male"} <= set(train) and "independence" not in train
+    assert set(results["gradient_cosines"]) == {"batches", "task_task", "mean_abs_task_task"}  # no grounding terms
     assert not (out / "samples.png").exists()
 
 
