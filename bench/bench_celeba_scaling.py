@@ -132,14 +132,39 @@ def lpips_weights():
                                 for key, shape in lpips_shapes().items()})
 
 
+def payload_device() -> str:
+    import jax
+
+    return str(jax.devices()[0].device_kind)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """``rows`` with their ratios to EW's step at the same T (counted and, where timed, measured), to the same
+    method's at the fewest T, and the paper's Table 4 time ratio, each where the rows it needs are there."""
+    by_key = {(row["tasks"], row["method"]): row for row in rows}
+    fewest = min(row["tasks"] for row in rows)
+    for row in rows:
+        ew = by_key.get((row["tasks"], "ew"))
+        if ew is not None:
+            row["ratio_to_ew"] = row["gflops"] / ew["gflops"]
+            if "seconds" in row:
+                row["seconds_ratio_to_ew"] = row["seconds"] / ew["seconds"]
+        if (fewest, row["method"]) in by_key:
+            row["ratio_to_fewest_tasks"] = row["gflops"] / by_key[fewest, row["method"]]["gflops"]
+        if row["method"] in PAPER_SECONDS_PER_EPOCH and row["tasks"] in TASK_COUNTS:
+            index = TASK_COUNTS.index(row["tasks"])
+            row["paper_seconds_ratio_to_ew"] = (PAPER_SECONDS_PER_EPOCH[row["method"]][index]
+                                                / PAPER_SECONDS_PER_EPOCH["ew"][index])
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import jax
 
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0],
                                                   prog="bench_celeba_scaling.py"), argv, out_kind="file")
     size, batch, image_size = CONFIGS[config.config]
-    rows = []
-    task_counts = config.task_counts
+    rows, task_counts, out = [], config.task_counts, Path(config.out)
     for attributes in task_counts:
         for method in METHODS:
             arguments = functools.partial(step_and_arguments, method, config.variant, size, attributes, batch,
@@ -152,24 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["seconds"] = median_seconds(lambda: jax.block_until_ready(compiled(*args)), config.repeats,
                                                 warmup=True)
             rows.append(row)
+            # Written after every row, so that a run stopped early (a short GPU lease) keeps what it measured.
+            write_json(out, {"benchmark": "bench_celeba_scaling", "config": config.config, "variant": config.variant,
+                             "batch": batch, "image_size": image_size,
+                             "device": payload_device() if config.time else None,
+                             "rows": with_ratios(rows), "environment": environment()})
             if not config.quiet:
                 timing = f" {row['seconds'] * 1e3:>9.1f} ms" if "seconds" in row else ""
-                print(f"T={attributes:<3} {method:<7} {row['gflops']:>10.1f} GFLOP{timing}", flush=True)
+                print(f"T={attributes:<3} {method:<10} {row['gflops']:>10.1f} GFLOP{timing}", flush=True)
     by_key = {(row["tasks"], row["method"]): row for row in rows}
-    for row in rows:
-        row["ratio_to_ew"] = row["gflops"] / by_key[row["tasks"], "ew"]["gflops"]
-        if row["method"] in PAPER_SECONDS_PER_EPOCH and row["tasks"] in TASK_COUNTS:
-            index = TASK_COUNTS.index(row["tasks"])
-            row["paper_seconds_ratio_to_ew"] = (PAPER_SECONDS_PER_EPOCH[row["method"]][index]
-                                                / PAPER_SECONDS_PER_EPOCH["ew"][index])
-        row["ratio_to_fewest_tasks"] = row["gflops"] / by_key[task_counts[0], row["method"]]["gflops"]
-        if "seconds" in row:
-            row["seconds_ratio_to_ew"] = row["seconds"] / by_key[row["tasks"], "ew"]["seconds"]
-    payload = {"benchmark": "bench_celeba_scaling", "config": config.config, "variant": config.variant,
-               "batch": batch, "image_size": image_size, "device": str(jax.devices()[0].device_kind) if config.time
-               else None, "rows": rows, "environment": environment()}
-    out = Path(config.out)
-    write_json(out, payload)
     if not config.quiet:
         print(f"{'GFLOP per step':<16}" + "".join(f"{method:>12}" for method in METHODS))
         for attributes in task_counts:
@@ -181,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              if m != "ew" and "paper_seconds_ratio_to_ew" in by_key[attributes, m])
             print(f"T = {attributes:<12}" + "".join(f"{by_key[attributes, m]['ratio_to_ew']:>12.2f}" for m in METHODS)
                   + f"   {paper}")
+        if config.time:
+            print(f"{'time x EW':<16}" + "".join(f"{method:>12}" for method in METHODS)
+                  + f"   (measured here, {payload_device()})")
+            for attributes in task_counts:
+                print(f"T = {attributes:<12}" + "".join(f"{by_key[attributes, m]['seconds_ratio_to_ew']:>12.2f}"
+                                                        for m in METHODS))
         print(f"wrote {out}")
     return 0
 

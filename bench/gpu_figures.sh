@@ -2,7 +2,7 @@
 # The GPU figures of the README's speed section, into one folder, in parts sized to fit a short GPU lease:
 #
 #     bash bench/gpu_figures.sh results/gpu         # every part, about 30 minutes on an H200
-#     bash bench/gpu_figures.sh results/gpu 1       # one part (1-6), each about 5 minutes, most of it compiling
+#     bash bench/gpu_figures.sh results/gpu 1       # one part (1-7), each about 5 minutes, most of it compiling
 #
 #   1  bfloat16, paper variant: EW, CORE-MTL with and without the counterfactual pass, with a
 #      profiler trace (the headline figures)
@@ -11,20 +11,21 @@
 #   4  float32, paper variant: EW, CORE-MTL with and without the counterfactual pass
 #   5  bench_atrous: every dilated convolution of the model three ways, bfloat16 and float32
 #   6  bfloat16: EW, and MTAN (the architecture baseline) with EW and with PCGrad
+#   7  CelebA (the paper's Table 4): EW, STCH, PCGrad and CORE-MTL steps at 10 and 40 attributes, float32, timed
 #
 # Each part writes its own JSON, after every row it measures, so a run stopped early keeps what it got; log.txt
 # collects the output line by line. PYTHON names the interpreter (default python3); TRACE_DIR where part 1 leaves
 # its profiler traces (default OUTPUT_FOLDER/trace; their summary is in the JSON either way).
 set -uo pipefail
-usage="usage: bash bench/gpu_figures.sh OUTPUT_FOLDER [PART: 1, 2, 3, 4, 5, 6 or all]"
+usage="usage: bash bench/gpu_figures.sh OUTPUT_FOLDER [PART: 1, 2, 3, 4, 5, 6, 7 or all]"
 if [ $# -lt 1 ] || [ $# -gt 2 ] || [ -z "$1" ]; then
     echo "gpu_figures.sh: give an output folder and at most one part ($usage)" >&2; exit 2
 fi
 out="$1"
 part="${2:-all}"
 case "$part" in
-    1|2|3|4|5|6|all) ;;
-    *) echo "gpu_figures.sh: PART must be 1, 2, 3, 4, 5, 6 or all; got '$part' ($usage)" >&2; exit 2 ;;
+    1|2|3|4|5|6|7|all) ;;
+    *) echo "gpu_figures.sh: PART must be 1, 2, 3, 4, 5, 6, 7 or all; got '$part' ($usage)" >&2; exit 2 ;;
 esac
 given="$out"
 reason="$(mkdir -p -- "$given" 2>&1)" && out="$(CDPATH= cd -- "$given" && pwd)" && [ -w "$out" ] \
@@ -54,5 +55,7 @@ want 4 && run $step --precisions float32 --methods ew,core,core_no_cfa \
 want 5 && run $python bench/bench_atrous.py --batch 16 --precisions bfloat16,float32 --repeats 20 \
     --out "$out/bench_atrous.json"
 want 6 && run $step --precisions bfloat16 --methods ew,mtan_ew,mtan_pcgrad --out "$out/bench_train_step_nyuv2_mtan.json"
+want 7 && run $python bench/bench_celeba_scaling.py --time --tasks 10,40 --repeats 5 \
+    --out "$out/bench_celeba_scaling_celeba.json"
 echo "== done ($(date -u +%H:%M:%S))" | tee -a "$log"
 exit "$failed"

@@ -275,7 +275,8 @@ def test_bench_flags_name_the_flag_and_the_value(tmp_path, script, args, computa
 def test_gpu_figures_usage_is_one_line_and_status_2(tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_figures.sh"
     (tmp_path / "file").write_text("a file where a folder should go")
-    for args, message in (([], "give an output folder"), ([str(tmp_path), "7"], "PART must be 1, 2, 3, 4, 5, 6 or all"),
+    for args, message in (([], "give an output folder"),
+                          ([str(tmp_path), "8"], "PART must be 1, 2, 3, 4, 5, 6, 7 or all"),
                           ([str(tmp_path / "file" / "sub"), "1"],
                            f"cannot write to the folder '{tmp_path / 'file' / 'sub'}' (Not a directory)")):
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
