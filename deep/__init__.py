@@ -1,3 +1,4 @@
 """The Flax (NNX) port of CORE-MTL's dual-stream vision model: backbone, streams, heads, grounding decoders, losses,
-the jitted training steps of CORE-MTL and of the gradient-balancing baselines, devices, data, metrics, checkpoints.
+the jitted training steps of CORE-MTL and of the gradient-balancing baselines, devices, data, metrics, checkpoints;
+and the CelebA attribute model (:mod:`deep.attributes`).
 """
