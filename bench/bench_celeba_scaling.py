@@ -4,6 +4,7 @@
     python bench/bench_celeba_scaling.py --variant authors            # their ResNet-18
     python bench/bench_celeba_scaling.py --config tiny --time         # step times too, at a CPU-sized model
     python bench/bench_celeba_scaling.py --time                       # on a GPU: the paper's setting, timed
+    python bench/bench_celeba_scaling.py --memory --jacobian-chunk 8  # XLA's memory, PCGrad 8 tasks at a time
 
 The paper's claim (its Table 4): CORE-MTL's cost per epoch stays constant as T grows (297-300 s on an A800), as does
 EW's and STCH's (86-97 s), while PCGrad's grows linearly (690 s at T = 10, 2806 s at T = 40), since it needs each
@@ -12,7 +13,11 @@ task's gradient of the shared parameters. Each step (``ew``, ``stch``, ``pcgrad`
 ``core_lpips`` with the authors' LPIPS-VGG term too, its weights random here) is traced on
 abstract arrays and counted by XLA's cost analysis, as ``bench_flops.py`` counts the dense steps (nothing is compiled
 or run; the same count on every device). ``--time`` also compiles and times each step on this machine's default
-device (the median of ``--repeats`` steps, after one untimed step).
+device (the median of ``--repeats`` steps, after one untimed step); it and ``--memory`` record XLA's memory figures
+of the compiled program (``temporary_gib``: on a CPU, the CPU program's, an indication of a GPU's).
+``--jacobian-chunk`` runs PCGrad's pull-backs through the encoder that many at a time
+(:func:`deep.train.task_jacobian_step`): a loop, whose body XLA's cost analysis counts once, so PCGrad's FLOPs are
+then undercounted (the JSON says so); take its FLOPs from a run without it.
 
 Settings: ``celeba`` is the paper's (128x128 faces, batch 256, the full model of ``--variant``); ``tiny`` is the CPU
 smoke model (batch 16, 64x64). Writes ``bench/results/bench_celeba_scaling_<config>[_authors].json``.
@@ -51,6 +56,11 @@ class BenchConfig:
     tasks: str = dataclasses.field(default="10,20,30,40", metadata={
         "help": "the numbers of attributes T (comma-separated, each 1..40; the paper's Table 4 by default)"})
     time: bool = dataclasses.field(default=False, metadata={"help": "also compile and time each step here"})
+    memory: bool = dataclasses.field(default=False, metadata={
+        "help": "also compile each step for this machine's device and record XLA's memory figures (with --time "
+                "always); on a CPU the paper's setting takes 20-45 s per step"})
+    jacobian_chunk: int = dataclasses.field(default=0, metadata={
+        "help": "PCGrad's pull-backs through the encoder at a time (0: all T at once)"})
     repeats: int = dataclasses.field(default=5, metadata={"help": "timed steps per method and T (with --time)"})
     out: str = dataclasses.field(default="", metadata={"help": "JSON path (default bench/results/...)"})
     quiet: bool = dataclasses.field(default=False, metadata={"help": "print nothing"})
@@ -63,6 +73,7 @@ class BenchConfig:
         if self.variant not in ATTRIBUTE_BACKBONES:
             raise ValueError(f"--variant must be one of {', '.join(ATTRIBUTE_BACKBONES)}; got {self.variant!r}")
         require_integer(self, "repeats", 1)
+        require_integer(self, "jacobian_chunk", 0)
         self.task_counts  # validates --tasks
         if not self.out:
             suffix = "" if self.variant == "paper" else f"_{self.variant}"
@@ -78,7 +89,7 @@ class BenchConfig:
 
 
 def step_and_arguments(method: str, variant: str, size: str, attributes: int, batch: int, image_size: int,
-                       abstract: bool):
+                       abstract: bool, jacobian_chunk: int | None = None):
     """``(jitted step, (state, balancer_state, batch, key))`` of ``method`` for the first ``attributes`` attributes;
     abstract arrays (``jax.ShapeDtypeStruct``) when ``abstract``, else initialised ones."""
     import jax
@@ -117,7 +128,7 @@ def step_and_arguments(method: str, variant: str, size: str, attributes: int, ba
     balancer = make(method)
     balancer_state = balancer.init(attributes)
     step = jax.jit(lambda state, balancer_state, batch, key: train.balanced_step(
-        graphdef, optimizer, balancer, state, balancer_state, batch, key)[:2])
+        graphdef, optimizer, balancer, state, balancer_state, batch, key, jacobian_chunk)[:2])
     return step, (state, balancer_state, arrays, key)
 
 
@@ -168,22 +179,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for attributes in task_counts:
         for method in METHODS:
             arguments = functools.partial(step_and_arguments, method, config.variant, size, attributes, batch,
-                                          image_size)
+                                          image_size, jacobian_chunk=config.jacobian_chunk or None)
             step, abstract = arguments(abstract=True)
             row = {"tasks": attributes, "method": method, "gflops": lowered_flops(step, abstract) / 1e9}
+            if config.time or config.memory:
+                compiled = step.trace(*abstract).lower().compile()
+                memory = compiled.memory_analysis()
+                if memory is not None:
+                    row["temporary_gib"] = memory.temp_size_in_bytes / 2**30
+                    row["arguments_gib"] = memory.argument_size_in_bytes / 2**30
             if config.time:
-                step, args = arguments(abstract=False)
-                compiled = step.lower(*args).compile()
+                _, args = arguments(abstract=False)
                 row["seconds"] = median_seconds(lambda: jax.block_until_ready(compiled(*args)), config.repeats,
                                                 warmup=True)
             rows.append(row)
             # Written after every row, so that a run stopped early (a short GPU lease) keeps what it measured.
             write_json(out, {"benchmark": "bench_celeba_scaling", "config": config.config, "variant": config.variant,
-                             "batch": batch, "image_size": image_size,
+                             "batch": batch, "image_size": image_size, "jacobian_chunk": config.jacobian_chunk,
+                             **({"gflops_note": "XLA counts the body of the chunked pull-backs' loop once: PCGrad's "
+                                                "gflops are undercounted here"} if config.jacobian_chunk else {}),
                              "device": payload_device() if config.time else None,
                              "rows": with_ratios(rows), "environment": environment()})
             if not config.quiet:
                 timing = f" {row['seconds'] * 1e3:>9.1f} ms" if "seconds" in row else ""
+                timing += f" {row['temporary_gib']:>7.2f} GiB temporaries" if "temporary_gib" in row else ""
                 print(f"T={attributes:<3} {method:<10} {row['gflops']:>10.1f} GFLOP{timing}", flush=True)
     by_key = {(row["tasks"], row["method"]): row for row in rows}
     if not config.quiet:

@@ -294,7 +294,8 @@ def attribute_step(graphdef, optimizer: optax.GradientTransformation, state: tra
 
 
 def gradient_cosines(graphdef, state: train.TrainState, batch: dict, weights: AttributeLossWeights,
-                     perceptual: LPIPSWeights | None = None) -> dict[str, jax.Array]:
+                     perceptual: LPIPSWeights | None = None, jacobian_chunk: int | None = None
+                     ) -> dict[str, jax.Array]:
     r"""The paper's gradient-orthogonality probes (its Figs. 4 and 5) on one batch, in training mode, with respect to
     the shared parameters :math:`\theta` (everything but the heads):
 
@@ -304,8 +305,9 @@ def gradient_cosines(graphdef, state: train.TrainState, batch: dict, weights: At
       gradient against the reconstruction term's, :math:`\beta(\lambda_{L1}L_1 + \mathrm{LPIPS})`, and the
       independence term's, CKA (Fig. 4: near 0 for CORE-MTL, the paper says, with no projection).
 
-    Zero gradients give a cosine of 0. Jit with ``graphdef``, ``weights`` static."""
-    _, jacobian, _, _, _ = train.task_jacobian_step(graphdef, state, batch)
+    Zero gradients give a cosine of 0. Jit with ``graphdef``, ``weights`` and ``jacobian_chunk``
+    (:func:`deep.train.task_jacobian_step`'s ``chunk``) static."""
+    _, jacobian, _, _, _ = train.task_jacobian_step(graphdef, state, batch, jacobian_chunk)
     cosines_with = lambda gradient: jax.vmap(lambda row: gradient_cosine(row, gradient))(jacobian)  # noqa: E731
     probes = {"task_task": jax.vmap(cosines_with)(jacobian)}
     shared, heads = state.params
@@ -329,15 +331,18 @@ def gradient_cosines(graphdef, state: train.TrainState, batch: dict, weights: At
 
 
 def make_attribute_step(method: str, graphdef, optimizer: optax.GradientTransformation,
-                        weights: AttributeLossWeights, perceptual: LPIPSWeights | None = None):
+                        weights: AttributeLossWeights, perceptual: LPIPSWeights | None = None,
+                        jacobian_chunk: int | None = None):
     """``(balancer, step)`` with ``step(state, balancer_state, batch, key) -> (state, balancer_state, metrics)``
     jitted, consuming (donating) its states: CORE-MTL's :func:`attribute_step` for ``method="core"`` (no balancer:
     ``()``), else the method of :mod:`theory.balancing` over the per-attribute losses
-    (:func:`deep.train.balanced_step`). ``batch``: ``images`` float in [0, 1] and ``attributes`` ``[B, T]``."""
+    (:func:`deep.train.balanced_step`, ``jacobian_chunk`` tasks' pull-backs at a time; ``None``: all). ``batch``:
+    ``images`` float in [0, 1] and ``attributes`` ``[B, T]``."""
     from deep import trainer
 
     if method != "core":
-        balancer, balanced = trainer.make_step(method, graphdef, optimizer, losses.LossWeights())
+        balancer, balanced = trainer.make_step(method, graphdef, optimizer, losses.LossWeights(),
+                                               jacobian_chunk=jacobian_chunk)
         return balancer, lambda state, balancer_state, batch, key: balanced(state, balancer_state, batch, key, None)
     core = jax.jit(functools.partial(attribute_step, graphdef, optimizer, weights=weights), donate_argnums=0)
 

@@ -334,9 +334,15 @@ def _stacked_task_losses(graphdef, params, state: TrainState, batch: dict):
     return jnp.stack(list(task_losses(model, predictions, batch).values())), _split_states(model)
 
 
-def task_jacobian_step(graphdef, state: TrainState, batch: dict):
+def task_jacobian_step(graphdef, state: TrainState, batch: dict, chunk: int | None = None):
     """Per-task losses, the Jacobian ``[K, P]`` of the shared parameters, each head's own gradient, and the new
     BatchNorm statistics, from one forward pass.
+
+    ``chunk``: how many of the K pull-backs through the encoder run at once (``None``: all K, one ``vmap``). Each
+    holds its own activations' gradients, so memory grows with it: at CelebA's paper setting (ResNet-50, batch 256,
+    128×128) XLA's CPU program for PCGrad needs 29 GiB of temporaries at K = 10 and 92 GiB at K = 40, beyond an
+    80 GB GPU; chunks of a few tasks (``jax.lax.map`` with ``batch_size=chunk``) trade that for sequential passes,
+    with the same Jacobian.
 
     Each task's loss is pulled back through its own head alone (:func:`_per_task_heads`), then the K representation
     gradients through the encoder, so every head's backward pass runs once instead of once per task (PCGrad's step at
@@ -355,7 +361,11 @@ def task_jacobian_step(graphdef, state: TrainState, batch: dict):
         read, not_read = nnx.split_state(through_encoder, read_by_heads, ...)
         return ravel_pytree(nnx.merge_state(jax.tree.map(jnp.add, read, direct_grad), not_read))[0]
 
-    jacobian = jax.vmap(shared_gradient)(representation_grads, direct_grads)
+    if chunk is None or chunk >= len(losses_k):
+        jacobian = jax.vmap(shared_gradient)(representation_grads, direct_grads)
+    else:
+        jacobian = jax.lax.map(lambda grads: shared_gradient(*grads), (representation_grads, direct_grads),
+                               batch_size=chunk)
     return losses_k, jacobian, head_grads, batch_stats, rest
 
 
@@ -454,7 +464,7 @@ def representation_jacobian_step(graphdef, state: TrainState, batch: dict):
 
 
 def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, state: TrainState, balancer_state,
-                  batch: dict, key: jax.Array):
+                  batch: dict, key: jax.Array, jacobian_chunk: int | None = None):
     r"""One step of a baseline of Definition 2.1 with any method of :mod:`theory.balancing`, by what it needs:
 
     * ``requires="losses"``: weights from the losses, one weighted backward pass (heads get :math:`w_t\nabla`);
@@ -464,7 +474,8 @@ def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, s
       pulled back through the encoder.
 
     Returns ``(state, balancer_state, metrics)``; jit with everything but the arrays static. A step whose loss or
-    gradients are not finite leaves both states as they were.
+    gradients are not finite leaves both states as they were. ``jacobian_chunk``: :func:`task_jacobian_step`'s
+    ``chunk`` (the pull-backs through the encoder run that many at a time; ``None``: all at once).
     """
     previous_balancer_state = balancer_state
     if balancer.requires == "losses" and balancer.gradient_of == "parameters":
@@ -477,7 +488,8 @@ def balanced_step(graphdef, optimizer: optax.GradientTransformation, balancer, s
             direction, weights, balancer_state = balancer.step(jacobian, losses_k, balancer_state, key)
             direction = pull_back(direction)
         else:
-            losses_k, jacobian, head_grads, batch_stats, rest = task_jacobian_step(graphdef, state, batch)
+            losses_k, jacobian, head_grads, batch_stats, rest = task_jacobian_step(graphdef, state, batch,
+                                                                                   jacobian_chunk)
             direction, weights, balancer_state = balancer.step(jacobian, losses_k, balancer_state, key)
         state, finite = apply_gradients(graphdef, optimizer, state, direction, head_grads, batch_stats, rest,
                                         losses_k.sum())

@@ -119,13 +119,15 @@ class EpochControls:
 
 
 def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
-              perceptual=None) -> tuple[Any, Callable]:
+              perceptual=None, jacobian_chunk: int | None = None) -> tuple[Any, Callable]:
     """``(balancer, step)`` with ``step(state, balancer_state, batch, key, controls, counterfactual=None) ->
     (state, balancer_state, metrics)`` jitted; ``controls`` (:class:`EpochControls`) and ``counterfactual`` (whether
     this step runs the counterfactual pass: :meth:`EpochControls.counterfactual_at`; required when the epoch's
     probability is not 0) are read by CORE-MTL only.
     ``method``: ``core``, ``stl`` (EW on one task) or any balancing method. ``perceptual``: LPIPS-VGG weights
-    (:func:`deep.perceptual.load_lpips_npz`) for CORE-MTL's perceptual reconstruction term.
+    (:func:`deep.perceptual.load_lpips_npz`) for CORE-MTL's perceptual reconstruction term. ``jacobian_chunk``: for
+    the methods that take the per-task Jacobian, how many tasks' pull-backs run at once
+    (:func:`deep.train.task_jacobian_step`; ``None``: all).
 
     The step consumes its ``state`` and ``balancer_state``: they are donated, so XLA writes the new state into their
     buffers instead of holding both (the state's size less at the peak: 0.44 GiB for EW, 0.67 GiB for CORE-MTL at
@@ -152,8 +154,8 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
     if perceptual is not None:
         raise ValueError(f"a perceptual loss belongs to CORE-MTL's reconstruction; method {method!r} has none")
     balancer = make("ew" if method == "stl" else method)
-    balanced = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer),
-                       donate_argnums=(0, 1))
+    balanced = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer,
+                                         jacobian_chunk=jacobian_chunk), donate_argnums=(0, 1))
 
     def step(state, balancer_state, batch, key, controls: EpochControls | None, counterfactual: bool | None = None):
         del controls, counterfactual  # the baselines have no stages and no counterfactual pass

@@ -92,6 +92,10 @@ class TrainConfig:
     perceptual: str = dataclasses.field(default="", metadata={
         "help": "LPIPS-VGG weights as .npz for CORE-MTL's perceptual reconstruction term (the authors' LPIPS; see "
                 "python -m deep.perceptual convert); without it the term is left out"})
+    jacobian_chunk: int = dataclasses.field(default=0, metadata={
+        "help": "for the methods that take each attribute's gradient (PCGrad, MGDA, ...): how many of the pull-backs "
+                "through the encoder run at once (0: all; fewer hold less memory: at the paper's setting PCGrad "
+                "needs about 92 GiB of temporaries at 40 attributes all at once)"})
     gradient_probe: int = dataclasses.field(default=1, metadata={
         "help": "after training, the cosines between the attributes' gradients of the shared parameters (and, for "
                 "CORE-MTL, with the reconstruction's and the CKA term's), the paper's Figs. 4-5, averaged over this "
@@ -118,7 +122,8 @@ class TrainConfig:
         if not warmup_given:  # frozen: the variant's default filled in once, so the run records what it trains with
             object.__setattr__(self, "warmup_epochs", DEFAULT_WARMUP_EPOCHS[self.variant])
         for name, least in (("seed", 0), ("image_size", 32), ("epochs", 1), ("batch_size", 1), ("limit", 0),
-                            ("steps_per_epoch", 0), ("warmup_epochs", 0), ("gradient_probe", 0)):
+                            ("steps_per_epoch", 0), ("warmup_epochs", 0), ("gradient_probe", 0),
+                            ("jacobian_chunk", 0)):
             require_integer(self, name, least)
         if self.warmup_epochs >= self.epochs:
             default = "" if warmup_given else f" (the {self.variant} variant's: pass a smaller --warmup-epochs)"
@@ -329,8 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     graphdef, state = train.split_model(model, optimizer)
     perceptual = read_weights("--perceptual", load_lpips_npz, config.perceptual) if config.perceptual else None
     perceptual = devices.replicate(mesh, perceptual)
+    jacobian_chunk = config.jacobian_chunk or None
     balancer, step = attributes.make_attribute_step(config.method, graphdef, optimizer,
-                                                    attributes.AttributeLossWeights(), perceptual)
+                                                    attributes.AttributeLossWeights(), perceptual, jacobian_chunk)
     balancer_state = () if config.method == "core" else balancer.init(len(model_config.attributes))
     if primary and not config.resume:
         write_json(out / "run.json", config.run_identity())  # once every input (data, weight files) has been read
@@ -395,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written.append("samples.png")
     if config.gradient_probe:
         probe = jax.jit(functools.partial(attributes.gradient_cosines, graphdef,
-                                          weights=attributes.AttributeLossWeights()))
+                                          weights=attributes.AttributeLossWeights(), jacobian_chunk=jacobian_chunk))
         sums = None
         # Batches of an epoch after the last (fixed by the seed), unaugmented: full batches, no filler rows.
         for index, batch in enumerate(loader.epoch(config.epochs)):

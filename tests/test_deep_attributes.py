@@ -201,6 +201,26 @@ def test_the_baselines_per_attribute_jacobian_equals_the_whole_model_pull_back()
     assert_same_jacobian_step(got, whole_model_jacobian(graphdef, state, batch, TINY.tasks))
 
 
+def test_the_jacobian_in_chunks_is_the_jacobian_at_once():
+    """Pull-backs through the encoder two at a time (lax.map) give what all three at once (vmap) give."""
+    optimizer = train.make_optimizer(OPTIM)
+    graphdef, state = train.split_model(AttributeModel(dataclasses.replace(TINY, grounding="none"), nnx.Rngs(0)),
+                                        optimizer)
+    batch = make_batch()
+    at_once, in_chunks = (jax.jit(functools.partial(train.task_jacobian_step, graphdef, chunk=chunk))(state, batch)
+                          for chunk in (None, 2))
+    scale = float(jnp.abs(at_once[1]).max())
+    np.testing.assert_allclose(in_chunks[1], at_once[1], rtol=0, atol=1e-5 * scale)  # float32 sums in another order
+    np.testing.assert_array_equal(in_chunks[0], at_once[0])
+    # The step passes the chunk on: its program gains the loop of lax.map. (Its update is not compared: Adam's first
+    # step, -lr·g/(|g| + ε), turns the rounding of a near-zero gradient into a difference of order lr.)
+    balancer = make("pcgrad")
+    programs = [jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer, jacobian_chunk=chunk))
+                .lower(state, balancer.init(len(ATTRIBUTES)), batch, jax.random.key(0)).as_text()
+                for chunk in (None, 2)]
+    assert programs[1].count("stablehlo.while") > programs[0].count("stablehlo.while")
+
+
 @pytest.mark.parametrize("method", ["ew", "pcgrad", "graddrop", "dwa"])
 def test_a_baseline_step_runs_on_the_attribute_model(method):
     optimizer = train.make_optimizer(OPTIM)

@@ -81,11 +81,11 @@ def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path
 
 
 def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
-    """PCGrad over the per-attribute losses, the model without its decoder (the authors' ResNet-18); named
-    attributes in the given order."""
+    """PCGrad over the per-attribute losses, the model without its decoder (the authors' ResNet-18), one
+    attribute's pull-back at a time; named attributes in the given order."""
     out = tmp_path / "pcgrad"
     flags = [*FLAGS, "--method", "pcgrad", "--attributes", "Young,Male", "--epochs", "2", "--augment", "--variant",
-             "authors"]
+             "authors", "--jacobian-chunk", "1"]
     result = run([*flags, "--out", str(out)], cache)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -108,6 +108,7 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     (["--synthetic", "--data", "/tmp"], "give exactly one of --data PATH and --synthetic"),
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
     (["--synthetic", "--variant", "theirs"], "--variant must be one of paper, authors"),
+    (["--synthetic", "--jacobian-chunk", "-1"], "--jacobian-chunk must be an integer >= 0; got -1"),
     (["--synthetic", "--epochs", "5"],
      "--warmup-epochs must be smaller than --epochs (5); got 5 (the paper variant's"),
 ])
