@@ -24,7 +24,9 @@ user-supplied weights file (:mod:`deep.perceptual`). The baselines (``grounding=
 the per-attribute losses with a method of :mod:`theory.balancing`.
 
 A prediction is an attribute's logit ``[B]``; the attribute is predicted present where the logit is positive (a
-sigmoid above 0.5, the authors' threshold).
+sigmoid above 0.5, the authors' threshold). :func:`evaluate_attributes` scores a split, :func:`gradient_cosines`
+measures the paper's gradient-orthogonality probes (its Figs. 4-5), :func:`sample_panels` draws reconstructions and
+residual swaps; ``experiments/train_celeba.py`` drives them.
 """
 
 from __future__ import annotations
