@@ -90,8 +90,9 @@ class BenchConfig:
 
 def step_and_arguments(method: str, variant: str, size: str, attributes: int, batch: int, image_size: int,
                        abstract: bool, jacobian_chunk: int | None = None):
-    """``(jitted step, (state, balancer_state, batch, key))`` of ``method`` for the first ``attributes`` attributes;
-    abstract arrays (``jax.ShapeDtypeStruct``) when ``abstract``, else initialised ones."""
+    """``(jitted step, (state, balancer_state, batch, key[, perceptual]))`` of ``method`` for the first
+    ``attributes`` attributes; abstract arrays (``jax.ShapeDtypeStruct``) when ``abstract``, else initialised
+    ones."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -104,32 +105,25 @@ def step_and_arguments(method: str, variant: str, size: str, attributes: int, ba
                                            grounding="soft" if method.startswith("core") else "none")
     optimizer = train.make_optimizer(train.OptimConfig(decoupled_weight_decay=True, warmup_epochs=0))
 
-    def build():
-        graphdef, state = train.split_model(celeba.AttributeModel(config, nnx.Rngs(0)), optimizer)
-        return graphdef, state
+    def model():
+        return celeba.AttributeModel(config, nnx.Rngs(0))
 
-    abstract_model = nnx.eval_shape(lambda: celeba.AttributeModel(config, nnx.Rngs(0)))
-    graphdef, state = train.split_model(abstract_model, optimizer) if abstract else build()
-    if abstract:
-        state = jax.eval_shape(lambda: state)
+    graphdef, state = train.split_model(nnx.eval_shape(model) if abstract else model(), optimizer)
     arrays = {"images": jnp.zeros((batch, image_size, image_size, 3), jnp.float32),
               "attributes": jnp.zeros((batch, attributes), jnp.int32)}
-    if abstract:
-        arrays = jax.eval_shape(lambda: arrays)
-    key = jax.random.key(0)
     if method.startswith("core"):
         weights = celeba.AttributeLossWeights()
         step = jax.jit(lambda state, balancer_state, batch, key, perceptual: (celeba.attribute_step(
             graphdef, optimizer, state, batch, weights, perceptual)[0], balancer_state))
-        perceptual = lpips_weights() if method == "core_lpips" else None
-        if abstract:
-            perceptual = jax.eval_shape(lambda: perceptual)
-        return step, (state, (), arrays, key, perceptual)
-    balancer = make(method)
-    balancer_state = balancer.init(attributes)
-    step = jax.jit(lambda state, balancer_state, batch, key: train.balanced_step(
-        graphdef, optimizer, balancer, state, balancer_state, batch, key, jacobian_chunk)[:2])
-    return step, (state, balancer_state, arrays, key)
+        extra = (lpips_weights() if method == "core_lpips" else None,)
+        balancer_state = ()
+    else:
+        balancer = make(method)
+        balancer_state, extra = balancer.init(attributes), ()
+        step = jax.jit(lambda state, balancer_state, batch, key: train.balanced_step(
+            graphdef, optimizer, balancer, state, balancer_state, batch, key, jacobian_chunk)[:2])
+    args = (state, balancer_state, arrays, jax.random.key(0), *extra)
+    return step, jax.eval_shape(lambda: args) if abstract else args
 
 
 def lpips_weights():

@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from deep import losses, train
+from deep import losses, train, trainer
 from deep.backbone import RESNET18, BackboneConfig, ResNet, batch_norm
 from deep.data.celeba import CELEBA_ATTRIBUTES
 from deep.layers import conv, dense, drawn_later
@@ -288,10 +288,7 @@ def attribute_step(graphdef, optimizer: optax.GradientTransformation, state: tra
     non-finite values as every step here. Jit with ``graphdef``, ``optimizer`` and ``weights`` static."""
     (loss, (batch_stats, rest, terms)), grads = jax.value_and_grad(attribute_objective, argnums=1, has_aux=True)(
         graphdef, state.params, state.batch_stats, state.rest, batch, weights, perceptual)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = train.TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state,
-                                 state.step + 1)
-    new_state, finite = train._guarded(state, new_state, loss, grads)
+    new_state, finite = train.guarded_update(optimizer, state, grads, batch_stats, rest, loss)
     return new_state, {"loss": loss, "finite": finite, **terms}
 
 
@@ -340,8 +337,6 @@ def make_attribute_step(method: str, graphdef, optimizer: optax.GradientTransfor
     ``()``), else the method of :mod:`theory.balancing` over the per-attribute losses
     (:func:`deep.train.balanced_step`, ``jacobian_chunk`` tasks' pull-backs at a time; ``None``: all). ``batch``:
     ``images`` float in [0, 1] and ``attributes`` ``[B, T]``."""
-    from deep import trainer
-
     if method != "core":
         balancer, balanced = trainer.make_step(method, graphdef, optimizer, losses.LossWeights(),
                                                jacobian_chunk=jacobian_chunk)
@@ -362,8 +357,7 @@ def predict_logits_function(graphdef) -> Callable:
 
     @jax.jit
     def predict(state: train.TrainState, images: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
-        model.eval()
+        model = trainer.eval_model(graphdef, state)
         # Stacked here: a dict leaving jit comes back with its keys sorted, not in the attributes' order.
         return stacked_logits(model.predict_from_streams(**model.encode(images)), model.config.attributes)
 
@@ -374,11 +368,9 @@ def evaluate_attributes(predict: Callable, state: train.TrainState, batches: Ite
                         attributes: tuple[str, ...]) -> dict[str, float]:
     """:class:`deep.metrics.AttributeAccuracy` over every batch of a split (``predict`` from
     :func:`predict_logits_function`), each batch's statistics brought to the host one batch late."""
-    from deep.trainer import one_behind
-
     accuracy = AttributeAccuracy(attributes)
     dispatched = (accuracy.statistics(predict(state, batch["images"]), batch["attributes"]) for batch in batches)
-    for statistics in one_behind(dispatched):
+    for statistics in trainer.one_behind(dispatched):
         accuracy.add(statistics)
     return accuracy.result()
 
@@ -392,8 +384,7 @@ def sample_panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[
 
 @functools.partial(jax.jit, static_argnums=0)
 def _panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, jax.Array]:
-    model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
-    model.eval()
+    model = trainer.eval_model(graphdef, state)
     _, aux = model(images)
     swapped = model.reconstruct(aux["semantic_map"], jnp.roll(aux["residual_map"], 1, axis=0), images.shape[1:3])
     return {"reconstruction": aux["reconstruction"], "swapped": swapped}

@@ -417,14 +417,20 @@ def _per_task_heads(graphdef, shared, heads, batch_stats, rest, representation: 
             rest)
 
 
+def guarded_update(optimizer: optax.GradientTransformation, state: TrainState, grads, batch_stats, rest,
+                   loss) -> tuple[TrainState, jax.Array]:
+    """``(state after one optax step along grads, finite)``, with the pass's new non-parameter states; a non-finite
+    loss or gradient norm leaves ``state`` as it was."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
+    return _guarded(state, new_state, loss, grads)
+
+
 def apply_gradients(graphdef, optimizer: optax.GradientTransformation, state: TrainState, shared_direction,
                     head_grads, batch_stats, rest, loss) -> tuple[TrainState, jax.Array]:
     """The optax update from a balanced shared direction ``[P]`` and the heads' gradients (guarded)."""
     _, unravel = ravel_pytree(state.params[0])
-    grads = (unravel(shared_direction), head_grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
-    return _guarded(state, new_state, loss, grads)
+    return guarded_update(optimizer, state, (unravel(shared_direction), head_grads), batch_stats, rest, loss)
 
 
 def _loss_weighted_step(graphdef, optimizer, balancer, state: TrainState, balancer_state, batch: dict, key):
@@ -434,9 +440,7 @@ def _loss_weighted_step(graphdef, optimizer, balancer, state: TrainState, balanc
         lambda params: _stacked_task_losses(graphdef, params, state, batch), state.params, has_aux=True)
     weights, balancer_state = balancer.weigh(None, losses_k, balancer_state, key)
     (grads,) = pullback(jax.lax.stop_gradient(weights).astype(losses_k.dtype))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = TrainState(optax.apply_updates(state.params, updates), batch_stats, rest, opt_state, state.step + 1)
-    new_state, finite = _guarded(state, new_state, losses_k.sum(), grads)
+    new_state, finite = guarded_update(optimizer, state, grads, batch_stats, rest, losses_k.sum())
     return new_state, balancer_state, losses_k, weights, finite
 
 

@@ -173,13 +173,13 @@ def predict_function(graphdef) -> Callable:
 
     @jax.jit
     def predict(state: train.TrainState, images: jax.Array):
-        predictions, _ = _eval_model(graphdef, state)(images)
+        predictions, _ = eval_model(graphdef, state)(images)
         return predictions
 
     return predict
 
 
-def _eval_model(graphdef, state: train.TrainState):
+def eval_model(graphdef, state: train.TrainState):
     """The model of ``state`` in eval mode (running BatchNorm statistics, no dropout)."""
     model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
     model.eval()
@@ -265,7 +265,7 @@ def sample_panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[
 
 @functools.partial(jax.jit, static_argnums=0)
 def _panels(graphdef, state: train.TrainState, images: jax.Array) -> dict[str, jax.Array]:
-    model = _eval_model(graphdef, state)
+    model = eval_model(graphdef, state)
     predictions, aux = model(images)
     panels = {f"pred/{name}": value for name, value in predictions.items()}
     for name in ("rendered", "reconstruction"):

@@ -335,8 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     perceptual = read_weights("--perceptual", load_lpips_npz, config.perceptual) if config.perceptual else None
     perceptual = devices.replicate(mesh, perceptual)
     jacobian_chunk = config.jacobian_chunk or None
-    balancer, step = attributes.make_attribute_step(config.method, graphdef, optimizer,
-                                                    attributes.AttributeLossWeights(), perceptual, jacobian_chunk)
+    loss_weights = attributes.AttributeLossWeights()  # the authors' 5celeba.yaml
+    balancer, step = attributes.make_attribute_step(config.method, graphdef, optimizer, loss_weights, perceptual,
+                                                    jacobian_chunk)
     balancer_state = () if config.method == "core" else balancer.init(len(model_config.attributes))
     if primary and not config.resume:
         write_json(out / "run.json", config.run_identity())  # once every input (data, weight files) has been read
@@ -400,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _plot_samples(images, panels, out / "samples.png")
         written.append("samples.png")
     if config.gradient_probe:
-        probe = jax.jit(functools.partial(attributes.gradient_cosines, graphdef,
-                                          weights=attributes.AttributeLossWeights(), jacobian_chunk=jacobian_chunk))
+        probe = jax.jit(functools.partial(attributes.gradient_cosines, graphdef, weights=loss_weights,
+                                          jacobian_chunk=jacobian_chunk))
         sums = None
         # Batches of an epoch after the last (fixed by the seed), unaugmented: full batches, no filler rows.
         for index, batch in enumerate(loader.epoch(config.epochs)):
@@ -411,16 +412,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             probes = jax.device_get(probe(state, {**batch, "images": as_float(batch["images"])},
                                           perceptual=perceptual))
             sums = probes if sums is None else jax.tree.map(np.add, sums, probes)
-        cosines = jax.tree.map(lambda total: total / min(config.gradient_probe, len(loader)), sums)
+        probe_batches = min(config.gradient_probe, len(loader))
+        cosines = jax.tree.map(lambda total: total / probe_batches, sums)
         gradient_summary = _gradient_summary(cosines)
         if primary:
             _plot_gradients(cosines, model_config.attributes, out / "gradients.png")
         written.append("gradients.png")
     results = {"experiment": "train_celeba", "config": dataclasses.asdict(config),
-               "model": dataclasses.asdict(model_config), "loss_weights": dataclasses.asdict(
-                   attributes.AttributeLossWeights()) if config.method == "core" else None,
+               "model": dataclasses.asdict(model_config),
+               "loss_weights": dataclasses.asdict(loss_weights) if config.method == "core" else None,
                "final_val": history[-1]["val"], "test": test, "epochs": len(history), "history": history,
-               **({"gradient_cosines": {"batches": min(config.gradient_probe, len(loader)), **gradient_summary,
+               **({"gradient_cosines": {"batches": probe_batches, **gradient_summary,
                                         **{k: np.asarray(v).tolist() for k, v in cosines.items()}}}
                   if config.gradient_probe else {}),
                "seconds_this_process": time.time() - started, "environment": environment()}

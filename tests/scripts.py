@@ -7,14 +7,44 @@ import functools
 import importlib.util
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def environment(cache: Path) -> dict:
+    """The environment of a training run that shares XLA's persistent compilation cache ``cache`` with the other runs
+    of its test file, so only the first one pays for compiling the step; runs inherit the suite's fast-compile XLA
+    flags (conftest.py)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def run_training(script: Path, args, cache: Path, **kwargs) -> subprocess.CompletedProcess:
+    """``python <script> args...`` from the root with the compilation cache ``cache`` (:func:`environment`)."""
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=environment(cache), timeout=900, **kwargs)
+
+
+def killed_after_the_first_checkpoint(script: Path, args, out: Path, cache: Path) -> list[str]:
+    """Starts a training run into ``out`` and kills it (SIGKILL) as soon as its epoch-1 checkpoint exists; checks
+    that it had not finished, and returns the ``metrics.jsonl`` line of that checkpointed epoch (a resume must
+    leave it as it is: an epoch checkpointed is not trained again)."""
+    with subprocess.Popen([sys.executable, str(script), *args, "--out", str(out)], cwd=ROOT,
+                          env=environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+        deadline = time.time() + 600
+        while not (out / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    assert not (out / "results.json").exists(), "the run ended before it could be killed"
+    return (out / "metrics.jsonl").read_text().splitlines()[:1]
 
 
 def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -2,15 +2,11 @@
 ends with the same numbers, a balanced baseline, and bad flags rejected with one line."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from scripts import assert_one_line_error, load_script, run_in_process
-from test_train_nyuv2 import ROOT, environment
+from scripts import (ROOT, assert_one_line_error, killed_after_the_first_checkpoint, load_script, run_in_process,
+                     run_training)
 
 SCRIPT = ROOT / "experiments" / "train_celeba.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3", "--warmup-epochs", "1",
@@ -18,8 +14,7 @@ FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3",
 
 
 def run(args, cache, **kwargs):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=environment(cache), timeout=900, **kwargs)
+    return run_training(SCRIPT, args, cache, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +53,8 @@ def test_a_core_run_writes_its_results_plots_and_one_line_per_epoch(uninterrupte
 
 def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path):
     out = tmp_path / "killed"
-    with subprocess.Popen([sys.executable, str(SCRIPT), *FLAGS, "--out", str(out)], cwd=ROOT,
-                          env=environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
-        deadline = time.time() + 600
-        while not (out / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    assert not (out / "results.json").exists(), "the run ended before it could be killed"
     # The epochs checkpointed before the kill are not trained again: their lines (timings included) stay as written.
-    before_kill = (out / "metrics.jsonl").read_text().splitlines()[:1]
+    before_kill = killed_after_the_first_checkpoint(SCRIPT, FLAGS, out, cache)
 
     result = run([*FLAGS, "--out", str(out), "--resume"], cache)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,35 +2,23 @@
 same numbers, and bad flags rejected with one line."""
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from scripts import USE_GLOO, assert_one_line_error, load_script, run_in_process, run_processes, with_cpu_devices
+from scripts import (ROOT, USE_GLOO, assert_one_line_error, environment, killed_after_the_first_checkpoint,
+                     load_script, run_in_process, run_processes, run_training, with_cpu_devices)
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--method", "ew", "--epochs", "4", "--warmup-epochs", "1",
          "--batch-size", "4", "--learning-rate", "0.01", "--quiet"]
 
 
-def environment(cache: Path) -> dict:
-    # The runs share XLA's persistent compilation cache, so only the first one pays for compiling the step; they
-    # inherit the suite's fast-compile XLA flags (conftest.py).
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
 def run(args, cache, **kwargs):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=environment(cache), timeout=900, **kwargs)
+    return run_training(SCRIPT, args, cache, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +54,8 @@ def test_a_run_writes_its_results_curves_samples_and_one_line_per_epoch(uninterr
 def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path):
     reference = uninterrupted
     out = tmp_path / "killed"
-    with subprocess.Popen([sys.executable, str(SCRIPT), *FLAGS, "--out", str(out)], cwd=ROOT,
-                          env=environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
-        deadline = time.time() + 600
-        while not (out / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    assert not (out / "results.json").exists(), "the run ended before it could be killed"
     # The epochs checkpointed before the kill are not trained again: their lines (timings included) stay as written.
-    before_kill = (out / "metrics.jsonl").read_text().splitlines()[:1]
+    before_kill = killed_after_the_first_checkpoint(SCRIPT, FLAGS, out, cache)
 
     result = run([*FLAGS, "--out", str(out), "--resume"], cache)
     assert result.returncode == 0, result.stderr[-3000:]
