@@ -61,7 +61,9 @@ def parser_for(config_class: type, description: str, prog: str | None = None) ->
     """Builds a parser with one flag per field of ``config_class`` (a dataclass), defaults from the dataclass.
 
     Each field's ``metadata["help"]`` is its help text. Booleans become ``--flag``; tuples take comma-separated
-    values (parsed and validated by the dataclass itself, so one place owns the rules).
+    values (parsed and validated by the dataclass itself, so one place owns the rules). A field with
+    ``metadata["positional"]`` is a positional argument of one or more values instead (a list, the dataclass's to
+    convert).
     """
     parser = OneLineArgumentParser(description=description, prog=prog,
                                    formatter_class=DefaultsHelpFormatter)
@@ -69,6 +71,9 @@ def parser_for(config_class: type, description: str, prog: str | None = None) ->
     for field in dataclasses.fields(config_class):
         help_text = field.metadata.get("help", "")
         default = field.default
+        if field.metadata.get("positional"):
+            parser.add_argument(field.name, nargs="+", help=help_text, metavar=field.name.upper())
+            continue
         if hints[field.name] is bool:
             parser.add_argument(flag(field.name), action="store_true", default=default, help=help_text)
             continue

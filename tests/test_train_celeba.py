@@ -6,7 +6,7 @@ import json
 import pytest
 
 from scripts import (ROOT, assert_one_line_error, killed_after_the_first_checkpoint, load_script, run_in_process,
-                     run_training)
+                     run_script, run_training)
 
 SCRIPT = ROOT / "experiments" / "train_celeba.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3", "--warmup-epochs", "1",
@@ -49,6 +49,14 @@ def test_a_core_run_writes_its_results_plots_and_one_line_per_epoch(uninterrupte
     assert all(abs(cosines["task_task"][i][i] - 1) < 1e-5 for i in range(5))
     assert 0 < cosines["mean_abs_task_reconstruction"] < 1 and 0 < cosines["mean_abs_task_task"] < 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+
+
+def test_compare_runs_reads_a_run(uninterrupted, tmp_path):
+    compared = run_script("experiments/compare_runs.py", str(uninterrupted), "--out", str(tmp_path))
+    assert compared.returncode == 0, compared.stderr
+    test = json.loads((uninterrupted / "results.json").read_text())["test"]
+    assert f"| core | 1 | {test['attributes/mean_accuracy']:.4g} |" in compared.stdout
+    assert "CelebA, 5 attributes (5_o_Clock_Shadow, Arched_Eyebrows, Attractive, ...), test:" in compared.stdout
 
 
 def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path):

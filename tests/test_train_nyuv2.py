@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from scripts import (ROOT, USE_GLOO, assert_one_line_error, environment, killed_after_the_first_checkpoint,
-                     load_script, run_in_process, run_processes, run_training, with_cpu_devices)
+                     load_script, run_in_process, run_processes, run_script, run_training, with_cpu_devices)
 
 SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--method", "ew", "--epochs", "4", "--warmup-epochs", "1",
@@ -302,8 +302,9 @@ def test_two_processes_of_two_devices_reach_the_numbers_of_one_device(uninterrup
         assert first["test"][name] == pytest.approx(first_expected["test"][name], abs=tolerance), name
 
 
-def test_a_single_task_run_writes_its_results_and_samples(cache, tmp_path):
-    """A single-task run's test split holds one task's labels: the sample figure shows that task alone."""
+def test_a_single_task_run_writes_its_results_and_samples(uninterrupted, cache, tmp_path):
+    """A single-task run's test split holds one task's labels: the sample figure shows that task alone; compared
+    with a multi-task run, it is the baseline row, which lacks the other tasks for Δm."""
     out = tmp_path / "stl"
     result = run(["--synthetic", "--model", "tiny", "--method", "stl", "--task", "depth", "--epochs", "1",
                   "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet",
@@ -312,3 +313,11 @@ def test_a_single_task_run_writes_its_results_and_samples(cache, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["final"]) == {"depth/abs_err", "depth/rel_err"}
     assert (out / "samples.png").stat().st_size > 10_000
+
+    compared = run_script("experiments/compare_runs.py", str(uninterrupted), str(out), "--out", str(tmp_path / "c"))
+    assert compared.returncode == 0, compared.stderr
+    rows = [line.split(" | ") for line in compared.stdout.splitlines() if line.startswith("| ")][1:]
+    ew = json.loads((uninterrupted / "results.json").read_text())["final"]
+    assert [row[0] for row in rows] == ["| stl (depth)", "| ew"]
+    assert rows[1][4] == f"{ew['depth/abs_err']:.4g}" and rows[0][4] == f"{results['final']['depth/abs_err']:.4g}"
+    assert "the single-task runs lack normal, segmentation" in compared.stdout

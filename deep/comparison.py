@@ -1,0 +1,317 @@
+r"""Finished training runs side by side: each setup's metrics as a mean over its seeds with a standard error, and
+Δm / Δp against the single-task runs, as the paper's tables print them.
+
+A run is the folder ``experiments/train_nyuv2.py`` or ``experiments/train_celeba.py`` wrote (its ``results.json``).
+Runs of one benchmark are grouped into **setups**: runs whose flags agree on everything but the seed and the
+machine's particulars (output folder, data and weight paths, progress output, extra evaluations) are the same setup
+trained on several seeds. A setup is labelled by its method and, where setups differ in more than the method, by the
+flags in which they differ (``core (grounding=soft)``).
+
+Single-task runs (``--method stl``, one per task) are the baseline: each metric's baseline is the mean over the
+seeds of the single-task runs of its task, and every multi-task run's Δm and Δp (:func:`deep.metrics.delta_m`,
+:func:`deep.metrics.delta_p`) are taken against it, then averaged over the setup's seeds. Their standard errors are
+those of the setup's seeds alone: the spread of the baseline's own seeds is not propagated (every setup shares the
+same baseline, so it moves them all together and does not change their order).
+
+Standard errors are the sample standard deviation over the seeds (``ddof = 1``) divided by √n; a setup of one seed
+has none (``None``), which says that its spread is unknown, not that it is zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deep.metrics import METRIC_DIRECTIONS, delta_m, delta_p
+
+__all__ = ["Run", "Setup", "Summary", "read_run", "group_setups", "compare", "SECTIONS", "direction_of"]
+
+# The sections of a results.json that hold one value per metric, by experiment; the first is the default.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "train_nyuv2": ("final", "final_source", "source_target_gap", "corrupted_mean"),
+    "train_celeba": ("test", "final_val"),
+}
+# Sections whose values are differences (target - source): a relative change against a baseline means nothing there.
+_DIFFERENCE_SECTIONS = ("source_target_gap",)
+# Flags that do not change what a run learns: where it was written and read from, how it talked, what was evaluated
+# after it ended. Paths to weights do matter in one respect, whether there were any: they are compared as booleans.
+_MACHINE_FLAGS = frozenset({"seed", "out", "resume", "quiet", "data", "target_data", "source_data", "on_device",
+                            "corruptions", "severities", "gradient_probe", "jacobian_chunk"})
+_WEIGHT_FLAGS = frozenset({"pretrained", "perceptual"})
+BASELINE_METHOD = "stl"
+
+
+def direction_of(metric: str) -> int:
+    """+1 where higher is better, −1 where lower is better (a CelebA attribute's accuracy: +1)."""
+    if metric in METRIC_DIRECTIONS:
+        return METRIC_DIRECTIONS[metric]
+    if metric.startswith("attributes/"):
+        return +1
+    raise ValueError(f"metric {metric!r} has no known direction; known: {', '.join(METRIC_DIRECTIONS)} and "
+                     f"attributes/<name>")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One finished training run: where it is, the script that wrote it, its flags and its whole ``results.json``."""
+
+    path: Path
+    experiment: str
+    config: Mapping[str, Any]
+    results: Mapping[str, Any]
+
+    @property
+    def benchmark(self) -> str:
+        """What the run was trained and evaluated on; only runs of one benchmark compare."""
+        if self.experiment == "train_celeba":
+            names = self.results.get("model", {}).get("attributes") or []
+            return f"CelebA, {len(names)} attributes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        return str(self.config.get("dataset", "nyuv2"))
+
+    @property
+    def method(self) -> str:
+        return str(self.config["method"])
+
+    @property
+    def setup_flags(self) -> dict[str, Any]:
+        """The flags that define what the run learned (the seed and the machine's particulars left out)."""
+        flags = {k: v for k, v in self.config.items() if k not in _MACHINE_FLAGS}
+        for name in _WEIGHT_FLAGS & flags.keys():
+            flags[name] = bool(flags[name])
+        if self.method == BASELINE_METHOD:
+            flags.pop("task", None)  # one task per run; together they are the baseline
+        return flags
+
+    def metrics(self, section: str) -> dict[str, float]:
+        """The run's values of ``section`` (``final``, ``test``...), one per metric."""
+        values = self.results.get(section)
+        if not isinstance(values, Mapping):
+            held = [name for name in SECTIONS[self.experiment] if isinstance(self.results.get(name), Mapping)]
+            raise ValueError(f"{self.path} has no {section!r} results (it has {', '.join(held) or 'none'}); "
+                             f"choose a section every run has")
+        return {name: float(value) for name, value in values.items()}
+
+    def seconds_per_epoch(self) -> float | None:
+        """The median over the epochs of the training time of an epoch (robust to the epochs that compiled the
+        step: the first of the run and of every resume)."""
+        seconds = [line["train_seconds"] for line in self.results.get("history", []) if "train_seconds" in line]
+        return float(np.median(seconds)) if seconds else None
+
+
+def read_run(path: str | Path) -> Run:
+    """The run in folder ``path`` (or the ``results.json`` file ``path``), refusing anything else in one line."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.exists():
+        if path.is_dir() and (path / "metrics.jsonl").exists():
+            raise FileNotFoundError(f"{path} has no results.json yet: a training run writes it when it ends "
+                                    f"(resume it with its own flags and --resume to finish it)")
+        raise FileNotFoundError(f"{path}: no such run folder (a folder holding a training run's results.json)")
+    try:
+        results = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON ({error})") from None
+    experiment = results.get("experiment") if isinstance(results, dict) else None
+    if experiment not in SECTIONS or not isinstance(results.get("config"), dict):
+        raise ValueError(f"{file} is not the results of a training run (written by "
+                         f"{' or '.join(f'experiments/{name}.py' for name in SECTIONS)})")
+    return Run(path=file.parent, experiment=experiment, config=results["config"], results=results)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Runs of the same flags on different seeds, with the label the tables print."""
+
+    label: str
+    flags: Mapping[str, Any]
+    runs: tuple[Run, ...]
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == BASELINE_METHOD
+
+
+def group_setups(runs: Sequence[Run]) -> list[Setup]:
+    """The runs grouped into setups, in the order their first runs were given; refuses runs of different benchmarks,
+    two runs of one setup with the same seed (a copy, whose agreement would shrink the standard error), and
+    single-task runs of more than one setup (which would be the baseline?)."""
+    if not runs:
+        raise ValueError("no runs to compare; give one or more run folders")
+    benchmarks = {run.benchmark for run in runs}
+    if len(benchmarks) > 1:
+        first = runs[0]
+        other = next(run for run in runs if run.benchmark != first.benchmark)
+        raise ValueError(f"{first.path} is a run on {first.benchmark} and {other.path} one on {other.benchmark}; "
+                         f"compare runs of one benchmark at a time")
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(run.setup_flags, sort_keys=True), []).append(run)
+    for members in groups.values():
+        seen: dict[tuple, Run] = {}
+        for run in members:
+            key = (run.config.get("seed"), run.config.get("task") if run.method == BASELINE_METHOD else None)
+            if key in seen:
+                raise ValueError(f"{seen[key].path} and {run.path} are the same setup with the same seed "
+                                 f"({key[0]}); give each run once (a copy would understate the standard error)")
+            seen[key] = run
+    baselines = [members for members in groups.values() if members[0].method == BASELINE_METHOD]
+    if len(baselines) > 1:
+        differing = _differing_flags([members[0].setup_flags for members in baselines])
+        raise ValueError(f"the single-task runs differ in {', '.join('--' + k.replace('_', '-') for k in differing)}; "
+                         f"give the single-task runs of one setup (they are the baseline of every other)")
+    # A setup's label names the flags in which it differs from the other setups of its method (a baseline's
+    # grounding flag, recorded at its default, would only be noise beside CORE-MTL's).
+    by_method: dict[str, list[dict]] = {}
+    for flags_key in groups:
+        flags = json.loads(flags_key)
+        by_method.setdefault(flags["method"], []).append(flags)
+    shown = {method: _differing_flags(flag_sets) for method, flag_sets in by_method.items()}
+    setups = []
+    for flags_key, members in groups.items():
+        flags = json.loads(flags_key)
+        method = members[0].method
+        if method == BASELINE_METHOD:
+            tasks = sorted({str(run.config.get("task")) for run in members})
+            label = f"{BASELINE_METHOD} ({', '.join(tasks)})"
+        else:
+            extra = ", ".join(f"{name}={flags.get(name)}" for name in shown[method])
+            label = f"{method} ({extra})" if extra else method
+        setups.append(Setup(label=label, flags=flags, runs=tuple(members)))
+    return setups
+
+
+def unlabelled_differences(setups: Sequence[Setup]) -> list[str]:
+    """The flags, other than the method, in which setups of different methods differ without their labels saying
+    so (a learning rate tuned for one method only, say): a comparison should know."""
+    contenders = [setup for setup in setups if not setup.is_baseline]
+    labelled = {name for setup in contenders for name in _label_flags(setup.label)}
+    return [name for name in _differing_flags([setup.flags for setup in contenders])
+            if name != "method" and name not in labelled]
+
+
+def _label_flags(label: str) -> list[str]:
+    inside = label.partition(" (")[2].rstrip(")")
+    return [part.split("=")[0] for part in inside.split(", ") if "=" in part]
+
+
+def _differing_flags(flag_sets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The flags whose values are not the same in all of ``flag_sets``, in the order the first one lists them."""
+    names = list(dict.fromkeys(name for flags in flag_sets for name in flags))
+    return [name for name in names if len({json.dumps(flags.get(name)) for flags in flag_sets}) > 1]
+
+
+def mean_and_error(values: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "standard_error", "n"}`` of ``values``: the standard error is ``None`` for a single value."""
+    values = np.asarray(values, np.float64)
+    error = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
+    return {"mean": float(values.mean()), "standard_error": error, "n": int(values.size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """The comparison: each setup's metrics (mean, standard error, n), Δm and Δp where a baseline allows them, and
+    why they are absent where it does not."""
+
+    benchmark: str
+    section: str
+    metrics: tuple[str, ...]
+    setups: tuple[Setup, ...]
+    values: Mapping[str, Mapping[str, Mapping[str, Any]]]  # setup label -> metric (or "delta_m", ...) -> statistics
+    baseline: Mapping[str, float] | None
+    notes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"benchmark": self.benchmark, "section": self.section, "metrics": list(self.metrics),
+                "directions": {name: direction_of(name) for name in self.metrics},
+                "baseline": dict(self.baseline) if self.baseline is not None else None,
+                "notes": list(self.notes),
+                "setups": [{"label": setup.label, "method": setup.method, "baseline": setup.is_baseline,
+                            "flags": dict(setup.flags), "runs": [str(run.path) for run in setup.runs],
+                            "seeds": [run.config.get("seed") for run in setup.runs],
+                            **{name: dict(stats) for name, stats in self.values[setup.label].items()}}
+                           for setup in self.setups]}
+
+
+def compare(runs: Sequence[Run], section: str | None = None) -> Summary:
+    """Groups ``runs`` into setups and summarises ``section`` of their results (default: the experiment's final
+    test metrics, ``final`` or ``test``) over each setup's seeds, with Δm and Δp against the single-task runs when
+    they cover every metric."""
+    setups = group_setups(runs)
+    experiment = runs[0].experiment
+    if any(run.experiment != experiment for run in runs):
+        raise ValueError("compare runs of one training script at a time")
+    section = section or SECTIONS[experiment][0]
+    if section not in SECTIONS[experiment]:
+        raise ValueError(f"section {section!r} is not one of {experiment}'s: {', '.join(SECTIONS[experiment])}")
+    metrics = list(dict.fromkeys(name for run in runs for name in run.metrics(section)))
+    order = {name: index for index, name in enumerate(METRIC_DIRECTIONS)}
+    metrics.sort(key=lambda name: order.get(name, len(order)))  # the paper's order; attributes as the runs list them
+    for name in metrics:
+        direction_of(name)  # refuses an unknown metric before any work
+
+    notes: list[str] = []
+    values: dict[str, dict[str, dict[str, Any]]] = {}
+    for setup in setups:
+        per_run = [run.metrics(section) for run in setup.runs]
+        values[setup.label] = {name: mean_and_error([m[name] for m in per_run if name in m])
+                               for name in metrics if any(name in m for m in per_run)}
+        seconds = [s for run in setup.runs if (s := run.seconds_per_epoch()) is not None]
+        if seconds:
+            values[setup.label]["seconds_per_epoch"] = mean_and_error(seconds)
+        if not setup.is_baseline:
+            missing = [name for name in metrics if name not in values[setup.label]]
+            if missing or any(len(m) != len(per_run[0]) for m in per_run):
+                raise ValueError(f"the runs of {setup.label} do not all have the same metrics "
+                                 f"({', '.join(str(run.path) for run in setup.runs)})")
+
+    baseline = _baseline(setups, values, metrics, section, notes)
+    if baseline is not None:
+        for setup in setups:
+            if setup.is_baseline:
+                continue
+            per_run = [run.metrics(section) for run in setup.runs]
+            values[setup.label]["delta_m"] = mean_and_error([delta_m(m, baseline, _directions(metrics))
+                                                             for m in per_run])
+            values[setup.label]["delta_p"] = mean_and_error([delta_p(m, baseline, _directions(metrics))
+                                                             for m in per_run])
+    differing = unlabelled_differences(setups)
+    if differing:
+        notes.append(f"the setups also differ in {', '.join('--' + name.replace('_', '-') for name in differing)} "
+                     f"(each setup's flags are in comparison.json)")
+    if any(len(setup.runs) == 1 for setup in setups):
+        notes.append("a setup of one seed has no standard error; train more seeds (--seed) to see the spread")
+    return Summary(benchmark=runs[0].benchmark, section=section, metrics=tuple(metrics), setups=tuple(setups),
+                   values=values, baseline=baseline, notes=tuple(notes))
+
+
+def _directions(metrics: Sequence[str]) -> dict[str, int]:
+    return {name: direction_of(name) for name in metrics}
+
+
+def _baseline(setups: Sequence[Setup], values, metrics: Sequence[str], section: str,
+              notes: list[str]) -> dict[str, float] | None:
+    """Each metric's single-task mean over the seeds, or None (with a note saying why) when Δ cannot be taken."""
+    baseline_setup = next((setup for setup in setups if setup.is_baseline), None)
+    if baseline_setup is None:
+        notes.append(f"no single-task runs (--method {BASELINE_METHOD}) among the runs: no Δm or Δp")
+        return None
+    if section in _DIFFERENCE_SECTIONS:
+        notes.append(f"{section} holds differences, which have no relative change: no Δm or Δp")
+        return None
+    covered = values[baseline_setup.label]
+    missing_tasks = sorted({name.split("/")[0] for name in metrics if name not in covered})
+    if missing_tasks:
+        notes.append(f"the single-task runs lack {', '.join(missing_tasks)}: Δm and Δp need a single-task run of "
+                     f"every task")
+        return None
+    return {name: covered[name]["mean"] for name in metrics}

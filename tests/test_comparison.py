@@ -1,0 +1,216 @@
+"""deep.comparison and experiments/compare_runs.py: runs grouped into setups over seeds, means with standard errors,
+Δm and Δp against the single-task runs, and the table, JSON and figure the script writes. The runs here are
+results.json files in the training scripts' format (tests/test_train_nyuv2.py and tests/test_train_celeba.py compare
+runs the scripts really wrote)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from deep import comparison
+from scripts import assert_one_line_error, load_script, run_in_process
+
+SCRIPT = "experiments/compare_runs.py"
+TASK_METRICS = {"segmentation": ("segmentation/miou", "segmentation/pixel_accuracy"),
+                "depth": ("depth/abs_err", "depth/rel_err"),
+                "normal": ("normal/mean", "normal/median", "normal/within_11.25", "normal/within_22.5",
+                           "normal/within_30")}
+ALL_METRICS = [name for names in TASK_METRICS.values() for name in names]
+
+
+def write_run(folder, method="ew", seed=0, final=None, task="", seconds=(30.0, 10.0, 11.0), **flags):
+    """A results.json as experiments/train_nyuv2.py writes it (the fields the comparison reads, and a few more)."""
+    config = {"data": f"/data/{folder.name}", "synthetic": False, "dataset": "nyuv2", "method": method, "task": task,
+              "grounding": "hard", "variant": "paper", "model": "full", "epochs": len(seconds), "batch_size": 8,
+              "learning_rate": 2e-4, "pretrained": "", "out": str(folder), "resume": False, "seed": seed,
+              "quiet": True, **flags}
+    history = [{"epoch": i + 1, "train": {"loss": 1.0}, "test": final, "train_seconds": s}
+               for i, s in enumerate(seconds)]
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"experiment": "train_nyuv2", "config": config, "final": final,
+                                                     "epochs": len(seconds), "history": history}))
+    return folder
+
+
+def metrics_for(tasks, rng):
+    return {name: float(rng.uniform(0.2, 0.9)) for task in tasks for name in TASK_METRICS[task]}
+
+
+@pytest.fixture
+def table1(tmp_path):
+    """Single-task runs of the three tasks (two seeds each), EW and PCGrad on three seeds, CORE-MTL on two."""
+    rng = np.random.default_rng(0)
+    folders = []
+    for task in TASK_METRICS:
+        for seed in (0, 1):
+            folders.append(write_run(tmp_path / f"stl_{task}_{seed}", "stl", seed, metrics_for([task], rng), task))
+    for method, seeds in (("ew", (0, 1, 2)), ("pcgrad", (0, 1, 2)), ("core", (0, 1))):
+        for seed in seeds:
+            folders.append(write_run(tmp_path / f"{method}_{seed}", method, seed, metrics_for(TASK_METRICS, rng)))
+    return folders
+
+
+def raw(folder):
+    return json.loads((folder / "results.json").read_text())["final"]
+
+
+def test_each_setup_is_the_mean_of_its_seeds_with_its_standard_error(table1):
+    summary = comparison.compare([comparison.read_run(folder) for folder in table1])
+    assert [setup.label for setup in summary.setups] == ["stl (depth, normal, segmentation)", "ew", "pcgrad", "core"]
+    assert summary.section == "final" and list(summary.metrics) == ALL_METRICS  # the paper's order
+    ew = [raw(folder) for folder in table1 if folder.name.startswith("ew_")]
+    for name in ALL_METRICS:
+        values = np.array([run[name] for run in ew])
+        stats = summary.values["ew"][name]
+        assert stats["n"] == 3 and stats["mean"] == pytest.approx(values.mean(), rel=1e-12)
+        # The sample standard deviation (n - 1) over sqrt(n): a population deviation would be sqrt(2/3) as large.
+        assert stats["standard_error"] == pytest.approx(math.sqrt(np.sum((values - values.mean()) ** 2) / 2 / 3))
+    # Each run's median epoch time (30 s of compiling in the first epoch are not an epoch's cost).
+    assert summary.values["ew"]["seconds_per_epoch"] == {"mean": 11.0, "standard_error": 0.0, "n": 3}
+
+
+def test_delta_m_and_delta_p_are_taken_against_the_mean_single_task_run(table1):
+    summary = comparison.compare([comparison.read_run(folder) for folder in table1])
+    stl = [raw(folder) for folder in table1 if folder.name.startswith("stl_")]
+    baseline = {name: np.mean([run[name] for run in stl if name in run]) for name in ALL_METRICS}
+    assert summary.baseline == pytest.approx(baseline)
+    higher_better = {"segmentation/miou", "segmentation/pixel_accuracy", "normal/within_11.25", "normal/within_22.5",
+                     "normal/within_30"}
+    for method in ("ew", "pcgrad", "core"):
+        deltas_m, deltas_p = [], []
+        for run in (raw(folder) for folder in table1 if folder.name.startswith(f"{method}_")):
+            change = {name: (1 if name in higher_better else -1) * (run[name] - baseline[name]) / baseline[name]
+                      for name in ALL_METRICS}
+            deltas_m.append(-100 * np.mean(list(change.values())))  # flat over the nine metrics; lower is better
+            deltas_p.append(100 * np.mean([np.mean([change[name] for name in names])  # per task first
+                                           for names in TASK_METRICS.values()]))
+        for key, values in (("delta_m", deltas_m), ("delta_p", deltas_p)):
+            stats = summary.values[method][key]
+            assert stats["mean"] == pytest.approx(np.mean(values))
+            assert stats["standard_error"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(len(values)))
+    assert "delta_m" not in summary.values["stl (depth, normal, segmentation)"]
+
+
+def test_only_the_flags_that_change_what_is_learned_split_setups(tmp_path):
+    rng = np.random.default_rng(1)
+    runs = [
+        write_run(tmp_path / "a", "core", 0, metrics_for(TASK_METRICS, rng), pretrained="/x/resnet50.npz"),
+        # Another seed, folder, data path, weight file and progress output: the same setup.
+        write_run(tmp_path / "b", "core", 1, metrics_for(TASK_METRICS, rng), pretrained="/y/r50.npz",
+                  quiet=False, on_device=True, corruptions="paper"),
+        write_run(tmp_path / "c", "core", 0, metrics_for(TASK_METRICS, rng), pretrained="/x/resnet50.npz",
+                  grounding="soft"),
+        write_run(tmp_path / "d", "core", 0, metrics_for(TASK_METRICS, rng), pretrained=""),  # no weights at all
+        write_run(tmp_path / "e", "ew", 0, metrics_for(TASK_METRICS, rng), pretrained="/x/resnet50.npz"),
+    ]
+    summary = comparison.compare([comparison.read_run(folder) for folder in runs])
+    # Labels name what differs within a method: EW's grounding flag, at its default, would be noise.
+    assert [(setup.label, len(setup.runs)) for setup in summary.setups] == [
+        ("core (grounding=hard, pretrained=True)", 2), ("core (grounding=soft, pretrained=True)", 1),
+        ("core (grounding=hard, pretrained=False)", 1), ("ew", 1)]
+    assert not any("also differ" in note for note in summary.notes)
+    # A flag that differs between methods and no label shows is named in a note.
+    write_run(tmp_path / "f", "pcgrad", 0, metrics_for(TASK_METRICS, rng), pretrained="/x", learning_rate=1e-3)
+    summary = comparison.compare([comparison.read_run(folder) for folder in [*runs, tmp_path / "f"]])
+    assert summary.setups[-1].label == "pcgrad"
+    assert "the setups also differ in --learning-rate (each setup's flags are in comparison.json)" in summary.notes
+
+
+def test_without_a_full_baseline_or_for_gaps_there_is_no_delta_and_a_note_says_why(tmp_path):
+    rng = np.random.default_rng(2)
+    runs = [write_run(tmp_path / "stl_depth", "stl", 0, metrics_for(["depth"], rng), "depth"),
+            write_run(tmp_path / "ew", "ew", 0, metrics_for(TASK_METRICS, rng))]
+    summary = comparison.compare([comparison.read_run(folder) for folder in runs])
+    assert summary.baseline is None and "delta_m" not in summary.values["ew"]
+    assert any("lack normal, segmentation" in note for note in summary.notes)
+    assert summary.values["ew"]["depth/abs_err"]["standard_error"] is None  # one seed: unknown, not zero
+    alone = comparison.compare([comparison.read_run(runs[1])])
+    assert any("no single-task runs" in note for note in alone.notes)
+
+
+def test_a_section_of_differences_gets_no_relative_change(tmp_path):
+    rng = np.random.default_rng(3)
+    folders = []
+    for task in TASK_METRICS:
+        folders.append(write_run(tmp_path / f"stl_{task}", "stl", 0, metrics_for([task], rng), task))
+    folders.append(write_run(tmp_path / "ew", "ew", 0, metrics_for(TASK_METRICS, rng)))
+    for folder in folders:
+        results = json.loads((folder / "results.json").read_text())
+        results["source_target_gap"] = {name: value - 0.5 for name, value in results["final"].items()}
+        (folder / "results.json").write_text(json.dumps(results))
+    runs = [comparison.read_run(folder) for folder in folders]
+    assert comparison.compare(runs).baseline is not None
+    gaps = comparison.compare(runs, "source_target_gap")
+    assert gaps.baseline is None and any("differences" in note for note in gaps.notes)
+    assert gaps.values["ew"]["depth/abs_err"]["mean"] == pytest.approx(raw(folders[-1])["depth/abs_err"] - 0.5)
+
+
+def test_the_table_bolds_the_best_setup_of_each_column_by_its_direction(table1, tmp_path):
+    module = load_script(SCRIPT)
+    summary = comparison.compare([comparison.read_run(folder) for folder in table1])
+    text = module.table(summary, ALL_METRICS)
+    lines = text.splitlines()
+    assert lines[0].startswith("| setup | n | segmentation/miou ↑ |") and "| depth/abs_err ↓ |" in lines[0]
+    assert "| Δm % ↓ | Δp % ↑ | s/epoch |" in lines[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines[2:]}
+    assert list(rows) == ["stl (depth, normal, segmentation)", "ew", "pcgrad", "core"]
+    header = lines[0].split(" | ")
+    for column, key in ((header.index("depth/abs_err ↓"), "depth/abs_err"),
+                        (header.index("segmentation/miou ↑"), "segmentation/miou"),
+                        (header.index("Δm % ↓"), "delta_m")):
+        means = {label: summary.values[label][key]["mean"] for label in ("ew", "pcgrad", "core")}
+        best = (min if key == "delta_m" or comparison.direction_of(key) < 0 else max)(means, key=means.get)
+        assert [label for label, row in rows.items() if row[column].startswith("**")] == [best], key
+    assert rows["ew"][1] == "3" and " ± " in rows["ew"][2]
+    assert rows["stl (depth, normal, segmentation)"][1] == "2"  # seeds per task, not the six runs
+    assert rows["stl (depth, normal, segmentation)"][header.index("Δm % ↓")] == "—"
+
+
+def test_the_script_writes_the_table_json_and_figure(table1, tmp_path, capsys):
+    module = load_script(SCRIPT)
+    out = tmp_path / "compared"
+    assert module.main([*map(str, table1), "--out", str(out), "--metrics", "segmentation/miou,depth/abs_err"]) == 0
+    printed = capsys.readouterr().out
+    document = (out / "comparison.md").read_text()
+    assert document.startswith("# nyuv2: final") and module.table(
+        comparison.compare([comparison.read_run(folder) for folder in table1]),
+        ["segmentation/miou", "depth/abs_err"]) in document and "| setup | n | segmentation/miou ↑ |" in printed
+    payload = json.loads((out / "comparison.json").read_text())
+    assert len(payload["setups"]) == 4 and payload["setups"][1]["seeds"] == [0, 1, 2]
+    assert set(payload["setups"][1]) >= {*ALL_METRICS, "delta_m", "delta_p", "seconds_per_epoch", "runs", "flags"}
+    assert payload["directions"]["depth/abs_err"] == -1
+    assert (out / "comparison.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: [tmp / "missing"], "no such run folder"),
+    (lambda tmp: [tmp / "unfinished"], "has no results.json yet"),
+    (lambda tmp: [tmp / "broken"], "is not valid JSON"),
+    (lambda tmp: [tmp / "other"], "is not the results of a training run"),
+    (lambda tmp: [tmp / "ew_0", tmp / "copy_of_ew_0"], "are the same setup with the same seed (0)"),
+    (lambda tmp: [tmp / "ew_0", tmp / "celeba"], "compare runs of one benchmark at a time"),
+    (lambda tmp: [tmp / "stl_depth", tmp / "stl_depth_lr"], "the single-task runs differ in --learning-rate"),
+    (lambda tmp: [tmp / "ew_0", "--section", "final_source"], "has no 'final_source' results (it has final)"),
+    (lambda tmp: [tmp / "ew_0", "--section", "test"], "section 'test' is not one of train_nyuv2's"),
+    (lambda tmp: [tmp / "ew_0", "--metrics", "depth/abs"], "--metrics must be 'all' or comma-separated names"),
+])
+def test_bad_input_is_one_line(tmp_path, make, message):
+    rng = np.random.default_rng(4)
+    write_run(tmp_path / "ew_0", "ew", 0, metrics_for(TASK_METRICS, rng))
+    write_run(tmp_path / "copy_of_ew_0", "ew", 0, metrics_for(TASK_METRICS, rng))
+    write_run(tmp_path / "stl_depth", "stl", 0, metrics_for(["depth"], rng), "depth")
+    write_run(tmp_path / "stl_depth_lr", "stl", 0, metrics_for(["depth"], rng), "depth", learning_rate=1e-3)
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text(json.dumps({"experiment": "sweep_theta"}))
+    (tmp_path / "celeba").mkdir()
+    (tmp_path / "celeba" / "results.json").write_text(json.dumps({
+        "experiment": "train_celeba", "config": {"method": "ew", "seed": 0}, "model": {"attributes": ["Male"]},
+        "test": {"attributes/mean_accuracy": 0.9, "attributes/Male": 0.9}}))
+    args = [str(arg) for arg in make(tmp_path)]
+    assert_one_line_error(run_in_process(SCRIPT, *args, "--out", str(tmp_path / "out"), computation="plot"), message)
