@@ -44,6 +44,7 @@ _DIFFERENCE_SECTIONS = ("source_target_gap",)
 _MACHINE_FLAGS = frozenset({"seed", "out", "resume", "quiet", "data", "target_data", "source_data", "on_device",
                             "corruptions", "severities", "gradient_probe", "jacobian_chunk"})
 _WEIGHT_FLAGS = frozenset({"pretrained", "perceptual"})
+_BENCHMARK_FLAGS = frozenset({"dataset", "attributes"})
 BASELINE_METHOD = "stl"
 
 
@@ -81,7 +82,9 @@ class Run:
     @property
     def setup_flags(self) -> dict[str, Any]:
         """The flags that define what the run learned (the seed and the machine's particulars left out)."""
-        flags = {k: v for k, v in self.config.items() if k not in _MACHINE_FLAGS}
+        # The benchmark's own flags (the data set, CelebA's attributes however named) are the same for every run
+        # compared: the benchmark says so.
+        flags = {k: v for k, v in self.config.items() if k not in _MACHINE_FLAGS | _BENCHMARK_FLAGS}
         for name in _WEIGHT_FLAGS & flags.keys():
             flags[name] = bool(flags[name])
         if self.method == BASELINE_METHOD:
@@ -313,5 +316,10 @@ def _baseline(setups: Sequence[Setup], values, metrics: Sequence[str], section: 
     if missing_tasks:
         notes.append(f"the single-task runs lack {', '.join(missing_tasks)}: Δm and Δp need a single-task run of "
                      f"every task")
+        return None
+    zero = [name for name in metrics if covered[name]["mean"] == 0]
+    if zero:
+        notes.append(f"the single-task mean of {', '.join(zero)} is 0, against which no relative change can be "
+                     f"taken: no Δm or Δp")
         return None
     return {name: covered[name]["mean"] for name in metrics}

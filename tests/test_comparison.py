@@ -128,6 +128,12 @@ def test_without_a_full_baseline_or_for_gaps_there_is_no_delta_and_a_note_says_w
     assert summary.values["ew"]["depth/abs_err"]["standard_error"] is None  # one seed: unknown, not zero
     alone = comparison.compare([comparison.read_run(runs[1])])
     assert any("no single-task runs" in note for note in alone.notes)
+    # A baseline of 0 (a within-11.25° fraction of an untrained single-task run, say) has no relative change.
+    zero = {**metrics_for(["normal"], rng), "normal/within_11.25": 0.0}
+    runs += [write_run(tmp_path / "stl_normal", "stl", 0, zero, "normal"),
+             write_run(tmp_path / "stl_segmentation", "stl", 0, metrics_for(["segmentation"], rng), "segmentation")]
+    summary = comparison.compare([comparison.read_run(folder) for folder in runs])
+    assert summary.baseline is None and any("mean of normal/within_11.25 is 0" in note for note in summary.notes)
 
 
 def test_a_section_of_differences_gets_no_relative_change(tmp_path):
@@ -214,3 +220,18 @@ def test_bad_input_is_one_line(tmp_path, make, message):
         "test": {"attributes/mean_accuracy": 0.9, "attributes/Male": 0.9}}))
     args = [str(arg) for arg in make(tmp_path)]
     assert_one_line_error(run_in_process(SCRIPT, *args, "--out", str(tmp_path / "out"), computation="plot"), message)
+
+
+def test_celeba_runs_naming_the_same_attributes_differently_are_one_setup(tmp_path):
+    names = ["5_o_Clock_Shadow", "Arched_Eyebrows"]
+    for folder, flag, seed, accuracy in (("first_two", "2", 0, 0.8), ("named", ",".join(names), 1, 0.9)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps({
+            "experiment": "train_celeba", "config": {"method": "core", "attributes": flag, "seed": seed},
+            "model": {"attributes": names}, "history": [{"train_seconds": 5.0}],
+            "test": {"attributes/mean_accuracy": accuracy, **{f"attributes/{name}": accuracy for name in names}}}))
+    summary = comparison.compare([comparison.read_run(tmp_path / name) for name in ("first_two", "named")])
+    assert [setup.label for setup in summary.setups] == ["core"] and summary.section == "test"
+    assert summary.values["core"]["attributes/mean_accuracy"] == pytest.approx(
+        {"mean": 0.85, "standard_error": 0.05, "n": 2})
+    assert summary.benchmark == "CelebA, 2 attributes (5_o_Clock_Shadow, Arched_Eyebrows)"
