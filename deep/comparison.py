@@ -45,6 +45,8 @@ _MACHINE_FLAGS = frozenset({"seed", "out", "resume", "quiet", "data", "target_da
                             "corruptions", "severities", "gradient_probe", "jacobian_chunk"})
 _WEIGHT_FLAGS = frozenset({"pretrained", "perceptual"})
 _BENCHMARK_FLAGS = frozenset({"dataset", "attributes"})
+# Flags whose values follow from the method: a baseline has no grounding, loss-weight preset or perceptual loss.
+_METHOD_FLAGS = frozenset({"method", "grounding", "preset", "perceptual"})
 BASELINE_METHOD = "stl"
 
 
@@ -60,7 +62,8 @@ def direction_of(metric: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One finished training run: where it is, the script that wrote it, its flags and its whole ``results.json``."""
+    """One finished training run: where it is, the script that wrote it, its flags and its whole ``results.json``
+    (checked by :func:`read_run`)."""
 
     path: Path
     experiment: str
@@ -68,11 +71,22 @@ class Run:
     results: Mapping[str, Any]
 
     @property
-    def benchmark(self) -> str:
+    def attributes(self) -> tuple[str, ...]:
+        """CelebA's attributes, in the run's order (empty for the dense benchmarks)."""
+        return tuple(self.results["model"]["attributes"]) if self.experiment == "train_celeba" else ()
+
+    @property
+    def benchmark_key(self) -> tuple:
         """What the run was trained and evaluated on; only runs of one benchmark compare."""
+        return (self.experiment, str(self.config.get("dataset", "")), self.attributes)
+
+    @property
+    def benchmark(self) -> str:
+        """:attr:`benchmark_key` for a title (CelebA's attributes shortened)."""
         if self.experiment == "train_celeba":
-            names = self.results.get("model", {}).get("attributes") or []
-            return f"CelebA, {len(names)} attributes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            names = self.attributes
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            return f"CelebA, {len(names)} attribute{'s' if len(names) != 1 else ''} ({shown})"
         return str(self.config.get("dataset", "nyuv2"))
 
     @property
@@ -81,12 +95,21 @@ class Run:
 
     @property
     def setup_flags(self) -> dict[str, Any]:
-        """The flags that define what the run learned (the seed and the machine's particulars left out)."""
+        """The flags that define what the run learned, as the run resolved them (the seed and the machine's
+        particulars left out)."""
         # The benchmark's own flags (the data set, CelebA's attributes however named) are the same for every run
         # compared: the benchmark says so.
         flags = {k: v for k, v in self.config.items() if k not in _MACHINE_FLAGS | _BENCHMARK_FLAGS}
         for name in _WEIGHT_FLAGS & flags.keys():
             flags[name] = bool(flags[name])
+        # Defaults the run filled in, as it filled them in: an empty --preset is the data set's, an empty
+        # --heads-read the variant's; a baseline has no grounding and no loss-weight preset, whatever the flags said.
+        model = self.results.get("model")
+        for name in ("grounding", "heads_read"):
+            if name in flags and isinstance(model, Mapping) and name in model:
+                flags[name] = model[name]
+        if "preset" in flags:
+            flags["preset"] = self.results.get("loss_weights_preset") if self.method == "core" else None
         if self.method == BASELINE_METHOD:
             flags.pop("task", None)  # one task per run; together they are the baseline
         return flags
@@ -98,13 +121,30 @@ class Run:
             held = [name for name in SECTIONS[self.experiment] if isinstance(self.results.get(name), Mapping)]
             raise ValueError(f"{self.path} has no {section!r} results (it has {', '.join(held) or 'none'}); "
                              f"choose a section every run has")
+        if not values:
+            raise ValueError(f"{self.path}: its {section!r} results hold no metric")
+        for name, value in values.items():
+            if not _is_number(value):
+                raise ValueError(f"{self.path}: {section}[{name!r}] is {value!r}, not a number")
         return {name: float(value) for name, value in values.items()}
 
+    def corruptions(self) -> list[str]:
+        """The corruptions and severities behind ``corrupted_mean`` (``"fog/3"``...), sorted."""
+        corrupted = self.results.get("corrupted")
+        if not isinstance(corrupted, Mapping):
+            return []
+        return sorted(f"{name}/{severity}" for name, by_severity in corrupted.items()
+                      for severity in (by_severity if isinstance(by_severity, Mapping) else {}))
+
     def seconds_per_epoch(self) -> float | None:
-        """The median over the epochs of the training time of an epoch (robust to the epochs that compiled the
-        step: the first of the run and of every resume)."""
-        seconds = [line["train_seconds"] for line in self.results.get("history", []) if "train_seconds" in line]
+        """The median over the epochs of an epoch's training time, which leaves out the epochs that compiled the
+        step (the first of the run and of every resume) once they are fewer than half."""
+        seconds = [line["train_seconds"] for line in self.results.get("history") or [] if "train_seconds" in line]
         return float(np.median(seconds)) if seconds else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_run(path: str | Path) -> Run:
@@ -121,10 +161,19 @@ def read_run(path: str | Path) -> Run:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{file} is not valid JSON ({error})") from None
     experiment = results.get("experiment") if isinstance(results, dict) else None
-    if experiment not in SECTIONS or not isinstance(results.get("config"), dict):
+    config = results.get("config") if isinstance(results, dict) else None
+    if experiment not in SECTIONS or not isinstance(config, dict) or not isinstance(config.get("method"), str):
         raise ValueError(f"{file} is not the results of a training run (written by "
-                         f"{' or '.join(f'experiments/{name}.py' for name in SECTIONS)})")
-    return Run(path=file.parent, experiment=experiment, config=results["config"], results=results)
+                         f"{' or '.join(f'experiments/{name}.py' for name in SECTIONS)}, with its flags)")
+    history = results.get("history", [])
+    if not isinstance(history, list) or not all(
+            isinstance(line, dict) and _is_number(line.get("train_seconds", 0.0)) for line in history):
+        raise ValueError(f"{file}: its history is not a list of epochs with their train_seconds")
+    model = results.get("model")
+    if experiment == "train_celeba" and not (isinstance(model, dict) and isinstance(model.get("attributes"), list)
+                                             and all(isinstance(name, str) for name in model["attributes"])):
+        raise ValueError(f"{file}: a CelebA run's results must name its attributes (model.attributes)")
+    return Run(path=file.parent, experiment=experiment, config=config, results=results)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +199,12 @@ def group_setups(runs: Sequence[Run]) -> list[Setup]:
     single-task runs of more than one setup (which would be the baseline?)."""
     if not runs:
         raise ValueError("no runs to compare; give one or more run folders")
-    benchmarks = {run.benchmark for run in runs}
-    if len(benchmarks) > 1:
-        first = runs[0]
-        other = next(run for run in runs if run.benchmark != first.benchmark)
-        raise ValueError(f"{first.path} is a run on {first.benchmark} and {other.path} one on {other.benchmark}; "
+    first = runs[0]
+    other = next((run for run in runs if run.benchmark_key != first.benchmark_key), None)
+    if other is not None:
+        described = [run.benchmark if first.benchmark != other.benchmark or not run.attributes
+                     else f"CelebA's {', '.join(run.attributes)}" for run in (first, other)]
+        raise ValueError(f"{first.path} is a run on {described[0]} and {other.path} one on {described[1]}; "
                          f"compare runs of one benchmark at a time")
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -170,7 +220,7 @@ def group_setups(runs: Sequence[Run]) -> list[Setup]:
     baselines = [members for members in groups.values() if members[0].method == BASELINE_METHOD]
     if len(baselines) > 1:
         differing = _differing_flags([members[0].setup_flags for members in baselines])
-        raise ValueError(f"the single-task runs differ in {', '.join('--' + k.replace('_', '-') for k in differing)}; "
+        raise ValueError(f"the single-task runs differ in {_flags(differing)}; "
                          f"give the single-task runs of one setup (they are the baseline of every other)")
     # A setup's label names the flags in which it differs from the other setups of its method (a baseline's
     # grounding flag, recorded at its default, would only be noise beside CORE-MTL's).
@@ -193,13 +243,22 @@ def group_setups(runs: Sequence[Run]) -> list[Setup]:
     return setups
 
 
-def unlabelled_differences(setups: Sequence[Setup]) -> list[str]:
-    """The flags, other than the method, in which setups of different methods differ without their labels saying
-    so (a learning rate tuned for one method only, say): a comparison should know."""
+def unlabelled_differences(setups: Sequence[Setup]) -> tuple[list[str], list[str]]:
+    """``(between_methods, from_baseline)``: the flags in which multi-task setups of different methods differ, and
+    those in which the single-task runs differ from any of them, where no label says so (a learning rate tuned for
+    one method only, a baseline trained for fewer epochs): a comparison should know. Flags the method decides
+    (CORE-MTL's grounding, loss-weight preset and perceptual loss) are left out."""
     contenders = [setup for setup in setups if not setup.is_baseline]
-    labelled = {name for setup in contenders for name in _label_flags(setup.label)}
-    return [name for name in _differing_flags([setup.flags for setup in contenders])
-            if name != "method" and name not in labelled]
+    labelled = {name for setup in contenders for name in _label_flags(setup.label)} | _METHOD_FLAGS
+
+    def differing(flag_sets):
+        return [name for name in _differing_flags(flag_sets) if name not in labelled]
+
+    between = differing([setup.flags for setup in contenders])
+    baseline = next((setup for setup in setups if setup.is_baseline), None)
+    from_baseline = [] if baseline is None else list(dict.fromkeys(
+        name for setup in contenders for name in differing([baseline.flags, setup.flags]) if name != "task"))
+    return between, from_baseline
 
 
 def _label_flags(label: str) -> list[str]:
@@ -251,8 +310,6 @@ def compare(runs: Sequence[Run], section: str | None = None) -> Summary:
     they cover every metric."""
     setups = group_setups(runs)
     experiment = runs[0].experiment
-    if any(run.experiment != experiment for run in runs):
-        raise ValueError("compare runs of one training script at a time")
     section = section or SECTIONS[experiment][0]
     if section not in SECTIONS[experiment]:
         raise ValueError(f"section {section!r} is not one of {experiment}'s: {', '.join(SECTIONS[experiment])}")
@@ -261,6 +318,21 @@ def compare(runs: Sequence[Run], section: str | None = None) -> Summary:
     metrics.sort(key=lambda name: order.get(name, len(order)))  # the paper's order; attributes as the runs list them
     for name in metrics:
         direction_of(name)  # refuses an unknown metric before any work
+    multi_task = {name for run in runs if run.method != BASELINE_METHOD for name in run.metrics(section)}
+    for run in runs:
+        names = set(run.metrics(section))
+        odd = (names ^ multi_task) if run.method != BASELINE_METHOD else (names - multi_task if multi_task else set())
+        if odd:
+            how = "lacks" if odd <= multi_task else "adds"
+            raise ValueError(f"{run.path} has other metrics than the runs beside it (it {how} "
+                             f"{', '.join(sorted(odd))}); compare runs of the same tasks")
+    if section == "corrupted_mean":
+        first = runs[0]
+        other = next((run for run in runs if run.corruptions() != first.corruptions()), None)
+        if other is not None:
+            raise ValueError(f"{first.path} was evaluated under {_shorten(first.corruptions())} and {other.path} "
+                             f"under {_shorten(other.corruptions())}; corrupted means compare over the same "
+                             f"corruptions and severities")
 
     notes: list[str] = []
     values: dict[str, dict[str, dict[str, Any]]] = {}
@@ -271,11 +343,6 @@ def compare(runs: Sequence[Run], section: str | None = None) -> Summary:
         seconds = [s for run in setup.runs if (s := run.seconds_per_epoch()) is not None]
         if seconds:
             values[setup.label]["seconds_per_epoch"] = mean_and_error(seconds)
-        if not setup.is_baseline:
-            missing = [name for name in metrics if name not in values[setup.label]]
-            if missing or any(len(m) != len(per_run[0]) for m in per_run):
-                raise ValueError(f"the runs of {setup.label} do not all have the same metrics "
-                                 f"({', '.join(str(run.path) for run in setup.runs)})")
 
     baseline = _baseline(setups, values, metrics, section, notes)
     if baseline is not None:
@@ -287,14 +354,26 @@ def compare(runs: Sequence[Run], section: str | None = None) -> Summary:
                                                              for m in per_run])
             values[setup.label]["delta_p"] = mean_and_error([delta_p(m, baseline, _directions(metrics))
                                                              for m in per_run])
-    differing = unlabelled_differences(setups)
-    if differing:
-        notes.append(f"the setups also differ in {', '.join('--' + name.replace('_', '-') for name in differing)} "
-                     f"(each setup's flags are in comparison.json)")
+    between, from_baseline = unlabelled_differences(setups)
+    if between:
+        notes.append(f"the setups also differ in {_flags(between)} (each setup's flags are in comparison.json)")
+    if from_baseline:
+        notes.append(f"the single-task runs differ from the multi-task setups in {_flags(from_baseline)}: "
+                     f"Δm and Δp compare unlike trainings")
     if any(len(setup.runs) == 1 for setup in setups):
         notes.append("a setup of one seed has no standard error; train more seeds (--seed) to see the spread")
     return Summary(benchmark=runs[0].benchmark, section=section, metrics=tuple(metrics), setups=tuple(setups),
                    values=values, baseline=baseline, notes=tuple(notes))
+
+
+def _shorten(names: Sequence[str], shown: int = 4) -> str:
+    if not names:
+        return "no corruption"
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _flags(names: Sequence[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
 
 
 def _directions(metrics: Sequence[str]) -> dict[str, int]:
@@ -307,6 +386,9 @@ def _baseline(setups: Sequence[Setup], values, metrics: Sequence[str], section: 
     baseline_setup = next((setup for setup in setups if setup.is_baseline), None)
     if baseline_setup is None:
         notes.append(f"no single-task runs (--method {BASELINE_METHOD}) among the runs: no Δm or Δp")
+        return None
+    if all(setup.is_baseline for setup in setups):
+        notes.append("only single-task runs: no multi-task setup to take Δm or Δp of")
         return None
     if section in _DIFFERENCE_SECTIONS:
         notes.append(f"{section} holds differences, which have no relative change: no Δm or Δp")

@@ -10,15 +10,17 @@ output, extra evaluations) are one setup on several seeds: its row gives each me
 standard error (sample standard deviation / √n; none for a single seed) and n, the number of seeds. Single-task runs
 (``--method stl``, one per task and seed) are the baseline: with one for every task, each multi-task setup also gets
 Δm (Nash-MTL's, in percent, lower is better) and Δp (LibMTL's, in percent, higher is better) against their mean,
-averaged over the setup's seeds. The best mean of each column among the multi-task setups is in bold; arrows say
-which way is better. ``s/epoch`` is each run's median training time per epoch, averaged over the seeds (the paper's
-Table 4 cost).
+averaged over the setup's seeds. The best mean of each column among the multi-task setups is in bold (every one on a
+tie); arrows say which way is better. ``s/epoch`` is each run's median training time per epoch, averaged over the
+seeds (the paper's Table 4 cost; the median leaves out the epoch that compiled the step once a run has three or
+more). Notes under the table say what else differs: flags in which setups of different methods differ, or in which
+the single-task runs differ from them (Δm would then compare unlike trainings).
 
 ``--section`` picks which results: ``final`` (the test split at the last epoch; default), ``final_source``,
 ``source_target_gap`` (target - source, GTA5 -> Cityscapes) or ``corrupted_mean`` (Cityscapes-C's mean over
 corruptions and severities) for ``train_nyuv2``; ``test`` (default) or ``final_val`` for ``train_celeba``.
 Writes ``comparison.md`` (the table printed), ``comparison.json`` (every metric, each setup's runs and seeds) and
-``comparison.png`` (one panel per metric shown: a bar per setup with its standard error, the single-task baseline
+``comparison.png`` (one panel per metric shown: each setup's mean and standard error, the single-task baseline
 dashed) to ``--out``.
 """
 
@@ -86,6 +88,19 @@ def _cell(stats: dict | None, signed: bool = False) -> str:
     return f"{value} ± {error:.2f}" if signed else f"{value} ± {error:.2g}"
 
 
+def _seeds(summary: comparison.Summary, setup: comparison.Setup) -> str:
+    """The n column: the seeds behind each mean; for the baseline, per task where its tasks have different counts
+    ("depth 3, normal 2, segmentation 3")."""
+    if not setup.is_baseline:
+        return str(len(setup.runs))
+    per_task = {}
+    for run in setup.runs:
+        per_task[str(run.config.get("task"))] = per_task.get(str(run.config.get("task")), 0) + 1
+    if len(set(per_task.values())) == 1:
+        return str(next(iter(per_task.values())))
+    return ", ".join(f"{task} {count}" for task, count in sorted(per_task.items()))
+
+
 def table(summary: comparison.Summary, metrics: Sequence[str]) -> str:
     """The comparison as a Markdown table: one row per setup (the baseline first), one column per metric."""
     with_deltas = summary.baseline is not None
@@ -96,24 +111,23 @@ def table(summary: comparison.Summary, metrics: Sequence[str]) -> str:
     arrows = summary.section not in ("source_target_gap",)
     setups = sorted(summary.setups, key=lambda setup: not setup.is_baseline)
     contenders = [setup for setup in setups if not setup.is_baseline]
-    best = {}
+    best: dict[str, set[str]] = {}  # column -> the setups whose mean is the best (all of them on a tie)
     if arrows and len(contenders) > 1:
         for key, _, direction in columns:
-            means = [(summary.values[setup.label][key]["mean"], setup.label) for setup in contenders
-                     if key in summary.values[setup.label]]
+            means = {setup.label: summary.values[setup.label][key]["mean"] for setup in contenders
+                     if key in summary.values[setup.label]}
             if means:
-                best[key] = (max if direction > 0 else min)(means)[1]
+                top = (max if direction > 0 else min)(means.values())
+                best[key] = {label for label, mean in means.items() if mean == top}
     header = ["setup", "n"] + [f"{title} {'↑' if direction > 0 else '↓'}" if arrows else title
                                 for _, title, direction in columns] + ["s/epoch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for setup in setups:
         row = summary.values[setup.label]
-        # n: the seeds behind each mean (the baseline's per task: "3", or "3/2" where its tasks have different counts).
-        counts = sorted({stats["n"] for key, stats in row.items() if key in metrics})
-        cells = [setup.label, "/".join(map(str, counts))]
+        cells = [setup.label, _seeds(summary, setup)]
         for key, _, _ in columns:
             text = _cell(row.get(key), signed=key.startswith("delta_"))
-            cells.append(f"**{text}**" if best.get(key) == setup.label else text)
+            cells.append(f"**{text}**" if setup.label in best.get(key, ()) else text)
         seconds = row.get("seconds_per_epoch")
         cells.append("—" if seconds is None else f"{seconds['mean']:.4g}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -125,7 +139,8 @@ def plot(summary: comparison.Summary, metrics: Sequence[str], path: Path) -> Non
     standard error (hollow: one seed, whose spread is unknown), the single-task baseline as a dashed line."""
     plt = pyplot()
     keys = list(metrics) + (["delta_m"] if summary.baseline is not None else [])
-    contenders = [setup for setup in summary.setups if not setup.is_baseline]
+    # The multi-task setups against the baseline's dashed line; single-task runs alone are shown as a setup.
+    contenders = [setup for setup in summary.setups if not setup.is_baseline] or list(summary.setups)
     columns = min(len(keys), 3)
     rows = math.ceil(len(keys) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 0.3 * len(contenders) * rows + 1.8 * rows),

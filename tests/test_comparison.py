@@ -52,6 +52,15 @@ def table1(tmp_path):
     return folders
 
 
+def edit(folder, source, change):
+    """A copy of the run ``source`` in ``folder``, its results changed in place by ``change``."""
+    results = json.loads((source / "results.json").read_text())
+    change(results)
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
 def raw(folder):
     return json.loads((folder / "results.json").read_text())["final"]
 
@@ -201,6 +210,14 @@ def test_the_script_writes_the_table_json_and_figure(table1, tmp_path, capsys):
     (lambda tmp: [tmp / "ew_0", "--section", "final_source"], "has no 'final_source' results (it has final)"),
     (lambda tmp: [tmp / "ew_0", "--section", "test"], "section 'test' is not one of train_nyuv2's"),
     (lambda tmp: [tmp / "ew_0", "--metrics", "depth/abs"], "--metrics must be 'all' or comma-separated names"),
+    (lambda tmp: [tmp / "ew_0", tmp / "two_tasks"], "two_tasks has other metrics than the runs beside it (it lacks "
+                                                    "normal/mean, "),
+    (lambda tmp: [tmp / "no_value"], "final['depth/abs_err'] is None, not a number"),
+    (lambda tmp: [tmp / "empty"], "its 'final' results hold no metric"),
+    (lambda tmp: [tmp / "no_method"], "is not the results of a training run"),
+    (lambda tmp: [tmp / "bad_history"], "its history is not a list of epochs with their train_seconds"),
+    (lambda tmp: [tmp / "celeba_without_model"], "a CelebA run's results must name its attributes"),
+    (lambda tmp: [tmp / "celeba", tmp / "celeba_other"], "celeba is a run on CelebA's Male, Young, Bald, Smiling and "),
 ])
 def test_bad_input_is_one_line(tmp_path, make, message):
     rng = np.random.default_rng(4)
@@ -216,8 +233,15 @@ def test_bad_input_is_one_line(tmp_path, make, message):
     (tmp_path / "other" / "results.json").write_text(json.dumps({"experiment": "sweep_theta"}))
     (tmp_path / "celeba").mkdir()
     (tmp_path / "celeba" / "results.json").write_text(json.dumps({
-        "experiment": "train_celeba", "config": {"method": "ew", "seed": 0}, "model": {"attributes": ["Male"]},
-        "test": {"attributes/mean_accuracy": 0.9, "attributes/Male": 0.9}}))
+        "experiment": "train_celeba", "config": {"method": "ew", "seed": 0},
+        "model": {"attributes": ["Male", "Young", "Bald", "Smiling"]}, "test": {"attributes/mean_accuracy": 0.9}}))
+    write_run(tmp_path / "two_tasks", "ew", 1, metrics_for(["segmentation", "depth"], rng))
+    write_run(tmp_path / "no_value", "ew", 1, {**metrics_for(TASK_METRICS, rng), "depth/abs_err": None})
+    write_run(tmp_path / "empty", "ew", 1, {})
+    edit(tmp_path / "no_method", tmp_path / "ew_0", lambda r: r["config"].pop("method"))
+    edit(tmp_path / "bad_history", tmp_path / "ew_0", lambda r: r["history"][0].update(train_seconds=None))
+    edit(tmp_path / "celeba_without_model", tmp_path / "celeba", lambda r: r.update(model=None))
+    edit(tmp_path / "celeba_other", tmp_path / "celeba", lambda r: r["model"].update(attributes=["Male", "Young", "Bald", "Eyeglasses"]))
     args = [str(arg) for arg in make(tmp_path)]
     assert_one_line_error(run_in_process(SCRIPT, *args, "--out", str(tmp_path / "out"), computation="plot"), message)
 
@@ -235,3 +259,66 @@ def test_celeba_runs_naming_the_same_attributes_differently_are_one_setup(tmp_pa
     assert summary.values["core"]["attributes/mean_accuracy"] == pytest.approx(
         {"mean": 0.85, "standard_error": 0.05, "n": 2})
     assert summary.benchmark == "CelebA, 2 attributes (5_o_Clock_Shadow, Arched_Eyebrows)"
+
+
+def test_defaults_count_as_the_values_the_run_filled_in(tmp_path):
+    """An empty --preset is the data set's, an empty --heads-read the variant's (the run records both); a baseline's
+    grounding flag is not what it trained with (it has no decoder)."""
+    rng = np.random.default_rng(5)
+    runs = []
+    for seed, preset, heads in ((0, "", ""), (1, "nyuv2", "semantic")):
+        folder = write_run(tmp_path / f"core_{seed}", "core", seed, metrics_for(TASK_METRICS, rng), preset=preset,
+                           heads_read=heads)
+        runs.append(edit(tmp_path / f"core_{seed}_resolved", folder, lambda r: r.update(
+            loss_weights_preset="nyuv2", model={"grounding": "hard", "heads_read": "semantic"})))
+    runs.append(edit(tmp_path / "ew", write_run(tmp_path / "ew_raw", "ew", 0, metrics_for(TASK_METRICS, rng),
+                                                  grounding="soft"),
+                     lambda r: r.update(model={"grounding": "none", "heads_read": "semantic"})))
+    setups = comparison.group_setups([comparison.read_run(folder) for folder in runs])
+    assert [(setup.label, len(setup.runs)) for setup in setups] == [("core", 2), ("ew", 1)]
+
+
+def test_single_task_runs_trained_otherwise_are_named_in_a_note(tmp_path):
+    rng = np.random.default_rng(6)
+    folders = [write_run(tmp_path / f"stl_{task}", "stl", 0, metrics_for([task], rng), task, model="tiny")
+               for task in TASK_METRICS]
+    folders.append(write_run(tmp_path / "stl_depth_1", "stl", 1, metrics_for(["depth"], rng), "depth",
+                             model="tiny"))
+    folders.append(write_run(tmp_path / "ew", "ew", 0, metrics_for(TASK_METRICS, rng)))
+    summary = comparison.compare([comparison.read_run(folder) for folder in folders])
+    assert summary.baseline is not None
+    assert ("the single-task runs differ from the multi-task setups in --model: Δm and Δp compare unlike trainings"
+            in summary.notes)
+    rows = load_script(SCRIPT).table(summary, ALL_METRICS).splitlines()[2:]
+    assert rows[0].startswith("| stl (depth, normal, segmentation) | depth 2, normal 1, segmentation 1 |")
+    # Single-task runs alone: a table and figure of them, no Δ.
+    alone = comparison.compare([comparison.read_run(folder) for folder in folders[:4]])
+    assert alone.baseline is None and any("only single-task runs" in note for note in alone.notes)
+    load_script(SCRIPT).plot(alone, ALL_METRICS, tmp_path / "alone.png")
+    assert (tmp_path / "alone.png").stat().st_size > 10_000
+
+
+def test_every_setup_tied_for_the_best_is_bold(tmp_path):
+    same = {name: 0.5 for name in ALL_METRICS}
+    folders = [write_run(tmp_path / method, method, 0, same) for method in ("ew", "pcgrad")]
+    folders.append(write_run(tmp_path / "core", "core", 0, {**same, "depth/abs_err": 0.6,
+                                                              "segmentation/miou": 0.4}))
+    text = load_script(SCRIPT).table(comparison.compare([comparison.read_run(f) for f in folders]), ALL_METRICS)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()[2:]}
+    assert rows["ew"][2] == rows["pcgrad"][2] == "**0.5**" and rows["core"][2] == "0.4"
+    assert rows["ew"][4] == rows["pcgrad"][4] == "**0.5**" and rows["core"][4] == "0.6"
+
+
+def test_corrupted_means_compare_only_over_the_same_corruptions(tmp_path):
+    rng = np.random.default_rng(7)
+    folders = []
+    for name, corruptions in (("a", {"fog": [3]}), ("b", {"fog": [3]}), ("c", {"fog": [3], "contrast": [1, 5]})):
+        base = write_run(tmp_path / f"{name}_raw", "ew", len(folders), metrics_for(TASK_METRICS, rng))
+        folders.append(edit(tmp_path / name, base, lambda r: r.update(
+            corrupted={c: {str(s): r["final"] for s in levels} for c, levels in corruptions.items()},
+            corrupted_mean=r["final"])))
+    summary = comparison.compare([comparison.read_run(f) for f in folders[:2]], "corrupted_mean")
+    assert summary.values["ew"]["depth/abs_err"]["n"] == 2
+    with pytest.raises(ValueError, match=r"was evaluated under fog/3 and .* under contrast/1, contrast/5, fog/3;"):
+        comparison.compare([comparison.read_run(f) for f in folders], "corrupted_mean")
+    assert comparison.compare([comparison.read_run(f) for f in folders]).values["ew"]["depth/abs_err"]["n"] == 3
