@@ -22,7 +22,8 @@ from deep.model import DualStreamModel, ModelConfig
 
 DATASET_TASKS = {"nyuv2": (("segmentation", 13), ("depth", 1), ("normal", 3)),
                  "cityscapes": (("segmentation", 7), ("depth", 1)),
-                 "gta5": (("segmentation", 7), ("depth", 1))}  # mapped onto Cityscapes' 7 categories
+                 "gta5": (("segmentation", 7), ("depth", 1)),  # mapped onto Cityscapes' 7 categories
+                 "colored_cityscapes": (("segmentation", 7), ("depth", 1))}  # Cityscapes recoloured by class
 
 # Model sizes: the paper's (ResNet-50, 512/256 streams), one for a CPU smoke run, and one for tests.
 MODEL_SIZES = {

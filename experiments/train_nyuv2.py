@@ -1,4 +1,4 @@
-"""Train CORE-MTL or a gradient-balancing baseline on NYUv2, Cityscapes or GTA5→Cityscapes, evaluating every epoch.
+"""Train CORE-MTL or a gradient-balancing baseline on NYUv2, Cityscapes or an OOD shift, evaluating every epoch.
 
     python experiments/train_nyuv2.py --data /data/nyuv2 --method core --pretrained resnet50.npz --augment  # paper
     python experiments/train_nyuv2.py --data /data/nyuv2 --method pcgrad --augment                 # a baseline
@@ -7,6 +7,7 @@
         --corruptions paper                                                    # Cityscapes-C, after training
     python experiments/train_nyuv2.py --data /data/gta5/train --dataset gta5 --target-data /data/cityscapes \
         --source-data /data/gta5/val --augment                                # GTA5 -> Cityscapes
+    python experiments/train_nyuv2.py --data /data/cityscapes --dataset colored_cityscapes --augment  # stress test
     python experiments/train_nyuv2.py --synthetic --model tiny --epochs 7 --warmup-epochs 1 --batch-size 4  # CPU
     python experiments/train_nyuv2.py <the run's own flags> --resume                            # after a kill
 
@@ -21,10 +22,12 @@ with hard parameter sharing or ``--architecture mtan``. ``--dataset cityscapes``
 classes and disparity); ``--dataset gta5`` trains on GTA5 (``images/``, ``labels/``, ``depth/``, mapped onto the same
 7 classes) and evaluates on the val split of the Cityscapes folder ``--target-data``: the paper's GTA5→Cityscapes
 shift; ``--source-data`` adds a held-out GTA5 folder, evaluated beside it, for the source metrics and the target −
-source gap (``final_source``, ``source_target_gap``). ``--corruptions`` evaluates the final model once more on the
-val split corrupted in code (:func:`deep.data.corrupt`) by each named corruption at each of ``--severities``
-(``paper``: the four the paper reports on Cityscapes-C; ``all``: ten); the results go to ``results.json``
-(``corrupted``, ``corrupted_mean``) and ``corruptions.png``.
+source gap (``final_source``, ``source_target_gap``). ``--dataset colored_cityscapes`` is the paper's stress test
+(:mod:`deep.data.colored`): Cityscapes recoloured by class for training and the source metrics, its val split with
+the class colours permuted as the target, scored the same way. ``--corruptions`` evaluates the final model once
+more on the val split corrupted in code (:func:`deep.data.corrupt`) by each named corruption at each of
+``--severities`` (``paper``: the four the paper reports on Cityscapes-C; ``all``: ten); the results go to
+``results.json`` (``corrupted``, ``corrupted_mean``) and ``corruptions.png``.
 
 Every epoch: the training losses, the metrics of the whole ``val`` split (NYUv2's test split: it is only reported, never
 used to choose anything — the run's result is its last epoch) and of ``--source-data`` (under ``source``), a line in
@@ -52,19 +55,21 @@ from _common import (environment, parse_choices, parse_config, parser_for, pyplo
 from _training import (absolute, check_run_folder, data_mesh_for, generated, last_good_state_of,  # noqa: E402
                        read_history, read_weights, record_epoch, restore_run, train_epoch)
 
-DATASETS = ("nyuv2", "cityscapes", "gta5")
+DATASETS = ("nyuv2", "cityscapes", "gta5", "colored_cityscapes")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
 # flipped only, as the paper's Appendix F says (the authors' code trains it unaugmented; its depth is a disparity:
 # marked so, should a zoom ever be added).
 AUGMENTATIONS = {"nyuv2": {}, "gta5": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0)},
                  "cityscapes": {"scales": (1.0,), "color_jitter": (0, 0, 0, 0), "depth_is_disparity": True}}
+AUGMENTATIONS["colored_cityscapes"] = AUGMENTATIONS["cityscapes"]  # a flip keeps each class's colour
 # The loss weights a dataset trains with unless --preset says otherwise (the paper's Table 7).
-DEFAULT_PRESETS = {"nyuv2": "nyuv2", "cityscapes": "cityscapes", "gta5": "gta5_to_cityscapes"}
+DEFAULT_PRESETS = {"nyuv2": "nyuv2", "cityscapes": "cityscapes", "gta5": "gta5_to_cityscapes",
+                   "colored_cityscapes": "cityscapes"}
 # The batch size and warm-up a dataset trains with unless the flags say otherwise (the paper's Appendix F; its
 # Cityscapes-C runs, the cityscapes_c preset, take batches of 16, as the authors' configuration for them).
-DEFAULT_BATCH_SIZES = {"nyuv2": 16, "cityscapes": 32, "gta5": 32}
+DEFAULT_BATCH_SIZES = {"nyuv2": 16, "cityscapes": 32, "gta5": 32, "colored_cityscapes": 32}
 CITYSCAPES_C_BATCH_SIZE = 16
-DEFAULT_WARMUP_EPOCHS = {"nyuv2": 5, "cityscapes": 5, "gta5": 10}
+DEFAULT_WARMUP_EPOCHS = {"nyuv2": 5, "cityscapes": 5, "gta5": 10, "colored_cityscapes": 5}
 # The flags that name files or folders: a resumed run compares them as absolute paths.
 PATH_FIELDS = ("data", "target_data", "source_data", "pretrained", "perceptual")
 PRECISIONS = ("float32", "bfloat16")
@@ -78,8 +83,12 @@ class TrainConfig:
     synthetic: bool = dataclasses.field(default=False, metadata={
         "help": "generate a small data set in that layout under <out>/data instead of --data"})
     dataset: str = dataclasses.field(default="nyuv2", metadata={
-        "help": "nyuv2, cityscapes, or gta5 (train on GTA5, evaluate on Cityscapes' val split: --target-data, "
-                "and on held-out GTA5 scenes: --source-data)"})
+        "help": "nyuv2, cityscapes, gta5 (train on GTA5, evaluate on Cityscapes' val split: --target-data, "
+                "and on held-out GTA5 scenes: --source-data), or colored_cityscapes (the paper's stress test: "
+                "Cityscapes with one colour per class, evaluated with the colours permuted; --data is Cityscapes)"})
+    shortcut_strength: float = dataclasses.field(default=1.0, metadata={
+        "help": "for --dataset colored_cityscapes: how much of each pixel's colour is its class's, in [0, 1] "
+                "(0: the images unchanged; 1: colour alone tells the class)"})
     target_data: str = dataclasses.field(default="", metadata={
         "help": "for --dataset gta5: the Cityscapes folder (LibMTL layout) whose val split is the OOD target"})
     source_data: str = dataclasses.field(default="", metadata={
@@ -180,6 +189,11 @@ class TrainConfig:
         if self.architecture == "mtan" and self.method in ("core", "graddrop"):
             raise ValueError(f"--architecture mtan trains the balancing baselines; --method {self.method} needs the "
                              f"dual-stream model (--architecture shared)")
+        if not 0.0 <= self.shortcut_strength <= 1.0:
+            raise ValueError(f"--shortcut-strength must lie in [0, 1]; got {self.shortcut_strength}")
+        if self.shortcut_strength != 1.0 and self.dataset != "colored_cityscapes":
+            raise ValueError(f"--shortcut-strength is for --dataset colored_cityscapes only; got --dataset "
+                             f"{self.dataset}")
         if self.task and self.method != "stl":
             raise ValueError(f"--task is for --method stl only; got --method {self.method}")
         for name, least in (("seed", 0),  # numpy's generators (the loader's) refuse < 0
@@ -261,9 +275,11 @@ class TrainConfig:
 def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | None]:
     """``(train, test, source_test)`` arrays: the dataset's train and val splits (no source split), or for ``gta5``
     all of GTA5 (resized to the target's size), Cityscapes' val split and, with ``--source-data``, the held-out GTA5
-    folder. ``--synthetic`` first writes generated sets under ``<out>/data`` (for ``gta5`` a held-out one too), with
-    at least one full batch of training examples."""
+    folder; for ``colored_cityscapes`` Cityscapes' train split in the source colours, its val split in the permuted
+    ones (the target) and in the source ones. ``--synthetic`` first writes generated sets under ``<out>/data`` (for
+    ``gta5`` a held-out one too), with at least one full batch of training examples."""
     from deep import data
+    from deep.data.colored import colored_cityscapes
 
     training_examples = max(8, config.batch_size)
 
@@ -286,6 +302,11 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
         writer = data.write_nyuv2 if config.dataset == "nyuv2" else data.write_cityscapes
         generated(root, lambda folder: writer(folder, train=training_examples, seed=config.seed))
     load = data.load_nyuv2 if config.dataset == "nyuv2" else data.load_cityscapes
+    if config.dataset == "colored_cityscapes":
+        # The source colours for training and the source metrics, the permuted ones for the target (the result).
+        source_train, target, source = colored_cityscapes(load(root, "train"), load(root, "val"),
+                                                          config.shortcut_strength)
+        return source_train, target, source
     return load(root, "train"), load(root, "val"), None
 
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from scripts import (ROOT, USE_GLOO, assert_one_line_error, environment, killed_after_the_first_checkpoint,
@@ -98,6 +99,39 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
     assert (out / "corruptions.png").stat().st_size > 10_000
 
 
+def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_permuted_ones(cache, tmp_path):
+    """The paper's stress test (Appendix I): the training split and the source metrics' in one colour per class, the
+    result (the target) on the same val images in the permuted colours, with the source metrics and the gap beside
+    it."""
+    from deep.data import load_cityscapes
+    from deep.data.colored import SOURCE_PALETTE, recolor, target_palette
+
+    module = load_script("experiments/train_nyuv2.py")
+    config = module.TrainConfig(synthetic=True, dataset="colored_cityscapes", model="tiny", batch_size=4,
+                                shortcut_strength=0.8)
+    train, target, source = module._load_splits(config, tmp_path / "splits")
+    original = {split: load_cityscapes(tmp_path / "splits" / "data", split) for split in ("train", "val")}
+    for recoloured, split, palette in ((train, "train", SOURCE_PALETTE), (source, "val", SOURCE_PALETTE),
+                                       (target, "val", target_palette())):
+        np.testing.assert_array_equal(recoloured["images"], recolor(original[split]["images"],
+                                                                    original[split]["segmentation"], palette, 0.8))
+        np.testing.assert_array_equal(recoloured["segmentation"], original[split]["segmentation"])
+        np.testing.assert_array_equal(recoloured["depth"], original[split]["depth"])
+    assert config.batch_size == 4 and config.weights_preset == "cityscapes"
+
+    out = tmp_path / "colored"
+    result = run(["--synthetic", "--dataset", "colored_cityscapes", "--model", "tiny", "--method", "ew", "--epochs",
+                  "1", "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet", "--out",
+                  str(out)], cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["final"]) == set(results["final_source"]) == {
+        "segmentation/miou", "segmentation/pixel_accuracy", "depth/abs_err", "depth/rel_err"}
+    assert results["final"] != results["final_source"]  # other colours, other predictions
+    assert results["source_target_gap"]["depth/abs_err"] == pytest.approx(
+        results["final"]["depth/abs_err"] - results["final_source"]["depth/abs_err"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--synthetic", "--method", "adam"], "--method must be one of core, stl, "),
     (["--synthetic", "--epochs", "0"], "--epochs must be an integer >= 1; got 0"),
@@ -124,6 +158,10 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
      "--epochs must exceed 5 for the heads to train; got 5"),
     (["--synthetic", "--corruptions", "snow"], "--corruptions must be 'all', 'paper' or comma-separated names from"),
     (["--synthetic", "--corruptions", "fog", "--severities", "0,6"], "--severities must be comma-separated integers"),
+    (["--synthetic", "--dataset", "colored_cityscapes", "--shortcut-strength", "1.5"],
+     "--shortcut-strength must lie in [0, 1]; got 1.5"),
+    (["--synthetic", "--dataset", "cityscapes", "--shortcut-strength", "0.5"],
+     "--shortcut-strength is for --dataset colored_cityscapes only; got --dataset cityscapes"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     """Refused before the run starts (checked through the script's entry point in this process)."""

@@ -8,6 +8,8 @@
 * :func:`augment` with :class:`AugmentConfig`: the authors' NYUv2 training augmentations, jittable, per example.
 * :func:`corrupt` over :data:`CORRUPTIONS`: ImageNet-C definitions, severities 1..5 (:data:`PAPER_CORRUPTIONS`:
   the four the paper reports).
+* :mod:`deep.data.colored`: the Colored-Cityscapes stress test (one colour per class in the source domain, the
+  colours permuted in the target).
 * :class:`Loader`: batches in an order fixed by ``(seed, epoch)``, on the host or on the device.
 * :func:`write_nyuv2`, :func:`write_cityscapes`, :func:`write_gta5`, :func:`write_celeba` (and :func:`nyuv2_arrays`,
   :func:`cityscapes_arrays`, :func:`celeba_arrays` in memory): small generated sets that a model can fit, for tests
