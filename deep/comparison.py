@@ -147,8 +147,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_run(path: str | Path) -> Run:
-    """The run in folder ``path`` (or the ``results.json`` file ``path``), refusing anything else in one line."""
+def read_run(path: str | Path, defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Run:
+    """The run in folder ``path`` (or the ``results.json`` file ``path``), refusing anything else in one line.
+    ``defaults`` (experiment -> flag -> default) fills in the flags a run does not record: it was written before they
+    existed, and so trained as their defaults do (else such a run would be a setup of its own)."""
     path = Path(path)
     file = path / "results.json" if path.is_dir() else path
     if not file.exists():
@@ -173,6 +175,7 @@ def read_run(path: str | Path) -> Run:
     if experiment == "train_celeba" and not (isinstance(model, dict) and isinstance(model.get("attributes"), list)
                                              and all(isinstance(name, str) for name in model["attributes"])):
         raise ValueError(f"{file}: a CelebA run's results must name its attributes (model.attributes)")
+    config = {**(defaults or {}).get(experiment, {}), **config}
     return Run(path=file.parent, experiment=experiment, config=config, results=results)
 
 

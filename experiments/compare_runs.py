@@ -175,10 +175,20 @@ def plot(summary: comparison.Summary, metrics: Sequence[str], path: Path) -> Non
     save_figure(figure, path)
 
 
+def training_defaults() -> dict[str, dict]:
+    """Each training script's flag defaults (experiment -> flag -> default), for runs written before a flag existed
+    (which trained as its default does)."""
+    import importlib
+
+    return {name: {field.name: field.default for field in dataclasses.fields(importlib.import_module(name).TrainConfig)}
+            for name in comparison.SECTIONS}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = parser_for(CompareConfig, __doc__.splitlines()[0], prog="compare_runs.py")
     config = parse_config(CompareConfig, parser, argv, out_kind="folder")
-    runs = [comparison.read_run(path) for path in config.runs]
+    defaults = training_defaults()
+    runs = [comparison.read_run(path, defaults) for path in config.runs]
     summary = comparison.compare(runs, config.section or None)
     metrics = shown_metrics(summary, config.metrics)
     text = table(summary, metrics)

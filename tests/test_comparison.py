@@ -322,3 +322,17 @@ def test_corrupted_means_compare_only_over_the_same_corruptions(tmp_path):
     with pytest.raises(ValueError, match=r"was evaluated under fog/3 and .* under contrast/1, contrast/5, fog/3;"):
         comparison.compare([comparison.read_run(f) for f in folders], "corrupted_mean")
     assert comparison.compare([comparison.read_run(f) for f in folders]).values["ew"]["depth/abs_err"]["n"] == 3
+
+
+def test_a_run_from_before_a_flag_existed_had_its_default(tmp_path):
+    """Runs record every flag of the version that wrote them: a later flag is filled in with the training script's
+    default (which the older version trained as), so an older run joins its setup instead of making its own."""
+    rng = np.random.default_rng(8)
+    new = write_run(tmp_path / "new", "ew", 0, metrics_for(TASK_METRICS, rng), shortcut_strength=1.0,
+                    architecture="shared")
+    old = write_run(tmp_path / "old", "ew", 1, metrics_for(TASK_METRICS, rng))  # neither flag recorded
+    defaults = load_script(SCRIPT).training_defaults()
+    assert defaults["train_nyuv2"]["shortcut_strength"] == 1.0 and defaults["train_celeba"]["image_size"] == 128
+    setups = comparison.group_setups([comparison.read_run(folder, defaults) for folder in (new, old)])
+    assert [(setup.label, len(setup.runs)) for setup in setups] == [("ew", 2)]
+    assert len(comparison.group_setups([comparison.read_run(folder) for folder in (new, old)])) == 2
