@@ -210,6 +210,34 @@ def parse_choices(flag: str, value: str, allowed: Sequence[str],
     return tuple(dict.fromkeys(names))
 
 
+def parse_overrides(flag: str, text: str, base: Any) -> tuple[Any, str]:
+    """``(replaced, canonical)``: the frozen dataclass ``base`` with the fields named in ``text`` (comma-separated
+    ``name=value``) replaced, and ``text`` in one spelling (the fields' order, numbers as Python writes them), so the
+    same overrides always read the same. Refused in one line naming ``flag``: an unknown field, a value that is not
+    a number of the field's type, a field named twice, and whatever ``base``'s own checks refuse."""
+    fields = {field.name: field for field in dataclasses.fields(base)}
+    hints = typing.get_type_hints(type(base))
+    values: dict[str, Any] = {}
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        name, sign, value = (piece.strip() for piece in part.partition("="))
+        if not sign or name not in fields:
+            raise ValueError(f"{flag} takes comma-separated name=value from {', '.join(fields)}; got {part!r}")
+        if name in values:
+            raise ValueError(f"{flag} names {name} twice")
+        kind = hints[name]
+        try:
+            values[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"{flag}: {name} must be {'an integer' if kind is int else 'a number'}; "
+                             f"got {value!r}") from None
+    try:
+        replaced = dataclasses.replace(base, **values)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+    canonical = ",".join(f"{name}={values[name]!r}" for name in fields if name in values)
+    return replaced, canonical
+
+
 def median_seconds(function: Callable[[], Any], repeats: int, warmup: bool = False) -> float:
     """Median wall time of ``repeats`` calls of ``function`` (after one untimed call when ``warmup``)."""
     import statistics

@@ -39,8 +39,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_config, parser_for, pyplot, require_finite, require_integer,  # noqa: E402
-                     run_main, save_figure, write_json)
+from _common import (environment, parse_config, parse_overrides, parser_for, pyplot, require_finite,  # noqa: E402
+                     require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_run_folder, data_mesh_for, generated, last_good_state_of,  # noqa: E402
                        read_history, read_weights, record_epoch, restore_run, train_epoch)
 
@@ -51,6 +51,12 @@ DEFAULT_WARMUP_EPOCHS = {"paper": 5, "authors": 0}
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adam")
 MODELS = ("full", "tiny")
+
+
+def _authors_weights():
+    from deep.attributes import AttributeLossWeights
+
+    return AttributeLossWeights()  # the authors' 5celeba.yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,9 @@ class TrainConfig:
         "help": "paper (a ResNet-50 backbone without dilation, as its Appendix E) or authors (their code's ResNet-18)"})
     model: str = dataclasses.field(default="full", metadata={
         "help": "full (the variant's ResNet) or tiny (CPU smoke runs)"})
+    loss_weights: str = dataclasses.field(default="", metadata={
+        "help": "for --method core: weights of the authors' objective replaced, comma-separated name=value (names: "
+                "attributes, independence, appearance, appearance_l1; e.g. independence=0 for no CKA)"})
     image_size: int = dataclasses.field(default=128, metadata={"help": "faces are resized to this square size"})
     epochs: int = dataclasses.field(default=50, metadata={"help": "training epochs (the authors' 50)"})
     batch_size: int = dataclasses.field(default=256, metadata={"help": "training batch size (the authors' 256)"})
@@ -144,6 +153,16 @@ class TrainConfig:
         if self.data and not Path(self.data).is_dir():
             raise FileNotFoundError(f"--data: no such folder: {self.data}")
         self.attribute_names  # validates --attributes
+        if self.loss_weights and self.method != "core":
+            raise ValueError(f"--loss-weights is for --method core (its objective); got --method {self.method}")
+        # Frozen: the overrides recorded in one spelling, so that the same weights are the same run.
+        object.__setattr__(self, "loss_weights", parse_overrides("--loss-weights", self.loss_weights,
+                                                                 _authors_weights())[1])
+
+    @property
+    def weights(self):
+        """CORE-MTL's loss weights: the authors' (``5celeba.yaml``), with ``--loss-weights`` replacing some."""
+        return parse_overrides("--loss-weights", self.loss_weights, _authors_weights())[0]
 
     @property
     def attribute_names(self) -> tuple[str, ...]:
@@ -335,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     perceptual = read_weights("--perceptual", load_lpips_npz, config.perceptual) if config.perceptual else None
     perceptual = devices.replicate(mesh, perceptual)
     jacobian_chunk = config.jacobian_chunk or None
-    loss_weights = attributes.AttributeLossWeights()  # the authors' 5celeba.yaml
+    loss_weights = config.weights
     balancer, step = attributes.make_attribute_step(config.method, graphdef, optimizer, loss_weights, perceptual,
                                                     jacobian_chunk)
     balancer_state = () if config.method == "core" else balancer.init(len(model_config.attributes))

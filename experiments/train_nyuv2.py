@@ -50,8 +50,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parser_for, pyplot, require_finite,  # noqa: E402
-                     require_integer, run_main, save_figure, write_json)
+from _common import (environment, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
+                     require_finite, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_run_folder, data_mesh_for, generated, last_good_state_of,  # noqa: E402
                        read_history, read_weights, record_epoch, restore_run, train_epoch)
 
@@ -111,6 +111,10 @@ class TrainConfig:
     preset: str = dataclasses.field(default="", metadata={
         "help": "loss weights of the paper's Table 7: nyuv2, cityscapes, gta5_to_cityscapes, cityscapes_c "
                 "(default: the dataset's)"})
+    loss_weights: str = dataclasses.field(default="", metadata={
+        "help": "for --method core: weights of the preset replaced, comma-separated name=value, for the paper's "
+                "ablations (independence=0: no CKA; counterfactual=0: no counterfactual term; image=0,appearance=0,"
+                "geometry=0: no grounding); the names are deep.losses.LossWeights' fields"})
     model: str = dataclasses.field(default="full", metadata={
         "help": "full (ResNet-50, the paper's), reduced or tiny (CPU smoke runs)"})
     semantic_channels: int = dataclasses.field(default=0, metadata={
@@ -204,11 +208,17 @@ class TrainConfig:
             default = "" if warmup_given else f" (the paper's for {self.dataset}: pass a smaller --warmup-epochs)"
             raise ValueError(f"--warmup-epochs must be smaller than --epochs ({self.epochs}); got "
                              f"{self.warmup_epochs}{default}")
-        stage0 = losses.PRESETS[self.weights_preset].stage0_epochs
+        if self.loss_weights and self.method != "core":
+            raise ValueError(f"--loss-weights is for --method core (its objective); got --method {self.method}")
+        # Frozen: the overrides recorded in one spelling, so that the same weights are the same run.
+        object.__setattr__(self, "loss_weights", parse_overrides("--loss-weights", self.loss_weights,
+                                                                 losses.PRESETS[self.weights_preset])[1])
+        stage0 = self.weights.stage0_epochs
         if self.method == "core" and self.epochs <= stage0:
+            changed = " with --loss-weights" if self.loss_weights else ""
             raise ValueError(f"--method core trains only the reconstruction, task heads frozen, for its first "
-                             f"{stage0} epochs (stage 0 of the {self.weights_preset} preset): --epochs must exceed "
-                             f"{stage0} for the heads to train; got {self.epochs}")
+                             f"{stage0} epochs (stage 0 of the {self.weights_preset} preset{changed}): --epochs must "
+                             f"exceed {stage0} for the heads to train; got {self.epochs}")
         require_finite(self, "learning_rate")
         require_finite(self, "weight_decay", positive=False)
         for option, path in (("--pretrained", self.pretrained), ("--perceptual", self.perceptual)):
@@ -257,6 +267,13 @@ class TrainConfig:
     @property
     def weights_preset(self) -> str:
         return self.preset or DEFAULT_PRESETS[self.dataset]
+
+    @property
+    def weights(self):
+        """CORE-MTL's loss weights: the preset's, with ``--loss-weights`` replacing some."""
+        from deep import losses
+
+        return parse_overrides("--loss-weights", self.loss_weights, losses.PRESETS[self.weights_preset])[0]
 
     def run_identity(self) -> dict:
         """The fields that define the training run: a resumed run must agree on all of them. Not the evaluation
@@ -425,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from deep import losses, trainer
+    from deep import trainer
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
     from deep.metrics import IGNORED_LABELS
@@ -470,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source_loader = evaluation_loader(source_split) if source_split is not None else None
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
 
-    weights = losses.PRESETS[config.weights_preset]
+    weights = config.weights
     optim = train.OptimConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                               decoupled_weight_decay=config.optimizer == "adamw", epochs=config.epochs,
                               warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch)
@@ -550,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _plot_curves(history, out / "curves.png")
     results = {"experiment": "train_nyuv2", "config": dataclasses.asdict(config),
                "model": dataclasses.asdict(model_config), "loss_weights_preset": config.weights_preset,
+               "loss_weights": dataclasses.asdict(weights) if config.method == "core" else None,
                "final": history[-1]["test"], "epochs": len(history),
                "history": history}
     if source_loader is not None:

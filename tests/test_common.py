@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-from _common import check_output_path, parse_choices, run_main, write_atomically, write_json  # noqa: E402
+from _common import (check_output_path, parse_choices, parse_overrides, run_main, write_atomically,  # noqa: E402
+                     write_json)
 from scripts import assert_one_line_error, run_in_process, run_script  # noqa: E402
 
 
@@ -53,6 +54,39 @@ def test_parse_choices():
     assert parse_choices("--m", " pair ", ("a", "b", "c"), {"pair": ("c", "a")}) == ("c", "a")
     with pytest.raises(ValueError, match="--m must be 'all', 'pair' or comma-separated names from a, b; got 'd'"):
         parse_choices("--m", "d", ("a", "b"), {"pair": ("a",)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    task: float = 1.0
+    independence: float = 0.5
+    start_epoch: int = 20
+
+    def __post_init__(self):
+        if self.independence < 0:
+            raise ValueError(f"independence must be >= 0; got {self.independence}")
+
+
+def test_parse_overrides_replaces_the_named_fields_and_spells_them_one_way():
+    replaced, canonical = parse_overrides("--w", " start_epoch = 3, independence=0.50 ", Weights())
+    assert replaced == Weights(independence=0.5, start_epoch=3) and isinstance(replaced.start_epoch, int)
+    assert canonical == "independence=0.5,start_epoch=3"  # the fields' order, Python's spelling
+    assert parse_overrides("--w", canonical, Weights()) == (replaced, canonical)
+    assert parse_overrides("--w", "", Weights()) == (Weights(), "")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cka=1", "--w takes comma-separated name=value from task, independence, start_epoch; got 'cka=1'"),
+    ("task", "--w takes comma-separated name=value from task, independence, start_epoch; got 'task'"),
+    ("start_epoch=2.5", "--w: start_epoch must be an integer; got '2.5'"),
+    ("task=one", "--w: task must be a number; got 'one'"),
+    ("task=1,task=2", "--w names task twice"),
+    ("independence=-1", "--w: independence must be >= 0; got -1.0"),  # the dataclass's own check
+])
+def test_parse_overrides_refuses_in_one_line(text, message):
+    with pytest.raises(ValueError) as refused:
+        parse_overrides("--w", text, Weights())
+    assert str(refused.value) == message
 
 
 def test_an_unwritable_out_is_refused_before_any_work(tmp_path):

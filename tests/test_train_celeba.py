@@ -105,6 +105,9 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
     (["--synthetic", "--variant", "theirs"], "--variant must be one of paper, authors"),
     (["--synthetic", "--jacobian-chunk", "-1"], "--jacobian-chunk must be an integer >= 0; got -1"),
+    (["--synthetic", "--loss-weights", "image=1"],
+     "--loss-weights takes comma-separated name=value from attributes, independence, appearance, appearance_l1; "),
+    (["--synthetic", "--method", "ew", "--loss-weights", "independence=0"], "--loss-weights is for --method core"),
     (["--synthetic", "--epochs", "5"],
      "--warmup-epochs must be smaller than --epochs (5); got 5 (the paper variant's"),
 ])
@@ -131,3 +134,24 @@ def test_the_first_t_attributes_and_their_names_are_the_same_run():
     assert by_count == by_name and by_count["attributes"] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive"]
     paper, authors = (config(synthetic=True, variant=variant) for variant in ("paper", "authors"))
     assert (paper.warmup_epochs, authors.warmup_epochs) == (5, 0)  # the paper's Appendix F; the authors' code
+
+
+def test_loss_weight_overrides_reach_the_step(tmp_path):
+    import dataclasses
+    from unittest import mock
+
+    from deep.attributes import AttributeLossWeights
+
+    module = load_script("experiments/train_celeba.py")
+    seen = {}
+
+    class Reached(Exception):
+        pass
+
+    def capture(method, graphdef, optimizer, weights, *args, **kwargs):
+        seen["weights"] = weights
+        raise Reached
+
+    with mock.patch("deep.attributes.make_attribute_step", side_effect=capture), pytest.raises(Reached):
+        module.main([*FLAGS, "--loss-weights", "appearance=0, independence=2", "--out", str(tmp_path / "out")])
+    assert seen["weights"] == dataclasses.replace(AttributeLossWeights(), appearance=0.0, independence=2.0)

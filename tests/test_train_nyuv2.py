@@ -158,6 +158,11 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
      "--epochs must exceed 5 for the heads to train; got 5"),
     (["--synthetic", "--corruptions", "snow"], "--corruptions must be 'all', 'paper' or comma-separated names from"),
     (["--synthetic", "--corruptions", "fog", "--severities", "0,6"], "--severities must be comma-separated integers"),
+    (["--synthetic", "--loss-weights", "cka=0"], "--loss-weights takes comma-separated name=value from segmentation, "),
+    (["--synthetic", "--method", "ew", "--loss-weights", "independence=0"],
+     "--loss-weights is for --method core (its objective); got --method ew"),
+    (["--synthetic", "--method", "core", "--epochs", "6", "--warmup-epochs", "1", "--loss-weights", "stage0_epochs=6"],
+     "(stage 0 of the nyuv2 preset with --loss-weights): --epochs must exceed 6"),
     (["--synthetic", "--dataset", "colored_cityscapes", "--shortcut-strength", "1.5"],
      "--shortcut-strength must lie in [0, 1]; got 1.5"),
     (["--synthetic", "--dataset", "cityscapes", "--shortcut-strength", "0.5"],
@@ -359,3 +364,31 @@ def test_a_single_task_run_writes_its_results_and_samples(uninterrupted, cache, 
     assert [row[0] for row in rows] == ["| stl (depth)", "| ew"]
     assert rows[1][4] == f"{ew['depth/abs_err']:.4g}" and rows[0][4] == f"{results['final']['depth/abs_err']:.4g}"
     assert "the single-task runs lack normal, segmentation" in compared.stdout
+
+
+def test_loss_weight_overrides_reach_the_step_and_the_record(tmp_path):
+    """--loss-weights replaces the preset's weights (the paper's ablations), in the step the run trains with: here
+    no CKA and a stage 0 of one epoch, which lets a 3-epoch run through the check a 5-epoch stage 0 would fail."""
+    import dataclasses
+    from unittest import mock
+
+    from deep.losses import PRESETS
+
+    module = load_script("experiments/train_nyuv2.py")
+    seen = {}
+
+    class Reached(Exception):
+        pass
+
+    def capture(method, graphdef, optimizer, weights, *args, **kwargs):
+        seen["weights"] = weights
+        raise Reached
+
+    with mock.patch("deep.trainer.make_step", side_effect=capture), pytest.raises(Reached):
+        module.main(["--synthetic", "--model", "tiny", "--method", "core", "--epochs", "3", "--warmup-epochs", "1",
+                     "--batch-size", "4", "--loss-weights", "independence=0,stage0_epochs=1", "--quiet",
+                     "--out", str(tmp_path / "out")])
+    assert seen["weights"] == dataclasses.replace(PRESETS["nyuv2"], independence=0.0, stage0_epochs=1)
+    # Recorded (run.json, results.json's config) in one spelling: a resume spelling them otherwise is the same run.
+    config = module.TrainConfig(synthetic=True, method="core", loss_weights="stage0_epochs=1, independence=0")
+    assert config.run_identity()["loss_weights"] == "independence=0.0,stage0_epochs=1"
