@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deep.metrics import METRIC_DIRECTIONS, delta_m, delta_p
+from deep.metrics import METRIC_DIRECTIONS, delta_m, delta_p, mean_and_error
 
 __all__ = ["Run", "Setup", "Summary", "read_run", "group_setups", "compare", "SECTIONS", "direction_of"]
 
@@ -273,13 +272,6 @@ def _differing_flags(flag_sets: Sequence[Mapping[str, Any]]) -> list[str]:
     """The flags whose values are not the same in all of ``flag_sets``, in the order the first one lists them."""
     names = list(dict.fromkeys(name for flags in flag_sets for name in flags))
     return [name for name in names if len({json.dumps(flags.get(name)) for flags in flag_sets}) > 1]
-
-
-def mean_and_error(values: Sequence[float]) -> dict[str, Any]:
-    """``{"mean", "standard_error", "n"}`` of ``values``: the standard error is ``None`` for a single value."""
-    values = np.asarray(values, np.float64)
-    error = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
-    return {"mean": float(values.mean()), "standard_error": error, "n": int(values.size)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ from deep.shading import unit_vectors
 __all__ = ["METRIC_DIRECTIONS", "TASK_CHANNELS", "NORMAL_THRESHOLDS_DEGREES", "IGNORED_LABELS",
            "segmentation_statistics", "depth_statistics", "normal_angles", "normal_statistics", "segmentation_scores",
            "histogram_median", "MetricAccumulator", "AttributeAccuracy", "attribute_statistics", "delta_p",
-           "delta_m"]
+           "delta_m", "mean_and_error", "ratio_of_means"]
 
 #: +1 where higher is better, −1 where lower is better.
 METRIC_DIRECTIONS: dict[str, int] = {
@@ -482,6 +482,26 @@ class AttributeAccuracy:
 
 
 # ------------------------------------------------------------------------------------- multi-task summaries
+
+
+def mean_and_error(values) -> dict:
+    """``{"mean", "standard_error", "n"}`` of ``values``: the standard error is the sample standard deviation
+    (``ddof = 1``) over √n, and ``None`` for a single value (its spread is unknown, not zero)."""
+    values = np.asarray(values, np.float64).ravel()
+    error = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
+    return {"mean": float(values.mean()), "standard_error": error, "n": int(values.size)}
+
+
+def ratio_of_means(numerators, denominators) -> dict:
+    r"""``{"ratio", "standard_error"}``: :math:`R = \bar b / \bar a` of paired samples (:math:`b_i` over :math:`a_i`),
+    with the delta method's standard error :math:`\sqrt{\widehat{\mathrm{Var}}(b_i - R a_i) / n} / \bar a`
+    (``None`` for fewer than two pairs); the ratio is ``None`` when :math:`\bar a = 0`."""
+    b, a = np.asarray(numerators, np.float64).ravel(), np.asarray(denominators, np.float64).ravel()
+    if a.mean() == 0:
+        return {"ratio": None, "standard_error": None}
+    ratio = float(b.mean() / a.mean())
+    error = float(np.std(b - ratio * a, ddof=1) / math.sqrt(a.size) / a.mean()) if a.size > 1 else None
+    return {"ratio": ratio, "standard_error": error}
 
 
 def _relative_improvements(results: Mapping[str, float], baseline: Mapping[str, float],

@@ -330,6 +330,38 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
 # ------------------------------------------------------------------------------------------------- logging
 
 
+def _stream_shift(graphdef, state, key, batches, count: int, source_batches=None) -> dict:
+    """:func:`deep.trainer.stream_shift` of the final model over the test split: ``appearance``, each image against
+    its colour-jittered copy (:data:`deep.trainer.PROBE_JITTER`, one fixed draw per image from ``key``), and for
+    Colored-Cityscapes ``colors_permuted``, each val image in the source colours against the same image in the
+    permuted ones (``source_batches``)."""
+    import jax
+
+    from deep import trainer
+    from deep.data import color_jitter
+
+    jitter = jax.jit(jax.vmap(lambda image_key, image: color_jitter(image_key, image, trainer.PROBE_JITTER)))
+
+    def jittered():
+        for index, batch in enumerate(batches()):
+            images = batch["images"]
+            yield images, jitter(jax.random.split(jax.random.fold_in(key, index), images.shape[0]), images)
+
+    shifts = {"appearance": trainer.stream_shift(graphdef, state, jittered(), count)}
+    if source_batches is not None:
+        pairs = ((source["images"], target["images"]) for source, target in zip(source_batches(), batches()))
+        shifts["colors_permuted"] = trainer.stream_shift(graphdef, state, pairs, count)
+    return shifts
+
+
+def _estimate(stats: dict, key: str = "mean") -> str:
+    value, error = stats[key], stats["standard_error"]
+    if value is None:
+        return "n/a"
+    return f"{value:.3g}" + (f" ± {error:.2g}" if error is not None else "")
+
+
+
 def _earlier_corruption_results(path: Path) -> dict:
     """The corruption results of the ``results.json`` at ``path`` ({} when it has none or cannot be read)."""
     try:
@@ -576,6 +608,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["final_source"] = history[-1]["source"]
         results["source_target_gap"] = {name: value - history[-1]["source"][name]
                                         for name, value in history[-1]["test"].items()}
+    if config.method == "core":
+        # How far each stream moves under an appearance change that keeps the content (the paper's Table 3 claim).
+        source_batches = (lambda: test_batches(source_loader)) if config.dataset == "colored_cityscapes" else None
+        results["stream_shift"] = _stream_shift(graphdef, state, jax.random.split(base_key, 3)[2], test_batches,
+                                                len(test_split["images"]), source_batches)
     written = ["results.json", "curves.png", "samples.png"]
     if config.corruption_names:
         passes = tqdm(total=len(config.corruption_names) * len(config.severity_levels), desc="corrupted val",
@@ -606,6 +643,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"final source metrics: {json.dumps(results['final_source'])}")
         if config.corruption_names:
             print(f"mean under corruption: {json.dumps(results['corrupted_mean'])}")
+        for name, shift in results.get("stream_shift", {}).items():
+            ratio = shift["ratio"]
+            print(f"stream shift ({name}): semantic {_estimate(shift['semantic'])}, residual "
+                  f"{_estimate(shift['residual'])}, ratio {_estimate(ratio, 'ratio')}")
         print(f"wrote {', '.join(f'{out}/{name}' for name in written)}")
     return 0
 

@@ -375,3 +375,34 @@ def test_a_training_step_consumes_its_state(plain_setup, core_training_step):
     assert bool(metrics["finite"])
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(given))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state))
+
+
+def test_stream_shift_is_each_streams_relative_change_over_the_images_asked_for(plain_setup):
+    """The stream probe against the streams computed here: per image ‖z(x) - z(x')‖ / ‖z(x)‖ of the semantic map and
+    the residual code (eval mode), averaged over the first ``count`` images only (the last batch's filler rows are
+    not images of the split); the same images twice move nothing."""
+    graphdef, _, state = plain_setup
+    first, second = make_batch(seed=3)["images"], make_batch(seed=4)["images"]
+    restyled = [jnp.clip(first * 0.6 + 0.2, 0, 1), jnp.clip(second[:, :, ::-1] * 1.3, 0, 1)]
+    count = 6  # two of the second batch's four rows are filler
+    shift = trainer.stream_shift(graphdef, state, zip([first, second], restyled), count)
+
+    model = trainer.eval_model(graphdef, state)
+    expected = {"semantic": [], "residual": []}
+    for images, other in zip([first, second], restyled):
+        before, after = model.encode(images), model.encode(other)
+        for name, key in (("semantic", "semantic_map"), ("residual", "residual_code")):
+            a, b = np.asarray(before[key], np.float64), np.asarray(after[key], np.float64)
+            a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+            expected[name].extend(np.linalg.norm(b - a, axis=1) / np.linalg.norm(a, axis=1))
+    for name in ("semantic", "residual"):
+        values = np.array(expected[name][:count])
+        assert shift[name]["n"] == count
+        assert shift[name]["mean"] == pytest.approx(values.mean(), rel=1e-5)
+        assert shift[name]["standard_error"] == pytest.approx(values.std(ddof=1) / np.sqrt(count), rel=1e-4)
+    assert shift["ratio"]["ratio"] == pytest.approx(shift["residual"]["mean"] / shift["semantic"]["mean"])
+
+    still = trainer.stream_shift(graphdef, state, [(first, first)], 4)
+    assert still["semantic"]["mean"] == still["residual"]["mean"] == 0.0 and still["ratio"]["ratio"] is None
+    with pytest.raises(ValueError, match="the pairs held 4 images, fewer than the 5 asked for"):
+        trainer.stream_shift(graphdef, state, [(first, first)], 5)

@@ -119,10 +119,13 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
         np.testing.assert_array_equal(recoloured["depth"], original[split]["depth"])
     assert config.batch_size == 4 and config.weights_preset == "cityscapes"
 
+    # CORE-MTL end to end (the suite's one run of the script's CORE-MTL path), its stages shortened to one epoch with
+    # the tasks and the counterfactual pass: the stream probe measures both appearance changes.
     out = tmp_path / "colored"
-    result = run(["--synthetic", "--dataset", "colored_cityscapes", "--model", "tiny", "--method", "ew", "--epochs",
-                  "1", "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet", "--out",
-                  str(out)], cache)
+    result = run(["--synthetic", "--dataset", "colored_cityscapes", "--model", "tiny", "--method", "core", "--epochs",
+                  "1", "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--loss-weights",
+                  "stage0_epochs=0,stage1_epochs=0,counterfactual_start_epoch=0,counterfactual_probability=1.0",
+                  "--out", str(out)], cache)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results["final"]) == set(results["final_source"]) == {
@@ -130,6 +133,15 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
     assert results["final"] != results["final_source"]  # other colours, other predictions
     assert results["source_target_gap"]["depth/abs_err"] == pytest.approx(
         results["final"]["depth/abs_err"] - results["final_source"]["depth/abs_err"])
+    assert results["loss_weights"]["stage0_epochs"] == 0 and results["loss_weights"]["counterfactual_probability"] == 1
+    assert {"counterfactual", "independence"} <= set(results["history"][0]["train"])  # the tasks' stage, with the pass
+    shifts = results["stream_shift"]
+    assert set(shifts) == {"appearance", "colors_permuted"}
+    for shift in shifts.values():
+        assert shift["semantic"]["n"] == shift["residual"]["n"] == len(target["images"])
+        assert shift["semantic"]["mean"] > 0 and shift["residual"]["mean"] > 0
+        assert shift["ratio"]["ratio"] == pytest.approx(shift["residual"]["mean"] / shift["semantic"]["mean"])
+    assert "stream shift (colors_permuted): semantic " in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
