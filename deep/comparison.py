@@ -43,9 +43,9 @@ _DIFFERENCE_SECTIONS = ("source_target_gap",)
 _MACHINE_FLAGS = frozenset({"seed", "out", "resume", "quiet", "data", "target_data", "source_data", "on_device",
                             "corruptions", "severities", "gradient_probe", "jacobian_chunk"})
 _WEIGHT_FLAGS = frozenset({"pretrained", "perceptual"})
-_BENCHMARK_FLAGS = frozenset({"dataset", "attributes"})
-# Flags whose values follow from the method: a baseline has no grounding, loss-weight preset or perceptual loss.
-_METHOD_FLAGS = frozenset({"method", "grounding", "preset", "perceptual"})
+_BENCHMARK_FLAGS = frozenset({"dataset", "attributes", "shortcut_strength"})
+# Flags whose values follow from the method: a baseline has no grounding, loss weights, preset or perceptual loss.
+_METHOD_FLAGS = frozenset({"method", "grounding", "preset", "perceptual", "loss_weights"})
 BASELINE_METHOD = "stl"
 
 
@@ -77,7 +77,14 @@ class Run:
     @property
     def benchmark_key(self) -> tuple:
         """What the run was trained and evaluated on; only runs of one benchmark compare."""
-        return (self.experiment, str(self.config.get("dataset", "")), self.attributes)
+        return (self.experiment, str(self.config.get("dataset", "")), self.attributes, self.shortcut_strength)
+
+    @property
+    def shortcut_strength(self) -> float | None:
+        """Colored-Cityscapes' shortcut strength (its images are other data at another strength); else None."""
+        if self.config.get("dataset") != "colored_cityscapes":
+            return None
+        return float(self.config.get("shortcut_strength", 1.0))
 
     @property
     def benchmark(self) -> str:
@@ -86,6 +93,8 @@ class Run:
             names = self.attributes
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             return f"CelebA, {len(names)} attribute{'s' if len(names) != 1 else ''} ({shown})"
+        if self.shortcut_strength is not None:
+            return f"colored_cityscapes (shortcut strength {self.shortcut_strength:g})"
         return str(self.config.get("dataset", "nyuv2"))
 
     @property
@@ -239,7 +248,10 @@ def group_setups(runs: Sequence[Run]) -> list[Setup]:
             tasks = sorted({str(run.config.get("task")) for run in members})
             label = f"{BASELINE_METHOD} ({', '.join(tasks)})"
         else:
-            extra = ", ".join(f"{name}={flags.get(name)}" for name in shown[method])
+            # Changed loss weights are always named: a lone ablation is not the method as the paper runs it.
+            named = shown[method] + (["loss_weights"] if flags.get("loss_weights") and
+                                     "loss_weights" not in shown[method] else [])
+            extra = ", ".join(f"{name}={flags.get(name)}" for name in named)
             label = f"{method} ({extra})" if extra else method
         setups.append(Setup(label=label, flags=flags, runs=tuple(members)))
     return setups

@@ -195,6 +195,8 @@ class LossWeights:
     albedo_tv: float = 0.1          # lambda_tv
     gray: float = 0.001             # lambda_gray
     covariance: float = 0.5         # lambda_xcov
+    geometry_aux: float = 0.5       # the generic decoders' deep supervision at 1/2 resolution (fixed in their code)
+    appearance_aux: float = 0.5
     counterfactual: float = 1.0     # lambda_cfa
     counterfactual_probability: float = 0.5
     counterfactual_start_epoch: int = 20
@@ -241,7 +243,8 @@ def _coefficients(weights: LossWeights, independence_weight: float) -> dict[str,
             "edge": weights.edge, "independence": independence_weight, "geometry": weights.geometry,
             "appearance_perceptual": weights.appearance, "appearance_l1": weights.appearance * weights.appearance_l1,
             "image": weights.image, "albedo_tv": weights.albedo_tv, "gray": weights.gray,
-            "covariance": weights.covariance, "geometry_aux": 0.5, "appearance_aux": 0.5}
+            "covariance": weights.covariance, "geometry_aux": weights.geometry_aux,
+            "appearance_aux": weights.appearance_aux}
 
 
 TOTAL_LOSS_TERMS = tuple(_coefficients(LossWeights(), 0.0))

@@ -119,6 +119,19 @@ class EpochControls:
         return bool(generator.random() < self.counterfactual_probability)
 
 
+def unused_terms(weights: losses.LossWeights, epochs: int) -> list[str]:
+    """The parts of CORE-MTL's objective that have weight but that no epoch of an ``epochs``-epoch run trains with
+    (the schedule starts them later): such a run is the same as one with them at 0, which an ablation should know."""
+    controls = [EpochControls.at(weights, epoch) for epoch in range(epochs)]
+    unused = []
+    if weights.independence > 0 and not any(control.independence_weight > 0 for control in controls):
+        unused.append("the CKA term (independence)")
+    if weights.counterfactual > 0 and weights.counterfactual_probability > 0 and not any(
+            control.counterfactual_probability > 0 for control in controls):
+        unused.append("the counterfactual pass (counterfactual)")
+    return unused
+
+
 def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
               perceptual=None, jacobian_chunk: int | None = None) -> tuple[Any, Callable]:
     """``(balancer, step)`` with ``step(state, balancer_state, batch, key, controls, counterfactual=None) ->
@@ -265,7 +278,9 @@ def stream_shift(graphdef, state: train.TrainState, pairs: Iterable[tuple[jax.Ar
                  count: int) -> dict[str, dict]:
     r"""How far each stream of a CORE-MTL model moves when an image's appearance changes and its content does not:
     for each pair :math:`(x, x')` (``pairs``: batches of images and their restyled copies, in eval mode), the
-    relative change :math:`\lVert z(x) - z(x')Vert / \lVert z(x)Vert` of the semantic map ẑ_s and of the residual
+    relative change :math:`\lVert z(x) - z(x')
+Vert / \lVert z(x)
+Vert` of the semantic map ẑ_s and of the residual
     code ẑ_r, over the first ``count`` images (the rest fill up a last batch). The paper's claim is that ẑ_s stays
     and ẑ_r absorbs the change: a ``ratio`` (residual over semantic, of the means) well above 1. Its Table 3 reports
     such a ratio ("feature swapping", intra- and cross-domain) without a definition the text kept; this is one

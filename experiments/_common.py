@@ -212,8 +212,8 @@ def parse_choices(flag: str, value: str, allowed: Sequence[str],
 
 def parse_overrides(flag: str, text: str, base: Any) -> tuple[Any, str]:
     """``(replaced, canonical)``: the frozen dataclass ``base`` with the fields named in ``text`` (comma-separated
-    ``name=value``) replaced, and ``text`` in one spelling (the fields' order, numbers as Python writes them), so the
-    same overrides always read the same. Refused in one line naming ``flag``: an unknown field, a value that is not
+    ``name=value``) replaced, and ``text`` in one spelling (the fields' order, numbers as Python writes them, values
+    equal to ``base``'s left out), so the same weights always read the same. Refused in one line naming ``flag``: an unknown field, a value that is not
     a number of the field's type, a field named twice, and whatever ``base``'s own checks refuse."""
     fields = {field.name: field for field in dataclasses.fields(base)}
     hints = typing.get_type_hints(type(base))
@@ -234,7 +234,8 @@ def parse_overrides(flag: str, text: str, base: Any) -> tuple[Any, str]:
         replaced = dataclasses.replace(base, **values)
     except ValueError as error:
         raise ValueError(f"{flag}: {error}") from None
-    canonical = ",".join(f"{name}={values[name]!r}" for name in fields if name in values)
+    canonical = ",".join(f"{name}={values[name]!r}" for name in fields
+                         if name in values and values[name] != getattr(base, name))
     return replaced, canonical
 
 

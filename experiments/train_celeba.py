@@ -153,11 +153,11 @@ class TrainConfig:
         if self.data and not Path(self.data).is_dir():
             raise FileNotFoundError(f"--data: no such folder: {self.data}")
         self.attribute_names  # validates --attributes
-        if self.loss_weights and self.method != "core":
-            raise ValueError(f"--loss-weights is for --method core (its objective); got --method {self.method}")
         # Frozen: the overrides recorded in one spelling, so that the same weights are the same run.
         object.__setattr__(self, "loss_weights", parse_overrides("--loss-weights", self.loss_weights,
                                                                  _authors_weights())[1])
+        if self.loss_weights and self.method != "core":
+            raise ValueError(f"--loss-weights is for --method core (its objective); got --method {self.method}")
 
     @property
     def weights(self):

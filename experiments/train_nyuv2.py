@@ -113,8 +113,8 @@ class TrainConfig:
                 "(default: the dataset's)"})
     loss_weights: str = dataclasses.field(default="", metadata={
         "help": "for --method core: weights of the preset replaced, comma-separated name=value, for the paper's "
-                "ablations (independence=0: no CKA; counterfactual=0: no counterfactual term; image=0,appearance=0,"
-                "geometry=0: no grounding); the names are deep.losses.LossWeights' fields"})
+                "ablations (independence=0: no CKA; counterfactual=0: no counterfactual term; see the README for "
+                "removing the grounding); the names are deep.losses.LossWeights' fields"})
     model: str = dataclasses.field(default="full", metadata={
         "help": "full (ResNet-50, the paper's), reduced or tiny (CPU smoke runs)"})
     semantic_channels: int = dataclasses.field(default=0, metadata={
@@ -208,11 +208,11 @@ class TrainConfig:
             default = "" if warmup_given else f" (the paper's for {self.dataset}: pass a smaller --warmup-epochs)"
             raise ValueError(f"--warmup-epochs must be smaller than --epochs ({self.epochs}); got "
                              f"{self.warmup_epochs}{default}")
-        if self.loss_weights and self.method != "core":
-            raise ValueError(f"--loss-weights is for --method core (its objective); got --method {self.method}")
         # Frozen: the overrides recorded in one spelling, so that the same weights are the same run.
         object.__setattr__(self, "loss_weights", parse_overrides("--loss-weights", self.loss_weights,
                                                                  losses.PRESETS[self.weights_preset])[1])
+        if self.loss_weights and self.method != "core":
+            raise ValueError(f"--loss-weights is for --method core (its objective); got --method {self.method}")
         stage0 = self.weights.stage0_epochs
         if self.method == "core" and self.epochs <= stage0:
             changed = " with --loss-weights" if self.loss_weights else ""
@@ -520,6 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
 
     weights = config.weights
+    if config.method == "core" and not config.quiet:
+        for term in trainer.unused_terms(weights, config.epochs):
+            print(f"train_nyuv2.py: warning: no epoch of {config.epochs} trains {term}: the {config.weights_preset} "
+                  f"preset's schedule starts it later (its stage0_epochs, stage1_epochs, counterfactual_start_epoch), "
+                  f"so this run is the same as one with it at 0", file=sys.stderr)
     optim = train.OptimConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                               decoupled_weight_decay=config.optimizer == "adamw", epochs=config.epochs,
                               warmup_epochs=config.warmup_epochs, steps_per_epoch=steps_per_epoch)

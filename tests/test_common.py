@@ -68,11 +68,13 @@ class Weights:
 
 
 def test_parse_overrides_replaces_the_named_fields_and_spells_them_one_way():
-    replaced, canonical = parse_overrides("--w", " start_epoch = 3, independence=0.50 ", Weights())
-    assert replaced == Weights(independence=0.5, start_epoch=3) and isinstance(replaced.start_epoch, int)
-    assert canonical == "independence=0.5,start_epoch=3"  # the fields' order, Python's spelling
+    replaced, canonical = parse_overrides("--w", " start_epoch = 3, independence=0.250 ", Weights())
+    assert replaced == Weights(independence=0.25, start_epoch=3) and isinstance(replaced.start_epoch, int)
+    assert canonical == "independence=0.25,start_epoch=3"  # the fields' order, Python's spelling
     assert parse_overrides("--w", canonical, Weights()) == (replaced, canonical)
     assert parse_overrides("--w", "", Weights()) == (Weights(), "")
+    # A value equal to the base's changes nothing, and is spelt as nothing.
+    assert parse_overrides("--w", "start_epoch=20,task=1", Weights()) == (Weights(), "")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -336,3 +336,24 @@ def test_a_run_from_before_a_flag_existed_had_its_default(tmp_path):
     setups = comparison.group_setups([comparison.read_run(folder, defaults) for folder in (new, old)])
     assert [(setup.label, len(setup.runs)) for setup in setups] == [("ew", 2)]
     assert len(comparison.group_setups([comparison.read_run(folder) for folder in (new, old)])) == 2
+
+
+def test_changed_loss_weights_are_named_and_shortcut_strengths_are_other_benchmarks(tmp_path):
+    rng = np.random.default_rng(9)
+    folders = [write_run(tmp_path / f"stl_{task}", "stl", 0, metrics_for([task], rng), task) for task in TASK_METRICS]
+    folders.append(write_run(tmp_path / "ew", "ew", 0, metrics_for(TASK_METRICS, rng), loss_weights=""))
+    folders.append(write_run(tmp_path / "core", "core", 0, metrics_for(TASK_METRICS, rng),
+                             loss_weights="independence=0.0"))
+    summary = comparison.compare([comparison.read_run(folder) for folder in folders])
+    # A lone ablation is named as one; the baseline has no loss weights, which no note reports as a difference.
+    assert [setup.label for setup in summary.setups][-2:] == ["ew", "core (loss_weights=independence=0.0)"]
+    assert not any("differ" in note for note in summary.notes) and summary.baseline is not None
+
+    strong = write_run(tmp_path / "strong", "ew", 0, metrics_for(["segmentation", "depth"], rng),
+                       dataset="colored_cityscapes", shortcut_strength=1.0)
+    weak = write_run(tmp_path / "weak", "ew", 1, metrics_for(["segmentation", "depth"], rng),
+                     dataset="colored_cityscapes", shortcut_strength=0.5)
+    assert comparison.read_run(strong).benchmark == "colored_cityscapes (shortcut strength 1)"
+    with pytest.raises(ValueError, match=r"on colored_cityscapes \(shortcut strength 1\) and .* one on "
+                                         r"colored_cityscapes \(shortcut strength 0.5\)"):
+        comparison.group_setups([comparison.read_run(strong), comparison.read_run(weak)])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -250,11 +251,13 @@ def test_presets_hold_table_7_and_the_ramp():
 
 def test_total_loss_weighs_each_term_as_eq_16():
     weights = losses.LossWeights(segmentation=2, depth=3, normal=5, edge=7, independence=11, geometry=13,
-                                 appearance=17, appearance_l1=19, image=23, albedo_tv=29, gray=31, covariance=37)
-    # Written out from Eq (16) and the authors' deep supervision (0.5 each), not from total_loss.
+                                 appearance=17, appearance_l1=19, image=23, albedo_tv=29, gray=31, covariance=37,
+                                 geometry_aux=41, appearance_aux=43)
+    assert losses.LossWeights().geometry_aux == losses.LossWeights().appearance_aux == 0.5  # the authors' fixed 0.5
+    # Written out from Eq (16) and the authors' deep supervision, not from total_loss.
     coefficients = {"segmentation": 2, "depth": 3, "normal": 5, "edge": 7, "independence": 11, "geometry": 13,
                     "appearance_perceptual": 17, "appearance_l1": 17 * 19, "image": 23, "albedo_tv": 29, "gray": 31,
-                    "covariance": 37, "geometry_aux": 0.5, "appearance_aux": 0.5}
+                    "covariance": 37, "geometry_aux": 41, "appearance_aux": 43}
     for name, coefficient in coefficients.items():
         assert float(losses.total_loss({name: 1.0}, weights)) == pytest.approx(coefficient), name
     every_term = {name: 1.0 + index / 10 for index, name in enumerate(coefficients)}
@@ -265,3 +268,16 @@ def test_total_loss_weighs_each_term_as_eq_16():
     with pytest.raises(ValueError, match=r"unknown loss term\(s\) 'apperance_l1', 'grey'; total_loss weighs "):
         losses.total_loss({"apperance_l1": 1.0, "depth": 1.0, "grey": 1.0}, weights)
     assert float(losses.total_loss({}, weights)) == 0.0
+
+
+def test_the_readmes_weights_without_grounding_leave_only_the_tasks_and_cka():
+    """The README's Table 5 ablation removes every reconstruction term: with its overrides, only the task losses,
+    the depth edge term and CKA keep a coefficient."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    overrides = re.search(r"`--loss-weights (geometry=0[^`]*)`", text).group(1)
+    weights = dataclasses.replace(losses.PRESETS["nyuv2"], **{name: 0.0 for name in
+                                                               (part.split("=")[0] for part in overrides.split(","))})
+    kept = {name for name in losses.TOTAL_LOSS_TERMS if float(losses.total_loss({name: 1.0}, weights)) != 0}
+    assert kept == {"segmentation", "depth", "normal", "edge", "independence"}

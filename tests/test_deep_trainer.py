@@ -406,3 +406,17 @@ def test_stream_shift_is_each_streams_relative_change_over_the_images_asked_for(
     assert still["semantic"]["mean"] == still["residual"]["mean"] == 0.0 and still["ratio"]["ratio"] is None
     with pytest.raises(ValueError, match="the pairs held 4 images, fewer than the 5 asked for"):
         trainer.stream_shift(graphdef, state, [(first, first)], 5)
+
+
+def test_terms_the_schedule_never_reaches_are_named():
+    """An ablation whose run ends before a term starts trains the same model as one without it."""
+    cityscapes = losses.PRESETS["cityscapes"]  # stage 0: 10 epochs, stage 1: 5, the counterfactual pass from 20
+    assert trainer.unused_terms(cityscapes, 15) == ["the CKA term (independence)",
+                                                    "the counterfactual pass (counterfactual)"]
+    assert trainer.unused_terms(cityscapes, 17) == ["the counterfactual pass (counterfactual)"]
+    assert trainer.unused_terms(cityscapes, 21) == []
+    assert trainer.unused_terms(dataclasses.replace(cityscapes, independence=0, counterfactual=0), 12) == []
+    # The earliest epochs that train them, by the schedule itself:
+    controls = [trainer.EpochControls.at(cityscapes, epoch) for epoch in range(21)]
+    assert min(e for e, c in enumerate(controls) if c.independence_weight > 0) == 15
+    assert min(e for e, c in enumerate(controls) if c.counterfactual_probability > 0) == 20

@@ -378,7 +378,7 @@ def test_a_single_task_run_writes_its_results_and_samples(uninterrupted, cache, 
     assert "the single-task runs lack normal, segmentation" in compared.stdout
 
 
-def test_loss_weight_overrides_reach_the_step_and_the_record(tmp_path):
+def test_loss_weight_overrides_reach_the_step_and_the_record(tmp_path, capsys):
     """--loss-weights replaces the preset's weights (the paper's ablations), in the step the run trains with: here
     no CKA and a stage 0 of one epoch, which lets a 3-epoch run through the check a 5-epoch stage 0 would fail."""
     import dataclasses
@@ -398,9 +398,27 @@ def test_loss_weight_overrides_reach_the_step_and_the_record(tmp_path):
 
     with mock.patch("deep.trainer.make_step", side_effect=capture), pytest.raises(Reached):
         module.main(["--synthetic", "--model", "tiny", "--method", "core", "--epochs", "3", "--warmup-epochs", "1",
-                     "--batch-size", "4", "--loss-weights", "independence=0,stage0_epochs=1", "--quiet",
+                     "--batch-size", "4", "--loss-weights", "independence=0,stage0_epochs=1",
                      "--out", str(tmp_path / "out")])
     assert seen["weights"] == dataclasses.replace(PRESETS["nyuv2"], independence=0.0, stage0_epochs=1)
-    # Recorded (run.json, results.json's config) in one spelling: a resume spelling them otherwise is the same run.
+    # Three epochs end before the preset's counterfactual pass starts (epoch 20): the run says so.
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["train_nyuv2.py: warning: no epoch of 3 trains the counterfactual pass (counterfactual): the "
+                        "nyuv2 preset's schedule starts it later (its stage0_epochs, stage1_epochs, "
+                        "counterfactual_start_epoch), so this run is the same as one with it at 0"]
+    # Recorded (run.json, results.json's config) in one spelling, values equal to the preset's left out: a resume
+    # spelling the same weights otherwise continues the run; other weights, or none, are refused.
     config = module.TrainConfig(synthetic=True, method="core", loss_weights="stage0_epochs=1, independence=0")
     assert config.run_identity()["loss_weights"] == "independence=0.0,stage0_epochs=1"
+    from _training import check_run_folder
+
+    folder = tmp_path / "resumed"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps(config.run_identity()))
+    same = module.TrainConfig(synthetic=True, method="core", loss_weights="independence=0.00,stage0_epochs=1,depth=10",
+                              resume=True)
+    check_run_folder(folder, same.run_identity(), True, module.TrainConfig, module.PATH_FIELDS)
+    for other in ("independence=0.0", ""):
+        changed = module.TrainConfig(synthetic=True, method="core", loss_weights=other, epochs=6, resume=True)
+        with pytest.raises(ValueError, match="--resume must use the run's own flags: --loss-weights was "):
+            check_run_folder(folder, changed.run_identity(), True, module.TrainConfig, module.PATH_FIELDS)
