@@ -207,7 +207,7 @@ class Setup:
 def group_setups(runs: Sequence[Run]) -> list[Setup]:
     """The runs grouped into setups, in the order their first runs were given; refuses runs of different benchmarks,
     two runs of one setup with the same seed (a copy, whose agreement would shrink the standard error), and
-    single-task runs of more than one setup (which would be the baseline?)."""
+    single-task runs of more than one setup (no one of them could be the baseline)."""
     if not runs:
         raise ValueError("no runs to compare; give one or more run folders")
     first = runs[0]
@@ -261,7 +261,7 @@ def unlabelled_differences(setups: Sequence[Setup]) -> tuple[list[str], list[str
     """``(between_methods, from_baseline)``: the flags in which multi-task setups of different methods differ, and
     those in which the single-task runs differ from any of them, where no label says so (a learning rate tuned for
     one method only, a baseline trained for fewer epochs): a comparison should know. Flags the method decides
-    (CORE-MTL's grounding, loss-weight preset and perceptual loss) are left out."""
+    (CORE-MTL's grounding, loss weights, preset and perceptual loss) are left out."""
     contenders = [setup for setup in setups if not setup.is_baseline]
     labelled = {name for setup in contenders for name in _label_flags(setup.label)} | _METHOD_FLAGS
 
