@@ -278,13 +278,11 @@ def stream_shift(graphdef, state: train.TrainState, pairs: Iterable[tuple[jax.Ar
                  count: int) -> dict[str, dict]:
     r"""How far each stream of a CORE-MTL model moves when an image's appearance changes and its content does not:
     for each pair :math:`(x, x')` (``pairs``: batches of images and their restyled copies, in eval mode), the
-    relative change :math:`\lVert z(x) - z(x')
-Vert / \lVert z(x)
-Vert` of the semantic map ẑ_s and of the residual
-    code ẑ_r, over the first ``count`` images (the rest fill up a last batch). The paper's claim is that ẑ_s stays
-    and ẑ_r absorbs the change: a ``ratio`` (residual over semantic, of the means) well above 1. Its Table 3 reports
-    such a ratio ("feature swapping", intra- and cross-domain) without a definition the text kept; this is one
-    definition, stated.
+    relative change :math:`\lVert z(x) - z(x')\rVert / \lVert z(x)\rVert` of the semantic map ẑ_s and of the
+    residual code ẑ_r, over the first ``count`` images (the rest fill up a last batch). The paper's claim is that ẑ_s
+    stays and ẑ_r absorbs the change: a ``ratio`` (residual over semantic, of the means) well above 1. Its Table 3
+    reports such a ratio ("feature swapping", intra- and cross-domain) without a definition the text kept; this is
+    one definition, stated.
 
     Returns ``{"semantic": mean_and_error, "residual": mean_and_error, "ratio": ratio_of_means}``
     (:func:`deep.metrics.mean_and_error`, :func:`deep.metrics.ratio_of_means`: standard errors over the images)."""

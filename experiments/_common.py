@@ -213,8 +213,9 @@ def parse_choices(flag: str, value: str, allowed: Sequence[str],
 def parse_overrides(flag: str, text: str, base: Any) -> tuple[Any, str]:
     """``(replaced, canonical)``: the frozen dataclass ``base`` with the fields named in ``text`` (comma-separated
     ``name=value``) replaced, and ``text`` in one spelling (the fields' order, numbers as Python writes them, values
-    equal to ``base``'s left out), so the same weights always read the same. Refused in one line naming ``flag``: an unknown field, a value that is not
-    a number of the field's type, a field named twice, and whatever ``base``'s own checks refuse."""
+    equal to ``base``'s left out), so the same weights always read the same. Refused in one line naming ``flag``: an
+    unknown field, a value that is not a number of the field's type, a field named twice, and whatever ``base``'s own
+    checks refuse."""
     fields = {field.name: field for field in dataclasses.fields(base)}
     hints = typing.get_type_hints(type(base))
     values: dict[str, Any] = {}
