@@ -41,7 +41,7 @@ from deep.shading import unit_vectors
 __all__ = ["METRIC_DIRECTIONS", "TASK_CHANNELS", "NORMAL_THRESHOLDS_DEGREES", "IGNORED_LABELS",
            "segmentation_statistics", "depth_statistics", "normal_angles", "normal_statistics", "segmentation_scores",
            "histogram_median", "MetricAccumulator", "AttributeAccuracy", "attribute_statistics", "delta_p",
-           "delta_m", "mean_and_error", "ratio_of_means"]
+           "delta_m", "mean_and_error", "ratio_of_means", "to_host"]
 
 #: +1 where higher is better, −1 where lower is better.
 METRIC_DIRECTIONS: dict[str, int] = {
@@ -228,7 +228,7 @@ def histogram_median(histogram: np.ndarray, bin_degrees: float) -> float:
 # ------------------------------------------------------------------------------------------------- accumulator
 
 
-def _to_host(value) -> np.ndarray:
+def to_host(value) -> np.ndarray:
     """A statistic as a host array: whole, also when it is split over devices of several processes (an evaluation
     batch sharded along the data axis leaves the per-image sums so), where each process gathers the others' rows."""
     # A value every device holds whole (a sum over the batch) is read from a local copy, without a collective.
@@ -336,7 +336,7 @@ class MetricAccumulator:
     def add(self, statistics: dict) -> None:
         """The second half of :meth:`update`: adds the statistics of :meth:`statistics` (checks the label values
         and raises as :meth:`update`)."""
-        statistics = jax.tree.map(_to_host, statistics)
+        statistics = jax.tree.map(to_host, statistics)
         if "segmentation" in statistics and statistics["segmentation"]["out_of_range"] > 0:
             raise ValueError(f"{int(statistics['segmentation']['out_of_range'])} segmentation labels are outside "
                              f"-1..{self.tasks['segmentation'] - 1} (-1 = ignored)")
@@ -454,7 +454,7 @@ class AttributeAccuracy:
 
     def add(self, statistics: dict) -> None:
         """Adds the statistics of :meth:`statistics`; raises ``ValueError`` on a label that is none of −1, 0, 1."""
-        statistics = jax.tree.map(_to_host, statistics)
+        statistics = jax.tree.map(to_host, statistics)
         if statistics["out_of_range"] > 0:
             raise ValueError(f"{int(statistics['out_of_range'])} attribute labels are none of 0, 1 and -1 (no label)")
         self._correct += np.asarray(statistics["correct"], np.int64)

@@ -286,12 +286,12 @@ def stream_shift(graphdef, state: train.TrainState, pairs: Iterable[tuple[jax.Ar
 
     Returns ``{"semantic": mean_and_error, "residual": mean_and_error, "ratio": ratio_of_means}``
     (:func:`deep.metrics.mean_and_error`, :func:`deep.metrics.ratio_of_means`: standard errors over the images)."""
-    from deep.metrics import mean_and_error, ratio_of_means
+    from deep.metrics import mean_and_error, ratio_of_means, to_host
 
     changes = {"semantic": [], "residual": []}
     for images, restyled in pairs:
         for name, value in _relative_stream_changes(graphdef, state, images, restyled).items():
-            changes[name].append(np.asarray(jax.device_get(value), np.float64))
+            changes[name].append(np.asarray(to_host(value), np.float64))  # all rows, from every process
     changes = {name: np.concatenate(values)[:count] for name, values in changes.items()}
     if any(len(values) < count for values in changes.values()):
         raise ValueError(f"the pairs held {len(changes['semantic'])} images, fewer than the {count} asked for")

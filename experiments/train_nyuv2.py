@@ -361,7 +361,6 @@ def _estimate(stats: dict, key: str = "mean") -> str:
     return f"{value:.3g}" + (f" ± {error:.2g}" if error is not None else "")
 
 
-
 def _earlier_corruption_results(path: Path) -> dict:
     """The corruption results of the ``results.json`` at ``path`` ({} when it has none or cannot be read)."""
     try:
