@@ -64,6 +64,23 @@ def load_script(script: str):
     return module
 
 
+def weights_reaching(script: str, step_builder: str, *args: str):
+    """The loss weights (its fourth argument) with which ``python <script> args...``, run through its ``main`` in this
+    process, calls ``step_builder`` (a dotted path), where the run is stopped: what the run would train with."""
+    seen = {}
+
+    class Reached(Exception):
+        pass
+
+    def capture(method, graphdef, optimizer, weights, *rest, **keywords):
+        seen["weights"] = weights
+        raise Reached
+
+    with mock.patch(step_builder, side_effect=capture), pytest.raises(Reached):
+        load_script(script).main(list(args))
+    return seen["weights"]
+
+
 def run_in_process(script: str, *args: str, computation: str = "run") -> subprocess.CompletedProcess:
     """``python <script> args...`` as its ``__main__`` block runs it (``run_main(main)``), but in this process, with
     its output captured, and read like :func:`run_script`'s result. Only for input a script refuses before any work

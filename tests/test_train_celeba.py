@@ -6,7 +6,7 @@ import json
 import pytest
 
 from scripts import (ROOT, assert_one_line_error, killed_after_the_first_checkpoint, load_script, run_in_process,
-                     run_script, run_training)
+                     run_script, run_training, weights_reaching)
 
 SCRIPT = ROOT / "experiments" / "train_celeba.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3", "--warmup-epochs", "1",
@@ -138,20 +138,9 @@ def test_the_first_t_attributes_and_their_names_are_the_same_run():
 
 def test_loss_weight_overrides_reach_the_step(tmp_path):
     import dataclasses
-    from unittest import mock
 
     from deep.attributes import AttributeLossWeights
 
-    module = load_script("experiments/train_celeba.py")
-    seen = {}
-
-    class Reached(Exception):
-        pass
-
-    def capture(method, graphdef, optimizer, weights, *args, **kwargs):
-        seen["weights"] = weights
-        raise Reached
-
-    with mock.patch("deep.attributes.make_attribute_step", side_effect=capture), pytest.raises(Reached):
-        module.main([*FLAGS, "--loss-weights", "appearance=0, independence=2", "--out", str(tmp_path / "out")])
-    assert seen["weights"] == dataclasses.replace(AttributeLossWeights(), appearance=0.0, independence=2.0)
+    weights = weights_reaching("experiments/train_celeba.py", "deep.attributes.make_attribute_step", *FLAGS,
+                               "--loss-weights", "appearance=0, independence=2", "--out", str(tmp_path / "out"))
+    assert weights == dataclasses.replace(AttributeLossWeights(), appearance=0.0, independence=2.0)

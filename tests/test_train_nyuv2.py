@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from scripts import (ROOT, USE_GLOO, assert_one_line_error, environment, killed_after_the_first_checkpoint,
-                     load_script, run_in_process, run_processes, run_script, run_training, with_cpu_devices)
+                     load_script, run_in_process, run_processes, run_script, run_training, weights_reaching,
+                     with_cpu_devices)
 
 SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--method", "ew", "--epochs", "4", "--warmup-epochs", "1",
@@ -382,25 +383,14 @@ def test_loss_weight_overrides_reach_the_step_and_the_record(tmp_path, capsys):
     """--loss-weights replaces the preset's weights (the paper's ablations), in the step the run trains with: here
     no CKA and a stage 0 of one epoch, which lets a 3-epoch run through the check a 5-epoch stage 0 would fail."""
     import dataclasses
-    from unittest import mock
 
     from deep.losses import PRESETS
 
     module = load_script("experiments/train_nyuv2.py")
-    seen = {}
-
-    class Reached(Exception):
-        pass
-
-    def capture(method, graphdef, optimizer, weights, *args, **kwargs):
-        seen["weights"] = weights
-        raise Reached
-
-    with mock.patch("deep.trainer.make_step", side_effect=capture), pytest.raises(Reached):
-        module.main(["--synthetic", "--model", "tiny", "--method", "core", "--epochs", "3", "--warmup-epochs", "1",
-                     "--batch-size", "4", "--loss-weights", "independence=0,stage0_epochs=1",
-                     "--out", str(tmp_path / "out")])
-    assert seen["weights"] == dataclasses.replace(PRESETS["nyuv2"], independence=0.0, stage0_epochs=1)
+    weights = weights_reaching("experiments/train_nyuv2.py", "deep.trainer.make_step", "--synthetic", "--model",
+                               "tiny", "--method", "core", "--epochs", "3", "--warmup-epochs", "1", "--batch-size",
+                               "4", "--loss-weights", "independence=0,stage0_epochs=1", "--out", str(tmp_path / "out"))
+    assert weights == dataclasses.replace(PRESETS["nyuv2"], independence=0.0, stage0_epochs=1)
     # Three epochs end before the preset's counterfactual pass starts (epoch 20): the run says so.
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == ["train_nyuv2.py: warning: no epoch of 3 trains the counterfactual pass (counterfactual): the "
