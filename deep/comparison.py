@@ -189,11 +189,12 @@ def read_run(path: str | Path, defaults: Mapping[str, Mapping[str, Any]] | None 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """Runs of the same flags on different seeds, with the label the tables print."""
+    """Runs of the same flags on different seeds, with the label the tables print and the flags it names."""
 
     label: str
     flags: Mapping[str, Any]
     runs: tuple[Run, ...]
+    named: tuple[str, ...] = ()
 
     @property
     def method(self) -> str:
@@ -244,6 +245,7 @@ def group_setups(runs: Sequence[Run]) -> list[Setup]:
     for flags_key, members in groups.items():
         flags = json.loads(flags_key)
         method = members[0].method
+        named = []
         if method == BASELINE_METHOD:
             tasks = sorted({str(run.config.get("task")) for run in members})
             label = f"{BASELINE_METHOD} ({', '.join(tasks)})"
@@ -253,7 +255,7 @@ def group_setups(runs: Sequence[Run]) -> list[Setup]:
                                      "loss_weights" not in shown[method] else [])
             extra = ", ".join(f"{name}={flags.get(name)}" for name in named)
             label = f"{method} ({extra})" if extra else method
-        setups.append(Setup(label=label, flags=flags, runs=tuple(members)))
+        setups.append(Setup(label=label, flags=flags, runs=tuple(members), named=tuple(named)))
     return setups
 
 
@@ -263,7 +265,7 @@ def unlabelled_differences(setups: Sequence[Setup]) -> tuple[list[str], list[str
     one method only, a baseline trained for fewer epochs): a comparison should know. Flags the method decides
     (CORE-MTL's grounding, loss weights, preset and perceptual loss) are left out."""
     contenders = [setup for setup in setups if not setup.is_baseline]
-    labelled = {name for setup in contenders for name in _label_flags(setup.label)} | _METHOD_FLAGS
+    labelled = {name for setup in contenders for name in setup.named} | _METHOD_FLAGS
 
     def differing(flag_sets):
         return [name for name in _differing_flags(flag_sets) if name not in labelled]
@@ -273,11 +275,6 @@ def unlabelled_differences(setups: Sequence[Setup]) -> tuple[list[str], list[str
     from_baseline = [] if baseline is None else list(dict.fromkeys(
         name for setup in contenders for name in differing([baseline.flags, setup.flags]) if name != "task"))
     return between, from_baseline
-
-
-def _label_flags(label: str) -> list[str]:
-    inside = label.partition(" (")[2].rstrip(")")
-    return [part.split("=")[0] for part in inside.split(", ") if "=" in part]
 
 
 def _differing_flags(flag_sets: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -320,14 +317,15 @@ def compare(runs: Sequence[Run], section: str | None = None) -> Summary:
     section = section or SECTIONS[experiment][0]
     if section not in SECTIONS[experiment]:
         raise ValueError(f"section {section!r} is not one of {experiment}'s: {', '.join(SECTIONS[experiment])}")
-    metrics = list(dict.fromkeys(name for run in runs for name in run.metrics(section)))
+    measured = {id(run): run.metrics(section) for run in runs}  # each run's values, read and checked once
+    metrics = list(dict.fromkeys(name for values in measured.values() for name in values))
     order = {name: index for index, name in enumerate(METRIC_DIRECTIONS)}
     metrics.sort(key=lambda name: order.get(name, len(order)))  # the paper's order; attributes as the runs list them
     for name in metrics:
         direction_of(name)  # refuses an unknown metric before any work
-    multi_task = {name for run in runs if run.method != BASELINE_METHOD for name in run.metrics(section)}
+    multi_task = {name for run in runs if run.method != BASELINE_METHOD for name in measured[id(run)]}
     for run in runs:
-        names = set(run.metrics(section))
+        names = set(measured[id(run)])
         odd = (names ^ multi_task) if run.method != BASELINE_METHOD else (names - multi_task if multi_task else set())
         if odd:
             how = "lacks" if odd <= multi_task else "adds"
@@ -344,7 +342,7 @@ def compare(runs: Sequence[Run], section: str | None = None) -> Summary:
     notes: list[str] = []
     values: dict[str, dict[str, dict[str, Any]]] = {}
     for setup in setups:
-        per_run = [run.metrics(section) for run in setup.runs]
+        per_run = [measured[id(run)] for run in setup.runs]
         values[setup.label] = {name: mean_and_error([m[name] for m in per_run if name in m])
                                for name in metrics if any(name in m for m in per_run)}
         seconds = [s for run in setup.runs if (s := run.seconds_per_epoch()) is not None]
@@ -356,7 +354,7 @@ def compare(runs: Sequence[Run], section: str | None = None) -> Summary:
         for setup in setups:
             if setup.is_baseline:
                 continue
-            per_run = [run.metrics(section) for run in setup.runs]
+            per_run = [measured[id(run)] for run in setup.runs]
             values[setup.label]["delta_m"] = mean_and_error([delta_m(m, baseline, _directions(metrics))
                                                              for m in per_run])
             values[setup.label]["delta_p"] = mean_and_error([delta_p(m, baseline, _directions(metrics))

@@ -487,9 +487,11 @@ class AttributeAccuracy:
 def mean_and_error(values) -> dict:
     """``{"mean", "standard_error", "n"}`` of ``values``: the standard error is the sample standard deviation
     (``ddof = 1``) over √n, and ``None`` for a single value (its spread is unknown, not zero)."""
+    from theory.checks import mean_and_sem
+
     values = np.asarray(values, np.float64).ravel()
-    error = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
-    return {"mean": float(values.mean()), "standard_error": error, "n": int(values.size)}
+    mean, error = mean_and_sem(values)
+    return {"mean": float(mean), "standard_error": float(error) if values.size > 1 else None, "n": int(values.size)}
 
 
 def ratio_of_means(numerators, denominators) -> dict:

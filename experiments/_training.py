@@ -56,6 +56,18 @@ def data_mesh_for(batch_size: int):
     return mesh
 
 
+def evaluation_loader(split: dict, batch_size: int, seed: int, placement: dict):
+    """A loader over ``split`` in its order, for evaluation: batches of at most ``batch_size``, the last one filled up
+    with ignored labels (and black images), which change no metric, so evaluation compiles for one batch shape.
+    ``placement``: the training loader's (on the host, or on every device with its mesh)."""
+    from deep.data import Loader
+    from deep.metrics import IGNORED_LABELS
+
+    ignored = {name: value for name, value in IGNORED_LABELS.items() if name in split}
+    return Loader(split, min(batch_size, len(split["images"])), seed=seed, shuffle=False, drop_last=False,
+                  fill_last=ignored, **placement)
+
+
 def record_epoch(line: dict, history: list[dict], splits: Sequence[str], out: Path, primary: bool, checkpoints,
                  tree, last_good_state: Callable[[], str]) -> None:
     """Ends an epoch: refuses non-finite evaluation metrics (finite steps can still predict NaN or infinity, an

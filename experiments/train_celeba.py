@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_config, parse_overrides, parser_for, pyplot, require_finite,  # noqa: E402
                      require_integer, run_main, save_figure, write_json)
-from _training import (absolute, check_run_folder, data_mesh_for, generated, last_good_state_of,  # noqa: E402
-                       read_history, read_weights, record_epoch, restore_run, train_epoch)
+from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
+                       last_good_state_of, read_history, read_weights, record_epoch, restore_run, train_epoch)
 
 PATH_FIELDS = ("data", "pretrained", "perceptual")
 VARIANTS = ("paper", "authors")
@@ -309,7 +309,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deep import attributes, train
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
-    from deep.metrics import IGNORED_LABELS
     from deep.perceptual import load_lpips_npz
     from deep.weights import load_torchvision_npz
 
@@ -329,11 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(splits["train"], config.batch_size, seed=config.seed, **placement)
 
-    # Built once (with --on-device each holds a copy of its split on every device). The last batch is filled up
-    # with unlabelled rows (-1, skipped by the metric), so evaluation compiles once.
-    evaluation_loaders = {split: Loader(splits[split], min(config.batch_size, len(splits[split]["images"])),
-                                        seed=config.seed, shuffle=False, drop_last=False,
-                                        fill_last={"attributes": IGNORED_LABELS["attributes"]}, **placement)
+    # Built once (with --on-device each holds a copy of its split on every device); the last batch's filler rows
+    # are unlabelled (-1, skipped by the metric).
+    evaluation_loaders = {split: evaluation_loader(splits[split], config.batch_size, config.seed, placement)
                           for split in ("val", "test")}
 
     def evaluation_batches(split: str):

@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
                      require_finite, require_integer, run_main, save_figure, write_json)
-from _training import (absolute, check_run_folder, data_mesh_for, generated, last_good_state_of,  # noqa: E402
-                       read_history, read_weights, record_epoch, restore_run, train_epoch)
+from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
+                       last_good_state_of, read_history, read_weights, record_epoch, restore_run, train_epoch)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5", "colored_cityscapes")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
@@ -321,9 +321,7 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
     load = data.load_nyuv2 if config.dataset == "nyuv2" else data.load_cityscapes
     if config.dataset == "colored_cityscapes":
         # The source colours for training and the source metrics, the permuted ones for the target (the result).
-        source_train, target, source = colored_cityscapes(load(root, "train"), load(root, "val"),
-                                                          config.shortcut_strength)
-        return source_train, target, source
+        return colored_cityscapes(load(root, "train"), load(root, "val"), config.shortcut_strength)
     return load(root, "train"), load(root, "val"), None
 
 
@@ -476,7 +474,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deep import trainer
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
-    from deep.metrics import IGNORED_LABELS
     from deep.perceptual import load_lpips_npz
     from deep.weights import load_torchvision_npz
 
@@ -507,15 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)
 
-    def evaluation_loader(split: dict) -> Loader:
-        # The last batch filled up with ignored labels (and black images), so evaluation compiles for one shape.
-        ignored = {name: value for name, value in IGNORED_LABELS.items() if name in split}
-        return Loader(split, min(config.batch_size, len(split["images"])), seed=config.seed, shuffle=False,
-                      drop_last=False, fill_last=ignored, **placement)
-
-    test_loader = evaluation_loader(test_split)
-    # GTA5 -> Cityscapes with a held-out source split: evaluated beside the target, for the source-target gap.
-    source_loader = evaluation_loader(source_split) if source_split is not None else None
+    test_loader = evaluation_loader(test_split, config.batch_size, config.seed, placement)
+    # A source split (GTA5's held-out scenes, Colored-Cityscapes' source colours): evaluated beside the target.
+    source_loader = (evaluation_loader(source_split, config.batch_size, config.seed, placement)
+                     if source_split is not None else None)
     steps_per_epoch = min(len(loader), config.steps_per_epoch) if config.steps_per_epoch else len(loader)
 
     weights = config.weights
