@@ -318,3 +318,24 @@ def test_gpu_figures_usage_is_one_line_and_status_2(tmp_path):
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
                                 env=dict(os.environ, LC_ALL="C"))  # mkdir's reason in English
         assert_one_line_error(result, message)
+
+
+def test_the_evaluation_loader_fills_the_last_batch_with_labels_every_metric_ignores():
+    """Both training scripts' evaluation batches: in order, all of one size, the filler rows black and unlabelled
+    (for a dense split and for CelebA's attributes)."""
+    import numpy as np
+
+    from _training import evaluation_loader
+    from deep.metrics import IGNORED_LABELS
+
+    dense = {"images": np.ones((6, 2, 2, 3), np.float32), "segmentation": np.ones((6, 2, 2), np.int32),
+             "depth": np.ones((6, 2, 2, 1), np.float32)}
+    faces = {"images": np.ones((6, 2, 2, 3), np.uint8), "attributes": np.ones((6, 5), np.int32)}
+    for split in (dense, faces):
+        batches = list(evaluation_loader(split, 4, seed=0, placement={}).epoch(0))
+        assert [len(batch["images"]) for batch in batches] == [4, 4]
+        last = batches[-1]
+        assert np.all(np.asarray(last["images"][:2]) == 1) and np.all(np.asarray(last["images"][2:]) == 0)
+        for name in split.keys() - {"images"}:
+            assert np.all(np.asarray(last[name][2:]) == IGNORED_LABELS[name]), name
+            assert np.all(np.asarray(last[name][:2]) == 1), name
