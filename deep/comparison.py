@@ -33,11 +33,16 @@ __all__ = ["Run", "Setup", "Summary", "read_run", "group_setups", "compare", "SE
 
 # The sections of a results.json that hold one value per metric, by experiment; the first is the default.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "train_nyuv2": ("final", "final_source", "source_target_gap", "corrupted_mean"),
+    "train_nyuv2": ("final", "final_source", "source_target_gap", "corrupted_mean", "stream_shift"),
     "train_celeba": ("test", "final_val"),
 }
 # Sections whose values are differences (target - source): a relative change against a baseline means nothing there.
 _DIFFERENCE_SECTIONS = ("source_target_gap",)
+# The stream probe (deep.trainer.stream_shift) of a CORE-MTL run, by appearance change: how far ẑ_s moves (lower is
+# the claim: it keeps the content), how far ẑ_r moves (no better way: it should absorb the change, but moving alone
+# says nothing), and their ratio (higher is the claim). Single-task and baseline runs have no streams to probe.
+PROBE_SECTION = "stream_shift"
+_PROBE_DIRECTIONS = {"semantic": -1, "residual": 0, "ratio": +1}
 # Flags that do not change what a run learns: where it was written and read from, how it talked, what was evaluated
 # after it ended. Paths to weights do matter in one respect, whether there were any: they are compared as booleans.
 _MACHINE_FLAGS = frozenset({"seed", "out", "resume", "quiet", "data", "target_data", "source_data", "on_device",
@@ -50,13 +55,16 @@ BASELINE_METHOD = "stl"
 
 
 def direction_of(metric: str) -> int:
-    """+1 where higher is better, −1 where lower is better (a CelebA attribute's accuracy: +1)."""
+    """+1 where higher is better, −1 where lower is better, 0 where neither is (a CelebA attribute's accuracy: +1;
+    the stream probe's ``<change>/semantic``: −1, ``<change>/residual``: 0, ``<change>/ratio``: +1)."""
     if metric in METRIC_DIRECTIONS:
         return METRIC_DIRECTIONS[metric]
     if metric.startswith("attributes/"):
         return +1
-    raise ValueError(f"metric {metric!r} has no known direction; known: {', '.join(METRIC_DIRECTIONS)} and "
-                     f"attributes/<name>")
+    if metric.count("/") == 1 and metric.split("/")[1] in _PROBE_DIRECTIONS:
+        return _PROBE_DIRECTIONS[metric.split("/")[1]]
+    raise ValueError(f"metric {metric!r} has no known direction; known: {', '.join(METRIC_DIRECTIONS)}, "
+                     f"attributes/<name> and <change>/{{{','.join(_PROBE_DIRECTIONS)}}}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +135,12 @@ class Run:
         values = self.results.get(section)
         if not isinstance(values, Mapping):
             held = [name for name in SECTIONS[self.experiment] if isinstance(self.results.get(name), Mapping)]
-            raise ValueError(f"{self.path} has no {section!r} results (it has {', '.join(held) or 'none'}); "
+            why = (f" (the stream probe measures CORE-MTL runs only, and this is a {self.method} run)"
+                   if section == PROBE_SECTION and self.method != "core" else "")
+            raise ValueError(f"{self.path} has no {section!r} results{why} (it has {', '.join(held) or 'none'}); "
                              f"choose a section every run has")
+        if section == PROBE_SECTION:
+            values = _probe_values(values, self.path)
         if not values:
             raise ValueError(f"{self.path}: its {section!r} results hold no metric")
         for name, value in values.items():
@@ -149,6 +161,20 @@ class Run:
         step (the first of the run and of every resume) once they are fewer than half."""
         seconds = [line["train_seconds"] for line in self.results.get("history") or [] if "train_seconds" in line]
         return float(np.median(seconds)) if seconds else None
+
+
+def _probe_values(shifts: Mapping, path: Path) -> dict[str, Any]:
+    """A run's stream probe as one value per metric: ``<change>/semantic`` and ``<change>/residual`` (the mean
+    relative change over the test images) and ``<change>/ratio`` (their ratio), for each appearance change."""
+    values = {}
+    for change, shift in shifts.items():
+        try:
+            values.update({f"{change}/semantic": shift["semantic"]["mean"],
+                           f"{change}/residual": shift["residual"]["mean"], f"{change}/ratio": shift["ratio"]["ratio"]})
+        except (TypeError, KeyError):
+            raise ValueError(f"{path}: its stream_shift[{change!r}] is not a probe's result (semantic, residual and "
+                             f"ratio)") from None
+    return values
 
 
 def _is_number(value) -> bool:
@@ -253,7 +279,8 @@ def group_setups(runs: Sequence[Run]) -> list[Setup]:
             # Changed loss weights are always named: a lone ablation is not the method as the paper runs it.
             named = shown[method] + (["loss_weights"] if flags.get("loss_weights") and
                                      "loss_weights" not in shown[method] else [])
-            extra = ", ".join(f"{name}={flags.get(name)}" for name in named)
+            # An empty flag is the script's default ("core (loss_weights=default)" beside an ablation's overrides).
+            extra = ", ".join(f"{name}={flags.get(name) if flags.get(name) != '' else 'default'}" for name in named)
             label = f"{method} ({extra})" if extra else method
         setups.append(Setup(label=label, flags=flags, runs=tuple(members), named=tuple(named)))
     return setups
@@ -388,6 +415,9 @@ def _directions(metrics: Sequence[str]) -> dict[str, int]:
 def _baseline(setups: Sequence[Setup], values, metrics: Sequence[str], section: str,
               notes: list[str]) -> dict[str, float] | None:
     """Each metric's single-task mean over the seeds, or None (with a note saying why) when Δ cannot be taken."""
+    if section == PROBE_SECTION:
+        notes.append(f"{section} probes CORE-MTL's two streams, which single-task runs do not have: no Δm or Δp")
+        return None
     baseline_setup = next((setup for setup in setups if setup.is_baseline), None)
     if baseline_setup is None:
         notes.append(f"no single-task runs (--method {BASELINE_METHOD}) among the runs: no Δm or Δp")

@@ -3,6 +3,7 @@
     python experiments/compare_runs.py runs/stl_* runs/ew_* runs/pcgrad_* runs/core_*     # NYUv2's Table 1
     python experiments/compare_runs.py runs/gta5_* --section source_target_gap            # Table 2's gaps
     python experiments/compare_runs.py runs/celeba_t10_*                                  # Table 4 at T = 10
+    python experiments/compare_runs.py runs/core_* --section stream_shift                 # Table 3's claim
 
 Each argument is a run folder of ``experiments/train_nyuv2.py`` or ``experiments/train_celeba.py`` (its
 ``results.json``). Runs whose flags agree except for the seed (and the output folder, data and weight paths, progress
@@ -17,8 +18,10 @@ more). Notes under the table say what else differs: flags in which setups of dif
 the single-task runs differ from them (Δm would then compare unlike trainings).
 
 ``--section`` picks which results: ``final`` (the test split at the last epoch; default), ``final_source``,
-``source_target_gap`` (target - source, GTA5 -> Cityscapes) or ``corrupted_mean`` (Cityscapes-C's mean over
-corruptions and severities) for ``train_nyuv2``; ``test`` (default) or ``final_val`` for ``train_celeba``.
+``source_target_gap`` (target - source, GTA5 -> Cityscapes), ``corrupted_mean`` (Cityscapes-C's mean over
+corruptions and severities) or ``stream_shift`` (CORE-MTL runs only: the stream probe's relative change of ẑ_s and
+ẑ_r and their ratio, per appearance change; the paper's Table 3 claim) for ``train_nyuv2``; ``test`` (default) or
+``final_val`` for ``train_celeba``.
 Writes ``comparison.md`` (the table printed), ``comparison.json`` (every metric, each setup's runs and seeds) and
 ``comparison.png`` (one panel per metric shown: each setup's mean and standard error, the single-task baseline
 dashed) to ``--out``.
@@ -48,8 +51,8 @@ class CompareConfig:
     runs: tuple[str, ...] = dataclasses.field(default=(), metadata={
         "positional": True, "help": "run folders (each holding a training run's results.json)"})
     section: str = dataclasses.field(default="", metadata={
-        "help": "which results: final, final_source, source_target_gap or corrupted_mean (train_nyuv2); test or "
-                "final_val (train_celeba) (default: final or test)"})
+        "help": "which results: final, final_source, source_target_gap, corrupted_mean or stream_shift (CORE-MTL "
+                "runs only) (train_nyuv2); test or final_val (train_celeba) (default: final or test)"})
     metrics: str = dataclasses.field(default="", metadata={
         "help": "the metric columns of the table and figure: comma-separated names, or 'all' (default: every "
                 "dense metric; CelebA's mean accuracy); comparison.json always holds all"})
@@ -107,7 +110,7 @@ def table(summary: comparison.Summary, metrics: Sequence[str]) -> str:
     columns = [(name, name, comparison.direction_of(name)) for name in metrics]
     if with_deltas:
         columns += list(DELTA_COLUMNS)
-    # A gap (target - source) has no better direction: no arrows, no bold.
+    # A gap (target - source) has no better direction, nor has a metric of direction 0: no arrows, no bold.
     arrows = summary.section not in ("source_target_gap",)
     setups = sorted(summary.setups, key=lambda setup: not setup.is_baseline)
     contenders = [setup for setup in setups if not setup.is_baseline]
@@ -116,10 +119,10 @@ def table(summary: comparison.Summary, metrics: Sequence[str]) -> str:
         for key, _, direction in columns:
             means = {setup.label: summary.values[setup.label][key]["mean"] for setup in contenders
                      if key in summary.values[setup.label]}
-            if means:
+            if means and direction:
                 top = (max if direction > 0 else min)(means.values())
                 best[key] = {label for label, mean in means.items() if mean == top}
-    header = ["setup", "n"] + [f"{title} {'↑' if direction > 0 else '↓'}" if arrows else title
+    header = ["setup", "n"] + [f"{title} {'↑' if direction > 0 else '↓'}" if arrows and direction else title
                                 for _, title, direction in columns] + ["s/epoch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for setup in setups:
@@ -160,9 +163,10 @@ def plot(summary: comparison.Summary, metrics: Sequence[str], path: Path) -> Non
             axis.set_title("Δm % (lower is better)", fontsize=9)
             axis.axvline(0.0, color="black", linestyle="--", linewidth=1.0)  # the single-task runs' own Δm
         else:
-            better = "higher" if comparison.direction_of(key) > 0 else "lower"
-            axis.set_title(key if summary.section == "source_target_gap" else f"{key} ({better} is better)",
-                           fontsize=9)
+            direction = comparison.direction_of(key)
+            better = "higher" if direction > 0 else "lower"
+            axis.set_title(key if summary.section == "source_target_gap" or not direction
+                           else f"{key} ({better} is better)", fontsize=9)
             if summary.baseline is not None and key in summary.baseline:
                 axis.axvline(summary.baseline[key], color="black", linestyle="--", linewidth=1.0)
     for axis in list(axes.flat)[len(keys):]:

@@ -241,7 +241,8 @@ def test_bad_input_is_one_line(tmp_path, make, message):
     edit(tmp_path / "no_method", tmp_path / "ew_0", lambda r: r["config"].pop("method"))
     edit(tmp_path / "bad_history", tmp_path / "ew_0", lambda r: r["history"][0].update(train_seconds=None))
     edit(tmp_path / "celeba_without_model", tmp_path / "celeba", lambda r: r.update(model=None))
-    edit(tmp_path / "celeba_other", tmp_path / "celeba", lambda r: r["model"].update(attributes=["Male", "Young", "Bald", "Eyeglasses"]))
+    edit(tmp_path / "celeba_other", tmp_path / "celeba",
+         lambda r: r["model"].update(attributes=["Male", "Young", "Bald", "Eyeglasses"]))
     args = [str(arg) for arg in make(tmp_path)]
     assert_one_line_error(run_in_process(SCRIPT, *args, "--out", str(tmp_path / "out"), computation="plot"), message)
 
@@ -357,3 +358,65 @@ def test_changed_loss_weights_are_named_and_shortcut_strengths_are_other_benchma
     with pytest.raises(ValueError, match=r"on colored_cityscapes \(shortcut strength 1\) and .* one on "
                                          r"colored_cityscapes \(shortcut strength 0.5\)"):
         comparison.group_setups([comparison.read_run(strong), comparison.read_run(weak)])
+
+
+def probe(semantic, residual):
+    """A results.json's stream_shift entry for one appearance change (deep.trainer.stream_shift's layout)."""
+    return {"semantic": {"mean": semantic, "standard_error": 0.01, "n": 8},
+            "residual": {"mean": residual, "standard_error": 0.02, "n": 8},
+            "ratio": {"ratio": residual / semantic, "standard_error": 0.1, "n": 8}}
+
+
+def test_the_stream_probe_compares_core_runs_by_each_appearance_change(tmp_path):
+    """``--section stream_shift``: each CORE-MTL setup's probe (ẑ_s's and ẑ_r's relative change and their ratio, per
+    appearance change) over its seeds; ẑ_s's change is better lower, the ratio higher, ẑ_r's change neither (no
+    arrow, no bold); no Δ, since single-task runs have no streams."""
+    rng = np.random.default_rng(10)
+    folders, shifts = [], {}
+    for weights in ("", "independence=0.0"):
+        for seed in (0, 1, 2):
+            semantic, residual = rng.uniform(0.05, 0.3, 2), rng.uniform(0.3, 1.5, 2)
+            base = write_run(tmp_path / f"raw_{weights}_{seed}", "core", seed, metrics_for(TASK_METRICS, rng),
+                             loss_weights=weights)
+            entry = {"appearance": probe(semantic[0], residual[0]), "colors_permuted": probe(semantic[1], residual[1])}
+            shifts.setdefault(weights, []).append(entry)
+            folders.append(edit(tmp_path / f"core_{weights}_{seed}", base, lambda r: r.update(stream_shift=entry)))
+    summary = comparison.compare([comparison.read_run(folder) for folder in folders], "stream_shift")
+    assert list(summary.metrics) == [f"{change}/{name}" for change in ("appearance", "colors_permuted")
+                                     for name in ("semantic", "residual", "ratio")]
+    assert summary.baseline is None and any("single-task runs do not have" in note for note in summary.notes)
+    labels = ["core (loss_weights=default)", "core (loss_weights=independence=0.0)"]
+    assert [setup.label for setup in summary.setups] == labels
+    for weights, label in zip(("", "independence=0.0"), labels):
+        values = summary.values[label]
+        for change in ("appearance", "colors_permuted"):
+            ratios = [entry[change]["ratio"]["ratio"] for entry in shifts[weights]]
+            assert values[f"{change}/ratio"]["mean"] == pytest.approx(np.mean(ratios))
+            assert values[f"{change}/ratio"]["standard_error"] == pytest.approx(np.std(ratios, ddof=1) / math.sqrt(3))
+            assert values[f"{change}/semantic"]["mean"] == pytest.approx(
+                np.mean([entry[change]["semantic"]["mean"] for entry in shifts[weights]]))
+
+    module = load_script(SCRIPT)
+    lines = module.table(summary, summary.metrics).splitlines()
+    header = lines[0].split(" | ")
+    assert "appearance/semantic ↓" in header and "appearance/ratio ↑" in header and "appearance/residual" in header
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines[2:]}
+    for key, title in (("appearance/semantic", "appearance/semantic ↓"), ("colors_permuted/ratio",
+                                                                            "colors_permuted/ratio ↑")):
+        means = {label: summary.values[label][key]["mean"] for label in rows}
+        best = (min if comparison.direction_of(key) < 0 else max)(means, key=means.get)
+        assert [label for label, row in rows.items() if row[header.index(title)].startswith("**")] == [best]
+    assert not any(row[header.index("appearance/residual")].startswith("**") for row in rows.values())
+    assert module.main([*map(str, folders), "--section", "stream_shift", "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "c" / "comparison.json").read_text())["directions"]["appearance/residual"] == 0
+
+    # Other runs have no probe, and a probe must be one.
+    ew = write_run(tmp_path / "ew", "ew", 0, metrics_for(TASK_METRICS, rng))
+    assert_one_line_error(run_in_process(SCRIPT, str(folders[0]), str(ew), "--section", "stream_shift", "--out",
+                                         str(tmp_path / "out"), computation="plot"),
+                          "ew has no 'stream_shift' results (the stream probe measures CORE-MTL runs only, and this "
+                          "is a ew run) (it has final)")
+    broken = edit(tmp_path / "broken", folders[0], lambda r: r["stream_shift"]["appearance"].pop("ratio"))
+    assert_one_line_error(run_in_process(SCRIPT, str(broken), "--section", "stream_shift", "--out",
+                                         str(tmp_path / "out"), computation="plot"),
+                          "its stream_shift['appearance'] is not a probe's result (semantic, residual and ratio)")

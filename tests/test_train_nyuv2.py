@@ -143,6 +143,13 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
         assert shift["semantic"]["mean"] > 0 and shift["residual"]["mean"] > 0
         assert shift["ratio"]["ratio"] == pytest.approx(shift["residual"]["mean"] / shift["semantic"]["mean"])
     assert "stream shift (colors_permuted): semantic " in result.stdout
+    # The run as compare_runs reads it: its probe, one value per appearance change and stream, and their ratio.
+    compared = load_script("experiments/compare_runs.py")
+    assert compared.main([str(out), "--section", "stream_shift", "--out", str(tmp_path / "compared"), "--quiet"]) == 0
+    setup = json.loads((tmp_path / "compared" / "comparison.json").read_text())["setups"][0]
+    assert setup["label"].startswith("core (loss_weights=")
+    assert setup["colors_permuted/ratio"]["mean"] == shifts["colors_permuted"]["ratio"]["ratio"]
+    assert setup["appearance/semantic"]["mean"] == shifts["appearance"]["semantic"]["mean"]
 
 
 @pytest.mark.parametrize("args, message", [
