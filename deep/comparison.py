@@ -188,7 +188,7 @@ def read_run(path: str | Path, defaults: Mapping[str, Mapping[str, Any]] | None 
     path = Path(path)
     file = path / "results.json" if path.is_dir() else path
     if not file.exists():
-        if path.is_dir() and (path / "metrics.jsonl").exists():
+        if path.is_dir() and ((path / "metrics.jsonl").exists() or (path / "run.json").exists()):
             raise FileNotFoundError(f"{path} has no results.json yet: a training run writes it when it ends "
                                     f"(resume it with its own flags and --resume to finish it)")
         raise FileNotFoundError(f"{path}: no such run folder (a folder holding a training run's results.json)")

@@ -18,10 +18,17 @@ from typing import Callable, Iterable, Sequence
 from _common import flag, write_atomically
 
 
-def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type, path_fields: Sequence[str]) -> None:
+# Flags that say where the inputs are and how they are placed, not what the run learns: a resume may change them (the
+# data copied to a job's scratch disk, say), as long as a path given before is given again.
+_RELOCATABLE = frozenset({"data", "target_data", "source_data", "pretrained", "perceptual", "on_device"})
+
+
+def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type, path_fields: Sequence[str],
+                     prog: str) -> None:
     """Refuses an ``--out`` that already holds a run (unless ``resume``), and a resume whose run-defining flags
     (``identity``) differ from the run's own (its ``run.json``). A field an older version did not record had its
-    default (``config_class``'s) then; the recorded paths (``path_fields``) are compared absolute."""
+    default (``config_class``'s) then; the recorded paths (``path_fields``) are compared absolute. The paths of the
+    inputs and their placement may move (said on stderr, as ``prog``): only whether a path is given must agree."""
     checkpoints_dir, identity_path = out / "checkpoints", out / "run.json"
     if resume:
         if not identity_path.exists():
@@ -35,10 +42,16 @@ def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type
                              f"flags): restore it, or start a new --out")
         defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
         saved = {k: absolute(v) if k in path_fields and isinstance(v, str) else v for k, v in saved.items()}
-        changed = [f"{flag(k)} was {saved.get(k, defaults.get(k))!r}, now {v!r}"
-                   for k, v in identity.items() if saved.get(k, defaults.get(k)) != v]
-        if changed:
-            raise ValueError(f"--resume must use the run's own flags: {'; '.join(changed)}")
+        was = lambda k: saved.get(k, defaults.get(k))  # noqa: E731
+        changed = [k for k, v in identity.items() if was(k) != v]
+        refused = [k for k in changed if k not in _RELOCATABLE or isinstance(identity[k], str) and
+                   bool(identity[k]) != bool(was(k))]
+        if refused:
+            raise ValueError("--resume must use the run's own flags: " +
+                             "; ".join(f"{flag(k)} was {was(k)!r}, now {identity[k]!r}" for k in refused))
+        if changed and _is_primary():
+            print(f"{prog}: --resume: " + "; ".join(f"{flag(k)} is now {identity[k]!r} (was {was(k)!r})"
+                                                    for k in changed), file=sys.stderr)
     elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
 
@@ -85,16 +98,50 @@ def record_epoch(line: dict, history: list[dict], splits: Sequence[str], out: Pa
     checkpoints.save(epoch, tree)
 
 
-def restore_run(checkpoints, initial: dict, resume: bool, prog: str) -> tuple[int, dict]:
-    """``(epochs done, tree)``: with ``resume``, the newest readable checkpoint laid out as ``initial`` (a damaged one
-    is set aside with a warning), else (or with none yet) ``(0, initial)``."""
+def restore_run(checkpoints, initial: dict, resume: bool, prog: str, history_path: Path, epochs: int,
+                quiet: bool) -> tuple[int, dict, list[dict]]:
+    """``(epochs done, tree, history)``: with ``resume``, the newest readable checkpoint laid out as ``initial`` (a
+    damaged one is set aside with a warning) and the history of its epochs (:func:`read_history`), else (or with no
+    checkpoint yet) ``(0, initial, [])``. A resume says where it goes on from (unless ``quiet``), and warns, even when
+    quiet, when more than the epoch under way at the kill is trained again."""
     if not resume:
-        return 0, initial
+        return 0, initial, []
     epoch, restored, set_aside = checkpoints.restore_latest(initial)
     for reason in set_aside:
         print(f"{prog}: warning: a checkpoint could not be read and was renamed *.unreadable; resuming from an older "
               f"one ({reason})", file=sys.stderr)
-    return (epoch, restored) if epoch else (0, initial)
+    start, tree = (epoch, restored) if epoch else (0, initial)
+    history = read_history(history_path, start)
+    recorded = _recorded_epochs(history_path)
+    if start == epochs:
+        message = f"all {epochs} epochs were trained: evaluating the final model"
+    else:
+        message = (f"resuming after epoch {start} of {epochs}" if start else
+                   f"no readable checkpoint in {checkpoints.directory}: training from epoch 1")
+    again = recorded - start
+    if again > 0:
+        message += (f"; {history_path.name}'s epoch{'s' if again > 1 else ''} {start + 1}"
+                    f"{f'-{recorded}' if again > 1 else ''} {'have' if again > 1 else 'has'} no readable checkpoint "
+                    f"and {'are' if again > 1 else 'is'} trained again")
+    if _is_primary() and (again > 1 or not quiet):
+        print(f"{prog}: {'warning: ' if again > 1 else ''}--resume: {message}", file=sys.stderr)
+    return start, tree, history
+
+
+def _recorded_epochs(path: Path) -> int:
+    """The last epoch ``metrics.jsonl`` records (0 if none or unreadable), for :func:`restore_run`'s message."""
+    try:
+        lines = [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return 0
+    return max([line["epoch"] for line in lines if isinstance(line, dict) and type(line.get("epoch")) is int],
+               default=0)
+
+
+def _is_primary() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def last_good_state_of(checkpoints, directory: Path) -> str:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (environment, parse_config, parse_overrides, parser_for, pyplot, require_finite,  # noqa: E402
                      require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
-                       last_good_state_of, read_history, read_weights, record_epoch, restore_run, train_epoch)
+                       last_good_state_of, read_weights, record_epoch, restore_run, train_epoch)
 
 PATH_FIELDS = ("data", "pretrained", "perceptual")
 VARIANTS = ("paper", "authors")
@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(config.out)
     checkpoints_dir = out / "checkpoints"
-    check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS)
+    check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS, "train_celeba.py")
     mesh = data_mesh_for(config.batch_size)
     primary = jax.process_index() == 0
 
@@ -364,10 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     augment_images = jax.jit(lambda key, images: augment(key, {"images": images}, augment_config)["images"])
 
     with Checkpoints(checkpoints_dir) as checkpoints:
-        start_epoch, restored = restore_run(checkpoints, {"state": state, "balancer": balancer_state}, config.resume,
-                                            "train_celeba.py")
+        start_epoch, restored, history = restore_run(
+            checkpoints, {"state": state, "balancer": balancer_state}, config.resume, "train_celeba.py",
+            out / "metrics.jsonl", config.epochs, config.quiet)
         state, balancer_state = restored["state"], restored["balancer"]
-        history = read_history(out / "metrics.jsonl", start_epoch)
         base_key = jax.random.key(config.seed)
         started = time.time()
         last_good_state = functools.partial(last_good_state_of, checkpoints, checkpoints_dir)

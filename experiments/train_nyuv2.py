@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (environment, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
                      require_finite, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
-                       last_good_state_of, read_history, read_weights, record_epoch, restore_run, train_epoch)
+                       last_good_state_of, read_weights, record_epoch, restore_run, train_epoch)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5", "colored_cityscapes")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
@@ -480,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(config.out)
     checkpoints_dir = out / "checkpoints"
     identity_path = out / "run.json"
-    check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS)
+    check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS, "train_nyuv2.py")
     mesh = data_mesh_for(config.batch_size)
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
 
@@ -542,10 +542,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Closed on the way out, also when training stops with an error, so Orbax's background machinery ends cleanly.
     with Checkpoints(checkpoints_dir) as checkpoints:
-        start_epoch, restored = restore_run(checkpoints, {"state": state, "balancer": balancer_state}, config.resume,
-                                            "train_nyuv2.py")
+        start_epoch, restored, history = restore_run(
+            checkpoints, {"state": state, "balancer": balancer_state}, config.resume, "train_nyuv2.py",
+            out / "metrics.jsonl", config.epochs, config.quiet)
         state, balancer_state = restored["state"], restored["balancer"]
-        history = read_history(out / "metrics.jsonl", start_epoch)
         finished_before = start_epoch == config.epochs  # resumed once done: the final model is the earlier one
         base_key = jax.random.key(config.seed)
         started = time.time()

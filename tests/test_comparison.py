@@ -202,6 +202,7 @@ def test_the_script_writes_the_table_json_and_figure(table1, tmp_path, capsys):
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: [tmp / "missing"], "no such run folder"),
     (lambda tmp: [tmp / "unfinished"], "has no results.json yet"),
+    (lambda tmp: [tmp / "killed_in_epoch_1"], "killed_in_epoch_1 has no results.json yet"),
     (lambda tmp: [tmp / "broken"], "is not valid JSON"),
     (lambda tmp: [tmp / "other"], "is not the results of a training run"),
     (lambda tmp: [tmp / "ew_0", tmp / "copy_of_ew_0"], "are the same setup with the same seed (0)"),
@@ -227,6 +228,8 @@ def test_bad_input_is_one_line(tmp_path, make, message):
     write_run(tmp_path / "stl_depth_lr", "stl", 0, metrics_for(["depth"], rng), "depth", learning_rate=1e-3)
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "killed_in_epoch_1").mkdir()
+    (tmp_path / "killed_in_epoch_1" / "run.json").write_text("{}")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "results.json").write_text("{")
     (tmp_path / "other").mkdir()

@@ -1,6 +1,7 @@
 """experiments/train_nyuv2.py end to end on a generated data set: a run, a killed-and-resumed run that ends with the
 same numbers, and bad flags rejected with one line."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -276,7 +277,7 @@ def test_a_damaged_record_of_the_run_is_refused_on_resume(tmp_path):
     assert_one_line_error(run_in_process("experiments/train_nyuv2.py", *FLAGS, "--out", str(out), "--resume",
                                          computation="_load_splits"),
                           f"--resume: {out / 'run.json'} is not this script's record of a run")
-    read_history = load_script("experiments/train_nyuv2.py").read_history
+    from _training import read_history  # experiments/ is on the import path since load_script above
     history = tmp_path / "metrics.jsonl"
     assert read_history(history, 0) == []  # nothing checkpointed: nothing to read
     history.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n')
@@ -414,8 +415,77 @@ def test_loss_weight_overrides_reach_the_step_and_the_record(tmp_path, capsys):
     (folder / "run.json").write_text(json.dumps(config.run_identity()))
     same = module.TrainConfig(synthetic=True, method="core", loss_weights="independence=0.00,stage0_epochs=1,depth=10",
                               resume=True)
-    check_run_folder(folder, same.run_identity(), True, module.TrainConfig, module.PATH_FIELDS)
+    check_run_folder(folder, same.run_identity(), True, module.TrainConfig, module.PATH_FIELDS, "t")
     for other in ("independence=0.0", ""):
         changed = module.TrainConfig(synthetic=True, method="core", loss_weights=other, epochs=6, resume=True)
         with pytest.raises(ValueError, match="--resume must use the run's own flags: --loss-weights was "):
-            check_run_folder(folder, changed.run_identity(), True, module.TrainConfig, module.PATH_FIELDS)
+            check_run_folder(folder, changed.run_identity(), True, module.TrainConfig, module.PATH_FIELDS, "t")
+
+
+def test_a_resume_may_find_its_inputs_elsewhere_but_not_without_them(tmp_path, capsys):
+    """The data and weight files copied elsewhere (a job's scratch disk) and their placement changed: the resume goes
+    on and says so. A path given before must be given again, and the other flags must agree."""
+    module = load_script(SCRIPT)
+    from _training import check_run_folder
+
+    for name in ("nyuv2", "moved"):
+        (tmp_path / name).mkdir()
+    for name in ("a.npz", "b.npz"):
+        (tmp_path / name).write_bytes(b"")  # read only once the run starts
+    folder = tmp_path / "run"
+    folder.mkdir()
+    started = module.TrainConfig(data=str(tmp_path / "nyuv2"), pretrained=str(tmp_path / "a.npz"), method="ew")
+    (folder / "run.json").write_text(json.dumps(started.run_identity()))
+    check = lambda **changes: check_run_folder(  # noqa: E731
+        folder, dataclasses.replace(started, resume=True, **changes).run_identity(), True, module.TrainConfig,
+        module.PATH_FIELDS, "train_nyuv2.py")
+    check()
+    assert capsys.readouterr().err == ""
+    check(data=str(tmp_path / "moved"), pretrained=str(tmp_path / "b.npz"), on_device=True)
+    assert capsys.readouterr().err == (f"train_nyuv2.py: --resume: --data is now '{tmp_path / 'moved'}' (was "
+                                       f"'{tmp_path / 'nyuv2'}'); --on-device is now True (was False); --pretrained "
+                                       f"is now '{tmp_path / 'b.npz'}' (was '{tmp_path / 'a.npz'}')\n")
+    with pytest.raises(ValueError, match=r"^--resume must use the run's own flags: --epochs was 100, now 7; "
+                                         r"--pretrained was '.*a\.npz', now ''$"):
+        check(data=str(tmp_path / "moved"), pretrained="", epochs=7)
+
+
+class FakeCheckpoints:
+    """What restore_run reads of deep.checkpoint.Checkpoints: the newest readable epoch (None: none) and where."""
+
+    def __init__(self, epoch, directory):
+        self.epoch, self.directory = epoch, directory
+
+    def restore_latest(self, template):
+        return self.epoch, ({"restored": self.epoch} if self.epoch else None), []
+
+
+@pytest.mark.parametrize("checkpointed, recorded, quiet, message", [
+    (None, 0, False, "train_nyuv2.py: --resume: no readable checkpoint in CKPT: training from epoch 1"),
+    (None, 0, True, None),
+    (2, 3, False, "train_nyuv2.py: --resume: resuming after epoch 2 of 4; metrics.jsonl's epoch 3 has no readable "
+                  "checkpoint and is trained again"),
+    (2, 3, True, None),  # the epoch under way at a kill: nothing lost a quiet run must hear of
+    (1, 3, True, "train_nyuv2.py: warning: --resume: resuming after epoch 1 of 4; metrics.jsonl's epochs 2-3 have no "
+                 "readable checkpoint and are trained again"),
+    (None, 2, True, "train_nyuv2.py: warning: --resume: no readable checkpoint in CKPT: training from epoch 1; "
+                    "metrics.jsonl's epochs 1-2 have no readable checkpoint and are trained again"),
+    (4, 4, False, "train_nyuv2.py: --resume: all 4 epochs were trained: evaluating the final model"),
+])
+def test_a_resume_says_where_it_goes_on_from(tmp_path, capsys, checkpointed, recorded, quiet, message):
+    """Checkpoints lost (deleted, or set aside as unreadable) would otherwise make a resume train again, silently,
+    epochs that metrics.jsonl records."""
+    load_script(SCRIPT)
+    from _training import restore_run
+
+    history = tmp_path / "metrics.jsonl"
+    if recorded:
+        history.write_text("".join(json.dumps({"epoch": epoch}) + "\n" for epoch in range(1, recorded + 1)))
+    start, tree, lines = restore_run(FakeCheckpoints(checkpointed, tmp_path / "ckpt"), {"initial": 0}, True,
+                                     "train_nyuv2.py", history, 4, quiet)
+    assert (start, tree) == ((checkpointed, {"restored": checkpointed}) if checkpointed else (0, {"initial": 0}))
+    assert [line["epoch"] for line in lines] == list(range(1, start + 1))
+    printed = capsys.readouterr().err.strip().replace(str(tmp_path / "ckpt"), "CKPT")
+    assert printed == (message or "")
+    assert restore_run(None, {"initial": 0}, False, "train_nyuv2.py", history, 4, False) == (0, {"initial": 0}, [])
+    assert capsys.readouterr().err == ""
