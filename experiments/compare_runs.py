@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -144,10 +145,13 @@ def plot(summary: comparison.Summary, metrics: Sequence[str], path: Path) -> Non
     keys = list(metrics) + (["delta_m"] if summary.baseline is not None else [])
     # The multi-task setups against the baseline's dashed line; single-task runs alone are shown as a setup.
     contenders = [setup for setup in summary.setups if not setup.is_baseline] or list(summary.setups)
+    # Labels wrapped (an ablation's loss weights can be a hundred characters), so the panels keep their width.
+    labels = [textwrap.fill(setup.label.replace(",", ", "), 30) for setup in contenders]
+    lines = sum(label.count("\n") + 1 for label in labels)
     columns = min(len(keys), 3)
     rows = math.ceil(len(keys) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 0.3 * len(contenders) * rows + 1.8 * rows),
-                                squeeze=False)
+    height = (0.25 * lines + 0.1 * len(contenders) + 1.8) * rows
+    figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, height), squeeze=False)
     for axis, key in zip(axes.flat, keys):
         for position, setup in enumerate(contenders):
             stats = summary.values[setup.label].get(key)
@@ -156,7 +160,7 @@ def plot(summary: comparison.Summary, metrics: Sequence[str], path: Path) -> Non
             error = stats["standard_error"]
             axis.errorbar(stats["mean"], position, xerr=error or 0.0, fmt="o", color=f"C{position % 10}", capsize=3,
                           markerfacecolor="white" if error is None else f"C{position % 10}")
-        axis.set_yticks(range(len(contenders)), [setup.label for setup in contenders], fontsize=8)
+        axis.set_yticks(range(len(contenders)), labels, fontsize=8)
         axis.set_ylim(len(contenders) - 0.5, -0.5)
         axis.grid(axis="x", alpha=0.3)
         if key == "delta_m":

@@ -370,13 +370,15 @@ def probe(semantic, residual):
             "ratio": {"ratio": residual / semantic, "standard_error": 0.1, "n": 8}}
 
 
+@pytest.mark.filterwarnings("error")  # a figure whose labels leave its panels no room warns
 def test_the_stream_probe_compares_core_runs_by_each_appearance_change(tmp_path):
     """``--section stream_shift``: each CORE-MTL setup's probe (ẑ_s's and ẑ_r's relative change and their ratio, per
     appearance change) over its seeds; ẑ_s's change is better lower, the ratio higher, ẑ_r's change neither (no
     arrow, no bold); no Δ, since single-task runs have no streams."""
     rng = np.random.default_rng(10)
     folders, shifts = [], {}
-    for weights in ("", "independence=0.0"):
+    ablation = "counterfactual_probability=1.0,counterfactual_start_epoch=0,independence=0.0,stage0_epochs=0"
+    for weights in ("", ablation):
         for seed in (0, 1, 2):
             semantic, residual = rng.uniform(0.05, 0.3, 2), rng.uniform(0.3, 1.5, 2)
             base = write_run(tmp_path / f"raw_{weights}_{seed}", "core", seed, metrics_for(TASK_METRICS, rng),
@@ -388,9 +390,9 @@ def test_the_stream_probe_compares_core_runs_by_each_appearance_change(tmp_path)
     assert list(summary.metrics) == [f"{change}/{name}" for change in ("appearance", "colors_permuted")
                                      for name in ("semantic", "residual", "ratio")]
     assert summary.baseline is None and any("single-task runs do not have" in note for note in summary.notes)
-    labels = ["core (loss_weights=default)", "core (loss_weights=independence=0.0)"]
+    labels = ["core (loss_weights=default)", f"core (loss_weights={ablation})"]
     assert [setup.label for setup in summary.setups] == labels
-    for weights, label in zip(("", "independence=0.0"), labels):
+    for weights, label in zip(("", ablation), labels):
         values = summary.values[label]
         for change in ("appearance", "colors_permuted"):
             ratios = [entry[change]["ratio"]["ratio"] for entry in shifts[weights]]
