@@ -48,7 +48,7 @@ _PROBE_DIRECTIONS = {"semantic": -1, "residual": 0, "ratio": +1}
 _MACHINE_FLAGS = frozenset({"seed", "out", "resume", "quiet", "data", "target_data", "source_data", "on_device",
                             "corruptions", "severities", "gradient_probe", "jacobian_chunk"})
 _WEIGHT_FLAGS = frozenset({"pretrained", "perceptual"})
-_BENCHMARK_FLAGS = frozenset({"dataset", "attributes", "shortcut_strength"})
+_BENCHMARK_FLAGS = frozenset({"dataset", "attributes", "shortcut_strength", "synthetic"})
 # Flags whose values follow from the method: a baseline has no grounding, loss weights, preset or perceptual loss.
 _METHOD_FLAGS = frozenset({"method", "grounding", "preset", "perceptual", "loss_weights"})
 BASELINE_METHOD = "stl"
@@ -85,7 +85,13 @@ class Run:
     @property
     def benchmark_key(self) -> tuple:
         """What the run was trained and evaluated on; only runs of one benchmark compare."""
-        return (self.experiment, str(self.config.get("dataset", "")), self.attributes, self.shortcut_strength)
+        return (self.experiment, str(self.config.get("dataset", "")), self.attributes, self.shortcut_strength,
+                self.synthetic)
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the run trained on a generated data set (``--synthetic``), another benchmark than the real one."""
+        return bool(self.config.get("synthetic", False))
 
     @property
     def shortcut_strength(self) -> float | None:
@@ -97,13 +103,14 @@ class Run:
     @property
     def benchmark(self) -> str:
         """:attr:`benchmark_key` for a title (CelebA's attributes shortened)."""
+        generated = ", generated data" if self.synthetic else ""
         if self.experiment == "train_celeba":
             names = self.attributes
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            return f"CelebA, {len(names)} attribute{'s' if len(names) != 1 else ''} ({shown})"
+            return f"CelebA{generated}, {len(names)} attribute{'s' if len(names) != 1 else ''} ({shown})"
         if self.shortcut_strength is not None:
-            return f"colored_cityscapes (shortcut strength {self.shortcut_strength:g})"
-        return str(self.config.get("dataset", "nyuv2"))
+            return f"colored_cityscapes (shortcut strength {self.shortcut_strength:g}{generated})"
+        return str(self.config.get("dataset", "nyuv2")) + (" (generated data)" if self.synthetic else "")
 
     @property
     def method(self) -> str:
@@ -420,7 +427,10 @@ def _baseline(setups: Sequence[Setup], values, metrics: Sequence[str], section: 
         return None
     baseline_setup = next((setup for setup in setups if setup.is_baseline), None)
     if baseline_setup is None:
-        notes.append(f"no single-task runs (--method {BASELINE_METHOD}) among the runs: no Δm or Δp")
+        if setups[0].runs[0].experiment == "train_celeba":  # the attributes are trained together only
+            notes.append("train_celeba.py trains no single-task runs: no Δm or Δp")
+        else:
+            notes.append(f"no single-task runs (--method {BASELINE_METHOD}) among the runs: no Δm or Δp")
         return None
     if all(setup.is_baseline for setup in setups):
         notes.append("only single-task runs: no multi-task setup to take Δm or Δp of")

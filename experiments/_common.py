@@ -50,6 +50,22 @@ def require_integer(config: Any, name: str, least: int, why: str = "") -> None:
         raise ValueError(f"{flag(name)} must be an integer >= {least}{f' ({why})' if why else ''}; got {value}")
 
 
+def require_folder(option: str, path: str) -> None:
+    """Refuses a path flag's value (``""``: not given) that is not a folder, saying whether it is missing or a
+    file."""
+    if path and not Path(path).is_dir():
+        raise FileNotFoundError(f"{option}: {'not a folder (a file)' if Path(path).exists() else 'no such folder'}: "
+                                f"{path}")
+
+
+def require_file(option: str, path: str) -> None:
+    """Refuses a path flag's value (``""``: not given) that is not a file, saying whether it is missing or a
+    folder."""
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"{option}: {'not a file (a folder)' if Path(path).exists() else 'no such file'}: "
+                                f"{path}")
+
+
 def require_finite(config: Any, name: str, positive: bool = True) -> None:
     """Refuses a number field of ``config`` that is not finite and > 0 (``>= 0`` unless ``positive``)."""
     value = getattr(config, name)

@@ -39,8 +39,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_config, parse_overrides, parser_for, pyplot, require_finite,  # noqa: E402
-                     require_integer, run_main, save_figure, write_json)
+from _common import (environment, parse_config, parse_overrides, parser_for, pyplot, require_file,  # noqa: E402
+                     require_finite, require_folder, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
                        last_good_state_of, read_weights, record_epoch, restore_run, train_epoch)
 
@@ -144,14 +144,15 @@ class TrainConfig:
         if self.min_learning_rate > self.learning_rate:
             raise ValueError(f"--min-learning-rate must be at most --learning-rate ({self.learning_rate}); got "
                              f"{self.min_learning_rate}")
-        for option, path in (("--pretrained", self.pretrained), ("--perceptual", self.perceptual)):
-            if path and not Path(path).is_file():
-                raise FileNotFoundError(f"{option}: no such file: {path}")
+        require_file("--pretrained", self.pretrained)
+        require_file("--perceptual", self.perceptual)
         if self.perceptual and self.method != "core":
             raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
                              f"{self.method}")
-        if self.data and not Path(self.data).is_dir():
-            raise FileNotFoundError(f"--data: no such folder: {self.data}")
+        require_folder("--data", self.data)
+        if self.jacobian_chunk and self.method == "core":
+            raise ValueError("--jacobian-chunk is for the methods that take each attribute's gradient; --method core "
+                             "takes none")
         self.attribute_names  # validates --attributes
         # Frozen: the overrides recorded in one spelling, so that the same weights are the same run.
         object.__setattr__(self, "loss_weights", parse_overrides("--loss-weights", self.loss_weights,

@@ -51,7 +51,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
-                     require_finite, require_integer, run_main, save_figure, write_json)
+                     require_file, require_finite, require_folder, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
                        last_good_state_of, read_weights, record_epoch, restore_run, train_epoch)
 
@@ -191,8 +191,10 @@ class TrainConfig:
             raise ValueError(f"--variant {self.variant} builds the dual-stream model; --architecture mtan has its own "
                              f"heads (use --variant paper)")
         if self.architecture == "mtan" and self.method in ("core", "graddrop"):
-            raise ValueError(f"--architecture mtan trains the balancing baselines; --method {self.method} needs the "
-                             f"dual-stream model (--architecture shared)")
+            needs = ("the dual-stream model" if self.method == "core" else
+                     "hard parameter sharing (it masks the gradients of the one shared representation)")
+            raise ValueError(f"--architecture mtan trains the balancing baselines; --method {self.method} needs "
+                             f"{needs}: --architecture shared")
         if not 0.0 <= self.shortcut_strength <= 1.0:
             raise ValueError(f"--shortcut-strength must lie in [0, 1]; got {self.shortcut_strength}")
         if self.shortcut_strength != 1.0 and self.dataset != "colored_cityscapes":
@@ -221,19 +223,16 @@ class TrainConfig:
                              f"exceed {stage0} for the heads to train; got {self.epochs}")
         require_finite(self, "learning_rate")
         require_finite(self, "weight_decay", positive=False)
-        for option, path in (("--pretrained", self.pretrained), ("--perceptual", self.perceptual)):
-            if path and not Path(path).is_file():
-                raise FileNotFoundError(f"{option}: no such file: {path}")
+        require_file("--pretrained", self.pretrained)
+        require_file("--perceptual", self.perceptual)
         if self.perceptual and self.method != "core":
             raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
                              f"{self.method}")
-        if self.data and not Path(self.data).is_dir():
-            raise FileNotFoundError(f"--data: no such folder: {self.data}")
-        for option, path in (("--target-data", self.target_data), ("--source-data", self.source_data)):
-            if path and self.dataset != "gta5":
+        for option, path in (("--data", self.data), ("--target-data", self.target_data),
+                             ("--source-data", self.source_data)):
+            if path and option != "--data" and self.dataset != "gta5":
                 raise ValueError(f"{option} is for --dataset gta5 only; got --dataset {self.dataset}")
-            if path and not Path(path).is_dir():
-                raise FileNotFoundError(f"{option}: no such folder: {path}")
+            require_folder(option, path)
         if self.dataset == "gta5" and self.data and not self.target_data:
             raise ValueError("--dataset gta5 needs --target-data PATH: the Cityscapes folder it is evaluated on")
         if self.source_data and self.data and absolute(self.source_data) == absolute(self.data):
@@ -319,6 +318,9 @@ def _load_splits(config: TrainConfig, out: Path) -> tuple[dict, dict, dict | Non
         writer = data.write_nyuv2 if config.dataset == "nyuv2" else data.write_cityscapes
         generated(root, lambda folder: writer(folder, train=training_examples, seed=config.seed))
     load = data.load_nyuv2 if config.dataset == "nyuv2" else data.load_cityscapes
+    if config.dataset == "nyuv2" and not (root / "train" / "normal").is_dir() and (root / "train" / "depth").is_dir():
+        raise FileNotFoundError(f"--data: {root} has no train/normal folder, as LibMTL's Cityscapes has none: for "
+                                f"Cityscapes give --dataset cityscapes (or colored_cityscapes); NYUv2 needs normals")
     if config.dataset == "colored_cityscapes":
         # The source colours for training and the source metrics, the permuted ones for the target (the result).
         return colored_cityscapes(load(root, "train"), load(root, "val"), config.shortcut_strength)

@@ -207,6 +207,8 @@ def test_the_script_writes_the_table_json_and_figure(table1, tmp_path, capsys):
     (lambda tmp: [tmp / "other"], "is not the results of a training run"),
     (lambda tmp: [tmp / "ew_0", tmp / "copy_of_ew_0"], "are the same setup with the same seed (0)"),
     (lambda tmp: [tmp / "ew_0", tmp / "celeba"], "compare runs of one benchmark at a time"),
+    (lambda tmp: [tmp / "ew_0", tmp / "generated"], "ew_0 is a run on nyuv2 and "),
+    (lambda tmp: [tmp / "generated", tmp / "ew_0"], "generated is a run on nyuv2 (generated data) and "),
     (lambda tmp: [tmp / "stl_depth", tmp / "stl_depth_lr"], "the single-task runs differ in --learning-rate"),
     (lambda tmp: [tmp / "ew_0", "--section", "final_source"], "has no 'final_source' results (it has final)"),
     (lambda tmp: [tmp / "ew_0", "--section", "test"], "section 'test' is not one of train_nyuv2's"),
@@ -239,6 +241,7 @@ def test_bad_input_is_one_line(tmp_path, make, message):
         "experiment": "train_celeba", "config": {"method": "ew", "seed": 0},
         "model": {"attributes": ["Male", "Young", "Bald", "Smiling"]}, "test": {"attributes/mean_accuracy": 0.9}}))
     write_run(tmp_path / "two_tasks", "ew", 1, metrics_for(["segmentation", "depth"], rng))
+    write_run(tmp_path / "generated", "pcgrad", 1, metrics_for(TASK_METRICS, rng), synthetic=True)
     write_run(tmp_path / "no_value", "ew", 1, {**metrics_for(TASK_METRICS, rng), "depth/abs_err": None})
     write_run(tmp_path / "empty", "ew", 1, {})
     edit(tmp_path / "no_method", tmp_path / "ew_0", lambda r: r["config"].pop("method"))
@@ -263,6 +266,7 @@ def test_celeba_runs_naming_the_same_attributes_differently_are_one_setup(tmp_pa
     assert summary.values["core"]["attributes/mean_accuracy"] == pytest.approx(
         {"mean": 0.85, "standard_error": 0.05, "n": 2})
     assert summary.benchmark == "CelebA, 2 attributes (5_o_Clock_Shadow, Arched_Eyebrows)"
+    assert summary.notes[0] == "train_celeba.py trains no single-task runs: no Δm or Δp"  # not: "add --method stl"
 
 
 def test_defaults_count_as_the_values_the_run_filled_in(tmp_path):

@@ -56,7 +56,8 @@ def test_compare_runs_reads_a_run(uninterrupted, tmp_path):
     assert compared.returncode == 0, compared.stderr
     test = json.loads((uninterrupted / "results.json").read_text())["test"]
     assert f"| core | 1 | {test['attributes/mean_accuracy']:.4g} |" in compared.stdout
-    assert "CelebA, 5 attributes (5_o_Clock_Shadow, Arched_Eyebrows, Attractive, ...), test:" in compared.stdout
+    assert "CelebA, generated data, 5 attributes (5_o_Clock_Shadow, Arched_Eyebrows, Attractive, ...), test:" in \
+        compared.stdout
 
 
 def test_a_killed_run_resumes_to_the_same_numbers(uninterrupted, cache, tmp_path):
@@ -103,6 +104,9 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     (["--synthetic", "--image-size", "16"], "--image-size must be an integer >= 32; got 16"),
     (["--synthetic", "--data", "/tmp"], "give exactly one of --data PATH and --synthetic"),
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
+    (["--data", __file__], f"--data: not a folder (a file): {__file__}"),
+    (["--synthetic", "--method", "core", "--jacobian-chunk", "2"],
+     "--jacobian-chunk is for the methods that take each attribute's gradient; --method core takes none"),
     (["--synthetic", "--variant", "theirs"], "--variant must be one of paper, authors"),
     (["--synthetic", "--jacobian-chunk", "-1"], "--jacobian-chunk must be an integer >= 0; got -1"),
     (["--synthetic", "--loss-weights", "image=1"],

@@ -163,6 +163,10 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
     (["--synthetic", "--seed", str(2**63)], "--seed must be an integer in [-2^63, 2^63 - 1]"),
     (["--synthetic", "--data", "/nonexistent"], "give exactly one of --data PATH and --synthetic"),
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
+    (["--data", __file__], f"--data: not a folder (a file): {__file__}"),
+    (["--synthetic", "--pretrained", "/tmp"], "--pretrained: not a file (a folder): /tmp"),
+    (["--synthetic", "--method", "graddrop", "--architecture", "mtan"], "--method graddrop needs hard parameter "
+                                                                        "sharing (it masks the gradients of the one "),
     (["--synthetic", "--method", "stl", "--task", "albedo"], "--task must be one of segmentation, depth, normal"),
     (["--synthetic", "--batch-size", "two"], "--batch-size"),
     (["--synthetic", "--target-data", "/tmp"], "--target-data is for --dataset gta5 only"),
@@ -194,6 +198,18 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     assert_one_line_error(run_in_process("experiments/train_nyuv2.py", *args, "--out", str(tmp_path / "out"),
                                          "--quiet", computation="deep.devices.initialize_distributed"), message)
     assert not (tmp_path / "out").exists()
+
+
+def test_cityscapes_data_read_as_nyuv2_says_which_flag_reads_it(tmp_path):
+    from deep.data import write_cityscapes
+
+    module = load_script(SCRIPT)
+    root = write_cityscapes(tmp_path / "cityscapes")
+    with pytest.raises(FileNotFoundError, match=r"has no train/normal folder, as LibMTL's Cityscapes has none: for "
+                                                r"Cityscapes give --dataset cityscapes \(or colored_cityscapes\)"):
+        module._load_splits(module.TrainConfig(data=str(root), method="ew"), tmp_path / "out")
+    assert module._load_splits(module.TrainConfig(data=str(root), method="ew", dataset="cityscapes"),
+                               tmp_path / "out")[0]["images"].ndim == 4
 
 
 def test_the_papers_corruptions_are_its_four():
