@@ -209,7 +209,12 @@ def test_cityscapes_label_range_and_the_mtan_folder_hint(cityscapes_root, tmp_pa
     root = tmp_path / "cityscapes"
     shutil.copytree(cityscapes_root, root)
     np.save(root / "train" / "label" / "1.npy", np.full((HEIGHT, 2 * WIDTH), 7, np.int32))
-    with pytest.raises(DataError, match=r"label/1.npy: label value 7 is out of range; labels must be in -1..6"):
+    with pytest.raises(DataError, match=r"label/1.npy: label value 7 is out of range; labels must be in -1..6 "
+                                        r"\(7 classes, -1 = ignore\)$"):
+        load_cityscapes(root, "train")
+    np.save(root / "train" / "label" / "1.npy", np.full((HEIGHT, 2 * WIDTH), 255, np.int32))
+    with pytest.raises(DataError, match=r"label value 255 is out of range; .* -1 = ignore\); 255 is a common 'no "
+                                        r"label' value elsewhere: map it to -1$"):
         load_cityscapes(root, "train")
     (root / "val" / "label").rename(root / "val" / "label_7")
     with pytest.raises(DataError, match="rename it to label"):

@@ -202,8 +202,9 @@ def _check_values(array: np.ndarray, path: Path, kind: str, num_classes: int) ->
         low, high = array.min(), array.max()
         if low < -1 or high > num_classes - 1:
             bad = low if low < -1 else high
+            hint = "; 255 is a common 'no label' value elsewhere: map it to -1" if bad == 255 else ""
             raise DataError(f"{path}: label value {bad:.6g} is out of range; labels must be in -1..{num_classes - 1} "
-                            f"({num_classes} classes, -1 = ignore)")
+                            f"({num_classes} classes, -1 = ignore){hint}")
     elif kind == "depth":
         low = array.min()
         if low < 0:
