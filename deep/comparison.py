@@ -142,9 +142,10 @@ class Run:
         values = self.results.get(section)
         if not isinstance(values, Mapping):
             held = [name for name in SECTIONS[self.experiment] if isinstance(self.results.get(name), Mapping)]
-            why = (f" (the stream probe measures CORE-MTL runs only, and this is a {self.method} run)"
-                   if section == PROBE_SECTION and self.method != "core" else "")
-            raise ValueError(f"{self.path} has no {section!r} results{why} (it has {', '.join(held) or 'none'}); "
+            if section == PROBE_SECTION and self.method != "core":
+                raise ValueError(f"{self.path} is a run of --method {self.method}, which has no streams to probe: "
+                                 f"{section} compares CORE-MTL runs only")
+            raise ValueError(f"{self.path} has no {section!r} results (it has {', '.join(held) or 'none'}); "
                              f"choose a section every run has")
         if section == PROBE_SECTION:
             values = _probe_values(values, self.path)

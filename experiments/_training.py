@@ -15,20 +15,23 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from _common import flag, write_atomically
+from _common import flag, write_atomically, write_json
 
 
-# Flags that say where the inputs are and how they are placed, not what the run learns: a resume may change them (the
-# data copied to a job's scratch disk, say), as long as a path given before is given again.
-_RELOCATABLE = frozenset({"data", "target_data", "source_data", "pretrained", "perceptual", "on_device"})
+# Flags that say where the data is and how it is placed, not what the run learns: a resume may change them (the data
+# copied to a job's scratch disk, say), as long as a folder given before is given again; the splits' sizes are checked
+# once read (record_run). Weight files are not among them: the perceptual loss's weights are read anew by every resume
+# and nothing would tell another file from the one the run trained with.
+_RELOCATABLE = frozenset({"data", "target_data", "source_data", "on_device"})
 
 
 def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type, path_fields: Sequence[str],
                      prog: str) -> None:
     """Refuses an ``--out`` that already holds a run (unless ``resume``), and a resume whose run-defining flags
     (``identity``) differ from the run's own (its ``run.json``). A field an older version did not record had its
-    default (``config_class``'s) then; the recorded paths (``path_fields``) are compared absolute. The paths of the
-    inputs and their placement may move (said on stderr, as ``prog``): only whether a path is given must agree."""
+    default (``config_class``'s) then; the recorded paths (``path_fields``) are compared absolute. The data folders
+    and their placement may change (said on stderr as ``prog``, also with ``--quiet``): only whether a folder is
+    given must agree, and :func:`record_run` checks the sizes of the splits read from them."""
     checkpoints_dir, identity_path = out / "checkpoints", out / "run.json"
     if resume:
         if not identity_path.exists():
@@ -54,6 +57,24 @@ def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type
                                                     for k in changed), file=sys.stderr)
     elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+
+
+def record_run(out: Path, identity: dict, examples: dict[str, int], resume: bool) -> None:
+    """A new run: process 0 writes ``run.json``, the run's flags (``identity``) and the sizes of its splits
+    (``examples``), once every input has been read. A resume: refuses data whose splits' sizes differ from those the
+    run recorded (data moved, or copied in part, would change the steps of an epoch and the schedule); a run.json of a
+    version that did not record them is not checked."""
+    identity_path = out / "run.json"
+    if not resume:
+        if _is_primary():
+            write_json(identity_path, {**identity, "examples": examples})
+        return
+    recorded = json.loads(identity_path.read_text()).get("examples")  # check_run_folder read it already
+    if isinstance(recorded, dict) and recorded != examples:
+        differing = [f"{split} {examples.get(split)} (the run's: {recorded.get(split)})"
+                     for split in dict.fromkeys([*recorded, *examples]) if recorded.get(split) != examples.get(split)]
+        raise ValueError(f"--resume: the data holds other splits than the run was trained on: {', '.join(differing)} "
+                         f"examples; resume with the run's data")
 
 
 def data_mesh_for(batch_size: int):
@@ -103,11 +124,12 @@ def restore_run(checkpoints, initial: dict, resume: bool, prog: str, history_pat
     """``(epochs done, tree, history)``: with ``resume``, the newest readable checkpoint laid out as ``initial`` (a
     damaged one is set aside with a warning) and the history of its epochs (:func:`read_history`), else (or with no
     checkpoint yet) ``(0, initial, [])``. A resume says where it goes on from (unless ``quiet``), and warns, even when
-    quiet, when more than the epoch under way at the kill is trained again."""
+    quiet, when more than one epoch that ``history_path`` records is trained again (one is the epoch whose line was
+    written when the run was killed before its checkpoint)."""
     if not resume:
         return 0, initial, []
     epoch, restored, set_aside = checkpoints.restore_latest(initial)
-    for reason in set_aside:
+    for reason in set_aside if _is_primary() else ():
         print(f"{prog}: warning: a checkpoint could not be read and was renamed *.unreadable; resuming from an older "
               f"one ({reason})", file=sys.stderr)
     start, tree = (epoch, restored) if epoch else (0, initial)
@@ -129,13 +151,21 @@ def restore_run(checkpoints, initial: dict, resume: bool, prog: str, history_pat
 
 
 def _recorded_epochs(path: Path) -> int:
-    """The last epoch ``metrics.jsonl`` records (0 if none or unreadable), for :func:`restore_run`'s message."""
+    """The last epoch ``metrics.jsonl`` records (0 if none), for :func:`restore_run`'s message; damaged lines are
+    skipped (from epoch 1 on, nothing else reads the file, which the first epoch rewrites)."""
     try:
-        lines = [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        texts = path.read_text(errors="replace").splitlines()
+    except OSError:
         return 0
-    return max([line["epoch"] for line in lines if isinstance(line, dict) and type(line.get("epoch")) is int],
-               default=0)
+    epochs = []
+    for text in texts:
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and type(line.get("epoch")) is int:  # noqa: E721 (true is no epoch)
+            epochs.append(line["epoch"])
+    return max(epochs, default=0)
 
 
 def _is_primary() -> bool:

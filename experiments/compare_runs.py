@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -146,7 +147,7 @@ def plot(summary: comparison.Summary, metrics: Sequence[str], path: Path) -> Non
     # The multi-task setups against the baseline's dashed line; single-task runs alone are shown as a setup.
     contenders = [setup for setup in summary.setups if not setup.is_baseline] or list(summary.setups)
     # Labels wrapped (an ablation's loss weights can be a hundred characters), so the panels keep their width.
-    labels = [textwrap.fill(setup.label.replace(",", ", "), 30) for setup in contenders]
+    labels = [textwrap.fill(re.sub(r",(?=\S)", ", ", setup.label), 30) for setup in contenders]
     lines = sum(label.count("\n") + 1 for label in labels)
     columns = min(len(keys), 3)
     rows = math.ceil(len(keys) / columns)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (environment, parse_config, parse_overrides, parser_for, pyplot, require_file,  # noqa: E402
                      require_finite, require_folder, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
-                       last_good_state_of, read_weights, record_epoch, restore_run, train_epoch)
+                       last_good_state_of, read_weights, record_epoch, record_run, restore_run, train_epoch)
 
 PATH_FIELDS = ("data", "pretrained", "perceptual")
 VARIANTS = ("paper", "authors")
@@ -102,9 +102,10 @@ class TrainConfig:
         "help": "LPIPS-VGG weights as .npz for CORE-MTL's perceptual reconstruction term (the authors' LPIPS; see "
                 "python -m deep.perceptual convert); without it the term is left out"})
     jacobian_chunk: int = dataclasses.field(default=0, metadata={
-        "help": "for the methods that take each attribute's gradient (PCGrad, MGDA, ...): how many of the pull-backs "
-                "through the encoder run at once (0: all; fewer hold less memory: at the paper's setting PCGrad "
-                "needs about 92 GiB of temporaries at 40 attributes all at once)"})
+        "help": "for the methods that take each attribute's gradient (PCGrad, MGDA, ...) and for every method's "
+                "gradient probe: how many of the pull-backs through the encoder run at once (0: all; fewer hold less "
+                "memory: at the paper's setting PCGrad needs about 92 GiB of temporaries at 40 attributes all at "
+                "once)"})
     gradient_probe: int = dataclasses.field(default=1, metadata={
         "help": "after training, the cosines between the attributes' gradients of the shared parameters (and, for "
                 "CORE-MTL, with the reconstruction's and the CKA term's), the paper's Figs. 4-5, averaged over this "
@@ -150,9 +151,6 @@ class TrainConfig:
             raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
                              f"{self.method}")
         require_folder("--data", self.data)
-        if self.jacobian_chunk and self.method == "core":
-            raise ValueError("--jacobian-chunk is for the methods that take each attribute's gradient; --method core "
-                             "takes none")
         self.attribute_names  # validates --attributes
         # Frozen: the overrides recorded in one spelling, so that the same weights are the same run.
         object.__setattr__(self, "loss_weights", parse_overrides("--loss-weights", self.loss_weights,
@@ -356,8 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     balancer, step = attributes.make_attribute_step(config.method, graphdef, optimizer, loss_weights, perceptual,
                                                     jacobian_chunk)
     balancer_state = () if config.method == "core" else balancer.init(len(model_config.attributes))
-    if primary and not config.resume:
-        write_json(out / "run.json", config.run_identity())  # once every input (data, weight files) has been read
+    record_run(out, config.run_identity(), {split: len(splits[split]["images"]) for split in ("train", "val", "test")},
+               config.resume)  # once every input (data, weight files) has been read
     state, balancer_state = devices.replicate(mesh, (state, balancer_state))
     predict = attributes.predict_logits_function(graphdef)
     as_float = jax.jit(lambda images: images.astype(jnp.float32) / 255.0)

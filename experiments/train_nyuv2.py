@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (environment, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
                      require_file, require_finite, require_folder, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
-                       last_good_state_of, read_weights, record_epoch, restore_run, train_epoch)
+                       last_good_state_of, read_weights, record_epoch, record_run, restore_run, train_epoch)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5", "colored_cityscapes")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
@@ -481,7 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(config.out)
     checkpoints_dir = out / "checkpoints"
-    identity_path = out / "run.json"
     check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS, "train_nyuv2.py")
     mesh = data_mesh_for(config.batch_size)
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
@@ -531,8 +530,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     perceptual = devices.replicate(mesh, perceptual)
     balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights, perceptual)
     balancer_state = () if config.method == "core" else balancer.init(len(task_names))
-    if primary and not config.resume:
-        write_json(identity_path, config.run_identity())  # once every input (data, weight files) has been read
+    sizes = {"train": len(train_split["images"]), "test": len(test_split["images"])}
+    if source_split is not None:
+        sizes["source"] = len(source_split["images"])
+    record_run(out, config.run_identity(), sizes, config.resume)  # once every input (data, weight files) has been read
     # Replicated before a restore too, which then lays the restored arrays out as these.
     state, balancer_state = devices.replicate(mesh, (state, balancer_state))
     predict = trainer.predict_function(graphdef)

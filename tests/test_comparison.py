@@ -423,8 +423,8 @@ def test_the_stream_probe_compares_core_runs_by_each_appearance_change(tmp_path)
     ew = write_run(tmp_path / "ew", "ew", 0, metrics_for(TASK_METRICS, rng))
     assert_one_line_error(run_in_process(SCRIPT, str(folders[0]), str(ew), "--section", "stream_shift", "--out",
                                          str(tmp_path / "out"), computation="plot"),
-                          "ew has no 'stream_shift' results (the stream probe measures CORE-MTL runs only, and this "
-                          "is a ew run) (it has final)")
+                          "ew is a run of --method ew, which has no streams to probe: stream_shift compares CORE-MTL "
+                          "runs only")
     broken = edit(tmp_path / "broken", folders[0], lambda r: r["stream_shift"]["appearance"].pop("ratio"))
     assert_one_line_error(run_in_process(SCRIPT, str(broken), "--section", "stream_shift", "--out",
                                          str(tmp_path / "out"), computation="plot"),

@@ -105,8 +105,6 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     (["--synthetic", "--data", "/tmp"], "give exactly one of --data PATH and --synthetic"),
     (["--data", "/nonexistent"], "--data: no such folder: /nonexistent"),
     (["--data", __file__], f"--data: not a folder (a file): {__file__}"),
-    (["--synthetic", "--method", "core", "--jacobian-chunk", "2"],
-     "--jacobian-chunk is for the methods that take each attribute's gradient; --method core takes none"),
     (["--synthetic", "--variant", "theirs"], "--variant must be one of paper, authors"),
     (["--synthetic", "--jacobian-chunk", "-1"], "--jacobian-chunk must be an integer >= 0; got -1"),
     (["--synthetic", "--loss-weights", "image=1"],

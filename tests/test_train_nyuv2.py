@@ -438,11 +438,12 @@ def test_loss_weight_overrides_reach_the_step_and_the_record(tmp_path, capsys):
             check_run_folder(folder, changed.run_identity(), True, module.TrainConfig, module.PATH_FIELDS, "t")
 
 
-def test_a_resume_may_find_its_inputs_elsewhere_but_not_without_them(tmp_path, capsys):
-    """The data and weight files copied elsewhere (a job's scratch disk) and their placement changed: the resume goes
-    on and says so. A path given before must be given again, and the other flags must agree."""
+def test_a_resume_may_find_its_data_elsewhere_but_not_other_data_or_weights(tmp_path, capsys):
+    """The data copied elsewhere (a job's scratch disk) and its placement changed: the resume goes on and says so. A
+    folder given before must be given again and hold splits of the sizes the run recorded; weight files (the
+    perceptual loss's are read anew by every resume) must stay where they were; the other flags must agree."""
     module = load_script(SCRIPT)
-    from _training import check_run_folder
+    from _training import check_run_folder, record_run
 
     for name in ("nyuv2", "moved"):
         (tmp_path / name).mkdir()
@@ -451,19 +452,30 @@ def test_a_resume_may_find_its_inputs_elsewhere_but_not_without_them(tmp_path, c
     folder = tmp_path / "run"
     folder.mkdir()
     started = module.TrainConfig(data=str(tmp_path / "nyuv2"), pretrained=str(tmp_path / "a.npz"), method="ew")
-    (folder / "run.json").write_text(json.dumps(started.run_identity()))
+    sizes = {"train": 795, "test": 654}
+    record_run(folder, started.run_identity(), sizes, resume=False)
+    assert json.loads((folder / "run.json").read_text()) == {**started.run_identity(), "examples": sizes}
     check = lambda **changes: check_run_folder(  # noqa: E731
         folder, dataclasses.replace(started, resume=True, **changes).run_identity(), True, module.TrainConfig,
         module.PATH_FIELDS, "train_nyuv2.py")
     check()
     assert capsys.readouterr().err == ""
-    check(data=str(tmp_path / "moved"), pretrained=str(tmp_path / "b.npz"), on_device=True)
+    check(data=str(tmp_path / "moved"), on_device=True)
     assert capsys.readouterr().err == (f"train_nyuv2.py: --resume: --data is now '{tmp_path / 'moved'}' (was "
-                                       f"'{tmp_path / 'nyuv2'}'); --on-device is now True (was False); --pretrained "
-                                       f"is now '{tmp_path / 'b.npz'}' (was '{tmp_path / 'a.npz'}')\n")
+                                       f"'{tmp_path / 'nyuv2'}'); --on-device is now True (was False)\n")
+    record_run(folder, started.run_identity(), dict(sizes), resume=True)
+    with pytest.raises(ValueError, match=r"^--resume: the data holds other splits than the run was trained on: train "
+                                         r"700 \(the run's: 795\) examples; resume with the run's data$"):
+        record_run(folder, started.run_identity(), {**sizes, "train": 700}, resume=True)
     with pytest.raises(ValueError, match=r"^--resume must use the run's own flags: --epochs was 100, now 7; "
-                                         r"--pretrained was '.*a\.npz', now ''$"):
-        check(data=str(tmp_path / "moved"), pretrained="", epochs=7)
+                                         r"--pretrained was '.*a\.npz', now '.*b\.npz'$"):
+        check(data=str(tmp_path / "moved"), pretrained=str(tmp_path / "b.npz"), epochs=7)
+    with pytest.raises(ValueError, match=r"^--resume must use the run's own flags: --data was '.*nyuv2', now ''; "
+                                         r"--synthetic was False, now True$"):
+        check(data="", synthetic=True)
+    # A run.json from before the sizes were recorded: nothing to check them against.
+    (folder / "run.json").write_text(json.dumps(started.run_identity()))
+    record_run(folder, started.run_identity(), {"train": 1, "test": 1}, resume=True)
 
 
 class FakeCheckpoints:
@@ -505,3 +517,15 @@ def test_a_resume_says_where_it_goes_on_from(tmp_path, capsys, checkpointed, rec
     assert printed == (message or "")
     assert restore_run(None, {"initial": 0}, False, "train_nyuv2.py", history, 4, False) == (0, {"initial": 0}, [])
     assert capsys.readouterr().err == ""
+
+
+def test_a_resume_from_epoch_1_counts_the_epochs_a_damaged_history_still_shows(tmp_path, capsys):
+    """With no checkpoint nothing reads metrics.jsonl (the first epoch rewrites it), so a damaged line must not hide
+    the epochs the others record."""
+    load_script(SCRIPT)
+    from _training import restore_run
+
+    history = tmp_path / "metrics.jsonl"
+    history.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n\xff\n')
+    assert restore_run(FakeCheckpoints(None, tmp_path), {}, True, "p", history, 4, True) == (0, {}, [])
+    assert capsys.readouterr().err.startswith("p: warning: --resume: no readable checkpoint in ")
