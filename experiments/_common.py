@@ -290,7 +290,12 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        # Ended at once, without the interpreter's teardown: a JAX computation still running on another thread
+        # crashed it (signal 11 instead of 130). Every file is written atomically and every context manager (the
+        # checkpoints') has closed on the way here, so nothing is lost.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     sys.exit(status or 0)
 
 
