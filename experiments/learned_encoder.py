@@ -62,6 +62,11 @@ class EncoderConfig:
         from theory.learned_encoder import MIXINGS
 
         allowed = tuple(m for m in METHODS if make(m).gradient_of == "parameters")
+        representation = [m for m in self.methods.split(",") if m.strip() in METHODS and m.strip() not in allowed]
+        if representation:  # GradDrop: it masks representation gradients, which this encoder's streams do not share
+            raise ValueError(f"--methods: {', '.join(representation)} balances the gradients of a shared "
+                             f"representation, which this encoder's baselines do not have; allowed: "
+                             f"{', '.join(allowed)}")
         object.__setattr__(self, "methods", ",".join(parse_choices("--methods", self.methods, allowed)))
         if self.mixing not in MIXINGS:
             raise ValueError(f"--mixing must be one of {', '.join(MIXINGS)}; got {self.mixing!r}")

@@ -27,6 +27,9 @@ from _common import (environment, parse_choices, parse_config, parse_floats, par
                      pyplot, require_finite, require_integer, run_main, save_figure, write_json)
 
 ALL = "all"
+# A method's verdicts are given only when its trained gap is within this many standard errors of the least-squares
+# gap on the same sample at every angle (converged means within 0.1).
+JUDGED_WITHIN_SE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +151,16 @@ def run(config: SweepConfig) -> dict:
             "converged": convergence["converged"],
             "seconds": timings[name],
         }
+        # A verdict needs the trained gap to be the minimiser's within its error: training that diverged or stopped
+        # far away spreads the seeds, and their huge standard error would pass any test (a gap of 10^14 "matching"
+        # the closed form). Such a method is not judged (None).
+        judged = bool(np.all(np.isfinite(gap))) and convergence["worst_error_over_se"] <= JUDGED_WITHIN_SE
         verdicts[name] = {
-            "above_floor": floor_verdict["holds"],
+            "judged": judged,
+            "above_floor": floor_verdict["holds"] if judged else None,
             "floor_violations": floor_verdict["violations"],
             "min_margin_se": floor_verdict["min_margin_se"],
-            "matches_closed_form": agreement["holds"],
+            "matches_closed_form": agreement["holds"] if judged else None,
             "max_abs_z_vs_closed_form": agreement["max_abs_z"],
             "converged": convergence["converged"],
             "worst_optimisation_error_over_se": convergence["worst_error_over_se"],
@@ -231,10 +239,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(payload, out / "sweep_theta.png")
     if not config.quiet:
         print(f"{'method':<10} {'above floor':>11} {'matches cf':>10} {'max |z|':>8} {'converged':>9} {'seconds':>8}")
+        shown = lambda value: "n/a" if value is None else str(value)  # noqa: E731 (not judged)
         for name, verdict in payload["verdict"].items():
-            print(f"{name:<10} {str(verdict['above_floor']):>11} {str(verdict['matches_closed_form']):>10} "
+            print(f"{name:<10} {shown(verdict['above_floor']):>11} {shown(verdict['matches_closed_form']):>10} "
                   f"{verdict['max_abs_z_vs_closed_form']:>8.2f} {str(verdict['converged']):>9} "
                   f"{payload['methods'][name]['seconds']:>8.1f}")
+        unjudged = [name for name, verdict in payload["verdict"].items() if not verdict["judged"]]
+        if unjudged:
+            print(f"n/a: {', '.join(unjudged)} ended more than {JUDGED_WITHIN_SE:g} standard error from the "
+                  f"least-squares solution at some angle (diverged, or too few --steps): not judged")
         print(f"wrote {out / 'sweep_theta.json'} and {out / 'sweep_theta.png'} "
               f"({payload['seconds_total']:.1f} s)")
     return 0

@@ -349,9 +349,12 @@ def test_an_interrupted_script_exits_130_while_jax_computes(tmp_path):
     import signal
     import time
 
-    process = subprocess.Popen([sys.executable, str(ROOT / "experiments/learned_encoder.py"), "--out",
-                                str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    script = str(ROOT / "experiments/learned_encoder.py")
+    # Ctrl-C's handler set in the child: one started from a background shell job would inherit SIGINT ignored.
+    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                f"sys.argv = [{script!r}, *sys.argv[1:]]; runpy.run_path({script!r}, run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", launcher, "--out", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     seen, deadline = b"", time.time() + 300
     while b"/run" not in seen and time.time() < deadline:  # its progress bar: the first run is under way
         seen += os.read(process.stderr.fileno(), 4096)

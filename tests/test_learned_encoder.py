@@ -132,8 +132,11 @@ def test_script_end_to_end(tmp_path):
     assert set(payload["final"]["CORE-MTL, hard grounding"]) >= {"theta_stream", "kappa", "gap", "gap_sem"}
 
 
-@pytest.mark.parametrize("flags, message", [(["--methods", "graddrop_x"], "--methods must be"),
-                                            (["--steps", "15", "--eval-every", "10"], "multiple of --eval-every")])
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "graddrop_x"], "--methods must be"),
+    (["--methods", "ew,graddrop"], "--methods: graddrop balances the gradients of a shared representation"),
+    (["--steps", "15", "--eval-every", "10"], "multiple of --eval-every"),
+])
 def test_script_bad_flags(flags, message, tmp_path):
     assert_one_line_error(run_in_process("experiments/learned_encoder.py", *flags, "--out", str(tmp_path)), message)
 

@@ -27,10 +27,27 @@ def test_tiny_sweep_writes_json_and_png(tmp_path):
         assert len(result["gap_mean"]) == len(result["gap_sem"]) == 3
         assert result["gap_mean"][0] == 0.0  # theta = 0: no gap, exactly
         assert set(payload["verdict"][name]) >= {"above_floor", "matches_closed_form", "converged"}
+        verdict = payload["verdict"][name]  # judged where training came within 1 SE of the minimiser (30 steps)
+        assert verdict["judged"] is (verdict["worst_optimisation_error_over_se"] <= 1.0)
+        assert (verdict["above_floor"] is None) is (not verdict["judged"])
     # The floor is below the closed-form gap, and both are zero at theta = 0.
     assert all(f <= g + 1e-12 for f, g in zip(payload["floor"], payload["closed_form_gap"]))
     assert payload["floor"][0] == payload["closed_form_gap"][0] == 0.0
     assert payload["small_theta_limit_of_ratio"] == pytest.approx((1 + 4) / 2)
+
+
+def test_a_method_whose_training_diverged_is_not_judged(tmp_path):
+    """At a learning rate of 10^4 EW's gaps reach 10^14, and their standard error with them: any test within 3 of
+    them would pass. Its verdicts are None (n/a), and the summary says why; a converged method beside it is judged."""
+    result = run_script(SCRIPT, *TINY, "--methods", "ew", "--learning-rate", "1e4", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    verdict = json.loads((tmp_path / "sweep_theta.json").read_text())["verdict"]["ew"]
+    assert verdict["judged"] is False and verdict["converged"] is False
+    assert verdict["above_floor"] is None and verdict["matches_closed_form"] is None
+    assert verdict["worst_optimisation_error_over_se"] > 1
+    row = next(line for line in result.stdout.splitlines() if line.startswith("ew "))
+    assert row.split()[1:3] == ["n/a", "n/a"]
+    assert "n/a: ew ended more than 1 standard error from the least-squares solution" in result.stdout
 
 
 def test_progress_and_summary_are_shown_without_quiet(tmp_path):
