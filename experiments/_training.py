@@ -1,9 +1,9 @@
 """What the training scripts share (``train_nyuv2.py``, ``train_celeba.py``): the run folder and its resumption, the
 epoch's progress and divergence checks, the metrics history, generated data sets and weight files.
 
-A run lives in ``--out``: ``run.json`` (the flags that define it), ``checkpoints/`` (Orbax, one per epoch),
-``metrics.jsonl`` (one line per epoch). ``--resume`` continues it from the newest readable checkpoint with the same
-flags.
+A run lives in ``--out``: ``run.json`` (the flags that define it, the sizes of its splits), ``checkpoints/`` (Orbax,
+one per epoch), ``metrics.jsonl`` (one line per epoch). ``--resume`` continues it from the newest readable checkpoint
+with the same flags (the data folders may have moved).
 """
 
 from __future__ import annotations
