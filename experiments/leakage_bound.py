@@ -66,8 +66,9 @@ class LeakageConfig:
         for name in ("theta_min", "theta_max"):
             if not 0 <= getattr(self, name) <= math.pi / 2:
                 raise ValueError(f"{flag(name)} must lie in [0, pi/2]; got {getattr(self, name)}")
-        if self.theta_min > self.theta_max:
-            raise ValueError(f"--theta-min ({self.theta_min}) must not exceed --theta-max ({self.theta_max})")
+        if self.theta_min > self.theta_max or (self.theta_min == self.theta_max and self.num_thetas > 1):
+            raise ValueError(f"--theta-min ({self.theta_min}) must be below --theta-max ({self.theta_max}), or equal "
+                             f"to it with --num-thetas 1 (one angle, not {self.num_thetas} copies of it)")
         object.__setattr__(self, "cases", ",".join(parse_choices("--cases", self.cases, tuple(CASES))))
         object.__setattr__(self, "heads", ",".join(parse_choices("--heads", self.heads, HEADS)))
         object.__setattr__(self, "losses", ",".join(parse_choices("--losses", self.losses, LOSSES)))

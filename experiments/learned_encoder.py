@@ -80,6 +80,9 @@ class EncoderConfig:
             if not -1 < getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must lie in (-1, 1); got {getattr(self, name)}")
         require_finite(self, "sigma_r_target")
+        if self.rho_source == self.rho_target and self.sigma_r_target == 1.0:  # the source's residual scale is 1
+            raise ValueError(f"--rho-source and --rho-target are both {self.rho_source} and --sigma-r-target is the "
+                             f"source's 1.0: the target is the source, so every gap is 0; change one of them")
         require_finite(self, "observation_noise", positive=False)
         require_integer(self, "seeds", 2, why="standard errors need two")
         require_integer(self, "samples", 8)

@@ -183,6 +183,9 @@ def test_script_summary_without_a_gap_to_bound_ratio(flags, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--cases", "cauchy"], "--cases must be 'all' or comma-separated names"),
     (["--theta-max", "3"], "--theta-max must lie in [0, pi/2]"),
+    (["--theta-min", "0.5", "--theta-max", "0.5", "--num-thetas", "3"],
+     "--theta-min (0.5) must be below --theta-max (0.5), or equal to it with --num-thetas 1 (one angle, not 3 copies"),
+    (["--theta-min", "0.6", "--theta-max", "0.5"], "--theta-min (0.6) must be below --theta-max (0.5)"),
     (["--samples", "10"], "--samples must be an integer >= 100"),
     (["--losses", "hinge"], "--losses must be 'all' or comma-separated names"),
 ])

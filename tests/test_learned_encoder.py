@@ -145,6 +145,8 @@ def test_script_bad_flags(flags, message, tmp_path):
     (["--samples", "4"], "--samples must be an integer >= 8; got 4"),
     (["--rho-source", "1.5"], "--rho-source must lie in (-1, 1); got 1.5"),
     (["--rho-target", "-1"], "--rho-target must lie in (-1, 1); got -1.0"),
+    (["--rho-source", "0", "--rho-target", "0", "--sigma-r-target", "1"],
+     "--rho-source and --rho-target are both 0.0 and --sigma-r-target is the source's 1.0: the target is the source"),
     (["--learning-rate", "0"], "--learning-rate must be a finite number > 0; got 0.0"),
     (["--dim", "0"], "--dim must be an integer >= 1; got 0"),
     (["--num-tasks", "0"], "--num-tasks must be an integer >= 1; got 0"),
