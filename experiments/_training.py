@@ -26,12 +26,15 @@ _RELOCATABLE = frozenset({"data", "target_data", "source_data", "on_device"})
 
 
 def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type, path_fields: Sequence[str],
-                     prog: str) -> None:
+                     prog: str) -> dict | None:
     """Refuses an ``--out`` that already holds a run (unless ``resume``), and a resume whose run-defining flags
     (``identity``) differ from the run's own (its ``run.json``). A field an older version did not record had its
     default (``config_class``'s) then; the recorded paths (``path_fields``) are compared absolute. The data folders
     and their placement may change (said on stderr as ``prog``, also with ``--quiet``): only whether a folder is
-    given must agree, and :func:`record_run` checks the sizes of the splits read from them."""
+    given must agree, and :func:`record_run` checks the sizes of the splits read from them.
+
+    Returns:
+        The run's record (its ``run.json``) on a resume, else None."""
     checkpoints_dir, identity_path = out / "checkpoints", out / "run.json"
     if resume:
         if not identity_path.exists():
@@ -44,6 +47,7 @@ def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type
             raise ValueError(f"--resume: {identity_path} is not this script's record of a run (a JSON object of its "
                              f"flags): restore it, or start a new --out")
         defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
+        record = saved
         saved = {k: absolute(v) if k in path_fields and isinstance(v, str) else v for k, v in saved.items()}
         was = lambda k: saved.get(k, defaults.get(k))  # noqa: E731
         changed = [k for k, v in identity.items() if was(k) != v]
@@ -55,21 +59,23 @@ def check_run_folder(out: Path, identity: dict, resume: bool, config_class: type
         if changed and _is_primary():
             print(f"{prog}: --resume: " + "; ".join(f"{flag(k)} is now {identity[k]!r} (was {was(k)!r})"
                                                     for k in changed), file=sys.stderr)
-    elif (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
+        return record
+    if (checkpoints_dir.exists() and any(checkpoints_dir.iterdir())) or identity_path.exists():
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    return None
 
 
-def record_run(out: Path, identity: dict, examples: dict[str, int], resume: bool) -> None:
-    """A new run: process 0 writes ``run.json``, the run's flags (``identity``) and the sizes of its splits
-    (``examples``), once every input has been read. A resume: refuses data whose splits' sizes differ from those the
-    run recorded (data moved, or copied in part, would change the steps of an epoch and the schedule); a run.json of a
-    version that did not record them is not checked."""
-    identity_path = out / "run.json"
-    if not resume:
+def record_run(out: Path, identity: dict, examples: dict[str, int], resumed: dict | None) -> None:
+    """A new run (``resumed`` None): process 0 writes ``run.json``, the run's flags (``identity``) and the sizes of its
+    splits (``examples``), once every input has been read. A resume (``resumed``: the run's record, as
+    :func:`check_run_folder` returned it): refuses data whose splits' sizes differ from those the run recorded (data
+    moved, or copied in part, would change the steps of an epoch and the schedule); a run.json of a version that did
+    not record them is not checked."""
+    if resumed is None:
         if _is_primary():
-            write_json(identity_path, {**identity, "examples": examples})
+            write_json(out / "run.json", {**identity, "examples": examples})
         return
-    recorded = json.loads(identity_path.read_text()).get("examples")  # check_run_folder read it already
+    recorded = resumed.get("examples")
     if isinstance(recorded, dict) and recorded != examples:
         differing = [f"{split} {examples.get(split)} (the run's: {recorded.get(split)})"
                      for split in dict.fromkeys([*recorded, *examples]) if recorded.get(split) != examples.get(split)]
@@ -163,9 +169,14 @@ def _recorded_epochs(path: Path) -> int:
             line = json.loads(text)
         except json.JSONDecodeError:
             continue
-        if isinstance(line, dict) and type(line.get("epoch")) is int:  # noqa: E721 (true is no epoch)
+        if _epoch_of(line) is not None:
             epochs.append(line["epoch"])
     return max(epochs, default=0)
+
+
+def _epoch_of(line) -> int | None:
+    """The epoch number of a parsed metrics.jsonl line, or None when it has none (``true`` is no epoch)."""
+    return line["epoch"] if isinstance(line, dict) and type(line.get("epoch")) is int else None  # noqa: E721
 
 
 def _is_primary() -> bool:
@@ -275,7 +286,7 @@ def read_history(path: Path, before_epoch: int) -> list[dict]:
             line = json.loads(text)
         except json.JSONDecodeError:
             raise ValueError(f"--resume: {expected}; its line {number} is not JSON: {remedy}") from None
-        if not isinstance(line, dict) or type(line.get("epoch")) is not int:  # noqa: E721 (true is no epoch)
+        if _epoch_of(line) is None:
             raise ValueError(f"--resume: {expected}; its line {number} has no epoch number: {remedy}")
         lines.append(line)
     kept = [line for line in lines if line["epoch"] <= before_epoch]

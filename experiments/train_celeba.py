@@ -313,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(config.out)
     checkpoints_dir = out / "checkpoints"
-    check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS, "train_celeba.py")
+    resumed = check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS,
+                               "train_celeba.py")
     mesh = data_mesh_for(config.batch_size)
     primary = jax.process_index() == 0
 
@@ -355,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     jacobian_chunk)
     balancer_state = () if config.method == "core" else balancer.init(len(model_config.attributes))
     record_run(out, config.run_identity(), {split: len(splits[split]["images"]) for split in ("train", "val", "test")},
-               config.resume)  # once every input (data, weight files) has been read
+               resumed)  # once every input (data, weight files) has been read
     state, balancer_state = devices.replicate(mesh, (state, balancer_state))
     predict = attributes.predict_logits_function(graphdef)
     as_float = jax.jit(lambda images: images.astype(jnp.float32) / 255.0)

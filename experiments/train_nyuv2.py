@@ -228,9 +228,9 @@ class TrainConfig:
         if self.perceptual and self.method != "core":
             raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
                              f"{self.method}")
-        for option, path in (("--data", self.data), ("--target-data", self.target_data),
-                             ("--source-data", self.source_data)):
-            if path and option != "--data" and self.dataset != "gta5":
+        require_folder("--data", self.data)
+        for option, path in (("--target-data", self.target_data), ("--source-data", self.source_data)):
+            if path and self.dataset != "gta5":
                 raise ValueError(f"{option} is for --dataset gta5 only; got --dataset {self.dataset}")
             require_folder(option, path)
         if self.dataset == "gta5" and self.data and not self.target_data:
@@ -481,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(config.out)
     checkpoints_dir = out / "checkpoints"
-    check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS, "train_nyuv2.py")
+    resumed = check_run_folder(out, config.run_identity(), config.resume, TrainConfig, PATH_FIELDS,
+                               "train_nyuv2.py")
     mesh = data_mesh_for(config.batch_size)
     primary = jax.process_index() == 0  # the one process that writes files other than checkpoints
 
@@ -533,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = {"train": len(train_split["images"]), "test": len(test_split["images"])}
     if source_split is not None:
         sizes["source"] = len(source_split["images"])
-    record_run(out, config.run_identity(), sizes, config.resume)  # once every input (data, weight files) has been read
+    record_run(out, config.run_identity(), sizes, resumed)  # once every input (data, weight files) has been read
     # Replicated before a restore too, which then lays the restored arrays out as these.
     state, balancer_state = devices.replicate(mesh, (state, balancer_state))
     predict = trainer.predict_function(graphdef)

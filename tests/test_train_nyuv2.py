@@ -453,7 +453,7 @@ def test_a_resume_may_find_its_data_elsewhere_but_not_other_data_or_weights(tmp_
     folder.mkdir()
     started = module.TrainConfig(data=str(tmp_path / "nyuv2"), pretrained=str(tmp_path / "a.npz"), method="ew")
     sizes = {"train": 795, "test": 654}
-    record_run(folder, started.run_identity(), sizes, resume=False)
+    record_run(folder, started.run_identity(), sizes, resumed=None)
     assert json.loads((folder / "run.json").read_text()) == {**started.run_identity(), "examples": sizes}
     check = lambda **changes: check_run_folder(  # noqa: E731
         folder, dataclasses.replace(started, resume=True, **changes).run_identity(), True, module.TrainConfig,
@@ -463,10 +463,11 @@ def test_a_resume_may_find_its_data_elsewhere_but_not_other_data_or_weights(tmp_
     check(data=str(tmp_path / "moved"), on_device=True)
     assert capsys.readouterr().err == (f"train_nyuv2.py: --resume: --data is now '{tmp_path / 'moved'}' (was "
                                        f"'{tmp_path / 'nyuv2'}'); --on-device is now True (was False)\n")
-    record_run(folder, started.run_identity(), dict(sizes), resume=True)
+    record = check()
+    record_run(folder, started.run_identity(), dict(sizes), resumed=record)
     with pytest.raises(ValueError, match=r"^--resume: the data holds other splits than the run was trained on: train "
                                          r"700 \(the run's: 795\) examples; resume with the run's data$"):
-        record_run(folder, started.run_identity(), {**sizes, "train": 700}, resume=True)
+        record_run(folder, started.run_identity(), {**sizes, "train": 700}, resumed=record)
     with pytest.raises(ValueError, match=r"^--resume must use the run's own flags: --epochs was 100, now 7; "
                                          r"--pretrained was '.*a\.npz', now '.*b\.npz'$"):
         check(data=str(tmp_path / "moved"), pretrained=str(tmp_path / "b.npz"), epochs=7)
@@ -475,7 +476,7 @@ def test_a_resume_may_find_its_data_elsewhere_but_not_other_data_or_weights(tmp_
         check(data="", synthetic=True)
     # A run.json from before the sizes were recorded: nothing to check them against.
     (folder / "run.json").write_text(json.dumps(started.run_identity()))
-    record_run(folder, started.run_identity(), {"train": 1, "test": 1}, resume=True)
+    record_run(folder, started.run_identity(), {"train": 1, "test": 1}, resumed=check())
 
 
 class FakeCheckpoints:
