@@ -360,6 +360,20 @@ def write_json(path: Path, payload: dict) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+def null_non_finite(value):
+    """``value`` (nested dicts, lists and tuples) with every NaN or infinity replaced by ``None``, JSON's null.
+
+    For the record of a run that diverged: the scripts flag it as diverged and keep the other runs' results, which
+    :func:`write_json` would otherwise refuse along with it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: null_non_finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [null_non_finite(item) for item in value]
+    return value
+
+
 def _first_non_finite(value, where: str) -> str | None:
     """The key path (``a.b[2]``) of the first NaN or infinity in nested dicts and lists, or None."""
     if isinstance(value, float):

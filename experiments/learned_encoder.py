@@ -29,8 +29,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, flag, parse_choices, parse_config, parse_floats, parser_for,  # noqa: E402
-                     pyplot, require_finite, require_integer, run_main, save_figure, write_json)
+from _common import (environment, flag, null_non_finite, parse_choices, parse_config, parse_floats,  # noqa: E402
+                     parser_for, pyplot, require_finite, require_integer, run_main, save_figure, write_json)
 
 METRICS = ("theta_stream", "theta_predictor", "kappa", "cka_linear", "cka_debiased", "source_risk", "target_risk",
            "gap")
@@ -114,8 +114,6 @@ def run(config: EncoderConfig) -> dict:
     import numpy as np
     from tqdm import tqdm
 
-    from scm import LinearGaussianSCM
-    from theory import checks, closed_forms
     from theory.balancing import make
     from theory.learned_encoder import CoreWeights, train_encoder
 
@@ -132,49 +130,91 @@ def run(config: EncoderConfig) -> dict:
     for name, options in bar:
         bar.set_postfix_str(name[:40])
         metrics = jax.jit(jax.vmap(lambda key: train_encoder(world, training, key, **options)))(keys)
-        summary = {}
-        for field in METRICS:
-            mean, sem = checks.mean_and_sem(np.asarray(getattr(metrics, field)).T)  # [evaluations, seeds]
-            summary[field] = {"mean": mean.tolist(), "sem": sem.tolist()}
-        results[name] = summary
-
-    betas, _, _ = world.constants()
-    scm = LinearGaussianSCM(betas=betas, sigma_s=world.sigma_s, sigma_r_source=world.sigma_r_source,
-                            sigma_r_target=world.sigma_r_target, noise_std=world.noise_std)
-    final = {name: {field: summary[field]["mean"][-1] for field in METRICS} | {
-        "gap_sem": summary["gap"]["sem"][-1], "source_risk_sem": summary["source_risk"]["sem"][-1]}
-        for name, summary in results.items()}
-    for name, values in final.items():
-        theta_hat = min(values["theta_predictor"], math.pi / 2)
-        values["theorem_2_3_floor_at_theta_hat"] = float(closed_forms.weighted(closed_forms.gap_floor(scm, theta_hat)))
-    theta_max = min(max(v["theta_predictor"] for v in final.values()) * 1.1 + 0.01, math.pi / 2)
-    floor_theta = np.linspace(0.0, theta_max, 50)
-    floor_curve = [float(closed_forms.weighted(closed_forms.gap_floor(scm, t))) for t in floor_theta]
+        results[name] = summarise_run({field: np.asarray(getattr(metrics, field)) for field in METRICS})
     baseline_names = [name for name, _ in runs if "CORE" not in name]
-    hard, soft = final["CORE-MTL, hard grounding"], final["CORE-MTL, soft grounding"]
     return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
         "steps": list(range(config.eval_every, config.steps + 1, config.eval_every)),
         "runs": results,
+        **compare_final(world, results, baseline_names),
+        "environment": environment(),
+    }
+
+
+def summarise_run(metrics: dict) -> dict:
+    """Mean ± SE over seeds of each metric (``[seeds, evaluations]`` arrays), at every evaluation.
+
+    A run with a seed whose metrics are not all finite numbers diverged: ``diverged_seeds`` counts such seeds, and
+    from the first evaluation where one is not finite every metric is null in the JSON (the angles of NaN weights
+    come out as 0, which would read as a clean result). Means are not taken over the other seeds, which would
+    select the seeds that happened to train well."""
+    import numpy as np
+
+    from theory import checks
+
+    finite = np.all(np.isfinite(np.stack([metrics[field] for field in METRICS], -1)), axis=-1)  # [seeds, evals]
+    broken = np.cumsum(~np.all(finite, axis=0)) > 0  # [evaluations]: at or after the first non-finite one
+    summary = {"diverged_seeds": int(np.sum(~np.all(finite, axis=1)))}
+    for field in METRICS:
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a diverged run: NaN, nulled below
+            mean, sem = checks.mean_and_sem(metrics[field].T)  # [evaluations, seeds]
+        summary[field] = {"mean": np.where(broken, np.nan, mean).tolist(),
+                          "sem": np.where(broken, np.nan, sem).tolist()}
+    return null_non_finite(summary)
+
+
+def compare_final(world, results: dict, baseline_names: Sequence[str]) -> dict:
+    """The final values of every run, Theorem 2.3's floor at their learned angles, and the verdicts: do the CORE-MTL
+    runs end with a smaller gap than every balancing baseline? Runs that diverged are left out of the comparison;
+    a verdict that needs one of them is None."""
+    import numpy as np
+
+    from scm import LinearGaussianSCM
+    from theory import closed_forms
+
+    betas, _, _ = world.constants()
+    scm = LinearGaussianSCM(betas=betas, sigma_s=world.sigma_s, sigma_r_source=world.sigma_r_source,
+                            sigma_r_target=world.sigma_r_target, noise_std=world.noise_std)
+    floor_at = lambda theta: float(closed_forms.weighted(closed_forms.gap_floor(scm, theta)))  # noqa: E731
+    final = {name: {field: summary[field]["mean"][-1] for field in METRICS} | {
+        "gap_sem": summary["gap"]["sem"][-1], "source_risk_sem": summary["source_risk"]["sem"][-1]}
+        for name, summary in results.items()}
+    finite = [name for name in final if not results[name]["diverged_seeds"]]
+    for name, values in final.items():
+        values["theorem_2_3_floor_at_theta_hat"] = (floor_at(min(values["theta_predictor"], math.pi / 2))
+                                                    if name in finite else None)
+    theta_max = min(max((final[n]["theta_predictor"] for n in finite), default=1.0) * 1.1 + 0.01, math.pi / 2)
+    floor_theta = np.linspace(0.0, theta_max, 50)
+    baselines = [final[n] for n in baseline_names if n in finite]
+
+    def extent(field):
+        values = [b[field] for b in baselines]
+        return [min(values), max(values)] if values else None
+
+    def below_every_baseline(name):
+        if name not in finite or not baselines:
+            return None
+        run = final[name]
+        return bool(run["gap"] + 3 * run["gap_sem"] < min(b["gap"] - 3 * b["gap_sem"] for b in baselines))
+
+    hard = "CORE-MTL, hard grounding"
+    return {
         "final": final,
         "floor_theta": floor_theta.tolist(),
-        "floor_curve": floor_curve,
+        "floor_curve": [floor_at(t) for t in floor_theta],
         "verdict": {
-            "baseline_gap_range": [min(final[n]["gap"] for n in baseline_names),
-                                   max(final[n]["gap"] for n in baseline_names)],
-            "baseline_kappa_range": [min(final[n]["kappa"] for n in baseline_names),
-                                     max(final[n]["kappa"] for n in baseline_names)],
-            "core_hard_reduces_gap": bool(hard["gap"] + 3 * hard["gap_sem"] < min(
-                final[n]["gap"] - 3 * final[n]["gap_sem"] for n in baseline_names)),
-            "core_soft_reduces_gap": bool(soft["gap"] + 3 * soft["gap_sem"] < min(
-                final[n]["gap"] - 3 * final[n]["gap_sem"] for n in baseline_names)),
-            "core_hard_costs_source_risk": bool(hard["source_risk"] > max(final[n]["source_risk"]
-                                                                         for n in baseline_names)),
+            "baseline_gap_range": extent("gap"),
+            "baseline_kappa_range": extent("kappa"),
+            "core_hard_reduces_gap": below_every_baseline(hard),
+            "core_soft_reduces_gap": below_every_baseline("CORE-MTL, soft grounding"),
+            "core_hard_costs_source_risk": (bool(final[hard]["source_risk"] > max(b["source_risk"] for b in baselines))
+                                            if hard in finite and baselines else None),
+            "diverged_runs": [name for name in final if name not in finite],
             "note": ("Theorem 2.3's floor is evaluated at the learned angle in the isotropic SCM with these scales; "
                      "its assumptions do not hold exactly here (source correlation rho_S, observation noise), so it "
-                     "is a reference line, not a bound."),
+                     "is a reference line, not a bound. Runs that diverged (diverged_runs) are left out of the "
+                     "ranges and verdicts; a verdict that needs one is null."),
         },
-        "environment": environment(),
     }
 
 
@@ -191,7 +231,7 @@ def plot(payload: dict, path: Path) -> None:
         run = payload["runs"][name]
         style = dict(color=cmap(i % 20), lw=2.2 if "CORE" in name else 1.2, ls="-" if "CORE" in name else "--")
         for axis, field in ((theta_axis, "kappa"), (gap_axis, "gap")):
-            mean, sem = np.asarray(run[field]["mean"]), np.asarray(run[field]["sem"])
+            mean, sem = np.asarray(run[field]["mean"], float), np.asarray(run[field]["sem"], float)  # null: NaN
             axis.plot(steps, mean, label=name, **style)
             axis.fill_between(steps, mean - sem, mean + sem, color=style["color"], alpha=0.2)
     theta_axis.set_ylabel("leakage κ of the semantic stream")
@@ -205,6 +245,8 @@ def plot(payload: dict, path: Path) -> None:
     final = payload["final"]
     for i, name in enumerate(main_runs):
         values = final[name]
+        if values["gap"] is None:  # diverged
+            continue
         floor_axis.errorbar(values["theta_predictor"], values["gap"], yerr=values["gap_sem"], fmt="o",
                             color=cmap(i % 20), label=name)
     floor_axis.plot(payload["floor_theta"], payload["floor_curve"], "k--",
@@ -217,12 +259,11 @@ def plot(payload: dict, path: Path) -> None:
     sweep_names = [name for name in payload["runs"] if "lambda_ind" in name]
     lambdas = [float(name.split("=")[-1]) for name in sweep_names]
     positions = np.arange(len(lambdas))
-    gaps = [final[n]["gap"] for n in sweep_names]
-    risks = [final[n]["source_risk"] for n in sweep_names]
-    sweep_axis.errorbar(positions, gaps, yerr=[final[n]["gap_sem"] for n in sweep_names], fmt="o-", label="OOD gap")
-    sweep_axis.errorbar(positions, risks, yerr=[final[n]["source_risk_sem"] for n in sweep_names], fmt="s-",
+    column = lambda field: np.asarray([final[n][field] for n in sweep_names], float)  # noqa: E731 (null: NaN)
+    sweep_axis.errorbar(positions, column("gap"), yerr=column("gap_sem"), fmt="o-", label="OOD gap")
+    sweep_axis.errorbar(positions, column("source_risk"), yerr=column("source_risk_sem"), fmt="s-",
                         label="source risk")
-    sweep_axis.plot(positions, [final[n]["kappa"] for n in sweep_names], "^-", label="κ")
+    sweep_axis.plot(positions, column("kappa"), "^-", label="κ")
     sweep_axis.set_xticks(positions, [f"{v:g}" for v in lambdas])
     sweep_axis.set_xlabel("λ_ind (CORE-MTL, hard grounding)")
     sweep_axis.set_title("The independence weight trades source risk for OOD gap")
@@ -240,9 +281,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(config.out)
     write_json(out / "learned_encoder.json", payload)
     plot(payload, out / "learned_encoder.png")
+    diverged = payload["verdict"]["diverged_runs"]
+    if diverged:  # even with --quiet: the JSON's nulls alone are easy to miss
+        print(f"learned_encoder.py: warning: {len(diverged)} run(s) diverged (metrics that are not finite numbers): "
+              f"{'; '.join(diverged)}; null in the JSON, left out of the verdicts; a smaller --learning-rate may "
+              f"help", file=sys.stderr)
     if not config.quiet:
         print(f"{'run':<44} {'theta^':>6} {'kappa':>6} {'CKA':>6} {'source':>7} {'gap':>15}")
         for name, values in payload["final"].items():
+            if name in diverged:
+                print(f"{name:<44} {'diverged':>44}")
+                continue
             print(f"{name:<44} {values['theta_predictor']:>6.3f} {values['kappa']:>6.3f} {values['cka_linear']:>6.3f} "
                   f"{values['source_risk']:>7.3f} {values['gap']:>8.3f}±{values['gap_sem']:.3f}")
         print(f"wrote {out / 'learned_encoder.json'} and {out / 'learned_encoder.png'} "

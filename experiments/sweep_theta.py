@@ -23,8 +23,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parse_floats, parser_for,  # noqa: E402
-                     pyplot, require_finite, require_integer, run_main, save_figure, write_json)
+from _common import (environment, null_non_finite, parse_choices, parse_config, parse_floats,  # noqa: E402
+                     parser_for, pyplot, require_finite, require_integer, run_main, save_figure, write_json)
 
 ALL = "all"
 # A method's verdicts are given only when its trained gap is within this many standard errors of the least-squares
@@ -137,11 +137,13 @@ def run(config: SweepConfig) -> dict:
         gap = np.asarray(evaluation.gap).mean(axis=-1)  # uniform alpha over tasks: [T, S]
         ls_gap = np.asarray(evaluation.least_squares_gap).mean(axis=-1)
         timings[name] = time.perf_counter() - start
-        mean, sem = checks.mean_and_sem(gap)
-        floor_verdict = checks.floor_check(gap, floor, sign, config.num_se)
-        agreement = checks.agreement_check(gap, closed_gap, config.num_se)
-        convergence = checks.convergence_check(gap, ls_gap)
-        methods[name] = {
+        with np.errstate(invalid="ignore", over="ignore"):  # a diverged method's inf - inf: NaN, flagged below
+            mean, sem = checks.mean_and_sem(gap)
+            floor_verdict = checks.floor_check(gap, floor, sign, config.num_se)
+            agreement = checks.agreement_check(gap, closed_gap, config.num_se)
+            convergence = checks.convergence_check(gap, ls_gap)
+        diverged = not bool(np.all(np.isfinite(gap)))
+        methods[name] = null_non_finite({  # a diverged method's NaNs become nulls: the other methods' results stay
             "gap_mean": mean.tolist(),
             "gap_sem": sem.tolist(),
             "source_risk_mean": np.asarray(evaluation.source_risk).mean(axis=(1, 2)).tolist(),
@@ -150,12 +152,13 @@ def run(config: SweepConfig) -> dict:
             "optimisation_error": convergence["optimisation_error"],
             "converged": convergence["converged"],
             "seconds": timings[name],
-        }
+            "diverged": diverged,
+        })
         # A verdict needs the trained gap to be the minimiser's within its error: training that diverged or stopped
         # far away spreads the seeds, and their huge standard error would pass any test (a gap of 10^14 "matching"
         # the closed form). Such a method is not judged (None).
-        judged = bool(np.all(np.isfinite(gap))) and convergence["worst_error_over_se"] <= JUDGED_WITHIN_SE
-        verdicts[name] = {
+        judged = not diverged and convergence["worst_error_over_se"] <= JUDGED_WITHIN_SE
+        verdicts[name] = null_non_finite({
             "judged": judged,
             "above_floor": floor_verdict["holds"] if judged else None,
             "floor_violations": floor_verdict["violations"],
@@ -164,7 +167,10 @@ def run(config: SweepConfig) -> dict:
             "max_abs_z_vs_closed_form": agreement["max_abs_z"],
             "converged": convergence["converged"],
             "worst_optimisation_error_over_se": convergence["worst_error_over_se"],
-        }
+        })
+        if diverged:  # the checks skip NaN where they divide by the SE, and would report a clean 0 or no violation
+            verdicts[name].update(dict.fromkeys(("floor_violations", "min_margin_se", "max_abs_z_vs_closed_form",
+                                                 "worst_optimisation_error_over_se")))
 
     limit = float(np.mean(np.sum(scm.betas**2, axis=1)))  # gap / (sin^2 theta |dsigma^2|) as theta -> 0
     return {
@@ -198,7 +204,7 @@ def plot(payload: dict, path: Path) -> None:
     count = len(payload["methods"])
     spacing = theta[1] - theta[0] if len(theta) > 1 else 0.1
     for i, (name, result) in enumerate(payload["methods"].items()):
-        mean, sem = np.asarray(result["gap_mean"]), np.asarray(result["gap_sem"])
+        mean, sem = np.asarray(result["gap_mean"], float), np.asarray(result["gap_sem"], float)  # null: NaN
         offset = (i - (count - 1) / 2) * 0.5 * spacing / max(count, 1)  # spread overlapping points within a cell
         style = dict(fmt=markers[i % len(markers)], ms=3.5, capsize=1.5, color=cmap(i % 20), label=name, alpha=0.9,
                      elinewidth=0.8)
@@ -237,14 +243,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(config.out)
     write_json(out / "sweep_theta.json", payload)
     plot(payload, out / "sweep_theta.png")
+    diverged = [name for name, result in payload["methods"].items() if result["diverged"]]
+    if diverged:  # even with --quiet: the JSON's nulls alone are easy to miss
+        print(f"sweep_theta.py: warning: {', '.join(diverged)} diverged (a gap that is not a finite number): null in "
+              f"the JSON, not judged, not plotted; a smaller --learning-rate may help", file=sys.stderr)
     if not config.quiet:
         print(f"{'method':<10} {'above floor':>11} {'matches cf':>10} {'max |z|':>8} {'converged':>9} {'seconds':>8}")
         shown = lambda value: "n/a" if value is None else str(value)  # noqa: E731 (not judged)
         for name, verdict in payload["verdict"].items():
+            z = verdict["max_abs_z_vs_closed_form"]
             print(f"{name:<10} {shown(verdict['above_floor']):>11} {shown(verdict['matches_closed_form']):>10} "
-                  f"{verdict['max_abs_z_vs_closed_form']:>8.2f} {str(verdict['converged']):>9} "
+                  f"{shown(z if z is None else f'{z:.2f}'):>8} {str(verdict['converged']):>9} "
                   f"{payload['methods'][name]['seconds']:>8.1f}")
-        unjudged = [name for name, verdict in payload["verdict"].items() if not verdict["judged"]]
+        unjudged = [name for name, verdict in payload["verdict"].items()
+                    if not verdict["judged"] and name not in diverged]
         if unjudged:
             print(f"n/a: {', '.join(unjudged)} ended more than {JUDGED_WITHIN_SE:g} standard error from the "
                   f"least-squares solution at some angle (diverged, or too few --steps): not judged")

@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-from _common import (check_output_path, parse_choices, parse_overrides, run_main, write_atomically,  # noqa: E402
-                     write_json)
+from _common import (check_output_path, null_non_finite, parse_choices, parse_overrides, run_main,  # noqa: E402
+                     write_atomically, write_json)
 from scripts import ROOT, assert_one_line_error, run_in_process, run_script  # noqa: E402
 
 
@@ -43,6 +43,18 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
     with pytest.raises(ValueError, match=r"result.json: methods.ew.gap\[1\] is not a finite number"):
         write_json(path, {"methods": {"ew": {"gap": [0.5, float("nan")]}}})
     assert json.loads(path.read_text()) == {"version": 1}
+
+
+def test_a_diverged_record_is_written_with_nulls(tmp_path):
+    """What the scripts write for a run that diverged: NaN and ±infinity become null, at any depth; the finite numbers,
+    integers, booleans and strings stay as they were."""
+    record = {"gap": (0.5, float("nan")), "runs": [{"risk": float("inf"), "steps": 3, "ok": False}], "name": "ew",
+              "seconds": -float("inf")}
+    cleaned = null_non_finite(record)
+    assert cleaned == {"gap": [0.5, None], "runs": [{"risk": None, "steps": 3, "ok": False}], "name": "ew",
+                       "seconds": None}
+    write_json(tmp_path / "result.json", cleaned)
+    assert json.loads((tmp_path / "result.json").read_text()) == cleaned
 
 
 def test_parse_choices():

@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scripts import assert_one_line_error, run_in_process, run_script, with_out
+from scripts import assert_one_line_error, load_script, run_in_process, run_script, with_out
 from theory import measures
 from theory.balancing import make
 from theory.learned_encoder import (CoreWeights, EncoderTraining, EncoderWorld, _largest_angle_to_semantic,
@@ -130,6 +131,55 @@ def test_script_end_to_end(tmp_path):
     assert payload["steps"] == [10, 20]
     assert len(payload["runs"]) == 2 + 3 + 2  # ew x 2 head inputs, CORE hard/no-CFA/soft, the lambda sweep
     assert set(payload["final"]["CORE-MTL, hard grounding"]) >= {"theta_stream", "kappa", "gap", "gap_sem"}
+
+
+def _fabricated_metrics(gap: float, seeds: int = 3, evaluations: int = 4, seed: int = 0) -> dict:
+    """Metrics of a run in the script's layout (``[seeds, evaluations]`` per field), all near 0.2 but the gap."""
+    rng = np.random.default_rng(seed)
+    module = load_script("experiments/learned_encoder.py")
+    metrics = {field: rng.uniform(0.15, 0.25, (seeds, evaluations)) for field in module.METRICS}
+    metrics["gap"] = gap + 0.01 * rng.standard_normal((seeds, evaluations))
+    return metrics
+
+
+def test_a_diverged_run_is_kept_as_nulls_and_left_out_of_the_verdicts(tmp_path, capsys):
+    """One diverged run used to lose every run's results (JSON cannot hold NaN). Now its values are nulls from its
+    first non-finite evaluation on, the verdicts compare the finite runs only (None where they need a diverged one),
+    and the script writes the JSON and figure, warns on stderr even with --quiet, and exits 0."""
+    module = load_script("experiments/learned_encoder.py")
+    mgda = _fabricated_metrics(0.05, seed=1)  # would have had the smallest gap of all
+    mgda["gap"][1, 2] = np.nan  # seed 1 diverges at evaluation 2; later metrics happen to be finite again
+    mgda["theta_predictor"][1, 2:] = 0.0  # as the angle of NaN weights comes out
+    soft = _fabricated_metrics(0.3, seed=2)
+    soft["kappa"][:, 0] = np.inf
+    results = {"ew (heads on semantic code)": module.summarise_run(_fabricated_metrics(0.4)),
+               "mgda (heads on semantic code)": module.summarise_run(mgda),
+               "CORE-MTL, hard grounding": module.summarise_run(_fabricated_metrics(0.1, seed=3)),
+               "CORE-MTL, soft grounding": module.summarise_run(soft)}
+    assert [run["diverged_seeds"] for run in results.values()] == [0, 1, 0, 3]
+    recorded = results["mgda (heads on semantic code)"]
+    for field in module.METRICS:  # the first two evaluations stay, every metric is null from the third on
+        assert all(isinstance(v, float) for v in recorded[field]["mean"][:2]), field
+        assert recorded[field]["mean"][2:] == recorded[field]["sem"][2:] == [None, None], field
+    compared = module.compare_final(WORLD, results, ["ew (heads on semantic code)", "mgda (heads on semantic code)"])
+    verdict = compared["verdict"]
+    assert verdict["diverged_runs"] == ["mgda (heads on semantic code)", "CORE-MTL, soft grounding"]
+    ew_gap = results["ew (heads on semantic code)"]["gap"]["mean"][-1]
+    assert verdict["baseline_gap_range"] == [ew_gap, ew_gap]  # MGDA's finite early gaps are not its result
+    assert verdict["core_hard_reduces_gap"] is True and verdict["core_soft_reduces_gap"] is None
+    assert compared["final"]["mgda (heads on semantic code)"]["theorem_2_3_floor_at_theta_hat"] is None
+    assert compared["final"]["CORE-MTL, hard grounding"]["theorem_2_3_floor_at_theta_hat"] > 0
+
+    payload = {"config": {}, "steps": [10, 20, 30, 40], "runs": results, **compared}
+    with mock.patch.object(module, "run", return_value=payload):
+        assert module.main(["--quiet", "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "learned_encoder.json").read_text())
+    assert written["runs"]["CORE-MTL, soft grounding"]["kappa"]["mean"] == [None] * 4
+    assert (tmp_path / "learned_encoder.png").stat().st_size > 10_000
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert ("learned_encoder.py: warning: 2 run(s) diverged (metrics that are not finite numbers): mgda (heads on "
+            "semantic code); CORE-MTL, soft grounding; null in the JSON") in err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -50,6 +50,24 @@ def test_a_method_whose_training_diverged_is_not_judged(tmp_path):
     assert "n/a: ew ended more than 1 standard error from the least-squares solution" in result.stdout
 
 
+def test_a_method_whose_gaps_are_not_finite_is_kept_as_nulls(tmp_path):
+    """At a learning rate of 10^30 training overflows to NaN. That used to lose the whole sweep (JSON cannot hold
+    NaN); now the method's numbers are nulls, it is flagged as diverged and not judged, its diagnostics are null
+    rather than the clean 0 the checks compute from NaN, and a warning says so even with --quiet."""
+    result = run_script(SCRIPT, *TINY, "--methods", "ew", "--learning-rate", "1e30", "--out", str(tmp_path), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "sweep_theta.py: warning: ew diverged (a gap that is not a finite number): null in the JSON, not judged" \
+        in result.stderr
+    payload = json.loads((tmp_path / "sweep_theta.json").read_text())
+    method, verdict = payload["methods"]["ew"], payload["verdict"]["ew"]
+    assert method["diverged"] is True and None in method["gap_mean"]
+    assert verdict["judged"] is False and verdict["above_floor"] is None and verdict["matches_closed_form"] is None
+    assert verdict["max_abs_z_vs_closed_form"] is None and verdict["worst_optimisation_error_over_se"] is None
+    assert verdict["floor_violations"] is None
+    assert (tmp_path / "sweep_theta.png").stat().st_size > 10_000
+
+
 def test_progress_and_summary_are_shown_without_quiet(tmp_path):
     result = run_script(SCRIPT, *TINY, "--methods", "pcgrad", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
