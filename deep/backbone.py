@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from deep.layers import conv
@@ -85,24 +86,41 @@ def _conv(in_channels, out_channels, kernel, rngs, stride=1, dilation=1):
 
 
 class BatchNorm(nnx.BatchNorm):
-    """``nnx.BatchNorm`` with PyTorch's running variance: the batch's *unbiased* variance (divided by n − 1, n the
-    values per channel) enters the running average, while the batch itself is normalised with the biased one, as in
-    both frameworks. Flax averages the biased variance; the two differ by n/(n − 1), which is nothing for a
-    convolution's BatchNorm (n = B·H·W) but 16/15 at batch 16 for the ASPP's image-pooling BatchNorm (n = B), whose
-    running variance eval mode and the counterfactual pass read."""
+    """PyTorch's ``nn.BatchNorm2d`` over the last axis (channels last), on ``nnx.BatchNorm``'s variables and settings.
 
-    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    As in both frameworks, a training call normalises the batch with its biased variance. Unlike Flax, the running
+    variance averages the batch's *unbiased* variance (divided by n − 1, n the values per channel), as PyTorch's does.
+    The two differ by n/(n − 1), which is nothing for a convolution's BatchNorm (n = B·H·W) but 16/15 at batch 16 for
+    the ASPP's image-pooling BatchNorm (n = B), whose running variance eval mode and the counterfactual pass read.
+
+    The call is written out rather than inherited, with Flax's arithmetic: the layer's ``dtype`` (or the inputs'
+    common one) for the normalisation, at least float32 for the statistics, the variance as E[x²] − E[x]² clipped at
+    0. ``nnx.BatchNorm`` stores its statistics with ``variable[...] = value``, which probes the traced value's
+    ``sharding``; a JAX tracer answers with an error whose message walks every operation traced so far, so tracing
+    the model took time quadratic in its depth (jax 0.10; half the trace time of a reduced-size training step).
+    ``set_value`` stores them without the probe."""
+
+    def __call__(self, x, use_running_average: bool | None = None):
         running = self.use_running_average if use_running_average is None else use_running_average
-        before = self.var[...]
-        y = super().__call__(x, use_running_average=use_running_average, mask=mask)
         if self.axis not in (-1, x.ndim - 1):
             raise ValueError(f"BatchNorm here normalises the last axis (channels last); got axis={self.axis}")
-        n = x.size // x.shape[-1]  # values per channel
-        if not running and mask is None and n > 1:
-            after = self.var[...]
-            # after = m·before + (1 − m)·v_biased; PyTorch's is m·before + (1 − m)·v_biased·n/(n − 1).
-            self.var[...] = jax.lax.stop_gradient(after + (after - self.momentum * before) / (n - 1))
-        return y
+        stored_mean, stored_var = self.mean.get_value(), self.var.get_value()
+        scale, bias = self.scale.get_value(), self.bias.get_value()
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, stored_mean, stored_var, scale, bias)
+        x, scale, bias = x.astype(dtype), scale.astype(dtype), bias.astype(dtype)
+        if running:
+            mean, var = stored_mean.astype(dtype), stored_var.astype(dtype)
+        else:
+            axes = tuple(range(x.ndim - 1))
+            wide = x.astype(jnp.promote_types(dtype, jnp.float32))
+            mean = wide.mean(axes)
+            var = jnp.maximum(0.0, jnp.square(wide).mean(axes) - jnp.square(mean))
+            n = x.size // x.shape[-1]  # values per channel
+            unbiased = var * (n / (n - 1)) if n > 1 else var
+            self.mean.set_value(jax.lax.stop_gradient(self.momentum * stored_mean + (1 - self.momentum) * mean))
+            self.var.set_value(jax.lax.stop_gradient(self.momentum * stored_var + (1 - self.momentum) * unbiased))
+        y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(dtype)
 
 
 def batch_norm(channels: int, rngs: nnx.Rngs) -> BatchNorm:

@@ -215,12 +215,12 @@ def initialise_like_pytorch(model: nnx.Module, key: jax.Array) -> None:
         shape, dtype = layer.kernel[...].shape, layer.kernel[...].dtype
         if id(layer) in resnet:  # kernel [kh, kw, C_in, C_out]
             std = (2.0 / (shape[-1] * shape[0] * shape[1])) ** 0.5
-            layer.kernel[...] = jnp.asarray(std * normal(shape), dtype)
+            layer.kernel.set_value(jnp.asarray(std * normal(shape), dtype))
         else:  # fan-in: every kernel axis but the last (kh·kw·C_in per group; C_in for a dense layer)
             bound = 1.0 / math.prod(shape[:-1]) ** 0.5
-            layer.kernel[...] = jnp.asarray(bound * uniform(shape), dtype)
+            layer.kernel.set_value(jnp.asarray(bound * uniform(shape), dtype))
             if layer.bias is not None:
-                layer.bias[...] = jnp.asarray(bound * uniform(layer.bias[...].shape), dtype)
+                layer.bias.set_value(jnp.asarray(bound * uniform(layer.bias.get_value().shape), dtype))
 
 
 class DualStreamModel(nnx.Module):
