@@ -81,6 +81,23 @@ def test_contract_shapes_finiteness_and_exact_weights(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_numpy_inputs_outside_jit_give_the_jitted_result(name):
+    """A user's first call: NumPy arrays, no jit (PCGrad and GradVac used to fail, indexing them with a traced
+    position)."""
+    jacobian = np.random.default_rng(2).normal(size=(3, 6))
+    losses = np.asarray([0.5, 1.0, 2.0])
+    balancer = make(name)
+    state = balancer.init(3, num_params=6)
+    direction, weights, _ = balancer.step(jacobian, losses, state, KEY)
+    expected = jax.jit(balancer.step)(jnp.asarray(jacobian), jnp.asarray(losses), state, KEY)
+    np.testing.assert_allclose(direction, expected[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(weights, expected[1], rtol=1e-9, atol=1e-12)
+    if balancer.weigh is not None and balancer.requires == "gram":
+        weights_from_gram, _ = balancer.weigh(jacobian @ jacobian.T, losses, state, KEY)
+        np.testing.assert_allclose(weights_from_gram, expected[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_gram_path_gives_the_same_weights_as_the_jacobian_path(name):
     balancer = make(name)
     assert balancer.requires in ("losses", "gram", "jacobian")

@@ -31,6 +31,10 @@ from scm.linear_gaussian import Domain, LinearGaussianSCM, check_theta
 
 
 def _cos_sin(theta):
+    # One angle: an array of angles would broadcast against the task axis and pair angle i with task i, silently.
+    if jnp.ndim(theta) != 0:
+        raise ValueError(f"theta must be one angle (a scalar); got shape {jnp.shape(theta)}: for a grid of angles, "
+                         f"jax.vmap over them")
     check_theta(theta)
     return jnp.cos(theta), jnp.sin(theta)
 
@@ -142,19 +146,18 @@ def gap_floor(scm: LinearGaussianSCM, theta, theta_max=None) -> jax.Array:
     (:func:`residual_shift_sign`).
 
     Raises:
-        ValueError: if ``theta_max`` is given and some element of ``theta`` exceeds it. Traced values (inside
-            ``jit``/``vmap``) cannot be inspected and are let through, as in :func:`check_theta`; the callers in this
-            repository trace ``theta`` only with ``theta_max=None``.
+        ValueError: if ``theta`` or ``theta_max`` is not one angle, or ``theta_max`` is given and ``theta`` exceeds
+            it. Traced values (inside ``jit``/``vmap``) cannot be inspected and are let through, as in
+            :func:`check_theta`; the callers in this repository trace ``theta`` only with ``theta_max=None``.
     """
     c, s = _cos_sin(theta)
     if theta_max is not None:
-        check_theta(theta_max)
+        _cos_sin(theta_max)  # its checks: one angle in [0, pi/2]
         if not isinstance(theta, jax.core.Tracer) and not isinstance(theta_max, jax.core.Tracer):
-            thetas, bound = np.asarray(theta, dtype=np.float64), np.asarray(theta_max, dtype=np.float64)
-            # Every element, up to float32 rounding (a float32 grid ending at θ̄ = 0.1 ends at 0.10000000149).
-            if np.any(thetas > bound * (1 + 4 * np.finfo(np.float32).eps)):
+            # Up to float32 rounding (a float32 grid ending at θ̄ = 0.1 ends at 0.10000000149).
+            if float(theta) > float(theta_max) * (1 + 4 * np.finfo(np.float32).eps):
                 raise ValueError(f"gap_floor's uniform constant (theta_max) holds for theta <= theta_max only; got "
-                                 f"theta = {float(np.max(thetas))} > theta_max = {float(np.min(bound))}")
+                                 f"theta = {float(theta)} > theta_max = {float(theta_max)}")
         c = jnp.cos(theta_max)
     return floor_constants(scm, c) * s**2 * residual_shift(scm)
 
@@ -263,6 +266,9 @@ def w2_gaussians(mean_1, cov_1, mean_2, cov_2) -> float:
     substituting it for W₁ keeps an upper-bound check sound (and looser)."""
     mean_1, mean_2 = np.atleast_1d(np.asarray(mean_1, float)), np.atleast_1d(np.asarray(mean_2, float))
     cov_1, cov_2 = np.atleast_2d(np.asarray(cov_1, float)), np.atleast_2d(np.asarray(cov_2, float))
+    dim = mean_1.shape[0]
+    for name, mean, cov in (("1", mean_1, cov_1), ("2", mean_2, cov_2)):
+        _check_gaussian(mean, cov, dim, name)
     root_1 = scipy.linalg.sqrtm(cov_1).real
     cross = scipy.linalg.sqrtm(root_1 @ cov_2 @ root_1).real
     squared = float(np.sum((mean_1 - mean_2) ** 2) + np.trace(cov_1 + cov_2 - 2 * cross))
@@ -273,6 +279,22 @@ def _check_std(value: float, name: str) -> None:
     if not (float(value) >= 0 and math.isfinite(float(value))):
         raise ValueError(f"{name} must be a finite standard deviation >= 0; got {value!r}")
 
+
+def _check_gaussian(mean: np.ndarray, cov: np.ndarray, dim: int, name: str) -> None:
+    """Refuses a mean or covariance that is not of dimension ``dim``, or a covariance that is not symmetric positive
+    semi-definite (whose matrix square root is complex: its real part would give a wrong distance, silently)."""
+    if mean.shape != (dim,) or cov.shape != (dim, dim):
+        raise ValueError(f"mean_{name} must have shape [{dim}] and cov_{name} [{dim}, {dim}] (the dimension of "
+                         f"mean_1); got {mean.shape} and {cov.shape}")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov))):
+        raise ValueError(f"mean_{name} and cov_{name} must be finite")
+    scale = max(float(np.max(np.abs(cov))), 1e-300)
+    if not np.allclose(cov, cov.T, rtol=0, atol=1e-10 * scale):
+        raise ValueError(f"cov_{name} must be symmetric; got {cov.tolist()}")
+    smallest = float(np.linalg.eigvalsh(cov)[0])
+    if smallest < -1e-10 * scale:
+        raise ValueError(f"cov_{name} must be positive semi-definite (a covariance; in one dimension a variance >= 0); "
+                         f"its smallest eigenvalue is {smallest:g}")
 
 
 

@@ -75,9 +75,12 @@ def weighting_balancer(name: str, init: Callable[[int], Any],
     check_choice("requires", requires, ("losses", "gram"))
 
     def checked_weigh(gram_matrix, losses, state, key):
-        num_tasks = losses.shape[0]
+        # JAX arrays: a method that indexes them with a traced index (PCGrad's projection order) fails on NumPy's.
+        losses = jnp.asarray(losses)
+        gram_matrix = None if gram_matrix is None else jnp.asarray(gram_matrix)
         if losses.ndim != 1:
             raise ValueError(f"losses must have shape [K]; got shape {losses.shape}")
+        num_tasks = losses.shape[0]
         if requires == "gram" and (gram_matrix is None or gram_matrix.shape != (num_tasks, num_tasks)):
             shape = None if gram_matrix is None else gram_matrix.shape
             raise ValueError(f"{name} needs the Gram matrix of shape [K, K]=[{num_tasks}, {num_tasks}]; got {shape}")
