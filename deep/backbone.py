@@ -210,8 +210,22 @@ class ResNet(nnx.Module):
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
+    def stem(self, images: jax.Array) -> jax.Array:
+        """7×7 stride-2 convolution → BatchNorm → ReLU → 3×3 stride-2 max-pool, on checked images: what every model
+        here runs first."""
+        channels = self.conv1.in_features
+        if images.ndim != 4 or images.shape[-1] != channels:
+            hint = (" (channels first? the layout is channels last)"
+                    if images.ndim == 4 and images.shape[1] == channels else "")
+            raise ValueError(f"images must be [B, H, W, {channels}] (a batch, channels last); got shape "
+                             f"{tuple(images.shape)}{hint}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"images must be floating point, in [0, 1] as the data loaders give them; got "
+                             f"{images.dtype} (8-bit images: divide by 255)")
+        return _max_pool(jax.nn.relu(self.bn1(self.conv1(images))))
+
     def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        x = _max_pool(jax.nn.relu(self.bn1(self.conv1(images))))
+        x = self.stem(images)
         features = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:

@@ -37,9 +37,32 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(count > 0, jnp.sum(values * mask) / jnp.where(count > 0, count, 1.0), 0.0)
 
 
+def _check_dense_pair(name: str, prediction: jax.Array, target: jax.Array) -> None:
+    """Shapes are static, so this runs under ``jit`` too: a target without its channel axis would broadcast against
+    the prediction (``[1, H, W]`` against ``[1, H, W, 1]`` is ``[1, H, W, W]`` when H = W) and give a wrong loss."""
+    if prediction.ndim != 4 or prediction.shape != target.shape:
+        raise ValueError(f"{name}: prediction and target must both be [B, H, W, C] of the same shape; got "
+                         f"{tuple(prediction.shape)} and {tuple(target.shape)}")
+
+
 def segmentation_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Cross-entropy over pixels whose label is not −1: ``logits`` ``[B, H, W, C]``, ``labels`` ``[B, H, W]`` int."""
-    valid = labels >= 0
+    """Cross-entropy over pixels whose label is not −1: ``logits`` ``[B, H, W, C]``, ``labels`` ``[B, H, W]`` int.
+
+    Labels are class indices in [0, C) or −1 (ignored). Outside ``jit`` others are refused (a 255 "ignore" label, say,
+    must be mapped to −1 first); under ``jit`` their values cannot be inspected and such pixels are ignored too,
+    rather than counted with a loss of 0 (the data loaders of :mod:`deep.data` refuse them as they read)."""
+    num_classes = logits.shape[-1]
+    if logits.ndim != 4 or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"segmentation_loss: logits must be [B, H, W, C] and labels [B, H, W]; got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"segmentation_loss: labels must be integer class indices; got {labels.dtype}")
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        low, high = int(jnp.min(labels)), int(jnp.max(labels))
+        if low < -1 or high >= num_classes:
+            raise ValueError(f"segmentation_loss: labels must be class indices in [0, {num_classes}) or -1 (ignored); "
+                             f"got values from {low} to {high}")
+    valid = (labels >= 0) & (labels < num_classes)
     safe = jnp.where(valid, labels, 0)
     log_probabilities = jax.nn.log_softmax(logits, axis=-1)
     # A one-hot product rather than a gather: a gather's gradient is a scatter, slow on GPUs.
@@ -51,6 +74,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def depth_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """L1 over pixels with non-zero ground-truth depth (LibMTL's mask): ``[B, H, W, 1]`` each."""
+    _check_dense_pair("depth_loss", prediction, target)
     valid = (jnp.sum(target, axis=-1, keepdims=True) != 0).astype(prediction.dtype)
     return _masked_mean(jnp.abs(prediction - target), valid)
 
@@ -58,6 +82,7 @@ def depth_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
 def normal_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """:math:`1 - \\frac{1}{N}\\sum_{valid} \\langle \\hat n/\\|\\hat n\\|, n\\rangle` over pixels whose ground truth is
     not all zero (LibMTL's ``NormalLoss``): ``[B, H, W, 3]`` each."""
+    _check_dense_pair("normal_loss", prediction, target)
     unit = unit_vectors(prediction, 1e-12)
     valid = (jnp.sum(target, axis=-1) != 0).astype(prediction.dtype)
     return 1.0 - _masked_mean(jnp.sum(unit * target, axis=-1), valid)
@@ -69,6 +94,11 @@ DENSE_TASK_LOSSES = {"segmentation": segmentation_loss, "depth": depth_loss, "no
 def dense_task_loss(name: str, prediction: jax.Array, batch: dict) -> jax.Array:
     """Dense task ``name``'s loss of ``prediction`` against ``batch[name]`` (:data:`DENSE_TASK_LOSSES`): the
     ``task_loss`` of the dense models (:class:`deep.model.DualStreamModel`, :class:`deep.mtan.MTAN`)."""
+    if name not in DENSE_TASK_LOSSES:
+        raise ValueError(f"no dense-task loss for task {name!r}; there are losses for "
+                         f"{', '.join(DENSE_TASK_LOSSES)}")
+    if name not in batch:
+        raise ValueError(f"the batch has no ground truth for task {name!r}; it has {', '.join(sorted(batch))}")
     return DENSE_TASK_LOSSES[name](prediction, batch[name])
 
 

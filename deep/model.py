@@ -74,6 +74,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _COMPUTE_LAYERS = (nnx.Conv, nnx.Linear, nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm)
 GROUNDINGS = ("hard", "soft", "none")
 NYUV2_TASKS = (("segmentation", 13), ("depth", 1), ("normal", 3))
+TASK_CHANNELS = {"depth": 1, "normal": 3}  # what their losses and metrics read; segmentation has one per class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +131,14 @@ class ModelConfig:
                              f"generic_width/8 channels); got {self.generic_width}")
         if self.heads_read not in HEAD_INPUTS:
             raise ValueError(f"heads_read must be one of {', '.join(HEAD_INPUTS)}; got {self.heads_read!r}")
-        if not self.tasks or any(channels < 1 for _, channels in self.tasks):
-            raise ValueError(f"tasks must be (name, output channels >= 1) pairs; got {self.tasks}")
+        self._check_tasks()
+        for name in ("semantic_channels", "residual_channels", "head_channels", "albedo_seed", "light_hidden"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1; got {getattr(self, name)!r}")
+        for name in ("aspp_rates", "decoder_widths"):
+            values = getattr(self, name)
+            if not (isinstance(values, tuple) and values and all(isinstance(v, int) and v >= 1 for v in values)):
+                raise ValueError(f"{name} must be a non-empty tuple of integers >= 1; got {values!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
         if self.fusion_channels < 1:
@@ -144,6 +151,19 @@ class ModelConfig:
             raise ValueError(f"head must be one of {', '.join(HEAD_TYPES)}; got {self.head!r}")
         if self.head == "deeplabv3plus":
             self._check_deeplabv3plus()
+
+    def _check_tasks(self):
+        tasks = self.tasks
+        if not (isinstance(tasks, tuple) and tasks and all(
+                isinstance(task, tuple) and len(task) == 2 and isinstance(task[0], str) and isinstance(task[1], int)
+                and task[1] >= 1 for task in tasks)):
+            raise ValueError(f"tasks must be a non-empty tuple of (name, output channels >= 1) pairs; got {tasks!r}")
+        names = [name for name, _ in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks must have distinct names; got {', '.join(names)}")
+        for name, channels in tasks:
+            if TASK_CHANNELS.get(name, channels) != channels:
+                raise ValueError(f"task {name!r} predicts {TASK_CHANNELS[name]} channel(s); got {channels}")
 
     def _check_deeplabv3plus(self):
         if self.heads_read != "semantic+backbone":

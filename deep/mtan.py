@@ -60,7 +60,7 @@ from flax import nnx
 
 from deep import losses
 from deep.atrous import DILATED_CONVS
-from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, _max_pool, batch_norm
+from deep.backbone import EXPANSION, BackboneConfig, Bottleneck, ResNet, batch_norm
 from deep.heads import ASPPHead
 from deep.layers import conv, drawn_later
 from deep.model import (COMPUTE_DTYPES, NYUV2_TASKS, _as_float32, check_task_names, configure_layers,
@@ -222,7 +222,7 @@ class MTAN(nnx.Module):
         output when the stage has one block) and the stage output; ``p`` of the last stage is ``backbone(images)[-1]``.
         """
         backbone = self.backbone
-        x = _max_pool(jax.nn.relu(backbone.bn1(backbone.conv1(images))))
+        x = backbone.stem(images)
         stages = []
         for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
             outputs = []

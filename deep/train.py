@@ -219,6 +219,10 @@ def core_objective(graphdef, params, batch_stats, rest, batch: dict, key: jax.Ar
     ``counterfactual`` term: :func:`counterfactual_loss` when ``counterfactual`` (a Python bool), else 0.
     """
     model = _merge(graphdef, params, batch_stats, rest)
+    if not isinstance(model, DualStreamModel):  # before tracing its forward pass, which would fail only at the end
+        raise ValueError(f"CORE-MTL's objective needs the dual-stream model (deep.model.DualStreamModel), which has "
+                         f"the streams and decoders; got {type(model).__name__}, a baseline architecture: train it "
+                         f"with a balancing method")
     model.train()
     predictions, aux = model(batch["images"])
     total, terms = objective_terms(model, predictions, aux, batch, weights, independence_weight, task_scale,

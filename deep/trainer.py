@@ -18,7 +18,7 @@ from flax import nnx
 from deep import devices, losses, train
 from deep.backbone import BackboneConfig
 from deep.metrics import MetricAccumulator
-from deep.model import DualStreamModel, ModelConfig
+from deep.model import GROUNDINGS, DualStreamModel, ModelConfig
 
 DATASET_TASKS = {"nyuv2": (("segmentation", 13), ("depth", 1), ("normal", 3)),
                  "cityscapes": (("segmentation", 7), ("depth", 1)),
@@ -38,6 +38,14 @@ MODEL_SIZES = {
 }
 
 
+def check_method(method: str) -> None:
+    """Refuses a ``method`` that is none of ``core``, ``stl`` and the balancing methods."""
+    from theory.balancing import METHODS
+
+    if method not in ("core", "stl") + tuple(METHODS):
+        raise ValueError(f"method must be core, stl or a balancing method ({', '.join(METHODS)}); got {method!r}")
+
+
 def model_config(dataset: str, size: str, method: str, task: str = "", grounding: str = "hard",
                  heads_read: str = "", compute_dtype: str = "float32", variant: str = "paper",
                  semantic_channels: int = 0, residual_channels: int = 0) -> ModelConfig:
@@ -48,6 +56,9 @@ def model_config(dataset: str, size: str, method: str, task: str = "", grounding
     (the authors' GTA5 and Cityscapes-C configurations use 1024 and 64)."""
     if dataset not in DATASET_TASKS:
         raise ValueError(f"dataset must be one of {', '.join(DATASET_TASKS)}; got {dataset!r}")
+    check_method(method)
+    if grounding not in GROUNDINGS:  # checked for every method: a baseline ignores it, a typo should not pass
+        raise ValueError(f"grounding must be one of {', '.join(GROUNDINGS)}; got {grounding!r}")
     if size not in MODEL_SIZES:
         raise ValueError(f"model size must be one of {', '.join(MODEL_SIZES)}; got {size!r}")
     tasks = DATASET_TASKS[dataset]
@@ -148,11 +159,15 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
     the NYUv2 size) and the arrays passed in are deleted. A non-finite step returns the values it was given."""
     from theory.balancing import make
 
+    check_method(method)
     if method == "core":
         core = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights), donate_argnums=0,
                        static_argnames="counterfactual")
 
         def step(state, balancer_state, batch, key, controls: EpochControls, counterfactual: bool | None = None):
+            if not isinstance(controls, EpochControls):
+                raise ValueError(f"CORE-MTL's step needs the epoch's stage controls, EpochControls.at(weights, epoch); "
+                                 f"got {controls!r}")
             if counterfactual is None:  # left out: refused where it would silently skip the pass
                 if controls.counterfactual_probability > 0:
                     raise ValueError(f"this epoch runs the counterfactual pass with probability "

@@ -138,6 +138,31 @@ def test_segmentation_loss_ignores_minus_one_and_matches_a_hand_computation():
     np.testing.assert_allclose(gradient, expected, atol=1e-6)
 
 
+def test_task_losses_refuse_labels_and_targets_they_would_misread():
+    """A 255 "ignore" label made a one-hot row of zeros: a loss of 0 that still counted in the mean (1.49 for 2.87).
+    Outside jit it is refused; under jit, where values cannot be read, such a pixel is ignored. A depth target
+    without its channel axis broadcast against the prediction (172.5 for 0.62)."""
+    logits = jax.random.normal(jax.random.key(0), (2, 4, 4, 13))
+    labels = jax.random.randint(jax.random.key(1), (2, 4, 4), 0, 13)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 13\) or -1 \(ignored\); got values "
+                                         r"from 0 to 255"):
+        losses.segmentation_loss(logits, labels.at[:, :2].set(255))
+    ignored = labels.at[:, :2].set(-1)
+    np.testing.assert_allclose(jax.jit(losses.segmentation_loss)(logits, labels.at[:, :2].set(255)),
+                               losses.segmentation_loss(logits, ignored), rtol=1e-6)
+    with pytest.raises(ValueError, match="labels must be integer class indices; got float32"):
+        losses.segmentation_loss(logits, labels.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"logits must be \[B, H, W, C\] and labels \[B, H, W\]; got \(2, 4, 4, 13\) "
+                                         r"and \(2, 4, 4, 1\)"):
+        losses.segmentation_loss(logits, labels[..., None])
+    prediction, target = jnp.ones((1, 16, 16, 1)), jnp.full((1, 16, 16, 1), 2.0)
+    with pytest.raises(ValueError, match=r"depth_loss: prediction and target must both be \[B, H, W, C\] of the same "
+                                         r"shape; got \(1, 16, 16, 1\) and \(1, 16, 16\)"):
+        jax.jit(losses.depth_loss)(prediction, target[..., 0])
+    with pytest.raises(ValueError, match="normal_loss: prediction and target must both be"):
+        losses.normal_loss(jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 4)))
+
+
 def test_depth_and_normal_losses_use_libmtl_masks():
     target = jnp.asarray([0.0, 2.0, 4.0]).reshape(1, 1, 3, 1)
     prediction = jnp.asarray([9.0, 1.0, 5.0]).reshape(1, 1, 3, 1)

@@ -143,6 +143,39 @@ def test_bad_head_input_is_rejected():
         ModelConfig(generic_width=12)
 
 
+def test_sizes_and_tasks_are_checked_when_the_config_is_made():
+    """Mistakes that used to pass here and fail later, deep in a trace or at the first loss."""
+    for field, value, message in [
+            ("semantic_channels", 0, "semantic_channels must be an integer >= 1; got 0"),
+            ("head_channels", -1, "head_channels must be an integer >= 1; got -1"),
+            ("aspp_rates", (), r"aspp_rates must be a non-empty tuple of integers >= 1; got \(\)"),
+            ("aspp_rates", (0,), "aspp_rates must be a non-empty tuple"),
+            ("tasks", [("depth", 1)], r"tasks must be a non-empty tuple of \(name, output channels >= 1\) pairs"),
+            ("tasks", (("depth", 1), ("depth", 1)), "tasks must have distinct names; got depth, depth"),
+            ("tasks", (("normal", 1),), r"task 'normal' predicts 3 channel\(s\); got 1")]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(TINY, **{field: value})
+
+
+def test_images_in_another_layout_or_type_are_refused_before_any_work(model):
+    """Channels first, one unbatched image or 8-bit values: one line that says what the model reads, for every
+    architecture (MTAN and the attribute model share the ResNet's stem, which checks)."""
+    with pytest.raises(ValueError, match=r"images must be \[B, H, W, 3\] \(a batch, channels last\); got shape "
+                                         r"\(2, 3, 32, 40\) \(channels first\? the layout is channels last\)"):
+        model(jnp.zeros((2, 3, 32, 40)))
+    with pytest.raises(ValueError, match=r"got shape \(32, 40, 3\)$"):
+        model(jnp.zeros((32, 40, 3)))
+    with pytest.raises(ValueError, match=r"images must be floating point, in \[0, 1\] .* got uint8 \(8-bit images: "
+                                         r"divide by 255\)"):
+        model(jnp.zeros((2, 32, 40, 3), jnp.uint8))
+    from deep.mtan import MTAN, MTANConfig
+
+    mtan = nnx.eval_shape(lambda: MTAN(MTANConfig(backbone=TINY.backbone, tasks=TINY.tasks, head_channels=4,
+                                                  aspp_rates=(1, 2, 3)), nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="channels first"):
+        mtan.shared_stages(jnp.zeros((2, 3, 32, 40)))
+
+
 def test_fresh_parameters_start_as_the_authors_pytorch_models_do():
     """Pooled over the layers of a fresh model: the backbone ResNet's convolutions are N(0, 2 / fan-out)
     (torchvision), every other convolution's and dense layer's weights and biases U(+-1/sqrt(fan-in)) (PyTorch's

@@ -420,3 +420,29 @@ def test_terms_the_schedule_never_reaches_are_named():
     controls = [trainer.EpochControls.at(cityscapes, epoch) for epoch in range(21)]
     assert min(e for e, c in enumerate(controls) if c.independence_weight > 0) == 15
     assert min(e for e, c in enumerate(controls) if c.counterfactual_probability > 0) == 20
+
+
+def test_a_misspelt_method_or_grounding_and_a_step_without_its_controls_are_refused(plain_setup):
+    """A typo in a method's name or (for a baseline, which ignores it) the grounding used to pass; CORE-MTL's step
+    without its stage controls failed with an AttributeError; on MTAN it traced the whole forward pass before a
+    KeyError. Each now gives one line that says what is allowed."""
+    with pytest.raises(ValueError, match=r"method must be core, stl or a balancing method \(ew, .*\); got 'pcgard'"):
+        trainer.model_config("nyuv2", "tiny", "pcgard")
+    with pytest.raises(ValueError, match="grounding must be one of hard, soft, none; got 'hrad'"):
+        trainer.model_config("nyuv2", "tiny", "ew", grounding="hrad")
+    graphdef, optimizer, state = plain_setup
+    with pytest.raises(ValueError, match="method must be core, stl or a balancing method"):
+        trainer.make_step("pcgard", graphdef, optimizer, losses.PRESETS["nyuv2"])
+    _, step = trainer.make_step("core", graphdef, optimizer, losses.PRESETS["nyuv2"])
+    with pytest.raises(ValueError, match=r"CORE-MTL's step needs the epoch's stage controls, EpochControls.at"):
+        step(state, (), make_batch(), jax.random.key(0), None)
+    config = trainer.model_config("nyuv2", "tiny", "ew")
+    mtan_graphdef, mtan_state = train.split_model(trainer.build_model(config, "mtan", 0), optimizer)
+    with pytest.raises(ValueError, match="CORE-MTL's objective needs the dual-stream model .* got MTAN"):
+        jax.eval_shape(functools.partial(train.core_step, mtan_graphdef, optimizer, weights=losses.PRESETS["nyuv2"],
+                                         independence_weight=0.0), mtan_state, make_batch(), jax.random.key(0))
+    with pytest.raises(ValueError, match="no dense-task loss for task 'edges'; there are losses for segmentation, "
+                                         "depth, normal"):
+        losses.dense_task_loss("edges", jnp.zeros((1, 2, 2, 1)), {"edges": jnp.zeros((1, 2, 2, 1))})
+    with pytest.raises(ValueError, match="the batch has no ground truth for task 'normal'; it has depth, images"):
+        losses.dense_task_loss("normal", jnp.zeros((1, 2, 2, 3)), {"images": 0, "depth": 0})
