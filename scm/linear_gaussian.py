@@ -83,7 +83,9 @@ def _as_covariance(field: str, value: Any, dim: int) -> np.ndarray:
     return array
 
 
-@dataclasses.dataclass(frozen=True)
+# Equal and hashed by identity (eq=False): its fields are arrays, which field-wise == cannot reduce to one bool
+# and which cannot be hashed (jit closes over instances).
+@dataclasses.dataclass(frozen=True, eq=False)
 class LinearGaussianSCM:
     r"""The linear-Gaussian SCM of Assumption 2.2, with ``K`` tasks in ``d`` dimensions.
 
@@ -127,9 +129,6 @@ class LinearGaussianSCM:
         if not math.isfinite(noise_std) or noise_std < 0:
             raise ValueError(f"noise_std must be a finite number >= 0; got {self.noise_std!r}")
         object.__setattr__(self, "noise_std", noise_std)
-
-    # Frozen dataclasses hash by field; arrays are unhashable, so hash by identity (jit closes over instances).
-    __hash__ = object.__hash__
 
     @property
     def dim(self) -> int:
@@ -224,7 +223,7 @@ def sample(scm: LinearGaussianSCM, key: jax.Array, num_samples: int, domain: Dom
         ``Samples`` with ``s``, ``r`` of shape ``[n, d]`` and ``y`` of shape ``[n, K]``.
     """
     _check_domain(domain)
-    if int(num_samples) < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
     key_s, key_r, key_eps = jax.random.split(key, 3)
     d, k = scm.dim, scm.num_tasks

@@ -74,6 +74,10 @@ def test_bad_domain_and_sample_count():
         sample(scm, jax.random.key(0), 10, "validation")
     with pytest.raises(ValueError, match="num_samples"):
         sample(scm, jax.random.key(0), 0)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1; got 10.5"):
+        sample(scm, jax.random.key(0), 10.5)
+    # Models are compared by identity: field-wise == over arrays has no single truth value.
+    assert scm == scm and scm != make_scm() and len({scm, scm}) == 1
 
 
 def test_scalars_mean_standard_deviations_and_matrices_mean_covariances():

@@ -65,6 +65,14 @@ def test_sweep_rejects_angles_outside_the_quarter_turn():
         sweep(SCM, make("ew"), [0.1, 1.7], [0], CONFIG)
 
 
+
+@pytest.mark.parametrize("seeds", [[-1], [2**32], [0.5], 3])
+def test_sweep_rejects_seeds_that_are_not_keys(seeds):
+    """A negative seed used to fail with NumPy's OverflowError about uint32."""
+    with pytest.raises(ValueError, match=r"seeds must be a 1-D sequence of integers in \[0, 2\*\*32\)"):
+        sweep(SCM, make("ew"), [0.1], seeds, CONFIG)
+
+
 def test_checks_fail_when_they_should():
     gap = np.array([[1.0, 1.1, 0.9], [2.0, 2.1, 1.9]])
     assert checks.floor_check(gap, np.array([0.5, 1.5]), +1)["holds"]

@@ -304,8 +304,12 @@ def train_and_evaluate(scm: LinearGaussianSCM, balancer: Balancer, theta, key: j
 
 
 def seed_keys(seeds) -> jax.Array:
-    """One ``jax.random`` key per integer seed, ``[S]``."""
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, dtype=jnp.uint32))
+    """One ``jax.random`` key per integer seed in [0, 2³²), ``[S]``."""
+    values = np.asarray(seeds)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer) or np.any(values < 0) or np.any(
+            values >= 2**32):
+        raise ValueError(f"seeds must be a 1-D sequence of integers in [0, 2**32); got {seeds!r}")
+    return jax.vmap(jax.random.key)(jnp.asarray(values, dtype=jnp.uint32))
 
 
 def sweep(scm: LinearGaussianSCM, balancer: Balancer, thetas, seeds, config: TrainConfig) -> Evaluation:
