@@ -239,3 +239,26 @@ def test_w2_between_gaussians_and_its_input_checks():
         cf.w2_gaussians([0, 0], np.eye(2), [0, 0], [[1, 0.5], [0, 1]])
     with pytest.raises(ValueError, match=r"mean_2 must have shape \[2\] and cov_2 \[2, 2\]"):
         cf.w2_gaussians([0, 0], np.eye(2), [0, 0, 0], np.eye(3))
+
+
+def test_residual_shift_is_the_smallest_eigenvalue_of_a_definite_shift_and_the_floor_is_attained_along_it():
+    """Σ_rT − Σ_rS = diag(1, 4): the shift is 1, the eigenvalue along which a head sees the least change. With
+    σ_s = σ_r,S and β along that direction the gap equals the floor (the largest eigenvalue would put the floor at
+    four times the gap)."""
+    scm = LinearGaussianSCM(betas=[[1.0, 0.0]], sigma_s=1.0, sigma_r_source=1.0, sigma_r_target=np.diag([2.0, 5.0]))
+    assert cf.residual_shift(scm) == pytest.approx(1.0, rel=1e-12)
+    np.testing.assert_allclose(cf.gap_floor(scm, 0.7), cf.source_optimal_gap(scm, 0.7), rtol=1e-9)
+
+
+def test_leakage_bound_uses_the_w1_of_the_whole_residual():
+    """Theorem 2.4's bound with the d-dimensional W₁ between N(0, σ_S² I) and N(0, σ_T² I): |σ_T − σ_S| E‖Z_d‖,
+    E‖Z_d‖ = √2 Γ((d+1)/2)/Γ(d/2) (2.1277 at d = 5; the one-dimensional W₁ would give √(2/π) = 0.80). The exact
+    absolute-loss gap of the source-optimal heads stays below it."""
+    betas = np.array([[1.0, 0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0, 0.0]])
+    scm = LinearGaussianSCM(betas=betas, sigma_s=1.0, sigma_r_source=1.0, sigma_r_target=2.0)
+    heads = cf.source_optimal_heads(scm, 0.6)
+    expected_norm = math.sqrt(2) * math.gamma(3.0) / math.gamma(2.5)
+    np.testing.assert_allclose(cf.leakage_bound(scm, 0.6, heads),
+                               np.linalg.norm(heads, axis=1) * math.sin(0.6) * (2.0 - 1.0) * expected_norm, rtol=1e-6)
+    gap = cf.absolute_loss_risk(scm, 0.6, heads, "target") - cf.absolute_loss_risk(scm, 0.6, heads, "source")
+    assert np.all(np.abs(gap) <= cf.leakage_bound(scm, 0.6, heads))

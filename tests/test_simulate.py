@@ -1,3 +1,5 @@
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -83,6 +85,41 @@ def test_checks_fail_when_they_should():
     assert checks.agreement_check(gap, np.array([1.0, 2.0]))["holds"]
     assert not checks.agreement_check(gap, np.array([1.0, 2.5]))["holds"]
     assert not checks.convergence_check(gap, gap + 0.05)["converged"]
+
+
+def test_checks_at_their_boundaries():
+    """Verdicts on either side of their thresholds, in standard errors of the mean (not of one seed). The gap
+    [0.9, 1.0, 1.1] has mean 1 and SEM 0.1/√3 = 0.0577: a floor of 1.1 is 1.73 SE above the mean, within 3; 1.2 is
+    3.46 SE above, beyond. An optimisation error of 0.005 is within 0.1 SE (0.00577), 0.008 is not."""
+    gap = np.array([[0.9, 1.0, 1.1]])
+    verdict = checks.floor_check(gap, np.array([1.1]), +1)
+    assert verdict["holds"] and verdict["min_margin_se"] == pytest.approx(-math.sqrt(3), rel=1e-9)
+    assert not checks.floor_check(gap, np.array([1.2]), +1)["holds"]
+    assert checks.agreement_check(gap, np.array([1.17]))["holds"]
+    assert not checks.agreement_check(gap, np.array([1.18]))["holds"]
+    assert checks.convergence_check(gap, gap + 0.005)["converged"]
+    assert not checks.convergence_check(gap, gap + 0.008)["converged"]
+
+
+def test_the_monte_carlo_standard_error_is_the_spread_of_the_estimate():
+    """monte_carlo_risk's standard error against the standard deviation of its estimate over 300 independent keys
+    (known to about 4%; tolerance 25%)."""
+    heads = np.asarray(closed_forms.source_optimal_heads(SCM, 0.8))
+    keys = jax.random.split(jax.random.key(8), 300)
+    means, errors = jax.vmap(lambda key: monte_carlo_risk(SCM, 0.8, heads, key, 1000, "target"))(keys)
+    spread = np.std(np.asarray(means), axis=0, ddof=1)
+    assert np.all(np.abs(np.mean(np.asarray(errors), axis=0) / spread - 1) < 0.25)
+
+
+def test_the_least_squares_gap_depends_on_the_sample_not_on_training():
+    """evaluate's least_squares_gap is the gap of the empirical risk minimiser of the seed's sample: the same after
+    one step of training as after 300, while the trained gap moves onto it only with training."""
+    config_short = TrainConfig(num_samples=256, steps=1, learning_rate=0.05)
+    short, long = (train_and_evaluate(SCM, make("ew"), 0.6, jax.random.key(4), config)
+                   for config in (config_short, CONFIG))
+    np.testing.assert_allclose(short.least_squares_gap, long.least_squares_gap, rtol=1e-10)
+    np.testing.assert_allclose(long.gap, long.least_squares_gap, rtol=1e-3)
+    assert np.all(np.abs(short.gap - short.least_squares_gap) > 0.1 * np.abs(short.least_squares_gap))
 
 
 def test_losses_from_moments_equal_the_per_sample_mean_squared_error():

@@ -53,8 +53,8 @@ def loss_function(kind: str) -> tuple[Callable[[jax.Array, jax.Array], jax.Array
 
 
 def source_optimal_weight(theta: float, beta: float, sigma_s: float, residual_source: Residual1D) -> float:
-    """The squared-loss source-optimal linear head on :math:`\\hat z_s` (Eq (22) with the residual's variance, which
-    is all the squared loss sees of it; a non-zero residual mean is ignored, the head has no bias)."""
+    """The squared-loss source-optimal linear head on :math:`\\hat z_s` (Eq (22) with the residual's second moment,
+    variance plus mean², all the squared loss sees of it: the head has no bias to absorb a mean)."""
     c, s = math.cos(theta), math.sin(theta)
     return beta * c * sigma_s**2 / (c**2 * sigma_s**2 + s**2 * (residual_source.variance + residual_source.loc**2))
 
