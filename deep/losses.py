@@ -57,8 +57,9 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"segmentation_loss: labels must be integer class indices; got {labels.dtype}")
-    if not isinstance(labels, jax.core.Tracer) and labels.size:
-        low, high = int(jnp.min(labels)), int(jnp.max(labels))
+    if not isinstance(labels, jax.core.Tracer) and labels.size:  # NumPy: jnp.min inside a trace would be traced
+        values = np.asarray(labels)
+        low, high = int(values.min()), int(values.max())
         if low < -1 or high >= num_classes:
             raise ValueError(f"segmentation_loss: labels must be class indices in [0, {num_classes}) or -1 (ignored); "
                              f"got values from {low} to {high}")
