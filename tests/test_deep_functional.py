@@ -148,6 +148,9 @@ def test_task_losses_refuse_labels_and_targets_they_would_misread():
                                          r"from 0 to 255"):
         losses.segmentation_loss(logits, labels.at[:, :2].set(255))
     ignored = labels.at[:, :2].set(-1)
+    # Labels closed over inside a trace are concrete: checked, with NumPy (jnp.min there would be traced).
+    np.testing.assert_allclose(jax.jit(lambda x: losses.segmentation_loss(x, ignored))(logits),
+                               losses.segmentation_loss(logits, ignored), rtol=1e-6)
     np.testing.assert_allclose(jax.jit(losses.segmentation_loss)(logits, labels.at[:, :2].set(255)),
                                losses.segmentation_loss(logits, ignored), rtol=1e-6)
     with pytest.raises(ValueError, match="labels must be integer class indices; got float32"):
