@@ -254,3 +254,13 @@ def test_the_unbiased_hsic_is_the_u_statistic_over_distinct_quadruples():
     quadruples = list(itertools.permutations(range(7), 4))
     brute = np.mean([k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q] for i, j, q, r in quadruples])
     np.testing.assert_allclose(float(measures._unbiased_hsic(jnp.asarray(k), jnp.asarray(l))), brute, rtol=1e-10)
+
+
+def test_cka_takes_vectors_as_one_feature_and_refuses_batches_that_differ():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=20), rng.normal(size=(20, 3))
+    for cka in (measures.linear_cka, measures.linear_cka_gram, measures.debiased_cka):
+        np.testing.assert_allclose(cka(x, y), cka(x[:, None], y), rtol=1e-12)
+        with pytest.raises(ValueError, match=r"needs codes \[B, p\] and \[B, q\] of the same batch B; got shapes "
+                                             r"\(20, 1\) and \(19, 3\)"):
+            cka(x, y[:19])

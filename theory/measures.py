@@ -79,6 +79,17 @@ def _centre(x: jax.Array) -> jax.Array:
     return x - jnp.mean(x, axis=0, keepdims=True)
 
 
+def _codes(x, y, name: str) -> tuple[jax.Array, jax.Array]:
+    """``x`` and ``y`` as ``[B, p]`` and ``[B, q]`` (a ``[B]`` vector is one feature), the same batch ``B``. Shapes
+    are static: this runs under ``jit`` too."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = (x[:, None] if x.ndim == 1 else x), (y[:, None] if y.ndim == 1 else y)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name} needs codes [B, p] and [B, q] of the same batch B; got shapes {jnp.shape(x)} and "
+                         f"{jnp.shape(y)}")
+    return x, y
+
+
 def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
     r"""Linear CKA between two batches of codes ``x`` ``[B, p]`` and ``y`` ``[B, q]`` (Eq (11)), feature form:
 
@@ -89,6 +100,7 @@ def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
     equal to the Gram form the paper's code uses (:func:`linear_cka_gram`), at :math:`O(B(p+q)\min(p,q))` cost.
     0 when a stream is constant.
     """
+    x, y = _codes(x, y, "linear_cka")
     x, y = _centre(x), _centre(y)
     return _ratio_to_root(jnp.sum((x.T @ y) ** 2), jnp.sum((x.T @ x) ** 2) * jnp.sum((y.T @ y) ** 2))
 
@@ -107,6 +119,7 @@ def linear_cka_gram(x: jax.Array, y: jax.Array) -> jax.Array:
     :math:`\\mathrm{HSIC}(K,L)/\\sqrt{\\mathrm{HSIC}(K,K)\\mathrm{HSIC}(L,L)}` with centred Grams
     (:math:`O(B^2(p+q))`): the form the paper's code computes, without the 1e-6 it adds to the denominator (which
     lets shrinking both codes lower the value), so that it equals :func:`linear_cka` exactly."""
+    x, y = _codes(x, y, "linear_cka_gram")
     k, l = _centre(x) @ _centre(x).T, _centre(y) @ _centre(y).T
     return _ratio_to_root(jnp.sum(k * l), jnp.sum(k * k) * jnp.sum(l * l))
 
@@ -130,6 +143,7 @@ def debiased_cka(x: jax.Array, y: jax.Array) -> jax.Array:
     Removes linear CKA's finite-batch floor: for independent streams its expectation is about 0 (it can be slightly
     negative), at any batch size :math:`B \ge 4`. Inputs ``[B, p]`` and ``[B, q]``.
     """
+    x, y = _codes(x, y, "debiased_cka")
     if x.shape[0] < 4:
         raise ValueError(f"debiased CKA needs a batch of at least 4 samples; got {x.shape[0]}")
     k, l = x @ x.T, y @ y.T  # the unbiased estimator centres implicitly
