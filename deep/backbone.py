@@ -98,10 +98,24 @@ class BatchNorm(nnx.BatchNorm):
     0. ``nnx.BatchNorm`` stores its statistics with ``variable[...] = value``, which probes the traced value's
     ``sharding``; a JAX tracer answers with an error whose message walks every operation traced so far, so tracing
     the model took time quadratic in its depth (jax 0.10; half the trace time of a reduced-size training step).
-    ``set_value`` stores them without the probe."""
+    ``set_value`` stores them without the probe, in the dtype they were stored in.
+
+    Of ``nnx.BatchNorm``'s options it keeps the momentum, epsilon, ``dtype`` and ``use_running_average``; the others
+    (``axis_name`` for a cross-device mean, no scale or bias, two-pass variance) are refused when it is built. Under
+    ``jit`` with a sharded batch the statistics are already those of the whole batch (:mod:`deep.devices`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unsupported = {"axis_name": self.axis_name is not None, "use_scale": not self.use_scale,
+                       "use_bias": not self.use_bias, "use_fast_variance": not self.use_fast_variance}
+        if any(unsupported.values()):
+            raise ValueError(f"BatchNorm here supports nnx.BatchNorm's defaults for "
+                             f"{', '.join(name for name, changed in unsupported.items() if changed)}")
 
     def __call__(self, x, use_running_average: bool | None = None):
         running = self.use_running_average if use_running_average is None else use_running_average
+        if running is None:
+            raise ValueError("BatchNorm needs use_running_average, in the call or from model.train() / model.eval()")
         if self.axis not in (-1, x.ndim - 1):
             raise ValueError(f"BatchNorm here normalises the last axis (channels last); got axis={self.axis}")
         stored_mean, stored_var = self.mean.get_value(), self.var.get_value()
@@ -117,8 +131,10 @@ class BatchNorm(nnx.BatchNorm):
             var = jnp.maximum(0.0, jnp.square(wide).mean(axes) - jnp.square(mean))
             n = x.size // x.shape[-1]  # values per channel
             unbiased = var * (n / (n - 1)) if n > 1 else var
-            self.mean.set_value(jax.lax.stop_gradient(self.momentum * stored_mean + (1 - self.momentum) * mean))
-            self.var.set_value(jax.lax.stop_gradient(self.momentum * stored_var + (1 - self.momentum) * unbiased))
+            new_mean = self.momentum * stored_mean + (1 - self.momentum) * mean
+            new_var = self.momentum * stored_var + (1 - self.momentum) * unbiased
+            self.mean.set_value(jax.lax.stop_gradient(new_mean).astype(stored_mean.dtype))
+            self.var.set_value(jax.lax.stop_gradient(new_var).astype(stored_var.dtype))
         y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return y.astype(dtype)
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,14 @@ _COMPUTE_LAYERS = (nnx.Conv, nnx.Linear, nnx.BatchNorm, nnx.LayerNorm, nnx.Group
 GROUNDINGS = ("hard", "soft", "none")
 NYUV2_TASKS = (("segmentation", 13), ("depth", 1), ("normal", 3))
 TASK_CHANNELS = {"depth": 1, "normal": 3}  # what their losses and metrics read; segmentation has one per class
+
+
+def _is_count(value) -> bool:
+    """An integer >= 1 of any integer type (Python's, NumPy's, a JAX scalar), not a bool."""
+    try:
+        return not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +142,11 @@ class ModelConfig:
             raise ValueError(f"heads_read must be one of {', '.join(HEAD_INPUTS)}; got {self.heads_read!r}")
         self._check_tasks()
         for name in ("semantic_channels", "residual_channels", "head_channels", "albedo_seed", "light_hidden"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+            if not _is_count(getattr(self, name)):
                 raise ValueError(f"{name} must be an integer >= 1; got {getattr(self, name)!r}")
         for name in ("aspp_rates", "decoder_widths"):
             values = getattr(self, name)
-            if not (isinstance(values, tuple) and values and all(isinstance(v, int) and v >= 1 for v in values)):
+            if not (isinstance(values, tuple) and values and all(_is_count(v) for v in values)):
                 raise ValueError(f"{name} must be a non-empty tuple of integers >= 1; got {values!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
@@ -155,8 +164,8 @@ class ModelConfig:
     def _check_tasks(self):
         tasks = self.tasks
         if not (isinstance(tasks, tuple) and tasks and all(
-                isinstance(task, tuple) and len(task) == 2 and isinstance(task[0], str) and isinstance(task[1], int)
-                and task[1] >= 1 for task in tasks)):
+                isinstance(task, tuple) and len(task) == 2 and isinstance(task[0], str) and _is_count(task[1])
+                for task in tasks)):
             raise ValueError(f"tasks must be a non-empty tuple of (name, output channels >= 1) pairs; got {tasks!r}")
         names = [name for name, _ in tasks]
         if len(set(names)) != len(names):

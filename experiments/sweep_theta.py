@@ -245,15 +245,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(payload, out / "sweep_theta.png")
     diverged = [name for name, result in payload["methods"].items() if result["diverged"]]
     if diverged:  # even with --quiet: the JSON's nulls alone are easy to miss
-        print(f"sweep_theta.py: warning: {', '.join(diverged)} diverged (a gap that is not a finite number): null in "
-              f"the JSON, not judged, not plotted; a smaller --learning-rate may help", file=sys.stderr)
+        print(f"sweep_theta.py: warning: {', '.join(diverged)} diverged (a gap that is not a finite number at some "
+              f"angle): not judged, and the values that are not finite are null in the JSON and not plotted; a smaller "
+              f"--learning-rate may help", file=sys.stderr)
     if not config.quiet:
         print(f"{'method':<10} {'above floor':>11} {'matches cf':>10} {'max |z|':>8} {'converged':>9} {'seconds':>8}")
         shown = lambda value: "n/a" if value is None else str(value)  # noqa: E731 (not judged)
         for name, verdict in payload["verdict"].items():
             z = verdict["max_abs_z_vs_closed_form"]
             print(f"{name:<10} {shown(verdict['above_floor']):>11} {shown(verdict['matches_closed_form']):>10} "
-                  f"{shown(z if z is None else f'{z:.2f}'):>8} {str(verdict['converged']):>9} "
+                  f"{'n/a' if z is None else f'{z:.2f}':>8} {str(verdict['converged']):>9} "
                   f"{payload['methods'][name]['seconds']:>8.1f}")
         unjudged = [name for name, verdict in payload["verdict"].items()
                     if not verdict["judged"] and name not in diverged]

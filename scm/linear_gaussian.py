@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -223,8 +224,13 @@ def sample(scm: LinearGaussianSCM, key: jax.Array, num_samples: int, domain: Dom
         ``Samples`` with ``s``, ``r`` of shape ``[n, d]`` and ``y`` of shape ``[n, K]``.
     """
     _check_domain(domain)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    try:  # any integer type (Python's, NumPy's, a JAX scalar), not a bool or 10.5
+        count = None if isinstance(num_samples, bool) else operator.index(num_samples)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
         raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
+    num_samples = count
     key_s, key_r, key_eps = jax.random.split(key, 3)
     d, k = scm.dim, scm.num_tasks
     chol_s = jnp.linalg.cholesky(scm.cov_s)

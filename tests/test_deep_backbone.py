@@ -104,3 +104,40 @@ def test_batch_norm_keeps_pytorchs_running_statistics(shape):
                 + np.asarray(norm.bias[...]))
     np.testing.assert_allclose(norm(jnp.asarray(x), use_running_average=True), expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(norm.var[...], running_var, rtol=1e-5)  # eval mode leaves it
+
+
+# Flax's own layer, the reference here, stores a float64 batch's statistics into float32 with a scatter that warns.
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
+@pytest.mark.parametrize("layer_dtype, input_dtype", [(None, jnp.float32), (jnp.bfloat16, jnp.float32),
+                                                      (jnp.bfloat16, jnp.bfloat16), (None, jnp.float64)])
+def test_batch_norm_computes_as_flax_does_and_keeps_its_statistics_dtype(layer_dtype, input_dtype):
+    """The call is written out (not inherited, see the class docstring): against ``nnx.BatchNorm`` with the same
+    settings, the same output and output dtype in training and eval mode, Flax's running mean, Flax's running
+    variance times n/(n − 1), and statistics still stored in float32 (a float64 batch, as x64 allows, would
+    otherwise turn them into float64 and change the state's structure after one step)."""
+    ours, flax_norm = batch_norm(5, nnx.Rngs(0)), nnx.BatchNorm(5, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+    for norm in (ours, flax_norm):
+        norm.dtype = layer_dtype
+        norm.scale.set_value(jnp.linspace(0.5, 1.5, 5, dtype=jnp.float32))
+        norm.bias.set_value(jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float32))
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, (3, 4, 6, 5)), input_dtype)
+    n = 3 * 4 * 6
+    for _ in range(2):
+        got, expected = ours(x, use_running_average=False), flax_norm(x, use_running_average=False)
+        assert got.dtype == expected.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(expected, np.float64), rtol=1e-6, atol=1e-6)
+    assert ours.mean.get_value().dtype == ours.var.get_value().dtype == jnp.float32
+    np.testing.assert_allclose(ours.mean.get_value(), flax_norm.mean.get_value(), rtol=1e-6)
+    # After two steps from 1: Flax's 0.81 + 0.19 v, PyTorch's 0.81 + 0.19 v n/(n - 1).
+    flax_batch_part = flax_norm.var.get_value() - 0.81
+    np.testing.assert_allclose(ours.var.get_value() - 0.81, flax_batch_part * n / (n - 1), rtol=1e-5)
+    got, expected = ours(x, use_running_average=True), nnx.BatchNorm.__call__(ours, x, use_running_average=True)
+    assert got.dtype == expected.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(expected, np.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_refuses_the_options_it_does_not_implement():
+    from deep.backbone import BatchNorm
+
+    with pytest.raises(ValueError, match="BatchNorm here supports nnx.BatchNorm's defaults for axis_name, use_bias"):
+        BatchNorm(4, axis_name="batch", use_bias=False, rngs=nnx.Rngs(0))

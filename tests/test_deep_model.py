@@ -155,6 +155,9 @@ def test_sizes_and_tasks_are_checked_when_the_config_is_made():
             ("tasks", (("normal", 1),), r"task 'normal' predicts 3 channel\(s\); got 1")]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(TINY, **{field: value})
+    # Any integer type will do: NumPy's, or a JAX scalar.
+    dataclasses.replace(TINY, semantic_channels=np.int64(6), aspp_rates=(np.int32(1), jnp.int32(2)),
+                        tasks=(("depth", np.int64(1)),))
 
 
 def test_images_in_another_layout_or_type_are_refused_before_any_work(model):

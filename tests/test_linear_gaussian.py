@@ -76,6 +76,7 @@ def test_bad_domain_and_sample_count():
         sample(scm, jax.random.key(0), 0)
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1; got 10.5"):
         sample(scm, jax.random.key(0), 10.5)
+    assert sample(scm, jax.random.key(0), np.int64(3)).y.shape == sample(scm, jax.random.key(0), jnp.int32(3)).y.shape
     # Models are compared by identity: field-wise == over arrays has no single truth value.
     assert scm == scm and scm != make_scm() and len({scm, scm}) == 1
 

@@ -67,7 +67,6 @@ def test_sweep_rejects_angles_outside_the_quarter_turn():
         sweep(SCM, make("ew"), [0.1, 1.7], [0], CONFIG)
 
 
-
 @pytest.mark.parametrize("seeds", [[-1], [2**32], [0.5], 3])
 def test_sweep_rejects_seeds_that_are_not_keys(seeds):
     """A negative seed used to fail with NumPy's OverflowError about uint32."""

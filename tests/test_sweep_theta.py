@@ -57,8 +57,8 @@ def test_a_method_whose_gaps_are_not_finite_is_kept_as_nulls(tmp_path):
     result = run_script(SCRIPT, *TINY, "--methods", "ew", "--learning-rate", "1e30", "--out", str(tmp_path), "--quiet")
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
-    assert "sweep_theta.py: warning: ew diverged (a gap that is not a finite number): null in the JSON, not judged" \
-        in result.stderr
+    assert ("sweep_theta.py: warning: ew diverged (a gap that is not a finite number at some angle): not judged, and "
+            "the values that are not finite are null in the JSON") in result.stderr
     payload = json.loads((tmp_path / "sweep_theta.json").read_text())
     method, verdict = payload["methods"]["ew"], payload["verdict"]["ew"]
     assert method["diverged"] is True and None in method["gap_mean"]

@@ -30,9 +30,10 @@ import scipy.stats
 from scm.linear_gaussian import Domain, LinearGaussianSCM, check_theta
 
 
-def _cos_sin(theta):
-    # One angle: an array of angles would broadcast against the task axis and pair angle i with task i, silently.
-    if jnp.ndim(theta) != 0:
+def _cos_sin(theta, one_angle: bool = True):
+    # One angle where the result has a task or feature axis: an array of angles would broadcast against it and pair
+    # angle i with task i, silently. Functions of the angle alone (one_angle=False) take arrays elementwise.
+    if one_angle and jnp.ndim(theta) != 0:
         raise ValueError(f"theta must be one angle (a scalar); got shape {jnp.shape(theta)}: for a grid of angles, "
                          f"jax.vmap over them")
     check_theta(theta)
@@ -190,7 +191,7 @@ def rotation_cka(theta, sigma_s: float, sigma_r: float) -> jax.Array:
     It is 0 for every θ when :math:`\sigma_s = \sigma_r`: the streams are then independent although the semantic
     stream leaks (CKA's blind spot; see :func:`oracle_leakage`).
     """
-    c, s = _cos_sin(theta)
+    c, s = _cos_sin(theta, one_angle=False)
     var_s, var_r = sigma_s**2, sigma_r**2
     return c**2 * s**2 * (var_s - var_r) ** 2 / ((c**2 * var_s + s**2 * var_r) * (s**2 * var_s + c**2 * var_r))
 
@@ -199,13 +200,13 @@ def oracle_leakage(theta, sigma_s: float, sigma_r: float) -> jax.Array:
     r"""The share of the semantic stream's variance that comes from the residual,
     :math:`\mathrm{corr}^2(\hat Z_s, Z_r) = s^2\sigma_r^2 / (c^2\sigma_s^2 + s^2\sigma_r^2)` (per coordinate). Unlike
     CKA it sees entanglement when :math:`\sigma_s = \sigma_r`."""
-    c, s = _cos_sin(theta)
+    c, s = _cos_sin(theta, one_angle=False)
     return s**2 * sigma_r**2 / (c**2 * sigma_s**2 + s**2 * sigma_r**2)
 
 
 def rotation_leakage(theta) -> jax.Array:
     r"""κ of Eq (8) for the rotation encoder: :math:`|\sin\theta|`."""
-    _, s = _cos_sin(theta)
+    _, s = _cos_sin(theta, one_angle=False)
     return jnp.abs(s)
 
 
@@ -295,7 +296,6 @@ def _check_gaussian(mean: np.ndarray, cov: np.ndarray, dim: int, name: str) -> N
     if smallest < -1e-10 * scale:
         raise ValueError(f"cov_{name} must be positive semi-definite (a covariance; in one dimension a variance >= 0); "
                          f"its smallest eigenvalue is {smallest:g}")
-
 
 
 # ----------------------------------------------------------------------------- Theorem 2.4 in the rotation model
