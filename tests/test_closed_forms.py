@@ -224,6 +224,10 @@ def test_one_angle_at_a_time_and_a_grid_through_vmap():
     grid = jax.vmap(lambda t: cf.source_optimal_gap(scm, t))(jnp.asarray([0.3, 0.8]))
     assert grid.shape == (2, 2)  # [angles, tasks]
     np.testing.assert_allclose(grid[1], cf.source_optimal_gap(scm, 0.8))
+    # Functions of the angle alone have no task axis: arrays of angles are taken elementwise.
+    np.testing.assert_allclose(cf.rotation_leakage(jnp.asarray([0.3, 0.8])), np.abs(np.sin([0.3, 0.8])))
+    angles = jnp.asarray([0.3, 0.8])
+    assert cf.rotation_cka(angles, 1.0, 2.0).shape == cf.oracle_leakage(angles, 1.0, 2.0).shape == (2,)
 
 
 def test_w2_between_gaussians_and_its_input_checks():
