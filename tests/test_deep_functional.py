@@ -105,6 +105,19 @@ def test_sh_basis_is_orthonormal_on_the_sphere():
     np.testing.assert_allclose(gram, np.eye(9), atol=0.02)
 
 
+def test_sh_basis_is_the_authors_in_their_order():
+    """Each of the nine functions at probe normals against official_implementation.md's basis, its literal constants
+    and its order (orthonormality alone would let band 1 be reordered, or a function change sign; the synthetic
+    scenes write their lighting in this order too)."""
+    root = 1 / math.sqrt(2)
+    probes = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [root, root, 0], [0, root, root], [root, 0, root],
+                       [0.48, -0.6, 0.64]])
+    x, y, z = probes.T
+    authors = np.stack([np.full_like(x, 0.282095), 0.488603 * y, 0.488603 * z, 0.488603 * x, 1.092548 * x * y,
+                        1.092548 * y * z, 0.315392 * (3 * z**2 - 1), 1.092548 * x * z, 0.546274 * (x**2 - y**2)], -1)
+    np.testing.assert_allclose(sh_basis(jnp.asarray(probes)), authors, atol=1e-6)
+
+
 def test_known_lighting_gives_known_shading():
     normals = unit_sphere(64, seed=1).reshape(1, 8, 8, 3)
     ambient = jnp.zeros((1, 3, 9)).at[:, :, 0].set(2.0)
@@ -174,6 +187,12 @@ def test_depth_and_normal_losses_use_libmtl_masks():
     normals_pred = jnp.asarray([[0.0, 0.0, 5.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).reshape(1, 1, 3, 3)
     # valid pixels 0 and 2: cosines 1 and 0 -> loss 1 - 0.5
     assert float(losses.normal_loss(normals_pred, normals_gt)) == pytest.approx(0.5)
+    # LibMTL's mask is the components' sum, not the norm: (1, -1, 0)/√2 is dropped. The ground truth is not
+    # renormalised (LibMTL's are unit already): one of length 0.5 along the prediction counts a cosine of 0.5.
+    normals_gt = jnp.asarray([[0.0, 0.0, 1.0], [math.sqrt(0.5), -math.sqrt(0.5), 0.0], [0.0, 0.0, 0.5]])
+    normals_pred = jnp.asarray([[0.0, 0.0, 5.0], [0.0, 0.0, 1.0], [0.0, 0.0, 2.0]])
+    assert float(losses.normal_loss(normals_pred.reshape(1, 1, 3, 3), normals_gt.reshape(1, 1, 3, 3))) == \
+        pytest.approx(1 - (1 + 0.5) / 2, abs=1e-6)
 
 
 def test_independence_loss_is_theory_measures_cka_on_pooled_codes():
@@ -192,6 +211,9 @@ def test_regularisers_on_hand_made_maps():
     assert float(losses.albedo_tv(flat)) == 0.0
     stripes = jnp.tile(jnp.asarray([0.0, 1.0]), 2)[None, None, :, None] * jnp.ones((1, 4, 4, 3))
     assert float(losses.albedo_tv(stripes)) == pytest.approx(1.0)
+    albedo = np.random.default_rng(4).random((2, 5, 6, 3))  # differences other than 0 and 1: |d| is not d²
+    expected = np.abs(np.diff(albedo, axis=1)).mean() + np.abs(np.diff(albedo, axis=2)).mean()
+    np.testing.assert_allclose(losses.albedo_tv(jnp.asarray(albedo)), expected, rtol=1e-6)
     assert float(losses.grayscale_shading(flat)) == 0.0
     coloured = jnp.concatenate([jnp.ones((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 2))], axis=-1)
     assert float(losses.grayscale_shading(coloured)) == pytest.approx(1.0)
@@ -231,6 +253,9 @@ def test_ssim_loss_is_one_minus_the_windowed_ssim_formula():
     assert ssim.shape == (2, 7, 9, 3)  # valid positions only
     np.testing.assert_allclose(losses.ssim_loss(jnp.asarray(prediction), jnp.asarray(target), window=window),
                                1 - ssim.mean(), rtol=1e-4)
+    # Its constants scale with data_range, which makes SSIM exactly invariant to the images' scale.
+    np.testing.assert_allclose(losses.ssim_loss(jnp.asarray(255 * prediction), jnp.asarray(255 * target), window=window,
+                                                data_range=255.0), 1 - ssim.mean(), rtol=1e-4)
 
 
 def test_edge_loss_is_the_charbonnier_distance_of_sobel_gradients_over_scales():
@@ -275,6 +300,24 @@ def test_presets_hold_table_7_and_the_ramp():
         losses.LossWeights(counterfactual_probability=2.0)
     total = losses.total_loss({"segmentation": 1.0, "independence": 0.5, "appearance_l1": 1.0}, nyu)
     assert float(total) == pytest.approx(20 + 0.5 + 15 * 2)
+
+
+# Table 7 as reference/theory.md §7 transcribes it from the authors' configs, row by row: seg, depth, normal, edge, ind,
+# geo, app, L1, img, tv, gray, xcov, cfa (prob, start), stage0/stage1, ind-warmup.
+TABLE_7 = {"nyuv2": (20, 10, 10, 0.1, 1.0, 2.0, 15, 2.0, 2.0, 0.1, 0.001, 0.5, 1.0, 0.5, 20, 5, 0, 10),
+           "cityscapes": (10, 20, 0, 0.1, 1.0, 2.0, 15, 2.0, 5.0, 0.1, 0.001, 0.5, 1.0, 0.5, 20, 10, 5, 20),
+           "gta5_to_cityscapes": (30, 25, 0, 0, 0.1, 5.0, 2.0, 2.0, 5.0, 0.1, 0.1, 0.5, 0.5, 0.5, 35, 10, 5, 30),
+           "cityscapes_c": (10, 20, 0, 0.1, 1.0, 2.0, 5.0, 2.0, 5.0, 0.1, 0.1, 0.5, 1.0, 0.5, 1, 10, 5, 20)}
+
+
+@pytest.mark.parametrize("preset", sorted(TABLE_7))
+def test_every_preset_weight_is_table_7s(preset):
+    fields = ("segmentation", "depth", "normal", "edge", "independence", "geometry", "appearance", "appearance_l1",
+              "image", "albedo_tv", "gray", "covariance", "counterfactual", "counterfactual_probability",
+              "counterfactual_start_epoch", "stage0_epochs", "stage1_epochs", "independence_warmup_epochs")
+    weights = losses.PRESETS[preset]
+    assert {name: getattr(weights, name) for name in fields} == dict(zip(fields, TABLE_7[preset]))
+    assert set(losses.PRESETS) == set(TABLE_7)
 
 
 def test_total_loss_weighs_each_term_as_eq_16():

@@ -87,6 +87,12 @@ def test_normal_angles_of_known_vectors():
     assert result["normal/within_22.5"] == pytest.approx(3 / 6)
     assert result["normal/within_30"] == pytest.approx(4 / 6)
     assert accumulator._normal["count"] == 6
+    # The ground truth is not renormalised (LibMTL's are unit already): length 0.5 along the prediction is
+    # arccos(0.5) = 60 degrees.
+    accumulator = MetricAccumulator({"normal": 3})
+    accumulator.update({"normal": np.array([0, 0, 2.0], F32).reshape(1, 1, 1, 3)},
+                       {"normal": np.array([0, 0, 0.5], F32).reshape(1, 1, 1, 3)})
+    assert accumulator.result()["normal/mean"] == pytest.approx(60.0, abs=0.01)
 
 
 def test_normal_median_matches_numpy_within_the_histogram_resolution():
