@@ -1,7 +1,8 @@
 r"""Losses of the dual-stream model (Eqs (11)-(16), ``reference/official_implementation.md`` §3).
 
 Layouts are ``[batch, height, width, channels]``. Task losses follow LibMTL's masks: segmentation cross-entropy
-ignores label −1; depth L1 and the normal cosine loss average over pixels whose ground truth is not all zero.
+ignores label −1; depth L1 and the normal cosine loss average over pixels whose ground truth's channels do not sum
+to zero (for depth: is not zero; for normals this also drops the rare unit normal whose components cancel).
 The independence loss is the linear CKA of :mod:`theory.measures` (one implementation for theory and model) on
 the spatially pooled streams. The loss weights of the paper's Table 7 are named presets (:data:`PRESETS`).
 
@@ -81,8 +82,9 @@ def depth_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def normal_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
-    """:math:`1 - \\frac{1}{N}\\sum_{valid} \\langle \\hat n/\\|\\hat n\\|, n\\rangle` over pixels whose ground truth is
-    not all zero (LibMTL's ``NormalLoss``): ``[B, H, W, 3]`` each."""
+    """:math:`1 - \\frac{1}{N}\\sum_{valid} \\langle \\hat n/\\|\\hat n\\|, n\\rangle` over pixels whose ground truth's
+    components do not sum to zero (LibMTL's ``NormalLoss`` mask), the ground truth used as stored (LibMTL's normals
+    are unit): ``[B, H, W, 3]`` each."""
     _check_dense_pair("normal_loss", prediction, target)
     unit = unit_vectors(prediction, 1e-12)
     valid = (jnp.sum(target, axis=-1) != 0).astype(prediction.dtype)
