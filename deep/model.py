@@ -141,7 +141,8 @@ class ModelConfig:
         if self.heads_read not in HEAD_INPUTS:
             raise ValueError(f"heads_read must be one of {', '.join(HEAD_INPUTS)}; got {self.heads_read!r}")
         self._check_tasks()
-        for name in ("semantic_channels", "residual_channels", "head_channels", "albedo_seed", "light_hidden"):
+        for name in ("semantic_channels", "residual_channels", "head_channels", "albedo_seed", "light_hidden",
+                     "fusion_channels"):
             if not _is_count(getattr(self, name)):
                 raise ValueError(f"{name} must be an integer >= 1; got {getattr(self, name)!r}")
         for name in ("aspp_rates", "decoder_widths"):
@@ -150,8 +151,6 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a non-empty tuple of integers >= 1; got {values!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}; got {self.fusion!r}")
-        if self.fusion_channels < 1:
-            raise ValueError(f"fusion_channels must be >= 1; got {self.fusion_channels}")
         if self.dilated_conv not in DILATED_CONVS:
             raise ValueError(f"dilated_conv must be one of {', '.join(DILATED_CONVS)}; got {self.dilated_conv!r}")
         if self.light_reads not in LIGHT_INPUTS:

@@ -153,13 +153,12 @@ def gap_floor(scm: LinearGaussianSCM, theta, theta_max=None) -> jax.Array:
     """
     c, s = _cos_sin(theta)
     if theta_max is not None:
-        _cos_sin(theta_max)  # its checks: one angle in [0, pi/2]
+        c, _ = _cos_sin(theta_max)  # the uniform constant's cosine, with the same checks (one angle in [0, pi/2])
         if not isinstance(theta, jax.core.Tracer) and not isinstance(theta_max, jax.core.Tracer):
             # Up to float32 rounding (a float32 grid ending at θ̄ = 0.1 ends at 0.10000000149).
             if float(theta) > float(theta_max) * (1 + 4 * np.finfo(np.float32).eps):
                 raise ValueError(f"gap_floor's uniform constant (theta_max) holds for theta <= theta_max only; got "
                                  f"theta = {float(theta)} > theta_max = {float(theta_max)}")
-        c = jnp.cos(theta_max)
     return floor_constants(scm, c) * s**2 * residual_shift(scm)
 
 
