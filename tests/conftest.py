@@ -54,7 +54,8 @@ HEAVIEST_FIRST = ("test_train_nyuv2.py", "test_deep_model.py", "test_deep_shardi
                   "test_balancing.py", "test_deep_trainer.py", "test_torch_reference.py", "test_learned_encoder.py",
                   "test_bench_flops.py", "test_readme_example.py", "test_deep_mtan.py", "test_deep_atrous.py",
                   "test_leakage.py", "test_deep_baselines.py", "test_balancing_solvers.py",
-                  "test_balancing_loss_based.py", "test_perceptual.py", "test_balancing_manipulation.py", "test_measures.py", "test_orthogonality.py")
+                  "test_balancing_loss_based.py", "test_perceptual.py", "test_balancing_manipulation.py",
+                  "test_measures.py", "test_orthogonality.py")
 
 
 def pytest_collection_modifyitems(items):

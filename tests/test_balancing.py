@@ -143,6 +143,36 @@ def test_step_vmaps_over_a_batch_of_problems(name):
     assert directions.shape == (4, 5) and weights.shape == (4, 2)
 
 
+#: The methods whose state has a task axis: the rest keep solver statistics or nothing.
+STATE_SIZED_BY_TASKS = {"gradnorm", "db_mtl", "excess_mtl", "gradvac", "imtl", "uw", "dwa", "stch", "famo", "moco",
+                        "nash_mtl"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_state_built_for_another_number_of_tasks_is_refused_by_name(name):
+    balancer = make(name)
+    jacobian, losses = jax.random.normal(jax.random.key(3), (2, 5)), jnp.ones(2)
+    shapes = {k: [leaf.shape for leaf in jax.tree.leaves(balancer.init(k, num_params=5))] for k in (1, 2, 3)}
+    assert (shapes[1] != shapes[2] != shapes[3]) == (name in STATE_SIZED_BY_TASKS)
+    for other in (1, 3):
+        state = balancer.init(other, num_params=5)
+        if name not in STATE_SIZED_BY_TASKS:
+            jax.jit(balancer.step)(jacobian, losses, state, KEY)
+            continue
+        # Refused while tracing, so under jit too; init(1)'s size-1 axes used to broadcast into wrong weights.
+        with pytest.raises(ValueError, match=rf"^{name} state\.\w+ has shape \({other}[,)].*, but a jacobian of shape "
+                                             r"\(2, 5\) needs \(2[,)].*; build the state with init\(2"):
+            jax.jit(balancer.step)(jacobian, losses, state, KEY)
+        if balancer.weigh is not None:
+            with pytest.raises(ValueError, match=r", but losses of shape \(2,\) needs \(2[,)].*; build the state with "
+                                                 r"init\(2\)$"):
+                balancer.weigh(jacobian @ jacobian.T, losses, state, KEY)
+    arrays = len(shapes[2])
+    with pytest.raises(ValueError, match=rf"^{name} got a state of {arrays + 1} arrays \(dict\), not {name}'s "
+                                         rf"{arrays}; build it with {name}'s init\(2"):
+        balancer.step(jacobian, losses, {str(i): jnp.ones(2) for i in range(arrays + 1)}, KEY)
+
+
 def test_make_rejects_unknown_methods_and_options_listing_valid_ones():
     with pytest.raises(ValueError, match="unknown balancing method 'pcgard'; valid methods: ew, rlw"):
         make("pcgard")

@@ -132,8 +132,9 @@ def test_parameter_space_state_sized_at_init_runs_under_scan_and_rejects_another
     _, (directions, _) = jax.lax.scan(body, balancer.init(3, num_params=4), sequence)
     lazily_sized = steps(name, list(sequence), [losses] * 5)
     np.testing.assert_allclose(directions, jnp.stack([d for d, _, _ in lazily_sized]), rtol=1e-12, atol=1e-14)
-    with pytest.raises(ValueError, match=r"the jacobian has shape \(3, 5\); build the state with init\(3, "
-                                         r"num_params=5\)"):
+    with pytest.raises(ValueError, match=r"state\.\w+ has shape \(3, 4\), but a jacobian of shape \(3, 5\) needs "
+                                         r"\(3, 5\); build the state with init\(3, num_params=5\) \(or init\(3\) to "
+                                         r"size it at the first step\)"):
         balancer.step(jnp.ones((3, 5)), losses, balancer.init(3, num_params=4), KEY)
     with pytest.raises(ValueError, match="num_params must be an integer >= 0"):
         balancer.init(3, num_params=-1)

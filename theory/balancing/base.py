@@ -143,18 +143,64 @@ def make(name: str, **options: Any) -> Balancer:
         allowed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name!r}; valid options: {allowed}")
     balancer = factory(**options)
-    return balancer._replace(init=_accepting_num_params(balancer.init))
+    takes_num_params = _takes_num_params(balancer.init)
+    return _checking_state(balancer._replace(init=_accepting_num_params(balancer.init)), takes_num_params)
+
+
+def _takes_num_params(init: Callable[..., Any]) -> bool:
+    return "num_params" in inspect.signature(init).parameters
 
 
 def _accepting_num_params(init: Callable[..., Any]) -> Callable[..., Any]:
     """Gives every ``init`` the uniform signature ``(num_tasks, num_params=None)``."""
-    if "num_params" in inspect.signature(init).parameters:
+    if _takes_num_params(init):
         return init
 
     def uniform_init(num_tasks: int, num_params: int | None = None) -> Any:
         return init(num_tasks)
 
     return uniform_init
+
+
+def _checking_state(balancer: Balancer, takes_num_params: bool) -> Balancer:
+    """Makes ``step`` and ``weigh`` refuse a state that ``init`` builds for another K (or P).
+
+    Without this a state built for another number of tasks fails deep inside a method with a broadcasting error,
+    or, where a size-1 axis broadcasts (DWA, IMTL, STCH built with ``init(1)``), gives wrong weights silently.
+    The check reads static shapes only, so it costs nothing under ``jax.jit``.
+    """
+    name, init = balancer.name, balancer.init
+
+    def check(state, num_tasks: int, num_params: int | None, inputs: str) -> None:
+        # Methods whose state lives in parameter space accept either size: [K, P], or [K, 0] to be sized later.
+        sizes = [None] + ([num_params] if takes_num_params and num_params is not None else [])
+        builds = [f"init({num_tasks})" if p is None else f"init({num_tasks}, num_params={p})" for p in sizes]
+        expected = [jax.eval_shape(lambda p=p: init(num_tasks, p)) for p in sizes]
+        # Leaves only: a stateless method may be given () for its empty state.
+        paths_and_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+        shapes = [jnp.shape(leaf) for _, leaf in paths_and_leaves]
+        if any(shapes == [leaf.shape for leaf in jax.tree.leaves(e)] for e in expected):
+            return
+        if len(shapes) != len(jax.tree.leaves(expected[0])):
+            raise ValueError(f"{name} got a state of {len(shapes)} arrays ({type(state).__name__}), not "
+                             f"{name}'s {len(jax.tree.leaves(expected[0]))}; build it with {name}'s {builds[-1]}")
+        path, shape, wanted = next((path, shape, e.shape) for (path, _), shape, e
+                                   in zip(paths_and_leaves, shapes, jax.tree.leaves(expected[-1])) if shape != e.shape)
+        hint = builds[-1] + (f" (or {builds[0]} to size it at the first step)" if len(builds) > 1 else "")
+        raise ValueError(f"{name} state{jax.tree_util.keystr(path)} has shape {shape}, but {inputs} needs {wanted}; "
+                         f"build the state with {hint}")
+
+    def step(jacobian, losses, state, key):
+        check_inputs(jacobian, losses)
+        check(state, jacobian.shape[0], jacobian.shape[1], f"a jacobian of shape {tuple(jacobian.shape)}")
+        return balancer.step(jacobian, losses, state, key)
+
+    def weigh(gram_matrix, losses, state, key):
+        if jnp.ndim(losses) == 1:  # else the method's own check names the wrong shape
+            check(state, jnp.shape(losses)[0], None, f"losses of shape {tuple(jnp.shape(losses))}")
+        return balancer.weigh(gram_matrix, losses, state, key)
+
+    return balancer._replace(step=step, weigh=None if balancer.weigh is None else weigh)
 
 
 def check_inputs(jacobian: jax.Array, losses: jax.Array) -> int:

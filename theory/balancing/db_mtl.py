@@ -30,24 +30,17 @@ def check_num_params(num_params: int | None) -> int:
     return int(num_params)
 
 
-def parameter_buffer(buffer: jax.Array, jacobian: jax.Array, method: str, field: str) -> jax.Array:
+def parameter_buffer(buffer: jax.Array, jacobian: jax.Array) -> jax.Array:
     r"""The ``[K, P]`` state array ``buffer`` as the step computes with it (in the Jacobian's dtype).
 
     ``init(num_tasks)`` without ``num_params`` stores a zero-size ``[K, 0]`` placeholder, read here as zeros
     of shape ``[K, P]``. Shapes are static, so this jits and vmaps; the state's shape then changes once, after
     the first step, which costs one retrace under ``jax.jit`` and is refused by ``lax.scan`` (whose carry must
-    keep its shape): there, build the state with ``init(num_tasks, num_params=P)``.
-
-    Raises:
-        ValueError: when ``buffer`` was built for another ``[K, P]``.
+    keep its shape): there, build the state with ``init(num_tasks, num_params=P)``. A buffer of another shape
+    never gets here: :func:`theory.balancing.make`'s methods refuse it.
     """
-    num_tasks, num_params = jacobian.shape
-    if buffer.shape == (num_tasks, 0):
+    if buffer.shape == (jacobian.shape[0], 0):
         return jnp.zeros(jacobian.shape, jacobian.dtype)
-    if buffer.shape != jacobian.shape:
-        raise ValueError(f"{method} state.{field} has shape {buffer.shape} but the jacobian has shape "
-                         f"{jacobian.shape}; build the state with init({num_tasks}, num_params={num_params}) "
-                         f"(or init({num_tasks}) to size it at the first step)")
     return buffer.astype(jacobian.dtype)
 
 
@@ -109,7 +102,7 @@ def db_mtl(beta: float = 0.9, beta_sigma: float = 0.0) -> Balancer:
 
     def step(jacobian, losses, state, key):
         check_inputs(jacobian, losses)
-        ema = parameter_buffer(state.ema, jacobian, "db_mtl", "ema")
+        ema = parameter_buffer(state.ema, jacobian)
         count = state.count + 1
         rate = step_size(beta, beta_sigma, count, jacobian.dtype)
         inverse_losses = safe_divide(jnp.ones_like(losses), losses + LOSS_EPSILON).astype(jacobian.dtype)

@@ -74,13 +74,8 @@ def excess_mtl(robust_step_size: float = 1e-2) -> Balancer:
 
     def step(jacobian, losses, state, key):
         num_tasks = check_inputs(jacobian, losses)
-        for name in ("initial_risk", "weights"):
-            if getattr(state, name).shape != (num_tasks,):
-                raise ValueError(f"excess_mtl state.{name} must have shape [K]=[{num_tasks}]; "
-                                 f"got {getattr(state, name).shape}")
         dtype = jacobian.dtype
-        accumulated = parameter_buffer(state.squared_gradient_sum, jacobian, "excess_mtl",
-                                       "squared_gradient_sum") + jacobian**2
+        accumulated = parameter_buffer(state.squared_gradient_sum, jacobian) + jacobian**2
         risk = jnp.sum(jacobian**2 / jnp.sqrt(accumulated + ADAGRAD_EPSILON), axis=1)
         first = state.count == 0
         initial = jnp.where(first, risk, state.initial_risk.astype(dtype))

@@ -103,10 +103,7 @@ def moco(beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1, gamma_s
 
     def step(jacobian, losses, state, key):
         num_tasks = check_inputs(jacobian, losses)
-        if state.lambdas.shape != (num_tasks,):
-            raise ValueError(f"moco state.lambdas must have shape [K]=[{num_tasks}]; "
-                             f"got {state.lambdas.shape}")
-        tracked = parameter_buffer(state.tracked, jacobian, "moco", "tracked")
+        tracked = parameter_buffer(state.tracked, jacobian)
         lambdas = state.lambdas.astype(jacobian.dtype)
         count = state.count + 1
         rate = step_size(beta, beta_sigma, count, jacobian.dtype)
