@@ -1,6 +1,7 @@
 """The gradient-balancing contract and each method's defining property."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -182,8 +183,12 @@ def test_make_rejects_unknown_methods_and_options_listing_valid_ones():
         make("cagrad", calpha=-1.0)
     with pytest.raises(ValueError, match="normalization must be one of"):
         make("mgda", normalization="max")
-    with pytest.raises(ValueError, match="num_tasks"):
-        make("ew").init(0)
+    for count in (0, True, 2.0, "2"):  # integers of any type are counts, bools and floats are not
+        with pytest.raises(ValueError, match=f"num_tasks must be an integer >= 1; got {re.escape(repr(count))}$"):
+            make("ew").init(count)
+    shapes = [[leaf.shape for leaf in jax.tree.leaves(make("dwa").init(count))]
+              for count in (np.int64(2), jnp.asarray(2), 2)]
+    assert shapes[0] == shapes[1] == shapes[2] and (2,) in shapes[2]
     with pytest.raises(ValueError, match=r"jacobian must have shape \[K, P\]"):
         make("ew").step(jnp.ones(3), jnp.ones(3), (), KEY)
 

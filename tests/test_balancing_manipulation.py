@@ -136,8 +136,9 @@ def test_parameter_space_state_sized_at_init_runs_under_scan_and_rejects_another
                                          r"\(3, 5\); build the state with init\(3, num_params=5\) \(or init\(3\) to "
                                          r"size it at the first step\)"):
         balancer.step(jnp.ones((3, 5)), losses, balancer.init(3, num_params=4), KEY)
-    with pytest.raises(ValueError, match="num_params must be an integer >= 0"):
-        balancer.init(3, num_params=-1)
+    for num_params in (-1, 4.0):
+        with pytest.raises(ValueError, match=r"num_params must be None or an integer >= 0; got "):
+            balancer.init(3, num_params=num_params)
 
 
 # ---------------------------------------------------------------- GradVac

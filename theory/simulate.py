@@ -56,6 +56,7 @@ import optax
 from scm.linear_gaussian import Domain, LinearGaussianSCM, check_theta, rotation_encoder, sample
 from theory import closed_forms
 from theory.balancing import Balancer
+from theory.balancing.base import check_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +78,12 @@ class TrainConfig:
     init_scale: float = 1.0
 
     def __post_init__(self):
-        if int(self.num_samples) != self.num_samples or self.num_samples < 2:
-            raise ValueError(f"num_samples must be an integer >= 2; got {self.num_samples!r}")
-        if int(self.steps) != self.steps or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
+        check_count("num_samples", self.num_samples, 2)
+        check_count("steps", self.steps, 1)
         if not (self.learning_rate > 0 and np.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a finite number > 0; got {self.learning_rate!r}")
-        if self.hidden_dim is not None and (int(self.hidden_dim) != self.hidden_dim or self.hidden_dim < 1):
-            raise ValueError(f"hidden_dim must be None or an integer >= 1; got {self.hidden_dim!r}")
+        if self.hidden_dim is not None:
+            check_count("hidden_dim", self.hidden_dim, 1, or_none=True)
         if not (self.init_scale > 0 and np.isfinite(self.init_scale)):
             raise ValueError(f"init_scale must be a finite number > 0; got {self.init_scale!r}")
 

@@ -23,6 +23,7 @@ Methods are registered under a name with :func:`register`; :func:`make` builds o
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -214,10 +215,21 @@ def check_inputs(jacobian: jax.Array, losses: jax.Array) -> int:
     return jacobian.shape[0]
 
 
+def check_count(name: str, value: Any, minimum: int, or_none: bool = False) -> int:
+    """``value`` as an ``int`` when it is an integer >= ``minimum`` of any integer type (Python's, NumPy's, a JAX
+    scalar), not a bool or a float such as 3.0, the rule of ``deep.model.ModelConfig`` and ``scm.sample``.
+    ``or_none``: the caller also takes None (for the error message)."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < minimum:
+        raise ValueError(f"{name} must be {'None or ' * or_none}an integer >= {minimum}; got {value!r}")
+    return count
+
+
 def check_num_tasks(num_tasks: int) -> int:
-    if int(num_tasks) != num_tasks or num_tasks < 1:
-        raise ValueError(f"num_tasks must be an integer >= 1; got {num_tasks!r}")
-    return int(num_tasks)
+    return check_count("num_tasks", num_tasks, 1)
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:

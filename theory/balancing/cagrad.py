@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from theory.balancing.base import (Balancer, check_choice, check_num_tasks, check_positive, register, safe_divide,
-                                   weighting_balancer)
+from theory.balancing.base import (Balancer, check_choice, check_count, check_num_tasks, check_positive, register,
+                                   safe_divide, weighting_balancer)
 from theory.balancing.simplex import SolverState, conflict_averse_frank_wolfe
 
 RESCALES = (0, 1, 2)
@@ -25,8 +25,7 @@ def cagrad(calpha: float = 0.5, rescale: int = 1, max_iterations: int = 250, tol
     """
     calpha = check_positive("calpha", calpha, allow_zero=True)
     check_choice("rescale", rescale, RESCALES)
-    if int(max_iterations) != max_iterations or max_iterations < 1:
-        raise ValueError(f"max_iterations must be an integer >= 1; got {max_iterations!r}")
+    max_iterations = check_count("max_iterations", max_iterations, 1)
     tolerance = check_positive("tolerance", tolerance)
     divisor = {0: 1.0, 1: 1.0 + calpha**2, 2: 1.0 + calpha}[rescale]
 

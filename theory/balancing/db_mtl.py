@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import (Balancer, check_inputs, check_num_tasks, check_positive, register,
+from theory.balancing.base import (Balancer, check_count, check_inputs, check_num_tasks, check_positive, register,
                                    safe_divide)
 
 #: Added to the losses inside the log, as LibMTL does (``log(L + 1e-8)``); keeps a task with loss 0 finite.
@@ -23,11 +23,7 @@ LOSS_EPSILON = 1e-8
 
 def check_num_params(num_params: int | None) -> int:
     """``num_params`` of a parameter-space state: an integer >= 0, or None for the zero-size placeholder."""
-    if num_params is None:
-        return 0
-    if int(num_params) != num_params or num_params < 0:
-        raise ValueError(f"num_params must be an integer >= 0 or None; got {num_params!r}")
-    return int(num_params)
+    return 0 if num_params is None else check_count("num_params", num_params, 0, or_none=True)
 
 
 def parameter_buffer(buffer: jax.Array, jacobian: jax.Array) -> jax.Array:

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import Balancer, check_num_tasks, check_positive, register, weighting_balancer
+from theory.balancing.base import (Balancer, check_count, check_num_tasks, check_positive, register,
+                                   weighting_balancer)
 
 LINE_SEARCH_STEPS = 40     # candidate step sizes 1, 1/2, ..., 2^-39 of the backtracking line search (p != 1)
 ARMIJO_SLOPE = 0.25
@@ -157,12 +158,6 @@ def solve_power_condition(gram: jax.Array, power: float, ridge: float, max_itera
     return PowerSolution(w, exact, it)
 
 
-def check_iterations(name: str, value: int) -> int:
-    if int(value) != value or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return int(value)
-
-
 @register("fairgrad")
 def fairgrad(alpha: float = 1.0, max_iterations: int = 100, tolerance: float = 1e-6,
              ridge: float = 1e-14) -> Balancer:
@@ -186,7 +181,7 @@ def fairgrad(alpha: float = 1.0, max_iterations: int = 100, tolerance: float = 1
     the weights themselves are not carried over (every solve starts from the same closed-form guess).
     """
     alpha = check_positive("alpha", alpha)
-    max_iterations = check_iterations("max_iterations", max_iterations)
+    max_iterations = check_count("max_iterations", max_iterations, 1)
     tolerance = check_positive("tolerance", tolerance)
     ridge = check_positive("ridge", ridge)
     power = 1.0 / alpha

@@ -19,25 +19,21 @@ outputs finite when a loss is 0.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import (Balancer, EmptyState, check_num_tasks, check_positive, register,
+from theory.balancing.base import (Balancer, EmptyState, check_count, check_num_tasks, check_positive, register,
                                    weighting_balancer)
 
 
 def _check_integer(name: str, value, minimum: int, maximum: int | None = None, maximum_name: str = "") -> int:
     """An integer option in ``[minimum, maximum]`` (one-line error naming the option and the range)."""
-    valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and \
-        int(value) == value
-    if not valid or value < minimum or (maximum is not None and value > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum_name or maximum}]"
-        raise ValueError(f"{name} must be an integer {allowed}; got {value!r}")
-    return int(value)
+    value = check_count(name, value, minimum)
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum_name or maximum}]; got {value!r}")
+    return value
 
 
 def _state_dtype():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from theory.balancing.base import (Balancer, check_choice, check_num_tasks, check_positive, register, safe_divide,
-                                   weighting_balancer)
+from theory.balancing.base import (Balancer, check_choice, check_count, check_num_tasks, check_positive, register,
+                                   safe_divide, weighting_balancer)
 from theory.balancing.simplex import (MAX_EXACT_TASKS, SolverState, min_norm_active_set, min_norm_exact,
                                       min_norm_frank_wolfe)
 
@@ -40,8 +40,7 @@ def mgda(normalization: str = "none", solver: str = "auto", max_iterations: int 
     """
     check_choice("normalization", normalization, NORMALISATIONS)
     check_choice("solver", solver, SOLVERS)
-    if int(max_iterations) != max_iterations or max_iterations < 1:
-        raise ValueError(f"max_iterations must be an integer >= 1; got {max_iterations!r}")
+    max_iterations = check_count("max_iterations", max_iterations, 1)
     tolerance = check_positive("tolerance", tolerance)
 
     def init(num_tasks: int) -> SolverState:

@@ -7,8 +7,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import Balancer, check_num_tasks, check_positive, register, weighting_balancer
-from theory.balancing.fairgrad import check_iterations, frobenius_normalise, solve_power_condition
+from theory.balancing.base import (Balancer, check_count, check_num_tasks, check_positive, register,
+                                   weighting_balancer)
+from theory.balancing.fairgrad import frobenius_normalise, solve_power_condition
 
 
 class NashMTLState(NamedTuple):
@@ -71,8 +72,8 @@ def nash_mtl(max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: 
       gradients), as LibMTL does.
     """
     max_norm = check_positive("max_norm", max_norm, allow_zero=True)
-    update_weights_every = check_iterations("update_weights_every", update_weights_every)
-    optim_niter = check_iterations("optim_niter", optim_niter)
+    update_weights_every = check_count("update_weights_every", update_weights_every, 1)
+    optim_niter = check_count("optim_niter", optim_niter, 1)
     tolerance = check_positive("tolerance", tolerance)
     ridge = check_positive("ridge", ridge)
 

@@ -8,8 +8,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import Balancer, check_num_tasks, check_positive, register, weighting_balancer
-from theory.balancing.fairgrad import check_iterations
+from theory.balancing.base import (Balancer, check_count, check_num_tasks, check_positive, register,
+                                   weighting_balancer)
 from theory.balancing.simplex import nonnegative_qps
 
 
@@ -102,7 +102,7 @@ def upgrad(norm_eps: float = 1e-4, reg_eps: float = 1e-4, max_iterations: int = 
     """
     norm_eps = check_positive("norm_eps", norm_eps, allow_zero=True)
     reg_eps = check_positive("reg_eps", reg_eps)
-    max_iterations = check_iterations("max_iterations", max_iterations)
+    max_iterations = check_count("max_iterations", max_iterations, 1)
     tolerance = check_positive("tolerance", tolerance)
 
     def init(num_tasks: int) -> UPGradState:
