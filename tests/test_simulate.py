@@ -55,10 +55,11 @@ def test_trained_gap_matches_the_closed_form_within_its_standard_error():
     assert checks.floor_check(gap, floor, +1)["holds"]
 
 
-@pytest.mark.parametrize("field, value", [("num_samples", 1), ("steps", 0), ("learning_rate", -1.0),
-                                          ("hidden_dim", 0), ("init_scale", float("nan"))])
+@pytest.mark.parametrize("field, value", [("num_samples", 1), ("steps", 0), ("steps", True), ("steps", 300.0),
+                                          ("learning_rate", -1.0), ("hidden_dim", 0), ("hidden_dim", 8.0),
+                                          ("init_scale", float("nan"))])
 def test_train_config_validation_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field} must be .*; got {value!r}$"):
         TrainConfig(**{field: value})
 
 
