@@ -429,3 +429,19 @@ def test_the_stream_probe_compares_core_runs_by_each_appearance_change(tmp_path)
     assert_one_line_error(run_in_process(SCRIPT, str(broken), "--section", "stream_shift", "--out",
                                          str(tmp_path / "out"), computation="plot"),
                           "its stream_shift['appearance'] is not a probe's result (semantic, residual and ratio)")
+
+
+def test_the_jacobian_chunk_changes_memory_not_what_is_learned(tmp_path):
+    """--jacobian-chunk trades memory for sequential passes with the same Jacobian (deep.train.task_jacobian_step):
+    runs differing only in it (and the seed) are one setup over two seeds."""
+    final = {"depth/abs_err": 0.5}
+    runs = [write_run(tmp_path / "a", "pcgrad", 0, final, jacobian_chunk=0),
+            write_run(tmp_path / "b", "pcgrad", 1, final, jacobian_chunk=2)]
+    summary = comparison.compare([comparison.read_run(folder) for folder in runs])
+    assert [(setup.label, len(setup.runs)) for setup in summary.setups] == [("pcgrad", 2)]
+
+
+def test_celeba_attribute_accuracies_are_better_higher():
+    """As the module says: an attribute's accuracy (and their mean) is +1, so the table bolds the highest."""
+    assert comparison.direction_of("attributes/Smiling") == +1
+    assert comparison.direction_of("attributes/mean_accuracy") == +1

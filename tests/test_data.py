@@ -690,6 +690,31 @@ def test_loader_order_depends_only_on_seed_and_epoch():
     np.testing.assert_array_equal(np.concatenate(list(b["index"] for b in ordered.epoch(4))), np.arange(9))
 
 
+def test_an_evaluation_pass_of_a_divisible_set_has_no_empty_batch():
+    """12 examples in batches of 4: three batches, all full, with or without fill_last (nothing to fill), and
+    no fourth, empty one."""
+    for fill_last in (None, {"index": -1}):
+        loader = Loader(_indexed(12), 4, seed=0, drop_last=False, fill_last=fill_last)
+        batches = list(loader.epoch(0))
+        assert len(loader) == 3 and [len(batch["index"]) for batch in batches] == [4, 4, 4]
+        np.testing.assert_array_equal(np.sort(np.concatenate([b["index"] for b in batches])), np.arange(12))
+
+
+def test_a_training_batch_may_hold_the_whole_data_set():
+    """batch_size == N is one full batch per epoch (only a larger one leaves an epoch empty)."""
+    loader = Loader(_indexed(10), 10, seed=0)
+    (batch,) = list(loader.epoch(0))
+    np.testing.assert_array_equal(np.sort(batch["index"]), np.arange(10))
+
+
+def test_drop_last_drops_other_examples_each_epoch():
+    """The dropped remainder is the tail of each epoch's permutation, so over a few epochs every example is
+    trained on (10 examples, batches of 3: one dropped per epoch, at random)."""
+    loader = Loader(_indexed(10), 3, seed=0)
+    seen = {int(i) for epoch in range(10) for batch in loader.epoch(epoch) for i in batch["index"]}
+    assert seen == set(range(10))
+
+
 def test_loader_covers_each_example_once_per_epoch():
     loader = Loader(_indexed(), 3, seed=1, drop_last=False)
     batches = list(loader.epoch(0))

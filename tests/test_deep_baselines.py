@@ -16,7 +16,7 @@ from jax.flatten_util import ravel_pytree
 from deep import losses, train, trainer
 from deep.model import DualStreamModel, ModelConfig
 from test_deep_model import AUTHORS
-from test_deep_train import TINY, comparable_leaves, compiled, copied, make_batch
+from test_deep_train import TINY, StandInConfig, comparable_leaves, compiled, copied, make_batch
 from theory.balancing import METHODS, make
 
 # No weight decay: with the coupled L2 inside Adam every weight would move by about the learning rate even along a
@@ -227,3 +227,41 @@ def test_a_non_finite_step_leaves_the_balancers_state_too(setup, script_steps):
         assert not bool(metrics["finite"]), name
         for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(balancer_state), strict=True):
             assert np.array_equal(a, b), name
+
+
+class _TwoTasks(nnx.Module):
+    """A stand-in whose two task losses are w_a·mean(x) and w_b·mean(x): their gradients are mean(x) along each
+    weight, so a weighted backward pass with weights (α, β) and x = 1 is (α, β)."""
+
+    def __init__(self):
+        self.config = StandInConfig((("a", 1), ("b", 1)))
+        self.w = nnx.Param(jnp.asarray([1.0, 2.0]))
+
+    def __call__(self, images):
+        return {"a": self.w[0] * images, "b": self.w[1] * images}, {}
+
+    def task_loss(self, name, prediction, batch):
+        return jnp.mean(prediction)
+
+
+class _FixedWeights:
+    """A loss-weighting method (UW, DWA, RLW's kind) that always weighs the tasks (3, 0.5)."""
+
+    requires, gradient_of = "losses", "parameters"
+
+    def weigh(self, jacobian, losses_k, state, key):
+        return jnp.asarray([3.0, 0.5]), state
+
+
+def test_a_loss_weighting_method_backpropagates_its_weighted_sum_of_losses():
+    """The losses path's backward pass takes the method's weights as the cotangent: plain SGD at rate 1 then moves
+    w by -(3, 0.5). (DWA, the suite's loss-path method, weighs every task 1 on its first step, where EW's pass is
+    the same.)"""
+    optimizer = optax.sgd(1.0)
+    graphdef, state = train.split_model(_TwoTasks(), optimizer)
+    batch = {"images": jnp.ones((2, 3))}
+    new_state, _, metrics = train.balanced_step(graphdef, optimizer, _FixedWeights(), state, (), batch,
+                                                jax.random.key(0))
+    assert bool(metrics["finite"])
+    np.testing.assert_allclose(new_state.params[0]["w"], [1.0 - 3.0, 2.0 - 0.5], rtol=1e-6)
+    assert float(metrics["weight/a"]) == 3.0 and float(metrics["loss"]) == pytest.approx(3.0)

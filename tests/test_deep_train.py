@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,15 +79,127 @@ def test_schedule_warms_up_then_decays_by_cosine():
         train.OptimConfig(warmup_epochs=200)
 
 
-def test_coupled_and_decoupled_weight_decay_differ():
-    params = {"w": jnp.ones(3)}
-    grads = {"w": jnp.asarray([1.0, 0.0, -1.0])}
-    updates = {}
-    for decoupled in (False, True):
-        optimizer = train.make_optimizer(train.OptimConfig(weight_decay=0.1, decoupled_weight_decay=decoupled,
-                                                           warmup_epochs=0))
-        updates[decoupled], _ = optimizer.update(grads, optimizer.init(params), params)
-    assert not np.allclose(updates[False]["w"], updates[True]["w"])
+def test_the_cosine_ends_at_min_lr_ratio_times_the_learning_rate():
+    """The floor is a fraction of η, not an absolute rate (the schedule test above uses η = 1, where the two
+    coincide)."""
+    config = train.OptimConfig(learning_rate=2e-4, warmup_epochs=5, epochs=105, steps_per_epoch=10,
+                               min_lr_ratio=0.01)
+    lr = lambda step: float(train.learning_rate_at(config, step))
+    assert lr(10_000) == pytest.approx(2e-6, rel=1e-5)
+    # Half-way through the cosine (epoch 5 + 50): the mean of η and the floor.
+    assert lr(550) == pytest.approx(0.5 * (2e-4 + 2e-6), rel=1e-5)
+
+
+def _first_update(config, params, grads):
+    optimizer = train.make_optimizer(config)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    return updates
+
+
+def test_coupled_l2_goes_through_adam_and_decoupled_decay_bypasses_it():
+    """Adam's first step moves each weight by -η·g/|g| (bias-corrected moments g and g²). Coupled L2 (the default,
+    the authors' Adam) adds λw to the gradient *before* Adam, so every weight with a non-zero g + λw moves by η;
+    AdamW adds λw *after* Adam, so a weight without gradient moves by η·λw only."""
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.asarray([1.0, 0.0, -1.0])}
+    base = dict(learning_rate=1.0, weight_decay=0.1, warmup_epochs=0)
+    coupled = _first_update(train.OptimConfig(**base), params, grads)["w"]
+    decoupled = _first_update(train.OptimConfig(**base, decoupled_weight_decay=True), params, grads)["w"]
+    # g + λw = (1.1, 0.1, -0.9): Adam's sign step.
+    np.testing.assert_allclose(coupled, [-1.0, -1.0, 1.0], rtol=1e-5)
+    # Adam of g = (1, 0, -1) is (1, 0, -1), plus λw = 0.1.
+    np.testing.assert_allclose(decoupled, [-1.1, -0.1, 0.9], rtol=1e-5)
+
+
+def test_weight_decay_reaches_the_shared_parameters_and_the_heads():
+    """Both parameter groups get the decay (each its own Adam state): with no gradient at all, coupled L2 alone moves
+    every weight by Adam's sign step, η."""
+    params = ({"backbone": jnp.ones(2)}, {"heads": -jnp.ones(2)})
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates = _first_update(train.OptimConfig(learning_rate=0.5, weight_decay=0.1, warmup_epochs=0), params, grads)
+    np.testing.assert_allclose(updates[0]["backbone"], [-0.5, -0.5], rtol=1e-5)
+    np.testing.assert_allclose(updates[1]["heads"], [0.5, 0.5], rtol=1e-5)
+
+
+def test_the_configured_clip_norm_clips_the_gradient_before_the_coupled_decay():
+    """clip_norm is the optimiser's, not a fixed 10: g = (30, 40) (norm 50) clipped to norm 1 is (0.6, 0.8); with
+    coupled L2 λw = (-1, -1) the sum (-0.4, -0.2) makes Adam step up by η; clipped at 10 it would be (6, 8) - 1 > 0,
+    a step down."""
+    params, grads = {"w": -jnp.ones(2)}, {"w": jnp.asarray([30.0, 40.0])}
+    config = lambda clip: train.OptimConfig(learning_rate=1.0, weight_decay=1.0, clip_norm=clip, warmup_epochs=0)
+    np.testing.assert_allclose(_first_update(config(1.0), params, grads)["w"], [1.0, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(_first_update(config(10.0), params, grads)["w"], [-1.0, -1.0], rtol=1e-5)
+
+
+def test_the_optimiser_steps_by_the_scheduled_learning_rate():
+    """The first step is in the first warm-up epoch, η(0.1 + 0.9/W); Adam's first step is the sign of g times it.
+    (The schedule's own test reads learning_rate_at, not the optimiser.)"""
+    config = train.OptimConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=5, epochs=10)
+    updates = _first_update(config, {"w": jnp.zeros(2)}, {"w": jnp.asarray([2.0, -3.0])})
+    np.testing.assert_allclose(updates["w"], [-0.28, 0.28], rtol=1e-5)
+
+
+# counterfactual_loss on a stand-in model: the pass's wiring, without compiling the dual-stream model.
+
+class StandInConfig(NamedTuple):
+    """The one field of a model's config that the steps read."""
+
+    tasks: tuple
+
+
+class _Counterfactual(nnx.Module):
+    """A stand-in with the interface counterfactual_loss uses: the counterfactual image is the semantic map plus the
+    residual code; its 'prediction' is that image through a BatchNorm (running statistics 0 and 1 at init, so in
+    eval mode it divides by sqrt(1 + 1e-5); in train mode it would normalise by the batch's statistics)."""
+
+    def __init__(self):
+        self.config = StandInConfig((("depth", 1),))
+        self.norm = nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+
+    def counterfactual_image(self, semantic_map, residual_code, image_size, features=None):
+        return semantic_map + residual_code[:, None, None, :]
+
+    def predict(self, images):
+        out = self.norm(images)
+        return {"depth": out}, {"semantic_map": out, "residual_code": jnp.mean(out ** 3, axis=(1, 2))}
+
+    def task_loss(self, name, prediction, batch):
+        return jnp.mean(jnp.abs(prediction - batch[name]))
+
+
+def _counterfactual_loss(semantic, residual, depth, weights, key):
+    graphdef, shared, heads, batch_stats, rest = nnx.split(_Counterfactual(), train.SHARED, train.HEADS,
+                                                           nnx.BatchStat, ...)
+    aux = {"semantic_map": semantic, "residual_code": residual, "features": None}
+    return float(train.counterfactual_loss(graphdef, (shared, heads), batch_stats, rest, aux,
+                                           {"images": semantic, "depth": depth}, key, weights))
+
+
+def test_the_counterfactual_pass_swaps_residual_codes_runs_in_eval_mode_and_weighs_all_by_lambda_cfa():
+    """Eq (12) by hand: x̃_i = D(ẑ_s,i, ẑ_r,π(i)), scored against the original labels in eval mode, the whole
+    bracket (task loss + 0.1 CKA) times λ_cfa. With every residual code equal, the shuffle changes nothing, so the
+    loss is that of the unshuffled images whatever π is; with every semantic map equal it must change."""
+    rng = np.random.default_rng(0)
+    key = jax.random.key(1)
+    assert not np.array_equal(np.asarray(jax.random.permutation(key, 4)), np.arange(4))  # π moves something
+    semantic = jnp.asarray(rng.normal(size=(4, 3, 3, 1)), jnp.float32)
+    depth = jnp.asarray(rng.normal(size=(4, 3, 3, 1)), jnp.float32)
+    weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual=0.5, depth=2.0)
+    scale = 1 / np.sqrt(1 + 1e-5)  # BatchNorm's running statistics at init, eval mode
+
+    def by_hand(images):
+        out = np.asarray(images, np.float64) * scale
+        task = 2.0 * np.mean(np.abs(out - np.asarray(depth)))
+        cka = float(losses.independence_loss(jnp.asarray(out), jnp.asarray(np.mean(out ** 3, axis=(1, 2)))))
+        return 0.5 * (task + 0.1 * cka)
+
+    same_residual = jnp.full((4, 1), 0.3, jnp.float32)
+    expected = by_hand(semantic + 0.3)
+    assert _counterfactual_loss(semantic, same_residual, depth, weights, key) == pytest.approx(expected, rel=1e-4)
+    # Equal semantic maps, different residual codes: the shuffle shows.
+    flat = jnp.broadcast_to(semantic[:1], semantic.shape)
+    residual = jnp.asarray(rng.normal(size=(4, 1)), jnp.float32)
+    unshuffled = by_hand(flat + residual[:, None, None, :])
+    assert _counterfactual_loss(flat, residual, depth, weights, key) != pytest.approx(unshuffled, rel=1e-3)
 
 
 def test_a_tiny_model_overfits_one_batch(setup):

@@ -3,6 +3,7 @@ checkpoints. (Each kind of baseline step trains end to end in tests/test_train_n
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -446,3 +447,76 @@ def test_a_misspelt_method_or_grounding_and_a_step_without_its_controls_are_refu
         losses.dense_task_loss("edges", jnp.zeros((1, 2, 2, 1)), {"edges": jnp.zeros((1, 2, 2, 1))})
     with pytest.raises(ValueError, match="the batch has no ground truth for task 'normal'; it has depth, images"):
         losses.dense_task_loss("normal", jnp.zeros((1, 2, 2, 3)), {"images": 0, "depth": 0})
+
+
+def test_stage_zero_leaves_the_task_losses_out_of_the_objective(plain_setup, core_training_step):
+    """The authors' stage 0 trains the encoder on the other terms only (here the plain model's edge term; λ_ind is 0
+    in STAGE_ZERO): the objective the step minimises, its reported loss, is λ_edge·ℓ_edge, while the task losses
+    are still reported. (The stage-0 tests check the heads and the clipping norm, which zeroed head gradients
+    satisfy whatever reaches the encoder.)"""
+    _, _, state = plain_setup
+    weights = losses.PRESETS["nyuv2"]
+    _, _, metrics = core_training_step(copied(state), (), make_batch(), jax.random.key(0), STAGE_ZERO)
+    assert bool(metrics["finite"]) and min(float(metrics[t]) for t in ("segmentation", "depth", "normal")) > 0
+    assert float(metrics["loss"]) == pytest.approx(weights.edge * float(metrics["edge"]), rel=1e-5)
+
+
+def test_the_counterfactual_pass_waits_for_stage_two_even_when_it_may_start_earlier():
+    """Cityscapes-C's preset lets the pass start at epoch 1, but stage 2 begins after stage 0 (10 epochs) and stage
+    1 (5): the authors' _switch_stage_freeze runs no pass before epoch 15."""
+    weights = losses.PRESETS["cityscapes_c"]
+    assert (weights.counterfactual_start_epoch, weights.stage0_epochs, weights.stage1_epochs) == (1, 10, 5)
+    probability = lambda epoch: trainer.EpochControls.at(weights, epoch).counterfactual_probability
+    assert [probability(epoch) for epoch in (1, 10, 14)] == [0.0, 0.0, 0.0]
+    assert probability(15) == weights.counterfactual_probability > 0
+
+
+def test_the_scripts_core_step_passes_the_epochs_controls(monkeypatch):
+    """make_step's CORE-MTL step hands the step what the epoch's controls say (the CKA ramp's weight, whether the
+    tasks train), not the preset's full weights. A recording stand-in for core_step shows what arrives, without
+    compiling a model."""
+
+    def recording_core_step(graphdef, optimizer, state, batch, key, weights, independence_weight,
+                            counterfactual=False, train_tasks=True, perceptual=None):
+        return state, {"independence_weight": independence_weight, "train_tasks": train_tasks}
+
+    monkeypatch.setattr(train, "core_step", recording_core_step)
+    weights = losses.PRESETS["nyuv2"]  # λ_ind = 1, ramped over 10 epochs after stage 0's 5
+    _, step = trainer.make_step("core", None, None, weights)
+    for epoch, ramped, tasks in ((0, 0.0, False), (10, 0.5 * weights.independence, True)):
+        _, _, seen = step(jnp.zeros(()), (), {"images": jnp.zeros((2, 1))}, jax.random.key(0),
+                          trainer.EpochControls.at(weights, epoch))
+        assert float(seen["independence_weight"]) == pytest.approx(ramped) and bool(seen["train_tasks"]) == tasks
+
+
+def test_each_batch_of_a_corrupted_pass_gets_its_own_noise():
+    """fold_in(fold_in(key, corruption), i) for batch i: two batches of identical grey images (0.5, so Gaussian
+    noise at c = 0.08 never reaches the clipping at 0 or 1) must come back with independent noise, which agrees
+    nowhere (not merely somewhere: one clipped value would tell two draws of the same noise apart)."""
+    images = np.full((6, 8, 8, 3), 0.5, np.float32)
+    batches = lambda: ({"images": images[i:i + 3], "depth": np.ones((3, 8, 8, 1), np.float32)} for i in (0, 3))
+    seen = []
+
+    def predict(state, batch_images):
+        seen.append(np.asarray(batch_images))
+        return {"depth": jnp.mean(batch_images, axis=-1, keepdims=True)}
+
+    trainer.evaluate_corrupted(predict, None, batches, (("depth", 1),), ("gaussian_noise",), (1,), jax.random.key(0))
+    first, second = seen[0] - 0.5, seen[1] - 0.5
+    assert 0 < first.min() + 0.5 and first.max() + 0.5 < 1  # unclipped
+    assert np.mean(np.isclose(first, second, rtol=0, atol=1e-6)) < 0.01
+
+
+def test_a_damaged_checkpoint_is_told_apart_by_its_error_type_or_by_tensorstores_code():
+    """restore_latest sets aside a checkpoint whose restore fails with a ValueError (JSON that does not decode, say,
+    with no TensorStore code in its words) or with TensorStore's data-loss code under another type; anything else
+    (memory) is not damage."""
+    from deep.checkpoint import _looks_damaged
+
+    try:
+        json.loads('{"step": ')
+    except ValueError as error:
+        undecodable = error
+    assert _looks_damaged(undecodable)
+    assert _looks_damaged(RuntimeError("DATA_LOSS: Error reading local file /run/2/d/0"))
+    assert not _looks_damaged(MemoryError("RESOURCE_EXHAUSTED: out of memory"))
