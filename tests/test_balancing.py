@@ -1,6 +1,7 @@
 """The gradient-balancing contract and each method's defining property."""
 
 import functools
+import itertools
 import re
 
 import jax
@@ -221,6 +222,19 @@ def test_rlw_weights_are_a_random_point_of_the_simplex():
     np.testing.assert_allclose(draws.mean(axis=0), 1 / 3, atol=0.06)  # exchangeable: mean 1/K (50 draws)
 
 
+def test_rlw_logits_are_standard_normal():
+    """w = softmax(xi), xi ~ N(0, I): log(w_1 / w_2) = xi_1 - xi_2 ~ N(0, 2). The test above checks only that the
+    weights are exchangeable points of the simplex that move, which uniform or scaled logits also satisfy
+    (uniform [0, 1) logits give a variance of 1/6). 4,000 draws: the sample variance has a standard error of
+    2 sqrt(2/3999) = 0.045, so +-0.25 is a 5.6-sigma band."""
+    balancer, _ = jitted_step("rlw")
+    keys = jax.random.split(jax.random.key(3), 4000)
+    weights, _ = jax.jit(jax.vmap(lambda k: balancer.weigh(None, jnp.ones(3, jnp.float64), (), k)))(keys)
+    log_ratio = np.log(np.asarray(weights[:, 0])) - np.log(np.asarray(weights[:, 1]))
+    assert abs(log_ratio.mean()) < 0.15                 # standard error sqrt(2/4000) = 0.022
+    assert abs(log_ratio.var() - 2.0) < 0.25
+
+
 @given(jacobians(max_tasks=6))
 def test_mgda_returns_the_minimum_norm_point_of_the_convex_hull(jacobian):
     direction, weights, state = run("mgda", jacobian)
@@ -379,6 +393,31 @@ def test_pcgrad_projects_only_conflicting_pairs():
     np.testing.assert_allclose(run("pcgrad", conflicting)[0], [0.5, 1.5], rtol=1e-12)
 
 
+def pcgrad_projected(jacobian, i, order):
+    """Yu et al.'s surgery on task i, visiting the *other* tasks in ``order`` (numpy, from the paper)."""
+    g = jacobian[i].copy()
+    for j in order:
+        inner = g @ jacobian[j]
+        if inner < 0:
+            g = g - inner / (jacobian[j] @ jacobian[j]) * jacobian[j]
+    return g
+
+
+def test_pcgrad_never_projects_a_gradient_off_itself():
+    """After projections off g_2 and g_3, tilde g_1 . g_1 < 0 here (possible from K = 3 on), so a surgery that also
+    visited j = i would project tilde g_1 off g_1 itself. Whatever order a key draws, the direction must be one of
+    the 2^3 sums of the paper's surgeries over orders of the other tasks; 24 keys cover the orders that put task 1
+    last (the two-task tests cannot reach this case)."""
+    jacobian = np.asarray([[-0.18, 0.13, 1.27], [-0.87, 0.36, -1.87], [0.68, -0.45, -1.16]])
+    assert pcgrad_projected(jacobian, 0, [1, 2]) @ jacobian[0] < -0.1        # the case this test is about
+    options = [[pcgrad_projected(jacobian, i, order)
+                for order in itertools.permutations([j for j in range(3) if j != i])] for i in range(3)]
+    candidates = np.asarray([sum(choice) for choice in itertools.product(*options)])
+    for seed in range(24):
+        direction, _, _ = run("pcgrad", jacobian, key=jax.random.key(seed))
+        assert np.min(np.linalg.norm(candidates - np.asarray(direction), axis=1)) < 1e-12, seed
+
+
 @given(jacobians())
 def test_cagrad_with_zero_radius_is_the_mean_gradient(jacobian):
     direction, weights, _ = run("cagrad", jacobian, calpha=0.0)
@@ -414,6 +453,20 @@ def test_cagrad_improves_the_worst_task_over_the_mean():
     assert float(jnp.linalg.norm(direction - mean)) <= radius * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("rescale", [0, 1, 2])
+def test_cagrad_direction_on_orthonormal_gradients_has_the_documented_length(rescale):
+    """Orthonormal g_1, g_2: by symmetry w* = (1/2, 1/2), so g_w = g_0 and d = (1 + c) g_0 / rho with
+    rho = 1, 1 + c^2, 1 + c for rescale = 0, 1, 2. Fixes both the radius sqrt(phi) = c||g_0|| (not c^2||g_0||)
+    and which divisor each rescale uses; every other CAGrad test used c = 0, rescale = 0 or only bounds."""
+    calpha = 0.5
+    jacobian = jnp.eye(2)
+    direction, weights, _ = run("cagrad", jacobian, calpha=calpha, rescale=rescale)
+    rho = {0: 1.0, 1: 1.0 + calpha**2, 2: 1.0 + calpha}[rescale]
+    factor = (1.0 + calpha) / rho                      # 1.5, 1.2, 1.0
+    np.testing.assert_allclose(direction, factor * jacobian.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(weights, factor / 2, rtol=1e-9)
+
+
 def test_gradnorm_moves_weight_towards_the_task_with_the_smaller_gradient():
     """Equal training rates: GradNorm equalises w_t‖g_t‖, so the large-gradient task loses weight."""
     jacobian = jnp.asarray([[10.0, 0.0], [0.0, 1.0]])
@@ -435,3 +488,16 @@ def test_gradnorm_gives_weight_to_the_task_that_trains_slower():
     for _ in range(10):
         _, _, state = balancer.step(jacobian, jnp.asarray([0.2, 0.9]), state, KEY)
     assert state.weights[1] > state.weights[0]
+
+
+def test_gradnorm_keeps_weights_positive_when_a_step_would_overshoot():
+    """||g|| = (100, 1), equal rates: target = mean(w||g||) = 50.5, so w_1 takes -lr*100 = -2.5 (below 0) and
+    w_2 takes +lr*1. The documented floor 1e-3*K keeps w_1 = 2e-3 before renormalising to sum K = 2; without it
+    the weights would be (6.3, -4.3): a negative loss weight."""
+    jacobian = jnp.asarray([[100.0, 0.0], [0.0, 1.0]])
+    balancer, step = jitted_step("gradnorm")
+    _, weights, state = step(jacobian, jnp.ones(2), balancer.init(2), KEY)
+    np.testing.assert_array_equal(weights, 1.0)                   # this step uses the initial weights
+    raw = np.asarray([2e-3, 1.0 + 0.025])
+    np.testing.assert_allclose(state.weights, 2 * raw / raw.sum(), rtol=1e-6)
+    assert np.all(np.asarray(state.weights) > 0)

@@ -14,10 +14,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from test_balancing import KEY, jacobians, run
+from test_balancing import KEY, jacobians, jitted_step, run
 from theory.balancing import make
 from theory.balancing.gradvac import GradVacState
-from theory.balancing.moco import project_to_simplex
+from theory.balancing.moco import MoCoState, project_to_simplex
 from theory.balancing.simplex import min_norm_exact
 
 MINE = ("gradvac", "db_mtl", "moco", "excess_mtl", "graddrop")
@@ -244,6 +244,24 @@ def test_db_mtl_ema_and_weights_over_two_steps():
     np.testing.assert_allclose(direction - weights @ j2, 0.9 * alpha @ s1.ema, rtol=1e-10, atol=1e-12)
 
 
+def test_db_mtl_decays_its_ema_rate_with_beta_sigma():
+    """beta_k = beta / k^sigma with k = 1 at the first step (the docstring's count): with beta = 0.9, sigma = 0.5
+    the rates are 0.9 and 0.9/sqrt(2). Every other DB-MTL test uses sigma = 0, where k does not matter."""
+    j1, j2 = jax.random.normal(jax.random.key(9), (2, 3, 4), jnp.float64)
+    l1, l2 = jnp.asarray([0.5, 1.0, 2.0]), jnp.asarray([1.5, 0.2, 1.0])
+    balancer, step = jitted_step("db_mtl", beta_sigma=0.5)
+    _, _, s1 = step(j1, l1, balancer.init(3), KEY)
+    direction, weights, s2 = step(j2, l2, s1, KEY)
+    r1, r2 = 0.9, 0.9 / np.sqrt(2.0)
+    m1 = (1 - r1) * np.asarray(j1) / (np.asarray(l1)[:, None] + 1e-8)
+    m2 = r2 * m1 + (1 - r2) * np.asarray(j2) / (np.asarray(l2)[:, None] + 1e-8)
+    np.testing.assert_allclose(s1.ema, m1, rtol=1e-12)
+    np.testing.assert_allclose(s2.ema, m2, rtol=1e-12)
+    norms = np.linalg.norm(m2, axis=1)
+    np.testing.assert_allclose(direction, (norms.max() / norms) @ m2, rtol=1e-12)
+    np.testing.assert_allclose(weights, norms.max() / norms * (1 - r2) / (np.asarray(l2) + 1e-8), rtol=1e-12)
+
+
 # ---------------------------------------------------------------- MoCo
 
 def scan_steps(name, jacobian, losses, num_steps, **options):
@@ -295,6 +313,46 @@ def test_moco_first_step_uses_loss_sized_gradients_and_exact_weights(jacobian, l
     y = np.asarray(state.tracked)
     expected = np.exp(1 / k - 0.1 * (y @ y.T) @ np.full(k, 1 / k))
     np.testing.assert_allclose(state.lambdas, expected / expected.sum(), rtol=1e-10)
+
+
+def project_to_simplex_reference(v):
+    """Euclidean projection onto the simplex by bisection on the threshold (independent of the sort-based code)."""
+    low, high = v.min() - 1.0, v.max()
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if np.maximum(v - mid, 0).sum() > 1 else (low, mid)
+    return np.maximum(v - 0.5 * (low + high), 0)
+
+
+@pytest.mark.parametrize("lambda_update", ["softmax", "projection"])
+def test_moco_lambda_step_includes_rho(lambda_update):
+    """lambda <- Pi(lambda - gamma_k (Y Y^T + rho I) lambda). At init lambda = 1/K, where rho I lambda shifts every
+    entry equally and neither Pi sees it; so the step starts from non-uniform lambdas (as from step 2 on). With
+    beta = 1 the step's Y is L_t g_t / ||g_t|| and gamma_1 = 0.1. Every other MoCo test used rho = 0."""
+    jacobian = np.asarray([[3.0, 0.0, 1.0], [0.0, 2.0, -1.0], [1.0, 1.0, 1.0]])
+    losses = np.asarray([0.5, 1.0, 2.0])
+    lambdas = np.asarray([0.6, 0.3, 0.1])
+    balancer, step = jitted_step("moco", beta=1.0, rho=2.0, lambda_update=lambda_update)
+    state = MoCoState(jnp.zeros((3, 3)), jnp.asarray(lambdas), jnp.zeros((), jnp.int32))
+    direction, _, state = step(jnp.asarray(jacobian), jnp.asarray(losses), state, KEY)
+    y = jacobian * (losses / np.linalg.norm(jacobian, axis=1))[:, None]
+    moved = lambdas - 0.1 * (y @ y.T + 2.0 * np.eye(3)) @ lambdas
+    expected = (np.exp(moved) / np.exp(moved).sum() if lambda_update == "softmax"
+                else project_to_simplex_reference(moved))
+    np.testing.assert_allclose(state.lambdas, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(direction, expected @ y, rtol=1e-9, atol=1e-12)
+
+
+def test_moco_first_step_weights_are_the_rows_coefficients_for_any_beta():
+    """w_t = lambda_t beta_k L_t / ||g_t||, and at the first step (Y = 0 at init) the direction is exactly w @ J.
+    The first-step test above uses beta = 1, where a missing beta_k goes unseen; here the default beta_1 = 0.5."""
+    jacobian = jnp.asarray([[3.0, 0.0, 1.0], [0.0, 2.0, -1.0], [1.0, 1.0, 1.0]], jnp.float64)
+    losses = jnp.asarray([0.5, 1.0, 2.0])
+    balancer, step = jitted_step("moco")
+    direction, weights, state = step(jacobian, losses, balancer.init(3), KEY)
+    np.testing.assert_allclose(state.tracked, 0.5 * jacobian * (losses / jnp.linalg.norm(jacobian, axis=1))[:, None],
+                               rtol=1e-12)
+    np.testing.assert_allclose(direction, weights @ jacobian, rtol=1e-12, atol=1e-15)
 
 
 @FEW

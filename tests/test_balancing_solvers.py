@@ -420,3 +420,14 @@ def test_aligned_mtl_direction_is_linear_in_a_common_scale(jacobian, scale):
     direction = np.asarray(run("aligned_mtl", jacobian)[0])
     np.testing.assert_allclose(run("aligned_mtl", scale * jacobian)[0], scale * direction, rtol=1e-7,
                                atol=1e-9 * scale * np.linalg.norm(direction))
+
+
+def test_aligned_mtl_rank_cutoff_scales_with_the_number_of_tasks():
+    """LibMTL's cut-off is lambda > K eps32 lambda_max. Eigenvalues 1 and 1.5 eps32 (K = 2): the small one lies
+    between eps32 and 2 eps32, so it is dropped; rank 1 gives d = sigma_1 u_1 v_1^T 1 = (1, 0). (The hypothesis
+    test assumes no eigenvalue near the cut-off, so it cannot see the K factor.)"""
+    jacobian = jnp.asarray([[1.0, 0.0], [0.0, np.sqrt(1.5 * np.finfo(np.float32).eps)]])
+    direction, weights, state = run("aligned_mtl", jacobian)
+    assert int(state.rank) == 1
+    np.testing.assert_allclose(direction, [1.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(weights, [1.0, 0.0], atol=1e-12)
