@@ -467,6 +467,28 @@ def test_cagrad_direction_on_orthonormal_gradients_has_the_documented_length(res
     np.testing.assert_allclose(weights, factor / 2, rtol=1e-9)
 
 
+def test_cagrad_weights_come_from_the_minimiser_of_its_dual():
+    """The whole method against scipy: CAGrad's weights are (1/K + sqrt(phi)/||g_w|| w*) / rho with w* the minimiser
+    over the simplex of F(w) = g_w . g_0 + sqrt(phi) ||g_w||, g_0 the *mean* gradient. Since w* sums to 1, w* is
+    read back from the weights and must reach scipy's minimum of F. (The solver's own test above is handed F's
+    terms, so it cannot see the method building them wrongly, say from the sum of the gradients.)"""
+    calpha, rho = 0.5, 1.0 + 0.5**2  # the defaults: rescale = 1
+    jacobian = np.asarray([[1.0, 0.2, -0.4, 0.0, 0.3], [-0.8, 1.1, 0.1, 0.5, 0.0], [0.3, -0.9, 0.7, -0.2, 1.2]])
+    gram, k = jacobian @ jacobian.T, jacobian.shape[0]
+    mean = np.full(k, 1 / k)
+    radius = calpha * np.sqrt(mean @ gram @ mean)
+    objective = lambda w: float(w @ gram @ mean + radius * np.sqrt(max(w @ gram @ w, 0.0)))
+    reference = min(
+        scipy.optimize.minimize(objective, start, bounds=[(0, 1)] * k, method="SLSQP",
+                                constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+                                options={"ftol": 1e-14, "maxiter": 1000}).fun
+        for start in [mean] + list(np.eye(k)))
+    _, weights, _ = run("cagrad", jacobian)
+    scaled = np.asarray(weights) * rho - 1 / k  # = sqrt(phi)/||g_w|| w*
+    ours = scaled / scaled.sum()
+    assert np.all(ours >= -1e-9) and objective(ours) <= reference + 1e-7
+
+
 def test_gradnorm_moves_weight_towards_the_task_with_the_smaller_gradient():
     """Equal training rates: GradNorm equalises w_t‖g_t‖, so the large-gradient task loses weight."""
     jacobian = jnp.asarray([[10.0, 0.0], [0.0, 1.0]])
