@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from deep import losses, train, trainer
-from deep.checkpoint import Checkpoints
+from deep.checkpoint import Checkpoints, _looks_damaged
 from deep.model import DualStreamModel, ModelConfig
 from test_deep_model import abstract_model, output_shapes
 from test_deep_train import TINY, comparable_leaves, copied, make_batch
@@ -491,8 +491,8 @@ def test_the_scripts_core_step_passes_the_epochs_controls(monkeypatch):
 
 def test_each_batch_of_a_corrupted_pass_gets_its_own_noise():
     """fold_in(fold_in(key, corruption), i) for batch i: two batches of identical grey images (0.5, so Gaussian
-    noise at c = 0.08 never reaches the clipping at 0 or 1) must come back with independent noise, which agrees
-    nowhere (not merely somewhere: one clipped value would tell two draws of the same noise apart)."""
+    noise at c = 0.08 never reaches the clipping at 0 or 1) must come back with independent noise, which
+    agrees nowhere (two draws of the same noise could still differ somewhere, wherever one was clipped)."""
     images = np.full((6, 8, 8, 3), 0.5, np.float32)
     batches = lambda: ({"images": images[i:i + 3], "depth": np.ones((3, 8, 8, 1), np.float32)} for i in (0, 3))
     seen = []
@@ -511,8 +511,6 @@ def test_a_damaged_checkpoint_is_told_apart_by_its_error_type_or_by_tensorstores
     """restore_latest sets aside a checkpoint whose restore fails with a ValueError (JSON that does not decode, say,
     with no TensorStore code in its words) or with TensorStore's data-loss code under another type; anything else
     (memory) is not damage."""
-    from deep.checkpoint import _looks_damaged
-
     try:
         json.loads('{"step": ')
     except ValueError as error:
