@@ -4,6 +4,7 @@ corruption properties, the GTA5 label mapping, the loader's determinism and the 
 Shapes are tiny; each compiled function is built once per module (fixtures) or reused through JAX's cache.
 """
 
+import colorsys
 import pickle
 import shutil
 
@@ -19,7 +20,7 @@ from deep.data import (CORRUPTIONS, GTA5_LABEL_MAP, AugmentConfig, DataError, Lo
                        corrupt, hflip, load_cityscapes, load_gta5, load_nyuv2, nyuv2_arrays, random_scale_crop,
                        write_cityscapes, write_gta5, write_nyuv2)
 from deep.data.color import hsv_to_rgb, rgb_to_hsv
-from deep.data.corruptions import defocus_kernel, plasma_fractal
+from deep.data.corruptions import defocus_kernel, gaussian_kernel, plasma_fractal
 from deep.data.resample import pil_nearest_indices, pil_resize
 from deep.resize import resize_bilinear
 
@@ -806,3 +807,178 @@ def test_generated_scenes_are_coherent_and_deterministic():
     sky = streets["segmentation"] == 4
     assert sky.any() and (streets["depth"][..., 0][sky] == 0).all()
     assert set(np.unique(streets["segmentation"])) <= set(range(-1, 7))
+
+
+# ------------------------------------------------------------------ definitions against independent references
+# Corruptions as ImageNet-C defines them, colour conversion, augmentation rates, and the readers' edge cases.
+
+
+def test_gta5_depth_of_another_resolution_is_resized_from_its_own_size(tmp_path):
+    """load_gta5 takes depth of any resolution: its nearest-neighbour indices must come from the depth's own shape.
+    Here the depth is twice the label's size, so indices computed from the label's size would read the wrong
+    (top-left) pixels. Reference: PIL's NEAREST resize of the depth as a float image, divided by 255."""
+    rng = np.random.default_rng(11)
+    _write_png(tmp_path / "images" / "x.png", rng.integers(0, 256, (30, 50, 3)).astype(np.uint8))
+    _write_png(tmp_path / "labels" / "x.png", rng.integers(0, 40, (30, 50)).astype(np.uint8))
+    depth = rng.integers(1, 256, (60, 100)).astype(np.float32)
+    (tmp_path / "depth").mkdir()
+    np.save(tmp_path / "depth" / "x.npy", depth)
+    loaded = load_gta5(tmp_path, size=(8, 16))
+    expected = np.asarray(Image.fromarray(depth).resize((16, 8), Image.NEAREST)) / 255.0
+    np.testing.assert_allclose(loaded["depth"][0, ..., 0], expected, rtol=1e-6)
+
+
+def test_rgb_to_hsv_matches_colorsys_and_its_hue_lies_in_0_1():
+    """The docstring promises H, S, V each in [0, 1], as colorsys and torchvision define them. Red-dominant pixels
+    with blue > green have a hue just below 1 (a negative sector before the modulo); they are included on purpose."""
+    rng = np.random.default_rng(5)
+    rgb = rng.random((256, 3)).astype(np.float32)
+    rgb[:64] = np.stack([rng.uniform(0.6, 1.0, 64), rng.uniform(0.0, 0.2, 64), rng.uniform(0.2, 0.5, 64)], -1)
+    hsv = np.asarray(rgb_to_hsv(jnp.asarray(rgb)), np.float64)
+    expected = np.array([colorsys.rgb_to_hsv(*map(float, pixel)) for pixel in rgb])
+    assert hsv[:, 0].min() >= 0.0 and hsv[:, 0].max() < 1.0 + 1e-6
+    np.testing.assert_allclose(hsv[:, 1:], expected[:, 1:], atol=1e-5)
+    hue_error = np.abs(hsv[:, 0] - expected[:, 0])
+    np.testing.assert_array_less(np.minimum(hue_error, 1.0 - hue_error), 1e-5)  # no pixel an exact turn off either
+    np.testing.assert_allclose(hsv[:, 0], expected[:, 0], atol=1e-5)
+
+
+def test_brightness_is_imagenet_cs_hsv_value_shift_clipped_at_one():
+    """ImageNet-C's brightness: to HSV, V -> clip(V + c, 0, 1), back to RGB (so the hue and saturation stay even
+    where V + c > 1). Reference: colorsys per pixel. Severities 1 and 5; most pixels at severity 5 reach the clip."""
+    rng = np.random.default_rng(7)
+    images = rng.uniform(0.0, 0.9, (2, 8, 8, 3)).astype(np.float32)
+    images[0, 0, 0] = 0.0  # a black pixel becomes grey V'
+    for severity, c in ((1, 0.1), (5, 0.5)):
+        corrupted = np.asarray(corrupt(jnp.asarray(images), "brightness", severity, jax.random.key(0)))
+        expected = []
+        for pixel in images.reshape(-1, 3).astype(np.float64):
+            h, s, v = colorsys.rgb_to_hsv(*pixel)
+            expected.append(colorsys.hsv_to_rgb(h, s, min(max(v + c, 0.0), 1.0)))
+        np.testing.assert_allclose(corrupted.reshape(-1, 3), np.array(expected), atol=1e-5, err_msg=f"{severity}")
+
+
+def test_speckle_noise_is_multiplicative():
+    """Speckle is x + x c eps (ImageNet-C), so black stays black and the spread at grey level g is g c:
+    at severity 1 (c = 0.15) and g = 0.5 the standard deviation is 0.075 (no clipping: 0.5 +- 0.075 * 6 is inside
+    [0, 1]); additive noise (x + c eps) would give 0.15 and disturb the black half."""
+    images = np.zeros((1, 64, 64, 3), np.float32)
+    images[:, 32:] = 0.5
+    corrupted = np.asarray(corrupt(jnp.asarray(images), "speckle_noise", 1, jax.random.key(3)), np.float64)
+    np.testing.assert_array_equal(corrupted[:, :32], 0.0)
+    spread = (corrupted[:, 32:] - 0.5).std()
+    assert abs(spread - 0.075) < 0.004, spread
+
+
+def test_shot_noise_is_poisson_counts_over_c_with_mean_x_and_variance_x_over_c():
+    """ImageNet-C's shot noise is Poisson(c x) / c: unbiased (mean x) with variance x / c. Severity 1, c = 60, at
+    x = 0.5: mean 0.5 +- 0.0008 (one std over 12288 values) and variance 0.5 / 60 = 0.00833."""
+    images = np.full((1, 64, 64, 3), 0.5, np.float32)
+    corrupted = np.asarray(corrupt(jnp.asarray(images), "shot_noise", 1, jax.random.key(4)), np.float64)
+    assert abs(corrupted.mean() - 0.5) < 0.004, corrupted.mean()
+    assert abs(corrupted.var() / (0.5 / 60) - 1) < 0.1, corrupted.var()
+    counts = corrupted * 60  # values are whole counts over c
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-3)
+
+
+def test_impulse_noise_sets_a_fraction_c_to_salt_and_pepper_in_equal_parts():
+    """Salt-and-pepper with amount c (ImageNet-C's sp, salt_vs_pepper = 0.5): a fraction c of the values becomes 0
+    or 1, half each. Severity 3, c = 0.09, on 12288 values of grey 0.5: about 553 each (std about 23)."""
+    images = np.full((1, 64, 64, 3), 0.5, np.float32)
+    corrupted = np.asarray(corrupt(jnp.asarray(images), "impulse_noise", 3, jax.random.key(8)))
+    salt, pepper = (corrupted == 1.0).sum(), (corrupted == 0.0).sum()
+    assert ((corrupted == 0.5) | (corrupted == 0.0) | (corrupted == 1.0)).all()
+    expected = 0.09 * corrupted.size / 2
+    for count in (salt, pepper):
+        assert abs(count - expected) < 6 * np.sqrt(expected), (salt, pepper)
+
+
+def test_augment_flips_about_half_of_the_examples():
+    """The flip happens with probability 1/2 per example. A flip-only config on 256 copies of one asymmetric image:
+    each output is either the image or its mirror; the mirrored count is Binomial(256, 1/2), 128 +- 8."""
+    row = np.linspace(0.0, 1.0, 6, dtype=np.float32)
+    image = np.broadcast_to(row[None, :, None], (4, 6, 3))
+    batch = {"images": jnp.asarray(np.broadcast_to(image, (256, 4, 6, 3)))}
+    config = AugmentConfig(scales=(1.0,), color_jitter=(0, 0, 0, 0))
+    out = np.asarray(augment(jax.random.key(2), batch, config)["images"])
+    mirrored = np.all(out == image[:, ::-1], axis=(1, 2, 3))
+    unchanged = np.all(out == image, axis=(1, 2, 3))
+    assert (mirrored | unchanged).all()
+    assert abs(mirrored.sum() - 128) < 4 * 8, mirrored.sum()
+
+
+def test_gaussian_kernel_is_scipys_for_a_fractional_radius():
+    """gaussian_kernel promises scipy.ndimage's Gaussian, radius int(4 sigma + 0.5). The published severities
+    (sigma 1, 2, 3, 4, 6) all give a whole 4 sigma, where rounding cannot show; sigma = 0.65 (4 sigma = 2.6, radius
+    3, not 2) does. Reference: scipy's filter of a unit impulse is its kernel."""
+    impulse = np.zeros(21)
+    impulse[10] = 1.0
+    expected = ndimage.gaussian_filter1d(impulse, 0.65, truncate=4.0, mode="constant")
+    taps = gaussian_kernel(0.65)
+    assert taps.shape == (7,)
+    np.testing.assert_allclose(taps, expected[7:14], atol=1e-7)
+    np.testing.assert_allclose(expected[:7].sum() + expected[14:].sum(), 0.0, atol=1e-12)
+
+
+def test_normal_length_check_catches_one_long_normal(tmp_path):
+    """Normals may be at most 1.01 long at *every* pixel: one normal of length 2 among unit ones must be refused
+    (a file of long normals only would also be caught by a check of their mean or of a sample of pixels)."""
+    root = write_nyuv2(tmp_path / "nyuv2", train=2, val=1, height=8, width=12, seed=3)
+    path = root / "train" / "normal" / "1.npy"
+    normal = np.zeros((8, 12, 3), np.float32)
+    normal[..., 2] = 1.0           # unit normals everywhere ...
+    normal[3, 5] = (0.0, 0.0, 2.0)  # ... but one of length 2
+    np.save(path, normal)
+    with pytest.raises(DataError, match=r"train/normal/1.npy: a normal of length 2"):
+        load_nyuv2(root, "train")
+
+
+def test_pixelate_is_pil_box_down_to_int_size_and_back():
+    """ImageNet-C's pixelate: PIL BOX resize to (int(W c), int(H c)), then BOX back to (W, H). At 16x24 and
+    severity 1 (c = 0.6) the small size is 9x14 (int truncates 9.6 and 14.4), which rounding up would make 10x15.
+    Reference: PIL on each channel as a float image."""
+    rng = np.random.default_rng(9)
+    images = rng.random((1, 16, 24, 3)).astype(np.float32)
+    corrupted = np.asarray(corrupt(jnp.asarray(images), "pixelate", 1, jax.random.key(0)))
+    for channel in range(3):
+        small = Image.fromarray(images[0, ..., channel]).resize((14, 9), Image.BOX)
+        expected = np.asarray(small.resize((24, 16), Image.BOX))
+        np.testing.assert_allclose(corrupted[0, ..., channel], np.clip(expected, 0, 1), atol=1e-5)
+
+
+def test_plasma_displacements_shrink_by_roughness_squared_per_level():
+    """ImageNet-C's diamond-square: the displacement amplitude is w_k^2 with w_{k+1} = w_k / d, so each level's is
+    d^2 times smaller. On a 4x4 map with d = 4: the centre (1, 1) is the mean of its four level-0 corners plus a
+    displacement uniform in +-w_0^2 / 16, while the level-0 values spread over about w_0^2. The median of
+    |residual| / spread is then about 1/32 (1/8 if the decay were d per level, 1/128 if d^3); the rescaling to
+    [0, 1] is affine and leaves the ratio unchanged."""
+    fractals = jax.jit(jax.vmap(lambda k: plasma_fractal(k, 4, 4.0)))(jax.random.split(jax.random.key(0), 1000))
+    grid = np.asarray(fractals, np.float64)
+    corners = grid[:, 0::2, 0::2]
+    spread = corners.max(axis=(1, 2)) - corners.min(axis=(1, 2))
+    ratio = np.median(np.abs(grid[:, 1, 1] - corners.mean(axis=(1, 2))) / spread)
+    assert 1 / 64 < ratio < 1 / 16, ratio
+
+
+def test_gta5_reads_16_bit_label_pngs(tmp_path):
+    """load_gta5 accepts single-channel labelIds of mode L, P, I or I;16 (16-bit PNGs are common for label maps).
+    Ids above 255 are void. Expected categories from the authors' table, written out here."""
+    ids = np.array([[7, 8, 11, 17], [21, 23, 24, 26], [33, 0, 9, 300]], np.uint16)
+    _write_png(tmp_path / "images" / "a.png", np.zeros((3, 4, 3), np.uint8))
+    _write_png(tmp_path / "labels" / "a.png", ids)
+    assert Image.open(tmp_path / "labels" / "a.png").mode.startswith("I")
+    loaded = load_gta5(tmp_path, size=(3, 4), allow_missing_depth=True)
+    np.testing.assert_array_equal(loaded["segmentation"][0], [[0, 0, 1, 2], [3, 4, 5, 6], [6, -1, -1, -1]])
+
+
+def test_augment_draws_every_scale():
+    """Each scale of AugmentConfig.scales is drawn with probability 1/len(scales). With scales (1, 2) and no flip
+    or jitter, an example is unchanged exactly when scale 1 was drawn (a crop at 2 is a zoom); over 64 examples
+    the unchanged count is Binomial(64, 1/2), 32 +- 4."""
+    rows, columns = np.mgrid[0:8, 0:12].astype(np.float32)
+    image = np.stack([rows / 7, columns / 11, (rows * columns) / 77], -1)
+    batch = {"images": jnp.asarray(np.broadcast_to(image, (64, 8, 12, 3)))}
+    config = AugmentConfig(scales=(1.0, 2.0), flip=False, color_jitter=(0, 0, 0, 0))
+    out = np.asarray(augment(jax.random.key(1), batch, config)["images"])
+    unchanged = np.all(np.abs(out - image) < 1e-6, axis=(1, 2, 3))
+    assert 32 - 16 < unchanged.sum() < 32 + 16, unchanged.sum()
