@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +59,7 @@ from deep.layers import drawn_later
 from deep.resize import resize_bilinear
 from deep.shading import unit_vectors
 from deep.streams import DualStream, MultiScaleFusion
+from scm.linear_gaussian import as_count
 
 HEAD_INPUTS = ("semantic", "semantic+backbone")
 FUSIONS = ("c4", "multiscale")
@@ -79,11 +79,7 @@ TASK_CHANNELS = {"depth": 1, "normal": 3}  # what their losses and metrics read;
 
 
 def _is_count(value) -> bool:
-    """An integer >= 1 of any integer type (Python's, NumPy's, a JAX scalar), not a bool."""
-    try:
-        return not isinstance(value, bool) and operator.index(value) >= 1
-    except TypeError:
-        return False
+    return as_count(value, 1) is not None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,6 +180,27 @@ def _check_domain(domain: str) -> None:
         raise ValueError(f"domain must be one of {DOMAINS}; got {domain!r}")
 
 
+def as_count(value: Any, minimum: int) -> int | None:
+    """``value`` as an ``int`` when it is an integer >= ``minimum`` of any integer type (Python's, NumPy's, a JAX
+    scalar), else None: bools and floats such as 3.0 are not counts. The rule of every count in the project."""
+    if isinstance(value, bool):
+        return None
+    try:
+        count = operator.index(value)
+    except TypeError:
+        return None
+    return count if count >= minimum else None
+
+
+def check_count(name: str, value: Any, minimum: int, or_none: bool = False) -> int:
+    """:func:`as_count`, or a one-line ``ValueError`` naming ``name``; ``or_none``: the caller also takes None (for
+    the message)."""
+    count = as_count(value, minimum)
+    if count is None:
+        raise ValueError(f"{name} must be {'None or ' * or_none}an integer >= {minimum}; got {value!r}")
+    return count
+
+
 def check_theta(theta: Any) -> None:
     r"""Raises ``ValueError`` unless every entanglement angle lies in :math:`[0, \pi/2]`.
 
@@ -224,13 +245,7 @@ def sample(scm: LinearGaussianSCM, key: jax.Array, num_samples: int, domain: Dom
         ``Samples`` with ``s``, ``r`` of shape ``[n, d]`` and ``y`` of shape ``[n, K]``.
     """
     _check_domain(domain)
-    try:  # any integer type (Python's, NumPy's, a JAX scalar), not a bool or 10.5
-        count = None if isinstance(num_samples, bool) else operator.index(num_samples)
-    except TypeError:
-        count = None
-    if count is None or count < 1:
-        raise ValueError(f"num_samples must be an integer >= 1; got {num_samples!r}")
-    num_samples = count
+    num_samples = check_count("num_samples", num_samples, 1)
     key_s, key_r, key_eps = jax.random.split(key, 3)
     d, k = scm.dim, scm.num_tasks
     chol_s = jnp.linalg.cholesky(scm.cov_s)

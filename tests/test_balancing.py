@@ -48,17 +48,17 @@ def jacobians(min_tasks=2, max_tasks=5, max_params=8):
     return shapes.flatmap(lambda shape: hnp.arrays(np.float64, shape, elements=st.floats(-5, 5, width=64)))
 
 
+def scipy_simplex_minimum(objective, k, jac=None, maxiter=500):
+    """Independent reference: the minimum of ``objective`` over the simplex of dimension ``k`` by SLSQP, from the
+    centre and from every vertex."""
+    return min(scipy.optimize.minimize(objective, start, jac=jac, bounds=[(0, 1)] * k, method="SLSQP",
+                                       constraints={"type": "eq", "fun": lambda a: a.sum() - 1},
+                                       options={"ftol": 1e-14, "maxiter": maxiter}).fun
+               for start in [np.full(k, 1 / k)] + list(np.eye(k)))
+
+
 def scipy_min_norm(gram):
-    """Independent reference: SLSQP on the simplex, from several starts."""
-    k = gram.shape[0]
-    best = None
-    for start in [np.full(k, 1 / k)] + [np.eye(k)[i] for i in range(k)]:
-        result = scipy.optimize.minimize(lambda a: a @ gram @ a, start, jac=lambda a: 2 * gram @ a,
-                                         bounds=[(0, 1)] * k, constraints={"type": "eq", "fun": lambda a: a.sum() - 1},
-                                         method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
-        if best is None or result.fun < best.fun:
-            best = result
-    return best.fun
+    return scipy_simplex_minimum(lambda a: a @ gram @ a, gram.shape[0], jac=lambda a: 2 * gram @ a)
 
 
 # ---------------------------------------------------------------- the contract, for every method
@@ -434,11 +434,7 @@ def test_cagrad_solves_its_dual_as_well_as_scipy(jacobian, calpha):
     objective = lambda w: float(w @ linear + radius * np.sqrt(max(w @ gram @ w, 0.0)))
     ours = jitted(conflict_averse_frank_wolfe)(jnp.asarray(gram), jnp.asarray(linear), jnp.asarray(radius), 2000,
                                                1e-10)
-    reference = min(
-        scipy.optimize.minimize(objective, start, bounds=[(0, 1)] * k, method="SLSQP",
-                                constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
-                                options={"ftol": 1e-14, "maxiter": 1000}).fun
-        for start in [mean] + list(np.eye(k)))
+    reference = scipy_simplex_minimum(objective, k, maxiter=1000)
     scale = float(np.max(np.diag(gram)))
     assert objective(ours.weights) <= reference + 1e-6 * scale + 1e-12
 
@@ -478,11 +474,7 @@ def test_cagrad_weights_come_from_the_minimiser_of_its_dual():
     mean = np.full(k, 1 / k)
     radius = calpha * np.sqrt(mean @ gram @ mean)
     objective = lambda w: float(w @ gram @ mean + radius * np.sqrt(max(w @ gram @ w, 0.0)))
-    reference = min(
-        scipy.optimize.minimize(objective, start, bounds=[(0, 1)] * k, method="SLSQP",
-                                constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
-                                options={"ftol": 1e-14, "maxiter": 1000}).fun
-        for start in [mean] + list(np.eye(k)))
+    reference = scipy_simplex_minimum(objective, k, maxiter=1000)
     _, weights, _ = run("cagrad", jacobian)
     scaled = np.asarray(weights) * rho - 1 / k  # = sqrt(phi)/||g_w|| w*
     ours = scaled / scaled.sum()

@@ -53,10 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scm.linear_gaussian import Domain, LinearGaussianSCM, check_theta, rotation_encoder, sample
+from scm.linear_gaussian import Domain, LinearGaussianSCM, check_count, check_theta, rotation_encoder, sample
 from theory import closed_forms
 from theory.balancing import Balancer
-from theory.balancing.base import check_count
 
 
 @dataclasses.dataclass(frozen=True)

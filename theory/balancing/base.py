@@ -23,12 +23,12 @@ Methods are registered under a name with :func:`register`; :func:`make` builds o
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from scm.linear_gaussian import check_count
 
 REQUIRES = ("losses", "gram", "jacobian")
 GRADIENTS_OF = ("parameters", "representation")
@@ -176,17 +176,18 @@ def _checking_state(balancer: Balancer, takes_num_params: bool) -> Balancer:
         # Methods whose state lives in parameter space accept either size: [K, P], or [K, 0] to be sized later.
         sizes = [None] + ([num_params] if takes_num_params and num_params is not None else [])
         builds = [f"init({num_tasks})" if p is None else f"init({num_tasks}, num_params={p})" for p in sizes]
-        expected = [jax.eval_shape(lambda p=p: init(num_tasks, p)) for p in sizes]
-        # Leaves only: a stateless method may be given () for its empty state.
+        # Leaves only, not containers: a stateless method may be given () for its empty state.
+        expected = [[leaf.shape for leaf in jax.tree.leaves(jax.eval_shape(lambda p=p: init(num_tasks, p)))]
+                    for p in sizes]
         paths_and_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
         shapes = [jnp.shape(leaf) for _, leaf in paths_and_leaves]
-        if any(shapes == [leaf.shape for leaf in jax.tree.leaves(e)] for e in expected):
+        if shapes in expected:
             return
-        if len(shapes) != len(jax.tree.leaves(expected[0])):
+        if len(shapes) != len(expected[0]):
             raise ValueError(f"{name} got a state of {len(shapes)} arrays ({type(state).__name__}), not "
-                             f"{name}'s {len(jax.tree.leaves(expected[0]))}; build it with {name}'s {builds[-1]}")
-        path, shape, wanted = next((path, shape, e.shape) for (path, _), shape, e
-                                   in zip(paths_and_leaves, shapes, jax.tree.leaves(expected[-1])) if shape != e.shape)
+                             f"{name}'s {len(expected[0])}; build it with {name}'s {builds[-1]}")
+        path, shape, wanted = next((path, shape, wanted) for (path, _), shape, wanted
+                                   in zip(paths_and_leaves, shapes, expected[-1]) if shape != wanted)
         hint = builds[-1] + (f" (or {builds[0]} to size it at the first step)" if len(builds) > 1 else "")
         raise ValueError(f"{name} state{jax.tree_util.keystr(path)} has shape {shape}, but {inputs} needs {wanted}; "
                          f"build the state with {hint}")
@@ -213,19 +214,6 @@ def check_inputs(jacobian: jax.Array, losses: jax.Array) -> int:
         raise ValueError(f"losses must have shape [K]=[{jacobian.shape[0]}] to match the jacobian; "
                          f"got shape {losses.shape}")
     return jacobian.shape[0]
-
-
-def check_count(name: str, value: Any, minimum: int, or_none: bool = False) -> int:
-    """``value`` as an ``int`` when it is an integer >= ``minimum`` of any integer type (Python's, NumPy's, a JAX
-    scalar), not a bool or a float such as 3.0, the rule of ``deep.model.ModelConfig`` and ``scm.sample``.
-    ``or_none``: the caller also takes None (for the error message)."""
-    try:
-        count = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        count = None
-    if count is None or count < minimum:
-        raise ValueError(f"{name} must be {'None or ' * or_none}an integer >= {minimum}; got {value!r}")
-    return count
 
 
 def check_num_tasks(num_tasks: int) -> int:
