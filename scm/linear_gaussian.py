@@ -180,24 +180,26 @@ def _check_domain(domain: str) -> None:
         raise ValueError(f"domain must be one of {DOMAINS}; got {domain!r}")
 
 
-def as_count(value: Any, minimum: int) -> int | None:
-    """``value`` as an ``int`` when it is an integer >= ``minimum`` of any integer type (Python's, NumPy's, a JAX
-    scalar), else None: bools and floats such as 3.0 are not counts. The rule of every count in the project."""
+def as_count(value: Any, minimum: int, maximum: int | None = None) -> int | None:
+    """``value`` as an ``int`` when it is an integer in ``minimum..maximum`` (no upper end for None) of any integer
+    type (Python's, NumPy's, a JAX scalar), else None: bools and floats such as 3.0 are not counts. The rule of every
+    count in the project."""
     if isinstance(value, bool):
         return None
     try:
         count = operator.index(value)
     except TypeError:
         return None
-    return count if count >= minimum else None
+    return count if minimum <= count and (maximum is None or count <= maximum) else None
 
 
-def check_count(name: str, value: Any, minimum: int, or_none: bool = False) -> int:
+def check_count(name: str, value: Any, minimum: int, maximum: int | None = None, or_none: bool = False) -> int:
     """:func:`as_count`, or a one-line ``ValueError`` naming ``name``; ``or_none``: the caller also takes None (for
     the message)."""
-    count = as_count(value, minimum)
+    count = as_count(value, minimum, maximum)
     if count is None:
-        raise ValueError(f"{name} must be {'None or ' * or_none}an integer >= {minimum}; got {value!r}")
+        allowed = f"an integer >= {minimum}" if maximum is None else f"an integer in {minimum}..{maximum}"
+        raise ValueError(f"{name} must be {'None or ' * or_none}{allowed}; got {value!r}")
     return count
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from scm import LinearGaussianSCM, check_theta, rotation_encoder, sample
+from scm.linear_gaussian import as_count, check_count
 from theory import closed_forms as cf
 
 
@@ -80,6 +81,21 @@ def test_bad_domain_and_sample_count():
     # Models are compared by identity: field-wise == over arrays has no single truth value.
     assert scm == scm and scm != make_scm() and len({scm, scm}) == 1
 
+
+
+def test_the_integer_rule_of_every_count():
+    """as_count/check_count, the one rule of counts (theory's sizes, deep's configs and data readers): integers of
+    any type inside minimum..maximum, both ends included; bools, floats such as 3.0 and strings refused."""
+    for value in (1, 5, np.int64(3), jnp.int32(5), np.uint8(1)):
+        assert as_count(value, 1, 5) == int(value) and type(as_count(value, 1, 5)) is int
+    for value in (0, 6, True, np.bool_(True), 3.0, np.float32(3), "3", None, np.array([3])):
+        assert as_count(value, 1, 5) is None, value
+    assert as_count(10 ** 30, 0) == 10 ** 30                                  # no upper end by default
+    with pytest.raises(ValueError, match=r"^severity must be an integer in 1\.\.5; got 6$"):
+        check_count("severity", 6, 1, 5)
+    with pytest.raises(ValueError, match=r"^limit must be None or an integer >= 1; got 0$"):
+        check_count("limit", 0, 1, or_none=True)
+    assert check_count("seed", np.int64(0), 0) == 0
 
 def test_scalars_mean_standard_deviations_and_matrices_mean_covariances():
     cov = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.1], [0.0, 0.1, 0.5]])

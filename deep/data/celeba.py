@@ -34,6 +34,7 @@ import numpy as np
 
 from deep.data.errors import DataError
 from deep.data.npy_split import os_error
+from scm.linear_gaussian import as_count, check_count
 
 __all__ = ["CELEBA_ATTRIBUTES", "CELEBA_SPLITS", "resolve_attributes", "load_celeba"]
 
@@ -102,12 +103,11 @@ def _check_arguments(split, size, limit, workers) -> tuple[int, int]:
     if not isinstance(split, str) or split not in CELEBA_SPLITS:
         raise ValueError(f"split must be one of {', '.join(CELEBA_SPLITS)}; got {split!r}")
     if (isinstance(size, (str, bytes)) or not isinstance(size, (Sequence, np.ndarray)) or len(size) != 2
-            or any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 1 for s in size)):
+            or any(as_count(s, 1) is None for s in size)):
         raise ValueError(f"size must be two positive integers (height, width); got {size!r}")
     for name, value in (("limit", limit), ("workers", workers)):
-        if value is not None and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
-                                  or value < 1):
-            raise ValueError(f"{name} must be None or an integer >= 1; got {value!r}")
+        if value is not None:
+            check_count(name, value, 1, or_none=True)
     return int(size[0]), int(size[1])
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deep.data.resample import pil_weights
+from scm.linear_gaussian import check_count
 
 __all__ = ["CORRUPTIONS", "PAPER_CORRUPTIONS", "SEVERITY_PARAMETERS", "corrupt",
            "plasma_fractal", "defocus_kernel", "gaussian_kernel"]
@@ -250,8 +251,7 @@ def corrupt(images: jax.Array, name: str, severity: int, key: jax.Array) -> jax.
     """
     if name not in _FUNCTIONS:
         raise ValueError(f"corruption must be one of {', '.join(CORRUPTIONS)}; got {name!r}")
-    if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 1 <= severity <= 5:
-        raise ValueError(f"severity must be an integer in 1..5; got {severity!r}")
+    severity = check_count("severity", severity, 1, 5)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must have shape [N, H, W, 3]; got {images.shape}")
     images = jnp.asarray(images, jnp.float32)

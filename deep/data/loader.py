@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from deep import devices
+from scm.linear_gaussian import check_count
 
 __all__ = ["Loader"]
 
@@ -77,13 +78,11 @@ class Loader:
         count = next(iter(lengths.values()))
         if count < 1 or any(length != count for length in lengths.values()):
             raise ValueError(f"arrays must share a first axis of length N >= 1; got lengths {lengths}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        batch_size = check_count("batch_size", batch_size, 1)
         if drop_last and batch_size > count:
             raise ValueError(f"batch size {batch_size} is larger than the data set ({count} examples), so an epoch of "
                              f"full batches would be empty; the batch size must be at most {count}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+        seed = check_count("seed", seed, 0)
         if mesh is not None and not on_device:
             raise ValueError("a mesh places the data set on its devices, so it needs on_device=True")
         if fill_last is not None and drop_last:
@@ -123,8 +122,7 @@ class Loader:
 
     def order(self, epoch: int) -> np.ndarray:
         """The example indices of epoch ``epoch`` in the order they are served, ``[N]`` int64."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0; got {epoch!r}")
+        epoch = check_count("epoch", epoch, 0)
         if not self.shuffle:
             return np.arange(self.count)
         return np.random.default_rng((self.seed, int(epoch))).permutation(self.count)

@@ -42,6 +42,7 @@ import numpy as np
 
 from deep.data.celeba import CELEBA_ATTRIBUTES, CELEBA_SPLITS, resolve_attributes
 from deep.shading import NUM_SH, SH_C0, SH_C1, lambertian_shading
+from scm.linear_gaussian import check_count
 
 __all__ = ["nyuv2_arrays", "cityscapes_arrays", "celeba_arrays", "write_nyuv2", "write_cityscapes", "write_gta5",
            "write_celeba"]
@@ -258,14 +259,12 @@ def _street_scene(rng: np.random.Generator, height: int, width: int) -> dict[str
 
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        check_count(name, value, 1)
 
 
 def _generate(scene, count: int, height: int, width: int, seed: int, split: int) -> dict[str, np.ndarray]:
     _check_sizes(count=count, height=height, width=width)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+    check_count("seed", seed, 0)
     examples = [scene(np.random.default_rng((seed, split, index)), height, width) for index in range(count)]
     return {name: np.stack([example[name] for example in examples]) for name in examples[0]}
 
@@ -408,12 +407,10 @@ def write_celeba(root: str | os.PathLike, train: int = 8, val: int = 4, test: in
 
     counts = {"train": train, "val": val, "test": test}
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+        check_count(name, value, 0)
     if sum(counts.values()) < 1:
         raise ValueError("train + val + test must be at least 1; got 0")
-    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
-        raise ValueError(f"quality must be an integer in 1..100; got {quality!r}")
+    check_count("quality", quality, 1, 100)
     root = Path(root)
     folder = root / "img_align_celeba" / "img_align_celeba" if nested else root / "img_align_celeba"
     folder.mkdir(parents=True, exist_ok=True)
