@@ -1,12 +1,14 @@
 """The scripts' shared helpers: atomic output and one-line flag errors."""
 
 import dataclasses
+import errno
 import json
 import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -14,15 +16,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 from _common import (check_output_path, null_non_finite, parse_choices, parse_overrides, run_main,  # noqa: E402
                      write_atomically, write_json)
-from scripts import ROOT, assert_one_line_error, run_in_process, run_script  # noqa: E402
+from scripts import ROOT, assert_one_line_error, load_script, run_in_process, run_script  # noqa: E402
 
 
-def test_json_is_written_atomically_with_ordinary_permissions(tmp_path):
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_json_is_written_atomically_with_ordinary_permissions(tmp_path, umask):
+    """A result file gets 0666 less the umask, what open() would give it, whatever the umask: 0664 under 002 for a
+    shared group, 0600 under 077 for a private one (a fixed 0644 passes only under 022)."""
     path = tmp_path / "out" / "result.json"
-    write_json(path, {"a": 1})
+    previous = os.umask(umask)
+    try:
+        write_json(path, {"a": 1})
+    finally:
+        os.umask(previous)
     assert json.loads(path.read_text()) == {"a": 1}
-    umask = os.umask(0)
-    os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in path.parent.iterdir()] == ["result.json"]  # no temporary left behind
 
@@ -376,3 +383,41 @@ def test_an_interrupted_script_exits_130_while_jax_computes(tmp_path):
     assert process.returncode == 130, stderr.decode()[-2000:]
     assert stderr.decode().rstrip().endswith("\nlearned_encoder.py: interrupted")
     assert not list((tmp_path / "out").glob("learned_encoder.*"))  # no result of a run that did not end
+
+
+def _interrupted_write_text(self, data, *args, **kwargs):
+    """Path.write_text that stops half-way, as a full disk would."""
+    with open(self, "w") as handle:
+        handle.write(data[: len(data) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+
+def test_a_json_write_that_fails_half_way_leaves_the_previous_file(tmp_path):
+    """A write that stops half-way (a full disk) must leave the previous results.json whole: write_json goes through
+    a temporary file and a rename, never writes the file in place."""
+    from _common import write_json
+
+    path = tmp_path / "results.json"
+    path.write_text('{"version": 1}\n')
+    with mock.patch("pathlib.Path.write_text", _interrupted_write_text), pytest.raises(OSError):
+        write_json(path, {"version": 2, "padding": "x" * 1000})
+    assert json.loads(path.read_text()) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_run_folder_with_only_its_record_is_not_overwritten_and_the_history_is_written_atomically(tmp_path):
+    """A run killed after writing run.json but before its first checkpoint still holds a run: a new run there is
+    refused (pass --resume). metrics.jsonl rewritten by an epoch that fails half-way keeps the previous lines."""
+    from _training import check_run_folder, write_history
+
+    script = load_script("experiments/train_nyuv2.py")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    with pytest.raises(ValueError, match="already holds a run: pass --resume"):
+        check_run_folder(out, {}, False, script.TrainConfig, script.PATH_FIELDS, "train_nyuv2.py")
+    history = out / "metrics.jsonl"
+    write_history(history, [{"epoch": 1}])
+    with mock.patch("pathlib.Path.write_text", _interrupted_write_text), pytest.raises(OSError):
+        write_history(history, [{"epoch": 1}, {"epoch": 2, "padding": "x" * 1000}])
+    assert history.read_text() == '{"epoch": 1}\n'

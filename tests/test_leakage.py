@@ -3,6 +3,7 @@
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scm.residuals import FAMILIES, Residual1D, w1_exact
-from scripts import assert_one_line_error, run_in_process, run_script, with_out
+from scripts import assert_one_line_error, load_script, run_in_process, run_script, with_out
 from theory import closed_forms as cf
 from theory import leakage
 
@@ -238,3 +239,36 @@ def test_a_bad_flag_from_the_command_line(tmp_path):
     """One of the errors above from ``python leakage_bound.py`` itself."""
     assert_one_line_error(run_script(SCRIPT, "--samples", "10", "--out", str(tmp_path)),
                           "leakage_bound.py: error: --samples must be an integer >= 100")
+
+
+def test_the_leakage_verdicts_from_fabricated_gaps(tmp_path):
+    """Gaussian scale growth 1 → 2, σ_s = β = 1: w* = cos θ (Eq (22)), W₁ = (2 − 1)·√(2/π) (same-mean Gaussians),
+    so the bound is |cos θ|·|sin θ|·√(2/π). Gaps fabricated as f × bound with standard error 0.01 × bound: the
+    absolute loss at f = 0.5, 1.02, 0.7 holds (1.02 only within its 3 SE), the squared loss at f = 2 fails. The grid
+    includes θ_max, and θ_min = θ_max is one angle with --num-thetas 1."""
+    module = load_script(SCRIPT)
+    factors = {"absolute": [0.5, 1.02, 0.7], "squared": [2.0, 2.0, 2.0]}
+    thetas = [0.2, 0.6, 1.0]
+    bound_of = lambda theta: abs(math.cos(theta) * math.sin(theta)) * math.sqrt(2 / math.pi)  # noqa: E731
+
+    def fake_gap(theta, beta, sigma_s, noise_std, head, weight, loss, source, target, key, num_samples):
+        index = int(np.argmin(np.abs(np.asarray(thetas) - theta)))
+        bound = bound_of(theta)
+        return leakage.GapEstimate(factors[loss][index] * bound, 0.01 * bound)
+
+    config = module.LeakageConfig(num_thetas=3, theta_min=0.2, theta_max=1.0, cases="gaussian-scale", heads="linear",
+                                  samples=1000, out=str(tmp_path), quiet=True)
+    with mock.patch("theory.leakage.loss_gap", side_effect=fake_gap):
+        payload = module.run(config)
+    points = payload["points"]
+    assert [p["theta"] for p in points if p["loss"] == "absolute"] == pytest.approx(thetas, abs=1e-12)
+    for p in points:
+        assert p["bound"] == pytest.approx(bound_of(p["theta"]), rel=1e-6)
+        assert p["kappa"] == pytest.approx(abs(math.sin(p["theta"])), rel=1e-12)
+        assert p["holds"] is (p["loss"] == "absolute")
+    verdict = payload["verdict"]
+    assert verdict["bound_holds_where_assumptions_hold"] is True
+    assert (verdict["failures_with_assumptions"], verdict["failures_without_assumptions"]) == (0, 3)
+    assert verdict["tightest_ratio_where_assumptions_hold"] == pytest.approx(1.02, rel=1e-9)
+    one = module.LeakageConfig(num_thetas=1, theta_min=0.5, theta_max=0.5, out=str(tmp_path), quiet=True)
+    assert (one.theta_min, one.theta_max) == (0.5, 0.5)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 import jax
@@ -214,3 +215,65 @@ def test_a_bad_flag_from_the_command_line(tmp_path):
     """One of the errors above from ``python learned_encoder.py`` itself."""
     assert_one_line_error(run_script("experiments/learned_encoder.py", "--samples", "4", "--out", str(tmp_path)),
                           "learned_encoder.py: error: --samples must be an integer >= 8; got 4")
+
+
+class _Metrics(NamedTuple):
+    theta_stream: jax.Array
+    theta_predictor: jax.Array
+    kappa: jax.Array
+    cka_linear: jax.Array
+    cka_debiased: jax.Array
+    source_risk: jax.Array
+    target_risk: jax.Array
+    gap: jax.Array
+
+
+def _metrics_of(key, evaluations):
+    """Metrics that depend on the key only: uniform draws, one per field and evaluation."""
+    values = jax.random.uniform(key, (len(_Metrics._fields), evaluations))
+    return _Metrics(*values)
+
+
+def test_each_seed_trains_from_its_own_key(tmp_path):
+    """Training replaced by metrics drawn from its key: each run's means and SEMs are numpy's over the metrics of
+    jax.random.key(0), ..., key(S - 1), so every seed has its own key (one key for all would give an SEM of 0)."""
+    module = load_script("experiments/learned_encoder.py")
+    config = module.EncoderConfig(methods="ew", seeds=3, samples=64, steps=20, eval_every=10, lambda_ind=(0.0,),
+                                  out=str(tmp_path), quiet=True)
+
+    def fake_train(world, training, key, **options):
+        return _metrics_of(key, training.steps // training.eval_every)
+
+    with mock.patch("theory.learned_encoder.train_encoder", side_effect=fake_train):
+        payload = module.run(config)
+    expected = np.stack([np.asarray(_metrics_of(jax.random.key(seed), 2)) for seed in range(3)])  # [S, fields, E]
+    for run in payload["runs"].values():
+        for index, field in enumerate(_Metrics._fields):
+            np.testing.assert_allclose(run[field]["mean"], expected[:, index].mean(0), rtol=1e-6)
+            np.testing.assert_allclose(run[field]["sem"], expected[:, index].std(0, ddof=1) / math.sqrt(3), rtol=1e-5)
+
+
+def _summary(gap, gap_sem, source_risk):
+    fields = ("theta_stream", "theta_predictor", "kappa", "cka_linear", "cka_debiased", "target_risk")
+    summary = {field: {"mean": [0.3], "sem": [0.01]} for field in fields}
+    summary.update(gap={"mean": [gap], "sem": [gap_sem]}, source_risk={"mean": [source_risk], "sem": [0.001]},
+                   diverged_seeds=0)
+    return summary
+
+
+def test_the_core_verdicts_need_three_standard_errors_and_every_baseline():
+    """CORE's gap 0.30 ± 0.02 against baselines at 0.33 ± 0.02 and 0.40 ± 0.02: smaller, but not by 3 SE on each side
+    (0.36 > 0.27), so no reduction is claimed; its source risk 0.18 lies between the baselines' 0.17 and 0.19, so it
+    does not cost source risk. At 0.10 ± 0.01 against the same baselines the reduction is claimed."""
+    from theory.learned_encoder import EncoderWorld
+
+    module = load_script("experiments/learned_encoder.py")
+    baselines = {"ew (heads on semantic code)": _summary(0.33, 0.02, 0.17),
+                 "mgda (heads on semantic code)": _summary(0.40, 0.02, 0.19)}
+    close = {**baselines, "CORE-MTL, hard grounding": _summary(0.30, 0.02, 0.18)}
+    verdict = module.compare_final(EncoderWorld(), close, list(baselines))["verdict"]
+    assert verdict["core_hard_reduces_gap"] is False and verdict["core_hard_costs_source_risk"] is False
+    assert verdict["baseline_gap_range"] == [0.33, 0.40]
+    far = {**baselines, "CORE-MTL, hard grounding": _summary(0.10, 0.01, 0.25)}
+    verdict = module.compare_final(EncoderWorld(), far, list(baselines))["verdict"]
+    assert verdict["core_hard_reduces_gap"] is True and verdict["core_hard_costs_source_risk"] is True

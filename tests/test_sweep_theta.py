@@ -1,11 +1,14 @@
 """The θ sweep end to end on a tiny grid, its JSON schema, and one-line errors for bad flags."""
 
 import json
+import math
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pytest
 
-from scripts import assert_one_line_error, run_in_process, run_script
+from scripts import assert_one_line_error, load_script, run_in_process, run_script
 
 SCRIPT = "experiments/sweep_theta.py"
 TINY = ["--num-thetas", "3", "--seeds", "2", "--samples", "64", "--steps", "30", "--dim", "2"]
@@ -119,3 +122,106 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_work(existing, tmp
         assert lines[0].startswith("sweep_theta.py: error: --out") and out in lines[0], result.stderr
         assert "Errno" not in lines[0]
     assert path.read_text() == "keep"
+
+
+def test_the_grid_and_the_defaults_are_the_readmes():
+    """The θ grid is num_thetas angles from 0 to theta_max, both ends included (the README's "16 angles in [0,
+    1.4]"), θ_max = π/2 is allowed (the help says (0, π/2]), and the defaults are the README's default run."""
+    module = load_script(SCRIPT)
+    config = module.SweepConfig(num_thetas=5, theta_max=1.2, methods="ew")
+    np.testing.assert_allclose(module.thetas_of(config), [0.0, 0.3, 0.6, 0.9, 1.2], atol=1e-15)
+    assert module.thetas_of(module.SweepConfig(theta_max=math.pi / 2, methods="ew"))[-1] == math.pi / 2
+    default = module.SweepConfig()
+    assert (default.num_thetas, default.theta_max, default.dim, default.seeds, default.samples, default.steps) == (
+        16, 1.4, 4, 8, 2048, 800)
+    assert (default.sigma_s, default.sigma_r_source, default.sigma_r_target, default.noise_std) == (1.0, 0.5, 1.5, 0.1)
+    assert default.betas == (1.0, 2.0) and default.methods.count(",") == 21  # all 22 methods
+
+
+def _isotropic_gap(theta, b, sigma_s, sigma_rs, sigma_rt):
+    """theory.md Eq (25) with ‖β‖ = |b| (β = b·1/√d): the gap of the source-optimal head."""
+    c, s = np.cos(theta), np.sin(theta)
+    return b**2 * c**2 * s**2 * sigma_s**4 / (c**2 * sigma_s**2 + s**2 * sigma_rs**2) ** 2 * (sigma_rt**2 - sigma_rs**2)
+
+
+def _fabricated_sweep(module, config, gap):
+    """``run(config)`` with training replaced by an Evaluation whose gap is ``gap`` [T, S, K] (the least-squares gap
+    the same, so every method counts as converged), source risk 1 and target risk 1 + gap."""
+    from theory.simulate import Evaluation
+
+    def fake_sweep(scm, balancer, thetas, seeds, train_config):
+        assert np.asarray(thetas).shape[0] == gap.shape[0] and len(seeds) == gap.shape[1]
+        weights = np.full(gap.shape, 1.0 / gap.shape[2])
+        return Evaluation(source_risk=np.ones_like(gap), target_risk=1.0 + gap, gap=gap, least_squares_gap=gap,
+                          final_losses=np.ones_like(gap), mean_weights=weights)
+
+    with mock.patch("theory.simulate.sweep", side_effect=fake_sweep):
+        return module.run(config)
+
+
+@pytest.mark.parametrize("shrinking", [False, True])
+def test_the_sweeps_statistics_and_verdicts_from_fabricated_gaps(shrinking):
+    """Gaps fabricated as theory.md's closed form (Eq (25)) plus seed noise, for 2 tasks, 3 seeds and d = 3 (K, S and
+    d all different, so no axis mix-up can hide): the mean and SEM are over seeds of the task-averaged gap (numpy
+    here), the θ → 0 limit of gap/(sin²θ|Δσ²|) is mean_t ‖β_t‖² = 2.5, the risks are recorded under their own names,
+    and the verdicts hold, also when the nuisance shrinks (a negative gap: the floor bounds its magnitude)."""
+    module = load_script(SCRIPT)
+    sigma_rs, sigma_rt = (1.5, 0.5) if shrinking else (0.5, 1.5)
+    config = module.SweepConfig(num_thetas=4, theta_max=1.2, dim=3, seeds=3, methods="ew", sigma_r_source=sigma_rs,
+                                sigma_r_target=sigma_rt, quiet=True)
+    thetas = np.linspace(0.0, 1.2, 4)
+    closed = np.stack([_isotropic_gap(thetas, b, 1.0, sigma_rs, sigma_rt) for b in (1.0, 2.0)], -1)  # [T, K]
+    noise = 0.02 * np.random.default_rng(0).standard_normal((4, 3, 2)) * (thetas[:, None, None] > 0)
+    gap = closed[:, None, :] + noise - noise.mean(axis=1, keepdims=True)  # [T, S, K]: mean over seeds exact
+    payload = _fabricated_sweep(module, config, gap)
+    per_seed = gap.mean(axis=-1)  # uniform task weights: [T, S]
+    np.testing.assert_allclose(payload["closed_form_gap"], closed.mean(-1), rtol=1e-9, atol=1e-12)
+    result = payload["methods"]["ew"]
+    np.testing.assert_allclose(result["gap_mean"], per_seed.mean(-1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(result["gap_sem"], per_seed.std(-1, ddof=1) / np.sqrt(3), rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(result["source_risk_mean"], np.ones(4))
+    np.testing.assert_allclose(result["target_risk_mean"], 1.0 + gap.mean(axis=(1, 2)), rtol=1e-12)
+    assert payload["small_theta_limit_of_ratio"] == pytest.approx((1.0**2 + 2.0**2) / 2)
+    assert payload["residual_shift_sign"] == (-1 if shrinking else 1)
+    verdict = payload["verdict"]["ew"]
+    assert verdict["judged"] is True and verdict["above_floor"] is True and verdict["matches_closed_form"] is True
+    assert verdict["floor_violations"] == []
+
+
+def test_above_floor_and_matches_closed_form_are_separate_verdicts():
+    """A gap 1.5 times the closed form (and so above the floor, which is at most the closed form) with a small
+    spread: above the floor, yet not the closed form; each verdict must say its own."""
+    module = load_script(SCRIPT)
+    config = module.SweepConfig(num_thetas=3, theta_max=1.0, dim=3, seeds=3, methods="ew", quiet=True)
+    thetas = np.linspace(0.0, 1.0, 3)
+    closed = np.stack([_isotropic_gap(thetas, b, 1.0, 0.5, 1.5) for b in (1.0, 2.0)], -1)
+    noise = 1e-3 * np.random.default_rng(1).standard_normal((3, 3, 2)) * (thetas[:, None, None] > 0)
+    verdict = _fabricated_sweep(module, config, 1.5 * closed[:, None, :] + noise)["verdict"]["ew"]
+    assert verdict["judged"] is True
+    assert verdict["above_floor"] is True and verdict["matches_closed_form"] is False
+
+
+def test_the_left_panel_plots_each_methods_gap_with_its_standard_error(tmp_path):
+    """The figure's left panel draws gap_mean with gap_sem as error bars (checked on the call matplotlib receives)."""
+    import matplotlib.axes
+
+    module = load_script(SCRIPT)
+    theta = [0.0, 0.5, 1.0]
+    payload = {"theta": theta, "residual_shift_sign": 1, "residual_shift": 2.0, "closed_form_gap": [0.0, 0.4, 1.0],
+               "floor": [0.0, 0.2, 0.5], "small_theta_limit_of_ratio": 2.5,
+               "methods": {"ew": {"gap_mean": [0.0, 0.41, 1.02], "gap_sem": [0.0, 0.01, 0.03]}},
+               "config": {"dim": 2, "sigma_s": 1.0, "sigma_r_source": 0.5, "sigma_r_target": 1.5, "betas": [1, 2],
+                          "seeds": 2, "samples": 64, "steps": 30}}
+    calls = []
+    original = matplotlib.axes.Axes.errorbar
+
+    def record(self, x, y, *args, **kwargs):
+        calls.append((np.asarray(x, float), np.asarray(y, float), np.asarray(kwargs.get("yerr"), float)))
+        return original(self, x, y, *args, **kwargs)
+
+    with mock.patch.object(matplotlib.axes.Axes, "errorbar", record):
+        module.plot(payload, tmp_path / "sweep.png")
+    x, y, yerr = calls[0]  # the left panel's, drawn first: gap against θ
+    np.testing.assert_allclose(y, [0.0, 0.41, 1.02])
+    np.testing.assert_allclose(yerr, [0.0, 0.01, 0.03])
+    np.testing.assert_allclose(x, theta, atol=0.1)  # offset within a cell only

@@ -530,3 +530,12 @@ def test_a_resume_from_epoch_1_counts_the_epochs_a_damaged_history_still_shows(t
     history.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n\xff\n')
     assert restore_run(FakeCheckpoints(None, tmp_path), {}, True, "p", history, 4, True) == (0, {}, [])
     assert capsys.readouterr().err.startswith("p: warning: --resume: no readable checkpoint in ")
+
+
+def test_the_results_are_the_last_epochs(uninterrupted):
+    """results.json's final metrics are those metrics.jsonl records for the last epoch (the run's result is its
+    last epoch, nothing is chosen), and its history is the file's lines. Uses the module's ``uninterrupted`` run."""
+    results = json.loads((uninterrupted / "results.json").read_text())
+    lines = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert results["final"] == lines[-1]["test"] and results["history"] == lines
+    assert results["final"] != lines[0]["test"]  # EW learns: the epochs' metrics differ
