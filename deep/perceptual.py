@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deep.weights import (HWIO_FROM_OIHW, OIHW_FROM_HWIO, check_state_arrays, read_npz, read_pth_state_dict,
-                          run_command, write_atomically)
+                          run_command, write_npz)
 
 __all__ = ["LPIPSWeights", "VGG16_BLOCKS", "VGG16_CONV_INDICES", "LPIPS_CHANNELS", "LPIPS_SHIFT",
            "LPIPS_SCALE", "lpips_shapes", "check_lpips_arrays", "weights_from_arrays", "arrays_from_weights",
@@ -182,13 +182,10 @@ def load_lpips_npz(path: str | os.PathLike, dtype=jnp.float32) -> LPIPSWeights:
 
 
 def save_lpips_npz(weights: LPIPSWeights, path: str | os.PathLike) -> None:
-    """Writes ``weights`` as an ``.npz`` in the layout :func:`load_lpips_npz` reads, atomically.
-
-    Raises:
-        FileNotFoundError: if the folder of ``path`` does not exist.
-    """
+    """Writes ``weights`` as an ``.npz`` in the layout :func:`load_lpips_npz` reads, atomically (a missing folder
+    is created)."""
     arrays = arrays_from_weights(weights)
-    write_atomically(Path(path), lambda file: np.savez(file, **arrays))
+    write_npz(path, arrays)
 
 
 def check_lpips_npz(path: str | os.PathLike) -> int:
@@ -228,7 +225,7 @@ def convert_lpips_pth_to_npz(vgg_pth: str | os.PathLike, lpips_pth: str | os.Pat
             if not key.startswith("classifier."):
                 arrays[key] = value
     check_lpips_arrays(arrays, source=f"{vgg_pth} + {lpips_pth}")
-    write_atomically(Path(out_npz), lambda file: np.savez(file, **arrays))
+    write_npz(out_npz, arrays)
     return len(arrays)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,9 +29,10 @@ import numpy as np
 from flax import nnx
 
 from deep.backbone import ResNet, resnet18, resnet50, torchvision_key
+from deep.files import write_atomically
 
 __all__ = ["load_torchvision_npz", "save_torchvision_npz", "convert_pth_to_npz", "torchvision_shapes",
-           "check_torchvision_arrays", "check_npz", "is_ignored_key", "main", "read_npz", "write_atomically",
+           "check_torchvision_arrays", "check_npz", "is_ignored_key", "main", "read_npz", "write_npz",
            "read_pth_state_dict", "check_state_arrays", "run_command", "OIHW_FROM_HWIO", "HWIO_FROM_OIHW",
            "torch_shapes", "assign_torch_arrays"]
 
@@ -217,40 +217,28 @@ def check_npz(path: str | os.PathLike, target: nnx.Module | None = None) -> int:
     return len(torchvision_shapes(target))
 
 
-def write_atomically(path: Path, write: Callable[[object], None]) -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it into place.
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], compressed: bool = False) -> None:
+    """Writes ``arrays`` as an ``.npz`` at ``path``, atomically (:func:`deep.files.write_atomically`). The name is
+    kept as given: NumPy appends ``.npz`` to a file name without it, not to an open file."""
+    save = np.savez_compressed if compressed else np.savez
 
-    Raises:
-        FileNotFoundError: if the folder of ``path`` does not exist.
-    """
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the folder of {path} does not exist")
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600 files; weights are shared like any other file
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as file:
+            save(file, **arrays)
+
+    write_atomically(Path(path), write)
 
 
 def save_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
     """Writes ``target``'s backbone as an ``.npz`` with torchvision keys and PyTorch layouts (OIHW kernels),
     atomically; :func:`load_torchvision_npz` reads it back. No ``num_batches_tracked`` or ``fc.*`` is written (load
-    it into a torchvision ResNet with ``strict=False``).
-
-    Raises:
-        FileNotFoundError: if the folder of ``path`` does not exist.
+    it into a torchvision ResNet with ``strict=False``). A missing folder is created.
     """
     arrays = {}
     for variable_path, variable, key in _torch_variables(_backbone_of(target), torchvision_key):
         value = np.asarray(jax.device_get(variable.get_value()))
         arrays[key] = np.transpose(value, OIHW_FROM_HWIO) if _is_kernel(variable_path, value.shape) else value
-    write_atomically(Path(path), lambda file: np.savez(file, **arrays))
+    write_npz(path, arrays)
 
 
 def read_pth_state_dict(pth_path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -305,7 +293,7 @@ def convert_pth_to_npz(pth_path: str | os.PathLike, npz_path: str | os.PathLike)
         ValueError: if the file is not a state dict of tensors.
     """
     arrays = read_pth_state_dict(pth_path)
-    write_atomically(Path(npz_path), lambda file: np.savez(file, **arrays))
+    write_npz(npz_path, arrays)
     return len(arrays)
 
 

@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from deep.files import write_atomically  # the scripts import it from here too
+
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (``prog: error: ...``) and exit with status 2."""
@@ -297,53 +299,6 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         sys.stderr.flush()
         os._exit(130)
     sys.exit(status or 0)
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls ``write(tmp)`` on a temporary file next to ``path``, flushes it to the disk, then renames it into place:
-    a killed process, or a machine that loses power, leaves the old file or the new one, never a part.
-
-    An ``OSError`` about the temporary file names ``path`` instead (a name the user never gave).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    except OSError as error:
-        raise _naming(error, path) from error
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared like any other
-        _flush_to_disk(tmp, os.O_RDWR)  # writable: fsync needs it on some systems
-        os.replace(tmp, path)
-        if hasattr(os, "O_DIRECTORY"):  # and the rename itself, where folders can be opened (POSIX)
-            _flush_to_disk(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as error:
-        if error.filename not in (None, tmp_name, str(path)):
-            raise  # about another file (one ``write`` reads, say): its own name is the right one
-        raise _naming(error, path) from error
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _flush_to_disk(path: Path, flags: int) -> None:
-    descriptor = os.open(path, flags)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _naming(error: OSError, path: Path) -> OSError:
-    """``error`` as the same kind of ``OSError`` about ``path`` alone (``OSError(errno, ...)`` picks the subclass)."""
-    if error.errno is None:
-        return error
-    return OSError(error.errno, error.strerror, str(path))
 
 
 def write_json(path: Path, payload: dict) -> None:

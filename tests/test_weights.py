@@ -1,6 +1,8 @@
 """Offline torchvision -> Flax weight import (deep/weights.py) on a tiny ResNet and on ResNet-50's shapes."""
 
 import importlib.util
+import os
+import stat
 import sys
 import types
 import zipfile
@@ -124,8 +126,29 @@ def test_save_then_load_round_trips(tmp_path):
     assert expected.keys() == actual.keys()
     for key in expected:
         np.testing.assert_array_equal(actual[key][1], expected[key][1], err_msg=key)
-    with pytest.raises(FileNotFoundError, match="folder"):
-        weights.save_torchvision_npz(source, tmp_path / "no" / "such" / "folder.npz")
+    weights.save_torchvision_npz(source, tmp_path / "new" / "folder" / "exported.npz")  # folders are made
+    assert (tmp_path / "new" / "folder" / "exported.npz").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_files_keep_their_name_and_take_the_permissions_any_file_gets(tmp_path, compressed):
+    """write_npz (behind every weights file the project writes) goes through deep.files.write_atomically: the file
+    gets 0666 less the umask, not mkstemp's 0600, so others can read shared weights; no temporary is left; and the
+    name is the one given, where np.savez on a path would append .npz to it."""
+    arrays = {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)}
+    path = tmp_path / "weights.bin"
+    previous = os.umask(0o027)
+    try:
+        weights.write_npz(path, arrays, compressed=compressed)
+    finally:
+        os.umask(previous)
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    with zipfile.ZipFile(path) as archive:
+        kinds = {info.compress_type for info in archive.infolist()}
+    assert kinds == {zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED}
+    read = weights.read_npz(path)
+    assert read.keys() == arrays.keys() and all(np.array_equal(read[k], arrays[k]) for k in arrays)
 
 
 def test_resnet50_expects_torchvisions_265_backbone_arrays():

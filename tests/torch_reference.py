@@ -622,11 +622,10 @@ def _libmtl_direction(torch, weighting, jacobian: np.ndarray, losses: np.ndarray
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from deep.weights import write_atomically
+    from deep.weights import write_npz
 
     reference = compute_reference()
-    REFERENCE.parent.mkdir(exist_ok=True)
-    write_atomically(REFERENCE, lambda file: np.savez_compressed(file, **reference))
+    write_npz(REFERENCE, reference, compressed=True)
     print(f"wrote {REFERENCE.relative_to(ROOT)} ({REFERENCE.stat().st_size} bytes; {reference['versions']})")
     return 0
 
