@@ -310,3 +310,15 @@ def test_config_refuses_bad_values():
         AttributeModelConfig(grounding="hard")
     with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
         AttributeModelConfig(dropout=1.0)
+
+
+def test_the_attribute_streams_are_projected_through_a_relu():
+    """``proj_zs`` and ``proj_zp`` end in BatchNorm → ReLU (official_implementation.md, CelebA model): both stream maps
+    are nonnegative, and in training mode, where BatchNorm centres each channel over the batch (fresh offset 0),
+    every channel of each map has some exact zeros."""
+    model = AttributeModel(TINY, nnx.Rngs(0))
+    _, aux = model(make_batch(size=4)["images"])
+    for name in ("semantic_map", "residual_map"):
+        values = np.asarray(aux[name])
+        assert values.min() >= 0.0, name
+        assert np.all(np.any(values == 0.0, axis=(0, 1, 2))), name

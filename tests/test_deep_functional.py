@@ -40,7 +40,7 @@ def test_two_fold_half_pixel_downsampling_is_average_pooling():
     np.testing.assert_allclose(resize_bilinear(x, (4, 3)), pooled, atol=1e-6)
 
 
-def _reference_resize_axis(x: np.ndarray, axis: int, size_out: int, align_corners: bool) -> np.ndarray:
+def reference_resize_axis(x: np.ndarray, axis: int, size_out: int, align_corners: bool) -> np.ndarray:
     """PyTorch's rule written out per output position, in float64."""
     size_in = x.shape[axis]
     rows = []
@@ -65,7 +65,7 @@ RESIZES = [((36, 48), (72, 96)), ((5, 7), (15, 28)), ((36, 48), (18, 24)), ((9, 
 @pytest.mark.parametrize("size_in, size_out", RESIZES)
 def test_resize_matches_the_rule_written_out_in_float64(size_in, size_out, align_corners):
     x = np.random.default_rng(sum(size_in + size_out)).normal(size=(2, *size_in, 3))
-    expected = _reference_resize_axis(_reference_resize_axis(x, 1, size_out[0], align_corners), 2, size_out[1],
+    expected = reference_resize_axis(reference_resize_axis(x, 1, size_out[0], align_corners), 2, size_out[1],
                                       align_corners)
     np.testing.assert_allclose(resize_bilinear(jnp.asarray(x, jnp.float32), size_out, align_corners), expected,
                                atol=2e-6, rtol=1e-5)

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deep.backbone import BatchNorm
 from deep.heads import ASPP, ASPPHead, DeepLabV3PlusHead
+from deep.model import ModelConfig
+from deep.mtan import MTANConfig
 from deep.streams import DualStream, MultiScaleFusion
+from test_deep_functional import reference_resize_axis
 from test_deep_train import compiled
 
 
@@ -123,3 +127,125 @@ def test_multiscale_fusion_brings_every_stage_to_the_c4_grid_and_downsamples_c1_
     np.testing.assert_allclose(fused[..., 3:6], expected_c2, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(adapted_c4, expected_c4, rtol=1e-6, atol=1e-6)
     assert fusion.adapters[0].use_bias  # 1×1 convolutions with bias, as the authors'
+
+
+def test_defaults_are_deeplabv3_at_output_stride_8():
+    """The documented defaults (official_implementation.md §2, LibMTL's NYUv2 example): ASPP rates 12, 24, 36 (the
+    OS-8 rates; 6, 12, 18 are DeepLabV3's OS-16 ones), 256 channels, dropout 0.5 after the projection; the authors'
+    decoder dropout 0.1. Abstract modules (nnx.eval_shape): nothing is drawn."""
+    assert ModelConfig().aspp_rates == (12, 24, 36) and MTANConfig().aspp_rates == (12, 24, 36)
+    aspp = nnx.eval_shape(lambda: ASPP(8, nnx.Rngs(0)))
+    assert [branch[0].kernel_dilation for branch in aspp.branches_atrous] == [(12, 12), (24, 24), (36, 36)]
+    assert aspp.project[0].out_features == 256 and aspp.dropout.rate == 0.5
+    head = nnx.eval_shape(lambda: DeepLabV3PlusHead(6, 16, 8, 3, nnx.Rngs(0)))
+    assert head.aspp.dropout.rate == 0.5 and head.decoder_dropout.rate == 0.1
+    assert [branch[0].kernel_dilation for branch in head.aspp.branches_atrous] == [(12, 12), (24, 24), (36, 36)]
+
+
+def test_dual_stream_projectors_are_1x1_convolutions_and_the_residual_code_their_spatial_mean():
+    """ẑ_s is a 1×1 convolution with bias of the features, ẑ_r the *spatial mean* of another one (the authors'
+    ``z_p_vec``, official_implementation.md §2), both recomputed in numpy from the layers' parameters. The
+    permutation test above cannot tell the mean from another symmetric pooling (max, sum)."""
+    streams = DualStream(8, nnx.Rngs(0), semantic_channels=6, residual_channels=3)
+    x = np.random.default_rng(2).normal(size=(2, 5, 7, 8))
+    semantic, residual = streams(jnp.asarray(x, jnp.float32))
+    expected_semantic = x @ _np(streams.semantic.kernel[...])[0, 0] + _np(streams.semantic.bias[...])
+    residual_map = x @ _np(streams.residual.kernel[...])[0, 0] + _np(streams.residual.bias[...])
+    expected_residual = residual_map.mean(axis=(1, 2))
+    np.testing.assert_allclose(semantic, expected_semantic, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(residual, expected_residual, rtol=1e-5, atol=1e-5)
+
+
+def _conv_same(x: np.ndarray, kernel: np.ndarray, bias=None, dilation: int = 1) -> np.ndarray:
+    """A stride-1 cross-correlation (PyTorch's and Flax's convolution) with zero padding dilation·(k-1)/2 on each
+    side, written out tap by tap in float64: ``x [B, H, W, C_in]``, ``kernel [kh, kw, C_in, C_out]``."""
+    kh, kw = kernel.shape[:2]
+    ph, pw = dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
+    batch, height, width, _ = x.shape
+    padded = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    out = np.zeros((batch, height, width, kernel.shape[-1]))
+    for a in range(kh):
+        for b in range(kw):
+            out += padded[:, a * dilation:a * dilation + height, b * dilation:b * dilation + width] @ kernel[a, b]
+    return out if bias is None else out + bias
+
+
+def _np(value) -> np.ndarray:
+    return np.asarray(value, np.float64)
+
+
+def _batch_norm_eval(x: np.ndarray, norm: BatchNorm) -> np.ndarray:
+    """PyTorch's BatchNorm2d in eval mode: running statistics, epsilon 1e-5."""
+    return ((x - _np(norm.mean[...])) / np.sqrt(_np(norm.var[...]) + 1e-5) * _np(norm.scale[...])
+            + _np(norm.bias[...]))
+
+
+def _group_norm(x: np.ndarray, norm: nnx.GroupNorm, groups: int) -> np.ndarray:
+    """PyTorch's GroupNorm(groups, C): each (example, group of consecutive channels) standardised over pixels and
+    channels together with the biased variance and epsilon 1e-5, then the per-channel affine map."""
+    batch, height, width, channels = x.shape
+    grouped = x.reshape(batch, height, width, groups, channels // groups)
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    var = grouped.var(axis=(1, 2, 4), keepdims=True)
+    standardised = ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    return standardised * _np(norm.scale[...]) + _np(norm.bias[...])
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def _conv_bn_relu(pair, x: np.ndarray, dilation: int = 1) -> np.ndarray:
+    layer, norm = pair
+    return _relu(_batch_norm_eval(_conv_same(x, _np(layer.kernel[...]), dilation=dilation), norm))
+
+
+def _aspp_eval(aspp: ASPP, x: np.ndarray, rates: tuple[int, ...]) -> np.ndarray:
+    """DeepLabV3's ASPP in eval mode (official_implementation.md §2): a 1×1 branch, 3×3 branches at ``rates``, image
+    pooling (global average → 1×1 → BN → ReLU, broadcast), concatenated in that order, 1×1 projection → BN → ReLU
+    (dropout off)."""
+    branches = [_conv_bn_relu(aspp.branch_1x1, x)]
+    branches += [_conv_bn_relu(branch, x, rate) for branch, rate in zip(aspp.branches_atrous, rates, strict=True)]
+    pooled = _conv_bn_relu(aspp.branch_pool, x.mean(axis=(1, 2), keepdims=True))
+    branches.append(np.broadcast_to(pooled, branches[0].shape))
+    return _conv_bn_relu(aspp.project, np.concatenate(branches, axis=-1))
+
+
+def _randomise_normalisation(module: nnx.Module, seed: int) -> None:
+    """Every BatchNorm's and GroupNorm's affine parameters (and BatchNorm's running statistics) drawn at random, so
+    that a missing or misplaced normalisation cannot hide behind the fresh identity map."""
+    rng = np.random.default_rng(seed)
+    for _, layer in nnx.iter_graph(module):
+        if isinstance(layer, (nnx.BatchNorm, nnx.GroupNorm)):
+            size = layer.scale[...].shape
+            layer.scale.set_value(jnp.asarray(rng.uniform(0.5, 1.5, size), jnp.float32))
+            layer.bias.set_value(jnp.asarray(rng.normal(0.0, 0.5, size), jnp.float32))
+            if isinstance(layer, nnx.BatchNorm):
+                layer.mean.set_value(jnp.asarray(rng.normal(0.0, 0.5, size), jnp.float32))
+                layer.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, size), jnp.float32))
+
+
+def test_deeplabv3plus_head_in_eval_mode_equals_the_authors_task_head_written_out_in_numpy():
+    """The authors' ``TaskHead`` as official_implementation.md §2 describes it, in float64 numpy from the head's
+    parameters: ``[P_F(F); P_s(ẑ_s)]`` (1×1 with bias) → ASPP → bilinear ``align_corners=True`` to c1's odd 9×12 grid,
+    concatenated with the skip c1 → 1×1 (no bias) → GroupNorm → ReLU, → 3×3 (no bias) → GroupNorm → ReLU → (dropout
+    off) → 1×1 classifier. The normalisations' parameters and running statistics are randomised first."""
+    head = DeepLabV3PlusHead(**V3PLUS_SIZES, rngs=nnx.Rngs(7), **V3PLUS_WIDTHS)
+    _randomise_normalisation(head, seed=7)
+    head.eval()
+    semantic, features, low_level = v3plus_inputs(seed=8)
+    out = head(semantic, features, low_level)
+
+    def conv1x1(layer, x):
+        return _conv_same(x, _np(layer.kernel[...]), None if layer.bias is None else _np(layer.bias[...]))
+
+    x = np.concatenate([conv1x1(head.project_features, _np(features)),
+                        conv1x1(head.project_semantic, _np(semantic))], axis=-1)
+    x = _aspp_eval(head.aspp, x, V3PLUS_WIDTHS["rates"])
+    skip = _relu(_group_norm(conv1x1(head.skip, _np(low_level)), head.skip_norm, V3PLUS_WIDTHS["skip_groups"]))
+    x = reference_resize_axis(reference_resize_axis(x, 1, low_level.shape[1], True), 2, low_level.shape[2], True)
+    x = _conv_same(np.concatenate([x, skip], axis=-1), _np(head.fuse.kernel[...]))
+    x = _relu(_group_norm(x, head.fuse_norm, V3PLUS_WIDTHS["decoder_groups"]))
+    expected = conv1x1(head.classifier, x)
+    assert out.shape == expected.shape == (2, 9, 12, 3)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))

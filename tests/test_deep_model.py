@@ -11,7 +11,8 @@ from flax import nnx
 
 from deep import losses, train, weights
 from deep.backbone import BackboneConfig
-from deep.model import LIGHT_INPUTS, VARIANTS, DualStreamModel, ModelConfig
+from deep.layers import conv, dense, drawn_later
+from deep.model import LIGHT_INPUTS, VARIANTS, DualStreamModel, ModelConfig, task_prediction
 from deep.trainer import MODEL_SIZES
 from test_deep_train import compiled, make_batch
 
@@ -446,3 +447,42 @@ def test_torchvision_weights_fill_the_backbone_and_leave_the_fusion_alone(tmp_pa
                                   arrays["conv1.weight"].transpose(2, 3, 1, 0))
     for before, after in zip(fusion_before, jax.tree.leaves(nnx.state(model.fusion))):
         np.testing.assert_array_equal(before, after)
+
+
+def test_predictions_are_upsampled_with_align_corners_true_and_normals_unit_normalised():
+    """A head output that is linear in the pixel position, upsampled from 3×4 to 5×7 with ``align_corners=True``
+    (LibMTL's and the authors' convention), is the same linear function sampled at ``linspace(0, n_in - 1, n_out)``
+    exactly: the corners map to the corners. ``align_corners=False`` would give interior samples at other places
+    (e.g. 0.4 instead of 0.5 for the second of five rows). Normals come back of unit length."""
+    rows, cols = np.arange(3.0), np.arange(4.0)
+    ramp = 10.0 * rows[:, None] + cols[None, :]
+    out = task_prediction("depth", jnp.asarray(ramp[None, :, :, None], jnp.float32), (5, 7))
+    expected = 10.0 * np.linspace(0, 2, 5)[:, None] + np.linspace(0, 3, 7)[None, :]
+    np.testing.assert_allclose(np.asarray(out)[0, :, :, 0], expected, rtol=1e-6, atol=1e-5)
+    vectors = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 3)) + 2.0, jnp.float32)
+    norms = jnp.linalg.norm(task_prediction("normal", vectors, (5, 7)), axis=-1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
+def test_encode_gives_c1_only_to_the_deeplabv3plus_head():
+    """``encode`` documents its keys: the streams and the projectors' input, plus ``low_level`` (c1, the largest map
+    of all) only for the DeepLabV3+ head, which alone reads it; the Jacobian steps differentiate every key of it, so
+    an extra one costs a per-task pull-back of c1. Traced only, on abstract models."""
+    images = jax.ShapeDtypeStruct((2, 32, 40, 3), jnp.float32)
+    paper = output_shapes(abstract_model(TINY), lambda model, x: model.encode(x), images)
+    authors = output_shapes(abstract_model(AUTHORS), lambda model, x: model.encode(x), images)
+    assert set(paper) == {"semantic_map", "residual_code", "features"}
+    assert set(authors) == {"semantic_map", "residual_code", "features", "low_level"}
+    assert authors["low_level"].shape[1:3] == (8, 10)  # c1 at 1/4 of the image
+
+
+def test_layers_built_inside_drawn_later_start_at_zero_and_outside_as_flax_draws_them():
+    """``drawn_later`` (deep/layers.py) promises zero parameters inside, so no per-shape initialiser program is
+    compiled for draws that ``initialise_like_pytorch`` throws away (23 of the 26 s the full model took to
+    build); outside, Flax's own draws (LeCun-normal kernels, nonzero)."""
+    with drawn_later():
+        inside = conv(3, 4, (3, 3), rngs=nnx.Rngs(0)), dense(3, 2, rngs=nnx.Rngs(0))
+    outside = conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    for layer in inside:
+        assert not np.any(np.asarray(layer.kernel[...])) and not np.any(np.asarray(layer.bias[...]))
+    assert np.all(np.asarray(outside.kernel[...]) != 0)
