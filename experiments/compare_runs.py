@@ -9,13 +9,13 @@ Each argument is a run folder of ``experiments/train_nyuv2.py`` or ``experiments
 ``results.json``). Runs whose flags agree except for the seed (and the output folder, data and weight paths, progress
 output, extra evaluations) are one setup on several seeds: its row gives each metric's mean over the seeds with its
 standard error (sample standard deviation / √n; none for a single seed) and n, the number of seeds. Single-task runs
-(``--method stl``, one per task and seed) are the baseline: with one for every task, each multi-task setup also gets
-Δm (Nash-MTL's, in percent, lower is better) and Δp (LibMTL's, in percent, higher is better) against their mean,
-averaged over the setup's seeds. The best mean of each column among the multi-task setups is in bold (every one on a
-tie); arrows say which way is better. ``s/epoch`` is each run's median training time per epoch, averaged over the
-seeds (the paper's Table 4 cost; the median leaves out the epoch that compiled the step once a run has three or
-more). Notes under the table say what else differs: flags in which setups of different methods differ, or in which
-the single-task runs differ from them (Δm would then compare unlike trainings).
+(``--method stl``, one per task and seed) are the baseline: with one for every task, each multi-task setup also gets Δm
+(Nash-MTL's, in percent, lower is better) and Δp (LibMTL's, in percent, higher is better) against their mean, averaged
+over the setup's seeds. The best mean of each column among the multi-task setups is in bold (every one on a tie; none
+where there is only one setup); arrows say which way is better. ``s/epoch`` is each run's median training time per
+epoch, averaged over the seeds (the paper's Table 4 cost; the median leaves out the epoch that compiled the step once a
+run has three or more). Notes under the table say what else differs: flags in which setups of different methods differ,
+or in which the single-task runs differ from them (Δm would then compare unlike trainings).
 
 ``--section`` picks which results: ``final`` (the test split at the last epoch; default), ``final_source``,
 ``source_target_gap`` (target - source, GTA5 -> Cityscapes), ``corrupted_mean`` (Cityscapes-C's mean over

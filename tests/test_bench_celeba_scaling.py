@@ -32,3 +32,20 @@ def test_bad_task_counts_are_refused():
     config = load_script("bench/bench_celeba_scaling.py").BenchConfig
     with pytest.raises(ValueError, match="--tasks must be comma-separated integers in 1..40; got '0,41'"):
         config(tasks="0,41")
+
+
+def test_the_scaling_ratios_are_to_ew_at_the_same_t_to_the_fewest_t_and_the_papers_table_4():
+    """with_ratios on fabricated rows, against hand arithmetic and the paper's Table 4 (A800 seconds per epoch:
+    PCGrad 690 / EW 86 at T = 10, 1396 / 91 at T = 20)."""
+    bench = load_script("bench/bench_celeba_scaling.py")
+    rows = bench.with_ratios([
+        {"tasks": 10, "method": "ew", "gflops": 2.0, "seconds": 0.5},
+        {"tasks": 10, "method": "pcgrad", "gflops": 6.0, "seconds": 2.0},
+        {"tasks": 20, "method": "ew", "gflops": 2.0, "seconds": 0.5},
+        {"tasks": 20, "method": "pcgrad", "gflops": 10.0, "seconds": 3.0}])
+    pcgrad_10, pcgrad_20 = rows[1], rows[3]
+    assert pcgrad_20["ratio_to_ew"] == 5.0 and pcgrad_20["seconds_ratio_to_ew"] == 6.0
+    assert pcgrad_20["ratio_to_fewest_tasks"] == pytest.approx(10 / 6) and pcgrad_10["ratio_to_fewest_tasks"] == 1.0
+    assert pcgrad_10["paper_seconds_ratio_to_ew"] == pytest.approx(690 / 86)
+    assert pcgrad_20["paper_seconds_ratio_to_ew"] == pytest.approx(1396 / 91)
+    assert rows[2]["paper_seconds_ratio_to_ew"] == 1.0

@@ -44,3 +44,31 @@ def test_the_parts_make_up_the_forward_pass_and_each_step_costs_what_backpropaga
     encoder_backwards = lambda encoder: (tasks - 1) * 2 * encoder
     assert 0.75 < (steps["pcgrad"] - steps["ew"]) / encoder_backwards(parts["backbone"] + parts["streams"]) < 1.25
     assert 0.75 < (steps["mtan_pcgrad"] - steps["mtan_ew"]) / encoder_backwards(parts["backbone"]) < 1.25
+
+
+def test_the_flops_json_shares_ratios_and_core_expected_follow_from_the_counts(monkeypatch, tmp_path):
+    """bench_flops.main with its counts fabricated (nothing traced): each part's share is over the forward pass, the
+    two checks of the split are (parts) / forward and (forward + losses) / objective, core_expected is the mean of
+    the two CORE-MTL steps, and MTAN's steps are also given over MTAN's own EW step."""
+    bench = load_script("bench/bench_flops.py")
+    counts = bench.Counts(parts={"backbone": 6e9, "streams": 2e9, "task heads": 2e9}, forward=10e9,
+                          beside={"losses": 1e9, "counterfactual pass": 4e9}, objective=11e9)
+    steps = {"ew": 30e9, "core": 60e9, "core_no_cfa": 40e9, "pcgrad": 45e9, "mtan_ew": 36e9, "mtan_pcgrad": 54e9}
+    monkeypatch.setattr(bench, "count_flops", lambda config, batch, size: counts)
+    monkeypatch.setattr(bench, "training_steps", lambda config, precision, methods, abstract: [
+        load_script("bench/bench_train_step.py").Step(name, None, name, None) for name in steps])
+    monkeypatch.setattr(bench, "lowered_flops", lambda counted, args: steps[counted])
+    out = tmp_path / "flops.json"
+    assert bench.main(["--config", "reduced", "--out", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert {row["part"]: row["share_of_forward"] for row in result["forward_parts"]} == pytest.approx(
+        {"backbone": 0.6, "streams": 0.2, "task heads": 0.2})
+    assert result["forward_gflops"] == pytest.approx(10.0)
+    assert result["parts_sum_to_forward"] == pytest.approx(1.0)
+    assert result["forward_and_losses_to_objective"] == pytest.approx(1.0)
+    rows = {row["method"]: row for row in result["steps"]}
+    assert rows["core_expected"]["gflops"] == pytest.approx(50.0)
+    assert rows["core_expected"]["ratio_to_ew"] == pytest.approx(50 / 30)
+    assert rows["mtan_pcgrad"]["ratio_to_ew"] == pytest.approx(1.8)
+    assert rows["mtan_pcgrad"]["ratio_to_mtan_ew"] == pytest.approx(1.5)
+    assert "ratio_to_mtan_ew" not in rows["pcgrad"]

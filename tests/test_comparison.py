@@ -445,3 +445,29 @@ def test_celeba_attribute_accuracies_are_better_higher():
     """As the module says: an attribute's accuracy (and their mean) is +1, so the table bolds the highest."""
     assert comparison.direction_of("attributes/Smiling") == +1
     assert comparison.direction_of("attributes/mean_accuracy") == +1
+
+
+def test_bold_marks_the_best_multi_task_setup_never_the_baseline_nor_a_lone_setup(tmp_path):
+    """The single-task baseline is better than every multi-task setup on depth/abs_err (0.1) and miou (0.9): the bold
+    goes to the best multi-task setup (CORE-MTL's 0.4 and 0.6), not to the baseline, which is the reference, not a
+    contender. With a single multi-task setup there is nothing to compare, and nothing is bold."""
+    def metrics(names, **values):
+        return {name: values.get(name.replace("/", "_").replace(".", "_"), 0.5) for name in names}
+
+    folders = [write_run(tmp_path / f"stl_{task}", "stl", 0, metrics(names, depth_abs_err=0.1,
+                                                                      segmentation_miou=0.9), task)
+               for task, names in TASK_METRICS.items()]
+    folders.append(write_run(tmp_path / "ew", "ew", 0, metrics(ALL_METRICS, depth_abs_err=0.5,
+                                                               segmentation_miou=0.5)))
+    folders.append(write_run(tmp_path / "core", "core", 0, metrics(ALL_METRICS, depth_abs_err=0.4,
+                                                                   segmentation_miou=0.6)))
+    table = load_script(SCRIPT).table
+    text = table(comparison.compare([comparison.read_run(f) for f in folders]), ALL_METRICS)
+    header, _, *lines = text.splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines}
+    columns = header.split(" | ")
+    for name, best in (("depth/abs_err ↓", "**0.4**"), ("segmentation/miou ↑", "**0.6**")):
+        assert rows["stl (depth, normal, segmentation)"][columns.index(name)] in ("0.1", "0.9")
+        assert rows["core"][columns.index(name)] == best and not rows["ew"][columns.index(name)].startswith("**")
+    lone = table(comparison.compare([comparison.read_run(f) for f in folders[:4]]), ALL_METRICS)
+    assert "**" not in lone

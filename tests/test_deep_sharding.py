@@ -1,6 +1,7 @@
 """Data parallelism on CPU devices: the CORE-MTL step and the baselines' steps sharded over four devices give the
 update of one device, as do the perceptual term, evaluation and the loader's device-held batches (in subprocesses,
-since the device count is fixed when XLA starts); and two processes of two devices build one global batch and state."""
+since the device count is fixed when XLA starts); and two processes of two devices build one global batch and state.
+The layout rules and the multi-host helpers are checked in this process, on a mesh that repeats its one device."""
 
 import os
 import subprocess
@@ -8,6 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
+import numpy as np
+import pytest
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, PartitionSpec
+
+from deep import devices
 from scripts import USE_GLOO, run_processes, with_cpu_devices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,3 +240,38 @@ def test_two_processes_build_one_global_batch_and_state():
     expected_key = np.asarray(jax.random.key_data(jax.random.key(7))).tolist()
     assert results[0] == f"RESULT [(0, 2), (2, 4)] {expected_sums} {expected_key}"
     assert results[1] == f"RESULT [(4, 6), (6, 8)] {expected_sums} {expected_key}"
+
+
+def four_device_mesh():
+    """A mesh of four entries, all this process's one CPU device: enough for the layout rules (which read the
+    mesh's size, not its devices), without a subprocess of four devices."""
+    return Mesh(np.asarray([jax.devices()[0]] * 4), ("data",))
+
+
+def test_a_batch_splits_only_when_its_size_divides_by_the_device_count():
+    """batch_sharding splits an evaluation batch of 8 over 4 devices and copies one of 6 (or 2) to every device;
+    shard_batch refuses a training batch of 6 over 4 devices in one line naming the field and the counts."""
+    mesh = four_device_mesh()
+    assert [devices.batch_sharding(mesh, size).spec for size in (8, 6, 2, 4)] == [
+        PartitionSpec("data"), PartitionSpec(), PartitionSpec(), PartitionSpec("data")]
+    with pytest.raises(ValueError, match="batch field 'images' has 6 examples, not divisible by the 4 devices"):
+        devices.shard_batch(mesh, {"images": np.zeros((6, 2), np.float32)})
+
+
+def test_the_multi_host_helpers_wait_for_every_process_and_pass_the_count_and_index_as_named(monkeypatch):
+    """barrier syncs whenever there is more than one process (two included) and never in one; initialize_distributed
+    hands JAX_NUM_PROCESSES as the process count and JAX_PROCESS_ID as this process's index, and does nothing
+    without a coordinator."""
+    synced, initialised = [], []
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", synced.append)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: initialised.append(kwargs))
+    for count in (1, 2, 3):
+        monkeypatch.setattr(jax, "process_count", lambda count=count: count)
+        devices.barrier(f"p{count}")
+    assert synced == ["p2", "p3"]
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert devices.initialize_distributed() is False and initialised == []
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert devices.initialize_distributed() is True and initialised == [{"num_processes": 3, "process_id": 1}]

@@ -518,3 +518,12 @@ def test_a_damaged_checkpoint_is_told_apart_by_its_error_type_or_by_tensorstores
     assert _looks_damaged(undecodable)
     assert _looks_damaged(RuntimeError("DATA_LOSS: Error reading local file /run/2/d/0"))
     assert not _looks_damaged(MemoryError("RESOURCE_EXHAUSTED: out of memory"))
+
+
+def test_a_counterfactual_pass_of_probability_zero_is_not_named_unused():
+    """unused_terms names terms the schedule starts too late; a counterfactual pass the run's weights give
+    probability 0 never runs in any run, by the user's choice, and is not 'unused' by this run's length."""
+    never = dataclasses.replace(losses.PRESETS["cityscapes"], counterfactual_probability=0.0)
+    assert never.counterfactual > 0
+    assert trainer.unused_terms(never, 15) == ["the CKA term (independence)"]
+    assert trainer.unused_terms(never, 30) == []

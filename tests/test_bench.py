@@ -1,0 +1,176 @@
+"""The benchmarks' arithmetic, on fabricated timings, clocks, cost analyses and checkpointers: medians after an
+untimed warm-up, rates of whole batches, ratios the right way round, FLOPs counted as documented. Nothing is timed
+for real, so no assertion depends on this machine's speed (bench_train_step's, bench_flops' and
+bench_celeba_scaling's own files hold theirs)."""
+
+import json
+import time
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import deep.atrous
+import deep.checkpoint
+import deep.data
+from scripts import load_script
+
+
+class FakeClock:
+    """A ``time.perf_counter`` that moves only when the code under test 'runs' something: reading it costs nothing,
+    so the measured durations are exactly the ones scripted."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def test_median_seconds_is_the_median_of_the_timed_calls_after_an_untimed_warm_up(monkeypatch):
+    """median_seconds on a scripted clock: the warm-up call (100 s, a compile) is left out and the result is the
+    median of the timed calls, not their mean (one slow call, a GC pause, must not move it)."""
+    median_seconds = load_script("experiments/_common.py").median_seconds
+
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    durations = iter([100.0, 1.0, 2.0, 9.0])
+    assert median_seconds(lambda: clock.advance(next(durations)), 3, warmup=True) == 2.0  # mean: 4; with warm-up: 5.5
+    durations = iter([100.0, 1.0, 2.0])
+    assert median_seconds(lambda: clock.advance(next(durations)), 3) == 2.0  # no warm-up asked: every call timed
+
+
+def test_the_pipelines_rate_counts_only_whole_batches_against_the_fastest_step(monkeypatch, tmp_path):
+    """bench_data.main with the scenes, pipelines and timing faked: 10 examples at batch 4 deliver 8 images (the
+    partial batch is dropped, as in training), so 0.5 s per epoch is 16 images/s and 250 ms per batch; the reference
+    is the step JSON's fastest row (10 images/s), and the 5x target needs 50 images/s."""
+    bench = load_script("bench/bench_data.py")
+    monkeypatch.setattr(deep.data, "nyuv2_arrays", lambda n, h, w, seed: {
+        "images": np.zeros((n, h, w, 3), np.float32), "depth": np.ones((n, h, w, 1), np.float32)})
+    monkeypatch.setattr(bench, "_pipelines", lambda arrays, batch: [("host", lambda: None)])
+    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: 0.5)
+    step_json = tmp_path / "step.json"
+    step_json.write_text(json.dumps({"batch": 4, "image_size": [64, 80], "environment": {"backend": "cpu"},
+                                     "rows": [{"method": "pcgrad", "images_per_second": 4.0},
+                                              {"method": "ew", "images_per_second": 10.0},
+                                              {"method": "core_expected", "images_per_second": 7.0}]}))
+    out = tmp_path / "data.json"
+    assert bench.main(["--config", "reduced", "--examples", "10", "--step-json", str(step_json), "--out", str(out),
+                       "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["step"]["method"] == "ew" and result["step"]["images_per_second"] == 10.0
+    (row,) = result["rows"]
+    assert row["images_per_second"] == pytest.approx(16.0) and row["ms_per_batch"] == pytest.approx(250.0)
+    assert row["ratio_to_step"] == pytest.approx(1.6) and row["meets_target"] is False
+
+
+def test_the_default_step_json_is_the_same_configurations_when_there_is_one(monkeypatch, tmp_path):
+    """Without --step-json, bench_data compares against bench_train_step's JSON of its own configuration when it
+    exists (like for like), and falls back on the other one only when it does not."""
+    bench = load_script("bench/bench_data.py")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    for config, rate in (("reduced", 30.0), ("nyuv2", 3.0)):
+        (results / f"bench_train_step_{config}.json").write_text(json.dumps(
+            {"rows": [{"method": "ew", "images_per_second": rate}]}))
+    for config, rate in (("reduced", 30.0), ("nyuv2", 3.0)):
+        path, step = bench._step_reference("", config)
+        assert path.name == f"bench_train_step_{config}.json" and step["images_per_second"] == rate
+    (results / "bench_train_step_reduced.json").unlink()
+    assert bench._step_reference("", "reduced")[0].name == "bench_train_step_nyuv2.json"
+
+
+def test_the_balancer_benchmark_reports_the_median_call_after_an_untimed_one(monkeypatch):
+    """bench_balancers._measure on a fake lowered function and a scripted clock: the first call (compiled, warming
+    caches) is not timed and the time is the median of the rest in ms (one slow call must not move it); FLOPs are
+    XLA's count of the lowered function."""
+    bench = load_script("bench/bench_balancers.py")
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock))
+    durations = iter([5.0, 0.001, 0.002, 0.009])
+
+    def compiled(*args):
+        clock.advance(next(durations))
+        return jnp.zeros(())
+
+    compiled.memory_analysis = lambda: None
+    lowered = types.SimpleNamespace(cost_analysis=lambda: {"flops": 123.0}, compile=lambda: compiled)
+    result = bench._measure(types.SimpleNamespace(lower=lambda *args: lowered), (), repeats=3)
+    assert result == {"ms": pytest.approx(2.0), "peak_mb": None, "flops": 123.0}
+
+
+def test_the_growth_order_is_the_slope_of_log_time_on_log_size():
+    """bench_measures' growth order on times that grow exactly as n² (1e-5 n² s) is 2, whatever the constant; the
+    sizes run by decades up to and including the largest."""
+    bench = load_script("bench/bench_measures.py")
+    sizes = bench._sizes(100, 10_000)
+    assert sizes == [100, 1000, 10_000]
+    assert bench._slope(sizes, [1e-5 * n**2 for n in sizes]) == pytest.approx(2.0)
+    assert bench._slope(sizes, [7.0 * n for n in sizes]) == pytest.approx(1.0)
+
+
+def test_the_checkpoint_benchmark_leaves_out_the_set_up_save_and_times_until_durable(monkeypatch, tmp_path):
+    """bench_checkpoint._measure with a fake Checkpoints on a scripted clock: the first save (Orbax's set-up, 100 s)
+    is not timed; blocking_ms is the median time save() holds the loop, durable_ms the median until wait() returns
+    (the save's time included)."""
+    bench = load_script("bench/bench_checkpoint.py")
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock))
+    saves, waits = {1: 100.0, 2: 0.1, 3: 0.3, 4: 0.2}, {1: 50.0, 2: 1.0, 3: 1.0, 4: 1.0}
+
+    class Checkpoints:
+        def __init__(self, path, asynchronous):
+            self.epoch = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def save(self, epoch, tree):
+            self.epoch = epoch
+            clock.advance(saves[epoch])
+
+        def wait(self):
+            clock.advance(waits[self.epoch])
+
+    monkeypatch.setattr(deep.checkpoint, "Checkpoints", Checkpoints)
+    row = bench._measure([jnp.zeros(2)], True, repeats=3, folder=str(tmp_path))
+    assert row == {"mode": "asynchronous", "blocking_ms": pytest.approx(200.0), "durable_ms": pytest.approx(1200.0)}
+
+
+def test_the_checkpoint_ratio_is_how_many_times_longer_synchronous_saving_holds_the_loop(monkeypatch, tmp_path):
+    """bench_checkpoint.main's ratio is the synchronous blocking time over the asynchronous one (how many times less
+    the loop waits), as it prints it."""
+    bench = load_script("bench/bench_checkpoint.py")
+    monkeypatch.setattr(bench, "_state", lambda mib, leaves: [])
+    monkeypatch.setattr(bench, "_measure", lambda state, asynchronous, repeats, folder: {
+        "mode": "asynchronous" if asynchronous else "synchronous", "blocking_ms": 50.0 if asynchronous else 400.0,
+        "durable_ms": 450.0})
+    out = tmp_path / "checkpoint.json"
+    assert bench.main(["--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["blocking_ratio_sync_to_async"] == 8.0
+
+
+def test_an_atrous_row_weighs_its_time_by_the_count_and_counts_forward_and_both_gradients(monkeypatch, tmp_path):
+    """bench_atrous.main on one tiny shape (1x4x5 grid, 2 -> 3 channels, rate 2, run 5 times a forward pass) with
+    XLA's convolution only and a fixed median time of 2 ms: per_step_ms is 5 x 2 ms; dense_gflops is the forward
+    pass's 2·B·H·W·9·Cin·Cout FLOPs plus the same again for each of the two gradients (input and kernel)."""
+    bench = load_script("bench/bench_atrous.py")
+    monkeypatch.setattr(bench, "SHAPES", (("tiny", 2, 3, 2, 5),))
+    monkeypatch.setattr(deep.atrous, "DILATED_CONVS", {"xla": lax.conv_general_dilated})
+    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: 0.002)
+    out = tmp_path / "atrous.json"
+    assert bench.main(["--batch", "1", "--height", "4", "--width", "5", "--repeats", "1", "--out", str(out),
+                       "--quiet"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ms"] == pytest.approx(2.0) and row["per_step_ms"] == pytest.approx(10.0)
+    assert row["dense_gflops"] == pytest.approx(3 * 2 * (1 * 4 * 5) * 9 * 2 * 3 / 1e9)
+    assert row["relative_deviation_from_xla"] == 0.0
