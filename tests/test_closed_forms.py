@@ -266,3 +266,12 @@ def test_leakage_bound_uses_the_w1_of_the_whole_residual():
                                np.linalg.norm(heads, axis=1) * math.sin(0.6) * (2.0 - 1.0) * expected_norm, rtol=1e-6)
     gap = cf.absolute_loss_risk(scm, 0.6, heads, "target") - cf.absolute_loss_risk(scm, 0.6, heads, "source")
     assert np.all(np.abs(gap) <= cf.leakage_bound(scm, 0.6, heads))
+
+
+def test_leakage_bound_with_a_source_residual_scale_other_than_one():
+    """Theorem 2.4's bound in one dimension, σ_r 0.5 → 2: W₁ = |2 − 0.5| √(2/π) (hand computation; the existing
+    tests have σ_r,S = 1, where a variance read as a standard deviation goes unseen)."""
+    scm = LinearGaussianSCM(betas=[[1.2]], sigma_s=1.0, sigma_r_source=0.5, sigma_r_target=2.0, noise_std=0.3)
+    heads = jnp.asarray([[0.9]])
+    expected = 0.9 * math.sin(0.6) * 1.5 * math.sqrt(2 / math.pi)
+    np.testing.assert_allclose(cf.leakage_bound(scm, 0.6, heads), [expected], rtol=1e-9)

@@ -8,6 +8,7 @@ from unittest import mock
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -272,3 +273,33 @@ def test_the_leakage_verdicts_from_fabricated_gaps(tmp_path):
     assert verdict["tightest_ratio_where_assumptions_hold"] == pytest.approx(1.02, rel=1e-9)
     one = module.LeakageConfig(num_thetas=1, theta_min=0.5, theta_max=0.5, out=str(tmp_path), quiet=True)
     assert (one.theta_min, one.theta_max) == (0.5, 0.5)
+
+
+def test_paired_gap_with_a_semantic_scale_other_than_one_against_the_folded_normal():
+    """loss_gap with σ_s = 2 (the existing tests have σ_s = 1, where σ_s and σ_s² agree): the absolute-loss error of
+    a linear head, e = (β − wc) z_s + ε + ws z_r, is Gaussian, so each risk is scipy's folded-normal mean. Exact gap
+    0.0365; σ_s² in place of σ_s would give 0.0188. The estimate's SE is 0.0005 at n = 200 000; allowed: 4 SE."""
+    theta, beta, sigma_s, noise, w = 0.8, 1.0, 2.0, 0.3, 0.3
+    source, target = Residual1D("gaussian", 0.0, 1.0), Residual1D("gaussian", 0.5, 2.0)
+    c, s = math.cos(theta), math.sin(theta)
+
+    def absolute_risk(residual):
+        mean = w * s * residual.loc
+        std = math.sqrt((beta - w * c) ** 2 * sigma_s**2 + noise**2 + (w * s * residual.std) ** 2)
+        return scipy.stats.foldnorm(abs(mean) / std, scale=std).mean()
+
+    estimate = leakage.loss_gap(theta, beta, sigma_s, noise, "linear", w, "absolute", source, target,
+                                jax.random.key(0), 200_000)
+    assert 0 < estimate.standard_error < 0.001
+    assert abs(estimate.gap - (absolute_risk(target) - absolute_risk(source))) < 4 * estimate.standard_error
+
+
+def test_exact_w1_of_a_translated_mixture_with_far_apart_components():
+    """Translating a distribution by 3 moves it by W₁ = 3 exactly (the quantile functions differ by 3 everywhere),
+    however far apart the mixture's components are: at separation 20 (σ = 1) the quadrature must reach past
+    loc ± 20 to see them. Hand computation."""
+    p = Residual1D("mixture", loc=0.0, std=1.0, separation=20.0)
+    q = Residual1D("mixture", loc=3.0, std=1.0, separation=20.0)
+    assert w1_exact(p, q) == pytest.approx(3.0, rel=1e-8)
+    low, high = p.support_bounds()
+    assert p.cdf(np.array([low]))[0] < 1e-15 and p.cdf(np.array([high]))[0] > 1 - 1e-15

@@ -277,3 +277,65 @@ def test_the_core_verdicts_need_three_standard_errors_and_every_baseline():
     far = {**baselines, "CORE-MTL, hard grounding": _summary(0.10, 0.01, 0.25)}
     verdict = module.compare_final(EncoderWorld(), far, list(baselines))["verdict"]
     assert verdict["core_hard_reduces_gap"] is True and verdict["core_hard_costs_source_risk"] is True
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_largest_angle_does_not_depend_on_the_scale_of_the_rows(scale):
+    """The rows [cos θ I, −sin θ I] span a subspace at angle θ from the semantic coordinates (hand computation),
+    whatever their length: the rank threshold is relative to the largest singular value."""
+    theta, dim = 0.4, 2
+    rows = scale * jnp.concatenate([math.cos(theta) * jnp.eye(dim), -math.sin(theta) * jnp.eye(dim)], axis=1)
+    np.testing.assert_allclose(_largest_angle_to_semantic(rows, dim), theta, rtol=1e-6)
+
+
+def test_nonlinear_mixing_is_the_documented_map():
+    """x = M₂ φ(M₁[s; r]) with φ(h) = h + tanh(2h)/2 (EncoderWorld's docstring), against numpy with the world's own
+    orthogonal matrices."""
+    world = EncoderWorld(mixing="nonlinear", dim=3)
+    _, m1, m2 = world.constants()
+    rng = np.random.default_rng(0)
+    s, r = rng.standard_normal((5, 3)), rng.standard_normal((5, 3))
+    hidden = np.concatenate([s, r], axis=1) @ m1.T
+    expected = (hidden + np.tanh(2 * hidden) / 2) @ m2.T
+    np.testing.assert_allclose(mix(world, jnp.asarray(s), jnp.asarray(r)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_debiased_cka_of_identical_streams_is_one():
+    """An encoder whose two codes are the same map of x gives z_s = z_r on every sample, so both CKAs of evaluate are
+    exactly 1 (HSIC(K, K)/√(HSIC(K, K)²)); codes of different samples would give about 0."""
+    world = EncoderWorld()
+    params = init_model(world, jax.random.key(0))
+    half = params["encoder"]["out"][: world.dim]
+    params["encoder"]["out"] = jnp.concatenate([half, half], axis=0)
+    metrics = evaluate(world, params, jax.random.key(3), num_samples=1000)
+    assert float(metrics.cka_linear) == pytest.approx(1.0, abs=1e-9)
+    assert float(metrics.cka_debiased) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_the_gap_of_a_predictor_that_ignores_the_residual_is_exactly_zero_on_paired_samples():
+    """evaluate draws the source and target samples from one key (same s, observation noise and label noise), so a
+    predictor that reads z_s = s + σ_x·(noise) only, never r, makes the same error on both: every per-sample
+    difference, hence the gap and its SE, is rounding (1e-12 of the risk here, float64). Unpaired draws would give an
+    SE of about 0.005 at n = 4000."""
+    world = EncoderWorld()
+    _, m1, _ = world.constants()
+    params = init_model(world, jax.random.key(0))
+    params["encoder"]["out"] = jnp.asarray(np.linalg.inv(m1))  # code = [s; r] + σ_x M⁻¹ξ
+    metrics = evaluate(world, params, jax.random.key(1), 4000)
+    assert float(metrics.gap_se) < 1e-12 * float(metrics.source_risk)
+    assert abs(float(metrics.gap)) < 1e-12 * float(metrics.source_risk)
+
+
+def test_the_gap_standard_error_is_the_spread_of_the_gap_over_evaluation_keys():
+    """gap_se against the standard deviation of the gap over 40 independent evaluation keys, for an untrained
+    (entangled) model. That spread is known to about 1/√(2·39) = 11%; allowed: 45% (4 of its SEs). An SE divided by
+    n instead of √n would be 63 times too small."""
+    world = EncoderWorld()
+    params = init_model(world, jax.random.key(5))
+    keys = jax.random.split(jax.random.key(6), 40)
+    gaps, errors = [], []
+    for key in keys:
+        metrics = evaluate(world, params, key, 4000)
+        gaps.append(float(metrics.gap))
+        errors.append(float(metrics.gap_se))
+    assert abs(np.mean(errors) / np.std(gaps, ddof=1) - 1) < 0.45

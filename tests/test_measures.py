@@ -264,3 +264,38 @@ def test_cka_takes_vectors_as_one_feature_and_refuses_batches_that_differ():
         with pytest.raises(ValueError, match=r"needs codes \[B, p\] and \[B, q\] of the same batch B; got shapes "
                                              r"\(20, 1\) and \(19, 3\)"):
             cka(x, y[:19])
+
+
+def test_finite_batch_floor_with_unequal_widths_matches_monte_carlo():
+    """cka_finite_batch_floor's √(pq)/√((B+p)(B+q)) with p ≠ q (theory.md §9.4's table: B = 32, p = 1024, q = 64,
+    mc 0.8047, approx 0.8040), against linear CKA of 40 pairs of independent Gaussian batches computed here in numpy.
+    The existing test has p = q, where √(pq)/(B + √(pq)) gives the same number; at these widths that form gives 0.889.
+    The sample SE is about 0.002; allowed: 4 SE plus the approximation's 0.003."""
+    rng = np.random.default_rng(11)
+    values = []
+    for _ in range(40):
+        x, y = rng.standard_normal((32, 1024)), rng.standard_normal((32, 64))
+        x, y = x - x.mean(0), y - y.mean(0)
+        values.append(np.sum((x.T @ y) ** 2) / np.sqrt(np.sum((x.T @ x) ** 2) * np.sum((y.T @ y) ** 2)))
+    se = np.std(values, ddof=1) / math.sqrt(len(values))
+    assert se < 0.01
+    assert abs(np.mean(values) - measures.cka_finite_batch_floor(32, 1024, 64)) < 4 * se + 0.003
+    assert measures.cka_finite_batch_floor(32, 1024, 64) == pytest.approx(0.8040, abs=1e-4)
+
+
+def test_linear_leakage_is_the_largest_singular_value_of_any_residual_block():
+    """κ of Eq (8) for a linear encoder is the operator (spectral) norm of the block A_r that reads the residual. The
+    existing test uses A_r = −sin θ I, whose 1-norm, ∞-norm and spectral norm coincide; a dense, non-symmetric block
+    tells them apart. Reference: numpy's SVD."""
+    block = np.random.default_rng(4).standard_normal((3, 5))
+    np.testing.assert_allclose(measures.leakage_linear(jnp.asarray(block)), np.linalg.svd(block, compute_uv=False)[0],
+                               rtol=1e-12)
+
+
+def test_sliced_w1_of_a_scale_change_is_the_one_dimensional_w1_of_every_projection():
+    """N(0, I_4) against N(0, 4 I_4): every unit projection is N(0, 1) against N(0, 4), whose W₁ is
+    |2 − 1| E|Z| = √(2/π) = 0.798 (sliced W₂ would be 1). Plug-in on 20 000 points per side: its upward bias and
+    noise are below 0.02 here; allowed 0.05."""
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((20_000, 4)), 2.0 * rng.standard_normal((20_000, 4))
+    assert measures.sliced_w1(x, y, num_projections=50) == pytest.approx(math.sqrt(2 / math.pi), abs=0.05)

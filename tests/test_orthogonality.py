@@ -107,3 +107,15 @@ def test_the_scripts_points_against_closed_forms_and_an_independent_batch_cka(tm
         error = math.hypot(p["cka_linear_batch_sem"], reference.std(ddof=1) / math.sqrt(reference.size))
         assert abs(p["cka_linear_batch"] - reference.mean()) < 4 * error, (p["theta"], p["cka_linear_batch"])
         assert 0.5 < p["cka_linear_batch_sem"] / (reference.std(ddof=1) / 8) < 2.0, p["theta"]
+
+
+@pytest.mark.parametrize("theta, sigma_s, sigma_r, dim", [(0.4, 1.0, 2.0, 3), (1.1, 1.5, 0.5, 4)])
+def test_eq10_bound_uses_frobenius_norms_of_the_stream_covariances(theta, sigma_s, sigma_r, dim):
+    """On the whitened backbone Σ_ss = AAᵀ = v_s I_d and Σ_rr = BBᵀ = v_r I_d (v_s = c²σ_s² + s²σ_r²,
+    v_r = s²σ_s² + c²σ_r²), so their Frobenius norms are √d v_s and √d v_r. The gradients are rank one,
+    ∇_V L_i = Aᵀ G_i with G_i = w (2/n Σ δ f)ᵀ, so ‖∇_V L_i‖ = √v_s ‖G_i‖ and ‖∇_V L_j‖ = √v_r ‖G_j‖. Hence the
+    bound of Eq (10) is exactly √(d·CKA) ‖∇_V L_i‖ ‖∇_V L_j‖. Spectral norms would drop the √d."""
+    out = stream_gradients(theta, sigma_s, sigma_r, dim, jax.random.key(5), 400)
+    expected = math.sqrt(dim * float(out.linear_cka)) * float(out.task_gradient_norm) * float(
+        out.nuisance_gradient_norm)
+    assert float(out.bound) == pytest.approx(expected, rel=1e-9)

@@ -1,12 +1,13 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from scm import LinearGaussianSCM
 from theory import checks, closed_forms
-from theory.balancing import make
+from theory.balancing import Balancer, make
 from theory.simulate import (TrainConfig, effective_heads, least_squares_heads, monte_carlo_risk, sweep, train,
                              train_and_evaluate)
 
@@ -147,3 +148,53 @@ def test_representation_path_gives_the_parameter_path_for_a_linear_method():
     a = train(SCM, ew, 0.5, key, config)
     b = train(SCM, ew_on_representation, 0.5, key, config)
     np.testing.assert_allclose(effective_heads(a.params), effective_heads(b.params), rtol=1e-8, atol=1e-10)
+
+
+def test_floor_check_allows_three_standard_errors_by_default_and_measures_margins_on_the_signed_gap():
+    """The gap [0.9, 1.0, 1.1] has mean 1 and SEM 0.1/√3 (hand computation); a floor 2.5 SEM above the mean is
+    within the default 3 SE, so the check holds, with a margin of −2.5 SE. (The existing boundary test sits at 1.73
+    and 3.46 SE, which a default of 2 SE passes too.)"""
+    sem = 0.1 / math.sqrt(3)
+    verdict = checks.floor_check(np.array([[0.9, 1.0, 1.1]]), np.array([1.0 + 2.5 * sem]), +1)
+    assert verdict["holds"] and verdict["num_se"] == 3.0
+    assert verdict["min_margin_se"] == pytest.approx(-2.5, rel=1e-9)
+    # A shrinking residual (sign −1): the margin is measured on the signed mean, sign·mean = 1, not on the mean −1.
+    shrinking = checks.floor_check(-np.array([[0.9, 1.0, 1.1]]), np.array([0.9]), -1)
+    assert shrinking["holds"] and shrinking["min_margin_se"] == pytest.approx(0.1 / sem, rel=1e-9)
+
+
+def test_agreement_at_a_point_without_spread_is_to_one_millionth():
+    """Where every seed gives the same value (SEM 0: θ = 0, where every gap is exactly 0) agreement_check asks for
+    a match to 1e-6 absolutely (its docstring): 1e-7 off agrees, 1e-4 off does not."""
+    measured = np.array([[0.5, 0.5, 0.5]])
+    assert checks.agreement_check(measured, np.array([0.5 + 1e-7]))["holds"]
+    verdict = checks.agreement_check(measured, np.array([0.5 + 1e-4]))
+    assert not verdict["holds"] and verdict["mismatches"] == [0]
+
+
+def test_optimisation_error_is_the_mean_over_seeds():
+    """The optimisation error at a grid point is the mean over seeds of |gap − least-squares gap| (docstring):
+    errors (0, 0, 0.015) average 0.005, within 0.1 SEM = 0.00577 of the gap [0.9, 1.0, 1.1] (hand computation),
+    although one seed alone is 0.015 away."""
+    gap = np.array([[0.9, 1.0, 1.1]])
+    verdict = checks.convergence_check(gap, gap + np.array([[0.0, 0.0, 0.015]]))
+    assert verdict["converged"]
+    np.testing.assert_allclose(verdict["optimisation_error"], [0.005], rtol=1e-9)
+
+
+def _counting_balancer() -> Balancer:
+    """Weights (t, 2t) at step t = 1, 2, ... and a zero direction: a balancer whose weights change at every step."""
+    def step(jacobian, losses, count, key):
+        count = count + 1
+        return jnp.zeros(jacobian.shape[1], jacobian.dtype), jnp.stack([count, 2 * count]).astype(jacobian.dtype), count
+
+    return Balancer("counting", lambda num_tasks, num_params=None: jnp.zeros((), jnp.int32), step)
+
+
+def test_final_weights_are_the_last_steps_and_mean_weights_their_average():
+    """TrainResult's final_weights are the balancer's weights at the last step, mean_weights their average over the
+    steps: (3, 6) and (2, 4) after three steps of weights (t, 2t) (hand computation)."""
+    scm = LinearGaussianSCM(betas=[[1.0, 0.0], [0.5, 1.5]], sigma_s=1.0, sigma_r_source=0.5, sigma_r_target=1.5)
+    result = train(scm, _counting_balancer(), 0.5, jax.random.key(7), TrainConfig(num_samples=64, steps=3))
+    np.testing.assert_allclose(result.final_weights, [3.0, 6.0], rtol=1e-12)
+    np.testing.assert_allclose(result.mean_weights, [2.0, 4.0], rtol=1e-12)
