@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 from unittest import mock
 
 import jax
@@ -17,8 +16,9 @@ import pytest
 from scripts import assert_one_line_error, load_script, run_in_process, run_script, with_out
 from theory import measures
 from theory.balancing import make
-from theory.learned_encoder import (CoreWeights, EncoderTraining, EncoderWorld, _largest_angle_to_semantic,
-                                    core_objective, encode, evaluate, init_model, mix, sample_world, train_encoder)
+from theory.learned_encoder import (CoreWeights, EncoderMetrics, EncoderTraining, EncoderWorld,
+                                    _largest_angle_to_semantic, core_objective, encode, evaluate, init_model, mix,
+                                    sample_world, train_encoder)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = EncoderWorld()
@@ -217,21 +217,9 @@ def test_a_bad_flag_from_the_command_line(tmp_path):
                           "learned_encoder.py: error: --samples must be an integer >= 8; got 4")
 
 
-class _Metrics(NamedTuple):
-    theta_stream: jax.Array
-    theta_predictor: jax.Array
-    kappa: jax.Array
-    cka_linear: jax.Array
-    cka_debiased: jax.Array
-    source_risk: jax.Array
-    target_risk: jax.Array
-    gap: jax.Array
-
-
 def _metrics_of(key, evaluations):
     """Metrics that depend on the key only: uniform draws, one per field and evaluation."""
-    values = jax.random.uniform(key, (len(_Metrics._fields), evaluations))
-    return _Metrics(*values)
+    return EncoderMetrics(*jax.random.uniform(key, (len(EncoderMetrics._fields), evaluations)))
 
 
 def test_each_seed_trains_from_its_own_key(tmp_path):
@@ -248,7 +236,8 @@ def test_each_seed_trains_from_its_own_key(tmp_path):
         payload = module.run(config)
     expected = np.stack([np.asarray(_metrics_of(jax.random.key(seed), 2)) for seed in range(3)])  # [S, fields, E]
     for run in payload["runs"].values():
-        for index, field in enumerate(_Metrics._fields):
+        for field in module.METRICS:
+            index = EncoderMetrics._fields.index(field)
             np.testing.assert_allclose(run[field]["mean"], expected[:, index].mean(0), rtol=1e-6)
             np.testing.assert_allclose(run[field]["sem"], expected[:, index].std(0, ddof=1) / math.sqrt(3), rtol=1e-5)
 
