@@ -1,12 +1,12 @@
 """Files written atomically: a killed process, or a machine that loses power, leaves the old file or the new one,
-never a part. Everything the project writes but its checkpoints (results, figures, converted weights) goes through
-:func:`write_atomically`; Orbax writes the checkpoints (deep/checkpoint.py).
+never a part. Results, figures and weights files go through :func:`write_atomically`; Orbax writes the checkpoints
+(deep/checkpoint.py) the same way.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -20,16 +20,12 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        tmp = _new_file_beside(path)
     except OSError as error:
         raise _naming(error, path) from error
-    os.close(handle)
-    tmp = Path(tmp_name)
+    tmp_name = str(tmp)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results and weights are shared like any other
         _flush_to_disk(tmp, os.O_RDWR)  # writable: fsync needs it on some systems
         os.replace(tmp, path)
         if hasattr(os, "O_DIRECTORY"):  # and the rename itself, where folders can be opened (POSIX)
@@ -41,6 +37,19 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _new_file_beside(path: Path) -> Path:
+    """An empty file of a new, hidden name next to ``path``, created with the permissions any new file gets (0666 less
+    the umask, which the kernel applies): not mkstemp's 0600, since results and weights are shared like any other
+    file, and without reading the umask, which only setting it can do, leaving it 0 a moment for every thread."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}{path.suffix}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
 
 
 def _flush_to_disk(path: Path, flags: int) -> None:

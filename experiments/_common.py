@@ -5,16 +5,19 @@ Scripts are thin: parse flags into a frozen, validated config dataclass, call th
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import dataclasses
 import datetime
 import errno
+import functools
 import json
 import math
 import os
 import platform
 import sys
 import tempfile
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -283,6 +286,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     written (any ``OSError`` that names a path: a missing file, a full disk...) become one line and exit status 2
     (other errors keep their traceback: they are bugs)."""
     prog = Path(sys.argv[0]).name
+    previous_hook, sys.unraisablehook = sys.unraisablehook, functools.partial(_deliver_interrupts, sys.unraisablehook)
     try:
         status = main(argv)
     except (ValueError, OSError) as error:
@@ -298,7 +302,23 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+    finally:
+        sys.unraisablehook = previous_hook
     sys.exit(status or 0)
+
+
+def _deliver_interrupts(hook: Callable[[Any], None], unraisable: Any) -> None:
+    """sys.unraisablehook while a script runs: Python drops an exception raised in a garbage-collection callback or
+    a destructor, and JAX runs a callback at every collection, so a Ctrl-C that lands there would be lost and the run
+    would go on (seen under load: the KeyboardInterrupt ended in jax's _xla_gc_callback). It is delivered again from
+    another thread a moment later, to be raised in the main thread's code (delivered from here, it would be raised in
+    this hook and dropped again); anything else goes to ``hook``."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        timer = threading.Timer(0.01, _thread.interrupt_main)
+        timer.daemon = True
+        timer.start()
+        return
+    hook(unraisable)
 
 
 def write_json(path: Path, payload: dict) -> None:

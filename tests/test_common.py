@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from unittest import mock
 
@@ -384,6 +385,36 @@ def test_an_interrupted_script_exits_130_while_jax_computes(tmp_path):
     assert stderr.decode().rstrip().endswith("\nlearned_encoder.py: interrupted")
     assert not list((tmp_path / "out").glob("learned_encoder.*"))  # no result of a run that did not end
 
+
+
+def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_ends_the_script():
+    """Python drops an exception raised in a gc callback or a destructor (sys.unraisablehook), and JAX runs a gc
+    callback at every collection: the test above once ran on after its Ctrl-C, which had ended in jax's
+    _xla_gc_callback (7th of 25 tries with both cores busy). run_main delivers such an interrupt again. Here the
+    callback raises it itself, as a SIGINT handled there does; without the hook the script runs to its end."""
+    program = textwrap.dedent("""
+        import gc, sys, time
+        sys.path.insert(0, "experiments")
+        from _common import run_main
+
+        def interrupted_inside_a_collection(phase, info):
+            gc.callbacks.remove(interrupted_inside_a_collection)
+            raise KeyboardInterrupt
+
+        def main(argv):
+            gc.callbacks.append(interrupted_inside_a_collection)
+            gc.collect()
+            for _ in range(100):
+                time.sleep(0.05)
+            print("ran to the end")
+            return 0
+
+        run_main(main, [])
+    """)
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "ran to the end" not in result.stdout and "Exception ignored" not in result.stderr
+    assert result.stderr.rstrip().endswith("-c: interrupted")
 
 def _interrupted_write_text(self, data, *args, **kwargs):
     """Path.write_text that stops half-way, as a full disk would."""

@@ -257,14 +257,13 @@ def _street_scene(rng: np.random.Generator, height: int, width: int) -> dict[str
             "depth": disparity[..., None].astype(np.float32)}
 
 
-def _check_sizes(**sizes: int) -> None:
-    for name, value in sizes.items():
-        check_count(name, value, 1)
+def _check_sizes(**sizes: int) -> tuple[int, ...]:
+    return tuple(check_count(name, value, 1) for name, value in sizes.items())
 
 
 def _generate(scene, count: int, height: int, width: int, seed: int, split: int) -> dict[str, np.ndarray]:
-    _check_sizes(count=count, height=height, width=width)
-    check_count("seed", seed, 0)
+    count, height, width = _check_sizes(count=count, height=height, width=width)
+    seed = check_count("seed", seed, 0)
     examples = [scene(np.random.default_rng((seed, split, index)), height, width) for index in range(count)]
     return {name: np.stack([example[name] for example in examples]) for name in examples[0]}
 
