@@ -39,8 +39,10 @@ def test_median_seconds_is_the_median_of_the_timed_calls_after_an_untimed_warm_u
 
     clock = FakeClock()
     monkeypatch.setattr(time, "perf_counter", clock)
-    durations = iter([100.0, 1.0, 2.0, 9.0])
-    assert median_seconds(lambda: clock.advance(next(durations)), 3, warmup=True) == 2.0  # mean: 4; with warm-up: 5.5
+    durations = iter([0.5, 1.0, 2.0, 9.0])
+    # Median 2 of the timed calls; their mean would be 4, and timing the warm-up too would give 1.
+    assert median_seconds(lambda: clock.advance(next(durations)), 3, warmup=True) == 2.0
+    assert next(durations, None) is None
     durations = iter([100.0, 1.0, 2.0])
     assert median_seconds(lambda: clock.advance(next(durations)), 3) == 2.0  # no warm-up asked: every call timed
 
@@ -93,7 +95,7 @@ def test_the_balancer_benchmark_reports_the_median_call_after_an_untimed_one(mon
     bench = load_script("bench/bench_balancers.py")
     clock = FakeClock()
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock))
-    durations = iter([5.0, 0.001, 0.002, 0.009])
+    durations = iter([0.0005, 0.001, 0.002, 0.009])  # timing the first call too would give a median of 1 ms
 
     def compiled(*args):
         clock.advance(next(durations))
@@ -102,6 +104,7 @@ def test_the_balancer_benchmark_reports_the_median_call_after_an_untimed_one(mon
     compiled.memory_analysis = lambda: None
     lowered = types.SimpleNamespace(cost_analysis=lambda: {"flops": 123.0}, compile=lambda: compiled)
     result = bench._measure(types.SimpleNamespace(lower=lambda *args: lowered), (), repeats=3)
+    assert next(durations, None) is None
     assert result == {"ms": pytest.approx(2.0), "peak_mb": None, "flops": 123.0}
 
 

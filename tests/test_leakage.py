@@ -246,7 +246,7 @@ def test_the_leakage_verdicts_from_fabricated_gaps(tmp_path):
     """Gaussian scale growth 1 → 2, σ_s = β = 1: w* = cos θ (Eq (22)), W₁ = (2 − 1)·√(2/π) (same-mean Gaussians),
     so the bound is |cos θ|·|sin θ|·√(2/π). Gaps fabricated as f × bound with standard error 0.01 × bound: the
     absolute loss at f = 0.5, 1.02, 0.7 holds (1.02 only within its 3 SE), the squared loss at f = 2 fails. The grid
-    includes θ_max, and θ_min = θ_max is one angle with --num-thetas 1."""
+    includes θ_max, and θ_min = θ_max is accepted with --num-thetas 1 (one angle)."""
     module = load_script(SCRIPT)
     factors = {"absolute": [0.5, 1.02, 0.7], "squared": [2.0, 2.0, 2.0]}
     thetas = [0.2, 0.6, 1.0]

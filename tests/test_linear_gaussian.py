@@ -82,7 +82,6 @@ def test_bad_domain_and_sample_count():
     assert scm == scm and scm != make_scm() and len({scm, scm}) == 1
 
 
-
 def test_the_integer_rule_of_every_count():
     """as_count/check_count, the one rule of counts (theory's sizes, deep's configs and data readers): integers of
     any type inside minimum..maximum, both ends included; bools, floats such as 3.0 and strings refused."""
@@ -96,6 +95,7 @@ def test_the_integer_rule_of_every_count():
     with pytest.raises(ValueError, match=r"^limit must be None or an integer >= 1; got 0$"):
         check_count("limit", 0, 1, or_none=True)
     assert check_count("seed", np.int64(0), 0) == 0
+
 
 def test_scalars_mean_standard_deviations_and_matrices_mean_covariances():
     cov = np.array([[2.0, 0.3, 0.0], [0.3, 1.0, 0.1], [0.0, 0.1, 0.5]])

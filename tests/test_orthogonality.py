@@ -114,7 +114,9 @@ def test_eq10_bound_uses_frobenius_norms_of_the_stream_covariances(theta, sigma_
     """On the whitened backbone Σ_ss = AAᵀ = v_s I_d and Σ_rr = BBᵀ = v_r I_d (v_s = c²σ_s² + s²σ_r²,
     v_r = s²σ_s² + c²σ_r²), so their Frobenius norms are √d v_s and √d v_r. The gradients are rank one,
     ∇_V L_i = Aᵀ G_i with G_i = w (2/n Σ δ f)ᵀ, so ‖∇_V L_i‖ = √v_s ‖G_i‖ and ‖∇_V L_j‖ = √v_r ‖G_j‖. Hence the
-    bound of Eq (10) is exactly √(d·CKA) ‖∇_V L_i‖ ‖∇_V L_j‖. Spectral norms would drop the √d."""
+    bound of Eq (10) is exactly √(d·CKA) ‖∇_V L_i‖ ‖∇_V L_j‖: a consistency check of the bound against the CKA and
+    gradient norms the same call reports (each checked on its own by the tests above). Spectral norms would drop the
+    √d."""
     out = stream_gradients(theta, sigma_s, sigma_r, dim, jax.random.key(5), 400)
     expected = math.sqrt(dim * float(out.linear_cka)) * float(out.task_gradient_norm) * float(
         out.nuisance_gradient_norm)

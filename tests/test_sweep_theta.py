@@ -5,10 +5,12 @@ import math
 from pathlib import Path
 from unittest import mock
 
+import matplotlib.axes
 import numpy as np
 import pytest
 
 from scripts import assert_one_line_error, load_script, run_in_process, run_script
+from theory.simulate import Evaluation
 
 SCRIPT = "experiments/sweep_theta.py"
 TINY = ["--num-thetas", "3", "--seeds", "2", "--samples", "64", "--steps", "30", "--dim", "2"]
@@ -147,8 +149,6 @@ def _isotropic_gap(theta, b, sigma_s, sigma_rs, sigma_rt):
 def _fabricated_sweep(module, config, gap):
     """``run(config)`` with training replaced by an Evaluation whose gap is ``gap`` [T, S, K] (the least-squares gap
     the same, so every method counts as converged), source risk 1 and target risk 1 + gap."""
-    from theory.simulate import Evaluation
-
     def fake_sweep(scm, balancer, thetas, seeds, train_config):
         assert np.asarray(thetas).shape[0] == gap.shape[0] and len(seeds) == gap.shape[1]
         weights = np.full(gap.shape, 1.0 / gap.shape[2])
@@ -203,8 +203,6 @@ def test_above_floor_and_matches_closed_form_are_separate_verdicts():
 
 def test_the_left_panel_plots_each_methods_gap_with_its_standard_error(tmp_path):
     """The figure's left panel draws gap_mean with gap_sem as error bars (checked on the call matplotlib receives)."""
-    import matplotlib.axes
-
     module = load_script(SCRIPT)
     theta = [0.0, 0.5, 1.0]
     payload = {"theta": theta, "residual_shift_sign": 1, "residual_shift": 2.0, "closed_form_gap": [0.0, 0.4, 1.0],
