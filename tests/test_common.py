@@ -426,8 +426,6 @@ def _interrupted_write_text(self, data, *args, **kwargs):
 def test_a_json_write_that_fails_half_way_leaves_the_previous_file(tmp_path):
     """A write that stops half-way (a full disk) must leave the previous results.json whole: write_json goes through
     a temporary file and a rename, never writes the file in place."""
-    from _common import write_json
-
     path = tmp_path / "results.json"
     path.write_text('{"version": 1}\n')
     with mock.patch("pathlib.Path.write_text", _interrupted_write_text), pytest.raises(OSError):
