@@ -23,7 +23,6 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp = _new_file_beside(path)
     except OSError as error:
         raise _naming(error, path) from error
-    tmp_name = str(tmp)
     try:
         write(tmp)
         _flush_to_disk(tmp, os.O_RDWR)  # writable: fsync needs it on some systems
@@ -31,7 +30,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         if hasattr(os, "O_DIRECTORY"):  # and the rename itself, where folders can be opened (POSIX)
             _flush_to_disk(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as error:
-        if error.filename not in (None, tmp_name, str(path)):
+        if error.filename not in (None, str(tmp), str(path)):
             raise  # about another file (one ``write`` reads, say): its own name is the right one
         raise _naming(error, path) from error
     finally:

@@ -279,6 +279,17 @@ def test_one_behind_yields_each_item_once_the_next_is_produced_and_the_last_at_t
     assert list(trainer.one_behind([])) == []
 
 
+def recording_brightness_model():
+    """A stub predictor, depth = each pixel's mean brightness, and the list of the image batches it was shown."""
+    seen = []
+
+    def predict(state, batch_images):
+        seen.append(np.asarray(batch_images))
+        return {"depth": jnp.mean(batch_images, axis=-1, keepdims=True)}
+
+    return predict, seen
+
+
 def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_one_noise_per_corruption():
     """A stub model that predicts depth = mean brightness records what it was shown: the corrupted images, each
     severity of a corruption the same noise at another strength, the labels untouched."""
@@ -286,12 +297,7 @@ def test_evaluate_corrupted_scores_corrupted_images_against_clean_labels_with_on
     images = rng.uniform(0.3, 0.7, (6, 8, 8, 3)).astype(np.float32)  # no clipping at severities 1 and 2
     depth = rng.uniform(1.0, 2.0, (6, 8, 8, 1)).astype(np.float32)
     batches = lambda: ({"images": images[i:i + 3], "depth": depth[i:i + 3]} for i in (0, 3))
-    seen = []
-
-    def predict(state, batch_images):
-        seen.append(np.asarray(batch_images))
-        return {"depth": jnp.mean(batch_images, axis=-1, keepdims=True)}
-
+    predict, seen = recording_brightness_model()
     passes = []
     results = trainer.evaluate_corrupted(predict, None, batches, (("depth", 1),), ("gaussian_noise", "contrast"),
                                          (1, 2), jax.random.key(0), progress=lambda: passes.append(1))
@@ -495,12 +501,7 @@ def test_each_batch_of_a_corrupted_pass_gets_its_own_noise():
     agrees nowhere (two draws of the same noise could still differ somewhere, wherever one was clipped)."""
     images = np.full((6, 8, 8, 3), 0.5, np.float32)
     batches = lambda: ({"images": images[i:i + 3], "depth": np.ones((3, 8, 8, 1), np.float32)} for i in (0, 3))
-    seen = []
-
-    def predict(state, batch_images):
-        seen.append(np.asarray(batch_images))
-        return {"depth": jnp.mean(batch_images, axis=-1, keepdims=True)}
-
+    predict, seen = recording_brightness_model()
     trainer.evaluate_corrupted(predict, None, batches, (("depth", 1),), ("gaussian_noise",), (1,), jax.random.key(0))
     first, second = seen[0] - 0.5, seen[1] - 0.5
     assert 0 < first.min() + 0.5 and first.max() + 0.5 < 1  # unclipped
