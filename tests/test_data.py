@@ -785,6 +785,17 @@ def test_loader_validation():
 # --------------------------------------------------------------------------------------------- synthetic
 
 
+
+def test_the_generators_take_counts_and_seeds_of_any_integer_type(tmp_path):
+    """The project's integer rule (scm.linear_gaussian.check_count) takes a JAX or NumPy integer as a count or seed:
+    the generators then use the checked Python int, so the files are those of the same plain integers."""
+    write_gta5(tmp_path / "jax", count=jnp.int32(2), height=16, width=32, seed=jnp.int32(3))
+    write_gta5(tmp_path / "plain", count=2, height=16, width=32, seed=3)
+    for name in ("images/00001.png", "labels/00001.png", "depth/00001.npy"):
+        assert (tmp_path / "jax" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    np.testing.assert_array_equal(nyuv2_arrays(np.int64(2), 8, 8, jnp.int32(3))["images"],
+                                  nyuv2_arrays(2, 8, 8, 3)["images"])
+
 def test_generated_scenes_are_coherent_and_deterministic():
     scenes = nyuv2_arrays(3, 24, 32, seed=1)
     np.testing.assert_array_equal(scenes["images"], nyuv2_arrays(3, 24, 32, seed=1)["images"])

@@ -336,7 +336,8 @@ def write_gta5(root: str | os.PathLike, count: int = 4, height: int = 64, width:
     """
     from PIL import Image
 
-    _check_sizes(count=count)
+    (count,) = _check_sizes(count=count)
+    seed = check_count("seed", seed, 0)
     root = Path(root)
     arrays = cityscapes_arrays(count, height, width, seed, split=2)
     for folder in ("images", "labels", "depth"):
