@@ -96,6 +96,18 @@ def data_mesh_for(batch_size: int):
     return mesh
 
 
+def check_full_batch(batch_size: int, examples: int, devices: int, note: str = "") -> None:
+    """Refuses a batch size larger than the training split (``examples``), which would leave no full batch; the
+    remedy names the largest batch size that fits and splits over the ``devices``. ``note``: said after it."""
+    if batch_size <= examples:
+        return
+    largest = examples // devices * devices
+    remedy = (f"give --batch-size {largest} or less" if largest else
+              f"it needs at least one example for each of the {devices} devices")
+    raise ValueError(f"--batch-size {batch_size} is larger than the training split ({examples} examples), which would "
+                     f"leave no full batch; {remedy}{note}")
+
+
 def evaluation_loader(split: dict, batch_size: int, seed: int, placement: dict):
     """A loader over ``split`` in its order, for evaluation: batches of at most ``batch_size``, the last one filled up
     with ignored labels (and black images), which change no metric, so evaluation compiles for one batch shape.

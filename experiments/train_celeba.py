@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_config, parse_overrides, parser_for, pyplot, require_file,  # noqa: E402
                      require_finite, require_folder, require_integer, run_main, save_figure, write_json)
-from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
-                       last_good_state_of, read_weights, record_epoch, record_run, restore_run, train_epoch)
+from _training import (absolute, check_full_batch, check_run_folder, data_mesh_for, evaluation_loader,  # noqa: E402
+                       generated, last_good_state_of, read_weights, record_epoch, record_run, restore_run,
+                       train_epoch)
 
 PATH_FIELDS = ("data", "pretrained", "perceptual")
 VARIANTS = ("paper", "authors")
@@ -321,10 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reading = tqdm(desc="reading CelebA", unit="image", disable=config.quiet, leave=False, file=sys.stderr)
     splits = _load_splits(config, out, reading.update)
     reading.close()
-    examples = len(splits["train"]["images"])
-    if config.batch_size > examples:
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the training split ({examples} examples), "
-                         f"which would leave no full batch; give --batch-size {examples} or less")
+    check_full_batch(config.batch_size, len(splits["train"]["images"]), mesh.devices.size)
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(splits["train"], config.batch_size, seed=config.seed, **placement)
 

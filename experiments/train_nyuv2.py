@@ -52,8 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
                      require_file, require_finite, require_folder, require_integer, run_main, save_figure, write_json)
-from _training import (absolute, check_run_folder, data_mesh_for, evaluation_loader, generated,  # noqa: E402
-                       last_good_state_of, read_weights, record_epoch, record_run, restore_run, train_epoch)
+from _training import (absolute, check_full_batch, check_run_folder, data_mesh_for, evaluation_loader,  # noqa: E402
+                       generated, last_good_state_of, read_weights, record_epoch, record_run, restore_run,
+                       train_epoch)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5", "colored_cityscapes")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
@@ -493,15 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks_only = lambda split: {k: v for k, v in split.items() if k in keep}  # noqa: E731
     train_split, test_split = tasks_only(train_split), tasks_only(test_split)
     source_split = tasks_only(source_split) if source_split is not None else None
-    examples = len(train_split["images"])
-    if config.batch_size > examples:
-        largest = examples // mesh.devices.size * mesh.devices.size  # a multiple of the devices, as checked above
-        remedy = (f"give --batch-size {largest} or less" if largest else
-                  f"it needs at least one example for each of the {mesh.devices.size} devices")
-        if config.synthetic:
-            remedy += f" (--synthetic reuses the set already generated under {out / 'data'}: delete it for a new one)"
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the training split ({examples} examples), "
-                         f"which would leave no full batch; {remedy}")
+    check_full_batch(config.batch_size, len(train_split["images"]), mesh.devices.size,
+                     f" (--synthetic reuses the set already generated under {out / 'data'}: delete it for a new one)"
+                     if config.synthetic else "")
     # On the device: a copy of each split on every device, each batch gathered there already split over them.
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)

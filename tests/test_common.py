@@ -361,6 +361,21 @@ def test_the_evaluation_loader_fills_the_last_batch_with_labels_every_metric_ign
             assert np.all(np.asarray(last[name][:2]) == 1), name
 
 
+def test_a_batch_larger_than_the_training_split_is_refused_with_one_that_fits():
+    """Both training scripts: the remedy is the largest batch size that fits the split and splits over the devices
+    (6 examples on 4 devices: 4, not 6), or says that the split is smaller than one example per device."""
+    from _training import check_full_batch
+
+    check_full_batch(6, 6, 2)  # the whole split in one batch: allowed
+    for batch_size, examples, devices, remedy in ((8, 6, 4, "give --batch-size 4 or less"),
+                                                   (8, 7, 1, "give --batch-size 7 or less"),
+                                                   (4, 3, 4, "it needs at least one example for each of the 4 devices")):
+        with pytest.raises(ValueError) as error:
+            check_full_batch(batch_size, examples, devices, note=" (a note)")
+        assert str(error.value) == (f"--batch-size {batch_size} is larger than the training split ({examples} "
+                                    f"examples), which would leave no full batch; {remedy} (a note)")
+
+
 def test_an_interrupted_script_exits_130_while_jax_computes(tmp_path):
     """Ctrl-C in the middle of a computation: one line and exit status 130. Ended through the interpreter's normal
     teardown, learned_encoder.py died of signal 11 instead when a JAX computation was still running on another
