@@ -41,9 +41,11 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 def _new_file_beside(path: Path) -> Path:
     """An empty file of a new, hidden name next to ``path``, created with the permissions any new file gets (0666 less
     the umask, which the kernel applies): not mkstemp's 0600, since results and weights are shared like any other
-    file, and without reading the umask, which only setting it can do, leaving it 0 a moment for every thread."""
+    file, and without reading the umask, which only setting it can do, leaving it 0 a moment for every thread.
+    The name keeps ``path``'s suffix (writers such as ``np.save`` go by it) and at most 40 characters of its stem, so
+    that it is no longer than the longest name the file system allows."""
     while True:
-        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}{path.suffix}")
+        candidate = path.with_name(f".{path.stem[:40]}.{secrets.token_hex(6)}{path.suffix}")
         try:
             os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return candidate

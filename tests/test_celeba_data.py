@@ -380,3 +380,36 @@ def test_bad_writer_arguments(tmp_path):
         write_celeba(tmp_path, quality=0)
     with pytest.raises(ValueError, match="count must be an integer >= 1; got 0"):
         celeba_arrays(0)
+
+
+def test_the_jpeg_quality_is_the_one_asked_for(tmp_path):
+    """quality reaches PIL's JPEG encoder: the same card at quality 20 is a much smaller file than at 95."""
+    sizes = []
+    for quality in (20, 95):
+        root = write_celeba(tmp_path / str(quality), train=1, val=0, test=0, height=HEIGHT, width=WIDTH, seed=SEED,
+                            quality=quality)
+        sizes.append((root / "img_align_celeba" / "000001.jpg").stat().st_size)
+    assert sizes[0] < 0.8 * sizes[1], sizes
+
+
+def test_a_named_selection_of_the_cards_is_those_columns():
+    cards = celeba_arrays(6, 20, 16, seed=3)
+    named = celeba_arrays(6, 20, 16, attributes=["Young", "5_o_Clock_Shadow", "Male"], seed=3)
+    np.testing.assert_array_equal(named["attributes"], cards["attributes"][:, [39, 0, 20]])
+    np.testing.assert_array_equal(named["images"], cards["images"])
+
+
+def test_cards_have_mild_pixel_noise():
+    """The mild Gaussian noise of the docstring (sigma 0.02, about 5 grey levels): neighbouring background pixels
+    of the top row differ by a few levels, where the smooth light gradient alone changes them by under one."""
+    cards = celeba_arrays(8, 40, 32, seed=5)
+    steps = np.diff(cards["images"][:, 0].astype(np.float64), axis=1)
+    assert 3 < steps.std() < 15, steps.std()
+
+
+@pytest.mark.parametrize("arguments, message", [({"height": 0}, "height must be an integer >= 1; got 0"),
+                                                ({"seed": -1}, "seed must be an integer >= 0; got -1")])
+def test_bad_card_sizes_and_seeds_are_refused_before_anything_is_written(tmp_path, arguments, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        write_celeba(tmp_path / "set", train=2, val=0, test=0, **{"height": HEIGHT, "width": WIDTH, **arguments})
+    assert not (tmp_path / "set").exists()

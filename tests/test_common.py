@@ -245,7 +245,7 @@ def test_write_errors_name_the_users_path_not_the_temporary(tmp_path):
     with pytest.raises(IsADirectoryError) as error:
         write_json(target, {"a": 1})
     assert error.value.filename == str(target) and error.value.filename2 is None
-    assert ".result.json." not in str(error.value)
+    assert ".result." not in str(error.value)
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
     def no_space(tmp):
@@ -465,3 +465,117 @@ def test_a_run_folder_with_only_its_record_is_not_overwritten_and_the_history_is
     with mock.patch("pathlib.Path.write_text", _interrupted_write_text), pytest.raises(OSError):
         write_history(history, [{"epoch": 1}, {"epoch": 2, "padding": "x" * 1000}])
     assert history.read_text() == '{"epoch": 1}\n'
+
+
+def test_the_file_then_its_folder_are_flushed_around_the_rename(tmp_path, monkeypatch):
+    """What makes the write survive a power loss cannot be caused in a test, so the calls are watched: the new
+    file's data is fsynced before the rename puts it in place, and its folder (the rename itself) after."""
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(descriptor):
+        info = os.fstat(descriptor)
+        events.append(("fsync", stat.S_ISDIR(info.st_mode), info.st_ino))
+        real_fsync(descriptor)
+
+    def renaming(real):
+        def rename(source, destination, *args, **kwargs):
+            events.append(("rename", os.stat(source).st_ino))
+            real(source, destination, *args, **kwargs)
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", renaming(real_replace))
+    monkeypatch.setattr(os, "rename", renaming(real_rename))
+    path = tmp_path / "result.json"
+    write_atomically(path, lambda tmp: tmp.write_text("new"))
+    monkeypatch.undo()
+    file, folder = ("fsync", False, path.stat().st_ino), ("fsync", True, tmp_path.stat().st_ino)
+    assert file in events and folder in events, events
+    assert events.index(file) < events.index(("rename", path.stat().st_ino)) < events.index(folder), events
+
+
+def test_a_temporary_that_cannot_be_created_is_reported_under_the_users_path(tmp_path, monkeypatch):
+    """A folder where the temporary cannot be created (simulated: chmod does not stop root) is reported as the
+    user's path, not the temporary's hidden name."""
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if Path(path).name.startswith(".result."):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(PermissionError) as error:
+        write_atomically(tmp_path / "result.json", lambda tmp: tmp.write_text("x"))
+    monkeypatch.undo()
+    assert error.value.filename == str(tmp_path / "result.json") and ".result." not in str(error.value)
+
+
+def test_an_error_about_another_file_keeps_that_files_name(tmp_path):
+    """An OSError about a file ``write`` reads is about that file: renaming it to the output would mislead."""
+    missing = tmp_path / "input.txt"
+    with pytest.raises(FileNotFoundError) as error:
+        write_atomically(tmp_path / "result.json", lambda tmp: tmp.write_text(missing.read_text()))
+    assert error.value.filename == str(missing)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_fsync_failure_names_the_users_path_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """fsync's errors carry no file name (EIO on a failing disk): the one to name is the user's path."""
+    path = tmp_path / "result.json"
+    path.write_text("old")
+
+    def fsync(descriptor):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as error:
+        write_atomically(path, lambda tmp: tmp.write_text("new"))
+    monkeypatch.undo()
+    assert error.value.errno == errno.EIO and error.value.filename == str(path)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_an_os_error_without_errno_is_passed_on_unchanged(tmp_path):
+    """A library's own ``OSError("...")`` has no errno to rebuild it from: it keeps its message."""
+    def write(tmp):
+        raise OSError("quota of the share exceeded")
+
+    with pytest.raises(OSError, match=r"^quota of the share exceeded$"):
+        write_atomically(tmp_path / "result.json", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_name_already_taken_is_never_reused(tmp_path, monkeypatch):
+    """The temporary is created with O_EXCL: a file of the same name (another writer's temporary) is left alone and
+    the next name drawn is used."""
+    import secrets
+
+    names = iter(["000000000000", "111111111111"])
+    monkeypatch.setattr(secrets, "token_hex", lambda size: next(names))
+    taken = tmp_path / ".result.000000000000.json"
+    taken.write_text("another writer's")
+    write_atomically(tmp_path / "result.json", lambda tmp: tmp.write_text("mine"))
+    monkeypatch.undo()
+    assert taken.read_text() == "another writer's" and (tmp_path / "result.json").read_text() == "mine"
+
+
+def test_a_writer_that_picks_its_format_by_the_suffix_writes_the_file(tmp_path):
+    """np.save (like PIL and matplotlib) goes by the name, and appends .npy to a name without it: the temporary
+    keeps the target's suffix, so the array lands in the file that is renamed into place."""
+    import numpy as np
+
+    array = np.arange(6.0).reshape(2, 3)
+    path = tmp_path / "array.npy"
+    write_atomically(path, lambda tmp: np.save(tmp, array))
+    np.testing.assert_array_equal(np.load(path), array)
+    assert [p.name for p in tmp_path.iterdir()] == ["array.npy"]
+
+
+def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path):
+    """The temporary's name must fit where the user's does: it keeps only the start of a long stem."""
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX")
+    path = tmp_path / ("r" * (longest - len(".json")) + ".json")
+    write_atomically(path, lambda tmp: tmp.write_text("long"))
+    assert path.read_text() == "long" and [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -18,7 +18,7 @@ from scipy import ndimage, stats
 from deep import devices
 from deep.data import (CORRUPTIONS, GTA5_LABEL_MAP, AugmentConfig, DataError, Loader, augment, cityscapes_arrays,
                        corrupt, hflip, load_cityscapes, load_gta5, load_nyuv2, nyuv2_arrays, random_scale_crop,
-                       write_cityscapes, write_gta5, write_nyuv2)
+                       write_celeba, write_cityscapes, write_gta5, write_nyuv2)
 from deep.data.color import hsv_to_rgb, rgb_to_hsv
 from deep.data.corruptions import defocus_kernel, gaussian_kernel, plasma_fractal
 from deep.data.resample import pil_nearest_indices, pil_resize
@@ -993,3 +993,167 @@ def test_augment_draws_every_scale():
     out = np.asarray(augment(jax.random.key(1), batch, config)["images"])
     unchanged = np.all(np.abs(out - image) < 1e-6, axis=(1, 2, 3))
     assert 32 - 16 < unchanged.sum() < 32 + 16, unchanged.sum()
+
+
+def test_the_nyuv2_files_are_mtans_arrays(nyuv2_root):
+    """The files themselves, read with numpy alone (the reader casts and reshapes, so only this sees what is on
+    disk): MTAN's float32 image [H, W, 3], label [H, W] (integer-valued floats, -1 = ignore), depth [H, W, 1] and
+    normal [H, W, 3], numbered 0..N-1 in every folder of both splits."""
+    shapes = {"image": (HEIGHT, WIDTH, 3), "label": (HEIGHT, WIDTH), "depth": (HEIGHT, WIDTH, 1),
+              "normal": (HEIGHT, WIDTH, 3)}
+    for split, count in (("train", 3), ("val", 2)):
+        for folder, shape in shapes.items():
+            names = sorted(path.name for path in (nyuv2_root / split / folder).iterdir())
+            assert names == sorted(f"{i}.npy" for i in range(count)), (split, folder, names)
+            for name in names:
+                array = np.load(nyuv2_root / split / folder / name)
+                assert (array.dtype, array.shape) == (np.float32, shape), (split, folder, name)
+        labels = np.stack([np.load(nyuv2_root / split / "label" / f"{i}.npy") for i in range(count)])
+        assert (labels == np.round(labels)).all() and labels.min() == -1 and labels.max() <= 12
+
+
+def test_the_cityscapes_files_are_libmtls_arrays_and_val_is_its_own_split(cityscapes_root):
+    """On disk (numpy alone): float32 image [H, W, 3], int32 label [H, W], float32 disparity [H, W]. The val split
+    is the generator's split 1, not a copy of train's first examples."""
+    kinds = {"image": ((HEIGHT, 2 * WIDTH, 3), np.float32), "label": ((HEIGHT, 2 * WIDTH), np.int32),
+             "depth": ((HEIGHT, 2 * WIDTH), np.float32)}
+    for split, count in (("train", 3), ("val", 2)):
+        for folder, (shape, dtype) in kinds.items():
+            names = sorted(path.name for path in (cityscapes_root / split / folder).iterdir())
+            assert names == sorted(f"{i}.npy" for i in range(count)), (split, folder, names)
+            for name in names:
+                array = np.load(cityscapes_root / split / folder / name)
+                assert (array.dtype, array.shape) == (dtype, shape), (split, folder, name)
+    val = load_cityscapes(cityscapes_root, "val")
+    for name, value in cityscapes_arrays(2, HEIGHT, 2 * WIDTH, seed=4, split=1).items():
+        np.testing.assert_array_equal(val[name], value)
+    assert not np.array_equal(val["images"], load_cityscapes(cityscapes_root, "train")["images"][:2])
+
+
+def test_generated_streets_mark_holes_and_sky_invalid_and_store_disparity():
+    """cityscapes_arrays as documented: float32 images [N, H, W, 3] in [0, 1], int32 segmentation with two to four
+    -1 holes per example, float32 depth [N, H, W, 1] that is 0 exactly at the holes and the sky, and a disparity
+    1/z (m^-1) elsewhere: the camera is over a metre above the road and every object several metres ahead, so no
+    disparity reaches 1 (Cityscapes' own are about 0-0.49), where depths in metres would."""
+    streets = cityscapes_arrays(8, 16, 32, seed=2)
+    assert (streets["images"].dtype, streets["images"].shape) == (np.float32, (8, 16, 32, 3))
+    assert (streets["segmentation"].dtype, streets["segmentation"].shape) == (np.int32, (8, 16, 32))
+    assert (streets["depth"].dtype, streets["depth"].shape) == (np.float32, (8, 16, 32, 1))
+    assert 0 <= streets["images"].min() and streets["images"].max() <= 1
+    label, disparity = streets["segmentation"], streets["depth"][..., 0]
+    holes = (label == -1).sum(axis=(1, 2))
+    assert 2 <= holes.min() and holes.max() <= 4, holes
+    np.testing.assert_array_equal(disparity == 0, (label == -1) | (label == 4))
+    assert disparity.max() < 1
+
+
+def _pixel_rays(height, width, fov_degrees):
+    """The camera-frame (u, v) of each pixel centre for rays (u, v, -1): x right, y up, horizontal field of view."""
+    focal = 0.5 * width / np.tan(np.radians(fov_degrees / 2))
+    u = (np.arange(width) + 0.5 - 0.5 * width) / focal
+    v = -(np.arange(height) + 0.5 - 0.5 * height) / focal
+    return np.broadcast_to(u[None, :], (height, width)), np.broadcast_to(v[:, None], (height, width))
+
+
+def test_nyuv2_depth_is_along_the_optical_axis_and_normals_are_the_planes_in_the_camera_frame():
+    """The floor (class 4) and the ceiling (class 2) are planes <n, X> = c. With depth z along the optical axis (as
+    NYUv2's), a pixel's point is X = z (u, v, -1), so 1/z = (n_x u + n_y v - n_z) / c is affine in (u, v), with
+    coefficients along the camera-frame normal the file gives. The floor faces up, towards the camera above it, and
+    the ceiling down (camera-frame n_y beyond 0.9 at these small pitches). Ray lengths in place of depths,
+    world-frame normals, or the floor and ceiling labels swapped break one of these."""
+    height, width = 24, 32
+    scenes = nyuv2_arrays(4, height, width, seed=1)
+    u, v = _pixel_rays(height, width, 60)
+    checked = 0
+    for label, depth, normal in zip(scenes["segmentation"], scenes["depth"][..., 0], scenes["normal"]):
+        for face_class, up in ((4, 1), (2, -1)):
+            face = label == face_class
+            rows, columns = np.nonzero(face)
+            if len(set(rows)) < 3 or len(set(columns)) < 3:  # too few pixels to fix a plane
+                continue
+            normals = normal[face].astype(np.float64)
+            np.testing.assert_allclose(normals, np.broadcast_to(normals[0], normals.shape), atol=1e-6)
+            assert up * normals[0, 1] > 0.9, (face_class, normals[0])
+            design = np.stack([u[face], v[face], np.ones(face.sum())], axis=-1)
+            inverse = 1.0 / depth[face].astype(np.float64)
+            coefficients = np.linalg.lstsq(design, inverse, rcond=None)[0]
+            np.testing.assert_allclose(design @ coefficients, inverse, rtol=1e-4)
+            direction = coefficients * np.array([1.0, 1.0, -1.0])
+            assert abs(direction @ normals[0]) / np.linalg.norm(direction) > 0.9999, (face_class, direction)
+            checked += 1
+    assert checked >= 4
+
+
+def test_nyuv2_images_are_shaded_by_each_faces_orientation():
+    """The image is albedo times Lambertian shading: the room's walls share one albedo (class 11), so in some scene
+    two walls facing different ways differ in mean brightness by more than the per-pixel albedo noise (+-0.02)."""
+    scenes = nyuv2_arrays(4, 24, 32, seed=1)
+    ratios = []
+    for image, label, normal in zip(scenes["images"], scenes["segmentation"], scenes["normal"]):
+        wall = label == 11
+        means = []
+        for direction in {tuple(np.round(n, 3)) for n in normal[wall]}:
+            pixels = wall & (np.abs(normal - np.array(direction)) < 1e-3).all(axis=-1)
+            if pixels.sum() >= 5:
+                means.append(image[pixels].mean())
+        if len(means) >= 2:
+            ratios.append(max(means) / min(means))
+    assert ratios and max(ratios) > 1.05, ratios
+
+
+def test_gta5_files_hold_labelids_of_each_category_and_255_times_disparity(tmp_path):
+    """The GTA5 files read with PIL and numpy alone: 8-bit (mode L) labelId PNGs whose ids map, by the authors'
+    table written out here, to the scenes' categories, void pixels to ids outside it; RGB PNGs; float32 [H, W]
+    depth of 255 x disparity. Forty scenes, so that every void id and the ids of each category get drawn."""
+    table = {7: 0, 8: 0, 11: 1, 12: 1, 13: 1, 17: 2, 19: 2, 20: 2, 21: 3, 22: 3, 23: 4, 24: 5, 25: 5, 26: 6, 27: 6,
+             28: 6, 31: 6, 32: 6, 33: 6}
+    count, height, width = 40, 16, 32
+    write_gta5(tmp_path, count=count, height=height, width=width, seed=6)
+    expected = cityscapes_arrays(count, height, width, seed=6, split=2)
+    for index in range(count):
+        name = f"{index:05d}"
+        with Image.open(tmp_path / "labels" / f"{name}.png") as labels:
+            assert labels.mode == "L"
+            ids = np.asarray(labels)
+        categories = np.array([table.get(int(i), -1) for i in ids.ravel()]).reshape(ids.shape)
+        np.testing.assert_array_equal(categories, expected["segmentation"][index], err_msg=name)
+        with Image.open(tmp_path / "images" / f"{name}.png") as image:
+            assert (image.mode, image.size) == ("RGB", (width, height))
+        depth = np.load(tmp_path / "depth" / f"{name}.npy")
+        assert (depth.dtype, depth.shape) == (np.float32, (height, width))
+        np.testing.assert_allclose(depth, 255 * expected["depth"][index, ..., 0], rtol=1e-6)
+
+
+def test_bad_counts_are_refused_by_name_before_anything_is_written(tmp_path):
+    for write in (write_nyuv2, write_cityscapes):
+        with pytest.raises(ValueError, match="val must be an integer >= 1; got 0"):
+            write(tmp_path / "set", train=2, val=0, height=8, width=8)
+        assert not (tmp_path / "set").exists()
+
+
+def test_the_package_exports_every_reader_and_writer():
+    namespace = {}
+    exec("from deep.data import *", namespace)
+    for name in ("load_nyuv2", "load_cityscapes", "load_gta5", "load_celeba", "write_nyuv2", "write_cityscapes",
+                 "write_gta5", "write_celeba", "nyuv2_arrays", "cityscapes_arrays", "celeba_arrays", "DataError"):
+        assert name in namespace, name
+
+
+@pytest.mark.parametrize("write, files", [
+    (lambda root: write_nyuv2(root, train=3, val=1, height=HEIGHT, width=WIDTH), ("train", "image")),
+    (lambda root: write_cityscapes(root, train=3, val=1, height=HEIGHT, width=WIDTH), ("train", "image")),
+    (lambda root: write_gta5(root, count=3, height=HEIGHT, width=WIDTH), ("images",)),
+    (lambda root: write_celeba(root, train=3, val=1, test=1, height=HEIGHT, width=WIDTH), ("img_align_celeba",)),
+])
+def test_a_set_is_never_written_over_another(tmp_path, write, files):
+    """The readers take every file they find, so a smaller set written over a larger one would mix the two: the
+    second write is refused, and the first set is left as it was. An existing empty folder is a new one."""
+    root = tmp_path / "set"
+    root.mkdir()
+    write(root)
+    before = sorted(path.relative_to(root) for path in root.rglob("*"))
+    with pytest.raises(FileExistsError, match=f"^{root / files[0]} already exists: a generated set goes into a new "
+                                              f"folder \\(or one without "):
+        write(root)
+    assert sorted(path.relative_to(root) for path in root.rglob("*")) == before
+    assert len(list(root.joinpath(*files).iterdir())) >= 3

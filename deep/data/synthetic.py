@@ -26,7 +26,8 @@ and a couple of pixels per example are marked invalid (label -1, depth 0, normal
   0.36 when on and at most 0.17 when off (before noise), so every attribute is learnable from a local patch.
 
 Everything is deterministic from ``seed``: example i of a split uses the generator
-``numpy.random.default_rng((seed, split, i))``, so a larger set extends a smaller one.
+``numpy.random.default_rng((seed, split, i))``, so a larger set extends a smaller one. Each writer writes a new
+set: it refuses a folder that already holds the set's files (the readers would take both sets' files).
 """
 
 from __future__ import annotations
@@ -290,6 +291,19 @@ def cityscapes_arrays(count: int, height: int = 128, width: int = 256, seed: int
     return _generate(_street_scene, count, height, width, seed, split)
 
 
+def _new_set_root(root: str | os.PathLike, entries: Sequence[str]) -> Path:
+    """``root`` as a ``Path``, refused if one of the set's ``entries`` (folders or files under it) is there already
+    and not an empty folder: the readers take every file they find, so a set written over another would keep the
+    other's extra examples beside its own."""
+    root = Path(root)
+    for entry in entries:
+        path = root / entry
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            raise FileExistsError(f"{path} already exists: a generated set goes into a new folder (or one without "
+                                  f"{', '.join(entries)})")
+    return root
+
+
 def _write_npy_split(directory: Path, arrays: dict[str, np.ndarray], formats: dict[str, tuple[str, object]]) -> None:
     for key, (folder, convert) in formats.items():
         (directory / folder).mkdir(parents=True, exist_ok=True)
@@ -305,7 +319,7 @@ def write_nyuv2(root: str | os.PathLike, train: int = 8, val: int = 4, height: i
     depth ``[H, W, 1]`` float32, normal ``[H, W, 3]`` float32.
     """
     _check_sizes(train=train, val=val)
-    root = Path(root)
+    root = _new_set_root(root, ("train", "val"))
     formats = {"images": ("image", lambda v: v), "segmentation": ("label", lambda v: v.astype(np.float32)),
                "depth": ("depth", lambda v: v), "normal": ("normal", lambda v: v)}
     for split_index, (split, count) in enumerate((("train", train), ("val", val))):
@@ -320,7 +334,7 @@ def write_cityscapes(root: str | os.PathLike, train: int = 8, val: int = 4, heig
     Files: image ``[H, W, 3]`` float32, label ``[H, W]`` int32, depth (disparity) ``[H, W]`` float32.
     """
     _check_sizes(train=train, val=val)
-    root = Path(root)
+    root = _new_set_root(root, ("train", "val"))
     formats = {"images": ("image", lambda v: v), "segmentation": ("label", lambda v: v),
                "depth": ("depth", lambda v: v[..., 0])}
     for split_index, (split, count) in enumerate((("train", train), ("val", val))):
@@ -338,8 +352,8 @@ def write_gta5(root: str | os.PathLike, count: int = 4, height: int = 64, width:
 
     (count,) = _check_sizes(count=count)
     seed = check_count("seed", seed, 0)
-    root = Path(root)
     arrays = cityscapes_arrays(count, height, width, seed, split=2)
+    root = _new_set_root(root, ("images", "labels", "depth"))
     for folder in ("images", "labels", "depth"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for index in range(count):
@@ -411,7 +425,9 @@ def write_celeba(root: str | os.PathLike, train: int = 8, val: int = 4, test: in
     if sum(counts.values()) < 1:
         raise ValueError("train + val + test must be at least 1; got 0")
     check_count("quality", quality, 1, 100)
-    root = Path(root)
+    _check_sizes(height=height, width=width)
+    seed = check_count("seed", seed, 0)  # all checked before anything is written
+    root = _new_set_root(root, ("img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt"))
     folder = root / "img_align_celeba" / "img_align_celeba" if nested else root / "img_align_celeba"
     folder.mkdir(parents=True, exist_ok=True)
     attribute_lines = [str(sum(counts.values())), " ".join(CELEBA_ATTRIBUTES) + " "]
