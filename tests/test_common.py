@@ -367,9 +367,9 @@ def test_a_batch_larger_than_the_training_split_is_refused_with_one_that_fits():
     from _training import check_full_batch
 
     check_full_batch(6, 6, 2)  # the whole split in one batch: allowed
-    for batch_size, examples, devices, remedy in ((8, 6, 4, "give --batch-size 4 or less"),
-                                                   (8, 7, 1, "give --batch-size 7 or less"),
-                                                   (4, 3, 4, "it needs at least one example for each of the 4 devices")):
+    for batch_size, examples, devices, remedy in (
+            (8, 6, 4, "give --batch-size 4 or less"), (8, 7, 1, "give --batch-size 7 or less"),
+            (4, 3, 4, "it needs at least one example for each of the 4 devices")):
         with pytest.raises(ValueError) as error:
             check_full_batch(batch_size, examples, devices, note=" (a note)")
         assert str(error.value) == (f"--batch-size {batch_size} is larger than the training split ({examples} "
