@@ -66,8 +66,11 @@ def _global_array(value, sharding: NamedSharding) -> jax.Array:
     """A global array laid out as ``sharding`` from a value that this process holds in full. In one process that is
     ``device_put``; across processes each one fills only its own devices' pieces (``make_array_from_callback``),
     typed PRNG keys through their raw key data."""
-    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+    if (isinstance(value, jax.Array) and isinstance(value.sharding, NamedSharding)
+            and value.sharding.is_equivalent_to(sharding, value.ndim)):
         return value  # already laid out so (a restored state, a batch the loader gathered on the mesh): kept
+    # Not kept: an array on one device, which on a one-device mesh is laid out the same. Its type would lack the mesh
+    # that a jitted step's outputs carry, so the step's second call, given the first one's state, compiled again.
     if jax.process_count() == 1:
         return jax.device_put(value, sharding)
     if hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):

@@ -258,6 +258,23 @@ def test_a_batch_splits_only_when_its_size_divides_by_the_device_count():
         devices.shard_batch(mesh, {"images": np.zeros((6, 2), np.float32)})
 
 
+def test_on_one_device_a_replicated_state_has_the_type_of_a_steps_output_so_the_step_compiles_once():
+    """The training scripts' loop on one device (a GPU, this CPU): the state replicated from arrays already on the
+    device, the batch placed from numpy. The state a step returns carries the mesh in its type, so a first state
+    without it made the second step compile the whole program again (and a resumed run a third time)."""
+    import jax.numpy as jnp
+
+    mesh = devices.data_mesh()
+    assert mesh.devices.size == 1
+    state = devices.replicate(mesh, {"w": jnp.ones(3), "count": jnp.zeros((), jnp.int32)})
+    step = jax.jit(lambda state, batch: {"w": state["w"] + batch["x"].sum(0), "count": state["count"] + 1},
+                   donate_argnums=0)
+    for _ in range(3):
+        state = step(state, devices.shard_batch(mesh, {"x": np.ones((4, 3), np.float32)}))
+    assert step._cache_size() == 1 and int(state["count"]) == 3
+    np.testing.assert_array_equal(state["w"], np.full(3, 13.0))
+
+
 def test_the_multi_host_helpers_wait_for_every_process_and_pass_the_count_and_index_as_named(monkeypatch):
     """barrier syncs whenever there is more than one process (two included) and never in one; initialize_distributed
     hands JAX_NUM_PROCESSES as the process count and JAX_PROCESS_ID as this process's index, and does nothing
