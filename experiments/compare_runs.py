@@ -14,8 +14,9 @@ standard error (sample standard deviation / √n; none for a single seed) and n,
 over the setup's seeds. The best mean of each column among the multi-task setups is in bold (every one on a tie; none
 where there is only one setup); arrows say which way is better. ``s/epoch`` is each run's median training time per
 epoch, averaged over the seeds (the paper's Table 4 cost; the median leaves out the epochs that compiled the step, the
-first of the run and of every resume, while they are fewer than half). Notes under the table say what else differs: flags in which setups of different methods differ,
-or in which the single-task runs differ from them (Δm would then compare unlike trainings).
+first of the run and of every resume, while they are fewer than half). Notes under the table say what else differs:
+flags in which setups of different methods differ, or in which the single-task runs differ from them (Δm would then
+compare unlike trainings).
 
 ``--section`` picks which results: ``final`` (the test split at the last epoch; default), ``final_source``,
 ``source_target_gap`` (target - source, GTA5 -> Cityscapes), ``corrupted_mean`` (Cityscapes-C's mean over
