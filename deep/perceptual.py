@@ -35,7 +35,6 @@ closing over them also keeps 59 MB of constants out of the compiled program.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -46,8 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deep.cli import OneLineArgumentParser, run_command
 from deep.weights import (HWIO_FROM_OIHW, OIHW_FROM_HWIO, check_state_arrays, read_npz, read_pth_state_dict,
-                          run_command, write_npz)
+                          write_npz)
 
 __all__ = ["LPIPSWeights", "VGG16_BLOCKS", "VGG16_CONV_INDICES", "LPIPS_CHANNELS", "LPIPS_SHIFT",
            "LPIPS_SCALE", "lpips_shapes", "check_lpips_arrays", "weights_from_arrays", "arrays_from_weights",
@@ -332,7 +332,7 @@ def lpips_loss(weights: LPIPSWeights, reconstruction: jax.Array, images: jax.Arr
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m deep.perceptual convert VGG16.pth LPIPS_VGG_V01.pth OUT.npz`` or ``check OUT.npz``:
     one-line errors, exit status 2 on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m deep.perceptual",
+    parser = OneLineArgumentParser(prog="python -m deep.perceptual",
                                      description="Offline LPIPS (VGG16, v0.1) weights for the perceptual "
                                                  "loss.")
     commands = parser.add_subparsers(dest="command", required=True)

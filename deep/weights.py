@@ -16,7 +16,6 @@ The classifier (``fc.*``) and ``*.num_batches_tracked`` are ignored. :func:`save
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import zipfile
@@ -29,11 +28,12 @@ import numpy as np
 from flax import nnx
 
 from deep.backbone import ResNet, resnet18, resnet50, torchvision_key
+from deep.cli import OneLineArgumentParser, run_command
 from deep.files import write_atomically
 
 __all__ = ["load_torchvision_npz", "save_torchvision_npz", "convert_pth_to_npz", "torchvision_shapes",
            "check_torchvision_arrays", "check_npz", "is_ignored_key", "main", "read_npz", "write_npz",
-           "read_pth_state_dict", "check_state_arrays", "run_command", "OIHW_FROM_HWIO", "HWIO_FROM_OIHW",
+           "read_pth_state_dict", "check_state_arrays", "OIHW_FROM_HWIO", "HWIO_FROM_OIHW",
            "torch_shapes", "assign_torch_arrays"]
 
 DISTRIBUTION = "core-mtl-toolkit"
@@ -116,11 +116,11 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        IsADirectoryError: if it is a folder.
         ValueError: if it is not a readable ``.npz`` archive.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+    _require_file(path, "weights file")
     not_npz = f"{path} is not a readable .npz archive"
     with open(path, "rb") as handle:
         # Checked first: np.load would return a plain .npy file's array, and call anything else pickled data.
@@ -241,6 +241,13 @@ def save_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
     write_npz(path, arrays)
 
 
+def _require_file(path: Path, kind: str) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{kind} {path} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} {path} does not exist")
+
+
 def read_pth_state_dict(pth_path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The tensors of a PyTorch state dict as numpy arrays, keys and layouts as they are; a checkpoint holding
     the state dict under ``"state_dict"`` is unwrapped. PyTorch is imported here only, and the file is read
@@ -249,6 +256,7 @@ def read_pth_state_dict(pth_path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises:
         ImportError: if PyTorch is not installed.
         FileNotFoundError: if ``pth_path`` does not exist.
+        IsADirectoryError: if it is a folder.
         ValueError: if the file is not a state dict of tensors.
     """
     try:
@@ -257,8 +265,7 @@ def read_pth_state_dict(pth_path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ImportError(f"converting a .pth file needs PyTorch, which is not installed: "
                           f"pip install '{DISTRIBUTION}[torch]'") from None
     pth_path = Path(pth_path)
-    if not pth_path.is_file():
-        raise FileNotFoundError(f"PyTorch file {pth_path} does not exist")
+    _require_file(pth_path, "PyTorch file")
     try:
         state = torch.load(pth_path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not a state dict
@@ -297,26 +304,13 @@ def convert_pth_to_npz(pth_path: str | os.PathLike, npz_path: str | os.PathLike)
     return len(arrays)
 
 
-def run_command(prog: str, command: Callable[[], str]) -> int:
-    """Runs a command-line action that returns its report: prints the report and returns 0, or prints one line
-    ``PROG: error: ...`` to stderr and returns 2 on bad input (a missing, unreadable or mismatched file, no
-    PyTorch)."""
-    try:
-        message = command()
-    except (ValueError, FileNotFoundError, ImportError, OSError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    print(message)
-    return 0
-
-
 RESNETS = {"50": resnet50, "18": resnet18}  # the backbones `check` knows, by depth
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m deep.weights convert IN.pth OUT.npz`` or ``check IN.npz``: one-line errors, exit status 2 on bad
     input."""
-    parser = argparse.ArgumentParser(prog="python -m deep.weights",
+    parser = OneLineArgumentParser(prog="python -m deep.weights",
                                      description="Offline conversion of torchvision weights for the Flax backbone.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert a PyTorch state dict (.pth) to .npz (needs torch)")

@@ -22,14 +22,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from deep.cli import OneLineArgumentParser
 from deep.files import write_atomically  # the scripts import it from here too
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (``prog: error: ...``) and exit with status 2."""
-
-    def error(self, message: str):  # noqa: D401 (argparse's name)
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

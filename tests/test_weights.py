@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deep import weights
+from deep import perceptual, weights
 from deep.backbone import BackboneConfig, ResNet, resnet50, torchvision_key
 
 TINY = BackboneConfig(depths=(1, 1, 1, 1), width=2)
@@ -261,3 +261,29 @@ def test_check_cli_knows_the_resnet18_backbone(tmp_path, capsys):
     assert f"all {len(shapes)} ResNet-18 backbone arrays present" in capsys.readouterr().out
     assert weights.main(["check", str(path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("main, command", [(weights.main, ["check", "{folder}"]),
+                                           (weights.main, ["convert", "{folder}", "{folder}/out.npz"]),
+                                           (perceptual.main, ["check", "{folder}"])])
+def test_a_folder_given_for_a_weights_file_is_called_a_folder(tmp_path, capsys, main, command):
+    """Not "does not exist", which would send the user looking for a path that is there."""
+    assert main([part.format(folder=tmp_path) for part in command]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.endswith(f"file {tmp_path} is a folder, not a file\n"), error
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (weights.main, [], "the following arguments are required: command"),
+    (weights.main, ["check", "x.npz", "--resnet", "34"], "argument --resnet: invalid choice: '34'"),
+    (weights.main, ["convert", "in.pth"], "the following arguments are required: npz"),
+    (perceptual.main, ["check"], "the following arguments are required: npz"),
+    (perceptual.main, ["train", "x"], "argument command: invalid choice: 'train'"),
+])
+def test_the_converters_bad_arguments_get_one_line_and_status_2(capsys, main, argv, message):
+    """As every script of the project: ``PROG: error: ...`` alone, without argparse's usage lines."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and error.count("\n") == 1 and error.startswith("python -m deep."), error
+    assert message in error
