@@ -37,12 +37,17 @@ def killed_after_the_first_checkpoint(script: Path, args, out: Path, cache: Path
     """Starts a training run into ``out`` and kills it (SIGKILL) as soon as its epoch-1 checkpoint exists; checks
     that it had not finished, and returns the ``metrics.jsonl`` line of that checkpointed epoch (a resume must
     leave it as it is: an epoch checkpointed is not trained again)."""
-    with subprocess.Popen([sys.executable, str(script), *args, "--out", str(out)], cwd=ROOT,
-                          env=environment(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+    errors = out.parent / f"{out.name}.stderr"  # a file: a pipe nobody reads could fill and stall the run
+    with open(errors, "w") as stderr, subprocess.Popen([sys.executable, str(script), *args, "--out", str(out)],
+                                                       cwd=ROOT, env=environment(cache), stdout=subprocess.DEVNULL,
+                                                       stderr=stderr) as process:
         deadline = time.time() + 600
         while not (out / "checkpoints" / "1").exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.05)
+        ended = process.poll()  # before the kill: the run's own exit status, if it stopped by itself
         process.send_signal(signal.SIGKILL)
+    assert ended is None, f"the run stopped by itself (status {ended}) before it could be killed:\n" + \
+        errors.read_text()[-3000:]
     assert not (out / "results.json").exists(), "the run ended before it could be killed"
     return (out / "metrics.jsonl").read_text().splitlines()[:1]
 

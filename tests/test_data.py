@@ -1157,3 +1157,10 @@ def test_a_set_is_never_written_over_another(tmp_path, write, files):
         write(root)
     assert sorted(path.relative_to(root) for path in root.rglob("*")) == before
     assert len(list(root.joinpath(*files).iterdir())) >= 3
+
+
+def test_no_two_seeds_and_epochs_share_an_order():
+    """The order is drawn from (seed, epoch) as a pair: runs of neighbouring seeds never replay each other's epochs
+    (an order drawn from seed + epoch would repeat seed s, epoch e + 1 as seed s + 1, epoch e)."""
+    orders = {tuple(Loader(_indexed(), 3, seed=seed).order(epoch)) for seed in range(4) for epoch in range(4)}
+    assert len(orders) == 16

@@ -258,6 +258,22 @@ def test_a_batch_splits_only_when_its_size_divides_by_the_device_count():
         devices.shard_batch(mesh, {"images": np.zeros((6, 2), np.float32)})
 
 
+def test_on_a_mesh_only_training_batches_must_split_over_the_devices():
+    """A training loader (drop_last) refuses a batch of 6 over 4 devices; an evaluation loader takes it, since its
+    batches are laid out by their size (copied to every device when it does not divide) and a small split may hold
+    fewer examples than the devices."""
+    from deep.data import Loader
+
+    mesh = four_device_mesh()
+    arrays = {"images": np.arange(10, dtype=np.float32).reshape(10, 1)}
+    with pytest.raises(ValueError, match="batch_size must be a multiple of 4; got 6"):
+        Loader(arrays, 6, seed=0, on_device=True, mesh=mesh)
+    evaluation = Loader(arrays, 6, seed=0, shuffle=False, drop_last=False, on_device=True, mesh=mesh)
+    # The layouts only: this mesh repeats one device, whose copies of a batch cannot be read back.
+    assert [(batch["images"].shape, batch["images"].sharding.spec) for batch in evaluation.epoch(0)] == [
+        ((6, 1), PartitionSpec()), ((4, 1), PartitionSpec("data"))]
+
+
 def test_on_one_device_a_replicated_state_has_the_type_of_a_steps_output_so_the_step_compiles_once():
     """The training scripts' loop on one device (a GPU, this CPU): the state replicated from arrays already on the
     device, the batch placed from numpy. The state a step returns carries the mesh in its type, so a first state

@@ -2,6 +2,7 @@
 checkpoints. (Each kind of baseline step trains end to end in tests/test_train_nyuv2.py and tests/test_deep_mtan.py.)"""
 
 import dataclasses
+import errno
 import functools
 import json
 
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from deep import losses, train, trainer
-from deep.checkpoint import Checkpoints, _looks_damaged
+from deep.checkpoint import CheckpointMismatch, Checkpoints, _looks_damaged
 from deep.model import DualStreamModel, ModelConfig
 from test_deep_model import abstract_model, output_shapes
 from test_deep_train import TINY, comparable_leaves, copied, make_batch
@@ -528,3 +529,80 @@ def test_a_counterfactual_pass_of_probability_zero_is_not_named_unused():
     assert never.counterfactual > 0
     assert trainer.unused_terms(never, 15) == ["the CKA term (independence)"]
     assert trainer.unused_terms(never, 30) == []
+
+
+def _truncate_arrays(directory, epoch):
+    """Damages the checkpoint of ``epoch`` as a disk might: every data file cut to a third."""
+    for path in (directory / str(epoch)).rglob("*"):
+        if path.is_file() and "METADATA" not in path.name and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def _names(directory):
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def test_the_checkpoints_that_restored_past_a_damaged_one_save_that_epoch_again_and_give_typed_keys(tmp_path):
+    """The script restores and then saves with one Checkpoints: once the damaged newest is set aside, the same
+    object must save that epoch again (Orbax's list of steps reloaded), and what it restored holds the template's
+    typed PRNG keys (NNX's dropout streams), not their raw uint32 data."""
+    tree = {"w": jnp.arange(1000.0), "key": jax.random.key(5)}
+    for epoch in (1, 2):
+        _save(tmp_path / "run", epoch, tree)
+    _truncate_arrays(tmp_path / "run", 2)
+    with Checkpoints(tmp_path / "run", keep=2) as checkpoints:
+        epoch, restored, set_aside = checkpoints.restore_latest(tree)
+        assert epoch == 1 and len(set_aside) == 1
+        assert jax.dtypes.issubdtype(restored["key"].dtype, jax.dtypes.prng_key)
+        np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(tree["key"]))
+        checkpoints.save(2, {**tree, "w": tree["w"] * 2})
+        assert checkpoints.latest_epoch() == 2
+        np.testing.assert_array_equal(checkpoints.restore(2, tree)["w"], tree["w"] * 2)
+    assert _names(tmp_path / "run") == ["1", "2", "2.unreadable"]
+
+
+def test_every_damaged_checkpoint_is_set_aside_under_a_name_of_its_own(tmp_path):
+    """The same epoch damaged three times keeps three copies (.unreadable, .2, .3); with more kept checkpoints, two
+    damaged newer ones are both set aside on the way to the readable one."""
+    tree = {"w": jnp.arange(1000.0)}
+    run = tmp_path / "run"
+    _save(run, 1, tree)
+    for _ in range(3):
+        _save(run, 2, tree)
+        _truncate_arrays(run, 2)
+        assert _restore_latest(run, tree)[0] == 1
+    assert _names(run) == ["1", "2.unreadable", "2.unreadable.2", "2.unreadable.3"]
+    three = tmp_path / "three"
+    with Checkpoints(three, keep=3) as checkpoints:
+        for epoch in (1, 2, 3):
+            checkpoints.save(epoch, tree)
+    _truncate_arrays(three, 2), _truncate_arrays(three, 3)
+    epoch, _, set_aside = _restore_latest(three, tree)
+    assert epoch == 1 and [reason.split(":")[0] for reason in set_aside] == ["epoch 3", "epoch 2"]
+    assert _names(three) == ["1", "2.unreadable", "3.unreadable"]
+
+
+def test_a_resume_of_another_configuration_an_io_error_and_a_failed_close_are_reported_as_such(tmp_path):
+    """A whole checkpoint of another structure: restore_latest's one-line CheckpointMismatch, nothing renamed (it is
+    not damage). An I/O error is not damage either. keep=0 (a run that keeps nothing) is refused. A close that fails
+    while an error stops the run leaves that error in charge, with the close's as a note."""
+    tree = {"w": jnp.arange(4.0)}
+    _save(tmp_path / "run", 1, tree)
+    with pytest.raises(CheckpointMismatch, match="checkpoint of epoch 1 .* does not match") as refused:
+        _restore_latest(tmp_path / "run", {"w": jnp.arange(4.0), "v": jnp.zeros(2)})
+    assert "\n" not in str(refused.value) and _names(tmp_path / "run") == ["1"]
+    assert not _looks_damaged(OSError(errno.EIO, "Input/output error"))
+    with pytest.raises(ValueError, match="keep must be an integer >= 1; got 0"):
+        Checkpoints(tmp_path / "none", keep=0)
+    checkpoints = Checkpoints(tmp_path / "closing")
+    real_close = checkpoints.close
+
+    def failing_close():
+        real_close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    checkpoints.close = failing_close
+    with pytest.raises(KeyError, match="the run's own error") as stopped:
+        with checkpoints:
+            raise KeyError("the run's own error")
+    assert any("could not be finished either: OSError" in note for note in stopped.value.__notes__)

@@ -173,3 +173,11 @@ def test_a_probe_longer_than_an_epoch_averages_over_the_batches_it_ran(uninterru
     cosines = json.loads((out / "results.json").read_text())["gradient_cosines"]
     assert cosines["batches"] == 5
     assert all(abs(cosines["task_task"][i][i] - 1) < 1e-5 for i in range(5))
+
+
+def test_the_epochs_val_line_is_measured_on_val_not_on_test(uninterrupted):
+    """Each epoch's line scores the val split; the test split is scored once, at the end. With the same final model
+    the two differ unless one split were scored for both. Uses the module's ``uninterrupted`` run."""
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert results["final_val"] == results["history"][-1]["val"]
+    assert results["final_val"] != results["test"]

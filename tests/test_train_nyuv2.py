@@ -539,3 +539,204 @@ def test_the_results_are_the_last_epochs(uninterrupted):
     lines = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert results["final"] == lines[-1]["test"] and results["history"] == lines
     assert results["final"] != lines[0]["test"]  # EW learns: the epochs' metrics differ
+
+
+def test_the_step_guard_stops_at_the_first_non_finite_step_and_the_epochs_means_are_over_its_steps():
+    """train_epoch with steps stood in by their metrics: the means' sums and count over the steps (the guard's flag
+    not among them), and a non-finite step stops the epoch with its number and the last good state."""
+    load_script(SCRIPT)
+    from _training import train_epoch
+
+    steps = [(0, {"finite": True, "loss": 1.0, "depth": 2.0}), (1, {"finite": True, "loss": 3.0, "depth": 4.0})]
+    assert train_epoch(iter(steps), 2, 0, 4, True, ("loss",), lambda: "LAST") == ({"loss": 4.0, "depth": 6.0}, 2)
+    diverged = [*steps, (2, {"finite": False, "loss": float("nan"), "depth": 1.0}), (3, {"finite": True, "loss": 1.0,
+                                                                                         "depth": 1.0})]
+    with pytest.raises(ValueError, match=r"^training diverged at epoch 2, step 3: a non-finite loss or gradient norm "
+                                         r"\(that step was not applied\); LAST$"):
+        train_epoch(iter(diverged), 4, 1, 4, True, ("loss",), lambda: "LAST")
+
+
+class RecordingCheckpoints:
+    """What record_epoch and last_good_state_of use of Checkpoints; each save notes metrics.jsonl as it was then."""
+
+    def __init__(self, out):
+        self.out, self.saved = out, []
+
+    def save(self, epoch, tree):
+        history = self.out / "metrics.jsonl"
+        self.saved.append((epoch, tree, history.read_text() if history.exists() else None))
+
+    def latest_epoch(self):
+        return self.saved[-1][0] if self.saved else None
+
+
+def test_an_epoch_is_recorded_line_first_and_a_non_finite_evaluation_records_nothing(tmp_path):
+    """record_epoch writes the epoch's line before its checkpoint (a kill between them redoes the epoch; the other
+    way round would leave a checkpoint whose line is lost), and an evaluation with a non-finite metric (here the
+    source split's) stops the run with where its last good state is, recording nothing."""
+    load_script(SCRIPT)
+    from _training import last_good_state_of, record_epoch
+
+    checkpoints, history = RecordingCheckpoints(tmp_path), []
+    last_good = lambda: last_good_state_of(checkpoints, tmp_path / "checkpoints")  # noqa: E731
+    assert last_good() == "no epoch had completed, so there is no checkpoint"
+    line = {"epoch": 1, "train": {"loss": 1.0}, "test": {"depth/abs_err": 0.5}, "source": {"depth/abs_err": 0.7}}
+    record_epoch(line, history, ("test", "source"), tmp_path, True, checkpoints, {"w": 1}, last_good)
+    assert history == [line] and checkpoints.saved == [(1, {"w": 1}, json.dumps(line) + "\n")]
+    assert last_good() == f"the last good state is the checkpoint of epoch 1 in {tmp_path / 'checkpoints'}"
+    bad = {**line, "epoch": 2, "source": {"depth/abs_err": float("inf")}}
+    with pytest.raises(ValueError, match=r"^the model diverged at epoch 2: its evaluation gave a non-finite source "
+                                         r"depth/abs_err; the last good state is the checkpoint of epoch 1 in "):
+        record_epoch(bad, history, ("test", "source"), tmp_path, True, checkpoints, {"w": 2}, last_good)
+    assert history == [line] and len(checkpoints.saved) == 1
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps(line) + "\n"
+
+
+def test_a_resume_counts_the_last_epoch_a_damaged_history_records_and_epoch_true_is_no_epoch(tmp_path, capsys):
+    load_script(SCRIPT)
+    from _training import read_history, restore_run
+
+    history = tmp_path / "metrics.jsonl"
+    history.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
+    restore_run(FakeCheckpoints(None, tmp_path), {}, True, "p", history, 4, True)
+    assert "metrics.jsonl's epochs 1-3 have no readable checkpoint" in capsys.readouterr().err
+    history.write_text('{"epoch": true}\n')
+    with pytest.raises(ValueError, match="its line 1 has no epoch number"):
+        read_history(history, 1)
+
+
+def test_a_resume_takes_unrecorded_fields_at_their_defaults_and_refuses_what_would_change_the_run(tmp_path):
+    """A run.json of an older version lacks newer fields: they had their defaults, so a resume with those passes. A
+    resume without run.json, with another --steps-per-epoch (the schedule), a data folder the run did not have
+    (--source-data added) or a test split of another size is refused."""
+    module = load_script(SCRIPT)
+    from _training import check_run_folder, record_run
+
+    for name in ("gta5", "cityscapes", "held_out"):
+        (tmp_path / name).mkdir()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    started = module.TrainConfig(data=str(tmp_path / "gta5"), dataset="gta5", target_data=str(tmp_path / "cityscapes"),
+                                 method="ew", steps_per_epoch=2)
+    check = lambda **changes: check_run_folder(  # noqa: E731
+        folder, dataclasses.replace(started, resume=True, **changes).run_identity(), True, module.TrainConfig,
+        module.PATH_FIELDS, "train_nyuv2.py")
+    with pytest.raises(FileNotFoundError, match="--resume: no run to resume in .* \\(run.json is missing\\)"):
+        check()
+    older = {k: v for k, v in started.run_identity().items() if k != "shortcut_strength"}  # at its default, 1.0
+    (folder / "run.json").write_text(json.dumps({**older, "examples": {"train": 32, "test": 16}}))
+    record = check()
+    with pytest.raises(ValueError, match="--steps-per-epoch was 2, now 3"):
+        check(steps_per_epoch=3)
+    with pytest.raises(ValueError, match="--source-data was '', now '.*held_out'"):
+        check(source_data=str(tmp_path / "held_out"))
+    with pytest.raises(ValueError, match=r"other splits than the run was trained on: test 12 \(the run's: 16\)"):
+        record_run(folder, started.run_identity(), {"train": 32, "test": 12}, resumed=record)
+
+
+def test_a_generated_set_appears_whole_or_not_at_all(tmp_path):
+    """A run killed while generating its data set leaves no set behind, and the next run's writer starts from an
+    empty folder (the half-written one cleared)."""
+    load_script(SCRIPT)
+    from _training import generated
+
+    root = tmp_path / "data"
+
+    def killed(folder):
+        folder.mkdir()
+        (folder / "half.npy").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    def whole(folder):
+        folder.mkdir()
+        (folder / "all.npy").write_bytes(b"y")
+
+    with pytest.raises(KeyboardInterrupt):
+        generated(root, killed)
+    assert not root.exists()
+    assert generated(root, whole) == root and _names_in(root) == ["all.npy"] and _names_in(tmp_path) == ["data"]
+
+
+def _names_in(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# A training run whose step is a stand-in recording what the loop hands it (the step's key, the batch after
+# augmentation, the counterfactual flag, the state's step counter and the balancer's), one JSON line per step, and
+# which counts steps in the state and in a balancer state. STOP_AT: the step at which the run is interrupted.
+LOOP_LAUNCHER = """
+import json, os, runpy, sys
+import jax, jax.numpy as jnp, numpy as np
+script, log, stop_at = sys.argv[1], os.environ["STEP_LOG"], int(os.environ.get("STOP_AT", "-1"))
+sys.path.insert(0, os.path.dirname(script))
+from deep import trainer
+calls = []
+
+class CountingBalancer:
+    def init(self, num_tasks):
+        return {"steps": jnp.zeros((), jnp.int32)}
+
+def make_step(method, graphdef, optimizer, weights, perceptual=None, jacobian_chunk=None):
+    def step(state, balancer_state, batch, key, controls, counterfactual=None):
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        calls.append(1)
+        record = {"key": np.asarray(jax.random.key_data(key)).tolist(),
+                  "images": float(np.asarray(batch["images"], np.float64).sum()),
+                  "counterfactual": bool(counterfactual), "state": int(state.step),
+                  "balancer": int(balancer_state["steps"]) if balancer_state else None}
+        with open(log, "a") as file:
+            file.write(json.dumps(record) + "\\n")
+        state = state._replace(step=state.step + 1)
+        if balancer_state:
+            balancer_state = {"steps": balancer_state["steps"] + 1}
+        return state, balancer_state, {"finite": jnp.array(True), "loss": jnp.array(1.0)}
+    return (CountingBalancer() if method != "core" else ()), step
+
+trainer.make_step = make_step
+sys.argv = [script, *sys.argv[2:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("method_flags", [
+    ["--method", "ew", "--augment"],
+    ["--method", "core", "--epochs", "3", "--warmup-epochs", "0", "--loss-weights",
+     "stage0_epochs=0,stage1_epochs=0,counterfactual_start_epoch=0,counterfactual_probability=0.5"]],
+    ids=["ew_augmented", "core_coin_flips"])
+def test_a_resumed_loop_hands_each_step_what_the_uninterrupted_loop_did(cache, tmp_path, method_flags):
+    """The epoch loop's side of an exact resume, with a stand-in step (no training compiled): interrupted in its
+    second epoch and resumed, a run hands every step the key, the (augmented) batch, the counterfactual coin flip,
+    the state and the balancer's state that the uninterrupted run did, and trains each epoch once; keys and coin
+    flips follow the global step, so no epoch repeats another's. (EW trains
+    without randomness and has no balancer state, so the resumed run's numbers alone would not show these.)"""
+    flags = [*FLAGS, "--steps-per-epoch", "2", *method_flags]
+
+    def run_loop(out, log, stop_at=-1, resume=False):
+        env = dict(environment(cache), STEP_LOG=str(log), STOP_AT=str(stop_at))
+        return subprocess.run([sys.executable, "-c", LOOP_LAUNCHER, str(SCRIPT), *flags, "--out", str(out),
+                               *(["--resume"] if resume else [])], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=900)
+
+    steps = lambda log: [json.loads(line) for line in log.read_text().splitlines()]  # noqa: E731
+    result = run_loop(tmp_path / "whole", tmp_path / "whole.jsonl")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = steps(tmp_path / "whole.jsonl")
+    assert [step["state"] for step in expected] == list(range(len(expected)))
+    interrupted = run_loop(tmp_path / "killed", tmp_path / "killed.jsonl", stop_at=3)  # the 2nd step of epoch 2
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert steps(tmp_path / "killed.jsonl") == expected[:3]
+    result = run_loop(tmp_path / "killed", tmp_path / "resumed.jsonl", resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert steps(tmp_path / "resumed.jsonl") == expected[2:]  # from epoch 2's first step, each step once
+    # Each step its own key (drawn from the global step, not the step within the epoch), and for CORE-MTL the coin
+    # flip of its global step.
+    assert len({str(step["key"]) for step in expected}) == len(expected)
+    if "core" in method_flags:
+        from deep.trainer import EpochControls
+
+        coin = EpochControls(train_tasks=True, independence_weight=0.0, counterfactual_probability=0.5)
+        assert [step["counterfactual"] for step in expected] == [coin.counterfactual_at(2024, global_step)
+                                                                 for global_step in range(len(expected))]
+    else:
+        assert [step["balancer"] for step in expected] == list(range(len(expected)))
