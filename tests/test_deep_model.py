@@ -486,3 +486,29 @@ def test_layers_built_inside_drawn_later_start_at_zero_and_outside_as_flax_draws
     for layer in inside:
         assert not np.any(np.asarray(layer.kernel[...])) and not np.any(np.asarray(layer.bias[...]))
     assert np.all(np.asarray(outside.kernel[...]) != 0)
+
+
+def test_the_authors_lighting_reads_the_spatial_mean_of_the_adapted_c4():
+    """With the multi-scale fusion and light_reads="backbone" (the authors' variant), the light head reads h, the
+    spatial mean of the adapted c4: the last fusion_channels channels of F (reference §2), not all of F, and a mean,
+    not a max."""
+    model = DualStreamModel(AUTHORS, nnx.Rngs(1))
+    model.eval()
+    assert AUTHORS.light_reads == "backbone" and AUTHORS.grounding == "hard"
+    assert model.decoder.light.fc1.in_features == AUTHORS.fusion_channels
+    keys = jax.random.split(jax.random.key(12), 3)
+    semantic_map = jax.random.normal(keys[0], (2, 4, 5, AUTHORS.semantic_channels), jnp.float32)
+    residual = jax.random.normal(keys[1], (2, AUTHORS.residual_channels), jnp.float32)
+    fused = jax.random.normal(keys[2], (2, 4, 5, 4 * AUTHORS.fusion_channels), jnp.float32)
+    lighting = nnx.jit(lambda m, s, r, f: m.render(s, r, f, (32, 40))[1]["lighting"])(model, semantic_map, residual,
+                                                                                        fused)
+    h = jnp.mean(fused[..., -AUTHORS.fusion_channels:], axis=(1, 2))
+    np.testing.assert_allclose(lighting, model.decoder.light(h), rtol=1e-5, atol=1e-6)
+
+
+def test_the_generic_decoders_take_the_configured_width():
+    """generic_width sizes both generic decoders' trunks (and, halved, their blocks), not their 512 default."""
+    model = abstract_model(TINY)
+    for decoder in (model.geometry_decoder, model.appearance_decoder):
+        assert decoder.trunk.conv.kernel.shape[3] == TINY.generic_width
+        assert decoder.final.kernel.shape[2] == TINY.generic_width // 8
