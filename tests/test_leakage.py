@@ -303,3 +303,19 @@ def test_exact_w1_of_a_translated_mixture_with_far_apart_components():
     assert w1_exact(p, q) == pytest.approx(3.0, rel=1e-8)
     low, high = p.support_bounds()
     assert p.cdf(np.array([low]))[0] < 1e-15 and p.cdf(np.array([high]))[0] > 1 - 1e-15
+
+
+def test_the_printed_failures_name_every_case_with_its_count_and_worst_point():
+    """The script prints one line per failing case (the JSON holds every failure): each case appears, in order, with
+    its count and the point furthest over its bound, so no case is hidden behind a cut-off."""
+    module = load_script(SCRIPT)
+    point = lambda case, gap, bound, theta: {"case": case, "head": "linear", "loss": "squared",  # noqa: E731
+                                             "theta": theta, "gap": gap, "gap_se": 0.001, "bound": bound}
+    failures = [point("laplace", 0.5, 0.4, 0.2), point("laplace", 0.9, 0.3, 0.8), point("laplace", 0.6, 0.1, 0.5),
+                point("uniform", 0.3, 0.2, 1.0)]
+    assert module.failure_lines(failures) == [
+        "  laplace              3 failures; furthest over: linear head, squared loss, theta=0.80, gap=0.9000±0.0010 "
+        "> bound=0.3000",
+        "  uniform              1 failure; furthest over: linear head, squared loss, theta=1.00, gap=0.3000±0.0010 "
+        "> bound=0.2000"]
+    assert module.failure_lines([]) == []
