@@ -171,10 +171,15 @@ def check_output_path(out: str, kind: str | None = None, name: str = "--out") ->
     _probe_folder(out, path.parent if wants_file else path, name)
 
 
+# The folders that checking an output path made (deepest first): removed again, if still empty, when the script
+# stops with an error or an interrupt (run_main), so that a failed command leaves no trace.
+_MADE_FOLDERS: list[Path] = []
+
+
 def _probe_folder(out: str, folder: Path, name: str) -> None:
     """Makes ``folder`` and a file in it, then removes the file. The folder stays (the script writes there next;
     removing it could pull it from under another process of the same run checking the same ``--out``), except
-    the parts made here when the check fails."""
+    the parts made here when the check fails, or when the script fails before it writes there (run_main)."""
     missing = [candidate for candidate in (folder, *folder.parents) if not os.path.lexists(candidate)]
     try:
         try:
@@ -190,12 +195,17 @@ def _probe_folder(out: str, folder: Path, name: str) -> None:
             raise ValueError(f"{name} {out} cannot be written: cannot create a file in {folder} "
                              f"({error.strerror or error}); choose a location you can write to") from None
     except ValueError:
-        for candidate in missing:  # deepest first
-            try:
-                candidate.rmdir()
-            except OSError:
-                pass  # never made, or something was put there meanwhile: leave it
+        _remove_if_empty(missing)
         raise
+    _MADE_FOLDERS.extend(missing)
+
+
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    for candidate in folders:  # deepest first
+        try:
+            candidate.rmdir()
+        except OSError:
+            pass  # never made, or something was put there meanwhile: leave it
 
 
 def parse_floats(name: str, value: Any) -> tuple[float, ...]:
@@ -278,8 +288,10 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> None:
     """Runs ``main``; library ``ValueError`` s (bad input met late) and the errors of a path that cannot be read or
     written (any ``OSError`` that names a path: a missing file, a full disk...) become one line and exit status 2
-    (other errors keep their traceback: they are bugs)."""
+    (other errors keep their traceback: they are bugs). Then, and on an interrupt, the folders that checking the
+    output made are removed again if nothing was written there."""
     prog = Path(sys.argv[0]).name
+    _MADE_FOLDERS.clear()
     previous_hook, sys.unraisablehook = sys.unraisablehook, functools.partial(_deliver_interrupts, sys.unraisablehook)
     try:
         status = main(argv)
@@ -287,9 +299,11 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         if isinstance(error, OSError) and not (isinstance(error, _PATH_ERRORS) or error.errno in _STORAGE_ERRNOS):
             raise  # not something the user can act on (EIO, EMFILE, EXDEV...): a traceback helps more
         print(f"{prog}: error: {error}", file=sys.stderr)
+        _remove_if_empty(_MADE_FOLDERS)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
+        _remove_if_empty(_MADE_FOLDERS)
         # Ended at once, without the interpreter's teardown: a JAX computation still running on another thread
         # crashed it (signal 11 instead of 130). Every file is written atomically and every context manager (the
         # checkpoints') has closed on the way here, so nothing is lost.

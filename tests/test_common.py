@@ -579,3 +579,32 @@ def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path):
     path = tmp_path / ("r" * (longest - len(".json")) + ".json")
     write_atomically(path, lambda tmp: tmp.write_text("long"))
     assert path.read_text() == "long" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_failed_or_interrupted_script_leaves_no_empty_output_folder_behind(tmp_path, capsys):
+    """Folders the output check made are removed when the script then stops with bad input or an interrupt, unless
+    something was written there; folders that were there before are never touched."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+
+    def failing(out, write=False, error=ValueError("bad input met late")):
+        def main(argv):
+            check_output_path(str(out), kind="folder")
+            assert out.is_dir()
+            if write:
+                (out / "data").mkdir()
+            raise error
+        return main
+
+    for out in (tmp_path / "new" / "run", existing / "run"):
+        with pytest.raises(SystemExit) as exit_:
+            run_main(failing(out), [])
+        assert exit_.value.code == 2 and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and list(existing.iterdir()) == []
+    with pytest.raises(SystemExit):
+        run_main(failing(tmp_path / "kept" / "run", write=True), [])
+    assert (tmp_path / "kept" / "run" / "data").is_dir()
+    with mock.patch("os._exit", side_effect=SystemExit) as exit_, pytest.raises(SystemExit):
+        run_main(failing(tmp_path / "stopped" / "run", error=KeyboardInterrupt()), [])
+    assert exit_.call_args.args == (130,) and not (tmp_path / "stopped").exists()
+    assert capsys.readouterr().err.count("\n") == 4
