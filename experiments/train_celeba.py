@@ -319,9 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mesh = data_mesh_for(config.batch_size)
     primary = jax.process_index() == 0
 
-    reading = tqdm(desc="reading CelebA", unit="image", disable=config.quiet, leave=False, file=sys.stderr)
-    splits = _load_splits(config, out, reading.update)
-    reading.close()
+    # Closed (and, leave=False, cleared) also when reading stops with an error, so only its one line is left.
+    with tqdm(desc="reading CelebA", unit="image", disable=config.quiet, leave=False, file=sys.stderr) as reading:
+        splits = _load_splits(config, out, reading.update)
     check_full_batch(config.batch_size, len(splits["train"]["images"]), mesh.devices.size)
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(splits["train"], config.batch_size, seed=config.seed, **placement)
