@@ -222,7 +222,7 @@ def plot(payload: dict, path: Path) -> None:
     left.set_ylabel(r"OOD gap $R_T - R_S$ (mean over tasks)")
     right.set_ylabel(r"gap / ($\sin^2\theta\,|\Delta\sigma_r^2|$)")
     left.set_title("Every balancing method sits on the closed-form gap, above the floor")
-    right.set_title(r"The gap scales as $\sin^2\theta$")
+    right.set_title(r"Gap / $\sin^2\theta$: gap and floor share the $\theta\to0$ limit")
     handles, labels = left.get_legend_handles_labels()
     limit_handles, limit_labels = right.get_legend_handles_labels()
     handles.append(limit_handles[limit_labels.index(r"$\theta\to0$ limit")])
