@@ -43,7 +43,7 @@ def _new_file_beside(path: Path) -> Path:
     the umask, which the kernel applies): not mkstemp's 0600, since results and weights are shared like any other
     file, and without reading the umask, which only setting it can do, leaving it 0 a moment for every thread.
     The name keeps ``path``'s suffix (writers such as ``np.save`` go by it) and at most 40 characters of its stem, so
-    that it is no longer than the longest name the file system allows."""
+    that a long name with a usual suffix still fits the longest name the file system allows."""
     while True:
         candidate = path.with_name(f".{path.stem[:40]}.{secrets.token_hex(6)}{path.suffix}")
         try:

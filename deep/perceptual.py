@@ -333,8 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m deep.perceptual convert VGG16.pth LPIPS_VGG_V01.pth OUT.npz`` or ``check OUT.npz``:
     one-line errors, exit status 2 on bad input."""
     parser = OneLineArgumentParser(prog="python -m deep.perceptual",
-                                     description="Offline LPIPS (VGG16, v0.1) weights for the perceptual "
-                                                 "loss.")
+                                   description="Offline LPIPS (VGG16, v0.1) weights for the perceptual loss.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="combine torchvision VGG16 and lpips v0.1 .pth files into "
                                                   "an .npz (needs torch)")

@@ -33,7 +33,7 @@ from deep.files import write_atomically
 
 __all__ = ["load_torchvision_npz", "save_torchvision_npz", "convert_pth_to_npz", "torchvision_shapes",
            "check_torchvision_arrays", "check_npz", "is_ignored_key", "main", "read_npz", "write_npz",
-           "read_pth_state_dict", "check_state_arrays", "OIHW_FROM_HWIO", "HWIO_FROM_OIHW",
+           "read_pth_state_dict", "check_state_arrays", "run_command", "OIHW_FROM_HWIO", "HWIO_FROM_OIHW",
            "torch_shapes", "assign_torch_arrays"]
 
 DISTRIBUTION = "core-mtl-toolkit"
@@ -259,13 +259,13 @@ def read_pth_state_dict(pth_path: str | os.PathLike) -> dict[str, np.ndarray]:
         IsADirectoryError: if it is a folder.
         ValueError: if the file is not a state dict of tensors.
     """
+    pth_path = Path(pth_path)
+    _require_file(pth_path, "PyTorch file")  # first: a wrong path is said as such, with PyTorch or without
     try:
         import torch
     except ImportError:
         raise ImportError(f"converting a .pth file needs PyTorch, which is not installed: "
                           f"pip install '{DISTRIBUTION}[torch]'") from None
-    pth_path = Path(pth_path)
-    _require_file(pth_path, "PyTorch file")
     try:
         state = torch.load(pth_path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not a state dict
@@ -297,6 +297,7 @@ def convert_pth_to_npz(pth_path: str | os.PathLike, npz_path: str | os.PathLike)
     Raises:
         ImportError: if PyTorch is not installed.
         FileNotFoundError: if ``pth_path`` does not exist.
+        IsADirectoryError: if it is a folder.
         ValueError: if the file is not a state dict of tensors.
     """
     arrays = read_pth_state_dict(pth_path)
@@ -311,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m deep.weights convert IN.pth OUT.npz`` or ``check IN.npz``: one-line errors, exit status 2 on bad
     input."""
     parser = OneLineArgumentParser(prog="python -m deep.weights",
-                                     description="Offline conversion of torchvision weights for the Flax backbone.")
+                                   description="Offline conversion of torchvision weights for the Flax backbone.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert a PyTorch state dict (.pth) to .npz (needs torch)")
     convert.add_argument("pth", type=Path, help="input .pth (e.g. resnet50-19c8e357.pth)")

@@ -127,6 +127,7 @@ def parse_config(config_class: type, parser: argparse.ArgumentParser, argv: Sequ
     by a ``.json`` suffix).
     """
     namespace = parser.parse_args(argv)
+    made_before = len(_MADE_FOLDERS)
     try:
         check_seeds(config_class, vars(namespace))
         config = config_class(**vars(namespace))
@@ -134,6 +135,8 @@ def parse_config(config_class: type, parser: argparse.ArgumentParser, argv: Sequ
             check_output_path(config.out, kind=out_kind)
         return config
     except ValueError as error:
+        # Made by a check that passed (a --trace folder) before one that failed.
+        _remove_if_empty(_MADE_FOLDERS[made_before:])
         parser.error(str(error))
 
 
@@ -171,8 +174,10 @@ def check_output_path(out: str, kind: str | None = None, name: str = "--out") ->
     _probe_folder(out, path.parent if wants_file else path, name)
 
 
-# The folders that checking an output path made (deepest first): removed again, if still empty, when the script
-# stops with an error or an interrupt (run_main), so that a failed command leaves no trace.
+# The folders that checking an output path made: removed again, if still empty, when the script stops with bad input
+# or an interrupt (parse_config, run_main), so that a failed command leaves no trace. (With several processes of one
+# run, one that fails at once could remove --out while another still checks it; that one then fails too, saying it
+# cannot write there.)
 _MADE_FOLDERS: list[Path] = []
 
 
@@ -180,7 +185,9 @@ def _probe_folder(out: str, folder: Path, name: str) -> None:
     """Makes ``folder`` and a file in it, then removes the file. The folder stays (the script writes there next;
     removing it could pull it from under another process of the same run checking the same ``--out``), except
     the parts made here when the check fails, or when the script fails before it writes there (run_main)."""
-    missing = [candidate for candidate in (folder, *folder.parents) if not os.path.lexists(candidate)]
+    # Named without "..": in "a/../b", mkdir makes a, but b (the folder itself) may have been there before.
+    named = dict.fromkeys(Path(os.path.normpath(os.path.abspath(path))) for path in (folder, *folder.parents))
+    missing = [candidate for candidate in named if not os.path.lexists(candidate)]
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -201,7 +208,7 @@ def _probe_folder(out: str, folder: Path, name: str) -> None:
 
 
 def _remove_if_empty(folders: Sequence[Path]) -> None:
-    for candidate in folders:  # deepest first
+    for candidate in sorted(folders, key=lambda folder: len(folder.parts), reverse=True):  # deepest first
         try:
             candidate.rmdir()
         except OSError:

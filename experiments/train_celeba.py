@@ -322,7 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Closed (and, leave=False, cleared) also when reading stops with an error, so only its one line is left.
     with tqdm(desc="reading CelebA", unit="image", disable=config.quiet, leave=False, file=sys.stderr) as reading:
         splits = _load_splits(config, out, reading.update)
-    check_full_batch(config.batch_size, len(splits["train"]["images"]), mesh.devices.size)
+    check_full_batch(config.batch_size, len(splits["train"]["images"]), mesh.devices.size,
+                     f" (--synthetic reuses the set already generated under {out / 'data'}: delete it for a new one)"
+                     if config.synthetic else "")
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(splits["train"], config.batch_size, seed=config.seed, **placement)
 

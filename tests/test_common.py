@@ -1,5 +1,6 @@
 """The scripts' shared helpers: atomic output and one-line flag errors."""
 
+import argparse
 import dataclasses
 import errno
 import json
@@ -15,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-from _common import (check_output_path, null_non_finite, parse_choices, parse_overrides, run_main,  # noqa: E402
-                     write_atomically, write_json)
+from _common import (check_output_path, null_non_finite, parse_choices, parse_config, parse_overrides,  # noqa: E402
+                     run_main, write_atomically, write_json)
 from scripts import ROOT, assert_one_line_error, load_script, run_in_process, run_script  # noqa: E402
 
 
@@ -408,9 +409,12 @@ def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_ends_the_scr
     _xla_gc_callback (7th of 25 tries with both cores busy). run_main delivers such an interrupt again. Here the
     callback raises it itself, as a SIGINT handled there does; without the hook the script runs to its end."""
     program = textwrap.dedent("""
-        import gc, sys, time
+        import gc, signal, sys, time
         sys.path.insert(0, "experiments")
         from _common import run_main
+
+        # As in a terminal: a shell's background job starts with SIGINT ignored, where nothing could interrupt it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def interrupted_inside_a_collection(phase, info):
             gc.callbacks.remove(interrupted_inside_a_collection)
@@ -430,6 +434,7 @@ def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_ends_the_scr
     assert result.returncode == 130, result.stderr[-2000:]
     assert "ran to the end" not in result.stdout and "Exception ignored" not in result.stderr
     assert result.stderr.rstrip().endswith("-c: interrupted")
+
 
 def _interrupted_write_text(self, data, *args, **kwargs):
     """Path.write_text that stops half-way, as a full disk would."""
@@ -607,4 +612,39 @@ def test_a_failed_or_interrupted_script_leaves_no_empty_output_folder_behind(tmp
     with mock.patch("os._exit", side_effect=SystemExit) as exit_, pytest.raises(SystemExit):
         run_main(failing(tmp_path / "stopped" / "run", error=KeyboardInterrupt()), [])
     assert exit_.call_args.args == (130,) and not (tmp_path / "stopped").exists()
-    assert capsys.readouterr().err.count("\n") == 4
+    # "missing/../existing" names the existing folder, which the check did not make (only "missing").
+    with pytest.raises(SystemExit):
+        run_main(failing(tmp_path / "missing" / ".." / "existing"), [])
+    assert existing.is_dir() and not (tmp_path / "missing").exists()
+
+    def two_checks(argv):  # the deeper folder made by the second check: both removed, the deeper first
+        check_output_path(str(tmp_path / "trace"), kind="folder", name="--trace")
+        check_output_path(str(tmp_path / "trace" / "sub" / "r.json"), kind="file")
+        raise ValueError("bad input met late")
+
+    with pytest.raises(SystemExit):
+        run_main(two_checks, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "kept"]
+    assert capsys.readouterr().err.count("\n") == 6
+
+
+def test_a_refused_configuration_leaves_no_folder_that_its_checks_made(tmp_path, capsys):
+    """parse_config: a folder checked in the configuration's own checks (bench_train_step's --trace) is removed again
+    when a later check (--out) refuses, before argparse's exit."""
+    @dataclasses.dataclass
+    class Config:
+        trace: str = ""
+        out: str = ""
+
+        def __post_init__(self):
+            check_output_path(self.trace, kind="folder", name="--trace")
+
+    (tmp_path / "file").write_text("")
+    parser = argparse.ArgumentParser(prog="script")
+    parser.add_argument("--trace", default="")
+    parser.add_argument("--out", default="")
+    with pytest.raises(SystemExit):
+        parse_config(Config, parser, ["--trace", str(tmp_path / "trace"), "--out", str(tmp_path / "file")],
+                     out_kind="folder")
+    assert "--out must be a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -280,8 +280,7 @@ def test_on_one_device_a_replicated_state_has_the_type_of_a_steps_output_so_the_
     without it made the second step compile the whole program again (and a resumed run a third time)."""
     import jax.numpy as jnp
 
-    mesh = devices.data_mesh()
-    assert mesh.devices.size == 1
+    mesh = devices.data_mesh(jax.devices()[:1])
     state = devices.replicate(mesh, {"w": jnp.ones(3), "count": jnp.zeros((), jnp.int32)})
     step = jax.jit(lambda state, batch: {"w": state["w"] + batch["x"].sum(0), "count": state["count"] + 1},
                    donate_argnums=0)

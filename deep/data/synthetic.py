@@ -352,8 +352,8 @@ def write_gta5(root: str | os.PathLike, count: int = 4, height: int = 64, width:
 
     (count,) = _check_sizes(count=count)
     seed = check_count("seed", seed, 0)
-    arrays = cityscapes_arrays(count, height, width, seed, split=2)
     root = _new_set_root(root, ("images", "labels", "depth"))
+    arrays = cityscapes_arrays(count, height, width, seed, split=2)
     for folder in ("images", "labels", "depth"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for index in range(count):
