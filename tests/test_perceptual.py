@@ -233,7 +233,10 @@ def test_converter_combines_the_two_files_with_a_stand_in_torch(arrays, tmp_path
 
 def test_cli_without_torch_and_with_a_bad_file_reports_one_line(arrays, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
-    assert perceptual.main(["convert", "a.pth", "b.pth", str(tmp_path / "out.npz")]) == 2
+    for name in ("a.pth", "b.pth"):
+        (tmp_path / name).write_bytes(b"a state dict")
+    files = [str(tmp_path / name) for name in ("a.pth", "b.pth", "out.npz")]
+    assert perceptual.main(["convert", *files]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "core-mtl-toolkit[torch]" in error
     np.savez(tmp_path / "short.npz", **{k: v for k, v in arrays.items() if k != "lin0.model.1.weight"})

@@ -166,7 +166,9 @@ def test_resnet50_expects_torchvisions_265_backbone_arrays():
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
                     reason="torch is installed: the real round trip runs instead")
 def test_converter_without_torch_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    """Given a file to convert (a missing one is said as such first, torch or not)."""
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    (tmp_path / "in.pth").write_bytes(b"a state dict")
     with pytest.raises(ImportError, match=r"pip install 'core-mtl-toolkit\[torch\]'"):
         weights.convert_pth_to_npz(tmp_path / "in.pth", tmp_path / "out.npz")
     assert weights.main(["convert", str(tmp_path / "in.pth"), str(tmp_path / "out.npz")]) == 2
