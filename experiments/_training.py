@@ -108,6 +108,12 @@ def check_full_batch(batch_size: int, examples: int, devices: int, note: str = "
                      f"leave no full batch; {remedy}{note}")
 
 
+def reused_set_note(folder: Path) -> str:
+    """Said after a batch-size refusal when ``--synthetic`` found its set in ``folder`` already (and did not write a
+    new one of the size the flags ask for)."""
+    return f" (--synthetic reuses the set already generated under {folder}: delete it for a new one)"
+
+
 def evaluation_loader(split: dict, batch_size: int, seed: int, placement: dict):
     """A loader over ``split`` in its order, for evaluation: batches of at most ``batch_size``, the last one filled up
     with ignored labels (and black images), which change no metric, so evaluation compiles for one batch shape.

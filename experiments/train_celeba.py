@@ -43,7 +43,7 @@ from _common import (environment, parse_config, parse_overrides, parser_for, pyp
                      require_finite, require_folder, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_full_batch, check_run_folder, data_mesh_for, evaluation_loader,  # noqa: E402
                        generated, last_good_state_of, read_weights, record_epoch, record_run, restore_run,
-                       train_epoch)
+                       reused_set_note, train_epoch)
 
 PATH_FIELDS = ("data", "pretrained", "perceptual")
 VARIANTS = ("paper", "authors")
@@ -323,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(desc="reading CelebA", unit="image", disable=config.quiet, leave=False, file=sys.stderr) as reading:
         splits = _load_splits(config, out, reading.update)
     check_full_batch(config.batch_size, len(splits["train"]["images"]), mesh.devices.size,
-                     f" (--synthetic reuses the set already generated under {out / 'data'}: delete it for a new one)"
-                     if config.synthetic else "")
+                     reused_set_note(out / "data") if config.synthetic else "")
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(splits["train"], config.batch_size, seed=config.seed, **placement)
 

@@ -54,7 +54,7 @@ from _common import (environment, parse_choices, parse_config, parse_overrides, 
                      require_file, require_finite, require_folder, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_full_batch, check_run_folder, data_mesh_for, evaluation_loader,  # noqa: E402
                        generated, last_good_state_of, read_weights, record_epoch, record_run, restore_run,
-                       train_epoch)
+                       reused_set_note, train_epoch)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5", "colored_cityscapes")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
@@ -495,8 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_split, test_split = tasks_only(train_split), tasks_only(test_split)
     source_split = tasks_only(source_split) if source_split is not None else None
     check_full_batch(config.batch_size, len(train_split["images"]), mesh.devices.size,
-                     f" (--synthetic reuses the set already generated under {out / 'data'}: delete it for a new one)"
-                     if config.synthetic else "")
+                     reused_set_note(out / "data") if config.synthetic else "")
     # On the device: a copy of each split on every device, each batch gathered there already split over them.
     placement = {"on_device": config.on_device, "mesh": mesh if config.on_device else None}
     loader = Loader(train_split, config.batch_size, seed=config.seed, **placement)

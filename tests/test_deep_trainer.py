@@ -188,6 +188,10 @@ def test_model_configs_for_each_method():
     assert aux["semantic_map"].shape[-1] == 5 and aux["residual_code"].shape[-1] == 3
 
 
+def _names(directory):
+    """The entries of ``directory`` but hidden ones (Orbax's temporaries)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
 def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(tmp_path):
     optimizer = train.make_optimizer(train.OptimConfig())
     _, state = train.split_model(DualStreamModel(TINY, nnx.Rngs(0)), optimizer)
@@ -197,7 +201,7 @@ def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(t
     for epoch in (1, 2, 3):
         checkpoints.save(epoch, tree)
     assert checkpoints.latest_epoch() == 3
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["2", "3"]
+    assert _names(tmp_path / "run") == ["2", "3"]
     # A save killed half-way leaves only a temporary folder, which is not a checkpoint.
     (tmp_path / "run" / "4.orbax-checkpoint-tmp-0").mkdir()
     with Checkpoints(tmp_path / "run") as other:
@@ -345,19 +349,17 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restored(tm
     epoch, restored, set_aside = _restore_latest(tmp_path / "run", tree)
     assert epoch == 1 and len(set_aside) == 1 and set_aside[0].startswith("epoch 2: ")
     np.testing.assert_array_equal(restored["w"], tree["w"])
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1", "2.unreadable"]
+    assert _names(tmp_path / "run") == ["1", "2.unreadable"]
     assert _save(tmp_path / "run", 2, tree) == 2  # the run goes on where the damaged checkpoint was
     damage(2)  # damaged again: set aside beside the first
     assert _restore_latest(tmp_path / "run", tree)[0] == 1
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "1", "2.unreadable", "2.unreadable.2"]
+    assert _names(tmp_path / "run") == ["1", "2.unreadable", "2.unreadable.2"]
     _save(tmp_path / "run", 2, tree)
     damage(1), damage(2)
     with pytest.raises(ValueError, match="no checkpoint in .* can be read; the newest \\(epoch 2\\)") as refused:
         _restore_latest(tmp_path / "run", tree)
     assert "\n" not in str(refused.value)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
-        "1", "2", "2.unreadable", "2.unreadable.2"]
+    assert _names(tmp_path / "run") == ["1", "2", "2.unreadable", "2.unreadable.2"]
 
 
 def test_a_restore_failing_for_another_reason_renames_nothing(tmp_path, monkeypatch):
@@ -371,7 +373,7 @@ def test_a_restore_failing_for_another_reason_renames_nothing(tmp_path, monkeypa
     monkeypatch.setattr(Checkpoints, "restore", out_of_memory)
     with pytest.raises(MemoryError):
         _restore_latest(tmp_path / "run", tree)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["1"]
+    assert _names(tmp_path / "run") == ["1"]
 
 
 def test_a_training_step_consumes_its_state(plain_setup, core_training_step):
@@ -536,10 +538,6 @@ def _truncate_arrays(directory, epoch):
     for path in (directory / str(epoch)).rglob("*"):
         if path.is_file() and "METADATA" not in path.name and path.stat().st_size > 0:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
-
-
-def _names(directory):
-    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
 
 
 def test_the_checkpoints_that_restored_past_a_damaged_one_save_that_epoch_again_and_give_typed_keys(tmp_path):
