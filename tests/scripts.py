@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib.util
 import io
+import json
 import os
 import signal
 import subprocess
@@ -50,6 +51,74 @@ def killed_after_the_first_checkpoint(script: Path, args, out: Path, cache: Path
         errors.read_text()[-3000:]
     assert not (out / "results.json").exists(), "the run ended before it could be killed"
     return (out / "metrics.jsonl").read_text().splitlines()[:1]
+
+
+# A training script run with its step replaced by a stand-in that records what the loop hands it (the step's key,
+# the batch after augmentation, the counterfactual flag, the state's step counter and the balancer's), one JSON line
+# per step, and counts steps in the state and in a balancer state. STOP_AT: the step at which the run is
+# interrupted. Both scripts' step builders are replaced (train_nyuv2.py calls deep.trainer.make_step with the
+# epoch's controls, train_celeba.py deep.attributes.make_attribute_step without).
+STAND_IN_LOOP = """
+import json, os, runpy, sys
+import jax, jax.numpy as jnp, numpy as np
+script, log, stop_at = sys.argv[1], os.environ["STEP_LOG"], int(os.environ.get("STOP_AT", "-1"))
+sys.path.insert(0, os.path.dirname(script))
+from deep import attributes, trainer
+calls = []
+
+class CountingBalancer:
+    def init(self, num_tasks):
+        return {"steps": jnp.zeros((), jnp.int32)}
+
+def make_step(method, graphdef, optimizer, weights, perceptual=None, jacobian_chunk=None):
+    def step(state, balancer_state, batch, key, controls=None, counterfactual=None):
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        calls.append(1)
+        record = {"key": np.asarray(jax.random.key_data(key)).tolist(),
+                  "images": float(np.asarray(batch["images"], np.float64).sum()),
+                  "counterfactual": bool(counterfactual), "state": int(state.step),
+                  "balancer": int(balancer_state["steps"]) if balancer_state else None}
+        with open(log, "a") as file:
+            file.write(json.dumps(record) + "\\n")
+        state = state._replace(step=state.step + 1)
+        if balancer_state:
+            balancer_state = {"steps": balancer_state["steps"] + 1}
+        return state, balancer_state, {"finite": jnp.array(True), "loss": jnp.array(1.0)}
+    return (CountingBalancer() if method != "core" else ()), step
+
+trainer.make_step = attributes.make_attribute_step = make_step
+sys.argv = [script, *sys.argv[2:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def steps_of_a_resumed_stand_in_loop(script: Path, flags: list[str], cache: Path, folder: Path) -> list[dict]:
+    """The epoch loop's side of an exact resume, with a stand-in step (:data:`STAND_IN_LOOP`, no training compiled;
+    ``flags`` must give 2 steps per epoch): a run interrupted at the 2nd step of its 2nd epoch and resumed hands
+    every step what the uninterrupted run did (key, batch, coin flip, state, balancer state), from that epoch's first
+    step and each step once. Checks that, that the state counts every step of the uninterrupted run and that each
+    step has its own key (drawn from the global step, not the step within the epoch), and returns the uninterrupted
+    run's steps."""
+    def run_loop(out, log, stop_at=-1, resume=False):
+        env = dict(environment(cache), STEP_LOG=str(log), STOP_AT=str(stop_at))
+        return subprocess.run([sys.executable, "-c", STAND_IN_LOOP, str(script), *flags, "--out", str(out),
+                               *(["--resume"] if resume else [])], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=900)
+
+    steps = lambda log: [json.loads(line) for line in log.read_text().splitlines()]  # noqa: E731
+    result = run_loop(folder / "whole", folder / "whole.jsonl")
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = steps(folder / "whole.jsonl")
+    assert [step["state"] for step in expected] == list(range(len(expected)))
+    interrupted = run_loop(folder / "killed", folder / "killed.jsonl", stop_at=3)
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert steps(folder / "killed.jsonl") == expected[:3]
+    result = run_loop(folder / "killed", folder / "resumed.jsonl", resume=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert steps(folder / "resumed.jsonl") == expected[2:]
+    assert len({str(step["key"]) for step in expected}) == len(expected)
+    return expected
 
 
 def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

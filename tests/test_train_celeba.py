@@ -6,7 +6,7 @@ import json
 import pytest
 
 from scripts import (ROOT, assert_one_line_error, killed_after_the_first_checkpoint, load_script, run_in_process,
-                     run_script, run_training, weights_reaching)
+                     run_script, run_training, steps_of_a_resumed_stand_in_loop, weights_reaching)
 
 SCRIPT = ROOT / "experiments" / "train_celeba.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3", "--warmup-epochs", "1",
@@ -180,3 +180,12 @@ def test_the_epochs_val_line_is_measured_on_val_not_on_test(uninterrupted):
     the two differ unless one split were scored for both. Uses the module's ``uninterrupted`` run."""
     results = json.loads((uninterrupted / "results.json").read_text())
     assert results["history"][-1]["val"] != results["test"]
+
+
+def test_a_resumed_loop_hands_each_step_what_the_uninterrupted_loop_did(cache, tmp_path):
+    """The epoch loop's side of an exact resume (as train_nyuv2.py's test), with a stand-in step that counts its
+    steps in a balancer state: the resumed run goes on from the balancer state of its checkpoint, with the keys and
+    the augmented batches of the uninterrupted run."""
+    flags = [*FLAGS, "--method", "ew", "--augment", "--steps-per-epoch", "2", "--gradient-probe", "0"]
+    expected = steps_of_a_resumed_stand_in_loop(SCRIPT, flags, cache, tmp_path)
+    assert [step["balancer"] for step in expected] == list(range(len(expected)))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from scripts import (ROOT, USE_GLOO, assert_one_line_error, environment, killed_after_the_first_checkpoint,
-                     load_script, run_in_process, run_processes, run_script, run_training, weights_reaching,
-                     with_cpu_devices)
+                     load_script, run_in_process, run_processes, run_script, run_training,
+                     steps_of_a_resumed_stand_in_loop, weights_reaching, with_cpu_devices)
 
 SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--method", "ew", "--epochs", "4", "--warmup-epochs", "1",
@@ -664,44 +664,6 @@ def _names_in(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
-# A training run whose step is a stand-in recording what the loop hands it (the step's key, the batch after
-# augmentation, the counterfactual flag, the state's step counter and the balancer's), one JSON line per step, and
-# which counts steps in the state and in a balancer state. STOP_AT: the step at which the run is interrupted.
-LOOP_LAUNCHER = """
-import json, os, runpy, sys
-import jax, jax.numpy as jnp, numpy as np
-script, log, stop_at = sys.argv[1], os.environ["STEP_LOG"], int(os.environ.get("STOP_AT", "-1"))
-sys.path.insert(0, os.path.dirname(script))
-from deep import trainer
-calls = []
-
-class CountingBalancer:
-    def init(self, num_tasks):
-        return {"steps": jnp.zeros((), jnp.int32)}
-
-def make_step(method, graphdef, optimizer, weights, perceptual=None, jacobian_chunk=None):
-    def step(state, balancer_state, batch, key, controls, counterfactual=None):
-        if len(calls) == stop_at:
-            raise KeyboardInterrupt
-        calls.append(1)
-        record = {"key": np.asarray(jax.random.key_data(key)).tolist(),
-                  "images": float(np.asarray(batch["images"], np.float64).sum()),
-                  "counterfactual": bool(counterfactual), "state": int(state.step),
-                  "balancer": int(balancer_state["steps"]) if balancer_state else None}
-        with open(log, "a") as file:
-            file.write(json.dumps(record) + "\\n")
-        state = state._replace(step=state.step + 1)
-        if balancer_state:
-            balancer_state = {"steps": balancer_state["steps"] + 1}
-        return state, balancer_state, {"finite": jnp.array(True), "loss": jnp.array(1.0)}
-    return (CountingBalancer() if method != "core" else ()), step
-
-trainer.make_step = make_step
-sys.argv = [script, *sys.argv[2:]]
-runpy.run_path(script, run_name="__main__")
-"""
-
-
 @pytest.mark.parametrize("method_flags", [
     ["--method", "ew", "--augment"],
     ["--method", "core", "--epochs", "3", "--warmup-epochs", "0", "--loss-weights",
@@ -711,30 +673,10 @@ def test_a_resumed_loop_hands_each_step_what_the_uninterrupted_loop_did(cache, t
     """The epoch loop's side of an exact resume, with a stand-in step (no training compiled): interrupted in its
     second epoch and resumed, a run hands every step the key, the (augmented) batch, the counterfactual coin flip,
     the state and the balancer's state that the uninterrupted run did, and trains each epoch once; keys and coin
-    flips follow the global step, so no epoch repeats another's. (EW trains
-    without randomness and has no balancer state, so the resumed run's numbers alone would not show these.)"""
-    flags = [*FLAGS, "--steps-per-epoch", "2", *method_flags]
-
-    def run_loop(out, log, stop_at=-1, resume=False):
-        env = dict(environment(cache), STEP_LOG=str(log), STOP_AT=str(stop_at))
-        return subprocess.run([sys.executable, "-c", LOOP_LAUNCHER, str(SCRIPT), *flags, "--out", str(out),
-                               *(["--resume"] if resume else [])], capture_output=True, text=True, cwd=ROOT, env=env,
-                              timeout=900)
-
-    steps = lambda log: [json.loads(line) for line in log.read_text().splitlines()]  # noqa: E731
-    result = run_loop(tmp_path / "whole", tmp_path / "whole.jsonl")
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = steps(tmp_path / "whole.jsonl")
-    assert [step["state"] for step in expected] == list(range(len(expected)))
-    interrupted = run_loop(tmp_path / "killed", tmp_path / "killed.jsonl", stop_at=3)  # the 2nd step of epoch 2
-    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
-    assert steps(tmp_path / "killed.jsonl") == expected[:3]
-    result = run_loop(tmp_path / "killed", tmp_path / "resumed.jsonl", resume=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert steps(tmp_path / "resumed.jsonl") == expected[2:]  # from epoch 2's first step, each step once
-    # Each step its own key (drawn from the global step, not the step within the epoch), and for CORE-MTL the coin
-    # flip of its global step.
-    assert len({str(step["key"]) for step in expected}) == len(expected)
+    flips follow the global step, so no epoch repeats another's. (EW trains without randomness and has no balancer
+    state, so the resumed run's numbers alone would not show these.)"""
+    expected = steps_of_a_resumed_stand_in_loop(SCRIPT, [*FLAGS, "--steps-per-epoch", "2", *method_flags], cache,
+                                                tmp_path)
     if "core" in method_flags:
         from deep.trainer import EpochControls
 
