@@ -56,8 +56,9 @@ def killed_after_the_first_checkpoint(script: Path, args, out: Path, cache: Path
 # A training script run with its step replaced by a stand-in that records what the loop hands it (the step's key,
 # the batch after augmentation, the counterfactual flag, the state's step counter and the balancer's), one JSON line
 # per step, and counts steps in the state and in a balancer state. STOP_AT: the step at which the run is
-# interrupted. Both scripts' step builders are replaced (train_nyuv2.py calls deep.trainer.make_step with the
-# epoch's controls, train_celeba.py deep.attributes.make_attribute_step without).
+# interrupted; NAN_EVALUATION: the call of deep.trainer.evaluate (from 1) whose first metric is made NaN. Both
+# scripts' step builders are replaced (train_nyuv2.py calls deep.trainer.make_step with the epoch's controls,
+# train_celeba.py deep.attributes.make_attribute_step without).
 STAND_IN_LOOP = """
 import json, os, runpy, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -88,9 +89,26 @@ def make_step(method, graphdef, optimizer, weights, perceptual=None, jacobian_ch
     return (CountingBalancer() if method != "core" else ()), step
 
 trainer.make_step = attributes.make_attribute_step = make_step
+evaluate, evaluations, nan_at = trainer.evaluate, [], int(os.environ.get("NAN_EVALUATION", "0"))
+
+def evaluate_or_nan(*args, **kwargs):
+    metrics = evaluate(*args, **kwargs)
+    evaluations.append(1)
+    return {**metrics, next(iter(metrics)): float("nan")} if len(evaluations) == nan_at else metrics
+
+trainer.evaluate = evaluate_or_nan
 sys.argv = [script, *sys.argv[2:]]
 runpy.run_path(script, run_name="__main__")
 """
+
+
+def run_with_a_stand_in_step(script: Path, args: list[str], cache: Path, log: Path, stop_at: int = -1,
+                             nan_evaluation: int = 0) -> subprocess.CompletedProcess:
+    """``python <script> args...`` with the stand-in step of :data:`STAND_IN_LOOP`, which writes its steps to ``log``
+    (``stop_at``, ``nan_evaluation``: its STOP_AT and NAN_EVALUATION)."""
+    env = dict(environment(cache), STEP_LOG=str(log), STOP_AT=str(stop_at), NAN_EVALUATION=str(nan_evaluation))
+    return subprocess.run([sys.executable, "-c", STAND_IN_LOOP, str(script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=900)
 
 
 def steps_of_a_resumed_stand_in_loop(script: Path, flags: list[str], cache: Path, folder: Path) -> list[dict]:
@@ -101,10 +119,8 @@ def steps_of_a_resumed_stand_in_loop(script: Path, flags: list[str], cache: Path
     step has its own key (drawn from the global step, not the step within the epoch), and returns the uninterrupted
     run's steps."""
     def run_loop(out, log, stop_at=-1, resume=False):
-        env = dict(environment(cache), STEP_LOG=str(log), STOP_AT=str(stop_at))
-        return subprocess.run([sys.executable, "-c", STAND_IN_LOOP, str(script), *flags, "--out", str(out),
-                               *(["--resume"] if resume else [])], capture_output=True, text=True, cwd=ROOT, env=env,
-                              timeout=900)
+        return run_with_a_stand_in_step(script, [*flags, "--out", str(out), *(["--resume"] if resume else [])],
+                                        cache, log, stop_at=stop_at)
 
     steps = lambda log: [json.loads(line) for line in log.read_text().splitlines()]  # noqa: E731
     result = run_loop(folder / "whole", folder / "whole.jsonl")

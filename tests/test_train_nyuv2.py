@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from scripts import (ROOT, USE_GLOO, assert_one_line_error, environment, killed_after_the_first_checkpoint,
-                     load_script, run_in_process, run_processes, run_script, run_training,
+                     load_script, run_in_process, run_processes, run_script, run_training, run_with_a_stand_in_step,
                      steps_of_a_resumed_stand_in_loop, weights_reaching, with_cpu_devices)
 
 SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
@@ -685,3 +685,15 @@ def test_a_resumed_loop_hands_each_step_what_the_uninterrupted_loop_did(cache, t
                                                                  for global_step in range(len(expected))]
     else:
         assert [step["balancer"] for step in expected] == list(range(len(expected)))
+
+
+def test_a_non_finite_metric_of_the_source_split_stops_the_run_before_its_epoch_is_recorded(cache, tmp_path):
+    """GTA5 with held-out source scenes, a stand-in step, and the source split's evaluation (the epoch's second,
+    after the target's) made NaN: the run stops with a line naming that split's metric, and records no epoch."""
+    out = tmp_path / "gta5"
+    flags = ["--synthetic", "--dataset", "gta5", "--model", "tiny", "--method", "ew", "--epochs", "1",
+             "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet", "--out", str(out)]
+    result = run_with_a_stand_in_step(SCRIPT, flags, cache, tmp_path / "steps.jsonl", nan_evaluation=2)
+    assert_one_line_error(result, "train_nyuv2.py: error: the model diverged at epoch 1: its evaluation gave a "
+                                  "non-finite source segmentation/miou; no epoch had completed, so there is no checkpoint")
+    assert not (out / "metrics.jsonl").exists() and not (out / "results.json").exists()
