@@ -695,5 +695,6 @@ def test_a_non_finite_metric_of_the_source_split_stops_the_run_before_its_epoch_
              "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet", "--out", str(out)]
     result = run_with_a_stand_in_step(SCRIPT, flags, cache, tmp_path / "steps.jsonl", nan_evaluation=2)
     assert_one_line_error(result, "train_nyuv2.py: error: the model diverged at epoch 1: its evaluation gave a "
-                                  "non-finite source segmentation/miou; no epoch had completed, so there is no checkpoint")
+                                  "non-finite source segmentation/miou; no epoch had completed, so there is no "
+                                  "checkpoint")
     assert not (out / "metrics.jsonl").exists() and not (out / "results.json").exists()
