@@ -79,6 +79,21 @@ def test_schedule_warms_up_then_decays_by_cosine():
         train.OptimConfig(warmup_epochs=200)
 
 
+def test_the_optimiser_configuration_refuses_what_the_schedule_and_the_update_cannot_use():
+    """Refused when the configuration is made rather than met in a trace: a floor above η (min_lr_ratio > 1) would
+    make the cosine rise, zero steps per epoch divides by zero in the schedule (an integer division, which under jit
+    gives a number rather than an error), an infinite learning rate makes every update non-finite and an infinite
+    clip norm clips nothing. The edges (ratio 0 and 1, no warm-up, one epoch) are allowed."""
+    for fields, name in [({"min_lr_ratio": 1.5}, "min_lr_ratio"), ({"min_lr_ratio": -0.1}, "min_lr_ratio"),
+                         ({"weight_decay": -1e-4}, "weight_decay"), ({"steps_per_epoch": 0}, "steps_per_epoch"),
+                         ({"learning_rate": float("inf")}, "learning_rate"), ({"learning_rate": 0.0}, "learning_rate"),
+                         ({"clip_norm": float("inf")}, "clip_norm"), ({"clip_norm": float("nan")}, "clip_norm")]:
+        with pytest.raises(ValueError, match=name):
+            train.OptimConfig(**fields)
+    for ratio in (0.0, 1.0):
+        train.OptimConfig(min_lr_ratio=ratio, warmup_epochs=0, epochs=1)
+
+
 def test_the_cosine_ends_at_min_lr_ratio_times_the_learning_rate():
     """The floor is a fraction of η, not an absolute rate (the schedule test above uses η = 1, where the two
     coincide)."""
@@ -202,6 +217,72 @@ def test_the_counterfactual_pass_swaps_residual_codes_runs_in_eval_mode_and_weig
     assert _counterfactual_loss(flat, residual, depth, weights, key) != pytest.approx(unshuffled, rel=1e-3)
 
 
+def test_the_counterfactual_shuffle_is_the_permutation_drawn_from_the_steps_key():
+    """π is ``jax.random.permutation(key, B)`` of the key the step is given, so each step draws its own: with equal
+    semantic maps and distinct residual codes the loss is the hand-made one for that π, for each of three keys whose
+    permutations differ (a fixed π would match one of them at most). Same stand-in and formula as above."""
+    rng = np.random.default_rng(2)
+    flat = jnp.broadcast_to(jnp.asarray(rng.normal(size=(1, 3, 3, 1)), jnp.float32), (4, 3, 3, 1))
+    residual = jnp.asarray(rng.normal(size=(4, 1)), jnp.float32)
+    depth = jnp.asarray(rng.normal(size=(4, 3, 3, 1)), jnp.float32)
+    weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual=1.0, depth=1.0)
+    keys = [jax.random.key(seed) for seed in (1, 2, 3)]
+    permutations = [np.asarray(jax.random.permutation(key, 4)) for key in keys]
+    assert len({tuple(permutation) for permutation in permutations}) == 3
+    scale = 1 / np.sqrt(1 + 1e-5)  # BatchNorm's running statistics at init, eval mode
+    for key, permutation in zip(keys, permutations):
+        out = (np.asarray(flat, np.float64) + np.asarray(residual, np.float64)[permutation, None, None, :]) * scale
+        cka = float(losses.independence_loss(jnp.asarray(out), jnp.asarray(np.mean(out ** 3, axis=(1, 2)))))
+        expected = np.mean(np.abs(out - np.asarray(depth))) + 0.1 * cka
+        assert _counterfactual_loss(flat, residual, depth, weights, key) == pytest.approx(expected, rel=1e-4)
+
+
+class _DualStreamStandIn(DualStreamModel):
+    """A stand-in that core_objective accepts (a DualStreamModel with no decoders, so its only grounding work is the
+    counterfactual pass): the train pass's prediction is the images through a BatchNorm of momentum 0.9 (Flax's
+    convention: it keeps 0.9 of the running statistics); the counterfactual image and pass are _Counterfactual's."""
+
+    makes_counterfactuals = True
+    geometry_decoder = appearance_decoder = decoder = None
+
+    def __init__(self):
+        self.config = StandInConfig((("depth", 1),))
+        self.norm = nnx.BatchNorm(1, momentum=0.9, rngs=nnx.Rngs(0))
+
+    def __call__(self, images):
+        return {"depth": self.norm(images)}, {"semantic_map": images, "residual_code": images[:, 0, 0, :],
+                                               "features": None}
+
+    counterfactual_image = _Counterfactual.counterfactual_image
+    predict = _Counterfactual.predict
+
+
+def test_the_counterfactual_pass_reads_the_statistics_its_steps_train_pass_just_updated():
+    """As the authors' loop: pass 1 (train mode) updates BatchNorm's running statistics, then the model switches to
+    eval for the counterfactual pass, which normalises with those updated statistics, not the ones the step started
+    from. By hand, in float64: after the train pass (Flax's BatchNorm: biased batch variance) mean 0.1·m and
+    variance 0.9 + 0.1·v from 0 and 1; x̃_i = ẑ_s,i + ẑ_r,π(i) normalised with them, then Eq (12)."""
+    model = _DualStreamStandIn()
+    graphdef, shared, heads, batch_stats, rest = nnx.split(model, train.SHARED, train.HEADS, nnx.BatchStat, ...)
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.normal(2.0, 1.5, size=(4, 3, 3, 1)), jnp.float32)  # a mean far from the initial 0
+    depth = jnp.asarray(rng.normal(size=(4, 3, 3, 1)), jnp.float32)
+    weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual=1.0, depth=1.0, edge=0.0)
+    key = jax.random.key(1)
+    objective = jax.jit(functools.partial(train.core_objective, graphdef, weights=weights, independence_weight=0.0,
+                                          counterfactual=True))
+    _, (new_stats, _, terms) = objective((shared, heads), batch_stats, rest, {"images": images, "depth": depth}, key)
+    x = np.asarray(images, np.float64)
+    mean, variance = 0.1 * x.mean(), 0.9 + 0.1 * x.var()
+    np.testing.assert_allclose(new_stats["norm"]["mean"][...], [mean], rtol=1e-5)
+    np.testing.assert_allclose(new_stats["norm"]["var"][...], [variance], rtol=1e-5)
+    permutation = np.asarray(jax.random.permutation(key, 4))
+    out = (x + x[permutation, :1, :1, :] - mean) / np.sqrt(variance + 1e-5)
+    cka = float(losses.independence_loss(jnp.asarray(out), jnp.asarray(np.mean(out ** 3, axis=(1, 2)))))
+    expected = np.mean(np.abs(out - np.asarray(depth))) + 0.1 * cka
+    assert float(terms["counterfactual"]) == pytest.approx(expected, rel=1e-4)
+
+
 def test_a_tiny_model_overfits_one_batch(setup):
     _, _, state, step = setup
     batch = make_batch()
@@ -218,6 +299,33 @@ def test_a_tiny_model_overfits_one_batch(setup):
         assert last[task] < 0.7 * history[0][task], (task, history[0][task], last[task])
     for term in ("geometry", "appearance_l1", "image"):  # the grounding decoders learn too
         assert last[term] < history[0][term], (term, history[0][term], last[term])
+
+
+def test_a_step_keeps_its_passs_batch_norm_statistics_and_advances_the_dropout_streams(setup):
+    """The state a step returns carries what its train-mode pass left: BatchNorm's running statistics (else
+    evaluation would read the initial 0 and 1 for ever) and each dropout stream advanced once (else every step would
+    draw the same masks). The stem's BatchNorm against its definition, in float64 numpy: the pass normalises
+    conv1(x) (7×7, stride 2, padding 3, no bias) with the batch's statistics and, from mean 0 and variance 1 with
+    Flax's momentum 0.9, stores 0.1·mean and 0.9 + 0.1·(unbiased variance), as PyTorch's BatchNorm does. Tolerance:
+    float32 convolution of a 147-term sum against float64."""
+    _, _, state, step = setup
+    batch = make_batch()
+    new_state, metrics = step(state, batch, jax.random.key(0), independence_weight=0.0)
+    assert bool(metrics["finite"])
+    before, after = state.batch_stats["backbone"]["bn1"], new_state.batch_stats["backbone"]["bn1"]
+    np.testing.assert_array_equal(before["mean"][...], 0.0)
+    np.testing.assert_array_equal(before["var"][...], 1.0)
+    images = np.pad(np.asarray(batch["images"], np.float64), ((0, 0), (3, 3), (3, 3), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(images, (7, 7), axis=(1, 2))[:, ::2, ::2]
+    kernel = np.asarray(state.params[0]["backbone"]["conv1"]["kernel"][...], np.float64)
+    stem = np.einsum("bhwcij,ijco->bhwo", windows, kernel).reshape(-1, kernel.shape[-1])
+    np.testing.assert_allclose(after["mean"][...], 0.1 * stem.mean(axis=0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(after["var"][...], 0.9 + 0.1 * stem.var(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
+    is_count = lambda variable: isinstance(variable, nnx.RngCount)
+    old_counts = [np.asarray(v[...]) for v in jax.tree.leaves(state.rest, is_leaf=is_count) if is_count(v)]
+    new_counts = [np.asarray(v[...]) for v in jax.tree.leaves(new_state.rest, is_leaf=is_count) if is_count(v)]
+    assert len(old_counts) == len(TINY.tasks)  # each head's dropout
+    assert [int(new) - int(old) for new, old in zip(new_counts, old_counts)] == [1] * len(TINY.tasks)
 
 
 def test_the_counterfactual_flag_adds_exactly_the_counterfactual_term_without_a_cond(setup):
@@ -241,6 +349,28 @@ def test_the_counterfactual_flag_adds_exactly_the_counterfactual_term_without_a_
     with pytest.raises(TypeError, match="counterfactual must be a Python bool"):
         jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=losses.PRESETS["nyuv2"]))(
             state, batch, key, independence_weight=1.0, counterfactual=True)  # traced, not static
+
+
+def test_a_batch_of_one_never_runs_the_counterfactual_pass(monkeypatch):
+    """Nothing to shuffle in a batch of one (π is the identity, x̃ the plain reconstruction): core_step hands
+    core_objective ``counterfactual=False`` for it whatever the flag, and the flag itself for a larger batch.
+    core_objective is replaced by a recorder of that argument, so no model is traced."""
+    seen = []
+
+    def recorder(graphdef, params, batch_stats, rest, batch, key, weights, independence_weight, counterfactual,
+                 task_scale, perceptual):
+        seen.append((batch["images"].shape[0], counterfactual))
+        return jnp.sum(params[0]["w"] ** 2), (batch_stats, rest, {})
+
+    monkeypatch.setattr(train, "core_objective", recorder)
+    optimizer = train.make_optimizer(train.OptimConfig(warmup_epochs=0))
+    params = ({"w": jnp.ones(2)}, {"head": jnp.ones(1)})
+    state = train.TrainState(params, {}, {}, optimizer.init(params), jnp.zeros((), jnp.int32))
+    step = functools.partial(train.core_step, None, optimizer, weights=losses.PRESETS["nyuv2"],
+                             independence_weight=0.0, counterfactual=True)
+    for size in (1, 2):
+        jax.eval_shape(step, state, {"images": jnp.zeros((size, 2, 2, 3))}, jax.random.key(0))
+    assert seen == [(1, False), (2, True)]
 
 
 def test_a_non_finite_batch_leaves_the_state_unchanged(setup):

@@ -381,6 +381,8 @@ def test_core_step_adds_the_perceptual_term_weighted_by_beta_app(hooked_step, lp
     assert bool(metrics["finite"]) and bool(silent_metrics["finite"])
     term = float(metrics["appearance_perceptual"])
     assert np.isfinite(term) and term > 0.01
+    # λ_cfa = 0 here: a model that can make counterfactuals reports the term only when it has a weight.
+    assert "counterfactual" not in metrics
     assert float(silent_metrics["appearance_perceptual"]) == 0
     for name in ("appearance_l1", "appearance_aux", "geometry", "depth", "independence"):
         assert float(metrics[name]) == float(silent_metrics[name]), name
