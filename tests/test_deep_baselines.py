@@ -265,3 +265,41 @@ def test_a_loss_weighting_method_backpropagates_its_weighted_sum_of_losses():
     assert bool(metrics["finite"])
     np.testing.assert_allclose(new_state.params[0]["w"], [1.0 - 3.0, 2.0 - 0.5], rtol=1e-6)
     assert float(metrics["weight/a"]) == 3.0 and float(metrics["loss"]) == pytest.approx(3.0)
+
+
+class _BFloat16Heads(nnx.Module):
+    """A stand-in with the interface task_jacobian_step uses, computing in bfloat16 as a model with
+    ``compute_dtype="bfloat16"`` does (its heads' outputs, hence its predictions, are bfloat16); its ``task_loss``
+    records the dtype of each prediction it is handed."""
+
+    shared_read_by_heads = nnx.Nothing
+    handed = []
+
+    def __init__(self):
+        self.config = StandInConfig((("a", 1), ("b", 1)))
+        self.w = nnx.Param(jnp.asarray([1.0, 2.0, 3.0], jnp.float32))
+        self.heads = nnx.Dict({name: nnx.Linear(3, 1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)) for name in "ab"})
+
+    def encode(self, images):
+        return {"semantic_map": (images * self.w[...]).astype(jnp.bfloat16)}
+
+    def predict_from_streams(self, semantic_map, image_size, tasks):
+        return {name: self.heads[name](semantic_map) for name in tasks}
+
+    @staticmethod
+    def task_loss(name, prediction, batch):
+        _BFloat16Heads.handed.append(prediction.dtype)
+        return jnp.mean(prediction ** 2)
+
+
+def test_each_heads_loss_is_taken_in_float32_under_bfloat16_compute():
+    """The baselines' per-task pass scores each head's prediction in float32, as the model's own forward pass does
+    (losses, CKA and metrics in float32 whatever the compute dtype): a cross-entropy's log-softmax in bfloat16 would
+    keep about three significant digits of each loss the balancing methods weigh."""
+    model = _BFloat16Heads()
+    graphdef, state = train.split_model(model, train.make_optimizer(OPTIM))
+    _BFloat16Heads.handed.clear()
+    losses_k, jacobian, _, _, _ = jax.eval_shape(functools.partial(train.task_jacobian_step, graphdef), state,
+                                                 {"images": jnp.ones((2, 3), jnp.float32)})
+    assert _BFloat16Heads.handed == [jnp.float32, jnp.float32]
+    assert losses_k.dtype == jacobian.dtype == jnp.float32 and jacobian.shape == (2, 3)
