@@ -136,6 +136,8 @@ def test_bad_head_input_is_rejected():
         ModelConfig.variant("authors", decoder_groups=24)
     with pytest.raises(ValueError, match="skip_groups"):
         dataclasses.replace(AUTHORS, skip_groups=3)
+    with pytest.raises(ValueError, match="skip_channels must be >= 1; got 0"):
+        dataclasses.replace(AUTHORS, skip_channels=0)  # GroupNorm's divisibility alone lets 0 through
     with pytest.raises(ValueError, match="variant must be one of paper, authors"):
         ModelConfig.variant("theirs")
     with pytest.raises(ValueError, match="grounding"):
@@ -153,7 +155,9 @@ def test_sizes_and_tasks_are_checked_when_the_config_is_made():
             ("aspp_rates", (0,), "aspp_rates must be a non-empty tuple"),
             ("tasks", [("depth", 1)], r"tasks must be a non-empty tuple of \(name, output channels >= 1\) pairs"),
             ("tasks", (("depth", 1), ("depth", 1)), "tasks must have distinct names; got depth, depth"),
-            ("tasks", (("normal", 1),), r"task 'normal' predicts 3 channel\(s\); got 1")]:
+            ("tasks", (("normal", 1),), r"task 'normal' predicts 3 channel\(s\); got 1"),
+            # A 3-channel depth would pass silently: its L1 broadcasts against the [..., 1] labels.
+            ("tasks", (("depth", 3),), r"task 'depth' predicts 1 channel\(s\); got 3")]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(TINY, **{field: value})
     # Any integer type will do: NumPy's, or a JAX scalar.
@@ -340,6 +344,10 @@ def test_the_variants_name_the_paper_default_and_the_authors_architecture():
     reduced = ModelConfig.variant("authors", **MODEL_SIZES["reduced"])  # the sizes' group counts divide
     assert reduced.head_channels % reduced.decoder_groups == 0
     assert reduced.fusion_channels < full.fusion_channels
+    # A field given to variant() wins over the variant's own, architecture fields included.
+    mixed = ModelConfig.variant("authors", light_reads="residual", fusion="c4")
+    assert (mixed.light_reads, mixed.fusion, mixed.head) == ("residual", "c4", "deeplabv3plus")
+    assert ModelConfig.variant("paper", heads_read="semantic+backbone").heads_read == "semantic+backbone"
 
 
 @pytest.mark.parametrize("size, image_size", [("tiny", (32, 40)), ("reduced", (35, 45))])
@@ -418,6 +426,64 @@ def test_bfloat16_compute_reaches_group_norm_and_the_new_convolutions():
     assert all(value.dtype == jnp.float32 for value in (*predictions.values(), *aux.values()))
 
 
+def test_bfloat16_compute_reaches_every_layer_with_parameters_and_predict_returns_float32():
+    """Mixed precision as configure_layers documents it, over every layer of both variants with both groundings'
+    decoders: each layer holding a kernel or a normalisation scale (convolutions, dense layers, BatchNorm, GroupNorm,
+    the light head's LayerNorm) computes in bfloat16, its parameters stay float32. ``predict`` (what the
+    counterfactual pass scores and evaluation reads) returns float32 as ``__call__`` does, so those losses and
+    metrics are not taken in bfloat16. The authors' variant with hard grounding has every kind of layer; traced
+    only, on an abstract model."""
+    model = abstract_model(dataclasses.replace(AUTHORS, compute_dtype="bfloat16"))
+    layers = [module for _, module in nnx.iter_graph(model)
+              if isinstance(getattr(module, "kernel", None), nnx.Param)
+              or isinstance(getattr(module, "scale", None), nnx.Param)]
+    kinds = {type(layer).__name__ for layer in layers}
+    assert {"Conv", "Linear", "BatchNorm", "GroupNorm", "LayerNorm"} <= kinds, kinds
+    wrong = sorted({type(layer).__name__ for layer in layers if layer.dtype != jnp.bfloat16})
+    assert not wrong, wrong
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    predictions, aux = output_shapes(model, lambda m, x: m.predict(x), jax.ShapeDtypeStruct((2, 32, 40, 3),
+                                                                                             jnp.float32))
+    dtypes = {name: value.dtype for name, value in {**predictions, **aux}.items()}
+    assert dtypes == dict.fromkeys(dtypes, jnp.float32), dtypes
+
+
+def test_a_model_drawn_inside_a_trace_draws_every_layer_afresh_by_the_same_rules():
+    """initialise_like_pytorch under a trace (a model built under jit; nnx.eval_shape) draws with JAX's generator, one
+    key per draw: two layers of the same shape must not start equal (a shared key would make them identical, a
+    symmetry no step could break), and the rules stay torchvision's N(0, 2/fan-out) for the ResNet's convolutions
+    and PyTorch's U(+-1/sqrt(fan-in)) for the rest. Variances within 5 standard errors, as in the eager test above."""
+    from deep.backbone import ResNet
+    from deep.model import initialise_like_pytorch
+
+    class ResNetStandIn(ResNet):  # what the rule looks for is the ResNet type; two equal convolutions are enough
+        def __init__(self, rngs):
+            self.a, self.b = (conv(16, 32, (3, 3), use_bias=False, rngs=rngs) for _ in range(2))
+
+    class Twins(nnx.Module):
+        def __init__(self, rngs):
+            with drawn_later():
+                self.resnet = ResNetStandIn(rngs)
+                self.dense_a, self.dense_b = (dense(64, 64, rngs=rngs) for _ in range(2))
+
+    @jax.jit
+    def drawn(key):  # the key is a tracer here, which selects the traced branch
+        twins = Twins(nnx.Rngs(0))
+        initialise_like_pytorch(twins, key)
+        return nnx.state(twins, nnx.Param)
+
+    params = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), drawn(jax.random.key(5)))
+    normal = [params["resnet"][name]["kernel"][...] for name in ("a", "b")]
+    uniform = [params[name][part][...] for name in ("dense_a", "dense_b") for part in ("kernel", "bias")]
+    assert not np.array_equal(normal[0], normal[1])
+    assert not np.array_equal(uniform[0], uniform[2]) and not np.array_equal(uniform[1], uniform[3])
+    normal = np.concatenate([kernel.ravel() for kernel in normal]) / np.sqrt(2.0 / (3 * 3 * 32))
+    uniform = np.concatenate([value.ravel() for value in uniform]) * np.sqrt(64.0)
+    assert abs(normal.var() - 1.0) < 5 * np.sqrt(2 / len(normal)), normal.var()
+    assert np.max(np.abs(uniform)) <= 1.0
+    assert abs(uniform.var() - 1 / 3) < 5 * np.sqrt((1 / 5 - 1 / 9) / len(uniform)), uniform.var()
+
+
 def test_one_core_step_of_the_authors_variant_is_finite_and_trains_the_fusion(authors_model):
     optimizer = train.make_optimizer(train.OptimConfig(learning_rate=1e-2, warmup_epochs=0, epochs=1000))
     graphdef, state = train.split_model(authors_model, optimizer)
@@ -461,6 +527,9 @@ def test_predictions_are_upsampled_with_align_corners_true_and_normals_unit_norm
     np.testing.assert_allclose(np.asarray(out)[0, :, :, 0], expected, rtol=1e-6, atol=1e-5)
     vectors = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4, 3)) + 2.0, jnp.float32)
     norms = jnp.linalg.norm(task_prediction("normal", vectors, (5, 7)), axis=-1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    # F.normalize's epsilon, 1e-12 (LibMTL's and the authors'): an output of norm 1e-8 is still made a unit vector.
+    norms = jnp.linalg.norm(task_prediction("normal", 1e-8 * vectors, (5, 7)), axis=-1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 
