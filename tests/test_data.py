@@ -149,6 +149,16 @@ MALFORMED = [
      ">= 0"),
     ("long normal", lambda t: _save(t / "normal" / "0.npy", np.ones((HEIGHT, WIDTH, 3), np.float32)),
      "train/normal/0.npy", "length"),
+    # Just past each edge (test_values_at_the_edges_of_each_range_are_read has the edges themselves): the normal
+    # tolerance is 1 %, a depth of -1e-6 is negative; and a depth of three channels or a boolean array is no field's.
+    ("normal 2 % long", lambda t: _save(t / "normal" / "1.npy", np.full((HEIGHT, WIDTH, 3), 1.02 / np.sqrt(3),
+                                                                        np.float32)), "train/normal/1.npy", "length"),
+    ("tiny negative depth", lambda t: _save(t / "depth" / "2.npy", np.full((HEIGHT, WIDTH, 1), -1e-6, np.float32)),
+     "train/depth/2.npy", ">= 0"),
+    ("depth of three channels", lambda t: _save(t / "depth" / "1.npy", np.ones((HEIGHT, WIDTH, 3), np.float32)),
+     "train/depth/1.npy", "expected [H, W] or [H, W, 1]"),
+    ("boolean label", lambda t: _save(t / "label" / "2.npy", np.zeros((HEIGHT, WIDTH), bool)), "train/label/2.npy",
+     "dtype bool is not allowed"),
 ]
 
 
@@ -164,6 +174,32 @@ def test_each_malformed_case_is_one_clear_line_naming_the_path(nyuv2_root, tmp_p
     assert str(root / where) in message, message
     assert phrase in message, message
     assert isinstance(raised.value, ValueError)
+
+
+def test_values_at_the_edges_of_each_range_are_read(nyuv2_root, tmp_path):
+    """The documented ranges include their edges: image values exactly 0 and 1, depth exactly 0 (invalid) and a
+    normal 1 % longer than a unit vector (MTAN's normals are rescaled, not exactly unit) are read, unchanged."""
+    root = tmp_path / "nyuv2"
+    shutil.copytree(nyuv2_root, root)
+    image = np.zeros((HEIGHT, WIDTH, 3), np.float32)
+    image[:, : WIDTH // 2] = 1.0
+    normal = np.full((HEIGHT, WIDTH, 3), 1.01 / np.sqrt(3), np.float32)
+    assert np.linalg.norm(normal[0, 0].astype(np.float64)) <= 1.01  # within the tolerance after float32 rounding
+    edges = {"image": image, "depth": np.zeros((HEIGHT, WIDTH, 1), np.float32), "normal": normal}
+    for folder, value in edges.items():
+        _save(root / "train" / folder / "1.npy", value)
+    loaded = load_nyuv2(root, "train")
+    for key, value in zip(("images", "depth", "normal"), edges.values()):
+        np.testing.assert_array_equal(loaded[key][1], value)
+
+
+def test_the_class_names_are_in_label_order():
+    """Label c is NYUV2_CLASS_NAMES[c]: nyuv2-meta-data's 13-class mapping (its ids 1..13, MTAN's 0..12), an
+    alphabetical list; and the synthetic rooms draw their floor as label 4, ceiling as 2 and walls as 11."""
+    from deep.data import NYUV2_CLASS_NAMES
+
+    assert len(NYUV2_CLASS_NAMES) == 13 and list(NYUV2_CLASS_NAMES) == sorted(NYUV2_CLASS_NAMES)
+    assert (NYUV2_CLASS_NAMES[2], NYUV2_CLASS_NAMES[4], NYUV2_CLASS_NAMES[11]) == ("ceiling", "floor", "wall")
 
 
 def test_a_text_file_is_not_reported_as_pickled_data(nyuv2_root, tmp_path):
