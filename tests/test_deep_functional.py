@@ -11,7 +11,7 @@ import pytest
 
 from deep import losses
 from deep.resize import resize_bilinear
-from deep.shading import lambertian_shading, render, sh_basis, srgb_to_linear
+from deep.shading import lambertian_shading, render, sh_basis, srgb_to_linear, unit_vectors
 from theory import measures
 
 
@@ -126,11 +126,25 @@ def test_known_lighting_gives_known_shading():
     expected = np.maximum(0.0, 0.488603 * np.asarray(normals[..., 2:3]))
     np.testing.assert_allclose(lambertian_shading(normals, overhead), np.repeat(expected, 3, axis=-1), atol=1e-6)
     np.testing.assert_allclose(render(jnp.full((1, 8, 8, 3), 0.9), jnp.full((1, 8, 8, 3), 2.0)), 1.0)
+    # Eq (13) clips at both ends: a negative product (an albedo below 0) renders as 0.
+    np.testing.assert_array_equal(render(jnp.full((1, 2, 2, 3), -0.5), jnp.full((1, 2, 2, 3), 2.0)), 0.0)
+
+
+def test_unit_vectors_divide_by_the_norm_floored_at_epsilon():
+    """``x / max(‖x‖, ε)``: the floor is ε on the norm, not on the squared norm (the normal decoder uses ε = 1e-6,
+    where a floor of √ε = 1e-3 would leave a normal of length 1e-4 at length 0.1). Below ε the vector is scaled by
+    1/ε; at 0 it stays 0 with a finite gradient."""
+    x = jnp.asarray([[3.0, 4.0, 0.0], [1e-4, 0.0, 0.0], [0.0, 2e-7, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(unit_vectors(x, 1e-6), [[0.6, 0.8, 0.0], [1.0, 0.0, 0.0], [0.0, 0.2, 0.0], [0, 0, 0]],
+                               rtol=1e-5)
+    gradient = jax.grad(lambda v: unit_vectors(v, 1e-6).sum())(jnp.zeros(3))
+    assert np.all(np.isfinite(gradient))
 
 
 def test_srgb_decoding_curve():
-    np.testing.assert_allclose(srgb_to_linear(jnp.asarray([0.0, 0.04, 0.5, 1.0, 1.5])),
-                               [0.0, 0.04 / 12.92, ((0.5 + 0.055) / 1.055) ** 2.4, 1.0, 1.0], rtol=1e-6)
+    # Values are clamped to [0, 1] first, at both ends (a negative value is not decoded as x / 12.92).
+    np.testing.assert_allclose(srgb_to_linear(jnp.asarray([-0.5, 0.0, 0.04, 0.5, 1.0, 1.5])),
+                               [0.0, 0.0, 0.04 / 12.92, ((0.5 + 0.055) / 1.055) ** 2.4, 1.0, 1.0], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -160,6 +174,9 @@ def test_task_losses_refuse_labels_and_targets_they_would_misread():
     with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 13\) or -1 \(ignored\); got values "
                                          r"from 0 to 255"):
         losses.segmentation_loss(logits, labels.at[:, :2].set(255))
+    # The upper bound is exclusive: C itself (one past the last class) is refused too, not silently ignored.
+    with pytest.raises(ValueError, match=r"got values from 0 to 13"):
+        losses.segmentation_loss(logits, labels.at[0, 0, 0].set(13))
     ignored = labels.at[:, :2].set(-1)
     # Labels closed over inside a trace are concrete: checked, with NumPy (jnp.min there would be traced).
     np.testing.assert_allclose(jax.jit(lambda x: losses.segmentation_loss(x, ignored))(logits),
@@ -183,6 +200,8 @@ def test_depth_and_normal_losses_use_libmtl_masks():
     target = jnp.asarray([0.0, 2.0, 4.0]).reshape(1, 1, 3, 1)
     prediction = jnp.asarray([9.0, 1.0, 5.0]).reshape(1, 1, 3, 1)
     assert float(losses.depth_loss(prediction, target)) == pytest.approx(1.0)  # the zero-depth pixel is ignored
+    # The mask is "not 0", not "> 0" (the loaders refuse negative depth; the function follows LibMTL's test).
+    assert float(losses.depth_loss(prediction, -target)) == pytest.approx(6.0)  # |1 + 2| and |5 + 4|
     normals_gt = jnp.asarray([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).reshape(1, 1, 3, 3)
     normals_pred = jnp.asarray([[0.0, 0.0, 5.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).reshape(1, 1, 3, 3)
     # valid pixels 0 and 2: cosines 1 and 0 -> loss 1 - 0.5
@@ -193,6 +212,20 @@ def test_depth_and_normal_losses_use_libmtl_masks():
     normals_pred = jnp.asarray([[0.0, 0.0, 5.0], [0.0, 0.0, 1.0], [0.0, 0.0, 2.0]])
     assert float(losses.normal_loss(normals_pred.reshape(1, 1, 3, 3), normals_gt.reshape(1, 1, 3, 3))) == \
         pytest.approx(1 - (1 + 0.5) / 2, abs=1e-6)
+
+
+def test_dense_task_loss_takes_the_target_from_the_batch():
+    """The models' ``task_loss``: the prediction comes first and the batch's entry is the target, whose zeros are the
+    mask. Swapped, depth would be masked by the prediction's zeros and the normal loss would normalise the ground
+    truth instead of the prediction (hand values below)."""
+    prediction = jnp.asarray([0.0, 1.0, 5.0]).reshape(1, 1, 3, 1)
+    target = jnp.asarray([2.0, 0.0, 4.0]).reshape(1, 1, 3, 1)
+    # Valid where the target is not 0: pixels 0 and 2, |p - g| = 2 and 1 -> 1.5 (masked by the prediction: 1.0).
+    batch = {"depth": target, "normal": jnp.asarray([0.0, 0.0, 1.0]).reshape(1, 1, 1, 3), "images": None}
+    assert float(losses.dense_task_loss("depth", prediction, batch)) == pytest.approx(1.5)
+    # A prediction of length 5 along the unit ground truth: cosine 1, loss 0 (swapped: 1 - 5 = -4).
+    normal = jnp.asarray([0.0, 0.0, 5.0]).reshape(1, 1, 1, 3)
+    assert float(losses.dense_task_loss("normal", normal, batch)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_independence_loss_is_theory_measures_cka_on_pooled_codes():
@@ -217,6 +250,10 @@ def test_regularisers_on_hand_made_maps():
     assert float(losses.grayscale_shading(flat)) == 0.0
     coloured = jnp.concatenate([jnp.ones((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 2))], axis=-1)
     assert float(losses.grayscale_shading(coloured)) == pytest.approx(1.0)
+    # Three different channels, so that each pair matters: (R - G)² + (G - B)², not (B - R)² nor (R - B)².
+    shading = np.random.default_rng(5).random((2, 3, 4, 3))
+    expected = np.mean((shading[..., 0] - shading[..., 1]) ** 2 + (shading[..., 1] - shading[..., 2]) ** 2)
+    np.testing.assert_allclose(losses.grayscale_shading(jnp.asarray(shading)), expected, rtol=1e-6)
     assert float(losses.albedo_normal_covariance(flat, jax.random.normal(jax.random.key(0), (1, 4, 4, 3)))) < 1e-7
     assert float(losses.ssim_loss(flat, flat, window=3)) == pytest.approx(0.0, abs=1e-6)
     noisy = jax.random.uniform(jax.random.key(1), (1, 8, 8, 3))
@@ -241,21 +278,36 @@ def test_albedo_normal_covariance_is_the_cross_block_of_numpys_covariance():
                                rtol=1e-5)
 
 
-def test_ssim_loss_is_one_minus_the_windowed_ssim_formula():
-    prediction, target = _correlated_images(12, (2, 9, 11, 3))
-    window, c1, c2 = 3, 0.01**2, 0.03**2
+def _windowed_ssim(prediction, target, window, c1=0.01**2, c2=0.03**2):
+    """SSIM at every valid position of a uniform ``window`` × ``window`` filter, in float64 from the definition."""
     patches = lambda x: np.lib.stride_tricks.sliding_window_view(x, (window, window), axis=(1, 2))
     p, t = patches(prediction), patches(target)
     mu_p, mu_t = p.mean((-2, -1)), t.mean((-2, -1))
     var_p, var_t = p.var((-2, -1)), t.var((-2, -1))  # population variances, as a uniform-window SSIM
     cov = ((p - mu_p[..., None, None]) * (t - mu_t[..., None, None])).mean((-2, -1))
-    ssim = (2 * mu_p * mu_t + c1) * (2 * cov + c2) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    return (2 * mu_p * mu_t + c1) * (2 * cov + c2) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+
+
+def test_ssim_loss_is_one_minus_the_windowed_ssim_formula():
+    prediction, target = _correlated_images(12, (2, 9, 11, 3))
+    window = 3
+    ssim = _windowed_ssim(prediction, target, window)
     assert ssim.shape == (2, 7, 9, 3)  # valid positions only
     np.testing.assert_allclose(losses.ssim_loss(jnp.asarray(prediction), jnp.asarray(target), window=window),
                                1 - ssim.mean(), rtol=1e-4)
     # Its constants scale with data_range, which makes SSIM exactly invariant to the images' scale.
     np.testing.assert_allclose(losses.ssim_loss(jnp.asarray(255 * prediction), jnp.asarray(255 * target), window=window,
                                                 data_range=255.0), 1 - ssim.mean(), rtol=1e-4)
+    # A window as tall as the image (9 on 9 × 11) has one row of positions and is allowed; one larger than either
+    # side (10 on 9 × 11 or on 11 × 9) has none and is refused (the mean over no positions would be NaN).
+    np.testing.assert_allclose(losses.ssim_loss(jnp.asarray(prediction), jnp.asarray(target), window=9),
+                               1 - _windowed_ssim(prediction, target, 9).mean(), rtol=1e-4)
+    # The default window is 7 × 7, scikit-image's uniform-filter default.
+    np.testing.assert_allclose(losses.ssim_loss(jnp.asarray(prediction), jnp.asarray(target)),
+                               1 - _windowed_ssim(prediction, target, 7).mean(), rtol=1e-4)
+    for shape in ((2, 9, 11, 3), (2, 11, 9, 3)):
+        with pytest.raises(ValueError, match=r"ssim window \(10\) must not exceed"):
+            losses.ssim_loss(jnp.zeros(shape), jnp.zeros(shape), window=10)
 
 
 def test_edge_loss_is_the_charbonnier_distance_of_sobel_gradients_over_scales():
@@ -277,6 +329,12 @@ def test_edge_loss_is_the_charbonnier_distance_of_sobel_gradients_over_scales():
             expected += np.mean(np.sqrt((gradient(p) - gradient(t)) ** 2 + epsilon**2))
     np.testing.assert_allclose(losses.edge_loss(jnp.asarray(predicted), jnp.asarray(target), epsilon=epsilon),
                                expected, rtol=1e-5)
+    # The target is clamped the same way: its negative values count as 0 (log1p of them would be NaN below -1).
+    negative = target.copy()
+    negative[1, 5:9, 2:6] = -2.0
+    np.testing.assert_allclose(losses.edge_loss(jnp.asarray(predicted), jnp.asarray(negative), epsilon=epsilon),
+                               losses.edge_loss(jnp.asarray(predicted), jnp.asarray(np.maximum(negative, 0)),
+                                                epsilon=epsilon), rtol=1e-6)
 
 
 def test_physical_image_loss_compares_the_decoded_images():
@@ -298,6 +356,10 @@ def test_presets_hold_table_7_and_the_ramp():
     assert [after_stage_1.independence_at(e) for e in (5, 6, 7, 40)] == [0.0, 0.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="counterfactual_probability"):
         losses.LossWeights(counterfactual_probability=2.0)
+    assert losses.LossWeights(counterfactual_probability=1.0).counterfactual_probability == 1.0  # [0, 1]: 1 allowed
+    for bad in (math.inf, math.nan, -1.0):  # a weight of inf would make every loss inf (or NaN at a term of 0)
+        with pytest.raises(ValueError, match="loss weight depth must be a finite number >= 0"):
+            losses.LossWeights(depth=bad)
     total = losses.total_loss({"segmentation": 1.0, "independence": 0.5, "appearance_l1": 1.0}, nyu)
     assert float(total) == pytest.approx(20 + 0.5 + 15 * 2)
 
@@ -335,6 +397,8 @@ def test_total_loss_weighs_each_term_as_eq_16():
     assert float(losses.total_loss(every_term, weights)) == pytest.approx(
         sum(coefficients[name] * value for name, value in every_term.items()))
     assert float(losses.total_loss({"independence": 1.0}, weights, independence_weight=0.25)) == 0.25
+    # An override of 0 (stages 0 and 1) is 0, not "no override" (λ_ind = 11 here).
+    assert float(losses.total_loss({"independence": 1.0}, weights, independence_weight=0.0)) == 0.0
     # A misspelt term is not dropped: every unknown one is named.
     with pytest.raises(ValueError, match=r"unknown loss term\(s\) 'apperance_l1', 'grey'; total_loss weighs "):
         losses.total_loss({"apperance_l1": 1.0, "depth": 1.0, "grey": 1.0}, weights)
