@@ -38,6 +38,18 @@ def test_a_class_only_predicted_counts_with_iou_zero():
     assert accuracy == pytest.approx(5 / 6)
 
 
+def test_narrow_integer_labels_give_the_same_confusion_matrix():
+    """Labels in int8, the narrowest type holding -1 and 12: the flat index label × C + prediction reaches
+    12 × 13 + 12 = 168 with NYUv2's 13 classes, past int8's 127, so it must be formed in a wider type."""
+    labels = np.array([12, 12, 5, -1], dtype=np.int8).reshape(1, 1, 4)
+    accumulator = MetricAccumulator({"segmentation": 13})
+    accumulator.update({"segmentation": _logits(np.array([12, 3, 5, 0]), 13).reshape(1, 1, 4, 13)},
+                       {"segmentation": labels})
+    expected = np.zeros((13, 13), dtype=np.int64)
+    expected[12, 12] = expected[12, 3] = expected[5, 5] = 1  # the ignored pixel counts nowhere
+    np.testing.assert_array_equal(accumulator._confusion, expected)
+
+
 def test_two_batches_equal_one_batch():
     one, two = MetricAccumulator({"segmentation": 3}), MetricAccumulator({"segmentation": 3})
     one.update({"segmentation": _logits(PREDICTED).reshape(2, 1, 4, 3)}, {"segmentation": LABELS.reshape(2, 1, 4)})
@@ -93,6 +105,12 @@ def test_normal_angles_of_known_vectors():
     accumulator.update({"normal": np.array([0, 0, 2.0], F32).reshape(1, 1, 1, 3)},
                        {"normal": np.array([0, 0, 0.5], F32).reshape(1, 1, 1, 3)})
     assert accumulator.result()["normal/mean"] == pytest.approx(60.0, abs=0.01)
+    # A ground truth a little longer than 1 (the loaders accept up to 1.01) along or against the prediction: its
+    # cosine, ±1.005, is clipped to ±1, so the angles are 0° and 180°, not NaN.
+    accumulator = MetricAccumulator({"normal": 3})
+    accumulator.update({"normal": np.array([[0, 0, 2.0], [0, 0, -2.0]], F32).reshape(1, 1, 2, 3)},
+                       {"normal": np.array([[0, 0, 1.005], [0, 0, 1.005]], F32).reshape(1, 1, 2, 3)})
+    assert accumulator.result()["normal/mean"] == pytest.approx(90.0, abs=1e-4)
 
 
 def test_normal_median_matches_numpy_within_the_histogram_resolution():
@@ -110,6 +128,42 @@ def test_normal_median_matches_numpy_within_the_histogram_resolution():
         assert abs(result["normal/median"] - np.median(exact)) <= bin_degrees / 2 + 1e-4
         assert result["normal/mean"] == pytest.approx(np.mean(exact), rel=1e-5)
         assert result["normal/within_30"] == pytest.approx(np.mean(exact < 30))
+
+
+def test_an_angle_of_180_degrees_is_counted_in_the_last_bin():
+    """Antiparallel predictions: every angle is 180° (float32's arccos(-1) in degrees rounds to it exactly), which
+    lies on the histogram's upper edge and is clipped into the last bin, not dropped. With 0.7° bins, which do not
+    divide 180, the last bin [179.9°, 180.6°) is partial: it must exist (ceil(180 / 0.7) = 258 bins; with 257 the
+    angle would be read as 179.55°) and its centre, 180.25°, is clipped to 180°. With 1° bins the median is 179.5°,
+    the centre of the last bin, within the documented half bin."""
+    target = np.tile(np.array([0.0, 0.0, 1.0], F32), (1, 2, 2, 1))
+    for bin_degrees, median in ((0.7, 180.0), (1.0, 179.5)):
+        accumulator = MetricAccumulator({"normal": 3}, normal_bin_degrees=bin_degrees)
+        accumulator.update({"normal": -2 * target}, {"normal": target})
+        result = accumulator.result()
+        assert result["normal/median"] == median
+        assert result["normal/mean"] == pytest.approx(180.0, abs=1e-4)
+
+
+def test_a_nan_prediction_spoils_the_statistics_only_at_a_valid_pixel():
+    """LibMTL drops the masked pixels before anything else: a NaN prediction where the ground truth is 0 changes
+    nothing. At a valid pixel the mean and the median are NaN (the median is not read from the other angles), and
+    each within-t fraction keeps that pixel in its denominator (a NaN angle is not below t, as in LibMTL's
+    ``np.mean(error < t)``)."""
+    target = np.array([[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 0]], F32).reshape(1, 1, 4, 3)
+    prediction = target.copy()
+    prediction[0, 0, 3] = np.nan  # the masked pixel
+    accumulator = MetricAccumulator({"normal": 3})
+    accumulator.update({"normal": prediction}, {"normal": target})
+    result = accumulator.result()
+    assert result["normal/mean"] == 0.0 and result["normal/median"] == pytest.approx(0.0, abs=1e-3)
+    assert [result[f"normal/within_{t:g}"] for t in (11.25, 22.5, 30)] == [1.0, 1.0, 1.0]
+    prediction[0, 0, 0] = np.nan  # a valid pixel
+    accumulator.reset()
+    accumulator.update({"normal": prediction}, {"normal": target})
+    result = accumulator.result()
+    assert math.isnan(result["normal/mean"]) and math.isnan(result["normal/median"])
+    assert [result[f"normal/within_{t:g}"] for t in (11.25, 22.5, 30)] == pytest.approx([2 / 3] * 3)
 
 
 def test_histogram_median_follows_numpy_for_odd_and_even_counts():
@@ -164,6 +218,14 @@ def test_bad_input_is_rejected_with_one_line_and_leaves_the_totals_unchanged():
         MetricAccumulator({"edges": 1})
     with pytest.raises(ValueError, match="3 channel"):
         MetricAccumulator({"normal": 2})
+    for classes in (1, 2.5):
+        with pytest.raises(ValueError, match="segmentation needs an integer number of classes >= 2"):
+            MetricAccumulator({"segmentation": classes})
+    for width in (0.0, 2.0):  # the median's resolution is half a bin: wider than 1° is refused
+        with pytest.raises(ValueError, match=r"normal_bin_degrees must be in \(0, 1\]"):
+            MetricAccumulator({"normal": 3}, normal_bin_degrees=width)
+    with pytest.raises(ValueError, match="the median angle is undefined"):
+        histogram_median(np.zeros(180, dtype=np.int64), 1.0)
 
 
 # --------------------------------------------------------------------------------------------------- Δp and Δm
@@ -195,6 +257,8 @@ def test_delta_errors_name_the_metric():
             delta({**BASELINE, "new": 1.0}, {**BASELINE, "new": 1.0})
         with pytest.raises(ValueError, match="must be \\+1 or -1"):
             delta(BASELINE, BASELINE, {**METRIC_DIRECTIONS, "depth/abs_err": 0})
+        with pytest.raises(ValueError, match="'depth/abs_err' must be finite in results and baseline; got nan"):
+            delta({**BASELINE, "depth/abs_err": math.nan}, BASELINE)
 
 
 def test_the_ratio_of_means_carries_the_delta_methods_standard_error():
@@ -214,5 +278,6 @@ def test_the_ratio_of_means_carries_the_delta_methods_standard_error():
     expanded = np.sqrt((covariance[1, 1] - 2 * r * covariance[0, 1] + r * r * covariance[0, 0]) / n) / a[0].mean()
     assert one == pytest.approx({"ratio": r, "standard_error": expanded})
     assert ratio_of_means([1.0], [2.0]) == {"ratio": 0.5, "standard_error": None}
+    assert ratio_of_means([1.0, 2.0], [1.0, -1.0]) == {"ratio": None, "standard_error": None}  # mean of a is 0
     assert mean_and_error([2.0]) == {"mean": 2.0, "standard_error": None, "n": 1}
     assert mean_and_error([1.0, 3.0]) == {"mean": 2.0, "standard_error": 1.0, "n": 2}
