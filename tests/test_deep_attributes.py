@@ -289,6 +289,12 @@ def test_attribute_accuracy_over_a_split_fed_in_batches():
     empty.update(jnp.zeros((1, 1)), jnp.array([[-1]]))
     with pytest.raises(ValueError, match="no labelled example of a was seen"):
         empty.result()
+    # The authors' threshold is a sigmoid above 0.5, a logit above 0: a logit of exactly 0 predicts "absent".
+    boundary = AttributeAccuracy(("a",))
+    boundary.update(jnp.zeros((2, 1)), jnp.array([[0], [0]]))
+    assert boundary.result()["attributes/a"] == 1.0
+    with pytest.raises(ValueError, match="attributes must be distinct names"):
+        AttributeAccuracy(("a", "b", "a"))
 
 
 def test_the_variants_backbones():
