@@ -496,13 +496,13 @@ def mean_and_error(values) -> dict:
 
 def ratio_of_means(numerators, denominators) -> dict:
     r"""``{"ratio", "standard_error"}``: :math:`R = \bar b / \bar a` of paired samples (:math:`b_i` over :math:`a_i`),
-    with the delta method's standard error :math:`\sqrt{\widehat{\mathrm{Var}}(b_i - R a_i) / n} / \bar a`
+    with the delta method's standard error :math:`\sqrt{\widehat{\mathrm{Var}}(b_i - R a_i) / n} / |\bar a|`
     (``None`` for fewer than two pairs); the ratio is ``None`` when :math:`\bar a = 0`."""
     b, a = np.asarray(numerators, np.float64).ravel(), np.asarray(denominators, np.float64).ravel()
     if a.mean() == 0:
         return {"ratio": None, "standard_error": None}
     ratio = float(b.mean() / a.mean())
-    error = float(np.std(b - ratio * a, ddof=1) / math.sqrt(a.size) / a.mean()) if a.size > 1 else None
+    error = float(np.std(b - ratio * a, ddof=1) / math.sqrt(a.size) / abs(a.mean())) if a.size > 1 else None
     return {"ratio": ratio, "standard_error": error}
 
 

@@ -279,5 +279,8 @@ def test_the_ratio_of_means_carries_the_delta_methods_standard_error():
     assert one == pytest.approx({"ratio": r, "standard_error": expanded})
     assert ratio_of_means([1.0], [2.0]) == {"ratio": 0.5, "standard_error": None}
     assert ratio_of_means([1.0, 2.0], [1.0, -1.0]) == {"ratio": None, "standard_error": None}  # mean of a is 0
+    # A standard error is a spread: over |ā|, so a negative denominator flips the ratio's sign and not the error's.
+    flipped = ratio_of_means(b[0], -a[0])
+    assert flipped["ratio"] == pytest.approx(-r) and flipped["standard_error"] == pytest.approx(expanded)
     assert mean_and_error([2.0]) == {"mean": 2.0, "standard_error": None, "n": 1}
     assert mean_and_error([1.0, 3.0]) == {"mean": 2.0, "standard_error": 1.0, "n": 2}
