@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from theory.balancing import METHODS, make
+from theory.balancing import METHODS, make, options_of
 from theory.balancing.simplex import (conflict_averse_frank_wolfe, min_norm_active_set, min_norm_exact,
                                       min_norm_frank_wolfe)
 
@@ -194,6 +194,54 @@ def test_make_rejects_unknown_methods_and_options_listing_valid_ones():
         make("ew").step(jnp.ones(3), jnp.ones(3), (), KEY)
 
 
+
+def test_inputs_of_mismatched_sizes_are_refused_in_one_line():
+    """A step checks that the losses match the Jacobian's K, and the Gram path that G is [K, K] for the losses' K:
+    without the checks EW fails later with a broadcasting TypeError, and MGDA's weigh runs on a 3 x 3 Gram matrix
+    for two losses."""
+    ew = make("ew")
+    with pytest.raises(ValueError, match=r"^losses must have shape \[K\]=\[3\] to match the jacobian; got shape "
+                                         r"\(2,\)$"):
+        ew.step(jnp.ones((3, 4)), jnp.ones(2), ew.init(3), KEY)
+    mgda = make("mgda")
+    for gram in (jnp.eye(3), None):
+        with pytest.raises(ValueError, match=r"^mgda needs the Gram matrix of shape \[K, K\]=\[2, 2\]; got "
+                                             rf"{re.escape(str(None if gram is None else gram.shape))}$"):
+            mgda.weigh(gram, jnp.ones(2), mgda.init(2), KEY)
+
+
+#: LibMTL's defaults (LibMTL/config.py, which follows each paper), and the documented ones of options LibMTL lacks.
+LIBMTL_DEFAULTS = {
+    "mgda": {"normalization": "none"}, "gradnorm": {"alpha": 1.5}, "cagrad": {"calpha": 0.5, "rescale": 1},
+    "nash_mtl": {"max_norm": 1.0, "update_weights_every": 1, "optim_niter": 20},
+    "gradvac": {"beta": 0.5, "group_type": 0}, "graddrop": {"leak": 0.0}, "db_mtl": {"beta": 0.9, "beta_sigma": 0.0},
+    "moco": {"beta": 0.5, "beta_sigma": 0.5, "gamma": 0.1, "gamma_sigma": 0.5, "rho": 0.0},
+    "excess_mtl": {"robust_step_size": 1e-2}, "fairgrad": {"alpha": 1.0}, "upgrad": {"norm_eps": 1e-4, "reg_eps": 1e-4},
+    "aligned_mtl": {"eigenvalue_rtol": float(np.finfo(np.float32).eps)},
+    "imtl": {"scale_learning_rate": 1e-4},  # LibMTL's NYUv2 learning rate, which steps its loss scales
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIBMTL_DEFAULTS))
+def test_defaults_are_libmtls(name):
+    """Most tests pass the options they exercise, so a changed default (GradNorm's alpha, Nash-MTL's clip, GradVac's
+    beta, MoCo's decay of gamma, ExcessMTL's step) changes no other outcome; the loss-based methods' defaults are
+    checked in test_balancing_loss_based.py."""
+    defaults = options_of(name)
+    assert {option: defaults[option] for option in LIBMTL_DEFAULTS[name]} == LIBMTL_DEFAULTS[name]
+
+
+@pytest.mark.parametrize("name", ["ew", "rlw", "gradnorm"])
+def test_float32_in_float32_out(name):
+    """float32 gradients and losses give float32 weights and direction: with jax_enable_x64 a weight built without
+    the inputs' dtype comes out float64. (Most other methods are checked by their own files' dtype tests, MGDA's
+    weigh by its float32 test; PCGrad and CAGrad are left out for their compile time.)"""
+    jacobian = jax.random.normal(jax.random.key(4), (3, 5), dtype=jnp.float32)
+    balancer = make(name)
+    direction, weights, _ = jax.jit(balancer.step)(jacobian, jnp.asarray([0.5, 1.0, 2.0], jnp.float32),
+                                                   balancer.init(3), KEY)
+    assert direction.dtype == jnp.float32 and weights.dtype == jnp.float32
+
 @pytest.mark.parametrize("name", ["ew", "mgda", "cagrad", "gradnorm"])
 def test_permuting_tasks_permutes_weights(name):
     jacobian = jax.random.normal(jax.random.key(3), (4, 6), dtype=jnp.float64)
@@ -259,11 +307,14 @@ def min_norm_optimality_gap(gram, alpha):
 def test_mgda_frank_wolfe_stays_within_its_certificate_of_the_exact_solver(jacobian):
     """Frank–Wolfe slows down where the hull of the gradients is nearly flat (a zero gradient beside two nearly
     opposite ones, found by the thorough profile, was still 2.3e-5 of the scale away after 2,000 steps), so what it
-    promises is its certificate: the value exceeds the exact minimum by at most the duality gap it reports."""
+    promises is its certificate: the value exceeds the exact minimum by at most the duality gap it reports. Its
+    point must stay on the simplex (a pairwise step is capped at the weight it moves away from; past it, the clip
+    at 0 leaves weights that no longer sum to 1, whose value can undercut the minimum)."""
     gram = jnp.asarray(jacobian @ jacobian.T)
     scale = float(jnp.max(jnp.diag(gram)))
     exact, iterative = jitted(min_norm_exact)(gram), jitted(min_norm_frank_wolfe)(gram, 2000, 1e-9)
     value = lambda a: float(a @ gram @ a)
+    assert np.all(np.asarray(iterative.weights) >= 0) and abs(float(iterative.weights.sum()) - 1) < 1e-12
     assert value(iterative.weights) <= value(exact.weights) + (float(iterative.duality_gap) + 1e-12) * scale
     np.testing.assert_allclose(float(iterative.duality_gap) * scale,
                                min_norm_optimality_gap(gram, iterative.weights), rtol=1e-6,
@@ -378,6 +429,19 @@ def test_mgda_normalisations_combine_normalised_gradients(normalization):
     assert float(jnp.sum((alpha @ normalised) ** 2)) <= scipy_min_norm(np.asarray(normalised @ normalised.T)) + 1e-9
 
 
+
+@pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
+def test_mgda_normalisations_keep_a_zero_gradient_or_loss_finite(normalization):
+    """A task with a zero gradient (or, for "loss", a zero loss) has the normaliser n_t = 0, where g_t / n_t is taken
+    as 0 (LibMTL divides by zero). Its normalised gradient is then the zero vector, the hull's minimum-norm point, so
+    MGDA returns the zero direction: there is no common descent direction. The degenerate-input test runs only the
+    default normalisation."""
+    jacobian = [[3.0, 1.0], [0.0, 0.0]] if normalization != "loss" else [[3.0, 1.0], [0.0, 1.0]]  # shape shared
+    losses = [2.0, 0.0] if normalization == "loss" else [2.0, 0.5]
+    direction, weights, _ = run("mgda", jacobian, losses, normalization=normalization)
+    np.testing.assert_array_equal(weights, 0.0)
+    np.testing.assert_array_equal(direction, 0.0)
+
 @given(jacobians(min_tasks=2, max_tasks=2))
 def test_pcgrad_output_does_not_conflict_with_either_task_when_k_is_2(jacobian):
     direction, _, _ = run("pcgrad", jacobian)
@@ -417,6 +481,26 @@ def test_pcgrad_never_projects_a_gradient_off_itself():
         direction, _, _ = run("pcgrad", jacobian, key=jax.random.key(seed))
         assert np.min(np.linalg.norm(candidates - np.asarray(direction), axis=1)) < 1e-12, seed
 
+
+
+def test_pcgrad_draws_an_independent_order_for_every_task():
+    """Yu et al.'s code (and LibMTL's) shuffles the other tasks afresh for each task i. With K = 3 each task has two
+    orders, so the 2^3 sums of the paper's surgeries each come with probability 1/8; one permutation shared by all
+    tasks reaches only 6 of them (task 1 visiting 3 before 2, task 2 visiting 1 before 3 and task 3 visiting 2 before
+    1 would need a cyclic order). 400 keys: each count is 50 on average with a standard deviation of 6.6, so the
+    band +-33 is 5 sigma and every combination must appear."""
+    jacobian = np.asarray([[-0.18, 0.13, 1.27], [-0.87, 0.36, -1.87], [0.68, -0.45, -1.16]])
+    options = [[pcgrad_projected(jacobian, i, order)
+                for order in itertools.permutations([j for j in range(3) if j != i])] for i in range(3)]
+    candidates = np.asarray([sum(choice) for choice in itertools.product(*options)])
+    assert np.min([np.linalg.norm(a - b) for a, b in itertools.combinations(candidates, 2)]) > 0.1  # all distinct
+    balancer, _ = jitted_step("pcgrad")
+    step = jax.jit(jax.vmap(balancer.step, in_axes=(None, None, None, 0)))
+    directions, _, _ = step(jnp.asarray(jacobian), jnp.ones(3), balancer.init(3), jax.random.split(KEY, 400))
+    distances = np.linalg.norm(np.asarray(directions)[:, None, :] - candidates[None], axis=2)
+    assert np.all(distances.min(axis=1) < 1e-12)
+    counts = np.bincount(distances.argmin(axis=1), minlength=8)
+    assert np.all(np.abs(counts - 50) <= 33), counts
 
 @given(jacobians())
 def test_cagrad_with_zero_radius_is_the_mean_gradient(jacobian):
@@ -481,6 +565,23 @@ def test_cagrad_weights_come_from_the_minimiser_of_its_dual():
     assert np.all(ours >= -1e-9) and objective(ours) <= reference + 1e-7
 
 
+
+def test_cagrad_and_mgda_pass_their_solver_options_on_and_report_the_solve():
+    """max_iterations and tolerance reach the solver, and the state reports that solve (the other tests run the
+    defaults, or call the solvers directly). From the uniform start CAGrad's dual needs 12 Frank–Wolfe steps for the
+    default 1e-6 here and 4 for 1e-3; MGDA's Frank–Wolfe needs 6 for its default 1e-5, and a tolerance of 1 stops it
+    before the first step. MGDA stopped after 6 steps at a gap of ~1.7e-6 is not converged for 1e-9 in float64,
+    whose rounding floor is 256 eps = 5.7e-14 (float32's, 3e-5, would call it converged)."""
+    jacobian = [[1.0, 0.2, -0.4, 0.0, 0.3], [-0.8, 1.1, 0.1, 0.5, 0.0], [0.3, -0.9, 0.7, -0.2, 1.2]]
+    _, _, state = run("cagrad", jacobian, max_iterations=1)
+    assert int(state.iterations) == 1 and not bool(state.converged) and float(state.duality_gap) > 1e-6
+    _, _, state = run("cagrad", jacobian, tolerance=1e-3)
+    assert int(state.iterations) == 4 and bool(state.converged) and float(state.duality_gap) <= 1e-3
+    _, _, state = run("mgda", jacobian, solver="frank_wolfe", tolerance=1.0)
+    assert int(state.iterations) == 0 and bool(state.converged)
+    _, _, state = run("mgda", jacobian, solver="frank_wolfe", tolerance=1e-9, max_iterations=6)
+    assert int(state.iterations) == 6 and not bool(state.converged) and 1e-9 < float(state.duality_gap) < 3e-5
+
 def test_gradnorm_moves_weight_towards_the_task_with_the_smaller_gradient():
     """Equal training rates: GradNorm equalises w_t‖g_t‖, so the large-gradient task loses weight."""
     jacobian = jnp.asarray([[10.0, 0.0], [0.0, 1.0]])
@@ -515,3 +616,41 @@ def test_gradnorm_keeps_weights_positive_when_a_step_would_overshoot():
     raw = np.asarray([2e-3, 1.0 + 0.025])
     np.testing.assert_allclose(state.weights, 2 * raw / raw.sum(), rtol=1e-6)
     assert np.all(np.asarray(state.weights) > 0)
+
+
+def gradnorm_reference(jacobians_, losses_, alpha=1.5, learning_rate=0.025):
+    """Chen et al.'s update in numpy, float64: L_t(0) from the first step, r_t = L~_t / mean(L~), the target
+    mean_j(w_j ||g_j||) r_t^alpha held constant, one step on sum_t |w_t ||g_t|| - target_t|, weights floored at 1e-3 K
+    and renormalised to sum K. Returns the weights each step uses (those before its update) and the smallest
+    |w_t ||g_t|| - target_t| met (a sign taken at a near-tie would make the comparison fragile)."""
+    weights, initial, used, margin = np.ones(len(losses_[0])), None, [], np.inf
+    for jacobian, losses in zip(jacobians_, losses_):
+        losses = np.asarray(losses, np.float64)
+        initial = losses if initial is None else initial
+        norms = np.linalg.norm(jacobian, axis=1)
+        rates = losses / initial
+        target = np.mean(weights * norms) * (rates / rates.mean()) ** alpha
+        margin = min(margin, np.min(np.abs(weights * norms - target)))
+        used.append(weights.copy())
+        new = np.maximum(weights - learning_rate * np.sign(weights * norms - target) * norms, 1e-3 * len(weights))
+        weights = len(weights) * new / new.sum()
+    return np.asarray(used), margin
+
+
+def test_gradnorm_follows_the_papers_update_over_a_trajectory():
+    """Eight steps against the numpy reference above, with unequal gradient norms and unequal training rates and
+    the default alpha = 1.5. The update only sees the sign of w_t||g_t|| - target_t, so a step of 0.1 is taken
+    (with 0.025, the weights stay near 1 and the rates (not relative to their mean), the mean norm without the
+    weights, or alpha = 1 flip no sign within eight steps); the other tests fix the first step only or one
+    direction of the drift."""
+    jacobian = np.diag([2.0, 1.0, 0.5])
+    losses = np.exp(-np.asarray([0.3, 0.05, 0.15]) * np.arange(8)[:, None])
+    expected, margin = gradnorm_reference([jacobian] * 8, losses, learning_rate=0.1)
+    assert margin > 1e-3
+    balancer, step = jitted_step("gradnorm", weight_learning_rate=0.1)
+    state = balancer.init(3)
+    for row, wanted in zip(losses, expected):
+        direction, weights, state = step(jnp.asarray(jacobian), jnp.asarray(row), state, KEY)
+        np.testing.assert_allclose(weights, wanted, rtol=1e-12)
+        np.testing.assert_allclose(direction, wanted @ jacobian, rtol=1e-12)
+    assert np.ptp(expected[-1]) > 1.0  # the weights did move far from 1
