@@ -5,6 +5,7 @@ The generic contract (jit, vmap, shapes, degenerate inputs) runs over every regi
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +198,40 @@ def test_gradvac_positive_targets_pull_agreeing_gradients_closer():
     np.testing.assert_allclose(direction, weights @ jacobian, rtol=1e-12)
 
 
+
+def gradvac_vaccinated(jacobian, i, order, targets):
+    """Wang et al.'s Algorithm 1 for task i in numpy: the other tasks in ``order``, each raising cos(g~_i, g_j) to
+    its target where it is below, with the norm of the *modified* g~_i."""
+    g = jacobian[i].copy()
+    for j in order:
+        phi, target = cosine(g, jacobian[j]), targets[i, j]
+        if phi < target:
+            g = g + np.linalg.norm(g) * (target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2)) / (
+                np.linalg.norm(jacobian[j]) * np.sqrt(1 - target**2)) * jacobian[j]
+    return g
+
+
+def test_gradvac_with_three_tasks_follows_the_paper_with_an_order_per_task():
+    """K = 3 and targets 0.5, which every pair's cosine is below, so each task is corrected twice and its second
+    correction uses its modified norm (with zero targets the norm cancels, as in PCGrad; the two-task tests correct
+    once). Each task's two visiting orders give different results, so the direction must be one of the 2^3 sums of
+    the reference's results, and with an order drawn per task (as LibMTL shuffles per task) each sum comes with
+    probability 1/8: over 400 keys, 50 +- 33 (5 standard deviations) each."""
+    jacobian = np.asarray([[1.0, 0.0, 0.2], [-0.3, 1.0, 0.1], [0.2, -0.4, 1.0]])
+    targets = np.full((3, 3), 0.5) - 0.5 * np.eye(3)
+    options = [[gradvac_vaccinated(jacobian, i, order, targets)
+                for order in itertools.permutations([j for j in range(3) if j != i])] for i in range(3)]
+    candidates = np.asarray([sum(choice) for choice in itertools.product(*options)])
+    assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(candidates, 2)) > 0.01
+    balancer, _ = compiled("gradvac")
+    step = jax.jit(jax.vmap(balancer.step, in_axes=(None, None, None, 0)))
+    directions, _, _ = step(jnp.asarray(jacobian), jnp.ones(3), GradVacState(jnp.asarray(targets)),
+                            jax.random.split(KEY, 400))
+    distances = np.linalg.norm(np.asarray(directions)[:, None, :] - candidates[None], axis=2)
+    assert np.all(distances.min(axis=1) < 1e-12)
+    counts = np.bincount(distances.argmin(axis=1), minlength=8)
+    assert np.all(np.abs(counts - 50) <= 33), counts
+
 # ---------------------------------------------------------------- DB-MTL
 
 @FEW
@@ -355,6 +390,26 @@ def test_moco_first_step_weights_are_the_rows_coefficients_for_any_beta():
     np.testing.assert_allclose(direction, weights @ jacobian, rtol=1e-12, atol=1e-15)
 
 
+
+def test_moco_step_sizes_decay_with_their_own_exponents():
+    """beta_k = beta / k^beta_sigma and gamma_k = gamma / k^gamma_sigma, each with its own exponent: two steps with
+    beta_sigma = 0 (beta_k = 0.5) and the default gamma_sigma = 0.5 (gamma_2 = 0.1 / sqrt 2), against numpy. The
+    defaults give both exponents 0.5, and the other tests take one step or constant rates."""
+    j1 = np.asarray([[3.0, 0.0, 1.0], [0.0, 2.0, -1.0], [1.0, 1.0, 1.0]])
+    j2 = np.asarray([[1.0, -1.0, 0.5], [2.0, 0.5, 0.0], [-0.5, 1.0, 2.0]])
+    losses = np.asarray([0.5, 1.0, 2.0])
+    (_, _, s1), (direction, _, s2) = steps("moco", [j1, j2], [losses] * 2, beta_sigma=0.0)
+    rescaled = lambda j: j * (losses / np.linalg.norm(j, axis=1))[:, None]
+    softmax = lambda x: np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    y1 = 0.5 * rescaled(j1)
+    lambdas1 = softmax(np.full(3, 1 / 3) - 0.1 * (y1 @ y1.T) @ np.full(3, 1 / 3))
+    y2 = y1 - 0.5 * (y1 - rescaled(j2))
+    lambdas2 = softmax(lambdas1 - 0.1 / np.sqrt(2.0) * (y2 @ y2.T) @ lambdas1)
+    np.testing.assert_allclose(s1.lambdas, lambdas1, rtol=1e-12)
+    np.testing.assert_allclose(s2.tracked, y2, rtol=1e-12)
+    np.testing.assert_allclose(s2.lambdas, lambdas2, rtol=1e-12)
+    np.testing.assert_allclose(direction, lambdas2 @ y2, rtol=1e-12)
+
 @FEW
 @given(hnp.arrays(np.float64, st.integers(1, 4), elements=st.floats(-3, 3)))
 def test_projection_onto_the_simplex_is_the_closest_point(v):
@@ -405,6 +460,19 @@ def test_excess_mtl_up_weights_the_task_with_the_larger_excess_risk(jacobian, gr
     assert weights.sum() == pytest.approx(jacobian.shape[0], rel=1e-12)
 
 
+
+def test_excess_mtl_first_step_keeps_unit_weights_with_a_zero_gradient():
+    """The first step only records e^(1) and weighs every task 1 (the docstring), a zero gradient too: its ratio
+    r_t = 0/0 is taken as 0 while the others are 1, so an update at the first step would move weight away from it.
+    The second step does update: lambda = K softmax(eta r) with r_t = e_t^(2) / e_t^(1) (0 for the zero row)."""
+    jacobian = np.asarray([[1.0, -0.5, 2.0], [0.0, 0.0, 0.0], [0.3, 0.2, -0.1]])
+    results = steps("excess_mtl", [jacobian, 2 * jacobian], robust_step_size=0.5)
+    np.testing.assert_array_equal(results[0][1], 1.0)
+    first = np.sum(jacobian**2 / np.sqrt(jacobian**2 + 1e-7), axis=1)
+    second = np.sum(4 * jacobian**2 / np.sqrt(5 * jacobian**2 + 1e-7), axis=1)
+    ratios = np.divide(second, first, out=np.zeros(3), where=first > 0)
+    np.testing.assert_allclose(results[1][1], 3 * np.exp(0.5 * ratios) / np.exp(0.5 * ratios).sum(), rtol=1e-10)
+
 def test_excess_mtl_estimate_does_not_see_the_scale_of_a_task_gradient():
     """On a constant Jacobian every normalised estimate is ~1/sqrt(k), whatever the task's gradient scale."""
     jacobian = jnp.asarray([[100.0, -50.0, 10.0], [0.1, 0.2, -0.3]])
@@ -440,6 +508,7 @@ def test_graddrop_with_full_leak_is_the_plain_sum(jacobian, seed):
     np.testing.assert_allclose(weights, 1.0, rtol=1e-12)
 
 
+
 @FEW
 @given(jacobians(max_tasks=3, max_params=4), st.integers(0, 2**16))
 def test_graddrop_keeps_one_sign_per_coordinate(jacobian, seed):
@@ -458,8 +527,14 @@ def test_graddrop_keeps_the_positive_sign_with_probability_equal_to_the_purity()
     step = jax.jit(jax.vmap(make("graddrop").step, in_axes=(None, None, None, 0)))
     directions, _, _ = step(jacobian, jnp.ones(3), (), jax.random.split(KEY, 20000))
     positive = jnp.where(jacobian > 0, jacobian, 0).sum(axis=0)
-    frequency = np.mean(np.asarray(directions) == np.asarray(positive), axis=0)
+    kept_positive = np.asarray(directions) == np.asarray(positive)
+    frequency = np.mean(kept_positive, axis=0)
     np.testing.assert_allclose(frequency, purity, atol=4 * np.sqrt(0.25 / 20000))
+    # One U per coordinate (Algorithm 1: U has the shape of P), so the choices are independent: coordinates 1 and 2
+    # keep their positive signs together with probability 0.75 * 0.25 = 0.1875, where one U shared by every
+    # coordinate would give min(0.75, 0.25) = 0.25 (standard error 0.003; 0.02 is over 6 of them).
+    np.testing.assert_allclose(np.mean(kept_positive[:, 0] & kept_positive[:, 1]), float(purity[0] * purity[1]),
+                               atol=0.02)
 
 
 def test_graddrop_is_deterministic_given_the_key_and_random_across_keys():
