@@ -433,8 +433,6 @@ def test_imtl_scales_the_losses_and_takes_a_gradient_step_on_the_scales():
                                np.log(scales) - 0.1 * (scales * np.asarray(losses) - 1.0), rtol=1e-12)
 
 
-
-
 def test_imtl_log_scales_stay_within_their_bound():
     """s is clipped to [-30, 30] after each step: a loss of 0 raises s by the step size for ever (gradient
     e^s L - 1 = -1), a huge loss lowers it by up to eta e^s L. Step size 1 from s = +-29.5: 29.5 + 1 and
@@ -445,18 +443,41 @@ def test_imtl_log_scales_stay_within_their_bound():
     np.testing.assert_array_equal(state.log_scales, [30.0, -30.0])
     assert np.all(np.isfinite(np.asarray(weights)))
 
+
 @pytest.mark.parametrize("name", ["imtl_g", "imtl"])
 def test_imtl_g_weights_of_identical_and_opposite_gradients(name):
     """The docstring's degenerate cases, where G is singular: identical gradients get equal weights 1/K (G^+ n lies
-    along the ones vector), and two pairs of opposite gradients weight 0: n is then orthogonal to G's range, so
-    1'G^+ n = 0 and only rounding is left of it (5.6e-17 here). Without the threshold that rounding is divided by,
-    and without G^+'s eigenvalue cut-off rounding's eigenvalues are inverted."""
+    along the ones vector); two pairs of opposite gradients have no common projection but 0 (n is orthogonal to G's
+    range, so 1'G^+ n = 0 and only rounding is left of it, 5.6e-17 here), so the weights are the ones vector's part
+    in G's null space, 1/4 each, and d = 0. Without G^+'s eigenvalue cut-off rounding's eigenvalues are inverted."""
     g = np.asarray([1.0, -2.0, 0.5])
     _, weights, _ = run(name, np.stack([g, g, g]))
     np.testing.assert_allclose(weights, 1 / 3, rtol=1e-9)
     h = np.asarray([0.3, 0.4, -1.2])
-    _, weights, _ = run(name, np.stack([g, -g, h, -h]))
-    np.testing.assert_array_equal(weights, 0.0)
+    direction, weights, _ = run(name, np.stack([g, -g, h, -h]))
+    np.testing.assert_allclose(weights, 1 / 4, rtol=1e-9)
+    np.testing.assert_allclose(direction, 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("jacobian", [
+    np.asarray([[1.0, -2.0, 0.5], [-2.0, 4.0, -1.0]]),  # g and -2g: along one line, of unequal norms
+    np.asarray([[1.0, 0.2], [-0.3, 1.0], [-0.8, -0.7]])],  # three tasks in two dimensions
+    ids=["g_and_minus_2g", "more_tasks_than_dimensions"])
+def test_imtl_g_gives_no_direction_where_only_a_zero_projection_is_equal(jacobian):
+    """Where n is outside G's range, the only d in the gradients' span with equal projections on the unit
+    gradients is 0 (for g, -2g: d = t g has projections t|g| and -t|g|; three generic unit vectors in the plane
+    have no d of equal non-zero projections). The weights then sum to 1 with d = 0, as LibMTL's formula gives
+    (its D U' is invertible here): for g, -2g they are (2/3, 1/3). G^+ n normalised would give (-1, 2) and
+    d = -5g, which raises task 1's loss fastest of all."""
+    direction, weights, _ = run("imtl_g", jacobian)
+    np.testing.assert_allclose(direction, 0.0, atol=1e-12)
+    np.testing.assert_allclose(weights, imtl_g_reference(jacobian), rtol=1e-9)
+    from theory.balancing.imtl import imtl_g_weights
+
+    float32 = imtl_g_weights(jnp.asarray(jacobian @ jacobian.T, jnp.float32))  # rounding 1e-7, not 1e-16
+    assert float32.dtype == jnp.float32
+    np.testing.assert_allclose(float32, imtl_g_reference(jacobian), rtol=1e-5)
+
 
 # ---------------------------------------------------------------- Aligned-MTL
 

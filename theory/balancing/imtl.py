@@ -25,22 +25,37 @@ def pseudo_inverse(matrix: jax.Array) -> jax.Array:
 
 
 def imtl_g_weights(gram: jax.Array) -> jax.Array:
-    r"""IMTL-G's weights :math:`\alpha = G^{+}n / (\mathbf 1^\top G^{+} n)`, :math:`n_t = \|g_t\|`.
+    r"""IMTL-G's weights: :math:`\alpha` with :math:`\sum_t\alpha_t = 1` and :math:`G\alpha = c\,n`,
+    :math:`n_t = \|g_t\|` (equal projections :math:`c` of :math:`d = \sum_t\alpha_t g_t` on the unit gradients).
 
-    Computed on :math:`G/\mathrm{tr}(G)` (the weights are invariant to that scale). Zero weights when
-    :math:`\mathbf 1^\top G^+ n` vanishes (to rounding), e.g. for zero or opposite gradients, where the common
-    projection is 0 and no normalisation :math:`\sum_t\alpha_t = 1` exists (the paper's formula divides by zero).
+    Where :math:`n` lies in :math:`G`'s range and :math:`\mathbf 1^\top G^{+} n \ne 0` (always when :math:`G` is
+    invertible): :math:`\alpha = G^{+}n / (\mathbf 1^\top G^{+} n)`. Otherwise no common projection other than
+    :math:`c = 0` is defined (for gradients along one line of unequal norms, :math:`g` and :math:`-2g`, the
+    directions in their span with equal projections are only 0), and :math:`\alpha` is the projection of
+    :math:`\mathbf 1` on :math:`G`'s null space, normalised: :math:`d = 0` (LibMTL's formula gives the same), where
+    :math:`G^{+}n` normalised would be a direction of unequal projections (:math:`-5g` for :math:`g, -2g`). Zero
+    weights when that null space is orthogonal to :math:`\mathbf 1` as well. Computed on :math:`G/\mathrm{tr}(G)`
+    (the weights are invariant to that scale).
     """
     num_tasks = gram.shape[0]
     dtype = gram.dtype
+    eps = jnp.finfo(dtype).eps
     trace = jnp.trace(gram)
     g = gram / jnp.where(trace > 0, trace, 1.0)
-    norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
-    v = pseudo_inverse(g) @ norms
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))  # a unit vector unless every gradient is 0
+    inverse = pseudo_inverse(g)
+    range_projector = inverse @ g
+    v = inverse @ norms
     total = jnp.sum(v)
-    threshold = 100 * num_tasks * jnp.finfo(dtype).eps * jnp.maximum(jnp.max(jnp.abs(v)), 1.0)
-    ok = jnp.abs(total) > threshold
-    return jnp.where(ok, v / jnp.where(ok, total, 1.0), 0.0)
+    threshold = 100 * num_tasks * eps * jnp.maximum(jnp.max(jnp.abs(v)), 1.0)
+    # n outside the range beyond rounding (sqrt(eps): the eigenvectors kept are exact to about that).
+    in_range = jnp.linalg.norm(norms - range_projector @ norms) <= jnp.sqrt(eps) * jnp.maximum(jnp.sum(norms), 1.0)
+    ok = in_range & (jnp.abs(total) > threshold)
+    null = jnp.ones(num_tasks, dtype) - range_projector @ jnp.ones(num_tasks, dtype)
+    null_total = jnp.sum(null)
+    null_ok = jnp.abs(null_total) > 100 * num_tasks * eps
+    common_zero = jnp.where(null_ok, null / jnp.where(null_ok, null_total, 1.0), 0.0)
+    return jnp.where(ok, v / jnp.where(ok, total, 1.0), common_zero)
 
 
 @register("imtl_g")
@@ -56,9 +71,10 @@ def imtl_g() -> Balancer:
     :math:`\alpha_1 = 1 - \sum_{t\ge2}\alpha_t`. When :math:`G` is invertible both forms give the same :math:`\alpha`
     (equal projections :math:`d^\top u_t = (G\alpha)_t/n_t = c` means :math:`G\alpha = c\,n`); the symmetric form is
     used here because it needs only :math:`G`, and with the pseudo-inverse :math:`G^{+}` it stays defined when
-    gradients are linearly dependent or zero (torchjd's generalisation): zero gradients get weight 0, identical
-    gradients equal weights, and the weights are 0 when :math:`\mathbf 1^\top G^+ n = 0` (opposite gradients).
-    Stateless (:class:`~theory.balancing.base.EmptyState`).
+    gradients are linearly dependent or zero: zero gradients get weight 0 and identical gradients equal weights
+    (torchjd's generalisation); where no common projection but 0 exists (gradients along one line pointing both ways,
+    more tasks than dimensions, every gradient 0), the weights sum to 1 on :math:`G`'s null space and :math:`d = 0`
+    (:func:`imtl_g_weights`). Stateless (:class:`~theory.balancing.base.EmptyState`).
     """
 
     def init(num_tasks: int) -> EmptyState:
