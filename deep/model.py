@@ -446,4 +446,3 @@ def task_prediction(name: str, head_output: jax.Array, image_size: tuple[int, in
 
 def _as_float32(value: jax.Array) -> jax.Array:
     return value.astype(jnp.float32) if jnp.issubdtype(value.dtype, jnp.floating) else value
-

@@ -43,6 +43,7 @@ from deep import losses
 from deep.model import DualStreamModel
 from deep.perceptual import LPIPSWeights, lpips_loss
 
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule (defaults: the authors' NYUv2 run)."""

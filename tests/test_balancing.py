@@ -194,7 +194,6 @@ def test_make_rejects_unknown_methods_and_options_listing_valid_ones():
         make("ew").step(jnp.ones(3), jnp.ones(3), (), KEY)
 
 
-
 def test_inputs_of_mismatched_sizes_are_refused_in_one_line():
     """A step checks that the losses match the Jacobian's K, and the Gram path that G is [K, K] for the losses' K:
     without the checks EW fails later with a broadcasting TypeError, and MGDA's weigh runs on a 3 x 3 Gram matrix
@@ -241,6 +240,7 @@ def test_float32_in_float32_out(name):
     direction, weights, _ = jax.jit(balancer.step)(jacobian, jnp.asarray([0.5, 1.0, 2.0], jnp.float32),
                                                    balancer.init(3), KEY)
     assert direction.dtype == jnp.float32 and weights.dtype == jnp.float32
+
 
 @pytest.mark.parametrize("name", ["ew", "mgda", "cagrad", "gradnorm"])
 def test_permuting_tasks_permutes_weights(name):
@@ -429,7 +429,6 @@ def test_mgda_normalisations_combine_normalised_gradients(normalization):
     assert float(jnp.sum((alpha @ normalised) ** 2)) <= scipy_min_norm(np.asarray(normalised @ normalised.T)) + 1e-9
 
 
-
 @pytest.mark.parametrize("normalization", ["l2", "loss", "loss+"])
 def test_mgda_normalisations_keep_a_zero_gradient_or_loss_finite(normalization):
     """A task with a zero gradient (or, for "loss", a zero loss) has the normaliser n_t = 0, where g_t / n_t is taken
@@ -441,6 +440,7 @@ def test_mgda_normalisations_keep_a_zero_gradient_or_loss_finite(normalization):
     direction, weights, _ = run("mgda", jacobian, losses, normalization=normalization)
     np.testing.assert_array_equal(weights, 0.0)
     np.testing.assert_array_equal(direction, 0.0)
+
 
 @given(jacobians(min_tasks=2, max_tasks=2))
 def test_pcgrad_output_does_not_conflict_with_either_task_when_k_is_2(jacobian):
@@ -482,7 +482,6 @@ def test_pcgrad_never_projects_a_gradient_off_itself():
         assert np.min(np.linalg.norm(candidates - np.asarray(direction), axis=1)) < 1e-12, seed
 
 
-
 def test_pcgrad_draws_an_independent_order_for_every_task():
     """Yu et al.'s code (and LibMTL's) shuffles the other tasks afresh for each task i. With K = 3 each task has two
     orders, so the 2^3 sums of the paper's surgeries each come with probability 1/8; one permutation shared by all
@@ -501,6 +500,7 @@ def test_pcgrad_draws_an_independent_order_for_every_task():
     assert np.all(distances.min(axis=1) < 1e-12)
     counts = np.bincount(distances.argmin(axis=1), minlength=8)
     assert np.all(np.abs(counts - 50) <= 33), counts
+
 
 @given(jacobians())
 def test_cagrad_with_zero_radius_is_the_mean_gradient(jacobian):
@@ -565,7 +565,6 @@ def test_cagrad_weights_come_from_the_minimiser_of_its_dual():
     assert np.all(ours >= -1e-9) and objective(ours) <= reference + 1e-7
 
 
-
 def test_cagrad_and_mgda_pass_their_solver_options_on_and_report_the_solve():
     """max_iterations and tolerance reach the solver, and the state reports that solve (the other tests run the
     defaults, or call the solvers directly). From the uniform start CAGrad's dual needs 12 Frank–Wolfe steps for the
@@ -581,6 +580,7 @@ def test_cagrad_and_mgda_pass_their_solver_options_on_and_report_the_solve():
     assert int(state.iterations) == 0 and bool(state.converged)
     _, _, state = run("mgda", jacobian, solver="frank_wolfe", tolerance=1e-9, max_iterations=6)
     assert int(state.iterations) == 6 and not bool(state.converged) and 1e-9 < float(state.duality_gap) < 3e-5
+
 
 def test_gradnorm_moves_weight_towards_the_task_with_the_smaller_gradient():
     """Equal training rates: GradNorm equalises w_t‖g_t‖, so the large-gradient task loses weight."""

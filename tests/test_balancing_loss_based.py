@@ -164,7 +164,6 @@ def test_dwa_weights_come_from_ratios_of_period_averages():
     assert weights[4, 1] > weights[4, 0]  # the task whose loss fell least gets the larger weight
 
 
-
 def test_dwa_guards_a_zero_previous_average():
     """The docstring's guards: a ratio 0/0 is 1, a positive loss over 0 the largest finite number, whose task then
     takes the whole weight K. Step 2 weighs with the averages of steps 1 and 0: task 1 went from 0 to 1, task 2
@@ -174,6 +173,7 @@ def test_dwa_guards_a_zero_previous_average():
     np.testing.assert_array_equal(weights[2], [3.0, 0.0, 0.0])
     _, weights, _ = run_sequence("dwa", [[0.0, 0.0, 1.0]] * 2 + [[1.0, 0.0, 1.0]] * 8)
     np.testing.assert_allclose(weights[2], 1.0, rtol=1e-12)  # every ratio 1
+
 
 @given(hnp.arrays(np.float64, (3, 4), elements=st.floats(0.01, 10.0, width=64)), st.floats(0.1, 10.0))
 def test_dwa_weights_sum_to_k_and_order_like_the_loss_ratios(losses, temperature):
@@ -262,7 +262,6 @@ def test_famo_first_step_weights_are_the_normalised_log_loss_gradient():
     np.testing.assert_array_equal(state.logits, 0.0)  # no previous losses yet: no update
 
 
-
 def test_famo_clamps_negative_losses_to_zero():
     """FAMO is defined for non-negative losses; a negative one is taken as 0 (the docstring), so its weights are
     those of a zero loss, non-negative, and the log-loss decrease of the next step stays finite."""
@@ -272,6 +271,7 @@ def test_famo_clamps_negative_losses_to_zero():
     np.testing.assert_array_equal(weights, clamped)
     np.testing.assert_array_equal(state.logits, clamped_state.logits)
     assert np.all(np.asarray(weights) >= 0) and np.all(np.isfinite(np.asarray(state.logits)))
+
 
 def test_famo_logits_favour_the_task_whose_log_loss_decreased_least():
     steps = jnp.arange(30, dtype=jnp.float64)[:, None]

@@ -198,7 +198,6 @@ def test_gradvac_positive_targets_pull_agreeing_gradients_closer():
     np.testing.assert_allclose(direction, weights @ jacobian, rtol=1e-12)
 
 
-
 def gradvac_vaccinated(jacobian, i, order, targets):
     """Wang et al.'s Algorithm 1 for task i in numpy: the other tasks in ``order``, each raising cos(g~_i, g_j) to
     its target where it is below, with the norm of the *modified* g~_i."""
@@ -233,6 +232,7 @@ def test_gradvac_with_three_tasks_follows_the_paper_with_an_order_per_task():
     assert np.all(np.abs(counts - 50) <= 33), counts
 
 # ---------------------------------------------------------------- DB-MTL
+
 
 @FEW
 @given(jacobians(max_tasks=3, max_params=4), st.lists(st.floats(0.1, 10.0), min_size=3, max_size=3))
@@ -390,7 +390,6 @@ def test_moco_first_step_weights_are_the_rows_coefficients_for_any_beta():
     np.testing.assert_allclose(direction, weights @ jacobian, rtol=1e-12, atol=1e-15)
 
 
-
 def test_moco_step_sizes_decay_with_their_own_exponents():
     """beta_k = beta / k^beta_sigma and gamma_k = gamma / k^gamma_sigma, each with its own exponent: two steps with
     beta_sigma = 0 (beta_k = 0.5) and the default gamma_sigma = 0.5 (gamma_2 = 0.1 / sqrt 2), against numpy. The
@@ -409,6 +408,7 @@ def test_moco_step_sizes_decay_with_their_own_exponents():
     np.testing.assert_allclose(s2.tracked, y2, rtol=1e-12)
     np.testing.assert_allclose(s2.lambdas, lambdas2, rtol=1e-12)
     np.testing.assert_allclose(direction, lambdas2 @ y2, rtol=1e-12)
+
 
 @FEW
 @given(hnp.arrays(np.float64, st.integers(1, 4), elements=st.floats(-3, 3)))
@@ -460,7 +460,6 @@ def test_excess_mtl_up_weights_the_task_with_the_larger_excess_risk(jacobian, gr
     assert weights.sum() == pytest.approx(jacobian.shape[0], rel=1e-12)
 
 
-
 def test_excess_mtl_first_step_keeps_unit_weights_with_a_zero_gradient():
     """The first step only records e^(1) and weighs every task 1 (the docstring), a zero gradient too: its ratio
     r_t = 0/0 is taken as 0 while the others are 1, so an update at the first step would move weight away from it.
@@ -472,6 +471,7 @@ def test_excess_mtl_first_step_keeps_unit_weights_with_a_zero_gradient():
     second = np.sum(4 * jacobian**2 / np.sqrt(5 * jacobian**2 + 1e-7), axis=1)
     ratios = np.divide(second, first, out=np.zeros(3), where=first > 0)
     np.testing.assert_allclose(results[1][1], 3 * np.exp(0.5 * ratios) / np.exp(0.5 * ratios).sum(), rtol=1e-10)
+
 
 def test_excess_mtl_estimate_does_not_see_the_scale_of_a_task_gradient():
     """On a constant Jacobian every normalised estimate is ~1/sqrt(k), whatever the task's gradient scale."""
@@ -506,7 +506,6 @@ def test_graddrop_with_full_leak_is_the_plain_sum(jacobian, seed):
     direction, weights, _ = run("graddrop", jacobian, key=jax.random.key(seed), leak=1.0)
     np.testing.assert_allclose(direction, jacobian.sum(axis=0), rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(weights, 1.0, rtol=1e-12)
-
 
 
 @FEW

@@ -155,7 +155,6 @@ def test_nash_mtl_update_weights_every_reuses_the_stored_weights():
     assert int(state.count) == 3
 
 
-
 def test_nash_mtl_clips_reused_weights_against_the_current_gradients():
     """Between solves the stored alpha is reused and clipped against this step's gradients (the docstring; LibMTL
     clips every step's gradient): the direction of a reusing step has norm max_norm too, and its weights are the
@@ -168,6 +167,7 @@ def test_nash_mtl_clips_reused_weights_against_the_current_gradients():
     np.testing.assert_allclose(jnp.linalg.norm(direction), 1.0, rtol=1e-12)
     np.testing.assert_allclose(weights, state.alpha / jnp.linalg.norm(state.alpha @ second), rtol=1e-12)
 
+
 def test_nash_mtl_reports_when_the_condition_has_no_solution():
     """Opposite gradients: G a = 1/a has no solution (G (1,1) = 0); the ridged solution is finite, and reported."""
     g = jnp.asarray([1.0, -2.0, 0.5])
@@ -177,7 +177,6 @@ def test_nash_mtl_reports_when_the_condition_has_no_solution():
     np.testing.assert_allclose(direction, 0.0, atol=1e-6)
     _, _, solvable = run("nash_mtl", jnp.stack([g, jnp.asarray([0.0, 1.0, 4.0])]))
     assert bool(solvable.converged) and float(solvable.residual) < 1e-6
-
 
 
 def test_nash_mtl_gives_a_zero_gradient_the_weight_the_ridge_sets():
@@ -202,6 +201,7 @@ def test_nash_mtl_and_fairgrad_pass_their_iteration_budget_on():
         assert int(state.iterations) == 1 and not bool(state.converged) and float(state.residual) > 0.1, name
 
 # ---------------------------------------------------------------- FairGrad
+
 
 def fairgrad_reference(gram, alpha):
     """LibMTL's own solver: scipy least_squares on G w - w^(-1/alpha), w >= 0, from 1/K (tolerances tightened)."""
@@ -311,7 +311,6 @@ def test_upgrad_is_the_mean_gradient_when_nothing_conflicts():
     np.testing.assert_allclose(direction, [0.25, 0.75], atol=1e-9)
 
 
-
 def test_upgrad_is_the_plain_mean_below_norm_eps():
     """torchjd's quirk, kept and documented: when tr(G) < norm_eps (absolute), G~ = reg_eps I, so every v_t = e_t
     and the weights are 1/K although the gradients conflict; norm_eps = 0 projects them (the conflicting case of the
@@ -321,6 +320,7 @@ def test_upgrad_is_the_plain_mean_below_norm_eps():
     np.testing.assert_allclose(weights, 0.5, rtol=1e-12)
     direction, _, _ = run("upgrad", conflicting, reg_eps=1e-12, norm_eps=0.0)
     np.testing.assert_allclose(direction, [0.25e-3, 0.75e-3], rtol=1e-8)
+
 
 def ill_conditioned(rng, size, condition):
     """A random symmetric positive definite matrix with eigenvalues spread geometrically from 1 to 1/condition."""
@@ -518,13 +518,13 @@ def test_aligned_mtl_direction_is_linear_in_a_common_scale(jacobian, scale):
                                atol=1e-9 * scale * np.linalg.norm(direction))
 
 
-
 def test_aligned_mtl_of_zero_gradients_is_the_identity():
     """Rank 0 (all-zero gradients): B = I as in torchjd, so the weights are the preferences (ones), the direction 0,
     and the state reports rank 0 and sigma_R = 0."""
     _, weights, state = run("aligned_mtl", np.zeros((3, 4)))
     np.testing.assert_array_equal(weights, 1.0)
     assert int(state.rank) == 0 and float(state.sigma_min) == 0.0
+
 
 def test_aligned_mtl_rank_cutoff_scales_with_the_number_of_tasks():
     """LibMTL's cut-off is lambda > K eps32 lambda_max. Eigenvalues 1 and 1.5 eps32 (K = 2): the small one lies

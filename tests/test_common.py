@@ -402,7 +402,6 @@ def test_an_interrupted_script_exits_130_while_jax_computes(tmp_path):
     assert not list((tmp_path / "out").glob("learned_encoder.*"))  # no result of a run that did not end
 
 
-
 def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_ends_the_script():
     """Python drops an exception raised in a gc callback or a destructor (sys.unraisablehook), and JAX runs a gc
     callback at every collection: the test above once ran on after its Ctrl-C, which had ended in jax's

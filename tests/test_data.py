@@ -822,7 +822,6 @@ def test_loader_validation():
 # --------------------------------------------------------------------------------------------- synthetic
 
 
-
 def test_the_generators_take_counts_and_seeds_of_any_integer_type(tmp_path):
     """The project's integer rule (scm.linear_gaussian.check_count) takes a JAX or NumPy integer as a count or seed:
     the generators then use the checked Python int, so the files are those of the same plain integers."""
@@ -832,6 +831,7 @@ def test_the_generators_take_counts_and_seeds_of_any_integer_type(tmp_path):
         assert (tmp_path / "jax" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
     np.testing.assert_array_equal(nyuv2_arrays(np.int64(2), 8, 8, jnp.int32(3))["images"],
                                   nyuv2_arrays(2, 8, 8, 3)["images"])
+
 
 def test_generated_scenes_are_coherent_and_deterministic():
     scenes = nyuv2_arrays(3, 24, 32, seed=1)

@@ -368,8 +368,6 @@ def test_the_authors_variant_output_shapes(size, image_size):
     assert model.decoder.light.fc1.in_features == config.fusion_channels  # it pools the adapted c4
 
 
-
-
 @pytest.fixture(scope="module")
 def authors_model():
     """One task and no decoders: compiling three heads and the decoders would more than double these tests'

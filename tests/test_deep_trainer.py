@@ -192,6 +192,7 @@ def _names(directory):
     """The entries of ``directory`` but hidden ones (Orbax's temporaries)."""
     return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
 
+
 def test_checkpoints_round_trip_keep_the_newest_and_survive_a_half_written_one(tmp_path):
     optimizer = train.make_optimizer(train.OptimConfig())
     _, state = train.split_model(DualStreamModel(TINY, nnx.Rngs(0)), optimizer)

@@ -629,5 +629,6 @@ def main() -> int:
     print(f"wrote {REFERENCE.relative_to(ROOT)} ({REFERENCE.stat().st_size} bytes; {reference['versions']})")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

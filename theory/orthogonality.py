@@ -100,6 +100,7 @@ def stream_gradients(theta, sigma_s: float, sigma_r: float, dim: int, key: jax.A
     cov_ss, cov_rr = a @ a.T, b @ b.T
     bound = jnp.sqrt(cka) * jnp.sqrt(jnp.linalg.norm(cov_ss) * jnp.linalg.norm(cov_rr)) * jnp.linalg.norm(
         g_i) * jnp.linalg.norm(g_j)
+
     def relative_error(gradient, pulled_back):
         scale = jnp.maximum(jnp.max(jnp.abs(gradient)), jnp.finfo(gradient.dtype).tiny)
         return jnp.max(jnp.abs(gradient - pulled_back)) / scale
