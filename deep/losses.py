@@ -84,7 +84,8 @@ def depth_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
 def normal_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
     """:math:`1 - \\frac{1}{N}\\sum_{valid} \\langle \\hat n/\\|\\hat n\\|, n\\rangle` over pixels whose ground truth's
     components do not sum to zero (LibMTL's ``NormalLoss`` mask), the ground truth used as stored (LibMTL's normals
-    are unit): ``[B, H, W, 3]`` each."""
+    are unit): ``[B, H, W, 3]`` each. With no valid pixel the mean is 0 and the loss 1, a constant with no gradient
+    (LibMTL's gives NaN there)."""
     _check_dense_pair("normal_loss", prediction, target)
     unit = unit_vectors(prediction, 1e-12)
     valid = (jnp.sum(target, axis=-1) != 0).astype(prediction.dtype)

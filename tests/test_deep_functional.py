@@ -212,6 +212,10 @@ def test_depth_and_normal_losses_use_libmtl_masks():
     normals_pred = jnp.asarray([[0.0, 0.0, 5.0], [0.0, 0.0, 1.0], [0.0, 0.0, 2.0]])
     assert float(losses.normal_loss(normals_pred.reshape(1, 1, 3, 3), normals_gt.reshape(1, 1, 3, 3))) == \
         pytest.approx(1 - (1 + 0.5) / 2, abs=1e-6)
+    # No valid pixel (every ground truth 0): 1, a constant, with no gradient (LibMTL's mean over no pixels is NaN).
+    no_normals = jnp.zeros((1, 1, 3, 3))
+    loss, gradient = jax.value_and_grad(losses.normal_loss)(normals_pred.reshape(1, 1, 3, 3), no_normals)
+    assert float(loss) == 1.0 and not np.any(np.asarray(gradient))
 
 
 def test_dense_task_loss_takes_the_target_from_the_batch():
