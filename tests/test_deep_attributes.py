@@ -181,7 +181,8 @@ def test_the_perceptual_term_enters_inside_beta(monkeypatch):
     optimizer = train.make_optimizer(OPTIM)
     graphdef, state = train.split_model(AttributeModel(TINY, nnx.Rngs(0)), optimizer)
     weights = AttributeLossWeights(attributes=1.0, independence=0.0, appearance=3.0, appearance_l1=0.5)
-    _, metrics = attribute_step(graphdef, optimizer, state, make_batch(), weights, perceptual=())
+    step = jax.jit(functools.partial(attribute_step, graphdef, optimizer, weights=weights, perceptual=()))
+    _, metrics = step(state, make_batch())  # compiled: run op by op, the step took 26 s of the suite
     assert float(metrics["appearance_perceptual"]) == 0.75
     np.testing.assert_allclose(metrics["loss"], metrics["attributes"] + 3.0 * (0.5 * metrics["appearance_l1"] + 0.75),
                                rtol=1e-6)
