@@ -47,15 +47,17 @@ settings.register_profile("thorough", deadline=None, max_examples=1000, suppress
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-# The heaviest files first (measured: each is dominated by XLA compiles), so that the two workers of the suite's
-# file-by-file schedule (pytest-xdist, `-n 2 --dist loadfile` in pyproject.toml) finish at about the same time.
-# Order within a file is kept; unlisted files follow in collection order.
-HEAVIEST_FIRST = ("test_train_nyuv2.py", "test_deep_model.py", "test_deep_sharding.py", "test_deep_train.py",
-                  "test_balancing.py", "test_deep_trainer.py", "test_torch_reference.py", "test_learned_encoder.py",
-                  "test_bench_flops.py", "test_readme_example.py", "test_deep_mtan.py", "test_deep_atrous.py",
-                  "test_leakage.py", "test_deep_baselines.py", "test_balancing_solvers.py",
-                  "test_balancing_loss_based.py", "test_perceptual.py", "test_balancing_manipulation.py",
-                  "test_measures.py", "test_orthogonality.py")
+# The heaviest files first (measured with --durations=0; each is dominated by XLA compiles), so that the two
+# workers of the suite's file-by-file schedule (pytest-xdist, `-n 2 --dist loadfile` in pyproject.toml) finish at
+# about the same time. Order within a file is kept; unlisted files (each under 15 s) follow in collection order.
+HEAVIEST_FIRST = ("test_train_nyuv2.py", "test_train_celeba.py", "test_deep_train.py", "test_balancing.py",
+                  "test_deep_sharding.py", "test_deep_attributes.py", "test_deep_mtan.py", "test_deep_model.py",
+                  "test_deep_trainer.py", "test_deep_baselines.py", "test_torch_reference.py", "test_learned_encoder.py",
+                  "test_bench_flops.py", "test_deep_atrous.py", "test_readme_example.py", "test_deep_decoders.py",
+                  "test_sweep_theta.py", "test_bench_celeba_scaling.py", "test_perceptual.py", "test_leakage.py",
+                  "test_balancing_loss_based.py", "test_measures.py", "test_orthogonality.py",
+                  "test_balancing_solvers.py", "test_data.py", "test_deep_functional.py",
+                  "test_balancing_manipulation.py")
 
 
 def pytest_collection_modifyitems(items):
