@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 
 from test_balancing import KEY, jitted_step, run
 from theory.balancing import make
+from theory.balancing.imtl import imtl_g_weights
 from theory.balancing.upgrad import box_qp, box_qps
 
 SHAPES = [(2, 3), (3, 4), (3, 6), (4, 6)]            # (K, P), K <= P: generically full row rank
@@ -472,8 +473,6 @@ def test_imtl_g_gives_no_direction_where_only_a_zero_projection_is_equal(jacobia
     direction, weights, _ = run("imtl_g", jacobian)
     np.testing.assert_allclose(direction, 0.0, atol=1e-12)
     np.testing.assert_allclose(weights, imtl_g_reference(jacobian), rtol=1e-9)
-    from theory.balancing.imtl import imtl_g_weights
-
     float32 = imtl_g_weights(jnp.asarray(jacobian @ jacobian.T, jnp.float32))  # rounding 1e-7, not 1e-16
     assert float32.dtype == jnp.float32
     np.testing.assert_allclose(float32, imtl_g_reference(jacobian), rtol=1e-5)

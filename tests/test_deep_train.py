@@ -181,6 +181,13 @@ class _Counterfactual(nnx.Module):
         return jnp.mean(jnp.abs(prediction - batch[name]))
 
 
+def _eq12_bracket(out, depth, depth_weight=1.0):
+    """Eq (12)'s bracket by hand for _Counterfactual's pass, from its eval-mode output ``out`` (float64): the depth
+    task's L1 against the original labels plus 0.1 CKA of its semantic map and residual code."""
+    cka = float(losses.independence_loss(jnp.asarray(out), jnp.asarray(np.mean(out ** 3, axis=(1, 2)))))
+    return depth_weight * np.mean(np.abs(out - np.asarray(depth))) + 0.1 * cka
+
+
 def _counterfactual_loss(semantic, residual, depth, weights, key):
     graphdef, shared, heads, batch_stats, rest = nnx.split(_Counterfactual(), train.SHARED, train.HEADS,
                                                            nnx.BatchStat, ...)
@@ -202,10 +209,7 @@ def test_the_counterfactual_pass_swaps_residual_codes_runs_in_eval_mode_and_weig
     scale = 1 / np.sqrt(1 + 1e-5)  # BatchNorm's running statistics at init, eval mode
 
     def by_hand(images):
-        out = np.asarray(images, np.float64) * scale
-        task = 2.0 * np.mean(np.abs(out - np.asarray(depth)))
-        cka = float(losses.independence_loss(jnp.asarray(out), jnp.asarray(np.mean(out ** 3, axis=(1, 2)))))
-        return 0.5 * (task + 0.1 * cka)
+        return 0.5 * _eq12_bracket(np.asarray(images, np.float64) * scale, depth, depth_weight=2.0)
 
     same_residual = jnp.full((4, 1), 0.3, jnp.float32)
     expected = by_hand(semantic + 0.3)
@@ -220,7 +224,7 @@ def test_the_counterfactual_pass_swaps_residual_codes_runs_in_eval_mode_and_weig
 def test_the_counterfactual_shuffle_is_the_permutation_drawn_from_the_steps_key():
     """π is ``jax.random.permutation(key, B)`` of the key the step is given, so each step draws its own: with equal
     semantic maps and distinct residual codes the loss is the hand-made one for that π, for each of three keys whose
-    permutations differ (a fixed π would match one of them at most). Same stand-in and formula as above."""
+    permutations differ (a fixed π would match one of them at most). Same stand-in and formula (_eq12_bracket)."""
     rng = np.random.default_rng(2)
     flat = jnp.broadcast_to(jnp.asarray(rng.normal(size=(1, 3, 3, 1)), jnp.float32), (4, 3, 3, 1))
     residual = jnp.asarray(rng.normal(size=(4, 1)), jnp.float32)
@@ -232,8 +236,7 @@ def test_the_counterfactual_shuffle_is_the_permutation_drawn_from_the_steps_key(
     scale = 1 / np.sqrt(1 + 1e-5)  # BatchNorm's running statistics at init, eval mode
     for key, permutation in zip(keys, permutations):
         out = (np.asarray(flat, np.float64) + np.asarray(residual, np.float64)[permutation, None, None, :]) * scale
-        cka = float(losses.independence_loss(jnp.asarray(out), jnp.asarray(np.mean(out ** 3, axis=(1, 2)))))
-        expected = np.mean(np.abs(out - np.asarray(depth))) + 0.1 * cka
+        expected = _eq12_bracket(out, depth)
         assert _counterfactual_loss(flat, residual, depth, weights, key) == pytest.approx(expected, rel=1e-4)
 
 
@@ -278,9 +281,7 @@ def test_the_counterfactual_pass_reads_the_statistics_its_steps_train_pass_just_
     np.testing.assert_allclose(new_stats["norm"]["var"][...], [variance], rtol=1e-5)
     permutation = np.asarray(jax.random.permutation(key, 4))
     out = (x + x[permutation, :1, :1, :] - mean) / np.sqrt(variance + 1e-5)
-    cka = float(losses.independence_loss(jnp.asarray(out), jnp.asarray(np.mean(out ** 3, axis=(1, 2)))))
-    expected = np.mean(np.abs(out - np.asarray(depth))) + 0.1 * cka
-    assert float(terms["counterfactual"]) == pytest.approx(expected, rel=1e-4)
+    assert float(terms["counterfactual"]) == pytest.approx(_eq12_bracket(out, depth), rel=1e-4)
 
 
 def test_a_tiny_model_overfits_one_batch(setup):

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from theory.balancing.base import (Balancer, EmptyState, check_num_tasks, check_positive, register,
+from theory.balancing.base import (Balancer, EmptyState, check_num_tasks, check_positive, register, safe_divide,
                                    weighting_balancer)
 
 LOG_SCALE_BOUND = 30.0  # |s_t| <= 30 (e^30 ~ 1e13): keeps e^{s_t} finite when a loss stays at 0 for ever
@@ -51,11 +51,10 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
     # n outside the range beyond rounding (sqrt(eps): the eigenvectors kept are exact to about that).
     in_range = jnp.linalg.norm(norms - range_projector @ norms) <= jnp.sqrt(eps) * jnp.maximum(jnp.sum(norms), 1.0)
     ok = in_range & (jnp.abs(total) > threshold)
-    null = jnp.ones(num_tasks, dtype) - range_projector @ jnp.ones(num_tasks, dtype)
+    null = 1.0 - jnp.sum(range_projector, axis=1)  # the ones vector's part in G's null space
     null_total = jnp.sum(null)
-    null_ok = jnp.abs(null_total) > 100 * num_tasks * eps
-    common_zero = jnp.where(null_ok, null / jnp.where(null_ok, null_total, 1.0), 0.0)
-    return jnp.where(ok, v / jnp.where(ok, total, 1.0), common_zero)
+    common_zero = safe_divide(null, jnp.where(jnp.abs(null_total) > 100 * num_tasks * eps, null_total, 0.0))
+    return jnp.where(ok, safe_divide(v, jnp.where(ok, total, 0.0)), common_zero)
 
 
 @register("imtl_g")
