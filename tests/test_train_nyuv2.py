@@ -75,7 +75,7 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
     source-target gap), then under two corruptions; in bfloat16, as a GPU user would run it (training, evaluation,
     checkpoint and panels all take that path)."""
     out = tmp_path / "gta5"
-    result = run(["--synthetic", "--dataset", "gta5", "--model", "tiny", "--method", "ew", "--epochs", "1",
+    result = run(["--synthetic", "--dataset", "gta5", "--model", "tiny", "--method", "ew", "--epochs", "2",
                   "--warmup-epochs", "0", "--batch-size", "4", "--steps-per-epoch", "1", "--quiet",
                   "--precision", "bfloat16",
                   "--corruptions", "contrast,gaussian_noise", "--severities", "1,5", "--out", str(out)], cache)
@@ -83,17 +83,27 @@ def test_gta5_to_cityscapes_with_the_cityscapes_c_evaluation(cache, tmp_path):
     results = json.loads((out / "results.json").read_text())
     metric_names = {"segmentation/miou", "segmentation/pixel_accuracy", "depth/abs_err", "depth/rel_err"}
     assert set(results["final"]) == metric_names  # Cityscapes' tasks: no normals
-    # The source split (other scenes than the training ones) is scored beside the target, and the gap is theirs.
+    # The source split (other scenes than the training ones) is scored beside the target, and the gap is theirs: the
+    # last epoch's, as the target's (the first epoch's source metrics differ: a step was taken since).
     assert results["history"][-1]["source"] == results["final_source"] and set(results["final_source"]) == metric_names
+    assert results["history"][0]["source"] != results["final_source"]
+    # The run recorded every split's size, the source split's too (a resume with another held-out set is refused).
+    from deep.data import load_cityscapes
+
+    tested = len(load_cityscapes(out / "data" / "cityscapes", "val")["images"])
+    assert json.loads((out / "run.json").read_text())["examples"] == {"train": 8, "test": tested, "source": 4}
     for name in metric_names:
         assert results["source_target_gap"][name] == pytest.approx(results["final"][name] -
                                                                   results["final_source"][name])
     assert results["final_source"] != results["final"]
-    assert results["loss_weights_preset"] == "gta5_to_cityscapes" and results["epochs"] == 1
+    assert results["loss_weights_preset"] == "gta5_to_cityscapes" and results["epochs"] == 2
     assert results["model"]["compute_dtype"] == "bfloat16"
     corrupted = results["corrupted"]
     assert set(corrupted) == {"contrast", "gaussian_noise"} and all(set(v) == {"1", "5"} for v in corrupted.values())
-    assert set(results["corrupted_mean"]) == metric_names
+    # Each metric's mean under corruption is over every corruption and severity evaluated (2 x 2 passes here).
+    for name in metric_names:
+        assert results["corrupted_mean"][name] == pytest.approx(np.mean(
+            [corrupted[corruption][severity][name] for corruption in corrupted for severity in ("1", "5")]), rel=1e-12)
     # Heavy noise changes what the model sees, so its depth error is not the clean one (a depth prediction moves
     # with its input; after one step the tiny model's classes need not).
     clean = results["final"]["depth/abs_err"]
@@ -192,6 +202,16 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
      "--shortcut-strength must lie in [0, 1]; got 1.5"),
     (["--synthetic", "--dataset", "cityscapes", "--shortcut-strength", "0.5"],
      "--shortcut-strength is for --dataset colored_cityscapes only; got --dataset cityscapes"),
+    # A warm-up as long as the run leaves no epoch to the cosine: refused with the flags, not later by the optimiser.
+    (["--synthetic", "--method", "ew", "--epochs", "3", "--warmup-epochs", "3"],
+     "--warmup-epochs must be smaller than --epochs (3); got 3"),
+    (["--synthetic", "--method", "ew", "--architecture", "mtan", "--variant", "authors"],
+     "--variant authors builds the dual-stream model; --architecture mtan has its own heads"),
+    (["--synthetic", "--method", "core", "--architecture", "mtan"], "--method core needs the dual-stream model"),
+    (["--synthetic", "--method", "ew", "--task", "depth"], "--task is for --method stl only; got --method ew"),
+    (["--synthetic", "--steps-per-epoch", "-1"], "--steps-per-epoch must be an integer >= 0; got -1"),
+    (["--synthetic", "--learning-rate", "0"], "--learning-rate must be a finite number > 0; got 0.0"),
+    (["--synthetic", "--weight-decay", "nan"], "--weight-decay must be a finite number >= 0; got nan"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     """Refused before the run starts (checked through the script's entry point in this process)."""
@@ -266,11 +286,39 @@ def test_a_resume_compares_paths_as_files_and_fills_in_the_datasets_defaults(tmp
     named = lambda data: script.TrainConfig(data=data, model="tiny", method="ew").run_identity()
     assert named("data") == named(str(tmp_path / "data") + "/") == named("../" + tmp_path.name + "/data")
     assert named("data")["data"] == str(tmp_path / "data")
-    nyuv2, gta5 = (script.TrainConfig(synthetic=True, dataset=d, method="ew") for d in ("nyuv2", "gta5"))
+    # The perceptual loss's weights too (a weight file that must stay where it was: compared as the same file).
+    (tmp_path / "lpips.npz").write_bytes(b"")
+    weights = lambda path: script.TrainConfig(synthetic=True, perceptual=path).run_identity()
+    assert weights("lpips.npz") == weights(str(tmp_path / "lpips.npz"))
+    assert weights("lpips.npz")["perceptual"] == str(tmp_path / "lpips.npz")
+    # An empty --heads-read is the variant's: the paper's heads read the semantic stream, however it was spelled.
+    heads = lambda read: script.TrainConfig(synthetic=True, method="ew", heads_read=read).run_identity()
+    assert heads("") == heads("semantic") and heads("")["heads_read"] == "semantic"
+    nyuv2, gta5, colored = (script.TrainConfig(synthetic=True, dataset=d, method="ew")
+                            for d in ("nyuv2", "gta5", "colored_cityscapes"))
     assert (nyuv2.batch_size, nyuv2.warmup_epochs, gta5.batch_size, gta5.warmup_epochs) == (16, 5, 32, 10)
+    assert (colored.batch_size, colored.warmup_epochs) == (32, 5)  # Cityscapes recoloured: Cityscapes' schedule
+    # Both ends of --shortcut-strength's [0, 1]: 0 leaves the images as they are (the unshifted control).
+    for strength in (0.0, 1.0):
+        assert script.TrainConfig(synthetic=True, dataset="colored_cityscapes", shortcut_strength=strength)
     clean, corrupted = (script.TrainConfig(synthetic=True, dataset="cityscapes", preset=p, method="ew")
                         for p in ("", "cityscapes_c"))
     assert (clean.batch_size, corrupted.batch_size) == (32, 16)  # the paper's Cityscapes-C runs: batches of 16
+
+
+def test_each_dataset_is_augmented_as_the_paper_says():
+    """--augment per dataset (the paper's Appendix F and the authors' NYUv2 pipeline): NYUv2 random scale-crop, flip
+    and colour jitter; GTA5 and Cityscapes a flip only, and Colored-Cityscapes as Cityscapes (a colour jitter would
+    change the class colours that are its shortcut); Cityscapes' depth is a disparity, which a zoom would scale the
+    other way."""
+    from deep.data import AugmentConfig
+
+    configs = {name: AugmentConfig(**fields) for name, fields in load_script(SCRIPT).AUGMENTATIONS.items()}
+    flip_only = {"scales": (1.0,), "flip": True, "color_jitter": (0.0, 0.0, 0.0, 0.0)}
+    assert configs == {"nyuv2": AugmentConfig(scales=(1.0, 1.2, 1.5), flip=True, color_jitter=(0.4, 0.4, 0.4, 0.1)),
+                       "gta5": AugmentConfig(**flip_only),
+                       "cityscapes": AugmentConfig(**flip_only, depth_is_disparity=True),
+                       "colored_cityscapes": AugmentConfig(**flip_only, depth_is_disparity=True)}
 
 
 def test_generated_sets_hold_a_full_batch_of_the_datasets_default_size(tmp_path):
@@ -278,8 +326,10 @@ def test_generated_sets_hold_a_full_batch_of_the_datasets_default_size(tmp_path)
     script = load_script("experiments/train_nyuv2.py")
     for dataset in ("nyuv2", "cityscapes", "gta5"):
         config = script.TrainConfig(synthetic=True, dataset=dataset, method="ew")
-        train_split, _, _ = script._load_splits(config, tmp_path / dataset)
+        train_split, _, source = script._load_splits(config, tmp_path / dataset)
         assert len(train_split["images"]) == config.batch_size, dataset
+    # GTA5's held-out source split is other scenes than the training ones (else the source metrics are training ones).
+    assert not any(np.array_equal(held_out, image) for held_out in source["images"] for image in train_split["images"])
     small = script.TrainConfig(synthetic=True, method="ew", batch_size=4)
     assert len(script._load_splits(small, tmp_path / "small")[0]["images"]) == 8  # never fewer than 8
 
@@ -293,16 +343,25 @@ def test_a_damaged_record_of_the_run_is_refused_on_resume(tmp_path):
     assert_one_line_error(run_in_process("experiments/train_nyuv2.py", *FLAGS, "--out", str(out), "--resume",
                                          computation="_load_splits"),
                           f"--resume: {out / 'run.json'} is not this script's record of a run")
-    from _training import read_history  # experiments/ is on the import path since load_script above
+    from _training import check_run_folder, read_history  # experiments/ is on the import path since load_script
+    module = load_script("experiments/train_nyuv2.py")
+    (out / "run.json").write_bytes(b"\xff\xfe{")  # not even text: the same refusal, not a traceback
+    with pytest.raises(ValueError, match=r"run\.json is not this script's record of a run \(a JSON object of its"):
+        check_run_folder(out, {}, True, module.TrainConfig, module.PATH_FIELDS, "train_nyuv2.py")
     history = tmp_path / "metrics.jsonl"
     assert read_history(history, 0) == []  # nothing checkpointed: nothing to read
     history.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n')
     assert [line["epoch"] for line in read_history(history, 2)] == [1, 2]  # the epoch killed before its checkpoint
+    history.write_text('{"epoch": 1}\n\n{"epoch": 2}\n\n')  # blank lines (an editor's) hold no epoch to lose
+    assert [line["epoch"] for line in read_history(history, 2)] == [1, 2]
     for text, problem in (('{"epoch": 2}\n', "it holds epochs [2]"),
                           ('{"epoch": 1}\nnot json\n', "its line 2 is not JSON"),
-                          ('{"epoch": 1}\n[2]\n', "its line 2 has no epoch number"), (None, "it is missing")):
+                          ('{"epoch": 1}\n[2]\n', "its line 2 has no epoch number"), (None, "it is missing"),
+                          (b'{"epoch": 1}\n\xff\n', "it is not text")):
         history.unlink(missing_ok=True)
-        if text is not None:
+        if isinstance(text, bytes):
+            history.write_bytes(text)
+        elif text is not None:
             history.write_text(text)
         with pytest.raises(ValueError, match=f"must hold the JSON line of each epoch from 1 to 2 .*; "
                                              f"{re.escape(problem)}"):
@@ -439,6 +498,47 @@ def test_loss_weight_overrides_reach_the_step_and_the_record(tmp_path, capsys):
             check_run_folder(folder, changed.run_identity(), True, module.TrainConfig, module.PATH_FIELDS, "t")
 
 
+def test_the_training_flags_reach_the_optimiser_the_model_and_the_loader(tmp_path):
+    """Each flag that shapes the training is handed on, not only parsed: --optimizer adamw (decoupled weight decay),
+    --learning-rate, --weight-decay, --epochs and --warmup-epochs reach the optimiser's configuration, whose steps per
+    epoch are the training split's 2 batches (8 generated examples in batches of 4), not the larger
+    --steps-per-epoch cap; --architecture and --seed reach the model; --seed and --on-device reach the training
+    loader. The run is stopped where the model is built (nothing compiled)."""
+    from unittest import mock
+
+    from deep import data, train
+
+    class Reached(Exception):
+        pass
+
+    loaders, built = [], {}
+    real_loader = data.Loader
+
+    def loader(*args, **kwargs):
+        loaders.append(kwargs)
+        return real_loader(*args, **kwargs)
+
+    def build_model(*args):
+        built["args"] = args
+        raise Reached
+
+    module = load_script(SCRIPT)
+    with mock.patch("deep.train.make_optimizer", wraps=train.make_optimizer) as make_optimizer, \
+            mock.patch("deep.data.Loader", side_effect=loader), \
+            mock.patch("deep.trainer.build_model", side_effect=build_model), pytest.raises(Reached):
+        module.main(["--synthetic", "--model", "tiny", "--method", "ew", "--architecture", "mtan", "--epochs", "3",
+                     "--warmup-epochs", "1", "--batch-size", "4", "--steps-per-epoch", "50", "--optimizer", "adamw",
+                     "--learning-rate", "0.005", "--weight-decay", "0.003", "--seed", "7", "--on-device", "--quiet",
+                     "--out", str(tmp_path / "out")])
+    assert make_optimizer.call_args.args == (train.OptimConfig(
+        learning_rate=0.005, weight_decay=0.003, decoupled_weight_decay=True, epochs=3, warmup_epochs=1,
+        steps_per_epoch=2),)
+    assert built["args"][1:] == ("mtan", 7)
+    training = loaders[0]  # the evaluation loaders (unshuffled) follow it
+    assert training["seed"] == 7 and training["on_device"] is True and training["mesh"] is not None
+    assert training.get("shuffle", True) and all(kwargs.get("shuffle") is False for kwargs in loaders[1:])
+
+
 def test_a_resume_may_find_its_data_elsewhere_but_not_other_data_or_weights(tmp_path, capsys):
     """The data copied elsewhere (a job's scratch disk) and its placement changed: the resume goes on and says so. A
     folder given before must be given again and hold splits of the sizes the run recorded; weight files (the
@@ -500,6 +600,7 @@ class FakeCheckpoints:
                  "readable checkpoint and are trained again"),
     (None, 2, True, "train_nyuv2.py: warning: --resume: no readable checkpoint in CKPT: training from epoch 1; "
                     "metrics.jsonl's epochs 1-2 have no readable checkpoint and are trained again"),
+    (3, 3, False, "train_nyuv2.py: --resume: resuming after epoch 3 of 4"),  # one epoch left: it is trained
     (4, 4, False, "train_nyuv2.py: --resume: all 4 epochs were trained: evaluating the final model"),
 ])
 def test_a_resume_says_where_it_goes_on_from(tmp_path, capsys, checkpointed, recorded, quiet, message):
@@ -606,6 +707,10 @@ def test_a_resume_counts_the_last_epoch_a_damaged_history_records_and_epoch_true
     history.write_text('{"epoch": true}\n')
     with pytest.raises(ValueError, match="its line 1 has no epoch number"):
         read_history(history, 1)
+    # Nor do they count for the epochs trained again (a string's number is no epoch either): nothing to warn of.
+    history.write_text('{"epoch": true}\n{"epoch": "2"}\n')
+    restore_run(FakeCheckpoints(None, tmp_path), {}, True, "p", history, 4, False)
+    assert capsys.readouterr().err == f"p: --resume: no readable checkpoint in {tmp_path}: training from epoch 1\n"
 
 
 def test_a_resume_takes_unrecorded_fields_at_their_defaults_and_refuses_what_would_change_the_run(tmp_path):
@@ -631,10 +736,15 @@ def test_a_resume_takes_unrecorded_fields_at_their_defaults_and_refuses_what_wou
     record = check()
     with pytest.raises(ValueError, match="--steps-per-epoch was 2, now 3"):
         check(steps_per_epoch=3)
+    with pytest.raises(ValueError, match="--augment was False, now True"):  # other batches from the same data
+        check(augment=True)
     with pytest.raises(ValueError, match="--source-data was '', now '.*held_out'"):
         check(source_data=str(tmp_path / "held_out"))
     with pytest.raises(ValueError, match=r"other splits than the run was trained on: test 12 \(the run's: 16\)"):
         record_run(folder, started.run_identity(), {"train": 32, "test": 12}, resumed=record)
+    # A split the run did not have is named too (its size against none).
+    with pytest.raises(ValueError, match=r"other splits than the run was trained on: source 4 \(the run's: None\) "):
+        record_run(folder, started.run_identity(), {"train": 32, "test": 16, "source": 4}, resumed=record)
 
 
 def test_a_generated_set_appears_whole_or_not_at_all(tmp_path):
@@ -677,6 +787,16 @@ def test_a_resumed_loop_hands_each_step_what_the_uninterrupted_loop_did(cache, t
     state, so the resumed run's numbers alone would not show these.)"""
     expected = steps_of_a_resumed_stand_in_loop(SCRIPT, [*FLAGS, "--steps-per-epoch", "2", *method_flags], cache,
                                                 tmp_path)
+    # Each step's batch is the seed's shuffled order of the epoch (2 of its batches), augmented only with --augment.
+    from deep.data import Loader, load_nyuv2
+
+    loader = Loader(load_nyuv2(tmp_path / "whole" / "data", "train"), 4, seed=2024)
+    raw = [float(np.asarray(batch["images"], np.float64).sum()) for epoch in range(len(expected) // 2)
+           for batch in list(loader.epoch(epoch))[:2]]
+    if "--augment" in method_flags:
+        assert any(step["images"] != pytest.approx(total, rel=1e-9) for step, total in zip(expected, raw))
+    else:
+        assert [step["images"] for step in expected] == pytest.approx(raw, rel=1e-9)
     if "core" in method_flags:
         from deep.trainer import EpochControls
 
