@@ -3,8 +3,11 @@
 results.json files in the training scripts' format (tests/test_train_nyuv2.py and tests/test_train_celeba.py compare
 runs the scripts really wrote)."""
 
+import errno
 import json
 import math
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -143,6 +146,11 @@ def test_without_a_full_baseline_or_for_gaps_there_is_no_delta_and_a_note_says_w
              write_run(tmp_path / "stl_segmentation", "stl", 0, metrics_for(["segmentation"], rng), "segmentation")]
     summary = comparison.compare([comparison.read_run(folder) for folder in runs])
     assert summary.baseline is None and any("mean of normal/within_11.25 is 0" in note for note in summary.notes)
+    # Whichever way the metric is better: a single-task depth error of 0 has no relative change either.
+    runs[0] = write_run(tmp_path / "stl_depth_exact", "stl", 0, {"depth/abs_err": 0.0, "depth/rel_err": 0.1}, "depth")
+    runs[2] = write_run(tmp_path / "stl_normal_1", "stl", 0, metrics_for(["normal"], rng), "normal")
+    summary = comparison.compare([comparison.read_run(folder) for folder in runs])
+    assert summary.baseline is None and any("mean of depth/abs_err is 0" in note for note in summary.notes)
 
 
 def test_a_section_of_differences_gets_no_relative_change(tmp_path):
@@ -160,6 +168,11 @@ def test_a_section_of_differences_gets_no_relative_change(tmp_path):
     gaps = comparison.compare(runs, "source_target_gap")
     assert gaps.baseline is None and any("differences" in note for note in gaps.notes)
     assert gaps.values["ew"]["depth/abs_err"]["mean"] == pytest.approx(raw(folders[-1])["depth/abs_err"] - 0.5)
+    # A gap has no better direction: the table gives it neither arrows nor a bold best, even between two setups.
+    folders.append(edit(tmp_path / "pcgrad", folders[-1], lambda r: r["config"].update(method="pcgrad")))
+    text = load_script(SCRIPT).table(comparison.compare([comparison.read_run(f) for f in folders],
+                                                        "source_target_gap"), ALL_METRICS)
+    assert "**" not in text and "↑" not in text and "↓" not in text and "| depth/abs_err |" in text.splitlines()[0]
 
 
 def test_the_table_bolds_the_best_setup_of_each_column_by_its_direction(table1, tmp_path):
@@ -196,7 +209,35 @@ def test_the_script_writes_the_table_json_and_figure(table1, tmp_path, capsys):
     assert len(payload["setups"]) == 4 and payload["setups"][1]["seeds"] == [0, 1, 2]
     assert set(payload["setups"][1]) >= {*ALL_METRICS, "delta_m", "delta_p", "seconds_per_epoch", "runs", "flags"}
     assert payload["directions"]["depth/abs_err"] == -1
+    assert [setup["baseline"] for setup in payload["setups"]] == [True, False, False, False]
     assert (out / "comparison.png").stat().st_size > 10_000
+    # A write that stops half-way (a full disk) leaves the previous table whole: written beside it, then renamed.
+    before = (out / "comparison.md").read_text()
+
+    def interrupted_write_text(path, data, *args, **kwargs):
+        with open(path, "w") as handle:
+            handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with mock.patch("pathlib.Path.write_text", interrupted_write_text), pytest.raises(OSError):
+        module.main([*map(str, table1), "--out", str(out), "--quiet"])
+    assert (out / "comparison.md").read_text() == before
+    # The figure's panels: the single-task mean as a dashed line on every metric's, whichever way it is better, and
+    # 0 (the baseline's own Δm) on Δm's.
+    summary = comparison.compare([comparison.read_run(folder) for folder in table1])
+    with mock.patch.object(module, "save_figure") as saved:
+        module.plot(summary, ["segmentation/miou", "depth/abs_err"], out / "unused.png")
+    figure = saved.call_args.args[0]
+    dashed = {axis.get_title(): [line.get_xdata()[0] for line in axis.get_lines() if line.get_linestyle() == "--"]
+              for axis in figure.axes if axis.get_visible()}
+    assert dashed == {"segmentation/miou (higher is better)": [summary.baseline["segmentation/miou"]],
+                      "depth/abs_err (lower is better)": [summary.baseline["depth/abs_err"]],
+                      "Δm % (lower is better)": [0.0]}
+    # Each setup's seeds are its runs', in the same order (here given out of order).
+    shuffled = comparison.compare([comparison.read_run(folder) for folder in reversed(table1)]).to_json()
+    for setup in shuffled["setups"]:
+        assert setup["seeds"] == [json.loads((Path(run) / "results.json").read_text())["config"]["seed"]
+                                  for run in setup["runs"]] and setup["seeds"] != sorted(setup["seeds"])
 
 
 @pytest.mark.parametrize("make, message", [
@@ -216,6 +257,7 @@ def test_the_script_writes_the_table_json_and_figure(table1, tmp_path, capsys):
     (lambda tmp: [tmp / "ew_0", tmp / "two_tasks"], "two_tasks has other metrics than the runs beside it (it lacks "
                                                     "normal/mean, "),
     (lambda tmp: [tmp / "no_value"], "final['depth/abs_err'] is None, not a number"),
+    (lambda tmp: [tmp / "boolean"], "final['depth/abs_err'] is True, not a number"),  # JSON true is no 1.0
     (lambda tmp: [tmp / "empty"], "its 'final' results hold no metric"),
     (lambda tmp: [tmp / "no_method"], "is not the results of a training run"),
     (lambda tmp: [tmp / "bad_history"], "its history is not a list of epochs with their train_seconds"),
@@ -243,6 +285,7 @@ def test_bad_input_is_one_line(tmp_path, make, message):
     write_run(tmp_path / "two_tasks", "ew", 1, metrics_for(["segmentation", "depth"], rng))
     write_run(tmp_path / "generated", "pcgrad", 1, metrics_for(TASK_METRICS, rng), synthetic=True)
     write_run(tmp_path / "no_value", "ew", 1, {**metrics_for(TASK_METRICS, rng), "depth/abs_err": None})
+    write_run(tmp_path / "boolean", "ew", 1, {**metrics_for(TASK_METRICS, rng), "depth/abs_err": True})
     write_run(tmp_path / "empty", "ew", 1, {})
     edit(tmp_path / "no_method", tmp_path / "ew_0", lambda r: r["config"].pop("method"))
     edit(tmp_path / "bad_history", tmp_path / "ew_0", lambda r: r["history"][0].update(train_seconds=None))
@@ -284,6 +327,13 @@ def test_defaults_count_as_the_values_the_run_filled_in(tmp_path):
                      lambda r: r.update(model={"grounding": "none", "heads_read": "semantic"})))
     setups = comparison.group_setups([comparison.read_run(folder) for folder in runs])
     assert [(setup.label, len(setup.runs)) for setup in setups] == [("core", 2), ("ew", 1)]
+    # Nor does a baseline train with a loss-weight preset: EW runs recorded under other ones are one setup.
+    presets = [edit(tmp_path / f"ew_preset_{seed}", write_run(tmp_path / f"ew_preset_raw_{seed}", "ew", seed,
+                                                               metrics_for(TASK_METRICS, rng), preset=preset),
+                    lambda r, preset=preset: r.update(loss_weights_preset=preset or "nyuv2"))
+               for seed, preset in ((1, ""), (2, "cityscapes_c"))]
+    setups = comparison.group_setups([comparison.read_run(folder) for folder in presets])
+    assert [(setup.label, len(setup.runs)) for setup in setups] == [("ew", 2)]
 
 
 def test_single_task_runs_trained_otherwise_are_named_in_a_note(tmp_path):
@@ -315,6 +365,24 @@ def test_every_setup_tied_for_the_best_is_bold(tmp_path):
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()[2:]}
     assert rows["ew"][2] == rows["pcgrad"][2] == "**0.5**" and rows["core"][2] == "0.4"
     assert rows["ew"][4] == rows["pcgrad"][4] == "**0.5**" and rows["core"][4] == "0.6"
+
+
+def test_a_cell_is_the_mean_with_its_error_and_a_delta_is_signed(tmp_path):
+    """Single-task runs at 0.5 on every metric; EW on two seeds at 0.5 ± 0.003 (the standard error of 0.503 and
+    0.497: sd 0.003·√2 over √2), shown to two significant digits, not rounded away to 0.00; CORE-MTL 10 % worse on
+    every metric, whose Δm, by its definition, is +10 % (worse), printed with its sign."""
+    folders = [write_run(tmp_path / f"stl_{task}", "stl", 0, {name: 0.5 for name in names}, task)
+               for task, names in TASK_METRICS.items()]
+    folders += [write_run(tmp_path / f"ew_{seed}", "ew", seed, {name: 0.5 + offset for name in ALL_METRICS})
+                for seed, offset in ((0, 0.003), (1, -0.003))]
+    folders.append(write_run(tmp_path / "core", "core", 0, {name: 0.5 * (1 - 0.1 * comparison.direction_of(name))
+                                                            for name in ALL_METRICS}))
+    text = load_script(SCRIPT).table(comparison.compare([comparison.read_run(f) for f in folders]), ALL_METRICS)
+    header, _, *lines = text.splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines}
+    columns = header.split(" | ")
+    assert rows["ew"][columns.index("segmentation/miou ↑")].strip("*") == "0.5 ± 0.003"
+    assert rows["core"][columns.index("Δm % ↓")] == "+10.00" and rows["core"][columns.index("Δp % ↑")] == "-10.00"
 
 
 def test_corrupted_means_compare_only_over_the_same_corruptions(tmp_path):
@@ -362,6 +430,9 @@ def test_changed_loss_weights_are_named_and_shortcut_strengths_are_other_benchma
     weak = write_run(tmp_path / "weak", "ew", 1, metrics_for(["segmentation", "depth"], rng),
                      dataset="colored_cityscapes", shortcut_strength=0.5)
     assert comparison.read_run(strong).benchmark == "colored_cityscapes (shortcut strength 1)"
+    # A run from before the flag existed trained at its default, full strength.
+    older = edit(tmp_path / "older", strong, lambda r: r["config"].pop("shortcut_strength"))
+    assert comparison.read_run(older).benchmark == "colored_cityscapes (shortcut strength 1)"
     with pytest.raises(ValueError, match=r"on colored_cityscapes \(shortcut strength 1\) and .* one on "
                                          r"colored_cityscapes \(shortcut strength 0.5\)"):
         comparison.group_setups([comparison.read_run(strong), comparison.read_run(weak)])
@@ -442,9 +513,28 @@ def test_the_jacobian_chunk_changes_memory_not_what_is_learned(tmp_path):
 
 
 def test_celeba_attribute_accuracies_are_better_higher():
-    """As the module says: an attribute's accuracy (and their mean) is +1, so the table bolds the highest."""
+    """As the module says: an attribute's accuracy (and their mean) is +1, so the table bolds the highest. A metric
+    of no known kind (a probe's name one level too deep included) is refused rather than given a direction."""
     assert comparison.direction_of("attributes/Smiling") == +1
     assert comparison.direction_of("attributes/mean_accuracy") == +1
+    for unknown in ("depth/abs", "appearance/colors/ratio", "ratio"):
+        with pytest.raises(ValueError, match=f"metric '{unknown}' has no known direction"):
+            comparison.direction_of(unknown)
+
+
+def test_celebas_table_shows_the_mean_accuracy_unless_asked_for_each_attribute(tmp_path):
+    """By default the table's CelebA column is the mean accuracy (forty attribute columns would not fit); 'all'
+    shows each attribute too, and a name given twice is one column."""
+    (tmp_path / "celeba").mkdir()
+    (tmp_path / "celeba" / "results.json").write_text(json.dumps({
+        "experiment": "train_celeba", "config": {"method": "core", "seed": 0},
+        "model": {"attributes": ["Male", "Bald"]},
+        "test": {"attributes/Male": 0.9, "attributes/Bald": 0.7, "attributes/mean_accuracy": 0.8}}))
+    summary = comparison.compare([comparison.read_run(tmp_path / "celeba")])
+    shown = load_script(SCRIPT).shown_metrics
+    assert shown(summary, "") == ["attributes/mean_accuracy"]
+    assert shown(summary, "all") == ["attributes/mean_accuracy", "attributes/Male", "attributes/Bald"]
+    assert shown(summary, "attributes/Bald, attributes/Bald,attributes/Male") == ["attributes/Bald", "attributes/Male"]
 
 
 def test_bold_marks_the_best_multi_task_setup_never_the_baseline_nor_a_lone_setup(tmp_path):
