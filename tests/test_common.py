@@ -464,6 +464,10 @@ def test_a_run_folder_with_only_its_record_is_not_overwritten_and_the_history_is
     (out / "run.json").write_text("{}")
     with pytest.raises(ValueError, match="already holds a run: pass --resume"):
         check_run_folder(out, {}, False, script.TrainConfig, script.PATH_FIELDS, "train_nyuv2.py")
+    # An empty checkpoints folder alone holds no run: the folder is free.
+    (out / "run.json").unlink()
+    (out / "checkpoints").mkdir()
+    assert check_run_folder(out, {}, False, script.TrainConfig, script.PATH_FIELDS, "train_nyuv2.py") is None
     history = out / "metrics.jsonl"
     write_history(history, [{"epoch": 1}])
     with mock.patch("pathlib.Path.write_text", _interrupted_write_text), pytest.raises(OSError):
