@@ -288,4 +288,4 @@ def test_the_converters_bad_arguments_get_one_line_and_status_2(capsys, main, ar
         main(argv)
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and error.count("\n") == 1 and error.startswith("python -m deep."), error
-    assert message in error
+    assert f": error: {message}" in error, error  # PROG (with its sub-command): error: ...
