@@ -275,3 +275,60 @@ def test_leakage_bound_with_a_source_residual_scale_other_than_one():
     heads = jnp.asarray([[0.9]])
     expected = 0.9 * math.sin(0.6) * 1.5 * math.sqrt(2 / math.pi)
     np.testing.assert_allclose(cf.leakage_bound(scm, 0.6, heads), [expected], rtol=1e-9)
+
+
+def test_uniform_constant_floor_checks_theta_max_and_uses_its_cosine():
+    """Eq (7)'s uniform constant for β = 1, σ_s = σ_r,S = 1, σ_r 1 → 2 is cos²θ̄, so the floor at θ = 0.3 under
+    θ̄ = 1.2 is cos²(1.2)·sin²(0.3)·3 (hand computation; sin²θ̄ in its place would be 6.6 times larger). θ̄ is an angle
+    like θ: outside [0, π/2], or an array, it is refused with check_theta's and _cos_sin's messages."""
+    scm = LinearGaussianSCM(betas=[[1.0]], sigma_s=1.0, sigma_r_source=1.0, sigma_r_target=2.0)
+    np.testing.assert_allclose(cf.gap_floor(scm, 0.3, theta_max=1.2),
+                               [math.cos(1.2) ** 2 * math.sin(0.3) ** 2 * 3.0], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"theta must lie in \[0, pi/2\]"):
+        cf.gap_floor(scm, 0.3, theta_max=2.0)
+    with pytest.raises(ValueError, match=r"theta must be one angle \(a scalar\)"):
+        cf.gap_floor(scm, 0.3, theta_max=jnp.asarray([0.5, 1.0]))
+
+
+def test_weighted_rejects_non_negative_weights_that_do_not_sum_to_one():
+    """The existing check's weights [0.5, 0.6, −0.1] sum to 1 and are refused for the negative entry alone; weights
+    summing to 0.6 or 1.5 are off the simplex too (Eq (3) combines the tasks with α ∈ Δ)."""
+    for alpha in ([0.2, 0.2, 0.2], [0.5, 0.5, 0.5]):
+        with pytest.raises(ValueError, match="simplex"):
+            cf.weighted(jnp.ones(3), alpha)
+    np.testing.assert_allclose(cf.weighted(jnp.asarray([1.0, 2.0, 4.0]), [0.5, 0.25, 0.25]), 2.0, rtol=1e-12)
+
+
+def test_w2_between_gaussians_with_covariances_that_do_not_commute():
+    """The Bures term tr((Σ₁^½ Σ₂ Σ₁^½)^½) against an independent form: Σ₁Σ₂ is similar to Σ₁^½Σ₂Σ₁^½, so the trace
+    is Σ√λᵢ(Σ₁Σ₂) (numpy's eigenvalues, no matrix square root). The existing cases are isotropic or 1-D, where
+    Σ₁^½Σ₂^½ or a Cholesky factor give the same number; these covariances do not commute. Equal covariances leave
+    ‖m₁ − m₂‖ whatever they are."""
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        a, b = rng.normal(size=(3, 3)), rng.normal(size=(3, 3))
+        cov_1, cov_2 = a @ a.T + 0.1 * np.eye(3), b @ b.T + 0.1 * np.eye(3)
+        mean_1, mean_2 = rng.normal(size=3), rng.normal(size=3)
+        assert not np.allclose(cov_1 @ cov_2, cov_2 @ cov_1)
+        bures = np.sum(np.sqrt(np.linalg.eigvals(cov_1 @ cov_2).real))
+        expected = math.sqrt(np.sum((mean_1 - mean_2) ** 2) + np.trace(cov_1) + np.trace(cov_2) - 2 * bures)
+        np.testing.assert_allclose(cf.w2_gaussians(mean_1, cov_1, mean_2, cov_2), expected, rtol=1e-8)
+        np.testing.assert_allclose(cf.w2_gaussians(mean_1, cov_1, mean_2, cov_1), np.linalg.norm(mean_1 - mean_2),
+                                   rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # scipy's sqrtm warns on a singular matrix
+def test_w2_accepts_singular_covariances():
+    """Positive semi-definite is enough (docstring): a point mass against N(1, 1) is √(1 + 1), and the degenerate
+    N(0, diag(1, 0)) against N(0, I₂) is |1 − 1|² + |0 − 1|² = 1 (commuting: Σ(√aᵢ − √bᵢ)²). Hand computations."""
+    np.testing.assert_allclose(cf.w2_gaussians(0.0, 0.0, 1.0, 1.0), math.sqrt(2.0), rtol=1e-12)
+    np.testing.assert_allclose(cf.w2_gaussians(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.eye(2)), 1.0,
+                               rtol=1e-7)
+
+
+def test_w1_closed_forms_with_equal_scales_are_the_distance_between_the_means():
+    """With σ₁ = σ₂ the monotone coupling is a translation, W₁ = ‖m₁ − m₂‖ (the branch the hypothesis tests, drawing
+    the two scales independently, almost never take): 3 for means 2 and 5 (either order), 5 for (0, 0) and (3, 4)."""
+    assert cf.w1_gaussian_1d(2.0, 1.5, 5.0, 1.5) == 3.0
+    assert cf.w1_gaussian_1d(5.0, 1.5, 2.0, 1.5) == 3.0
+    assert cf.w1_isotropic_gaussians([0.0, 0.0], 0.7, [3.0, 4.0], 0.7) == pytest.approx(5.0, rel=1e-12)
