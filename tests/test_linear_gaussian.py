@@ -142,3 +142,40 @@ def test_rotation_encoder_is_the_block_rotation_and_vmaps_over_theta_and_seeds()
     np.testing.assert_allclose(z_s[0], data.s[0], atol=1e-12)          # theta = 0: disentangled
     np.testing.assert_allclose(z_s[-1], -data.r[0], atol=1e-12)        # theta = pi/2: pure residual
     np.testing.assert_allclose(z_s**2 + z_r**2, data.s**2 + data.r**2, rtol=1e-10)  # orthogonal
+
+
+def test_label_noise_is_independent_across_tasks():
+    """ε_t ~ N(0, σ_ε²) is drawn for each task (Assumption 2.2): the two tasks' label residuals y − Sβ are
+    uncorrelated (within 5/√n of 0, 5 SE) and have the stated variance (within 5 SE, √(2/n) relative). One draw
+    shared by every task would correlate them fully, and change the cross-task gradient inner products the balancers
+    read, while each task's risk stays right."""
+    scm = make_scm()
+    n = 20_000
+    data = sample(scm, jax.random.key(4), n)
+    residual = np.asarray(data.y - data.s @ jnp.asarray(scm.betas).T)
+    assert abs(np.corrcoef(residual.T)[0, 1]) < 5 / math.sqrt(n)
+    np.testing.assert_allclose(residual.var(axis=0), scm.noise_std**2, rtol=5 * math.sqrt(2 / n))
+
+
+@pytest.mark.parametrize("domain", ["sigma_r_source", "sigma_r_target"])
+def test_a_residual_covariance_with_off_diagonal_terms_is_not_isotropic(domain):
+    """Equal variances with a correlation, in either domain, are not σ²I: the model is not isotropic and Theorem
+    2.4's leakage_bound, which reads one scale from [0, 0], refuses it rather than using σ = 1 silently."""
+    scm = make_scm(betas=[[1.0, 0.5]], **{domain: np.array([[1.0, 0.5], [0.5, 1.0]])})
+    assert not scm.has_isotropic_residuals and not scm.is_isotropic
+    with pytest.raises(ValueError, match="leakage_bound needs isotropic residual covariances"):
+        cf.leakage_bound(scm, 0.5, jnp.ones((1, 2)))
+
+
+def test_rotation_encoder_refuses_angles_outside_the_quarter_turn():
+    s = r = jnp.ones((4, 2))
+    for theta in (-0.2, 2.0):
+        with pytest.raises(ValueError, match=r"theta must lie in \[0, pi/2\]"):
+            rotation_encoder(theta, s, r)
+
+
+def test_a_vector_of_betas_is_one_task():
+    """betas [d] means one task in d dimensions (the class docstring), not d tasks in one dimension."""
+    scm = LinearGaussianSCM(betas=[1.0, -0.5, 2.0])
+    assert (scm.num_tasks, scm.dim) == (1, 3)
+    np.testing.assert_allclose(scm.betas, [[1.0, -0.5, 2.0]])
