@@ -299,3 +299,29 @@ def test_sliced_w1_of_a_scale_change_is_the_one_dimensional_w1_of_every_projecti
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((20_000, 4)), 2.0 * rng.standard_normal((20_000, 4))
     assert measures.sliced_w1(x, y, num_projections=50) == pytest.approx(math.sqrt(2 / math.pi), abs=0.05)
+
+
+def test_jacobian_leakage_of_a_dense_linear_encoder_is_the_spectral_norm_of_its_residual_block():
+    """leakage_jacobian on φ_s(z_s, z_r) = A_s z_s + A_r z_r: every Jacobian is A_r, so the estimate is its largest
+    singular value (numpy's SVD). The existing cases are −sin θ·I and a 1 × 1 slope, where the 1-, ∞- and spectral
+    norms coincide; a dense 3 × 4 block tells them apart."""
+    rng = np.random.default_rng(6)
+    block_s, block_r = jnp.asarray(rng.standard_normal((3, 2))), jnp.asarray(rng.standard_normal((3, 4)))
+    encoder = lambda s, r: block_s @ s + block_r @ r  # noqa: E731
+    z_s, z_r = jnp.asarray(rng.standard_normal((5, 2))), jnp.asarray(rng.standard_normal((5, 4)))
+    np.testing.assert_allclose(measures.leakage_jacobian(encoder, z_s, z_r),
+                               np.linalg.svd(np.asarray(block_r), compute_uv=False)[0], rtol=1e-12)
+
+
+def test_debiased_cka_at_its_smallest_batch_and_w1_of_a_point_mass():
+    """Two documented edges. Debiased CKA takes any batch B >= 4 (its docstring; n(n − 3) > 0 from n = 4): at B = 4
+    it is finite and 1 for identical streams. A standard deviation may be 0 (W₁'s checks allow >= 0): a point mass at
+    0 against N(0, 1) is E|Z| = √(2/π) in one and in three dimensions √2 Γ(2)/Γ(3/2) = E‖Z₃‖ (hand computation),
+    while a negative scale is refused."""
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 2)))
+    np.testing.assert_allclose(measures.debiased_cka(x, x), 1.0, rtol=1e-12)
+    assert cf.w1_gaussian_1d(0.0, 0.0, 0.0, 1.0) == pytest.approx(math.sqrt(2 / math.pi), rel=1e-12)
+    assert cf.w1_isotropic_gaussians(np.zeros(3), 0.0, np.zeros(3), 1.0) == pytest.approx(
+        math.sqrt(2) / math.gamma(1.5), rel=1e-12)
+    with pytest.raises(ValueError, match="std_1 must be a finite standard deviation >= 0"):
+        cf.w1_gaussian_1d(0.0, -1.0, 0.0, 1.0)
