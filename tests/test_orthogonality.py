@@ -121,3 +121,36 @@ def test_eq10_bound_uses_frobenius_norms_of_the_stream_covariances(theta, sigma_
     expected = math.sqrt(dim * float(out.linear_cka)) * float(out.task_gradient_norm) * float(
         out.nuisance_gradient_norm)
     assert float(out.bound) == pytest.approx(expected, rel=1e-9)
+
+
+def test_stream_gradients_against_the_module_docstrings_setting_in_numpy():
+    """The gradients and their inner product recomputed in float64 numpy from the module docstring, on the same draws
+    (the five sub-keys of stream_gradients): f = x_c Σ̂^{-1/2} (scipy's symmetric square root), streams A f and B f,
+    task labels y = z_s β + σ_ε ε, nuisance target z_{r,1} = σ_r f_{d+1}, and
+    ∇_V L = (2/n) Σ_k δ_k (Mᵀv) f_kᵀ at V = I for each loss. The other tests check Eq (10)'s inequality and the
+    chain rule, which hold for any labels, targets and white sample; this pins the setting (σ_r = 2 and σ_ε = 0.1,
+    so a target without σ_r or labels without σ_ε differ). The shapes are those of the Frobenius-norm test above, so
+    the op-by-op compilations are shared."""
+    import scipy.linalg
+
+    theta, sigma_s, sigma_r, dim, n, noise = 0.7, 1.5, 2.0, 3, 400, 0.1
+    key = jax.random.key(3)
+    out = stream_gradients(theta, sigma_s, sigma_r, dim, key, n, noise_std=noise)
+    keys = jax.random.split(key, 5)
+    z = np.asarray(jax.random.normal(keys[0], (n, 2 * dim)), np.float64)
+    beta, w, u = (np.asarray(jax.random.normal(k, (dim,)), np.float64) / math.sqrt(dim)
+                  for k in (keys[1], keys[3], keys[4]))
+    label_noise = np.asarray(jax.random.normal(keys[2], (n,)), np.float64)
+    x = z - z.mean(0)
+    f = x @ np.linalg.inv(scipy.linalg.sqrtm(x.T @ x / n).real)
+    c, s, eye = math.cos(theta), math.sin(theta), np.eye(dim)
+    a = np.hstack([c * sigma_s * eye, -s * sigma_r * eye])
+    b = np.hstack([s * sigma_s * eye, c * sigma_r * eye])
+    y = sigma_s * f[:, :dim] @ beta + noise * label_noise
+    grad_i = 2 / n * np.outer(a.T @ w, (f @ a.T @ w - y) @ f)
+    grad_j = 2 / n * np.outer(b.T @ u, (f @ b.T @ u - sigma_r * f[:, dim]) @ f)
+    inner = np.sum(grad_i * grad_j)
+    np.testing.assert_allclose(out.inner_product, inner, rtol=1e-9)
+    np.testing.assert_allclose(out.task_gradient_norm, np.linalg.norm(grad_i), rtol=1e-9)
+    np.testing.assert_allclose(out.nuisance_gradient_norm, np.linalg.norm(grad_j), rtol=1e-9)
+    np.testing.assert_allclose(out.cosine, inner / (np.linalg.norm(grad_i) * np.linalg.norm(grad_j)), rtol=1e-9)
