@@ -198,3 +198,36 @@ def test_final_weights_are_the_last_steps_and_mean_weights_their_average():
     result = train(scm, _counting_balancer(), 0.5, jax.random.key(7), TrainConfig(num_samples=64, steps=3))
     np.testing.assert_allclose(result.final_weights, [3.0, 6.0], rtol=1e-12)
     np.testing.assert_allclose(result.mean_weights, [2.0, 4.0], rtol=1e-12)
+
+
+def test_checks_on_a_single_seed_and_at_points_without_spread():
+    """Hand-computed edge cases of the documented rules. One seed: the SEM is 0 (mean_and_sem's docstring), not NaN.
+    SEM 0 (every seed equal): floor_check allows only rounding (1e-9 relative), so a gap equal to its floor up to
+    1e-12 holds and one 1e-6 short does not; convergence_check allows 1e-4 there (its docstring), so 5e-5 converges
+    and 2e-4 does not. Sign 0 (no definite shift) makes the floor check vacuous whatever floor is passed."""
+    mean, sem = checks.mean_and_sem(np.array([[2.0], [3.0]]))
+    np.testing.assert_array_equal(mean, [2.0, 3.0])
+    np.testing.assert_array_equal(sem, [0.0, 0.0])
+    assert checks.floor_check(np.array([[1.5]]), np.array([1.0]), +1)["holds"]
+    flat = np.array([[1.0, 1.0, 1.0]])
+    assert checks.floor_check(flat, np.array([1.0 + 1e-12]), +1)["holds"]
+    assert not checks.floor_check(flat, np.array([1.0 + 1e-6]), +1)["holds"]
+    assert checks.convergence_check(flat, flat + 5e-5)["converged"]
+    assert not checks.convergence_check(flat, flat + 2e-4)["converged"]
+    assert checks.floor_check(np.array([[0.1, 0.2, 0.3]]), np.array([5.0]), 0)["holds"]
+
+
+def test_worst_optimisation_error_is_the_largest_over_the_grid():
+    """worst_error_over_se is the largest error/SEM over the grid points: errors 0.005 and 0.001 against SEMs
+    0.1/√3 and 0.1/√3 give 0.005·√3/0.1 = 0.0866 (hand computation), not their mean."""
+    gap = np.array([[0.9, 1.0, 1.1], [1.9, 2.0, 2.1]])
+    verdict = checks.convergence_check(gap, gap + np.array([[0.005], [0.001]]))
+    assert verdict["worst_error_over_se"] == pytest.approx(0.005 * math.sqrt(3) / 0.1, rel=1e-9)
+
+
+def test_hidden_dim_sets_the_width_of_the_shared_layer():
+    """TrainConfig.hidden_dim is the width h of W [h, d] and of the heads [K, h] (None, every other test, means d)."""
+    from theory.simulate import init_params
+
+    params = init_params(SCM, TrainConfig(hidden_dim=5), jax.random.key(0))
+    assert params.shared.shape == (5, 2) and params.heads.shape == (2, 5)
