@@ -37,3 +37,17 @@ def test_gram_through_the_batch_equals_the_gram_of_the_jacobian():
     w = jnp.asarray([0.5, -1.0, 2.0, 0.25])
     np.testing.assert_allclose(linear_layer_direction(inputs, cotangents, w), (w @ jacobian).reshape(6, 9),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_task_jacobian_keeps_float32_parameters_under_x64():
+    """The suite runs with jax_enable_x64; float32 parameters give float32 losses, and the one-hot cotangents must
+    have the losses' dtype (a float64 eye makes jax.vjp's pullback refuse them). The Jacobian stays float32 and
+    matches the float64 one to float32 precision."""
+    keys = jax.random.split(jax.random.key(2), 4)
+    weight = jax.random.normal(keys[0], (4, 3))
+    inputs, heads = jax.random.normal(keys[1], (6, 3)), jax.random.normal(keys[2], (2, 4))
+    targets = jax.random.normal(keys[3], (6, 2))
+    loss = lambda w: layer_losses(w, inputs.astype(w.dtype), heads.astype(w.dtype), targets.astype(w.dtype))  # noqa
+    losses, jacobian, _ = task_jacobian(loss, weight.astype(jnp.float32))
+    assert losses.dtype == jacobian.dtype == jnp.float32
+    np.testing.assert_allclose(jacobian, task_jacobian(loss, weight)[1], rtol=1e-4, atol=1e-5)
