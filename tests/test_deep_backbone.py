@@ -35,6 +35,21 @@ def test_dilation_pattern_is_torchvisions(tiny_model):
                                                                                                           (4, 4))
 
 
+def test_dilating_layer2_too_keeps_the_stride_4_grid_with_torchvisions_dilations():
+    """``replace_stride_with_dilation=(True, True, True)`` (output stride 4), the first flag's only use: torchvision's
+    rule holds there as in layers 3-4 (a stage's first block at the previous dilation, the others at twice it), every
+    stage stays on c1's grid, and ``output_stride`` says 4. Shapes only (``jax.eval_shape``): nothing is computed."""
+    config = BackboneConfig(depths=(1, 2, 2, 2), width=2, replace_stride_with_dilation=(True, True, True))
+    model = nnx.eval_shape(lambda: ResNet(config, nnx.Rngs(0)))
+    stages = (model.layer1, model.layer2, model.layer3, model.layer4)
+    assert [[block.conv2.kernel_dilation[0] for block in stage] for stage in stages] == [[1], [1, 2], [2, 4], [4, 8]]
+    assert all(block.conv2.strides == (1, 1) for stage in stages for block in stage)
+    assert config.output_stride == 4
+    assert BackboneConfig(replace_stride_with_dilation=(False, True, False)).output_stride == 16
+    shapes = jax.eval_shape(lambda x: ResNet(config, nnx.Rngs(0))(x), jax.ShapeDtypeStruct((1, 40, 56, 3), jnp.float32))
+    assert [shape.shape[1:3] for shape in shapes] == [(10, 14)] * 4
+
+
 def test_full_resnet50_has_torchvisions_parameter_count():
     model = nnx.eval_shape(lambda: ResNet(BackboneConfig(), nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
