@@ -75,6 +75,40 @@ def test_load_into_a_dual_stream_model_fills_its_backbone(tmp_path, torchvision_
     np.testing.assert_array_equal(np.asarray(model.backbone.bn1.var.get_value()), torchvision_arrays["bn1.running_var"])
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_arrays_of_another_floating_type_are_cast_to_the_variables_float32(tmp_path, torchvision_arrays, dtype):
+    """A file saved in float64 (numpy's default) or float16 loads as float32, the variables' dtype: kept as it was,
+    a float64 array would change the state's dtype (the suite runs with x64 on) and so its structure for jit and
+    the optimiser. The values are the file's, rounded once to float32."""
+    arrays = {key: value.astype(dtype) if value.dtype == np.float32 else value
+              for key, value in torchvision_arrays.items()}
+    backbone = ResNet(TINY, nnx.Rngs(1))
+    weights.load_torchvision_npz(backbone, _write(tmp_path / "wide.npz", arrays))
+    for key, (path, value) in _variables(backbone).items():
+        expected = arrays[key].transpose(2, 3, 1, 0) if path[-1] == "kernel" else arrays[key]
+        assert value.dtype == np.float32, (key, value.dtype)
+        np.testing.assert_array_equal(value, expected.astype(np.float32), err_msg=key)
+
+
+def test_only_the_classifier_and_the_batch_counters_are_ignored():
+    """What a torchvision file may hold besides the backbone is exactly ``fc.*`` and ``*.num_batches_tracked``; a key
+    that only starts or ends like them (another network's ``fc1``/``fcn`` layers, a renamed counter) is unexpected,
+    so that the check names it rather than skipping it."""
+    assert all(map(weights.is_ignored_key, ["fc.weight", "fc.bias", "num_batches_tracked",
+                                            "layer1.0.bn1.num_batches_tracked",
+                                            "layer1.0.downsample.1.num_batches_tracked"]))
+    assert not any(map(weights.is_ignored_key, ["fc1.weight", "fcn.head.bias", "bn1.running_num_batches_tracked",
+                                                "layer1.fc.weight", "bn1.weight"]))
+
+
+def test_an_npz_holding_pickled_objects_is_refused_unread(tmp_path):
+    """read_npz loads with ``allow_pickle=False``: an object array (pickled, so loading it would run whatever its
+    pickle says) makes the file unreadable, before any key is looked at."""
+    np.savez(tmp_path / "pickled.npz", **{"conv1.weight": np.array([{"not": "an array"}], dtype=object)})
+    with pytest.raises(ValueError, match=r"pickled\.npz is not a readable \.npz archive \(.*allow_pickle"):
+        weights.read_npz(tmp_path / "pickled.npz")
+
+
 def test_missing_misshapen_and_unexpected_keys_are_rejected_by_name(tmp_path, torchvision_arrays):
     backbone = ResNet(TINY, nnx.Rngs(1))
     before = _variables(backbone)
