@@ -276,6 +276,17 @@ def test_matches_an_independent_numpy_computation(arrays, distances):
         np.testing.assert_allclose(tap, reference_tap, rtol=2e-4, atol=2e-4 * np.abs(reference_tap).max())
 
 
+def test_taps_are_normalised_as_lpips_normalize_tensor_with_epsilon_outside_the_root():
+    """lpips' ``normalize_tensor``: f / (||f||₂ + 1e-10). On ordinary features the epsilon is invisible, so the
+    comparison above cannot place it; on features of norm 5e-8 it can: outside the root the result is f/(5.01e-8),
+    almost unit length, where inside it (f/sqrt(||f||² + 1e-10)) it would be f/1e-5, 5e-3 long. An all-zero pixel
+    (a dead ReLU everywhere) stays 0. float64 reference, float32 rounding only (rtol 1e-6)."""
+    features = np.array([[3e-8, 4e-8], [0.0, 0.0], [3.0, -4.0]])
+    expected = features / (np.sqrt(np.sum(features**2, axis=-1, keepdims=True)) + 1e-10)
+    got = perceptual._unit_normalise(jnp.asarray(features, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=1e-6, atol=0)
+
+
 def test_is_zero_on_identical_images_symmetric_and_positive(distances):
     d, _, _, _ = distances
     np.testing.assert_allclose(d[2], 0.0, atol=1e-6)
@@ -308,6 +319,11 @@ def test_bfloat16_compute_runs_every_vgg_convolution_in_bfloat16_and_stays_close
     # 13 forward for each image, 13 backward for the reconstruction's gradient (none for the constant kernels).
     assert len(convolutions) == 3 * 13
     assert all(variable.aval.dtype == jnp.bfloat16 for equation in convolutions for variable in equation.invars)
+    # ... while the taps are widened back before lpips' normalize_tensor: its square roots (one per tap and image,
+    # none elsewhere) take float32, as the images are; normalised in bfloat16 they would round the differences of
+    # near-identical features again.
+    roots = [equation for equation in jaxpr.jaxpr.eqns if equation.primitive.name == "sqrt"]
+    assert len(roots) == 2 * 5 and all(equation.invars[0].aval.dtype == jnp.float32 for equation in roots)
     value = jax.jit(loss)(lpips_weights, (a + 1) / 2, (b + 1) / 2)
     assert value.dtype == jnp.float32
     np.testing.assert_allclose(value, d[0].mean(), rtol=1e-2)  # 6e-4 measured: 8 bits, errors averaged over pixels
