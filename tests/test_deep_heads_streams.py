@@ -142,6 +142,62 @@ def test_defaults_are_deeplabv3_at_output_stride_8():
     assert [branch[0].kernel_dilation for branch in head.aspp.branches_atrous] == [(12, 12), (24, 24), (36, 36)]
 
 
+def test_the_rates_and_dropouts_given_reach_the_layers_of_the_heads_and_of_the_models_heads():
+    """Non-default rates and dropouts are built, in both heads and through the models' configurations (ModelConfig's
+    ``aspp_rates`` for either head type, MTANConfig's for its task heads): the defaults alone, checked above, cannot
+    tell a forwarded argument from an ignored one. Abstract modules (nnx.eval_shape): nothing is drawn."""
+    from deep.model import DualStreamModel
+    from deep.mtan import MTAN
+    from deep.trainer import MODEL_SIZES
+
+    def dilations(aspp):
+        return [branch[0].kernel_dilation for branch in aspp.branches_atrous]
+
+    head = nnx.eval_shape(lambda: ASPPHead(8, 3, nnx.Rngs(0), channels=4, rates=(2, 5), dropout=0.3))
+    assert dilations(head) == [(2, 2), (5, 5)] and head.dropout.rate == 0.3
+    v3plus = nnx.eval_shape(lambda: DeepLabV3PlusHead(**V3PLUS_SIZES, rngs=nnx.Rngs(0), **V3PLUS_WIDTHS, dropout=0.2,
+                                                      decoder_dropout=0.3))
+    assert dilations(v3plus.aspp) == [(1, 1), (2, 2), (3, 3)]
+    assert v3plus.aspp.dropout.rate == 0.2 and v3plus.decoder_dropout.rate == 0.3
+    with pytest.raises(ValueError, match=r"decoder_dropout must lie in \[0, 1\); got 1.0"):
+        DeepLabV3PlusHead(**V3PLUS_SIZES, rngs=nnx.Rngs(0), **V3PLUS_WIDTHS, decoder_dropout=1.0)
+    tiny = {**MODEL_SIZES["tiny"], "aspp_rates": (2, 5), "tasks": (("depth", 1),), "grounding": "none"}
+    for head_type, heads_read in (("aspp", "semantic"), ("deeplabv3plus", "semantic+backbone")):
+        config = ModelConfig(**tiny, head=head_type, heads_read=heads_read)
+        model = nnx.eval_shape(lambda: DualStreamModel(config, nnx.Rngs(0)))
+        depth_head = model.heads["depth"]
+        assert dilations(depth_head if head_type == "aspp" else depth_head.aspp) == [(2, 2), (5, 5)], head_type
+    mtan_config = MTANConfig(backbone=tiny["backbone"], tasks=(("depth", 1),), head_channels=4, aspp_rates=(2, 5))
+    mtan = nnx.eval_shape(lambda: MTAN(mtan_config, nnx.Rngs(0)))
+    assert dilations(mtan.heads["depth"].head) == [(2, 2), (5, 5)]
+
+
+def test_the_aspp_drops_out_after_its_projection():
+    """DeepLabV3's ASPP ends in 1×1 projection → BN → ReLU → Dropout(0.5): in training mode its output is the same
+    pass without dropout with each entry either zeroed or scaled by 1/(1 − 0.5) = 2. (Dropout on the concatenated
+    branches, before the projection, would leave no such relation.) BatchNorm reads the batch's statistics in both
+    passes, so they differ by the dropout alone; float32 rounding only."""
+    aspp = ASPP(6, nnx.Rngs(3), channels=8, rates=(1, 2))
+    aspp.train()
+    x = normal(np.random.default_rng(3), 2, 5, 6, 6)
+    dropped = np.asarray(aspp(x))
+    aspp.dropout.deterministic = True
+    kept = np.asarray(aspp(x))
+    zeroed = dropped == 0
+    np.testing.assert_allclose(dropped[~zeroed], 2.0 * kept[~zeroed], rtol=1e-6)
+    assert 0.3 < np.mean(zeroed[kept > 0]) < 0.7  # about half of the live entries dropped
+
+
+def test_multiscale_fusion_goes_to_c4s_grid_on_an_undilated_backbone():
+    """At output stride 32 (no dilation) c2 and c3 are not on c4's grid, unlike the default stride 8 where any of
+    c2..c4 gives the grid: every stage is still brought to c4's grid, on which ``F`` lies. Shapes only
+    (``jax.eval_shape``): nothing is computed."""
+    fusion = MultiScaleFusion((8, 16, 32, 64), nnx.Rngs(5), channels=3)
+    stages = tuple(jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
+                   for size, channels in ((16, 8), (8, 16), (4, 32), (2, 64)))
+    assert jax.eval_shape(fusion, stages).shape == (2, 2, 2, 12)
+
+
 def test_dual_stream_projectors_are_1x1_convolutions_and_the_residual_code_their_spatial_mean():
     """ẑ_s is a 1×1 convolution with bias of the features, ẑ_r the *spatial mean* of another one (the authors'
     ``z_p_vec``, official_implementation.md §2), both recomputed in numpy from the layers' parameters. The
