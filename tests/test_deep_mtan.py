@@ -112,6 +112,18 @@ def moved(new, old) -> list[bool]:
     return [bool(jnp.any(n != o)) for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old))]
 
 
+def test_attention_pooling_rounds_odd_sizes_up_with_windows_starting_at_even_rows():
+    """``_pool_to`` pads an odd map at the end (bottom, right): output pixel i is the max over rows and columns
+    2i and 2i + 1, those that exist, the rows a stride-2 ResNet stage samples (its kernel centres sit at 2i). Padding
+    at the start would shift every window by one. Numpy reference, exact (a max)."""
+    from deep.mtan import _pool_to
+
+    x = np.random.default_rng(0).standard_normal((2, 5, 7, 3)).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
+    expected = padded.reshape(2, 3, 2, 4, 2, 3).max(axis=(2, 4))
+    np.testing.assert_array_equal(_pool_to(jnp.asarray(x), (3, 4)), expected)
+
+
 def test_a_task_reads_no_other_tasks_parameters(setup, ew_step):
     """Plain SGD moves a parameter by exactly −η × its gradient, so a step on a batch labelled for task t alone
     leaves task s's attention masks and head bit for bit where they were when ∂L_t/∂θ_s is exactly 0, while task
