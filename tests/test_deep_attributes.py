@@ -118,12 +118,67 @@ def test_the_heads_are_the_last_layer_alone(model):
     assert model.heads.kernel[...].shape == (TINY.hidden_channels, len(ATTRIBUTES))
 
 
+def test_the_soft_decoder_and_the_attribute_features_in_eval_mode_written_out_in_numpy(model):
+    """The authors' CelebA decoder and head trunk (official_implementation.md, CelebA model) in float64 numpy from the
+    layers' parameters (drawn with numpy), with every BatchNorm's affine parameters and running statistics random:
+
+    * each decoder block is PyTorch's bilinear ×2 with ``align_corners=False`` (``nn.Upsample``'s default) → 3×3
+      convolution without bias → BN → ReLU; where the doublings miss the image size (3×4 → 12×16 here, for a 13×15
+      image) a final half-pixel resize to it, then the 1×1 convolution → sigmoid;
+    * the heads' shared features are ReLU(BN(Linear(spatial mean of ẑ_s))) (dropout off in eval mode).
+
+    Both run compiled. Tolerance: float32 against float64, 1e-5 relative to the largest value."""
+    from deep.attributes import SoftDecoder
+    from deep.layers import drawn_later
+    from test_deep_functional import reference_resize_axis
+    from test_deep_heads_streams import _batch_norm_eval, _conv_same, _np, _randomise_normalisation, _relu
+
+    rng = np.random.default_rng(11)
+    with drawn_later():  # zeros, filled below with numpy draws: no program compiled per parameter shape
+        decoder = SoftDecoder(5, (4, 3), nnx.Rngs(11))
+    for _, layer in nnx.iter_graph(decoder):
+        if isinstance(layer, nnx.Conv):
+            layer.kernel.set_value(jnp.asarray(rng.standard_normal(layer.kernel[...].shape) / 3, jnp.float32))
+            if layer.bias is not None:
+                layer.bias.set_value(jnp.asarray(rng.standard_normal(layer.bias[...].shape), jnp.float32))
+    _randomise_normalisation(decoder, seed=11)
+    decoder.eval()
+    maps = rng.standard_normal((2, 3, 4, 5))
+    got = np.asarray(nnx.jit(lambda d, x: d(x, (13, 15)))(decoder, jnp.asarray(maps, jnp.float32)), np.float64)
+
+    def resize(x, size):
+        return reference_resize_axis(reference_resize_axis(x, 1, size[0], False), 2, size[1], False)
+
+    x = maps
+    for block in decoder.blocks:
+        x = resize(x, (2 * x.shape[1], 2 * x.shape[2]))
+        x = _relu(_batch_norm_eval(_conv_same(x, _np(block.conv.kernel[...])), block.bn))
+    x = _conv_same(resize(x, (13, 15)), _np(decoder.out.kernel[...]), _np(decoder.out.bias[...]))
+    expected = 1 / (1 + np.exp(-x))
+    assert got.shape == expected.shape == (2, 13, 15, 3)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))  # the module fixture stays as it was
+    _randomise_normalisation(copy.hidden_bn, seed=12)
+    copy.eval()
+    semantic = rng.standard_normal((3, 2, 2, TINY.semantic_channels))
+    features = nnx.jit(lambda m, x: m._features(x))(copy, jnp.asarray(semantic, jnp.float32))
+    hidden = semantic.mean(axis=(1, 2)) @ _np(copy.hidden.kernel[...]) + _np(copy.hidden.bias[...])
+    expected = _relu(_batch_norm_eval(hidden, copy.hidden_bn))
+    np.testing.assert_allclose(np.asarray(features, np.float64), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
 def test_attribute_loss_is_binary_cross_entropy_over_the_labelled_entries():
     logits = jnp.array([[2.0, -1.0], [0.5, 3.0]])
     labels = jnp.array([[1, 0], [0, -1]])
     sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     expected = -(np.log(sigmoid(2.0)) + np.log(1 - sigmoid(-1.0)) + np.log(1 - sigmoid(0.5))) / 3
     np.testing.assert_allclose(attribute_loss(logits, labels), expected, rtol=1e-6)
+    # One attribute's column with fewer labelled entries than rows (the evaluation's filler rows are -1): the mean
+    # over the two labelled entries, not over the four rows.
+    column = attribute_loss(jnp.array([[2.0], [0.5], [-3.0], [1.0]]), jnp.array([[1], [-1], [0], [-1]]))
+    np.testing.assert_allclose(column, -(np.log(sigmoid(2.0)) + np.log(1 - sigmoid(-3.0))) / 2, rtol=1e-6)
     # Each attribute's task loss is its column's; their mean is the loss over all entries when all are labelled.
     model, batch = AttributeModel(TINY, nnx.Rngs(1)), make_batch()
     predictions, _ = model(batch["images"])
