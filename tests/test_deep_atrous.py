@@ -142,6 +142,24 @@ def test_bfloat16_inputs_give_bfloat16_outputs_within_its_rounding(implementatio
         convolution(atrous.DILATED_CONVS[implementation], x.astype(jnp.bfloat16), kernel.astype(jnp.float32))
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bfloat16_taps_are_summed_in_float32_and_a_preferred_type_is_honoured(implementation):
+    """The forward pass of the per-tap products adds the taps in float32 (module docstring: rounding each tap's
+    product to bfloat16, but not each partial sum), so every addition in its program is a float32 one; and
+    ``preferred_element_type=float32`` gives a float32 result, as ``lax.conv_general_dilated`` does, by every
+    implementation (rate 36 on a 36×48 grid: per-tap products in ``auto`` too)."""
+    x, kernel = jnp.ones((1, 36, 48, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 2), jnp.bfloat16)
+    call = dict(window_strides=(1, 1), padding=((36, 36), (36, 36)), rhs_dilation=(36, 36),
+                dimension_numbers=_numbers(x, kernel))
+    jaxpr = jax.make_jaxpr(lambda x, w: atrous.DILATED_CONVS[implementation](x, w, **call))(x, kernel).jaxpr
+    additions = [e for e in jaxpr.eqns if e.primitive.name == "add"]
+    assert all(e.outvars[0].aval.dtype == jnp.float32 for e in additions), [str(e.outvars[0].aval) for e in additions]
+    expected = lax.conv_general_dilated(x, kernel, preferred_element_type=jnp.float32, **call)
+    got = atrous.DILATED_CONVS[implementation](x, kernel, preferred_element_type=jnp.float32, **call)
+    assert got.dtype == expected.dtype == jnp.float32
+    np.testing.assert_array_equal(got, expected)  # sums of small integers: exact either way
+
+
 def _dilations_in(function, *args) -> list[tuple[int, ...]]:
     """The kernel dilation of every convolution in ``function``'s lowered program (nested calls included)."""
     program = jax.jit(function).lower(*args).as_text()
