@@ -7,6 +7,7 @@ import json
 import time
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,7 +56,8 @@ def test_the_pipelines_rate_counts_only_whole_batches_against_the_fastest_step(m
     monkeypatch.setattr(deep.data, "nyuv2_arrays", lambda n, h, w, seed: {
         "images": np.zeros((n, h, w, 3), np.float32), "depth": np.ones((n, h, w, 1), np.float32)})
     monkeypatch.setattr(bench, "_pipelines", lambda arrays, batch: [("host", lambda: None)])
-    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: 0.5)
+    warmups = []
+    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: warmups.append(warmup) or 0.5)
     step_json = tmp_path / "step.json"
     step_json.write_text(json.dumps({"batch": 4, "image_size": [64, 80], "environment": {"backend": "cpu"},
                                      "rows": [{"method": "pcgrad", "images_per_second": 4.0},
@@ -69,6 +71,16 @@ def test_the_pipelines_rate_counts_only_whole_batches_against_the_fastest_step(m
     (row,) = result["rows"]
     assert row["images_per_second"] == pytest.approx(16.0) and row["ms_per_batch"] == pytest.approx(250.0)
     assert row["ratio_to_step"] == pytest.approx(1.6) and row["meets_target"] is False
+    assert warmups == [True]  # the first epoch (compiling the augmentation) is not timed
+    # Like for like only when both the backend and the image size are the step's: the same backend at another size
+    # is not comparable.
+    assert result["comparable"] is (jax.default_backend() == "cpu")
+    step_json.write_text(json.dumps({"batch": 16, "image_size": [288, 384],
+                                     "environment": {"backend": jax.default_backend()},
+                                     "rows": [{"method": "ew", "images_per_second": 10.0}]}))
+    assert bench.main(["--config", "reduced", "--examples", "10", "--step-json", str(step_json), "--out", str(out),
+                       "--quiet"]) == 0
+    assert json.loads(out.read_text())["comparable"] is False
 
 
 def test_the_default_step_json_is_the_same_configurations_when_there_is_one(monkeypatch, tmp_path):
@@ -177,3 +189,69 @@ def test_an_atrous_row_weighs_its_time_by_the_count_and_counts_forward_and_both_
     assert row["ms"] == pytest.approx(2.0) and row["per_step_ms"] == pytest.approx(10.0)
     assert row["dense_gflops"] == pytest.approx(3 * 2 * (1 * 4 * 5) * 9 * 2 * 3 / 1e9)
     assert row["relative_deviation_from_xla"] == 0.0
+
+
+def test_the_balancer_benchmark_memory_is_xlas_buffers_less_the_aliased_ones(monkeypatch):
+    """bench_balancers._measure's peak_mb is XLA's arguments + outputs + temporaries less the bytes outputs alias
+    onto arguments (counted once), in MiB: 3 + 2 + 4 - 1 = 8 MiB."""
+    bench = load_script("bench/bench_balancers.py")
+    compiled = lambda *args: jnp.zeros(())  # noqa: E731
+    compiled.memory_analysis = lambda: types.SimpleNamespace(
+        argument_size_in_bytes=3 * 2**20, output_size_in_bytes=2 * 2**20, temp_size_in_bytes=4 * 2**20,
+        alias_size_in_bytes=1 * 2**20)
+    lowered = types.SimpleNamespace(cost_analysis=lambda: None, compile=lambda: compiled)
+    result = bench._measure(types.SimpleNamespace(lower=lambda *args: lowered), (), repeats=1)
+    assert result["peak_mb"] == pytest.approx(8.0) and result["flops"] is None
+
+
+def test_the_balancer_benchmark_times_every_row_with_repeats_and_gives_ratios_to_ews_backward(monkeypatch, tmp_path):
+    """bench_balancers.main with _measure faked (nothing compiled or run): --repeats reaches every measurement, the
+    reference rows' and the methods' too, and each row's ratio is its time over EW's backward pass at the same K, P."""
+    bench = load_script("bench/bench_balancers.py")
+    repeats = []
+
+    def measure(function, args, repeats_):
+        repeats.append(repeats_)
+        return {"ms": 2.0 if len(repeats) == 1 else 5.0, "peak_mb": None, "flops": None}  # EW's backward first
+
+    monkeypatch.setattr(bench, "_measure", measure)
+    out = tmp_path / "balancers.json"
+    assert bench.main(["--tasks", "2", "--params", "100", "--methods", "ew,pcgrad", "--repeats", "7", "--out",
+                       str(out), "--quiet"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(repeats) == len(rows) > 3 and set(repeats) == {7}
+    assert rows[0]["method"] == "ew_backward" and rows[0]["ratio_to_ew"] == 1.0
+    assert all(row["ratio_to_ew"] == 2.5 for row in rows[1:])
+
+
+def test_the_checkpoint_benchmark_saves_under_dir_a_state_of_exactly_mib(monkeypatch, tmp_path):
+    """bench_checkpoint: --dir reaches each measurement (both modes), and _state splits exactly --mib MiB of float32
+    into --leaves arrays (the last one takes the remainder: 1 MiB = 262144 floats over 3 leaves)."""
+    bench = load_script("bench/bench_checkpoint.py")
+    state = bench._state(1, 3)
+    assert len(state) == 3 and all(leaf.dtype == jnp.float32 for leaf in state)
+    assert [leaf.size for leaf in state] == [87381, 87381, 87382] and sum(leaf.nbytes for leaf in state) == 2**20
+    folders = []
+    monkeypatch.setattr(bench, "_state", lambda mib, leaves: [])
+    monkeypatch.setattr(bench, "_measure", lambda state, asynchronous, repeats, folder: folders.append(folder) or {
+        "mode": "asynchronous" if asynchronous else "synchronous", "blocking_ms": 1.0, "durable_ms": 1.0})
+    assert bench.main(["--dir", str(tmp_path), "--out", str(tmp_path / "checkpoint.json"), "--quiet"]) == 0
+    assert folders == [str(tmp_path)] * 2
+
+
+def test_the_measures_benchmark_sizes_follow_their_flags_and_each_time_leaves_out_the_compiling_call(monkeypatch,
+                                                                                                   tmp_path):
+    """bench_measures.main with median_seconds faked (nothing timed): each estimator's sizes run up to and including
+    its own flag (1-D to --max-1d, exact OT to --max-emd, sliced W1 and the CKAs to --max-dd), and every timing asks
+    for an untimed warm-up call (the first call compiles)."""
+    bench = load_script("bench/bench_measures.py")
+    warmups = []
+    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: warmups.append(warmup) or 1e-3)
+    out = tmp_path / "measures.json"
+    assert bench.main(["--max-1d", "10000", "--max-emd", "300", "--max-dd", "1000", "--dim", "2", "--out", str(out),
+                       "--quiet"]) == 0
+    sizes = {row["estimator"].split(" (")[0]: row["sizes"] for row in json.loads(out.read_text())["rows"]}
+    assert sizes == {"w1_1d": [1000, 10_000], "w1 exact OT": [100, 300], "sliced w1": [100, 1000],
+                     "linear CKA, feature form": [100, 1000], "linear CKA, Gram form": [100, 1000],
+                     "debiased CKA": [100, 1000]}
+    assert len(warmups) == 12 and all(warmups)

@@ -49,3 +49,32 @@ def test_the_scaling_ratios_are_to_ew_at_the_same_t_to_the_fewest_t_and_the_pape
     assert pcgrad_10["paper_seconds_ratio_to_ew"] == pytest.approx(690 / 86)
     assert pcgrad_20["paper_seconds_ratio_to_ew"] == pytest.approx(1396 / 91)
     assert rows[2]["paper_seconds_ratio_to_ew"] == 1.0
+
+
+def test_main_passes_jacobian_chunk_to_each_step_and_times_after_an_untimed_call(monkeypatch, tmp_path):
+    """bench_celeba_scaling.main with the steps, their FLOP count and the timing faked (nothing traced or run):
+    --jacobian-chunk reaches every step's builder, and --time's median asks for an untimed first call (the one that
+    warms the device's caches after the compile)."""
+    import types
+
+    bench = load_script("bench/bench_celeba_scaling.py")
+    chunks, warmups = [], []
+    compiled = lambda *args: None  # noqa: E731
+    compiled.memory_analysis = lambda: None
+    step = types.SimpleNamespace(trace=lambda *args: types.SimpleNamespace(
+        lower=lambda: types.SimpleNamespace(compile=lambda: compiled)))
+
+    def arguments(method, variant, size, attributes, batch, image_size, abstract, jacobian_chunk=None):
+        chunks.append(jacobian_chunk)
+        return step, ()
+
+    monkeypatch.setattr(bench, "step_and_arguments", arguments)
+    monkeypatch.setattr(bench, "lowered_flops", lambda step, args: 1e9)
+    monkeypatch.setattr(bench, "payload_device", lambda: "fake")
+    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: warmups.append(warmup) or 0.1)
+    out = tmp_path / "scaling.json"
+    assert bench.main(["--config", "tiny", "--tasks", "2", "--time", "--jacobian-chunk", "3", "--out", str(out),
+                       "--quiet"]) == 0
+    assert chunks == [3] * 2 * len(bench.METHODS)  # abstract, then initialised, per method
+    assert warmups == [True] * len(bench.METHODS)
+    assert json.loads(out.read_text())["jacobian_chunk"] == 3

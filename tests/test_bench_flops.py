@@ -64,6 +64,8 @@ def test_the_flops_json_shares_ratios_and_core_expected_follow_from_the_counts(m
     assert {row["part"]: row["share_of_forward"] for row in result["forward_parts"]} == pytest.approx(
         {"backbone": 0.6, "streams": 0.2, "task heads": 0.2})
     assert result["forward_gflops"] == pytest.approx(10.0)
+    assert {row["part"]: row["relative_to_forward"] for row in result["beside_forward"]} == pytest.approx(
+        {"losses": 0.1, "counterfactual pass": 0.4})  # over the forward pass (10), not the objective (11)
     assert result["parts_sum_to_forward"] == pytest.approx(1.0)
     assert result["forward_and_losses_to_objective"] == pytest.approx(1.0)
     rows = {row["method"]: row for row in result["steps"]}

@@ -47,7 +47,8 @@ def test_a_steps_row_is_its_median_time_its_images_per_second_memory_and_flop_ut
     compiled.memory_analysis = lambda: memory
     lowered = types.SimpleNamespace(compile=lambda: (clock.advance(7.0), compiled)[1])
     step = bench.Step("ew", types.SimpleNamespace(lower=lambda *args: lowered), "counted", None)
-    monkeypatch.setattr(bench, "lowered_flops", lambda counted, args: 2e12)
+    # FLOPs of the step as defined (Step.counted), not of the form --dilated-conv runs (Step.timed).
+    monkeypatch.setattr(bench, "lowered_flops", lambda counted, args: {"counted": 2e12}[counted])
     row = bench._measure(step, ({"w": jnp.ones(3)}, {}, None), batch_size=4, repeats=5, peak_tflops=100.0,
                          trace=None)
     assert next(durations, None) is None  # every scripted call was made
@@ -57,6 +58,10 @@ def test_a_steps_row_is_its_median_time_its_images_per_second_memory_and_flop_ut
     assert row["gflops"] == pytest.approx(2000.0) and row["peak_mb"] == pytest.approx(3 + 2 + 4 - 1)
     assert row["model_flop_utilisation"] == pytest.approx(2e12 / 0.02 / 100e12)
     assert row["model_flop_utilisation_pipelined"] == pytest.approx(2e12 / 0.01 / 100e12)
+    # Without --peak-tflops (0) no utilisation is reported (not a division by zero).
+    durations = iter([5.0] + [0.02] * 5 + [0.01] * 15)
+    row = bench._measure(step, ({"w": jnp.ones(3)}, {}, None), batch_size=4, repeats=5, peak_tflops=0.0, trace=None)
+    assert "model_flop_utilisation" not in row and "model_flop_utilisation_pipelined" not in row
 
 
 def test_the_rows_ratios_are_to_ews_step_and_core_expected_is_the_mean_of_the_two_core_programs(monkeypatch,
@@ -108,3 +113,33 @@ def test_the_kernel_summary_is_per_step_and_leaves_out_the_derived_lines(monkeyp
     assert summary["ms_by_kind"] == pytest.approx({"xla_fusion": 2.0, "convolution": 3.0, "matmul": 0.5})
     assert summary["top_kernels"][0] == {"name": "cudnn_conv_fprop", "ms_per_step": 3.0, "calls_per_step": 0.5}
     assert bench._kernel_summary(tmp_path / "cpu", calls=2) is None
+
+
+def test_main_passes_its_flags_to_each_measurement_and_prints_the_jsons_ratios(monkeypatch, capsys, tmp_path):
+    """bench_train_step.main with the steps and their measurement faked: --repeats and --peak-tflops reach each
+    step's measurement, and the printed table's "x EW" column is the JSON's ratio_to_ew (blocking time), not the
+    pipelined ratio (EW 10 ms blocking / 8 ms pipelined, CORE-MTL 30 / 20: 3.00 against 2.50)."""
+    bench = load_script("bench/bench_train_step.py")
+    times = {"ew": (10.0, 8.0), "core": (30.0, 20.0)}
+    calls = []
+    monkeypatch.setattr(bench, "training_steps", lambda config, precision, methods: [
+        bench.Step(name, None, None, None) for name in times])
+
+    def measure(step, args, batch, repeats, peak, trace):
+        calls.append((step.name, repeats, peak))
+        return {"method": step.name, "ms": times[step.name][0], "ms_pipelined": times[step.name][1],
+                "images_per_second": batch / times[step.name][0] * 1e3, "gflops": 1.0, "peak_mb": 1.0}
+
+    monkeypatch.setattr(bench, "_measure", measure)
+    out = tmp_path / "step.json"
+    assert bench.main(["--methods", "ew,core", "--repeats", "7", "--peak-tflops", "123", "--out", str(out)]) == 0
+    assert calls == [("ew", 7, 123.0), ("core", 7, 123.0)]
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    printed = {line.split()[1]: line.split() for line in capsys.readouterr().out.splitlines()
+               if line.startswith("float32 ")}
+    assert set(printed) == set(rows) == {"ew", "core"}
+    for name, row in rows.items():
+        # precision, step, ms, ms piped, img/s, x EW, ...
+        assert printed[name][2:6] == [f"{row['ms']:.1f}", f"{row['ms_pipelined']:.1f}",
+                                      f"{row['images_per_second']:.1f}", f"{row['ratio_to_ew']:.2f}"]
+    assert printed["core"][5] == "3.00"
