@@ -272,6 +272,9 @@ def test_the_leakage_verdicts_from_fabricated_gaps(tmp_path):
     assert verdict["bound_holds_where_assumptions_hold"] is True
     assert (verdict["failures_with_assumptions"], verdict["failures_without_assumptions"]) == (0, 3)
     assert verdict["tightest_ratio_where_assumptions_hold"] == pytest.approx(1.02, rel=1e-9)
+    closed = [p for p in points if p["closed_form_gap"] is not None]  # the linear head, absolute loss, Gaussians
+    assert len(closed) == 3 and verdict["closed_form_max_abs_z"] == pytest.approx(
+        max(abs(p["gap"] - p["closed_form_gap"]) / p["gap_se"] for p in closed), rel=1e-12)
     one = module.LeakageConfig(num_thetas=1, theta_min=0.5, theta_max=0.5, out=str(tmp_path), quiet=True)
     assert (one.theta_min, one.theta_max) == (0.5, 0.5)
 
@@ -378,3 +381,30 @@ def test_exact_w1_where_the_cdfs_cross_away_from_every_landmark():
     x = np.linspace(-14.0, 14.0, 280_001)
     reference = scipy.integrate.trapezoid(np.abs(p.cdf(x) - q.cdf(x)), x)  # numpy >= 2 only has np.trapezoid
     assert w1_exact(p, q) == pytest.approx(reference, rel=1e-7)
+
+
+def test_num_se_noise_std_and_seed_reach_the_monte_carlo_and_its_verdict(tmp_path):
+    """The squared loss at 2 x the bound with a standard error of 0.01 x the bound fails at the default 3 SE, and
+    holds at --num-se 150 (slack 1.5 x the bound); --noise-std reaches every gap estimate; --seed sets the keys
+    (the same seed draws the same keys, another seed others)."""
+    module = load_script(SCRIPT)
+    calls = []
+
+    def fake_gap(theta, beta, sigma_s, noise_std, head, weight, loss, source, target, key, num_samples):
+        calls.append((noise_std, tuple(np.asarray(jax.random.key_data(key)).ravel())))
+        bound = abs(math.cos(theta) * math.sin(theta)) * math.sqrt(2 / math.pi)
+        return leakage.GapEstimate(2.0 * bound, 0.01 * bound)
+
+    def run(**flags):
+        calls.clear()
+        config = module.LeakageConfig(num_thetas=1, theta_min=0.6, theta_max=0.6, cases="gaussian-scale",
+                                      heads="linear", losses="squared", samples=1000, out=str(tmp_path), quiet=True,
+                                      **flags)
+        with mock.patch("theory.leakage.loss_gap", side_effect=fake_gap):
+            verdict = module.run(config)["verdict"]
+        return verdict, list(calls)
+
+    assert run()[0]["failures_without_assumptions"] == 1
+    verdict, calls_150 = run(num_se=150.0, noise_std=0.7, seed=5)
+    assert verdict["failures_without_assumptions"] == 0 and [noise for noise, _ in calls_150] == [0.7]
+    assert run(num_se=150.0, noise_std=0.7, seed=5)[1] == calls_150 and run(seed=6)[1][0][1] != calls_150[0][1]

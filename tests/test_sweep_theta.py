@@ -181,6 +181,7 @@ def test_the_sweeps_statistics_and_verdicts_from_fabricated_gaps(shrinking):
     np.testing.assert_allclose(result["gap_sem"], per_seed.std(-1, ddof=1) / np.sqrt(3), rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(result["source_risk_mean"], np.ones(4))
     np.testing.assert_allclose(result["target_risk_mean"], 1.0 + gap.mean(axis=(1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(result["mean_weights"], [0.5, 0.5], rtol=1e-12)  # per task, over angles and seeds
     assert payload["small_theta_limit_of_ratio"] == pytest.approx((1.0**2 + 2.0**2) / 2)
     assert payload["residual_shift_sign"] == (-1 if shrinking else 1)
     verdict = payload["verdict"]["ew"]
@@ -223,3 +224,23 @@ def test_the_left_panel_plots_each_methods_gap_with_its_standard_error(tmp_path)
     np.testing.assert_allclose(y, [0.0, 0.41, 1.02])
     np.testing.assert_allclose(yerr, [0.0, 0.01, 0.03])
     np.testing.assert_allclose(x, theta, atol=0.1)  # offset within a cell only
+
+
+def test_num_se_sets_the_closed_form_verdicts_slack_and_the_printed_table_is_the_jsons():
+    """A gap 1.5 times the closed form fails the agreement check at --num-se 3 (above) but passes at --num-se 10^6:
+    the flag reaches the check. main's table prints each verdict under its own column (above floor, then matches
+    cf), as the JSON holds them."""
+    module = load_script(SCRIPT)
+    thetas = np.linspace(0.0, 1.0, 3)
+    closed = np.stack([_isotropic_gap(thetas, b, 1.0, 0.5, 1.5) for b in (1.0, 2.0)], -1)
+    noise = 1e-3 * np.random.default_rng(1).standard_normal((3, 3, 2)) * (thetas[:, None, None] > 0)
+    config = module.SweepConfig(num_thetas=3, theta_max=1.0, dim=3, seeds=3, methods="ew", num_se=1e6, quiet=True)
+    payload = _fabricated_sweep(module, config, 1.5 * closed[:, None, :] + noise)
+    assert payload["verdict"]["ew"]["matches_closed_form"] is True
+    payload["verdict"]["ew"].update(above_floor=True, matches_closed_form=False)
+    with mock.patch.object(module, "run", return_value=payload), mock.patch.object(module, "plot"), \
+            mock.patch.object(module, "write_json"), mock.patch("builtins.print") as printed:
+        assert module.main(["--out", "unused"]) == 0
+    header, row = (call.args[0] for call in printed.call_args_list[:2])
+    assert header.split()[1:5] == ["above", "floor", "matches", "cf"]
+    assert row.split()[:3] == ["ew", "True", "False"]
