@@ -265,6 +265,8 @@ def test_the_core_verdicts_need_three_standard_errors_and_every_baseline():
     far = {**baselines, "CORE-MTL, hard grounding": _summary(0.10, 0.01, 0.25)}
     verdict = module.compare_final(EncoderWorld(), far, list(baselines))["verdict"]
     assert verdict["core_hard_reduces_gap"] is True and verdict["core_hard_costs_source_risk"] is True
+    final = module.compare_final(EncoderWorld(), far, list(baselines))["final"]["CORE-MTL, hard grounding"]
+    assert (final["gap_sem"], final["source_risk_sem"]) == (0.01, 0.001)  # each its own metric's SEM
     one_of_two = {"ew (heads on semantic code)": _summary(0.32, 0.005, 0.17),
                   "mgda (heads on semantic code)": _summary(0.60, 0.02, 0.19),
                   "CORE-MTL, hard grounding": _summary(0.30, 0.005, 0.18)}
@@ -345,3 +347,44 @@ def test_world_with_a_semantic_scale_other_than_one():
     assert abs(float(source.r.std()) - 1.0) < 0.01
     assert abs(float(source.s.std()) - 2.0) < 0.02
     np.testing.assert_allclose(np.linalg.norm(world.constants()[0], axis=1), 1.0, rtol=1e-12)
+
+
+def test_each_run_trains_with_its_own_core_weights(tmp_path):
+    """run() with training replaced: the "no counterfactual" run drops the counterfactual term only, the soft run
+    grounds softly, and the sweep sets λ_ind to each --lambda-ind value (the other weights the defaults)."""
+    from theory.learned_encoder import CoreWeights
+
+    module = load_script("experiments/learned_encoder.py")
+    config = module.EncoderConfig(methods="ew", seeds=2, samples=64, steps=10, eval_every=10, lambda_ind=(0.5, 2.0),
+                                  out=str(tmp_path), quiet=True)
+    weights = []
+
+    def fake_train(world, training, key, **options):
+        weights.append(options.get("core"))
+        return _metrics_of(key, 1)
+
+    with mock.patch("theory.learned_encoder.train_encoder", side_effect=fake_train):
+        names = list(module.run(config)["runs"])
+    by_name = dict(zip(names, weights))  # one trace per run (vmapped over the seeds)
+    assert len(weights) == len(names) == 7
+    assert by_name["CORE-MTL, hard grounding"] == CoreWeights()
+    assert by_name["CORE-MTL, hard grounding, no counterfactual"] == CoreWeights(counterfactual=0.0)
+    assert by_name["CORE-MTL, soft grounding"] == CoreWeights(grounding="soft")
+    assert by_name["CORE-MTL, hard, lambda_ind=0.5"] == CoreWeights(independence=0.5)
+    assert by_name["CORE-MTL, hard, lambda_ind=2"] == CoreWeights(independence=2.0)
+
+
+def test_the_kappa_range_and_the_floor_read_their_own_angles():
+    """compare_final: baseline_kappa_range spans the baselines' κ (not their stream angle), and Theorem 2.3's floor
+    is taken at the task predictors' angle θ̂: at θ̂ = 0 it is exactly 0 (the floor carries sin²θ), whatever the
+    stream angle."""
+    module = load_script("experiments/learned_encoder.py")
+    results = {"ew (heads on semantic code)": _summary(0.33, 0.02, 0.17),
+               "mgda (heads on semantic code)": _summary(0.40, 0.02, 0.19),
+               "CORE-MTL, hard grounding": _summary(0.10, 0.01, 0.25)}
+    for i, summary in enumerate(results.values()):
+        summary.update(kappa={"mean": [0.1 + 0.1 * i], "sem": [0.01]}, theta_stream={"mean": [0.9], "sem": [0.01]},
+                       theta_predictor={"mean": [0.0], "sem": [0.01]})
+    compared = module.compare_final(EncoderWorld(), results, list(results)[:2])
+    assert compared["verdict"]["baseline_kappa_range"] == pytest.approx([0.1, 0.2])
+    assert compared["final"]["CORE-MTL, hard grounding"]["theorem_2_3_floor_at_theta_hat"] == 0.0

@@ -88,7 +88,8 @@ def test_the_scripts_points_against_closed_forms_and_an_independent_batch_cka(tm
     module = load_script("experiments/grad_orthogonality.py")
     config = module.OrthogonalityConfig(num_thetas=3, theta_max=1.5, sigma_pairs="1:2", dim=2, samples=64, batch=32,
                                         num_batches=64, out=str(tmp_path), quiet=True)
-    points = module.run(config)["points"]
+    payload = module.run(config)
+    points = payload["points"]
     assert [p["theta"] for p in points] == pytest.approx([0.0, 0.75, 1.5], abs=1e-12)
     rng = np.random.default_rng(0)
     s, r = rng.standard_normal((2, 4000, 32, 2)) * np.array([1.0, 2.0])[:, None, None, None]
@@ -99,6 +100,18 @@ def test_the_scripts_points_against_closed_forms_and_an_independent_batch_cka(tm
         xx, yy = np.einsum("bnp,bnq->bpq", x, x), np.einsum("bnp,bnq->bpq", y, y)
         return (cross**2).sum((1, 2)) / np.sqrt((xx**2).sum((1, 2)) * (yy**2).sum((1, 2)))
 
+    def unbiased_hsic(k, l):  # Song et al. (2012), per batch of n: Gram matrices with zeroed diagonals
+        n = k.shape[1]
+        k, l = k * (1 - np.eye(n)), l * (1 - np.eye(n))
+        trace = np.einsum("bij,bji->b", k, l)
+        sums = k.sum((1, 2)) * l.sum((1, 2)) / ((n - 1) * (n - 2))
+        cross = 2 * np.einsum("bi,bi->b", k.sum(2), l.sum(2)) / (n - 2)
+        return (trace + sums - cross) / (n * (n - 3))
+
+    def debiased_cka(x, y):
+        k, l = np.einsum("bnp,bmp->bnm", x, x), np.einsum("bnp,bmp->bnm", y, y)
+        return unbiased_hsic(k, l) / np.sqrt(unbiased_hsic(k, k) * unbiased_hsic(l, l))
+
     for p in points:
         c, sn = math.cos(p["theta"]), math.sin(p["theta"])
         assert p["oracle_leakage"] == pytest.approx(sn**2 * 4 / (c**2 + sn**2 * 4), rel=1e-12, abs=1e-15)
@@ -107,6 +120,15 @@ def test_the_scripts_points_against_closed_forms_and_an_independent_batch_cka(tm
         error = math.hypot(p["cka_linear_batch_sem"], reference.std(ddof=1) / math.sqrt(reference.size))
         assert abs(p["cka_linear_batch"] - reference.mean()) < 4 * error, (p["theta"], p["cka_linear_batch"])
         assert 0.5 < p["cka_linear_batch_sem"] / (reference.std(ddof=1) / 8) < 2.0, p["theta"]
+        debiased = debiased_cka(c * s - sn * r, sn * s + c * r)
+        error = math.hypot(p["cka_debiased_batch_sem"], debiased.std(ddof=1) / math.sqrt(debiased.size))
+        assert abs(p["cka_debiased_batch"] - debiased.mean()) < 4 * error, (p["theta"], p["cka_debiased_batch"])
+        assert 0.5 < p["cka_debiased_batch_sem"] / (debiased.std(ddof=1) / 8) < 2.0, p["theta"]
+    # The summary's figures from the points, and the batch floor theory.md gives, √(pq)/√((B+p)(B+q)) = 2/34 at
+    # B = 32, p = q = 2 (of --batch, not --num-batches).
+    assert payload["verdict"]["largest_inner_over_bound"] == pytest.approx(max(
+        abs(p["gradient_inner_product"]) / p["eq10_bound"] for p in points if p["eq10_bound"] > 0), rel=1e-12)
+    assert payload["cka_batch_floor"] == pytest.approx(2 / 34, rel=1e-12)
 
 
 @pytest.mark.parametrize("theta, sigma_s, sigma_r, dim", [(0.4, 1.0, 2.0, 3), (1.1, 1.5, 0.5, 4)])
