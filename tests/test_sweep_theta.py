@@ -146,14 +146,17 @@ def _isotropic_gap(theta, b, sigma_s, sigma_rs, sigma_rt):
     return b**2 * c**2 * s**2 * sigma_s**4 / (c**2 * sigma_s**2 + s**2 * sigma_rs**2) ** 2 * (sigma_rt**2 - sigma_rs**2)
 
 
-def _fabricated_sweep(module, config, gap):
+def _fabricated_sweep(module, config, gap, least_squares_gap=None):
     """``run(config)`` with training replaced by an Evaluation whose gap is ``gap`` [T, S, K] (the least-squares gap
-    the same, so every method counts as converged), source risk 1 and target risk 1 + gap."""
+    ``least_squares_gap``, by default the same, so that every method counts as converged), source risk 1 and target
+    risk 1 + gap."""
+    least_squares_gap = gap if least_squares_gap is None else least_squares_gap
+
     def fake_sweep(scm, balancer, thetas, seeds, train_config):
         assert np.asarray(thetas).shape[0] == gap.shape[0] and len(seeds) == gap.shape[1]
         weights = np.full(gap.shape, 1.0 / gap.shape[2])
-        return Evaluation(source_risk=np.ones_like(gap), target_risk=1.0 + gap, gap=gap, least_squares_gap=gap,
-                          final_losses=np.ones_like(gap), mean_weights=weights)
+        return Evaluation(source_risk=np.ones_like(gap), target_risk=1.0 + gap, gap=gap,
+                          least_squares_gap=least_squares_gap, final_losses=np.ones_like(gap), mean_weights=weights)
 
     with mock.patch("theory.simulate.sweep", side_effect=fake_sweep):
         return module.run(config)
@@ -187,6 +190,27 @@ def test_the_sweeps_statistics_and_verdicts_from_fabricated_gaps(shrinking):
     verdict = payload["verdict"]["ew"]
     assert verdict["judged"] is True and verdict["above_floor"] is True and verdict["matches_closed_form"] is True
     assert verdict["floor_violations"] == []
+
+
+@pytest.mark.parametrize("error_over_se, judged", [(0.9, True), (1.1, False)])
+def test_a_method_is_judged_only_within_one_standard_error_of_the_least_squares_gap(error_over_se, judged):
+    """JUDGED_WITHIN_SE: the verdicts are given only where the trained gap ends within 1 standard error of the
+    least-squares gap at every angle. Fabricated: the least-squares gap is the trained one shifted, at the middle
+    angle only, by 0.9 or 1.1 of that angle's SEM (so the worst error over SE is 0.9 or 1.1; neither converges, which
+    needs 0.1)."""
+    module = load_script(SCRIPT)
+    config = module.SweepConfig(num_thetas=3, theta_max=1.0, dim=3, seeds=3, methods="ew", quiet=True)
+    thetas = np.linspace(0.0, 1.0, 3)
+    closed = np.stack([_isotropic_gap(thetas, b, 1.0, 0.5, 1.5) for b in (1.0, 2.0)], -1)
+    noise = 0.02 * np.random.default_rng(2).standard_normal((3, 3, 2)) * (thetas[:, None, None] > 0)
+    gap = closed[:, None, :] + noise
+    sem = gap.mean(-1).std(-1, ddof=1) / np.sqrt(3)  # the SEM of the task-averaged gap over seeds, per angle
+    least_squares_gap = gap.copy()
+    least_squares_gap[1] += error_over_se * sem[1]
+    verdict = _fabricated_sweep(module, config, gap, least_squares_gap)["verdict"]["ew"]
+    assert verdict["worst_optimisation_error_over_se"] == pytest.approx(error_over_se, rel=1e-9)
+    assert verdict["converged"] is False and verdict["judged"] is judged
+    assert (verdict["above_floor"] is None) is (verdict["matches_closed_form"] is None) is (not judged)
 
 
 def test_above_floor_and_matches_closed_form_are_separate_verdicts():
