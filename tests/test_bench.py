@@ -3,6 +3,7 @@ untimed warm-up, rates of whole batches, ratios the right way round, FLOPs count
 for real, so no assertion depends on this machine's speed (bench_train_step's, bench_flops' and
 bench_celeba_scaling's own files hold theirs)."""
 
+import functools
 import json
 import time
 import types
@@ -239,8 +240,7 @@ def test_the_checkpoint_benchmark_saves_under_dir_a_state_of_exactly_mib(monkeyp
     assert folders == [str(tmp_path)] * 2
 
 
-def test_the_measures_benchmark_sizes_follow_their_flags_and_each_time_leaves_out_the_compiling_call(monkeypatch,
-                                                                                                   tmp_path):
+def test_the_measures_benchmark_sizes_follow_their_flags_and_leave_out_the_compiling_call(monkeypatch, tmp_path):
     """bench_measures.main with median_seconds faked (nothing timed): each estimator's sizes run up to and including
     its own flag (1-D to --max-1d, exact OT to --max-emd, sliced W1 and the CKAs to --max-dd), and every timing asks
     for an untimed warm-up call (the first call compiles)."""
@@ -255,3 +255,32 @@ def test_the_measures_benchmark_sizes_follow_their_flags_and_each_time_leaves_ou
                      "linear CKA, feature form": [100, 1000], "linear CKA, Gram form": [100, 1000],
                      "debiased CKA": [100, 1000]}
     assert len(warmups) == 12 and all(warmups)
+
+
+def test_the_sweep_benchmark_times_each_path_with_its_repeats_and_divides_by_the_vmapped_time(monkeypatch, tmp_path):
+    """bench_sweep.main on the default sweep's shape shrunk (2 angles x 3 seeds, 2 steps on 8 samples: each path
+    compiles and runs once for real) with median_seconds scripted: vmapped 0.5 s and loop 2 s timed with --repeats,
+    stepwise 40 s timed once; the JSON's ratios are loop/vmapped = 4 and stepwise/vmapped = 80, and its grid is the
+    sweep's."""
+    bench = load_script("bench/bench_sweep.py")
+    import sweep_theta  # the benchmark put experiments/ on the import path; main reads the default sweep from it
+
+    small = functools.partial(sweep_theta.SweepConfig, num_thetas=2, seeds=3, steps=2, samples=8)
+    monkeypatch.setattr(sweep_theta, "SweepConfig", small)
+    scripted, timed = iter([0.5, 2.0, 40.0]), []
+
+    def median_seconds(function, repeats):
+        timed.append(repeats)
+        return next(scripted)
+
+    monkeypatch.setattr(bench, "median_seconds", median_seconds)
+    out = tmp_path / "sweep.json"
+    assert bench.main(["--methods", "ew", "--repeats", "5", "--out", str(out), "--quiet"]) == 0
+    assert timed == [5, 5, 1]
+    payload = json.loads(out.read_text())
+    row, = payload["results"]
+    assert (row["vmapped_s"], row["loop_s"], row["stepwise_s"]) == (0.5, 2.0, 40.0)
+    assert row["loop_over_vmapped"] == pytest.approx(4.0) and row["stepwise_over_vmapped"] == pytest.approx(80.0)
+    assert payload["grid"] == {"thetas": 2, "seeds": 3, "configurations": 6, "steps": 2, "samples": 8, "dim": 4,
+                               "tasks": 2}
+    assert payload["repeats"] == 5
