@@ -413,3 +413,33 @@ def test_bad_card_sizes_and_seeds_are_refused_before_anything_is_written(tmp_pat
     with pytest.raises(ValueError, match=f"^{message}$"):
         write_celeba(tmp_path / "set", train=2, val=0, test=0, **{"height": HEIGHT, "width": WIDTH, **arguments})
     assert not (tmp_path / "set").exists()
+
+
+@pytest.mark.parametrize("variant", ["byte-order mark", "spaces after commas"])
+def test_csv_files_saved_by_other_tools_are_read_alike(celeba_root, copy, variant):
+    """Kaggle's CSV as a spreadsheet may save it: with a UTF-8 byte-order mark before the header (Excel's "CSV
+    UTF-8"), or with a space after each comma. Either reads as the official .txt files do."""
+    _to_csv(copy)
+    for name in ("list_attr_celeba.csv", "list_eval_partition.csv"):
+        path = copy / name
+        if variant == "byte-order mark":
+            path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        else:
+            path.write_text(path.read_text().replace(",", ", "))
+    from_csv, from_txt = load_celeba(copy, "val", size=SIZE), load_celeba(celeba_root, "val", size=SIZE)
+    for key in from_txt:
+        np.testing.assert_array_equal(from_csv[key], from_txt[key])
+
+
+def test_a_greyscale_jpeg_is_converted_to_rgb(celeba_root, copy):
+    """Every image comes out RGB: a single-channel JPEG is converted (its three channels equal) before the resize,
+    as torchvision's pipeline on ``Image.open(...).convert("RGB")`` does. Reference: PIL's convert then resize."""
+    names, _ = _written(celeba_root)["val"]
+    path = copy / "img_align_celeba" / names[1]
+    with Image.open(path) as image:
+        image.convert("L").save(path, quality=95)
+    loaded = load_celeba(copy, "val", size=SIZE)
+    with Image.open(path) as image:
+        assert image.mode == "L"
+        expected = np.asarray(image.convert("RGB").resize(SIZE[::-1], Image.BILINEAR))
+    np.testing.assert_array_equal(loaded["images"][1], expected)
