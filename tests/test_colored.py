@@ -74,3 +74,26 @@ def test_the_target_palette_gives_every_class_another_classs_colour():
 def test_bad_input_is_refused(scenes, call, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         call(scenes)
+
+
+def test_the_target_palette_gives_each_class_the_next_classs_colour():
+    """As documented (TARGET_PERMUTATION, a cyclic shift): class c takes the source colour of class c + 1 mod 7."""
+    palette = target_palette()
+    for c in range(len(SOURCE_PALETTE)):
+        np.testing.assert_array_equal(palette[c], SOURCE_PALETTE[(c + 1) % len(SOURCE_PALETTE)])
+
+
+def test_a_set_larger_than_one_chunk_is_recoloured_image_by_image():
+    """recolor works through 64 images at a time: 150 tiny images (three chunks, the last partial) must each be
+    their luma times their own classes' colours, as the formula gives them one by one."""
+    rng = np.random.default_rng(0)
+    images = rng.random((150, 2, 3, 3)).astype(np.float32)
+    labels = rng.integers(-1, 7, (150, 2, 3))
+    expected = np.where((labels >= 0)[..., None], luma(images)[..., None] * SOURCE_PALETTE[np.maximum(labels, 0)],
+                        luma(images)[..., None])
+    np.testing.assert_allclose(recolor(images, labels, SOURCE_PALETTE), expected, atol=1e-6)
+
+
+def test_a_negative_strength_is_refused(scenes):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]; got -0.5"):
+        recolor(scenes["images"], scenes["segmentation"], SOURCE_PALETTE, strength=-0.5)
