@@ -1391,4 +1391,3 @@ def test_corrupt_refuses_images_that_are_not_a_batch_of_rgb():
     for shape in ((2, 8, 8), (2, 8, 8, 4), (8, 8, 3)):
         with pytest.raises(ValueError, match=re.escape(f"images must have shape [N, H, W, 3]; got {shape}")):
             corrupt(jnp.zeros(shape), "contrast", 1, jax.random.key(0))
-
