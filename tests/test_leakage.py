@@ -379,7 +379,7 @@ def test_exact_w1_where_the_cdfs_cross_away_from_every_landmark():
     2.8 million points); allowed 1e-7."""
     p, q = Residual1D("mixture", 0.0, 0.3, 1.0), Residual1D("gaussian", 0.1, 1.0)
     x = np.linspace(-14.0, 14.0, 280_001)
-    reference = scipy.integrate.trapezoid(np.abs(p.cdf(x) - q.cdf(x)), x)  # numpy >= 2 only has np.trapezoid
+    reference = scipy.integrate.trapezoid(np.abs(p.cdf(x) - q.cdf(x)), x)  # np.trapezoid needs numpy >= 2
     assert w1_exact(p, q) == pytest.approx(reference, rel=1e-7)
 
 
