@@ -3,6 +3,7 @@ work, through the script's entry point in this process; and the one-line error (
 scripts owe bad input."""
 
 import contextlib
+import errno
 import functools
 import importlib.util
 import io
@@ -248,6 +249,14 @@ def run_processes(code: str, args: list[str], env: dict, count: int = 2, devices
 
 # Collectives between CPU processes need Gloo; the first line of run_processes' code.
 USE_GLOO = "import jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo')"
+
+
+def interrupted_write_text(self, data, *args, **kwargs):
+    """Path.write_text that stops half-way, as a full disk would (patched in to check that a write goes beside the
+    file and is then renamed over it, so the previous file stays whole)."""
+    with open(self, "w") as handle:
+        handle.write(data[: len(data) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:

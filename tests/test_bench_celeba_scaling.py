@@ -2,6 +2,7 @@
 Table 4 says they should, for the reason it gives."""
 
 import json
+import types
 
 import pytest
 from scripts import load_script
@@ -55,8 +56,6 @@ def test_main_passes_jacobian_chunk_to_each_step_and_times_after_an_untimed_call
     """bench_celeba_scaling.main with the steps, their FLOP count and the timing faked (nothing traced or run):
     --jacobian-chunk reaches every step's builder, and --time's median asks for an untimed first call (the one that
     warms the device's caches after the compile)."""
-    import types
-
     bench = load_script("bench/bench_celeba_scaling.py")
     chunks, warmups = [], []
     compiled = lambda *args: None  # noqa: E731

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 from _common import (check_output_path, null_non_finite, parse_choices, parse_config, parse_overrides,  # noqa: E402
                      run_main, write_atomically, write_json)
-from scripts import ROOT, assert_one_line_error, load_script, run_in_process, run_script  # noqa: E402
+from scripts import (ROOT, assert_one_line_error, interrupted_write_text, load_script, run_in_process,  # noqa: E402
+                     run_script)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
@@ -435,19 +436,12 @@ def test_a_ctrl_c_that_lands_in_a_garbage_collection_callback_still_ends_the_scr
     assert result.stderr.rstrip().endswith("-c: interrupted")
 
 
-def _interrupted_write_text(self, data, *args, **kwargs):
-    """Path.write_text that stops half-way, as a full disk would."""
-    with open(self, "w") as handle:
-        handle.write(data[: len(data) // 2])
-    raise OSError(errno.ENOSPC, "No space left on device", str(self))
-
-
 def test_a_json_write_that_fails_half_way_leaves_the_previous_file(tmp_path):
     """A write that stops half-way (a full disk) must leave the previous results.json whole: write_json goes through
     a temporary file and a rename, never writes the file in place."""
     path = tmp_path / "results.json"
     path.write_text('{"version": 1}\n')
-    with mock.patch("pathlib.Path.write_text", _interrupted_write_text), pytest.raises(OSError):
+    with mock.patch("pathlib.Path.write_text", interrupted_write_text), pytest.raises(OSError):
         write_json(path, {"version": 2, "padding": "x" * 1000})
     assert json.loads(path.read_text()) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
@@ -470,7 +464,7 @@ def test_a_run_folder_with_only_its_record_is_not_overwritten_and_the_history_is
     assert check_run_folder(out, {}, False, script.TrainConfig, script.PATH_FIELDS, "train_nyuv2.py") is None
     history = out / "metrics.jsonl"
     write_history(history, [{"epoch": 1}])
-    with mock.patch("pathlib.Path.write_text", _interrupted_write_text), pytest.raises(OSError):
+    with mock.patch("pathlib.Path.write_text", interrupted_write_text), pytest.raises(OSError):
         write_history(history, [{"epoch": 1}, {"epoch": 2, "padding": "x" * 1000}])
     assert history.read_text() == '{"epoch": 1}\n'
 

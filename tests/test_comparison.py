@@ -3,7 +3,6 @@
 results.json files in the training scripts' format (tests/test_train_nyuv2.py and tests/test_train_celeba.py compare
 runs the scripts really wrote)."""
 
-import errno
 import json
 import math
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from deep import comparison
-from scripts import assert_one_line_error, load_script, run_in_process
+from scripts import assert_one_line_error, interrupted_write_text, load_script, run_in_process
 
 SCRIPT = "experiments/compare_runs.py"
 TASK_METRICS = {"segmentation": ("segmentation/miou", "segmentation/pixel_accuracy"),
@@ -213,11 +212,6 @@ def test_the_script_writes_the_table_json_and_figure(table1, tmp_path, capsys):
     assert (out / "comparison.png").stat().st_size > 10_000
     # A write that stops half-way (a full disk) leaves the previous table whole: written beside it, then renamed.
     before = (out / "comparison.md").read_text()
-
-    def interrupted_write_text(path, data, *args, **kwargs):
-        with open(path, "w") as handle:
-            handle.write(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     with mock.patch("pathlib.Path.write_text", interrupted_write_text), pytest.raises(OSError):
         module.main([*map(str, table1), "--out", str(out), "--quiet"])

@@ -1206,7 +1206,7 @@ def test_no_two_seeds_and_epochs_share_an_order():
     assert len(orders) == 16
 
 
-# ------------------------------------------------------------------ second round: conventions and branches not pinned
+# ---------------------------------- augmentation conventions, the loader's order, reader branches, corruption tables
 
 
 @pytest.mark.parametrize("height, width, scale", [(288, 384, 1.2), (8, 12, 1.2), (8, 12, 1.5)])

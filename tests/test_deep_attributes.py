@@ -158,8 +158,7 @@ def test_the_soft_decoder_and_the_attribute_features_in_eval_mode_written_out_in
     assert got.shape == expected.shape == (2, 13, 15, 3)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
-    graphdef, state = nnx.split(model)
-    copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))  # the module fixture stays as it was
+    copy = nnx.clone(model)  # new variables: the module fixture stays as it was
     _randomise_normalisation(copy.hidden_bn, seed=12)
     copy.eval()
     semantic = rng.standard_normal((3, 2, 2, TINY.semantic_channels))

@@ -263,9 +263,10 @@ def test_the_core_verdicts_need_three_standard_errors_and_every_baseline():
     assert verdict["core_hard_reduces_gap"] is False and verdict["core_hard_costs_source_risk"] is False
     assert verdict["baseline_gap_range"] == [0.33, 0.40]
     far = {**baselines, "CORE-MTL, hard grounding": _summary(0.10, 0.01, 0.25)}
-    verdict = module.compare_final(EncoderWorld(), far, list(baselines))["verdict"]
+    compared = module.compare_final(EncoderWorld(), far, list(baselines))
+    verdict = compared["verdict"]
     assert verdict["core_hard_reduces_gap"] is True and verdict["core_hard_costs_source_risk"] is True
-    final = module.compare_final(EncoderWorld(), far, list(baselines))["final"]["CORE-MTL, hard grounding"]
+    final = compared["final"]["CORE-MTL, hard grounding"]
     assert (final["gap_sem"], final["source_risk_sem"]) == (0.01, 0.001)  # each its own metric's SEM
     one_of_two = {"ew (heads on semantic code)": _summary(0.32, 0.005, 0.17),
                   "mgda (heads on semantic code)": _summary(0.60, 0.02, 0.19),

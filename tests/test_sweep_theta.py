@@ -192,6 +192,19 @@ def test_the_sweeps_statistics_and_verdicts_from_fabricated_gaps(shrinking):
     assert verdict["floor_violations"] == []
 
 
+# Three angles (0, 0.5, 1), three seeds, the two default tasks, d = 3: the fabricated sweeps' grid.
+THREE_ANGLES = dict(num_thetas=3, theta_max=1.0, dim=3, seeds=3, methods="ew", quiet=True)
+
+
+def _three_angle_gaps(spread: float, seed: int):
+    """THREE_ANGLES' closed-form gap per task, [T, K] (σ_r 0.5 → 1.5, b = 1 and 2), and seed noise of standard
+    deviation ``spread``, [T, S, K], none at θ = 0 (where every gap is exactly 0)."""
+    thetas = np.linspace(0.0, 1.0, 3)
+    closed = np.stack([_isotropic_gap(thetas, b, 1.0, 0.5, 1.5) for b in (1.0, 2.0)], -1)
+    noise = spread * np.random.default_rng(seed).standard_normal((3, 3, 2)) * (thetas[:, None, None] > 0)
+    return closed, noise
+
+
 @pytest.mark.parametrize("error_over_se, judged", [(0.9, True), (1.1, False)])
 def test_a_method_is_judged_only_within_one_standard_error_of_the_least_squares_gap(error_over_se, judged):
     """JUDGED_WITHIN_SE: the verdicts are given only where the trained gap ends within 1 standard error of the
@@ -199,10 +212,8 @@ def test_a_method_is_judged_only_within_one_standard_error_of_the_least_squares_
     angle only, by 0.9 or 1.1 of that angle's SEM (so the worst error over SE is 0.9 or 1.1; neither converges, which
     needs 0.1)."""
     module = load_script(SCRIPT)
-    config = module.SweepConfig(num_thetas=3, theta_max=1.0, dim=3, seeds=3, methods="ew", quiet=True)
-    thetas = np.linspace(0.0, 1.0, 3)
-    closed = np.stack([_isotropic_gap(thetas, b, 1.0, 0.5, 1.5) for b in (1.0, 2.0)], -1)
-    noise = 0.02 * np.random.default_rng(2).standard_normal((3, 3, 2)) * (thetas[:, None, None] > 0)
+    config = module.SweepConfig(**THREE_ANGLES)
+    closed, noise = _three_angle_gaps(spread=0.02, seed=2)
     gap = closed[:, None, :] + noise
     sem = gap.mean(-1).std(-1, ddof=1) / np.sqrt(3)  # the SEM of the task-averaged gap over seeds, per angle
     least_squares_gap = gap.copy()
@@ -217,10 +228,8 @@ def test_above_floor_and_matches_closed_form_are_separate_verdicts():
     """A gap 1.5 times the closed form (and so above the floor, which is at most the closed form) with a small
     spread: above the floor, yet not the closed form; each verdict must say its own."""
     module = load_script(SCRIPT)
-    config = module.SweepConfig(num_thetas=3, theta_max=1.0, dim=3, seeds=3, methods="ew", quiet=True)
-    thetas = np.linspace(0.0, 1.0, 3)
-    closed = np.stack([_isotropic_gap(thetas, b, 1.0, 0.5, 1.5) for b in (1.0, 2.0)], -1)
-    noise = 1e-3 * np.random.default_rng(1).standard_normal((3, 3, 2)) * (thetas[:, None, None] > 0)
+    config = module.SweepConfig(**THREE_ANGLES)
+    closed, noise = _three_angle_gaps(spread=1e-3, seed=1)
     verdict = _fabricated_sweep(module, config, 1.5 * closed[:, None, :] + noise)["verdict"]["ew"]
     assert verdict["judged"] is True
     assert verdict["above_floor"] is True and verdict["matches_closed_form"] is False
@@ -255,10 +264,8 @@ def test_num_se_sets_the_closed_form_verdicts_slack_and_the_printed_table_is_the
     the flag reaches the check. main's table prints each verdict under its own column (above floor, then matches
     cf), as the JSON holds them."""
     module = load_script(SCRIPT)
-    thetas = np.linspace(0.0, 1.0, 3)
-    closed = np.stack([_isotropic_gap(thetas, b, 1.0, 0.5, 1.5) for b in (1.0, 2.0)], -1)
-    noise = 1e-3 * np.random.default_rng(1).standard_normal((3, 3, 2)) * (thetas[:, None, None] > 0)
-    config = module.SweepConfig(num_thetas=3, theta_max=1.0, dim=3, seeds=3, methods="ew", num_se=1e6, quiet=True)
+    closed, noise = _three_angle_gaps(spread=1e-3, seed=1)
+    config = module.SweepConfig(**THREE_ANGLES, num_se=1e6)
     payload = _fabricated_sweep(module, config, 1.5 * closed[:, None, :] + noise)
     assert payload["verdict"]["ew"]["matches_closed_form"] is True
     payload["verdict"]["ew"].update(above_floor=True, matches_closed_form=False)
