@@ -237,7 +237,10 @@ def _conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
-    # MaxPool2d(2, 2) with ceil_mode=False: "VALID" windows drop an odd last row or column, as torch's floor.
+    # MaxPool2d(2, 2) with ceil_mode=False: "VALID" windows drop an odd last row or column, as torch's floor. The
+    # initial value stays a Python float (weakly typed, so it takes x's dtype): under tracing, lax only recognises a
+    # concrete -inf as max's identity and uses its differentiable max pool; a jnp array gives the generic
+    # reduce_window, which has no reverse-mode rule (tried: the loss's gradient then fails).
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
