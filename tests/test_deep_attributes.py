@@ -340,6 +340,10 @@ def test_attribute_accuracy_over_a_split_fed_in_batches():
     result = diverged.result()  # a NaN logit is no "absent": the attribute's accuracy and the mean are NaN
     assert np.isnan(result["attributes/a"]) and np.isnan(result["attributes/mean_accuracy"])
     assert result["attributes/b"] == 1.0
+    # A NaN logit on a row with no label (a last batch's filler) is skipped like the row: the accuracy stays a number.
+    filler = AttributeAccuracy(("a",))
+    filler.update(jnp.array([[jnp.nan], [1.0]]), jnp.array([[-1], [1]]))
+    assert filler.result()["attributes/a"] == 1.0
     empty = AttributeAccuracy(("a",))
     empty.update(jnp.zeros((1, 1)), jnp.array([[-1]]))
     with pytest.raises(ValueError, match="no labelled example of a was seen"):

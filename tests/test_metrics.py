@@ -166,6 +166,31 @@ def test_a_nan_prediction_spoils_the_statistics_only_at_a_valid_pixel():
     assert [result[f"normal/within_{t:g}"] for t in (11.25, 22.5, 30)] == pytest.approx([2 / 3] * 3)
 
 
+def test_a_nan_angle_of_an_earlier_batch_keeps_the_median_nan():
+    """The NaN count adds up over the batches like every other statistic: a diverged first batch followed by a clean
+    one leaves the median NaN, as the mean is, instead of a median read from the clean angles alone."""
+    target = np.tile(np.array([0.0, 0.0, 1.0], F32), (1, 1, 2, 1))
+    diverged = target.copy()
+    diverged[0, 0, 0] = np.nan
+    accumulator = MetricAccumulator({"normal": 3})
+    accumulator.update({"normal": diverged}, {"normal": target})
+    accumulator.update({"normal": target}, {"normal": target})
+    result = accumulator.result()
+    assert math.isnan(result["normal/mean"]) and math.isnan(result["normal/median"])
+
+
+def test_an_angle_goes_to_the_bin_below_it_not_the_nearest():
+    """Bin k holds k w <= angle < (k + 1) w: with 1-degree bins an angle of 10.7 degrees is in [10, 11), read as its
+    centre 10.5 (rounding to the nearest bin would give [11, 12) and 11.5, outside the promised half bin)."""
+    target = np.array([0.0, 0.0, 1.0], F32).reshape(1, 1, 1, 3)
+    prediction = np.array(_rotated(np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0]), 10.7), F32).reshape(1, 1, 1, 3)
+    accumulator = MetricAccumulator({"normal": 3}, normal_bin_degrees=1.0)
+    accumulator.update({"normal": prediction}, {"normal": target})
+    result = accumulator.result()
+    assert result["normal/mean"] == pytest.approx(10.7, abs=1e-3)
+    assert result["normal/median"] == 10.5
+
+
 def test_histogram_median_follows_numpy_for_odd_and_even_counts():
     histogram = np.zeros(180)
     histogram[[3, 7, 50]] = 1  # values at bin centres 3.5, 7.5, 50.5
@@ -259,6 +284,9 @@ def test_delta_errors_name_the_metric():
             delta(BASELINE, BASELINE, {**METRIC_DIRECTIONS, "depth/abs_err": 0})
         with pytest.raises(ValueError, match="'depth/abs_err' must be finite in results and baseline; got nan"):
             delta({**BASELINE, "depth/abs_err": math.nan}, BASELINE)
+        # A diverged single-task run in the baseline is refused too, rather than giving a NaN Δ.
+        with pytest.raises(ValueError, match="'depth/abs_err' must be finite in results and baseline; got 0.4 and nan"):
+            delta(BASELINE, {**BASELINE, "depth/abs_err": math.nan})
 
 
 def test_the_ratio_of_means_carries_the_delta_methods_standard_error():
