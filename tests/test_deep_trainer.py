@@ -582,6 +582,27 @@ def test_every_damaged_checkpoint_is_set_aside_under_a_name_of_its_own(tmp_path)
     assert _names(three) == ["1", "2.unreadable", "3.unreadable"]
 
 
+def test_a_checkpoint_of_other_shapes_is_a_mismatch_not_damage(tmp_path):
+    """Another configuration with the same tree but wider layers: Orbax's words are about a shape, not the tree, and
+    it must still be CheckpointMismatch, with nothing set aside as unreadable (as a ValueError would be)."""
+    _save(tmp_path / "run", 1, {"w": jnp.arange(3.0)})
+    _save(tmp_path / "run", 2, {"w": jnp.arange(3.0)})
+    with pytest.raises(CheckpointMismatch, match="checkpoint of epoch 2 .* does not match"):
+        _restore_latest(tmp_path / "run", {"w": jnp.arange(4.0)})
+    assert _names(tmp_path / "run") == ["1", "2"]
+
+
+def test_a_save_below_the_newest_epoch_is_written_not_skipped(tmp_path):
+    """Orbax skips, silently, a save of a step below its newest unless forced: an epoch saved out of order must still
+    land on disk with the values given."""
+    with Checkpoints(tmp_path / "run", keep=3) as checkpoints:
+        checkpoints.save(1, {"w": jnp.ones(3)})
+        checkpoints.save(3, {"w": jnp.ones(3)})
+        checkpoints.save(2, {"w": jnp.full(3, 2.0)})
+        np.testing.assert_array_equal(checkpoints.restore(2, {"w": jnp.zeros(3)})["w"], [2.0, 2.0, 2.0])
+    assert _names(tmp_path / "run") == ["1", "2", "3"]
+
+
 def test_a_resume_of_another_configuration_an_io_error_and_a_failed_close_are_reported_as_such(tmp_path):
     """A whole checkpoint of another structure: restore_latest's one-line CheckpointMismatch, nothing renamed (it is
     not damage). An I/O error is not damage either. keep=0 (a run that keeps nothing) is refused. A close that fails
