@@ -522,6 +522,9 @@ def test_a_damaged_checkpoint_is_told_apart_by_its_error_type_or_by_tensorstores
         undecodable = error
     assert _looks_damaged(undecodable)
     assert _looks_damaged(RuntimeError("DATA_LOSS: Error reading local file /run/2/d/0"))
+    # Each of TensorStore's codes on its own, in words that name no read or open: corrupt data, a file gone.
+    assert _looks_damaged(RuntimeError("DATA_LOSS: checksum mismatch in /run/2/d/0"))
+    assert _looks_damaged(RuntimeError("NOT_FOUND: /run/2/d/manifest.ocdbt"))
     assert not _looks_damaged(MemoryError("RESOURCE_EXHAUSTED: out of memory"))
 
 
