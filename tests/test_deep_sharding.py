@@ -307,3 +307,7 @@ def test_the_multi_host_helpers_wait_for_every_process_and_pass_the_count_and_in
     monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     assert devices.initialize_distributed() is True and initialised == [{"num_processes": 3, "process_id": 1}]
+    # A typo in a variable is named with its value, not left to int()'s "invalid literal for int() with base 10".
+    monkeypatch.setenv("JAX_PROCESS_ID", "one")
+    with pytest.raises(ValueError, match="^JAX_PROCESS_ID must be an integer; got 'one'$"):
+        devices.initialize_distributed()
