@@ -523,6 +523,17 @@ def test_an_error_about_another_file_keeps_that_files_name(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_error_with_no_errno_is_passed_on_as_it_is(tmp_path):
+    """Pillow says "cannot write mode RGBA as JPEG" as an OSError with no errno and no file name: there is nothing to
+    rename, and its words are the message, so it reaches the user unchanged (and the temporary is gone)."""
+    def refused(tmp):
+        raise OSError("cannot write mode RGBA as JPEG")
+
+    with pytest.raises(OSError, match="^cannot write mode RGBA as JPEG$"):
+        write_atomically(tmp_path / "figure.jpg", refused)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_fsync_failure_names_the_users_path_and_keeps_the_previous_file(tmp_path, monkeypatch):
     """fsync's errors carry no file name (EIO on a failing disk): the one to name is the user's path."""
     path = tmp_path / "result.json"
