@@ -555,6 +555,15 @@ def test_layers_built_inside_drawn_later_start_at_zero_and_outside_as_flax_draws
     assert np.all(np.asarray(outside.kernel[...]) != 0)
 
 
+def test_drawn_later_ends_with_its_block_also_when_the_block_raises():
+    """A model whose build fails inside drawn_later (a bad configuration, caught by the caller) must not leave every
+    layer built afterwards at zero."""
+    with pytest.raises(ValueError, match="a bad configuration"):
+        with drawn_later():
+            raise ValueError("a bad configuration")
+    assert np.all(np.asarray(conv(3, 4, (3, 3), rngs=nnx.Rngs(0)).kernel[...]) != 0)
+
+
 def test_the_authors_lighting_reads_the_spatial_mean_of_the_adapted_c4():
     """With the multi-scale fusion and light_reads="backbone" (the authors' variant), the light head reads h, the
     spatial mean of the adapted c4: the last fusion_channels channels of F (reference §2), not all of F, and a mean,
