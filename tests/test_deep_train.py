@@ -87,11 +87,13 @@ def test_the_optimiser_configuration_refuses_what_the_schedule_and_the_update_ca
     for fields, name in [({"min_lr_ratio": 1.5}, "min_lr_ratio"), ({"min_lr_ratio": -0.1}, "min_lr_ratio"),
                          ({"weight_decay": -1e-4}, "weight_decay"), ({"steps_per_epoch": 0}, "steps_per_epoch"),
                          ({"learning_rate": float("inf")}, "learning_rate"), ({"learning_rate": 0.0}, "learning_rate"),
-                         ({"clip_norm": float("inf")}, "clip_norm"), ({"clip_norm": float("nan")}, "clip_norm")]:
+                         ({"clip_norm": float("inf")}, "clip_norm"), ({"clip_norm": float("nan")}, "clip_norm"),
+                         ({"warmup_epochs": 100}, "warmup_epochs")]:  # all warm-up (epochs=100): no cosine at all
         with pytest.raises(ValueError, match=name):
             train.OptimConfig(**fields)
     for ratio in (0.0, 1.0):
         train.OptimConfig(min_lr_ratio=ratio, warmup_epochs=0, epochs=1)
+    train.OptimConfig(warmup_epochs=99, epochs=100)  # one cosine epoch
 
 
 def test_the_cosine_ends_at_min_lr_ratio_times_the_learning_rate():
@@ -151,6 +153,24 @@ def test_the_optimiser_steps_by_the_scheduled_learning_rate():
     config = train.OptimConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=5, epochs=10)
     updates = _first_update(config, {"w": jnp.zeros(2)}, {"w": jnp.asarray([2.0, -3.0])})
     np.testing.assert_allclose(updates["w"], [-0.28, 0.28], rtol=1e-5)
+
+
+def test_the_second_step_is_pytorchs_adam_with_its_default_betas_and_epsilon():
+    """Adam's first step is a sign step whatever β1, β2 and ε are; the second shows them. PyTorch's Adam (the
+    authors'), by hand in float64: m = β1 m + (1 - β1) g, v = β2 v + (1 - β2) g², step -η m̂ / (√v̂ + ε) with the
+    bias corrections 1 - β^t, β = (0.9, 0.999), ε = 1e-8. Both steps are in the first epoch of a run without
+    warm-up, at η."""
+    config = train.OptimConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=0, epochs=10, steps_per_epoch=10)
+    optimizer = train.make_optimizer(config)
+    params = {"w": jnp.zeros(3, jnp.float32)}
+    gradients = [np.array([1.0, -2.0, 1e-7]), np.array([-3.0, 0.5, 1e-7])]
+    state = optimizer.init(params)
+    m = v = np.zeros(3)
+    for t, g in enumerate(gradients, start=1):
+        updates, state = optimizer.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+        expected = -(m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        np.testing.assert_allclose(updates["w"], expected, rtol=1e-5, err_msg=f"step {t}")
 
 
 # counterfactual_loss on a stand-in model: the pass's wiring, without compiling the dual-stream model.
@@ -282,6 +302,23 @@ def test_the_counterfactual_pass_reads_the_statistics_its_steps_train_pass_just_
     permutation = np.asarray(jax.random.permutation(key, 4))
     out = (x + x[permutation, :1, :1, :] - mean) / np.sqrt(variance + 1e-5)
     assert float(terms["counterfactual"]) == pytest.approx(_eq12_bracket(out, depth), rel=1e-4)
+
+
+def test_the_objectives_pass_is_in_train_mode_whatever_mode_the_model_was_split_in():
+    """A model split after ``model.eval()`` (evaluated, or restored for more training) keeps its eval flags in the
+    graph definition; core_objective must still run its pass in train mode, normalising by the batch and updating
+    BatchNorm's running statistics (from 0 and 1: 0.1·mean and 0.9 + 0.1·variance, Flax's biased variance)."""
+    model = _DualStreamStandIn()
+    model.eval()
+    graphdef, shared, heads, batch_stats, rest = nnx.split(model, train.SHARED, train.HEADS, nnx.BatchStat, ...)
+    images = jnp.asarray(np.random.default_rng(4).normal(2.0, 1.5, size=(4, 3, 3, 1)), jnp.float32)
+    weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual=0.0, edge=0.0)
+    _, (new_stats, _, _) = train.core_objective(graphdef, (shared, heads), batch_stats, rest,
+                                                {"images": images, "depth": images}, jax.random.key(0), weights, 0.0,
+                                                False)
+    x = np.asarray(images, np.float64)
+    np.testing.assert_allclose(new_stats["norm"]["mean"][...], [0.1 * x.mean()], rtol=1e-5)
+    np.testing.assert_allclose(new_stats["norm"]["var"][...], [0.9 + 0.1 * x.var()], rtol=1e-5)
 
 
 def test_a_tiny_model_overfits_one_batch(setup):
