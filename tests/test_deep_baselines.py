@@ -303,3 +303,98 @@ def test_each_heads_loss_is_taken_in_float32_under_bfloat16_compute():
                                                  {"images": jnp.ones((2, 3), jnp.float32)})
     assert _BFloat16Heads.handed == [jnp.float32, jnp.float32]
     assert losses_k.dtype == jacobian.dtype == jnp.float32 and jacobian.shape == (2, 3)
+
+
+def test_representation_gradients_pull_back_through_a_bfloat16_encoder():
+    """GradDrop's direction comes back from the method in float32, the representation it pulls back through is
+    bfloat16 under ``compute_dtype="bfloat16"``: the pull-back takes it in the representation's dtype (jax.vjp refuses
+    a cotangent of another dtype) and returns a float32 gradient of the float32 shared parameters."""
+    graphdef, state = train.split_model(_BFloat16Heads(), train.make_optimizer(OPTIM))
+
+    def pulled_back(state, batch):
+        _, jacobian, pull_back, _, _, _ = train.representation_jacobian_step(graphdef, state, batch)
+        return jacobian, pull_back(jnp.ones(jacobian.shape[1], jnp.float32))
+
+    jacobian, gradient = jax.eval_shape(pulled_back, state, {"images": jnp.ones((2, 3), jnp.float32)})
+    assert jacobian.shape == (2, 6) and (gradient.shape, gradient.dtype) == ((3,), jnp.float32)
+
+
+class _Normalised(nnx.Module):
+    """A stand-in for every path of balanced_step with BatchNorm (Flax's momentum 0.9 of the running statistics) in
+    the encoder and in each head; each head reads 3 ẑ + 5, so that its running statistics move from the initial 0 and
+    1 to 0.5 and 0.9 + 0.1·9 in train mode."""
+
+    shared_read_by_heads = nnx.Nothing
+
+    def __init__(self):
+        self.config = StandInConfig((("a", 1), ("b", 1)))
+        self.encoder = nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+        self.heads = nnx.Dict({name: nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0)) for name in "ab"})
+
+    def encode(self, images):
+        return {"semantic_map": self.encoder(images)}
+
+    def predict_from_streams(self, semantic_map, image_size, tasks):
+        return {name: self.heads[name](3 * semantic_map + 5) for name in tasks}
+
+    def __call__(self, images):
+        return self.predict_from_streams(**self.encode(images), image_size=None, tasks=("a", "b")), {}
+
+    @staticmethod
+    def task_loss(name, prediction, batch):
+        return jnp.mean(prediction * batch[name])
+
+
+@pytest.mark.parametrize("method", ["dwa", "pcgrad", "graddrop"])
+def test_every_path_runs_in_train_mode_and_keeps_its_passs_statistics_whatever_mode_the_model_was_split_in(method):
+    """The losses path (DWA), the parameter-Jacobian path (PCGrad) and the representation path (GradDrop) each run
+    the model in train mode even when it was split after ``model.eval()`` (which the graph definition keeps), and
+    the state they return holds the statistics of that pass: the encoder's 0.1·mean and 0.9 + 0.1·(biased
+    variance) of the images, the heads' of 3 ẑ + 5 (ẑ normalised by the batch: mean 0, variance about 1)."""
+    model = _Normalised()
+    model.eval()
+    optimizer = train.make_optimizer(OPTIM)
+    graphdef, state = train.split_model(model, optimizer)
+    balancer = make(method)
+    rng = np.random.default_rng(5)
+    images = jnp.asarray(rng.normal(2.0, 1.5, size=(8, 2)), jnp.float32)
+    batch = {"images": images, "a": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+             "b": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)}
+    new_state, _, metrics = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, balancer))(
+        state, balancer.init(2, num_params=4), batch, jax.random.key(0))
+    assert bool(metrics["finite"])
+    x = np.asarray(images, np.float64)
+    stats = new_state.batch_stats
+    np.testing.assert_allclose(stats["encoder"]["mean"][...], 0.1 * x.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(stats["encoder"]["var"][...], 0.9 + 0.1 * x.var(axis=0), rtol=1e-5)
+    for name in "ab":
+        np.testing.assert_allclose(stats["heads"][name]["mean"][...], [0.5, 0.5], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(stats["heads"][name]["var"][...], [1.8, 1.8], rtol=1e-3, err_msg=name)
+
+
+class _Huge(nnx.Module):
+    """Two float32 task losses w_a·mean(x) and w_b·mean(x) (the x64 test session would make a plain array float64)."""
+
+    def __init__(self):
+        self.config = StandInConfig((("a", 1), ("b", 1)))
+        self.w = nnx.Param(jnp.asarray([1.0, 2.0], jnp.float32))
+
+    def __call__(self, images):
+        return {"a": self.w[0] * images, "b": self.w[1] * images}, {}
+
+    def task_loss(self, name, prediction, batch):
+        return jnp.mean(prediction)
+
+
+def test_a_gradient_beyond_float32s_range_is_refused_though_clipping_would_make_its_update_finite():
+    """Gradients of 3e30 and 5e29 (finite, as is the loss) have a global norm beyond float32's range: the step has
+    diverged. Clipping would scale them by 10/inf to a finite update of zeros, so the guard must read the
+    gradients, not the update: the state (step count included, an int32) stays as it was."""
+    optimizer = train.make_optimizer(OPTIM)
+    graphdef, state = train.split_model(_Huge(), optimizer)
+    step = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer, _FixedWeights()))
+    for scale, accepted in ((1.0, True), (1e30, False)):
+        new_state, _, metrics = step(state, (), {"images": jnp.full((2, 3), scale, jnp.float32)}, jax.random.key(0))
+        assert np.isfinite(float(metrics["loss"])) and bool(metrics["finite"]) == accepted, scale
+        assert new_state.step.dtype == jnp.int32 and int(new_state.step) == int(accepted), scale
+        assert np.array_equal(new_state.params[0]["w"], state.params[0]["w"]) != accepted, scale
