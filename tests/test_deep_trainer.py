@@ -16,7 +16,7 @@ from deep import losses, train, trainer
 from deep.checkpoint import CheckpointMismatch, Checkpoints, _looks_damaged
 from deep.model import DualStreamModel, ModelConfig
 from test_deep_model import abstract_model, output_shapes
-from test_deep_train import TINY, comparable_leaves, copied, make_batch
+from test_deep_train import TINY, _DualStreamStandIn, comparable_leaves, copied, make_batch
 from theory.balancing import make
 
 PLAIN = ModelConfig(**{**TINY.__dict__, "grounding": "none"})
@@ -630,3 +630,35 @@ def test_a_resume_of_another_configuration_an_io_error_and_a_failed_close_are_re
         with checkpoints:
             raise KeyError("the run's own error")
     assert any("could not be finished either: OSError" in note for note in stopped.value.__notes__)
+
+
+def test_sample_panels_are_eval_mode_predictions_and_the_next_images_residual_code():
+    """The panels on the dual-stream stand-in (test_deep_train): its prediction is the images through a BatchNorm,
+    which in eval mode reads the running statistics 0 and 1 (train mode would normalise by the batch); its
+    counterfactual image is ẑ_s + ẑ_r, here the images plus each image's first pixel, and the panel's takes the
+    residual code of the image before it in the batch (rolled by one over the batch)."""
+    model = _DualStreamStandIn()
+    graphdef, state = train.split_model(model, train.make_optimizer(train.OptimConfig()))
+    # One channel, as its BatchNorm has.
+    images = jnp.asarray(np.random.default_rng(6).normal(2.0, 1.5, size=(3, 2, 2, 1)), jnp.float32)
+    panels = trainer.sample_panels(graphdef, state, images)
+    assert set(panels) == {"pred/depth", "counterfactual"} and panels["counterfactual"].dtype == np.float32
+    x = np.asarray(images, np.float64)
+    np.testing.assert_allclose(panels["pred/depth"], x / np.sqrt(1 + 1e-5), rtol=1e-5)
+    np.testing.assert_allclose(panels["counterfactual"], x + x[[2, 0, 1], :1, :1, :], rtol=1e-5)
+
+
+def test_an_mtan_model_gets_the_configurations_backbone_heads_and_compute_dtype():
+    """build_model's MTAN copies what the configuration says (built abstractly: nothing is initialised)."""
+    config = dataclasses.replace(trainer.model_config("cityscapes", "tiny", "pcgrad", compute_dtype="bfloat16"),
+                                 dilated_conv="space_to_batch")
+    mtan = nnx.eval_shape(lambda: trainer.build_model(config, "mtan", 0))
+    assert type(mtan).__name__ == "MTAN"
+    for field in ("backbone", "tasks", "head_channels", "aspp_rates", "compute_dtype", "dilated_conv"):
+        assert getattr(mtan.config, field) == getattr(config, field), field
+    assert mtan.config.compute_dtype == "bfloat16" and mtan.config.tasks == (("segmentation", 7), ("depth", 1))
+    with pytest.raises(ValueError, match="architecture must be one of shared, mtan; got 'mtl'"):
+        trainer.build_model(config, "mtl", 0)
+    for name in ("semantic_channels", "residual_channels"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 0 \\(0: the model size's\\); got -1"):
+            trainer.model_config("nyuv2", "tiny", "core", **{name: -1})
