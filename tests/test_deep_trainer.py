@@ -646,6 +646,9 @@ def test_sample_panels_are_eval_mode_predictions_and_the_next_images_residual_co
     x = np.asarray(images, np.float64)
     np.testing.assert_allclose(panels["pred/depth"], x / np.sqrt(1 + 1e-5), rtol=1e-5)
     np.testing.assert_allclose(panels["counterfactual"], x + x[[2, 0, 1], :1, :1, :], rtol=1e-5)
+    # A bfloat16 model's panels come back as float32 arrays too (numpy has no bfloat16 of its own to save them).
+    halved = trainer.sample_panels(graphdef, state, images.astype(jnp.bfloat16))
+    assert {name: value.dtype for name, value in halved.items()} == {name: np.float32 for name in panels}
 
 
 def test_an_mtan_model_gets_the_configurations_backbone_heads_and_compute_dtype():
