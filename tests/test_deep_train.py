@@ -309,15 +309,17 @@ def test_the_counterfactual_pass_reads_the_statistics_its_steps_train_pass_just_
 def test_the_objectives_pass_is_in_train_mode_whatever_mode_the_model_was_split_in():
     """A model split after ``model.eval()`` (evaluated, or restored for more training) keeps its eval flags in the
     graph definition; core_objective must still run its pass in train mode, normalising by the batch and updating
-    BatchNorm's running statistics (from 0 and 1: 0.1·mean and 0.9 + 0.1·variance, Flax's biased variance)."""
+    BatchNorm's running statistics (from 0 and 1: 0.1·mean and 0.9 + 0.1·variance, Flax's biased variance). With
+    λ_cfa = 0 (an ablation), a step the coin sent to the counterfactual pass runs none and reports no such term."""
     model = _DualStreamStandIn()
     model.eval()
     graphdef, shared, heads, batch_stats, rest = nnx.split(model, train.SHARED, train.HEADS, nnx.BatchStat, ...)
     images = jnp.asarray(np.random.default_rng(4).normal(2.0, 1.5, size=(4, 3, 3, 1)), jnp.float32)
     weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual=0.0, edge=0.0)
-    _, (new_stats, _, _) = train.core_objective(graphdef, (shared, heads), batch_stats, rest,
-                                                {"images": images, "depth": images}, jax.random.key(0), weights, 0.0,
-                                                False)
+    _, (new_stats, _, terms) = train.core_objective(graphdef, (shared, heads), batch_stats, rest,
+                                                    {"images": images, "depth": images}, jax.random.key(0), weights,
+                                                    0.0, True)
+    assert "counterfactual" not in terms
     x = np.asarray(images, np.float64)
     np.testing.assert_allclose(new_stats["norm"]["mean"][...], [0.1 * x.mean()], rtol=1e-5)
     np.testing.assert_allclose(new_stats["norm"]["var"][...], [0.9 + 0.1 * x.var()], rtol=1e-5)
