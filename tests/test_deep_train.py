@@ -325,6 +325,36 @@ def test_the_objectives_pass_is_in_train_mode_whatever_mode_the_model_was_split_
     np.testing.assert_allclose(new_stats["norm"]["var"][...], [0.9 + 0.1 * x.var()], rtol=1e-5)
 
 
+class _ScaledDualStream(_DualStreamStandIn):
+    """The dual-stream stand-in with its depth prediction times ``scale`` (a constant, not a parameter)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def __call__(self, images):
+        predictions, aux = super().__call__(images)
+        return {"depth": self.scale * predictions["depth"]}, aux
+
+
+def test_core_step_refuses_a_gradient_beyond_float32s_range_though_clipping_would_make_its_update_finite():
+    """With the prediction scaled by 1e30 the loss is finite (about 1e30) and so is every gradient, but their global
+    norm is beyond float32's range: a diverged step. Clipping would turn it into a finite update of zeros, so
+    core_step's guard must read the gradients: the state stays as it was. At scale 1 the step is taken."""
+    optimizer = train.make_optimizer(train.OptimConfig(warmup_epochs=0))
+    weights = dataclasses.replace(losses.PRESETS["nyuv2"], counterfactual=0.0, edge=0.0)
+    images = jnp.asarray(np.random.default_rng(7).normal(size=(4, 3, 3, 1)), jnp.float32)
+    batch = {"images": images, "depth": jnp.ones_like(images)}
+    for scale, accepted in ((1.0, True), (1e30, False)):
+        graphdef, state = train.split_model(_ScaledDualStream(scale), optimizer)
+        new_state, metrics = jax.jit(functools.partial(train.core_step, graphdef, optimizer, weights=weights))(
+            state, batch, jax.random.key(0), independence_weight=0.0)
+        assert np.isfinite(float(metrics["loss"])) and bool(metrics["finite"]) == accepted, scale
+        assert int(new_state.step) == int(accepted), scale
+        same = [np.array_equal(a, b) for a, b in zip(comparable_leaves(new_state), comparable_leaves(state))]
+        assert all(same) != accepted, scale
+
+
 def test_a_tiny_model_overfits_one_batch(setup):
     _, _, state, step = setup
     batch = make_batch()
