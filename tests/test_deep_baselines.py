@@ -321,8 +321,9 @@ def test_representation_gradients_pull_back_through_a_bfloat16_encoder():
 
 class _Normalised(nnx.Module):
     """A stand-in for every path of balanced_step with BatchNorm (Flax's momentum 0.9 of the running statistics) in
-    the encoder and in each head; each head reads 3 ẑ + 5, so that its running statistics move from the initial 0 and
-    1 to 0.5 and 0.9 + 0.1·9 in train mode."""
+    the encoder and in each head; each head normalises 3 ẑ + 5, so that its running statistics move from the initial
+    0 and 1 to 0.5 and 0.9 + 0.1·9 in train mode, and adds ẑ (without it the encoder's scale and shift, which the
+    head's BatchNorm undoes, would get no gradient)."""
 
     shared_read_by_heads = nnx.Nothing
 
@@ -335,7 +336,7 @@ class _Normalised(nnx.Module):
         return {"semantic_map": self.encoder(images)}
 
     def predict_from_streams(self, semantic_map, image_size, tasks):
-        return {name: self.heads[name](3 * semantic_map + 5) for name in tasks}
+        return {name: self.heads[name](3 * semantic_map + 5) + semantic_map for name in tasks}
 
     def __call__(self, images):
         return self.predict_from_streams(**self.encode(images), image_size=None, tasks=("a", "b")), {}
@@ -398,3 +399,39 @@ def test_a_gradient_beyond_float32s_range_is_refused_though_clipping_would_make_
         assert np.isfinite(float(metrics["loss"])) and bool(metrics["finite"]) == accepted, scale
         assert new_state.step.dtype == jnp.int32 and int(new_state.step) == int(accepted), scale
         assert np.array_equal(new_state.params[0]["w"], state.params[0]["w"]) != accepted, scale
+
+
+class _FixedRepresentationDirection:
+    """A method of GradDrop's kind (on representation gradients) whose direction is 2 g_a - g_b."""
+
+    requires, gradient_of = "gradients", "representation"
+
+    def step(self, jacobian, losses_k, state, key):
+        return 2 * jacobian[0] - jacobian[1], jnp.asarray([2.0, -1.0]), state
+
+
+def test_the_representation_path_applies_the_methods_own_direction_pulled_back():
+    """balanced_step's representation path pulls back the direction the method returns, not the plain sum of the
+    representation gradients, and gives each head its own task's gradient: plain SGD at rate 1 moves the shared
+    parameters by minus the pull-back of 2 g_a - g_b (representation_jacobian_step's, composed here)."""
+    optimizer = optax.sgd(1.0)
+    graphdef, state = train.split_model(_Normalised(), optimizer)
+    rng = np.random.default_rng(8)
+    batch = {name: jnp.asarray(rng.normal(size=(8, 2)), jnp.float32) for name in ("images", "a", "b")}
+
+    @jax.jit
+    def composed(state, batch):
+        _, jacobian, pull_back, head_grads, _, _ = train.representation_jacobian_step(graphdef, state, batch)
+        return pull_back(2 * jacobian[0] - jacobian[1]), head_grads
+
+    direction, head_grads = composed(state, batch)
+    new_state, _, metrics = jax.jit(functools.partial(train.balanced_step, graphdef, optimizer,
+                                                      _FixedRepresentationDirection()))(state, (), batch,
+                                                                                        jax.random.key(0))
+    assert bool(metrics["finite"]) and float(metrics["weight/a"]) == 2.0 and float(metrics["weight/b"]) == -1.0
+    moved = ravel_pytree(state.params[0])[0] - ravel_pytree(new_state.params[0])[0]
+    assert float(jnp.abs(direction).max()) > 1e-3
+    np.testing.assert_allclose(moved, direction, rtol=1e-5, atol=1e-6)
+    for new, old, gradient in zip(*map(jax.tree.leaves, (new_state.params[1], state.params[1], head_grads)),
+                                  strict=True):
+        np.testing.assert_allclose(old - new, gradient, rtol=1e-5, atol=1e-6)
