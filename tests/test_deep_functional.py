@@ -125,6 +125,11 @@ def test_known_lighting_gives_known_shading():
     overhead = jnp.zeros((1, 27)).at[:, 2].set(1.0).at[:, 11].set(1.0).at[:, 20].set(1.0)  # Y_3 = c1 n_z, each RGB
     expected = np.maximum(0.0, 0.488603 * np.asarray(normals[..., 2:3]))
     np.testing.assert_allclose(lambertian_shading(normals, overhead), np.repeat(expected, 3, axis=-1), atol=1e-6)
+    # Each image of a batch is shaded by its own lighting (here ambient 1 and 3), not by the first image's.
+    pair = jnp.zeros((2, 3, 9)).at[0, :, 0].set(1.0).at[1, :, 0].set(3.0)
+    shading = lambertian_shading(jnp.concatenate([normals, normals]), pair)
+    np.testing.assert_allclose(shading[0], 0.282095, rtol=1e-5)
+    np.testing.assert_allclose(shading[1], 3 * 0.282095, rtol=1e-5)
     np.testing.assert_allclose(render(jnp.full((1, 8, 8, 3), 0.9), jnp.full((1, 8, 8, 3), 2.0)), 1.0)
     # Eq (13) clips at both ends: a negative product (an albedo below 0) renders as 0.
     np.testing.assert_array_equal(render(jnp.full((1, 2, 2, 3), -0.5), jnp.full((1, 2, 2, 3), 2.0)), 0.0)
@@ -183,12 +188,18 @@ def test_task_losses_refuse_labels_and_targets_they_would_misread():
                                losses.segmentation_loss(logits, ignored), rtol=1e-6)
     np.testing.assert_allclose(jax.jit(losses.segmentation_loss)(logits, labels.at[:, :2].set(255)),
                                losses.segmentation_loss(logits, ignored), rtol=1e-6)
+    # An empty batch (an uneven last shard, say) has nothing to check or to average: 0, not NumPy's error on the
+    # minimum of no values.
+    assert float(losses.segmentation_loss(logits[:0], labels[:0])) == 0.0
     with pytest.raises(ValueError, match="labels must be integer class indices; got float32"):
         losses.segmentation_loss(logits, labels.astype(jnp.float32))
     with pytest.raises(ValueError, match=r"logits must be \[B, H, W, C\] and labels \[B, H, W\]; got \(2, 4, 4, 13\) "
                                          r"and \(2, 4, 4, 1\)"):
         losses.segmentation_loss(logits, labels[..., None])
     prediction, target = jnp.ones((1, 16, 16, 1)), jnp.full((1, 16, 16, 1), 2.0)
+    # Both without their channel axis agree in shape but are refused too: the mask would sum each row of depths.
+    with pytest.raises(ValueError, match=r"depth_loss: .* got \(1, 16, 16\) and \(1, 16, 16\)"):
+        losses.depth_loss(prediction[..., 0], target[..., 0])
     with pytest.raises(ValueError, match=r"depth_loss: prediction and target must both be \[B, H, W, C\] of the same "
                                          r"shape; got \(1, 16, 16, 1\) and \(1, 16, 16\)"):
         jax.jit(losses.depth_loss)(prediction, target[..., 0])
@@ -358,6 +369,10 @@ def test_presets_hold_table_7_and_the_ramp():
     assert [no_warmup.independence_at(e) for e in (4, 5, 6, 40)] == [0.0, 1.0, 1.0, 1.0]
     after_stage_1 = dataclasses.replace(no_warmup, stage1_epochs=2)
     assert [after_stage_1.independence_at(e) for e in (5, 6, 7, 40)] == [0.0, 0.0, 1.0, 1.0]
+    # With a stage 1 and a warm-up (Cityscapes: stage 0 of 10, stage 1 of 5, 20 to ramp) the ramp is the authors'
+    # clip((e - stage0) / W): it counts from stage 0's end, so stage 2 starts at 5/20 of the weight, not at 0.
+    cityscapes = losses.PRESETS["cityscapes"]
+    assert [cityscapes.independence_at(e) for e in (14, 15, 20, 30, 31)] == [0.0, 0.25, 0.5, 1.0, 1.0]
     with pytest.raises(ValueError, match="counterfactual_probability"):
         losses.LossWeights(counterfactual_probability=2.0)
     assert losses.LossWeights(counterfactual_probability=1.0).counterfactual_probability == 1.0  # [0, 1]: 1 allowed
