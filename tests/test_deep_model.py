@@ -136,6 +136,8 @@ def test_bad_head_input_is_rejected():
         ModelConfig.variant("authors", decoder_groups=24)
     with pytest.raises(ValueError, match="skip_groups"):
         dataclasses.replace(AUTHORS, skip_groups=3)
+    with pytest.raises(ValueError, match=r"skip_groups \(GroupNorm groups\) must be >= 1 .*; got 0"):
+        dataclasses.replace(AUTHORS, skip_groups=0)  # a ValueError that names it, not Python's modulo by zero
     with pytest.raises(ValueError, match="skip_channels must be >= 1; got 0"):
         dataclasses.replace(AUTHORS, skip_channels=0)  # GroupNorm's divisibility alone lets 0 through
     with pytest.raises(ValueError, match="variant must be one of paper, authors"):
@@ -157,7 +159,12 @@ def test_sizes_and_tasks_are_checked_when_the_config_is_made():
             ("tasks", (("depth", 1), ("depth", 1)), "tasks must have distinct names; got depth, depth"),
             ("tasks", (("normal", 1),), r"task 'normal' predicts 3 channel\(s\); got 1"),
             # A 3-channel depth would pass silently: its L1 broadcasts against the [..., 1] labels.
-            ("tasks", (("depth", 3),), r"task 'depth' predicts 1 channel\(s\); got 3")]:
+            ("tasks", (("depth", 3),), r"task 'depth' predicts 1 channel\(s\); got 3"),
+            # Each size of the streams and of the physical decoder, which would otherwise fail in a trace.
+            ("residual_channels", 0, "residual_channels must be an integer >= 1; got 0"),
+            ("albedo_seed", 0, "albedo_seed must be an integer >= 1; got 0"),
+            ("light_hidden", 0, "light_hidden must be an integer >= 1; got 0"),
+            ("decoder_widths", (4, 0), r"decoder_widths must be a non-empty tuple of integers >= 1; got \(4, 0\)")]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(TINY, **{field: value})
     # Any integer type will do: NumPy's, or a JAX scalar.
@@ -329,6 +336,10 @@ def test_the_generic_decoders_follow_the_compute_dtype_and_return_float32():
     assert model.appearance_decoder.blocks[0].adain1.style.dtype == jnp.bfloat16
     _, aux = output_shapes(model, lambda m, x: m(x), jax.ShapeDtypeStruct((2, 32, 40, 3), jnp.float32))
     assert all(value.dtype == jnp.float32 for value in aux.values())
+    # The counterfactual image too (as its docstring says): the CFA pass feeds it back to the model as an image.
+    image = output_shapes(model, lambda m, s, r: m.counterfactual_image(s, r, (32, 40)),
+                          jax.ShapeDtypeStruct((2, 4, 5, 6), jnp.float32), jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    assert image.shape == (2, 32, 40, 3) and image.dtype == jnp.float32
 
 
 def test_the_variants_name_the_paper_default_and_the_authors_architecture():
@@ -580,6 +591,30 @@ def test_the_authors_lighting_reads_the_spatial_mean_of_the_adapted_c4():
                                                                                         fused)
     h = jnp.mean(fused[..., -AUTHORS.fusion_channels:], axis=(1, 2))
     np.testing.assert_allclose(lighting, model.decoder.light(h), rtol=1e-5, atol=1e-6)
+
+
+def test_the_physical_decoder_takes_the_configured_sizes():
+    """decoder_widths, albedo_seed and light_hidden size the physical decoder (TINY's 4, 4 / 4 / 8, not the
+    authors' 128, 128, 64, 32 / 16 / 128 defaults of the heads), each in its own place."""
+    decoder = abstract_model(TINY).decoder
+    assert (decoder.albedo.seed_size, decoder.albedo.seed_width) == (TINY.albedo_seed, TINY.decoder_widths[0])
+    assert tuple(block.conv.kernel.shape[3] for block in decoder.normals.blocks) == TINY.decoder_widths
+    assert tuple(block.conv.kernel.shape[3] for block in decoder.albedo.blocks) == TINY.decoder_widths[1:]
+    assert decoder.light.fc1.out_features == TINY.light_hidden
+
+
+def test_initialisation_follows_the_key():
+    """An eager build draws from the key it is given: the same key gives the same parameters (reproducible runs),
+    another key others (seeds of a sweep differ)."""
+    from deep.model import initialise_like_pytorch
+
+    def drawn(key):
+        layer = dense(16, 16, rngs=nnx.Rngs(0))
+        initialise_like_pytorch(layer, jax.random.key(key))
+        return np.asarray(layer.kernel[...])
+
+    np.testing.assert_array_equal(drawn(0), drawn(0))
+    assert not np.any(drawn(0) == drawn(1))
 
 
 def test_the_generic_decoders_take_the_configured_width():
