@@ -12,7 +12,7 @@ from flax import nnx
 from deep import losses, train, weights
 from deep.backbone import BackboneConfig
 from deep.layers import conv, dense, drawn_later
-from deep.model import LIGHT_INPUTS, VARIANTS, DualStreamModel, ModelConfig, task_prediction
+from deep.model import LIGHT_INPUTS, VARIANTS, DualStreamModel, ModelConfig, initialise_like_pytorch, task_prediction
 from deep.trainer import MODEL_SIZES
 from test_deep_train import compiled, make_batch
 
@@ -606,8 +606,6 @@ def test_the_physical_decoder_takes_the_configured_sizes():
 def test_initialisation_follows_the_key():
     """An eager build draws from the key it is given: the same key gives the same parameters (reproducible runs),
     another key others (seeds of a sweep differ)."""
-    from deep.model import initialise_like_pytorch
-
     def drawn(key):
         layer = dense(16, 16, rngs=nnx.Rngs(0))
         initialise_like_pytorch(layer, jax.random.key(key))
