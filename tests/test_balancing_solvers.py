@@ -323,6 +323,16 @@ def test_upgrad_is_the_plain_mean_below_norm_eps():
     np.testing.assert_allclose(direction, [0.25e-3, 0.75e-3], rtol=1e-8)
 
 
+def test_upgrad_normalises_when_the_trace_equals_norm_eps():
+    """The threshold is strict, as torchjd's (G/tr(G) is replaced by 0 only when tr(G) < norm_eps): at tr(G) =
+    norm_eps exactly (0.75 + 0.25 = 1, exact in floating point) the conflicting gradients are still projected, as with
+    no threshold, and not simply averaged (weights 1/2)."""
+    conflicting = jnp.asarray([[0.5, 0.5, 0.5], [-0.5, 0.0, 0.0]])
+    _, weights, _ = run("upgrad", conflicting, norm_eps=1.0)
+    np.testing.assert_allclose(weights, run("upgrad", conflicting, norm_eps=0.0)[1], rtol=1e-12)
+    assert abs(float(weights[0]) - 0.5) > 0.1
+
+
 def ill_conditioned(rng, size, condition):
     """A random symmetric positive definite matrix with eigenvalues spread geometrically from 1 to 1/condition."""
     basis, _ = np.linalg.qr(rng.standard_normal((size, size)))
@@ -400,6 +410,19 @@ def test_imtl_g_projections_on_the_unit_gradients_are_equal(jacobian):
     np.testing.assert_allclose(projections, projections.mean(), rtol=1e-8, atol=1e-10 * np.linalg.norm(direction))
     np.testing.assert_allclose(np.sum(weights), 1.0, rtol=1e-10)
     np.testing.assert_allclose(weights, imtl_g_reference(jacobian), rtol=1e-6, atol=1e-9)
+
+
+def test_imtl_g_divides_by_a_negative_sum_of_g_inverse_n():
+    """1'G^-1 n can be negative from three tasks on (for two it is (n1 + n2)(n1 n2 - g1'g2) / det G >= 0; about 3% of
+    random 3-task Jacobians, which the examples above rarely draw): the weights are then G^-1 n divided by that
+    negative sum, as in the paper's closed form, not zeros (only a zero sum is degenerate; here G^-1 n =
+    (-5.2, 0.41, 0.76))."""
+    jacobian = np.asarray([[-0.03, 0.13, 0.02, -0.11], [0.8, 2.89, 2.1, -1.56], [-0.77, -0.38, 0.03, -1.42]])
+    v = np.linalg.solve(gram_of(jacobian), np.linalg.norm(jacobian, axis=1))
+    assert v.sum() < -1.0
+    _, weights, _ = run("imtl_g", jacobian)
+    np.testing.assert_allclose(weights, v / v.sum(), rtol=1e-8)
+    np.testing.assert_allclose(weights, imtl_g_reference(jacobian), rtol=1e-8)
 
 
 @EXAMPLES
