@@ -463,6 +463,17 @@ def test_excess_mtl_estimate_does_not_see_the_scale_of_a_task_gradient():
     np.testing.assert_allclose(results[-1][1], 1.0, rtol=1e-5)
 
 
+def test_excess_mtl_weights_stay_finite_when_a_ratio_overflows():
+    """The docstring's log-space update: a task whose first estimate was tiny (3e-297) and whose second is huge (1e150)
+    has r = inf; capped, its exponent still dominates and it takes the whole weight K, where exp(eta r) / sum would be
+    inf / inf = nan."""
+    first = np.asarray([[1e-150, 0.0], [1.0, -1.0]])
+    second = np.asarray([[1e150, 0.0], [1.0, -1.0]])
+    results = steps("excess_mtl", [first, second])
+    np.testing.assert_array_equal(results[1][1], [2.0, 0.0])
+    np.testing.assert_array_equal(results[1][0], [2e150, 0.0])
+
+
 # ---------------------------------------------------------------- GradDrop
 
 def test_graddrop_acts_on_the_representation():
