@@ -575,15 +575,21 @@ def test_cagrad_weights_come_from_the_minimiser_of_its_dual():
 
 def test_cagrad_and_mgda_pass_their_solver_options_on_and_report_the_solve():
     """max_iterations and tolerance reach the solver, and the state reports that solve (the other tests run the
-    defaults, or call the solvers directly). From the uniform start CAGrad's dual needs 12 Frank–Wolfe steps for the
-    default 1e-6 here and 4 for 1e-3; MGDA's Frank–Wolfe needs 6 for its default 1e-5, and a tolerance of 1 stops it
-    before the first step. MGDA stopped after 6 steps at a gap of ~1.7e-6 is not converged for 1e-9 in float64,
-    whose rounding floor is 256 eps = 5.7e-14 (float32's, 3e-5, would call it converged)."""
+    defaults, or call the solvers directly). From the uniform start CAGrad's dual needs 8–14 Frank–Wolfe steps for
+    the default 1e-6 here and 4–6 for 1e-3: the counts are not asserted, since two tasks tie in the dual's gradient
+    at the 4th step and rounding, which differs between CPUs and between jit and eager runs, picks the step (6 under
+    this test on an AMD EPYC, 4 elsewhere). What is asserted holds for either: a tolerance of 1e-3 stops with a gap
+    in (1e-6, 1e-3], sooner than the default's. MGDA's Frank–Wolfe needs 6 for its default 1e-5, and a tolerance of
+    1 stops it before the first step. MGDA stopped after 6 steps at a gap of ~1.7e-6 is not converged for 1e-9 in
+    float64, whose rounding floor is 256 eps = 5.7e-14 (float32's, 3e-5, would call it converged)."""
     jacobian = [[1.0, 0.2, -0.4, 0.0, 0.3], [-0.8, 1.1, 0.1, 0.5, 0.0], [0.3, -0.9, 0.7, -0.2, 1.2]]
     _, _, state = run("cagrad", jacobian, max_iterations=1)
     assert int(state.iterations) == 1 and not bool(state.converged) and float(state.duality_gap) > 1e-6
+    _, _, default = run("cagrad", jacobian)
+    assert bool(default.converged) and float(default.duality_gap) <= 1e-6
     _, _, state = run("cagrad", jacobian, tolerance=1e-3)
-    assert int(state.iterations) == 4 and bool(state.converged) and float(state.duality_gap) <= 1e-3
+    assert bool(state.converged) and 1e-6 < float(state.duality_gap) <= 1e-3
+    assert int(state.iterations) < int(default.iterations)
     _, _, state = run("mgda", jacobian, solver="frank_wolfe", tolerance=1.0)
     assert int(state.iterations) == 0 and bool(state.converged)
     _, _, state = run("mgda", jacobian, solver="frank_wolfe", tolerance=1e-9, max_iterations=6)
