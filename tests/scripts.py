@@ -259,6 +259,12 @@ def interrupted_write_text(self, data, *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
 
+def median_seconds_recording_warmups(seconds: float, warmups: list):
+    """A stand-in for the benchmarks' median_seconds that times nothing: it appends each call's ``warmup`` flag to
+    ``warmups`` (whether an untimed first call was asked for) and returns ``seconds``."""
+    return lambda function, repeats, warmup=False: warmups.append(warmup) or seconds
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()

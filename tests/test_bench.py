@@ -17,7 +17,7 @@ from jax import lax
 import deep.atrous
 import deep.checkpoint
 import deep.data
-from scripts import load_script
+from scripts import load_script, median_seconds_recording_warmups
 
 
 class FakeClock:
@@ -58,7 +58,7 @@ def test_the_pipelines_rate_counts_only_whole_batches_against_the_fastest_step(m
         "images": np.zeros((n, h, w, 3), np.float32), "depth": np.ones((n, h, w, 1), np.float32)})
     monkeypatch.setattr(bench, "_pipelines", lambda arrays, batch: [("host", lambda: None)])
     warmups = []
-    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: warmups.append(warmup) or 0.5)
+    monkeypatch.setattr(bench, "median_seconds", median_seconds_recording_warmups(0.5, warmups))
     step_json = tmp_path / "step.json"
     step_json.write_text(json.dumps({"batch": 4, "image_size": [64, 80], "environment": {"backend": "cpu"},
                                      "rows": [{"method": "pcgrad", "images_per_second": 4.0},
@@ -246,7 +246,7 @@ def test_the_measures_benchmark_sizes_follow_their_flags_and_leave_out_the_compi
     for an untimed warm-up call (the first call compiles)."""
     bench = load_script("bench/bench_measures.py")
     warmups = []
-    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: warmups.append(warmup) or 1e-3)
+    monkeypatch.setattr(bench, "median_seconds", median_seconds_recording_warmups(1e-3, warmups))
     out = tmp_path / "measures.json"
     assert bench.main(["--max-1d", "10000", "--max-emd", "300", "--max-dd", "1000", "--dim", "2", "--out", str(out),
                        "--quiet"]) == 0

@@ -5,7 +5,7 @@ import json
 import types
 
 import pytest
-from scripts import load_script
+from scripts import load_script, median_seconds_recording_warmups
 
 
 def test_only_pcgrad_grows_with_the_attributes_and_by_one_backward_pass_each(tmp_path):
@@ -70,7 +70,7 @@ def test_main_passes_jacobian_chunk_to_each_step_and_times_after_an_untimed_call
     monkeypatch.setattr(bench, "step_and_arguments", arguments)
     monkeypatch.setattr(bench, "lowered_flops", lambda step, args: 1e9)
     monkeypatch.setattr(bench, "payload_device", lambda: "fake")
-    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: warmups.append(warmup) or 0.1)
+    monkeypatch.setattr(bench, "median_seconds", median_seconds_recording_warmups(0.1, warmups))
     out = tmp_path / "scaling.json"
     assert bench.main(["--config", "tiny", "--tasks", "2", "--time", "--jacobian-chunk", "3", "--out", str(out),
                        "--quiet"]) == 0

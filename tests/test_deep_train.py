@@ -155,26 +155,6 @@ def test_the_optimiser_steps_by_the_scheduled_learning_rate():
     np.testing.assert_allclose(updates["w"], [-0.28, 0.28], rtol=1e-5)
 
 
-@pytest.mark.parametrize("decoupled", [False, True])
-def test_the_second_step_is_pytorchs_adam_with_its_default_betas_and_epsilon(decoupled):
-    """Adam's first step is a sign step whatever β1, β2 and ε are; the second shows them. PyTorch's Adam and AdamW
-    (the same without decay), by hand in float64: m = β1 m + (1 - β1) g, v = β2 v + (1 - β2) g², step
-    -η m̂ / (√v̂ + ε) with the bias corrections 1 - β^t, β = (0.9, 0.999), ε = 1e-8. Both steps are in the first
-    epoch of a run without warm-up, at η."""
-    config = train.OptimConfig(learning_rate=1.0, weight_decay=0.0, decoupled_weight_decay=decoupled,
-                               warmup_epochs=0, epochs=10, steps_per_epoch=10)
-    optimizer = train.make_optimizer(config)
-    params = {"w": jnp.zeros(3, jnp.float32)}
-    gradients = [np.array([1.0, -2.0, 1e-7]), np.array([-3.0, 0.5, 1e-7])]
-    state = optimizer.init(params)
-    m = v = np.zeros(3)
-    for t, g in enumerate(gradients, start=1):
-        updates, state = optimizer.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
-        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
-        expected = -(m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
-        np.testing.assert_allclose(updates["w"], expected, rtol=1e-5, err_msg=f"step {t}")
-
-
 # counterfactual_loss on a stand-in model: the pass's wiring, without compiling the dual-stream model.
 
 class StandInConfig(NamedTuple):
