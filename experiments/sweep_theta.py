@@ -1,6 +1,6 @@
 """Theorem 2.3 swept over the entanglement angle θ: every balancing method stays on the sin²θ OOD floor.
 
-    python experiments/sweep_theta.py                      # defaults below, 2-2½ minutes on a 2-core CPU
+    python experiments/sweep_theta.py                      # defaults below, 1¼–3 minutes on a 2-core CPU
     python experiments/sweep_theta.py --methods ew,mgda --num-thetas 8 --seeds 4 --out /tmp/sweep
 
 For each θ on a grid in [0, theta_max] and each seed, a shared linear layer and per-task heads are trained on
