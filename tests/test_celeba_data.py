@@ -73,6 +73,8 @@ def test_attribute_names_and_splits_are_the_official_ones():
     assert resolve_attributes(10)[-1] == "Blond_Hair"
     assert resolve_attributes(np.int64(1)) == ("5_o_Clock_Shadow",)
     assert resolve_attributes(["Young", "Male", "Smiling"]) == ("Young", "Male", "Smiling")
+    # A numpy array of names (e.g. a column read from a config table) is a selection like a list.
+    assert resolve_attributes(np.array(["Smiling", "Bald"])) == ("Smiling", "Bald")
 
 
 @pytest.mark.parametrize("attributes, phrase", [
@@ -183,6 +185,16 @@ def test_the_kaggle_csv_variant(celeba_root, copy):
             np.testing.assert_array_equal(from_csv[key], from_txt[key])
 
 
+def test_the_official_txt_files_win_over_csv_files_beside_them(celeba_root, copy):
+    """The .csv files are read only where the .txt is absent: a folder holding both (the official files and a
+    leftover Kaggle copy, here unreadable) loads from the .txt."""
+    for name in ("list_attr_celeba.csv", "list_eval_partition.csv"):
+        (copy / name).write_text("not,the,csv,that,belongs,here\n")
+    loaded, expected = load_celeba(copy, "val", size=SIZE), load_celeba(celeba_root, "val", size=SIZE)
+    for key in expected:
+        np.testing.assert_array_equal(loaded[key], expected[key])
+
+
 def test_images_are_resized_as_pil_bilinear(celeba_root):
     loaded = load_celeba(celeba_root, "val", size=(13, 7))
     assert loaded["images"].shape == (COUNTS["val"], 13, 7, 3)
@@ -246,6 +258,8 @@ MALFORMED = [
     ("no partition file", lambda r: (r / PART).unlink(), PART, "not found (nor list_eval_partition.csv)"),
     ("no image folder", lambda r: shutil.rmtree(r / IMAGES), IMAGES, "image folder not found"),
     ("count not an integer", lambda r: _edit(r / ATTR, 1, lambda line: "ten"), f"{ATTR}, line 1",
+     "expected the number of images (one integer >= 0)"),
+    ("count with a suffix", lambda r: _edit(r / ATTR, 1, lambda line: line + "x"), f"{ATTR}, line 1",
      "expected the number of images (one integer >= 0)"),
     ("count missing", lambda r: _edit(r / ATTR, 1, lambda line: ""), f"{ATTR}, line 2",
      "expected the number of images"),
