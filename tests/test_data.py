@@ -88,6 +88,15 @@ def _huge_header(path):
         file.write(bytes(100))
 
 
+def _cut_2_0_header(path):
+    """A format 2.0 file (4-byte header length) cut one byte short of its declared header: read with format 1.0's
+    2-byte length field, the header would look complete."""
+    with open(path, "wb") as file:
+        np.lib.format.write_array(file, np.zeros((HEIGHT, WIDTH), np.int32), version=(2, 0))
+    data = path.read_bytes()
+    path.write_bytes(data[:12 + int.from_bytes(data[8:12], "little") - 1])
+
+
 def _replace_with_folder(path):
     path.unlink()
     path.mkdir()
@@ -116,11 +125,15 @@ MALFORMED = [
      "not a valid .npy file"),
     ("python pickle", lambda t: (t / "depth" / "1.npy").write_bytes(pickle.dumps(np.zeros((HEIGHT, WIDTH)))),
      "train/depth/1.npy", "a Python pickle, not a .npy file"),
+    ("protocol 2 pickle", lambda t: (t / "label" / "1.npy").write_bytes(pickle.dumps(np.zeros(3), protocol=2)),
+     "train/label/1.npy", "a Python pickle, not a .npy file"),
     ("empty file", lambda t: (t / "image" / "1.npy").write_bytes(b""), "train/image/1.npy", "empty file (0 bytes)"),
     ("npz archive", lambda t: np.savez(t / "normal" / "2.npz", a=_image()) or (t / "normal" / "2.npz").replace(
         t / "normal" / "2.npy"), "train/normal/2.npy", ".npz archive"),
     ("truncated data", lambda t: _truncate(t / "image" / "2.npy", 200), "train/image/2.npy", "truncated .npy file"),
     ("truncated header", lambda t: _truncate(t / "label" / "1.npy", 30), "train/label/1.npy",
+     "truncated .npy file, cut short in its header"),
+    ("truncated 2.0 header", lambda t: _cut_2_0_header(t / "label" / "2.npy"), "train/label/2.npy",
      "truncated .npy file, cut short in its header"),
     ("corrupt header", lambda t: _corrupt_header(t / "depth" / "2.npy"), "train/depth/2.npy",
      "header cannot be read"),
@@ -137,6 +150,10 @@ MALFORMED = [
      "train/label/2.npy", "-1..12"),
     ("label -2", lambda t: _save(t / "label" / "1.npy", np.full((HEIGHT, WIDTH), -2, np.int64)),
      "train/label/1.npy", "-1..12"),
+    # One bad value among valid ones: the message names the value out of range, not the file's maximum.
+    ("one label -3", lambda t: _save(t / "label" / "2.npy", np.pad([[-3]], ((0, HEIGHT - 1), (0, WIDTH - 1)),
+                                                                   constant_values=5)),
+     "train/label/2.npy", "label value -3 is out of range; labels must be in -1..12"),
     ("fractional label", lambda t: _save(t / "label" / "1.npy", np.full((HEIGHT, WIDTH), 2.5)), "train/label/1.npy",
      "not an integer"),
     ("NaN depth", lambda t: _save(t / "depth" / "1.npy", np.full((HEIGHT, WIDTH, 1), np.nan, np.float32)),
@@ -383,6 +400,9 @@ def test_flip_twice_is_the_identity_and_negates_normal_x(example):
     np.testing.assert_array_equal(flipped["images"], example["images"][:, ::-1])
     np.testing.assert_array_equal(flipped["normal"][..., 0], -example["normal"][:, ::-1, 0])
     np.testing.assert_array_equal(flipped["normal"][..., 1:], example["normal"][:, ::-1, 1:])
+    # Labels [H, W] and depth [H, W, 1] are mirrored along their columns too, whatever their rank.
+    np.testing.assert_array_equal(flipped["segmentation"], example["segmentation"][:, ::-1])
+    np.testing.assert_array_equal(flipped["depth"], example["depth"][:, ::-1])
     length = np.linalg.norm(np.asarray(flipped["normal"]), axis=-1)
     valid = np.asarray(example["segmentation"][:, ::-1]) >= 0
     np.testing.assert_allclose(length[valid], 1.0, atol=1e-6)
@@ -543,7 +563,8 @@ def test_color_jitter_equals_the_sequential_definition_in_every_order(strengths)
 def test_augment_config_validation():
     assert AugmentConfig(scales=[1, 2]).scales == (1.0, 2.0)
     for bad in ({"scales": ()}, {"scales": (0.5,)}, {"color_jitter": (0.1, 0.1)}, {"color_jitter": (0, 0, 0, 0.7)},
-                {"color_jitter": (-1, 0, 0, 0)}, {"flip": "yes"}, {"depth_is_disparity": 1}):
+                {"color_jitter": (-1, 0, 0, 0)}, {"flip": "yes"}, {"depth_is_disparity": 1}, {"scales": (1.0, np.inf)},
+                {"color_jitter": (0.4, np.inf, 0, 0)}):
         with pytest.raises(ValueError):
             AugmentConfig(**bad)
 
@@ -1011,6 +1032,18 @@ def test_plasma_displacements_shrink_by_roughness_squared_per_level():
     assert 1 / 64 < ratio < 1 / 16, ratio
 
 
+def test_gta5_reads_png_names_in_upper_case(tmp_path):
+    """Examples are the PNGs of images/ whatever the case of the suffix (X.PNG, as some Windows tools save them);
+    the label keeps the image's name and the depth its stem."""
+    _write_png(tmp_path / "images" / "X.PNG", np.zeros((3, 4, 3), np.uint8))
+    _write_png(tmp_path / "labels" / "X.PNG", np.full((3, 4), 26, np.uint8))
+    (tmp_path / "depth").mkdir()
+    np.save(tmp_path / "depth" / "X.npy", np.full((3, 4), 51.0, np.float32))
+    loaded = load_gta5(tmp_path, size=(3, 4))
+    np.testing.assert_array_equal(loaded["segmentation"], np.full((1, 3, 4), 6))
+    np.testing.assert_allclose(loaded["depth"], 0.2)
+
+
 def test_gta5_reads_16_bit_label_pngs(tmp_path):
     """load_gta5 accepts single-channel labelIds of mode L, P, I or I;16 (16-bit PNGs are common for label maps).
     Ids above 255 are void. Expected categories from the authors' table, written out here."""
@@ -1258,6 +1291,44 @@ def test_the_flip_and_the_brightness_factor_are_drawn_independently():
     assert factors.min() < 0.65 and factors.max() > 1.35, (factors.min(), factors.max())
     assert 0.3 < flipped.mean() < 0.7
     assert abs(np.corrcoef(flipped, factors)[0, 1]) < 0.25, np.corrcoef(flipped, factors)[0, 1]
+
+
+def test_the_flip_and_the_scale_are_drawn_independently():
+    """Each example's flip and crop scale come from their own uniforms. With scales (1, 1.5), the flip on and no
+    jitter, on 512 copies of the ramp image: the column ramp's span tells the scale (12 columns or 8) and its
+    direction the flip; the two must be uncorrelated (|r| < 0.25, over 5 standard errors of 1/sqrt(512)). Reading
+    the scale's uniform as the flip's would make r = 1."""
+    rows, columns = np.meshgrid(np.arange(HEIGHT), np.arange(WIDTH), indexing="ij")
+    ramp = np.stack([rows / HEIGHT, columns / WIDTH, np.full(rows.shape, 0.5)], -1).astype(np.float32)
+    batch = {"images": jnp.asarray(np.broadcast_to(ramp, (512, HEIGHT, WIDTH, 3)))}
+    config = AugmentConfig(scales=(1.0, 1.5), color_jitter=(0, 0, 0, 0))
+    out = np.asarray(jax.jit(lambda key, batch_: augment(key, batch_, config))(jax.random.key(6), batch)["images"],
+                     np.float64)
+    flipped = out[:, 0, 0, 1] > out[:, 0, -1, 1]
+    zoomed = np.abs(out[:, 0, -1, 1] - out[:, 0, 0, 1]) * WIDTH < WIDTH - 1.5  # a span of 7 columns, not 11
+    assert 0.3 < flipped.mean() < 0.7 and 0.3 < zoomed.mean() < 0.7, (flipped.mean(), zoomed.mean())
+    assert abs(np.corrcoef(flipped, zoomed)[0, 1]) < 0.25, np.corrcoef(flipped, zoomed)[0, 1]
+
+
+def test_the_hue_rotation_wraps_around_from_blue_to_red():
+    """A hue shift of up to 1/2 turn moves a blue-violet hue (5/6 of a turn, sixths = 5) past red and round again
+    (sixths up to 8): torchvision's adjust_hue takes the hue modulo 1. Reference: colorsys."""
+    from deep.data.augmentation import _rotate_hue
+
+    pixels = np.array([[0.5, 0.1, 0.9], [0.3, 0.2, 0.8], [0.9, 0.2, 0.7], [0.2, 0.4, 0.9]], np.float32)
+    for shift in (0.3, 0.45, 0.5, -0.5):
+        expected = [colorsys.hsv_to_rgb((h + shift) % 1.0, s, v) for h, s, v in
+                    (colorsys.rgb_to_hsv(*pixel) for pixel in pixels.astype(np.float64))]
+        np.testing.assert_allclose(_rotate_hue(jnp.asarray(pixels), jnp.float32(shift)), expected, atol=2e-6,
+                                   err_msg=str(shift))
+
+
+def test_the_scale_crop_keeps_a_half_precision_depths_dtype():
+    """Dtypes are preserved: a float16 depth comes out float16 (divided by the scale), not promoted by the scale."""
+    example = {"images": jnp.zeros((HEIGHT, WIDTH, 3)), "depth": jnp.full((HEIGHT, WIDTH, 1), 3.0, jnp.float16)}
+    cropped = random_scale_crop(jax.random.key(0), example, (1.5,))
+    assert cropped["depth"].dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(cropped["depth"], np.float32), 2.0)
 
 
 def test_the_edges_of_the_augment_config_ranges_are_accepted():
