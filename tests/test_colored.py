@@ -70,6 +70,8 @@ def test_the_target_palette_gives_every_class_another_classs_colour():
     (lambda s: recolor(s["images"][:2], s["segmentation"], SOURCE_PALETTE), "must match"),
     (lambda s: recolor(s["images"], s["segmentation"] + 1, SOURCE_PALETTE), "labels must lie in -1..6; got 0..7"),
     (lambda s: target_palette(SOURCE_PALETTE, (0, 0, 1, 2, 3, 4, 5)), "must reorder the classes 0..6"),
+    # Seven distinct indices are not enough: they must be the classes 0..6 themselves.
+    (lambda s: target_palette(SOURCE_PALETTE, (1, 2, 3, 4, 5, 6, 7)), "must reorder the classes 0..6"),
 ])
 def test_bad_input_is_refused(scenes, call, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
