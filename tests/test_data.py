@@ -97,6 +97,12 @@ def _cut_2_0_header(path):
     path.write_bytes(data[:12 + int.from_bytes(data[8:12], "little") - 1])
 
 
+def _number_from_one(folder):
+    """Renames 0.npy .. (N-1).npy to 1.npy .. N.npy (a one-based numbering)."""
+    for index in sorted((int(path.stem) for path in folder.glob("*.npy")), reverse=True):
+        (folder / f"{index}.npy").replace(folder / f"{index + 1}.npy")
+
+
 def _replace_with_folder(path):
     path.unlink()
     path.mkdir()
@@ -107,6 +113,7 @@ MALFORMED = [
     ("missing split", lambda t: shutil.rmtree(t), "train", "split folder not found"),
     ("missing folder", lambda t: shutil.rmtree(t / "normal"), "train/normal", "folder not found"),
     ("missing file", lambda t: (t / "label" / "1.npy").unlink(), "train/label/1.npy", "missing"),
+    ("numbered from 1", lambda t: _number_from_one(t / "depth"), "train/depth/0.npy", "numbered 0..N-1 without gaps"),
     ("mismatched count", lambda t: (t / "depth" / "2.npy").unlink(), "train/depth", "holds 2 files"),
     ("bad file name", lambda t: _save(t / "image" / "01.npy", _image()), "train/image/01.npy", "file name"),
     ("bad image shape", lambda t: _save(t / "image" / "1.npy", _image(shape=(HEIGHT, WIDTH, 4))),
