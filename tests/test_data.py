@@ -1051,6 +1051,15 @@ def test_gta5_reads_png_names_in_upper_case(tmp_path):
     np.testing.assert_allclose(loaded["depth"], 0.2)
 
 
+def test_gta5_images_of_pure_white_stay_at_most_1(tmp_path):
+    """Images are float32 in [0, 1] as documented: PIL's bilinear weights sum to 1 only up to rounding (a white
+    30x50 image resized to 8x16 reaches 1 + 1.2e-7 in float32), so the resize is clipped."""
+    _write_png(tmp_path / "images" / "a.png", np.full((30, 50, 3), 255, np.uint8))
+    _write_png(tmp_path / "labels" / "a.png", np.zeros((30, 50), np.uint8))
+    images = load_gta5(tmp_path, size=(8, 16), allow_missing_depth=True)["images"]
+    assert images.max() == 1.0 and images.min() > 0.999, (images.min(), images.max())
+
+
 def test_gta5_reads_16_bit_label_pngs(tmp_path):
     """load_gta5 accepts single-channel labelIds of mode L, P, I or I;16 (16-bit PNGs are common for label maps).
     Ids above 255 are void. Expected categories from the authors' table, written out here."""
