@@ -429,17 +429,20 @@ def test_bad_card_sizes_and_seeds_are_refused_before_anything_is_written(tmp_pat
     assert not (tmp_path / "set").exists()
 
 
-@pytest.mark.parametrize("variant", ["byte-order mark", "spaces after commas"])
+@pytest.mark.parametrize("variant", ["byte-order mark", "spaces after commas", "rows of empty cells"])
 def test_csv_files_saved_by_other_tools_are_read_alike(celeba_root, copy, variant):
     """Kaggle's CSV as a spreadsheet may save it: with a UTF-8 byte-order mark before the header (Excel's "CSV
-    UTF-8"), or with a space after each comma. Either reads as the official .txt files do."""
+    UTF-8"), with a space after each comma, or with rows of empty cells (",,," below the data, where cells were
+    cleared). Each reads as the official .txt files do."""
     _to_csv(copy)
     for name in ("list_attr_celeba.csv", "list_eval_partition.csv"):
         path = copy / name
         if variant == "byte-order mark":
             path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-        else:
+        elif variant == "spaces after commas":
             path.write_text(path.read_text().replace(",", ", "))
+        else:
+            path.write_text(path.read_text() + ",,,\n , \n")
     from_csv, from_txt = load_celeba(copy, "val", size=SIZE), load_celeba(celeba_root, "val", size=SIZE)
     for key in from_txt:
         np.testing.assert_array_equal(from_csv[key], from_txt[key])
