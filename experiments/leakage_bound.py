@@ -1,6 +1,6 @@
 """Theorem 2.4's Wasserstein-leakage bound, checked over leakage levels, residual shifts, heads and losses.
 
-    python experiments/leakage_bound.py                 # defaults below, about 12 s on a 2-core CPU
+    python experiments/leakage_bound.py                 # defaults below, 12-20 s on a 2-core CPU
     python experiments/leakage_bound.py --cases laplace,mixture --samples 400000 --out /tmp/leakage
 
 In the 1-D rotation model the semantic stream leaks with κ = |sin θ|. For each residual shift (Gaussian scale and
