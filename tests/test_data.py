@@ -1277,17 +1277,21 @@ def test_the_crop_is_libmtls_int_of_h_over_s_in_double_precision(crop, height, w
     assert len(np.unique(labels // width)) == crop_height and len(np.unique(labels % width)) == crop_width
 
 
+def _augmented_copies(image, count: int, config: AugmentConfig, seed: int) -> np.ndarray:
+    """The images of a batch of ``count`` copies of ``image`` [H, W, 3] augmented with ``config`` under one jitted
+    call (each copy draws its own crop, flip and jitter), as float64."""
+    batch = {"images": jnp.asarray(np.broadcast_to(image, (count, *np.shape(image))))}
+    out = jax.jit(lambda key, batch_: augment(key, batch_, config))(jax.random.key(seed), batch)
+    return np.asarray(out["images"], np.float64)
+
+
 def test_every_crop_window_is_drawn_with_its_row_and_column_independent():
     """The window's top row is uniform in 0..H-h and its left column, drawn independently, in 0..W-w. At 8 x 12 and
     s = 1.5 (crop 5 x 8) that is 4 x 5 = 20 windows; over 400 examples each is expected 20 times, so all appear
     (the chance that one is missed is about 20 (19/20)^400 < 1e-7). A column range taken from the rows, or one
     uniform for both offsets, leaves windows out. Offsets are read from the ramp image's first pixel."""
-    rows, columns = np.meshgrid(np.arange(HEIGHT), np.arange(WIDTH), indexing="ij")
-    ramp = np.stack([rows / HEIGHT, columns / WIDTH, np.full(rows.shape, 0.5)], -1).astype(np.float32)
-    batch = {"images": jnp.asarray(np.broadcast_to(ramp, (400, HEIGHT, WIDTH, 3)))}
     config = AugmentConfig(scales=(1.5,), flip=False, color_jitter=(0, 0, 0, 0))
-    out = np.asarray(jax.jit(lambda key, batch_: augment(key, batch_, config))(jax.random.key(3), batch)["images"],
-                     np.float64)
+    out = _augmented_copies(_ramp_example()["images"], 400, config, seed=3)
     windows = set(zip(np.round(out[:, 0, 0, 0] * HEIGHT).astype(int), np.round(out[:, 0, 0, 1] * WIDTH).astype(int)))
     assert windows == {(top, left) for top in range(HEIGHT - 5 + 1) for left in range(WIDTH - 8 + 1)}, sorted(windows)
 
@@ -1298,10 +1302,8 @@ def test_the_flip_and_the_brightness_factor_are_drawn_independently():
     output's sum over the input's; it must span [0.6, 1.4] and be uncorrelated with the flip (|r| < 0.25, over 5
     standard errors of 1/sqrt(512)). Reading the flip's uniform as the brightness's would make r about -0.87."""
     ramp = np.broadcast_to(np.linspace(0.1, 0.7, WIDTH, dtype=np.float32)[None, :, None], (HEIGHT, WIDTH, 3))
-    batch = {"images": jnp.asarray(np.broadcast_to(ramp, (512, HEIGHT, WIDTH, 3)))}
     config = AugmentConfig(scales=(1.0,), color_jitter=(0.4, 0, 0, 0))
-    out = np.asarray(jax.jit(lambda key, batch_: augment(key, batch_, config))(jax.random.key(5), batch)["images"],
-                     np.float64)
+    out = _augmented_copies(ramp, 512, config, seed=5)
     flipped = out[:, 0, 0, 0] > out[:, 0, -1, 0]
     factors = out.sum(axis=(1, 2, 3)) / ramp.sum(dtype=np.float64)
     assert factors.min() < 0.65 and factors.max() > 1.35, (factors.min(), factors.max())
@@ -1314,12 +1316,8 @@ def test_the_flip_and_the_scale_are_drawn_independently():
     jitter, on 512 copies of the ramp image: the column ramp's span tells the scale (12 columns or 8) and its
     direction the flip; the two must be uncorrelated (|r| < 0.25, over 5 standard errors of 1/sqrt(512)). Reading
     the scale's uniform as the flip's would make r = 1."""
-    rows, columns = np.meshgrid(np.arange(HEIGHT), np.arange(WIDTH), indexing="ij")
-    ramp = np.stack([rows / HEIGHT, columns / WIDTH, np.full(rows.shape, 0.5)], -1).astype(np.float32)
-    batch = {"images": jnp.asarray(np.broadcast_to(ramp, (512, HEIGHT, WIDTH, 3)))}
     config = AugmentConfig(scales=(1.0, 1.5), color_jitter=(0, 0, 0, 0))
-    out = np.asarray(jax.jit(lambda key, batch_: augment(key, batch_, config))(jax.random.key(6), batch)["images"],
-                     np.float64)
+    out = _augmented_copies(_ramp_example()["images"], 512, config, seed=6)
     flipped = out[:, 0, 0, 1] > out[:, 0, -1, 1]
     zoomed = np.abs(out[:, 0, -1, 1] - out[:, 0, 0, 1]) * WIDTH < WIDTH - 1.5  # a span of 7 columns, not 11
     assert 0.3 < flipped.mean() < 0.7 and 0.3 < zoomed.mean() < 0.7, (flipped.mean(), zoomed.mean())
