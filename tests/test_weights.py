@@ -148,6 +148,31 @@ def test_missing_misshapen_and_unexpected_keys_are_rejected_by_name(tmp_path, to
     assert all(np.array_equal(before[key][1], after[key][1]) for key in before)
 
 
+def test_assigning_checks_each_shape_before_anything_and_returns_the_keys_it_used(torchvision_arrays):
+    """assign_torch_arrays (the loader's last step, and how the torch-reference tests load MTAN and the heads, with
+    no check_state_arrays before it) refuses an array of another shape by name and assigns nothing then; the keys it
+    returns are the backbone's alone (the classifier and the counters are not assigned), so a caller can tell which
+    arrays found no variable."""
+    backbone = ResNet(TINY, nnx.Rngs(1))
+    before = _variables(backbone)
+    misshapen = {**torchvision_arrays, "layer4.0.conv2.weight": np.zeros((16, 16, 1, 3), np.float32)}
+    with pytest.raises(ValueError, match=r"layer4\.0\.conv2\.weight: shape \(16, 16, 1, 3\) in PyTorch layout, but "
+                                         r"the variable .* needs \(16, 16, 3, 3\)"):
+        weights.assign_torch_arrays(backbone, misshapen, torchvision_key)
+    after = _variables(backbone)  # the variables before the misshapen one were not assigned either
+    assert all(np.array_equal(before[key][1], after[key][1]) for key in before)
+    used = weights.assign_torch_arrays(backbone, torchvision_arrays, torchvision_key)
+    assert used == set(torchvision_arrays) - {"fc.weight", "fc.bias", "bn1.num_batches_tracked"}
+
+
+def test_check_counts_the_backbones_arrays_not_the_files(tmp_path, torchvision_arrays):
+    """The count check reports is the backbone's arrays, all found: the classifier and counters a real file also
+    holds are skipped, not counted."""
+    path = _write(tmp_path / "tiny.npz", torchvision_arrays)
+    abstract = nnx.eval_shape(lambda: ResNet(TINY, nnx.Rngs(0)))
+    assert weights.check_npz(path, abstract) == len(torchvision_arrays) - 3
+
+
 def test_save_then_load_round_trips(tmp_path):
     source, target = ResNet(TINY, nnx.Rngs(3)), ResNet(TINY, nnx.Rngs(4))
     path = tmp_path / "exported.npz"
@@ -266,6 +291,10 @@ def test_converter_logic_with_a_stand_in_torch(tmp_path, monkeypatch, torchvisio
         weights.convert_pth_to_npz(tmp_path / "tiny.pth", tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         weights.convert_pth_to_npz(tmp_path / "absent.pth", tmp_path / "bad.npz")
+    for empty in ({}, {"state_dict": {}}):  # nothing to convert: an empty .npz would only fail later, at loading
+        monkeypatch.setitem(sys.modules, "torch", _fake_torch(empty))
+        with pytest.raises(ValueError, match=r"tiny\.pth does not hold a state dict"):
+            weights.convert_pth_to_npz(tmp_path / "tiny.pth", tmp_path / "bad.npz")
     assert not (tmp_path / "bad.npz").exists()
 
 
@@ -297,6 +326,9 @@ def test_check_cli_knows_the_resnet18_backbone(tmp_path, capsys):
     assert f"all {len(shapes)} ResNet-18 backbone arrays present" in capsys.readouterr().out
     assert weights.main(["check", str(path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    # check_npz's own default is ResNet-50 too: its blocks are bottlenecks, with a third layer ResNet-18's lack.
+    with pytest.raises(ValueError, match=r"missing backbone key 'layer\d\.\d\.(bn|conv)3\."):
+        weights.check_npz(path)
 
 
 @pytest.mark.parametrize("main, command", [(weights.main, ["check", "{folder}"]),
