@@ -235,6 +235,18 @@ def test_converter_without_torch_says_how_to_install_it(tmp_path, monkeypatch, c
     assert error.count("\n") == 1 and "core-mtl-toolkit[torch]" in error
 
 
+def test_a_command_that_lacks_a_package_is_one_line_and_status_2(capsys):
+    """run_command's ImportError (PyTorch missing for convert) is bad input like a wrong file: one line, status 2,
+    not a traceback. Checked without touching torch, so that it runs whether torch is installed or not."""
+    def command():
+        raise ImportError("converting a .pth file needs PyTorch, which is not installed")
+
+    assert weights.run_command("python -m deep.weights", command) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ("python -m deep.weights: error: converting a .pth file needs "
+                                                   "PyTorch, which is not installed\n")
+
+
 class _FakeTensor:
     """The slice of ``torch.Tensor`` the converter touches, over a numpy array."""
 
