@@ -122,6 +122,8 @@ def test_only_the_flags_that_change_what_is_learned_split_setups(tmp_path):
         ("core (grounding=hard, pretrained=True)", 2), ("core (grounding=soft, pretrained=True)", 1),
         ("core (grounding=hard, pretrained=False)", 1), ("ew", 1)]
     assert not any("also differ" in note for note in summary.notes)
+    # One setup of one seed among others of more is enough for the note: its spread is unknown.
+    assert "a setup of one seed has no standard error; train more seeds (--seed) to see the spread" in summary.notes
     # A flag that differs between methods and no label shows is named in a note.
     write_run(tmp_path / "f", "pcgrad", 0, metrics_for(TASK_METRICS, rng), pretrained="/x", learning_rate=1e-3)
     summary = comparison.compare([comparison.read_run(folder) for folder in [*runs, tmp_path / "f"]])
@@ -379,6 +381,46 @@ def test_a_cell_is_the_mean_with_its_error_and_a_delta_is_signed(tmp_path):
     assert rows["core"][columns.index("Δm % ↓")] == "+10.00" and rows["core"][columns.index("Δp % ↑")] == "-10.00"
 
 
+def test_the_tables_cells_are_the_json_values_rounded_as_documented(tmp_path):
+    """The table rounds, comparison.json does not: a metric's mean to four significant digits with its standard error
+    to two, a Δ to two decimals with its error to two decimals, s/epoch to four significant digits. Single-task runs
+    at 0.5; EW at 0.61234 ± 0.01 on every metric (two seeds 0.01 either side, 90.1234 s an epoch); CORE-MTL on two
+    seeds 10 % and 12 % worse on every metric, so Δm = +11 ± 1 % and Δp = -11 ± 1 %."""
+    folders = [write_run(tmp_path / f"stl_{task}", "stl", 0, {name: 0.5 for name in names}, task)
+               for task, names in TASK_METRICS.items()]
+    folders += [write_run(tmp_path / f"ew_{seed}", "ew", seed, {name: 0.61234 + offset for name in ALL_METRICS},
+                          seconds=(30.0, 90.1234, 90.1234)) for seed, offset in ((0, 0.01), (1, -0.01))]
+    folders += [write_run(tmp_path / f"core_{seed}", "core", seed, {
+        name: 0.5 * (1 - worse * comparison.direction_of(name)) for name in ALL_METRICS})
+        for seed, worse in ((0, 0.10), (1, 0.12))]
+    summary = comparison.compare([comparison.read_run(f) for f in folders])
+    stored = {setup["label"]: setup for setup in summary.to_json()["setups"]}
+    assert stored["ew"]["depth/abs_err"]["mean"] == pytest.approx(0.61234)
+    assert stored["ew"]["depth/abs_err"]["standard_error"] == pytest.approx(0.01)
+    assert stored["ew"]["seconds_per_epoch"]["mean"] == pytest.approx(90.1234)
+    assert stored["core"]["delta_m"]["mean"] == pytest.approx(11.0)
+    assert stored["core"]["delta_m"]["standard_error"] == pytest.approx(1.0)
+    header, _, *lines = load_script(SCRIPT).table(summary, ["depth/abs_err"]).splitlines()
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    rows = {cells[0]: dict(zip(columns, cells)) for cells in
+            ([cell.strip().strip("*") for cell in line.strip("|").split("|")] for line in lines)}
+    assert rows["ew"]["depth/abs_err ↓"] == "0.6123 ± 0.01" and rows["ew"]["s/epoch"] == "90.12"
+    assert rows["core"]["Δm % ↓"] == "+11.00 ± 1.00" and rows["core"]["Δp % ↑"] == "-11.00 ± 1.00"
+
+
+def test_a_single_task_run_of_a_task_no_multi_task_run_has_is_refused(tmp_path):
+    """Two-task runs (segmentation and depth, Cityscapes' tasks) beside a single-task normal run: the baseline would
+    hold metrics no multi-task run has, so no Δ could be taken; the run is refused by name, with what it adds."""
+    rng = np.random.default_rng(11)
+    folders = [write_run(tmp_path / f"stl_{task}", "stl", 0, metrics_for([task], rng), task) for task in TASK_METRICS]
+    folders.append(write_run(tmp_path / "ew", "ew", 0, metrics_for(["segmentation", "depth"], rng)))
+    with pytest.raises(ValueError, match=r"stl_normal has other metrics than the runs beside it \(it adds "
+                                         r"normal/mean, normal/median, "):
+        comparison.compare([comparison.read_run(folder) for folder in folders])
+    summary = comparison.compare([comparison.read_run(folder) for folder in folders if folder.name != "stl_normal"])
+    assert list(summary.baseline) == [*TASK_METRICS["segmentation"], *TASK_METRICS["depth"]]
+
+
 def test_corrupted_means_compare_only_over_the_same_corruptions(tmp_path):
     rng = np.random.default_rng(7)
     folders = []
@@ -511,7 +553,8 @@ def test_celeba_attribute_accuracies_are_better_higher():
     of no known kind (a probe's name one level too deep included) is refused rather than given a direction."""
     assert comparison.direction_of("attributes/Smiling") == +1
     assert comparison.direction_of("attributes/mean_accuracy") == +1
-    for unknown in ("depth/abs", "appearance/colors/ratio", "ratio"):
+    # A probe's raw layout flattened one level too deep ("appearance/semantic/mean") is no probe metric either.
+    for unknown in ("depth/abs", "appearance/colors/ratio", "appearance/semantic/mean", "ratio"):
         with pytest.raises(ValueError, match=f"metric '{unknown}' has no known direction"):
             comparison.direction_of(unknown)
 
@@ -529,6 +572,8 @@ def test_celebas_table_shows_the_mean_accuracy_unless_asked_for_each_attribute(t
     assert shown(summary, "") == ["attributes/mean_accuracy"]
     assert shown(summary, "all") == ["attributes/mean_accuracy", "attributes/Male", "attributes/Bald"]
     assert shown(summary, "attributes/Bald, attributes/Bald,attributes/Male") == ["attributes/Bald", "attributes/Male"]
+    with pytest.raises(ValueError, match="--metrics must be 'all' or comma-separated names"):
+        shown(summary, " , ")  # no name at all: a table without a metric column is a mistake, not a choice
 
 
 def test_bold_marks_the_best_multi_task_setup_never_the_baseline_nor_a_lone_setup(tmp_path):
