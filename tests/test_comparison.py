@@ -345,11 +345,18 @@ def test_single_task_runs_trained_otherwise_are_named_in_a_note(tmp_path):
             in summary.notes)
     rows = load_script(SCRIPT).table(summary, ALL_METRICS).splitlines()[2:]
     assert rows[0].startswith("| stl (depth, normal, segmentation) | depth 2, normal 1, segmentation 1 |")
-    # Single-task runs alone: a table and figure of them, no Δ.
+    # Single-task runs alone: a table and figure of them, no Δ. The figure shows them as its setup (there is no
+    # other), each mean hollow: one seed per task for segmentation and normal, so no spread is known for the setup.
     alone = comparison.compare([comparison.read_run(folder) for folder in folders[:4]])
     assert alone.baseline is None and any("only single-task runs" in note for note in alone.notes)
-    load_script(SCRIPT).plot(alone, ALL_METRICS, tmp_path / "alone.png")
+    module = load_script(SCRIPT)
+    with mock.patch.object(module, "save_figure", wraps=module.save_figure) as saved:
+        module.plot(alone, ["segmentation/miou"], tmp_path / "alone.png")
     assert (tmp_path / "alone.png").stat().st_size > 10_000
+    axis = saved.call_args.args[0].axes[0]
+    assert [label.get_text().replace("\n", " ") for label in axis.get_yticklabels()] == [  # labels are wrapped
+        "stl (depth, normal, segmentation)"]
+    assert [line.get_markerfacecolor() for line in axis.get_lines() if line.get_marker() == "o"] == ["white"]
 
 
 def test_every_setup_tied_for_the_best_is_bold(tmp_path):
@@ -524,7 +531,10 @@ def test_the_stream_probe_compares_core_runs_by_each_appearance_change(tmp_path)
         assert [label for label, row in rows.items() if row[header.index(title)].startswith("**")] == [best]
     assert not any(row[header.index("appearance/residual")].startswith("**") for row in rows.values())
     assert module.main([*map(str, folders), "--section", "stream_shift", "--out", str(tmp_path / "c"), "--quiet"]) == 0
-    assert json.loads((tmp_path / "c" / "comparison.json").read_text())["directions"]["appearance/residual"] == 0
+    # Every probe metric's direction as the table used it: the JSON's reader needs it to know which way is better.
+    assert json.loads((tmp_path / "c" / "comparison.json").read_text())["directions"] == {
+        f"{change}/{name}": direction for change in ("appearance", "colors_permuted")
+        for name, direction in (("semantic", -1), ("residual", 0), ("ratio", +1))}
 
     # Other runs have no probe, and a probe must be one.
     ew = write_run(tmp_path / "ew", "ew", 0, metrics_for(TASK_METRICS, rng))
