@@ -63,13 +63,23 @@ def _torch_variables(module: nnx.Module, key_of: Callable[[tuple], str | None]) 
     return [(path, variable, key) for path, variable in variables if (key := key_of(path)) is not None]
 
 
-def _is_kernel(path: tuple, shape: Sequence[int]) -> bool:
-    return path[-1] == "kernel" and len(shape) == 4
+# Kernels are stored the other way round: a convolution's OIHW against Flax's HWIO, a dense layer's (out, in)
+# (torch.nn.Linear computes x W^T) against Flax's (in, out). Every other array has one layout.
+_TORCH_FROM_FLAX = {4: OIHW_FROM_HWIO, 2: (1, 0)}
+_FLAX_FROM_TORCH = {4: HWIO_FROM_OIHW, 2: (1, 0)}
+
+
+def _axes(path: tuple, ndim: int, permutations: dict) -> tuple[int, ...]:
+    """How the axes of the array at ``path`` move between the layouts: ``permutations[ndim]`` for a kernel."""
+    return permutations.get(ndim, tuple(range(ndim))) if path[-1] == "kernel" else tuple(range(ndim))
+
+
+def _relayout(path: tuple, value: np.ndarray, permutations: dict) -> np.ndarray:
+    return np.transpose(value, _axes(path, np.ndim(value), permutations))
 
 
 def _torch_shape(path: tuple, shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(int(size) for size in shape)
-    return tuple(shape[axis] for axis in OIHW_FROM_HWIO) if _is_kernel(path, shape) else shape
+    return tuple(int(shape[axis]) for axis in _axes(path, len(shape), _TORCH_FROM_FLAX))
 
 
 def torch_shapes(module: nnx.Module, key_of: Callable[[tuple], str | None]) -> dict[str, tuple[int, ...]]:
@@ -90,8 +100,9 @@ def torchvision_shapes(target: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 def assign_torch_arrays(module: nnx.Module, arrays: dict[str, np.ndarray],
                         key_of: Callable[[tuple], str | None]) -> set[str]:
-    """Sets every variable of ``module`` that ``key_of`` names from ``arrays[key]`` (PyTorch layout: OIHW kernels
-    are transposed to HWIO), cast to the variable's dtype, and returns the keys used.
+    """Sets every variable of ``module`` that ``key_of`` names from ``arrays[key]`` (PyTorch layout: convolution
+    kernels OIHW are transposed to HWIO, dense ones (out, in) to (in, out)), cast to the variable's dtype, and returns
+    the keys used.
 
     Raises:
         KeyError: if a named key is missing from ``arrays``.
@@ -99,9 +110,7 @@ def assign_torch_arrays(module: nnx.Module, arrays: dict[str, np.ndarray],
     """
     updated, used = [], set()
     for path, variable, key in _torch_variables(module, key_of):
-        value = arrays[key]
-        if _is_kernel(path, value.shape):
-            value = np.transpose(value, HWIO_FROM_OIHW)
+        value = _relayout(path, arrays[key], _FLAX_FROM_TORCH)
         if value.shape != variable.get_value().shape:
             raise ValueError(f"{key}: shape {_torch_shape(path, value.shape)} in PyTorch layout, but the variable "
                              f"{'/'.join(map(str, path))} needs {_torch_shape(path, variable.get_value().shape)}")
@@ -237,7 +246,7 @@ def save_torchvision_npz(target: nnx.Module, path: str | os.PathLike) -> None:
     arrays = {}
     for variable_path, variable, key in _torch_variables(_backbone_of(target), torchvision_key):
         value = np.asarray(jax.device_get(variable.get_value()))
-        arrays[key] = np.transpose(value, OIHW_FROM_HWIO) if _is_kernel(variable_path, value.shape) else value
+        arrays[key] = _relayout(variable_path, value, _TORCH_FROM_FLAX)
     write_npz(path, arrays)
 
 

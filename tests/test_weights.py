@@ -165,6 +165,29 @@ def test_assigning_checks_each_shape_before_anything_and_returns_the_keys_it_use
     assert used == set(torchvision_arrays) - {"fc.weight", "fc.bias", "bn1.num_batches_tracked"}
 
 
+def test_a_dense_layer_takes_torchs_out_by_in_weight_transposed():
+    """torch.nn.Linear stores its weight (out, in) and computes x W^T + b; nnx.Linear's kernel is (in, out). A square
+    layer is the case a missing transpose would pass unseen: its output is checked against torch's formula, and a
+    layer of two sizes by the shapes reported and refused."""
+    class Head(nnx.Module):
+        def __init__(self, rngs):
+            self.square, self.wide = nnx.Linear(3, 3, rngs=rngs), nnx.Linear(3, 5, rngs=rngs)
+
+    rng = np.random.default_rng(4)
+    arrays = {"square.weight": rng.normal(size=(3, 3)), "square.bias": rng.normal(size=3),
+              "wide.weight": rng.normal(size=(5, 3)), "wide.bias": rng.normal(size=5)}
+    key_of = lambda path: f"{path[0]}.{'weight' if path[-1] == 'kernel' else 'bias'}"  # noqa: E731
+    head = Head(nnx.Rngs(0))
+    assert weights.torch_shapes(head, key_of) == {key: value.shape for key, value in arrays.items()}
+    assert weights.assign_torch_arrays(head, arrays, key_of) == set(arrays)
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    for name in ("square", "wide"):
+        expected = x @ arrays[f"{name}.weight"].T + arrays[f"{name}.bias"]
+        np.testing.assert_allclose(getattr(head, name)(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"wide\.weight: shape \(3, 5\) in PyTorch layout, but .* needs \(5, 3\)"):
+        weights.assign_torch_arrays(head, {**arrays, "wide.weight": arrays["wide.weight"].T}, key_of)
+
+
 def test_check_counts_the_backbones_arrays_not_the_files(tmp_path, torchvision_arrays):
     """The count check reports is the backbone's arrays, all found: the classifier and counters a real file also
     holds are skipped, not counted."""
