@@ -156,3 +156,64 @@ def test_batch_norm_refuses_the_options_it_does_not_implement():
 
     with pytest.raises(ValueError, match="BatchNorm here supports nnx.BatchNorm's defaults for axis_name, use_bias"):
         BatchNorm(4, axis_name="batch", use_bias=False, rngs=nnx.Rngs(0))
+
+
+def test_config_refuses_shapes_it_cannot_build():
+    """Each check of ``BackboneConfig``: a stage of no blocks, three stages, a zero width or input channels, and two
+    dilation flags (layer4's flag would be looked up out of range when the ResNet is built)."""
+    for bad in (dict(depths=(1, 1, 0, 1)), dict(depths=(1, 1, 1))):
+        with pytest.raises(ValueError, match="depths must be four integers >= 1"):
+            BackboneConfig(**bad)
+    for bad in (dict(width=0), dict(input_channels=0)):
+        with pytest.raises(ValueError, match="width and input_channels must be >= 1"):
+            BackboneConfig(**bad)
+    with pytest.raises(ValueError, match="must hold three booleans"):
+        BackboneConfig(replace_stride_with_dilation=(True, True))
+
+
+def test_a_strided_block_projects_its_shortcut_even_when_its_channels_do_not_change():
+    """torchvision's rule: a projection shortcut when the stride is not 1 *or* the channels change. Inside the ResNet
+    every strided block also changes its channels, so only blocks built on their own show the first half (an identity
+    shortcut there would add a map of twice the size). Abstract modules: nothing is drawn."""
+    from deep.backbone import BasicBlock, Bottleneck
+
+    bottleneck = nnx.eval_shape(lambda: Bottleneck(16, 4, 2, 1, nnx.Rngs(0)))  # 16 -> 4 × 4 channels, stride 2
+    basic = nnx.eval_shape(lambda: BasicBlock(8, 8, 2, 1, nnx.Rngs(0)))
+    for block in (bottleneck, basic):
+        assert block.downsample is not None and block.downsample.conv.strides == (2, 2)
+    assert nnx.eval_shape(lambda: Bottleneck(16, 4, 1, 2, nnx.Rngs(0))).downsample is None  # same size: identity
+
+
+def test_an_explicit_use_running_average_overrides_the_layers_mode():
+    """The call's ``use_running_average`` wins over ``model.train()`` / ``model.eval()`` either way: asked for the
+    batch's statistics in eval mode the layer normalises with them and updates its running ones; asked for the
+    running ones in training mode it reads them (fresh: mean 0, variance 1) and leaves them."""
+    norm = batch_norm(3, nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).normal(2.0, 3.0, (2, 3, 4, 3)), jnp.float32)
+    norm.eval()
+    out = norm(x, use_running_average=False)
+    np.testing.assert_allclose(np.asarray(out).mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(norm.mean[...], 0.1 * np.asarray(x).mean(axis=(0, 1, 2)), rtol=1e-5)
+    norm = batch_norm(3, nnx.Rngs(0))
+    norm.train()
+    np.testing.assert_allclose(norm(x, use_running_average=True), x / np.sqrt(1 + 1e-5), rtol=1e-6)
+    np.testing.assert_array_equal(norm.mean[...], 0.0)
+
+
+def test_batch_norm_trains_on_constant_channels_and_on_one_value_per_channel():
+    """Two edge cases of the batch statistics. A constant channel: E[x²] − E[x]² rounds below zero in float32 (about
+    −7.6e-5 at 10.1, past epsilon), which the clip at 0 keeps from giving NaN; such a channel comes out as its bias.
+    One value per channel (batch 1 in the ASPP's image-pooling branch): there is no unbiased variance (n − 1 = 0), so
+    the biased one, 0, enters the running variance (PyTorch refuses such a batch instead)."""
+    norm = batch_norm(2, nnx.Rngs(0))
+    norm.bias.set_value(jnp.asarray([0.5, -0.5], jnp.float32))
+    varying = np.random.default_rng(2).normal(size=(4, 3, 5))
+    x = jnp.asarray(np.stack([np.full((4, 3, 5), 10.1), varying], axis=-1), jnp.float32)
+    out = np.asarray(norm(x, use_running_average=False))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[..., 0], 0.5, atol=1e-3)
+    single = batch_norm(2, nnx.Rngs(0))
+    out = single(jnp.asarray([[[[3.0, -1.0]]]], jnp.float32), use_running_average=False)
+    np.testing.assert_allclose(out, 0.0, atol=1e-6)  # x − mean = 0, times scale 1, plus bias 0
+    np.testing.assert_allclose(single.var[...], 0.9, rtol=1e-6)  # 0.9 · 1 + 0.1 · 0
+    np.testing.assert_allclose(single.mean[...], [0.3, -0.1], rtol=1e-6)
