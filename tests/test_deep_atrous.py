@@ -197,3 +197,50 @@ def test_bfloat16_products_take_bfloat16_operands_forward_and_backward(implement
         assert products
         assert all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars), [
             (e.primitive.name, [str(v.aval) for v in e.invars]) for e in products]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_same_sized_calls_that_are_not_symmetric_nhwc_same_convolutions_are_passed_through(implementation):
+    """Calls the forms must not take for a "same" dilated convolution although each has a dilated kernel: one-sided
+    padding along one axis (as many rows in all as "same" padding, so the output keeps the input's height but is
+    shifted; or "same" on one side only), an even kernel, input dilation, a batch-grouped call and a channels-first
+    layout. Each must give ``lax``'s own result."""
+    x = jax.random.normal(jax.random.key(3), (2, 9, 11, 3))
+    kernel = jax.random.normal(jax.random.key(4), (3, 3, 3, 4))
+    even = jax.random.normal(jax.random.key(5), (4, 4, 3, 4))
+    function = atrous.DILATED_CONVS[implementation]
+    calls = [(x, kernel, dict(padding=((4, 0), (2, 2)), rhs_dilation=(2, 2))),
+             (x, kernel, dict(padding=((2, 0), (2, 2)), rhs_dilation=(2, 2))),
+             (x, even, dict(padding=((2, 2), (2, 2)), rhs_dilation=(2, 2))),
+             (x, kernel, dict(padding=((2, 2), (2, 2)), lhs_dilation=(2, 2), rhs_dilation=(2, 2))),
+             (x, kernel, dict(padding=((2, 2), (2, 2)), rhs_dilation=(2, 2), batch_group_count=2))]
+    for lhs, rhs, call in calls:
+        numbers = _numbers(lhs, rhs)
+        expected = lax.conv_general_dilated(lhs, rhs, (1, 1), dimension_numbers=numbers, **call)
+        np.testing.assert_array_equal(function(lhs, rhs, (1, 1), dimension_numbers=numbers, **call), expected)
+    # Channels first (NCHW, OIHW), 3 channels and 3 outputs: read as NHWC, HWIO it would look like a 3×3 kernel.
+    lhs, rhs = x.transpose(0, 3, 1, 2), kernel[..., :3].transpose(3, 2, 0, 1)
+    numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NCHW", "OIHW", "NCHW"))
+    call = dict(padding=((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=numbers)
+    np.testing.assert_array_equal(function(lhs, rhs, (1, 1), **call), lax.conv_general_dilated(lhs, rhs, (1, 1),
+                                                                                               **call))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_requested_precision_reaches_every_product(implementation):
+    """``nnx.Conv`` hands its ``precision`` on. The CPU computes float32 products alike at every precision, so the
+    program is what can be checked: on a GPU a product left at the default precision would silently round its
+    float32 operands (TF32 on NVIDIA GPUs). Sub-images at rate 2, per-tap products at 24 and 36 (for ``auto``)."""
+    x, kernel = jnp.ones((1, 36, 48, 4)), jnp.ones((3, 3, 4, 2))
+    for rate in (2, 24, 36):
+        call = dict(window_strides=(1, 1), padding=((rate, rate), (rate, rate)), rhs_dilation=(rate, rate),
+                    dimension_numbers=_numbers(x, kernel), precision=lax.Precision.HIGHEST)
+        jaxpr = jax.make_jaxpr(lambda x, w: atrous.DILATED_CONVS[implementation](x, w, **call))(x, kernel).jaxpr
+        products = [e for e in jaxpr.eqns if e.primitive.name in ("dot_general", "conv_general_dilated")]
+        assert products
+        assert all(e.params["precision"] == (lax.Precision.HIGHEST,) * 2 for e in products), rate
+
+
+def test_conv_flops_counts_every_tap_of_the_dense_convolution():
+    # bench_atrous reports GFLOP/s against it: 2 · B · H · W · kh · kw · C_in · C_out, padding taps included.
+    assert atrous.conv_flops((2, 36, 48, 8), (3, 5, 8, 4)) == 2 * 2 * 36 * 48 * 3 * 5 * 8 * 4
