@@ -91,6 +91,25 @@ def test_resize_rejects_bad_input():
         resize_bilinear(jnp.ones((4, 4)), (2, 2))
 
 
+def test_the_interpolation_matrix_path_computes_in_float32_at_full_precision():
+    """Ratios that are not integers use a matrix of weights such as k/7, which bfloat16 cannot hold: a bfloat16 input
+    is resized in float32 and rounded once, to what the float32 resize of the same values rounds to (one axis at a
+    time, as each axis is rounded back to the input's type). The product asks for the highest precision, which a GPU
+    would otherwise lower for float32 (the CPU computes alike either way, so the program is checked)."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 7, 3)), jnp.bfloat16)
+    for size, align_corners in (((8, 7), True), ((5, 10), True), ((8, 7), False)):
+        expected = resize_bilinear(x.astype(jnp.float32), size, align_corners).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(resize_bilinear(x, size, align_corners), expected)
+    jaxpr = jax.make_jaxpr(lambda x: resize_bilinear(x, (8, 10), True))(x.astype(jnp.float32)).jaxpr
+    products = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(products) == 2 and all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for e in products)
+
+
+def test_resize_rejects_an_empty_size():
+    with pytest.raises(ValueError, match=r"size must be two positive integers; got \(0, 4\)"):
+        resize_bilinear(jnp.ones((1, 4, 4, 1)), (0, 4))
+
+
 # --------------------------------------------------------------------------------------------------- shading
 
 def unit_sphere(n, seed=0):
