@@ -305,3 +305,30 @@ def test_deeplabv3plus_head_in_eval_mode_equals_the_authors_task_head_written_ou
     expected = conv1x1(head.classifier, x)
     assert out.shape == expected.shape == (2, 9, 12, 3)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_the_decoder_drops_out_before_its_classifier():
+    """The authors' decoder ends in ReLU → Dropout(0.1) → 1×1 classifier. With the classifier made to copy three of
+    its four input channels and add 5, each output either is 5 (its input dropped) or 5 + (kept − 5)/0.9; dropout
+    after the classifier would zero whole outputs instead. Eval mode with only the decoder's dropout switched on, so
+    both passes see the same features."""
+    head = DeepLabV3PlusHead(**V3PLUS_SIZES, rngs=nnx.Rngs(4), **V3PLUS_WIDTHS)
+    head.classifier.kernel.set_value(jnp.eye(4, 3, dtype=jnp.float32)[None, None])
+    head.classifier.bias.set_value(jnp.full((3,), 5.0, jnp.float32))
+    head.eval()
+    inputs = v3plus_inputs(seed=5)
+    kept = np.asarray(head(*inputs))
+    head.decoder_dropout.deterministic = False
+    dropped = np.asarray(head(*inputs))
+    live, zeroed = kept != 5.0, dropped == 5.0  # live: the copied channel is not 0 after the ReLU
+    assert 0.02 < np.mean(zeroed[live]) < 0.3  # about one in ten dropped
+    survived = live & ~zeroed
+    np.testing.assert_allclose(dropped[survived] - 5.0, (kept[survived] - 5.0) / 0.9, rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_and_stream_widths_must_be_positive():
+    with pytest.raises(ValueError, match="fusion channels must be >= 1; got 0"):
+        MultiScaleFusion((8, 16), nnx.Rngs(0), channels=0)
+    for widths in (dict(semantic_channels=0), dict(residual_channels=0)):
+        with pytest.raises(ValueError, match="semantic_channels and residual_channels must be >= 1"):
+            DualStream(8, nnx.Rngs(0), **widths)
