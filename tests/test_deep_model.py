@@ -621,3 +621,13 @@ def test_the_generic_decoders_take_the_configured_width():
     for decoder in (model.geometry_decoder, model.appearance_decoder):
         assert decoder.trunk.conv.kernel.shape[3] == TINY.generic_width
         assert decoder.final.kernel.shape[2] == TINY.generic_width // 8
+
+
+def test_layers_drawn_later_keep_the_parameter_dtype_asked_for():
+    """The zero placeholders take the dtype Flax asks its initialisers for (``param_dtype``), as Flax's own draws
+    would: a bfloat16-parameter layer built inside ``drawn_later`` must not come back with float32 parameters."""
+    with drawn_later():
+        layers = (conv(3, 4, (3, 3), param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+                  dense(3, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    for layer in layers:
+        assert layer.kernel[...].dtype == layer.bias[...].dtype == jnp.bfloat16
