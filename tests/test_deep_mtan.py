@@ -75,6 +75,10 @@ def test_config_is_validated():
         MTANConfig(tasks=())
     with pytest.raises(ValueError, match="aspp_rates"):
         MTANConfig(aspp_rates=(0,))
+    with pytest.raises(ValueError, match="head_channels must be >= 1"):
+        MTANConfig(head_channels=0)
+    with pytest.raises(ValueError, match="output channels >= 1"):
+        MTANConfig(tasks=(("depth", 0),))
 
 
 def test_output_shapes_dtypes_and_unit_normals(setup):
@@ -100,6 +104,32 @@ def test_output_shapes_dtypes_and_unit_normals(setup):
     np.testing.assert_allclose(aux["low_level"], c1, rtol=1e-6, atol=1e-6)
 
 
+def test_aux_holds_the_stage_outputs_and_each_tasks_attended_map(setup, monkeypatch):
+    """``features`` and ``low_level`` are the last and the first stage's output p, not its penultimate block's u, and
+    ``attended[t]`` is task t's branch on the stages. The tiny backbone's stages have one block each, so u is p there:
+    stand-in stages with u ≠ p are fed instead (eval mode: no dropout, running statistics)."""
+    graphdef, _, state = setup
+    images = jnp.zeros((1, 16, 16, 3), jnp.float32)
+    model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
+    model.eval()  # the shapes only: no statistics updated
+    rng = np.random.default_rng(3)
+    stages = [tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in pair)
+              for pair in jax.eval_shape(model.shared_stages, images)]
+    monkeypatch.setattr(MTAN, "shared_stages", lambda self, images: stages)
+
+    @jax.jit
+    def forward(state, stages):
+        model = nnx.merge(graphdef, *state.params, state.batch_stats, state.rest)
+        model.eval()
+        return model(images)[1], {name: model.heads[name].attend(stages, model.transitions) for name in TASKS}
+
+    aux, attended = forward(state, stages)
+    np.testing.assert_array_equal(aux["features"], stages[-1][1])
+    np.testing.assert_array_equal(aux["low_level"], stages[0][1])
+    for name in TASKS:
+        np.testing.assert_allclose(aux["attended"][name], attended[name], rtol=1e-6, atol=1e-6)
+
+
 def labelled_for(task: str, batch: dict) -> dict:
     """``batch`` with every other task's labels removed (segmentation -1, normals 0): their losses are then
     constants (0 and 1, every pixel masked), whose gradients are exactly 0."""
@@ -122,6 +152,12 @@ def test_attention_pooling_rounds_odd_sizes_up_with_windows_starting_at_even_row
     padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
     expected = padded.reshape(2, 3, 2, 4, 2, 3).max(axis=(2, 4))
     np.testing.assert_array_equal(_pool_to(jnp.asarray(x), (3, 4)), expected)
+    # One side odd, the other even (5×6): only the odd side is padded.
+    np.testing.assert_array_equal(_pool_to(jnp.asarray(x[:, :, :6]), (3, 3)), expected[:, :, :3])
+    # A size the map cannot reach (smaller on one side already) is refused at once, naming the map as given, not
+    # after pooling the other side towards it.
+    with pytest.raises(ValueError, match="cannot pool a 5×7 map to 6×4$"):
+        _pool_to(jnp.asarray(x), (6, 4))
 
 
 def test_a_task_reads_no_other_tasks_parameters(setup, ew_step):
