@@ -155,6 +155,12 @@ def test_save_then_load_round_trips_with_kernels_transposed(arrays, lpips_weight
         for key in arrays:
             np.testing.assert_array_equal(saved[key], arrays[key], err_msg=key)
     assert perceptual.check_lpips_npz(path) == 31
+    # Loaded in another dtype on request (every array, the linear weights too).
+    halved = perceptual.load_lpips_npz(path, dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(halved)} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(np.asarray(halved.linear[3], np.float32),
+                                  np.asarray(jnp.asarray(arrays["lin3.model.1.weight"].reshape(-1), jnp.bfloat16),
+                                             np.float32))
 
 
 def test_missing_extra_misshapen_and_negative_keys_are_rejected_by_name(arrays, tmp_path):
@@ -181,9 +187,16 @@ def test_missing_extra_misshapen_and_negative_keys_are_rejected_by_name(arrays, 
     negative[0, 7] = -0.5
     rejected("negative", {**arrays, "lin2.model.1.weight": negative},
              r"key 'lin2\.model\.1\.weight' has a negative or non-finite entry \(min -0\.5\)")
+    rejected("negative_last", {**arrays, "lin4.model.1.weight": -arrays["lin4.model.1.weight"]},
+             r"key 'lin4\.model\.1\.weight' has a negative or non-finite entry")  # the last layer checked too
     negative[0, 7] = np.inf
     rejected("infinite", {**arrays, "lin2.model.1.weight": negative},
              r"key 'lin2\.model\.1\.weight' has a negative or non-finite entry")
+    # lpips clamps its linear weights at 0 while learning them, so a trained file may hold exact zeros: they load.
+    zero = arrays["lin2.model.1.weight"].copy()
+    zero[0, 7] = 0.0
+    np.savez(tmp_path / "zero.npz", **{**arrays, "lin2.model.1.weight": zero})
+    assert float(perceptual.load_lpips_npz(tmp_path / "zero.npz").linear[2][7]) == 0.0
     rejected("prefixed", {f"net.{k}": v for k, v in arrays.items()},
              r"missing LPIPS network key 'features\.0\.weight'.*first 'net\.features\.0\.")
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -303,8 +316,13 @@ def test_loss_takes_unit_interval_images_and_the_batch_mean_with_useful_gradient
     assert np.all(np.isfinite(image_grads))
     assert np.all(np.abs(image_grads).reshape(len(a), -1).max(axis=1) > 0)  # every image gets a gradient
     assert all(np.abs(g).max() == 0 for g in jax.tree.leaves(weight_grads))  # constants of the loss
-    with pytest.raises(ValueError, match="at least 16 x 16"):
-        perceptual.lpips_loss(lpips_weights, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8, 3)))
+    # relu5_3 sits behind four 2x2 pools: one side of 15 pixels leaves it no pixel (15 -> 7 -> 3 -> 1 -> 0).
+    for size in ((8, 8), (15, 16), (16, 15)):
+        with pytest.raises(ValueError, match="at least 16 x 16"):
+            perceptual.lpips_loss(lpips_weights, jnp.zeros((1, *size, 3)), jnp.zeros((1, *size, 3)))
+    # A grey image is refused, not broadcast against the ScalingLayer's three channels into a colour one.
+    with pytest.raises(ValueError, match=r"two \[batch, height, width, 3\] images of one shape"):
+        perceptual.lpips_loss(lpips_weights, jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 16, 16, 1)))
     with pytest.raises(ValueError, match="one shape"):
         perceptual.lpips_loss(lpips_weights, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 17, 3)))
 
