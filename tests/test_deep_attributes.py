@@ -168,6 +168,43 @@ def test_the_soft_decoder_and_the_attribute_features_in_eval_mode_written_out_in
     np.testing.assert_allclose(np.asarray(features, np.float64), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
+def test_bfloat16_computes_in_bfloat16_and_returns_float32():
+    """The compute dtype reaches every convolution and dense layer, while the parameters, the logits (which the
+    cross-entropy and the accuracy read) and every aux entry stay float32. Traced only."""
+    model = nnx.eval_shape(lambda: AttributeModel(dataclasses.replace(TINY, compute_dtype="bfloat16"), nnx.Rngs(0)))
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, (nnx.Conv, nnx.Linear))]
+    assert layers and all(layer.dtype == jnp.bfloat16 for layer in layers)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    graphdef, state = nnx.split(model)
+    predictions, aux = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                                      jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
+    assert set(aux) == {"semantic_map", "residual_map", "semantic_code", "residual_code", "features", "reconstruction"}
+    assert {leaf.dtype for leaf in jax.tree.leaves((predictions, aux))} == {jnp.dtype(jnp.float32)}
+
+
+def test_sample_panels_are_the_eval_mode_reconstruction_and_the_previous_images_residual_map(model):
+    """``swapped[i]`` decodes image i's semantic map with image i - 1's residual map (rolled by one over the batch),
+    both from the eval-mode pass (running statistics: a fresh model's are 0 and 1, which a train-mode pass would
+    replace by the batch's)."""
+    from deep.attributes import sample_panels
+
+    images = make_batch(size=3)["images"][:, :32, :32]
+    graphdef, params, batch_stats, rest = train.split_states(model)
+    state = train.TrainState(params, batch_stats, rest, (), jnp.zeros((), jnp.int32))
+    panels = sample_panels(graphdef, state, images)
+    model.eval()
+    try:
+        _, aux = model(images)
+        swapped = model.reconstruct(aux["semantic_map"], aux["residual_map"][jnp.array([2, 0, 1])], (32, 32))
+    finally:
+        model.train()
+    assert {name: value.dtype for name, value in panels.items()} == {"reconstruction": np.float32,
+                                                                     "swapped": np.float32}
+    np.testing.assert_allclose(panels["reconstruction"], aux["reconstruction"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(panels["swapped"], swapped, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(panels["swapped"], panels["reconstruction"])  # the residual map shows
+
+
 def test_attribute_loss_is_binary_cross_entropy_over_the_labelled_entries():
     logits = jnp.array([[2.0, -1.0], [0.5, 3.0]])
     labels = jnp.array([[1, 0], [0, -1]])
@@ -178,6 +215,10 @@ def test_attribute_loss_is_binary_cross_entropy_over_the_labelled_entries():
     # over the two labelled entries, not over the four rows.
     column = attribute_loss(jnp.array([[2.0], [0.5], [-3.0], [1.0]]), jnp.array([[1], [-1], [0], [-1]]))
     np.testing.assert_allclose(column, -(np.log(sigmoid(2.0)) + np.log(1 - sigmoid(-3.0))) / 2, rtol=1e-6)
+    # A column with no label at all (an attribute missing from every row of a filler batch) weighs nothing: 0, with a
+    # zero gradient, not 0/0.
+    value, grad = jax.value_and_grad(attribute_loss)(jnp.array([[2.0], [-1.0]]), jnp.array([[-1], [-1]]))
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
     # Each attribute's task loss is its column's; their mean is the loss over all entries when all are labelled.
     model, batch = AttributeModel(TINY, nnx.Rngs(1)), make_batch()
     predictions, _ = model(batch["images"])
@@ -276,6 +317,32 @@ def test_the_jacobian_in_chunks_is_the_jacobian_at_once():
     assert programs[1].count("stablehlo.while") > programs[0].count("stablehlo.while")
 
 
+def test_make_attribute_step_hands_the_chunk_and_the_lpips_weights_to_the_steps(monkeypatch):
+    """A baseline's step gets ``jacobian_chunk`` (how many pull-backs run at once), CORE-MTL's the LPIPS weights:
+    stand-ins for the two steps record what they are given."""
+    import deep.attributes
+
+    given = {}
+
+    def make_step(method, graphdef, optimizer, weights, perceptual=None, jacobian_chunk=None):
+        given.update(method=method, jacobian_chunk=jacobian_chunk)
+        return "balancer", lambda *args: args
+
+    monkeypatch.setattr(deep.attributes.trainer, "make_step", make_step)
+    balancer, step = deep.attributes.make_attribute_step("pcgrad", None, None, AttributeLossWeights(), jacobian_chunk=2)
+    assert given == {"method": "pcgrad", "jacobian_chunk": 2} and balancer == "balancer"
+    assert step("state", "balancer state", "batch", "key") == ("state", "balancer state", "batch", "key", None)
+
+    def attribute_step(graphdef, optimizer, state, batch, weights, perceptual=None):
+        return state + 1, {"perceptual": perceptual}
+
+    monkeypatch.setattr(deep.attributes, "attribute_step", attribute_step)
+    balancer, step = deep.attributes.make_attribute_step("core", None, None, AttributeLossWeights(),
+                                                         perceptual=jnp.float32(0.25))
+    state, balancer_state, metrics = step(jnp.zeros(()), (), jnp.zeros(()), None)
+    assert balancer == () and balancer_state == () and float(state) == 1 and float(metrics["perceptual"]) == 0.25
+
+
 @pytest.mark.parametrize("method", ["ew", "pcgrad", "graddrop", "dwa"])
 def test_a_baseline_step_runs_on_the_attribute_model(method):
     optimizer = train.make_optimizer(OPTIM)
@@ -289,17 +356,23 @@ def test_a_baseline_step_runs_on_the_attribute_model(method):
     assert all(moved[-2:]) and sum(moved) > len(moved) // 2  # the heads and most shared leaves
 
 
-def test_gradient_cosines_are_those_of_the_per_term_gradients():
-    """The probes of Figs. 4 and 5 against gradients taken one by one with jax.grad of each term."""
+def test_gradient_cosines_are_those_of_the_per_term_gradients(monkeypatch):
+    """The probes of Figs. 4 and 5 against gradients taken one by one with jax.grad of each term. LPIPS is replaced
+    by a differentiable stand-in (its weight times the mean squared error), so that the reconstruction term's
+    gradient, β(λ_L1·L1 + LPIPS), shows where each part enters; λ_L1 = 0.5 is not the default for the same reason."""
+    import deep.attributes
     from jax.flatten_util import ravel_pytree
 
     from deep.attributes import gradient_cosines
 
+    monkeypatch.setattr(deep.attributes, "lpips_loss",
+                        lambda weights, reconstruction, images: weights * jnp.mean((reconstruction - images) ** 2))
     optimizer = train.make_optimizer(OPTIM)
     graphdef, state = train.split_model(AttributeModel(dataclasses.replace(TINY, dropout=0.0), nnx.Rngs(0)),
                                         optimizer)
-    batch, weights = make_batch(), AttributeLossWeights()
-    probes = jax.jit(functools.partial(gradient_cosines, graphdef, weights=weights))(state, batch)
+    batch, weights = make_batch(), AttributeLossWeights(appearance_l1=0.5)
+    probes = jax.jit(functools.partial(gradient_cosines, graphdef, weights=weights))(state, batch,
+                                                                                     perceptual=jnp.float32(2.0))
     shared, heads = state.params
 
     def gradient(pick):
@@ -311,13 +384,19 @@ def test_gradient_cosines_are_those_of_the_per_term_gradients():
         return np.asarray(ravel_pytree(jax.grad(term)(shared))[0], np.float64)
 
     tasks = [gradient(lambda model, p, aux, t=t: model.task_loss(t, p[t], batch)) for t in ATTRIBUTES]
-    reconstruction = gradient(lambda model, p, aux: 5.0 * jnp.mean(jnp.abs(aux["reconstruction"] - batch["images"])))
+
+    def reconstruction_term(model, predictions, aux):
+        difference = aux["reconstruction"] - batch["images"]
+        return 5.0 * (0.5 * jnp.mean(jnp.abs(difference)) + 2.0 * jnp.mean(difference**2))
+
+    reconstruction = gradient(reconstruction_term)
+    independence = gradient(lambda model, p, aux: linear_cka(aux["semantic_code"], aux["residual_code"]))
     cosine = lambda a, b: a @ b / np.sqrt((a @ a) * (b @ b))  # noqa: E731
     expected = np.array([[cosine(a, b) for b in tasks] for a in tasks])
     np.testing.assert_allclose(probes["task_task"], expected, atol=1e-5)
     np.testing.assert_allclose(np.diag(probes["task_task"]), 1.0, atol=1e-5)
     np.testing.assert_allclose(probes["task_reconstruction"], [cosine(t, reconstruction) for t in tasks], atol=1e-5)
-    assert probes["task_independence"].shape == (len(ATTRIBUTES),)
+    np.testing.assert_allclose(probes["task_independence"], [cosine(t, independence) for t in tasks], atol=1e-5)
     baseline = AttributeModel(dataclasses.replace(TINY, grounding="none"), nnx.Rngs(0))
     graphdef, state = train.split_model(baseline, optimizer)
     assert set(jax.jit(functools.partial(gradient_cosines, graphdef, weights=weights))(state, batch)) == {"task_task"}
@@ -375,6 +454,8 @@ def test_config_refuses_bad_values():
         AttributeModelConfig(grounding="hard")
     with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
         AttributeModelConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="hidden_channels must be >= 1; got 0"):
+        AttributeModelConfig(hidden_channels=0)
 
 
 def test_the_attribute_streams_are_projected_through_a_relu():
