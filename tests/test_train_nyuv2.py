@@ -212,6 +212,19 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
     (["--synthetic", "--steps-per-epoch", "-1"], "--steps-per-epoch must be an integer >= 0; got -1"),
     (["--synthetic", "--learning-rate", "0"], "--learning-rate must be a finite number > 0; got 0.0"),
     (["--synthetic", "--weight-decay", "nan"], "--weight-decay must be a finite number >= 0; got nan"),
+    # Below the bounds (0 is --batch-size's "the dataset's", -1 --warmup-epochs'): refused, not read as the default.
+    (["--synthetic", "--batch-size", "-1"], "--batch-size must be an integer >= 1; got -1"),
+    (["--synthetic", "--warmup-epochs", "-2"], "--warmup-epochs must be an integer >= 0; got -2"),
+    (["--synthetic", "--dataset", "colored_cityscapes", "--shortcut-strength", "-0.5"],
+     "--shortcut-strength must lie in [0, 1]; got -0.5"),
+    (["--synthetic", "--corruptions", "fog", "--severities", "0"], "--severities must be comma-separated integers in "
+                                                                   "1..5; got '0'"),
+    # Named by the flag, not by the library's argument: the user can act on the line.
+    (["--synthetic", "--semantic-channels", "-64"], "--semantic-channels must be an integer >= 0; got -64"),
+    (["--synthetic", "--preset", "nyu"], "--preset must be one of nyuv2, cityscapes, gta5_to_cityscapes, cityscapes_c"),
+    (["--synthetic", "--optimizer", "sgd"], "--optimizer must be one of adam, adamw; got 'sgd'"),
+    (["--synthetic", "--model", "huge"], "--model must be one of full, reduced, tiny; got 'huge'"),
+    (["--synthetic", "--heads-read", "backbone"], "--heads-read must be one of semantic, semantic+backbone"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     """Refused before the run starts (checked through the script's entry point in this process)."""
@@ -239,6 +252,113 @@ def test_the_papers_corruptions_are_its_four():
     paper = config_class(synthetic=True, corruptions="paper").corruption_names
     assert paper == ("contrast", "defocus_blur", "fog", "gaussian_noise")  # its Appendix J
     assert config_class(synthetic=True, corruptions="all").corruption_names == CORRUPTIONS
+
+
+def _parsed(module, tmp_path, *args):
+    """The configuration ``python train_nyuv2.py args...`` trains with (parsed and validated, nothing run)."""
+    parser = module.parser_for(module.TrainConfig, "train", prog="train_nyuv2.py")
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    return module.parse_config(module.TrainConfig, parser, [*args, *out], out_kind="folder")
+
+
+def test_a_command_line_without_settings_trains_with_the_papers_per_dataset():
+    """The defaults the README states, from the paper's Appendix F and the authors' code: 100 epochs, Adam with
+    coupled L2 decay 1e-4, learning rate 2e-4, seed 2024, float32; batches of 16 on NYUv2 and 32 on Cityscapes and
+    GTA5, 5 warm-up epochs (10 on GTA5), and each dataset's Table 7 loss weights (Colored-Cityscapes is Cityscapes
+    recoloured: Cityscapes' weights)."""
+    from deep.losses import PRESETS
+
+    module = load_script(SCRIPT)
+    parser = module.parser_for(module.TrainConfig, "train", prog="train_nyuv2.py")
+    config = module.TrainConfig(**vars(parser.parse_args(["--synthetic"])))
+    assert (config.method, config.architecture, config.grounding, config.variant, config.model) == (
+        "core", "shared", "hard", "paper", "full")
+    assert (config.epochs, config.learning_rate, config.weight_decay, config.optimizer, config.seed) == (
+        100, 2e-4, 1e-4, "adam", 2024)
+    assert (config.precision, config.augment, config.steps_per_epoch, config.severities) == (
+        "float32", False, 0, "1,2,3,4,5")
+    settings = {dataset: module.TrainConfig(synthetic=True, dataset=dataset, method="ew")
+                for dataset in module.DATASETS}
+    assert {dataset: (c.batch_size, c.warmup_epochs, c.weights_preset) for dataset, c in settings.items()} == {
+        "nyuv2": (16, 5, "nyuv2"), "cityscapes": (32, 5, "cityscapes"), "gta5": (32, 10, "gta5_to_cityscapes"),
+        "colored_cityscapes": (32, 5, "cityscapes")}
+    assert all(c.weights == PRESETS[c.weights_preset] for c in settings.values())
+    # --preset replaces the dataset's weights (and, for Cityscapes-C, its batch size), nothing else.
+    chosen = module.TrainConfig(synthetic=True, dataset="gta5", preset="cityscapes_c", method="core", epochs=12)
+    assert (chosen.weights, chosen.batch_size, chosen.warmup_epochs) == (PRESETS["cityscapes_c"], 16, 10)
+
+
+def test_each_flag_reaches_the_field_it_names(tmp_path):
+    """Three command lines that between them give every flag a value other than its default: each lands in its own
+    field (a flag read into another field, or dropped, would train another run than the one asked for)."""
+    module = load_script(SCRIPT)
+    for name in ("gta5", "cityscapes", "held_out"):
+        (tmp_path / name).mkdir()
+    for name in ("resnet50.npz", "lpips.npz"):
+        (tmp_path / name).write_bytes(b"")  # read only once the run starts
+    lines = [
+        {"data": str(tmp_path / "gta5"), "dataset": "gta5", "target_data": str(tmp_path / "cityscapes"),
+         "source_data": str(tmp_path / "held_out"), "grounding": "soft",
+         "heads_read": "semantic+backbone", "preset": "cityscapes_c", "loss_weights": "independence=0.5",
+         "model": "tiny", "semantic_channels": 24, "residual_channels": 8, "epochs": 12, "batch_size": 6,
+         "learning_rate": 0.003, "weight_decay": 0.002, "optimizer": "adamw", "warmup_epochs": 2,
+         "precision": "bfloat16", "augment": True, "on_device": True, "pretrained": str(tmp_path / "resnet50.npz"),
+         "perceptual": str(tmp_path / "lpips.npz"), "corruptions": "fog", "severities": "2,4", "steps_per_epoch": 3,
+         "out": str(tmp_path / "run"), "resume": True, "seed": 7, "quiet": True},
+        {"synthetic": True, "dataset": "colored_cityscapes", "shortcut_strength": 0.25, "method": "pcgrad",
+         "architecture": "mtan"},
+        {"synthetic": True, "method": "stl", "task": "depth", "variant": "authors"},
+    ]
+    fields = {field.name: field.default for field in dataclasses.fields(module.TrainConfig)}
+    assert set().union(*lines) == set(fields)  # every flag is given somewhere
+    for line in lines:
+        assert all(line[name] != fields[name] for name in line)
+        argv = [part for name, value in line.items()
+                for part in ([f"--{name.replace('_', '-')}"] if value is True
+                             else [f"--{name.replace('_', '-')}", str(value)])]
+        config = _parsed(module, tmp_path, *argv)
+        given = {name: value for name, value in dataclasses.asdict(config).items() if name in line}
+        assert given == line
+
+
+def test_the_bounds_themselves_are_accepted():
+    """Each bound's own value trains: no warm-up, a run one epoch longer than its warm-up, a zero weight decay, seed
+    0, and a CORE-MTL run one epoch longer than its preset's stage 0 (5 epochs on NYUv2, 10 on GTA5)."""
+    module = load_script(SCRIPT)
+    edges = [{"method": "ew", "warmup_epochs": 0, "epochs": 1}, {"method": "ew", "warmup_epochs": 4, "epochs": 5},
+             {"method": "ew", "weight_decay": 0.0, "seed": 0, "batch_size": 1, "steps_per_epoch": 0},
+             {"method": "core", "epochs": 6, "warmup_epochs": 1},
+             {"method": "core", "dataset": "cityscapes", "epochs": 11, "warmup_epochs": 1}]
+    for edge in edges:
+        config = module.TrainConfig(synthetic=True, **edge)
+        assert all(getattr(config, name) == value for name, value in edge.items()), edge
+    with pytest.raises(ValueError, match="--epochs must exceed 10 for the heads to train; got 10"):
+        module.TrainConfig(synthetic=True, method="core", dataset="cityscapes", epochs=10, warmup_epochs=1)
+
+
+def test_the_evaluation_under_corruption_is_no_part_of_the_run():
+    """--corruptions and --severities only choose what the final model is evaluated on, so a resume may change them
+    (the run's identity leaves them out); each severity is evaluated once, in the order given."""
+    module = load_script(SCRIPT)
+    plain = module.TrainConfig(synthetic=True, method="ew")
+    corrupted = module.TrainConfig(synthetic=True, method="ew", corruptions="paper", severities="3, 1,3")
+    assert plain.run_identity() == corrupted.run_identity()
+    assert (plain.corruption_names, corrupted.severity_levels) == ((), (3, 1))
+
+
+def test_the_model_flags_reach_the_models_configuration():
+    """--precision, --grounding, --variant, --heads-read and the stream widths reach the model the run builds; a
+    baseline has no grounding; an stl run's one head is its --task."""
+    module = load_script(SCRIPT)
+    core = module.TrainConfig(synthetic=True, model="tiny", grounding="soft", precision="bfloat16",
+                              heads_read="semantic+backbone", semantic_channels=24, residual_channels=8).model_config()
+    assert (core.grounding, core.compute_dtype, core.heads_read, core.semantic_channels, core.residual_channels) == (
+        "soft", "bfloat16", "semantic+backbone", 24, 8)
+    assert [name for name, _ in core.tasks] == ["segmentation", "depth", "normal"]
+    authors = module.TrainConfig(synthetic=True, model="tiny", method="ew", variant="authors").model_config()
+    assert (authors.grounding, authors.compute_dtype, authors.heads_read) == ("none", "float32", "semantic+backbone")
+    single = module.TrainConfig(synthetic=True, model="tiny", method="stl", task="depth", dataset="cityscapes")
+    assert [name for name, _ in single.model_config().tasks] == ["depth"]
 
 
 @pytest.mark.parametrize("args, message", [
