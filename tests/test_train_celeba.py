@@ -112,6 +112,12 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     (["--synthetic", "--method", "ew", "--loss-weights", "independence=0"], "--loss-weights is for --method core"),
     (["--synthetic", "--epochs", "5"],
      "--warmup-epochs must be smaller than --epochs (5); got 5 (the paper variant's"),
+    (["--synthetic", "--optimizer", "sgd"], "--optimizer must be one of adamw, adam; got 'sgd'"),
+    (["--synthetic", "--batch-size", "0"], "--batch-size must be an integer >= 1; got 0"),
+    # -1 means the variant's warm-up; below it is refused, not read as the default.
+    (["--synthetic", "--warmup-epochs", "-2"], "--warmup-epochs must be an integer >= 0; got -2"),
+    (["--synthetic", "--min-learning-rate", "-0.000001"],
+     "--min-learning-rate must be a finite number >= 0; got -1e-06"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     assert_one_line_error(run_in_process("experiments/train_celeba.py", *args, "--out", str(tmp_path / "out"),
@@ -136,6 +142,119 @@ def test_the_first_t_attributes_and_their_names_are_the_same_run():
     assert by_count == by_name and by_count["attributes"] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive"]
     paper, authors = (config(synthetic=True, variant=variant) for variant in ("paper", "authors"))
     assert (paper.warmup_epochs, authors.warmup_epochs) == (5, 0)  # the paper's Appendix F; the authors' code
+
+
+def test_a_command_line_without_settings_trains_with_the_authors_celeba_configuration():
+    """The defaults the README states (the authors' 5celeba.yaml and the paper's Appendix F): all 40 attributes, 50
+    epochs, batches of 256, 128 × 128 faces, AdamW at 2e-4 with decay 1e-4, a cosine to 1e-6, seed 2024, the
+    authors' loss weights, and one batch of gradient probes."""
+    from deep.attributes import AttributeLossWeights
+    from deep.data import CELEBA_ATTRIBUTES
+
+    module = load_script("experiments/train_celeba.py")
+    parser = module.parser_for(module.TrainConfig, "train", prog="train_celeba.py")
+    config = module.TrainConfig(**vars(parser.parse_args(["--synthetic"])))
+    assert (config.method, config.variant, config.model, config.attribute_names) == (
+        "core", "paper", "full", CELEBA_ATTRIBUTES)
+    assert (config.epochs, config.batch_size, config.image_size, config.seed) == (50, 256, 128, 2024)
+    assert (config.optimizer, config.learning_rate, config.min_learning_rate, config.weight_decay) == (
+        "adamw", 2e-4, 1e-6, 1e-4)
+    assert (config.precision, config.augment, config.gradient_probe, config.jacobian_chunk, config.limit) == (
+        "float32", False, 1, 0, 0)
+    assert config.weights == AttributeLossWeights(attributes=1.0, independence=0.5, appearance=5.0, appearance_l1=1.0)
+
+
+def test_each_flag_reaches_the_field_it_names(tmp_path):
+    """Two command lines that between them give every flag a value other than its default: each lands in its own
+    field (a flag read into another field, or dropped, would train another run than the one asked for)."""
+    import dataclasses
+
+    module = load_script("experiments/train_celeba.py")
+    (tmp_path / "celeba").mkdir()
+    for name in ("resnet18.npz", "lpips.npz"):
+        (tmp_path / name).write_bytes(b"")  # read only once the run starts
+    lines = [
+        {"data": str(tmp_path / "celeba"), "attributes": "7", "variant": "authors", "model": "tiny",
+         "loss_weights": "independence=0.25", "image_size": 64, "epochs": 9, "batch_size": 12, "learning_rate": 0.003,
+         "min_learning_rate": 0.0001, "warmup_epochs": 2, "weight_decay": 0.002, "optimizer": "adam",
+         "precision": "bfloat16", "augment": True, "on_device": True, "limit": 100,
+         "pretrained": str(tmp_path / "resnet18.npz"), "perceptual": str(tmp_path / "lpips.npz"), "jacobian_chunk": 3,
+         "gradient_probe": 4, "steps_per_epoch": 5, "out": str(tmp_path / "run"), "resume": True, "seed": 11,
+         "quiet": True},
+        {"synthetic": True, "method": "pcgrad"},
+    ]
+    fields = {field.name: field.default for field in dataclasses.fields(module.TrainConfig)}
+    assert set().union(*lines) == set(fields)  # every flag is given somewhere
+    parser = module.parser_for(module.TrainConfig, "train", prog="train_celeba.py")
+    for line in lines:
+        assert all(line[name] != fields[name] for name in line)
+        argv = [part for name, value in line.items()
+                for part in ([f"--{name.replace('_', '-')}"] if value is True
+                             else [f"--{name.replace('_', '-')}", str(value)])]
+        out = [] if "out" in line else ["--out", str(tmp_path / "out")]
+        config = module.parse_config(module.TrainConfig, parser, [*argv, *out], out_kind="folder")
+        assert {name: value for name, value in dataclasses.asdict(config).items() if name in line} == line
+
+
+def test_the_bounds_themselves_are_accepted():
+    """Each bound's own value trains: 32-pixel faces, a run one epoch longer than its warm-up, a constant learning
+    rate (the cosine's floor at the peak), a floor and a weight decay of 0; the gradient probe is not part of the run
+    (a finished run may be probed again)."""
+    module = load_script("experiments/train_celeba.py")
+    edges = [{"image_size": 32, "epochs": 1, "warmup_epochs": 0}, {"epochs": 6, "warmup_epochs": 5},
+             {"min_learning_rate": 2e-4, "learning_rate": 2e-4}, {"min_learning_rate": 0.0, "weight_decay": 0.0},
+             {"batch_size": 1, "seed": 0, "gradient_probe": 0}]
+    for edge in edges:
+        config = module.TrainConfig(synthetic=True, **edge)
+        assert all(getattr(config, name) == value for name, value in edge.items()), edge
+    with pytest.raises(ValueError, match="--image-size must be an integer >= 32; got 31"):
+        module.TrainConfig(synthetic=True, image_size=31)
+    probed = module.TrainConfig(synthetic=True, gradient_probe=9, quiet=True, out="elsewhere", resume=True)
+    assert probed.run_identity() == module.TrainConfig(synthetic=True).run_identity()
+
+
+def test_the_model_flags_reach_the_models_configuration():
+    """--attributes, --precision and --variant reach the model the run builds; CORE-MTL grounds softly (its
+    reconstruction decoder), a baseline not at all."""
+    from deep.attributes import ATTRIBUTE_BACKBONES
+
+    module = load_script("experiments/train_celeba.py")
+    core = module.TrainConfig(synthetic=True, attributes="Smiling,Male", precision="bfloat16").model_config()
+    assert (core.attributes, core.compute_dtype, core.grounding) == (("Smiling", "Male"), "bfloat16", "soft")
+    assert core.backbone == ATTRIBUTE_BACKBONES["paper"]
+    baseline = module.TrainConfig(synthetic=True, method="ew", variant="authors", attributes="3").model_config()
+    assert (len(baseline.attributes), baseline.compute_dtype, baseline.grounding) == (3, "float32", "none")
+    assert baseline.backbone == ATTRIBUTE_BACKBONES["authors"]
+
+
+def test_the_schedule_flags_reach_the_optimiser_and_the_step(tmp_path):
+    """--learning-rate, --min-learning-rate (as the cosine's floor over the peak), --weight-decay, --optimizer,
+    --epochs and --warmup-epochs reach the optimiser's configuration, whose steps per epoch are the generated
+    training split's 5 full batches of 12 (64 examples), not the larger --steps-per-epoch cap; --jacobian-chunk 0
+    reaches the step as None (all at once). The run is stopped where the step is built."""
+    from unittest import mock
+
+    from deep import train
+
+    class Reached(Exception):
+        pass
+
+    built = {}
+
+    def make_step(*args):
+        built["args"] = args
+        raise Reached
+
+    module = load_script(SCRIPT)
+    flags = [*FLAGS, "--method", "ew", "--steps-per-epoch", "50", "--min-learning-rate", "0.0005",
+             "--weight-decay", "0.003", "--optimizer", "adam", "--out", str(tmp_path / "out")]
+    with mock.patch("deep.train.make_optimizer", wraps=train.make_optimizer) as make_optimizer, \
+            mock.patch("deep.attributes.make_attribute_step", side_effect=make_step), pytest.raises(Reached):
+        module.main(flags)
+    assert make_optimizer.call_args.args == (train.OptimConfig(
+        learning_rate=0.005, weight_decay=0.003, decoupled_weight_decay=False, epochs=3, warmup_epochs=1,
+        steps_per_epoch=5, min_lr_ratio=0.1),)
+    assert built["args"][0] == "ew" and built["args"][-1] is None
 
 
 def test_loss_weight_overrides_reach_the_step(tmp_path):
