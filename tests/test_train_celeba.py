@@ -277,6 +277,9 @@ def test_the_gradient_summary_leaves_out_each_attributes_cosine_with_itself():
     assert summary["mean_abs_task_task"] == pytest.approx(0.4)
     assert summary["mean_abs_task_reconstruction"] == pytest.approx(0.2)
     assert summary["mean_abs_task_independence"] == pytest.approx(0.2)
+    # One attribute has no pair: no conflict to report (0, not its cosine with itself), and a baseline's probe has
+    # no grounding terms to summarise.
+    assert module._gradient_summary({"task_task": [[1.0]]}) == {"mean_abs_task_task": 0.0}
 
 
 def test_a_probe_longer_than_an_epoch_averages_over_the_batches_it_ran(uninterrupted, cache, tmp_path):
