@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 from _common import (check_output_path, null_non_finite, parse_choices, parse_config, parse_overrides,  # noqa: E402
-                     run_main, write_atomically, write_json)
+                     require_finite, require_integer, run_main, write_atomically, write_json)
 from scripts import (ROOT, assert_one_line_error, interrupted_write_text, load_script, run_in_process,  # noqa: E402
                      run_script)
 
@@ -111,6 +111,27 @@ def test_parse_overrides_refuses_in_one_line(text, message):
     with pytest.raises(ValueError) as refused:
         parse_overrides("--w", text, Weights())
     assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("value, positive, refused", [
+    (1e-9, True, False), (0.0, True, True), (0.0, False, False), (-1e-9, False, True),
+    # Infinities pass a comparison with 0 (a learning rate of inf would only fail later, in the optimiser); nan none.
+    (float("inf"), True, True), (float("inf"), False, True), (float("-inf"), False, True), (float("nan"), False, True),
+])
+def test_require_finite_refuses_what_is_not_finite_and_positive(value, positive, refused):
+    config = argparse.Namespace(learning_rate=value)
+    if refused:
+        bound = ">" if positive else ">="
+        with pytest.raises(ValueError, match=rf"^--learning-rate must be a finite number {bound} 0; got {value}$"):
+            require_finite(config, "learning_rate", positive)
+    else:
+        require_finite(config, "learning_rate", positive)
+
+
+def test_require_integer_takes_its_bound_itself():
+    require_integer(argparse.Namespace(batch_size=1), "batch_size", 1)
+    with pytest.raises(ValueError, match=r"^--batch-size must be an integer >= 1 \(one full batch\); got 0$"):
+        require_integer(argparse.Namespace(batch_size=0), "batch_size", 1, "one full batch")
 
 
 def test_an_unwritable_out_is_refused_before_any_work(tmp_path):

@@ -225,6 +225,8 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
     (["--synthetic", "--optimizer", "sgd"], "--optimizer must be one of adam, adamw; got 'sgd'"),
     (["--synthetic", "--model", "huge"], "--model must be one of full, reduced, tiny; got 'huge'"),
     (["--synthetic", "--heads-read", "backbone"], "--heads-read must be one of semantic, semantic+backbone"),
+    (["--synthetic", "--precision", "float16"], "--precision must be one of float32, bfloat16; got 'float16'"),
+    (["--synthetic", "--learning-rate", "inf"], "--learning-rate must be a finite number > 0; got inf"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, message):
     """Refused before the run starts (checked through the script's entry point in this process)."""
