@@ -217,7 +217,7 @@ def _remove_if_empty(folders: Sequence[Path]) -> None:
 
 def parse_floats(name: str, value: Any) -> tuple[float, ...]:
     """A comma-separated string (or a sequence) of numbers as a tuple of floats, with a clear error."""
-    parts = value.split(",")[:1] if isinstance(value, str) else list(value)
+    parts = value.split(",") if isinstance(value, str) else list(value)
     try:
         numbers = tuple(float(p) for p in parts)
     except (TypeError, ValueError):

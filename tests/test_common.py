@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
-from _common import (check_output_path, null_non_finite, parse_choices, parse_config, parse_overrides,  # noqa: E402
-                     require_finite, require_integer, run_main, write_atomically, write_json)
+from _common import (check_output_path, null_non_finite, parse_choices, parse_config, parse_floats,  # noqa: E402
+                     parse_overrides, require_finite, require_integer, run_main, write_atomically, write_json)
 from scripts import (ROOT, assert_one_line_error, interrupted_write_text, load_script, run_in_process,  # noqa: E402
                      run_script)
 
@@ -76,6 +76,19 @@ def test_parse_choices():
     assert parse_choices("--m", " pair ", ("a", "b", "c"), {"pair": ("c", "a")}) == ("c", "a")
     with pytest.raises(ValueError, match="--m must be 'all', 'pair' or comma-separated names from a, b; got 'd'"):
         parse_choices("--m", "d", ("a", "b"), {"pair": ("a",)})
+    # Empty pieces (a trailing comma, a space between commas) name nothing; nothing at all is refused.
+    assert parse_choices("--m", "a, ,b,", ("a", "b")) == ("a", "b")
+    with pytest.raises(ValueError, match="--m must be 'all' or comma-separated names from a, b; got ' , '"):
+        parse_choices("--m", " , ", ("a", "b"))
+
+
+def test_parse_floats():
+    assert parse_floats("--b", "1, 2.5,-3e-1") == (1.0, 2.5, -0.3)
+    assert parse_floats("--b", (2, 0.5)) == (2.0, 0.5)
+    with pytest.raises(ValueError, match=r"^--b must be comma-separated numbers, e.g. 1.0,2.0; got '1,,2'$"):
+        parse_floats("--b", "1,,2")
+    with pytest.raises(ValueError, match="^--b must hold at least one number$"):
+        parse_floats("--b", ())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 ends with the same numbers, a balanced baseline, and bad flags rejected with one line."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -211,6 +212,31 @@ def test_the_bounds_themselves_are_accepted():
         module.TrainConfig(synthetic=True, image_size=31)
     probed = module.TrainConfig(synthetic=True, gradient_probe=9, quiet=True, out="elsewhere", resume=True)
     assert probed.run_identity() == module.TrainConfig(synthetic=True).run_identity()
+
+
+def test_a_resume_compares_path_flags_as_files_and_may_move_the_data_onto_the_device(tmp_path, monkeypatch, capsys):
+    """The path flags are recorded absolute (a resume from another working folder names the same files), and a resume
+    may change --on-device (where the data lies, not what trains), saying so."""
+    import dataclasses
+
+    module = load_script("experiments/train_celeba.py")
+    from _training import check_run_folder, record_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "celeba").mkdir()
+    for name in ("resnet18.npz", "lpips.npz"):
+        (tmp_path / name).write_bytes(b"")
+    paths = {"data": "celeba/", "pretrained": "./resnet18.npz", "perceptual": "lpips.npz"}
+    started = module.TrainConfig(**paths)
+    identity = started.run_identity()
+    assert {name: identity[name] for name in paths} == {name: str(tmp_path / Path(path)) for name, path in
+                                                        paths.items()}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record_run(folder, identity, {"train": 8, "val": 4, "test": 4}, resumed=None)
+    moved = dataclasses.replace(started, resume=True, on_device=True)
+    check_run_folder(folder, moved.run_identity(), True, module.TrainConfig, module.PATH_FIELDS, "train_celeba.py")
+    assert capsys.readouterr().err == "train_celeba.py: --resume: --on-device is now True (was False)\n"
 
 
 def test_the_model_flags_reach_the_models_configuration():

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,6 +337,21 @@ def test_the_bounds_themselves_are_accepted():
         assert all(getattr(config, name) == value for name, value in edge.items()), edge
     with pytest.raises(ValueError, match="--epochs must exceed 10 for the heads to train; got 10"):
         module.TrainConfig(synthetic=True, method="core", dataset="cityscapes", epochs=10, warmup_epochs=1)
+
+
+def test_every_path_flag_is_recorded_as_the_absolute_path_it_names(tmp_path, monkeypatch):
+    """A resume from another working folder names the same files: each path flag is recorded absolute."""
+    module = load_script(SCRIPT)
+    monkeypatch.chdir(tmp_path)
+    for name in ("gta5", "cityscapes", "held_out"):
+        (tmp_path / name).mkdir()
+    for name in ("resnet50.npz", "lpips.npz"):
+        (tmp_path / name).write_bytes(b"")
+    paths = {"data": "gta5", "target_data": "cityscapes/", "source_data": "./held_out", "pretrained": "resnet50.npz",
+             "perceptual": "lpips.npz"}
+    identity = module.TrainConfig(dataset="gta5", model="tiny", epochs=12, **paths).run_identity()
+    assert {name: identity[name] for name in paths} == {name: str(tmp_path / Path(path)) for name, path in
+                                                        paths.items()}
 
 
 def test_the_evaluation_under_corruption_is_no_part_of_the_run():
