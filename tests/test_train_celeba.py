@@ -114,6 +114,8 @@ def test_a_balanced_baseline_trains_the_attributes_as_tasks(cache, tmp_path):
     (["--synthetic", "--epochs", "5"],
      "--warmup-epochs must be smaller than --epochs (5); got 5 (the paper variant's"),
     (["--synthetic", "--optimizer", "sgd"], "--optimizer must be one of adamw, adam; got 'sgd'"),
+    (["--synthetic", "--pretrained", "/tmp"], "--pretrained: not a file (a folder): /tmp"),
+    (["--synthetic", "--perceptual", "/nonexistent.npz"], "--perceptual: no such file: /nonexistent.npz"),
     (["--synthetic", "--batch-size", "0"], "--batch-size must be an integer >= 1; got 0"),
     # -1 means the variant's warm-up; below it is refused, not read as the default.
     (["--synthetic", "--warmup-epochs", "-2"], "--warmup-epochs must be an integer >= 0; got -2"),

@@ -203,6 +203,8 @@ def test_colored_cityscapes_trains_in_the_source_colours_and_is_scored_in_the_pe
      "--shortcut-strength must lie in [0, 1]; got 1.5"),
     (["--synthetic", "--dataset", "cityscapes", "--shortcut-strength", "0.5"],
      "--shortcut-strength is for --dataset colored_cityscapes only; got --dataset cityscapes"),
+    (["--synthetic", "--dataset", "gta5", "--shortcut-strength", "0"],
+     "--shortcut-strength is for --dataset colored_cityscapes only; got --dataset gta5"),
     # A warm-up as long as the run leaves no epoch to the cosine: refused with the flags, not later by the optimiser.
     (["--synthetic", "--method", "ew", "--epochs", "3", "--warmup-epochs", "3"],
      "--warmup-epochs must be smaller than --epochs (3); got 3"),
