@@ -143,6 +143,7 @@ def test_the_first_t_attributes_and_their_names_are_the_same_run():
     by_count = config(synthetic=True, attributes="3").run_identity()
     by_name = config(synthetic=True, attributes="5_o_Clock_Shadow, Arched_Eyebrows,Attractive").run_identity()
     assert by_count == by_name and by_count["attributes"] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive"]
+    assert config(synthetic=True, attributes=" 3 ").run_identity() == by_count  # a count with spaces is still one
     paper, authors = (config(synthetic=True, variant=variant) for variant in ("paper", "authors"))
     assert (paper.warmup_epochs, authors.warmup_epochs) == (5, 0)  # the paper's Appendix F; the authors' code
 
