@@ -50,7 +50,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (environment, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
+from _common import (environment, flag, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
                      require_file, require_finite, require_folder, require_integer, run_main, save_figure, write_json)
 from _training import (absolute, check_full_batch, check_run_folder, data_mesh_for, evaluation_loader,  # noqa: E402
                        generated, last_good_state_of, read_weights, record_epoch, record_run, restore_run,
@@ -191,6 +191,16 @@ class TrainConfig:
         if self.architecture == "mtan" and self.variant != "paper":
             raise ValueError(f"--variant {self.variant} builds the dual-stream model; --architecture mtan has its own "
                              f"heads (use --variant paper)")
+        # Flags the chosen model would ignore are refused, as --loss-weights for a baseline is: the run's record (and
+        # a --resume) would claim a run it did not train. Given at their defaults they change nothing.
+        if self.grounding != "hard" and self.method != "core":
+            raise ValueError(f"--grounding is for --method core (the baselines' models have no decoders); got "
+                             f"--method {self.method}")
+        ignored_by_mtan = [flag(name) for name in ("semantic_channels", "residual_channels", "heads_read")
+                           if getattr(self, name)]
+        if self.architecture == "mtan" and ignored_by_mtan:
+            raise ValueError(f"{', '.join(ignored_by_mtan)} set the dual-stream model's streams and heads; "
+                             f"--architecture mtan has neither (leave them out)")
         if self.architecture == "mtan" and self.method in ("core", "graddrop"):
             needs = ("the dual-stream model" if self.method == "core" else
                      "hard parameter sharing (it masks the gradients of the one shared representation)")

@@ -356,6 +356,25 @@ def test_every_path_flag_is_recorded_as_the_absolute_path_it_names(tmp_path, mon
                                                         paths.items()}
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"method": "ew", "grounding": "soft"},  # a baseline has no grounding: model_config sets "none"
+     "--grounding is for --method core (the baselines' models have no decoders); got --method ew"),
+    ({"method": "stl", "task": "depth", "grounding": "soft"}, "--grounding is for --method core"),
+    ({"method": "ew", "architecture": "mtan", "semantic_channels": 24},  # MTAN builds no streams
+     "--semantic-channels set the dual-stream model's streams and heads; --architecture mtan has neither"),
+    ({"method": "ew", "architecture": "mtan", "residual_channels": 8, "heads_read": "semantic+backbone"},
+     "--residual-channels, --heads-read set the dual-stream model's streams and heads"),  # MTAN has its own heads
+])
+def test_a_flag_the_chosen_model_ignores_is_refused(flags, message):
+    """As --loss-weights and --perceptual for a baseline, --task for a multi-task run and --variant authors with
+    MTAN are: a flag the run would silently ignore trains another run than the one its record (and --resume) claims.
+    At their defaults (--grounding hard, widths 0, no --heads-read) they are accepted, as they change nothing."""
+    module = load_script(SCRIPT)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.TrainConfig(synthetic=True, model="tiny", **flags)
+    module.TrainConfig(synthetic=True, model="tiny", method="ew", architecture="mtan", grounding="hard")
+
+
 def test_the_evaluation_under_corruption_is_no_part_of_the_run():
     """--corruptions and --severities only choose what the final model is evaluated on, so a resume may change them
     (the run's identity leaves them out); each severity is evaluated once, in the order given."""
