@@ -69,6 +69,9 @@ class LeakageConfig:
         if self.theta_min > self.theta_max or (self.theta_min == self.theta_max and self.num_thetas > 1):
             raise ValueError(f"--theta-min ({self.theta_min}) must be below --theta-max ({self.theta_max}), or equal "
                              f"to it with --num-thetas 1 (one angle, not {self.num_thetas} copies of it)")
+        if self.num_thetas == 1 and self.theta_min != self.theta_max:  # linspace's one angle is --theta-min
+            raise ValueError(f"--num-thetas 1 evaluates the one angle --theta-min ({self.theta_min}), so --theta-max "
+                             f"({self.theta_max}) would be ignored: give --theta-max {self.theta_min} too")
         object.__setattr__(self, "cases", ",".join(parse_choices("--cases", self.cases, tuple(CASES))))
         object.__setattr__(self, "heads", ",".join(parse_choices("--heads", self.heads, HEADS)))
         object.__setattr__(self, "losses", ",".join(parse_choices("--losses", self.losses, LOSSES)))

@@ -220,6 +220,10 @@ def test_script_summary_without_a_gap_to_bound_ratio(flags, tmp_path):
     (["--theta-min", "0.5", "--theta-max", "0.5", "--num-thetas", "3"],
      "--theta-min (0.5) must be below --theta-max (0.5), or equal to it with --num-thetas 1 (one angle, not 3 copies"),
     (["--theta-min", "0.6", "--theta-max", "0.5"], "--theta-min (0.6) must be below --theta-max (0.5)"),
+    # One angle is --theta-min: a --theta-max apart from it would be ignored (recorded, never evaluated).
+    (["--num-thetas", "1", "--theta-min", "0.2", "--theta-max", "1.0"],
+     "--num-thetas 1 evaluates the one angle --theta-min (0.2), so --theta-max (1.0) would be ignored: give "
+     "--theta-max 0.2 too"),
     (["--samples", "10"], "--samples must be an integer >= 100"),
     (["--losses", "hinge"], "--losses must be 'all' or comma-separated names"),
 ])
@@ -230,7 +234,7 @@ def test_script_bad_flags(flags, message, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--seed", str(2**63)], "--seed must be an integer in [-2^63, 2^63 - 1]"),
     (["--seed", str(-(2**63) - 1)], "--seed must be an integer in [-2^63, 2^63 - 1]"),
-    (["--num-thetas", "1", "--cases", "laplace", "--samples", "1000", "--out", "/proc/x.json"],
+    (["--num-thetas", "1", "--theta-max", "0.05", "--cases", "laplace", "--samples", "1000", "--out", "/proc/x.json"],
      "--out /proc/x.json cannot be written"),
 ])
 def test_script_refuses_a_seed_jax_cannot_take_and_an_unwritable_out_before_any_work(flags, message, tmp_path):
