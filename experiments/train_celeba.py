@@ -158,6 +158,9 @@ class TrainConfig:
                                                                  _authors_weights())[1])
         if self.loss_weights and self.method != "core":
             raise ValueError(f"--loss-weights is for --method core (its objective); got --method {self.method}")
+        if self.perceptual and self.weights.appearance == 0:  # the LPIPS term is weighted by appearance alone
+            raise ValueError("--perceptual weights the appearance reconstruction, which --loss-weights appearance=0 "
+                             "removes (leave out one of them)")
 
     @property
     def weights(self):

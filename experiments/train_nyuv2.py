@@ -206,6 +206,11 @@ class TrainConfig:
                      "hard parameter sharing (it masks the gradients of the one shared representation)")
             raise ValueError(f"--architecture mtan trains the balancing baselines; --method {self.method} needs "
                              f"{needs}: --architecture shared")
+        # No head reads the residual stream: only CORE-MTL's decoders and CKA term do, so a baseline's trains nothing
+        # and its width changes no prediction (the stream shift that would show it is measured for core alone).
+        if self.residual_channels and self.method != "core":
+            raise ValueError(f"--residual-channels is for --method core (no head reads the residual stream; only its "
+                             f"decoders and CKA term do); got --method {self.method}")
         if not 0.0 <= self.shortcut_strength <= 1.0:
             raise ValueError(f"--shortcut-strength must lie in [0, 1]; got {self.shortcut_strength}")
         if self.shortcut_strength != 1.0 and self.dataset != "colored_cityscapes":
@@ -239,6 +244,9 @@ class TrainConfig:
         if self.perceptual and self.method != "core":
             raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
                              f"{self.method}")
+        if self.perceptual and self.weights.appearance == 0:  # the LPIPS term is weighted by appearance alone
+            raise ValueError("--perceptual weights the appearance reconstruction, which --loss-weights appearance=0 "
+                             "removes (leave out one of them)")
         require_folder("--data", self.data)
         for option, path in (("--target-data", self.target_data), ("--source-data", self.source_data)):
             if path and self.dataset != "gta5":
@@ -250,6 +258,9 @@ class TrainConfig:
             raise ValueError("--source-data must be a held-out GTA5 folder, not the training folder --data")
         self.corruption_names  # validates --corruptions and --severities
         self.severity_levels
+        if self.severities != type(self).severities and not self.corruptions:  # the class attribute: its default
+            raise ValueError(f"--severities is for --corruptions (the severities each corruption is evaluated at); "
+                             f"got --severities {self.severities} without --corruptions")
         self.model_config()  # the model's own checks (a head that needs features the variant does not give...)
 
     def model_config(self):

@@ -2,6 +2,7 @@
 ends with the same numbers, a balanced baseline, and bad flags rejected with one line."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,16 @@ def test_bad_data_and_a_changed_resume_are_one_line(uninterrupted, cache, tmp_pa
     changed = [*FLAGS, "--out", str(uninterrupted), "--resume", "--seed", "3"]
     result = run(changed, cache)
     assert result.returncode == 2 and "--resume must use the run's own flags: --seed was 2024, now 3" in result.stderr
+
+
+def test_the_perceptual_weights_are_refused_where_the_appearance_term_has_no_weight():
+    """The LPIPS term is weighted by appearance alone: with appearance=0 --perceptual would train nothing and the
+    run's record would still name it. Accepted with the appearance term on."""
+    config = load_script("experiments/train_celeba.py").TrainConfig
+    with pytest.raises(ValueError, match=re.escape("--perceptual weights the appearance reconstruction, which "
+                                                   "--loss-weights appearance=0 removes (leave out one of them)")):
+        config(synthetic=True, perceptual=__file__, loss_weights="appearance=0")
+    assert config(synthetic=True, perceptual=__file__, loss_weights="appearance_l1=0").perceptual == __file__
 
 
 def test_the_first_t_attributes_and_their_names_are_the_same_run():

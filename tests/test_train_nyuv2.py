@@ -375,6 +375,28 @@ def test_a_flag_the_chosen_model_ignores_is_refused(flags, message):
     module.TrainConfig(synthetic=True, model="tiny", method="ew", architecture="mtan", grounding="hard")
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"method": "ew", "residual_channels": 8},  # no head reads the residual stream: a baseline never trains it
+     "--residual-channels is for --method core (no head reads the residual stream; only its decoders and CKA term "
+     "do); got --method ew"),
+    ({"method": "stl", "task": "depth", "residual_channels": 8}, "--residual-channels is for --method core"),
+    ({"perceptual": __file__, "loss_weights": "appearance=0"},  # the LPIPS term's weight is appearance
+     "--perceptual weights the appearance reconstruction, which --loss-weights appearance=0 removes"),
+    ({"method": "ew", "severities": "3"},  # nothing is evaluated under corruption without --corruptions
+     "--severities is for --corruptions (the severities each corruption is evaluated at); got --severities 3 "
+     "without --corruptions"),
+])
+def test_a_flag_that_another_flag_makes_idle_is_refused(flags, message):
+    """A flag that changes nothing the run trains or reports under another flag's value is refused, as the ones the
+    chosen model ignores are: its record would claim a setting the run did not use. Each is accepted where it acts."""
+    module = load_script(SCRIPT)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.TrainConfig(synthetic=True, model="tiny", **flags)
+    module.TrainConfig(synthetic=True, model="tiny", residual_channels=8)
+    module.TrainConfig(synthetic=True, model="tiny", perceptual=__file__, loss_weights="appearance_l1=0")
+    module.TrainConfig(synthetic=True, model="tiny", method="ew", corruptions="fog", severities="3")
+
+
 def test_the_evaluation_under_corruption_is_no_part_of_the_run():
     """--corruptions and --severities only choose what the final model is evaluated on, so a resume may change them
     (the run's identity leaves them out); each severity is evaluated once, in the order given."""
