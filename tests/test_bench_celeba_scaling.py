@@ -77,3 +77,10 @@ def test_main_passes_jacobian_chunk_to_each_step_and_times_after_an_untimed_call
     assert chunks == [3] * 2 * len(bench.METHODS)  # abstract, then initialised, per method
     assert warmups == [True] * len(bench.METHODS)
     assert json.loads(out.read_text())["jacobian_chunk"] == 3
+    # A chunk of 3 at two tasks runs the pull-backs at once (no loop), so the FLOPs are whole and no note says
+    # otherwise; at 4 tasks they run in a loop, whose body XLA counts once.
+    assert "gflops_note" not in json.loads(out.read_text())
+    assert bench.main(["--config", "tiny", "--tasks", "2,4", "--jacobian-chunk", "3", "--out", str(out),
+                       "--quiet"]) == 0
+    assert json.loads(out.read_text())["gflops_note"] == ("XLA counts the body of the chunked pull-backs' loop once: "
+                                                          "PCGrad's gflops are undercounted at more than 3 tasks")
