@@ -42,7 +42,8 @@ CASES = {
 
 @dataclasses.dataclass(frozen=True)
 class LeakageConfig:
-    num_thetas: int = dataclasses.field(default=8, metadata={"help": "angles in [theta_min, theta_max] (>= 1)"})
+    num_thetas: int = dataclasses.field(default=8, metadata={
+        "help": "angles in [theta_min, theta_max] (>= 1; 1 with theta_min = theta_max)"})
     theta_min: float = dataclasses.field(default=0.05, metadata={"help": "smallest angle, radians, in [0, pi/2]"})
     theta_max: float = dataclasses.field(default=1.4, metadata={"help": "largest angle, radians, in [0, pi/2]"})
     cases: str = dataclasses.field(default="all", metadata={
