@@ -3,6 +3,7 @@ work, through the script's entry point in this process; and the one-line error (
 scripts owe bad input."""
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import importlib.util
@@ -277,3 +278,21 @@ def with_out(flags: list[str], out: Path) -> list[str]:
     if any(flag.startswith("/proc/") for flag in flags) and not Path("/proc/self").is_dir():
         pytest.skip("no /proc here")
     return [*flags] if "--out" in flags else [*flags, "--out", str(out)]
+
+
+def assert_each_flag_reaches_its_field(script: str | Path, lines: list[dict], out: Path) -> None:
+    """Parses each of ``lines`` (config field -> a value other than its default; between them every field of the
+    script's TrainConfig) as a command line of ``script`` and checks that each value lands in its own field: a flag
+    read into another field, or dropped, would train another run than the one asked for. ``--out out`` is added to a
+    line without its own."""
+    module = load_script(script)
+    fields = {field.name: field.default for field in dataclasses.fields(module.TrainConfig)}
+    assert set().union(*lines) == set(fields)  # every flag is given somewhere
+    parser = module.parser_for(module.TrainConfig, "train", prog=Path(script).name)
+    for line in lines:
+        assert all(line[name] != fields[name] for name in line)
+        flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+        argv = [part for name, value in line.items() for part in ([flag(name)] if value is True
+                                                                  else [flag(name), str(value)])]
+        config = module.parse_config(module.TrainConfig, parser, with_out(argv, out), out_kind="folder")
+        assert {name: value for name, value in dataclasses.asdict(config).items() if name in line} == line

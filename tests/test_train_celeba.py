@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts import (ROOT, assert_one_line_error, killed_after_the_first_checkpoint, load_script, run_in_process,
-                     run_script, run_training, steps_of_a_resumed_stand_in_loop, weights_reaching)
+from scripts import (ROOT, assert_each_flag_reaches_its_field, assert_one_line_error, killed_after_the_first_checkpoint,
+                     load_script, run_in_process, run_script, run_training, steps_of_a_resumed_stand_in_loop,
+                     weights_reaching)
 
 SCRIPT = ROOT / "experiments" / "train_celeba.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--attributes", "5", "--epochs", "3", "--warmup-epochs", "1",
@@ -182,9 +183,6 @@ def test_a_command_line_without_settings_trains_with_the_authors_celeba_configur
 def test_each_flag_reaches_the_field_it_names(tmp_path):
     """Two command lines that between them give every flag a value other than its default: each lands in its own
     field (a flag read into another field, or dropped, would train another run than the one asked for)."""
-    import dataclasses
-
-    module = load_script("experiments/train_celeba.py")
     (tmp_path / "celeba").mkdir()
     for name in ("resnet18.npz", "lpips.npz"):
         (tmp_path / name).write_bytes(b"")  # read only once the run starts
@@ -198,17 +196,7 @@ def test_each_flag_reaches_the_field_it_names(tmp_path):
          "quiet": True},
         {"synthetic": True, "method": "pcgrad"},
     ]
-    fields = {field.name: field.default for field in dataclasses.fields(module.TrainConfig)}
-    assert set().union(*lines) == set(fields)  # every flag is given somewhere
-    parser = module.parser_for(module.TrainConfig, "train", prog="train_celeba.py")
-    for line in lines:
-        assert all(line[name] != fields[name] for name in line)
-        argv = [part for name, value in line.items()
-                for part in ([f"--{name.replace('_', '-')}"] if value is True
-                             else [f"--{name.replace('_', '-')}", str(value)])]
-        out = [] if "out" in line else ["--out", str(tmp_path / "out")]
-        config = module.parse_config(module.TrainConfig, parser, [*argv, *out], out_kind="folder")
-        assert {name: value for name, value in dataclasses.asdict(config).items() if name in line} == line
+    assert_each_flag_reaches_its_field(SCRIPT, lines, tmp_path / "out")
 
 
 def test_the_bounds_themselves_are_accepted():

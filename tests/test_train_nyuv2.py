@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts import (ROOT, USE_GLOO, assert_one_line_error, environment, killed_after_the_first_checkpoint,
-                     load_script, run_in_process, run_processes, run_script, run_training, run_with_a_stand_in_step,
-                     steps_of_a_resumed_stand_in_loop, weights_reaching, with_cpu_devices)
+from scripts import (ROOT, USE_GLOO, assert_each_flag_reaches_its_field, assert_one_line_error, environment,
+                     killed_after_the_first_checkpoint, load_script, run_in_process, run_processes, run_script,
+                     run_training, run_with_a_stand_in_step, steps_of_a_resumed_stand_in_loop, weights_reaching,
+                     with_cpu_devices)
 
 SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--method", "ew", "--epochs", "4", "--warmup-epochs", "1",
@@ -259,13 +260,6 @@ def test_the_papers_corruptions_are_its_four():
     assert config_class(synthetic=True, corruptions="all").corruption_names == CORRUPTIONS
 
 
-def _parsed(module, tmp_path, *args):
-    """The configuration ``python train_nyuv2.py args...`` trains with (parsed and validated, nothing run)."""
-    parser = module.parser_for(module.TrainConfig, "train", prog="train_nyuv2.py")
-    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
-    return module.parse_config(module.TrainConfig, parser, [*args, *out], out_kind="folder")
-
-
 def test_a_command_line_without_settings_trains_with_the_papers_per_dataset():
     """The defaults the README states, from the paper's Appendix F and the authors' code: 100 epochs, Adam with
     coupled L2 decay 1e-4, learning rate 2e-4, seed 2024, float32; batches of 16 on NYUv2 and 32 on Cityscapes and
@@ -296,7 +290,6 @@ def test_a_command_line_without_settings_trains_with_the_papers_per_dataset():
 def test_each_flag_reaches_the_field_it_names(tmp_path):
     """Three command lines that between them give every flag a value other than its default: each lands in its own
     field (a flag read into another field, or dropped, would train another run than the one asked for)."""
-    module = load_script(SCRIPT)
     for name in ("gta5", "cityscapes", "held_out"):
         (tmp_path / name).mkdir()
     for name in ("resnet50.npz", "lpips.npz"):
@@ -314,16 +307,7 @@ def test_each_flag_reaches_the_field_it_names(tmp_path):
          "architecture": "mtan"},
         {"synthetic": True, "method": "stl", "task": "depth", "variant": "authors"},
     ]
-    fields = {field.name: field.default for field in dataclasses.fields(module.TrainConfig)}
-    assert set().union(*lines) == set(fields)  # every flag is given somewhere
-    for line in lines:
-        assert all(line[name] != fields[name] for name in line)
-        argv = [part for name, value in line.items()
-                for part in ([f"--{name.replace('_', '-')}"] if value is True
-                             else [f"--{name.replace('_', '-')}", str(value)])]
-        config = _parsed(module, tmp_path, *argv)
-        given = {name: value for name, value in dataclasses.asdict(config).items() if name in line}
-        assert given == line
+    assert_each_flag_reaches_its_field(SCRIPT, lines, tmp_path / "out")
 
 
 def test_the_bounds_themselves_are_accepted():
