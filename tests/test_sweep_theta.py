@@ -275,3 +275,85 @@ def test_num_se_sets_the_closed_form_verdicts_slack_and_the_printed_table_is_the
     header, row = (call.args[0] for call in printed.call_args_list[:2])
     assert header.split()[1:5] == ["above", "floor", "matches", "cf"]
     assert row.split()[:3] == ["ew", "True", "False"]
+
+
+def test_the_right_panel_divides_by_the_signed_shift_and_points_of_several_methods_are_spread_evenly(tmp_path):
+    """A shrinking residual (sign -1, the JSON's residual_shift is |Δσ²| = 2): the right panel plots gap / (sin²θ·Δσ²)
+    at θ > 0, positive like its θ → 0 limit, with error bars sem / (sin²θ·|Δσ²|); the floor lines carry the gap's sign
+    (left: −floor; right: the same positive ratio). Three methods are drawn at θ − c, θ, θ + c with c inside half a
+    cell, so overlapping points separate without leaving their angle."""
+    module = load_script(SCRIPT)
+    theta = np.array([0.0, 0.5, 1.0])
+    means = {"ew": [0.0, -0.41, -1.02], "mgda": [0.0, -0.43, -0.98], "pcgrad": [0.0, -0.40, -1.05]}
+    sems = {"ew": [0.0, 0.01, 0.03], "mgda": [0.0, 0.02, 0.01], "pcgrad": [0.0, 0.015, 0.025]}
+    payload = {"theta": theta.tolist(), "residual_shift_sign": -1, "residual_shift": 2.0,
+               "closed_form_gap": [0.0, -0.4, -1.0], "floor": [0.0, 0.2, 0.5], "small_theta_limit_of_ratio": 2.5,
+               "methods": {name: {"gap_mean": means[name], "gap_sem": sems[name]} for name in means},
+               "config": {"dim": 2, "sigma_s": 1.0, "sigma_r_source": 1.5, "sigma_r_target": 0.5, "betas": [1, 2],
+                          "seeds": 2, "samples": 64, "steps": 30}}
+    bars, lines = [], {}
+    errorbar, plot = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.plot
+
+    def record_bars(self, x, y, *args, **kwargs):
+        bars.append((np.asarray(x, float), np.asarray(y, float), np.asarray(kwargs.get("yerr"), float)))
+        return errorbar(self, x, y, *args, **kwargs)
+
+    def record_lines(self, x, y, *args, **kwargs):
+        lines.setdefault(kwargs.get("label"), []).append(np.asarray(y, float))
+        return plot(self, x, y, *args, **kwargs)
+
+    with mock.patch.object(matplotlib.axes.Axes, "errorbar", record_bars), \
+            mock.patch.object(matplotlib.axes.Axes, "plot", record_lines):
+        module.plot(payload, tmp_path / "sweep.png")
+    scale = np.sin(theta[1:]) ** 2 * 2.0
+    offsets = []
+    for i, name in enumerate(means):  # each method: the left panel's call, then the right panel's
+        (left_x, left_y, _), (right_x, right_y, right_err) = bars[2 * i], bars[2 * i + 1]
+        offset = left_x - theta
+        assert np.ptp(offset) < 1e-12  # one offset for all of a method's points
+        offsets.append(offset[0])
+        np.testing.assert_allclose(right_x, theta[1:] + offset[0], rtol=1e-12)
+        np.testing.assert_allclose(right_y, -np.asarray(means[name][1:]) / scale, rtol=1e-12)
+        np.testing.assert_allclose(right_err, np.asarray(sems[name][1:]) / scale, rtol=1e-12)
+    assert offsets[1] == pytest.approx(0.0, abs=1e-12) and offsets[0] == pytest.approx(-offsets[2], rel=1e-12)
+    assert 0 < offsets[2] < 0.25  # half a cell (0.5) split between the methods
+    left_floor, right_floor = lines["Theorem 2.3 floor"]
+    np.testing.assert_allclose(left_floor, [0.0, -0.2, -0.5])
+    np.testing.assert_allclose(right_floor, np.array([0.2, 0.5]) / scale, rtol=1e-12)
+    np.testing.assert_allclose(lines["closed form (source-optimal)"][1], np.array([0.4, 1.0]) / scale, rtol=1e-12)
+
+
+def test_num_se_sets_the_floor_verdicts_slack_and_min_margin_is_in_standard_errors():
+    """Gaps of 0 ± 10^-3 at θ > 0 lie far below the floor (0.3 and 0.8 of the task-averaged gap's scale): at the
+    default 3 SE both angles violate it, and min_margin_se is the smaller (mean − floor)/SEM; at --num-se 10^6 the
+    slack covers the floor, so the same gaps are above it: the flag reaches the floor check too."""
+    module = load_script(SCRIPT)
+    _, noise = _three_angle_gaps(spread=1e-3, seed=3)
+    per_seed = noise.mean(-1)  # [T, S]
+    mean, sem = per_seed.mean(-1), per_seed.std(-1, ddof=1) / np.sqrt(3)
+    strict = _fabricated_sweep(module, module.SweepConfig(**THREE_ANGLES), noise)
+    verdict = strict["verdict"]["ew"]
+    assert verdict["judged"] is True and verdict["above_floor"] is False and verdict["floor_violations"] == [1, 2]
+    floor = np.asarray(strict["floor"])
+    assert floor[1] > 100 * sem[1]  # far below the floor: a violation at any ordinary slack
+    assert verdict["min_margin_se"] == pytest.approx(np.min((mean[1:] - floor[1:]) / sem[1:]), rel=1e-9)
+    loose = _fabricated_sweep(module, module.SweepConfig(**THREE_ANGLES, num_se=1e6), noise)["verdict"]["ew"]
+    assert loose["above_floor"] is True and loose["floor_violations"] == []
+
+
+def test_a_gap_that_is_not_finite_at_one_angle_nulls_every_diagnostic_of_that_method():
+    """Fabricated: one seed's gap is NaN at the middle angle only. The method is diverged and not judged, that angle's
+    mean and SEM are null while the others stay numbers, and all four diagnostics are null (the checks, which skip
+    NaN SEMs, would report a clean margin, z and optimisation error from the other angles)."""
+    module = load_script(SCRIPT)
+    closed, noise = _three_angle_gaps(spread=0.02, seed=4)
+    gap = closed[:, None, :] + noise
+    gap[1, 0, 0] = np.nan
+    payload = _fabricated_sweep(module, module.SweepConfig(**THREE_ANGLES), gap)
+    method, verdict = payload["methods"]["ew"], payload["verdict"]["ew"]
+    assert method["diverged"] is True
+    assert method["gap_mean"][1] is None and method["gap_sem"][1] is None
+    assert all(isinstance(method[key][i], float) for key in ("gap_mean", "gap_sem") for i in (0, 2))
+    assert verdict["judged"] is False and verdict["above_floor"] is None and verdict["matches_closed_form"] is None
+    assert [verdict[key] for key in ("floor_violations", "min_margin_se", "max_abs_z_vs_closed_form",
+                                     "worst_optimisation_error_over_se")] == [None] * 4
