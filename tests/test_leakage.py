@@ -6,6 +6,7 @@ from pathlib import Path
 from unittest import mock
 
 import jax
+import matplotlib.axes
 import numpy as np
 import pytest
 import scipy.integrate
@@ -412,3 +413,42 @@ def test_num_se_noise_std_and_seed_reach_the_monte_carlo_and_its_verdict(tmp_pat
     verdict, calls_150 = run(num_se=150.0, noise_std=0.7, seed=5)
     assert verdict["failures_without_assumptions"] == 0 and [noise for noise, _ in calls_150] == [0.7]
     assert run(num_se=150.0, noise_std=0.7, seed=5)[1] == calls_150 and run(seed=6)[1][0][1] != calls_150[0][1]
+
+
+def test_negative_gaps_are_judged_and_plotted_by_their_magnitude_and_every_point_has_its_own_key(tmp_path):
+    """A shrinking residual (gaussian-shrink) gives negative gaps; Theorem 2.4 bounds |R_T − R_S|. Gaps fabricated as
+    f × bound with f = −0.5, −1.5, 0.7 and SE 0.01 × bound: the middle point fails (|gap| is 1.5 bounds, 50 SE over),
+    the others hold, and the tightest gap/bound is 1.5, read from |gap|. Each Monte Carlo estimate gets its own key
+    (one key for a whole case would correlate the errors of all its points). The figure plots |gap| against the bound
+    with gap_se as the error bar (the log axes cannot show a negative gap)."""
+    module = load_script(SCRIPT)
+    factors, keys = [-0.5, -1.5, 0.7], []
+
+    def fake_gap(theta, beta, sigma_s, noise_std, head, weight, loss, source, target, key, num_samples):
+        keys.append(tuple(np.asarray(jax.random.key_data(key)).ravel()))
+        bound = leakage.wasserstein_bound(theta, abs(weight), w1_exact(source, target))
+        return leakage.GapEstimate(factors[len(keys) - 1] * bound, 0.01 * bound)
+
+    config = module.LeakageConfig(num_thetas=3, theta_min=0.2, theta_max=1.0, cases="gaussian-shrink",
+                                  heads="linear", losses="absolute", samples=1000, out=str(tmp_path), quiet=True)
+    with mock.patch("theory.leakage.loss_gap", side_effect=fake_gap):
+        payload = module.run(config)
+    points = payload["points"]
+    assert len(set(keys)) == len(keys) == 3
+    assert [p["holds"] for p in points] == [True, False, True]
+    verdict = payload["verdict"]
+    assert verdict["bound_holds_where_assumptions_hold"] is False and verdict["failures_with_assumptions"] == 1
+    assert verdict["tightest_ratio_where_assumptions_hold"] == pytest.approx(1.5, rel=1e-9)
+    calls = []
+    original = matplotlib.axes.Axes.errorbar
+
+    def record(self, x, y, *args, **kwargs):
+        calls.append((np.asarray(x, float), np.asarray(y, float), np.asarray(kwargs.get("yerr"), float)))
+        return original(self, x, y, *args, **kwargs)
+
+    with mock.patch.object(matplotlib.axes.Axes, "errorbar", record):
+        module.plot(payload, tmp_path / "leakage.png")
+    (x, y, yerr), = calls  # one case, one head, one loss: one series
+    np.testing.assert_allclose(x, [p["bound"] for p in points], rtol=1e-12)
+    np.testing.assert_allclose(y, [abs(p["gap"]) for p in points], rtol=1e-12)
+    np.testing.assert_allclose(yerr, [p["gap_se"] for p in points], rtol=1e-12)
