@@ -10,6 +10,7 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import matplotlib.axes
 import numpy as np
 import pytest
 
@@ -389,3 +390,74 @@ def test_the_kappa_range_and_the_floor_read_their_own_angles():
     compared = module.compare_final(EncoderWorld(), results, list(results)[:2])
     assert compared["verdict"]["baseline_kappa_range"] == pytest.approx([0.1, 0.2])
     assert compared["final"]["CORE-MTL, hard grounding"]["theorem_2_3_floor_at_theta_hat"] == 0.0
+
+
+def test_each_baseline_trains_its_own_method_on_the_code_its_name_says_at_the_recorded_steps(tmp_path):
+    """run() with training replaced: "<method> (heads on <code> code)" trains with that method and head input, each
+    of the two codes once per method, and the recorded steps are the evaluations, --eval-every to --steps."""
+    module = load_script("experiments/learned_encoder.py")
+    config = module.EncoderConfig(methods="ew,mgda", seeds=2, samples=64, steps=30, eval_every=10, lambda_ind=(0.0,),
+                                  out=str(tmp_path), quiet=True)
+    options_seen = []
+
+    def fake_train(world, training, key, **options):
+        options_seen.append(options)
+        return _metrics_of(key, training.steps // training.eval_every)
+
+    with mock.patch("theory.learned_encoder.train_encoder", side_effect=fake_train):
+        payload = module.run(config)
+    by_name = dict(zip(payload["runs"], options_seen))  # one trace per run (vmapped over the seeds)
+    for method in ("ew", "mgda"):
+        for code in ("semantic", "full"):
+            options = by_name[f"{method} (heads on {code} code)"]
+            assert options["balancer"].name == method and options["head_input"] == code
+    assert payload["steps"] == [10, 20, 30]
+    assert all(len(run["gap"]["mean"]) == 3 for run in payload["runs"].values())
+
+
+def test_the_figure_draws_each_runs_band_final_point_and_sweep_with_their_own_errors(tmp_path):
+    """plot(): the leakage and gap curves carry a band of mean ± SEM; the final-gap panel puts each run at its task
+    predictors' angle θ̂ with its gap's SEM; the λ_ind panel draws the gap with the gap's SEM and the source risk with
+    the source risk's SEM (checked on the calls matplotlib receives)."""
+    module = load_script("experiments/learned_encoder.py")
+    runs = {"ew (heads on semantic code)": module.summarise_run(_fabricated_metrics(0.4, seed=1)),
+            "CORE-MTL, hard grounding": module.summarise_run(_fabricated_metrics(0.1, seed=2)),
+            "CORE-MTL, hard, lambda_ind=0": module.summarise_run(_fabricated_metrics(0.3, seed=3)),
+            "CORE-MTL, hard, lambda_ind=3": module.summarise_run(_fabricated_metrics(0.2, seed=4))}
+    payload = {"steps": [10, 20, 30, 40], "runs": runs,
+               **module.compare_final(WORLD, runs, ["ew (heads on semantic code)"])}
+    final = payload["final"]
+    bands, bars = [], []
+    fill_between, errorbar = matplotlib.axes.Axes.fill_between, matplotlib.axes.Axes.errorbar
+
+    def record_band(self, x, low, high, *args, **kwargs):
+        bands.append((np.asarray(low, float), np.asarray(high, float)))
+        return fill_between(self, x, low, high, *args, **kwargs)
+
+    def record_bar(self, x, y, *args, **kwargs):
+        yerr = kwargs.get("yerr", args[0] if args else None)
+        bars.append((np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float)),
+                     np.atleast_1d(np.asarray(yerr, float))))
+        return errorbar(self, x, y, *args, **kwargs)
+
+    with mock.patch.object(matplotlib.axes.Axes, "fill_between", record_band), \
+            mock.patch.object(matplotlib.axes.Axes, "errorbar", record_bar):
+        module.plot(payload, tmp_path / "encoder.png")
+    main_runs = ["ew (heads on semantic code)", "CORE-MTL, hard grounding"]
+    expected_bands = [(np.asarray(runs[name][field]["mean"]) - runs[name][field]["sem"],
+                       np.asarray(runs[name][field]["mean"]) + runs[name][field]["sem"])
+                      for name in main_runs for field in ("kappa", "gap")]
+    assert len(bands) == len(expected_bands)
+    for (low, high), (expected_low, expected_high) in zip(bands, expected_bands):
+        np.testing.assert_allclose(low, expected_low, rtol=1e-12)
+        np.testing.assert_allclose(high, expected_high, rtol=1e-12)
+    for (x, y, yerr), name in zip(bars[:2], main_runs):
+        np.testing.assert_allclose([x[0], y[0], yerr[0]],
+                                   [final[name]["theta_predictor"], final[name]["gap"], final[name]["gap_sem"]])
+    sweep = ["CORE-MTL, hard, lambda_ind=0", "CORE-MTL, hard, lambda_ind=3"]
+    (gap_x, gap, gap_err), (risk_x, risk, risk_err) = bars[2:]
+    np.testing.assert_allclose(gap_x, [0, 1])
+    np.testing.assert_allclose(gap, [final[n]["gap"] for n in sweep])
+    np.testing.assert_allclose(gap_err, [final[n]["gap_sem"] for n in sweep])
+    np.testing.assert_allclose(risk, [final[n]["source_risk"] for n in sweep])
+    np.testing.assert_allclose(risk_err, [final[n]["source_risk_sem"] for n in sweep])
