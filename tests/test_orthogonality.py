@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +177,36 @@ def test_stream_gradients_against_the_module_docstrings_setting_in_numpy():
     np.testing.assert_allclose(out.task_gradient_norm, np.linalg.norm(grad_i), rtol=1e-9)
     np.testing.assert_allclose(out.nuisance_gradient_norm, np.linalg.norm(grad_j), rtol=1e-9)
     np.testing.assert_allclose(out.cosine, inner / (np.linalg.norm(grad_i) * np.linalg.norm(grad_j)), rtol=1e-9)
+
+
+def test_the_scripts_verdicts_see_a_negative_inner_product_over_the_bound_and_a_broken_chain_rule(tmp_path):
+    """stream_gradients wrapped so that at θ = 0.75 the inner product is −10 times its value (it was 0.3 to 0.5 of
+    the bound: now far beyond it, and negative) and at θ = 1.5 the chain-rule error is 1. Eq (10) bounds |<g_i, g_j>|,
+    so it fails at that one point, which eq10_violations lists; the bound no longer reads the gradients; and
+    largest_inner_over_bound is read from |inner|. cka_linear is the gradients' own full-sample CKA (of the whitened
+    streams: the closed form to rounding), not the batch estimate."""
+
+    import theory.orthogonality
+
+    module = load_script("experiments/grad_orthogonality.py")
+    real = theory.orthogonality.stream_gradients
+
+    def tampered(theta, *args):
+        result = real(theta, *args)
+        middle = (theta > 0.5) & (theta < 1.0)
+        return result._replace(inner_product=jnp.where(middle, -10.0, 1.0) * result.inner_product,
+                               chain_rule_error=jnp.where(theta > 1.0, 1.0, result.chain_rule_error))
+
+    config = module.OrthogonalityConfig(num_thetas=3, theta_max=1.5, sigma_pairs="1:2", dim=2, samples=64, batch=8,
+                                        num_batches=4, out=str(tmp_path), quiet=True)
+    with mock.patch("theory.orthogonality.stream_gradients", side_effect=tampered):
+        payload = module.run(config)
+    points, verdict = payload["points"], payload["verdict"]
+    assert points[1]["gradient_inner_product"] < -points[1]["eq10_bound"] < 0
+    assert [p["eq10_holds"] for p in points] == [True, False, True]
+    assert verdict["eq10_holds_everywhere"] is False and verdict["eq10_violations"] == [points[1]]
+    assert verdict["bound_reads_the_gradients"] is False
+    assert verdict["largest_inner_over_bound"] == pytest.approx(-points[1]["gradient_inner_product"] /
+                                                                points[1]["eq10_bound"], rel=1e-12)
+    for p in points:
+        assert p["cka_linear"] == pytest.approx(p["cka_closed_form"], abs=1e-9)
