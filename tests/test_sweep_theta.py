@@ -357,3 +357,35 @@ def test_a_gap_that_is_not_finite_at_one_angle_nulls_every_diagnostic_of_that_me
     assert verdict["judged"] is False and verdict["above_floor"] is None and verdict["matches_closed_form"] is None
     assert [verdict[key] for key in ("floor_violations", "min_margin_se", "max_abs_z_vs_closed_form",
                                      "worst_optimisation_error_over_se")] == [None] * 4
+
+
+def test_each_method_is_swept_on_seeds_0_to_s_with_the_configured_training_and_judged_by_its_own_se():
+    """What run() hands theory.simulate.sweep: the grid, seeds 0..S−1 (the README's numbers are those seeds') and a
+    TrainConfig of --samples, --steps and --learning-rate. The optimisation error is over the trained gap's SEM: a
+    least-squares gap with a wider spread than the trained one (here 5 times, at every angle) must not widen it."""
+    module = load_script(SCRIPT)
+    config = module.SweepConfig(**{**THREE_ANGLES, "methods": "ew,mgda"}, samples=96, steps=7, learning_rate=0.03)
+    closed, noise = _three_angle_gaps(spread=0.02, seed=5)
+    gap = closed[:, None, :] + noise
+    least_squares_gap = closed[:, None, :] + 5 * noise[:, ::-1]
+    seen = []
+
+    def fake_sweep(scm, balancer, thetas, seeds, train_config):
+        seen.append((balancer.name, np.asarray(thetas), list(seeds), train_config))
+        return Evaluation(source_risk=np.ones_like(gap), target_risk=1.0 + gap, gap=gap,
+                          least_squares_gap=least_squares_gap, final_losses=np.ones_like(gap),
+                          mean_weights=np.full(gap.shape, 0.5))
+
+    with mock.patch("theory.simulate.sweep", side_effect=fake_sweep):
+        payload = module.run(config)
+    assert [name for name, *_ in seen] == ["ew", "mgda"]
+    for _, thetas, seeds, train_config in seen:
+        np.testing.assert_allclose(thetas, [0.0, 0.5, 1.0], atol=1e-15)
+        assert seeds == [0, 1, 2]
+        assert (train_config.num_samples, train_config.steps, train_config.learning_rate) == (96, 7, 0.03)
+    per_seed, least_squares = gap.mean(-1), least_squares_gap.mean(-1)
+    error = np.abs(per_seed - least_squares).mean(-1)
+    sem = per_seed.std(-1, ddof=1) / np.sqrt(3)
+    verdict = payload["verdict"]["ew"]
+    assert verdict["worst_optimisation_error_over_se"] == pytest.approx(np.max(error[1:] / sem[1:]), rel=1e-9)
+    np.testing.assert_allclose(payload["methods"]["ew"]["optimisation_error"], error, rtol=1e-9, atol=1e-15)
