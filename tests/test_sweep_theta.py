@@ -92,6 +92,7 @@ def test_progress_and_summary_are_shown_without_quiet(tmp_path):
     (["--noise-std", "-0.1"], "--noise-std must be a finite number >= 0"),
     (["--dim", "0"], "--dim must be an integer >= 1"),
     (["--steps", "0"], "--steps must be an integer >= 1"),
+    (["--dim", "8", "--samples", "4"], "--samples must be at least --dim (8) for least squares; got 4"),
     (["--bogus"], "unrecognized arguments"),
 ])
 def test_bad_flags_give_one_line_and_a_nonzero_exit(flags, message, tmp_path):
