@@ -313,6 +313,7 @@ def test_the_right_panel_divides_by_the_signed_shift_and_points_of_several_metho
         offset = left_x - theta
         assert np.ptp(offset) < 1e-12  # one offset for all of a method's points
         offsets.append(offset[0])
+        np.testing.assert_allclose(left_y, means[name], rtol=1e-12)
         np.testing.assert_allclose(right_x, theta[1:] + offset[0], rtol=1e-12)
         np.testing.assert_allclose(right_y, -np.asarray(means[name][1:]) / scale, rtol=1e-12)
         np.testing.assert_allclose(right_err, np.asarray(sems[name][1:]) / scale, rtol=1e-12)
