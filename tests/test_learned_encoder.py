@@ -205,6 +205,8 @@ def test_script_bad_flags(flags, message, tmp_path):
     (["--sigma-r-target", "-2"], "--sigma-r-target must be a finite number > 0; got -2.0"),
     (["--observation-noise", "nan"], "--observation-noise must be a finite number >= 0; got nan"),
     (["--eval-every", "0"], "--eval-every must be an integer >= 1; got 0"),
+    (["--lambda-ind", "0,inf"], "--lambda-ind must be finite numbers >= 0; got '0,inf'"),
+    (["--lambda-ind", "1,-0.5"], "--lambda-ind must be finite numbers >= 0; got '1,-0.5'"),
     (["--methods", "ew", "--samples", "64", "--steps", "10", "--eval-every", "10", "--lambda-ind", "0", "--out",
       "/proc/x.json"], "--out /proc/x.json cannot be written"),
 ])
