@@ -171,6 +171,15 @@ def test_run_main_turns_bad_input_and_os_errors_into_one_line_and_status_2(error
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("status, code", [(0, 0), (None, 0), (3, 3)])
+def test_run_main_exits_with_the_status_main_returns(status, code):
+    """A main that returns a status ends the script with it (a failed check must not read as success), and None or 0
+    with 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda argv: status, [])
+    assert exit_info.value.code == code
+
+
 def _parse(config_class, argv, **kwargs):
     from _common import parse_config, parser_for
 
