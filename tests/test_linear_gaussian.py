@@ -179,3 +179,17 @@ def test_a_vector_of_betas_is_one_task():
     scm = LinearGaussianSCM(betas=[1.0, -0.5, 2.0])
     assert (scm.num_tasks, scm.dim) == (1, 3)
     np.testing.assert_allclose(scm.betas, [[1.0, -0.5, 2.0]])
+
+
+def test_the_quarter_turn_itself_is_an_angle_and_a_matrix_with_a_huge_variance_is_refused():
+    """θ = π/2, given as a number (not traced, so it is checked), is allowed ([0, π/2] is closed) and rotates the
+    semantic stream onto −r. A covariance whose smallest eigenvalue is fine but whose largest entry squares past the
+    float64 range (1e160² > 1.8e308) is refused like a scalar scale of that size."""
+    check_theta(math.pi / 2)
+    s, r = jnp.asarray([[1.0, 2.0]]), jnp.asarray([[3.0, -4.0]])
+    z_s, z_r = rotation_encoder(math.pi / 2, s, r)
+    np.testing.assert_allclose(z_s, -r, atol=1e-12)
+    np.testing.assert_allclose(z_r, s, atol=1e-12)
+    with pytest.raises(ValueError, match=r"sigma_r_target must have eigenvalues in \[.*\] \(their squares must be "
+                                         r"normal float64 numbers\)"):
+        make_scm(sigma_r_target=np.diag([1.0, 1e160, 1.0]))
