@@ -345,9 +345,10 @@ def test_num_se_sets_the_floor_verdicts_slack_and_min_margin_is_in_standard_erro
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_a_gap_that_is_not_finite_at_one_angle_nulls_every_diagnostic_of_that_method(value):
-    """Fabricated: one seed's gap is NaN, or an overflow's infinity, at the middle angle only. The method is diverged and not judged, that angle's
-    mean and SEM are null while the others stay numbers, and all four diagnostics are null (the checks, which skip
-    NaN SEMs, would report a clean margin, z and optimisation error from the other angles)."""
+    """Fabricated: one seed's gap is NaN, or an overflow's infinity, at the middle angle only. The method is diverged
+    and not judged, that angle's mean and SEM are null while the others stay numbers, and all four diagnostics are
+    null (the checks, which skip NaN SEMs, would report a clean margin, z and optimisation error from the other
+    angles)."""
     module = load_script(SCRIPT)
     closed, noise = _three_angle_gaps(spread=0.02, seed=4)
     gap = closed[:, None, :] + noise
