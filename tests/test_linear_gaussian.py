@@ -25,6 +25,7 @@ def make_scm(**overrides):
     (dict(sigma_r_target=np.array([[1, 0.5, 0], [0, 1, 0], [0, 0, 1.0]])), "symmetric"),
     (dict(sigma_s=np.diag([1.0, -1.0, 1.0])), "positive definite"),
     (dict(noise_std=-0.1), "noise_std"),
+    (dict(noise_std=float("inf")), "noise_std must be a finite number"),
     (dict(betas=np.ones((2, 3, 1))), "betas"),
     (dict(betas=[[1.0, float("inf"), 0.0]]), "betas"),
 ])
