@@ -172,7 +172,7 @@ def run(config: SweepConfig) -> dict:
             verdicts[name].update(dict.fromkeys(("floor_violations", "min_margin_se", "max_abs_z_vs_closed_form",
                                                  "worst_optimisation_error_over_se")))
 
-    limit = float(np.mean(np.sum(scm.betas**2, axis=1)))  # gap / (sin^2 theta |dsigma^2|) as theta -> 0
+    limit = float(np.mean(np.sum(scm.betas**2, axis=1)))  # gap / (sin^2 theta dsigma^2), signed, as theta -> 0
     return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
         "theta": thetas.tolist(),
@@ -220,7 +220,8 @@ def plot(payload: dict, path: Path) -> None:
         axis.grid(alpha=0.3)
     right.axhline(payload["small_theta_limit_of_ratio"], color="gray", ls=":", label=r"$\theta\to0$ limit")
     left.set_ylabel(r"OOD gap $R_T - R_S$ (mean over tasks)")
-    right.set_ylabel(r"gap / ($\sin^2\theta\,|\Delta\sigma_r^2|$)")
+    # Signed: a shrinking nuisance has a negative gap and a negative shift, and the ratio stays positive.
+    right.set_ylabel(r"gap / ($\sin^2\theta\,(\sigma_{r,T}^2 - \sigma_{r,S}^2)$)")
     left.set_title("Every balancing method sits on the closed-form gap, above the floor")
     right.set_title(r"Gap / $\sin^2\theta$: gap and floor share the $\theta\to0$ limit")
     handles, labels = left.get_legend_handles_labels()
