@@ -52,10 +52,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # about the same time. Order within a file is kept; unlisted files (each under 15 s) follow in collection order.
 HEAVIEST_FIRST = ("test_train_nyuv2.py", "test_train_celeba.py", "test_deep_train.py", "test_balancing.py",
                   "test_deep_sharding.py", "test_deep_attributes.py", "test_deep_mtan.py", "test_deep_model.py",
-                  "test_deep_trainer.py", "test_deep_baselines.py", "test_torch_reference.py", "test_learned_encoder.py",
-                  "test_bench_flops.py", "test_deep_atrous.py", "test_readme_example.py", "test_deep_decoders.py",
-                  "test_sweep_theta.py", "test_bench_celeba_scaling.py", "test_perceptual.py", "test_leakage.py",
-                  "test_balancing_loss_based.py", "test_measures.py", "test_orthogonality.py",
+                  "test_deep_trainer.py", "test_deep_baselines.py", "test_torch_reference.py",
+                  "test_learned_encoder.py", "test_bench_flops.py", "test_deep_atrous.py", "test_readme_example.py",
+                  "test_deep_decoders.py", "test_sweep_theta.py", "test_bench_celeba_scaling.py", "test_perceptual.py",
+                  "test_leakage.py", "test_balancing_loss_based.py", "test_measures.py", "test_orthogonality.py",
                   "test_balancing_solvers.py", "test_data.py", "test_deep_functional.py",
                   "test_balancing_manipulation.py")
 
