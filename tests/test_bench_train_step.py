@@ -1,12 +1,14 @@
 """bench/bench_train_step.py times the steps as training runs them: each donates the state it is given, so the memory
 XLA reports is the training loop's (the state's buffers reused for the new state, not held twice)."""
 
+import dataclasses
 import json
 import time
 import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from scripts import load_script
 from test_bench import FakeClock
@@ -40,7 +42,10 @@ def test_a_steps_row_is_its_median_time_its_images_per_second_memory_and_flop_ut
     memory = types.SimpleNamespace(argument_size_in_bytes=3 * 2**20, output_size_in_bytes=2 * 2**20,
                                    temp_size_in_bytes=4 * 2**20, alias_size_in_bytes=1 * 2**20)
 
+    given = []
+
     def compiled(state, batch, key):
+        given.append(state)
         clock.advance(next(durations))
         return (state,)
 
@@ -49,9 +54,12 @@ def test_a_steps_row_is_its_median_time_its_images_per_second_memory_and_flop_ut
     step = bench.Step("ew", types.SimpleNamespace(lower=lambda *args: lowered), "counted", None)
     # FLOPs of the step as defined (Step.counted), not of the form --dilated-conv runs (Step.timed).
     monkeypatch.setattr(bench, "lowered_flops", lambda counted, args: {"counted": 2e12}[counted])
-    row = bench._measure(step, ({"w": jnp.ones(3)}, {}, None), batch_size=4, repeats=5, peak_tflops=100.0,
-                         trace=None)
+    state = {"w": jnp.ones(3)}
+    row = bench._measure(step, (state, {}, None), batch_size=4, repeats=5, peak_tflops=100.0, trace=None)
     assert next(durations, None) is None  # every scripted call was made
+    # The steps of one model share their initial state: each measurement runs on a copy of it, which the step then
+    # donates, not on the state the next step needs.
+    assert given[0] is not state and np.array_equal(given[0]["w"], state["w"]) and not state["w"].is_deleted()
     assert row["method"] == "ew" and row["compile_seconds"] == 7.0
     assert row["ms"] == pytest.approx(20.0) and row["ms_pipelined"] == pytest.approx(10.0)
     assert row["images_per_second"] == pytest.approx(4 / 0.02)
@@ -143,3 +151,172 @@ def test_main_passes_its_flags_to_each_measurement_and_prints_the_jsons_ratios(m
         assert printed[name][2:6] == [f"{row['ms']:.1f}", f"{row['ms_pipelined']:.1f}",
                                       f"{row['images_per_second']:.1f}", f"{row['ratio_to_ew']:.2f}"]
     assert printed["core"][5] == "3.00"
+
+
+def test_the_settings_are_the_papers_nyuv2_run_and_the_reduced_model_of_the_variant_asked_for():
+    """setting: the NYUv2 run is batch 16 at 288x384 (height before width, as the batch arrays are laid out) on the
+    full model; the reduced one batch 4 at 64x80 on MODEL_SIZES' reduced model, of the variant asked for."""
+    from deep.model import ModelConfig
+    from deep.trainer import MODEL_SIZES
+
+    bench = load_script("bench/bench_train_step.py")
+    assert bench.setting("nyuv2", "authors") == (ModelConfig.variant("authors"), 16, (288, 384))
+    assert bench.setting("reduced", "authors") == (ModelConfig.variant("authors", **MODEL_SIZES["reduced"]), 4,
+                                                   (64, 80))
+    assert bench.setting("reduced", "authors")[0] != bench.setting("reduced", "paper")[0]
+
+
+def test_each_step_runs_its_own_model_weights_and_counterfactual_flag_and_is_counted_as_defined(monkeypatch):
+    """training_steps with the model, its split and the steps replaced by recorders (nothing built, traced or run):
+    EW is the model without grounding with every term but the task losses off (the edge term too) and no
+    counterfactual pass; core and core_no_cfa the grounded model with the preset's weights, λ_ind = 1, the pass on
+    and off; PCGrad the plain model and MTAN its own; all at the precision asked for. Each counted step is the same
+    step on the model whose dilated convolutions were set to XLA's (the timed one keeps the configured form)."""
+    from deep import atrous, losses, train, trainer
+
+    bench = load_script("bench/bench_train_step.py")
+
+    class Model:
+        def __init__(self, config, architecture):
+            self.config, self.architecture, self.dilated_conv = config, architecture, config.dilated_conv
+
+    monkeypatch.setattr(trainer, "build_model", lambda config, architecture, seed: Model(config, architecture))
+    states = iter(range(100))  # each model split its own state
+    monkeypatch.setattr(train, "split_model", lambda model, optimizer: (None, f"state {next(states)}"))
+    # The graphdef records what the model was when split: its config, architecture and dilated convolutions.
+    monkeypatch.setattr(train, "split_states", lambda model: (
+        (model.config.grounding, model.config.compute_dtype, model.architecture, model.dilated_conv),))
+    monkeypatch.setattr(atrous, "set_dilated_conv", lambda model, how: setattr(model, "dilated_conv", how))
+    monkeypatch.setattr(train, "core_step", lambda graphdef, optimizer, state, batch, key, weights,
+                        independence_weight, counterfactual: ("core_step", graphdef, state, weights,
+                                                              independence_weight, counterfactual))
+    monkeypatch.setattr(train, "balanced_step", lambda graphdef, optimizer, balancer, state, balancer_state, batch,
+                        key: ("balanced_step", graphdef, state, balancer.name))
+    monkeypatch.setattr(jax, "jit", lambda function, **options: function)  # each step called as defined
+    model_config = dataclasses.replace(bench.setting("reduced", "paper")[0], grounding="hard",
+                                       dilated_conv="shifted_matmul")
+    steps = bench.training_steps(model_config, "bfloat16", bench.METHODS)
+    assert [step.name for step in steps] == list(bench.METHODS)
+    run = {step.name: (step.timed(step.state, None, None), step.counted(step.state, None, None)) for step in steps}
+    preset = losses.PRESETS["nyuv2"]
+    ew_weights = dataclasses.replace(preset, independence=0.0, counterfactual=0.0, edge=0.0)
+    for name, (timed, counted) in run.items():
+        assert timed[1][1] == "bfloat16" and timed[1][3] == "shifted_matmul" and counted[1][3] == "xla", name
+        assert (timed[0], timed[1][:3], timed[2:]) == (counted[0], counted[1][:3], counted[2:]), name
+    assert run["ew"][0][1][:3] == ("none", "bfloat16", "shared") and run["ew"][0][3:] == (ew_weights, 0.0, False)
+    for name, counterfactual in (("core", True), ("core_no_cfa", False)):
+        assert run[name][0][1][:3] == ("hard", "bfloat16", "shared")
+        assert run[name][0][3:] == (preset, 1.0, counterfactual), name
+    assert run["core"][0][2] == run["core_no_cfa"][0][2] != run["ew"][0][2]  # one grounded model, its own state
+    assert run["pcgrad"][0] == ("balanced_step", run["ew"][0][1], run["ew"][0][2], "pcgrad")
+    for name in ("ew", "pcgrad"):
+        (kind, graphdef, state, balancer), _ = run[f"mtan_{name}"]
+        assert (graphdef[:3], balancer) == (("none", "bfloat16", "mtan"), name)
+        assert state not in (run["ew"][0][2], run["core"][0][2])
+    # Either CORE-MTL step alone builds the grounded model (--methods core_no_cfa times that step, and EW's).
+    assert [step.name for step in bench.training_steps(model_config, "float32", ("core_no_cfa",))] == [
+        "ew", "core_no_cfa"]
+
+
+def test_all_methods_of_the_authors_variant_are_its_dual_stream_steps():
+    """--methods all with --variant authors names every step that variant has (MTAN's are the paper's only), so it
+    is accepted rather than refused for naming MTAN."""
+    bench = load_script("bench/bench_train_step.py")
+    assert bench.chosen_methods("all", "authors") == bench.DUAL_STREAM_METHODS
+    assert bench.chosen_methods("all", "paper") == bench.METHODS
+    assert bench.BenchConfig(variant="authors", methods="all", out="unused.json").methods == "all"
+
+
+def test_each_precisions_ratios_are_to_its_own_ew_and_the_flags_reach_the_steps_and_the_json(monkeypatch, tmp_path):
+    """bench_train_step.main over two precisions with the steps and their measurement faked: each row's ratio is to
+    EW's time at its own precision (EW float32 10 ms, bfloat16 4 ms), left as it was once the next precision is
+    measured; --dilated-conv reaches the model the steps are built from, and the JSON names the form the steps ran
+    (the model's default without the flag); --trace gives each step of each precision a folder of its own (each
+    measurement empties its folder first)."""
+    from deep.model import ModelConfig
+
+    bench = load_script("bench/bench_train_step.py")
+    times = {"float32": {"ew": 10.0, "core": 30.0}, "bfloat16": {"ew": 4.0, "core": 6.0}}
+    configs, traces = [], []
+    monkeypatch.setattr(bench, "training_steps", lambda config, precision, methods: configs.append(config) or [
+        bench.Step(name, None, None, None) for name in times[precision]])
+
+    def measure(step, args, batch, repeats, peak, trace):
+        traces.append(trace)
+        # The precision is not passed: the times follow the order main measures the precisions in.
+        precision = "float32" if len(traces) <= 2 else "bfloat16"
+        ms = times[precision][step.name]
+        return {"method": step.name, "ms": ms, "ms_pipelined": ms / 2, "images_per_second": batch / ms * 1e3}
+
+    monkeypatch.setattr(bench, "_measure", measure)
+    out = tmp_path / "step.json"
+    assert bench.main(["--methods", "ew,core", "--precisions", "float32,bfloat16", "--out", str(out), "--quiet"]) == 0
+    payload = json.loads(out.read_text())
+    ratios = {(row["precision"], row["method"]): (row["ratio_to_ew"], row["ratio_to_ew_pipelined"])
+              for row in payload["rows"]}
+    assert ratios == {("float32", "ew"): (1.0, 1.0), ("float32", "core"): (3.0, 3.0),
+                      ("bfloat16", "ew"): (1.0, 1.0), ("bfloat16", "core"): (1.5, 1.5)}
+    assert payload["dilated_conv"] == ModelConfig().dilated_conv and traces == [None] * 4
+    configs.clear(), traces.clear()
+    assert bench.main(["--methods", "ew,core", "--precisions", "float32,bfloat16", "--dilated-conv", "space_to_batch",
+                       "--trace", str(tmp_path / "trace"), "--out", str(out), "--quiet"]) == 0
+    assert [config.dilated_conv for config in configs] == ["space_to_batch"] * 2
+    assert json.loads(out.read_text())["dilated_conv"] == "space_to_batch"
+    assert [trace.relative_to(tmp_path / "trace").as_posix() for trace in traces] == [
+        "float32_ew", "float32_core", "bfloat16_ew", "bfloat16_core"]
+
+
+def test_a_traced_measurement_sums_a_fresh_trace_of_the_calls_it_made(monkeypatch, tmp_path):
+    """bench_train_step._measure with --trace, the profiler and the trace's reading faked: the step's folder is
+    emptied of an earlier run's trace before the profiler writes there, and the kernels are summed per step over as
+    many calls as were traced. A step of no FLOPs (a count that failed) reports no utilisation, even with a peak."""
+    bench = load_script("bench/bench_train_step.py")
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    calls, traced, summaries = [], [], []
+
+    def compiled(state, batch, key):
+        clock.advance(0.01)
+        calls.append(1)
+        return (state,)
+
+    compiled.memory_analysis = lambda: None
+    lowered = types.SimpleNamespace(compile=lambda: compiled)
+    step = bench.Step("ew", types.SimpleNamespace(lower=lambda *args: lowered), "counted", None)
+    monkeypatch.setattr(bench, "lowered_flops", lambda counted, args: 0.0)
+
+    class Profiler:
+        def __init__(self, folder):
+            assert not (tmp_path / "t" / "old.xplane.pb").exists()  # an earlier run's trace, gone before this one
+            self.folder = folder
+
+        def __enter__(self):
+            traced.append((self.folder, len(calls)))
+
+        def __exit__(self, *exc):
+            traced[-1] = traced[-1] + (len(calls),)
+
+    monkeypatch.setattr(jax.profiler, "trace", Profiler)
+    monkeypatch.setattr(bench, "_kernel_summary", lambda folder, calls: summaries.append((folder, calls)) or "summary")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "old.xplane.pb").write_bytes(b"")
+    row = bench._measure(step, ({"w": jnp.ones(3)}, {}, None), batch_size=4, repeats=3, peak_tflops=100.0,
+                         trace=tmp_path / "t")
+    ((folder, before, after),) = traced
+    assert folder == str(tmp_path / "t") and before == 1 + 3 + 3 * 3  # warm-up, timed calls, three chains
+    assert summaries == [(tmp_path / "t", after - before)] and row["kernels"] == "summary"
+    assert "model_flop_utilisation" not in row and "model_flop_utilisation_pipelined" not in row
+
+
+def test_a_kernel_is_of_the_first_kind_whose_marks_its_name_holds(monkeypatch, tmp_path):
+    """_kernel_summary's kinds in order: an XLA fusion whose name holds a convolution's mark is a fusion (XLA's
+    fusions come first), and cuDNN's implicit-GEMM convolution kernels are convolutions, not matrix products."""
+    bench = load_script("bench/bench_train_step.py")
+    event = lambda name: types.SimpleNamespace(name=name, duration_ns=1e6)
+    gpu = types.SimpleNamespace(name="/device:GPU:0", lines=[types.SimpleNamespace(name="Stream #7", events=[
+        event("loop_convolution_fusion"), event("sm90_xmma_fprop_implicit_gemm_bf16"), event("nvjet_tst_gemm")])])
+    monkeypatch.setattr(jax.profiler, "ProfileData", types.SimpleNamespace(
+        from_file=lambda path: types.SimpleNamespace(planes=[gpu])))
+    (tmp_path / "t.xplane.pb").write_bytes(b"")
+    summary = bench._kernel_summary(tmp_path, calls=1)
+    assert summary["ms_by_kind"] == {"xla_fusion": 1.0, "convolution": 1.0, "matmul": 1.0}
