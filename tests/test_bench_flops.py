@@ -1,6 +1,7 @@
 """bench/bench_flops.py's split of the training step's FLOPs, on the reduced model: the parts make up the forward
 pass, and the steps (MTAN's too) cost what backpropagation should."""
 
+import dataclasses
 import json
 
 import pytest
@@ -74,3 +75,53 @@ def test_the_flops_json_shares_ratios_and_core_expected_follow_from_the_counts(m
     assert rows["mtan_pcgrad"]["ratio_to_ew"] == pytest.approx(1.8)
     assert rows["mtan_pcgrad"]["ratio_to_mtan_ew"] == pytest.approx(1.5)
     assert "ratio_to_mtan_ew" not in rows["pcgrad"]
+
+
+def test_the_flops_count_the_abstract_steps_of_the_variant_mtans_only_with_the_papers(monkeypatch, tmp_path):
+    """bench_flops.main with its counts fabricated: the steps are asked for abstractly (nothing initialised: the
+    paper's full size would take minutes), in float32, every step with the paper's variant and the dual-stream
+    ones alone with the authors' (MTAN has its own architecture, the same in both)."""
+    bench = load_script("bench/bench_flops.py")
+    step_script = load_script("bench/bench_train_step.py")
+    counts = bench.Counts(parts={"backbone": 1e9}, forward=1e9, beside={"losses": 1e8}, objective=1.1e9)
+    monkeypatch.setattr(bench, "count_flops", lambda config, batch, size: counts)
+    asked = []
+
+    def training_steps(config, precision, methods, abstract=False):
+        asked.append((config.fusion, precision, tuple(methods), abstract))
+        return [step_script.Step(name, None, name, None) for name in methods]
+
+    monkeypatch.setattr(bench, "training_steps", training_steps)
+    monkeypatch.setattr(bench, "lowered_flops", lambda counted, args: 1e9)
+    for variant in ("paper", "authors"):
+        assert bench.main(["--config", "reduced", "--variant", variant, "--out", str(tmp_path / f"{variant}.json"),
+                           "--quiet"]) == 0
+    paper, authors = (bench.setting("reduced", variant)[0] for variant in ("paper", "authors"))
+    assert asked == [(paper.fusion, "float32", step_script.METHODS, True),
+                     (authors.fusion, "float32", step_script.DUAL_STREAM_METHODS, True)]
+    methods = [row["method"] for row in json.loads((tmp_path / "authors.json").read_text())["steps"]]
+    assert methods == [*step_script.DUAL_STREAM_METHODS, "core_expected"]
+
+
+def test_the_parts_are_counted_on_the_model_with_xlas_dilated_convolutions(monkeypatch):
+    """count_flops counts the parts as bench_train_step counts its steps, with the dilated convolutions as defined
+    (XLA's), whatever form the configuration computes them with: the model it traces has them set so before
+    anything is counted (the count stops there, at the recorder)."""
+    import deep.atrous
+    import deep.model  # noqa: F401  (imported before the patch: the model's own set-up keeps the real function)
+
+    bench = load_script("bench/bench_flops.py")
+    seen = []
+
+    class Counted(Exception):
+        pass
+
+    def set_dilated_conv(model, implementation):
+        seen.append((model.config.dilated_conv, model.config.grounding, implementation))
+        raise Counted
+
+    monkeypatch.setattr(deep.atrous, "set_dilated_conv", set_dilated_conv)
+    config = dataclasses.replace(bench.setting("reduced", "paper")[0], dilated_conv="shifted_matmul", grounding="none")
+    with pytest.raises(Counted):
+        bench.count_flops(config, 2, (16, 16))
+    assert seen == [("shifted_matmul", "hard", "xla")]  # the hard-grounding model, whose decoders are parts too
