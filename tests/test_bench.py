@@ -284,3 +284,171 @@ def test_the_sweep_benchmark_times_each_path_with_its_repeats_and_divides_by_the
     assert payload["grid"] == {"thetas": 2, "seeds": 3, "configurations": 6, "steps": 2, "samples": 8, "dim": 4,
                                "tasks": 2}
     assert payload["repeats"] == 5
+
+
+def test_each_balancer_paths_step_is_the_methods_direction_for_the_layers_weight():
+    """bench_balancers' timed functions on a small problem (K = 3, P = 200) against the same quantities computed
+    here: EW's backward pass is the sum of the per-task gradients, the Gram floor is J J^T, and every path of a
+    method (EW's Gram path; PCGrad's Gram and Jacobian paths; GradDrop's through the representation) returns the
+    method's own step on J, shaped like W."""
+    bench = load_script("bench/bench_balancers.py")
+    from theory.balancing import make
+
+    weight, inputs, heads, targets = bench._problem(3, 200)
+    task_losses = lambda w: jnp.mean((inputs @ w.T @ heads.T - targets) ** 2, axis=0)  # noqa: E731
+    losses, jacobian = task_losses(weight), jax.jacrev(task_losses)(weight).reshape(3, -1)
+    reference = bench._reference_functions(3)
+    np.testing.assert_allclose(reference["ew_backward"](weight, inputs, heads, targets),
+                               jacobian.sum(0).reshape(weight.shape), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(reference["per_task_gradients"](weight, inputs, heads, targets).reshape(3, -1),
+                               jacobian, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(reference["gram_matrix"](weight, inputs, heads, targets), jacobian @ jacobian.T,
+                               rtol=1e-6)
+    key = jax.random.key(1)
+    for name, paths in (("ew", {"gram"}), ("pcgrad", {"gram", "jacobian"})):
+        balancer = make(name)
+        state = balancer.init(3, num_params=200)
+        expected = balancer.step(jacobian, losses, state, key)[0].reshape(weight.shape)
+        functions = bench._step_functions(balancer, 3)
+        assert set(functions) == paths, name
+        for path, function in functions.items():
+            np.testing.assert_allclose(function(weight, inputs, heads, targets, state, key)[0], expected, rtol=1e-6,
+                                       atol=1e-12, err_msg=f"{name} {path}")
+    # GradDrop's path takes the representation's Jacobian and pulls the direction back through the layer; with a
+    # leak of 1 it keeps every gradient, so the step is EW's gradient of W.
+    graddrop = make("graddrop", leak=1.0)
+    functions = bench._step_functions(graddrop, 3)
+    assert set(functions) == {"representation"}
+    np.testing.assert_allclose(functions["representation"](weight, inputs, heads, targets, graddrop.init(3), key)[0],
+                               jacobian.sum(0).reshape(weight.shape), rtol=1e-6, atol=1e-12)
+
+
+def test_the_pipelines_run_on_the_examples_asked_for_whatever_the_distinct_scenes(monkeypatch, tmp_path):
+    """bench_data.main with the scenes and timing faked: 10 examples from 4 distinct scenes are the scenes tiled
+    (4 + 4 + 2), all 10 handed to the pipelines; a pipeline exactly 5x the step's rate meets the target (at least
+    5x)."""
+    bench = load_script("bench/bench_data.py")
+    monkeypatch.setattr(deep.data, "nyuv2_arrays", lambda n, h, w, seed: {
+        "images": np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, h, w, 3), np.float32)})
+    handed = []
+    monkeypatch.setattr(bench, "_pipelines", lambda arrays, batch: handed.append((arrays, batch)) or [
+        ("host", lambda: None)])
+    # 8 images (two whole batches of 4) in 0.4 s: 20 images/s, exactly 5x the step's 4 images/s.
+    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats, warmup=False: 0.4)
+    step_json = tmp_path / "step.json"
+    step_json.write_text(json.dumps({"rows": [{"method": "ew", "images_per_second": 4.0}]}))
+    out = tmp_path / "data.json"
+    assert bench.main(["--config", "reduced", "--examples", "10", "--distinct", "4", "--step-json", str(step_json),
+                       "--out", str(out), "--quiet"]) == 0
+    ((arrays, batch),) = handed
+    assert batch == 4 and arrays["images"][:, 0, 0, 0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["images_per_second"] == pytest.approx(20.0) and row["meets_target"] is True
+
+
+def test_each_checkpoint_mode_times_repeats_saves_after_the_set_up_one_in_that_mode(monkeypatch, tmp_path):
+    """bench_checkpoint._measure with a fake Checkpoints on a scripted clock: the Checkpoints is made in the mode
+    measured (synchronous here), and --repeats saves are timed after the untimed first one (4 saves for 3 repeats):
+    blocking the median of 0.1, 0.5, 0.2 s, not of the first two (0.3 s)."""
+    bench = load_script("bench/bench_checkpoint.py")
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock))
+    saves, modes = {1: 100.0, 2: 0.1, 3: 0.5, 4: 0.2}, []
+
+    class Checkpoints:
+        def __init__(self, path, asynchronous):
+            modes.append(asynchronous)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def save(self, epoch, tree):
+            clock.advance(saves.pop(epoch))
+
+        def wait(self):
+            pass
+
+    monkeypatch.setattr(deep.checkpoint, "Checkpoints", Checkpoints)
+    row = bench._measure([jnp.zeros(2)], False, repeats=3, folder=str(tmp_path))
+    assert saves == {} and modes == [False]
+    assert row == {"mode": "synchronous", "blocking_ms": pytest.approx(200.0), "durable_ms": pytest.approx(200.0)}
+
+
+def test_each_measures_row_times_its_own_estimator_three_times_after_a_warm_up(monkeypatch, tmp_path):
+    """bench_measures.main with the estimators replaced by recorders and median_seconds calling the function once
+    (nothing timed): each row's calls reach its own estimator (the three CKAs not all the last one of the loop), at
+    each of its sizes, with the medians of 3 calls its docstring states."""
+    import theory.measures
+
+    bench = load_script("bench/bench_measures.py")
+    called = []
+    for name in ("w1_empirical_1d", "w1_empirical", "sliced_w1", "linear_cka", "linear_cka_gram", "debiased_cka"):
+        monkeypatch.setattr(theory.measures, name,
+                            lambda x, y, name=name: called.append((name, x.shape[0])) or jnp.zeros(()))
+    repeats = []
+    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats_, warmup=False: (
+        repeats.append((repeats_, warmup)), function(), 1e-3)[2])
+    assert bench.main(["--max-1d", "10000", "--max-emd", "300", "--max-dd", "1000", "--dim", "2", "--out",
+                       str(tmp_path / "measures.json"), "--quiet"]) == 0
+    assert called == [("w1_empirical_1d", 1000), ("w1_empirical_1d", 10_000), ("w1_empirical", 100),
+                      ("w1_empirical", 300), ("sliced_w1", 100), ("sliced_w1", 1000), ("linear_cka", 100),
+                      ("linear_cka", 1000), ("linear_cka_gram", 100), ("linear_cka_gram", 1000),
+                      ("debiased_cka", 100), ("debiased_cka", 1000)]
+    assert set(repeats) == {(3, True)}
+
+
+def test_an_atrous_rows_deviation_is_relative_to_xlas_result_and_its_time_takes_repeats(monkeypatch, tmp_path):
+    """bench_atrous.main on one tiny shape with XLA's convolution and one 10 % too large: the second's deviation is
+    ‖1.1 y - y‖ / ‖y‖ = 0.1 (over XLA's norm, for the output and both gradients), XLA's own 0; --repeats reaches each
+    timing."""
+    bench = load_script("bench/bench_atrous.py")
+    monkeypatch.setattr(bench, "SHAPES", (("tiny", 2, 3, 2, 5),))
+    scaled = lambda *args, **kwargs: 1.1 * lax.conv_general_dilated(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(deep.atrous, "DILATED_CONVS", {"xla": lax.conv_general_dilated, "scaled": scaled})
+    repeats = []
+    monkeypatch.setattr(bench, "median_seconds", lambda function, repeats_, warmup=False: repeats.append(repeats_)
+                        or 0.002)
+    out = tmp_path / "atrous.json"
+    assert bench.main(["--batch", "1", "--height", "4", "--width", "5", "--repeats", "7", "--out", str(out),
+                       "--quiet"]) == 0
+    rows = {row["implementation"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["xla"]["relative_deviation_from_xla"] == 0.0
+    assert rows["scaled"]["relative_deviation_from_xla"] == pytest.approx(0.1, rel=1e-4)
+    assert repeats == [7, 7]
+
+
+def test_each_pipeline_is_named_for_where_its_loader_holds_the_set_and_whether_it_augments(monkeypatch):
+    """bench_data._pipelines with the Loader, the augmentation and the transfer replaced by recorders: host
+    pipelines gather on the host and transfer each batch, device ones hold the set on the device and transfer
+    nothing, and only the +augment ones run the augmentation, once per batch (two batches an epoch here)."""
+    bench = load_script("bench/bench_data.py")
+    events = []
+
+    class Loader:
+        def __init__(self, arrays, batch_size, seed, on_device=False):
+            self.on_device, self.batch_size = on_device, batch_size
+
+        def epoch(self, epoch):
+            for _ in range(2):
+                events.append(("batch", self.on_device, self.batch_size))
+                yield {"x": jnp.ones((self.batch_size, 2))}
+
+    def augment(key, batch, config):
+        jax.debug.callback(lambda: events.append("augment"))
+        return batch
+
+    monkeypatch.setattr(deep.data, "Loader", Loader)
+    monkeypatch.setattr(deep.data, "augment", augment)
+    monkeypatch.setattr(jax, "device_put", lambda batch: events.append("transfer") or batch)
+    seen = {}
+    for name, epoch in bench._pipelines({"x": np.ones((4, 2), np.float32)}, 2):
+        events.clear()
+        epoch()
+        jax.effects_barrier()
+        seen[name] = list(events)
+    host, device = ("batch", False, 2), ("batch", True, 2)
+    assert seen == {"host": [host, "transfer"] * 2, "host+augment": [host, "transfer", "augment"] * 2,
+                    "device": [device] * 2, "device+augment": [device, "augment"] * 2}
