@@ -665,3 +665,47 @@ def test_an_mtan_model_gets_the_configurations_backbone_heads_and_compute_dtype(
     for name in ("semantic_channels", "residual_channels"):
         with pytest.raises(ValueError, match=f"{name} must be an integer >= 0 \\(0: the model size's\\); got -1"):
             trainer.model_config("nyuv2", "tiny", "core", **{name: -1})
+
+
+def test_tensorstores_words_for_missing_or_corrupt_data_are_damage_and_other_failures_are_not():
+    """_looks_damaged on the errors TensorStore raises as runtime errors (no ValueError): each of its data-loss and
+    unreadable-array wordings marks a damaged checkpoint, to be set aside; running out of memory does not."""
+    for words in ("DATA_LOSS: checksum mismatch", "NOT_FOUND: Error opening \"zarr\" driver",
+                  "Encountered error while reading array", "Error opening file", "Error reading \"d/0.0\""):
+        assert _looks_damaged(RuntimeError(words)), words
+    assert not _looks_damaged(RuntimeError("RESOURCE_EXHAUSTED: out of memory while allocating"))
+
+
+def test_a_synchronous_save_is_on_disk_when_it_returns_and_keys_keep_their_implementation(tmp_path):
+    """Checkpoints(asynchronous=False): save returns once the checkpoint is finished on disk (no wait asked for), as
+    the checkpoint benchmark's synchronous mode measures. A restored key takes the template's implementation (an
+    rbg key here, whose raw data has another shape than the default threefry key's)."""
+    tree = {"weights": [jnp.full((512, 512), float(i)) for i in range(8)], "key": jax.random.key(3, impl="rbg")}
+    checkpoints = Checkpoints(tmp_path / "run", asynchronous=False)
+    checkpoints.save(1, tree)
+    assert _names(tmp_path / "run") == ["1"] and (tmp_path / "run" / "1" / "_CHECKPOINT_METADATA").exists()
+    restored = checkpoints.restore(1, {**tree, "key": jax.random.key(0, impl="rbg")})
+    checkpoints.close()
+    assert str(jax.random.key_impl(restored["key"])) == str(jax.random.key_impl(tree["key"]))
+    np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(tree["key"]))
+
+
+def test_checkpoints_under_a_relative_folder_are_saved_and_named_by_their_absolute_path(tmp_path, monkeypatch):
+    """A run given a relative --out (``runs/a``) keeps its checkpoints there, and the messages name the folder in
+    full, wherever the process was started from."""
+    monkeypatch.chdir(tmp_path)
+    with Checkpoints("runs/a", asynchronous=False) as checkpoints:
+        checkpoints.save(1, {"w": jnp.ones(2)})
+        assert checkpoints.directory == tmp_path / "runs" / "a" and checkpoints.latest_epoch() == 1
+    assert _names(tmp_path / "runs" / "a") == ["1"]
+
+
+def test_restore_latest_right_after_an_asynchronous_save_finds_that_save(tmp_path):
+    """restore_latest waits for a save under way before it lists the checkpoints: right after an asynchronous save
+    of large arrays (still being written when save returns), the newest is that save's epoch, not the one before."""
+    template = {"w": [jnp.zeros((1024, 1024))] * 8}
+    with Checkpoints(tmp_path / "run") as checkpoints:
+        checkpoints.save(1, template)
+        checkpoints.save(2, {"w": [jnp.ones((1024, 1024))] * 8})
+        epoch, restored, set_aside = checkpoints.restore_latest(template)
+    assert (epoch, set_aside) == (2, []) and float(restored["w"][0][0, 0]) == 1.0
