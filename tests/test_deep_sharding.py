@@ -311,3 +311,42 @@ def test_the_multi_host_helpers_wait_for_every_process_and_pass_the_count_and_in
     monkeypatch.setenv("JAX_PROCESS_ID", "one")
     with pytest.raises(ValueError, match="^JAX_PROCESS_ID must be an integer; got 'one'$"):
         devices.initialize_distributed()
+
+
+def test_without_the_count_and_index_variables_jax_finds_them_from_the_cluster(monkeypatch):
+    """initialize_distributed with only JAX_COORDINATOR_ADDRESS set (the others unset or empty, as a job script may
+    leave them): nothing is passed for them, so that JAX takes them from the cluster (SLURM, Open MPI)."""
+    initialised = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: initialised.append(kwargs))
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.setenv("JAX_PROCESS_ID", "")
+    assert devices.initialize_distributed() is True and initialised == [{}]
+
+
+
+def test_a_batch_is_laid_out_by_its_size_whatever_layout_it_arrives_in():
+    """shard_batch and place_batch lay a batch out by its size even when it arrives copied to every device (a batch
+    gathered for evaluation, say): 8 examples are split over 4 devices, not kept copied (a layout already right is
+    kept). On four CPU devices, in a subprocess that compiles nothing. A size one more than a multiple of the count
+    (5, 9) does not divide, so place_batch copies it."""
+    script = textwrap.dedent("""
+        import jax, numpy as np
+        from jax.sharding import PartitionSpec
+        from deep import devices
+        mesh = devices.data_mesh()
+        copied = devices.replicate(mesh, {"x": np.arange(16, dtype=np.float32).reshape(8, 2)})
+        split = devices.shard_batch(mesh, copied)
+        assert copied["x"].sharding.spec == PartitionSpec(), copied["x"].sharding
+        assert split["x"].sharding.spec == PartitionSpec("data"), split["x"].sharding
+        assert devices.place_batch(mesh, copied)["x"].sharding.spec == PartitionSpec("data")
+        assert devices.shard_batch(mesh, split)["x"] is split["x"]
+        np.testing.assert_array_equal(split["x"], np.arange(16).reshape(8, 2))
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                            env=with_cpu_devices(dict(os.environ), 4), timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    mesh = four_device_mesh()
+    for size in (5, 9):
+        assert devices.place_batch(mesh, {"x": np.zeros((size, 2), np.float32)})["x"].sharding.spec == PartitionSpec()
