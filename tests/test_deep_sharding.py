@@ -324,7 +324,6 @@ def test_without_the_count_and_index_variables_jax_finds_them_from_the_cluster(m
     assert devices.initialize_distributed() is True and initialised == [{}]
 
 
-
 def test_a_batch_is_laid_out_by_its_size_whatever_layout_it_arrives_in():
     """shard_batch and place_batch lay a batch out by its size even when it arrives copied to every device (a batch
     gathered for evaluation, say): 8 examples are split over 4 devices, not kept copied (a layout already right is
