@@ -266,6 +266,33 @@ def median_seconds_recording_warmups(seconds: float, warmups: list):
     return lambda function, repeats, warmup=False: warmups.append(warmup) or seconds
 
 
+@contextlib.contextmanager
+def drawn_calls(*names: str):
+    """Records the calls that matplotlib's ``Axes`` methods ``names`` (``"errorbar"``, ``"plot"``, ...) receive while
+    a figure is drawn, which still draws them; yields ``{name: [arguments, ...]}``, each call's arguments bound to the
+    method's parameter names (``x``, ``y``, ``yerr`` for errorbar; ``x``, ``y1``, ``y2`` for fill_between; ``args``
+    and ``kwargs`` for plot), so a test reads the plotted values however the script passed them."""
+    import inspect
+
+    import matplotlib.axes
+
+    calls = {name: [] for name in names}
+
+    def recorder(name):
+        original = getattr(matplotlib.axes.Axes, name)
+        signature = inspect.signature(original)
+
+        def record(self, *args, **kwargs):
+            calls[name].append(signature.bind(self, *args, **kwargs).arguments)
+            return original(self, *args, **kwargs)
+        return record
+
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(matplotlib.axes.Axes, name, recorder(name)))
+        yield calls
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()

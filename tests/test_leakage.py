@@ -6,7 +6,6 @@ from pathlib import Path
 from unittest import mock
 
 import jax
-import matplotlib.axes
 import numpy as np
 import pytest
 import scipy.integrate
@@ -15,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scm.residuals import FAMILIES, Residual1D, w1_exact
-from scripts import assert_one_line_error, load_script, run_in_process, run_script, with_out
+from scripts import assert_one_line_error, drawn_calls, load_script, run_in_process, run_script, with_out
 from theory import closed_forms as cf
 from theory import leakage
 
@@ -439,16 +438,9 @@ def test_negative_gaps_are_judged_and_plotted_by_their_magnitude_and_every_point
     verdict = payload["verdict"]
     assert verdict["bound_holds_where_assumptions_hold"] is False and verdict["failures_with_assumptions"] == 1
     assert verdict["tightest_ratio_where_assumptions_hold"] == pytest.approx(1.5, rel=1e-9)
-    calls = []
-    original = matplotlib.axes.Axes.errorbar
-
-    def record(self, x, y, *args, **kwargs):
-        calls.append((np.asarray(x, float), np.asarray(y, float), np.asarray(kwargs.get("yerr"), float)))
-        return original(self, x, y, *args, **kwargs)
-
-    with mock.patch.object(matplotlib.axes.Axes, "errorbar", record):
+    with drawn_calls("errorbar") as drawn:
         module.plot(payload, tmp_path / "leakage.png")
-    (x, y, yerr), = calls  # one case, one head, one loss: one series
-    np.testing.assert_allclose(x, [p["bound"] for p in points], rtol=1e-12)
-    np.testing.assert_allclose(y, [abs(p["gap"]) for p in points], rtol=1e-12)
-    np.testing.assert_allclose(yerr, [p["gap_se"] for p in points], rtol=1e-12)
+    (series,) = drawn["errorbar"]  # one case, one head, one loss: one series
+    np.testing.assert_allclose(series["x"], [p["bound"] for p in points], rtol=1e-12)
+    np.testing.assert_allclose(series["y"], [abs(p["gap"]) for p in points], rtol=1e-12)
+    np.testing.assert_allclose(series["yerr"], [p["gap_se"] for p in points], rtol=1e-12)

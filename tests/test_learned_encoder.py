@@ -10,11 +10,10 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
-import matplotlib.axes
 import numpy as np
 import pytest
 
-from scripts import assert_one_line_error, load_script, run_in_process, run_script, with_out
+from scripts import assert_one_line_error, drawn_calls, load_script, run_in_process, run_script, with_out
 from theory import measures
 from theory.balancing import make
 from theory.learned_encoder import (CoreWeights, EncoderMetrics, EncoderTraining, EncoderWorld,
@@ -429,22 +428,11 @@ def test_the_figure_draws_each_runs_band_final_point_and_sweep_with_their_own_er
     payload = {"steps": [10, 20, 30, 40], "runs": runs,
                **module.compare_final(WORLD, runs, ["ew (heads on semantic code)"])}
     final = payload["final"]
-    bands, bars = [], []
-    fill_between, errorbar = matplotlib.axes.Axes.fill_between, matplotlib.axes.Axes.errorbar
-
-    def record_band(self, x, low, high, *args, **kwargs):
-        bands.append((np.asarray(low, float), np.asarray(high, float)))
-        return fill_between(self, x, low, high, *args, **kwargs)
-
-    def record_bar(self, x, y, *args, **kwargs):
-        yerr = kwargs.get("yerr", args[0] if args else None)
-        bars.append((np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float)),
-                     np.atleast_1d(np.asarray(yerr, float))))
-        return errorbar(self, x, y, *args, **kwargs)
-
-    with mock.patch.object(matplotlib.axes.Axes, "fill_between", record_band), \
-            mock.patch.object(matplotlib.axes.Axes, "errorbar", record_bar):
+    with drawn_calls("fill_between", "errorbar") as drawn:
         module.plot(payload, tmp_path / "encoder.png")
+    bands = [(np.asarray(call["y1"], float), np.asarray(call["y2"], float)) for call in drawn["fill_between"]]
+    bars = [tuple(np.atleast_1d(np.asarray(call[name], float)) for name in ("x", "y", "yerr"))
+            for call in drawn["errorbar"]]
     main_runs = ["ew (heads on semantic code)", "CORE-MTL, hard grounding"]
     expected_bands = [(np.asarray(runs[name][field]["mean"]) - runs[name][field]["sem"],
                        np.asarray(runs[name][field]["mean"]) + runs[name][field]["sem"])

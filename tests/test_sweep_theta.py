@@ -5,11 +5,10 @@ import math
 from pathlib import Path
 from unittest import mock
 
-import matplotlib.axes
 import numpy as np
 import pytest
 
-from scripts import assert_one_line_error, load_script, run_in_process, run_script
+from scripts import assert_one_line_error, drawn_calls, load_script, run_in_process, run_script
 from theory.simulate import Evaluation
 
 SCRIPT = "experiments/sweep_theta.py"
@@ -245,19 +244,12 @@ def test_the_left_panel_plots_each_methods_gap_with_its_standard_error(tmp_path)
                "methods": {"ew": {"gap_mean": [0.0, 0.41, 1.02], "gap_sem": [0.0, 0.01, 0.03]}},
                "config": {"dim": 2, "sigma_s": 1.0, "sigma_r_source": 0.5, "sigma_r_target": 1.5, "betas": [1, 2],
                           "seeds": 2, "samples": 64, "steps": 30}}
-    calls = []
-    original = matplotlib.axes.Axes.errorbar
-
-    def record(self, x, y, *args, **kwargs):
-        calls.append((np.asarray(x, float), np.asarray(y, float), np.asarray(kwargs.get("yerr"), float)))
-        return original(self, x, y, *args, **kwargs)
-
-    with mock.patch.object(matplotlib.axes.Axes, "errorbar", record):
+    with drawn_calls("errorbar") as drawn:
         module.plot(payload, tmp_path / "sweep.png")
-    x, y, yerr = calls[0]  # the left panel's, drawn first: gap against θ
-    np.testing.assert_allclose(y, [0.0, 0.41, 1.02])
-    np.testing.assert_allclose(yerr, [0.0, 0.01, 0.03])
-    np.testing.assert_allclose(x, theta, atol=0.1)  # offset within a cell only
+    left = drawn["errorbar"][0]  # the left panel's, drawn first: gap against θ
+    np.testing.assert_allclose(left["y"], [0.0, 0.41, 1.02])
+    np.testing.assert_allclose(left["yerr"], [0.0, 0.01, 0.03])
+    np.testing.assert_allclose(left["x"], theta, atol=0.1)  # offset within a cell only
 
 
 def test_num_se_sets_the_closed_form_verdicts_slack_and_the_printed_table_is_the_jsons():
@@ -292,20 +284,12 @@ def test_the_right_panel_divides_by_the_signed_shift_and_points_of_several_metho
                "methods": {name: {"gap_mean": means[name], "gap_sem": sems[name]} for name in means},
                "config": {"dim": 2, "sigma_s": 1.0, "sigma_r_source": 1.5, "sigma_r_target": 0.5, "betas": [1, 2],
                           "seeds": 2, "samples": 64, "steps": 30}}
-    bars, lines = [], {}
-    errorbar, plot = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.plot
-
-    def record_bars(self, x, y, *args, **kwargs):
-        bars.append((np.asarray(x, float), np.asarray(y, float), np.asarray(kwargs.get("yerr"), float)))
-        return errorbar(self, x, y, *args, **kwargs)
-
-    def record_lines(self, x, y, *args, **kwargs):
-        lines.setdefault(kwargs.get("label"), []).append(np.asarray(y, float))
-        return plot(self, x, y, *args, **kwargs)
-
-    with mock.patch.object(matplotlib.axes.Axes, "errorbar", record_bars), \
-            mock.patch.object(matplotlib.axes.Axes, "plot", record_lines):
+    with drawn_calls("errorbar", "plot") as drawn:
         module.plot(payload, tmp_path / "sweep.png")
+    bars = [tuple(np.asarray(call[name], float) for name in ("x", "y", "yerr")) for call in drawn["errorbar"]]
+    lines = {}
+    for call in drawn["plot"]:  # plot(x, y, fmt, label=...): each label's y values, in the order drawn
+        lines.setdefault(call["kwargs"].get("label"), []).append(np.asarray(call["args"][1], float))
     scale = np.sin(theta[1:]) ** 2 * 2.0
     offsets = []
     for i, name in enumerate(means):  # each method: the left panel's call, then the right panel's
