@@ -531,6 +531,22 @@ def test_cagrad_solves_its_dual_as_well_as_scipy(jacobian, calpha):
     assert objective(ours.weights) <= reference + 1e-6 * scale + 1e-12
 
 
+def test_cagrads_dual_reaches_the_kink_at_a_task_whose_gradient_is_zero():
+    """Found by the thorough profile of the test above: with g_3 = 0 and calpha = 2, F(w) = w·a + c·sqrt(wᵀGw) is
+    least (0) at the vertex e_3, where sqrt(wᵀGw) has a kink. Frank–Wolfe's steps zigzag towards it (after 2000
+    iterations F was still 3.9e-4, 4e-5 of the scale), so the solver returns that vertex, with the last iterate's
+    gap (an upper bound, not met here: converged stays false). Where the optimum is elsewhere (calpha = 0.5: e_2,
+    F < 0), no vertex of a zero gradient is taken."""
+    jacobian = np.array([[0.25, 3.0], [0.0, -1.0], [0.0, 0.0]])
+    gram, mean = jacobian @ jacobian.T, np.full(3, 1 / 3)
+    for calpha, expected, iterations in ((2.0, [0.0, 0.0, 1.0], 2000), (0.5, [0.0, 1.0, 0.0], 2)):
+        radius = calpha * np.sqrt(mean @ gram @ mean)
+        solution = jitted(conflict_averse_frank_wolfe)(jnp.asarray(gram), jnp.asarray(gram @ mean),
+                                                       jnp.asarray(radius), 2000, 1e-10)
+        np.testing.assert_allclose(solution.weights, expected, atol=1e-12)
+        assert int(solution.iterations) == iterations
+
+
 def test_cagrad_improves_the_worst_task_over_the_mean():
     """CAGrad maximises the worst local improvement min_t g_t·d within the ball; the mean gradient does not."""
     jacobian = jnp.asarray([[1.0, 0.0], [-0.8, 0.3]])

@@ -326,6 +326,11 @@ def conflict_averse_frank_wolfe(gram: jax.Array, linear: jax.Array, radius: jax.
 
     ``linear`` (:math:`a`) and ``radius`` (:math:`c`) must be given for the *unnormalised* ``gram``; the problem is
     rescaled internally (:math:`G\to G/s`, :math:`a\to a/s`, :math:`c\to c/\sqrt s` leave the minimiser unchanged).
+
+    A vertex :math:`e_k` with :math:`G_{kk} = 0` (a task whose gradient is zero) is a kink of
+    :math:`\sqrt{w^\top G w}`, and F can be least there (for CAGrad's F whenever ``calpha`` >= 1); the steps zigzag
+    towards such a point without reaching it, so the best vertex is returned where its F is lower than the last
+    iterate's. The gap reported is the last iterate's, still an upper bound on the suboptimality of what is returned.
     """
     g, scale = _normalise(gram)
     safe_scale = jnp.where(scale > 0, scale, 1.0)
@@ -348,6 +353,10 @@ def conflict_averse_frank_wolfe(gram: jax.Array, linear: jax.Array, radius: jax.
         return w, gap_at(w), it + 1
 
     w, gap, it = jax.lax.while_loop(cond, body, (w0, gap_at(w0), jnp.zeros((), jnp.int32)))
+    vertex_values = a + c * jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
+    best = jnp.argmin(vertex_values)
+    last_value = w @ a + c * jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))
+    w = jnp.where(vertex_values[best] < last_value, jax.nn.one_hot(best, num_tasks, dtype=w.dtype), w)
     return SimplexSolution(w, gap, it)
 
 
