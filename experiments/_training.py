@@ -108,6 +108,14 @@ def check_full_batch(batch_size: int, examples: int, devices: int, note: str = "
                      f"leave no full batch; {remedy}{note}")
 
 
+def check_perceptual_weight(perceptual: str, appearance: float) -> None:
+    """Refuses ``--perceptual`` with an appearance weight of 0: the LPIPS term is weighted by the appearance weight
+    alone, so its weights would be read and recorded but never count."""
+    if perceptual and appearance == 0:
+        raise ValueError("--perceptual weights the appearance reconstruction, which --loss-weights appearance=0 "
+                         "removes (leave out one of them)")
+
+
 def reused_set_note(folder: Path) -> str:
     """Said after a batch-size refusal when ``--synthetic`` found its set in ``folder`` already (and did not write a
     new one of the size the flags ask for)."""

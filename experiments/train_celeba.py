@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, parse_config, parse_overrides, parser_for, pyplot, require_file,  # noqa: E402
                      require_finite, require_folder, require_integer, run_main, save_figure, write_json)
-from _training import (absolute, check_full_batch, check_run_folder, data_mesh_for, evaluation_loader,  # noqa: E402
-                       generated, last_good_state_of, read_weights, record_epoch, record_run, restore_run,
-                       reused_set_note, train_epoch)
+from _training import (absolute, check_full_batch, check_perceptual_weight, check_run_folder,  # noqa: E402
+                       data_mesh_for, evaluation_loader, generated, last_good_state_of, read_weights, record_epoch,
+                       record_run, restore_run, reused_set_note, train_epoch)
 
 PATH_FIELDS = ("data", "pretrained", "perceptual")
 VARIANTS = ("paper", "authors")
@@ -158,9 +158,7 @@ class TrainConfig:
                                                                  _authors_weights())[1])
         if self.loss_weights and self.method != "core":
             raise ValueError(f"--loss-weights is for --method core (its objective); got --method {self.method}")
-        if self.perceptual and self.weights.appearance == 0:  # the LPIPS term is weighted by appearance alone
-            raise ValueError("--perceptual weights the appearance reconstruction, which --loss-weights appearance=0 "
-                             "removes (leave out one of them)")
+        check_perceptual_weight(self.perceptual, self.weights.appearance)
 
     @property
     def weights(self):

@@ -52,9 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (environment, flag, parse_choices, parse_config, parse_overrides, parser_for, pyplot,  # noqa: E402
                      require_file, require_finite, require_folder, require_integer, run_main, save_figure, write_json)
-from _training import (absolute, check_full_batch, check_run_folder, data_mesh_for, evaluation_loader,  # noqa: E402
-                       generated, last_good_state_of, read_weights, record_epoch, record_run, restore_run,
-                       reused_set_note, train_epoch)
+from _training import (absolute, check_full_batch, check_perceptual_weight, check_run_folder,  # noqa: E402
+                       data_mesh_for, evaluation_loader, generated, last_good_state_of, read_weights, record_epoch,
+                       record_run, restore_run, reused_set_note, train_epoch)
 
 DATASETS = ("nyuv2", "cityscapes", "gta5", "colored_cityscapes")
 # What --augment does per dataset, as AugmentConfig fields: the authors' NYUv2 and GTA5 pipelines; Cityscapes is
@@ -244,9 +244,7 @@ class TrainConfig:
         if self.perceptual and self.method != "core":
             raise ValueError(f"--perceptual is for --method core (its reconstruction loss); got --method "
                              f"{self.method}")
-        if self.perceptual and self.weights.appearance == 0:  # the LPIPS term is weighted by appearance alone
-            raise ValueError("--perceptual weights the appearance reconstruction, which --loss-weights appearance=0 "
-                             "removes (leave out one of them)")
+        check_perceptual_weight(self.perceptual, self.weights.appearance)
         require_folder("--data", self.data)
         for option, path in (("--target-data", self.target_data), ("--source-data", self.source_data)):
             if path and self.dataset != "gta5":

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import functools
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -272,8 +273,6 @@ def drawn_calls(*names: str):
     a figure is drawn, which still draws them; yields ``{name: [arguments, ...]}``, each call's arguments bound to the
     method's parameter names (``x``, ``y``, ``yerr`` for errorbar; ``x``, ``y1``, ``y2`` for fill_between; ``args``
     and ``kwargs`` for plot), so a test reads the plotted values however the script passed them."""
-    import inspect
-
     import matplotlib.axes
 
     calls = {name: [] for name in names}
