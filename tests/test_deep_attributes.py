@@ -375,22 +375,25 @@ def test_gradient_cosines_are_those_of_the_per_term_gradients(monkeypatch):
                                                                                      perceptual=jnp.float32(2.0))
     shared, heads = state.params
 
-    def gradient(pick):
-        def term(shared):
+    def gradients(*picks):
+        """Each term's gradient of the shared parameters, raveled, from one jitted program (differentiated eagerly,
+        every operation would be compiled on its own)."""
+        def term(shared, pick):
             model = nnx.merge(graphdef, shared, heads, *jax.tree.map(jnp.copy, (state.batch_stats, state.rest)))
             model.train()
             return pick(model, *model(batch["images"]))
 
-        return np.asarray(ravel_pytree(jax.grad(term)(shared))[0], np.float64)
-
-    tasks = [gradient(lambda model, p, aux, t=t: model.task_loss(t, p[t], batch)) for t in ATTRIBUTES]
+        taken = jax.jit(lambda shared: [ravel_pytree(jax.grad(functools.partial(term, pick=pick))(shared))[0]
+                                        for pick in picks])(shared)
+        return [np.asarray(gradient, np.float64) for gradient in taken]
 
     def reconstruction_term(model, predictions, aux):
         difference = aux["reconstruction"] - batch["images"]
         return 5.0 * (0.5 * jnp.mean(jnp.abs(difference)) + 2.0 * jnp.mean(difference**2))
 
-    reconstruction = gradient(reconstruction_term)
-    independence = gradient(lambda model, p, aux: linear_cka(aux["semantic_code"], aux["residual_code"]))
+    *tasks, reconstruction, independence = gradients(
+        *(lambda model, p, aux, t=t: model.task_loss(t, p[t], batch) for t in ATTRIBUTES), reconstruction_term,
+        lambda model, p, aux: linear_cka(aux["semantic_code"], aux["residual_code"]))
     cosine = lambda a, b: a @ b / np.sqrt((a @ a) * (b @ b))  # noqa: E731
     expected = np.array([[cosine(a, b) for b in tasks] for a in tasks])
     np.testing.assert_allclose(probes["task_task"], expected, atol=1e-5)

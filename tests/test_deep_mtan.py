@@ -202,8 +202,10 @@ def test_the_jacobian_step_equals_the_pull_back_of_all_losses_through_the_whole_
 def test_representation_gradients_refuse_mtan(setup):
     """GradDrop balances gradients of the representation, which would leave out the transitions' own gradients."""
     graphdef, _, state = setup
+    # Refused while tracing, as under the step's jit: traced abstractly, nothing runs or compiles.
     with pytest.raises(ValueError, match="need the dual-stream model"):
-        train.representation_jacobian_step(graphdef, state, make_batch())
+        jax.eval_shape(lambda state, batch: train.representation_jacobian_step(graphdef, state, batch), state,
+                       make_batch())
 
 
 def test_split_puts_every_task_parameter_under_heads(setup):
