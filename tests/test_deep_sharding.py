@@ -59,9 +59,9 @@ PREAMBLE = textwrap.dedent("""
 """)
 
 
-def run_on_four_devices(script: str) -> str:
-    """The standard output of ``PREAMBLE + script`` run on four CPU devices."""
-    result = subprocess.run([sys.executable, "-c", PREAMBLE + textwrap.dedent(script)], capture_output=True,
+def run_on_four_devices(script: str, preamble: str = PREAMBLE) -> str:
+    """The standard output of ``preamble + script`` run on four CPU devices (``preamble=""``: the script alone)."""
+    result = subprocess.run([sys.executable, "-c", preamble + textwrap.dedent(script)], capture_output=True,
                             text=True, cwd=ROOT, env=with_cpu_devices(dict(os.environ), 4), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -329,7 +329,7 @@ def test_a_batch_is_laid_out_by_its_size_whatever_layout_it_arrives_in():
     gathered for evaluation, say): 8 examples are split over 4 devices, not kept copied (a layout already right is
     kept). On four CPU devices, in a subprocess that compiles nothing. A size one more than a multiple of the count
     (5, 9) does not divide, so place_batch copies it."""
-    script = textwrap.dedent("""
+    stdout = run_on_four_devices("""
         import jax, numpy as np
         from jax.sharding import PartitionSpec
         from deep import devices
@@ -342,10 +342,8 @@ def test_a_batch_is_laid_out_by_its_size_whatever_layout_it_arrives_in():
         assert devices.shard_batch(mesh, split)["x"] is split["x"]
         np.testing.assert_array_equal(split["x"], np.arange(16).reshape(8, 2))
         print("ok")
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                            env=with_cpu_devices(dict(os.environ), 4), timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    """, preamble="")
+    assert stdout.strip() == "ok"
     mesh = four_device_mesh()
     for size in (5, 9):
         assert devices.place_batch(mesh, {"x": np.zeros((size, 2), np.float32)})["x"].sharding.spec == PartitionSpec()
