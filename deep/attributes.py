@@ -78,6 +78,14 @@ def attribute_model_config(variant: str, size: str, **fields) -> "AttributeModel
     return AttributeModelConfig(backbone=backbone, **sized, **fields)
 
 
+def run_model_config(record) -> "AttributeModelConfig":
+    """The model of a run of ``experiments/train_celeba.py`` whose flags are ``record`` (a mapping with its
+    fields, ``attributes`` as names, such as its ``run.json``): the script builds its model from this too."""
+    return attribute_model_config(record["variant"], record["model"], attributes=tuple(record["attributes"]),
+                                  grounding="soft" if record["method"] == "core" else "none",
+                                  compute_dtype=record["precision"])
+
+
 @dataclasses.dataclass(frozen=True)
 class AttributeModelConfig:
     """Sizes of :class:`AttributeModel` (defaults: the authors' CelebA model, all 40 attributes; the paper's has the

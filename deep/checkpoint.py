@@ -66,6 +66,12 @@ class Checkpoints:
         self._manager.reload()
         return self._manager.latest_step()
 
+    def epochs(self) -> list[int]:
+        """The epochs of the complete checkpoints kept, oldest first, once a save under way has finished."""
+        self.wait()
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
     def save(self, epoch: int, tree: Any) -> None:
         """Save ``tree`` (any pytree of arrays and scalars) as the state after ``epoch`` completed epochs. The arrays
         are copied before it returns, so the caller may then donate or delete them."""

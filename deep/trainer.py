@@ -82,6 +82,14 @@ def model_config(dataset: str, size: str, method: str, task: str = "", grounding
 ARCHITECTURES = ("shared", "mtan")
 
 
+def run_model_config(record) -> ModelConfig:
+    """The model of a run of ``experiments/train_nyuv2.py`` whose flags are ``record`` (a mapping with its
+    fields, such as its ``run.json``): the script builds its model from this too."""
+    return model_config(record["dataset"], record["model"], record["method"], record["task"], record["grounding"],
+                        record["heads_read"], record["precision"], record["variant"], record["semantic_channels"],
+                        record["residual_channels"])
+
+
 def build_model(config: ModelConfig, architecture: str, seed: int):
     """The model to train, initialised from ``seed``: the dual-stream model (hard parameter sharing for the
     baselines) or MTAN with the same backbone, tasks, head sizes and compute dtype."""

@@ -177,11 +177,9 @@ class TrainConfig:
             raise ValueError(f"--attributes: {error}") from None
 
     def model_config(self):
-        from deep.attributes import attribute_model_config
+        from deep.attributes import run_model_config
 
-        return attribute_model_config(self.variant, self.model, attributes=self.attribute_names,
-                                      grounding="soft" if self.method == "core" else "none",
-                                      compute_dtype=self.precision)
+        return run_model_config({**dataclasses.asdict(self), "attributes": self.attribute_names})
 
     def run_identity(self) -> dict:
         """The fields that define the training run: a resumed run must agree on all of them (not the probe that

@@ -264,9 +264,7 @@ class TrainConfig:
     def model_config(self):
         from deep import trainer
 
-        return trainer.model_config(self.dataset, self.model, self.method, self.task, self.grounding,
-                                    self.heads_read, self.precision, self.variant, self.semantic_channels,
-                                    self.residual_channels)
+        return trainer.run_model_config(dataclasses.asdict(self))
 
     @property
     def corruption_names(self) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ import inspect
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,20 @@ from unittest import mock
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_readme_example(name: str, replacements: dict[str, str] | None = None) -> dict:
+    """Runs the README's code block marked ``<!-- tested: name -->``, each key of ``replacements`` (a path the block
+    names, say) replaced by its value, and returns its variables."""
+    match = re.search(rf"<!-- tested: {name} -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert match, f"the README lost its tested example {name}"
+    code = match.group(1)
+    for old, new in (replacements or {}).items():
+        assert old in code, f"the README's example {name} no longer names {old!r}"
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, f"README.md ({name})", "exec"), namespace)
+    return namespace
 
 
 def environment(cache: Path) -> dict:

@@ -1,18 +1,6 @@
 """The README's worked examples run as written."""
 
-import re
-from pathlib import Path
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def run_example(name: str) -> dict:
-    """Runs the README's code block marked ``<!-- tested: name -->`` and returns its variables."""
-    match = re.search(rf"<!-- tested: {name} -->\s*```python\n(.*?)```", README.read_text(), re.S)
-    assert match, f"the README lost its tested example {name}"
-    namespace: dict = {}
-    exec(compile(match.group(1), f"README.md ({name})", "exec"), namespace)
-    return namespace
+from scripts import run_readme_example as run_example
 
 
 def test_readme_training_step_example_runs():

@@ -54,6 +54,27 @@ def test_a_core_run_writes_its_results_plots_and_one_line_per_epoch(uninterrupte
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
 
 
+def test_the_model_loaded_from_a_run_scores_the_runs_test_accuracies(uninterrupted):
+    """deep.trained.load_trained reads a CelebA run too (CORE-MTL: the attribute model with its decoder, no balancer
+    state): on the run's test split its logits give results.json's test accuracies (in eval mode; the filler rows
+    the run's last batch carried count for nothing)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from deep import attributes, data
+    from deep.trained import load_trained
+
+    results = json.loads((uninterrupted / "results.json").read_text())
+    trained = load_trained(uninterrupted)
+    names = tuple(trained.record["attributes"])
+    assert trained.epoch == 3 and type(trained.model).__name__ == "AttributeModel" and len(names) == 5
+    test_split = data.load_celeba(uninterrupted / "data", "test", names, size=(64, 64))
+    batch = {**test_split, "images": jnp.asarray(test_split["images"], jnp.float32) / 255.0}
+    predict = nnx.jit(lambda model, images: attributes.stacked_logits(model(images)[0], names))
+    accuracies = attributes.evaluate_attributes(predict, trained.model, [batch], names)
+    assert accuracies == pytest.approx(results["test"], rel=1e-6)
+
+
 def test_compare_runs_reads_a_run(uninterrupted, tmp_path):
     compared = run_script("experiments/compare_runs.py", str(uninterrupted), "--out", str(tmp_path))
     assert compared.returncode == 0, compared.stderr

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from scripts import (ROOT, USE_GLOO, assert_each_flag_reaches_its_field, assert_one_line_error, environment,
-                     killed_after_the_first_checkpoint, load_script, run_in_process, run_processes, run_script,
-                     run_training, run_with_a_stand_in_step, steps_of_a_resumed_stand_in_loop, weights_reaching,
-                     with_cpu_devices)
+                     killed_after_the_first_checkpoint, load_script, run_in_process, run_processes,
+                     run_readme_example, run_script, run_training, run_with_a_stand_in_step,
+                     steps_of_a_resumed_stand_in_loop, weights_reaching, with_cpu_devices)
 
 SCRIPT = ROOT / "experiments" / "train_nyuv2.py"
 FLAGS = ["--synthetic", "--model", "tiny", "--method", "ew", "--epochs", "4", "--warmup-epochs", "1",
@@ -806,6 +806,45 @@ def test_the_results_are_the_last_epochs(uninterrupted):
     lines = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert results["final"] == lines[-1]["test"] and results["history"] == lines
     assert results["final"] != lines[0]["test"]  # EW learns: the epochs' metrics differ
+
+
+def test_the_model_loaded_from_a_run_scores_the_runs_test_metrics(uninterrupted):
+    """deep.trained.load_trained rebuilds the model from run.json and a checkpoint: evaluated on the run's test split
+    (one batch of its 4 examples, as the run evaluated it), the newest gives results.json's final metrics and the
+    epoch-3 one that epoch's line; the README's example runs on the folder; an epoch not kept and a folder without a
+    run are one-line errors; nothing in the folder changes. Uses the module's ``uninterrupted`` run (EW: a balancer
+    state in its checkpoints)."""
+    from flax import nnx
+
+    from deep import data, trainer
+    from deep.trained import load_trained
+
+    def files(folder):
+        return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+    before = files(uninterrupted)
+    results = json.loads((uninterrupted / "results.json").read_text())
+    test_split = data.load_nyuv2(uninterrupted / "data", "val")
+    predict = nnx.jit(lambda model, images: model(images)[0])
+    for epoch, expected in ((None, results["final"]), (3, results["history"][2]["test"])):
+        trained = load_trained(uninterrupted, epoch)
+        assert trained.epoch == (epoch or 4) and trained.record["method"] == "ew"
+        # In eval mode: BatchNorm with the batch's statistics or dropout on would give other metrics.
+        metrics = trainer.evaluate(predict, trained.model, [test_split], trainer.run_model_config(trained.record).tasks)
+        assert metrics == pytest.approx(expected, rel=1e-5)
+    assert results["final"] != results["history"][2]["test"]  # two models told apart
+
+    example = run_readme_example("readme-trained-model", {'"results/train_nyuv2"': repr(str(uninterrupted)),
+                                                          '"nyuv2"': repr(str(uninterrupted / "data"))})
+    assert example["trained"].epoch == 4
+    assert {task: value.shape for task, value in example["predictions"].items()} == {
+        "segmentation": (4, 32, 48, 13), "depth": (4, 32, 48, 1), "normal": (4, 32, 48, 3)}
+
+    with pytest.raises(ValueError, match=r"keeps no checkpoint of epoch 1; it keeps 3, 4$"):
+        load_trained(uninterrupted, 1)
+    with pytest.raises(ValueError, match=r"holds no training run: run.json is missing$"):
+        load_trained(uninterrupted / "data")
+    assert files(uninterrupted) == before
 
 
 def test_the_step_guard_stops_at_the_first_non_finite_step_and_the_epochs_means_are_over_its_steps():

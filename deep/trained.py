@@ -1,0 +1,81 @@
+"""The model a training run left in its folder, ready to use: :func:`load_trained`.
+
+A run of ``experiments/train_nyuv2.py`` or ``experiments/train_celeba.py`` writes ``run.json`` (the flags that define
+it) and ``checkpoints/`` (the state after each of its last epochs). The model is rebuilt from ``run.json`` as the script
+built it, and its parameters and BatchNorm statistics are read from a checkpoint; the data and the weight files the run
+read need not be at hand, and nothing in the folder changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from flax import nnx
+
+from deep import losses, train, trainer
+from deep.checkpoint import Checkpoints
+
+
+class TrainedModel(NamedTuple):
+    """A trained model in eval mode (running BatchNorm statistics, no dropout), the epoch whose checkpoint it comes
+    from, and the run's ``run.json``. ``model(images)`` gives ``(predictions, aux)``: ``predictions[task]`` is
+    ``[B, H, W, C]`` for the dense tasks, a logit ``[B]`` per CelebA attribute."""
+
+    model: nnx.Module
+    epoch: int
+    record: dict
+
+
+def load_trained(folder: str | os.PathLike, epoch: int | None = None) -> TrainedModel:
+    """The model trained by the run in ``folder``, from its newest checkpoint, or from that of ``epoch`` (the
+    scripts keep the last two). Raises ``ValueError`` with one line when ``folder`` holds no run, no checkpoint or
+    none of ``epoch``."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / "run.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder} holds no training run: run.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{folder / 'run.json'} is damaged ({error})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{folder / 'run.json'} is not a run's record (a JSON object)")
+    try:
+        model, tasks = _untrained_model(record)
+        optimizer = train.make_optimizer(train.OptimConfig(decoupled_weight_decay=record["optimizer"] == "adamw"))
+        method = record["method"]
+    except KeyError as error:
+        raise ValueError(f"{folder / 'run.json'} lacks the field {error}: not written by this version's "
+                         f"train_nyuv2.py or train_celeba.py") from None
+    # The tree the run checkpointed, {"state", "balancer"}, built as the scripts build it: Orbax restores into its
+    # structure, shapes and dtypes. The optimiser's settings change values only, not the structure.
+    graphdef, state = train.split_model(model, optimizer)
+    balancer, _ = trainer.make_step(method, graphdef, optimizer, losses.LossWeights())
+    template = {"state": state, "balancer": () if method == "core" else balancer.init(tasks)}
+    directory = folder / "checkpoints"
+    if not directory.is_dir():
+        raise ValueError(f"{folder} holds no checkpoint (no checkpoints/ folder)")
+    with Checkpoints(directory) as checkpoints:
+        kept = checkpoints.epochs()
+        if not kept:
+            raise ValueError(f"{folder} holds no checkpoint yet (the run has not finished an epoch)")
+        if epoch is None:
+            epoch = kept[-1]
+        elif epoch not in kept:
+            raise ValueError(f"{folder} keeps no checkpoint of epoch {epoch}; it keeps "
+                             f"{', '.join(map(str, kept))}")
+        restored = checkpoints.restore(epoch, template)
+    return TrainedModel(trainer.eval_model(graphdef, restored["state"]), epoch, record)
+
+
+def _untrained_model(record: dict) -> tuple[nnx.Module, int]:
+    """The model a run of ``record`` starts from (its configuration and seed), and its number of tasks."""
+    if "attributes" in record:  # train_celeba.py
+        from deep import attributes
+
+        config = attributes.run_model_config(record)
+        return attributes.AttributeModel(config, nnx.Rngs(record["seed"])), len(config.attributes)
+    config = trainer.run_model_config(record)
+    return trainer.build_model(config, record["architecture"], record["seed"]), len(config.tasks)
