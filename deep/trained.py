@@ -16,7 +16,7 @@ from typing import NamedTuple
 from flax import nnx
 
 from deep import losses, train, trainer
-from deep.checkpoint import Checkpoints
+from deep.checkpoint import CheckpointMismatch, Checkpoints, _first_line, _looks_damaged
 
 
 class TrainedModel(NamedTuple):
@@ -32,7 +32,7 @@ class TrainedModel(NamedTuple):
 def load_trained(folder: str | os.PathLike, epoch: int | None = None) -> TrainedModel:
     """The model trained by the run in ``folder``, from its newest checkpoint, or from that of ``epoch`` (the
     scripts keep the last two). Raises ``ValueError`` with one line when ``folder`` holds no run, no checkpoint or
-    none of ``epoch``."""
+    none of ``epoch``, or when the checkpoint cannot be read or does not match the run's model."""
     folder = Path(folder)
     try:
         record = json.loads((folder / "run.json").read_text())
@@ -42,18 +42,6 @@ def load_trained(folder: str | os.PathLike, epoch: int | None = None) -> Trained
         raise ValueError(f"{folder / 'run.json'} is damaged ({error})") from None
     if not isinstance(record, dict):
         raise ValueError(f"{folder / 'run.json'} is not a run's record (a JSON object)")
-    try:
-        model, tasks = _untrained_model(record)
-        optimizer = train.make_optimizer(train.OptimConfig(decoupled_weight_decay=record["optimizer"] == "adamw"))
-        method = record["method"]
-    except KeyError as error:
-        raise ValueError(f"{folder / 'run.json'} lacks the field {error}: not written by this version's "
-                         f"train_nyuv2.py or train_celeba.py") from None
-    # The tree the run checkpointed, {"state", "balancer"}, built as the scripts build it: Orbax restores into its
-    # structure, shapes and dtypes. The optimiser's settings change values only, not the structure.
-    graphdef, state = train.split_model(model, optimizer)
-    balancer, _ = trainer.make_step(method, graphdef, optimizer, losses.LossWeights())
-    template = {"state": state, "balancer": () if method == "core" else balancer.init(tasks)}
     directory = folder / "checkpoints"
     if not directory.is_dir():
         raise ValueError(f"{folder} holds no checkpoint (no checkpoints/ folder)")
@@ -66,8 +54,37 @@ def load_trained(folder: str | os.PathLike, epoch: int | None = None) -> Trained
         elif epoch not in kept:
             raise ValueError(f"{folder} keeps no checkpoint of epoch {epoch}; it keeps "
                              f"{', '.join(map(str, kept))}")
-        restored = checkpoints.restore(epoch, template)
+        graphdef, template = _checkpointed_tree(record, folder)
+        try:
+            restored = checkpoints.restore(epoch, template)
+        except CheckpointMismatch:
+            raise ValueError(f"the checkpoint of epoch {epoch} in {directory} does not match the model and optimiser "
+                             f"that {folder / 'run.json'} describes (written by another version of this code)"
+                             ) from None
+        except Exception as error:  # as Checkpoints.restore_latest tells damage from other failures
+            if not _looks_damaged(error):
+                raise
+            others = [str(other) for other in kept if other != epoch]
+            instead = f"load epoch {', '.join(others)} instead, or " if others else ""
+            raise ValueError(f"the checkpoint of epoch {epoch} in {directory} cannot be read ({_first_line(error)}); "
+                             f"{instead}resume the run, which sets it aside") from None
     return TrainedModel(trainer.eval_model(graphdef, restored["state"]), epoch, record)
+
+
+def _checkpointed_tree(record: dict, folder: Path) -> tuple[nnx.GraphDef, dict]:
+    """``(graphdef, tree)``: the tree a run of ``record`` checkpoints, ``{"state", "balancer"}``, built as the
+    scripts build it (Orbax restores into its structure, shapes and dtypes; the optimiser's settings change its
+    values only), with the graph definition of its model."""
+    try:
+        model, tasks = _untrained_model(record)
+        optimizer = train.make_optimizer(train.OptimConfig(decoupled_weight_decay=record["optimizer"] == "adamw"))
+        method = record["method"]
+    except KeyError as error:
+        raise ValueError(f"{folder / 'run.json'} lacks the field {error}: not written by this version's "
+                         f"train_nyuv2.py or train_celeba.py") from None
+    graphdef, state = train.split_model(model, optimizer)
+    balancer, _ = trainer.make_step(method, graphdef, optimizer, losses.LossWeights())
+    return graphdef, {"state": state, "balancer": () if method == "core" else balancer.init(tasks)}
 
 
 def _untrained_model(record: dict) -> tuple[nnx.Module, int]:

@@ -1,0 +1,94 @@
+"""deep.trained.load_trained on run folders written here: an MTAN baseline's checkpoint with a balancer state, and
+the one-line errors. (Runs of the training scripts are loaded in test_train_nyuv2.py and test_train_celeba.py.)"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from deep import train, trainer
+from deep.checkpoint import Checkpoints
+from deep.mtan import MTAN
+from deep.trained import load_trained
+from scripts import load_script
+from theory.balancing import make
+
+
+def leaves(tree):
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def test_an_mtan_run_loads_the_checkpointed_parameters_and_statistics_not_its_seeds(tmp_path):
+    """The run.json of train_nyuv2.py's own configuration (MTAN, FAMO, AdamW: another optimiser chain and a balancer
+    state in the checkpoint's tree); the checkpoint holds a model of another seed with shifted BatchNorm statistics,
+    and that is what comes back, in eval mode."""
+    script = load_script("experiments/train_nyuv2.py")
+    record = script.TrainConfig(synthetic=True, model="tiny", method="famo", architecture="mtan", optimizer="adamw",
+                                seed=3).run_identity()
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"holds no checkpoint \(no checkpoints/ folder\)$"):
+        load_trained(folder)
+
+    model = trainer.build_model(trainer.run_model_config(record), "mtan", seed=99)
+    optimizer = train.make_optimizer(train.OptimConfig(decoupled_weight_decay=True))
+    graphdef, state = train.split_model(model, optimizer)
+    state = state._replace(batch_stats=jax.tree.map(lambda value: value + 0.5, state.batch_stats))
+    with Checkpoints(folder / "checkpoints") as checkpoints:
+        checkpoints.save(7, {"state": state, "balancer": make("famo").init(3)})
+
+    trained = load_trained(folder)
+    assert trained.epoch == 7 and isinstance(trained.model, MTAN) and trained.record == record
+    _, params, batch_stats, _ = train.split_states(trained.model)  # laid out as the state was
+    for loaded, saved in ((params, state.params), (batch_stats, state.batch_stats)):
+        assert len(leaves(loaded)) == len(leaves(saved)) > 0
+        for a, b in zip(leaves(loaded), leaves(saved)):
+            np.testing.assert_array_equal(a, b)
+    # The run's own seed draws other parameters: what was loaded came from the checkpoint.
+    _, seeded, _, _ = train.split_states(trainer.build_model(trainer.run_model_config(record), "mtan", seed=3))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(seeded), leaves(params)))
+    # A record without a field the model needs, a checkpoint of another model, and one damaged on disk (as
+    # test_deep_trainer damages them).
+    (folder / "run.json").write_text(json.dumps({k: v for k, v in record.items() if k != "architecture"}))
+    with pytest.raises(ValueError, match=r"run.json lacks the field 'architecture': not written by this version's "
+                                         r"train_nyuv2.py or train_celeba.py$"):
+        load_trained(folder)
+    (folder / "run.json").write_text(json.dumps(record))
+    with Checkpoints(folder / "checkpoints") as checkpoints:
+        checkpoints.save(8, {"state": state, "balancer": ()})  # as an EW run's, not FAMO's
+        checkpoints.save(9, {"state": state, "balancer": make("famo").init(3)})
+    with pytest.raises(ValueError, match=r"epoch 8 .* does not match the model and optimiser that .*run.json "
+                                         r"describes \(written by another version of this code\)$"):
+        load_trained(folder, 8)
+    for path in (folder / "checkpoints" / "9").rglob("*"):
+        if path.is_file() and "METADATA" not in path.name and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(ValueError, match=r"the checkpoint of epoch 9 .* cannot be read \(.*\); load epoch 8 instead, "
+                                         r"or resume the run, which sets it aside$"):
+        load_trained(folder)
+    modes = [node.use_running_average for _, node in nnx.iter_graph(trained.model)
+             if isinstance(node, nnx.Module) and hasattr(node, "use_running_average")]
+    assert modes and all(modes)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", r"run.json is damaged \("),
+    ("[1, 2]", r"run.json is not a run's record \(a JSON object\)$"),
+])
+def test_a_bad_record_is_one_line(tmp_path, content, message):
+    (tmp_path / "run.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_trained(tmp_path)
+
+
+def test_a_run_without_a_finished_epoch_is_one_line(tmp_path):
+    script = load_script("experiments/train_nyuv2.py")
+    record = script.TrainConfig(synthetic=True, model="tiny", method="ew").run_identity()
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ValueError, match=r"holds no checkpoint yet \(the run has not finished an epoch\)$"):
+        load_trained(tmp_path)
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["checkpoints", "run.json"]
