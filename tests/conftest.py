@@ -57,7 +57,7 @@ HEAVIEST_FIRST = ("test_train_nyuv2.py", "test_train_celeba.py", "test_deep_trai
                   "test_deep_decoders.py", "test_sweep_theta.py", "test_bench_celeba_scaling.py", "test_perceptual.py",
                   "test_leakage.py", "test_balancing_loss_based.py", "test_measures.py", "test_orthogonality.py",
                   "test_balancing_solvers.py", "test_data.py", "test_deep_functional.py",
-                  "test_balancing_manipulation.py")
+                  "test_balancing_manipulation.py", "test_trained.py")
 
 
 def pytest_collection_modifyitems(items):
