@@ -1,4 +1,5 @@
-"""The README's worked examples run as written."""
+"""The README's worked examples run as written (the trained-model example runs in test_train_nyuv2.py, on the run
+that file makes)."""
 
 from scripts import run_readme_example as run_example
 
