@@ -3,6 +3,7 @@
 import functools
 import itertools
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,19 @@ def test_contract_shapes_finiteness_and_exact_weights(name):
     # Deterministic given the key.
     again = jax.jit(balancer.step)(jacobian, losses, state, KEY)
     np.testing.assert_array_equal(direction, again[0])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_step_may_donate_the_state_init_gives(name):
+    """The deep model's steps donate the balancer's state, and XLA refuses one buffer donated twice: init must not
+    put one array in two places (DWA's and FAMO's did: train_nyuv2.py --method famo stopped at its first step)."""
+    balancer = make(name)
+    state = balancer.init(3, num_params=7)
+    jacobian, losses = jax.random.normal(jax.random.key(1), (3, 7)), jnp.asarray([0.5, 1.0, 2.0])
+    with warnings.catch_warnings():  # a donated buffer that no output can reuse is only worth a warning
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        _, _, new_state = jax.jit(balancer.step, donate_argnums=2)(jacobian, losses, state, KEY)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -39,10 +39,11 @@ class Balancer(NamedTuple):
 
     Attributes:
         name: the registered name.
-        init: ``(num_tasks, num_params=None) -> state`` (a pytree of arrays). Methods whose state lives in
-            parameter space (DB-MTL, MoCo, ExcessMTL) allocate it when ``num_params`` (P) is given, and otherwise
-            on their first step, which cannot happen inside ``lax.scan``: callers that know P should pass it.
-            Every other method ignores it.
+        init: ``(num_tasks, num_params=None) -> state`` (a pytree of arrays, each its own: a jitted step may
+            donate the state, as the deep model's steps do, and XLA refuses a buffer donated twice). Methods whose
+            state lives in parameter space (DB-MTL, MoCo, ExcessMTL) allocate it when ``num_params`` (P) is given,
+            and otherwise on their first step, which cannot happen inside ``lax.scan``: callers that know P should
+            pass it. Every other method ignores it.
         step: ``(jacobian [K, P], losses [K], state, key) -> (direction [P], weights [K], state)``.
         weigh: the **Gram-matrix path**, ``(gram [K, K] or None, losses [K], state, key) -> (weights [K], state)``,
             for methods whose direction is exactly ``weights @ jacobian`` and whose weights depend on the gradients

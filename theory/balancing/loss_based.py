@@ -146,8 +146,7 @@ def dynamic_weight_average(temperature: float = 2.0, period: int = 1) -> Balance
 
     def init(num_tasks: int) -> DWAState:
         num_tasks = check_num_tasks(num_tasks)
-        zeros = jnp.zeros((num_tasks,), _state_dtype())
-        return DWAState(jnp.zeros((), jnp.int32), zeros, zeros, zeros)
+        return DWAState(jnp.zeros((), jnp.int32), *(jnp.zeros((num_tasks,), _state_dtype()) for _ in range(3)))
 
     def weigh(gram, losses, state, key):
         dtype = losses.dtype
@@ -357,8 +356,7 @@ def famo(w_lr: float = 0.025, w_gamma: float = 1e-3) -> Balancer:
 
     def init(num_tasks: int) -> FAMOState:
         num_tasks = check_num_tasks(num_tasks)
-        zeros = jnp.zeros((num_tasks,), _state_dtype())
-        return FAMOState(zeros, zeros, zeros, zeros, jnp.zeros((), jnp.int32))
+        return FAMOState(*(jnp.zeros((num_tasks,), _state_dtype()) for _ in range(4)), jnp.zeros((), jnp.int32))
 
     def weigh(gram, losses, state, key):
         dtype = losses.dtype
