@@ -9,6 +9,7 @@ read need not be at hand, and nothing in the folder changes.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -34,12 +35,21 @@ def load_trained(folder: str | os.PathLike, epoch: int | None = None) -> Trained
     scripts keep the last two). Raises ``ValueError`` with one line when ``folder`` holds no run, no checkpoint or
     none of ``epoch``, or when the checkpoint cannot be read or does not match the run's model."""
     folder = Path(folder)
+    if epoch is not None:
+        try:
+            if isinstance(epoch, bool):
+                raise TypeError
+            epoch = operator.index(epoch)  # NumPy's and JAX's integers too
+        except TypeError:
+            raise ValueError(f"epoch must be an integer or None; got {epoch!r}") from None
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a run's folder (the --out of a training run)")
     try:
         record = json.loads((folder / "run.json").read_text())
     except FileNotFoundError:
         raise ValueError(f"{folder} holds no training run: run.json is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{folder / 'run.json'} is damaged ({error})") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{folder / 'run.json'} cannot be read ({error})") from None
     if not isinstance(record, dict):
         raise ValueError(f"{folder / 'run.json'} is not a run's record (a JSON object)")
     directory = folder / "checkpoints"
@@ -48,7 +58,9 @@ def load_trained(folder: str | os.PathLike, epoch: int | None = None) -> Trained
     with Checkpoints(directory) as checkpoints:
         kept = checkpoints.epochs()
         if not kept:
-            raise ValueError(f"{folder} holds no checkpoint yet (the run has not finished an epoch)")
+            set_aside = sorted(path.name for path in directory.glob("*.unreadable*"))
+            raise ValueError(f"{folder} holds no readable checkpoint: {', '.join(set_aside)} set aside as damaged"
+                             if set_aside else f"{folder} holds no checkpoint yet (the run has not finished an epoch)")
         if epoch is None:
             epoch = kept[-1]
         elif epoch not in kept:
@@ -57,18 +69,26 @@ def load_trained(folder: str | os.PathLike, epoch: int | None = None) -> Trained
         graphdef, template = _checkpointed_tree(record, folder)
         try:
             restored = checkpoints.restore(epoch, template)
-        except CheckpointMismatch:
+        except CheckpointMismatch as error:
             raise ValueError(f"the checkpoint of epoch {epoch} in {directory} does not match the model and optimiser "
-                             f"that {folder / 'run.json'} describes (written by another version of this code)"
-                             ) from None
+                             f"that {folder / 'run.json'} describes (another configuration's, or another version's "
+                             f"of this code): {str(error).split('Orbax: ')[-1]}") from None
         except Exception as error:  # as Checkpoints.restore_latest tells damage from other failures
             if not _looks_damaged(error):
                 raise
-            others = [str(other) for other in kept if other != epoch]
-            instead = f"load epoch {', '.join(others)} instead, or " if others else ""
             raise ValueError(f"the checkpoint of epoch {epoch} in {directory} cannot be read ({_first_line(error)}); "
-                             f"{instead}resume the run, which sets it aside") from None
+                             f"{_instead_of_damaged(epoch, kept)}") from None
     return TrainedModel(trainer.eval_model(graphdef, restored["state"]), epoch, record)
+
+
+def _instead_of_damaged(epoch: int, kept: list[int]) -> str:
+    """What to do about the damaged checkpoint of ``epoch``, one of those ``kept``. A resume sets aside only damaged
+    checkpoints newer than the one it resumes from, so it is advice only for the newest with an older one kept."""
+    older = [other for other in kept if other < epoch]
+    if epoch == kept[-1] and older:
+        return f"load epoch {older[-1]} instead, or resume the run, which sets the damaged one aside"
+    others = [str(other) for other in kept if other != epoch]
+    return f"load epoch {', '.join(others)} instead" if others else "it is the only checkpoint kept"
 
 
 def _checkpointed_tree(record: dict, folder: Path) -> tuple[nnx.GraphDef, dict]:
@@ -82,6 +102,8 @@ def _checkpointed_tree(record: dict, folder: Path) -> tuple[nnx.GraphDef, dict]:
     except KeyError as error:
         raise ValueError(f"{folder / 'run.json'} lacks the field {error}: not written by this version's "
                          f"train_nyuv2.py or train_celeba.py") from None
+    except (ValueError, TypeError, AttributeError) as error:  # a value a script would have refused, or of no type
+        raise ValueError(f"{folder / 'run.json'} does not describe a model: {error}") from None
     graphdef, state = train.split_model(model, optimizer)
     balancer, _ = trainer.make_step(method, graphdef, optimizer, losses.LossWeights())
     return graphdef, {"state": state, "balancer": () if method == "core" else balancer.init(tasks)}

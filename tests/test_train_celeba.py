@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from scripts import (ROOT, assert_each_flag_reaches_its_field, assert_one_line_error, killed_after_the_first_checkpoint,
@@ -56,8 +57,9 @@ def test_a_core_run_writes_its_results_plots_and_one_line_per_epoch(uninterrupte
 
 def test_the_model_loaded_from_a_run_scores_the_runs_test_accuracies(uninterrupted):
     """deep.trained.load_trained reads a CelebA run too (CORE-MTL: the attribute model with its decoder, no balancer
-    state): on the run's test split its logits give results.json's test accuracies (in eval mode; the filler rows
-    the run's last batch carried count for nothing)."""
+    state): on the run's test split its logits give results.json's test accuracies, and the epoch-2 model's on the
+    validation split that epoch's line (in eval mode; the filler rows the run's last batch carried count for
+    nothing)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -68,11 +70,20 @@ def test_the_model_loaded_from_a_run_scores_the_runs_test_accuracies(uninterrupt
     trained = load_trained(uninterrupted)
     names = tuple(trained.record["attributes"])
     assert trained.epoch == 3 and type(trained.model).__name__ == "AttributeModel" and len(names) == 5
-    test_split = data.load_celeba(uninterrupted / "data", "test", names, size=(64, 64))
-    batch = {**test_split, "images": jnp.asarray(test_split["images"], jnp.float32) / 255.0}
     predict = nnx.jit(lambda model, images: attributes.stacked_logits(model(images)[0], names))
-    accuracies = attributes.evaluate_attributes(predict, trained.model, [batch], names)
-    assert accuracies == pytest.approx(results["test"], rel=1e-6)
+
+    def batch(split):
+        arrays = data.load_celeba(uninterrupted / "data", split, names, size=(64, 64))  # the run's --image-size
+        return {**arrays, "images": jnp.asarray(arrays["images"], jnp.float32) / 255.0}  # uint8 -> [0, 1]
+
+    assert attributes.evaluate_attributes(predict, trained.model, [batch("test")], names) == pytest.approx(
+        results["test"], rel=1e-6)
+    earlier, val = load_trained(uninterrupted, 2), batch("val")
+    assert earlier.epoch == 2
+    assert attributes.evaluate_attributes(predict, earlier.model, [val], names) == pytest.approx(
+        results["history"][1]["val"], rel=1e-6)
+    # Accuracies over 16 faces barely move in an epoch; the logits show it is another model.
+    assert not np.allclose(predict(earlier.model, val["images"]), predict(trained.model, val["images"]))
 
 
 def test_compare_runs_reads_a_run(uninterrupted, tmp_path):

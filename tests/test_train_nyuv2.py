@@ -812,15 +812,16 @@ def test_the_model_loaded_from_a_run_scores_the_runs_test_metrics(uninterrupted)
     """deep.trained.load_trained rebuilds the model from run.json and a checkpoint: evaluated on the run's test split
     (one batch of its 4 examples, as the run evaluated it), the newest gives results.json's final metrics and the
     epoch-3 one that epoch's line; the README's example runs on the folder; an epoch not kept and a folder without a
-    run are one-line errors; nothing in the folder changes. Uses the module's ``uninterrupted`` run (EW: a balancer
-    state in its checkpoints)."""
+    run are one-line errors; nothing in the folder changes (names, sizes, modification times). Uses the module's
+    ``uninterrupted`` run (EW; test_trained.py checks the trees of other methods against the script's)."""
     from flax import nnx
 
     from deep import data, trainer
     from deep.trained import load_trained
 
     def files(folder):
-        return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+        return sorted((str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
+                      for path in folder.rglob("*"))
 
     before = files(uninterrupted)
     results = json.loads((uninterrupted / "results.json").read_text())
