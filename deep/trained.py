@@ -106,7 +106,7 @@ def _checkpointed_tree(record: dict, folder: Path) -> tuple[nnx.GraphDef, dict]:
         raise ValueError(f"{folder / 'run.json'} does not describe a model: {error}") from None
     graphdef, state = train.split_model(model, optimizer)
     balancer, _ = trainer.make_step(method, graphdef, optimizer, losses.LossWeights())
-    return graphdef, {"state": state, "balancer": () if method == "core" else balancer.init(tasks)}
+    return graphdef, {"state": state, "balancer": trainer.initial_balancer_state(method, balancer, state, tasks)}
 
 
 def _untrained_model(record: dict) -> tuple[nnx.Module, int]:

@@ -201,6 +201,17 @@ def make_step(method: str, graphdef, optimizer, weights: losses.LossWeights,
     return balancer, step
 
 
+def initial_balancer_state(method: str, balancer, state: train.TrainState, num_tasks: int):
+    """The balancer's state for the first step of ``make_step(method, ...)``'s ``step``: none for CORE-MTL; else
+    ``balancer.init`` for ``num_tasks`` tasks and the size P of ``state``'s shared parameters, so that a method with
+    a state in parameter space (DB-MTL, MoCo, ExcessMTL) starts with its ``[K, P]`` arrays, not a placeholder whose
+    shape the first step would change (a step that is not finite keeps the state it was given, which must have the
+    new state's shape, and a checkpoint restores into this one's)."""
+    if method == "core":
+        return ()
+    return balancer.init(num_tasks, num_params=sum(leaf.size for leaf in jax.tree.leaves(state.params[0])))
+
+
 def predict_function(graphdef) -> Callable:
     """Jitted ``(state, images) -> predictions`` of the model in eval mode (running BatchNorm statistics).
 

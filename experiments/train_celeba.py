@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flax import nnx
     from tqdm import tqdm
 
-    from deep import attributes, train
+    from deep import attributes, train, trainer
     from deep.checkpoint import Checkpoints
     from deep.data import AugmentConfig, Loader, augment
     from deep.perceptual import load_lpips_npz
@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loss_weights = config.weights
     balancer, step = attributes.make_attribute_step(config.method, graphdef, optimizer, loss_weights, perceptual,
                                                     jacobian_chunk)
-    balancer_state = () if config.method == "core" else balancer.init(len(model_config.attributes))
+    balancer_state = trainer.initial_balancer_state(config.method, balancer, state, len(model_config.attributes))
     record_run(out, config.run_identity(), {split: len(splits[split]["images"]) for split in ("train", "val", "test")},
                resumed)  # once every input (data, weight files) has been read
     state, balancer_state = devices.replicate(mesh, (state, balancer_state))

@@ -541,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # On every device once: passed to each step, weights on one device would be copied to the others every step.
     perceptual = devices.replicate(mesh, perceptual)
     balancer, step = trainer.make_step(config.method, graphdef, optimizer, weights, perceptual)
-    balancer_state = () if config.method == "core" else balancer.init(len(task_names))
+    balancer_state = trainer.initial_balancer_state(config.method, balancer, state, len(task_names))
     sizes = {"train": len(train_split["images"]), "test": len(test_split["images"])}
     if source_split is not None:
         sizes["source"] = len(source_split["images"])

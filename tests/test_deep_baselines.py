@@ -155,6 +155,25 @@ def test_every_parameter_space_baseline_takes_one_adam_step_along_its_direction(
             np.testing.assert_allclose(new, wanted, rtol=0, atol=1e-3 * OPTIM.learning_rate, err_msg=name)
 
 
+@pytest.mark.parametrize("method", [*METHODS, "stl"])
+def test_the_first_balancer_state_has_the_shapes_every_step_keeps(setup, method):
+    """trainer.initial_balancer_state, what the scripts' first step gets, against the state the balancer's step
+    returns (traced, not compiled): the same structure and shapes. DB-MTL's, MoCo's and ExcessMTL's init without P
+    gave a [K, 0] placeholder, which the step's keeping of the old state when not finite could not broadcast against
+    [K, P]: those methods stopped at their first step, and their checkpoints could not be restored."""
+    graphdef, optimizer, state = setup
+    balancer, _ = trainer.make_step(method, graphdef, optimizer, losses.PRESETS["nyuv2"])
+    num_tasks = 1 if method == "stl" else 3
+    initial = trainer.initial_balancer_state(method, balancer, state, num_tasks)
+    jacobian = jax.ShapeDtypeStruct((num_tasks, ravel_pytree(state.params[0])[0].size), jnp.float32)
+    _, _, after = jax.eval_shape(balancer.step, jacobian, jax.ShapeDtypeStruct((num_tasks,), jnp.float32), initial,
+                                 jax.random.key(0))
+    leaves, structure = jax.tree.flatten(initial)
+    assert jax.tree.structure(after) == structure
+    assert [leaf.shape for leaf in jax.tree.leaves(after)] == [leaf.shape for leaf in leaves]
+    assert trainer.initial_balancer_state("core", None, state, 3) == ()
+
+
 def adam_first_moments(state):
     """Adam's first moment of every parameter, in the order of ``jax.tree.leaves(state.params)``: after one step
     from fresh moments, (1 - b1) times the clipped gradient."""
