@@ -158,7 +158,7 @@ def test_every_parameter_space_baseline_takes_one_adam_step_along_its_direction(
 @pytest.mark.parametrize("method", [*METHODS, "stl"])
 def test_the_first_balancer_state_has_the_shapes_every_step_keeps(setup, method):
     """trainer.initial_balancer_state, what the scripts' first step gets, against the state the balancer's step
-    returns (traced, not compiled): the same structure and shapes. DB-MTL's, MoCo's and ExcessMTL's init without P
+    returns (traced, not compiled): the same structure, shapes and dtypes. DB-MTL's, MoCo's and ExcessMTL's init without P
     gave a [K, 0] placeholder, which the step's keeping of the old state when not finite could not broadcast against
     [K, P]: those methods stopped at their first step, and their checkpoints could not be restored."""
     graphdef, optimizer, state = setup
@@ -170,7 +170,8 @@ def test_the_first_balancer_state_has_the_shapes_every_step_keeps(setup, method)
                                  jax.random.key(0))
     leaves, structure = jax.tree.flatten(initial)
     assert jax.tree.structure(after) == structure
-    assert [leaf.shape for leaf in jax.tree.leaves(after)] == [leaf.shape for leaf in leaves]
+    layout = lambda arrays: [(leaf.shape, leaf.dtype) for leaf in arrays]  # noqa: E731
+    assert layout(jax.tree.leaves(after)) == layout(leaves)
     assert trainer.initial_balancer_state("core", None, state, 3) == ()
 
 
