@@ -158,9 +158,10 @@ def test_every_parameter_space_baseline_takes_one_adam_step_along_its_direction(
 @pytest.mark.parametrize("method", [*METHODS, "stl"])
 def test_the_first_balancer_state_has_the_shapes_every_step_keeps(setup, method):
     """trainer.initial_balancer_state, what the scripts' first step gets, against the state the balancer's step
-    returns (traced, not compiled): the same structure, shapes and dtypes. DB-MTL's, MoCo's and ExcessMTL's init without P
-    gave a [K, 0] placeholder, which the step's keeping of the old state when not finite could not broadcast against
-    [K, P]: those methods stopped at their first step, and their checkpoints could not be restored."""
+    returns (traced, not compiled): the same structure, shapes and dtypes. DB-MTL's, MoCo's and ExcessMTL's init
+    without P gave a [K, 0] placeholder, which the step's keeping of the old state when not finite could not
+    broadcast against [K, P]: those methods stopped at their first step, and their checkpoints could not be
+    restored."""
     graphdef, optimizer, state = setup
     balancer, _ = trainer.make_step(method, graphdef, optimizer, losses.PRESETS["nyuv2"])
     num_tasks = 1 if method == "stl" else 3
