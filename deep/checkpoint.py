@@ -62,9 +62,8 @@ class Checkpoints:
     def latest_epoch(self) -> int | None:
         """The number of epochs the newest complete checkpoint holds (``None`` when there is none), once a save
         under way has finished."""
-        self.wait()
-        self._manager.reload()
-        return self._manager.latest_step()
+        kept = self.epochs()
+        return kept[-1] if kept else None
 
     def epochs(self) -> list[int]:
         """The epochs of the complete checkpoints kept, oldest first, once a save under way has finished."""

@@ -36,12 +36,9 @@ def load_trained(folder: str | os.PathLike, epoch: int | None = None) -> Trained
     none of ``epoch``, or when the checkpoint cannot be read or does not match the run's model."""
     folder = Path(folder)
     if epoch is not None:
-        try:
-            if isinstance(epoch, bool):
-                raise TypeError
-            epoch = operator.index(epoch)  # NumPy's and JAX's integers too
-        except TypeError:
-            raise ValueError(f"epoch must be an integer or None; got {epoch!r}") from None
+        if isinstance(epoch, bool) or not hasattr(epoch, "__index__"):
+            raise ValueError(f"epoch must be an integer or None; got {epoch!r}")
+        epoch = operator.index(epoch)  # NumPy's and JAX's integers too
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a run's folder (the --out of a training run)")
     try:

@@ -17,6 +17,7 @@ from deep import losses, train, trainer
 from deep.model import DualStreamModel, ModelConfig
 from test_deep_model import AUTHORS
 from test_deep_train import TINY, StandInConfig, comparable_leaves, compiled, copied, make_batch
+from test_trained import tree_layout
 from theory.balancing import METHODS, make
 
 # No weight decay: with the coupled L2 inside Adam every weight would move by about the learning rate even along a
@@ -169,10 +170,7 @@ def test_the_first_balancer_state_has_the_shapes_every_step_keeps(setup, method)
     jacobian = jax.ShapeDtypeStruct((num_tasks, ravel_pytree(state.params[0])[0].size), jnp.float32)
     _, _, after = jax.eval_shape(balancer.step, jacobian, jax.ShapeDtypeStruct((num_tasks,), jnp.float32), initial,
                                  jax.random.key(0))
-    leaves, structure = jax.tree.flatten(initial)
-    assert jax.tree.structure(after) == structure
-    layout = lambda arrays: [(leaf.shape, leaf.dtype) for leaf in arrays]  # noqa: E731
-    assert layout(jax.tree.leaves(after)) == layout(leaves)
+    assert tree_layout(after) == tree_layout(initial)
     assert trainer.initial_balancer_state("core", None, state, 3) == ()
 
 
