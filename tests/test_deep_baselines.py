@@ -176,13 +176,16 @@ def test_the_first_balancer_state_has_the_shapes_every_step_keeps(setup, method)
 
 def adam_first_moments(state):
     """Adam's first moment of every parameter, in the order of ``jax.tree.leaves(state.params)``: after one step
-    from fresh moments, (1 - b1) times the clipped gradient."""
+    from fresh moments, (1 - b1) times the clipped gradient. (Each group's Adam keeps its moments raveled into one
+    vector, in the order of its parameters' leaves.)"""
     is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)
     groups = state.opt_state[1].inner_states  # make_optimizer's chain: clipping, each group's Adam, the schedule
     moments = []
-    for group in ("shared", "heads"):
+    for group, params in zip(("shared", "heads"), state.params, strict=True):
         (adam,) = [node for node in jax.tree.leaves(groups[group], is_leaf=is_adam) if is_adam(node)]
-        moments += jax.tree.leaves(adam.mu)
+        shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
+        pieces = np.split(np.asarray(adam.mu), np.cumsum([int(np.prod(shape)) for shape in shapes])[:-1])
+        moments += [piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True)]
     return moments
 
 
