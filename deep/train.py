@@ -155,9 +155,12 @@ def split_states(model: DualStreamModel):
 
 
 def split_model(model: DualStreamModel, optimizer: optax.GradientTransformation):
-    """``(graphdef, TrainState)`` from a model."""
+    """``(graphdef, TrainState)`` from a model, or its shapes from an abstract one (``nnx.eval_shape``)."""
     graphdef, params, batch_stats, rest = split_states(model)
-    return graphdef, TrainState(params, batch_stats, rest, optimizer.init(params), jnp.zeros((), jnp.int32))
+    abstract = any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(params))
+    # (The raveled Adam of make_optimizer concatenates its parameters: shapes alone only go through eval_shape.)
+    opt_state = jax.eval_shape(optimizer.init, params) if abstract else optimizer.init(params)
+    return graphdef, TrainState(params, batch_stats, rest, opt_state, jnp.zeros((), jnp.int32))
 
 
 def _split_states(model: DualStreamModel):
