@@ -79,7 +79,7 @@ def learning_rate_at(config: OptimConfig, step) -> jax.Array:
     return jnp.where(epoch < config.warmup_epochs, warmup, cosine)
 
 
-def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(config: OptimConfig, ravel: bool = True) -> optax.GradientTransformation:
     """Clip → (coupled L2 →) Adam (→ decoupled decay) → −η(step), for parameters ``(shared, heads)`` as in
     :class:`TrainState`.
 
@@ -92,10 +92,12 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     Each group's Adam runs on its parameters raveled into one vector (``optax.flatten``; every step of it is
     elementwise, so the update is the same): its state is two vectors per group, not two arrays per parameter.
     ResNet-50 has a few hundred parameter arrays, and a step's program otherwise repeats Adam's operations for each,
-    a third of its operations: the raveled step traces and compiles about a fifth faster."""
+    a third of its operations: the raveled step traces and compiles about a fifth faster (``bench/bench_optimizer.py``
+    compares the two; ``ravel=False`` keeps an array per parameter)."""
     decay = optax.add_decayed_weights(config.weight_decay)
-    adam = _raveled(optax.chain(optax.scale_by_adam(), decay) if config.decoupled_weight_decay else optax.chain(
-        decay, optax.scale_by_adam()))
+    adam = optax.chain(optax.scale_by_adam(), decay) if config.decoupled_weight_decay else optax.chain(
+        decay, optax.scale_by_adam())
+    adam = _raveled(adam) if ravel else adam
     return optax.chain(optax.clip_by_global_norm(config.clip_norm),
                        optax.multi_transform({"shared": adam, "heads": adam}, _parameter_groups),
                        optax.scale_by_learning_rate(lambda step: learning_rate_at(config, step)))

@@ -452,3 +452,25 @@ def test_each_pipeline_is_named_for_where_its_loader_holds_the_set_and_whether_i
     host, device = ("batch", False, 2), ("batch", True, 2)
     assert seen == {"host": [host, "transfer"] * 2, "host+augment": [host, "transfer", "augment"] * 2,
                     "device": [device] * 2, "device+augment": [device, "augment"] * 2}
+
+
+def test_the_optimiser_benchmark_counts_nested_operations_and_divides_raveled_by_per_parameter(monkeypatch, tmp_path):
+    """bench_optimizer: count_operations counts the equations of nested programs too (a jitted call is its own
+    equation plus its body's); main, with each layout's measurement fabricated (nothing traced), writes each row,
+    the raveled layout's figures over the per-parameter layout's, and the largest difference of their parameters."""
+    bench = load_script("bench/bench_optimizer.py")
+    inner = jax.jit(lambda x: jnp.sin(x) * 2.0)
+    jaxpr = jax.make_jaxpr(lambda x: inner(x) + 1.0)(jnp.ones(3))
+    assert bench.count_operations(jaxpr.jaxpr) == 1 + 2 + 1
+    rows = {False: {"operations": 200, "trace_and_lower_seconds": 4.0, "compile_seconds": 10.0, "step_ms": 50.0},
+            True: {"operations": 150, "trace_and_lower_seconds": 3.0, "compile_seconds": 8.0, "step_ms": 45.0}}
+    params = {False: {"w": np.zeros(3)}, True: {"w": np.array([0.0, -0.25, 0.125])}}
+    monkeypatch.setattr(bench, "core_step", lambda *args: (types.SimpleNamespace(trace=lambda *a: None), None))
+    monkeypatch.setattr(bench, "measure", lambda ravel, *args: (rows[ravel], params[ravel]))
+    out = tmp_path / "optimizer.json"
+    assert bench.main(["--config", "reduced", "--out", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["rows"] == {"per_parameter": rows[False], "raveled": rows[True]}
+    assert result["raveled_over_per_parameter"] == {"operations": 0.75, "trace_and_lower_seconds": 0.75,
+                                                    "compile_seconds": 0.8, "step_ms": 0.9}
+    assert result["largest_parameter_difference"] == 0.25

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -125,6 +126,44 @@ def test_coupled_l2_goes_through_adam_and_decoupled_decay_bypasses_it():
     np.testing.assert_allclose(coupled, [-1.0, -1.0, 1.0], rtol=1e-5)
     # Adam of g = (1, 0, -1) is (1, 0, -1), plus λw = 0.1.
     np.testing.assert_allclose(decoupled, [-1.1, -0.1, 0.9], rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_the_raveled_adam_updates_as_one_adam_per_parameter(decoupled):
+    """make_optimizer ravels each group's parameters into one vector for Adam: over several steps of gradients
+    that change (some clipped, some not), the updates and the parameters are those of Adam kept per parameter array,
+    for both groups, a parameter tree of one group (no heads), and a group without parameters; the moments are one
+    vector per group, in the order of the group's leaves."""
+    config = train.OptimConfig(learning_rate=0.1, weight_decay=0.01, warmup_epochs=1, epochs=10, steps_per_epoch=2,
+                               clip_norm=5.0, decoupled_weight_decay=decoupled)
+    keys = iter(jax.random.split(jax.random.key(3), 100))
+    draw = lambda shape, scale=1.0: scale * jax.random.normal(next(keys), shape, jnp.float32)
+    trees = {"two groups": (({"conv": draw((3, 3, 2, 4)), "bias": draw((4,))}, {"head": draw((4, 5))}), 2),
+             "one group": ({"a": draw((2, 3)), "b": draw((7,))}, 1),
+             "no heads": (({"a": draw((5,))}, {}), 1)}  # (parameters, groups with parameters)
+    for name, (params, groups) in trees.items():
+        raveled, per_parameter = train.make_optimizer(config), train.make_optimizer(config, ravel=False)
+        states = raveled.init(params), per_parameter.init(params)
+        moved = {"raveled": params, "per_parameter": params}
+        for step in range(6):
+            grads = jax.tree.map(lambda leaf: draw(leaf.shape, scale=0.5 + 3 * (step % 2)), params)
+            new_raveled, raveled_state = raveled.update(grads, states[0], moved["raveled"])
+            new_per_parameter, per_parameter_state = per_parameter.update(grads, states[1], moved["per_parameter"])
+            states = raveled_state, per_parameter_state
+            for a, b in zip(jax.tree.leaves(new_raveled), jax.tree.leaves(new_per_parameter), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f"{name}, step {step}")
+            moved = {"raveled": optax.apply_updates(moved["raveled"], new_raveled),
+                     "per_parameter": optax.apply_updates(moved["per_parameter"], new_per_parameter)}
+        for a, b in zip(*map(jax.tree.leaves, moved.values()), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
+        is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)
+        raveled_moments = [node.mu for node in jax.tree.leaves(states[0], is_leaf=is_adam) if is_adam(node)]
+        per_parameter_moments = [node.mu for node in jax.tree.leaves(states[1], is_leaf=is_adam) if is_adam(node)]
+        raveled_moments = [moment for moment in raveled_moments if jax.tree.leaves(moment)]  # not the empty group's
+        assert len(raveled_moments) == groups and all(moment.ndim == 1 for moment in raveled_moments), name
+        np.testing.assert_allclose(np.concatenate(raveled_moments), np.concatenate(
+            [np.ravel(leaf) for moments in per_parameter_moments for leaf in jax.tree.leaves(moments)]),
+            rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_weight_decay_reaches_the_shared_parameters_and_the_heads():
