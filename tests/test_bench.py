@@ -459,8 +459,11 @@ def test_the_optimiser_benchmark_counts_nested_operations_and_divides_raveled_by
     equation plus its body's); main, with each layout's measurement fabricated (nothing traced), writes each row,
     the raveled layout's figures over the per-parameter layout's, and the largest difference of their parameters."""
     bench = load_script("bench/bench_optimizer.py")
-    inner = jax.jit(lambda x: jnp.sin(x) * 2.0)
+    inner = jax.jit(lambda x: jnp.sin(x) * 2.0)  # its equation holds a closed program
     jaxpr = jax.make_jaxpr(lambda x: inner(x) + 1.0)(jnp.ones(3))
+    assert bench.count_operations(jaxpr.jaxpr) == 1 + 2 + 1
+    rematerialised = jax.checkpoint(lambda x: jnp.sin(x) * 2.0)  # its equation holds an open one
+    jaxpr = jax.make_jaxpr(lambda x: rematerialised(x) + 1.0)(jnp.ones(3))
     assert bench.count_operations(jaxpr.jaxpr) == 1 + 2 + 1
     rows = {False: {"operations": 200, "trace_and_lower_seconds": 4.0, "compile_seconds": 10.0, "step_ms": 50.0},
             True: {"operations": 150, "trace_and_lower_seconds": 3.0, "compile_seconds": 8.0, "step_ms": 45.0}}
