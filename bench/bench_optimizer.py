@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import environment, median_seconds, parse_config, parser_for, require_integer, run_main  # noqa: E402
 from _common import write_json  # noqa: E402
-from bench_train_step import CONFIGS, batch_arrays, setting  # noqa: E402
+from bench_train_step import CONFIGS, batch_arrays, default_out, setting  # noqa: E402
 
 LAYOUTS = {"per_parameter": False, "raveled": True}  # the layout's name: make_optimizer's ravel
 
@@ -42,7 +42,7 @@ class BenchConfig:
             raise ValueError(f"--config must be one of {', '.join(CONFIGS)}; got {self.config!r}")
         require_integer(self, "repeats", 1)
         if not self.out:
-            object.__setattr__(self, "out", str(ROOT / "bench" / "results" / f"bench_optimizer_{self.config}.json"))
+            object.__setattr__(self, "out", default_out("bench_optimizer", self.config, "paper"))
 
 
 def count_operations(jaxpr) -> int:
@@ -59,6 +59,15 @@ def count_operations(jaxpr) -> int:
                 elif isinstance(nested, core.Jaxpr):
                     total += count_operations(nested)
     return total
+
+
+def largest_difference(tree, other) -> float:
+    """The largest absolute difference of two trees' corresponding entries."""
+    import jax
+    import numpy as np
+
+    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(other), strict=True))
 
 
 def core_step(ravel: bool, model_config, batch_size: int, size):
@@ -105,14 +114,10 @@ def measure(ravel: bool, model_config, batch_size: int, size, repeats: int) -> t
             "compile_seconds": compile_seconds, "step_ms": 1e3 * seconds,
             "parameter_arrays": len(jax.tree.leaves(state.params)),
             "optimiser_state_arrays": len(jax.tree.leaves(state.opt_state)),
-            "largest_parameter_change": max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(
-                jax.tree.leaves(state.params), jax.tree.leaves(initial), strict=True))}, state.params
+            "largest_parameter_change": largest_difference(state.params, initial)}, state.params
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import jax
-    import numpy as np
-
     config = parse_config(BenchConfig, parser_for(BenchConfig, __doc__.splitlines()[0], prog="bench_optimizer.py"),
                           argv, out_kind="file")
     model_config, batch_size, size = setting(config.config, "paper")
@@ -128,8 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     # The same steps from the same state: the parameters agree up to rounding, which Adam's first steps (about
     # lr * sign(g) each) turn into whole steps where a gradient is at rounding level (XLA may sum in another order).
-    difference = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                     for a, b in zip(*(jax.tree.leaves(params[name]) for name in LAYOUTS), strict=True))
+    difference = largest_difference(*(params[name] for name in LAYOUTS))
     ratios = {key: rows["raveled"][key] / rows["per_parameter"][key]
               for key in ("operations", "trace_and_lower_seconds", "compile_seconds", "step_ms")}
     write_json(Path(config.out), {"benchmark": "bench_optimizer", "config": config.config, "batch": batch_size,
